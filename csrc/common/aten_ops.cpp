@@ -1,0 +1,102 @@
+#include "aten_ops.h"
+
+#include <ATen/ATen.h>
+
+#include "checks.h"
+
+namespace flora {
+namespace {
+
+// [a; b] or [a | b] as one matrix, given that b follows a in memory.
+at::Tensor stack_rows(const at::Tensor& a, const at::Tensor& b) {
+  return a.as_strided({a.size(0) + b.size(0), a.size(1)}, {a.stride(0), 1});
+}
+at::Tensor stack_cols(const at::Tensor& a, const at::Tensor& b) {
+  return a.as_strided({a.size(0), a.size(1) + b.size(1)}, {a.stride(0), 1});
+}
+
+// y (a view) = u W^T + res, written in place.
+void linear_into(at::Tensor y, const at::Tensor& u, const at::Tensor& W,
+                 const c10::optional<at::Tensor>& res) {
+  if (res.has_value())
+    at::addmm_out(y, *res, u, W.t());
+  else
+    at::mm_out(y, u, W.t());
+}
+
+}  // namespace
+
+void ffl_epilogue_aten(at::Tensor& out, int64_t N, double s,
+                       at::IntArrayRef repeat, int64_t repeat_rank,
+                       const c10::optional<at::Tensor>& z_in) {
+  const int64_t M = out.size(0), R = out.size(1) - N;
+  at::Tensor z = out.narrow(1, N, R);
+  if (z_in.has_value()) z.add_(*z_in);
+  int64_t off = 0;
+  for (size_t g = 0; g < repeat.size(); ++g) {
+    const int64_t n = repeat[g], rc = repeat_rank;
+    // y[:, seg] viewed as [M, n / rc, rc] takes z's chunk broadcast over tiles.
+    out.narrow(1, off, n)
+        .view({M, n / rc, rc})
+        .add_(z.narrow(1, static_cast<int64_t>(g) * rc, rc).unsqueeze(1), s);
+    off += n;
+  }
+}
+
+at::Tensor ffl_aten(const at::Tensor& x, const at::Tensor& W,
+                    const at::Tensor& A, double s, at::IntArrayRef repeat,
+                    int64_t repeat_rank,
+                    const c10::optional<at::Tensor>& z_in) {
+  const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in);
+  at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
+  if (sh.R == 0 || rows_follow(W, A)) {
+    at::mm_out(out, x, stack_rows(W, A).t());
+  } else {
+    at::Tensor y = out.narrow(1, 0, sh.N), z = out.narrow(1, sh.N, sh.R);
+    at::mm_out(y, x, W.t());
+    at::mm_out(z, x, A.t());
+  }
+  ffl_epilogue_aten(out, sh.N, s, repeat, repeat_rank, z_in);
+  return out;
+}
+
+at::Tensor fbl_aten(const at::Tensor& u, const at::Tensor& z,
+                    const at::Tensor& W, const at::Tensor& B, double s,
+                    const c10::optional<at::Tensor>& res, bool relu) {
+  const auto sh = check_fbl(u, z, W, B, res);
+  at::Tensor y = at::empty({sh.M, sh.N}, u.options());
+  // One GEMM over [u | z] and the pre-scaled [W | sB] storage.
+  if (s == 1.0 && !relu && cols_follow(u, z) && cols_follow(W, B)) {
+    linear_into(y, stack_cols(u, z), stack_cols(W, B), res);
+    return y;
+  }
+  linear_into(y, u, W, res);
+  if (sh.R > 0) y.addmm_(relu ? at::relu(z) : z, B.t(), 1.0, s);
+  return y;
+}
+
+at::Tensor ffbl_aten(const at::Tensor& u, const at::Tensor& z,
+                     const at::Tensor& W, const at::Tensor& B,
+                     const at::Tensor& A, const at::Tensor& C, double s,
+                     const c10::optional<at::Tensor>& res, bool relu) {
+  const auto sh = check_ffbl(u, z, W, B, A, C, res);
+  at::Tensor out = at::empty({sh.M, sh.N + sh.R2}, u.options());
+  at::Tensor y = out.narrow(1, 0, sh.N), z2 = out.narrow(1, sh.N, sh.R2);
+  // One GEMM over [u | z] and the storage [W, sB; A, C].
+  if (s == 1.0 && !relu && cols_follow(u, z) && cols_follow(W, B) &&
+      cols_follow(A, C) && rows_follow(W, A)) {
+    at::mm_out(out, stack_cols(u, z), stack_rows(stack_cols(W, B), stack_cols(A, C)).t());
+    if (res.has_value()) y.add_(*res);
+    return out;
+  }
+  const at::Tensor fz = relu ? at::relu(z) : z;
+  linear_into(y, u, W, res);
+  at::mm_out(z2, u, A.t());
+  if (sh.R > 0) {
+    y.addmm_(fz, B.t(), 1.0, s);
+    z2.addmm_(fz, C.t());
+  }
+  return out;
+}
+
+}  // namespace flora

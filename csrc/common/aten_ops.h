@@ -1,0 +1,30 @@
+// The vendor-library baseline: each block as ATen calls on fused storage.
+// When the operands already sit side by side in one buffer ([W; A] rows,
+// [W | B] and [u | z] columns) the block is ONE matmul over that storage;
+// otherwise it is a matmul plus an accumulating matmul. Device-generic: the
+// CPU and CUDA registrations both use it where no custom kernel applies.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace flora {
+
+at::Tensor ffl_aten(const at::Tensor& x, const at::Tensor& W,
+                    const at::Tensor& A, double s, at::IntArrayRef repeat,
+                    int64_t repeat_rank, const c10::optional<at::Tensor>& z_in);
+
+at::Tensor fbl_aten(const at::Tensor& u, const at::Tensor& z,
+                    const at::Tensor& W, const at::Tensor& B, double s,
+                    const c10::optional<at::Tensor>& res, bool relu);
+
+at::Tensor ffbl_aten(const at::Tensor& u, const at::Tensor& z,
+                     const at::Tensor& W, const at::Tensor& B,
+                     const at::Tensor& A, const at::Tensor& C, double s,
+                     const c10::optional<at::Tensor>& res, bool relu);
+
+// FFL epilogue on a computed [y | z] buffer: z += z_in, then the repeat-add.
+void ffl_epilogue_aten(at::Tensor& out, int64_t N, double s,
+                       at::IntArrayRef repeat, int64_t repeat_rank,
+                       const c10::optional<at::Tensor>& z_in);
+
+}  // namespace flora

@@ -1,0 +1,164 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <string>
+
+namespace flora {
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+// Checks one operand: 2-D, a float dtype equal to the first operand's, on the
+// first operand's device, row-major rows (a row stride >= the row length is
+// fine: views into wider fused buffers are the normal case).
+class Operands {
+ public:
+  Operands(const char* op, const at::Tensor& first, const char* first_name)
+      : op_(op), first_(first), first_name_(first_name) {
+    check(first, first_name);
+  }
+
+  void check(const at::Tensor& t, const char* name) const {
+    TORCH_CHECK_VALUE(t.dim() == 2, "flora.", op_, ": ", name,
+                      " must be 2-D, got a ", t.dim(),
+                      "-D tensor of shape ", shape_str(t));
+    const auto dt = t.scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 ||
+                         dt == at::kFloat || dt == at::kDouble,
+                     "flora.", op_, ": ", name, " has dtype ", dt,
+                     "; expected float16, bfloat16, float32 or float64");
+    TORCH_CHECK_TYPE(dt == first_.scalar_type(), "flora.", op_,
+                     ": dtype mismatch: ", first_name_, " is ",
+                     first_.scalar_type(), " but ", name, " is ", dt);
+    TORCH_CHECK_VALUE(t.device() == first_.device(), "flora.", op_,
+                      ": device mismatch: ", first_name_, " is on ",
+                      first_.device(), " but ", name, " is on ", t.device());
+    const bool unit_col = t.size(1) <= 1 || t.stride(1) == 1;
+    const bool row_ok = t.size(0) <= 1 || t.stride(0) >= t.size(1);
+    TORCH_CHECK_VALUE(unit_col && row_ok, "flora.", op_, ": ", name,
+                      " must be row-major with unit stride along its last "
+                      "dimension (row-strided views are fine), got shape ",
+                      shape_str(t), " with strides ", t.strides(),
+                      "; call .contiguous() first");
+  }
+
+  void dim(const char* what, int64_t expected, int64_t got,
+           const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+           const char* name) const {
+    TORCH_CHECK_VALUE(expected == got, "flora.", op_, ": ", what,
+                      " mismatch: ", ref_name, " has shape ", shape_str(ref),
+                      " but ", name, " has shape ", shape_str(t));
+  }
+
+ private:
+  const char* op_;
+  const at::Tensor& first_;
+  const char* first_name_;
+};
+
+void check_repeat(at::IntArrayRef repeat, int64_t repeat_rank, int64_t N,
+                  int64_t R) {
+  if (repeat.empty()) return;
+  const int64_t G = static_cast<int64_t>(repeat.size());
+  TORCH_CHECK_VALUE(repeat_rank >= 1 && G * repeat_rank <= R,
+                    "flora.ffl: repeat_rank must be >= 1 and the ", G,
+                    " repeat segment(s) need ", G, " x repeat_rank <= R = ",
+                    R, " state columns, got repeat_rank = ", repeat_rank);
+  int64_t total = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK_VALUE(repeat[g] >= 0 && repeat[g] % repeat_rank == 0,
+                      "flora.ffl: repeat-add segment ", g, " has width ",
+                      repeat[g], ", which is not a multiple of repeat_rank = ",
+                      repeat_rank);
+    total += repeat[g];
+  }
+  TORCH_CHECK_VALUE(total <= N, "flora.ffl: repeat-add segments cover ",
+                    total, " columns but y has only N = ", N);
+}
+
+}  // namespace
+
+bool rows_follow(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.is_alias_of(b) || a.size(1) != b.size(1) ||
+      a.stride(0) != b.stride(0))
+    return false;
+  return b.storage_offset() == a.storage_offset() + a.size(0) * a.stride(0);
+}
+
+bool cols_follow(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.is_alias_of(b) || a.size(0) != b.size(0) ||
+      a.stride(0) != b.stride(0))
+    return false;
+  return b.storage_offset() == a.storage_offset() + a.size(1);
+}
+
+FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
+                   const at::Tensor& A, at::IntArrayRef repeat,
+                   int64_t repeat_rank,
+                   const c10::optional<at::Tensor>& z_in) {
+  Operands c("ffl", x, "x");
+  c.check(W, "W");
+  c.check(A, "A");
+  FflShape s{x.size(0), x.size(1), W.size(0), A.size(0)};
+  c.dim("K", s.K, W.size(1), x, "x", W, "W");
+  c.dim("K", s.K, A.size(1), x, "x", A, "A");
+  if (z_in.has_value()) {
+    c.check(*z_in, "z_in");
+    c.dim("M", s.M, z_in->size(0), x, "x", *z_in, "z_in");
+    c.dim("R", s.R, z_in->size(1), A, "A", *z_in, "z_in");
+  }
+  check_repeat(repeat, repeat_rank, s.N, s.R);
+  return s;
+}
+
+FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,
+                   const at::Tensor& W, const at::Tensor& B,
+                   const c10::optional<at::Tensor>& res) {
+  Operands c("fbl", u, "u");
+  c.check(z, "z");
+  c.check(W, "W");
+  c.check(B, "B");
+  FblShape s{u.size(0), u.size(1), W.size(0), B.size(1)};
+  c.dim("M", s.M, z.size(0), u, "u", z, "z");
+  c.dim("K", s.K, W.size(1), u, "u", W, "W");
+  c.dim("N", s.N, B.size(0), W, "W", B, "B");
+  c.dim("R", s.R, z.size(1), B, "B", z, "z");
+  if (res.has_value()) {
+    c.check(*res, "res");
+    c.dim("M", s.M, res->size(0), u, "u", *res, "res");
+    c.dim("N", s.N, res->size(1), W, "W", *res, "res");
+  }
+  return s;
+}
+
+FfblShape check_ffbl(const at::Tensor& u, const at::Tensor& z,
+                     const at::Tensor& W, const at::Tensor& B,
+                     const at::Tensor& A, const at::Tensor& C,
+                     const c10::optional<at::Tensor>& res) {
+  Operands c("ffbl", u, "u");
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{z, "z"},
+                         {W, "W"}, {B, "B"}, {A, "A"}, {C, "C"}})
+    c.check(t, name);
+  FfblShape s{u.size(0), u.size(1), W.size(0), B.size(1), A.size(0)};
+  c.dim("M", s.M, z.size(0), u, "u", z, "z");
+  c.dim("K", s.K, W.size(1), u, "u", W, "W");
+  c.dim("K", s.K, A.size(1), u, "u", A, "A");
+  c.dim("N", s.N, B.size(0), W, "W", B, "B");
+  c.dim("R", s.R, z.size(1), B, "B", z, "z");
+  c.dim("R", s.R, C.size(1), z, "z", C, "C");
+  c.dim("R'", s.R2, C.size(0), A, "A", C, "C");
+  if (res.has_value()) {
+    c.check(*res, "res");
+    c.dim("M", s.M, res->size(0), u, "u", *res, "res");
+    c.dim("N", s.N, res->size(1), W, "W", *res, "res");
+  }
+  return s;
+}
+
+}  // namespace flora

@@ -1,0 +1,42 @@
+// Argument validation shared by every compiled implementation. The messages
+// match flora/ops.py's reference so users see one error whatever runs.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace flora {
+
+// Problem sizes of one call, after validation.
+struct FflShape {
+  int64_t M, K, N, R;
+};
+struct FblShape {
+  int64_t M, K, N, R;
+};
+struct FfblShape {
+  int64_t M, K, N, R, R2;
+};
+
+FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
+                   const at::Tensor& A, at::IntArrayRef repeat,
+                   int64_t repeat_rank,
+                   const c10::optional<at::Tensor>& z_in);
+
+FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,
+                   const at::Tensor& W, const at::Tensor& B,
+                   const c10::optional<at::Tensor>& res);
+
+FfblShape check_ffbl(const at::Tensor& u, const at::Tensor& z,
+                     const at::Tensor& W, const at::Tensor& B,
+                     const at::Tensor& A, const at::Tensor& C,
+                     const c10::optional<at::Tensor>& res);
+
+// True when `b` starts right after `a` in the same storage, so [a; b]
+// (rows) or [a | b] (columns) is one strided matrix.
+bool rows_follow(const at::Tensor& a, const at::Tensor& b);
+bool cols_follow(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace flora

@@ -1,0 +1,19 @@
+// The op schemas: the one definition every device implementation registers
+// against. flora/ops.py holds the same strings for builds without this
+// library; tests/test_ops.py checks the two agree.
+#include <torch/library.h>
+
+TORCH_LIBRARY(flora, m) {
+  // [y | z] = x [W; A]^T  (+ s * tile(z) on the `repeat` segments of y; + z_in on z)
+  m.def(
+      "ffl(Tensor x, Tensor W, Tensor A, float s=1.0, int[] repeat=[], "
+      "int repeat_rank=0, Tensor? z_in=None) -> Tensor");
+  // y = u W^T + s * f(z) B^T (+ res), f = relu or identity
+  m.def(
+      "fbl(Tensor u, Tensor z, Tensor W, Tensor B, float s=1.0, "
+      "Tensor? res=None, bool relu=False) -> Tensor");
+  // [y | z'] = [u | f(z)] [W, sB; A, C]^T (+ res on y)
+  m.def(
+      "ffbl(Tensor u, Tensor z, Tensor W, Tensor B, Tensor A, Tensor C, "
+      "float s=1.0, Tensor? res=None, bool relu=False) -> Tensor");
+}

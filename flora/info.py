@@ -1,0 +1,52 @@
+"""What this build of flora runs, device by device (`python -m flora info`)."""
+from __future__ import annotations
+
+import torch
+
+from . import _ext, ops
+from ._version import __version__
+
+
+def info() -> dict:
+    """Describe the build: extension status, CPU ISA, CUDA archs, and for each
+    op and device which implementation runs (compiled kernel or reference)."""
+    C = _ext.C
+    d = {
+        "flora": __version__,
+        "torch": torch.__version__,
+        "extension": "compiled" if C is not None else f"missing ({_ext.ERROR})",
+        "cpu_isa": C.cpu_isa() if C else None,
+        "cpu_isa_detected": C.detected_cpu_isa() if C else None,
+        "avx512_bf16": C.has_avx512_bf16() if C else None,
+        "cuda_archs": (C.cuda_archs() or None) if C else None,
+        "cuda_available": torch.cuda.is_available(),
+        "kernels": [],
+    }
+    if C is not None:
+        for op, dev, impl, when in C.kernel_info():
+            d["kernels"].append({"op": op, "device": dev, "impl": impl, "when": when})
+    for op, devices in ops.REFERENCE_DEVICES.items():
+        for dev in devices:
+            d["kernels"].append(
+                {"op": op, "device": dev, "impl": "python reference (not compiled)", "when": "all shapes"}
+            )
+    return d
+
+
+def format_info(d: dict | None = None) -> str:
+    d = d or info()
+    lines = [
+        f"flora {d['flora']}  torch {d['torch']}",
+        f"extension: {d['extension']}",
+    ]
+    if d["cpu_isa"]:
+        bf16 = " (avx512_bf16)" if d["avx512_bf16"] else ""
+        lines.append(f"cpu isa: {d['cpu_isa']} (detected {d['cpu_isa_detected']}{bf16})")
+    lines.append(
+        f"cuda: kernels built for {d['cuda_archs']}" if d["cuda_archs"] else "cuda: not built"
+    )
+    lines.append(f"cuda device available: {d['cuda_available']}")
+    lines.append("ops:")
+    for k in d["kernels"]:
+        lines.append(f"  {k['op']:<5} {k['device']:<5} {k['impl']}  [{k['when']}]")
+    return "\n".join(lines)

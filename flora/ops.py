@@ -1,0 +1,424 @@
+"""The one Python surface over flora's ops: FFL, FBL and FFBL.
+
+Every op is one matrix product over fused (or virtually concatenated)
+operands; see docs/variants.md for the building blocks. For each op this
+file holds:
+
+* the public wrapper (``ffl``, ``fbl``, ``ffbl``) that everything calls;
+* a pure-PyTorch reference (``ffl_reference`` ...): the test oracle, and the
+  implementation that runs where no compiled kernel is registered;
+* the fake (meta) implementation for torch.compile and CUDA-graph capture;
+* the autograd formula (W frozen unless it requires grad).
+
+The raw ops ``torch.ops.flora.*`` return the fused output buffer (``[y | z]``);
+the wrappers hand back ``y`` and ``z`` as views into it, which the next op
+accepts without a copy (any operand may be a row-strided view).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+SCHEMAS = {
+    "ffl": (
+        "ffl(Tensor x, Tensor W, Tensor A, float s=1.0, int[] repeat=[], "
+        "int repeat_rank=0, Tensor? z_in=None) -> Tensor"
+    ),
+    "fbl": (
+        "fbl(Tensor u, Tensor z, Tensor W, Tensor B, float s=1.0, "
+        "Tensor? res=None, bool relu=False) -> Tensor"
+    ),
+    "ffbl": (
+        "ffbl(Tensor u, Tensor z, Tensor W, Tensor B, Tensor A, Tensor C, "
+        "float s=1.0, Tensor? res=None, bool relu=False) -> Tensor"
+    ),
+}
+OPS = tuple(SCHEMAS)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------
+# Validation (same rules and messages as csrc/common/checks.cpp)
+# --------------------------------------------------------------------------
+class _Operands:
+    def __init__(self, op: str, first: Tensor, name: str):
+        self.op, self.first, self.first_name = op, first, name
+        self.check(first, name)
+
+    def check(self, t: Tensor, name: str) -> None:
+        op = self.op
+        if not isinstance(t, Tensor):
+            raise TypeError(f"flora.{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(
+                f"flora.{op}: {name} must be 2-D, got a {t.dim()}-D tensor of shape {list(t.shape)}"
+            )
+        if t.dtype not in _FLOATS:
+            raise TypeError(
+                f"flora.{op}: {name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64"
+            )
+        if t.dtype != self.first.dtype:
+            raise TypeError(
+                f"flora.{op}: dtype mismatch: {self.first_name} is {self.first.dtype} but {name} is {t.dtype}"
+            )
+        if t.device != self.first.device:
+            raise ValueError(
+                f"flora.{op}: device mismatch: {self.first_name} is on {self.first.device} "
+                f"but {name} is on {t.device}"
+            )
+        rows, cols = t.shape
+        if not ((cols <= 1 or t.stride(1) == 1) and (rows <= 1 or t.stride(0) >= cols)):
+            raise ValueError(
+                f"flora.{op}: {name} must be row-major with unit stride along its last dimension "
+                f"(row-strided views are fine), got shape {list(t.shape)} with strides "
+                f"{list(t.stride())}; call .contiguous() first"
+            )
+
+    def dim(self, what, expected, got, ref, ref_name, t, name):
+        if expected != got:
+            raise ValueError(
+                f"flora.{self.op}: {what} mismatch: {ref_name} has shape {list(ref.shape)} "
+                f"but {name} has shape {list(t.shape)}"
+            )
+
+
+def _check_repeat(repeat: Sequence[int], rc: int, N: int, R: int) -> None:
+    if not repeat:
+        return
+    G = len(repeat)
+    if rc < 1 or G * rc > R:
+        raise ValueError(
+            f"flora.ffl: repeat_rank must be >= 1 and the {G} repeat segment(s) need "
+            f"{G} x repeat_rank <= R = {R} state columns, got repeat_rank = {rc}"
+        )
+    for g, n in enumerate(repeat):
+        if n < 0 or n % rc:
+            raise ValueError(
+                f"flora.ffl: repeat-add segment {g} has width {n}, which is not a multiple "
+                f"of repeat_rank = {rc}"
+            )
+    if sum(repeat) > N:
+        raise ValueError(
+            f"flora.ffl: repeat-add segments cover {sum(repeat)} columns but y has only N = {N}"
+        )
+
+
+def check_ffl(x, W, A, repeat=(), repeat_rank=0, z_in=None):
+    c = _Operands("ffl", x, "x")
+    c.check(W, "W")
+    c.check(A, "A")
+    M, K = x.shape
+    N, R = W.shape[0], A.shape[0]
+    c.dim("K", K, W.shape[1], x, "x", W, "W")
+    c.dim("K", K, A.shape[1], x, "x", A, "A")
+    if z_in is not None:
+        c.check(z_in, "z_in")
+        c.dim("M", M, z_in.shape[0], x, "x", z_in, "z_in")
+        c.dim("R", R, z_in.shape[1], A, "A", z_in, "z_in")
+    _check_repeat(list(repeat), repeat_rank, N, R)
+    return M, K, N, R
+
+
+def check_fbl(u, z, W, B, res=None):
+    c = _Operands("fbl", u, "u")
+    for t, name in ((z, "z"), (W, "W"), (B, "B")):
+        c.check(t, name)
+    M, K = u.shape
+    N, R = W.shape[0], B.shape[1]
+    c.dim("M", M, z.shape[0], u, "u", z, "z")
+    c.dim("K", K, W.shape[1], u, "u", W, "W")
+    c.dim("N", N, B.shape[0], W, "W", B, "B")
+    c.dim("R", R, z.shape[1], B, "B", z, "z")
+    if res is not None:
+        c.check(res, "res")
+        c.dim("M", M, res.shape[0], u, "u", res, "res")
+        c.dim("N", N, res.shape[1], W, "W", res, "res")
+    return M, K, N, R
+
+
+def check_ffbl(u, z, W, B, A, C, res=None):
+    c = _Operands("ffbl", u, "u")
+    for t, name in ((z, "z"), (W, "W"), (B, "B"), (A, "A"), (C, "C")):
+        c.check(t, name)
+    M, K = u.shape
+    N, R, R2 = W.shape[0], B.shape[1], A.shape[0]
+    c.dim("M", M, z.shape[0], u, "u", z, "z")
+    c.dim("K", K, W.shape[1], u, "u", W, "W")
+    c.dim("K", K, A.shape[1], u, "u", A, "A")
+    c.dim("N", N, B.shape[0], W, "W", B, "B")
+    c.dim("R", R, z.shape[1], B, "B", z, "z")
+    c.dim("R", R, C.shape[1], z, "z", C, "C")
+    c.dim("R'", R2, C.shape[0], A, "A", C, "C")
+    if res is not None:
+        c.check(res, "res")
+        c.dim("M", M, res.shape[0], u, "u", res, "res")
+        c.dim("N", N, res.shape[1], W, "W", res, "res")
+    return M, K, N, R, R2
+
+
+# --------------------------------------------------------------------------
+# Pure-PyTorch references: accumulate in fp32 (fp64 for fp64 inputs)
+# --------------------------------------------------------------------------
+def _acc(t: Optional[Tensor]) -> Optional[Tensor]:
+    if t is None:
+        return None
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+def _tile_add(y: Tensor, z: Tensor, s: float, repeat, rc: int) -> Tensor:
+    """y[:, segment g] += s * z[:, chunk g] repeated across the segment."""
+    parts, off = [], 0
+    for g, n in enumerate(repeat):
+        parts.append(y[:, off:off + n] + s * z[:, g * rc:(g + 1) * rc].repeat(1, n // rc))
+        off += n
+    parts.append(y[:, off:])
+    return torch.cat(parts, dim=1)
+
+
+def ffl_reference(x, W, A, s=1.0, repeat=(), repeat_rank=0, z_in=None):
+    check_ffl(x, W, A, repeat, repeat_rank, z_in)
+    xa = _acc(x)
+    y = xa @ _acc(W).T
+    z = xa @ _acc(A).T
+    if z_in is not None:
+        z = z + _acc(z_in)
+    y = _tile_add(y, z, s, list(repeat), repeat_rank)
+    return torch.cat([y, z], dim=1).to(x.dtype)
+
+
+def fbl_reference(u, z, W, B, s=1.0, res=None, relu=False):
+    check_fbl(u, z, W, B, res)
+    fz = torch.relu(_acc(z)) if relu else _acc(z)
+    y = _acc(u) @ _acc(W).T + s * (fz @ _acc(B).T)
+    if res is not None:
+        y = y + _acc(res)
+    return y.to(u.dtype)
+
+
+def ffbl_reference(u, z, W, B, A, C, s=1.0, res=None, relu=False):
+    check_ffbl(u, z, W, B, A, C, res)
+    ua = _acc(u)
+    fz = torch.relu(_acc(z)) if relu else _acc(z)
+    y = ua @ _acc(W).T + s * (fz @ _acc(B).T)
+    if res is not None:
+        y = y + _acc(res)
+    z2 = ua @ _acc(A).T + fz @ _acc(C).T
+    return torch.cat([y, z2], dim=1).to(u.dtype)
+
+
+REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "ffbl": ffbl_reference}
+
+
+# --------------------------------------------------------------------------
+# Registration: schemas (when the extension is missing), missing-device
+# fallbacks, fake kernels, autograd
+# --------------------------------------------------------------------------
+_lib = None  # keeps Python registrations alive
+REFERENCE_DEVICES: dict = {}  # op -> devices where the reference runs
+
+
+def _register():
+    global _lib
+    compiled = _ext.compiled_devices()
+    if _ext.C is None:
+        _lib = torch.library.Library("flora", "DEF")
+        for schema in SCHEMAS.values():
+            _lib.define(schema)
+    else:
+        _lib = torch.library.Library("flora", "IMPL")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() or torch.version.cuda else [])
+    for op in OPS:
+        missing = [d for d in devices if d not in compiled]
+        REFERENCE_DEVICES[op] = missing
+        for d in missing:
+            _lib.impl(op, REFERENCES[op], d.upper())
+
+
+_register()
+
+
+@torch.library.register_fake("flora::ffl")
+def _ffl_fake(x, W, A, s=1.0, repeat=(), repeat_rank=0, z_in=None):
+    M, _, N, R = check_ffl(x, W, A, repeat, repeat_rank, z_in)
+    return x.new_empty(M, N + R)
+
+
+@torch.library.register_fake("flora::fbl")
+def _fbl_fake(u, z, W, B, s=1.0, res=None, relu=False):
+    M, _, N, _ = check_fbl(u, z, W, B, res)
+    return u.new_empty(M, N)
+
+
+@torch.library.register_fake("flora::ffbl")
+def _ffbl_fake(u, z, W, B, A, C, s=1.0, res=None, relu=False):
+    M, _, N, _, R2 = check_ffbl(u, z, W, B, A, C, res)
+    return u.new_empty(M, N + R2)
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    return a @ b
+
+
+def _untile(gy: Tensor, gz: Tensor, s: float, repeat, rc: int) -> Tensor:
+    """Adjoint of the repeat-add: each state chunk collects s * the sum of
+    the gradient over the tiles it was added to."""
+    if not repeat:
+        return gz
+    gz = gz.clone()
+    off = 0
+    for g, n in enumerate(repeat):
+        tiles = gy[:, off:off + n].reshape(gy.shape[0], n // rc, rc).sum(1)
+        gz[:, g * rc:(g + 1) * rc] += s * tiles
+        off += n
+    return gz
+
+
+def _ffl_setup(ctx, inputs, output):
+    x, W, A, s, repeat, rc, z_in = inputs
+    ctx.s, ctx.repeat, ctx.rc, ctx.N = s, list(repeat), rc, W.shape[0]
+    ctx.save_for_backward(x, W, A)
+
+
+def _ffl_backward(ctx, grad):
+    x, W, A = ctx.saved_tensors
+    gy, gz = grad[:, :ctx.N], grad[:, ctx.N:]
+    gz = _untile(gy, gz, ctx.s, ctx.repeat, ctx.rc)
+    need = ctx.needs_input_grad
+    dx = _mm(gy, W) + _mm(gz, A) if need[0] else None  # the FBL-shaped product
+    dW = _mm(gy.T, x) if need[1] else None
+    dA = _mm(gz.T, x) if need[2] else None
+    dz_in = gz if need[6] else None
+    return dx, dW, dA, None, None, None, dz_in
+
+
+def _fbl_setup(ctx, inputs, output):
+    u, z, W, B, s, res, relu = inputs
+    ctx.s, ctx.relu = s, relu
+    ctx.save_for_backward(u, z, W, B)
+
+
+def _fbl_backward(ctx, gy):
+    u, z, W, B = ctx.saved_tensors
+    s, need = ctx.s, ctx.needs_input_grad
+    fz = torch.relu(z) if ctx.relu else z
+    du = _mm(gy, W) if need[0] else None
+    dz = None
+    if need[1]:
+        dz = s * _mm(gy, B)
+        if ctx.relu:
+            dz = dz * (z > 0)
+    dW = _mm(gy.T, u) if need[2] else None
+    dB = s * _mm(gy.T, fz) if need[3] else None
+    dres = gy if need[5] else None
+    return du, dz, dW, dB, None, dres, None
+
+
+def _ffbl_setup(ctx, inputs, output):
+    u, z, W, B, A, C, s, res, relu = inputs
+    ctx.s, ctx.relu, ctx.N = s, relu, W.shape[0]
+    ctx.save_for_backward(u, z, W, B, A, C)
+
+
+def _ffbl_backward(ctx, grad):
+    u, z, W, B, A, C = ctx.saved_tensors
+    s, need = ctx.s, ctx.needs_input_grad
+    gy, gz2 = grad[:, :ctx.N], grad[:, ctx.N:]
+    fz = torch.relu(z) if ctx.relu else z
+    du = _mm(gy, W) + _mm(gz2, A) if need[0] else None
+    dz = None
+    if need[1]:
+        dz = s * _mm(gy, B) + _mm(gz2, C)
+        if ctx.relu:
+            dz = dz * (z > 0)
+    dW = _mm(gy.T, u) if need[2] else None
+    dB = s * _mm(gy.T, fz) if need[3] else None
+    dA = _mm(gz2.T, u) if need[4] else None
+    dC = _mm(gz2.T, fz) if need[5] else None
+    dres = gy if need[7] else None
+    return du, dz, dW, dB, dA, dC, None, dres, None
+
+
+torch.library.register_autograd("flora::ffl", _ffl_backward, setup_context=_ffl_setup)
+torch.library.register_autograd("flora::fbl", _fbl_backward, setup_context=_fbl_setup)
+torch.library.register_autograd("flora::ffbl", _ffbl_backward, setup_context=_ffbl_setup)
+
+
+# --------------------------------------------------------------------------
+# Public wrappers
+# --------------------------------------------------------------------------
+def ffl(
+    x: Tensor,
+    W: Tensor,
+    A: Tensor,
+    s: float = 1.0,
+    *,
+    repeat_add: bool = False,
+    repeat: Optional[Sequence[int]] = None,
+    repeat_rank: Optional[int] = None,
+    z_in: Optional[Tensor] = None,
+):
+    """Fused forward layer: ``[y | z] = x [W; A]^T`` in one product.
+
+    x [M, K], W [N, K], A [R, K] -> y [M, N], z [M, R] (views of one buffer).
+
+    Epilogues: ``z_in`` [M, R] is added to z (summed adapter states); the
+    repeat-add adds ``s * z`` tiled across y: ``repeat_add=True`` tiles all of
+    z over all of y (needs N % R == 0); ``repeat=[n_0, n_1, ...]`` with
+    ``repeat_rank=rc`` adds z's chunk g (columns g*rc ... ) tiled over the
+    g-th consecutive segment of y (width n_g), e.g. per projection of a fused
+    q/k/v product.
+    """
+    if repeat_add:
+        if repeat is not None:
+            raise ValueError("flora.ffl: give either repeat_add=True or repeat=[...], not both")
+        repeat, repeat_rank = [W.shape[0]], A.shape[0] if A.dim() == 2 else 0
+    repeat = list(repeat or [])
+    rc = int(repeat_rank or 0)
+    out = torch.ops.flora.ffl(x, W, A, float(s), repeat, rc, z_in)
+    N = W.shape[0]
+    return out[:, :N], out[:, N:]
+
+
+def fbl(
+    u: Tensor,
+    z: Tensor,
+    W: Tensor,
+    B: Tensor,
+    s: float = 1.0,
+    *,
+    res: Optional[Tensor] = None,
+    relu: bool = False,
+) -> Tensor:
+    """Fused backward layer: ``y = u W^T + s * f(z) B^T (+ res)`` in one product
+    over ``[u | z]`` and ``[W | sB]``; f is ReLU when ``relu`` else identity.
+
+    u [M, K], z [M, R], W [N, K], B [N, R], res [M, N] -> y [M, N].
+    """
+    return torch.ops.flora.fbl(u, z, W, B, float(s), res, relu)
+
+
+def ffbl(
+    u: Tensor,
+    z: Tensor,
+    W: Tensor,
+    B: Tensor,
+    A: Tensor,
+    C: Tensor,
+    s: float = 1.0,
+    *,
+    res: Optional[Tensor] = None,
+    relu: bool = False,
+):
+    """Fused forward-backward layer: ``[y | z'] = [u | f(z)] [W, sB; A, C]^T``.
+
+    y = u W^T + s f(z) B^T (+ res), z' = u A^T + f(z) C^T.
+    u [M, K], z [M, R], W [N, K], B [N, R], A [R', K], C [R', R]
+    -> y [M, N], z' [M, R'] (views of one buffer).
+    """
+    out = torch.ops.flora.ffbl(u, z, W, B, A, C, float(s), res, relu)
+    N = W.shape[0]
+    return out[:, :N], out[:, N:]
