@@ -259,6 +259,12 @@ def _ffbl_fake(u, z, W, B, A, C, s=1.0, res=None, relu=False):
     return u.new_empty(M, N + R2)
 
 
+def _needs(ctx, n: int) -> tuple:
+    # Trailing defaulted arguments may be absent from needs_input_grad.
+    need = tuple(ctx.needs_input_grad)
+    return need + (False,) * (n - len(need))
+
+
 def _mm(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
@@ -287,7 +293,7 @@ def _ffl_backward(ctx, grad):
     x, W, A = ctx.saved_tensors
     gy, gz = grad[:, :ctx.N], grad[:, ctx.N:]
     gz = _untile(gy, gz, ctx.s, ctx.repeat, ctx.rc)
-    need = ctx.needs_input_grad
+    need = _needs(ctx, 7)
     dx = _mm(gy, W) + _mm(gz, A) if need[0] else None  # the FBL-shaped product
     dW = _mm(gy.T, x) if need[1] else None
     dA = _mm(gz.T, x) if need[2] else None
@@ -303,7 +309,7 @@ def _fbl_setup(ctx, inputs, output):
 
 def _fbl_backward(ctx, gy):
     u, z, W, B = ctx.saved_tensors
-    s, need = ctx.s, ctx.needs_input_grad
+    s, need = ctx.s, _needs(ctx, 7)
     fz = torch.relu(z) if ctx.relu else z
     du = _mm(gy, W) if need[0] else None
     dz = None
@@ -325,7 +331,7 @@ def _ffbl_setup(ctx, inputs, output):
 
 def _ffbl_backward(ctx, grad):
     u, z, W, B, A, C = ctx.saved_tensors
-    s, need = ctx.s, ctx.needs_input_grad
+    s, need = ctx.s, _needs(ctx, 9)
     gy, gz2 = grad[:, :ctx.N], grad[:, ctx.N:]
     fz = torch.relu(z) if ctx.relu else z
     du = _mm(gy, W) + _mm(gz2, A) if need[0] else None

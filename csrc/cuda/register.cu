@@ -1,7 +1,7 @@
 // CUDA implementations of the flora ops. Until the custom GEMM kernels land
 // (see issue "CUDA kernels"), every op is the ATen/cuBLAS baseline on fused
 // storage, and flora.info() says so.
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include "../common/aten_ops.h"
@@ -14,14 +14,14 @@ at::Tensor ffl_cuda(const at::Tensor& x, const at::Tensor& W,
                     const at::Tensor& A, double s, at::IntArrayRef repeat,
                     int64_t repeat_rank,
                     const c10::optional<at::Tensor>& z_in) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::DeviceGuard guard(x.device());
   return ffl_aten(x, W, A, s, repeat, repeat_rank, z_in);
 }
 
 at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z,
                     const at::Tensor& W, const at::Tensor& B, double s,
                     const c10::optional<at::Tensor>& res, bool relu) {
-  const c10::cuda::CUDAGuard guard(u.device());
+  const c10::DeviceGuard guard(u.device());
   return fbl_aten(u, z, W, B, s, res, relu);
 }
 
@@ -29,7 +29,7 @@ at::Tensor ffbl_cuda(const at::Tensor& u, const at::Tensor& z,
                      const at::Tensor& W, const at::Tensor& B,
                      const at::Tensor& A, const at::Tensor& C, double s,
                      const c10::optional<at::Tensor>& res, bool relu) {
-  const c10::cuda::CUDAGuard guard(u.device());
+  const c10::DeviceGuard guard(u.device());
   return ffbl_aten(u, z, W, B, A, C, s, res, relu);
 }
 

@@ -1,0 +1,304 @@
+"""The op surface (issue 2): schemas, references, compiled implementations,
+fake kernels, autograd, argument errors, and the no-extension fallback."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from flora import _ext, ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+compiled = pytest.mark.skipif(_ext.C is None, reason=f"extension not built: {_ext.ERROR}")
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", grad=False):
+    t = torch.randn(*shape, dtype=dtype, device=device)
+    return t.requires_grad_(grad)
+
+
+def operands(op, M, K, N, R, dtype=torch.float32, device="cpu", fused=False, grad=False):
+    """Random operands for `op`; with fused=True they are views into one
+    storage, laid out the way folded adapters are (the one-matmul path)."""
+    kw = dict(dtype=dtype, device=device)
+    if op == "ffl":
+        if fused:
+            st = rand(N + R, K, **kw)
+            W, A = st[:N], st[N:]
+        else:
+            W, A = rand(N, K, **kw), rand(R, K, **kw)
+        x = rand(M, K + 5, **kw)[:, 2:K + 2]  # a row-strided view
+        return dict(x=x, W=W, A=A.requires_grad_(grad) if not fused else A)
+    if fused:
+        buf = rand(M, K + R, **kw)
+        u, z = buf[:, :K], buf[:, K:]
+        st = rand(N + R, K + R, **kw)
+        W, B, A, C = st[:N, :K], st[:N, K:], st[N:, :K], st[N:, K:]
+    else:
+        u, z = rand(M, K, **kw), rand(M, R, **kw)
+        W, B, A, C = rand(N, K, **kw), rand(N, R, **kw), rand(R, K, **kw), rand(R, R, **kw)
+    d = dict(u=u, z=z, W=W, B=B)
+    if op == "ffbl":
+        d.update(A=A, C=C)
+    return d
+
+
+def call_op(op, args, **kw):
+    return getattr(torch.ops.flora, op)(*args.values(), **kw)
+
+
+def call_ref(op, args, **kw):
+    return ops.REFERENCES[op](*args.values(), **kw)
+
+
+EPILOGUES = {
+    "ffl": [dict(), dict(s=0.5, repeat=[12, 6], repeat_rank=3), dict(z_in=True), dict(s=2.0, repeat=[24], repeat_rank=6, z_in=True)],
+    "fbl": [dict(), dict(s=0.5), dict(res=True), dict(s=0.5, res=True, relu=True)],
+    "ffbl": [dict(), dict(s=0.5, relu=True), dict(res=True), dict(s=0.25, res=True, relu=True)],
+}
+
+
+def materialise(op, kw, M, N, R, dtype, device):
+    kw = dict(kw)
+    if kw.get("z_in"):
+        kw["z_in"] = rand(M, R, dtype=dtype, device=device)
+    if kw.get("res"):
+        kw["res"] = rand(M, N, dtype=dtype, device=device)
+    return kw
+
+
+def as64(d):
+    return {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+
+
+def test_schemas_match_compiled_library():
+    if _ext.C is None:
+        pytest.skip("extension not built")
+    for name, schema in ops.SCHEMAS.items():
+        got = str(getattr(torch.ops.flora, name).default._schema)
+        assert got == str(torch._C.parse_schema("flora::" + schema))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("op", ["ffl", "fbl", "ffbl"])
+def test_op_matches_float64_reference(op, fused, dtype, device):
+    M, K, N, R = 5, 40, 24, 6
+    args = operands(op, M, K, N, R, dtype=dtype, device=device, fused=fused)
+    for kw in EPILOGUES[op]:
+        kw = materialise(op, kw, M, N, R, dtype, device)
+        got = call_op(op, args, **kw)
+        want = call_ref(op, as64(args), **as64(kw))
+        # Tolerance tied to the same computation done by torch in this dtype.
+        same = call_ref(op, args, **kw)
+        ulp = torch.finfo(dtype).eps
+        tol = 2 * (same.double() - want).abs().max().item() + 8 * ulp * want.abs().max().item()
+        assert got.shape == want.shape and got.dtype == dtype
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol, (kw, err, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_wrappers_return_views_of_one_buffer(device):
+    args = operands("ffl", 3, 16, 8, 4, device=device)
+    y, z = ops.ffl(*args.values(), 0.5, repeat_add=True)
+    assert y.shape == (3, 8) and z.shape == (3, 4)
+    assert y.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
+    # The fused outputs feed the next op as strided views, without a copy.
+    W2, B2 = rand(5, 8, device=device), rand(5, 4, device=device)
+    out = ops.fbl(y, z, W2, B2, 0.5)
+    ref = ops.fbl_reference(y.contiguous(), z.contiguous(), W2, B2, 0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@compiled
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["ffl", "fbl", "ffbl"])
+def test_opcheck(op, device):
+    M, K, N, R = 4, 16, 12, 3
+    for fused in (False, True):
+        args = operands(op, M, K, N, R, device=device, fused=fused)
+        for kw in EPILOGUES[op]:
+            if op == "ffl" and kw.get("repeat"):
+                kw = dict(kw, repeat=[6] if "z_in" not in kw else [12], repeat_rank=3)
+            kw = materialise(op, kw, M, N, R, torch.float32, device)
+            ordered = list(args.values())
+            if op == "ffl":
+                ordered += [kw.get("s", 1.0), kw.get("repeat", []), kw.get("repeat_rank", 0), kw.get("z_in")]
+            else:
+                ordered += [kw.get("s", 1.0), kw.get("res"), kw.get("relu", False)]
+            grads = [t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in ordered]
+            opcheck(getattr(torch.ops.flora, op).default, tuple(grads))
+
+
+@pytest.mark.parametrize("impl", ["reference", "compiled"])
+@pytest.mark.parametrize("op", ["ffl", "fbl", "ffbl"])
+def test_gradcheck_float64(op, impl):
+    if impl == "compiled" and _ext.C is None:
+        pytest.skip("extension not built")
+    M, K, N, R = 3, 7, 6, 4
+    args = operands(op, M, K, N, R, dtype=torch.float64)
+    for kw in EPILOGUES[op]:
+        if op == "ffl" and kw.get("repeat"):
+            kw = dict(kw, repeat=[4, 2], repeat_rank=2)
+        kw = materialise(op, kw, M, N, R, torch.float64, "cpu")
+        fn = call_ref if impl == "reference" else call_op
+        names = list(args) + [k for k in ("z_in", "res") if k in kw]
+        inputs = tuple(
+            (args[k] if k in args else kw[k]).detach().clone().requires_grad_(True) for k in names
+        )
+
+        def f(*ts):
+            d = dict(zip(names, ts))
+            a = {k: d[k] for k in args}
+            return fn(op, a, **{k: (d[k] if k in d else v) for k, v in kw.items()})
+
+        assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_autograd_matches_reference_fp32():
+    M, K, N, R = 6, 20, 12, 4
+    args = operands("ffbl", M, K, N, R)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in args.items()}
+    res = rand(M, N)
+    out = torch.ops.flora.ffbl(*leaves.values(), 0.5, res, True)
+    g = torch.randn_like(out)
+    out.backward(g)
+    leaves64 = {k: v.detach().double().requires_grad_(True) for k, v in args.items()}
+    ops.ffbl_reference(*leaves64.values(), 0.5, res.double(), True).backward(g.double())
+    for k in leaves:
+        torch.testing.assert_close(leaves[k].grad.double(), leaves64[k].grad, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_shapes():
+    x, W = rand(0, 8), rand(4, 8)
+    y, z = ops.ffl(x, W, rand(2, 8))
+    assert y.shape == (0, 4) and z.shape == (0, 2)
+    x = rand(3, 8)
+    y, z = ops.ffl(x, W, rand(0, 8))
+    assert z.shape == (3, 0)
+    torch.testing.assert_close(y, x @ W.T)
+    y = ops.fbl(x, rand(3, 0), W, rand(4, 0), 0.5, res=rand(3, 4))
+    assert y.shape == (3, 4)
+    y, z2 = ops.ffbl(x, rand(3, 0), W, rand(4, 0), rand(0, 8), rand(0, 0))
+    assert z2.shape == (3, 0)
+
+
+# -- bad calls: the same clear error from every implementation -------------
+def _impls():
+    impls = {"reference": lambda op, *a, **k: ops.REFERENCES[op](*a, **k)}
+    if _ext.C is not None:
+        impls["compiled"] = lambda op, *a, **k: getattr(torch.ops.flora, op)(*a, **k)
+
+    def fake(op, *a, **k):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return getattr(torch.ops.flora, op)(*a, **k)
+
+    impls["fake"] = fake
+    return impls
+
+
+BAD = [
+    ("K mismatch", "ffl", lambda: (rand(2, 8), rand(4, 9), rand(2, 8)), {}, ValueError, "K mismatch"),
+    ("A K mismatch", "ffl", lambda: (rand(2, 8), rand(4, 8), rand(2, 7)), {}, ValueError, "K mismatch"),
+    ("N mismatch", "fbl", lambda: (rand(2, 8), rand(2, 3), rand(4, 8), rand(5, 3)), {}, ValueError, "N mismatch"),
+    ("R mismatch", "fbl", lambda: (rand(2, 8), rand(2, 3), rand(4, 8), rand(4, 2)), {}, ValueError, "R mismatch"),
+    ("R' mismatch", "ffbl", lambda: (rand(2, 8), rand(2, 3), rand(4, 8), rand(4, 3), rand(2, 8), rand(3, 3)), {}, ValueError, "R' mismatch"),
+    ("M mismatch", "fbl", lambda: (rand(2, 8), rand(3, 3), rand(4, 8), rand(4, 3)), {}, ValueError, "M mismatch"),
+    ("mixed dtypes", "ffl", lambda: (rand(2, 8), rand(4, 8, dtype=torch.float64), rand(2, 8)), {}, TypeError, "dtype mismatch"),
+    ("int dtype", "ffl", lambda: (torch.ones(2, 8, dtype=torch.int32), rand(4, 8), rand(2, 8)), {}, TypeError, "dtype"),
+    ("3-D input", "ffl", lambda: (rand(2, 2, 8), rand(4, 8), rand(2, 8)), {}, ValueError, "must be 2-D"),
+    ("1-D weight", "fbl", lambda: (rand(2, 8), rand(2, 3), rand(8), rand(4, 3)), {}, ValueError, "must be 2-D"),
+    ("transposed weight", "ffl", lambda: (rand(2, 8), rand(8, 4).T, rand(2, 8)), {}, ValueError, "unit stride"),
+    ("column-strided input", "fbl", lambda: (rand(2, 16)[:, ::2], rand(2, 3), rand(4, 8), rand(4, 3)), {}, ValueError, "unit stride"),
+    ("repeat not multiple", "ffl", lambda: (rand(2, 8), rand(6, 8), rand(4, 8)), dict(repeat=[6], repeat_rank=4), ValueError, "multiple"),
+    ("repeat too wide", "ffl", lambda: (rand(2, 8), rand(4, 8), rand(4, 8)), dict(repeat=[4, 4], repeat_rank=2), ValueError, "cover"),
+    ("repeat rank", "ffl", lambda: (rand(2, 8), rand(4, 8), rand(2, 8)), dict(repeat=[4], repeat_rank=0), ValueError, "repeat_rank"),
+    ("res shape", "fbl", lambda: (rand(2, 8), rand(2, 3), rand(4, 8), rand(4, 3)), dict(res=rand(2, 5)), ValueError, "N mismatch"),
+    ("z_in shape", "ffl", lambda: (rand(2, 8), rand(4, 8), rand(2, 8)), dict(z_in=rand(2, 3)), ValueError, "R mismatch"),
+]
+
+
+@pytest.mark.parametrize("impl", ["reference", "compiled", "fake"])
+@pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])
+def test_bad_calls_raise_clear_errors(case, impl):
+    impls = _impls()
+    if impl not in impls:
+        pytest.skip("extension not built")
+    _, op, make, kw, exc, words = case
+    with pytest.raises(exc, match=words):
+        impls[impl](op, *make(), **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_mismatch():
+    for impl in _impls().values():
+        with pytest.raises(ValueError, match="device mismatch"):
+            impl("ffl", rand(2, 8), rand(4, 8, device="cuda"), rand(2, 8))
+
+
+def test_device_mismatch_meta():
+    # Without a GPU, a meta tensor stands in for "another device".
+    for name, impl in _impls().items():
+        if name == "fake":
+            continue
+        with pytest.raises((ValueError, RuntimeError), match="device"):
+            impl("ffl", rand(2, 8), torch.empty(4, 8, device="meta"), rand(2, 8))
+
+
+def test_torch_compile_fullgraph():
+    args = operands("fbl", 4, 16, 8, 4)
+
+    def f(u, z, W, B):
+        y = ops.fbl(u, z, W, B, 0.5, relu=True)
+        return torch.ops.flora.ffl(y, W[:, :8], W[:2, 8:], 2.0, [], 0, None).sum()
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in args.values()]
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    cf(*leaves).backward()
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    f(*leaves).backward()
+    for a, b in zip(got, leaves):
+        torch.testing.assert_close(a, b.grad)
+
+
+def _run(code, **env):
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=300)
+
+
+def test_reference_fallback_without_extension():
+    code = (
+        "import json, torch, flora\n"
+        "from flora import ops\n"
+        "x, W, A = torch.randn(3, 8), torch.randn(6, 8), torch.randn(3, 8)\n"
+        "y, z = ops.ffl(x, W, A, 0.5, repeat_add=True)\n"
+        "ok = torch.allclose(torch.cat([y, z], 1), ops.ffl_reference(x, W, A, 0.5, [6], 3))\n"
+        "print(json.dumps({'ok': ok, 'info': flora.info()}))\n"
+    )
+    p = _run(code, FLORA_NO_EXTENSION="1")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["ok"]
+    assert out["info"]["extension"].startswith("missing")
+    impls = {(k["op"], k["device"]): k["impl"] for k in out["info"]["kernels"]}
+    assert impls[("ffl", "cpu")].startswith("python reference")
+
+
+@compiled
+def test_info_command_reports_compiled_ops():
+    p = subprocess.run([sys.executable, "-m", "flora", "info", "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["extension"] == "compiled"
+    assert d["cpu_isa"] in ("avx512", "avx2", "aten")
+    cpu = {k["op"] for k in d["kernels"] if k["device"] == "cpu" and "reference" not in k["impl"]}
+    assert cpu == {"ffl", "fbl", "ffbl"}
