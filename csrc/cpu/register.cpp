@@ -1,24 +1,154 @@
-// CPU implementations of the flora ops: the ISA kernels where they apply,
-// the ATen baseline on fused storage everywhere else.
+// CPU implementations of the flora ops: the decode kernels (csrc/cpu/kernels)
+// for small M, the ATen baseline on fused storage everywhere else.
+// Backward runs through the autograd formulas in flora/ops.py (ATen matmuls).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <optional>
+#include <string>
+
 #include "../common/aten_ops.h"
+#include "../common/checks.h"
 #include "../common/kernel_info.h"
 #include "isa.h"
+#include "kernels/decode.h"
 
 namespace flora {
+namespace {
+namespace k = cpu::kernels;
+
+// Largest M the decode kernels take, per dtype; above it ATen's blocked
+// GEMM (oneDNN/MKL, AMX for bf16) on the fused storage wins. Measured with
+// bench/kernels.py (bench/RESULTS.md, "CPU kernels"): fp32 wins to M = 16,
+// bf16 to M = 4 (AMX takes over), fp16 to M = 8. FLORA_CPU_GEMV_MAX_M
+// overrides all three (read once; for benchmarks).
+int64_t env_max_m() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLORA_CPU_GEMV_MAX_M");
+    return env && *env ? static_cast<int64_t>(std::atoll(env)) : int64_t{-1};
+  }();
+  return v;
+}
+
+int64_t gemv_max_m(k::Dtype dt) {
+  if (env_max_m() >= 0) return env_max_m();
+  switch (dt) {
+    case k::Dtype::kF32: return 16;
+    case k::Dtype::kBF16: return 4;
+    default: return 8;
+  }
+}
+
+std::optional<k::Path> active_path() {
+  switch (cpu::active_isa()) {
+    case cpu::Isa::kAvx512:
+      return cpu::has_avx512_bf16() ? k::Path::kAvx512Dot : k::Path::kAvx512;
+    case cpu::Isa::kAvx2: return k::Path::kAvx2;
+    default: return std::nullopt;
+  }
+}
+
+// The decode path for this call, or nothing (-> ATen).
+std::optional<k::Path> decode_path(const at::Tensor& first, int64_t M, k::Dtype* dt) {
+  switch (first.scalar_type()) {
+    case at::kFloat: *dt = k::Dtype::kF32; break;
+    case at::kBFloat16: *dt = k::Dtype::kBF16; break;
+    case at::kHalf: *dt = k::Dtype::kF16; break;
+    default: return std::nullopt;  // fp64: ATen
+  }
+  if (M < 1 || M > gemv_max_m(*dt)) return std::nullopt;
+  return active_path();
+}
+
+k::Mat mat(const at::Tensor& t) { return {t.data_ptr(), t.stride(0)}; }
+k::Mat mat(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? mat(*t) : k::Mat{};
+}
+
+void parallel_rows(int64_t n, int64_t grain,
+                   const std::function<void(int64_t, int64_t)>& body) {
+  at::parallel_for(0, n, grain, body);
+}
+
+at::Tensor ffl_cpu(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
+                   double s, at::IntArrayRef repeat, int64_t repeat_rank,
+                   const c10::optional<at::Tensor>& z_in) {
+  const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in);
+  k::Dtype dt;
+  const auto path = decode_path(x, sh.M, &dt);
+  if (!path) return ffl_aten(x, W, A, s, repeat, repeat_rank, z_in);
+  at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
+  k::FflArgs a;
+  a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;
+  a.x = mat(x), a.W = mat(W), a.A = mat(A), a.z_in = mat(z_in);
+  a.s = s, a.repeat = repeat.vec(), a.repeat_rank = repeat_rank;
+  a.out = out.data_ptr(), a.ldo = sh.N + sh.R;
+  k::ffl_decode(*path, a, parallel_rows);
+  return out;
+}
+
+at::Tensor fbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
+                   const at::Tensor& B, double s, const c10::optional<at::Tensor>& res,
+                   bool relu) {
+  const auto sh = check_fbl(u, z, W, B, res);
+  k::Dtype dt;
+  const auto path = decode_path(u, sh.M, &dt);
+  if (!path) return fbl_aten(u, z, W, B, s, res, relu);
+  at::Tensor out = at::empty({sh.M, sh.N}, u.options());
+  k::FblArgs a;
+  a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;
+  a.u = mat(u), a.z = mat(z), a.W = mat(W), a.B = mat(B), a.res = mat(res);
+  a.s = s, a.relu = relu, a.out = out.data_ptr(), a.ldo = sh.N;
+  k::fbl_decode(*path, a, parallel_rows);
+  return out;
+}
+
+at::Tensor ffbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
+                    const at::Tensor& B, const at::Tensor& A, const at::Tensor& C,
+                    double s, const c10::optional<at::Tensor>& res, bool relu) {
+  const auto sh = check_ffbl(u, z, W, B, A, C, res);
+  k::Dtype dt;
+  const auto path = decode_path(u, sh.M, &dt);
+  if (!path) return ffbl_aten(u, z, W, B, A, C, s, res, relu);
+  at::Tensor out = at::empty({sh.M, sh.N + sh.R2}, u.options());
+  k::FfblArgs a;
+  a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R, a.R2 = sh.R2;
+  a.u = mat(u), a.z = mat(z), a.W = mat(W), a.B = mat(B), a.A = mat(A), a.C = mat(C);
+  a.res = mat(res), a.s = s, a.relu = relu;
+  a.out = out.data_ptr(), a.ldo = sh.N + sh.R2;
+  k::ffbl_decode(*path, a, parallel_rows);
+  return out;
+}
+
+}  // namespace
 
 std::vector<KernelInfo> cpu_kernel_info() {
   const std::string base = "aten matmul on fused storage";
-  return {{"ffl", "cpu", base, "all shapes"},
-          {"fbl", "cpu", base, "all shapes"},
-          {"ffbl", "cpu", base, "all shapes"}};
+  const std::string back = "backward: autograd formulas in flora/ops.py (aten matmuls)";
+  const auto path = active_path();
+  const auto m = [](k::Dtype dt) { return std::to_string(gemv_max_m(dt)); };
+  const std::string f32 = m(k::Dtype::kF32), bf16 = m(k::Dtype::kBF16), f16 = m(k::Dtype::kF16);
+  std::vector<KernelInfo> rows;
+  for (const char* op : {"ffl", "fbl", "ffbl"}) {
+    if (path) {
+      rows.push_back({op, "cpu", std::string(k::path_name(*path)) + " gemv decode kernel",
+                      "fp32 M <= " + f32 + ", bf16 M <= " + bf16 + ", fp16 M <= " + f16 +
+                          " (fp32 accumulate)"});
+      rows.push_back({op, "cpu", base, "larger M, fp64"});
+    } else {
+      rows.push_back({op, "cpu", base, "all shapes (cpu isa: aten)"});
+    }
+    rows.push_back({op, "cpu", back, "training"});
+  }
+  return rows;
 }
 
 TORCH_LIBRARY_IMPL(flora, CPU, m) {
-  m.impl("ffl", &ffl_aten);
-  m.impl("fbl", &fbl_aten);
-  m.impl("ffbl", &ffbl_aten);
+  m.impl("ffl", &ffl_cpu);
+  m.impl("fbl", &fbl_cpu);
+  m.impl("ffbl", &ffbl_cpu);
 }
 
 }  // namespace flora

@@ -1,0 +1,65 @@
+// AVX-512 rows kernel for bf16 with VDPBF16PS (avx512_bf16): 32 bf16
+// products per instruction into fp32 accumulators. Separate file so the
+// other AVX-512 code never carries the avx512_bf16 target.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "rows.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c"))), apply_to = function)
+#elif defined(__GNUC__)
+// GCC 12's intrinsic headers trip these with _mm*_undefined_* (false alarms).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
+#endif
+
+namespace flora::cpu::kernels {
+namespace avx512_bf16 {
+
+struct V {
+  using F = __m512;
+  static constexpr int W = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(F a) { return _mm512_reduce_add_ps(a); }
+  static F ld(const float* p) { return _mm512_loadu_ps(p); }
+  static F ld_bf16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static F ld_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+};
+constexpr int kNB1 = 8, kNB = 4, kMB = 4;
+
+#include "rows_body.inc"
+
+// bf16 pairs: acc[j] += a[2j] b[2j] + a[2j+1] b[2j+1], 32 elements a step.
+struct StepBF16Dot {
+  using E = uint16_t;
+  using X = __m512bh;
+  static constexpr int S = 32;
+  static X ld(const E* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static V::F ldf(const E* p) { return V::ld_bf16(p); }
+  static V::F mad(V::F acc, X a, X b) { return _mm512_dpbf16_ps(acc, a, b); }
+  static float cvt(E e) { return bf16_to_f32(e); }
+};
+
+}  // namespace avx512_bf16
+
+void rows_avx512_bf16dot(const RowsTask& t, int64_t i0, int64_t i1) {
+  avx512_bf16::rows_impl<avx512_bf16::StepBF16Dot>(t, i0, i1);
+}
+
+}  // namespace flora::cpu::kernels
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif

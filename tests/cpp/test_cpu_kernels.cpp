@@ -1,0 +1,208 @@
+// The CPU decode kernels (csrc/cpu/kernels) against naive double-precision
+// loops, one test per kernel and path. Pure C++: no torch needed.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels/decode.h"
+#include "cpu/kernels/rows.h"
+
+namespace k = flora::cpu::kernels;
+
+namespace {
+
+// A row-major matrix stored in `dt`, with leading dimension ld >= cols.
+struct Buf {
+  k::Dtype dt;
+  int64_t rows, cols, ld;
+  std::vector<uint8_t> data;
+  Buf(k::Dtype d, int64_t r, int64_t c, int64_t pad, std::mt19937& g)
+      : dt(d), rows(r), cols(c), ld(c + pad),
+        data(static_cast<size_t>((r * (c + pad) + 1) * k::elem_size(d))) {
+    std::normal_distribution<float> n(0.f, 1.f);
+    for (int64_t i = 0; i < r * ld; ++i) {
+      float v = n(g);
+      if (std::fabs(v) < 1e-3f) v = 0.5f;
+      k::store_f32(dt, data.data(), i, v);  // rounded to dt once
+    }
+  }
+  double at(int64_t i, int64_t j) const { return k::load_f32(dt, data.data(), i * ld + j); }
+  k::Mat mat() const { return {data.data(), ld}; }
+};
+
+double eps(k::Dtype dt) {
+  return dt == k::Dtype::kF32 ? 1.2e-7 : dt == k::Dtype::kBF16 ? 7.9e-3 : 9.8e-4;
+}
+
+// fp32 accumulation over n terms, then one rounding to dt, relative to the
+// sum of |terms| (the usual dot-product bound, with slack).
+void expect_near(double got, double want, double abs_sum, int64_t n, k::Dtype dt,
+                 const std::string& where) {
+  const double tol = 0.5 * eps(dt) * std::fabs(want) + 2e-7 * (n + 4) * abs_sum + 1e-30;
+  EXPECT_LE(std::fabs(got - want), tol) << where << ": got " << got << " want " << want;
+}
+
+std::vector<k::Path> paths() {
+  std::vector<k::Path> ps;
+  for (k::Path p : {k::Path::kAvx512Dot, k::Path::kAvx512, k::Path::kAvx2})
+    if (k::path_supported(p)) ps.push_back(p);
+  return ps;
+}
+
+const k::Dtype kDtypes[] = {k::Dtype::kF32, k::Dtype::kBF16, k::Dtype::kF16};
+const char* name(k::Dtype dt) {
+  return dt == k::Dtype::kF32 ? "f32" : dt == k::Dtype::kBF16 ? "bf16" : "f16";
+}
+
+struct Shape { int64_t M, K, N, R; };
+const Shape kShapes[] = {{1, 37, 53, 1}, {3, 53, 37, 7}, {17, 70, 21, 64}, {5, 100, 16, 16}, {2, 0, 9, 3}};
+
+}  // namespace
+
+TEST(CpuKernels, PathsDetected) {
+  if (paths().empty()) GTEST_SKIP() << "no AVX2/AVX-512 on this CPU";
+  EXPECT_TRUE(k::path_supported(k::Path::kAvx2));
+}
+
+TEST(CpuKernels, Ffl) {
+  for (k::Path p : paths())
+    for (k::Dtype dt : kDtypes)
+      for (const Shape& s : kShapes) {
+        std::mt19937 g(11);
+        Buf x(dt, s.M, s.K, 3, g), W(dt, s.N, s.K, 2, g), A(dt, s.R, s.K, 0, g), zi(dt, s.M, s.R, 4, g);
+        const int64_t rc = s.R >= 3 ? s.R / 3 : 1;
+        std::vector<int64_t> rep;  // segments of width a multiple of rc, up to 2
+        for (int64_t left = s.N, gi = 0; gi < 2 && gi < s.R / rc && left >= rc; ++gi) {
+          rep.push_back((left / 2 + rc - 1) / rc * rc <= left ? (left / 2 + rc - 1) / rc * rc : rc);
+          left -= rep.back();
+        }
+        k::FflArgs a;
+        a.dt = dt, a.M = s.M, a.K = s.K, a.N = s.N, a.R = s.R;
+        a.x = x.mat(), a.W = W.mat(), a.A = A.mat(), a.z_in = zi.mat();
+        a.s = 0.75, a.repeat = rep, a.repeat_rank = rc;
+        std::vector<uint8_t> out(static_cast<size_t>(s.M * (s.N + s.R) * k::elem_size(dt)));
+        a.out = out.data(), a.ldo = s.N + s.R;
+        k::ffl_decode(p, a, k::serial_for);
+        const std::string where = std::string(k::path_name(p)) + " " + name(dt) + " M=" +
+                                  std::to_string(s.M) + " K=" + std::to_string(s.K);
+        for (int64_t m = 0; m < s.M; ++m) {
+          std::vector<double> z(s.R), zabs(s.R);
+          for (int64_t r = 0; r < s.R; ++r) {
+            z[r] = zi.at(m, r), zabs[r] = std::fabs(z[r]);
+            for (int64_t kk = 0; kk < s.K; ++kk) {
+              z[r] += x.at(m, kk) * A.at(r, kk);
+              zabs[r] += std::fabs(x.at(m, kk) * A.at(r, kk));
+            }
+            expect_near(k::load_f32(dt, out.data(), m * a.ldo + s.N + r), z[r], zabs[r], s.K, dt, where);
+          }
+          for (int64_t n = 0, off = 0, gi = 0; n < s.N; ++n) {
+            double y = 0, yabs = 0;
+            for (int64_t kk = 0; kk < s.K; ++kk) {
+              y += x.at(m, kk) * W.at(n, kk);
+              yabs += std::fabs(x.at(m, kk) * W.at(n, kk));
+            }
+            while (gi < static_cast<int64_t>(rep.size()) && n >= off + rep[gi]) off += rep[gi++];
+            if (gi < static_cast<int64_t>(rep.size())) {
+              const int64_t c = gi * rc + (n - off) % rc;
+              y += 0.75 * z[c], yabs += 0.75 * zabs[c];
+            }
+            expect_near(k::load_f32(dt, out.data(), m * a.ldo + n), y, yabs, s.K, dt, where);
+          }
+        }
+      }
+}
+
+// FBL and FFBL share one check: y = u W^T + s f(z) B^T + res (+ z2).
+void check_fbl_like(bool with_z2) {
+  for (k::Path p : paths())
+    for (k::Dtype dt : kDtypes)
+      for (const Shape& s : kShapes)
+        for (bool relu : {false, true}) {
+          std::mt19937 g(12 + relu);
+          const int64_t R2 = s.R + 2;
+          Buf u(dt, s.M, s.K, 1, g), z(dt, s.M, s.R, 5, g), W(dt, s.N, s.K, 3, g), B(dt, s.N, s.R, 0, g),
+              A(dt, R2, s.K, 2, g), C(dt, R2, s.R, 1, g), res(dt, s.M, s.N, 6, g);
+          const double sc = 0.6;
+          const int64_t width = s.N + (with_z2 ? R2 : 0);
+          std::vector<uint8_t> out(static_cast<size_t>(s.M * width * k::elem_size(dt)));
+          if (with_z2) {
+            k::FfblArgs a;
+            a.dt = dt, a.M = s.M, a.K = s.K, a.N = s.N, a.R = s.R, a.R2 = R2;
+            a.u = u.mat(), a.z = z.mat(), a.W = W.mat(), a.B = B.mat(), a.A = A.mat(), a.C = C.mat();
+            a.res = res.mat(), a.s = sc, a.relu = relu, a.out = out.data(), a.ldo = width;
+            k::ffbl_decode(p, a, k::serial_for);
+          } else {
+            k::FblArgs a;
+            a.dt = dt, a.M = s.M, a.K = s.K, a.N = s.N, a.R = s.R;
+            a.u = u.mat(), a.z = z.mat(), a.W = W.mat(), a.B = B.mat(), a.res = res.mat();
+            a.s = sc, a.relu = relu, a.out = out.data(), a.ldo = width;
+            k::fbl_decode(p, a, k::serial_for);
+          }
+          const std::string where = std::string(k::path_name(p)) + " " + name(dt) +
+                                    " M=" + std::to_string(s.M) + " relu=" + std::to_string(relu);
+          auto f = [&](int64_t m, int64_t r) { const double v = z.at(m, r); return relu && v < 0 ? 0.0 : v; };
+          for (int64_t m = 0; m < s.M; ++m) {
+            for (int64_t n = 0; n < s.N; ++n) {
+              double y = res.at(m, n), yabs = std::fabs(y);
+              for (int64_t kk = 0; kk < s.K; ++kk)
+                y += u.at(m, kk) * W.at(n, kk), yabs += std::fabs(u.at(m, kk) * W.at(n, kk));
+              for (int64_t r = 0; r < s.R; ++r)
+                y += sc * f(m, r) * B.at(n, r), yabs += std::fabs(sc * f(m, r) * B.at(n, r));
+              expect_near(k::load_f32(dt, out.data(), m * width + n), y, yabs, s.K + s.R, dt, where);
+            }
+            for (int64_t j = 0; with_z2 && j < R2; ++j) {
+              double v = 0, vabs = 0;
+              for (int64_t kk = 0; kk < s.K; ++kk)
+                v += u.at(m, kk) * A.at(j, kk), vabs += std::fabs(u.at(m, kk) * A.at(j, kk));
+              for (int64_t r = 0; r < s.R; ++r)
+                v += f(m, r) * C.at(j, r), vabs += std::fabs(f(m, r) * C.at(j, r));
+              expect_near(k::load_f32(dt, out.data(), m * width + s.N + j), v, vabs, s.K + s.R, dt, where);
+            }
+          }
+        }
+}
+
+TEST(CpuKernels, Fbl) { check_fbl_like(false); }
+TEST(CpuKernels, Ffbl) { check_fbl_like(true); }
+
+// The rows primitive on a split range (as threads see it): rows [i0, i1)
+// only, nothing outside them written.
+TEST(CpuKernels, RowsRange) {
+  for (k::Path p : paths()) {
+    std::mt19937 g(13);
+    Buf u(k::Dtype::kF32, 4, 67, 0, g), P(k::Dtype::kF32, 40, 67, 1, g);
+    std::vector<float> out(4 * 40, -7.f);
+    k::RowsTask t;
+    t.M = 4, t.K = 67, t.u = u.data.data(), t.ldu = u.ld, t.P = P.data.data(), t.ldp = P.ld;
+    t.out = out.data(), t.ldo = 40;
+    k::run_rows(p, t, 5, 31);
+    for (int64_t m = 0; m < 4; ++m)
+      for (int64_t n = 0; n < 40; ++n) {
+        if (n < 5 || n >= 31) {
+          EXPECT_EQ(out[m * 40 + n], -7.f);
+          continue;
+        }
+        double y = 0, yabs = 0;
+        for (int64_t kk = 0; kk < 67; ++kk) y += u.at(m, kk) * P.at(n, kk), yabs += std::fabs(u.at(m, kk) * P.at(n, kk));
+        expect_near(out[m * 40 + n], y, yabs, 67, k::Dtype::kF32, k::path_name(p));
+      }
+  }
+}
+
+TEST(CpuKernels, ScalarConversions) {
+  for (float f : {0.f, -0.f, 1.f, -2.5f, 65504.f, 6.1e-5f, 5.96e-8f, 1e-9f, 3.14159f, 70000.f}) {
+    const float h = k::f16_to_f32(k::f32_to_f16(f));
+    if (std::fabs(f) >= 65520.f)
+      EXPECT_TRUE(std::isinf(h));
+    else
+      EXPECT_LE(std::fabs(h - f), std::max(std::fabs(f) * 4.9e-4f, 3e-8f)) << f;
+    EXPECT_LE(std::fabs(k::bf16_to_f32(k::f32_to_bf16(f)) - f), std::fabs(f) * 3.9e-3f) << f;
+  }
+  EXPECT_EQ(k::f32_to_bf16(1.00390625f), 0x3f80);  // tie to even
+  EXPECT_EQ(k::f32_to_f16(1.00048828125f), 0x3c00);
+}
