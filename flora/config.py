@@ -1,0 +1,298 @@
+"""AdapterConfig: which adapter variant, where, and how big.
+
+A config is validated when it is built (everything that can be checked
+without the model) and again by ``validate_for(shapes)`` once the model's
+widths are known (repeat-add widths, layer indices). Every problem is a
+ValueError (TypeError for a wrong type) that names the field.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+ATTN = ("q", "k", "v", "o")
+MLP = ("gate", "up", "down")
+PROJECTIONS = ATTN + MLP  # every projection of a decoder layer
+ALL_NAMES = PROJECTIONS + ("head",)
+
+# base variant -> projections "all" resolves to
+_ALL_TARGETS = {
+    "lora": PROJECTIONS,
+    "pf-lora": PROJECTIONS,
+    "ffa": PROJECTIONS,
+    "fpa": PROJECTIONS,
+    "ffba": PROJECTIONS,
+    "ffba-ab": PROJECTIONS,
+    "ffba-relu": PROJECTIONS,
+    "ffba-qg-add": PROJECTIONS,
+    "zflora": ("q", "k", "v", "o", "gate", "up", "down", "head"),
+    "zflora-minimal": ("q", "k", "v", "down", "head"),
+}
+BASE_VARIANTS = tuple(_ALL_TARGETS)
+# the -mha forms (zflora-minimal has no attention writer, so no -mha form)
+MHA_VARIANTS = tuple(v + "-mha" for v in BASE_VARIANTS if v != "zflora-minimal")
+VARIANTS = BASE_VARIANTS + MHA_VARIANTS
+
+FFBA_FAMILY = ("fpa", "ffba", "ffba-ab", "ffba-relu", "ffba-qg-add")
+ZFLORA_FAMILY = ("zflora", "zflora-minimal")
+
+
+@dataclass(frozen=True)
+class LlamaShapes:
+    """The widths a config is checked against (no head counts needed)."""
+
+    hidden: int  # d
+    q_dim: int  # d_q = n_heads * head_dim
+    kv_dim: int  # d_kv = n_kv_heads * head_dim
+    ffn: int  # d_ff
+    vocab: int
+    layers: int
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "LlamaShapes":
+        """From a transformers LlamaConfig (or anything with its attributes)."""
+        c = hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return cls(c.hidden_size, c.num_attention_heads * head_dim, kv_heads * head_dim,
+                   c.intermediate_size, c.vocab_size, c.num_hidden_layers)
+
+    def out_width(self, p: str) -> int:
+        return {"q": self.q_dim, "k": self.kv_dim, "v": self.kv_dim, "o": self.hidden,
+                "gate": self.ffn, "up": self.ffn, "down": self.hidden, "head": self.vocab}[p]
+
+    def in_width(self, p: str) -> int:
+        return {"o": self.q_dim, "down": self.ffn}.get(p, self.hidden)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class AdapterConfig:
+    """One adapter variant, its rank/scale and where it goes.
+
+    AdapterConfig(variant, rank, alpha, dropout=0.0, targets="all", layers=None)
+
+    * variant: one of ``VARIANTS`` (e.g. "ffba", "zflora-mha").
+    * rank r > 0; ``scale`` = alpha / rank.
+    * dropout in [0, 1): acts on the adapter state z, never on the shared input.
+    * targets: "all", "mha" (attention only, same as the -mha form) or a list
+      of projection names from q, k, v, o, gate, up, down (and head for zflora).
+    * layers: None (every layer) or a list of layer indices; other layers
+      carry no adapter.
+    """
+
+    def __init__(self, variant: str, rank: int, alpha: float, dropout: float = 0.0,
+                 targets: Union[str, Sequence[str]] = "all",
+                 layers: Optional[Sequence[int]] = None):
+        if not isinstance(variant, str) or variant not in VARIANTS:
+            raise ValueError(f"AdapterConfig.variant: unknown variant {variant!r}; "
+                             f"expected one of {', '.join(VARIANTS)}")
+        if not _is_int(rank) or rank <= 0:
+            raise ValueError(f"AdapterConfig.rank: must be a positive integer, got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+                or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"AdapterConfig.alpha: must be a finite number > 0, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not (0.0 <= dropout < 1.0):
+            raise ValueError(f"AdapterConfig.dropout: must be a number in [0, 1), got {dropout!r}")
+        self.variant = variant
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.targets = self._check_targets(targets)
+        self.layers = self._check_layers(layers)
+
+    # -- derived -----------------------------------------------------------
+    @property
+    def base_variant(self) -> str:
+        """The variant without its -mha suffix."""
+        return self.variant[:-4] if self.variant.endswith("-mha") else self.variant
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def resolved_targets(self) -> tuple:
+        """The projections that carry adapter blocks, in canonical order."""
+        t = self.targets
+        full = _ALL_TARGETS[self.base_variant]
+        mha = self.variant.endswith("-mha") or t == "mha"
+        if isinstance(t, str):
+            t = full
+        if mha:
+            t = [p for p in t if p in ATTN or p == "head"]
+        return tuple(p for p in ALL_NAMES if p in t)
+
+    @property
+    def writers(self) -> tuple:
+        """zflora: the projections that add z' = A u to the stream."""
+        return tuple(p for p in self.resolved_targets if p in ("o", "down"))
+
+    @property
+    def readers(self) -> tuple:
+        """zflora: the projections that read the stream through B."""
+        return tuple(p for p in self.resolved_targets if p not in ("o", "down"))
+
+    def adapts_layer(self, layer: Optional[int]) -> bool:
+        return layer is None or self.layers is None or layer in self.layers
+
+    # -- validation --------------------------------------------------------
+    def _check_targets(self, targets):
+        base = self.base_variant
+        if isinstance(targets, str):
+            if targets not in ("all", "mha"):
+                raise ValueError(f"AdapterConfig.targets: must be 'all', 'mha' or a list of "
+                                 f"projection names, got {targets!r}")
+            if targets == "mha" and base == "zflora-minimal":
+                raise ValueError("AdapterConfig.targets: zflora-minimal writes only from down, "
+                                 "so it has no attention-only ('mha') form")
+            result = targets
+        else:
+            if not isinstance(targets, (list, tuple)) or not all(isinstance(p, str) for p in targets):
+                raise TypeError(f"AdapterConfig.targets: expected 'all', 'mha' or a list of "
+                                f"projection names, got {targets!r}")
+            allowed = _ALL_TARGETS[base]
+            if self.variant.endswith("-mha"):
+                allowed = tuple(p for p in allowed if p in ATTN or p == "head")
+            bad = [p for p in targets if p not in allowed]
+            if bad:
+                raise ValueError(f"AdapterConfig.targets: variant {self.variant} cannot use "
+                                 f"{bad}; allowed: {list(allowed)}")
+            if len(set(targets)) != len(targets):
+                raise ValueError(f"AdapterConfig.targets: duplicate names in {list(targets)}")
+            if not targets:
+                raise ValueError("AdapterConfig.targets: empty list")
+            result = [p for p in ALL_NAMES if p in targets]
+        self.targets = result
+        self._check_pairs()
+        return result
+
+    def _check_pairs(self):
+        """Variants whose A and B sit in different sub-blocks need both ends."""
+        base, t = self.base_variant, self.resolved_targets
+        if base in FFBA_FAMILY:
+            for ins, out in ((("q", "k", "v"), "o"), (("gate", "up"), "down")):
+                has_in = any(p in t for p in ins)
+                if has_in != (out in t):
+                    raise ValueError(
+                        f"AdapterConfig.targets: {self.variant} puts A in {'/'.join(ins)} and "
+                        f"B in {out}; give {out} together with at least one of {list(ins)}, "
+                        f"got {list(t)}")
+        if base in ZFLORA_FAMILY:
+            if not self.writers or not self.readers:
+                raise ValueError(
+                    f"AdapterConfig.targets: {self.variant} needs at least one writer (o, down) "
+                    f"and one reader (q, k, v, gate, up, head), got {list(t)}")
+
+    @staticmethod
+    def _check_layers(layers):
+        if layers is None:
+            return None
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"AdapterConfig.layers: expected None or a list of layer indices, "
+                            f"got {layers!r}")
+        layers = list(layers)
+        if not layers:
+            raise ValueError("AdapterConfig.layers: empty list (use None for every layer)")
+        for i in layers:
+            if not _is_int(i) or i < 0:
+                raise ValueError(f"AdapterConfig.layers: indices must be integers >= 0, got {i!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"AdapterConfig.layers: duplicate indices in {layers}")
+        return sorted(layers)
+
+    def repeat_rank(self, p: str) -> int:
+        """State width tiled over projection p's output by repeat-add (0: none)."""
+        base, t = self.base_variant, self.resolved_targets
+        if p not in t:
+            return 0
+        if base == "ffa" and p in PROJECTIONS:
+            return 2 * self.rank
+        if base == "ffba-qg-add" and p in ("q", "gate"):
+            return self.rank
+        return 0
+
+    def check_width(self, p: str, width: int) -> None:
+        rc = self.repeat_rank(p)
+        if rc and width % rc:
+            raise ValueError(
+                f"AdapterConfig.rank: {self.variant} repeat-adds a state of width {rc} onto "
+                f"projection {p} (width {width}), which needs {width} % {rc} == 0")
+
+    def validate_for(self, shapes) -> "AdapterConfig":
+        """Check against the model's widths (a LlamaShapes or a dict of its fields)."""
+        if isinstance(shapes, dict):
+            shapes = LlamaShapes(**shapes)
+        if not isinstance(shapes, LlamaShapes):
+            raise TypeError(f"validate_for: expected LlamaShapes or dict, got {type(shapes).__name__}")
+        for p in self.resolved_targets:
+            self.check_width(p, shapes.out_width(p))
+        if self.layers is not None and self.layers[-1] >= shapes.layers:
+            raise ValueError(f"AdapterConfig.layers: index {self.layers[-1]} out of range for a "
+                             f"model with {shapes.layers} layers")
+        return self
+
+    # -- serialisation -----------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"variant": self.variant, "rank": self.rank, "alpha": self.alpha,
+                "dropout": self.dropout,
+                "targets": self.targets if isinstance(self.targets, str) else list(self.targets),
+                "layers": None if self.layers is None else list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdapterConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"AdapterConfig.from_dict: expected a dict, got {type(d).__name__}")
+        fields = ("variant", "rank", "alpha", "dropout", "targets", "layers")
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"AdapterConfig.from_dict: unknown keys {unknown}")
+        missing = [k for k in ("variant", "rank", "alpha") if k not in d]
+        if missing:
+            raise ValueError(f"AdapterConfig.from_dict: missing keys {missing}")
+        return cls(**d)
+
+    def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
+        """The config as JSON; with ``path``, also written there atomically."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            d = os.path.dirname(os.path.abspath(path))
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".adapter_config.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text + "\n")
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        return text
+
+    @classmethod
+    def from_json(cls, text: str) -> "AdapterConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"AdapterConfig.from_json: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "AdapterConfig":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"AdapterConfig.load: no such file {os.fspath(path)!r}")
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AdapterConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
+        return f"AdapterConfig({args})"

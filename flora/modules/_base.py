@@ -1,0 +1,154 @@
+"""Shared machinery of every adapter module: adapter tensors, enable/disable,
+fold/unfold, adapter state dicts, and small tensor helpers."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def init_A(t: Tensor) -> None:
+    """PEFT's lora_A initialisation (kaiming-uniform, a = sqrt(5))."""
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+def empty_cols(m: int, like: Tensor) -> Tensor:
+    """[m, 0]: the missing operand of an op used for only one of its blocks."""
+    return like.new_empty(m, 0)
+
+
+def tile_matrix(n: int, widths, rc: int, like: Tensor) -> Tensor:
+    """T [n, G*rc] with z T^T == the repeat-add tile of z's chunks over the
+    consecutive segments ``widths`` (used when dropout must act on z first)."""
+    T = like.new_zeros(n, len(widths) * rc)
+    off = 0
+    for g, w in enumerate(widths):
+        idx = torch.arange(w, device=like.device)
+        T[off + idx, g * rc + idx % rc] = 1
+        off += w
+    return T
+
+
+def check_linear(linear, what: str) -> Tensor:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{what}: expected an nn.Linear, got {type(linear).__name__}")
+    if linear.bias is not None:
+        raise ValueError(f"{what}: the Linear has a bias; flora's fused projections have none")
+    return linear.weight
+
+
+def check_weight(w, what: str) -> Tensor:
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{what}: expected a Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"{what}: expected a 2-D weight [out, in], got shape {list(w.shape)}")
+    if not w.is_floating_point():
+        raise TypeError(f"{what}: expected a floating-point weight, got {w.dtype}")
+    return w.detach()
+
+
+def repoint(linear: nn.Linear, view: Tensor) -> None:
+    """Point the Linear's weight at the module's storage, so the old copy can
+    be freed and a tie (e.g. embedding = LM head) keeps sharing one tensor."""
+    with torch.no_grad():
+        linear.weight.data = view
+
+
+class AdapterModule(nn.Module):
+    """Base of every flora module. Subclasses register their adapter tensors
+    with ``_new_param`` and implement ``_fold_slots`` (write the folded copies
+    into the fused storage)."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config
+        self.adapter_enabled = True
+        self.folded = False
+        self.merged = False
+        self._adapter_names: List[str] = []
+        p = 0.0 if config is None else getattr(config, "dropout", 0.0)
+        self.dropout = nn.Dropout(p) if p > 0 else None
+
+    # -- construction --------------------------------------------------------
+    def _new_param(self, name: str, shape, like: Tensor, init: str, dtype=None) -> None:
+        t = torch.zeros(shape, dtype=dtype or like.dtype, device=like.device)
+        if init == "A":
+            init_A(t)
+        self.register_parameter(name, nn.Parameter(t))
+        self._adapter_names.append(name)
+
+    def _p(self, name: str, like: Tensor) -> Tensor:
+        """Adapter tensor cast to the activation dtype."""
+        t = getattr(self, name)
+        return t if t.dtype == like.dtype else t.to(like.dtype)
+
+    def _drop(self, z: Optional[Tensor]) -> Optional[Tensor]:
+        if z is None or self.dropout is None or not self.training:
+            return z
+        return self.dropout(z)
+
+    @property
+    def _dropping(self) -> bool:
+        return self.dropout is not None and self.training
+
+    @property
+    def _live(self) -> bool:
+        """Adapter contributes through its own tensors (not off, not merged)."""
+        return self.adapter_enabled and not self.merged and bool(self._adapter_names)
+
+    # -- public API ----------------------------------------------------------
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [getattr(self, n) for n in self._adapter_names]
+
+    def adapter_state_dict(self) -> Dict[str, Tensor]:
+        return {n: getattr(self, n).detach() for n in self._adapter_names}
+
+    def load_adapter_state_dict(self, sd: Dict[str, Tensor], strict: bool = True) -> None:
+        names = set(self._adapter_names)
+        missing = sorted(names - set(sd))
+        unexpected = sorted(set(sd) - names)
+        if strict and (missing or unexpected):
+            raise KeyError(f"{type(self).__name__}.load_adapter_state_dict: missing keys "
+                           f"{missing}, unexpected keys {unexpected}")
+        for n in self._adapter_names:
+            if n not in sd:
+                continue
+            p, t = getattr(self, n), sd[n]
+            if not isinstance(t, Tensor):
+                raise TypeError(f"load_adapter_state_dict: {n} is a {type(t).__name__}, not a Tensor")
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{type(self).__name__}.load_adapter_state_dict: {n} has shape "
+                                 f"{list(t.shape)}, expected {list(p.shape)}")
+            with torch.no_grad():
+                p.copy_(t)
+        if self.folded:
+            self.fold()
+
+    def set_adapter_enabled(self, flag: bool) -> None:
+        self.adapter_enabled = bool(flag)
+
+    def fold(self) -> "AdapterModule":
+        """Write the inference form (pre-summed A's, pre-scaled B) into the
+        fused storage; forward then runs one op per projection. Call unfold()
+        (or fold() again) after changing the adapter tensors."""
+        if self.merged:
+            raise ValueError(f"{type(self).__name__}.fold: adapter is merged into the base weight")
+        with torch.no_grad():
+            self._fold_slots()
+        self.folded = True
+        return self
+
+    def unfold(self) -> "AdapterModule":
+        """Back to training form: the adapter Parameters feed the ops directly."""
+        self.folded = False
+        return self
+
+    def merge_into_base(self) -> "AdapterModule":
+        raise ValueError(f"{type(self).__name__}.merge_into_base: only lora and pf-lora adapters "
+                         f"can be merged into the base weight (variant "
+                         f"{getattr(self.config, 'variant', None)})")
+
+    def _fold_slots(self) -> None:  # pragma: no cover - overridden
+        pass

@@ -1,0 +1,70 @@
+"""Parameter counts per variant, computed from the same roles the modules
+use (no tensors are built), and a short report."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from ..config import VARIANTS, AdapterConfig, LlamaShapes
+from .roles import GROUPS, param_shapes, role
+
+
+def _shapes(shapes) -> LlamaShapes:
+    if isinstance(shapes, dict):
+        return LlamaShapes(**shapes)
+    if not isinstance(shapes, LlamaShapes):
+        raise TypeError(f"expected LlamaShapes or a dict of its fields, got {type(shapes).__name__}")
+    return shapes
+
+
+def _group_params(cfg, g, layer, sh: LlamaShapes) -> Dict[str, tuple]:
+    r = role(cfg, g, layer, sh.layers)
+    names = GROUPS[g]
+    k = sh.in_width(names[0])
+    return param_shapes(r, cfg.rank, {p: sh.out_width(p) for p in names}, k)
+
+
+def parameter_shapes(cfg: AdapterConfig, shapes) -> Dict[str, tuple]:
+    """'layers.<i>.<A_q|...>' / 'head.B_head' -> shape, for the whole model."""
+    sh = _shapes(shapes)
+    cfg.validate_for(sh)
+    out = {}
+    for i in range(sh.layers):
+        for g in ("qkv", "o", "gateup", "down"):
+            for n, s in _group_params(cfg, g, i, sh).items():
+                out[f"layers.{i}.{n}"] = s
+    for n, s in _group_params(cfg, "head", None, sh).items():
+        out[f"head.{n}"] = s
+    return out
+
+
+def count_parameters(cfg: AdapterConfig, shapes) -> int:
+    """Number of trainable adapter parameters of ``cfg`` on a model of ``shapes``."""
+    total = 0
+    for s in parameter_shapes(cfg, shapes).values():
+        total += s[0] * s[1]
+    return total
+
+
+def base_parameters(shapes, tied_head: bool = True) -> int:
+    """Parameters of the base Llama (embedding, projections, norms, head)."""
+    sh = _shapes(shapes)
+    d = sh.hidden
+    per_layer = d * (2 * sh.q_dim + 2 * sh.kv_dim) + 3 * d * sh.ffn + 2 * d
+    return sh.vocab * d * (1 if tied_head else 2) + sh.layers * per_layer + d
+
+
+def parameter_report(shapes, rank: int = 16, alpha: Optional[float] = None,
+                     variants=VARIANTS, tied_head: bool = True) -> str:
+    """A table: variant, adapter parameters, % of the base model."""
+    sh = _shapes(shapes)
+    base = base_parameters(sh, tied_head)
+    lines = [f"{'variant':<18} {'params':>12} {'% of base':>10}"]
+    for v in variants:
+        cfg = AdapterConfig(v, rank, alpha if alpha is not None else 2 * rank)
+        try:
+            n = count_parameters(cfg, sh)
+        except ValueError as e:  # e.g. a repeat-add width that does not divide
+            lines.append(f"{v:<18} {'n/a':>12}  ({e})")
+            continue
+        lines.append(f"{v:<18} {n:>12,} {100.0 * n / base:>9.3f}%")
+    return "\n".join(lines)

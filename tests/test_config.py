@@ -1,0 +1,120 @@
+"""AdapterConfig: validation (each error names its field) and JSON round trips."""
+import json
+
+import pytest
+
+from flora import AdapterConfig
+from flora.config import MHA_VARIANTS, VARIANTS, LlamaShapes
+
+ONE_B = LlamaShapes(2048, 2048, 512, 8192, 128256, 16)
+
+
+def test_variant_list():
+    base = ["lora", "pf-lora", "ffa", "fpa", "ffba", "ffba-ab", "ffba-relu", "ffba-qg-add",
+            "zflora-minimal", "zflora"]
+    assert set(VARIANTS) == set(base) | {v + "-mha" for v in base if v != "zflora-minimal"}
+    assert "zflora-mha" in MHA_VARIANTS and "lora-mha" in MHA_VARIANTS
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_json_roundtrip(variant, tmp_path):
+    cfg = AdapterConfig(variant, 8, 16, dropout=0.05, layers=[3, 1])
+    assert cfg.layers == [1, 3] and cfg.scale == 2.0
+    again = AdapterConfig.from_json(cfg.to_json())
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+    assert AdapterConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    path = tmp_path / "adapter_config.json"
+    cfg.to_json(path)
+    assert AdapterConfig.load(path) == cfg
+    assert cfg.validate_for(ONE_B) is cfg
+
+
+def test_targets_resolution():
+    assert AdapterConfig("lora", 4, 8).resolved_targets == ("q", "k", "v", "o", "gate", "up", "down")
+    assert AdapterConfig("lora-mha", 4, 8).resolved_targets == ("q", "k", "v", "o")
+    assert AdapterConfig("ffba", 4, 8, targets="mha").resolved_targets == ("q", "k", "v", "o")
+    assert AdapterConfig("lora", 4, 8, targets=["v", "q"]).resolved_targets == ("q", "v")
+    z = AdapterConfig("zflora", 4, 8)
+    assert z.writers == ("o", "down") and z.readers == ("q", "k", "v", "gate", "up", "head")
+    zm = AdapterConfig("zflora-minimal", 4, 8)
+    assert zm.writers == ("down",) and zm.readers == ("q", "k", "v", "head")
+    zh = AdapterConfig("zflora-mha", 4, 8)
+    assert zh.writers == ("o",) and zh.readers == ("q", "k", "v", "head")
+    cfg = AdapterConfig("zflora", 4, 8, targets=["q", "o", "head"])
+    assert AdapterConfig.from_json(cfg.to_json()).resolved_targets == ("q", "o", "head")
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(variant="dora", rank=4, alpha=8), "variant"),
+    (dict(variant="zflora-minimal-mha", rank=4, alpha=8), "variant"),
+    (dict(variant="lora", rank=0, alpha=8), "rank"),
+    (dict(variant="lora", rank=-2, alpha=8), "rank"),
+    (dict(variant="lora", rank=2.5, alpha=8), "rank"),
+    (dict(variant="lora", rank=True, alpha=8), "rank"),
+    (dict(variant="lora", rank=4, alpha=float("nan")), "alpha"),
+    (dict(variant="lora", rank=4, alpha=0), "alpha"),
+    (dict(variant="lora", rank=4, alpha=8, dropout=1.0), "dropout"),
+    (dict(variant="lora", rank=4, alpha=8, dropout=-0.1), "dropout"),
+    (dict(variant="lora", rank=4, alpha=8, targets="everything"), "targets"),
+    (dict(variant="lora", rank=4, alpha=8, targets=["q", "lm_head"]), "targets"),
+    (dict(variant="lora", rank=4, alpha=8, targets=["head"]), "targets"),
+    (dict(variant="lora", rank=4, alpha=8, targets=[]), "targets"),
+    (dict(variant="lora", rank=4, alpha=8, targets=["q", "q"]), "targets"),
+    (dict(variant="lora-mha", rank=4, alpha=8, targets=["q", "down"]), "targets"),
+    (dict(variant="zflora-mha", rank=4, alpha=8, targets=["q", "down", "head"]), "targets"),
+    (dict(variant="ffba", rank=4, alpha=8, targets=["q", "k"]), "targets"),  # A with no B
+    (dict(variant="ffba-ab", rank=4, alpha=8, targets=["o"]), "targets"),  # B with no A
+    (dict(variant="fpa", rank=4, alpha=8, targets=["q", "o", "gate"]), "targets"),
+    (dict(variant="zflora", rank=4, alpha=8, targets=["q", "k"]), "targets"),  # no writer
+    (dict(variant="zflora", rank=4, alpha=8, targets=["o", "down"]), "targets"),  # no reader
+    (dict(variant="zflora-minimal", rank=4, alpha=8, targets="mha"), "targets"),
+    (dict(variant="zflora-minimal", rank=4, alpha=8, targets=["q", "o", "head"]), "targets"),
+    (dict(variant="lora", rank=4, alpha=8, layers=[]), "layers"),
+    (dict(variant="lora", rank=4, alpha=8, layers=[0, -1]), "layers"),
+    (dict(variant="lora", rank=4, alpha=8, layers=[1, 1]), "layers"),
+])
+def test_bad_configs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"AdapterConfig.{field}"):
+        AdapterConfig(**kwargs)
+
+
+def test_type_errors():
+    with pytest.raises(TypeError, match="targets"):
+        AdapterConfig("lora", 4, 8, targets=3)
+    with pytest.raises(TypeError, match="layers"):
+        AdapterConfig("lora", 4, 8, layers=5)
+
+
+def test_validate_for_widths_and_layers():
+    # ffa tiles a 2r wide state: 2*48 = 96 does not divide d = 2048
+    with pytest.raises(ValueError, match="AdapterConfig.rank.*projection q"):
+        AdapterConfig("ffa", 48, 96).validate_for(ONE_B)
+    AdapterConfig("ffa", 32, 64).validate_for(ONE_B)
+    # ffba-qg-add tiles the r wide state over q and gate only
+    with pytest.raises(ValueError, match="AdapterConfig.rank.*projection q"):
+        AdapterConfig("ffba-qg-add", 48, 96).validate_for(dict(
+            hidden=2048, q_dim=2000, kv_dim=512, ffn=8160, vocab=10, layers=2))
+    AdapterConfig("ffba", 48, 96).validate_for(ONE_B)  # no repeat-add: any rank
+    with pytest.raises(ValueError, match="AdapterConfig.layers"):
+        AdapterConfig("lora", 4, 8, layers=[16]).validate_for(ONE_B)
+    with pytest.raises(TypeError):
+        AdapterConfig("lora", 4, 8).validate_for([1, 2])
+
+
+def test_from_dict_and_json_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown keys"):
+        AdapterConfig.from_dict({"variant": "lora", "rank": 4, "alpha": 8, "bias": "none"})
+    with pytest.raises(ValueError, match="missing keys"):
+        AdapterConfig.from_dict({"variant": "lora"})
+    with pytest.raises(ValueError, match="JSON"):
+        AdapterConfig.from_json("{not json")
+    with pytest.raises(FileNotFoundError):
+        AdapterConfig.load(tmp_path / "missing.json")
+
+
+def test_hf_shapes():
+    class C:
+        hidden_size, num_attention_heads, num_key_value_heads = 3072, 24, 8
+        head_dim, intermediate_size, vocab_size, num_hidden_layers = 128, 8192, 128256, 28
+    sh = LlamaShapes.from_hf(C)
+    assert (sh.q_dim, sh.kv_dim, sh.layers) == (3072, 1024, 28)
