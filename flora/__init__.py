@@ -2,5 +2,16 @@
 from . import ops
 from ._version import __version__
 from .info import format_info, info
+from .config import AdapterConfig, LlamaShapes
+from . import modules
+from .modules import (FFL, FBL, FFBL, FusedAttentionProjections, FusedOutputProjection,
+                      FusedMLP, FusedLMHead, initial_carry)
 
 __all__ = ["ops", "info", "format_info", "__version__"]
+__all__ += ["AdapterConfig", "LlamaShapes", "modules", "FFL", "FBL", "FFBL",
+            "FusedAttentionProjections", "FusedOutputProjection", "FusedMLP", "FusedLMHead",
+            "initial_carry"]
+from .model import FusedLlama
+from .adapter_io import save_adapter, load_adapter, export_peft
+from .patch import patch  # the function; the module stays importable as flora.patch via sys.modules
+__all__ += ["FusedLlama", "patch", "save_adapter", "load_adapter", "export_peft"]

@@ -1,0 +1,432 @@
+"""Adapter directories: flora's own format, PEFT LoRA import, PEFT export.
+
+A flora adapter directory holds ``adapter_config.json`` (variant, rank,
+alpha, targets, layers, dropout, flora version, the base model's shape and a
+SHA-256 of the tensor file) and ``adapter.safetensors`` (tensor names
+``layers.<i>.<attn|o|mlp>.<A|B|C>_<p>`` and ``head.B_head``).
+
+Saves are atomic: the files are written and fsynced in a temporary directory
+next to the target, which then replaces it by rename, so an interrupted save
+never leaves a half-written adapter where a good one was. Loads validate
+everything against the base model and read only safetensors (never pickle).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+from .checkpoint import LlamaArch, read_safetensors_header, load_safetensors
+
+FORMAT = "flora-adapter"
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_OURS = {CONFIG_NAME, WEIGHTS_NAME, PEFT_WEIGHTS_NAME, "README.md"}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# group -> module attribute in a FusedLlama layer
+_GROUP_PREFIX = {"qkv": "attn", "o": "o", "gateup": "mlp", "down": "mlp"}
+_HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+              "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+              "down": "mlp.down_proj"}
+_PREFIX_OF_PROJ = {"q": "attn", "k": "attn", "v": "attn", "o": "o",
+                   "gate": "mlp", "up": "mlp", "down": "mlp"}
+
+
+class AdapterError(ValueError):
+    """An adapter directory that does not fit (or cannot be read for) this base model."""
+
+
+def _shapes(arch: LlamaArch):
+    from .config import LlamaShapes
+    return LlamaShapes(hidden=arch.hidden_size, q_dim=arch.num_attention_heads * arch.head_dim,
+                       kv_dim=arch.num_key_value_heads * arch.head_dim, ffn=arch.intermediate_size,
+                       vocab=arch.vocab_size, layers=arch.num_hidden_layers)
+
+
+def expected_adapter_shapes(cfg, arch: LlamaArch) -> dict:
+    """Tensor name -> shape of every adapter tensor ``cfg`` gives this base model."""
+    from .modules.roles import GROUPS, param_shapes, role
+
+    sh = _shapes(arch)
+    out = {}
+    n = arch.num_hidden_layers
+    for i in range(n):
+        for group, prefix in _GROUP_PREFIX.items():
+            r = role(cfg, group, i, n)
+            widths = {p: sh.out_width(p) for p in GROUPS[group]}
+            k = sh.in_width(GROUPS[group][0])
+            for name, shape in param_shapes(r, cfg.rank, widths, k).items():
+                out[f"layers.{i}.{prefix}.{name}"] = tuple(shape)
+    r = role(cfg, "head", None, n)
+    for name, shape in param_shapes(r, cfg.rank, {"head": sh.vocab}, sh.hidden).items():
+        out[f"head.{name}"] = tuple(shape)
+    return out
+
+
+def check_adapter_state_dict(arch: LlamaArch, cfg, sd: dict, where: str = "adapter") -> None:
+    """Exact key / shape / dtype / finiteness check of adapter tensors for base ``arch``."""
+    want = expected_adapter_shapes(cfg, arch)
+    problems = []
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    if missing:
+        problems.append(f"missing tensors {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
+    if extra:
+        problems.append(f"unexpected tensors {extra[:6]}" + (" ..." if len(extra) > 6 else ""))
+    for k in sorted(set(want) & set(sd)):
+        t = sd[k]
+        if tuple(t.shape) != want[k]:
+            problems.append(f"{k} has shape {tuple(t.shape)}, this model needs {want[k]}")
+        elif t.dtype not in _FLOATS:
+            problems.append(f"{k} has dtype {t.dtype}; adapter tensors must be floating point")
+        elif not bool(torch.isfinite(t).all()):
+            problems.append(f"{k} holds NaN or infinite values")
+    if problems:
+        raise AdapterError(f"{where}: adapter does not match the base model ({cfg.variant}, rank "
+                           f"{cfg.rank}): " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------
+# atomic directory writes
+# --------------------------------------------------------------------------
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_dir(path, writers: dict) -> None:
+    """Create/replace directory ``path`` holding the files ``writers`` produce.
+
+    ``writers``: file name -> fn(full_path). Everything is written and fsynced
+    in a temporary sibling directory first. An existing ``path`` may hold only
+    adapter files (we never delete foreign files); it is moved aside, the new
+    directory renamed in, then the old one removed. On any failure the old
+    directory is put back and the temporary one removed.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(f"{path} exists and is not a directory")
+        foreign = sorted(set(os.listdir(path)) - _OURS)
+        if foreign:
+            raise FileExistsError(
+                f"{path} holds files that are not part of an adapter ({', '.join(foreign[:5])}); "
+                f"save the adapter into a new or empty directory so nothing else is replaced")
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    old = None
+    try:
+        for name, write in writers.items():
+            full = os.path.join(tmp, name)
+            write(full)
+            _fsync_file(full)
+        _fsync_dir(tmp)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        tmp = None
+        _fsync_dir(parent)
+    except BaseException:
+        if old is not None and not os.path.exists(path):
+            os.rename(old, path)  # put the good adapter back
+            old = None
+        raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_tensors(path: str, tensors: dict, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=metadata)
+
+
+# --------------------------------------------------------------------------
+# flora format
+# --------------------------------------------------------------------------
+def save_adapter(model, path) -> None:
+    """Write ``model``'s current adapter to ``path`` (atomically)."""
+    from ._version import __version__
+
+    cfg = model.adapter_config
+    if cfg is None:
+        raise ValueError("this model has no adapter to save")
+    if getattr(model, "_merged", False):
+        raise ValueError("the adapter was merged into the base weights; there is no separate adapter to save")
+    tensors = model.adapter_state_dict()
+    check_adapter_state_dict(model.arch, cfg, tensors, where="save_adapter")
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "flora_version": __version__,
+            **cfg.to_dict(), "scale": cfg.scale, "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "base_model": model.arch.shape_dict()}
+    digest = {}
+
+    def write_weights(full):
+        _write_tensors(full, tensors, metadata={"format": "pt", "flora_format": FORMAT})
+        digest["sha"] = _sha256(full)
+
+    def write_config(full):
+        with open(full, "w", encoding="utf-8") as f:
+            json.dump({**meta, "tensors_sha256": digest["sha"]}, f, indent=2)
+            f.write("\n")
+
+    atomic_write_dir(path, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return d
+
+
+def _missing_dir_message(path: str) -> str:
+    parent, base = os.path.split(os.path.abspath(path))
+    leftovers = []
+    if os.path.isdir(parent):
+        leftovers = [n for n in os.listdir(parent) if n.startswith(f".{base}.old-")]
+    msg = f"{path}: adapter directory not found"
+    if leftovers:
+        msg += (f"; an interrupted save left the previous adapter at "
+                f"{os.path.join(parent, leftovers[0])}")
+    return msg
+
+
+def read_adapter_dir(path, arch: LlamaArch):
+    """(AdapterConfig, tensors) of a flora or PEFT LoRA adapter dir, validated for ``arch``."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(_missing_dir_message(path))
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; not a flora or PEFT adapter directory")
+    meta = _read_json(cfg_path)
+    if "peft_type" in meta:
+        return read_peft_adapter(path, arch, meta)
+    if meta.get("format") != FORMAT:
+        raise AdapterError(f"{cfg_path}: neither a flora adapter (format {FORMAT!r}) nor a PEFT adapter "
+                           f"(peft_type)")
+    return _read_flora_adapter(path, arch, meta)
+
+
+def _read_flora_adapter(path: str, arch: LlamaArch, meta: dict):
+    from .config import AdapterConfig
+
+    where = os.path.join(path, CONFIG_NAME)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{where}: format_version {meta.get('format_version')!r} is not supported "
+                           f"(this flora reads version {FORMAT_VERSION})")
+    fields = {k: meta[k] for k in ("variant", "rank", "alpha", "dropout", "targets", "layers") if k in meta}
+    try:
+        cfg = AdapterConfig.from_dict(fields)
+    except (ValueError, TypeError) as e:
+        raise AdapterError(f"{where}: {e}") from None
+    base = meta.get("base_model")
+    if not isinstance(base, dict):
+        raise AdapterError(f"{where}: no base_model shape recorded")
+    mine = arch.shape_dict()
+    diffs = [f"{k}: adapter was trained on {base.get(k)!r}, this model has {v!r}"
+             for k, v in mine.items() if base.get(k) != v]
+    if diffs:
+        raise AdapterError(f"{path}: adapter was made for a different base model ({'; '.join(diffs)})")
+    try:
+        cfg.validate_for(_shapes(arch))
+    except ValueError as e:
+        raise AdapterError(f"{where}: {e}") from None
+    wpath = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(wpath):
+        pick = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
+        hint = f" (found {', '.join(pick)}; flora never reads pickle files)" if pick else ""
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}{hint}")
+    read_safetensors_header(wpath)  # truncation check with a clear message
+    want_sha = meta.get("tensors_sha256")
+    if want_sha is not None and _sha256(wpath) != want_sha:
+        raise AdapterError(f"{wpath}: contents do not match the SHA-256 in {CONFIG_NAME} "
+                           f"(file corrupted or replaced)")
+    sd = load_safetensors(wpath)
+    return cfg, sd
+
+
+def resolve_adapter(adapter, arch: LlamaArch):
+    """AdapterConfig | dir -> (validated AdapterConfig, tensors or None for a fresh adapter)."""
+    from .config import AdapterConfig
+
+    if isinstance(adapter, AdapterConfig):
+        adapter.validate_for(_shapes(arch))
+        return adapter, None
+    if isinstance(adapter, (str, os.PathLike)):
+        return read_adapter_dir(adapter, arch)
+    raise TypeError(f"adapter must be an AdapterConfig or an adapter directory, got {type(adapter).__name__}")
+
+
+def load_adapter(model, path, name: str = "default") -> None:
+    """Load the adapter dir ``path`` into ``model`` under ``name`` (see FusedLlama.load_adapter)."""
+    model.load_adapter(path, name)
+
+
+# --------------------------------------------------------------------------
+# PEFT LoRA interop
+# --------------------------------------------------------------------------
+_PEFT_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
+    r"\.lora_([AB])\.weight$")
+_HF_TO_PROJ = {v: k for k, v in _HF_MODULE.items()}
+
+
+def _peft_unsupported(meta: dict) -> list:
+    why = []
+    if meta.get("use_dora"):
+        why.append("DoRA (use_dora)")
+    if meta.get("bias", "none") != "none":
+        why.append(f"bias={meta.get('bias')!r} (only 'none')")
+    if meta.get("modules_to_save"):
+        why.append(f"modules_to_save={meta.get('modules_to_save')}")
+    if meta.get("fan_in_fan_out"):
+        why.append("fan_in_fan_out")
+    for k in ("rank_pattern", "alpha_pattern"):
+        if meta.get(k):
+            why.append(f"per-module {k}")
+    for k in ("layer_replication", "megatron_config", "trainable_token_indices", "target_parameters",
+              "alora_invocation_tokens"):
+        if meta.get(k):
+            why.append(k)
+    for k in ("lora_bias", "use_qalora", "use_bdlora"):
+        if meta.get(k):
+            why.append(k)
+    return why
+
+
+def read_peft_adapter(path: str, arch: LlamaArch, meta: Optional[dict] = None):
+    """A PEFT LoRA adapter dir as (pf-lora AdapterConfig, flora tensors).
+
+    Scale: PEFT's ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+    use_rslora) is expressed as flora's alpha / rank, so B is taken verbatim.
+    """
+    from .config import AdapterConfig
+
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    meta = _read_json(cfg_path) if meta is None else meta
+    if meta.get("peft_type") != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type {meta.get('peft_type')!r}; flora imports only LORA adapters")
+    why = _peft_unsupported(meta)
+    if why:
+        raise AdapterError(f"{cfg_path}: PEFT LoRA features flora does not support: {', '.join(why)}")
+    r, lora_alpha = meta.get("r"), meta.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
+        raise AdapterError(f"{cfg_path}: need positive integer r and positive lora_alpha, got {r!r}, {lora_alpha!r}")
+    alpha = float(lora_alpha) * math.sqrt(r) if meta.get("use_rslora") else float(lora_alpha)
+    wpath = os.path.join(path, PEFT_WEIGHTS_NAME)
+    if not os.path.isfile(wpath):
+        hint = " (adapter_model.bin is a pickle file, which flora never reads)" \
+            if os.path.isfile(os.path.join(path, "adapter_model.bin")) else ""
+        raise FileNotFoundError(f"{path}: no {PEFT_WEIGHTS_NAME}{hint}")
+    raw = load_safetensors(wpath)
+    sd, seen, bad = {}, {}, []
+    for k, t in raw.items():
+        m = _PEFT_KEY.match(k)
+        if m is None:
+            bad.append(k)
+            continue
+        i, proj, ab = int(m.group(1)), _HF_TO_PROJ[m.group(2)], m.group(3)
+        sd[f"layers.{i}.{_PREFIX_OF_PROJ[proj]}.{ab}_{proj}"] = t
+        seen.setdefault(proj, set()).add(i)
+    if bad:
+        raise AdapterError(f"{wpath}: tensors flora cannot map onto a Llama's q/k/v/o/gate/up/down "
+                           f"LoRA: {bad[:4]}" + (" ..." if len(bad) > 4 else ""))
+    if not sd:
+        raise AdapterError(f"{wpath}: no LoRA tensors")
+    targets = [p for p in _HF_MODULE if p in seen]
+    layer_sets = {frozenset(s) for s in seen.values()}
+    if len(layer_sets) != 1:
+        raise AdapterError(f"{wpath}: projections are adapted in different layer sets "
+                           f"({ {p: sorted(s) for p, s in seen.items()} }); flora's pf-lora needs one "
+                           f"layer set for all targets")
+    layers = sorted(next(iter(layer_sets)))
+    if layers[-1] >= arch.num_hidden_layers:
+        raise AdapterError(f"{wpath}: adapts layer {layers[-1]} but the base model has "
+                           f"{arch.num_hidden_layers} layers")
+    cfg = AdapterConfig("pf-lora", rank=r, alpha=alpha, dropout=float(meta.get("lora_dropout", 0.0) or 0.0),
+                        targets=targets,
+                        layers=None if len(layers) == arch.num_hidden_layers else layers)
+    # key and shape check here so the message names PEFT's files
+    want = expected_adapter_shapes(cfg, arch)
+    problems = [f"{k}: {tuple(sd[k].shape)} (base model needs {want[k]}; r={r})"
+                for k in want if k in sd and tuple(sd[k].shape) != want[k]]
+    missing = [k for k in want if k not in sd]
+    if problems or missing:
+        raise AdapterError(f"{path}: PEFT adapter does not fit the base model: "
+                           + "; ".join(problems + [f"missing {k}" for k in missing][:6]))
+    return cfg, sd
+
+
+def export_peft(model, path, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the current lora / pf-lora adapter as a PEFT LoRA dir (atomically)."""
+    cfg = model.adapter_config
+    if cfg is None or cfg.base_variant not in ("lora", "pf-lora"):
+        raise ValueError(f"only lora and pf-lora adapters can be exported to PEFT, this model has "
+                         f"{'none' if cfg is None else cfg.variant}")
+    if getattr(model, "_merged", False):
+        raise ValueError("the adapter was merged into the base weights; nothing to export")
+    tensors = {}
+    for k, t in model.adapter_state_dict().items():
+        prefix, _, name = k.rpartition(".")
+        ab, proj = name.split("_", 1)
+        i = int(prefix.split(".")[1])
+        tensors[f"base_model.model.model.layers.{i}.{_HF_MODULE[proj]}.lora_{ab}.weight"] = t
+    targets = [f"{p}_proj" for p in cfg.resolved_targets]
+    meta = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "target_modules": targets,
+            "layers_to_transform": None if cfg.layers is None else list(cfg.layers),
+            "layers_pattern": None, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+            "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path}
+
+    def write_config(full):
+        with open(full, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+
+    atomic_write_dir(path, {PEFT_WEIGHTS_NAME: lambda full: _write_tensors(full, tensors, {"format": "pt"}),
+                            CONFIG_NAME: write_config})

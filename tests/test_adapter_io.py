@@ -1,0 +1,262 @@
+"""Adapter files: flora save/load (atomic, validated), PEFT LoRA import and export."""
+import json
+import os
+
+import pytest
+import torch
+
+from flora import AdapterConfig
+from flora import adapter_io
+from flora.adapter_io import AdapterError
+from flora.model import FusedLlama
+from llama_fixtures import llama_model, random_ids, save_model
+from test_checkpoint import _digest
+from test_model import randomize_adapter, rel_err
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return llama_model()
+
+
+def _trained(hf, variant="ffba-ab", rank=4, seed=0, **kw):
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig(variant, rank=rank, alpha=2.0 * rank, **kw))
+    randomize_adapter(m, seed=seed)
+    return m
+
+
+@pytest.mark.parametrize("variant,kw", [("ffba-ab", {}), ("zflora", {}), ("ffa-mha", {}),
+                                        ("pf-lora", {"targets": ["q", "v", "down"], "layers": [1]})])
+def test_save_load_round_trip_exact(tmp_path, hf, variant, kw):
+    m = _trained(hf, variant, **kw)
+    d = tmp_path / "ad"
+    m.save_adapter(str(d))
+    meta = json.loads((d / "adapter_config.json").read_text())
+    assert meta["variant"] == variant and meta["rank"] == 4 and meta["alpha"] == 8.0
+    assert meta["base_model"]["hidden_size"] == 64 and meta["base_model"]["vocab_size"] == 1003
+    assert meta["flora_version"] and meta["format"] == "flora-adapter"
+    assert sorted(os.listdir(d)) == ["adapter.safetensors", "adapter_config.json"]
+    m2 = FusedLlama.from_pretrained(hf, adapter=str(d))
+    a, b = m.adapter_state_dict(), m2.adapter_state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, m2(ids).logits)
+
+
+def test_expected_shapes_agree_with_modules(hf):
+    from flora.config import VARIANTS
+
+    for v in VARIANTS:
+        m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig(v, rank=4, alpha=4))
+        want = adapter_io.expected_adapter_shapes(m.adapter_config, m.arch)
+        have = {k: tuple(t.shape) for k, t in m.adapter_state_dict().items()}
+        assert want == have, v
+
+
+def test_interrupted_save_keeps_old_adapter(tmp_path, hf, monkeypatch):
+    d = tmp_path / "ad"
+    good = _trained(hf, seed=1)
+    good.save_adapter(str(d))
+    before = _digest(str(d))
+    real = adapter_io._write_tensors
+
+    def half_then_crash(path, tensors, metadata=None):
+        real(path, tensors, metadata)
+        with open(path, "r+b") as f:  # a half-written file, then the process "dies"
+            f.truncate(os.path.getsize(path) // 2)
+        raise KeyboardInterrupt("simulated crash mid-save")
+
+    monkeypatch.setattr(adapter_io, "_write_tensors", half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        _trained(hf, seed=2).save_adapter(str(d))
+    assert _digest(str(d)) == before
+    assert sorted(os.listdir(tmp_path)) == ["ad"]  # no temp dirs left behind
+
+    # a crash at the final rename puts the old directory back
+    monkeypatch.setattr(adapter_io, "_write_tensors", real)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(src).startswith(".ad.tmp-"):
+            raise OSError("simulated crash at rename")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(adapter_io.os, "rename", rename)
+    with pytest.raises(OSError, match="simulated"):
+        _trained(hf, seed=3).save_adapter(str(d))
+    assert _digest(str(d)) == before and sorted(os.listdir(tmp_path)) == ["ad"]
+    monkeypatch.undo()
+    m = FusedLlama.from_pretrained(hf, adapter=str(d))
+    a = good.adapter_state_dict()
+    assert all(torch.equal(a[k], t) for k, t in m.adapter_state_dict().items())
+    # overwriting for real works and replaces the contents
+    _trained(hf, seed=4).save_adapter(str(d))
+    assert _digest(str(d)) != before
+
+
+def test_save_refuses_foreign_dir(tmp_path, hf):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        _trained(hf).save_adapter(str(tmp_path))
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def _edit(d, **changes):
+    p = d / "adapter_config.json"
+    meta = json.loads(p.read_text())
+    for k, v in changes.items():
+        if isinstance(v, dict):
+            meta[k].update(v)
+        else:
+            meta[k] = v
+    p.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("change,err,msg", [
+    ({"rank": 8}, AdapterError, r"B_o has shape \(64, 4\), this model needs \(64, 8\)"),
+    ({"variant": "ffbx"}, AdapterError, "unknown variant 'ffbx'"),
+    ({"variant": "ffba"}, AdapterError, "unexpected tensors"),
+    ({"base_model": {"hidden_size": 128}}, AdapterError, "hidden_size: adapter was trained on 128, this model has 64"),
+    ({"layers": [0, 5]}, AdapterError, "out of range"),
+    ({"format_version": 99}, AdapterError, "format_version 99"),
+])
+def test_load_mismatch_errors(tmp_path, hf, change, err, msg):
+    d = tmp_path / "ad"
+    _trained(hf).save_adapter(str(d))
+    _edit(d, **change)
+    before = _digest(str(d))
+    with pytest.raises(err, match=msg):
+        FusedLlama.from_pretrained(hf, adapter=str(d))
+    assert _digest(str(d)) == before
+
+
+def test_load_other_base_model(tmp_path, hf):
+    d = tmp_path / "ad"
+    _trained(hf).save_adapter(str(d))
+    other = llama_model(hidden=32, heads=2, kv_heads=1)
+    with pytest.raises(AdapterError, match="different base model.*hidden_size"):
+        FusedLlama.from_pretrained(other, adapter=str(d))
+    m = FusedLlama.from_pretrained(other, adapter=AdapterConfig("ffba-ab", rank=4, alpha=8))
+    with pytest.raises(AdapterError, match="different base model"):
+        m.load_adapter(str(d), "x")
+    assert m.adapter_names == ["default"]
+
+
+def test_load_corrupt_tensor_files(tmp_path, hf):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "ad"
+    _trained(hf).save_adapter(str(d))
+    f = d / "adapter.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes(raw[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        FusedLlama.from_pretrained(hf, adapter=str(d))
+    f.write_bytes(raw)
+    sd = load_file(str(f))
+    sd["layers.0.o.C_o"] = sd["layers.0.o.C_o"] + 1  # same shape, different bytes
+    save_file(sd, str(f))
+    with pytest.raises(AdapterError, match="SHA-256"):
+        FusedLlama.from_pretrained(hf, adapter=str(d))
+    _edit(d, tensors_sha256=None)  # without the digest the key/shape checks still run
+    del sd["layers.1.mlp.A_gate"]
+    save_file(sd, str(f))
+    with pytest.raises(AdapterError, match=r"missing tensors \['layers.1.mlp.A_gate'\]"):
+        FusedLlama.from_pretrained(hf, adapter=str(d))
+    os.remove(f)
+    (d / "adapter.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match="never reads pickle"):
+        FusedLlama.from_pretrained(hf, adapter=str(d))
+
+
+def test_missing_adapter_dir(tmp_path, hf):
+    with pytest.raises(FileNotFoundError, match="adapter directory not found"):
+        FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        FusedLlama.from_pretrained(hf, adapter=str(tmp_path))
+
+
+# --------------------------------------------------------------------------- PEFT
+def _peft_model(hf_seed, r, alpha, targets, layers=None, rslora=False, seed=0, **extra):
+    from peft import LoraConfig, get_peft_model
+
+    base = llama_model(seed=hf_seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, layers_to_transform=layers,
+                     use_rslora=rslora, lora_dropout=0.0, task_type="CAUSAL_LM", **extra)
+    pm = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return pm.eval()
+
+
+@pytest.mark.parametrize("r,alpha,targets,layers,rslora", [
+    (4, 16, ["q_proj", "v_proj"], None, False),
+    (16, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None, False),
+    (64, 32, ["o_proj", "down_proj"], [1], False),
+    (8, 24, ["k_proj", "gate_proj"], None, True),
+])
+def test_peft_lora_loads_as_pf_lora(tmp_path, r, alpha, targets, layers, rslora):
+    pm = _peft_model(0, r, alpha, targets, layers, rslora)
+    ckpt = save_model(llama_model(seed=0), str(tmp_path / "base"))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    assert os.path.isfile(tmp_path / "peft" / "adapter_model.safetensors")
+    m = FusedLlama.from_pretrained(ckpt, adapter=str(tmp_path / "peft"))
+    assert m.adapter_config.variant == "pf-lora" and m.adapter_config.rank == r
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+        assert rel_err(ref, llama_model(seed=0)(ids).logits) > 1e-3  # the adapter matters
+        assert rel_err(m(ids).logits, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("extra,msg", [
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "lora_only"}, "bias='lora_only'"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+])
+def test_peft_unsupported_features(tmp_path, extra, msg):
+    pm = _peft_model(0, 4, 8, ["q_proj", "v_proj"], **extra)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    before = _digest(str(tmp_path / "peft"))
+    with pytest.raises(AdapterError, match=msg):
+        FusedLlama.from_pretrained(llama_model(seed=0), adapter=str(tmp_path / "peft"))
+    assert _digest(str(tmp_path / "peft")) == before
+
+
+def test_peft_rank_mismatch_with_base(tmp_path):
+    pm = _peft_model(0, 4, 8, ["q_proj", "v_proj"])
+    pm.save_pretrained(str(tmp_path / "peft"))
+    other = llama_model(hidden=32, heads=2, kv_heads=1)
+    with pytest.raises(AdapterError, match="does not fit the base model"):
+        FusedLlama.from_pretrained(other, adapter=str(tmp_path / "peft"))
+
+
+@pytest.mark.parametrize("variant,kw", [("lora", {}), ("pf-lora", {"targets": ["q", "k", "up"], "layers": [0]})])
+def test_export_to_peft_round_trip(tmp_path, variant, kw):
+    from peft import PeftModel
+
+    hf = llama_model(seed=0)
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig(variant, rank=8, alpha=12, **kw))
+    randomize_adapter(m, std=0.05)
+    m.export_peft(str(tmp_path / "peft"), base_model_name_or_path="tiny")
+    pm = PeftModel.from_pretrained(llama_model(seed=0), str(tmp_path / "peft")).eval()
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        ours = m(ids).logits
+        assert rel_err(ours, hf(ids).logits) > 1e-3
+        assert rel_err(pm(input_ids=ids).logits, ours) <= 1e-5
+    # and back into flora
+    m2 = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "peft"))
+    with torch.no_grad():
+        assert rel_err(m2(ids).logits, ours) <= 1e-5
+
+
+def test_export_other_variants_refused(tmp_path, hf):
+    with pytest.raises(ValueError, match="only lora and pf-lora"):
+        _trained(hf, "ffba").export_peft(str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()

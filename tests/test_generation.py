@@ -1,0 +1,163 @@
+"""Generation: greedy equals transformers token for token; sampling; streaming; timing."""
+import warnings
+
+import pytest
+import torch
+
+from flora import AdapterConfig
+from flora.generation import sample_next
+from flora.model import FusedLlama
+from llama_fixtures import llama_model, random_ids
+from test_model import randomize_adapter
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    hf = llama_model(heads=8, kv_heads=2, rope_scaling=True)
+    return hf, FusedLlama.from_pretrained(hf)
+
+
+def _left_padded():
+    ids = random_ids(3, 14, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :9] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+def test_greedy_equals_transformers(pair):
+    hf, m = pair
+    ids = random_ids(1, 10)
+    ref = hf.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(m.generate(ids, max_new_tokens=20), ref)
+
+
+def test_greedy_left_padded_batch_equals_transformers(pair):
+    hf, m = pair
+    ids, mask = _left_padded()
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                      eos_token_id=None)
+    assert torch.equal(m.generate(ids, attention_mask=mask, max_new_tokens=16), ref)
+
+
+def test_eos_per_sequence_equals_transformers(pair):
+    hf, m = pair
+    ids, mask = _left_padded()
+    free = m.generate(ids, attention_mask=mask, max_new_tokens=12)
+    eos = int(free[1, 14 + 3])  # row 1 emits this token at step 3: it stops there
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                      eos_token_id=eos)
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert (out[1, 14 + 4:] == 0).all()
+
+
+def test_cached_decode_equals_full_forward_with_adapter():
+    """zflora's carry and the static cache agree with an uncached forward."""
+    hf = llama_model(tied=True)
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("zflora", rank=4, alpha=8))
+    randomize_adapter(m)
+    ids, mask = _left_padded()
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=8)
+    full_mask = torch.cat([mask, torch.ones(3, 8, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        logits = m(out, attention_mask=full_mask).logits
+    assert torch.equal(out[:, 14:], logits[:, 13:-1].argmax(-1))
+
+
+def test_sampling_seeded_and_top_p(pair):
+    _, m = pair
+    ids = random_ids(2, 6)
+    a = m.generate(ids, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    b = m.generate(ids, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    c = m.generate(ids, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # a vanishing nucleus keeps only the top token: sampling becomes greedy
+    assert torch.equal(m.generate(ids, max_new_tokens=10, temperature=0.7, top_p=1e-6, seed=1),
+                       m.generate(ids, max_new_tokens=10))
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, 1.0, 0.75, g)) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 + 0.3 >= 0.75: tokens 2 and 3 never drawn
+    seen = {int(sample_next(logits, 1.0, 1.0, g)) for _ in range(400)}
+    assert seen == {0, 1, 2, 3}
+
+
+def test_streaming_callback_and_streamer(pair):
+    _, m = pair
+    ids = random_ids(2, 5)
+    steps = []
+    out = m.generate(ids, max_new_tokens=6, streamer=lambda t: steps.append(t.clone()))
+    assert torch.equal(torch.stack(steps, 1), out[:, 5:])
+
+    class Streamer:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, t):
+            self.puts.append(t)
+
+        def end(self):
+            self.ended = True
+
+    s = Streamer()
+    m.generate(ids, max_new_tokens=6, streamer=s)
+    assert s.ended and len(s.puts) == 7 and torch.equal(s.puts[0], ids)
+
+
+def test_bad_arguments(pair):
+    _, m = pair
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match="left-padded"):
+        m.generate(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 0]] * 2))
+    with pytest.raises(ValueError, match="top_p"):
+        m.generate(ids, temperature=1.0, top_p=0.0)
+    assert torch.equal(m.generate(ids, max_new_tokens=0), ids)
+
+
+def test_measure_latency_cpu(pair):
+    _, m = pair
+    r = m.measure_latency(batch=2, prompt_len=8, new_tokens=4, repeats=2)
+    assert r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["cuda_graph"] is False
+
+
+def test_generate_restores_training_state():
+    m = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig("ffba", rank=4, alpha=4))
+    m.train()
+    m.generate(random_ids(1, 4), max_new_tokens=3)
+    assert m.training and not m._folded
+    assert all(not mod.folded for _, mod in m.adapter_modules())
+
+
+@cuda
+@pytest.mark.parametrize("variant", [None, "ffba-ab", "zflora"])
+def test_cuda_graph_equals_eager(variant):
+    hf = llama_model(tied=True)
+    cfg = None if variant is None else AdapterConfig(variant, rank=4, alpha=8)
+    m = FusedLlama.from_pretrained(hf, adapter=cfg, device="cuda")
+    if cfg is not None:
+        randomize_adapter(m)
+    ids, mask = _left_padded()
+    ids, mask = ids.cuda(), mask.cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture failure would warn: make it fail the test
+        g = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=True)
+    e = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=False)
+    assert torch.equal(g, e)
+    if variant is None:
+        ref = hf.cuda().generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None)
+        assert torch.equal(e, ref)
+
+
+@cuda
+def test_measure_latency_cuda_graph():
+    m = FusedLlama.from_pretrained(llama_model(), device="cuda")
+    r = m.measure_latency(batch=2, prompt_len=16, new_tokens=8, use_cuda_graph=True, repeats=2)
+    assert r["cuda_graph"] is True and r["tpot_s"] > 0

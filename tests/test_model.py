@@ -1,0 +1,224 @@
+"""FusedLlama against transformers' LlamaForCausalLM on the same weights."""
+import os
+
+import pytest
+import torch
+
+from flora import AdapterConfig
+from flora.checkpoint import CheckpointError
+from flora.config import VARIANTS
+from flora.model import FusedLlama
+from llama_fixtures import llama_model, random_ids, save_model
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def randomize_adapter(model, std=0.1, seed=0):
+    """Non-zero adapter tensors (B and C start at zero), so adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+CONFIGS = {  # heads 8, head_dim 8: GQA ratios 1, 4, 8
+    "untied-mha": dict(hidden=64, heads=8, kv_heads=8, tied=False, rope_scaling=False),
+    "tied-gqa4-llama3": dict(hidden=64, heads=8, kv_heads=2, tied=True, rope_scaling=True),
+    "untied-gqa8-llama3": dict(hidden=64, heads=8, kv_heads=1, tied=False, rope_scaling=True),
+    "tied-gqa4": dict(hidden=64, heads=8, kv_heads=2, tied=True, rope_scaling=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_equal_transformers_fp32(name, tmp_path):
+    hf = llama_model(**CONFIGS[name])
+    path = save_model(hf, str(tmp_path / name), shard="60KB" if name == "untied-mha" else None)
+    m = FusedLlama.from_pretrained(path)
+    ids = random_ids(2, 48)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding
+    with torch.no_grad():
+        assert rel_err(m(ids).logits, hf(ids).logits) <= 1e-5
+        ours, ref = m(ids, attention_mask=mask).logits, hf(ids, attention_mask=mask).logits
+    assert rel_err(ours[1], ref[1]) <= 1e-5
+    assert rel_err(ours[0, 7:], ref[0, 7:]) <= 1e-5  # padded positions are never read
+
+
+def test_scaling_changes_logits():
+    """The llama3 rope-scaling path is exercised (differs from plain RoPE)."""
+    a = FusedLlama.from_pretrained(llama_model(rope_scaling=True))
+    b = FusedLlama.from_pretrained(llama_model(rope_scaling=False))
+    ids = random_ids(1, 64)
+    with torch.no_grad():
+        assert rel_err(a(ids).logits, b(ids).logits) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tied-gqa4-llama3", "untied-gqa8-llama3"])
+def test_logits_bf16_within_2x_of_transformers(name):
+    hf = llama_model(**CONFIGS[name])
+    ids = random_ids(2, 32)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours = FusedLlama.from_pretrained(hf, dtype=torch.bfloat16)(ids).logits
+        theirs = llama_model(**CONFIGS[name]).to(torch.bfloat16)(ids).logits
+    assert ours.dtype == torch.bfloat16
+    err_hf = (theirs.float() - ref).abs().max().item()
+    err_ours = (ours.float() - ref).abs().max().item()
+    assert err_ours <= 2 * err_hf, (err_ours, err_hf)
+
+
+def test_loss_equals_transformers():
+    hf = llama_model()
+    m = FusedLlama.from_pretrained(hf)
+    ids = random_ids(2, 20)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    with torch.no_grad():
+        assert abs(m(ids, labels=labels).loss.item() - hf(ids, labels=labels).loss.item()) < 1e-5
+        out = m(ids, labels=labels, num_items_in_batch=torch.tensor(10))
+    n = (labels[:, 1:] != -100).sum()
+    assert abs(out.loss.item() - hf(ids, labels=labels).loss.item() * n.item() / 10) < 1e-4
+    assert out["loss"] is out.loss and out[1] is out.logits and out.to_tuple()[0] is out.loss
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_forward_backward_generate(variant):
+    hf = llama_model(tied=variant.startswith("zflora"))
+    ids = random_ids(2, 10)
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig(variant, rank=4, alpha=8))
+    with torch.no_grad():  # at init the adapter computes exactly the base model
+        assert rel_err(m(ids).logits, hf(ids).logits) <= 1e-5
+    randomize_adapter(m)
+    out = m(ids, labels=ids)
+    out.loss.backward()
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    with torch.no_grad():
+        adapted = m(ids).logits
+        assert rel_err(adapted, hf(ids).logits) > 1e-3
+        with m.disable_adapter():
+            assert rel_err(m(ids).logits, hf(ids).logits) <= 1e-5
+        assert torch.equal(m(ids).logits, adapted)
+    gen = m.generate(ids, max_new_tokens=4)
+    # greedy through the cache (folded) == argmax of a full forward of the unfolded model
+    with torch.no_grad():
+        full = m(gen).logits[:, ids.shape[1] - 1:-1].argmax(-1)
+    assert torch.equal(gen[:, ids.shape[1]:], full)
+
+
+def test_gradient_checkpointing_same_grads():
+    hf = llama_model()
+    ids = random_ids(2, 10)
+    grads = []
+    for ckpt in (False, True):
+        m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba-ab", rank=4, alpha=4))
+        randomize_adapter(m)
+        if ckpt:
+            m.gradient_checkpointing_enable()
+        m.train()
+        m(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_multiple_adapters_switch_and_merge(tmp_path):
+    hf = llama_model()
+    ids = random_ids(1, 12)
+    cfg = AdapterConfig("pf-lora", rank=4, alpha=12)
+    m = FusedLlama.from_pretrained(hf, adapter=cfg)
+    randomize_adapter(m, seed=1)
+    m.save_adapter(str(tmp_path / "a1"))
+    randomize_adapter(m, seed=2)
+    m.save_adapter(str(tmp_path / "a2"))
+    m2 = FusedLlama.from_pretrained(hf)  # adapter-less model gains the structure on first load
+    m2.load_adapter(str(tmp_path / "a1"), "one")
+    m2.load_adapter(str(tmp_path / "a2"), "two")
+    with torch.no_grad():
+        two = m2(ids).logits
+        assert torch.equal(two, m(ids).logits)
+        m2.set_adapter("one")
+        one = m2(ids).logits
+        assert rel_err(one, two) > 1e-3
+        m2.set_adapter("two")
+        assert torch.equal(m2(ids).logits, two)
+        with m2.disable_adapter():
+            assert rel_err(m2(ids).logits, hf(ids).logits) <= 1e-5
+    # switching copies adapter tensors only: base storage is untouched
+    base_ptr = m2.layers[0].attn.base_weight("q").data_ptr()
+    m2.set_adapter("one")
+    assert m2.layers[0].attn.base_weight("q").data_ptr() == base_ptr
+    assert m2.adapter_names == ["one", "two"]
+    with pytest.raises(KeyError, match="no adapter named 'three'"):
+        m2.set_adapter("three")
+    other = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, alpha=4))
+    other.save_adapter(str(tmp_path / "ffba"))
+    with pytest.raises(ValueError, match="same variant, rank"):
+        m2.load_adapter(str(tmp_path / "ffba"), "three")
+    # merge: lora / pf-lora only
+    m2.merge_into_base()
+    with torch.no_grad():
+        assert rel_err(m2(ids).logits, one) <= 1e-5
+    with pytest.raises(ValueError, match="cannot be merged"):
+        other.merge_into_base()
+
+
+def test_hub_id_is_not_downloaded(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no network access is attempted"):
+        FusedLlama.from_pretrained("meta-llama/Llama-3.2-1B")
+    f = tmp_path / "file.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="expects a checkpoint directory"):
+        FusedLlama.from_pretrained(str(f))
+    with pytest.raises(TypeError):
+        FusedLlama.from_pretrained(42)
+
+
+def test_non_llama_in_memory():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mis = MistralForCausalLM(MistralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, intermediate_size=64, vocab_size=100))
+    with pytest.raises(CheckpointError, match="model_type is 'mistral'"):
+        FusedLlama.from_pretrained(mis)
+
+
+def test_from_pretrained_dtype_and_memory(tmp_path):
+    hf = llama_model(tied=True)
+    path = save_model(hf, str(tmp_path / "m"))
+    m = FusedLlama.from_pretrained(path, dtype=torch.bfloat16,
+                                   adapter=AdapterConfig("ffba", rank=4, alpha=4), adapter_dtype=torch.float32)
+    assert m.dtype == torch.bfloat16
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    # tied head: the embedding is the head's weight, stored once
+    assert m.embed.data_ptr() == m.head.weight.data_ptr()
+    # the in-memory source is never aliased (merge writes in place)
+    m2 = FusedLlama.from_pretrained(hf)
+    assert all(t.data_ptr() != hf.model.embed_tokens.weight.data_ptr() for t in m2.base_state_dict().values())
+    assert not os.path.exists(os.path.join(path, "adapter_config.json"))
+
+
+def test_trainer_drives_fused_llama(tmp_path):
+    """A few steps of transformers.Trainer on the adapter parameters only."""
+    from transformers import Trainer, TrainingArguments
+
+    hf = llama_model()
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, alpha=8))
+    ids = random_ids(8, 12, seed=3)
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": ids[i]}
+            for i in range(8)]
+    base = {k: v.clone() for k, v in m.base_state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             logging_steps=1, disable_tqdm=True)
+    before = m.adapter_state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    Trainer(model=m, args=args, train_dataset=data).train()
+    after = m.adapter_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for k, v in m.base_state_dict().items():
+        assert torch.equal(v, base[k]), k
