@@ -302,3 +302,16 @@ def test_info_command_reports_compiled_ops():
     assert d["cpu_isa"] in ("avx512", "avx2", "aten")
     cpu = {k["op"] for k in d["kernels"] if k["device"] == "cpu" and "reference" not in k["impl"]}
     assert cpu == {"ffl", "fbl", "ffbl"}
+
+
+@compiled
+@pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])
+def test_compiled_and_reference_say_the_same(case):
+    _, op, make, kw, exc, _ = case
+    args = make()
+    msgs = []
+    for impl in ("reference", "compiled"):
+        with pytest.raises(exc) as info:
+            _impls()[impl](op, *args, **kw)
+        msgs.append(str(info.value).splitlines()[0])
+    assert msgs[0] == msgs[1]

@@ -14,6 +14,19 @@ std::string shape_str(const at::Tensor& t) {
   return os.str();
 }
 
+// torch's Python spelling of a dtype, so C++ and Python errors read alike.
+std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 // Checks one operand: 2-D, a float dtype equal to the first operand's, on the
 // first operand's device, row-major rows (a row stride >= the row length is
 // fine: views into wider fused buffers are the normal case).
@@ -31,11 +44,12 @@ class Operands {
     const auto dt = t.scalar_type();
     TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 ||
                          dt == at::kFloat || dt == at::kDouble,
-                     "flora.", op_, ": ", name, " has dtype ", dt,
+                     "flora.", op_, ": ", name, " has dtype ", py_dtype(dt),
                      "; expected float16, bfloat16, float32 or float64");
     TORCH_CHECK_TYPE(dt == first_.scalar_type(), "flora.", op_,
                      ": dtype mismatch: ", first_name_, " is ",
-                     first_.scalar_type(), " but ", name, " is ", dt);
+                     py_dtype(first_.scalar_type()), " but ", name, " is ",
+                     py_dtype(dt));
     TORCH_CHECK_VALUE(t.device() == first_.device(), "flora.", op_,
                       ": device mismatch: ", first_name_, " is on ",
                       first_.device(), " but ", name, " is on ", t.device());
