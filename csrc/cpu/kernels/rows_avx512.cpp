@@ -20,22 +20,7 @@
 namespace flora::cpu::kernels {
 namespace avx512 {
 
-struct V {
-  using F = __m512;
-  static constexpr int W = 16;
-  static F zero() { return _mm512_setzero_ps(); }
-  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(F a) { return _mm512_reduce_add_ps(a); }
-  static F ld(const float* p) { return _mm512_loadu_ps(p); }
-  static F ld_bf16(const uint16_t* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static F ld_f16(const uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-};
-constexpr int kNB1 = 8, kNB = 4, kMB = 4;
+#include "vec_avx512.inc"
 
 #include "rows_body.inc"
 
