@@ -1,0 +1,89 @@
+"""Evaluation: token-weighted eval loss and exact-match accuracy.
+
+Exact match is computed teacher-forced in one forward pass: an example counts
+as correct when the argmax prediction at every completion position (EOS
+included) equals the reference token. For greedy decoding this is the same
+event as "greedy generation from the prompt yields exactly the completion and
+then stops": if every argmax along the gold prefix is right, greedy decoding
+walks the gold path; at the first wrong argmax it leaves it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .data import IGNORE_INDEX, TokenizedDataset, collate, pad_id_of
+
+
+def _batches(ds, batch_size, pad_id, indices):
+    for i in range(0, len(indices), batch_size):
+        yield collate([ds[j] for j in indices[i:i + batch_size]], pad_id)
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(vals, device):
+    t = torch.tensor(vals, dtype=torch.float64, device=device)
+    if _dist()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
+
+
+def _device_of(model):
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _per_token_logits(model, batch, autocast):
+    with autocast():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits.float()
+
+
+def eval_stats(model, dataset: TokenizedDataset, tokenizer=None, batch_size: int = 32,
+               autocast=contextlib.nullcontext, pad_id: int | None = None) -> dict:
+    """``{"loss", "exact_match", "n", "tokens"}`` over ``dataset`` (sharded over
+    ranks under torch.distributed, reduced to the global value on every rank)."""
+    if pad_id is None:
+        pad_id = pad_id_of(tokenizer) if tokenizer is not None else 0
+    rank, world = _dist()
+    device = _device_of(model)
+    idx = list(range(rank, len(dataset), world))
+    loss_sum = tokens = correct = n = 0.0
+    with _eval_mode(model):
+        for b in _batches(dataset, batch_size, pad_id, idx):
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = _per_token_logits(model, b, autocast)[:, :-1]
+            tgt = b["labels"][:, 1:]
+            valid = tgt != IGNORE_INDEX
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), tgt.clamp_min(0).reshape(-1), reduction="none"
+            ).view_as(tgt)
+            loss_sum += float((nll * valid).sum())
+            tokens += float(valid.sum())
+            hit = (logits.argmax(-1) == tgt) | ~valid
+            correct += float(hit.all(dim=1).sum())
+            n += tgt.shape[0]
+    loss_sum, tokens, correct, n = _all_reduce([loss_sum, tokens, correct, n], device)
+    return {"loss": loss_sum / max(tokens, 1), "exact_match": correct / max(n, 1), "n": int(n),
+            "tokens": int(tokens)}

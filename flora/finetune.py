@@ -1,0 +1,122 @@
+"""Fine-tune a flora adapter on a local Llama checkpoint: the logic behind
+``flora train`` (and reused by ``flora demo`` and bench/learning.py).
+
+    flora train --model DIR --data train.jsonl [--eval eval.jsonl] \\
+        --variant ffba --rank 32 --alpha 64 --out OUT [--max-steps N | --epochs E] ...
+
+Runs unchanged under ``torchrun --nproc-per-node N -m flora train ...`` (DDP;
+gloo on CPU, NCCL on GPU). Writes ``OUT/adapter/`` (``adapter_config.json`` +
+``adapter.safetensors``; load with ``FusedLlama.from_pretrained(DIR,
+adapter=OUT/adapter)``), ``OUT/train_log.json``, and ``OUT/checkpoint/`` for
+``--resume``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import load_jsonl, load_tokenizer
+from .train import TrainConfig, init_distributed, train
+
+
+def load_model(model_dir, adapter, device=None, dtype=None, adapter_dtype=torch.float32):
+    """FusedLlama from a local checkpoint with a fresh adapter (``AdapterConfig``)
+    or a saved one (a directory); adapter tensors fp32 by default for training."""
+    from . import FusedLlama
+
+    return FusedLlama.from_pretrained(str(model_dir), adapter=adapter, dtype=dtype, device=device,
+                                      adapter_dtype=adapter_dtype)
+
+
+def finetune(model_dir, train_data, eval_data=None, adapter=None, config: TrainConfig = None,
+             out_dir=None, resume: bool = False, device=None, dtype=None, model=None, tokenizer=None):
+    """Fine-tunes an adapter; returns ``(model, tokenizer, TrainResult)``.
+
+    ``train_data``/``eval_data``: a JSONL path or a list of records.
+    ``adapter``: an ``AdapterConfig`` (fresh) or an adapter directory.
+    With ``out_dir`` the adapter is saved to ``out_dir/adapter`` at the end (rank 0)."""
+    if model is None and adapter is None:
+        raise ValueError("finetune needs an adapter (an AdapterConfig or an adapter directory) or a model")
+    rank, world, local_rank = init_distributed()
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    tokenizer = tokenizer or load_tokenizer(model_dir)
+    if isinstance(train_data, (str, os.PathLike)):
+        train_data = load_jsonl(train_data)
+    if isinstance(eval_data, (str, os.PathLike)):
+        eval_data = load_jsonl(eval_data)
+    if model is None:
+        model = load_model(model_dir, adapter, device=device, dtype=dtype)
+    result = train(model, tokenizer, train_data, eval_data, config=config, out_dir=out_dir, resume=resume)
+    if out_dir is not None and rank == 0:
+        model.save_adapter(Path(out_dir) / "adapter")
+        log = {"steps": result.steps, "final_train_loss": result.final_train_loss,
+               "final_eval": result.final_eval, "tokens_per_s": result.tokens_per_s,
+               "seconds": result.seconds, "history": result.history, "eval_history": result.eval_history}
+        tmp = Path(out_dir) / ".train_log.json.tmp"
+        tmp.write_text(json.dumps(log, indent=1))
+        os.replace(tmp, Path(out_dir) / "train_log.json")
+    return model, tokenizer, result
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p.add_argument("--model", required=True, help="local Llama checkpoint directory (with its tokenizer)")
+    p.add_argument("--data", required=True, help='training JSONL: {"prompt","completion"} or {"text"} per line')
+    p.add_argument("--eval", default=None, help="evaluation JSONL (same format)")
+    p.add_argument("--variant", default="ffba", help="adapter variant (see docs/variants.md)")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=None, help="scale numerator (default 2 x rank)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--targets", default="all", help='"all", "mha" or a comma list of projections')
+    p.add_argument("--out", required=True, help="output directory (adapter, log, checkpoint)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "linear", "constant"])
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process and micro-step")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (0: at the end only)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (0: at the end only)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast (auto: on CUDA only)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run_args(args) -> dict:
+    from .config import AdapterConfig
+
+    targets = args.targets if args.targets in ("all", "mha") else [t.strip() for t in args.targets.split(",")]
+    alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
+    adapter = AdapterConfig(args.variant, args.rank, alpha, dropout=args.dropout, targets=targets)
+    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, seq_len=args.seq_len, eval_every=args.eval_every,
+                      save_every=args.save_every, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
+                      weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                      lr_schedule=args.lr_schedule, bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
+                      progress=not args.no_progress)
+    model, _, result = finetune(args.model, args.data, args.eval, adapter=adapter, config=cfg, out_dir=args.out,
+                                resume=args.resume, device=args.device)
+    rank, _, _ = init_distributed()
+    summary = {"adapter": str(Path(args.out) / "adapter"), "steps": result.steps, "final_train_loss": result.final_train_loss,
+               "final_eval": result.final_eval, "tokens_per_s": result.tokens_per_s,
+               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if rank == 0:
+        print(json.dumps(summary))
+    return summary

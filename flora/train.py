@@ -1,0 +1,347 @@
+"""The training loop: AdamW on the trainable (adapter) parameters of any model
+whose ``forward(input_ids, attention_mask, labels)`` returns ``.loss``
+(``flora.FusedLlama``, or a transformers ``LlamaForCausalLM`` for full
+fine-tuning and pretraining).
+
+* Gradient accumulation; the loss is weighted by target tokens over the whole
+  global batch, so 1 process x 2k accumulation steps and 2 processes x k give
+  the same update (up to float summation order).
+* torch.distributed: started by ``torchrun`` (gloo on CPU, NCCL on GPU), the
+  model is wrapped in DDP and each rank takes its share of every global batch.
+* bf16 autocast on CUDA (``bf16="auto"``), gradient checkpointing option.
+* A tqdm bar with loss, tokens/s and ETA; periodic eval loss.
+* Checkpoints every ``save_every`` steps, written atomically (temp dir +
+  rename): trainable parameters, AdamW state, step, data position and RNG
+  states, all as safetensors + JSON (no pickle). ``resume=True`` continues
+  exactly where the last checkpoint left off.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import train_state as ckpt
+from .data import TokenizedDataset, collate, count_target_tokens, pad_id_of
+from .evaluate import eval_stats
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: Optional[int] = None  # overrides epochs when set
+    batch_size: int = 8  # per process and micro-step
+    grad_accum: int = 1
+    seq_len: int = 512
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = only at the end (needs out_dir)
+    eval_batch_size: int = 32
+    grad_checkpointing: bool = False
+    seed: int = 0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    max_grad_norm: Optional[float] = 1.0
+    bf16: object = "auto"  # "auto": autocast bf16 on CUDA; True: also on CPU; False: never
+    progress: bool = True
+    desc: str = "train"
+    fsdp: bool = False  # under torchrun: shard adapters + optimizer state (FSDP2) instead of DDP
+
+    def validate(self):
+        for name in ("batch_size", "grad_accum", "seq_len", "epochs", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"TrainConfig.max_steps must be a positive integer, got {self.max_steps!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"TrainConfig.lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        if self.bf16 not in ("auto", True, False):
+            raise ValueError(f"TrainConfig.bf16 must be 'auto', True or False, got {self.bf16!r}")
+        return self
+
+    def lr_at(self, step: int, total: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        frac = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
+        if self.lr_schedule == "linear":
+            return self.lr * (1.0 - frac)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    history: list  # per step: {"step", "loss", "lr", "tokens", "time"}
+    eval_history: list  # {"step", "loss", "exact_match"}
+    final_train_loss: float  # mean over the last (up to) 10 steps
+    final_eval: Optional[dict]
+    tokens_per_s: float
+    seconds: float
+
+
+class Interrupted(Exception):
+    """Raised by a callback to stop training (as a user's Ctrl-C would)."""
+
+
+# --------------------------------------------------------------------------
+# Distributed setup
+# --------------------------------------------------------------------------
+def init_distributed():
+    """(rank, world, local_rank); starts the process group when launched by
+    torchrun (WORLD_SIZE > 1) and it is not started yet."""
+    dist = torch.distributed
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _all_reduce_sum(vals, device):
+    t = torch.tensor(vals, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _barrier():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------
+def _as_dataset(data, tokenizer, seq_len):
+    if data is None or isinstance(data, TokenizedDataset):
+        return data
+    return TokenizedDataset(data, tokenizer, seq_len)
+
+
+def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def fsdp_wrap(model):
+    """Shards a FusedLlama's trainable tensors with FSDP2 (``fully_shard``).
+
+    The sub-modules the model calls (attention projections, o, MLP, head) are
+    the FSDP units: FusedLlama runs its layers through them, not through the
+    layer containers. The frozen base weights are buffers, so FSDP replicates
+    them; what gets sharded is the adapter, its gradients and AdamW state.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    units = [m for _, m in model.adapter_modules()] if hasattr(model, "adapter_modules") else []
+    if not units and hasattr(model, "model") and hasattr(model.model, "layers"):  # transformers Llama
+        units = list(model.model.layers)
+    for m in units:
+        if any(p.requires_grad for p in m.parameters()):
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def _enable_grad_checkpointing(model):
+    fn = getattr(model, "gradient_checkpointing_enable", None)
+    if fn is None:
+        raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                         "cannot use grad_checkpointing with it")
+    try:
+        fn(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except TypeError:
+        fn()
+
+
+def _autocast_factory(cfg: TrainConfig, device: torch.device):
+    use = (cfg.bf16 == "auto" and device.type == "cuda") or cfg.bf16 is True
+    if not use:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    # The data order is a pure function of (seed, epoch): resuming needs only the position.
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = None, out_dir=None,
+          resume: bool = False, callback: Callable[[int, dict], None] = None) -> TrainResult:
+    """Trains ``model``'s parameters that have ``requires_grad`` (for FusedLlama:
+    the adapter) on ``train_data`` (records or a ``TokenizedDataset``).
+
+    ``out_dir``: where checkpoints go (``out_dir/checkpoint``); ``resume=True``
+    continues from it. ``callback(step, metrics)`` runs after every optimizer
+    step on every rank (raising ``Interrupted`` there stops training)."""
+    cfg = (config or TrainConfig()).validate()
+    rank, world, local_rank = init_distributed()
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+    train_ds = _as_dataset(train_data, tokenizer, cfg.seq_len)
+    eval_ds = _as_dataset(eval_data, tokenizer, cfg.seq_len)
+    pad_id = pad_id_of(tokenizer)
+
+    device = _model_device(model)
+    if world > 1 and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        model.to(device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters (nothing requires grad)")
+    params = [p for _, p in named]
+    if cfg.grad_checkpointing:
+        _enable_grad_checkpointing(model)
+    net = model
+    if cfg.fsdp:
+        if world < 2:
+            raise ValueError("fsdp=True needs a torch.distributed launch (torchrun) with 2 or more processes")
+        if out_dir is not None:
+            raise ValueError("checkpointing is not supported with fsdp=True (use DDP, the default)")
+        net = fsdp_wrap(model)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    autocast = _autocast_factory(cfg, device)
+    if cfg.fsdp:  # fully_shard swapped the Parameters for sharded DTensors
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    micro_per_step = cfg.grad_accum * world
+    global_batch = cfg.batch_size * micro_per_step
+    steps_per_epoch = len(train_ds) // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_ds)} training examples are fewer than one global batch "
+                         f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes "
+                         f"= {global_batch})")
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+    start_step, history, eval_history = 0, [], []
+    fingerprint = {"global_batch": global_batch, "n_train": len(train_ds), "seed": cfg.seed,
+                   "total_steps": total, "trainable": [n for n, _ in named]}
+    if resume:
+        state = ckpt.load_checkpoint(out_dir, model, named, opt, fingerprint, rank=rank, world=world)
+        if state is not None:
+            start_step, history, eval_history = state["step"], state["history"], state["eval_history"]
+    else:
+        torch.manual_seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start_step, desc=cfg.desc, unit="step", dynamic_ncols=True)
+
+    def run_eval(step):
+        stats = eval_stats(model, eval_ds, batch_size=cfg.eval_batch_size, autocast=autocast, pad_id=pad_id)
+        eval_history.append({"step": step, **stats})
+        return stats
+
+    def save(step):
+        ckpt.save_checkpoint(out_dir, model, named, opt, step=step, fingerprint=fingerprint,
+                             history=history, eval_history=eval_history, config=dataclasses.asdict(cfg),
+                             rank=rank, world=world)
+
+    t_start = time.perf_counter()
+    tok_window = []  # (tokens, seconds) of recent steps, for tokens/s
+    order_epoch, order = None, None
+    net.train()
+    step = start_step
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            epoch, pos = divmod(step, steps_per_epoch)
+            if order_epoch != epoch:
+                order, order_epoch = _epoch_order(len(train_ds), cfg.seed, epoch), epoch
+            first_micro = pos * micro_per_step + rank * cfg.grad_accum
+            micros = []
+            for j in range(first_micro, first_micro + cfg.grad_accum):
+                ids = order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+                micros.append({k: v.to(device) for k, v in collate([train_ds[i] for i in ids], pad_id).items()})
+            local_tgt = [count_target_tokens(b["labels"]) for b in micros]
+            local_inp = sum(int(b["attention_mask"].sum()) for b in micros)
+            global_tgt, global_inp = _all_reduce_sum([sum(local_tgt), local_inp], device)
+            lr = cfg.lr_at(step, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for j, b in enumerate(micros):
+                sync = j == len(micros) - 1
+                if cfg.fsdp:
+                    net.set_requires_gradient_sync(sync)
+                    ctx = contextlib.nullcontext()
+                else:
+                    ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+                with ctx:
+                    with autocast():
+                        out = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+                    # mean loss of this micro-batch -> its share of the global token-weighted mean;
+                    # x world because DDP averages gradients over ranks
+                    w = local_tgt[j] / global_tgt * world
+                    (out.loss.float() * w).backward()
+                loss_sum += float(out.loss.detach()) * local_tgt[j]
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            (loss_sum,) = _all_reduce_sum([loss_sum], device)
+            loss = loss_sum / global_tgt
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {step + 1}; lower the learning rate")
+            step += 1
+            dt = time.perf_counter() - t0
+            tok_window = (tok_window + [(global_inp, dt)])[-20:]
+            tps = sum(t for t, _ in tok_window) / max(sum(s for _, s in tok_window), 1e-9)
+            rec = {"step": step, "loss": loss, "lr": lr, "tokens": int(global_inp), "time": dt}
+            history.append(rec)
+            if eval_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                run_eval(step)
+            if bar is not None:
+                post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
+                if eval_history:
+                    post["eval"] = f"{eval_history[-1]['loss']:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if out_dir is not None and cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save(step)
+            if callback is not None:
+                callback(step, rec)
+        final_eval = run_eval(step) if eval_ds is not None else None
+        if out_dir is not None:
+            save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t_start
+    tail = [h["loss"] for h in history[-10:]]
+    new_tokens = sum(h["tokens"] for h in history[start_step:])
+    return TrainResult(steps=step, history=history, eval_history=eval_history,
+                       final_train_loss=sum(tail) / max(len(tail), 1), final_eval=final_eval,
+                       tokens_per_s=new_tokens / max(seconds, 1e-9), seconds=seconds)

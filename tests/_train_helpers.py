@@ -1,0 +1,28 @@
+"""Tiny checkpoints and data for the training tests (also run by the DDP worker)."""
+from __future__ import annotations
+
+import torch
+
+from flora import synthetic as syn
+
+
+def tiny_checkpoint(path, seed=0, tied=False):
+    """A random small Llama with the synthetic tokenizer, saved like a HF checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(syn.VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    m = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger than the default init, so a frozen head can express confident predictions
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5 if ("embed" in name or "lm_head" in name) else 0.1)
+    m.save_pretrained(str(path))
+    syn.build_tokenizer(path)
+    return path
+
+
+def records(task="between", n=64, seed=0, split="train"):
+    return syn.finetune_data(task, n, seed=seed, split=split)

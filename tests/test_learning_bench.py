@@ -1,0 +1,53 @@
+"""bench/learning.py end to end, kept tiny: quick base model, two variants, one task."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "bench" / "learning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_learning_bench(tmp_path):
+    bench = _load()
+    out = tmp_path / "l.json"
+    res_md = tmp_path / "RESULTS.md"
+    res_md.write_text("# Results\n\n## Latency\n\nkeep me\n")
+    result = bench.main(["--quick", "--variants", "lora,ffba,zflora", "--tasks", "between", "--steps", "40",
+                         "--n-eval", "30", "--no-full", "--cache-dir", str(tmp_path / "cache"),
+                         "--json", str(out), "--results", str(res_md)])
+    data = json.loads(out.read_text())
+    assert data["ranks"]["lora"] == 4 and len(data["runs"]) == 3
+    for r in data["runs"]:  # matched budgets, and every variant learned something
+        assert abs(r["trainable"] / data["budget"] - 1) <= 0.10, r
+        assert r["eval_loss"] < 0.6 * data["base_eval"]["between"]["loss"], r
+    md = res_md.read_text()
+    assert "keep me" in md and "## Learning" in md and "| ffba | " in md
+    # a second run replaces the section instead of appending another
+    bench.write_results("## Learning\n\nnew", res_md)
+    md = res_md.read_text()
+    assert md.count("## Learning") == 1 and "new" in md and "keep me" in md
+    assert result["budget"] == data["budget"]
+
+
+def test_matched_rank_picks_closest_valid():
+    from flora import AdapterConfig, LlamaShapes
+    from flora.modules import count_parameters
+
+    bench = _load()
+    sh = LlamaShapes(hidden=128, q_dim=128, kv_dim=64, ffn=352, vocab=97, layers=4)
+    budget = count_parameters(AdapterConfig("lora", 4, 8.0), sh)
+    r, n = bench.matched_rank("ffba", budget, sh)
+    # independent: FFBA has A_q, A_k, A_v, A_gate, A_up [r, d] and B_o, B_down [d, r] per layer
+    per_rank = 4 * (5 * 128 + 2 * 128)
+    assert n == r * per_rank
+    assert abs(n - budget) <= per_rank / 2
+    with pytest.raises(ValueError):
+        bench.matched_rank("ffba", budget, sh, max_rank=0)
