@@ -48,7 +48,10 @@ def want_cuda():
 
 
 def extension():
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline and runs serially unless this
+    # translation unit is compiled with OpenMP (torch ships the runtime).
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     srcs = (
         sources("csrc/common/**/*.cpp")
         + sources("csrc/cpu/**/*.cpp")
@@ -56,7 +59,7 @@ def extension():
     )
     if not want_cuda():
         return cpp_extension.CppExtension(
-            "flora._C", srcs, extra_compile_args={"cxx": cxx}
+            "flora._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     defines = ["-DFLORA_WITH_CUDA", f'-DFLORA_CUDA_ARCHS="{archs}"']
@@ -67,6 +70,7 @@ def extension():
             "cxx": cxx + defines,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines,
         },
+        extra_link_args=link,
     )
 
 
