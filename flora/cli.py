@@ -13,12 +13,61 @@ def _info(args) -> int:
     return 0
 
 
+def _bench_latency(args) -> int:
+    import shlex
+
+    from .bench_latency import run_args
+
+    try:
+        run_args(args, command="flora " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    except ValueError as e:
+        print(f"flora bench latency: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
+def _train(args) -> int:
+    from .finetune import run_args
+
+    try:
+        run_args(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"flora train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flora", description="Fused low-rank adapters for Llama")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="show what this build runs on which device")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_info)
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from .bench_latency import add_arguments as _latency_args
+
+    s = _latency_args(b.add_parser("latency", help="TTFT/TPOT of flora adapters vs transformers + PEFT"))
+    s.set_defaults(func=_bench_latency)
+    from .demo import add_arguments as _demo_args
+
+    s = _demo_args(sub.add_parser("demo", help="pretrain a small Llama, fine-tune ffba and lora, compare latency"))
+    s.set_defaults(func=_demo)
+    from .finetune import add_arguments as _train_args
+
+    s = _train_args(sub.add_parser("train", help="fine-tune an adapter on a JSONL dataset"))
+    s.set_defaults(func=_train)
     return p
 
 

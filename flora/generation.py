@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import nvtx
 from .model import attention_mask_4d, positions_from_mask
 
 
@@ -86,7 +87,8 @@ class Decoder:
         slots = torch.arange(T, device=input_ids.device)
         mask = attention_mask_4d(key_valid, slots, slots)
         self.cache.prefill_len = T
-        logits = self.model._run_layers(input_ids, pos, mask, cache=self.cache, last_only=True)
+        with nvtx.range("prefill"):
+            logits = self.model._run_layers(input_ids, pos, mask, cache=self.cache, last_only=True)
         self.cache.prefill_len = None
         self.t = T  # next free slot
         return logits[:, -1]
@@ -104,14 +106,15 @@ class Decoder:
         self.cache.slot.fill_(self.t)
         self.key_valid[:, self.t] = True
         self.t += 1
-        if not self.use_cuda_graph:
-            return self._step()
-        if self.graph is None:
-            self._capture()
-            if self.graph is None:  # capture failed: eager from now on
+        with nvtx.range("decode"):
+            if not self.use_cuda_graph:
                 return self._step()
-        self.graph.replay()
-        return self.out
+            if self.graph is None:
+                self._capture()
+                if self.graph is None:  # capture failed: eager from now on
+                    return self._step()
+            self.graph.replay()
+            return self.out
 
     def _capture(self) -> None:
         # warm up on a side stream (allocator + lazy init), then capture one step;

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import nvtx
 from .checkpoint import (CheckpointError, LlamaArch, load_checkpoint,
                          state_dict_from_hf_model)
 
@@ -303,20 +304,22 @@ class FusedLlama(nn.Module):
         a = self.arch
         hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
         # attention sub-block: x = RMSNorm(h); q, k, v (+ adapter state for o)
-        x = rms_norm(h, layer.input_norm, a.rms_norm_eps)
-        q, k, v, state = layer.attn(x, carry)
-        q = q.view(B, T, nh, hd).transpose(1, 2)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(i, k, v)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nh != nkv)
-        att = att.transpose(1, 2).reshape(B * T, nh * hd)
-        h, carry = layer.o(att, state, residual=h, carry=carry)
+        with nvtx.range("attn", i):  # NVTX ranges: no-ops unless flora.nvtx.enable()
+            x = rms_norm(h, layer.input_norm, a.rms_norm_eps)
+            q, k, v, state = layer.attn(x, carry)
+            q = q.view(B, T, nh, hd).transpose(1, 2)
+            k = k.view(B, T, nkv, hd).transpose(1, 2)
+            v = v.view(B, T, nkv, hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(i, k, v)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nh != nkv)
+            att = att.transpose(1, 2).reshape(B * T, nh * hd)
+            h, carry = layer.o(att, state, residual=h, carry=carry)
         # MLP sub-block: SwiGLU with the residual add inside the module
-        x2 = rms_norm(h, layer.post_norm, a.rms_norm_eps)
-        h, carry = layer.mlp(x2, residual=h, carry=carry)
+        with nvtx.range("mlp", i):
+            x2 = rms_norm(h, layer.post_norm, a.rms_norm_eps)
+            h, carry = layer.mlp(x2, residual=h, carry=carry)
         return h, carry
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
