@@ -139,17 +139,20 @@ def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, 
             N * K + r * K + N * r, base_flops + 2 * M * r * (K + N))
         add("ffl", lambda: flora.ops.ffl(x, W, Af, s), (N + r) * K, 2 * M * (N + r) * K)
         return rows
-    # fbl / ffbl: [W | B] storage and [u | z] activations
-    WB = torch.cat([W0, B], 1)
-    W, Bf = WB[:, :K], WB[:, K:]
+    # fbl / ffbl: the folded layout the modules use at inference: s is
+    # pre-multiplied into B and [W, sB; A, C] is one storage, so each op is
+    # one matmul over [u | z] (s = 1 at the call).
+    A2, C2 = mk(r, K), mk(r, r)
+    st = torch.cat([torch.cat([W0, s * B], 1), torch.cat([A2, C2], 1)])
+    WB = st[:N]
+    W, Bf, Af, Cf = st[:N, :K], st[:N, K:], st[N:, :K], st[N:, K:]
     uz = torch.cat([x, mk(M, r)], 1)
     u, z = uz[:, :K], uz[:, K:]
     add("fused", lambda: torch.matmul(uz, WB.T), N * (K + r), 2 * M * N * (K + r))
     add("lora", lambda: torch.matmul(x, W0.T) + s * torch.matmul(torch.matmul(x, A.T), B.T),
         N * K + r * K + N * r, base_flops + 2 * M * r * (K + N))
-    add("fbl", lambda: flora.ops.fbl(u, z, W, Bf, s), N * (K + r), 2 * M * N * (K + r))
-    A2, C2 = mk(r, K), mk(r, r)
-    add("ffbl", lambda: flora.ops.ffbl(u, z, W, Bf, A2, C2, s), N * (K + r) + r * (K + r),
+    add("fbl", lambda: flora.ops.fbl(u, z, W, Bf), N * (K + r), 2 * M * N * (K + r))
+    add("ffbl", lambda: flora.ops.ffbl(u, z, W, Bf, Af, Cf), (N + r) * (K + r),
         2 * M * (N + r) * (K + r))
     return rows
 

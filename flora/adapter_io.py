@@ -99,7 +99,8 @@ def check_adapter_state_dict(arch: LlamaArch, cfg, sd: dict, where: str = "adapt
 # --------------------------------------------------------------------------
 # atomic directory writes
 # --------------------------------------------------------------------------
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path) -> None:
+    """Make a rename inside `path` durable (best effort where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -144,14 +145,14 @@ def atomic_write_dir(path, writers: dict) -> None:
             full = os.path.join(tmp, name)
             write(full)
             _fsync_file(full)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
             os.rmdir(old)
             os.rename(path, old)
         os.rename(tmp, path)
         tmp = None
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         if old is not None and not os.path.exists(path):
             os.rename(old, path)  # put the good adapter back

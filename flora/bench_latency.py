@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from .bench_report import SECTION, append_results, environment, markdown, plot, write_text_atomic  # noqa: F401
+from .generation import Timer
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRANSFORMERS_ROWS = ("transformers", "peft", "peft-noupcast", "peft-merged")
@@ -298,24 +299,6 @@ def wrap_peft(hf, rank: int, alpha: Optional[float], upcast: bool, seed: int):
 # --------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------
-class Timer:
-    """CUDA events on GPU (device time), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def seconds(self, a, b) -> float:
-        if self.cuda:
-            b.synchronize()
-            return a.elapsed_time(b) / 1000.0
-        return b - a
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
@@ -330,7 +313,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, repeats: int
         dst.copy_(src)
         b = t.mark()
         if i >= 2:
-            times.append(t.seconds(a, b))
+            times.append(t.elapsed(a, b))
     del src, dst
     return 2 * n * 4 / statistics.median(times)
 
@@ -360,8 +343,8 @@ def hf_latency(model, vocab: int, batch: int, prompt_len: int, new_tokens: int, 
                 tok = out.logits[:, -1].argmax(-1)
             t2 = timer.mark()
             if r >= warmup:
-                ttft.append(timer.seconds(t0, t1))
-                tpot.append(timer.seconds(t1, t2) / (new_tokens - 1))
+                ttft.append(timer.elapsed(t0, t1))
+                tpot.append(timer.elapsed(t1, t2) / (new_tokens - 1))
             del out, cache
     return {"ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot), "cuda_graph": False}
 

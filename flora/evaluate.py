@@ -45,7 +45,7 @@ def _eval_mode(model):
         model.train(was)
 
 
-def _device_of(model):
+def model_device(model) -> torch.device:
     dev = getattr(model, "device", None)
     if isinstance(dev, torch.device):
         return dev
@@ -67,7 +67,7 @@ def eval_stats(model, dataset: TokenizedDataset, tokenizer=None, batch_size: int
     if pad_id is None:
         pad_id = pad_id_of(tokenizer) if tokenizer is not None else 0
     rank, world = _dist()
-    device = _device_of(model)
+    device = model_device(model)
     idx = list(range(rank, len(dataset), world))
     loss_sum = tokens = correct = n = 0.0
     with _eval_mode(model):

@@ -231,7 +231,7 @@ def _streamer_fn(streamer) -> Optional[Callable]:
     raise TypeError("streamer must have put()/end() or be callable")
 
 
-class _Timer:
+class Timer:
     """CUDA events on GPU (device time), perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
@@ -269,7 +269,7 @@ def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.arch.vocab_size, (batch, prompt_len), generator=g).to(dev)
     valid = torch.ones(batch, prompt_len, dtype=torch.bool, device=dev)
-    timer = _Timer(dev)
+    timer = Timer(dev)
     ttft, tpot = [], []
     with inference_mode(model):
         dec = Decoder(model, batch, prompt_len + new_tokens, use_cuda_graph)

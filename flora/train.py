@@ -30,7 +30,7 @@ import torch
 
 from . import train_state as ckpt
 from .data import TokenizedDataset, collate, count_target_tokens, pad_id_of
-from .evaluate import eval_stats
+from .evaluate import eval_stats, model_device
 
 
 @dataclasses.dataclass
@@ -137,15 +137,6 @@ def _as_dataset(data, tokenizer, seq_len):
     return TokenizedDataset(data, tokenizer, seq_len)
 
 
-def _model_device(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    if isinstance(dev, torch.device):
-        return dev
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def fsdp_wrap(model):
     """Shards a FusedLlama's trainable tensors with FSDP2 (``fully_shard``).
 
@@ -206,7 +197,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     eval_ds = _as_dataset(eval_data, tokenizer, cfg.seq_len)
     pad_id = pad_id_of(tokenizer)
 
-    device = _model_device(model)
+    device = model_device(model)
     if world > 1 and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         model.to(device)

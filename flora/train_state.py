@@ -23,21 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapter_io import fsync_dir
+
 FORMAT = 1
 NAME, OLD = "checkpoint", ".checkpoint-old"
-
-
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _save_tensors(tensors: dict, path: Path):
@@ -123,14 +112,14 @@ def _write(out_dir, model, named, opt, step, fingerprint, history, eval_history,
             os.fsync(f.fileno())
         if hasattr(model, "save_adapter"):
             model.save_adapter(tmp / "adapter")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         final, old = out_dir / NAME, out_dir / OLD
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

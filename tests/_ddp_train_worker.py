@@ -33,6 +33,9 @@ def main(ckpt, out, grad_accum, fsdp="0"):
         save_file({k: v.contiguous() for k, v in sd.items()}, str(Path(out) / "adapter.st"))
         Path(out, "losses.json").write_text(json.dumps([h["loss"] for h in res.history]))
     if world > 1:
+        # Every rank leaves together: a rank tearing gloo down while its peer
+        # still talks to it can abort the peer.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

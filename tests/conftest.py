@@ -1,5 +1,26 @@
+import os
+
 import pytest
 import torch
+
+import flora
+from flora import _ext
+
+
+def pytest_report_header(config):
+    return f"flora {flora.__version__} from {os.path.dirname(flora.__file__)}; extension: " + (
+        "compiled" if _ext.C is not None else f"missing ({_ext.ERROR})"
+    )
+
+
+def pytest_configure(config):
+    # CI sets this so a test run that imports a flora without its compiled
+    # extension (e.g. the source tree instead of the install) fails loudly
+    # instead of skipping every kernel test.
+    if os.environ.get("FLORA_REQUIRE_EXTENSION") == "1" and _ext.C is None:
+        raise pytest.UsageError(
+            f"FLORA_REQUIRE_EXTENSION=1 but {flora.__file__} has no compiled extension: {_ext.ERROR}"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
