@@ -37,35 +37,38 @@ void serial_for(int64_t n, int64_t, const std::function<void(int64_t, int64_t)>&
 
 void ffl_decode(Path p, const FflArgs& a, const ParallelFor& pf) {
   if (a.M == 0) return;
+  RowsTask tz;  // z rows: x A^T (+ z_in)
+  tz.dt = a.dt, tz.M = a.M, tz.K = a.K;
+  tz.u = a.x.p, tz.ldu = a.x.ld, tz.P = a.A.p, tz.ldp = a.A.ld;
+  tz.add = a.z_in.p, tz.ld_add = a.z_in.ld;
+  tz.out = offset(a.out, a.dt, a.N), tz.ldo = a.ldo;
+  RowsTask ty;  // y rows: x W^T (+ s tile(z))
+  ty.dt = a.dt, ty.M = a.M, ty.K = a.K;
+  ty.u = a.x.p, ty.ldu = a.x.ld, ty.P = a.W.p, ty.ldp = a.W.ld;
+  ty.out = a.out, ty.ldo = a.ldo;
+  const int64_t N = a.N;
+  if (a.repeat.empty()) {
+    // No y row needs z: one parallel pass over the rows of [W; A].
+    pf(N + a.R, grain(a.M, a.K), [&](int64_t b, int64_t e) {
+      if (b < N) run_rows(p, ty, b, e < N ? e : N);
+      if (e > N) run_rows(p, tz, (b > N ? b : N) - N, e - N);
+    });
+    return;
+  }
+  // The repeat-add needs z (kept in fp32) before y: z rows first.
   std::vector<float> z32(static_cast<size_t>(a.M * a.R));
-  if (a.R > 0) {
-    RowsTask t;
-    t.dt = a.dt, t.M = a.M, t.K = a.K;
-    t.u = a.x.p, t.ldu = a.x.ld, t.P = a.A.p, t.ldp = a.A.ld;
-    t.add = a.z_in.p, t.ld_add = a.z_in.ld;
-    t.out = offset(a.out, a.dt, a.N), t.ldo = a.ldo;
-    t.out32 = z32.data(), t.ldo32 = a.R;
-    pf(a.R, grain(a.M, a.K), [&](int64_t b, int64_t e) { run_rows(p, t, b, e); });
+  tz.out32 = z32.data(), tz.ldo32 = a.R;
+  pf(a.R, grain(a.M, a.K), [&](int64_t b, int64_t e) { run_rows(p, tz, b, e); });
+  std::vector<int32_t> col(static_cast<size_t>(N), -1);  // y column -> z column, or -1
+  int64_t off = 0;
+  for (size_t g = 0; g < a.repeat.size(); ++g) {
+    for (int64_t j = 0; j < a.repeat[g]; ++j)
+      col[off + j] = static_cast<int32_t>(g * a.repeat_rank + j % a.repeat_rank);
+    off += a.repeat[g];
   }
-  std::vector<int32_t> col;  // y column -> z column of its repeat-add, or -1
-  if (!a.repeat.empty()) {
-    col.assign(static_cast<size_t>(a.N), -1);
-    int64_t off = 0;
-    for (size_t g = 0; g < a.repeat.size(); ++g) {
-      for (int64_t j = 0; j < a.repeat[g]; ++j)
-        col[off + j] = static_cast<int32_t>(g * a.repeat_rank + j % a.repeat_rank);
-      off += a.repeat[g];
-    }
-  }
-  RowsTask t;
-  t.dt = a.dt, t.M = a.M, t.K = a.K;
-  t.u = a.x.p, t.ldu = a.x.ld, t.P = a.W.p, t.ldp = a.W.ld;
-  if (!col.empty()) {
-    t.tile = z32.data(), t.ldt = a.R, t.tile_col = col.data();
-    t.tile_s = static_cast<float>(a.s);
-  }
-  t.out = a.out, t.ldo = a.ldo;
-  pf(a.N, grain(a.M, a.K), [&](int64_t b, int64_t e) { run_rows(p, t, b, e); });
+  ty.tile = z32.data(), ty.ldt = a.R, ty.tile_col = col.data();
+  ty.tile_s = static_cast<float>(a.s);
+  pf(N, grain(a.M, a.K), [&](int64_t b, int64_t e) { run_rows(p, ty, b, e); });
 }
 
 void fbl_decode(Path p, const FblArgs& a, const ParallelFor& pf) {
