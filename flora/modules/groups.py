@@ -117,6 +117,8 @@ class _Group:
     def B_op(self, m, like: Tensor) -> Tensor:
         """The B block (unscaled, training form)."""
         r, t = self.role, self.role.targets
+        if r.mode == "pflora" and len(self.names) == 1:  # one projection: B itself
+            return m._p(f"B_{t[0]}", like)
         if r.mode == "pflora":  # block-diagonal: B_p maps z_p onto y_p only
             rows, j = [], 0
             for p, n in zip(self.names, self.widths):
@@ -131,6 +133,16 @@ class _Group:
         parts = [m._p(f"B_{p}", like) if p in t else like.new_zeros(n, self.rank)
                  for p, n in zip(self.names, self.widths)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def pflora(self, m, x: Tensor) -> Tensor:
+        """pf-lora: the A's ride in the base GEMM, the B's follow in one op."""
+        if m.folded:
+            y, z = ops.ffl(x, self.W(m), self.slot_A(m))
+            B, s = getattr(m, f"bfold_{self.gname}"), 1.0
+        else:
+            y, z = ops.ffl(x, self.W(m), self.A_op(m, x))
+            B, s = self.B_op(m, x), self.s
+        return ops.fbl(empty_cols(x.shape[0], x), m._drop(z), empty_cols(self.N, x), B, s, res=y)
 
     # -- folding -------------------------------------------------------------
     def fold(self, m) -> None:
@@ -176,13 +188,7 @@ class InGroup(_Group):
                                     m._p(f"B_{p}", x), self.s, res=ys[i])
             return ys, None
         elif mode == "pflora":
-            if m.folded:
-                y, z = ops.ffl(x, W, self.slot_A(m))
-                B, s = getattr(m, f"bfold_{self.gname}"), 1.0
-            else:
-                y, z = ops.ffl(x, W, self.A_op(m, x))
-                B, s = self.B_op(m, x), self.s
-            y = ops.fbl(empty_cols(M, x), m._drop(z), empty_cols(self.N, x), B, s, res=y)
+            y = self.pflora(m, x)
         elif mode == "ffa":
             A = self.slot_A(m) if m.folded else self.A_op(m, x)
             G = _ffa_groups(self.role, self.names)
@@ -241,14 +247,7 @@ class OutProj(_Group):
                         self.s, res=h)
             return h, carry
         if mode == "pflora":
-            if m.folded:
-                y, z = ops.ffl(u, W, self.slot_A(m))
-                B, s = getattr(m, f"bfold_{self.gname}"), 1.0
-            else:
-                y, z = ops.ffl(u, W, m._p(f"A_{p}", u))
-                B, s = m._p(f"B_{p}", u), self.s
-            h = ops.fbl(empty_cols(M, u), m._drop(z), empty_cols(self.N, u), B, s, res=y)
-            return _add(h, residual), carry
+            return _add(self.pflora(m, u), residual), carry
         if mode == "ffa":
             A = self.slot_A(m) if m.folded else m._p(f"A_{p}", u)
             if m._dropping:
