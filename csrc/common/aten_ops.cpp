@@ -47,7 +47,13 @@ at::Tensor ffl_aten(const at::Tensor& x, const at::Tensor& W,
                     const at::Tensor& A, double s, at::IntArrayRef repeat,
                     int64_t repeat_rank,
                     const c10::optional<at::Tensor>& z_in) {
-  const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in);
+  return ffl_aten_checked(check_ffl(x, W, A, repeat, repeat_rank, z_in), x, W, A, s,
+                          repeat, repeat_rank, z_in);
+}
+
+at::Tensor ffl_aten_checked(const FflShape& sh, const at::Tensor& x, const at::Tensor& W,
+                            const at::Tensor& A, double s, at::IntArrayRef repeat,
+                            int64_t repeat_rank, const c10::optional<at::Tensor>& z_in) {
   at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
   if (sh.R == 0 || rows_follow(W, A)) {
     at::mm_out(out, x, stack_rows(W, A).t());
@@ -63,7 +69,12 @@ at::Tensor ffl_aten(const at::Tensor& x, const at::Tensor& W,
 at::Tensor fbl_aten(const at::Tensor& u, const at::Tensor& z,
                     const at::Tensor& W, const at::Tensor& B, double s,
                     const c10::optional<at::Tensor>& res, bool relu) {
-  const auto sh = check_fbl(u, z, W, B, res);
+  return fbl_aten_checked(check_fbl(u, z, W, B, res), u, z, W, B, s, res, relu);
+}
+
+at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::Tensor& z,
+                            const at::Tensor& W, const at::Tensor& B, double s,
+                            const c10::optional<at::Tensor>& res, bool relu) {
   at::Tensor y = at::empty({sh.M, sh.N}, u.options());
   // One GEMM over [u | z] and the pre-scaled [W | sB] storage.
   if (s == 1.0 && !relu && cols_follow(u, z) && cols_follow(W, B)) {
@@ -79,7 +90,13 @@ at::Tensor ffbl_aten(const at::Tensor& u, const at::Tensor& z,
                      const at::Tensor& W, const at::Tensor& B,
                      const at::Tensor& A, const at::Tensor& C, double s,
                      const c10::optional<at::Tensor>& res, bool relu) {
-  const auto sh = check_ffbl(u, z, W, B, A, C, res);
+  return ffbl_aten_checked(check_ffbl(u, z, W, B, A, C, res), u, z, W, B, A, C, s, res, relu);
+}
+
+at::Tensor ffbl_aten_checked(const FfblShape& sh, const at::Tensor& u, const at::Tensor& z,
+                             const at::Tensor& W, const at::Tensor& B, const at::Tensor& A,
+                             const at::Tensor& C, double s,
+                             const c10::optional<at::Tensor>& res, bool relu) {
   at::Tensor out = at::empty({sh.M, sh.N + sh.R2}, u.options());
   at::Tensor y = out.narrow(1, 0, sh.N), z2 = out.narrow(1, sh.N, sh.R2);
   // One GEMM over [u | z] and the storage [W, sB; A, C].

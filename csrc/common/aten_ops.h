@@ -7,7 +7,22 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include "checks.h"
+
 namespace flora {
+
+// Each *_aten validates its arguments; the *_aten_checked forms take the
+// shape a caller already validated (device kernels fall back to them).
+at::Tensor ffl_aten_checked(const FflShape& sh, const at::Tensor& x, const at::Tensor& W,
+                            const at::Tensor& A, double s, at::IntArrayRef repeat,
+                            int64_t repeat_rank, const c10::optional<at::Tensor>& z_in);
+at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::Tensor& z,
+                            const at::Tensor& W, const at::Tensor& B, double s,
+                            const c10::optional<at::Tensor>& res, bool relu);
+at::Tensor ffbl_aten_checked(const FfblShape& sh, const at::Tensor& u, const at::Tensor& z,
+                             const at::Tensor& W, const at::Tensor& B, const at::Tensor& A,
+                             const at::Tensor& C, double s,
+                             const c10::optional<at::Tensor>& res, bool relu);
 
 at::Tensor ffl_aten(const at::Tensor& x, const at::Tensor& W,
                     const at::Tensor& A, double s, at::IntArrayRef repeat,

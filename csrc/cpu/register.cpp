@@ -78,7 +78,7 @@ at::Tensor ffl_cpu(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
   const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in);
   k::Dtype dt;
   const auto path = decode_path(x, sh.M, &dt);
-  if (!path) return ffl_aten(x, W, A, s, repeat, repeat_rank, z_in);
+  if (!path) return ffl_aten_checked(sh, x, W, A, s, repeat, repeat_rank, z_in);
   at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
   k::FflArgs a;
   a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;
@@ -95,7 +95,7 @@ at::Tensor fbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W
   const auto sh = check_fbl(u, z, W, B, res);
   k::Dtype dt;
   const auto path = decode_path(u, sh.M, &dt);
-  if (!path) return fbl_aten(u, z, W, B, s, res, relu);
+  if (!path) return fbl_aten_checked(sh, u, z, W, B, s, res, relu);
   at::Tensor out = at::empty({sh.M, sh.N}, u.options());
   k::FblArgs a;
   a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;
@@ -111,7 +111,7 @@ at::Tensor ffbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
   const auto sh = check_ffbl(u, z, W, B, A, C, res);
   k::Dtype dt;
   const auto path = decode_path(u, sh.M, &dt);
-  if (!path) return ffbl_aten(u, z, W, B, A, C, s, res, relu);
+  if (!path) return ffbl_aten_checked(sh, u, z, W, B, A, C, s, res, relu);
   at::Tensor out = at::empty({sh.M, sh.N + sh.R2}, u.options());
   k::FfblArgs a;
   a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R, a.R2 = sh.R2;
