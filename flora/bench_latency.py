@@ -211,15 +211,15 @@ def param_count(cfg) -> int:
 
 
 def check_memory(cfg, dtype, device, plan: Plan) -> Optional[str]:
-    """None if the run fits, else why not (the transformers model and one flora
-    copy live at once, plus a KV cache)."""
+    """None if the run fits, else why not (the transformers model, flora base
+    and one flora variant live at once, each with a KV cache)."""
     elem = torch.finfo(dtype).bits // 8
-    need = 2.3 * param_count(cfg) * elem
+    need = 3.3 * param_count(cfg) * elem
     hd = cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * max(plan.batches) * (max(plan.prompts) + plan.new_tokens) \
         * cfg.num_key_value_heads * hd * elem
     act = max(plan.batches) * max(plan.prompts) * max(cfg.intermediate_size * 3, cfg.vocab_size // 8) * elem * 2
-    need += 2 * kv + act
+    need += 3 * kv + act
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
@@ -349,13 +349,33 @@ def hf_latency(model, vocab: int, batch: int, prompt_len: int, new_tokens: int, 
     return {"ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot), "cuda_graph": False}
 
 
+def flora_pair_latency(base, model, batch, prompt_len, new_tokens, graph: bool, repeats, warmup,
+                       seed) -> tuple[dict, dict]:
+    """flora base and one variant timed interleaved (flora.generation.measure_interleaved).
+    The variant's ``paired`` ratios are medians of the round-by-round ratios,
+    each taken between two runs made back to back."""
+    from .generation import measure_interleaved
+
+    b, v = measure_interleaved([base, model], batch, prompt_len, new_tokens, use_cuda_graph=graph,
+                               repeats=repeats, warmup=warmup, seed=seed)
+    v["paired"] = {k: statistics.median(x / y for x, y in zip(v[f"{k}_runs"], b[f"{k}_runs"]))
+                   for k in ("ttft", "tpot")}
+    v["paired"].update(base_ttft_runs=b["ttft_runs"], base_tpot_runs=b["tpot_runs"])
+    return b, v
+
+
 def flora_latency(model, batch, prompt_len, new_tokens, graph: bool, repeats, warmup, seed) -> dict:
-    """FusedLlama's own timing hook (flora.generation.measure_latency)."""
+    """One flora model alone (FusedLlama's timing hook, flora.generation.measure_latency)."""
     from .generation import measure_latency
 
     r = measure_latency(model, batch, prompt_len, new_tokens, use_cuda_graph=graph, repeats=repeats,
                         warmup=warmup, seed=seed)
     return {"ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "cuda_graph": bool(r["cuda_graph"])}
+
+
+def _timing(t: dict) -> dict:
+    keep = ("ttft_s", "tpot_s", "cuda_graph", "paired", "ttft_runs", "tpot_runs")
+    return {k: t[k] for k in keep if k in t}
 
 
 # --------------------------------------------------------------------------
@@ -421,26 +441,8 @@ def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
     if "transformers" in hf_rows:
         timed_hf(hf, "transformers")
     # flora rows first: the PEFT rows below modify the transformers model in place
-    order = [x for x in flora_rows if x[0] == "base"] + [x for x in flora_rows if x[0] != "base"]
-    if ("base", plan.rank) in order and len(order) > 2:
-        order.append(("base", plan.rank))  # measured again last: the drift check of the ratios
-    for variant, rank in order:
-        try:
-            m, n = build_flora(hf, variant, rank, plan.alpha, dtype, dev, plan.seed + 1)
-        except ValueError as e:  # a variant that cannot take this shape/rank (e.g. repeat-add widths)
-            for b, p in _settings(plan):
-                for g in plan.modes:
-                    rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
-                                     skipped=str(e)))
-            log(f"[flora {variant} r{rank}] skipped: {e}")
-            continue
-        for b, p in _settings(plan):
-            for g in plan.modes:
-                t = flora_latency(m, b, p, plan.new_tokens, g, plan.repeats, plan.warmup, plan.seed)
-                rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g, t, n))
-                _log_row(log, rows[-1])
-        del m
-        _free(dev)
+    if flora_rows:
+        rows += flora_rows_timed(hf, shape, dtype, flora_rows, plan, log)
     for name, upcast in (("peft", True), ("peft-noupcast", False)):
         if name in hf_rows:
             pm, n = wrap_peft(hf, plan.rank, plan.alpha, upcast, plan.seed + 2)
@@ -458,6 +460,54 @@ def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
     return rows, info
 
 
+def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log) -> list:
+    """flora base stays built; each variant is built in turn and timed
+    interleaved with it, per setting and mode. The base row pools every base
+    run (median) and records how much its median moved between pairings."""
+    dev, rows = plan.device, []
+    base, _ = build_flora(hf, "base", plan.rank, plan.alpha, dtype, dev, plan.seed + 1)
+    variants = [(v, k) for v, k in flora_rows if v != "base"]
+    base_runs: dict = {}  # (b, p, graph) -> list of per-pairing timings
+
+    for variant, rank in variants:
+        try:
+            m, n = build_flora(hf, variant, rank, plan.alpha, dtype, dev, plan.seed + 1)
+        except ValueError as e:  # a variant that cannot take this shape/rank (e.g. repeat-add widths)
+            for b, p in _settings(plan):
+                for g in plan.modes:
+                    rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
+                                     skipped=str(e)))
+            log(f"[flora {variant} r{rank}] skipped: {e}")
+            continue
+        for b, p in _settings(plan):
+            for g in plan.modes:
+                tb, tv = flora_pair_latency(base, m, b, p, plan.new_tokens, g, plan.repeats, plan.warmup,
+                                            plan.seed)
+                base_runs.setdefault((b, p, g), []).append(tb)
+                rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g, _timing(tv), n))
+                _log_row(log, rows[-1])
+        del m
+        _free(dev)
+    base_rows = []
+    for b, p in _settings(plan):
+        for g in plan.modes:
+            pairings = base_runs.get((b, p, g))
+            if not pairings:  # no variant ran: base alone
+                t = flora_latency(base, b, p, plan.new_tokens, g, plan.repeats, plan.warmup, plan.seed)
+            else:
+                t = {k: statistics.median(x for tb in pairings for x in tb[f"{k}_runs"]) for k in ("ttft", "tpot")}
+                t = {"ttft_s": t["ttft"], "tpot_s": t["tpot"], "cuda_graph": pairings[0]["cuda_graph"]}
+                if len(pairings) > 1:
+                    med = [tb["tpot_s"] for tb in pairings]
+                    t["base_drift"] = max(med) / min(med) - 1
+                    t["pairings"] = len(pairings)
+            base_rows.append(_row(shape, dtype, "flora", "base", plan.rank, b, p, plan.new_tokens, g, t))
+            _log_row(log, base_rows[-1])
+    del base
+    _free(dev)
+    return base_rows + rows
+
+
 def _log_row(log, r):
     if r["skipped"]:
         return
@@ -467,35 +517,11 @@ def _log_row(log, r):
         f"TTFT {r['ttft_s'] * 1e3:9.2f} ms  TPOT {r['tpot_s'] * 1e3:8.2f} ms")
 
 
-def merge_base_repeats(rows: list) -> list:
-    """flora base is measured first and last (drift check): keep one row with
-    the mean of both and record the measurements and their TPOT spread."""
-    out, seen = [], {}
-    for r in rows:
-        k = (r["engine"], r["variant"], r["rank"], r["model"], r["dtype"], r["batch"], r["prompt_len"],
-             r["new_tokens"], r["graph"])
-        if r["variant"] != "base" or r["skipped"] is not None:
-            out.append(r)
-        elif k in seen:
-            seen[k].append(r)
-        else:
-            seen[k] = [r]
-            out.append(r)
-    for group in seen.values():
-        if len(group) > 1:
-            first = group[0]
-            first["measurements"] = [{"ttft_s": g["ttft_s"], "tpot_s": g["tpot_s"]} for g in group]
-            first["ttft_s"] = statistics.mean(g["ttft_s"] for g in group)
-            first["tpot_s"] = statistics.mean(g["tpot_s"] for g in group)
-            tp = [g["tpot_s"] for g in group]
-            first["base_drift"] = max(tp) / min(tp) - 1
-    return out
-
-
 def add_ratios(rows: list, infos: list, copy_bw: float) -> list:
     """TTFT/TPOT ratio to the base of the same engine, model, dtype, setting and
-    mode; tokens/s; weight-streaming GB/s and the ratio to the floor."""
-    rows = merge_base_repeats(rows)
+    mode (for flora variants: the median of round-by-round ratios against the
+    base timed interleaved with them); tokens/s; weight-streaming GB/s and the
+    ratio to the floor."""
     wb = {(i["model"], i["dtype"]): i["weight_bytes"] for i in infos}
 
     def key(r):
@@ -509,7 +535,9 @@ def add_ratios(rows: list, infos: list, copy_bw: float) -> list:
         if r["skipped"] is not None:
             continue
         b = bases.get(key(r))
-        if b is not None:
+        if "paired" in r:
+            r["ttft_ratio"], r["tpot_ratio"] = r["paired"]["ttft"], r["paired"]["tpot"]
+        elif b is not None:
             r["ttft_ratio"] = r["ttft_s"] / b["ttft_s"]
             r["tpot_ratio"] = r["tpot_s"] / b["tpot_s"]
         r["tokens_per_s"] = r["batch"] / r["tpot_s"]

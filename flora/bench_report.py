@@ -97,11 +97,18 @@ def markdown(result: dict) -> str:
                 f"| {r['engine']} | {row_label(r)} | {r['rank'] or ''} | {mode} | {_ms(r['ttft_s'])} | "
                 f"{_x(r['ttft_ratio'])} | {_ms(r['tpot_s'])} | {_x(r['tpot_ratio'])} | "
                 f"{_x(r['tokens_per_s'], 1)} | {_x(r['decode_gbps'], 2)} | {_x(r['floor_ratio'], 2)} |")
-        drift = [r["base_drift"] for r in rs if r.get("base_drift") is not None]
+        drift = [r for r in rs if r.get("base_drift") is not None]
         lines.append("")
-        if drift:
+        if drift and "pairings" not in drift[0]:  # JSON of a run before interleaving
             lines += [f"flora base was measured first and last (the row shows their mean, the base of the "
-                      f"ratios); its TPOT moved by {max(drift) * 100:.1f}% in between, a measure of the noise.", ""]
+                      f"ratios); its TPOT moved by {drift[0]['base_drift'] * 100:.1f}% in between.", ""]
+        elif drift:
+            d = max(drift, key=lambda r: r["base_drift"])
+            lines += [f"Each flora variant was timed interleaved with flora base (runs alternate base, variant, "
+                      f"variant, base, ...); its ratios are medians of the round-by-round ratios, so they can "
+                      f"differ from the quotient of the ms columns. The flora base row pools all its runs; "
+                      f"its median TPOT moved by {d['base_drift'] * 100:.1f}% across the {d['pairings']} "
+                      f"pairings, a measure of the machine's drift.", ""]
     if result["goals"]:
         lines += ["Issue-8 goals this run measures:", ""]
         for g in result["goals"]:

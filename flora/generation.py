@@ -251,39 +251,95 @@ class Timer:
         return b - a
 
 
+class LatencyProbe:
+    """One model's timed generation runs on a fixed random prompt: TTFT =
+    prefill + first token, TPOT = mean of the remaining ``new_tokens - 1``
+    decode steps (greedy). Enter it (``with``) to hold the model in inference
+    mode and its decoder (static cache, CUDA graph captured at the first run)
+    across runs, so several probes can be timed interleaved."""
+
+    def __init__(self, model, batch: int, prompt_len: int, new_tokens: int,
+                 use_cuda_graph: Optional[bool] = None, seed: int = 0):
+        if batch < 1 or prompt_len < 1 or new_tokens < 2:
+            raise ValueError("need batch >= 1, prompt_len >= 1, new_tokens >= 2")
+        self.model, self.new_tokens = model, new_tokens
+        dev = model.device
+        self.use_cuda_graph = dev.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.ids = torch.randint(0, model.arch.vocab_size, (batch, prompt_len), generator=g).to(dev)
+        self.valid = torch.ones(batch, prompt_len, dtype=torch.bool, device=dev)
+        self.timer = Timer(dev)
+        self._ctx: Optional[contextlib.ExitStack] = None
+        self.dec: Optional[Decoder] = None
+
+    def __enter__(self) -> "LatencyProbe":
+        self._ctx = contextlib.ExitStack()
+        self._ctx.enter_context(inference_mode(self.model))
+        B, T = self.ids.shape
+        self.dec = Decoder(self.model, B, T + self.new_tokens, self.use_cuda_graph)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.dec = None
+        self._ctx.close()
+
+    @property
+    def graphed(self) -> bool:
+        return self.dec is not None and self.dec.graph is not None
+
+    def run(self) -> tuple[float, float]:
+        """One generation; returns (TTFT, TPOT) in seconds."""
+        dec, timer = self.dec, self.timer
+        t0 = timer.mark()
+        tok = dec.prefill(self.ids, self.valid).argmax(-1)
+        t1 = timer.mark()
+        for _ in range(self.new_tokens - 1):
+            tok = dec.step(tok).argmax(-1)
+        t2 = timer.mark()
+        return timer.elapsed(t0, t1), timer.elapsed(t1, t2) / (self.new_tokens - 1)
+
+
 def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
                     use_cuda_graph: Optional[bool] = None, repeats: int = 5, warmup: int = 1,
                     seed: int = 0) -> dict:
     """Time to first token and time per output token (greedy, random prompts).
 
-    TTFT = prefill + first token; TPOT = mean decode-step time over the
-    remaining ``new_tokens - 1`` steps. Medians over ``repeats`` runs after
-    ``warmup`` runs; the CUDA graph is captured during warm-up (one capture),
-    so TPOT measures replay. Returns seconds.
+    Medians over ``repeats`` runs of a :class:`LatencyProbe` after ``warmup``
+    runs; the CUDA graph is captured during warm-up (one capture), so TPOT
+    measures replay. Returns seconds.
     """
-    if batch < 1 or prompt_len < 1 or new_tokens < 2 or repeats < 1:
-        raise ValueError("need batch >= 1, prompt_len >= 1, new_tokens >= 2, repeats >= 1")
-    dev = model.device
-    if use_cuda_graph is None:
-        use_cuda_graph = dev.type == "cuda"
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(0, model.arch.vocab_size, (batch, prompt_len), generator=g).to(dev)
-    valid = torch.ones(batch, prompt_len, dtype=torch.bool, device=dev)
-    timer = Timer(dev)
-    ttft, tpot = [], []
-    with inference_mode(model):
-        dec = Decoder(model, batch, prompt_len + new_tokens, use_cuda_graph)
-        for r in range(warmup + repeats):
-            t0 = timer.mark()
-            tok = dec.prefill(ids, valid).argmax(-1)
-            t1 = timer.mark()
-            for _ in range(new_tokens - 1):
-                tok = dec.step(tok).argmax(-1)
-            t2 = timer.mark()
-            if r >= warmup:
-                ttft.append(timer.elapsed(t0, t1))
-                tpot.append(timer.elapsed(t1, t2) / (new_tokens - 1))
-        graphed = dec.graph is not None
-    return {"ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot),
+    if repeats < 1 or warmup < 0:
+        raise ValueError("need repeats >= 1 and warmup >= 0")
+    with LatencyProbe(model, batch, prompt_len, new_tokens, use_cuda_graph, seed) as probe:
+        runs = [probe.run() for _ in range(warmup + repeats)][warmup:]
+        graphed = probe.graphed
+    return {"ttft_s": statistics.median(t for t, _ in runs), "tpot_s": statistics.median(t for _, t in runs),
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "cuda_graph": graphed, "repeats": repeats, "device": str(dev)}
+            "cuda_graph": graphed, "repeats": repeats, "device": str(model.device)}
+
+
+def measure_interleaved(models: list, batch: int, prompt_len: int, new_tokens: int,
+                        use_cuda_graph: Optional[bool] = None, repeats: int = 5, warmup: int = 1,
+                        seed: int = 0) -> list[dict]:
+    """Like :func:`measure_latency` for several models at once, their runs
+    interleaved (round k runs every model once, in reversed order on odd
+    rounds: A B, B A, A B, ...) so slow drift of the machine (clock, other
+    load) hits every model alike. Each result also has the per-round
+    ``ttft_runs``/``tpot_runs`` lists, so ratios can be taken round by round."""
+    if not models or repeats < 1 or warmup < 0:
+        raise ValueError("need at least one model, repeats >= 1 and warmup >= 0")
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(LatencyProbe(m, batch, prompt_len, new_tokens, use_cuda_graph, seed))
+                  for m in models]
+        runs: list[list] = [[] for _ in models]
+        for k in range(warmup + repeats):
+            order = range(len(probes)) if k % 2 == 0 else reversed(range(len(probes)))
+            for i in order:
+                t = probes[i].run()
+                if k >= warmup:
+                    runs[i].append(t)
+        graphed = [p.graphed for p in probes]
+    return [{"ttft_s": statistics.median(t for t, _ in rs), "tpot_s": statistics.median(t for _, t in rs),
+             "ttft_runs": [t for t, _ in rs], "tpot_runs": [t for _, t in rs], "cuda_graph": g,
+             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+             "device": str(m.device)} for m, rs, g in zip(models, runs, graphed)]

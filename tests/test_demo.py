@@ -1,6 +1,7 @@
 """`flora demo --quick`: every stage (pretrain + cache, two fine-tunes, accuracy,
 generation, latency table + plot), small and fast."""
 import json
+import statistics
 import os
 import time
 
@@ -56,7 +57,11 @@ def test_latency_outputs(demo):
     assert set(variants) == {"base", "lora", "ffba", "zflora"}
     for r in variants.values():
         assert r["engine"] == "flora" and r["ttft_s"] > 0 and r["tpot_s"] > 0
-        assert abs(r["tpot_ratio"] - r["tpot_s"] / variants["base"]["tpot_s"]) < 1e-9
+        if r["variant"] == "base":
+            assert r["tpot_ratio"] == 1.0
+        else:  # timed interleaved with base: the median round-by-round ratio
+            want = [x / y for x, y in zip(r["tpot_runs"], r["paired"]["base_tpot_runs"])]
+            assert abs(r["tpot_ratio"] - statistics.median(want)) < 1e-9
     assert j["models"][0]["model"] == res["base_dir"]  # timed on the demo's own model
     assert open(res["paths"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| flora | zflora |" in open(res["paths"]["md"]).read()

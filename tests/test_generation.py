@@ -127,6 +127,31 @@ def test_measure_latency_cpu(pair):
     assert r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["cuda_graph"] is False
 
 
+def test_measure_interleaved_alternates_and_drops_warmup(pair, monkeypatch):
+    """Rounds run A B, B A, A B ...; warm-up rounds are run but not kept; each
+    model is in inference mode (adapters folded) during its runs only."""
+    from flora import generation
+
+    hf, base = pair
+    ffba = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, alpha=4))
+    calls = []
+
+    def fake_run(self):
+        calls.append(self.model)
+        assert not self.model.training
+        return float(len(calls)), 10.0 * len(calls)
+
+    monkeypatch.setattr(generation.LatencyProbe, "run", fake_run)
+    ffba.train()
+    a, b = generation.measure_interleaved([base, ffba], 1, 4, 3, repeats=3, warmup=1)
+    assert calls == [base, ffba, ffba, base, base, ffba, ffba, base]
+    assert a["ttft_runs"] == [4.0, 5.0, 8.0] and b["ttft_runs"] == [3.0, 6.0, 7.0]
+    assert a["tpot_s"] == 50.0 and b["tpot_s"] == 60.0
+    assert ffba.training and not ffba._folded  # state restored after
+    with pytest.raises(ValueError, match="repeats"):
+        generation.measure_interleaved([base], 1, 4, 3, repeats=0)
+
+
 def test_generate_restores_training_state():
     m = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig("ffba", rank=4, alpha=4))
     m.train()
