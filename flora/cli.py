@@ -29,7 +29,11 @@ def _bench_latency(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args)
+    try:
+        run_demo(args)
+    except ValueError as e:
+        print(f"flora demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="base-model cache (default ~/.cache/flora/synthetic)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", default=None,
+                   help="where fine-tuning, generation and timing run (default: cuda when available, else cpu; "
+                        "the base model is always pretrained on the CPU, so its cache is the same everywhere)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -54,6 +57,22 @@ def _complete(model, tok, prompts, max_new_tokens: int) -> list:
     return [tok.decode(row[T:].tolist(), skip_special_tokens=True).strip() for row in out]
 
 
+def _device(name):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu or cuda, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return dev
+
+
 def run_demo(args) -> dict:
     import torch
 
@@ -69,6 +88,7 @@ def run_demo(args) -> dict:
     steps = args.steps or (12 if args.quick else 300)
     if steps < 1 or args.rank < 1:
         raise ValueError("--steps and --rank must be >= 1")
+    device = _device(args.device)
     t_all = time.perf_counter()
     torch.manual_seed(args.seed)
 
@@ -90,7 +110,7 @@ def run_demo(args) -> dict:
     results, models = {}, {}
     for variant in ("ffba", "lora"):
         cfg = AdapterConfig(variant, rank=args.rank, alpha=2.0 * args.rank)
-        model = FusedLlama.from_pretrained(str(base_dir), adapter=cfg)
+        model = FusedLlama.from_pretrained(str(base_dir), adapter=cfg, device=device)
         before = eval_stats(model, eval_ds, tok, batch_size=100)
         tc = TrainConfig(lr=args.lr, max_steps=steps, batch_size=batch, seq_len=64,
                          warmup_steps=max(1, steps // 10), seed=args.seed, progress=not args.no_progress,
@@ -130,7 +150,7 @@ def run_demo(args) -> dict:
         argv = ["--model", str(base_dir), "--rows", "base", "lora", "ffba", "zflora",
                 "--rank", str(args.rank), "--batch", "1", "--prompt", "32" if args.quick else "48",
                 "--new-tokens", "8" if args.quick else "32", "--repeats", "1" if args.quick else "3",
-                "--out-dir", args.out, "--name", "latency", "--no-results"]
+                "--out-dir", args.out, "--name", "latency", "--no-results", "--device", str(device)]
         largs = bl.build_parser().parse_args(argv)
         result = bl.run(bl.make_plan(largs), log=lambda s: None)
         result["command"] = "flora demo" + (" --quick" if args.quick else "")

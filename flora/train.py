@@ -103,14 +103,28 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------
 # Distributed setup
 # --------------------------------------------------------------------------
+def dist_backend() -> str:
+    """NCCL with one GPU per local process, else gloo on the CPU (more
+    processes than GPUs would put two ranks on one device, or a rank on a
+    device that does not exist). FLORA_DIST_BACKEND=gloo|nccl overrides."""
+    forced = os.environ.get("FLORA_DIST_BACKEND")
+    if forced:
+        if forced not in ("gloo", "nccl"):
+            raise ValueError(f"FLORA_DIST_BACKEND must be gloo or nccl, got {forced!r}")
+        return forced
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
+        return "nccl"
+    return "gloo"
+
+
 def init_distributed():
     """(rank, world, local_rank); starts the process group when launched by
     torchrun (WORLD_SIZE > 1) and it is not started yet."""
     dist = torch.distributed
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dist.is_available() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=dist_backend())
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
@@ -198,7 +212,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     pad_id = pad_id_of(tokenizer)
 
     device = model_device(model)
-    if world > 1 and torch.cuda.is_available():
+    if world > 1 and torch.distributed.get_backend() == "nccl":  # one GPU per rank
         device = torch.device("cuda", local_rank)
         model.to(device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

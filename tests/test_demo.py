@@ -1,11 +1,12 @@
 """`flora demo --quick`: every stage (pretrain + cache, two fine-tunes, accuracy,
 generation, latency table + plot), small and fast."""
 import json
-import statistics
 import os
+import statistics
 import time
 
 import pytest
+import torch
 
 from flora import synthetic as syn
 from flora.cli import build_parser
@@ -65,3 +66,12 @@ def test_latency_outputs(demo):
     assert j["models"][0]["model"] == res["base_dir"]  # timed on the demo's own model
     assert open(res["paths"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| flora | zflora |" in open(res["paths"]["md"]).read()
+
+
+@pytest.mark.parametrize("device, msg", [("tpu", "expected cpu or cuda"), ("nonsense:x", "expected cpu or cuda")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")]))
+def test_bad_device_is_a_clear_error(device, msg, tmp_path, capsys):
+    from flora.cli import main
+
+    assert main(["demo", "--quick", "--device", device, "--cache-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert msg in capsys.readouterr().err

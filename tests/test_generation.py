@@ -10,7 +10,7 @@ from flora.model import FusedLlama
 from llama_fixtures import llama_model, random_ids
 from test_model import randomize_adapter
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
     # an existing results file with another section after ours: must be kept intact
     results.write_text("# Benchmark results\n\n## CPU kernels\n\nkernel table\n\n"
                        f"{bl.SECTION}\n\nolder run\n\n## Learning\n\nlearning table\n")
-    argv = ["--quick", "--model", "tiny", "--rows", *ROWS, "--rank", "16", "--out-dir", str(d),
+    argv = ["--quick", "--device", "cpu", "--model", "tiny", "--rows", *ROWS, "--rank", "16", "--out-dir", str(d),
             "--name", "run", "--results", str(results)]
     assert bl.main(argv) == 0
     return d, json.loads((d / "run.json").read_text()), results.read_text()

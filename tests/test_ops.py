@@ -11,7 +11,8 @@ from torch.library import opcheck
 
 from flora import _ext, ops
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "cuda" carries the `cuda` marker: skipped without a device (conftest), selected by `-m cuda`
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 compiled = pytest.mark.skipif(_ext.C is None, reason=f"extension not built: {_ext.ERROR}")
 
 
@@ -236,7 +237,7 @@ def test_bad_calls_raise_clear_errors(case, impl):
         impls[impl](op, *make(), **kw)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_device_mismatch():
     for impl in _impls().values():
         with pytest.raises(ValueError, match="device mismatch"):

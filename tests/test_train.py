@@ -222,7 +222,8 @@ def test_transformers_trainer_drives_fused_llama(ckpt, tok, tmp_path):
 
 def _run_ddp(nproc, ckpt, out, grad_accum, fsdp=False):
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # gloo on the CPU even where GPUs exist: the runs are compared with a CPU one-process run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLORA_DIST_BACKEND": "gloo", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(HERE / "_ddp_train_worker.py"), str(ckpt), str(out), str(grad_accum), "1" if fsdp else "0"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -245,6 +246,25 @@ def test_ddp_two_processes_match_one_with_double_accumulation(ckpt, tmp_path, on
     assert l1[-1] < l1[0]
     for k, v in a1.items():
         torch.testing.assert_close(a2[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_dist_backend_one_gpu_per_local_rank(monkeypatch):
+    from flora.train import dist_backend
+
+    monkeypatch.delenv("FLORA_DIST_BACKEND", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dist_backend() == "gloo"  # 2 processes, 1 GPU: not NCCL on a missing cuda:1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dist_backend() == "nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dist_backend() == "gloo"
+    monkeypatch.setenv("FLORA_DIST_BACKEND", "nccl")
+    assert dist_backend() == "nccl"
+    monkeypatch.setenv("FLORA_DIST_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="FLORA_DIST_BACKEND"):
+        dist_backend()
 
 
 def test_fsdp_smoke_two_processes(ckpt, tmp_path, one_process):

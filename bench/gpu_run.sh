@@ -1,0 +1,532 @@
+#!/usr/bin/env bash
+# bench/gpu_run.sh: build, test, sanitize and benchmark flora on a GPU machine
+# (written for a lent NVIDIA H100/H200: no network, at most 10 minutes a call,
+# outputs collected from $OUT).
+#
+#   bench/gpu_run.sh [STAGE ...]          default: all
+#   GPU_RUN_DRY=1 bench/gpu_run.sh all    print the commands only, run nothing
+#
+# Stages, in the order they run, with rough times on a 16-core H100 host.
+# These are estimates, not measurements (no GPU run had been made when this
+# was written): replace them with the seconds column of the first real runs.
+#   build       pip install --no-deps --no-build-isolation -e . with FLORA_CUDA=1
+#               for the card's arch (sm_90a on Hopper), then `python -m flora info`
+#               and a hard check that flora._C has CUDA kernels and sees the GPU.
+#               Fresh machine 2-4 min; ~10 s when already built (a stamp of the
+#               sources + toolchain in build/gpu_run.stamp; build/ stays on a warm
+#               machine). Always runs first: every other stage needs it.
+#   test        FLORA_REQUIRE_EXTENSION=1 pytest: the CUDA subset (-m cuda), then
+#               the rest of the suite (-m "not cuda"). 1-3 min.
+#   sanitize    compute-sanitizer memcheck over the CUDA subset, racecheck over the
+#               op tests' CUDA cases (tests/test_ops.py -m cuda). 3-6 min; each tool
+#               capped by SANITIZE_TIMEOUT (default 240 s).
+#   kernels     bench/kernels.py --device cuda, M = 1..8192 (both models, r 16/32/64,
+#               fp32 + bf16), then CUDA graphs for M <= 64 in bf16. 2-5 min.
+#   latency-1b  bench/latency.py on the 1b shape: bf16, batch 1 and 8, prompt 512,
+#               eager and CUDA graphs, every row. 3-5 min.
+#   latency-3b  the same on the 3b shape. 4-7 min.
+#   latency     both shapes in one process (LATENCY_MODELS, default "1b 3b"): 7-12 min,
+#               only with a larger budget; prefer latency-1b and latency-3b.
+#   smoke       a quick GPU pass of both benchmarks (kernels --quick, latency --quick
+#               on the tiny shape), outputs in the log only. ~1 min.
+#   all         build test sanitize kernels latency-1b latency-3b (the default).
+# A call runs its stages in order within GPU_RUN_BUDGET seconds (default 570, under
+# the 600 s limit of one call): a stage that would not fit is skipped and named in
+# the summary, a stage that overruns is stopped, and the summary still prints.
+# Calls that fit in 10 minutes (fresh machine, build included):
+#   bench/gpu_run.sh build test kernels     bench/gpu_run.sh sanitize
+#   bench/gpu_run.sh latency-1b             bench/gpu_run.sh latency-3b
+# On a warm machine (build cached) `test sanitize` fits too.
+#
+# Outputs, under $OUT (default ./gpu-out, git-ignored): <stage>.log for each stage,
+# summary.txt, kernels.json + kernels-graphs.json + kernels.md, latency/<name>.json
+# + .png and RESULTS-latency.md (the markdown the latency benchmark would insert
+# into bench/RESULTS.md; this script never writes into the repository's results).
+# The device tool returns at most 8 files: when a call leaves more, all of them
+# go into gpu-run.tar.gz and only the most useful stay loose.
+# The table of stage, status, seconds and key figure prints LAST.
+#
+# Knobs (environment): PYTHON (default python3), OUT, GPU_RUN_BUDGET, GPU_RUN_DRY,
+# TORCH_CUDA_ARCH_LIST (default: the card's, "9.0a" on Hopper), MAX_JOBS (default
+# nproc), TEST_ARGS (extra pytest args for both test runs), TEST_TIMEOUT (per test,
+# needs pytest-timeout; default 120), SANITIZE_TOOLS (default "memcheck racecheck"),
+# SANITIZE_TIMEOUT, KERNELS_MS, KERNELS_ARGS, KERNELS_GRAPHS=0 (skip the graphs
+# run), KERNELS_GRAPHS_MS, LATENCY_MODELS, LATENCY_ARGS (extra bench/latency.py
+# args, e.g. "--rows base ffba zflora").
+#
+# Needs no network and changes no GPU setting: nvidia-smi is only queried.
+set -euo pipefail
+
+SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+ROOT="$(cd "$(dirname "$SELF")/.." && pwd)"
+OUT="${OUT:-$ROOT/gpu-out}"
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+cd "$ROOT"
+
+PY="${PYTHON:-python3}"
+DRY="${GPU_RUN_DRY:-0}"
+BUDGET="${GPU_RUN_BUDGET:-570}"
+RESERVE=20                         # seconds kept for packing and the summary
+STAMP="$ROOT/build/gpu_run.stamp"
+export OUT PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
+export PIP_NO_INDEX=1 PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+# ---------------------------------------------------------------------------
+# helpers (shared by the orchestrator and the stages)
+# ---------------------------------------------------------------------------
+say() { printf '== %s\n' "$*"; }
+
+# run CMD...: print it, then run it (print only when GPU_RUN_DRY=1)
+run() {
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  [ "$DRY" = 1 ] && return 0
+  "$@"
+}
+
+# key TEXT: the stage's key figure for the summary table
+key() { printf '%s\n' "$*" >"$STATE/key.$STAGE"; }
+
+# pytest_line FILE: pytest's last "N passed, M failed ..." line, compacted
+pytest_line() {
+  grep -E '^=* *([0-9]+ (passed|failed|errors?|skipped|xfailed|xpassed|deselected)|no tests ran)' "$1" 2>/dev/null \
+    | tail -n 1 | sed -E 's/=//g; s/, [0-9]+ deselected//; s/ in [0-9.]+s.*//; s/^ +//; s/ +$//' || true
+}
+
+# ext_check: flora._C compiled, built with CUDA, CUDA kernels registered, GPU visible
+ext_check() {
+  if [ "$DRY" = 1 ]; then echo "+ (check: flora._C compiled with CUDA kernels and a visible GPU)"; return 0; fi
+  "$PY" - <<'EOF'
+import sys
+
+import flora
+
+d = flora.info()
+bad = []
+if d["extension"] != "compiled":
+    bad.append(f"flora._C not loaded: {d['extension']}")
+else:
+    if not d["cuda_archs"]:
+        bad.append("flora._C was built without CUDA (cuda_archs is empty)")
+    if not any(k["device"] == "cuda" and not k["impl"].startswith("python reference") for k in d["kernels"]):
+        bad.append("flora._C registers no CUDA kernels")
+if not d["cuda_available"]:
+    bad.append("torch sees no CUDA device")
+if bad:
+    print("EXTENSION CHECK FAILED: " + "; ".join(bad), file=sys.stderr)
+    sys.exit(1)
+print(f"extension check ok: flora {d['flora']} from {flora.__file__}, CUDA archs {d['cuda_archs']}")
+EOF
+}
+
+# the source + toolchain fingerprint a finished build is stamped with
+build_fingerprint() {
+  {
+    "$PY" -c 'import sys, torch; print(sys.version, torch.__version__, torch.version.cuda)'
+    nvcc --version 2>/dev/null | tail -n 2
+    echo "archs=$TORCH_CUDA_ARCH_LIST"
+    find csrc setup.py pyproject.toml -type f | LC_ALL=C sort | xargs sha256sum
+  } | sha256sum | cut -d' ' -f1
+}
+
+# the card's arch for TORCH_CUDA_ARCH_LIST: "9.0a" on Hopper when torch knows it
+pick_archs() {
+  "$PY" - <<'EOF'
+import inspect
+
+import torch
+from torch.utils import cpp_extension
+
+major, minor = torch.cuda.get_device_capability(0)
+arch = f"{major}.{minor}"
+try:
+    known = "'" + arch + "a'" in inspect.getsource(cpp_extension._get_cuda_arch_flags)
+except (OSError, TypeError, AttributeError):
+    known = False
+print(arch + "a" if major == 9 and known else arch)
+EOF
+}
+
+# ---------------------------------------------------------------------------
+# stages (each runs in its own process, under `timeout`, output in $OUT/<stage>.log)
+# ---------------------------------------------------------------------------
+stage_build() {
+  say "machine"
+  run nvidia-smi || true
+  run nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu,persistence_mode,compute_mode --format=csv || true
+  run nvcc --version || true
+  echo "+ $PY - (python, torch and device versions)"
+  [ "$DRY" = 1 ] || "$PY" - <<'EOF' || true
+import sys
+
+import torch
+
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", f"{p.multi_processor_count} SMs", f"{p.total_memory / 2**30:.0f} GiB")
+EOF
+  echo "+ $PY -m pip list | grep (the packages flora's build and tests use)"
+  [ "$DRY" = 1 ] || "$PY" -m pip list 2>/dev/null \
+    | grep -iE '^(torch|triton|transformers|peft|pytest|pytest-timeout|setuptools|ninja|numpy|safetensors|tqdm|matplotlib|expecttest) ' || true
+  echo "cpus: $(nproc)"
+
+  say "build"
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    if [ "$DRY" = 1 ]; then TORCH_CUDA_ARCH_LIST="9.0a"; else TORCH_CUDA_ARCH_LIST="$(pick_archs)"; fi
+  fi
+  export FLORA_CUDA=1 TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  echo "FLORA_CUDA=$FLORA_CUDA TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+  local want="" t0
+  t0=$(date +%s)
+  [ "$DRY" = 1 ] || want="$(build_fingerprint)"
+  if [ "$DRY" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && ext_check >/dev/null 2>&1; then
+    echo "already built for these sources and this toolchain ($STAMP): not rebuilding"
+    key "cached build, archs $TORCH_CUDA_ARCH_LIST"
+  else
+    rm -f "$STAMP"
+    # Editable: the build puts flora/_C*.so into the source tree that pytest and
+    # the benchmarks import from the repository root (as in the README).
+    run "$PY" -m pip install --no-deps --no-build-isolation --no-index -v -e .
+    key "built in $(( $(date +%s) - t0 )) s, archs $TORCH_CUDA_ARCH_LIST"
+  fi
+  say "python -m flora info"
+  run "$PY" -m flora info
+  ext_check
+  if [ "$DRY" != 1 ]; then mkdir -p "$(dirname "$STAMP")"; echo "$want" >"$STAMP"; fi
+}
+
+# every stage but build: refuse to run on a missing or CPU-only extension
+need_ext() {
+  ext_check || { echo "run 'bench/gpu_run.sh build' first (see build.log)" >&2; exit 1; }
+}
+
+stage_test() {
+  need_ext
+  export FLORA_REQUIRE_EXTENSION=1
+  local extra=() rc1=0 rc2=0 a b
+  if [ "$DRY" = 1 ] || "$PY" -c 'import pytest_timeout' 2>/dev/null; then
+    extra+=(--timeout "${TEST_TIMEOUT:-120}")
+  fi
+  # shellcheck disable=SC2206  # TEST_ARGS is meant to split into words
+  extra+=(${TEST_ARGS:-})
+  say "pytest: the CUDA subset (-m cuda)"
+  run "$PY" -m pytest tests -q -rfEs -m cuda "${extra[@]}" 2>&1 | tee "$STATE/pytest-cuda.txt" || rc1=$?
+  say "pytest: the rest of the suite"
+  run "$PY" -m pytest tests -q -rfE -m "not cuda" "${extra[@]}" 2>&1 | tee "$STATE/pytest-rest.txt" || rc2=$?
+  a="$(pytest_line "$STATE/pytest-cuda.txt")"; b="$(pytest_line "$STATE/pytest-rest.txt")"
+  key "cuda: ${a:-rc $rc1}; rest: ${b:-rc $rc2}"
+  [ "$rc1" = 0 ] && [ "$rc2" = 0 ]
+}
+
+stage_sanitize() {
+  need_ext
+  export FLORA_REQUIRE_EXTENSION=1
+  if [ "$DRY" != 1 ] && ! command -v compute-sanitizer >/dev/null; then
+    key "compute-sanitizer not found"; return 1
+  fi
+  run compute-sanitizer --version || true
+  local tool rc=0 one summary keys=() sel
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
+    case "$tool" in
+      racecheck) sel=(tests/test_ops.py -m cuda) ;;   # shared-memory hazards: the ops' kernels
+      *) sel=(tests -m cuda) ;;
+    esac
+    say "compute-sanitizer --tool $tool over pytest ${sel[*]}"
+    one=0
+    run timeout -k 10 "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      --print-limit 50 "$PY" -m pytest "${sel[@]}" -q -rfE -p no:cacheprovider 2>&1 \
+      | tee "$STATE/san-$tool.txt" || one=$?
+    summary="$(grep -E '(ERROR|RACECHECK|SYNCCHECK|INITCHECK) SUMMARY' "$STATE/san-$tool.txt" 2>/dev/null | tail -n 1 \
+      | sed -E 's/^=+ *//; s/ SUMMARY//' || true)"
+    case "$one" in
+      0) ;;
+      99) summary="${summary:-errors} (sanitizer errors)" ;;
+      124|137) summary="timed out after ${SANITIZE_TIMEOUT:-240} s" ;;
+      *) summary="${summary:+$summary, }pytest rc $one" ;;
+    esac
+    keys+=("$tool: ${summary:-ok}, $(pytest_line "$STATE/san-$tool.txt")")
+    [ "$one" = 0 ] || rc=1
+  done
+  key "$(IFS=';'; echo "${keys[*]}")"
+  return "$rc"
+}
+
+stage_kernels() {
+  need_ext
+  local ms="${KERNELS_MS:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192}"
+  local rc=0
+  say "bench/kernels.py eager, M = $ms"
+  # shellcheck disable=SC2086  # KERNELS_ARGS is meant to split into words
+  run "$PY" bench/kernels.py --device cuda --ms "$ms" --json "$OUT/kernels.json" ${KERNELS_ARGS:-} || rc=$?
+  if [ "${KERNELS_GRAPHS:-1}" != 0 ]; then
+    say "bench/kernels.py CUDA graphs, bf16"
+    # shellcheck disable=SC2086
+    run "$PY" bench/kernels.py --device cuda --graphs --ms "${KERNELS_GRAPHS_MS:-1,2,4,8,16,32,64}" \
+      --dtypes bfloat16 --json "$OUT/kernels-graphs.json" ${KERNELS_ARGS:-} || rc=$?
+  fi
+  say "kernels.md"
+  if [ "$DRY" = 1 ]; then
+    echo "+ (summarise $OUT/kernels.json and kernels-graphs.json into $OUT/kernels.md)"
+    return "$rc"
+  fi
+  "$PY" - "$OUT" "$STATE/key.$STAGE" <<'EOF' || rc=$?
+import datetime
+import json
+import os
+import statistics
+import sys
+
+out, keyfile = sys.argv[1], sys.argv[2]
+OPS = ("ffl", "fbl", "ffbl")
+md, keys = [], []
+try:
+    import torch
+    dev = torch.cuda.get_device_name(0)
+except Exception:  # noqa: BLE001
+    dev = "?"
+
+
+def section(path, title):
+    if not os.path.isfile(path):
+        md.append(f"### {title}\n\n(no {os.path.basename(path)}: the run did not finish)\n")
+        return None
+    res = json.load(open(path))
+    rows = res["rows"]
+    ms = sorted({r["M"] for r in rows})
+    ranks = sorted({r["r"] for r in rows})
+    rr = 32 if 32 in ranks else ranks[len(ranks) // 2]
+    idx = {(r["model"], r["shape"], r["dtype"], r["r"], r["M"], r["op"]): r for r in rows}
+    cases = []
+    for r in rows:
+        c = (r["model"], r["shape"], r["op"], r["dtype"])
+        if r["op"] in OPS and c not in cases:
+            cases.append(c)
+    info = res.get("info", {})
+    md.append(f"### {title}\n")
+    md.append(f"- {dev}; torch {info.get('torch')}; flora {info.get('flora')}, CUDA archs {info.get('cuda_archs')}; "
+              f"{datetime.date.today()}")
+    md.append(f"- copy bandwidth (512 MB dst.copy_(src), read + write): {res['copy_gbs']:.0f} GB/s")
+    md.append(f"- each cell at r = {rr}: op/base / op/fused / lora/base; decode cells (M <= 16) add the op's GB/s\n")
+    md.append("| model | proj | op | dtype | " + " | ".join(f"M={m}" for m in ms) + " |")
+    md.append("|---|---|---|---|" + "---|" * len(ms))
+    for model, shape, op, dtype in cases:
+        cells = []
+        for m in ms:
+            k = (model, shape, dtype, rr, m)
+            o, f, lo = idx.get(k + (op,)), idx.get(k + ("fused",)), idx.get(k + ("lora",))
+            if not o:
+                cells.append("-")
+                continue
+            c = f"{o['ratio']:.2f} / {o['t_us'] / f['t_us']:.2f} / {lo['ratio']:.2f}"
+            cells.append(c + (f" ({o['gbs']:.0f})" if m <= 16 else ""))
+        md.append(f"| {model} | {shape} | {op} | {dtype} | " + " | ".join(cells) + " |")
+    ops = [r for r in rows if r["op"] in OPS]
+    md.append(f"\nOver all ranks ({', '.join(map(str, ranks))}): op/base median, and cells within 1.05x of base\n")
+    md.append("| dtype | " + " | ".join(f"M={m}" for m in ms) + " |")
+    md.append("|---|" + "---|" * len(ms))
+    for dtype in sorted({r["dtype"] for r in ops}):
+        cells = []
+        for m in ms:
+            v = [r["ratio"] for r in ops if r["dtype"] == dtype and r["M"] == m]
+            cells.append(f"{statistics.median(v):.2f} ({sum(x <= 1.05 for x in v)}/{len(v)})" if v else "-")
+        md.append(f"| {dtype} | " + " | ".join(cells) + " |")
+    md.append("")
+    worst = max(ops, key=lambda r: r["ratio"])
+    dec = [r["ratio"] for r in ops if r["M"] <= 16]
+    return (f"op/base median {statistics.median(r['ratio'] for r in ops):.2f}"
+            + (f" (M<=16 {statistics.median(dec):.2f})" if dec else "")
+            + f", worst {worst['ratio']:.2f} {worst['model']} {worst['shape']} {worst['op']} {worst['dtype']} "
+              f"M={worst['M']} r={worst['r']}")
+
+
+k = section(os.path.join(out, "kernels.json"), "GPU kernels, eager (CUDA events)")
+if k:
+    keys.append(k)
+if os.path.isfile(os.path.join(out, "kernels-graphs.json")):
+    k = section(os.path.join(out, "kernels-graphs.json"), "GPU kernels, CUDA graphs")
+    if k:
+        keys.append("graphs " + k.split(",")[0].replace("op/base median ", ""))
+with open(os.path.join(out, "kernels.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+print("\n".join(md))
+with open(keyfile, "w") as f:
+    f.write("; ".join(keys) + "\n")
+EOF
+  return "$rc"
+}
+
+stage_latency() {
+  need_ext
+  local models name rc=0
+  case "$STAGE" in
+    latency-1b) models=1b ;;
+    latency-3b) models=3b ;;
+    *) models="${LATENCY_MODELS:-1b 3b}" ;;
+  esac
+  name="latency-${models// /-}"
+  say "bench/latency.py --model $models"
+  # shellcheck disable=SC2086  # models and LATENCY_ARGS are meant to split into words
+  run "$PY" bench/latency.py --device cuda --model $models --dtype bf16 --batch 1 8 --prompt 512 --mode both \
+    --out-dir "$OUT/latency" --name "$name" --results "$OUT/RESULTS-latency.md" ${LATENCY_ARGS:-} || rc=$?
+  say "goals"
+  if [ "$DRY" = 1 ]; then echo "+ (list the goals of $OUT/latency/$name.json)"; return "$rc"; fi
+  "$PY" - "$OUT/latency/$name.json" "$STATE/key.$STAGE" <<'EOF' || rc=$?
+import json
+import os
+import sys
+
+path, keyfile = sys.argv[1], sys.argv[2]
+if not os.path.isfile(path):
+    open(keyfile, "w").write("no JSON written\n")
+    sys.exit(1)
+res = json.load(open(path))
+goals, rows = res.get("goals", []), res.get("rows", [])
+for g in goals:
+    print(f"  {'met   ' if g['met'] else 'MISSED'}  {g['goal']}: {g['value']:.3f} {g.get('unit', '')} "
+          f"(limit {g['limit']})")
+skipped = [r for r in rows if r.get("skipped")]
+missed = [g["goal"] for g in goals if not g["met"]]
+key = f"goals {len(goals) - len(missed)}/{len(goals)} met; {len(rows)} rows"
+key += f", {len(skipped)} skipped" if skipped else ""
+key += f"; copy {res.get('copy_gbps', 0):.0f} GB/s"
+open(keyfile, "w").write(key + "\n")
+EOF
+  return "$rc"
+}
+
+stage_smoke() {
+  need_ext
+  local rc=0
+  run "$PY" bench/kernels.py --device cuda --quick --models 1024-wide --dtypes bfloat16 || rc=$?
+  run "$PY" bench/kernels.py --device cuda --quick --graphs --models 1024-wide --dtypes bfloat16 || rc=$?
+  run "$PY" bench/latency.py --device cuda --quick --model tiny --out-dir "$STATE/smoke" --name smoke \
+    --no-results --no-plot || rc=$?
+  key "$([ "$rc" = 0 ] && echo "kernels + latency ran on cuda" || echo "a benchmark failed (see log)")"
+  return "$rc"
+}
+
+# ---------------------------------------------------------------------------
+# orchestrator
+# ---------------------------------------------------------------------------
+if [ "${1:-}" = __stage ]; then            # internal: one stage, in this process
+  STAGE="$2"
+  echo "$PPID" >"$STATE/pgid"   # `timeout` (our parent) leads its own process group: what a signal stops
+  case "$STAGE" in
+    build) stage_build ;;
+    test) stage_test ;;
+    sanitize) stage_sanitize ;;
+    kernels) stage_kernels ;;
+    latency|latency-1b|latency-3b) stage_latency ;;
+    smoke) stage_smoke ;;
+    *) echo "unknown stage $STAGE" >&2; exit 2 ;;
+  esac
+  exit 0
+fi
+
+usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
+
+declare -A MIN=([build]=0 [test]=90 [sanitize]=150 [kernels]=150 [latency-1b]=200 [latency-3b]=270
+                [latency]=450 [smoke]=45)
+stages=()
+[ $# -gt 0 ] || set -- all
+for a in "$@"; do
+  case "$a" in
+    -h|--help|help) usage; exit 0 ;;
+    all) stages+=(build test sanitize kernels latency-1b latency-3b) ;;
+    build|test|sanitize|kernels|latency|latency-1b|latency-3b|smoke) stages+=("$a") ;;
+    *) echo "gpu_run.sh: unknown stage '$a' (build test sanitize kernels latency latency-1b latency-3b smoke all)" >&2
+       exit 2 ;;
+  esac
+done
+# build first, always (cheap when already built); drop repeats, keep the order
+ordered=(build)
+for s in "${stages[@]}"; do
+  case " ${ordered[*]} " in *" $s "*) ;; *) ordered+=("$s") ;; esac
+done
+
+mkdir -p "$OUT"
+STATE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX")"
+export STATE DRY
+T0=$(date +%s)
+DEADLINE=$((T0 + BUDGET))
+declare -A STATUS=() SECS=() KEY=()
+INTERRUPTED=0
+
+# shellcheck disable=SC2317  # a trap handler
+on_signal() {
+  INTERRUPTED=1
+  if [ -s "$STATE/pgid" ]; then kill -TERM -- "-$(cat "$STATE/pgid")" 2>/dev/null || true; fi
+}
+trap on_signal TERM INT
+
+say "gpu_run.sh ${ordered[*]} (budget ${BUDGET}s, OUT=$OUT$([ "$DRY" = 1 ] && echo ', DRY RUN: nothing is executed'))"
+for st in "${ordered[@]}"; do
+  if [ "$INTERRUPTED" = 1 ]; then STATUS[$st]=skipped; KEY[$st]="interrupted"; SECS[$st]=0; continue; fi
+  if [ "$st" != build ] && [ "${STATUS[build]}" != ok ] && [ "${STATUS[build]}" != dry ]; then
+    STATUS[$st]=skipped; KEY[$st]="build failed"; SECS[$st]=0; continue
+  fi
+  left=$((DEADLINE - $(date +%s) - RESERVE))
+  if [ "$left" -lt "${MIN[$st]}" ] || [ "$left" -lt 10 ]; then
+    STATUS[$st]=skipped; KEY[$st]="no time: ${left}s left, needs ~${MIN[$st]}s; run it in another call"; SECS[$st]=0
+    continue
+  fi
+  say "stage $st (at most ${left}s) -> $OUT/$st.log"
+  rm -f "$STATE/pgid" "$STATE/key.$st"
+  s0=$(date +%s)
+  set +e
+  (set -o pipefail; timeout -k 10 "$left" bash "$SELF" __stage "$st" 2>&1 | tee "$OUT/$st.log") &
+  wait $!; rc=$?
+  while [ "$INTERRUPTED" = 1 ] && kill -0 $! 2>/dev/null; do wait $!; rc=$?; done
+  set -e
+  SECS[$st]=$(( $(date +%s) - s0 ))
+  KEY[$st]="$(cat "$STATE/key.$st" 2>/dev/null || true)"
+  if [ "$INTERRUPTED" = 1 ]; then STATUS[$st]=KILLED
+  elif [ "$rc" = 0 ]; then STATUS[$st]=$([ "$DRY" = 1 ] && echo dry || echo ok)
+  elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then STATUS[$st]=TIMEOUT; KEY[$st]="stopped after ${left}s; ${KEY[$st]}"
+  else STATUS[$st]=FAIL; KEY[$st]="${KEY[$st]:-exit $rc, see $st.log}"
+  fi
+done
+
+# --- the files the device tool returns: at most 8, 16 MiB each ---
+for f in "$OUT"/*.log; do   # cap a runaway log (sanitizer output) at 14 MiB: head + tail
+  [ -f "$f" ] || continue
+  if [ "$(stat -c %s "$f")" -gt $((14 * 1024 * 1024)) ]; then
+    { head -c $((7 * 1024 * 1024)) "$f"; printf '\n\n[... cut by gpu_run.sh ...]\n\n'; tail -c $((7 * 1024 * 1024)) "$f"; } >"$f.cut"
+    mv "$f.cut" "$f"
+  fi
+done
+summary="$OUT/summary.txt"
+gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)"
+commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+[ "$commit" = '?' ] || git -C "$ROOT" diff --quiet HEAD 2>/dev/null || commit="$commit+changes"
+{
+  echo "gpu_run.sh ${ordered[*]} | ${gpu:-no GPU seen} | commit $commit | $(date -u '+%Y-%m-%d %H:%M UTC') | total $(( $(date +%s) - T0 ))s"
+  printf '%-11s %-8s %7s  %s\n' stage status seconds "key figure"
+  for st in "${ordered[@]}"; do
+    printf '%-11s %-8s %7s  %s\n' "$st" "${STATUS[$st]}" "${SECS[$st]}" "${KEY[$st]}"
+  done
+} >"$summary"
+nfiles=$(find "$OUT" -type f | wc -l)
+if [ "$nfiles" -gt 8 ]; then
+  tar -C "$OUT" -czf "$STATE/gpu-run.tar.gz" . && mv "$STATE/gpu-run.tar.gz" "$OUT/gpu-run.tar.gz"
+  keep=("$OUT/gpu-run.tar.gz" "$summary" "$OUT/kernels.md" "$OUT/RESULTS-latency.md")
+  for st in "${ordered[@]}"; do [ "${STATUS[$st]}" = ok ] || keep+=("$OUT/$st.log"); done
+  n=0
+  declare -A KEEP=()
+  for f in "${keep[@]}"; do
+    if [ -f "$f" ] && [ "$n" -lt 8 ]; then KEEP[$f]=1; n=$((n + 1)); fi
+  done
+  while IFS= read -r f; do [ -n "${KEEP[$f]:-}" ] || rm -f "$f"; done < <(find "$OUT" -type f)
+  find "$OUT" -mindepth 1 -type d -empty -delete
+  loose="$(for f in "${!KEEP[@]}"; do basename "$f"; done | sort | tr '\n' ' ')"
+  echo "more than 8 files: every output is in gpu-run.tar.gz (tar -xzf); kept loose: $loose" >>"$summary"
+fi
+rm -rf "$STATE"
+
+echo
+cat "$summary"
+fail=0
+for st in "${ordered[@]}"; do case "${STATUS[$st]}" in ok|dry) ;; *) fail=1 ;; esac; done
+[ "$INTERRUPTED" = 1 ] && exit 143
+exit "$fail"
