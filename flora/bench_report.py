@@ -68,7 +68,7 @@ def markdown(result: dict) -> str:
              f"- versions: flora {env['flora']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"peft {env['peft']}, python {env['python']}",
              f"- copy bandwidth (one {result['copy_bytes'] // 2**20} MiB tensor copy, read + write): "
-             f"{result['copy_gbps']:.1f} GB/s; floor = base weight bytes / that bandwidth",
+             f"{result['copy_gbps']:.1f} GB/s{_copy_runs(result)}; floor = base weight bytes / that bandwidth",
              f"- adapters: r = {result['rank']}, alpha = {result['alpha']}, every adapter tensor random "
              f"and non-zero; medians of {result['repeats']} runs after {result['warmup']} warm-up",
              "- TTFT = prefill + first token; TPOT = mean of the later decode steps; ratios (×) are to the "
@@ -104,9 +104,10 @@ def markdown(result: dict) -> str:
                       f"ratios); its TPOT moved by {drift[0]['base_drift'] * 100:.1f}% in between.", ""]
         elif drift:
             d = max(drift, key=lambda r: r["base_drift"])
-            lines += [f"Each flora variant was timed interleaved with flora base (runs alternate base, variant, "
-                      f"variant, base, ...); its ratios are medians of the round-by-round ratios, so they can "
-                      f"differ from the quotient of the ms columns. The flora base row pools all its runs; "
+            lines += [f"Each flora variant was timed interleaved with flora base, decode step by decode step "
+                      f"(base, variant, variant, base, ...), so drift of the machine hits both alike; its ratios "
+                      f"are medians of the per-round ratios, so they can differ from the quotient of the ms "
+                      f"columns. The flora base row pools all its runs; "
                       f"its median TPOT moved by {d['base_drift'] * 100:.1f}% across the {d['pairings']} "
                       f"pairings, a measure of the machine's drift.", ""]
     if result["goals"]:
@@ -118,6 +119,13 @@ def markdown(result: dict) -> str:
     if result["device_type"] == "cpu":
         lines += ["GPU rows (CUDA graphs, H100 goals) need a CUDA device and are not measured in this run.", ""]
     return "\n".join(lines)
+
+
+def _copy_runs(result: dict) -> str:
+    runs = result.get("copy_gbps_runs")
+    if not runs or len(runs) < 2:
+        return ""
+    return f" (the better of {runs[0]:.1f} at the start and {runs[1]:.1f} at the end)"
 
 
 def _short(dtype: str) -> str:

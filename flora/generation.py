@@ -287,16 +287,25 @@ class LatencyProbe:
     def graphed(self) -> bool:
         return self.dec is not None and self.dec.graph is not None
 
+    def prefill(self):
+        """Prefill + first token; returns the timer marks around it."""
+        a = self.timer.mark()
+        self.tok = self.dec.prefill(self.ids, self.valid).argmax(-1)
+        return a, self.timer.mark()
+
+    def step(self):
+        """One decode step (+ its greedy token); returns the timer marks around it."""
+        a = self.timer.mark()
+        self.tok = self.dec.step(self.tok).argmax(-1)
+        return a, self.timer.mark()
+
     def run(self) -> tuple[float, float]:
         """One generation; returns (TTFT, TPOT) in seconds."""
-        dec, timer = self.dec, self.timer
-        t0 = timer.mark()
-        tok = dec.prefill(self.ids, self.valid).argmax(-1)
-        t1 = timer.mark()
+        a, b = self.prefill()
         for _ in range(self.new_tokens - 1):
-            tok = dec.step(tok).argmax(-1)
-        t2 = timer.mark()
-        return timer.elapsed(t0, t1), timer.elapsed(t1, t2) / (self.new_tokens - 1)
+            self.tok = self.dec.step(self.tok).argmax(-1)
+        c = self.timer.mark()
+        return self.timer.elapsed(a, b), self.timer.elapsed(b, c) / (self.new_tokens - 1)
 
 
 def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
@@ -321,23 +330,32 @@ def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
 def measure_interleaved(models: list, batch: int, prompt_len: int, new_tokens: int,
                         use_cuda_graph: Optional[bool] = None, repeats: int = 5, warmup: int = 1,
                         seed: int = 0) -> list[dict]:
-    """Like :func:`measure_latency` for several models at once, their runs
-    interleaved (round k runs every model once, in reversed order on odd
-    rounds: A B, B A, A B, ...) so slow drift of the machine (clock, other
-    load) hits every model alike. Each result also has the per-round
-    ``ttft_runs``/``tpot_runs`` lists, so ratios can be taken round by round."""
+    """Like :func:`measure_latency` for several models at once, interleaved
+    step by step so that drift of the machine (clock, memory bandwidth taken
+    by neighbours) hits every model alike: each round prefills every model,
+    then runs decode step j of every model before step j + 1 of any, the
+    order reversed on every other step and round (A B, B A, ...). TPOT of a
+    round is the mean of that model's own step times. Each result also has
+    the per-round ``ttft_runs``/``tpot_runs``, so ratios can be taken round
+    by round."""
     if not models or repeats < 1 or warmup < 0:
         raise ValueError("need at least one model, repeats >= 1 and warmup >= 0")
+    n_steps = new_tokens - 1
     with contextlib.ExitStack() as stack:
         probes = [stack.enter_context(LatencyProbe(m, batch, prompt_len, new_tokens, use_cuda_graph, seed))
                   for m in models]
         runs: list[list] = [[] for _ in models]
         for k in range(warmup + repeats):
-            order = range(len(probes)) if k % 2 == 0 else reversed(range(len(probes)))
-            for i in order:
-                t = probes[i].run()
-                if k >= warmup:
-                    runs[i].append(t)
+            order = list(range(len(probes)))[::(-1 if k % 2 else 1)]
+            pre = {i: probes[i].prefill() for i in order}
+            steps: dict = {i: [] for i in order}
+            for j in range(n_steps):
+                for i in order[::(-1 if j % 2 else 1)]:
+                    steps[i].append(probes[i].step())
+            if k >= warmup:
+                for i, p in enumerate(probes):
+                    tpot = sum(p.timer.elapsed(a, b) for a, b in steps[i]) / n_steps
+                    runs[i].append((p.timer.elapsed(*pre[i]), tpot))
         graphed = [p.graphed for p in probes]
     return [{"ttft_s": statistics.median(t for t, _ in rs), "tpot_s": statistics.median(t for _, t in rs),
              "ttft_runs": [t for t, _ in rs], "tpot_runs": [t for _, t in rs], "cuda_graph": g,

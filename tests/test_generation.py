@@ -127,27 +127,35 @@ def test_measure_latency_cpu(pair):
     assert r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["cuda_graph"] is False
 
 
-def test_measure_interleaved_alternates_and_drops_warmup(pair, monkeypatch):
-    """Rounds run A B, B A, A B ...; warm-up rounds are run but not kept; each
-    model is in inference mode (adapters folded) during its runs only."""
+def test_measure_interleaved_alternates_steps_and_drops_warmup(pair, monkeypatch):
+    """Each round prefills every model, then alternates their decode steps
+    (A B, B A, ...; the next round starts reversed); warm-up rounds run but are
+    not kept; each model is in inference mode (adapters folded) only while
+    measured, its training state restored after."""
     from flora import generation
 
     hf, base = pair
     ffba = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, alpha=4))
     calls = []
 
-    def fake_run(self):
-        calls.append(self.model)
-        assert not self.model.training
-        return float(len(calls)), 10.0 * len(calls)
+    def fake(kind):
+        def f(self):
+            assert not self.model.training and (self.model is base or self.model._folded)
+            calls.append((kind, "A" if self.model is base else "B"))
+            return 0.0, float(len(calls))  # elapsed = b - a on the CPU timer
+        return f
 
-    monkeypatch.setattr(generation.LatencyProbe, "run", fake_run)
+    monkeypatch.setattr(generation.LatencyProbe, "prefill", fake("p"))
+    monkeypatch.setattr(generation.LatencyProbe, "step", fake("s"))
     ffba.train()
-    a, b = generation.measure_interleaved([base, ffba], 1, 4, 3, repeats=3, warmup=1)
-    assert calls == [base, ffba, ffba, base, base, ffba, ffba, base]
-    assert a["ttft_runs"] == [4.0, 5.0, 8.0] and b["ttft_runs"] == [3.0, 6.0, 7.0]
-    assert a["tpot_s"] == 50.0 and b["tpot_s"] == 60.0
-    assert ffba.training and not ffba._folded  # state restored after
+    a, b = generation.measure_interleaved([base, ffba], 1, 4, 3, repeats=2, warmup=1)
+    one = [("p", "A"), ("p", "B"), ("s", "A"), ("s", "B"), ("s", "B"), ("s", "A")]
+    rev = [("p", "B"), ("p", "A"), ("s", "B"), ("s", "A"), ("s", "A"), ("s", "B")]
+    assert calls == one + rev + one
+    # round 1 (calls 7-12): A prefill is call 8, its steps 10 and 11; round 2: 13, 15, 18
+    assert a["ttft_runs"] == [8.0, 13.0] and a["tpot_runs"] == [10.5, 16.5]
+    assert b["ttft_runs"] == [7.0, 14.0] and b["tpot_runs"] == [10.5, 16.5]
+    assert ffba.training and not ffba._folded
     with pytest.raises(ValueError, match="repeats"):
         generation.measure_interleaved([base], 1, 4, 3, repeats=0)
 
