@@ -518,6 +518,12 @@ def _log_row(log, r):
         f"TTFT {r['ttft_s'] * 1e3:9.2f} ms  TPOT {r['tpot_s'] * 1e3:8.2f} ms")
 
 
+def bytes_ratio(row: dict, weight_bytes: int) -> float:
+    """The TPOT ratio a decode step bound by weight streaming cannot beat:
+    (base + adapter bytes) / base bytes (adapters stored in the base dtype)."""
+    return 1 + row["adapter_params"] * torch.finfo(getattr(torch, row["dtype"])).bits / 8 / weight_bytes
+
+
 def add_ratios(rows: list, infos: list, copy_bw: float) -> list:
     """TTFT/TPOT ratio to the base of the same engine, model, dtype, setting and
     mode (for flora variants: the median of round-by-round ratios against the
@@ -530,7 +536,7 @@ def add_ratios(rows: list, infos: list, copy_bw: float) -> list:
 
     bases = {key(r): r for r in rows if r["skipped"] is None and r["variant"] in ("base", "transformers")}
     for r in rows:
-        for k in ("ttft_ratio", "tpot_ratio", "tokens_per_s", "decode_gbps", "floor_ratio"):
+        for k in ("ttft_ratio", "tpot_ratio", "tokens_per_s", "decode_gbps", "floor_ratio", "bytes_ratio"):
             r[k] = None
         r.setdefault("base_drift", None)
         if r["skipped"] is not None:
@@ -545,6 +551,7 @@ def add_ratios(rows: list, infos: list, copy_bw: float) -> list:
         w = wb[(r["model"], r["dtype"])]
         r["decode_gbps"] = w / r["tpot_s"] / 1e9
         r["floor_ratio"] = r["tpot_s"] / (w / copy_bw)
+        r["bytes_ratio"] = bytes_ratio(r, w)
     return rows
 
 
@@ -654,6 +661,10 @@ def rerender(path, args) -> dict:
         raise ValueError(f"--from-json: no such file {path!r}")
     try:
         result = json.loads(p.read_text())
+        wb = {(i["model"], i["dtype"]): i["weight_bytes"] for i in result["models"]}
+        for r in result["rows"]:  # a JSON from before the column
+            if r["skipped"] is None and r.get("bytes_ratio") is None:
+                r["bytes_ratio"] = bytes_ratio(r, wb[(r["model"], r["dtype"])])
         result["goals"] = evaluate_goals(result["rows"], torch.device(result["device_type"]), result["rank"])
         result["command"] = result["command"].strip()
     except (json.JSONDecodeError, KeyError, TypeError) as e:

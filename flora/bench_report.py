@@ -72,7 +72,9 @@ def markdown(result: dict) -> str:
              f"- adapters: r = {result['rank']}, alpha = {result['alpha']}, every adapter tensor random "
              f"and non-zero; medians of {result['repeats']} runs after {result['warmup']} warm-up",
              "- TTFT = prefill + first token; TPOT = mean of the later decode steps; ratios (×) are to the "
-             "base of the same engine and setting; tok/s = batch / TPOT; GB/s = base weight bytes / TPOT", ""]
+             "base of the same engine and setting; bytes × = (base + adapter weight bytes) / base weight bytes, "
+             "the TPOT ratio a weight-streaming-bound decode step cannot beat; tok/s = batch / TPOT; "
+             "GB/s = base weight bytes / TPOT", ""]
     for m in result["models"]:
         if m.get("skipped"):
             lines.append(f"**{m['label']}, {_short(m['dtype'])}**: not run ({m['skipped']})")
@@ -85,17 +87,18 @@ def markdown(result: dict) -> str:
         wb = info[(model, dtype)]["weight_bytes"]
         lines += [f"**{info[(model, dtype)]['label']}, {_short(dtype)}, batch {b}, prompt {p}, {n} new tokens** "
                   f"(base weights {wb / 1e6:.0f} MB, floor {wb / result['copy_gbps'] / 1e6:.2f} ms/token)", "",
-                  "| engine | variant | r | mode | TTFT ms | TTFT × | TPOT ms | TPOT × | tok/s | GB/s | × floor |",
-                  "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| engine | variant | r | mode | TTFT ms | TTFT × | TPOT ms | TPOT × | bytes × | tok/s | GB/s "
+                  "| × floor |",
+                  "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rs:
             mode = "graph" if r["graph"] else "eager"
             if r["skipped"]:
                 lines.append(f"| {r['engine']} | {row_label(r)} | {r['rank'] or ''} | {mode} | not run: "
-                             f"{r['skipped']} | | | | | | |")
+                             f"{r['skipped']} | | | | | | | |")
                 continue
             lines.append(
                 f"| {r['engine']} | {row_label(r)} | {r['rank'] or ''} | {mode} | {_ms(r['ttft_s'])} | "
-                f"{_x(r['ttft_ratio'])} | {_ms(r['tpot_s'])} | {_x(r['tpot_ratio'])} | "
+                f"{_x(r['ttft_ratio'])} | {_ms(r['tpot_s'])} | {_x(r['tpot_ratio'])} | {_x(r.get('bytes_ratio'))} | "
                 f"{_x(r['tokens_per_s'], 1)} | {_x(r['decode_gbps'], 2)} | {_x(r['floor_ratio'], 2)} |")
         drift = [r for r in rs if r.get("base_drift") is not None]
         lines.append("")

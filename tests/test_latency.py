@@ -59,6 +59,7 @@ def test_json_rows_and_ratios(quick_run):
         assert math.isclose(r["tokens_per_s"], 1 / r["tpot_s"], rel_tol=1e-9)
         assert math.isclose(r["decode_gbps"], wb / r["tpot_s"] / 1e9, rel_tol=1e-9)
         assert math.isclose(r["floor_ratio"], r["tpot_s"] * res["copy_gbps"] * 1e9 / wb, rel_tol=1e-9)
+        assert math.isclose(r["bytes_ratio"], 1 + 4 * r["adapter_params"] / wb, rel_tol=1e-9)  # fp32
         if r["variant"] not in ("base", "transformers"):
             assert r["adapter_params"] > 0 and r["rank"] == 16
     assert bases["flora"]["tpot_ratio"] == 1.0 and bases["transformers"]["tpot_ratio"] == 1.0
@@ -181,3 +182,25 @@ def test_model_emits_nvtx_ranges(monkeypatch):
     assert len(names) == calls.count(None)  # every push popped
     assert names.count("prefill") == 1 and names.count("decode") == 2
     assert names.count("attn[0]") == names.count("mlp[1]") == 3  # prefill + 2 decode steps
+
+
+def test_from_json_rerenders_without_measuring(quick_run, tmp_path, capsys):
+    """--from-json re-renders an earlier run (a JSON from before the bytes
+    column gets it computed); a missing or foreign file is a clear error."""
+    _, res, _ = quick_run
+    old = json.loads(json.dumps(res))
+    for r in old["rows"]:
+        r.pop("bytes_ratio", None)
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps(old))
+    out = tmp_path / "out"
+    assert bl.main(["--from-json", str(src), "--out-dir", str(out), "--no-results", "--no-plot"]) == 0
+    again = json.loads((out / "old.json").read_text())
+    for a, b in zip(again["rows"], res["rows"]):
+        assert math.isclose(a["bytes_ratio"], b["bytes_ratio"], rel_tol=1e-12)
+        assert a["tpot_s"] == b["tpot_s"]
+    assert "| bytes × |" in capsys.readouterr().out
+    assert bl.main(["--from-json", str(tmp_path / "none.json"), "--no-results"]) == 2
+    (tmp_path / "bad.json").write_text("{}")
+    assert bl.main(["--from-json", str(tmp_path / "bad.json"), "--no-results"]) == 2
+    assert "not a JSON written by this benchmark" in capsys.readouterr().err
