@@ -39,7 +39,7 @@ struct V {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 };
-constexpr int kNB1 = 8, kNB = 4, kMB = 2;
+constexpr int kNB1 = 8, kNB1h = 8, kNB = 4, kMB = 2;  // 16 ymm registers: no room for more rows
 
 #include "rows_body.inc"
 
