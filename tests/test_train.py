@@ -227,7 +227,8 @@ def _run_ddp(nproc, ckpt, out, grad_accum, fsdp=False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(HERE / "_ddp_train_worker.py"), str(ckpt), str(out), str(grad_accum), "1" if fsdp else "0"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, \
+        f"torchrun exited {p.returncode}\nstdout: {p.stdout[-1500:]}\nstderr: {p.stderr[-3000:]}"
     from safetensors.torch import load_file
 
     return json.loads((out / "losses.json").read_text()), load_file(str(out / "adapter.st"))
