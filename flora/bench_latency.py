@@ -24,6 +24,7 @@ inserted at the end of the "End-to-end latency" section of ``--results``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -318,60 +319,71 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, repeats: int
     return 2 * n * 4 / statistics.median(times)
 
 
-def hf_latency(model, vocab: int, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-               warmup: int, seed: int, device: torch.device) -> dict:
+class HFProbe:
     """transformers' own eager decode loop (DynamicCache, as generate() uses by
-    default): TTFT = prefill + first token, TPOT = mean later step."""
-    from . import nvtx
+    default) with the probe interface of flora.generation.run_interleaved:
+    prefill() = prefill + first token, step() = one decode step."""
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
-    timer = Timer(device)
-    ttft, tpot = [], []
-    with torch.no_grad():
-        for r in range(warmup + repeats):
-            t0 = timer.mark()
-            with nvtx.range("prefill"):
-                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            tok = out.logits[:, -1].argmax(-1)
-            t1 = timer.mark()
-            cache = out.past_key_values
-            for _ in range(new_tokens - 1):
-                with nvtx.range("decode"):
-                    out = model(input_ids=tok[:, None], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                tok = out.logits[:, -1].argmax(-1)
-            t2 = timer.mark()
-            if r >= warmup:
-                ttft.append(timer.elapsed(t0, t1))
-                tpot.append(timer.elapsed(t1, t2) / (new_tokens - 1))
-            del out, cache
-    return {"ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot), "cuda_graph": False}
+    graphed = False
+
+    def __init__(self, model, vocab: int, batch: int, prompt_len: int, new_tokens: int, seed: int,
+                 device: torch.device):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.model, self.new_tokens = model, new_tokens
+        self.ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
+        self.timer = Timer(device)
+        self._grad = None
+
+    def __enter__(self) -> "HFProbe":
+        self._grad = torch.no_grad()
+        self._grad.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cache = self.tok = None
+        self._grad.__exit__(*exc)
+
+    def prefill(self):
+        from . import nvtx
+
+        a = self.timer.mark()
+        with nvtx.range("prefill"):
+            out = self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1)
+        self.tok, self.cache = out.logits[:, -1].argmax(-1), out.past_key_values
+        return a, self.timer.mark()
+
+    def step(self):
+        from . import nvtx
+
+        a = self.timer.mark()
+        with nvtx.range("decode"):
+            out = self.model(input_ids=self.tok[:, None], past_key_values=self.cache, use_cache=True)
+        self.tok, self.cache = out.logits[:, -1].argmax(-1), out.past_key_values
+        return a, self.timer.mark()
 
 
-def flora_pair_latency(base, model, batch, prompt_len, new_tokens, graph: bool, repeats, warmup,
-                       seed) -> tuple[dict, dict]:
-    """flora base and one variant timed interleaved step by step
-    (flora.generation.measure_interleaved). The variant's ``paired`` ratios
-    are medians of the per-round ratios, each between the two models' steps
+def solo_latency(probe, repeats: int, warmup: int) -> dict:
+    """One probe alone: medians of TTFT/TPOT."""
+    from .generation import run_interleaved
+
+    with probe:
+        (t,) = run_interleaved([probe], repeats, warmup)
+    return _timing(t)
+
+
+def pair_latency(base_probe, probe, repeats: int, warmup: int) -> tuple[dict, dict]:
+    """A base and one model timed interleaved step by step
+    (flora.generation.run_interleaved). The model's ``paired`` ratios are
+    medians of the per-round ratios, each between the two models' steps
     taken alternately over the same stretch of time."""
-    from .generation import measure_interleaved
+    from .generation import run_interleaved
 
-    b, v = measure_interleaved([base, model], batch, prompt_len, new_tokens, use_cuda_graph=graph,
-                               repeats=repeats, warmup=warmup, seed=seed)
+    with base_probe, probe:
+        b, v = run_interleaved([base_probe, probe], repeats, warmup)
     v["paired"] = {k: statistics.median(x / y for x, y in zip(v[f"{k}_runs"], b[f"{k}_runs"]))
                    for k in ("ttft", "tpot")}
     v["paired"].update(base_ttft_runs=b["ttft_runs"], base_tpot_runs=b["tpot_runs"])
     return b, v
-
-
-def flora_latency(model, batch, prompt_len, new_tokens, graph: bool, repeats, warmup, seed) -> dict:
-    """One flora model alone (FusedLlama's timing hook, flora.generation.measure_latency)."""
-    from .generation import measure_latency
-
-    r = measure_latency(model, batch, prompt_len, new_tokens, use_cuda_graph=graph, repeats=repeats,
-                        warmup=warmup, seed=seed)
-    return {"ttft_s": r["ttft_s"], "tpot_s": r["tpot_s"], "cuda_graph": bool(r["cuda_graph"])}
 
 
 def _timing(t: dict) -> dict:
@@ -431,31 +443,10 @@ def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
     hf_rows = [r for r, _ in plan.rows if r in TRANSFORMERS_ROWS]
     flora_rows = [(r, k) for r, k in plan.rows if r in FLORA_ROWS]
 
-    def timed_hf(model, name, n_adapter=0):
-        for b, p in _settings(plan):
-            t = hf_latency(model, cfg.vocab_size, b, p, plan.new_tokens, plan.repeats, plan.warmup,
-                           plan.seed, dev)
-            rows.append(_row(shape, dtype, "transformers", name, plan.rank, b, p, plan.new_tokens, False,
-                             t, n_adapter))
-            _log_row(log, rows[-1])
-
-    if "transformers" in hf_rows:
-        timed_hf(hf, "transformers")
-    # flora rows first: the PEFT rows below modify the transformers model in place
     if flora_rows:
         rows += flora_rows_timed(hf, shape, dtype, flora_rows, plan, log)
-    for name, upcast in (("peft", True), ("peft-noupcast", False)):
-        if name in hf_rows:
-            pm, n = wrap_peft(hf, plan.rank, plan.alpha, upcast, plan.seed + 2)
-            timed_hf(pm, name, n)
-            hf = pm.unload()  # back to the plain base model, adapter removed
-            del pm
-            _free(dev)
-    if "peft-merged" in hf_rows:
-        pm, n = wrap_peft(hf, plan.rank, plan.alpha, True, plan.seed + 2)
-        merged = pm.merge_and_unload()
-        timed_hf(merged, "peft-merged", 0)
-        del pm, merged
+    if hf_rows:
+        rows = hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan, log) + rows
     del hf
     _free(dev)
     return rows, info
@@ -463,14 +454,17 @@ def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
 
 def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log) -> list:
     """flora base stays built; each variant is built in turn and timed
-    interleaved with it, per setting and mode. The base row pools every base
-    run (median) and records how much its median moved between pairings."""
+    interleaved with it, per setting and mode."""
+    from .generation import LatencyProbe
+
     dev, rows = plan.device, []
     base, _ = build_flora(hf, "base", plan.rank, plan.alpha, dtype, dev, plan.seed + 1)
-    variants = [(v, k) for v, k in flora_rows if v != "base"]
     base_runs: dict = {}  # (b, p, graph) -> list of per-pairing timings
 
-    for variant, rank in variants:
+    def probe(m, b, p, g):
+        return LatencyProbe(m, b, p, plan.new_tokens, use_cuda_graph=g, seed=plan.seed)
+
+    for variant, rank in [(v, k) for v, k in flora_rows if v != "base"]:
         try:
             m, n = build_flora(hf, variant, rank, plan.alpha, dtype, dev, plan.seed + 1)
         except ValueError as e:  # a variant that cannot take this shape/rank (e.g. repeat-add widths)
@@ -482,31 +476,70 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log) -> list:
             continue
         for b, p in _settings(plan):
             for g in plan.modes:
-                tb, tv = flora_pair_latency(base, m, b, p, plan.new_tokens, g, plan.repeats, plan.warmup,
-                                            plan.seed)
+                tb, tv = pair_latency(probe(base, b, p, g), probe(m, b, p, g), plan.repeats, plan.warmup)
                 base_runs.setdefault((b, p, g), []).append(tb)
                 rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g, _timing(tv), n))
                 _log_row(log, rows[-1])
         del m
         _free(dev)
-    base_rows = []
-    for b, p in _settings(plan):
-        for g in plan.modes:
-            pairings = base_runs.get((b, p, g))
-            if not pairings:  # no variant ran: base alone
-                t = flora_latency(base, b, p, plan.new_tokens, g, plan.repeats, plan.warmup, plan.seed)
-            else:
-                t = {k: statistics.median(x for tb in pairings for x in tb[f"{k}_runs"]) for k in ("ttft", "tpot")}
-                t = {"ttft_s": t["ttft"], "tpot_s": t["tpot"], "cuda_graph": pairings[0]["cuda_graph"]}
-                if len(pairings) > 1:
-                    med = [tb["tpot_s"] for tb in pairings]
-                    t["base_drift"] = max(med) / min(med) - 1
-                    t["pairings"] = len(pairings)
-            base_rows.append(_row(shape, dtype, "flora", "base", plan.rank, b, p, plan.new_tokens, g, t))
-            _log_row(log, base_rows[-1])
+    base_rows = _base_rows(shape, dtype, "flora", "base", plan, base_runs, lambda b, p, g: probe(base, b, p, g),
+                           log)
     del base
     _free(dev)
     return base_rows + rows
+
+
+def hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan: Plan, log) -> list:
+    """transformers base, and PEFT LoRA (upcast / no upcast / merged) on a
+    copy of it, each timed interleaved with the base, per setting."""
+    import copy
+
+    dev, rows, base_runs = plan.device, [], {}
+
+    def probe(m, b, p):
+        return HFProbe(m, cfg.vocab_size, b, p, plan.new_tokens, plan.seed, dev)
+
+    for name in ("peft", "peft-noupcast", "peft-merged"):
+        if name not in hf_rows:
+            continue
+        pm, n = wrap_peft(copy.deepcopy(hf), plan.rank, plan.alpha, name != "peft-noupcast", plan.seed + 2)
+        if name == "peft-merged":
+            pm, n = pm.merge_and_unload(), 0
+        for b, p in _settings(plan):
+            tb, tv = pair_latency(probe(hf, b, p), probe(pm, b, p), plan.repeats, plan.warmup)
+            base_runs.setdefault((b, p, False), []).append(tb)
+            rows.append(_row(shape, dtype, "transformers", name, plan.rank, b, p, plan.new_tokens, False,
+                             _timing(tv), n))
+            _log_row(log, rows[-1])
+        del pm
+        _free(dev)
+    if "transformers" not in hf_rows:
+        return rows
+    eager = dataclasses.replace(plan, modes=[False])  # transformers rows are eager only
+    return _base_rows(shape, dtype, "transformers", "transformers", eager, base_runs,
+                      lambda b, p, g: probe(hf, b, p), log) + rows
+
+
+def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_probe, log) -> list:
+    """One base row per setting and mode: the median of every run it made in
+    its pairings (and how much its median moved between them), or timed alone
+    when nothing was paired with it."""
+    out = []
+    for b, p in _settings(plan):
+        for g in plan.modes:
+            pairings = base_runs.get((b, p, g))
+            if not pairings:
+                t = solo_latency(make_probe(b, p, g), plan.repeats, plan.warmup)
+            else:
+                t = {"ttft_s": statistics.median(x for tb in pairings for x in tb["ttft_runs"]),
+                     "tpot_s": statistics.median(x for tb in pairings for x in tb["tpot_runs"]),
+                     "cuda_graph": pairings[0]["cuda_graph"]}
+                if len(pairings) > 1:
+                    med = [tb["tpot_s"] for tb in pairings]
+                    t["base_drift"], t["pairings"] = max(med) / min(med) - 1, len(pairings)
+            out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g, t))
+            _log_row(log, out[-1])
+    return out
 
 
 def _log_row(log, r):

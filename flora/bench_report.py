@@ -105,14 +105,16 @@ def markdown(result: dict) -> str:
         if drift and "pairings" not in drift[0]:  # JSON of a run before interleaving
             lines += [f"flora base was measured first and last (the row shows their mean, the base of the "
                       f"ratios); its TPOT moved by {drift[0]['base_drift'] * 100:.1f}% in between.", ""]
-        elif drift:
-            d = max(drift, key=lambda r: r["base_drift"])
-            lines += [f"Each flora variant was timed interleaved with flora base, decode step by decode step "
-                      f"(base, variant, variant, base, ...), so drift of the machine hits both alike; its ratios "
-                      f"are medians of the per-round ratios, so they can differ from the quotient of the ms "
-                      f"columns. The flora base row pools all its runs; "
-                      f"its median TPOT moved by {d['base_drift'] * 100:.1f}% across the {d['pairings']} "
-                      f"pairings, a measure of the machine's drift.", ""]
+        elif any("paired" in r for r in rs):
+            text = ("Each variant was timed interleaved with the base of its engine, decode step by decode step "
+                    "(base, variant, variant, base, ...), so drift of the machine hits both alike; its ratios are "
+                    "medians of the per-round ratios, so they can differ from the quotient of the ms columns. "
+                    "The base rows pool all their runs.")
+            if drift:
+                d = max(drift, key=lambda r: r["base_drift"])
+                text += (f" {d['engine']} base's median TPOT moved by {d['base_drift'] * 100:.1f}% across its "
+                         f"{d['pairings']} pairings, a measure of the machine's drift.")
+            lines += [text, ""]
     if result["goals"]:
         lines += ["Issue-8 goals this run measures:", ""]
         for g in result["goals"]:

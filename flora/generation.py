@@ -327,37 +327,49 @@ def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
             "cuda_graph": graphed, "repeats": repeats, "device": str(model.device)}
 
 
+def run_interleaved(probes: list, repeats: int, warmup: int = 1) -> list[dict]:
+    """Time several entered probes (objects with ``prefill()``/``step()``
+    returning timer marks, ``timer``, ``new_tokens`` and ``graphed``, such as
+    :class:`LatencyProbe`) interleaved step by step so that drift of the
+    machine (clock, memory bandwidth taken by neighbours) hits every model
+    alike: each round prefills every probe, then runs decode step j of every
+    probe before step j + 1 of any, the order reversed on every other step
+    and round (A B, B A, ...). TPOT of a round is the mean of that probe's own
+    step times. Each result has medians and the per-round ``ttft_runs`` /
+    ``tpot_runs``, so ratios can be taken round by round."""
+    if not probes or repeats < 1 or warmup < 0:
+        raise ValueError("need at least one model, repeats >= 1 and warmup >= 0")
+    n_steps = probes[0].new_tokens - 1
+    if any(p.new_tokens - 1 != n_steps for p in probes):
+        raise ValueError("interleaved probes must generate the same number of tokens")
+    runs: list[list] = [[] for _ in probes]
+    for k in range(warmup + repeats):
+        order = list(range(len(probes)))[::(-1 if k % 2 else 1)]
+        pre = {i: probes[i].prefill() for i in order}
+        steps: dict = {i: [] for i in order}
+        for j in range(n_steps):
+            for i in order[::(-1 if j % 2 else 1)]:
+                steps[i].append(probes[i].step())
+        if k >= warmup:
+            for i, p in enumerate(probes):
+                tpot = sum(p.timer.elapsed(a, b) for a, b in steps[i]) / n_steps
+                runs[i].append((p.timer.elapsed(*pre[i]), tpot))
+    return [{"ttft_s": statistics.median(t for t, _ in rs), "tpot_s": statistics.median(t for _, t in rs),
+             "ttft_runs": [t for t, _ in rs], "tpot_runs": [t for _, t in rs], "cuda_graph": p.graphed,
+             "repeats": repeats} for p, rs in zip(probes, runs)]
+
+
 def measure_interleaved(models: list, batch: int, prompt_len: int, new_tokens: int,
                         use_cuda_graph: Optional[bool] = None, repeats: int = 5, warmup: int = 1,
                         seed: int = 0) -> list[dict]:
-    """Like :func:`measure_latency` for several models at once, interleaved
-    step by step so that drift of the machine (clock, memory bandwidth taken
-    by neighbours) hits every model alike: each round prefills every model,
-    then runs decode step j of every model before step j + 1 of any, the
-    order reversed on every other step and round (A B, B A, ...). TPOT of a
-    round is the mean of that model's own step times. Each result also has
-    the per-round ``ttft_runs``/``tpot_runs``, so ratios can be taken round
-    by round."""
-    if not models or repeats < 1 or warmup < 0:
+    """Like :func:`measure_latency` for several models at once, their runs
+    interleaved step by step (:func:`run_interleaved`)."""
+    if not models:
         raise ValueError("need at least one model, repeats >= 1 and warmup >= 0")
-    n_steps = new_tokens - 1
     with contextlib.ExitStack() as stack:
         probes = [stack.enter_context(LatencyProbe(m, batch, prompt_len, new_tokens, use_cuda_graph, seed))
                   for m in models]
-        runs: list[list] = [[] for _ in models]
-        for k in range(warmup + repeats):
-            order = list(range(len(probes)))[::(-1 if k % 2 else 1)]
-            pre = {i: probes[i].prefill() for i in order}
-            steps: dict = {i: [] for i in order}
-            for j in range(n_steps):
-                for i in order[::(-1 if j % 2 else 1)]:
-                    steps[i].append(probes[i].step())
-            if k >= warmup:
-                for i, p in enumerate(probes):
-                    tpot = sum(p.timer.elapsed(a, b) for a, b in steps[i]) / n_steps
-                    runs[i].append((p.timer.elapsed(*pre[i]), tpot))
-        graphed = [p.graphed for p in probes]
-    return [{"ttft_s": statistics.median(t for t, _ in rs), "tpot_s": statistics.median(t for _, t in rs),
-             "ttft_runs": [t for t, _ in rs], "tpot_runs": [t for _, t in rs], "cuda_graph": g,
-             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-             "device": str(m.device)} for m, rs, g in zip(models, runs, graphed)]
+        res = run_interleaved(probes, repeats, warmup)
+    for m, r in zip(models, res):
+        r.update(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, device=str(m.device))
+    return res
