@@ -137,12 +137,23 @@ class Plan:
     seed: int
 
 
-def make_plan(args) -> Plan:
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``--device``: cpu or cuda[:i]; None -> cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu or cuda, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu or cuda, got {args.device!r}")
+    return dev
+
+
+def make_plan(args) -> Plan:
+    dev = resolve_device(args.device)
     gpu = dev.type == "cuda"
     rows = list(args.rows or ALL_ROWS)
     bad = [r for r in rows if r not in ALL_ROWS]

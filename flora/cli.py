@@ -13,44 +13,41 @@ def _info(args) -> int:
     return 0
 
 
+def _run(name: str, fn, args, errors=(ValueError,)) -> int:
+    """Run a subcommand; bad input (``errors``) -> one line on stderr, exit 2."""
+    try:
+        fn(args)
+    except errors as e:
+        print(f"flora {name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _bench_latency(args) -> int:
     import shlex
 
     from .bench_latency import run_args
 
-    try:
-        run_args(args, command="flora " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    except ValueError as e:
-        print(f"flora bench latency: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    command = "flora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return _run("bench latency", lambda a: run_args(a, command=command), args)
 
 
 def _demo(args) -> int:
     from .demo import run_demo
 
-    try:
-        run_demo(args)
-    except ValueError as e:
-        print(f"flora demo: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return _run("demo", run_demo, args)
 
 
 def _train(args) -> int:
     from .finetune import run_args
 
     try:
-        run_args(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"flora train: error: {e}", file=sys.stderr)
-        return 2
+        return _run("train", run_args, args, (ValueError, TypeError, FileNotFoundError))
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,26 +57,11 @@ def _complete(model, tok, prompts, max_new_tokens: int) -> list:
     return [tok.decode(row[T:].tolist(), skip_special_tokens=True).strip() for row in out]
 
 
-def _device(name):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected cpu or cuda, got {name!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu or cuda, got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return dev
-
-
 def run_demo(args) -> dict:
     import torch
 
     from . import synthetic as syn
+    from .bench_latency import resolve_device
     from .config import AdapterConfig
     from .data import TokenizedDataset, load_tokenizer
     from .evaluate import eval_stats
@@ -88,7 +73,7 @@ def run_demo(args) -> dict:
     steps = args.steps or (12 if args.quick else 300)
     if steps < 1 or args.rank < 1:
         raise ValueError("--steps and --rank must be >= 1")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     t_all = time.perf_counter()
     torch.manual_seed(args.seed)
 

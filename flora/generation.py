@@ -299,14 +299,6 @@ class LatencyProbe:
         self.tok = self.dec.step(self.tok).argmax(-1)
         return a, self.timer.mark()
 
-    def run(self) -> tuple[float, float]:
-        """One generation; returns (TTFT, TPOT) in seconds."""
-        a, b = self.prefill()
-        for _ in range(self.new_tokens - 1):
-            self.tok = self.dec.step(self.tok).argmax(-1)
-        c = self.timer.mark()
-        return self.timer.elapsed(a, b), self.timer.elapsed(b, c) / (self.new_tokens - 1)
-
 
 def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
                     use_cuda_graph: Optional[bool] = None, repeats: int = 5, warmup: int = 1,
@@ -317,14 +309,9 @@ def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
     runs; the CUDA graph is captured during warm-up (one capture), so TPOT
     measures replay. Returns seconds.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError("need repeats >= 1 and warmup >= 0")
-    with LatencyProbe(model, batch, prompt_len, new_tokens, use_cuda_graph, seed) as probe:
-        runs = [probe.run() for _ in range(warmup + repeats)][warmup:]
-        graphed = probe.graphed
-    return {"ttft_s": statistics.median(t for t, _ in runs), "tpot_s": statistics.median(t for _, t in runs),
-            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "cuda_graph": graphed, "repeats": repeats, "device": str(model.device)}
+    (r,) = measure_interleaved([model], batch, prompt_len, new_tokens, use_cuda_graph, repeats, warmup, seed)
+    return {k: r[k] for k in ("ttft_s", "tpot_s", "batch", "prompt_len", "new_tokens", "cuda_graph",
+                              "repeats", "device")}
 
 
 def run_interleaved(probes: list, repeats: int, warmup: int = 1) -> list[dict]:
@@ -364,7 +351,7 @@ def measure_interleaved(models: list, batch: int, prompt_len: int, new_tokens: i
                         seed: int = 0) -> list[dict]:
     """Like :func:`measure_latency` for several models at once, their runs
     interleaved step by step (:func:`run_interleaved`)."""
-    if not models:
+    if repeats < 1 or warmup < 0:  # before any probe folds a model or allocates a cache
         raise ValueError("need at least one model, repeats >= 1 and warmup >= 0")
     with contextlib.ExitStack() as stack:
         probes = [stack.enter_context(LatencyProbe(m, batch, prompt_len, new_tokens, use_cuda_graph, seed))
