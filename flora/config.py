@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
+
+from .fileio import atomic_write_text
 
 ATTN = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")
@@ -263,16 +264,7 @@ class AdapterConfig:
         """The config as JSON; with ``path``, also written there atomically."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            d = os.path.dirname(os.path.abspath(path))
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".adapter_config.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text + "\n")
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod

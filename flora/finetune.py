@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .data import load_jsonl, load_tokenizer
+from .fileio import atomic_write_json
 from .train import TrainConfig, init_distributed, train
 
 
@@ -57,9 +58,7 @@ def finetune(model_dir, train_data, eval_data=None, adapter=None, config: TrainC
         log = {"steps": result.steps, "final_train_loss": result.final_train_loss,
                "final_eval": result.final_eval, "tokens_per_s": result.tokens_per_s,
                "seconds": result.seconds, "history": result.history, "eval_history": result.eval_history}
-        tmp = Path(out_dir) / ".train_log.json.tmp"
-        tmp.write_text(json.dumps(log, indent=1))
-        os.replace(tmp, Path(out_dir) / "train_log.json")
+        atomic_write_json(Path(out_dir) / "train_log.json", log, indent=1)
     return model, tokenizer, result
 
 

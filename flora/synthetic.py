@@ -27,6 +27,8 @@ import string
 import tempfile
 from pathlib import Path
 
+from .fileio import atomic_write_text
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 DIGITS = list(string.digits)
 LETTERS = list(string.ascii_lowercase)
@@ -188,18 +190,7 @@ def finetune_data(task: str, n: int, seed: int = 0, split: str = "train") -> lis
 
 def write_jsonl(records, path) -> Path:
     """Writes records as JSON lines, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 # --------------------------------------------------------------------------
