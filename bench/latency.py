@@ -5,11 +5,11 @@
     python bench/latency.py --model 1b --dtype bf16 --batch 1 8 --long   # GPU: 1B shape, eager + CUDA graphs
     python bench/latency.py --quick --model tiny  # smoke run
 
-The implementation lives in flora/bench_latency.py; `--help` lists every option.
+The implementation lives in flora/bench/latency.py; `--help` lists every option.
 """
 import sys
 
-from flora.bench_latency import main
+from flora.bench.latency import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,7 +26,7 @@ def _run(name: str, fn, args, errors=(ValueError,)) -> int:
 def _bench_latency(args) -> int:
     import shlex
 
-    from .bench_latency import run_args
+    from .bench.latency import run_args
 
     command = "flora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     return _run("bench latency", lambda a: run_args(a, command=command), args)
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_info)
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from .bench_latency import add_arguments as _latency_args
+    from .bench.latency import add_arguments as _latency_args
 
     s = _latency_args(b.add_parser("latency", help="TTFT/TPOT of flora adapters vs transformers + PEFT"))
     s.set_defaults(func=_bench_latency)

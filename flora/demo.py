@@ -6,7 +6,7 @@
 2. fine-tunes an ``ffba`` and a ``lora`` adapter on a held-out task the base
    never saw, with a progress bar, and prints exact-match accuracy before/after;
 3. generates a few examples with each adapter;
-4. times base vs lora vs ffba vs zflora on that model (flora/bench_latency.py)
+4. times base vs lora vs ffba vs zflora on that model (flora/bench/latency.py)
    and writes the table (markdown + JSON) and the plot to ``--out``.
 """
 from __future__ import annotations
@@ -61,8 +61,8 @@ def run_demo(args) -> dict:
     import torch
 
     from . import synthetic as syn
-    from .bench_latency import resolve_device
     from .config import AdapterConfig
+    from .devices import resolve_device
     from .data import TokenizedDataset, load_tokenizer
     from .evaluate import eval_stats
     from .model import FusedLlama
@@ -128,7 +128,7 @@ def run_demo(args) -> dict:
     # 4. latency on this model
     paths = {}
     if not args.no_latency:
-        from . import bench_latency as bl
+        from .bench import latency as bl
 
         _say("\n== 4. latency on this model: flora base vs lora vs ffba vs zflora "
              "(random non-zero adapters, r = %d)" % args.rank)

@@ -10,8 +10,6 @@ into the graph's static buffers. Sampling runs outside the graph.
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 import warnings
 from typing import Callable, Optional
 
@@ -19,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import nvtx
-from .model import attention_mask_4d, positions_from_mask
+from .layers import attention_mask_4d, positions_from_mask
 
 
 class StaticKVCache:
@@ -88,14 +86,14 @@ class Decoder:
         mask = attention_mask_4d(key_valid, slots, slots)
         self.cache.prefill_len = T
         with nvtx.range("prefill"):
-            logits = self.model._run_layers(input_ids, pos, mask, cache=self.cache, last_only=True)
+            logits = self.model.run_layers(input_ids, pos, mask, cache=self.cache, last_only=True)
         self.cache.prefill_len = None
         self.t = T  # next free slot
         return logits[:, -1]
 
     def _step(self) -> Tensor:
         mask = self.key_valid[:, None, None, :]
-        return self.model._run_layers(self.ids, self.pos, mask, cache=self.cache)[:, -1]
+        return self.model.run_layers(self.ids, self.pos, mask, cache=self.cache)[:, -1]
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed tokens [B] at the next slot; return logits [B, V] for the following one."""
@@ -140,7 +138,7 @@ class Decoder:
 def inference_mode(model):
     """eval(), no grad, adapters folded while generating; state restored after."""
     was_training = model.training
-    fold = model.adapter_active() and not model._folded and not model._merged
+    fold = model.adapter_active() and not model.folded and not model.merged
     model.eval()
     try:
         if fold:
@@ -229,134 +227,3 @@ def _streamer_fn(streamer) -> Optional[Callable]:
     if callable(streamer):
         return streamer
     raise TypeError("streamer must have put()/end() or be callable")
-
-
-class Timer:
-    """CUDA events on GPU (device time), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def elapsed(self, a, b) -> float:
-        if self.cuda:
-            b.synchronize()
-            return a.elapsed_time(b) / 1000.0
-        return b - a
-
-
-class LatencyProbe:
-    """One model's timed generation runs on a fixed random prompt: TTFT =
-    prefill + first token, TPOT = mean of the remaining ``new_tokens - 1``
-    decode steps (greedy). Enter it (``with``) to hold the model in inference
-    mode and its decoder (static cache, CUDA graph captured at the first run)
-    across runs, so several probes can be timed interleaved."""
-
-    def __init__(self, model, batch: int, prompt_len: int, new_tokens: int,
-                 use_cuda_graph: Optional[bool] = None, seed: int = 0):
-        if batch < 1 or prompt_len < 1 or new_tokens < 2:
-            raise ValueError("need batch >= 1, prompt_len >= 1, new_tokens >= 2")
-        self.model, self.new_tokens = model, new_tokens
-        dev = model.device
-        self.use_cuda_graph = dev.type == "cuda" if use_cuda_graph is None else use_cuda_graph
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        self.ids = torch.randint(0, model.arch.vocab_size, (batch, prompt_len), generator=g).to(dev)
-        self.valid = torch.ones(batch, prompt_len, dtype=torch.bool, device=dev)
-        self.timer = Timer(dev)
-        self._ctx: Optional[contextlib.ExitStack] = None
-        self.dec: Optional[Decoder] = None
-
-    def __enter__(self) -> "LatencyProbe":
-        self._ctx = contextlib.ExitStack()
-        self._ctx.enter_context(inference_mode(self.model))
-        B, T = self.ids.shape
-        self.dec = Decoder(self.model, B, T + self.new_tokens, self.use_cuda_graph)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.dec = None
-        self._ctx.close()
-
-    @property
-    def graphed(self) -> bool:
-        return self.dec is not None and self.dec.graph is not None
-
-    def prefill(self):
-        """Prefill + first token; returns the timer marks around it."""
-        a = self.timer.mark()
-        self.tok = self.dec.prefill(self.ids, self.valid).argmax(-1)
-        return a, self.timer.mark()
-
-    def step(self):
-        """One decode step (+ its greedy token); returns the timer marks around it."""
-        a = self.timer.mark()
-        self.tok = self.dec.step(self.tok).argmax(-1)
-        return a, self.timer.mark()
-
-
-def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
-                    use_cuda_graph: Optional[bool] = None, repeats: int = 5, warmup: int = 1,
-                    seed: int = 0) -> dict:
-    """Time to first token and time per output token (greedy, random prompts).
-
-    Medians over ``repeats`` runs of a :class:`LatencyProbe` after ``warmup``
-    runs; the CUDA graph is captured during warm-up (one capture), so TPOT
-    measures replay. Returns seconds.
-    """
-    (r,) = measure_interleaved([model], batch, prompt_len, new_tokens, use_cuda_graph, repeats, warmup, seed)
-    return {k: r[k] for k in ("ttft_s", "tpot_s", "batch", "prompt_len", "new_tokens", "cuda_graph",
-                              "repeats", "device")}
-
-
-def run_interleaved(probes: list, repeats: int, warmup: int = 1) -> list[dict]:
-    """Time several entered probes (objects with ``prefill()``/``step()``
-    returning timer marks, ``timer``, ``new_tokens`` and ``graphed``, such as
-    :class:`LatencyProbe`) interleaved step by step so that drift of the
-    machine (clock, memory bandwidth taken by neighbours) hits every model
-    alike: each round prefills every probe, then runs decode step j of every
-    probe before step j + 1 of any, the order reversed on every other step
-    and round (A B, B A, ...). TPOT of a round is the mean of that probe's own
-    step times. Each result has medians and the per-round ``ttft_runs`` /
-    ``tpot_runs``, so ratios can be taken round by round."""
-    if not probes or repeats < 1 or warmup < 0:
-        raise ValueError("need at least one model, repeats >= 1 and warmup >= 0")
-    n_steps = probes[0].new_tokens - 1
-    if any(p.new_tokens - 1 != n_steps for p in probes):
-        raise ValueError("interleaved probes must generate the same number of tokens")
-    runs: list[list] = [[] for _ in probes]
-    for k in range(warmup + repeats):
-        order = list(range(len(probes)))[::(-1 if k % 2 else 1)]
-        pre = {i: probes[i].prefill() for i in order}
-        steps: dict = {i: [] for i in order}
-        for j in range(n_steps):
-            for i in order[::(-1 if j % 2 else 1)]:
-                steps[i].append(probes[i].step())
-        if k >= warmup:
-            for i, p in enumerate(probes):
-                tpot = sum(p.timer.elapsed(a, b) for a, b in steps[i]) / n_steps
-                runs[i].append((p.timer.elapsed(*pre[i]), tpot))
-    return [{"ttft_s": statistics.median(t for t, _ in rs), "tpot_s": statistics.median(t for _, t in rs),
-             "ttft_runs": [t for t, _ in rs], "tpot_runs": [t for _, t in rs], "cuda_graph": p.graphed,
-             "repeats": repeats} for p, rs in zip(probes, runs)]
-
-
-def measure_interleaved(models: list, batch: int, prompt_len: int, new_tokens: int,
-                        use_cuda_graph: Optional[bool] = None, repeats: int = 5, warmup: int = 1,
-                        seed: int = 0) -> list[dict]:
-    """Like :func:`measure_latency` for several models at once, their runs
-    interleaved step by step (:func:`run_interleaved`)."""
-    if repeats < 1 or warmup < 0:  # before any probe folds a model or allocates a cache
-        raise ValueError("need at least one model, repeats >= 1 and warmup >= 0")
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(LatencyProbe(m, batch, prompt_len, new_tokens, use_cuda_graph, seed))
-                  for m in models]
-        res = run_interleaved(probes, repeats, warmup)
-    for m, r in zip(models, res):
-        r.update(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, device=str(m.device))
-    return res

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from flora import AdapterConfig
+from flora.bench.timing import measure_latency
 from flora.generation import sample_next
 from flora.model import FusedLlama
 from llama_fixtures import llama_model, random_ids
@@ -123,7 +124,7 @@ def test_bad_arguments(pair):
 
 def test_measure_latency_cpu(pair):
     _, m = pair
-    r = m.measure_latency(batch=2, prompt_len=8, new_tokens=4, repeats=2)
+    r = measure_latency(m, batch=2, prompt_len=8, new_tokens=4, repeats=2)
     assert r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["cuda_graph"] is False
 
 
@@ -132,7 +133,7 @@ def test_measure_interleaved_alternates_steps_and_drops_warmup(pair, monkeypatch
     (A B, B A, ...; the next round starts reversed); warm-up rounds run but are
     not kept; each model is in inference mode (adapters folded) only while
     measured, its training state restored after."""
-    from flora import generation
+    from flora.bench import timing as generation
 
     hf, base = pair
     ffba = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, alpha=4))
@@ -192,5 +193,5 @@ def test_cuda_graph_equals_eager(variant):
 @cuda
 def test_measure_latency_cuda_graph():
     m = FusedLlama.from_pretrained(llama_model(), device="cuda")
-    r = m.measure_latency(batch=2, prompt_len=16, new_tokens=8, use_cuda_graph=True, repeats=2)
+    r = measure_latency(m, batch=2, prompt_len=16, new_tokens=8, use_cuda_graph=True, repeats=2)
     assert r["cuda_graph"] is True and r["tpot_s"] > 0

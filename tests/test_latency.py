@@ -1,4 +1,4 @@
-"""bench/latency.py (flora.bench_latency) in its quickest mode on a tiny model,
+"""bench/latency.py (flora.bench.latency) in its quickest mode on a tiny model,
 plus the pieces it is built from: weight bytes, the results-file insertion,
 argument errors, and the NVTX helper."""
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flora import bench_latency as bl
+from flora.bench import latency as bl
 from flora import nvtx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_nvtx_ranges(monkeypatch):
 def test_model_emits_nvtx_ranges(monkeypatch):
     """With ranges on, generation marks prefill, each decode step and each
     layer's attention and MLP, balanced; off, it marks nothing."""
-    from flora.generation import measure_latency
+    from flora.bench.timing import measure_latency
     from flora.model import FusedLlama
 
     calls = []

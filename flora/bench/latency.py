@@ -24,15 +24,14 @@ inserted at the end of the "End-to-end latency" section of ``--results``.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import gc
 import json
-import os
 import shlex
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,13 @@ from typing import Optional
 
 import torch
 
-from .bench_report import SECTION, append_results, environment, markdown, plot, write_text_atomic  # noqa: F401
-from .generation import Timer
+from .. import nvtx
+from ..config import AdapterConfig
+from ..devices import resolve_device
+from ..fileio import atomic_write_json
+from ..model import FusedLlama
+from .report import SECTION, append_results, environment, markdown, plot  # noqa: F401
+from .timing import LatencyProbe, Timer, run_interleaved
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRANSFORMERS_ROWS = ("transformers", "peft", "peft-noupcast", "peft-merged")
@@ -135,21 +139,6 @@ class Plan:
     rank: int
     alpha: Optional[float]
     seed: int
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    """``--device``: cpu or cuda[:i]; None -> cuda when available, else cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected cpu or cuda, got {name!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu or cuda, got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return dev
 
 
 def make_plan(args) -> Plan:
@@ -282,8 +271,6 @@ def randomize_adapter(model, seed: int) -> int:
 
 
 def build_flora(hf, variant: str, rank: int, alpha: Optional[float], dtype, device, seed: int):
-    from .config import AdapterConfig
-    from .model import FusedLlama
 
     cfg = None
     if variant != "base":
@@ -355,8 +342,6 @@ class HFProbe:
         self._grad.__exit__(*exc)
 
     def prefill(self):
-        from . import nvtx
-
         a = self.timer.mark()
         with nvtx.range("prefill"):
             out = self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1)
@@ -364,8 +349,6 @@ class HFProbe:
         return a, self.timer.mark()
 
     def step(self):
-        from . import nvtx
-
         a = self.timer.mark()
         with nvtx.range("decode"):
             out = self.model(input_ids=self.tok[:, None], past_key_values=self.cache, use_cache=True)
@@ -375,8 +358,6 @@ class HFProbe:
 
 def solo_latency(probe, repeats: int, warmup: int) -> dict:
     """One probe alone: medians of TTFT/TPOT."""
-    from .generation import run_interleaved
-
     with probe:
         (t,) = run_interleaved([probe], repeats, warmup)
     return _timing(t)
@@ -387,8 +368,6 @@ def pair_latency(base_probe, probe, repeats: int, warmup: int) -> tuple[dict, di
     (flora.generation.run_interleaved). The model's ``paired`` ratios are
     medians of the per-round ratios, each between the two models' steps
     taken alternately over the same stretch of time."""
-    from .generation import run_interleaved
-
     with base_probe, probe:
         b, v = run_interleaved([base_probe, probe], repeats, warmup)
     v["paired"] = {k: statistics.median(x / y for x, y in zip(v[f"{k}_runs"], b[f"{k}_runs"]))
@@ -466,7 +445,6 @@ def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
 def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log) -> list:
     """flora base stays built; each variant is built in turn and timed
     interleaved with it, per setting and mode."""
-    from .generation import LatencyProbe
 
     dev, rows = plan.device, []
     base, _ = build_flora(hf, "base", plan.rank, plan.alpha, dtype, dev, plan.seed + 1)
@@ -503,7 +481,6 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log) -> list:
 def hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan: Plan, log) -> list:
     """transformers base, and PEFT LoRA (upcast / no upcast / merged) on a
     copy of it, each timed interleaved with the base, per setting."""
-    import copy
 
     dev, rows, base_runs = plan.device, [], {}
 
@@ -683,7 +660,7 @@ def write_outputs(result: dict, args, log=print) -> dict:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json"}
-    write_text_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
+    atomic_write_json(paths["json"], result)
     if not args.no_plot:
         png = plot(result, out / f"{name}.png")
         if png:
@@ -723,7 +700,6 @@ def run_args(args, command: Optional[str] = None) -> dict:
         return rerender(args.from_json, args)
     plan = make_plan(args)
     if args.nvtx:
-        from . import nvtx
         try:
             nvtx.enable()
         except RuntimeError as e:

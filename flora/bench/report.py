@@ -1,24 +1,23 @@
-"""Reporting for the latency benchmark (flora/bench_latency.py): the markdown
+"""Reporting for the latency benchmark (flora/bench/latency.py): the markdown
 table (inserted into the "End-to-end latency" section of bench/RESULTS.md),
 the PNG chart, and the run's environment."""
 from __future__ import annotations
 
 import datetime
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .._version import __version__
+from ..fileio import atomic_write_text
 
 SECTION = "## End-to-end latency"
 
 
 def environment(device: torch.device) -> dict:
     import transformers
-
-    from ._version import __version__
 
     try:
         import peft
@@ -137,18 +136,6 @@ def _short(dtype: str) -> str:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def append_results(path: Path, block: str) -> None:
     """Insert ``block`` at the end of the "End-to-end latency" section (created
     at the end of the file if missing); the rest of the file is kept as is."""
@@ -159,13 +146,13 @@ def append_results(path: Path, block: str) -> None:
     except StopIteration:
         new = text.rstrip("\n") + f"\n\n{SECTION}\n\nWritten by `bench/latency.py` (`flora bench latency`).\n\n" \
             + block.rstrip("\n") + "\n"
-        write_text_atomic(path, new)
+        atomic_write_text(path, new)
         return
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     before = "\n".join(lines[:end]).rstrip("\n")
     after = "\n".join(lines[end:])
     new = before + "\n\n" + block.rstrip("\n") + "\n" + ("\n" + after + ("\n" if after else "") if after else "")
-    write_text_atomic(path, new)
+    atomic_write_text(path, new)
 
 
 def plot(result: dict, path: Path) -> Optional[Path]:
