@@ -22,8 +22,13 @@ import tempfile
 from typing import Optional
 
 import torch
+from safetensors.torch import save_file
 
+from ._version import __version__
 from .checkpoint import LlamaArch, read_safetensors_header, load_safetensors
+from .config import AdapterConfig, LlamaShapes
+from .fileio import atomic_write_json
+from .modules.variants import adapter_shapes
 
 FORMAT = "flora-adapter"
 FORMAT_VERSION = 1
@@ -46,31 +51,10 @@ class AdapterError(ValueError):
     """An adapter directory that does not fit (or cannot be read for) this base model."""
 
 
-def _shapes(arch: LlamaArch):
-    from .config import LlamaShapes
-    return LlamaShapes(hidden=arch.hidden_size, q_dim=arch.num_attention_heads * arch.head_dim,
-                       kv_dim=arch.num_key_value_heads * arch.head_dim, ffn=arch.intermediate_size,
-                       vocab=arch.vocab_size, layers=arch.num_hidden_layers)
-
-
 def expected_adapter_shapes(cfg, arch: LlamaArch) -> dict:
-    """Tensor name -> shape of every adapter tensor ``cfg`` gives this base model."""
-    from .modules.roles import GROUPS, param_shapes, role
-
-    sh = _shapes(arch)
-    out = {}
-    n = arch.num_hidden_layers
-    for i in range(n):
-        for group, prefix in _GROUP_PREFIX.items():
-            r = role(cfg, group, i, n)
-            widths = {p: sh.out_width(p) for p in GROUPS[group]}
-            k = sh.in_width(GROUPS[group][0])
-            for name, shape in param_shapes(r, cfg.rank, widths, k).items():
-                out[f"layers.{i}.{prefix}.{name}"] = tuple(shape)
-    r = role(cfg, "head", None, n)
-    for name, shape in param_shapes(r, cfg.rank, {"head": sh.vocab}, sh.hidden).items():
-        out[f"head.{name}"] = tuple(shape)
-    return out
+    """Tensor name (as in FusedLlama.adapter_state_dict) -> shape of every adapter tensor ``cfg`` gives this base model."""
+    return {(f"layers.{i}.{_GROUP_PREFIX[g]}.{n}" if i is not None else f"head.{n}"): s
+            for i, g, n, s in adapter_shapes(cfg, arch)}
 
 
 def check_adapter_state_dict(arch: LlamaArch, cfg, sd: dict, where: str = "adapter") -> None:
@@ -174,8 +158,6 @@ def _sha256(path: str) -> str:
 
 
 def _write_tensors(path: str, tensors: dict, metadata: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=metadata)
 
 
@@ -184,8 +166,6 @@ def _write_tensors(path: str, tensors: dict, metadata: Optional[dict] = None) ->
 # --------------------------------------------------------------------------
 def save_adapter(model, path) -> None:
     """Write ``model``'s current adapter to ``path`` (atomically)."""
-    from ._version import __version__
-
     cfg = model.adapter_config
     if cfg is None:
         raise ValueError("this model has no adapter to save")
@@ -204,9 +184,7 @@ def save_adapter(model, path) -> None:
         digest["sha"] = _sha256(full)
 
     def write_config(full):
-        with open(full, "w", encoding="utf-8") as f:
-            json.dump({**meta, "tensors_sha256": digest["sha"]}, f, indent=2)
-            f.write("\n")
+        atomic_write_json(full, {**meta, "tensors_sha256": digest["sha"]})
 
     atomic_write_dir(path, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
 
@@ -252,8 +230,6 @@ def read_adapter_dir(path, arch: LlamaArch):
 
 
 def _read_flora_adapter(path: str, arch: LlamaArch, meta: dict):
-    from .config import AdapterConfig
-
     where = os.path.join(path, CONFIG_NAME)
     if meta.get("format_version") != FORMAT_VERSION:
         raise AdapterError(f"{where}: format_version {meta.get('format_version')!r} is not supported "
@@ -272,7 +248,7 @@ def _read_flora_adapter(path: str, arch: LlamaArch, meta: dict):
     if diffs:
         raise AdapterError(f"{path}: adapter was made for a different base model ({'; '.join(diffs)})")
     try:
-        cfg.validate_for(_shapes(arch))
+        cfg.validate_for(LlamaShapes.from_hf(arch))
     except ValueError as e:
         raise AdapterError(f"{where}: {e}") from None
     wpath = os.path.join(path, WEIGHTS_NAME)
@@ -291,10 +267,8 @@ def _read_flora_adapter(path: str, arch: LlamaArch, meta: dict):
 
 def resolve_adapter(adapter, arch: LlamaArch):
     """AdapterConfig | dir -> (validated AdapterConfig, tensors or None for a fresh adapter)."""
-    from .config import AdapterConfig
-
     if isinstance(adapter, AdapterConfig):
-        adapter.validate_for(_shapes(arch))
+        adapter.validate_for(LlamaShapes.from_hf(arch))
         return adapter, None
     if isinstance(adapter, (str, os.PathLike)):
         return read_adapter_dir(adapter, arch)
@@ -344,8 +318,6 @@ def read_peft_adapter(path: str, arch: LlamaArch, meta: Optional[dict] = None):
     Scale: PEFT's ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
     use_rslora) is expressed as flora's alpha / rank, so B is taken verbatim.
     """
-    from .config import AdapterConfig
-
     cfg_path = os.path.join(path, CONFIG_NAME)
     meta = _read_json(cfg_path) if meta is None else meta
     if meta.get("peft_type") != "LORA":
@@ -424,10 +396,5 @@ def export_peft(model, path, base_model_name_or_path: Optional[str] = None) -> N
             "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
             "base_model_name_or_path": base_model_name_or_path}
 
-    def write_config(full):
-        with open(full, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-
     atomic_write_dir(path, {PEFT_WEIGHTS_NAME: lambda full: _write_tensors(full, tensors, {"format": "pt"}),
-                            CONFIG_NAME: write_config})
+                            CONFIG_NAME: lambda full: atomic_write_json(full, meta)})

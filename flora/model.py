@@ -1,6 +1,6 @@
 """FusedLlama: a Llama decoder whose projections are flora's fused modules.
 
-The whole forward is in :meth:`FusedLlama._run_layers` (embedding, RMSNorm,
+The whole forward is in :meth:`FusedLlama.run_layers` (embedding, RMSNorm,
 RoPE, grouped-query attention, SwiGLU MLP, head), so a reader can check it
 against the Llama paper in one screen. The adapter "carry" (zFLoRA's extra
 residual-stream channels, or ffba-ab's handed-on state) travels next to the
@@ -9,142 +9,43 @@ it, exactly as the spec says.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from . import nvtx
+from . import adapter_io, nvtx
+from .adapters import AdapterRegistry, describe
+from .layers import (CausalLMOutput, apply_rope, attention_mask_4d, causal_lm_loss, positions_from_mask,
+                     rms_norm, rope_cos_sin, rope_inv_freq)
 from .checkpoint import (CheckpointError, LlamaArch, load_checkpoint,
                          state_dict_from_hf_model)
-
-MERGEABLE = ("lora", "pf-lora")
-
-
-# --------------------------------------------------------------------------
-# Llama pieces (written to match transformers' rounding: norm in fp32, cast
-# back, then scale; RoPE tables in fp32 cast to the activation dtype)
-# --------------------------------------------------------------------------
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def rope_inv_freq(arch: LlamaArch) -> Tensor:
-    """Inverse RoPE frequencies, with Llama-3 (or linear) scaling when configured."""
-    dim = arch.head_dim
-    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    sc = arch.rope_scaling
-    if sc is None:
-        return inv
-    if sc["rope_type"] == "linear":
-        return inv / sc["factor"]
-    # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
-    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
-    old_len = sc["original_max_position_embeddings"]
-    lo_wavelen, hi_wavelen = old_len / lo, old_len / hi
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > lo_wavelen, inv / factor, inv)
-    smooth = (old_len / wavelen - lo) / (hi - lo)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
-    return torch.where(medium, blended, scaled)
-
-
-def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype):
-    """cos, sin [B, 1, T, head_dim] for integer positions [B, T]."""
-    freqs = positions[..., None].float() * inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def attention_mask_4d(key_valid: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-    """Boolean SDPA mask [B, 1, Tq, Tk]: causal over slots, padding keys hidden.
-
-    ``q_pos``/``k_pos`` are slot indices (not RoPE positions). A query row that
-    would see nothing (a left-pad token) is allowed to see its own slot, so
-    SDPA never yields NaN; those rows are padding and never read.
-    """
-    causal = k_pos[None, :] <= q_pos[:, None]  # [Tq, Tk]
-    mask = causal[None] & key_valid[:, None, :]  # [B, Tq, Tk]
-    empty = ~mask.any(-1, keepdim=True)
-    mask = mask | (empty & (k_pos[None, :] == q_pos[:, None])[None])
-    return mask[:, None]
-
-
-class CausalLMOutput(dict):
-    """``.logits`` and ``.loss`` (None without labels); dict- and tuple-indexable
-    like transformers' ModelOutput, which is what ``Trainer`` reads."""
-
-    def __init__(self, logits: Tensor, loss: Optional[Tensor] = None):
-        super().__init__()
-        if loss is not None:
-            self["loss"] = loss
-        self["logits"] = logits
-
-    @property
-    def logits(self) -> Tensor:
-        return dict.__getitem__(self, "logits")
-
-    @property
-    def loss(self) -> Optional[Tensor]:
-        return self.get("loss")
-
-    def __getitem__(self, k):
-        if isinstance(k, (int, slice)):
-            return self.to_tuple()[k]
-        return dict.__getitem__(self, k)
-
-    def to_tuple(self) -> tuple:
-        return tuple(self.values())
-
-
-def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch=None) -> Tensor:
-    """Next-token cross entropy in fp32; label -100 is ignored."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
-
-
-def _modules():
-    from . import modules
-    return modules
-
+from .generation import generate
+from .hf_compat import HFCompat, HFConfigView
+from .modules import (FusedAttentionProjections, FusedLMHead, FusedMLP, FusedOutputProjection,
+                      initial_carry)
 
 class FusedLlamaLayer(nn.Module):
-    """One decoder layer's weights; the computation lives in FusedLlama._run_layers."""
+    """One decoder layer's weights; the computation lives in FusedLlama.run_layers."""
 
-    def __init__(self, sd: dict, i: int, cfg, mod, n_layers: int, adapter_dtype=None):
+    def __init__(self, sd: dict, i: int, cfg, n_layers: int, adapter_dtype=None):
         super().__init__()
         p = f"model.layers.{i}."
         kw = dict(config=cfg, layer=i, num_layers=n_layers, adapter_dtype=adapter_dtype)
         self.register_buffer("input_norm", sd[p + "input_layernorm.weight"], persistent=False)
         self.register_buffer("post_norm", sd[p + "post_attention_layernorm.weight"], persistent=False)
-        self.attn = mod.FusedAttentionProjections(
+        self.attn = FusedAttentionProjections(
             sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"],
             sd[p + "self_attn.v_proj.weight"], **kw)
-        self.o = mod.FusedOutputProjection(sd[p + "self_attn.o_proj.weight"], **kw)
-        self.mlp = mod.FusedMLP(sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"],
+        self.o = FusedOutputProjection(sd[p + "self_attn.o_proj.weight"], **kw)
+        self.mlp = FusedMLP(sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"],
                                 sd[p + "mlp.down_proj.weight"], **kw)
 
 
-class FusedLlama(nn.Module):
+class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
     """A Llama causal LM with flora adapters fused into its projection GEMMs.
 
     Build it with :meth:`from_pretrained`. Base weights are frozen buffers;
@@ -152,21 +53,18 @@ class FusedLlama(nn.Module):
     just the adapter).
     """
 
-    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch
-
     def __init__(self, arch: LlamaArch, sd: dict, adapter_config=None, adapter_dtype=None):
         super().__init__()
         self.arch = arch
-        mod = _modules()
         self.adapter_config = adapter_config
         self.adapter_dtype = adapter_dtype
         n = arch.num_hidden_layers
         self.register_buffer("embed", sd["model.embed_tokens.weight"], persistent=False)
-        self.layers = nn.ModuleList(FusedLlamaLayer(sd, i, adapter_config, mod, n, adapter_dtype)
+        self.layers = nn.ModuleList(FusedLlamaLayer(sd, i, adapter_config, n, adapter_dtype)
                                     for i in range(n))
         self.register_buffer("final_norm", sd["model.norm.weight"], persistent=False)
         w_head = self.embed if arch.tie_word_embeddings else sd["lm_head.weight"]
-        self.head = mod.FusedLMHead(w_head, config=adapter_config, adapter_dtype=adapter_dtype)
+        self.head = FusedLMHead(w_head, config=adapter_config, adapter_dtype=adapter_dtype)
         if arch.tie_word_embeddings:
             self.embed = self.head.weight  # one tensor for both (a view when the head is fused)
         self.register_buffer("inv_freq", rope_inv_freq(arch).to(self.embed.device), persistent=False)
@@ -175,7 +73,7 @@ class FusedLlama(nn.Module):
         self._folded = False
         self._merged = False
         self.gradient_checkpointing = False
-        self.config = _HFConfigView(arch)
+        self.config = HFConfigView(arch)
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -220,7 +118,6 @@ class FusedLlama(nn.Module):
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         sd = {k: v.to(device=device, dtype=dtype, copy=copy) for k, v in sd.items()}
 
-        from . import adapter_io
         cfg, adapter_sd, name = None, None, None
         if adapter is not None:
             cfg, adapter_sd = adapter_io.resolve_adapter(adapter, arch)
@@ -273,22 +170,22 @@ class FusedLlama(nn.Module):
             position_ids = positions_from_mask(key_valid)
         slots = torch.arange(T, device=dev)
         mask = attention_mask_4d(key_valid, slots, slots)
-        logits = self._run_layers(input_ids, position_ids.to(dev), mask)
+        logits = self.run_layers(input_ids, position_ids.to(dev), mask)
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def _run_layers(self, input_ids: Tensor, positions: Tensor, mask: Tensor,
-                    cache=None, last_only: bool = False) -> Tensor:
-        """The Llama forward. input_ids/positions [B, T]; mask bool [B, 1, T, K]."""
+    def run_layers(self, input_ids: Tensor, positions: Tensor, mask: Tensor,
+                   cache=None, last_only: bool = False) -> Tensor:
+        """The Llama forward: logits [B, T (1 if last_only), V]. input_ids/positions
+        [B, T]; mask bool [B, 1, T, K]; ``cache`` (generation) has update(layer, k, v)."""
         a = self.arch
         B, T = input_ids.shape
         M, dt = B * T, self.dtype
         h = F.embedding(input_ids, self.embed).reshape(M, a.hidden_size)
-        carry = _modules().initial_carry(self.adapter_config, M, dt, h.device)
+        carry = initial_carry(self.adapter_config, M, dt, h.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, dt)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                from torch.utils.checkpoint import checkpoint
                 h, carry = checkpoint(self._layer, layer, i, h, carry, B, T, cos, sin, mask, cache,
                                       use_reentrant=False)
             else:
@@ -322,12 +219,6 @@ class FusedLlama(nn.Module):
             h, carry = layer.mlp(x2, residual=h, carry=carry)
         return h, carry
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self):
-        self.gradient_checkpointing = False
-
     # ------------------------------------------------------------ generation
     def generate(self, input_ids: Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
@@ -335,145 +226,10 @@ class FusedLlama(nn.Module):
                  generator: Optional[torch.Generator] = None, streamer=None,
                  use_cuda_graph: Optional[bool] = None) -> Tensor:
         """Prompt + generated tokens [B, T + n]; see flora.generation.generate."""
-        from .generation import generate
         return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
                         pad_token_id=pad_token_id, seed=seed, generator=generator,
                         streamer=streamer, use_cuda_graph=use_cuda_graph)
-
-    def measure_latency(self, batch: int, prompt_len: int, new_tokens: int,
-                        use_cuda_graph: Optional[bool] = None, repeats: int = 5, warmup: int = 1) -> dict:
-        """Median TTFT and TPOT in seconds (see flora.generation.measure_latency)."""
-        from .generation import measure_latency
-        return measure_latency(self, batch, prompt_len, new_tokens, use_cuda_graph=use_cuda_graph,
-                               repeats=repeats, warmup=warmup)
-
-    # -------------------------------------------------------------- adapters
-    def adapter_state_dict(self) -> dict:
-        """Current adapter tensors, keyed ``<module path>.<A_p|B_p|C_p>`` (detached)."""
-        out = {}
-        for prefix, m in self.adapter_modules():
-            for k, t in m.adapter_state_dict().items():
-                out[f"{prefix}.{k}"] = t
-        return out
-
-    def _load_adapter_tensors(self, sd: dict) -> None:
-        groups: dict = {prefix: {} for prefix, _ in self.adapter_modules()}
-        for k, t in sd.items():
-            prefix, _, name = k.rpartition(".")
-            if prefix not in groups:
-                raise KeyError(f"adapter tensor {k!r} belongs to no flora module of this model")
-            groups[prefix][name] = t
-        with torch.no_grad():
-            for prefix, m in self.adapter_modules():
-                m.load_adapter_state_dict(groups[prefix], strict=True)
-
-    def _store_adapter(self, name: str, cfg, sd: dict) -> None:
-        # adapters kept on the model's device so switching is a device-side copy
-        # copies: never alias the live Parameters (or the caller's tensors)
-        self._adapters[name] = (cfg, {k: v.detach().to(self.device, copy=True) for k, v in sd.items()})
-
-    def load_adapter(self, path, name: str = "default", activate: bool = True) -> None:
-        """Load a flora or PEFT LoRA adapter dir under ``name`` (validated against this base)."""
-        from . import adapter_io
-        cfg, sd = adapter_io.resolve_adapter(path, self.arch)
-        if self.adapter_config is None:
-            self._rebuild(cfg)
-        elif not _same_structure(cfg, self.adapter_config):
-            raise ValueError(
-                f"adapter {name!r} ({_describe(cfg)}) does not have the structure of this model's "
-                f"adapters ({_describe(self.adapter_config)}); adapters sharing one FusedLlama must have "
-                f"the same variant, rank, targets and layers. Load it into a new FusedLlama instead")
-        adapter_io.check_adapter_state_dict(self.arch, cfg, sd, where=str(path))
-        self._store_adapter(name, cfg, sd)
-        if activate:
-            self.set_adapter(name)
-
-    def add_adapter(self, name: str, sd: Optional[dict] = None) -> None:
-        """Register the current adapter tensors (or ``sd``) under ``name``."""
-        if self.adapter_config is None:
-            raise ValueError("this FusedLlama has no adapter structure; load it with adapter=AdapterConfig(...)")
-        self._store_adapter(name, self.adapter_config, sd if sd is not None else self.adapter_state_dict())
-
-    def set_adapter(self, name: str) -> None:
-        """Make adapter ``name`` current: copies only its tensors into the modules."""
-        if name not in self._adapters:
-            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self._adapters)}")
-        if self._merged:
-            raise ValueError("an adapter was merged into the base weights; switching is no longer possible")
-        # save the current adapter's (possibly trained) tensors before switching away
-        if self.active_adapter is not None and self.active_adapter != name:
-            cur_cfg, _ = self._adapters[self.active_adapter]
-            self._store_adapter(self.active_adapter, cur_cfg, self.adapter_state_dict())
-        cfg, sd = self._adapters[name]
-        was_folded = self._folded
-        if was_folded:
-            self.unfold()
-        if sd is not None:
-            self._load_adapter_tensors(sd)
-        self.active_adapter = name
-        self._set_enabled(True)
-        if was_folded:
-            self.fold()
-
-    @property
-    def adapter_names(self) -> list:
-        return sorted(self._adapters)
-
-    def _set_enabled(self, flag: bool) -> None:
-        for _, m in self.adapter_modules():
-            m.set_adapter_enabled(flag)
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        """Inside the block the model computes exactly the base model."""
-        states = [(m, m.adapter_enabled) for _, m in self.adapter_modules()]
-        try:
-            for m, _ in states:
-                m.set_adapter_enabled(False)
-            yield self
-        finally:
-            for m, flag in states:
-                m.set_adapter_enabled(flag)
-
-    def adapter_active(self) -> bool:
-        return self.adapter_config is not None and any(m.adapter_enabled for _, m in self.adapter_modules())
-
-    def fold(self) -> None:
-        """Inference folding (one op per projection); undone by :meth:`unfold`."""
-        if self.adapter_config is not None and not self._folded:
-            for _, m in self.adapter_modules():
-                m.fold()
-            self._folded = True
-
-    def unfold(self) -> None:
-        if self._folded:
-            for _, m in self.adapter_modules():
-                m.unfold()
-            self._folded = False
-
-    def merge_into_base(self) -> None:
-        """W += s B A for lora / pf-lora; other variants cannot be merged."""
-        cfg = self.adapter_config
-        if cfg is None:
-            raise ValueError("no adapter to merge")
-        if cfg.variant not in MERGEABLE:
-            raise ValueError(
-                f"variant {cfg.variant!r} cannot be merged into the base weights (only "
-                f"{', '.join(MERGEABLE)} can); it already runs inside the base GEMMs")
-        self.unfold()
-        with torch.no_grad():
-            for _, m in self.adapter_modules():
-                m.merge_into_base()
-        self._merged = True
-
-    def save_adapter(self, path) -> None:
-        from .adapter_io import save_adapter
-        save_adapter(self, path)
-
-    def export_peft(self, path, base_model_name_or_path: Optional[str] = None) -> None:
-        from .adapter_io import export_peft
-        export_peft(self, path, base_model_name_or_path=base_model_name_or_path)
 
     def _rebuild(self, cfg) -> None:
         """Give an adapter-less model an adapter structure (rebuilds fused storage once)."""
@@ -501,57 +257,8 @@ class FusedLlama(nn.Module):
             sd["lm_head.weight"] = self.head.weight
         return sd
 
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Like transformers' num_parameters: base weights (frozen buffers) + adapter."""
-        n = sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
-        if not only_trainable:
-            sd = self.base_state_dict()
-            if exclude_embeddings:
-                sd.pop("model.embed_tokens.weight")
-            n += sum(t.numel() for t in sd.values())
-        return n
-
     def extra_repr(self) -> str:
         a = self.arch
         return (f"layers={a.num_hidden_layers}, d={a.hidden_size}, heads={a.num_attention_heads}/"
                 f"{a.num_key_value_heads}, d_ff={a.intermediate_size}, vocab={a.vocab_size}, "
-                f"adapter={_describe(self.adapter_config)}")
-
-
-def positions_from_mask(key_valid: Tensor) -> Tensor:
-    """RoPE positions for (left-)padded rows: count of real tokens before each slot."""
-    return (key_valid.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _structure(cfg) -> tuple:
-    """What decides the modules' tensors and storage (alpha and dropout do not)."""
-    return (cfg.variant, cfg.rank, cfg.resolved_targets, None if cfg.layers is None else tuple(cfg.layers))
-
-
-def _same_structure(a, b) -> bool:
-    return _structure(a) == _structure(b)
-
-
-def _describe(cfg) -> str:
-    if cfg is None:
-        return "none"
-    return f"{cfg.variant}, rank {cfg.rank}"
-
-
-class _HFConfigView:
-    """The few ``model.config`` attributes transformers utilities look up."""
-
-    model_type = "llama"
-
-    def __init__(self, arch: LlamaArch):
-        self.arch = arch
-        for k, v in arch.to_dict().items():
-            setattr(self, k, v)
-        self.use_cache = False
-
-    def to_dict(self) -> dict:
-        return {"model_type": "llama", **self.arch.to_dict()}
-
-    def to_json_string(self) -> str:
-        import json
-        return json.dumps(self.to_dict(), indent=2)
+                f"adapter={describe(self.adapter_config)}")

@@ -2,39 +2,41 @@
 use (no tensors are built), and a short report."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 from ..config import VARIANTS, AdapterConfig, LlamaShapes
 from .roles import GROUPS, param_shapes, role
 
 
 def _shapes(shapes) -> LlamaShapes:
+    """LlamaShapes from itself, a dict of its fields, or a LlamaArch / transformers LlamaConfig."""
+    if isinstance(shapes, LlamaShapes):
+        return shapes
     if isinstance(shapes, dict):
         return LlamaShapes(**shapes)
-    if not isinstance(shapes, LlamaShapes):
-        raise TypeError(f"expected LlamaShapes or a dict of its fields, got {type(shapes).__name__}")
-    return shapes
+    if hasattr(shapes, "hidden_size") and hasattr(shapes, "num_hidden_layers"):
+        return LlamaShapes.from_hf(shapes)
+    raise TypeError(f"expected LlamaShapes or a dict of its fields, got {type(shapes).__name__}")
 
 
-def _group_params(cfg, g, layer, sh: LlamaShapes) -> Dict[str, tuple]:
-    r = role(cfg, g, layer, sh.layers)
-    names = GROUPS[g]
-    k = sh.in_width(names[0])
-    return param_shapes(r, cfg.rank, {p: sh.out_width(p) for p in names}, k)
+def adapter_shapes(cfg: AdapterConfig, shapes) -> Iterator[Tuple[Optional[int], str, str, tuple]]:
+    """(layer or None for the head, group, tensor name, shape) of every adapter
+    tensor ``cfg`` gives a model of ``shapes``, in model order. The one loop
+    behind parameter counts and adapter-file checks."""
+    sh = _shapes(shapes)
+    for i in list(range(sh.layers)) + [None]:
+        for g in ("qkv", "o", "gateup", "down") if i is not None else ("head",):
+            names = GROUPS[g]
+            widths = {p: sh.out_width(p) for p in names}
+            for n, s in param_shapes(role(cfg, g, i, sh.layers), cfg.rank, widths, sh.in_width(names[0])).items():
+                yield i, g, n, tuple(s)
 
 
 def parameter_shapes(cfg: AdapterConfig, shapes) -> Dict[str, tuple]:
     """'layers.<i>.<A_q|...>' / 'head.B_head' -> shape, for the whole model."""
     sh = _shapes(shapes)
     cfg.validate_for(sh)
-    out = {}
-    for i in range(sh.layers):
-        for g in ("qkv", "o", "gateup", "down"):
-            for n, s in _group_params(cfg, g, i, sh).items():
-                out[f"layers.{i}.{n}"] = s
-    for n, s in _group_params(cfg, "head", None, sh).items():
-        out[f"head.{n}"] = s
-    return out
+    return {(f"layers.{i}.{n}" if i is not None else f"head.{n}"): s for i, _, n, s in adapter_shapes(cfg, sh)}
 
 
 def count_parameters(cfg: AdapterConfig, shapes) -> int:
