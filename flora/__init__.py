@@ -13,5 +13,5 @@ __all__ += ["AdapterConfig", "LlamaShapes", "modules", "FFL", "FBL", "FFBL",
             "initial_carry"]
 from .model import FusedLlama
 from .adapter_io import save_adapter, load_adapter, export_peft
-from .patch import patch  # the function; the module stays importable as flora.patch via sys.modules
+from .hf_patch import patch
 __all__ += ["FusedLlama", "patch", "save_adapter", "load_adapter", "export_peft"]

@@ -1,4 +1,4 @@
-"""flora.patch: put flora modules inside a transformers LlamaForCausalLM, in place.
+"""flora.patch (this module: flora.hf_patch): put flora modules inside a transformers LlamaForCausalLM, in place.
 
 Each decoder layer's ``self_attn`` and ``mlp`` are replaced by modules with
 the same call signature whose projections are flora's fused ones (built once
@@ -18,6 +18,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .adapter_io import check_adapter_state_dict, resolve_adapter
+from .checkpoint import arch_from_hf_config
+from .modules import FusedAttentionProjections, FusedMLP, FusedOutputProjection
+
 PATCHABLE = ("lora", "pf-lora", "ffa", "fpa", "ffba", "ffba-relu", "ffba-qg-add")
 
 
@@ -26,8 +30,6 @@ class FloraLlamaAttention(nn.Module):
 
     def __init__(self, attn, config, layer: int, num_layers: int, adapter_dtype=None):
         super().__init__()
-        from .modules import FusedAttentionProjections, FusedOutputProjection
-
         # the attributes transformers' attention backends read from the module
         self.config, self.layer_idx = attn.config, attn.layer_idx
         self.head_dim, self.num_key_value_groups = attn.head_dim, attn.num_key_value_groups
@@ -65,8 +67,6 @@ class FloraLlamaMLP(nn.Module):
 
     def __init__(self, mlp, config, layer: int, num_layers: int, adapter_dtype=None):
         super().__init__()
-        from .modules import FusedMLP
-
         self.mlp = FusedMLP.from_linear(mlp.gate_proj, mlp.up_proj, mlp.down_proj, config=config,
                                         layer=layer, num_layers=num_layers, adapter_dtype=adapter_dtype)
 
@@ -83,9 +83,6 @@ def patch(hf_model, config, adapter_dtype: Optional[torch.dtype] = None):
     adapter directory (its tensors are loaded). Base weights are frozen; the
     adapter tensors are the only trainable parameters. Returns ``hf_model``.
     """
-    from .adapter_io import check_adapter_state_dict, resolve_adapter
-    from .checkpoint import arch_from_hf_config
-
     if not hasattr(hf_model, "model") or not hasattr(hf_model.model, "layers"):
         raise TypeError(f"flora.patch expects a transformers LlamaForCausalLM, got {type(hf_model).__name__}")
     arch = arch_from_hf_config(hf_model.config)  # Llama, no biases, supported RoPE

@@ -5,7 +5,7 @@ import torch
 import flora
 from flora import AdapterConfig
 from flora.model import FusedLlama
-from flora.patch import PATCHABLE, flora_modules
+from flora.hf_patch import PATCHABLE, flora_modules
 from llama_fixtures import llama_model, random_ids
 from test_model import randomize_adapter, rel_err
 

@@ -4,17 +4,10 @@
 
 #include <cstdint>
 
+#include "isa_target.h"
 #include "rows.h"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#elif defined(__GNUC__)
-// GCC 12's intrinsic headers trip these with _mm*_undefined_* (false alarms).
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+FLORA_ISA_BEGIN("avx2,fma,f16c")
 
 namespace flora::cpu::kernels {
 namespace avx2 {
@@ -55,8 +48,4 @@ void rows_avx2(const RowsTask& t, int64_t i0, int64_t i1) {
 
 }  // namespace flora::cpu::kernels
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+FLORA_ISA_END()

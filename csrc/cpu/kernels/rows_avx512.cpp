@@ -5,17 +5,10 @@
 
 #include <cstdint>
 
+#include "isa_target.h"
 #include "rows.h"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))), apply_to = function)
-#elif defined(__GNUC__)
-// GCC 12's intrinsic headers trip these with _mm*_undefined_* (false alarms).
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-#endif
+FLORA_ISA_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 
 namespace flora::cpu::kernels {
 namespace avx512 {
@@ -43,8 +36,4 @@ void rows_avx512(const RowsTask& t, int64_t i0, int64_t i1, bool bf16_dot) {
 
 }  // namespace flora::cpu::kernels
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#elif defined(__GNUC__)
-#pragma GCC pop_options
-#endif
+FLORA_ISA_END()
