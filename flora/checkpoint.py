@@ -17,6 +17,7 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from safetensors import safe_open
 from torch import Tensor
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
@@ -188,8 +189,6 @@ def read_safetensors_header(path: str) -> dict:
 
 def load_safetensors(path: str, device="cpu", keys=None) -> dict[str, Tensor]:
     """Load (some of) the tensors of one safetensors file after validating it."""
-    from safetensors import safe_open
-
     header = read_safetensors_header(path)
     names = [k for k in header if k != "__metadata__"] if keys is None else list(keys)
     out = {}
