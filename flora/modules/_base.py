@@ -58,7 +58,7 @@ def repoint(linear: nn.Linear, view: Tensor) -> None:
 
 class AdapterModule(nn.Module):
     """Base of every flora module. Subclasses register their adapter tensors
-    with ``_new_param`` and implement ``_fold_slots`` (write the folded copies
+    with ``new_param`` and implement ``_fold_slots`` (write the folded copies
     into the fused storage)."""
 
     def __init__(self, config=None):
@@ -72,29 +72,29 @@ class AdapterModule(nn.Module):
         self.dropout = nn.Dropout(p) if p > 0 else None
 
     # -- construction --------------------------------------------------------
-    def _new_param(self, name: str, shape, like: Tensor, init: str, dtype=None) -> None:
+    def new_param(self, name: str, shape, like: Tensor, init: str, dtype=None) -> None:
         t = torch.zeros(shape, dtype=dtype or like.dtype, device=like.device)
         if init == "A":
             init_A(t)
         self.register_parameter(name, nn.Parameter(t))
         self._adapter_names.append(name)
 
-    def _p(self, name: str, like: Tensor) -> Tensor:
+    def param(self, name: str, like: Tensor) -> Tensor:
         """Adapter tensor cast to the activation dtype."""
         t = getattr(self, name)
         return t if t.dtype == like.dtype else t.to(like.dtype)
 
-    def _drop(self, z: Optional[Tensor]) -> Optional[Tensor]:
+    def drop(self, z: Optional[Tensor]) -> Optional[Tensor]:
         if z is None or self.dropout is None or not self.training:
             return z
         return self.dropout(z)
 
     @property
-    def _dropping(self) -> bool:
+    def dropping(self) -> bool:
         return self.dropout is not None and self.training
 
     @property
-    def _live(self) -> bool:
+    def live(self) -> bool:
         """Adapter contributes through its own tensors (not off, not merged)."""
         return self.adapter_enabled and not self.merged and bool(self._adapter_names)
 

@@ -61,19 +61,19 @@ class FFL(_Block):
             raise ValueError(f"FFL: repeat_add needs the output width {self.N} to be a multiple "
                              f"of rank {rank}")
         self.repeat_add = bool(repeat_add) and rank > 0
-        self._new_param("A", (rank, self.K), self.weight, "zero" if repeat_add else "A", adapter_dtype)
+        self.new_param("A", (rank, self.K), self.weight, "zero" if repeat_add else "A", adapter_dtype)
 
     def _fold_slots(self):
         self.storage[self.N:].copy_(self.A)
 
     def forward(self, x: Tensor, z_in: Optional[Tensor] = None):
-        if not self._live:  # adapter off: the base output and no state
+        if not self.live:  # adapter off: the base output and no state
             return ops.ffl(x, self.weight, x.new_empty(0, self.K))[0], None
-        A = self.storage[self.N:] if self.folded else self._p("A", x)
-        if self.repeat_add and self._dropping:
+        A = self.storage[self.N:] if self.folded else self.param("A", x)
+        if self.repeat_add and self.dropping:
             y, z = ops.ffl(x, self.weight, A, z_in=z_in)
             T = tile_matrix(self.N, [self.N], A.shape[0], x)
-            y = ops.fbl(empty_cols(x.shape[0], x), self._drop(z), empty_cols(self.N, x), T, self.s,
+            y = ops.fbl(empty_cols(x.shape[0], x), self.drop(z), empty_cols(self.N, x), T, self.s,
                         res=y)
             return y, z
         return ops.ffl(x, self.weight, A, self.s, repeat_add=self.repeat_add, z_in=z_in)
@@ -87,18 +87,18 @@ class FBL(_Block):
         rank = _rank(rank, "FBL")
         super().__init__(weight, 0, rank, scale, dropout)
         self.relu = bool(relu)
-        self._new_param("B", (self.N, rank), self.weight, "zero", adapter_dtype)
+        self.new_param("B", (self.N, rank), self.weight, "zero", adapter_dtype)
 
     def _fold_slots(self):
         self.storage[:, self.K:].copy_(self.s * self.B)
 
     def forward(self, u: Tensor, z: Optional[Tensor], res: Optional[Tensor] = None) -> Tensor:
-        if not self._live or z is None:
+        if not self.live or z is None:
             M = u.shape[0]
             return ops.fbl(u, empty_cols(M, u), self.weight, empty_cols(self.N, u), res=res)
         if self.folded:
             return ops.fbl(u, z, self.weight, self.storage[:, self.K:], 1.0, res=res, relu=self.relu)
-        return ops.fbl(u, self._drop(z), self.weight, self._p("B", u), self.s, res=res, relu=self.relu)
+        return ops.fbl(u, self.drop(z), self.weight, self.param("B", u), self.s, res=res, relu=self.relu)
 
 
 class FFBL(_Block):
@@ -112,9 +112,9 @@ class FFBL(_Block):
         r2 = rank if rank_out is None else _rank(rank_out, "FFBL (rank_out)")
         super().__init__(weight, r2, rank, scale, dropout)
         self.relu, self.r2 = bool(relu), r2
-        self._new_param("B", (self.N, rank), self.weight, "zero", adapter_dtype)
-        self._new_param("A", (r2, self.K), self.weight, "A", adapter_dtype)
-        self._new_param("C", (r2, rank), self.weight, "zero", adapter_dtype)
+        self.new_param("B", (self.N, rank), self.weight, "zero", adapter_dtype)
+        self.new_param("A", (r2, self.K), self.weight, "A", adapter_dtype)
+        self.new_param("C", (r2, rank), self.weight, "zero", adapter_dtype)
 
     def _fold_slots(self):
         N, K = self.N, self.K
@@ -124,7 +124,7 @@ class FFBL(_Block):
 
     def forward(self, u: Tensor, z: Optional[Tensor], res: Optional[Tensor] = None):
         N, K = self.N, self.K
-        if not self._live or z is None:
+        if not self.live or z is None:
             M = u.shape[0]
             y = ops.fbl(u, empty_cols(M, u), self.weight, empty_cols(N, u), res=res)
             return y, None
@@ -132,5 +132,5 @@ class FFBL(_Block):
         if self.folded:
             return ops.ffbl(u, z, st[:N, :K], st[:N, K:], st[N:, :K], st[N:, K:], 1.0, res=res,
                             relu=self.relu)
-        return ops.ffbl(u, self._drop(z), self.weight, self._p("B", u), self._p("A", u),
-                        self._p("C", u), self.s, res=res, relu=self.relu)
+        return ops.ffbl(u, self.drop(z), self.weight, self.param("B", u), self.param("A", u),
+                        self.param("C", u), self.s, res=res, relu=self.relu)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import AdapterConfig
+from .modes import MODES
 
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gateup": ("gate", "up"),
           "down": ("down",), "head": ("head",)}
@@ -119,17 +120,4 @@ def role(cfg: Optional[AdapterConfig], group: str, layer: Optional[int] = None,
 
 def param_shapes(r: Role, rank: int, widths: dict, k: int) -> dict:
     """name -> shape of the adapter tensors of one group (widths: p -> d_out)."""
-    out = {}
-    for p in r.targets:
-        n = widths[p]
-        if r.mode in ("lora", "pflora"):
-            out[f"A_{p}"], out[f"B_{p}"] = (rank, k), (n, rank)
-        elif r.mode == "ffa":
-            out[f"A_{p}"] = (2 * rank, k)
-        elif r.mode in ("sum", "qgadd", "write"):
-            out[f"A_{p}"] = (rank, k)
-        elif r.mode in ("read", "bwd"):
-            out[f"B_{p}"] = (n, rank)
-        elif r.mode == "ffbl":
-            out[f"B_{p}"], out[f"A_{p}"], out[f"C_{p}"] = (n, rank), (rank, k), (rank, rank)
-    return out
+    return MODES[r.mode].param_shapes(r.targets, rank, widths, k)
