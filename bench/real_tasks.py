@@ -6,8 +6,8 @@
   out; sorted, so every machine with the same pages builds the same set). Metric: ROUGE-L F1 of the greedy
   generation against the reference line.
 - ``arith`` (reasoning-like): generated multi-step arithmetic word problems
-  whose answer is a short worked solution ("3 * 5 = 15, 12 + 15 = 27 ...
-  Answer: 20"). Metric: exact match of the whole solution (teacher-forced,
+  whose answer is a short worked solution ("3*5=15, 12+15=27, 27-7=20",
+  the last number answering). Metric: exact match of the whole solution (teacher-forced,
   which equals greedy generation reproducing it and stopping).
 
 Records are ``{"prompt", "completion"}``; the split is by a hash of the page
@@ -70,7 +70,7 @@ def _split_of(key: str, eval_frac: float) -> str:
     return "eval" if h < eval_frac else "train"
 
 
-def man_records(man_dir: str = MAN_DIR, desc_words: int = 40, eval_frac: float = 0.15,
+def man_records(man_dir: str = MAN_DIR, desc_words: int = 24, eval_frac: float = 0.15,
                 limit: int | None = None) -> dict:
     """{"train": [...], "eval": [...]} from man pages with a usable NAME line
     (3-14 words) and DESCRIPTION (>= 12 words); one record per summary."""
@@ -117,8 +117,7 @@ def arith_problem(rng: random.Random) -> dict:
     c = rng.randint(1, total - 1)
     q = (f"{who} has {a} {item}. {who} buys {n} packs with {k} {item} each, "
          f"then gives away {c}. How many {item} does {who} have now?")
-    ans = (f"{n} * {k} = {n * k}, {a} + {n * k} = {total}, {total} - {c} = {total - c}. "
-           f"Answer: {total - c}")
+    ans = f"{n}*{k}={n * k}, {a}+{n * k}={total}, {total}-{c}={total - c}"  # the last number answers
     return {"prompt": q, "completion": ans}
 
 

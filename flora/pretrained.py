@@ -76,12 +76,9 @@ def smollm2_path(cache: Optional[str] = None) -> str:
 
 
 def load_tokenizer(source):
-    """The tokenizer of a checkpoint directory or a GGUF file (local files only)."""
-    from .gguf import is_gguf, load_gguf_tokenizer
-    if os.path.isfile(source) and is_gguf(source):
-        return load_gguf_tokenizer(source)
-    from .data import load_tokenizer as load_dir_tokenizer
-    return load_dir_tokenizer(source)
+    """The tokenizer of a checkpoint directory or a ``.gguf`` file (local files only)."""
+    from .data import load_tokenizer as load
+    return load(source)
 
 
 def generation_eos(path: str, arch) -> Optional[list]:
