@@ -14,6 +14,7 @@
 
     python bench/learning.py            # full suite (< 20 min on 2 CPU cores)
     python bench/learning.py --quick    # smaller model, 1 seed, fewer steps (< 3 min)
+    python bench/learning.py real       # SmolLM2-135M on real text (bench/learning_real.py)
 """
 from __future__ import annotations
 
@@ -189,12 +190,12 @@ def findings(result) -> list:
     return out
 
 
-def write_results(md: str, path: Path):
-    """Replace (or append) the Learning section between markers, atomically."""
+def write_results(md: str, path: Path, begin: str = BEGIN, end: str = END):
+    """Replace (or append) the section between the markers, atomically."""
     old = path.read_text() if path.exists() else "# Results\n"
-    block = f"{BEGIN}\n{md}\n{END}"
-    if BEGIN in old and END in old:
-        new = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, old, flags=re.S)
+    block = f"{begin}\n{md}\n{end}"
+    if begin in old and end in old:
+        new = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
@@ -215,6 +216,11 @@ def machine() -> str:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["real"]:  # the real-model suite (SmolLM2-135M on real text)
+        sys.path.insert(0, str(HERE))
+        import learning_real
+        return learning_real.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small model, 1 seed, fewer steps (CI)")
     p.add_argument("--variants", default=",".join(VARIANTS))

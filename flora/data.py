@@ -60,6 +60,9 @@ def load_tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
+    if model_dir.is_file() and model_dir.suffix == ".gguf":  # a GGUF file carries its tokenizer
+        from .gguf import load_gguf_tokenizer
+        return load_gguf_tokenizer(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {model_dir}")
     try:

@@ -171,6 +171,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     when every row is done). ``streamer``: an object with ``put``/``end``
     (like transformers' streamers: ``put`` gets the prompt, then each step's
     tokens [B]) or a callable called with each step's tokens [B].
+    ``eos_token_id=None`` stops at the checkpoint's EOS (generation_config.json,
+    else config.json, else the GGUF's), as transformers does; ``[]`` never stops early.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {list(input_ids.shape)}")
@@ -187,6 +189,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
         raise ValueError("attention_mask must be left-padded (every row's last token real)")
     if use_cuda_graph is None:
         use_cuda_graph = dev.type == "cuda"
+    if eos_token_id is None:  # as transformers: the checkpoint's EOS; [] never stops early
+        eos_token_id = getattr(model, "generation_eos_token_id", None)
     eos = _eos_set(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     if generator is None and seed is not None:

@@ -74,12 +74,14 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         self._merged = False
         self.gradient_checkpointing = False
         self.config = HFConfigView(arch)
+        self.generation_eos_token_id = arch.eos_token_id
 
     # ------------------------------------------------------------------ load
     @classmethod
     def from_pretrained(cls, source, adapter=None, dtype=None, device=None,
                         adapter_dtype=None) -> "FusedLlama":
-        """Load a local HF Llama checkpoint dir (or an in-memory LlamaForCausalLM).
+        """Load a local HF Llama checkpoint dir, a Llama GGUF file (dequantized;
+        needs the ``gguf`` extra) or an in-memory LlamaForCausalLM.
 
         ``adapter``: an ``AdapterConfig`` (fresh adapter), a flora adapter dir,
         or a PEFT LoRA adapter dir (loaded as ``pf-lora``). ``adapter_dtype``:
@@ -88,16 +90,21 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         """
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
-            if os.path.isfile(path):
+            from . import gguf, pretrained
+            if os.path.isfile(path) and gguf.is_gguf(path):
+                arch, sd = gguf.load_gguf(path)  # dequantized to fp32
+            elif os.path.isfile(path):
                 raise CheckpointError(
-                    f"{path} is a file; FusedLlama.from_pretrained expects a checkpoint directory "
-                    f"(config.json + *.safetensors)")
-            if not os.path.isdir(path):
+                    f"{path} is a file but not a GGUF file; FusedLlama.from_pretrained expects a "
+                    f"checkpoint directory (config.json + *.safetensors) or a Llama .gguf file")
+            elif not os.path.isdir(path):
                 raise FileNotFoundError(
-                    f"{path!r} is not a local directory. flora loads checkpoints from local "
+                    f"{path!r} is not a local directory or file. flora loads checkpoints from local "
                     f"directories only and never downloads (no network access is attempted); "
                     f"download the model first and pass its directory")
-            arch, sd = load_checkpoint(path)
+            else:
+                arch, sd = load_checkpoint(path)
+            eos = pretrained.generation_eos(path, arch)
             copy = False
         elif hasattr(source, "config") and hasattr(source, "state_dict"):
             if getattr(source.config, "model_type", None) != "llama":
@@ -105,6 +112,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                     f"{type(source).__name__}: model_type is {getattr(source.config, 'model_type', None)!r}; "
                     f"FusedLlama needs a Llama model")
             arch, sd = state_dict_from_hf_model(source)
+            gen = getattr(source, "generation_config", None)
+            eos = getattr(gen, "eos_token_id", None) if gen is not None else arch.eos_token_id
             copy = True  # never alias the caller's model: merge_into_base writes in place
         else:
             raise TypeError(
@@ -125,6 +134,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         with torch.no_grad():
             model = cls(arch, sd, cfg, adapter_dtype)
         del sd
+        model.generation_eos_token_id = eos  # generate()'s default stop tokens
         if adapter_sd is not None:
             adapter_io.check_adapter_state_dict(model.arch, cfg, adapter_sd, where=str(adapter))
             model._store_adapter(name, cfg, adapter_sd)
