@@ -9,8 +9,9 @@ file holds:
   implementation that runs where no compiled kernel is registered;
 * the fake (meta) implementation for torch.compile and CUDA-graph capture;
 * the autograd formula (W frozen unless it requires grad) and the autocast
-  rule (registered in C++ by the compiled library, csrc/common/autocast.cpp;
-  the Python form below only when it is missing).
+  rule. The compiled library registers both in C++ (csrc/common/autograd.cpp,
+  autocast.cpp: a call that needs no gradient never enters Python); the
+  Python forms below are registered only when it is missing.
 
 The raw ops ``torch.ops.flora.*`` return the fused output buffer (``[y | z]``);
 the wrappers hand back ``y`` and ``z`` as views into it, which the next op
@@ -217,8 +218,8 @@ REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "ffbl": ffbl_reference
 
 # --------------------------------------------------------------------------
 # Registration: schemas (when the extension is missing), missing-device
-# fallbacks, fake kernels, autograd, and autocast (only without the compiled
-# library, which registers it in C++)
+# fallbacks, fake kernels, autograd and autocast (the last two only without
+# the compiled library, whose C++ forms use the same formulas)
 # --------------------------------------------------------------------------
 _lib = None  # keeps Python registrations alive
 REFERENCE_DEVICES: dict = {}  # op -> devices where the reference runs
@@ -371,10 +372,10 @@ def _autocast_kernel(op: str, device_type: str):
     return kernel
 
 
-torch.library.register_autograd("flora::ffl", _ffl_backward, setup_context=_ffl_setup)
-torch.library.register_autograd("flora::fbl", _fbl_backward, setup_context=_fbl_setup)
-torch.library.register_autograd("flora::ffbl", _ffbl_backward, setup_context=_ffbl_setup)
-if _ext.C is None:  # the compiled library registers autocast in C++
+if _ext.C is None:  # the compiled library registers autograd and autocast in C++
+    torch.library.register_autograd("flora::ffl", _ffl_backward, setup_context=_ffl_setup)
+    torch.library.register_autograd("flora::fbl", _fbl_backward, setup_context=_fbl_setup)
+    torch.library.register_autograd("flora::ffbl", _ffbl_backward, setup_context=_ffbl_setup)
     for _op in OPS:
         for _dev in ("cpu", "cuda"):
             _lib.impl(_op, _autocast_kernel(_op, _dev), "Autocast" + _dev.upper())
