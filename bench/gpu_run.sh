@@ -480,7 +480,8 @@ stage_generate() {
   run "$PY" bench/generate_smoke.py --device cuda --json "$OUT/generate.json" || rc=$?
   if [ "$DRY" = 1 ]; then key "dry"; return 0; fi
   key "$("$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); r = d["results"]
-print(("PASS" if d["ok"] else "FAIL") + f": {sum(x["equal"] for x in r)}/{len(r)} comparisons equal")' \
+n = sum(x["equal"] for x in r)
+print(("PASS" if d["ok"] else "FAIL") + ": %d/%d comparisons equal" % (n, len(r)))' \
     "$OUT/generate.json" 2>/dev/null || echo "no generate.json (rc $rc)")"
   return "$rc"
 }
