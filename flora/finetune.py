@@ -21,7 +21,7 @@ import torch
 
 from .data import load_jsonl, load_tokenizer
 from .fileio import atomic_write_json
-from .train import TrainConfig, init_distributed, train
+from .train import TrainConfig, dist_device, init_distributed, train
 
 
 def load_model(model_dir, adapter, device=None, dtype=None, adapter_dtype=torch.float32):
@@ -42,9 +42,9 @@ def finetune(model_dir, train_data, eval_data=None, adapter=None, config: TrainC
     With ``out_dir`` the adapter is saved to ``out_dir/adapter`` at the end (rank 0)."""
     if model is None and adapter is None:
         raise ValueError("finetune needs an adapter (an AdapterConfig or an adapter directory) or a model")
-    rank, world, local_rank = init_distributed()
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    rank, _, _ = init_distributed()
+    if device is None:  # under torchrun: the backend's device (cuda:local_rank or the CPU)
+        device = dist_device()
     tokenizer = tokenizer or load_tokenizer(model_dir)
     if isinstance(train_data, (str, os.PathLike)):
         train_data = load_jsonl(train_data)

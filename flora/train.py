@@ -103,28 +103,63 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------
 # Distributed setup
 # --------------------------------------------------------------------------
-def dist_backend() -> str:
-    """NCCL with one GPU per local process, else gloo on the CPU (more
-    processes than GPUs would put two ranks on one device, or a rank on a
-    device that does not exist). FLORA_DIST_BACKEND=gloo|nccl overrides."""
-    forced = os.environ.get("FLORA_DIST_BACKEND")
+def dist_plan(local_rank: int, local_world: int, cuda_count: int, forced: Optional[str] = None):
+    """(backend, device) for one process of a distributed launch.
+
+    NCCL needs one GPU per local process: with at least as many GPUs as local
+    processes, rank r gets NCCL on ``cuda:r``. Otherwise gloo, and every rank
+    runs on the CPU: gloo could let ranks share ``cuda:0``, but then they
+    compete for its memory and time with no gain over one process, so the
+    CPU is the predictable choice (``torchrun --nproc-per-node 2`` on a
+    one-GPU box is a CPU run of the distributed code path).
+    ``forced`` (FLORA_DIST_BACKEND) = "gloo" keeps the CPU; "nccl" without
+    one GPU per local process is an error, not a crash inside NCCL."""
     if forced:
         if forced not in ("gloo", "nccl"):
             raise ValueError(f"FLORA_DIST_BACKEND must be gloo or nccl, got {forced!r}")
-        return forced
+        if forced == "nccl" and cuda_count < local_world:
+            raise ValueError(
+                f"FLORA_DIST_BACKEND=nccl needs one GPU per local process: {local_world} "
+                f"processes but {cuda_count} GPU(s)")
+    backend = forced or ("nccl" if 0 < local_world <= cuda_count else "gloo")
+    if backend == "nccl":
+        return backend, torch.device("cuda", local_rank)
+    return backend, torch.device("cpu")
+
+
+def _dist_env():
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
-        return "nccl"
-    return "gloo"
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (int(os.environ.get("LOCAL_RANK", "0")), local_world, cuda_count,
+            os.environ.get("FLORA_DIST_BACKEND") or None)
+
+
+def dist_backend() -> str:
+    """The backend ``dist_plan`` picks for this process (from torchrun's env)."""
+    return dist_plan(*_dist_env())[0]
+
+
+def dist_device(default=None) -> torch.device:
+    """This process's device: ``dist_plan``'s under a distributed launch
+    (WORLD_SIZE > 1), else ``default`` (or cuda when there is one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return dist_plan(*_dist_env())[1]
+    if default is not None:
+        return torch.device(default)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def init_distributed():
     """(rank, world, local_rank); starts the process group when launched by
-    torchrun (WORLD_SIZE > 1) and it is not started yet."""
+    torchrun (WORLD_SIZE > 1) and it is not started yet. NCCL: the rank's
+    GPU is made current first, so NCCL and every later "cuda" use it."""
     dist = torch.distributed
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group(backend=dist_backend())
+        backend, device = dist_plan(*_dist_env())
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
