@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -50,6 +51,10 @@ def finetune(model_dir, train_data, eval_data=None, adapter=None, config: TrainC
     if isinstance(eval_data, (str, os.PathLike)):
         eval_data = load_jsonl(eval_data)
     if model is None:
+        # seed before the fresh adapter is initialised: same seed -> same adapter
+        seed = (config or TrainConfig()).seed
+        torch.manual_seed(seed)
+        random.seed(seed)
         model = load_model(model_dir, adapter, device=device, dtype=dtype)
     result = train(model, tokenizer, train_data, eval_data, config=config, out_dir=out_dir, resume=resume)
     if out_dir is not None and rank == 0:
