@@ -95,6 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (0: at the end only)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="with --resume: accept a changed --lr, --lr-schedule, --warmup-steps or step count")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast (auto: on CUDA only)")
@@ -115,7 +117,7 @@ def run_args(args) -> dict:
                       save_every=args.save_every, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                       lr_schedule=args.lr_schedule, bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change)
     model, _, result = finetune(args.model, args.data, args.eval, adapter=adapter, config=cfg, out_dir=args.out,
                                 resume=args.resume, device=args.device)
     rank, _, _ = init_distributed()

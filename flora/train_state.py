@@ -13,6 +13,7 @@ any moment leaves either the previous or the new checkpoint, never a mix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -24,9 +25,31 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapter_io import fsync_dir
+from .checkpoint import load_safetensors  # validates: a truncated file is a clear CheckpointError
 
 FORMAT = 1
 NAME, OLD = "checkpoint", ".checkpoint-old"
+# fingerprint keys a resume may change with allow_schedule_change (the lr schedule)
+SCHEDULE = ("lr", "lr_schedule", "warmup_steps", "total_steps")
+
+
+def as_json(obj):
+    """``obj`` as it reads back from JSON (tuples -> lists), so fingerprints compare equal."""
+    return json.loads(json.dumps(obj))
+
+
+def dataset_sha256(ds) -> str:
+    """SHA-256 of a tokenized dataset's token ids and labels, in order."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for i in range(len(ds)):
+        it = ds[i]
+        for k in ("input_ids", "labels"):
+            a = np.asarray(it[k], dtype=np.int64)
+            h.update(len(a).to_bytes(8, "little"))
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _save_tensors(tensors: dict, path: Path):
@@ -126,9 +149,11 @@ def _write(out_dir, model, named, opt, step, fingerprint, history, eval_history,
         raise
 
 
-def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1):
+def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1, allow_schedule_change=False):
     """Restores parameters, optimizer and RNG in place; returns the saved state
-    dict, or None (with a warning) when ``out_dir`` holds no checkpoint."""
+    dict, or None (with a warning) when ``out_dir`` holds no checkpoint.
+    Every fingerprint entry must match the checkpoint's; with
+    ``allow_schedule_change`` the :data:`SCHEDULE` entries may differ."""
     path = find_checkpoint(out_dir)
     if path is None:
         if rank == 0:
@@ -141,12 +166,25 @@ def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1)
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r} is not {FORMAT}")
     saved = state["fingerprint"]
+    changed = []
     for k, v in fingerprint.items():
-        if saved.get(k) != v:
-            what = "trainable parameter names" if k == "trainable" else k
-            raise ValueError(f"cannot resume from {path}: {what} differs (checkpoint: {saved.get(k)!r}, "
-                             f"this run: {v!r}); resume with the same data and settings")
-    params = load_file(str(path / "trainable.safetensors"))
+        if k not in saved:
+            raise ValueError(f"cannot resume from {path}: the checkpoint does not record {k} (written by an "
+                             f"older flora), so this run cannot be checked against it; start a new run")
+        if saved[k] == v:
+            continue
+        if k in SCHEDULE and allow_schedule_change:
+            changed.append(f"{k} {saved[k]!r} -> {v!r}")
+            continue
+        what = {"trainable": "trainable parameter names", "data_sha256": "the training data",
+                "adapter": "the adapter configuration"}.get(k, k)
+        hint = (" (to change the lr schedule deliberately, pass allow_schedule_change / "
+                "--allow-schedule-change)" if k in SCHEDULE else "")
+        raise ValueError(f"cannot resume from {path}: {what} differs (checkpoint: {saved[k]!r}, "
+                         f"this run: {v!r}); resume with the same data and settings{hint}")
+    if changed and rank == 0:
+        warnings.warn(f"resuming {path} with a changed lr schedule: {', '.join(changed)}", stacklevel=3)
+    params = load_safetensors(str(path / "trainable.safetensors"))
     for n, p in named:
         if n not in params:
             raise ValueError(f"{path}: trainable parameter {n!r} missing from the checkpoint")

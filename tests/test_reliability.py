@@ -50,3 +50,28 @@ def test_same_seed_same_adapter_and_losses(ckpt, data, tmp_path):
     assert main(train_argv(ckpt, data, tmp_path / "c", "--dropout", "0.1", "--seed", "1")) == 0
     c = saved_adapter(ckpt, tmp_path / "c")
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- resume (items 2, 6, 7)
+def test_resume_refuses_changed_settings_and_data(ckpt, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(ckpt, data, out, "--alpha", "8", "--save-every", "1")
+    assert main(argv) == 0
+    config = (out / "adapter" / "adapter_config.json").read_text()
+    other = write_jsonl(records(n=16, seed=7), tmp_path / "other.jsonl")  # same size, other records
+    for change, what in ((["--alpha", "16"], "adapter configuration"), (["--dropout", "0.2"], "adapter configuration"),
+                         (["--lr", "5e-3"], "lr differs"), (["--weight-decay", "0.1"], "weight_decay"),
+                         (["--max-steps", "4"], "total_steps")):
+        capsys.readouterr()
+        assert main(argv + change + ["--resume"]) == 2, change
+        err = capsys.readouterr().err
+        assert what in err and "Traceback" not in err, err
+    capsys.readouterr()
+    assert main([str(other) if a == str(data) else a for a in argv] + ["--resume"]) == 2
+    assert "the training data differs" in capsys.readouterr().err
+    assert (out / "adapter" / "adapter_config.json").read_text() == config  # nothing rewritten
+    # a deliberate schedule change: only with the explicit flag
+    with pytest.warns(UserWarning, match="changed lr schedule"):
+        assert main(argv + ["--max-steps", "5", "--lr", "5e-3", "--resume", "--allow-schedule-change"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 5 and [h["lr"] for h in log["history"][3:]] != [h["lr"] for h in log["history"][:2]]
