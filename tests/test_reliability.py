@@ -75,3 +75,15 @@ def test_resume_refuses_changed_settings_and_data(ckpt, data, tmp_path, capsys):
         assert main(argv + ["--max-steps", "5", "--lr", "5e-3", "--resume", "--allow-schedule-change"]) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 5 and [h["lr"] for h in log["history"][3:]] != [h["lr"] for h in log["history"][:2]]
+
+
+def test_resume_of_finished_run_keeps_one_final_eval(ckpt, data, tmp_path):
+    out = tmp_path / "run"
+    argv = train_argv(ckpt, data, out, "--eval", str(data), "--eval-every", "2")
+    assert main(argv) == 0
+    first = json.loads((out / "train_log.json").read_text())["eval_history"]
+    assert [e["step"] for e in first] == [2, 3]
+    for _ in range(2):
+        assert main(argv + ["--resume"]) == 0
+    again = json.loads((out / "train_log.json").read_text())["eval_history"]
+    assert again == first
