@@ -106,9 +106,32 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _check_device(name):
+    """``--device``: None, cpu or cuda[:i] that exists here (checked before anything loads)."""
+    if name is None:
+        return None
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
 def run_args(args) -> dict:
     from .config import AdapterConfig
 
+    device = _check_device(args.device)
+    out = Path(args.out)
+    for p in (out, out / "adapter", out / "checkpoint"):  # fail now, not after training
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out: {p} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here too
     targets = args.targets if args.targets in ("all", "mha") else [t.strip() for t in args.targets.split(",")]
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
     adapter = AdapterConfig(args.variant, args.rank, alpha, dropout=args.dropout, targets=targets)
@@ -119,7 +142,7 @@ def run_args(args) -> dict:
                       lr_schedule=args.lr_schedule, bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
                       progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change)
     model, _, result = finetune(args.model, args.data, args.eval, adapter=adapter, config=cfg, out_dir=args.out,
-                                resume=args.resume, device=args.device)
+                                resume=args.resume, device=device)
     rank, _, _ = init_distributed()
     summary = {"adapter": str(Path(args.out) / "adapter"), "steps": result.steps, "final_train_loss": result.final_train_loss,
                "final_eval": result.final_eval, "tokens_per_s": result.tokens_per_s,

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .adapter_io import fsync_dir
 from .checkpoint import load_safetensors  # validates: a truncated file is a clear CheckpointError
@@ -161,10 +161,15 @@ def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1,
         torch.manual_seed(fingerprint["seed"] + rank)
         random.seed(fingerprint["seed"] + rank)
         return None
-    with open(path / "state.json") as f:
-        state = json.load(f)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r} is not {FORMAT}")
+    try:
+        with open(path / "state.json", encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / 'state.json'}: unreadable checkpoint state ({e}); the file is "
+                         f"damaged, start a new run or restore it") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else None
+        raise ValueError(f"{path}: checkpoint format {got!r} is not {FORMAT}")
     saved = state["fingerprint"]
     changed = []
     for k, v in fingerprint.items():
@@ -193,7 +198,7 @@ def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1,
                              f"{list(p.shape)} in the model")
         with torch.no_grad():
             p.copy_(params[n].to(p.dtype))
-    opt_t = load_file(str(path / "optimizer.safetensors"))
+    opt_t = load_safetensors(str(path / "optimizer.safetensors"))
     per = {}
     for key, v in list(opt_t.items()) + list(state["optimizer"]["scalars"].items()):
         i, k = key.split(".", 1)
@@ -207,7 +212,7 @@ def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1,
         offset += len(cur["params"])
     opt.load_state_dict({"state": per, "param_groups": groups})
     if state["world_size"] == world:
-        rng = load_file(str(path / "rng.safetensors"))
+        rng = load_safetensors(str(path / "rng.safetensors"))
         torch.set_rng_state(rng[f"rank{rank}.torch"])
         cuda = [rng[k] for k in sorted(rng) if k.startswith(f"rank{rank}.cuda")]
         if cuda and torch.cuda.is_available():

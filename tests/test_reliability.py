@@ -87,3 +87,36 @@ def test_resume_of_finished_run_keeps_one_final_eval(ckpt, data, tmp_path):
         assert main(argv + ["--resume"]) == 0
     again = json.loads((out / "train_log.json").read_text())["eval_history"]
     assert again == first
+
+
+def _one_line_error(capsys, argv, *needles):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("flora train: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_cli_train_errors(ckpt, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = train_argv(ckpt, data, out)
+    dev = argv.index("--device") + 1
+    _one_line_error(capsys, argv[:dev] + ["bogus"] + argv[dev + 1:], "--device", "bogus")
+    if not torch.cuda.is_available():
+        _one_line_error(capsys, argv[:dev] + ["cuda"] + argv[dev + 1:], "no CUDA device")
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    _one_line_error(capsys, train_argv(ckpt, data, f), str(f), "not a directory")
+    assert f.read_text() == "keep me"
+    _one_line_error(capsys, train_argv(ckpt, data, tmp_path / "nan", "--lr", "1e30"), "loss is")
+    assert not (tmp_path / "nan" / "adapter").exists()
+    # a truncated checkpoint file
+    assert main(train_argv(ckpt, data, out, "--save-every", "1")) == 0
+    t = out / "checkpoint" / "optimizer.safetensors"
+    t.write_bytes(t.read_bytes()[:-9])
+    _one_line_error(capsys, argv + ["--resume"], "optimizer.safetensors", "truncated")
+    (out / "checkpoint" / "state.json").write_text('{"format": 1, "st')
+    _one_line_error(capsys, argv + ["--resume"], "state.json")
