@@ -120,3 +120,12 @@ def test_cli_train_errors(ckpt, data, tmp_path, capsys):
     _one_line_error(capsys, argv + ["--resume"], "optimizer.safetensors", "truncated")
     (out / "checkpoint" / "state.json").write_text('{"format": 1, "st')
     _one_line_error(capsys, argv + ["--resume"], "state.json")
+
+
+def test_non_utf8_data_file_named(tmp_path):
+    from flora.data import load_jsonl
+
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8"):
+        load_jsonl(p)
