@@ -129,3 +129,77 @@ def test_non_utf8_data_file_named(tmp_path):
     p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8"):
         load_jsonl(p)
+
+
+# --------------------------------------------------------------------------- adapter saves (items 3, 4, 5)
+@pytest.fixture(scope="module")
+def model(ckpt):
+    from flora import AdapterConfig
+
+    return FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("lora", 4, 8.0))
+
+
+def test_save_keeps_files_it_did_not_write(model, tmp_path):
+    p = tmp_path / "ad"
+    model.save_adapter(p)
+    (p / "README.md").write_text("my notes")
+    model.save_adapter(p)
+    assert (p / "README.md").read_text() == "my notes"
+    assert sorted(os.listdir(p)) == ["README.md", "adapter.safetensors", "adapter_config.json"]
+
+
+def test_save_respects_read_only_dir_and_mode(model, tmp_path):
+    p = tmp_path / "ad"
+    model.save_adapter(p)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's 0700
+    os.chmod(p, 0o750)
+    model.save_adapter(p)
+    assert (p.stat().st_mode & 0o777) == 0o750  # a replaced directory keeps its permissions
+    before = {f: (p / f).read_bytes() for f in os.listdir(p)}
+    os.chmod(p, 0o555)
+    try:
+        with pytest.raises(PermissionError, match="read-only"):
+            model.save_adapter(p)
+        assert (p.stat().st_mode & 0o777) == 0o555
+        assert {f: (p / f).read_bytes() for f in os.listdir(p)} == before
+    finally:
+        os.chmod(p, 0o755)
+    assert sorted(n for n in os.listdir(tmp_path)) == ["ad"]
+
+
+def test_save_writes_through_symlink(model, ckpt, tmp_path):
+    target = tmp_path / "real"
+    model.save_adapter(target)
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    sd = {k: v + 1 for k, v in model.adapter_state_dict().items()}
+    m2 = FusedLlama.from_pretrained(str(ckpt), adapter=str(target))
+    m2._load_adapter_tensors(sd)
+    m2.save_adapter(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    again = FusedLlama.from_pretrained(str(ckpt), adapter=str(target)).adapter_state_dict()
+    assert all(torch.equal(again[k], sd[k].to(again[k].dtype)) for k in sd)
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+
+
+def test_load_and_save_recover_a_killed_save(model, ckpt, tmp_path):
+    p = tmp_path / "ad"
+    model.save_adapter(p)
+    want = model.adapter_state_dict()
+    dead = 2 ** 22 + 12345  # above Linux's pid_max default: no such process
+    # killed between its two renames: the adapter sits at .old-*, a finished .tmp-* beside it
+    os.rename(p, tmp_path / f".ad.old-{dead}-0001")
+    model.save_adapter(tmp_path / "scratch")
+    os.rename(tmp_path / "scratch", tmp_path / f".ad.tmp-{dead}-0002")
+    (tmp_path / ".ad.tmp-legacy").mkdir()  # an older flora's name
+    got = FusedLlama.from_pretrained(str(ckpt), adapter=str(p)).adapter_state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
+    # a save cleans up after a killed save too, but never a live process's directory
+    live = tmp_path / f".ad.tmp-{os.getppid()}-0003"
+    live.mkdir()
+    (tmp_path / f".ad.tmp-{dead}-0004").mkdir()
+    model.save_adapter(p)
+    assert sorted(os.listdir(tmp_path)) == [live.name, "ad"]
