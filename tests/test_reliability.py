@@ -203,3 +203,23 @@ def test_load_and_save_recover_a_killed_save(model, ckpt, tmp_path):
     (tmp_path / f".ad.tmp-{dead}-0004").mkdir()
     model.save_adapter(p)
     assert sorted(os.listdir(tmp_path)) == [live.name, "ad"]
+
+
+# --------------------------------------------------------------------------- loading (items 9, 10)
+def _edit_config(src, dst, **changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((Path(dst) / "config.json").read_text())
+    cfg.update(changes)
+    (Path(dst) / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_loader_refuses_tensors_config_does_not_describe(ckpt, tmp_path):
+    from flora.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\..*num_hidden_layers=1"):
+        FusedLlama.from_pretrained(str(_edit_config(ckpt, tmp_path / "one", num_hidden_layers=1)))
+    with pytest.raises(CheckpointError, match="num_hidden_layers"):
+        FusedLlama.from_pretrained(str(_edit_config(ckpt, tmp_path / "true", num_hidden_layers=True)))
