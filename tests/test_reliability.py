@@ -223,3 +223,20 @@ def test_loader_refuses_tensors_config_does_not_describe(ckpt, tmp_path):
         FusedLlama.from_pretrained(str(_edit_config(ckpt, tmp_path / "one", num_hidden_layers=1)))
     with pytest.raises(CheckpointError, match="num_hidden_layers"):
         FusedLlama.from_pretrained(str(_edit_config(ckpt, tmp_path / "true", num_hidden_layers=True)))
+
+
+def test_dtype_names_and_refusals(ckpt):
+    m = FusedLlama.from_pretrained(str(ckpt), dtype="float16")
+    assert m.dtype == torch.float16
+    assert FusedLlama.from_pretrained(str(ckpt), dtype="bf16").dtype == torch.bfloat16
+    assert FusedLlama.from_pretrained(str(ckpt), dtype="torch.float32").dtype == torch.float32
+    from flora import AdapterConfig
+
+    a = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("lora", 4, 8.0), dtype="bfloat16",
+                                   adapter_dtype="fp32")
+    assert {t.dtype for t in a.adapter_state_dict().values()} == {torch.float32}
+    for bad in (torch.int8, torch.float8_e4m3fn, "int8", "fp8", "float17"):
+        with pytest.raises(TypeError, match="adapter_dtype"):
+            FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("lora", 4, 8.0), adapter_dtype=bad)
+    with pytest.raises(TypeError, match="dtype"):
+        FusedLlama.from_pretrained(str(ckpt), dtype=torch.int32)
