@@ -240,3 +240,62 @@ def test_dtype_names_and_refusals(ckpt):
             FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("lora", 4, 8.0), adapter_dtype=bad)
     with pytest.raises(TypeError, match="dtype"):
         FusedLlama.from_pretrained(str(ckpt), dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------- generate (item 8)
+@pytest.fixture(scope="module")
+def small():
+    from llama_fixtures import llama_model
+
+    return FusedLlama.from_pretrained(llama_model())
+
+
+def test_generate_zero_tokens_ends_streamer_and_copies(small):
+    from llama_fixtures import random_ids
+
+    class Streamer:
+        def __init__(self):
+            self.put_calls, self.ended = 0, 0
+
+        def put(self, t):
+            self.put_calls += 1
+
+        def end(self):
+            self.ended += 1
+
+    ids = random_ids(2, 5)
+    s = Streamer()
+    out = small.generate(ids, max_new_tokens=0, streamer=s)
+    assert s.ended == 1 and torch.equal(out, ids) and out.data_ptr() != ids.data_ptr()
+    s = Streamer()
+    small.generate(ids, max_new_tokens=3, streamer=s)
+    assert s.ended == 1 and s.put_calls == 4
+
+
+def test_generate_rejects_bad_mask_and_temperature(small):
+    from llama_fixtures import random_ids
+
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match="attention_mask must have the shape"):
+        small.generate(ids, attention_mask=torch.ones(2, 4, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must have the shape"):
+        small.generate(ids, attention_mask=torch.ones(5, dtype=torch.long), max_new_tokens=2)
+    for t in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            small.generate(ids, temperature=t, max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        small.generate(ids, top_p=float("nan"), temperature=1.0, max_new_tokens=2)
+
+
+def test_generate_caps_huge_max_new_tokens_at_the_context(small):
+    from llama_fixtures import random_ids
+
+    ids = random_ids(1, 5)
+    first = int(small.generate(ids, max_new_tokens=1)[0, -1])
+    with pytest.warns(UserWarning, match="context"):
+        out = small.generate(ids, max_new_tokens=10 ** 12, eos_token_id=first)
+    assert out.shape == (1, 6)  # EOS at once: one new token, no huge cache allocated
+    ctx = small.arch.max_position_embeddings
+    with pytest.warns(UserWarning, match="context"):
+        out = small.generate(ids, max_new_tokens=ctx)
+    assert out.shape == (1, ctx)
