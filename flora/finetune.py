@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -51,6 +52,10 @@ def finetune(model_dir, train_data, eval_data=None, adapter=None, config: TrainC
     if isinstance(eval_data, (str, os.PathLike)):
         eval_data = load_jsonl(eval_data)
     if model is None:
+        # seed before the fresh adapter is initialised: same seed -> same adapter
+        seed = (config or TrainConfig()).seed
+        torch.manual_seed(seed)
+        random.seed(seed)
         model = load_model(model_dir, adapter, device=device, dtype=dtype)
     result = train(model, tokenizer, train_data, eval_data, config=config, out_dir=out_dir, resume=resume)
     if out_dir is not None and rank == 0:
@@ -89,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (0: at the end only)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="with --resume: accept a changed --lr, --lr-schedule, --warmup-steps or step count")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast (auto: on CUDA only)")
@@ -98,9 +105,32 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _check_device(name):
+    """``--device``: None, cpu or cuda[:i] that exists here (checked before anything loads)."""
+    if name is None:
+        return None
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
 def run_args(args) -> dict:
     from .config import AdapterConfig
 
+    device = _check_device(args.device)
+    out = Path(args.out)
+    for p in (out, out / "adapter", out / "checkpoint"):  # fail now, not after training
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out: {p} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here too
     targets = args.targets if args.targets in ("all", "mha") else [t.strip() for t in args.targets.split(",")]
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
     adapter = AdapterConfig(args.variant, args.rank, alpha, dropout=args.dropout, targets=targets)
@@ -109,9 +139,9 @@ def run_args(args) -> dict:
                       save_every=args.save_every, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                       lr_schedule=args.lr_schedule, bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change)
     model, _, result = finetune(args.model, args.data, args.eval, adapter=adapter, config=cfg, out_dir=args.out,
-                                resume=args.resume, device=args.device)
+                                resume=args.resume, device=device)
     rank, _, _ = init_distributed()
     summary = {"adapter": str(Path(args.out) / "adapter"), "steps": result.steps, "final_train_loss": result.final_train_loss,
                "final_eval": result.final_eval, "tokens_per_s": result.tokens_per_s,

@@ -53,6 +53,7 @@ class TrainConfig:
     bf16: object = "auto"  # "auto": autocast bf16 on CUDA; True: also on CPU; False: never
     progress: bool = True
     desc: str = "train"
+    allow_schedule_change: bool = False  # resume: let lr / lr_schedule / warmup_steps / total steps differ
     fsdp: bool = False  # under torchrun: shard adapters + optimizer state (FSDP2) instead of DDP
 
     def validate(self):
@@ -283,10 +284,21 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
     start_step, history, eval_history = 0, [], []
-    fingerprint = {"global_batch": global_batch, "n_train": len(train_ds), "seed": cfg.seed,
-                   "total_steps": total, "trainable": [n for n, _ in named]}
+    # everything that changes the trained tensors; a resume must match it exactly
+    # (the schedule keys, ckpt.SCHEDULE, may differ with allow_schedule_change)
+    adapter_cfg = getattr(model, "adapter_config", None) or getattr(model, "flora_adapter_config", None)
+    arch = getattr(model, "arch", None)
+    fingerprint = ckpt.as_json({
+        "global_batch": global_batch, "n_train": len(train_ds), "data_sha256": ckpt.dataset_sha256(train_ds),
+        "seed": cfg.seed, "trainable": [n for n, _ in named],
+        "adapter": adapter_cfg.to_dict() if hasattr(adapter_cfg, "to_dict") else None,
+        "base_model": arch.shape_dict() if hasattr(arch, "shape_dict") else None,
+        "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
+        "bf16_autocast": autocast is not contextlib.nullcontext,
+        "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "total_steps": total})
     if resume:
-        state = ckpt.load_checkpoint(out_dir, model, named, opt, fingerprint, rank=rank, world=world)
+        state = ckpt.load_checkpoint(out_dir, model, named, opt, fingerprint, rank=rank, world=world,
+                                     allow_schedule_change=cfg.allow_schedule_change)
         if state is not None:
             start_step, history, eval_history = state["step"], state["history"], state["eval_history"]
     else:
@@ -373,6 +385,8 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
                 save(step)
             if callback is not None:
                 callback(step, rec)
+        if eval_history and eval_history[-1]["step"] == step:
+            eval_history.pop()  # a resumed finished run: re-evaluate, do not add a second final entry
         final_eval = run_eval(step) if eval_ds is not None else None
         if out_dir is not None:
             save(step)
