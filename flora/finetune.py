@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .data import load_jsonl, load_tokenizer
+from .devices import resolve_device
 from .fileio import atomic_write_json
 from .train import TrainConfig, dist_device, init_distributed, train
 
@@ -105,27 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _check_device(name):
-    """``--device``: None, cpu or cuda[:i] that exists here (checked before anything loads)."""
-    if name is None:
-        return None
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available (use --device cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
-
-
 def run_args(args) -> dict:
     from .config import AdapterConfig
 
-    device = _check_device(args.device)
+    device = resolve_device(args.device, auto=False)
     out = Path(args.out)
     for p in (out, out / "adapter", out / "checkpoint"):  # fail now, not after training
         if p.exists() and not p.is_dir():
