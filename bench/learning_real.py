@@ -416,8 +416,11 @@ def markdown(result) -> str:
         f"states are cached (exact: split vs full model max rel. error "
         + ", ".join(f"{v} {e:.1e}" for v, e in result["split_check"].items()) + ")",
         f"- fine-tuning: {a['steps']} steps x batch {a['batch_size']} (the same examples in the same order for "
-        f"every variant of a seed), AdamW, 10% warmup + cosine, grad clip 1.0, alpha = 2 x rank; "
-        f"lr sweep {a['lrs']} on seed 0, the lr with the lowest eval loss then run on seeds 1..{a['seeds'] - 1}",
+        f"every variant of a seed; distinct train/eval examples: "
+        + ", ".join(f"{t} {d['train']}/{d['eval']}" for t, d in result.get("data", {}).items()) + "), AdamW, 10% warmup + cosine, "
+        f"grad clip 1.0, alpha = 2 x rank; "
+        + (f"lr sweep {a['lrs']} on seed 0, the lr with the lowest eval loss then run on seeds 1..{a['seeds'] - 1}"
+         if a["seeds"] > 1 else f"lr(s) {a['lrs']}, one seed (0)"),
         f"- budget: LoRA r={a['ref_rank']} on all 7 projections of the adapted layers = {result['budget']:,} "
         f"trainable parameters; every other variant at the rank whose count is closest",
         "- tasks: " + "; ".join(f"`{t}` = {rt.TASK_KIND[t]}" for t in a["tasks"])
@@ -464,6 +467,24 @@ def markdown(result) -> str:
     return "\n".join(lines)
 
 
+def merge(results: list) -> dict:
+    """One result from runs made with the same settings in separate processes
+    (e.g. different variants or tasks in parallel)."""
+    out = results[0]
+    for r in results[1:]:
+        same = ("top_layers", "steps", "batch_size", "ref_rank", "n_train", "n_eval", "n_gen")
+        if any(r["args"].get(k) != out["args"].get(k) for k in same):
+            raise ValueError("can only merge runs made with the same settings")
+        out["runs"] += r["runs"]
+        for k in ("base", "ranks", "trainable", "split_check", "data"):
+            out[k] = {**r.get(k, {}), **out.get(k, {})}
+        for k in ("variants", "tasks", "lrs"):
+            out["args"][k] += [x for x in r["args"][k] if x not in out["args"][k]]
+        out["command"] += f"` and `{r['command']}"
+        out["seconds"] = max(out["seconds"], r["seconds"])
+    return out
+
+
 def write_results(md: str, path: Path):
     from learning import write_results as write_section
     write_section(md, path, BEGIN, END)
@@ -488,10 +509,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", default=str(HERE / "out" / "learning-real.json"))
     p.add_argument("--results", default=None, help="markdown file whose real-model section is replaced")
-    p.add_argument("--render", default=None, metavar="JSON", help="only re-render a saved result")
+    p.add_argument("--render", default=None, metavar="JSON[,JSON...]",
+                   help="only re-render saved results (several: runs of the same settings merged)")
     args = p.parse_args(argv)
     if args.render:
-        result = json.loads(Path(args.render).read_text())
+        result = merge([json.loads(Path(f).read_text()) for f in args.render.split(",")])
     else:
         args.tasks = [t for t in args.tasks.split(",") if t]
         args.variants = [v for v in args.variants.split(",") if v]
