@@ -95,7 +95,7 @@ def kernel_sources():
 def kernel_flags(cutlass):
     return [
         "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-lineinfo",
-        "-Xcompiler=-fPIC", "-Xptxas=-v", "--use_fast_math",
+        "-Xcompiler=-fPIC", "-Xptxas=-v",
         "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1",
         f"-I{os.path.join(cutlass, 'include')}",
         f"-I{os.path.join(cutlass, 'tools', 'util', 'include')}",

@@ -52,5 +52,10 @@ std::string cuda_kernel_verified(const std::string& name);
 bool cuda_kernels_env();
 // compiled: this build has the CUDA kernels; enabled: run unverified ones.
 CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled);
+#ifdef FLORA_WITH_CUDA
+// "kernel" or "cublas: reason" of this thread's last CUDA op call (tests
+// check that the kernel they mean to test is the one that ran).
+std::string cuda_last_dispatch();
+#endif
 
 }  // namespace flora

@@ -21,6 +21,8 @@
 namespace flora {
 namespace {
 
+thread_local std::string last_dispatch;
+
 #ifdef FLORA_WITH_CUTLASS
 constexpr bool kCompiled = true;
 #else
@@ -94,7 +96,10 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
     e = bf16 ? fc::gemm_sm90_bf16(a, ws.data_ptr(), ws_bytes, stream)
              : fc::gemm_sm90_fp16(a, ws.data_ptr(), ws_bytes, stream);
   }
-  if (e == cudaErrorNotSupported) return false;
+  if (e == cudaErrorNotSupported) {
+    last_dispatch = "cublas: " + kernel + " declined the arguments";
+    return false;
+  }
   TORCH_CHECK(e == cudaSuccess, "flora: CUDA kernel ", kernel, " failed: ", cudaGetErrorString(e));
   return true;
 }
@@ -102,7 +107,11 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
 bool is_decode(const std::string& k) { return k.rfind("decode_", 0) == 0; }
 #endif
 
-CudaChoice choose(const CudaQuery& q) { return choose_cuda(q, kCompiled, cuda_kernels_env()); }
+CudaChoice choose(const CudaQuery& q) {
+  CudaChoice c = choose_cuda(q, kCompiled, cuda_kernels_env());
+  last_dispatch = c.kernel == "cublas" ? "cublas: " + c.reason : c.kernel;
+  return c;
+}
 
 at::Tensor ffl_cuda(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A, double s,
                     at::IntArrayRef repeat, int64_t repeat_rank,
@@ -207,6 +216,8 @@ at::Tensor ffbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor&
 }
 
 }  // namespace
+
+std::string cuda_last_dispatch() { return last_dispatch; }
 
 std::vector<KernelInfo> cuda_kernel_info() {
   std::vector<KernelInfo> rows;

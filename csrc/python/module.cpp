@@ -55,6 +55,10 @@ PYBIND11_MODULE(_C, m) {
       rows.emplace_back(k.name, k.arch, k.what, flora::cuda_kernel_verified(k.name));
     return rows;
   });
+#ifdef FLORA_WITH_CUDA
+  m.def("cuda_last_dispatch", &flora::cuda_last_dispatch,
+        "kernel (or 'cublas: reason') of this thread's last CUDA op call");
+#endif
   m.def("cuda_kernels_compiled", [] {
 #ifdef FLORA_WITH_CUTLASS
     return true;

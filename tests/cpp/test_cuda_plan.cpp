@@ -261,6 +261,7 @@ TEST(CudaPlan, DecodeRowsPerCtaFillsTheGpu) {
   EXPECT_EQ(plan::decode_rows_per_cta(16384, 132), 4);
   EXPECT_EQ(plan::decode_rows_per_cta(2048 + 32, 132), 2);
   EXPECT_EQ(plan::decode_rows_per_cta(512, 132), 1);
+  EXPECT_EQ(plan::decode_rows_per_cta(16384, 132, 16), 2);
 }
 
 // Odd shapes: M = 1, 3, 16; N, K off every tile; R = 1, 7, 32, 256.

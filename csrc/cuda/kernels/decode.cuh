@@ -124,7 +124,10 @@ __global__ void __launch_bounds__(plan::kDecodeWarps * 32)
   }
 
   // Segment 1: K1 in k-steps of 256; 16-byte vectors.
+  // Unrolled by 2: the next step's weight loads issue before this step's
+  // math, doubling the bytes in flight when a warp has several steps.
   const int64_t ksteps = plan::ceil_div(a.K1, plan::kKStep);
+#pragma unroll 2
   for (int64_t ks = warp; ks < ksteps; ks += plan::kDecodeWarps) {
     const int64_t k0 = ks * plan::kKStep + lane * plan::kVec;
     uint4 wv[ROWS];
@@ -224,7 +227,7 @@ cudaError_t launch_rows(const FusedArgs& a, int rows, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_one(const FusedArgs& a, cudaStream_t stream) {
   const int64_t total = a.p[0].n + (a.nprob > 1 ? a.p[1].n : 0);
-  const int rows = plan::decode_rows_per_cta(total, a.sm_count);
+  const int rows = plan::decode_rows_per_cta(total, a.sm_count, a.M);
   switch (plan::decode_m_tile(a.M)) {
     case 1: return launch_rows<T, 1>(a, rows, stream);
     case 2: return launch_rows<T, 2>(a, rows, stream);

@@ -32,10 +32,11 @@ FLORA_HD int decode_m_tile(int64_t M) {
 
 // Output columns per CTA: as many as still leave >= 4 CTAs per SM, so small
 // N gets more CTAs (the split-K across warps then keeps each SM's loads in
-// flight) and large N amortises the x loads over more weight rows.
-FLORA_HD int decode_rows_per_cta(int64_t total_rows, int sm_count) {
+// flight) and large N amortises the x loads over more weight rows. M > 8
+// stops at 2 rows: 16 x 4 accumulators cost 167 registers (1 CTA per SM).
+FLORA_HD int decode_rows_per_cta(int64_t total_rows, int sm_count, int64_t M = 1) {
   const int64_t want = 4 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
-  if ((total_rows + 3) / 4 >= want) return 4;
+  if (M <= 8 && (total_rows + 3) / 4 >= want) return 4;
   if ((total_rows + 1) / 2 >= want) return 2;
   return 1;
 }
