@@ -20,6 +20,7 @@ build/flora_kernels/ (tools/check_cuda_kernels.py reads the logs and SASS).
 """
 import glob
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -123,12 +124,15 @@ def compile_kernels(nvcc, cutlass):
         obj, cmd = job
         if cmd is None:
             return obj
-        t0 = time.time()
+        t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         print(" ".join(shlex.quote(c) for c in cmd), flush=True)
         r = subprocess.run(cmd, capture_output=True, text=True)
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
         with open(obj[:-2] + ".ptxas.log", "w") as f:
             f.write(" ".join(shlex.quote(c) for c in cmd) + "\n" + r.stdout + r.stderr)
-            f.write(f"# compile seconds: {time.time() - t0:.1f}\n")
+            # CPU seconds are this TU's alone only with MAX_JOBS=1.
+            f.write(f"# compile seconds: {time.time() - t0:.1f} wall, {cpu:.1f} cpu\n")
         if r.returncode != 0:
             sys.stderr.write(r.stdout + r.stderr)
             raise RuntimeError(f"nvcc failed on {obj}")

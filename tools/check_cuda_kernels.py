@@ -80,9 +80,9 @@ def parse_log(path: str) -> tuple[list[dict], float | None]:
             kernels.append(cur)
             continue
         if cur is None:
-            m = re.search(r"# compile seconds: ([\d.]+)", line)
+            m = re.search(r"# compile seconds: ([\d.]+)(?: wall)?(?:, ([\d.]+) cpu)?", line)
             if m:
-                secs = float(m.group(1))
+                secs = float(m.group(2) or m.group(1))
             continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m:
@@ -92,9 +92,9 @@ def parse_log(path: str) -> tuple[list[dict], float | None]:
             cur["regs"] = int(m.group(1))
             s = re.search(r"(\d+) bytes smem", line)
             cur["smem"] = int(s.group(1)) if s else 0
-        m = re.search(r"# compile seconds: ([\d.]+)", line)
+        m = re.search(r"# compile seconds: ([\d.]+)(?: wall)?(?:, ([\d.]+) cpu)?", line)
         if m:
-            secs = float(m.group(1))
+            secs = float(m.group(2) or m.group(1))
     return kernels, secs
 
 
@@ -154,14 +154,24 @@ def main() -> int:
                          k.get("spill_ld", 0), k.get("stack", 0), k.get("smem", 0), tc))
 
     if args.markdown:
-        print("| TU | compile s | kernel | arch | regs | spill st/ld B | stack B | static smem B | SASS |")
-        print("|---|---:|---|---|---:|---:|---:|---:|---|")
-        last = None
-        for tu, secs, name, arch, regs, st, ld, stack, smem, tc in rows:
-            first = tu != last
-            last = tu
-            print(f"| {tu if first else ''} | {f'{secs:.0f}' if first and secs else ''} | `{name}` | {arch} "
-                  f"| {regs} | {st}/{ld} | {stack} | {smem} | {tc if first else ''} |")
+        # One row per TU and arch; the decode TUs' 15 instances collapse into a
+        # "MTxROWS:regs" list.
+        print("| TU | compile s (cpu) | arch | kernels | registers | spill st/ld B | stack B | SASS |")
+        print("|---|---:|---|---|---|---:|---:|---|")
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault((r[0], r[3]), []).append(r)
+        for (tu, arch), rs in groups.items():
+            secs, tc = rs[0][1], rs[0][9]
+            st, ld = sum(r[5] for r in rs), sum(r[6] for r in rs)
+            stack = max(r[7] for r in rs)
+            if len(rs) == 1:
+                kern, regs = f"`{rs[0][2]}`", str(rs[0][4])
+            else:
+                kern = f"{len(rs)} x `{rs[0][2].split('<')[0]}<T,MT,ROWS>`"
+                regs = " ".join(f"{m.group(1)}x{m.group(2)}:{r[4]}" for r in rs
+                                if (m := re.search(r",(\d+),(\d+)>", r[2])))
+            print(f"| {tu} | {f'{secs:.0f}' if secs else ''} | {arch} | {kern} | {regs} | {st}/{ld} | {stack} | {tc} |")
     else:
         for tu, secs, name, arch, regs, st, ld, stack, smem, tc in rows:
             print(f"{tu:<16} {arch:<7} regs {regs:>3}  spill {st}/{ld}  stack {stack:>3}  "

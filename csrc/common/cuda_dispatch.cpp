@@ -72,6 +72,7 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled) {
     } else {
       return cublas("", sm(q.arch) + ": no GEMM kernel built for this arch");
     }
+    if (q.K <= 0) return cublas(planned, "K = 0: nothing to multiply");
     if (q.repeat_groups > 0)
       return cublas(planned, "repeat-add: cuBLAS + ATen epilogue (no fused GEMM epilogue yet)");
     if (!q.all_aligned)
