@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flora import _ext, info, ops
+from flora import _ext, ops
+from flora.info import cuda_kernels, format_info
 
 C = _ext.C
 needs_ext = pytest.mark.skipif(C is None, reason="flora._C not built")
@@ -61,12 +62,12 @@ def test_dispatch_gate_and_reasons(monkeypatch):
 
 @needs_ext
 def test_flora_info_lists_kernel_state():
-    rows = info.cuda_kernels()
+    rows = cuda_kernels()
     names = {r["name"] for r in rows}
     assert {"decode_bf16", "gemm_sm80_bf16", "gemm_sm90_bf16"} <= names
     for r in rows:
         assert r["status"].startswith(("not compiled", "compiled, not verified", "verified on"))
-    text = info.format_info()
+    text = format_info()
     assert "cuda kernels:" in text and "decode_bf16" in text
 
 
@@ -84,24 +85,27 @@ def _pad_cols(t, to):
 @pytest.mark.parametrize("R", [1, 7, 13])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padding_R_to_8_is_exact(R, dtype):
+    """Zero rows of A / columns of B, C and z (R -> multiple of 8) leave every
+    output bit unchanged, in the reference and in the compiled CPU op.
+    Small-integer data: every sum is exact in fp32, whatever the blocking."""
     M, K, N = 5, 24, 16
     Rp = (R + 7) // 8 * 8
-    x, W = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
-    A, B, Cm = torch.randn(R, K, dtype=dtype), torch.randn(N, R, dtype=dtype), torch.randn(R, R, dtype=dtype)
-    z, res = torch.randn(M, R, dtype=dtype), torch.randn(M, N, dtype=dtype)
-    for impl in (ops.ffl_reference, lambda *a, **k: torch.ops.flora.ffl(*a, **k)):
-        out = impl(x, W, A, 0.5)
-        outp = impl(x, W, _pad_rows(A, Rp), 0.5)
+
+    def r(*shape):
+        return torch.randint(-4, 5, shape).to(dtype)
+
+    x, W, A, B, Cm, z, res = r(M, K), r(N, K), r(R, K), r(N, R), r(R, R), r(M, R), r(M, N)
+    for ffl in (ops.ffl_reference, torch.ops.flora.ffl):
+        out, outp = ffl(x, W, A, 0.5), ffl(x, W, _pad_rows(A, Rp), 0.5)
         assert torch.equal(outp[:, :N + R], out) and not outp[:, N + R:].any()
-    for impl in (ops.fbl_reference, torch.ops.flora.fbl):
-        want = impl(x, z, W, B, 0.5, res, True)
-        got = impl(x, _pad_cols(z, Rp), W, _pad_cols(B, Rp), 0.5, res, True)
-        torch.testing.assert_close(got, want, rtol=0, atol=0) if impl is ops.fbl_reference else \
-            torch.testing.assert_close(got, want)
+    for fbl in (ops.fbl_reference, torch.ops.flora.fbl):
+        want = fbl(x, z, W, B, 0.5, res, True)
+        assert torch.equal(fbl(x, _pad_cols(z, Rp), W, _pad_cols(B, Rp), 0.5, res, True), want)
     Cp = _pad_cols(_pad_rows(Cm, Rp), Rp)
-    want = ops.ffbl_reference(x, z, W, B, A, Cm, 0.5, res, False)
-    got = ops.ffbl_reference(x, _pad_cols(z, Rp), W, _pad_cols(B, Rp), _pad_rows(A, Rp), Cp, 0.5, res, False)
-    assert torch.equal(got[:, :N + R], want) and not got[:, N + R:].any()
+    for ffbl in (ops.ffbl_reference, torch.ops.flora.ffbl):
+        want = ffbl(x, z, W, B, A, Cm, 0.5, res, False)
+        got = ffbl(x, _pad_cols(z, Rp), W, _pad_cols(B, Rp), _pad_rows(A, Rp), Cp, 0.5, res, False)
+        assert torch.equal(got[:, :N + R], want) and not got[:, N + R:].any()
 
 
 # ---------------------------------------------------------------------------
