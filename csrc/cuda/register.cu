@@ -7,7 +7,12 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-#include <ATen/cuda/CUDAContext.h>
+#include <cuda_runtime_api.h>
+// A CPU-only torch (CI's CMake compile check) ships no c10/cuda config header.
+#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
+#include <c10/cuda/CUDAStream.h>
+#define FLORA_HAVE_C10_CUDA 1
+#endif
 
 #ifdef FLORA_WITH_CUTLASS
 #include "kernels/launch.h"
@@ -45,14 +50,32 @@ bool aligned16(const at::Tensor& t) {
 }
 bool aligned16(const c10::optional<at::Tensor>& t) { return !t.has_value() || aligned16(*t); }
 
+// Compute capability (major * 10 + minor) and SM count of a device, read
+// once (ATen's CUDAContext would pull in cuBLAS / cuSPARSE headers that a
+// CPU-only torch, which CI compiles this file against, does not ship).
+struct DeviceInfo {
+  int arch = 0, sms = 0;
+};
+DeviceInfo device_info(int device) {
+  static DeviceInfo cache[64];
+  DeviceInfo& d = cache[device & 63];
+  if (d.arch == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+    d.arch = major * 10 + minor;
+  }
+  return d;
+}
+
 // Query fields every op shares; the caller fills the layout flags.
 CudaQuery base_query(const char* op, const at::Tensor& first, int64_t M, int64_t N, int64_t K,
                      int64_t R, int64_t R2) {
   CudaQuery q;
   q.op = op;
   q.dtype = dtype_name(first.scalar_type());
-  const auto* prop = at::cuda::getDeviceProperties(first.get_device());
-  q.arch = prop->major * 10 + prop->minor;
+  q.arch = device_info(first.get_device()).arch;
   q.M = M, q.N = N, q.K = K, q.R = R, q.R2 = R2;
   return q;
 }
@@ -77,13 +100,18 @@ fc::FusedArgs args(const at::Tensor& x1, const at::Tensor* x2) {
   a.M = x1.size(0), a.K1 = x1.size(1);
   a.x1 = x1.data_ptr(), a.ldx1 = x1.stride(0);
   if (x2 && x2->size(1) > 0) a.x2 = x2->data_ptr(), a.ldx2 = x2->stride(0), a.K2 = x2->size(1);
-  a.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.sm_count = device_info(x1.get_device()).sms;
   return a;
 }
 
 // Runs the chosen kernel; false if it declined the arguments (-> cuBLAS).
 bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+#ifdef FLORA_HAVE_C10_CUDA
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+#else
+  TORCH_CHECK(false, "flora: built against a torch without CUDA");
+  const cudaStream_t stream = nullptr;
+#endif
   const bool bf16 = a.dt == fc::Dtype::kBF16;
   cudaError_t e;
   if (kernel.rfind("decode_", 0) == 0) {
