@@ -63,6 +63,7 @@ typename Cfg::Gemm::Arguments arguments(const FusedArgs& a, const Problem& p) {
        static_cast<E*>(p.d), StrideD{p.ldd, cute::Int<1>{}, int64_t(0)}}};
   args.epilogue.thread.alpha = 1.f;
   args.epilogue.thread.beta = has_c ? 1.f : 0.f;
+  cudaGetDevice(&args.hw_info.device_id);  // the caller's device guard set it
   args.hw_info.sm_count = a.sm_count;
   return args;
 }
