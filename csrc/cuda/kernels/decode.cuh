@@ -124,10 +124,11 @@ __global__ void __launch_bounds__(plan::kDecodeWarps * 32)
   }
 
   // Segment 1: K1 in k-steps of 256; 16-byte vectors.
-  // Unrolled by 2: the next step's weight loads issue before this step's
-  // math, doubling the bytes in flight when a warp has several steps.
+  // Unrolled by 2 for M <= 4: the next step's weight loads issue before this
+  // step's math, doubling the bytes in flight when a warp has several steps
+  // (larger M has the x loads' ILP already, and spilled with it on sm_80).
   const int64_t ksteps = plan::ceil_div(a.K1, plan::kKStep);
-#pragma unroll 2
+#pragma unroll(MT <= 4 ? 2 : 1)
   for (int64_t ks = warp; ks < ksteps; ks += plan::kDecodeWarps) {
     const int64_t k0 = ks * plan::kKStep + lane * plan::kVec;
     uint4 wv[ROWS];
