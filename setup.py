@@ -20,6 +20,7 @@ build/flora_kernels/ (tools/check_cuda_kernels.py reads the logs and SASS).
 """
 import glob
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -104,17 +105,29 @@ def kernel_flags(cutlass):
     ]
 
 
+def local_includes(path, seen=None):
+    """`path` and the project headers it includes, transitively (#include "x")."""
+    seen = set() if seen is None else seen
+    if path in seen or not os.path.isfile(path):
+        return seen
+    seen.add(path)
+    with open(path) as f:
+        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read(), re.M):
+            for base in (os.path.dirname(path), os.path.join(ROOT, "csrc")):
+                local_includes(os.path.normpath(os.path.join(base, name)), seen)
+    return seen
+
+
 def compile_kernels(nvcc, cutlass):
     """Compile each kernel TU (skipped when its object is newer than it and
     every header under csrc/cuda/kernels); returns the object paths."""
     os.makedirs(KERNEL_DIR, exist_ok=True)
-    headers = glob.glob(os.path.join(ROOT, "csrc", "cuda", "kernels", "*.[ch]*"))
-    newest_header = max((os.path.getmtime(h) for h in headers), default=0)
     jobs = []
     for src in kernel_sources():
         obj = os.path.join(KERNEL_DIR, os.path.basename(src)[:-3] + ".o")
         full = os.path.join(ROOT, src)
-        if os.path.exists(obj) and os.path.getmtime(obj) > max(os.path.getmtime(full), newest_header):
+        newest = max(os.path.getmtime(f) for f in local_includes(full))
+        if os.path.exists(obj) and os.path.getmtime(obj) > newest:
             jobs.append((obj, None))
             continue
         cmd = [nvcc, *kernel_gencode(src), *kernel_flags(cutlass), "-c", full, "-o", obj]
