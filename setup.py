@@ -184,6 +184,8 @@ def extension():
     defines = ["-DFLORA_WITH_CUDA", f'-DFLORA_CUDA_ARCHS="{archs}"']
     if cutlass_dir():
         defines.append("-DFLORA_WITH_CUTLASS")
+        tus = kernel_sources()
+        defines += [f"-DFLORA_HAVE_SM{a}" for a in ("80", "90") if any(f"_sm{a}" in t for t in tus)]
     else:
         print("flora: no CUTLASS headers (tools/fetch_cutlass.sh or FLORA_CUTLASS_DIR): "
               "CUDA build without custom kernels", file=sys.stderr)

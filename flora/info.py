@@ -43,11 +43,10 @@ def cuda_kernels() -> list:
     C = _ext.C
     if C is None or not hasattr(C, "cuda_kernels"):
         return []
-    compiled = C.cuda_kernels_compiled()
     forced = os.environ.get("FLORA_CUDA_KERNELS") == "1"
     rows = []
-    for name, arch, what, verified in C.cuda_kernels():
-        if not compiled:
+    for name, arch, what, verified, built in C.cuda_kernels():
+        if not built:
             status = "not compiled in this build"
         elif verified:
             status = f"verified on {verified}"

@@ -43,6 +43,22 @@ std::string cuda_kernel_verified(const std::string& name) {
   return "";
 }
 
+bool cuda_kernel_built(const std::string& name) {
+  bool sm80 = false, sm90 = false, any = false;
+#ifdef FLORA_WITH_CUTLASS
+  any = true;
+#endif
+#ifdef FLORA_HAVE_SM80
+  sm80 = true;
+#endif
+#ifdef FLORA_HAVE_SM90
+  sm90 = true;
+#endif
+  if (name.rfind("gemm_sm80_", 0) == 0) return any && sm80;
+  if (name.rfind("gemm_sm90_", 0) == 0) return any && sm90;
+  return any && name.rfind("decode_", 0) == 0;
+}
+
 bool cuda_kernels_env() {
   const char* e = std::getenv("FLORA_CUDA_KERNELS");
   return e && std::string(e) == "1";

@@ -48,6 +48,9 @@ struct CudaKernelEntry {
 const std::vector<CudaKernelEntry>& cuda_kernels();
 // "device, date" where `name` passed the device tests, or "".
 std::string cuda_kernel_verified(const std::string& name);
+// Whether this build compiled kernel `name` (FLORA_KERNEL_ARCHS may leave an
+// arch's GEMMs out).
+bool cuda_kernel_built(const std::string& name);
 // FLORA_CUDA_KERNELS=1 (read on each call: tests toggle it).
 bool cuda_kernels_env();
 // compiled: this build has the CUDA kernels; enabled: run unverified ones.

@@ -117,12 +117,20 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
   if (kernel.rfind("decode_", 0) == 0) {
     e = bf16 ? fc::decode_bf16(a, stream) : fc::decode_fp16(a, stream);
   } else if (kernel.rfind("gemm_sm80_", 0) == 0) {
+#ifdef FLORA_HAVE_SM80
     e = bf16 ? fc::gemm_sm80_bf16(a, stream) : fc::gemm_sm80_fp16(a, stream);
+#else
+    e = cudaErrorNotSupported;
+#endif
   } else {
+#ifdef FLORA_HAVE_SM90
     const size_t ws_bytes = fc::gemm_sm90_workspace(a);
     at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
     e = bf16 ? fc::gemm_sm90_bf16(a, ws.data_ptr(), ws_bytes, stream)
              : fc::gemm_sm90_fp16(a, ws.data_ptr(), ws_bytes, stream);
+#else
+    e = cudaErrorNotSupported;
+#endif
   }
   if (e == cudaErrorNotSupported) {
     last_dispatch = "cublas: " + kernel + " declined the arguments";
@@ -137,6 +145,8 @@ bool is_decode(const std::string& k) { return k.rfind("decode_", 0) == 0; }
 
 CudaChoice choose(const CudaQuery& q) {
   CudaChoice c = choose_cuda(q, kCompiled, cuda_kernels_env());
+  if (c.kernel != "cublas" && !cuda_kernel_built(c.kernel))
+    c = {"cublas", c.planned, c.planned + " not compiled in this build (FLORA_KERNEL_ARCHS)"};
   last_dispatch = c.kernel == "cublas" ? "cublas: " + c.reason : c.kernel;
   return c;
 }

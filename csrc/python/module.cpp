@@ -50,9 +50,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("enabled") = py::none(),
       "(kernel, planned, reason): what a CUDA call of this shape runs and why");
   m.def("cuda_kernels", [] {
-    std::vector<std::tuple<std::string, std::string, std::string, std::string>> rows;
+    std::vector<std::tuple<std::string, std::string, std::string, std::string, bool>> rows;
     for (const auto& k : flora::cuda_kernels())
-      rows.emplace_back(k.name, k.arch, k.what, flora::cuda_kernel_verified(k.name));
+      rows.emplace_back(k.name, k.arch, k.what, flora::cuda_kernel_verified(k.name),
+                        flora::cuda_kernel_built(k.name));
     return rows;
   });
 #ifdef FLORA_WITH_CUDA

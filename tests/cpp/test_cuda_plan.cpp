@@ -354,5 +354,10 @@ TEST(CudaDispatch, UnverifiedKernelsAreOffUnlessAskedFor) {
   const auto cpu = flora::choose_cuda(q("ffl", "bf16", 90, 1), false, true);
   EXPECT_EQ(cpu.kernel, "cublas");
   EXPECT_NE(cpu.reason.find("not compiled"), std::string::npos);
-  for (const auto& k : flora::cuda_kernels()) EXPECT_EQ(flora::cuda_kernel_verified(k.name), "");
+  for (const auto& k : flora::cuda_kernels()) {
+    EXPECT_EQ(flora::cuda_kernel_verified(k.name), "");
+#ifndef FLORA_WITH_CUTLASS
+    EXPECT_FALSE(flora::cuda_kernel_built(k.name)) << k.name;  // CPU / CMake build
+#endif
+  }
 }

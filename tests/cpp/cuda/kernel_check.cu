@@ -96,7 +96,10 @@ void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, in
   cudaError_t e = cudaErrorNotSupported;
   const std::string k = kernel;
   if (k == "decode") e = bf16 ? fc::decode_bf16(a, 0) : fc::decode_fp16(a, 0);
+#ifdef FLORA_HAVE_SM80
   if (k == "sm80") e = bf16 ? fc::gemm_sm80_bf16(a, 0) : fc::gemm_sm80_fp16(a, 0);
+#endif
+#ifdef FLORA_HAVE_SM90
   if (k == "sm90") {  // one K range per problem: R = 0 here
     const size_t bytes = fc::gemm_sm90_workspace(a);
     void* ws = nullptr;
@@ -105,6 +108,7 @@ void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, in
     CHECK_CUDA(cudaDeviceSynchronize());
     cudaFree(ws);
   }
+#endif
   CHECK_CUDA(e);
   CHECK_CUDA(cudaDeviceSynchronize());
   const auto gy = y.download(bf16), gz = z2.download(bf16);
