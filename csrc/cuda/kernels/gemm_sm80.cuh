@@ -145,8 +145,8 @@ cudaError_t launch(const FusedArgs& a, cudaStream_t stream) {
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
   if (grid.y > 65535) return cudaErrorNotSupported;
   constexpr int smem = sizeof(typename Cfg::SharedStorage);
-  if constexpr (smem > 48 * 1024) {
-    static const cudaError_t attr = cudaFuncSetAttribute(
+  if constexpr (smem > 48 * 1024) {  // per call: the attribute is per device
+    const cudaError_t attr = cudaFuncSetAttribute(
         gemm_kernel<Cfg>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (attr != cudaSuccess) return attr;
   }
