@@ -1,6 +1,8 @@
 """What this build of flora runs, device by device (`python -m flora info`)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _ext, ops
@@ -22,6 +24,7 @@ def info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "kernels": [],
     }
+    d["cuda_kernels"] = cuda_kernels()
     if C is not None:
         for op, dev, impl, when in C.kernel_info():
             d["kernels"].append({"op": op, "device": dev, "impl": impl, "when": when})
@@ -31,6 +34,28 @@ def info() -> dict:
                 {"op": op, "device": dev, "impl": "python reference (not compiled)", "when": "all shapes"}
             )
     return d
+
+
+def cuda_kernels() -> list:
+    """The custom CUDA kernels and their state: not compiled (CPU build),
+    compiled but not verified on a device (dispatched only with
+    FLORA_CUDA_KERNELS=1), or verified (device and date)."""
+    C = _ext.C
+    if C is None or not hasattr(C, "cuda_kernels"):
+        return []
+    forced = os.environ.get("FLORA_CUDA_KERNELS") == "1"
+    rows = []
+    for name, arch, what, verified, built in C.cuda_kernels():
+        if not built:
+            status = "not compiled in this build"
+        elif verified:
+            status = f"verified on {verified}"
+        else:
+            status = "compiled, not verified on a device" + (
+                " (running: FLORA_CUDA_KERNELS=1)" if forced else " (off; FLORA_CUDA_KERNELS=1 runs it)"
+            )
+        rows.append({"name": name, "arch": arch, "what": what, "status": status})
+    return rows
 
 
 def format_info(d: dict | None = None) -> str:
@@ -46,6 +71,10 @@ def format_info(d: dict | None = None) -> str:
         f"cuda: kernels built for {d['cuda_archs']}" if d["cuda_archs"] else "cuda: not built"
     )
     lines.append(f"cuda device available: {d['cuda_available']}")
+    if d.get("cuda_kernels"):
+        lines.append("cuda kernels:")
+        for k in d["cuda_kernels"]:
+            lines.append(f"  {k['name']:<15} {k['arch']:<14} {k['status']}")
     lines.append("ops:")
     for k in d["kernels"]:
         lines.append(f"  {k['op']:<5} {k['device']:<5} {k['impl']}  [{k['when']}]")

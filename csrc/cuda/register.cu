@@ -1,45 +1,278 @@
-// CUDA implementations of the flora ops. Until the custom GEMM kernels land
-// (see issue "CUDA kernels"), every op is the ATen/cuBLAS baseline on fused
-// storage, and flora.info() says so.
+// CUDA implementations of the flora ops: the dispatch table
+// (csrc/common/cuda_dispatch.h) picks a kernel (csrc/cuda/kernels) or the
+// cuBLAS baseline on fused storage. Kernels not yet verified on a device run
+// only with FLORA_CUDA_KERNELS=1. Backward runs through the autograd
+// formulas in flora/ops.py (cuBLAS matmuls).
+#include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <cuda_runtime_api.h>
+// A CPU-only torch (CI's CMake compile check) ships no c10/cuda config header.
+#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
+#include <c10/cuda/CUDAStream.h>
+#define FLORA_HAVE_C10_CUDA 1
+#endif
+
+#ifdef FLORA_WITH_CUTLASS
+#include "kernels/launch.h"
+#endif
+
 #include "../common/aten_ops.h"
+#include "../common/checks.h"
+#include "../common/cuda_dispatch.h"
 #include "../common/kernel_info.h"
 
 namespace flora {
 namespace {
 
-at::Tensor ffl_cuda(const at::Tensor& x, const at::Tensor& W,
-                    const at::Tensor& A, double s, at::IntArrayRef repeat,
-                    int64_t repeat_rank,
+thread_local std::string last_dispatch;
+
+#ifdef FLORA_WITH_CUTLASS
+constexpr bool kCompiled = true;
+#else
+constexpr bool kCompiled = false;
+#endif
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return "bf16";
+    case at::kHalf: return "fp16";
+    case at::kFloat: return "fp32";
+    default: return "fp64";
+  }
+}
+
+// 16-byte aligned start and row stride (2-byte elements).
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+         (t.size(0) <= 1 || t.stride(0) % 8 == 0);
+}
+bool aligned16(const c10::optional<at::Tensor>& t) { return !t.has_value() || aligned16(*t); }
+
+// Compute capability (major * 10 + minor) and SM count of a device, read
+// once (ATen's CUDAContext would pull in cuBLAS / cuSPARSE headers that a
+// CPU-only torch, which CI compiles this file against, does not ship).
+struct DeviceInfo {
+  int arch = 0, sms = 0;
+};
+DeviceInfo device_info(int device) {
+  static DeviceInfo cache[64];
+  DeviceInfo& d = cache[device & 63];
+  if (d.arch == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+    d.arch = major * 10 + minor;
+  }
+  return d;
+}
+
+// Query fields every op shares; the caller fills the layout flags.
+CudaQuery base_query(const char* op, const at::Tensor& first, int64_t M, int64_t N, int64_t K,
+                     int64_t R, int64_t R2) {
+  CudaQuery q;
+  q.op = op;
+  q.dtype = dtype_name(first.scalar_type());
+  q.arch = device_info(first.get_device()).arch;
+  q.M = M, q.N = N, q.K = K, q.R = R, q.R2 = R2;
+  return q;
+}
+
+#ifdef FLORA_WITH_CUTLASS
+namespace fc = flora::cuda;
+
+fc::Problem problem(const at::Tensor& y1, const at::Tensor* y2, float alpha2,
+                    const c10::optional<at::Tensor>& c, const at::Tensor& d) {
+  fc::Problem p;
+  p.y1 = y1.data_ptr(), p.ldy1 = y1.stride(0);
+  if (y2) p.y2 = y2->data_ptr(), p.ldy2 = y2->stride(0);
+  p.alpha2 = alpha2;
+  if (c.has_value()) p.c = c->data_ptr(), p.ldc = c->stride(0);
+  p.d = d.data_ptr(), p.ldd = d.stride(0), p.n = d.size(1);
+  return p;
+}
+
+fc::FusedArgs args(const at::Tensor& x1, const at::Tensor* x2) {
+  fc::FusedArgs a;
+  a.dt = x1.scalar_type() == at::kBFloat16 ? fc::Dtype::kBF16 : fc::Dtype::kF16;
+  a.M = x1.size(0), a.K1 = x1.size(1);
+  a.x1 = x1.data_ptr(), a.ldx1 = x1.stride(0);
+  if (x2 && x2->size(1) > 0) a.x2 = x2->data_ptr(), a.ldx2 = x2->stride(0), a.K2 = x2->size(1);
+  a.sm_count = device_info(x1.get_device()).sms;
+  return a;
+}
+
+// Runs the chosen kernel; false if it declined the arguments (-> cuBLAS).
+bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
+#ifdef FLORA_HAVE_C10_CUDA
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+#else
+  TORCH_CHECK(false, "flora: built against a torch without CUDA");
+  const cudaStream_t stream = nullptr;
+#endif
+  const bool bf16 = a.dt == fc::Dtype::kBF16;
+  cudaError_t e;
+  if (kernel.rfind("decode_", 0) == 0) {
+    e = bf16 ? fc::decode_bf16(a, stream) : fc::decode_fp16(a, stream);
+  } else if (kernel.rfind("gemm_sm80_", 0) == 0) {
+#ifdef FLORA_HAVE_SM80
+    e = bf16 ? fc::gemm_sm80_bf16(a, stream) : fc::gemm_sm80_fp16(a, stream);
+#else
+    e = cudaErrorNotSupported;
+#endif
+  } else {
+#ifdef FLORA_HAVE_SM90
+    const size_t ws_bytes = fc::gemm_sm90_workspace(a);
+    at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
+    e = bf16 ? fc::gemm_sm90_bf16(a, ws.data_ptr(), ws_bytes, stream)
+             : fc::gemm_sm90_fp16(a, ws.data_ptr(), ws_bytes, stream);
+#else
+    e = cudaErrorNotSupported;
+#endif
+  }
+  if (e == cudaErrorNotSupported) {
+    last_dispatch = "cublas: " + kernel + " declined the arguments";
+    return false;
+  }
+  TORCH_CHECK(e == cudaSuccess, "flora: CUDA kernel ", kernel, " failed: ", cudaGetErrorString(e));
+  return true;
+}
+
+bool is_decode(const std::string& k) { return k.rfind("decode_", 0) == 0; }
+#endif
+
+CudaChoice choose(const CudaQuery& q) {
+  CudaChoice c = choose_cuda(q, kCompiled, cuda_kernels_env());
+  if (c.kernel != "cublas" && !cuda_kernel_built(c.kernel))
+    c = {"cublas", c.planned, c.planned + " not compiled in this build (FLORA_KERNEL_ARCHS)"};
+  last_dispatch = c.kernel == "cublas" ? "cublas: " + c.reason : c.kernel;
+  return c;
+}
+
+at::Tensor ffl_cuda(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A, double s,
+                    at::IntArrayRef repeat, int64_t repeat_rank,
                     const c10::optional<at::Tensor>& z_in) {
   const c10::DeviceGuard guard(x.device());
-  return ffl_aten(x, W, A, s, repeat, repeat_rank, z_in);
+  const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in);
+  CudaQuery q = base_query("ffl", x, sh.M, sh.N, sh.K, sh.R, 0);
+  q.vec_aligned = aligned16(x) && aligned16(W) && (sh.R == 0 || aligned16(A));
+  q.all_aligned = q.vec_aligned && aligned16(z_in) && sh.K % 8 == 0 && sh.N % 8 == 0 &&
+                  sh.R % 8 == 0;
+  q.repeat_groups = static_cast<int>(repeat.size());
+  const CudaChoice c = choose(q);
+#ifdef FLORA_WITH_CUTLASS
+  if (c.kernel != "cublas") {
+    at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
+    fc::FusedArgs a = args(x, nullptr);
+    a.p[0] = problem(W, nullptr, 1.f, c10::nullopt, out.narrow(1, 0, sh.N));
+    a.p[1] = problem(A, nullptr, 1.f, z_in, out.narrow(1, sh.N, sh.R));
+    a.nprob = sh.R > 0 ? 2 : 1;
+    a.rep.groups = q.repeat_groups, a.rep.rc = repeat_rank, a.rep.s = static_cast<float>(s);
+    for (size_t g = 0; g < repeat.size(); ++g) a.rep.widths[g] = repeat[g];
+    if (run(c.kernel, a, x)) return out;
+  }
+#endif
+  return ffl_aten_checked(sh, x, W, A, s, repeat, repeat_rank, z_in);
 }
 
-at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z,
-                    const at::Tensor& W, const at::Tensor& B, double s,
-                    const c10::optional<at::Tensor>& res, bool relu) {
+at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
+                    const at::Tensor& B, double s, const c10::optional<at::Tensor>& res,
+                    bool relu) {
   const c10::DeviceGuard guard(u.device());
-  return fbl_aten(u, z, W, B, s, res, relu);
+  const auto sh = check_fbl(u, z, W, B, res);
+  CudaQuery q = base_query("fbl", u, sh.M, sh.N, sh.K, sh.R, 0);
+  q.vec_aligned = aligned16(u) && aligned16(W);
+  q.all_aligned = q.vec_aligned && aligned16(res) && sh.K % 8 == 0 && sh.N % 8 == 0 &&
+                  (sh.R == 0 || (aligned16(z) && aligned16(B) && sh.R % 8 == 0));
+  q.relu = relu;
+  q.one_k_range = s == 1.0 && !relu && cols_follow(u, z) && cols_follow(W, B);
+  const CudaChoice c = choose(q);
+#ifdef FLORA_WITH_CUTLASS
+  if (c.kernel != "cublas") {
+    at::Tensor y = at::empty({sh.M, sh.N}, u.options());
+    // GEMMs take relu(z) staged (M x R); the decode kernel applies it itself.
+    const at::Tensor fz = relu && !is_decode(c.kernel) ? at::relu(z) : z;
+    const bool gemm90 = c.kernel.rfind("gemm_sm90_", 0) == 0;
+    if (gemm90 && sh.R > 0) {  // one K range: [u | z] x [W | B]
+      const at::Tensor uz = u.as_strided({sh.M, sh.K + sh.R}, {u.stride(0), 1});
+      const at::Tensor WB = W.as_strided({sh.N, sh.K + sh.R}, {W.stride(0), 1});
+      fc::FusedArgs a = args(uz, nullptr);
+      a.p[0] = problem(WB, nullptr, 1.f, res, y);
+      if (run(c.kernel, a, u)) return y;
+    } else {
+      fc::FusedArgs a = args(u, sh.R > 0 ? &fz : nullptr);
+      a.relu2 = relu && is_decode(c.kernel);
+      a.p[0] = problem(W, sh.R > 0 ? &B : nullptr, static_cast<float>(s), res, y);
+      if (run(c.kernel, a, u)) return y;
+    }
+  }
+#endif
+  return fbl_aten_checked(sh, u, z, W, B, s, res, relu);
 }
 
-at::Tensor ffbl_cuda(const at::Tensor& u, const at::Tensor& z,
-                     const at::Tensor& W, const at::Tensor& B,
-                     const at::Tensor& A, const at::Tensor& C, double s,
+at::Tensor ffbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
+                     const at::Tensor& B, const at::Tensor& A, const at::Tensor& C, double s,
                      const c10::optional<at::Tensor>& res, bool relu) {
   const c10::DeviceGuard guard(u.device());
-  return ffbl_aten(u, z, W, B, A, C, s, res, relu);
+  const auto sh = check_ffbl(u, z, W, B, A, C, res);
+  CudaQuery q = base_query("ffbl", u, sh.M, sh.N, sh.K, sh.R, sh.R2);
+  q.vec_aligned = aligned16(u) && aligned16(W) && (sh.R2 == 0 || aligned16(A));
+  q.all_aligned = q.vec_aligned && aligned16(res) && sh.K % 8 == 0 && sh.N % 8 == 0 &&
+                  sh.R2 % 8 == 0 &&
+                  (sh.R == 0 || (aligned16(z) && aligned16(B) && aligned16(C) && sh.R % 8 == 0));
+  q.relu = relu;
+  q.one_k_range =
+      s == 1.0 && !relu && cols_follow(u, z) && cols_follow(W, B) && cols_follow(A, C);
+  const CudaChoice c = choose(q);
+#ifdef FLORA_WITH_CUTLASS
+  if (c.kernel != "cublas") {
+    at::Tensor out = at::empty({sh.M, sh.N + sh.R2}, u.options());
+    const at::Tensor y = out.narrow(1, 0, sh.N), z2 = out.narrow(1, sh.N, sh.R2);
+    const at::Tensor fz = relu && !is_decode(c.kernel) ? at::relu(z) : z;
+    const bool gemm90 = c.kernel.rfind("gemm_sm90_", 0) == 0;
+    fc::FusedArgs a;
+    if (gemm90 && sh.R > 0) {
+      const auto wide = [&](const at::Tensor& t) {
+        return t.as_strided({t.size(0), sh.K + sh.R}, {t.stride(0), 1});
+      };
+      a = args(wide(u), nullptr);
+      a.p[0] = problem(wide(W), nullptr, 1.f, res, y);
+      a.p[1] = problem(wide(A), nullptr, 1.f, c10::nullopt, z2);
+    } else {
+      a = args(u, sh.R > 0 ? &fz : nullptr);
+      a.relu2 = relu && is_decode(c.kernel);
+      a.p[0] = problem(W, sh.R > 0 ? &B : nullptr, static_cast<float>(s), res, y);
+      a.p[1] = problem(A, sh.R > 0 ? &C : nullptr, 1.f, c10::nullopt, z2);
+    }
+    a.nprob = sh.R2 > 0 ? 2 : 1;
+    if (run(c.kernel, a, u)) return out;
+  }
+#endif
+  return ffbl_aten_checked(sh, u, z, W, B, A, C, s, res, relu);
 }
 
 }  // namespace
 
+std::string cuda_last_dispatch() { return last_dispatch; }
+
 std::vector<KernelInfo> cuda_kernel_info() {
-  const std::string base = "cuBLAS (aten) on fused storage";
-  return {{"ffl", "cuda", base, "all shapes"},
-          {"fbl", "cuda", base, "all shapes"},
-          {"ffbl", "cuda", base, "all shapes"}};
+  // One line per op; flora.info() lists each kernel's state (cuda kernels:).
+  int verified = 0;
+  for (const auto& k : cuda_kernels()) verified += !cuda_kernel_verified(k.name).empty();
+  const std::string state =
+      !kCompiled ? "not compiled in this build"
+      : verified ? std::to_string(verified) + " verified on a device; the rest need FLORA_CUDA_KERNELS=1"
+      : cuda_kernels_env() ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
+                           : "not verified on a device; off (FLORA_CUDA_KERNELS=1 runs them)";
+  std::vector<KernelInfo> rows;
+  for (const char* op : {"ffl", "fbl", "ffbl"}) {
+    rows.push_back({op, "cuda", "decode kernel (M <= 16), CUTLASS sm_80 / sm_90a GEMMs (M > 16)", state});
+    rows.push_back({op, "cuda", "cuBLAS (aten) on fused storage",
+                     "every call no kernel takes (flora._C.cuda_dispatch says why)"});
+  }
+  return rows;
 }
 
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "../common/cuda_dispatch.h"
 #include "../common/kernel_info.h"
 #include "../cpu/isa.h"
 
@@ -22,6 +23,50 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", &flora::cpu::set_isa, py::arg("name"),
         "Use avx512, avx2 or aten for the CPU ops (for tests and benchmarks)");
   m.def("cuda_archs", [] { return std::string(FLORA_CUDA_ARCHS); });
+  // The CUDA dispatch table as plain code: testable without a device.
+  m.def(
+      "cuda_dispatch",
+      [](const std::string& op, const std::string& dtype, int arch, int64_t M, int64_t N,
+         int64_t K, int64_t R, int64_t R2, bool vec_aligned, bool all_aligned, bool one_k_range,
+         bool relu, int repeat_groups, py::object compiled, py::object enabled) {
+        flora::CudaQuery q;
+        q.op = op, q.dtype = dtype, q.arch = arch, q.M = M, q.N = N, q.K = K, q.R = R, q.R2 = R2;
+        q.vec_aligned = vec_aligned, q.all_aligned = all_aligned, q.one_k_range = one_k_range;
+        q.relu = relu, q.repeat_groups = repeat_groups;
+#ifdef FLORA_WITH_CUTLASS
+        const bool built = true;
+#else
+        const bool built = false;
+#endif
+        const auto c = flora::choose_cuda(
+            q, compiled.is_none() ? built : compiled.cast<bool>(),
+            enabled.is_none() ? flora::cuda_kernels_env() : enabled.cast<bool>());
+        return py::make_tuple(c.kernel, c.planned, c.reason);
+      },
+      py::arg("op"), py::arg("dtype"), py::arg("arch"), py::arg("M"), py::arg("N"), py::arg("K"),
+      py::arg("R") = 0, py::arg("R2") = 0, py::arg("vec_aligned") = true,
+      py::arg("all_aligned") = true, py::arg("one_k_range") = true, py::arg("relu") = false,
+      py::arg("repeat_groups") = 0, py::arg("compiled") = py::none(),
+      py::arg("enabled") = py::none(),
+      "(kernel, planned, reason): what a CUDA call of this shape runs and why");
+  m.def("cuda_kernels", [] {
+    std::vector<std::tuple<std::string, std::string, std::string, std::string, bool>> rows;
+    for (const auto& k : flora::cuda_kernels())
+      rows.emplace_back(k.name, k.arch, k.what, flora::cuda_kernel_verified(k.name),
+                        flora::cuda_kernel_built(k.name));
+    return rows;
+  });
+#ifdef FLORA_WITH_CUDA
+  m.def("cuda_last_dispatch", &flora::cuda_last_dispatch,
+        "kernel (or 'cublas: reason') of this thread's last CUDA op call");
+#endif
+  m.def("cuda_kernels_compiled", [] {
+#ifdef FLORA_WITH_CUTLASS
+    return true;
+#else
+    return false;
+#endif
+  });
   m.def("kernel_info", [] {
     std::vector<std::tuple<std::string, std::string, std::string, std::string>> rows;
     auto add = [&](const std::vector<flora::KernelInfo>& infos) {

@@ -1,0 +1,110 @@
+#include "cuda_dispatch.h"
+
+#include <cstdlib>
+
+namespace flora {
+namespace {
+
+// Kernels verified on a device: {name, "device, date"}. The device run adds a
+// row only after the kernel passed tests/test_cuda_kernels.py and
+// compute-sanitizer there. Empty: nothing has run on a GPU yet.
+struct Verified {
+  const char* name;
+  const char* where;
+};
+constexpr Verified kVerified[] = {{"", ""}};
+
+constexpr int64_t kDecodeMaxM = 16;   // csrc/cuda/kernels/plan.h
+constexpr int kMaxRepeat = 8;         // csrc/cuda/kernels/args.h
+
+CudaChoice cublas(std::string planned, std::string reason) {
+  return {"cublas", std::move(planned), std::move(reason)};
+}
+
+std::string sm(int arch) { return "sm_" + std::to_string(arch); }
+
+}  // namespace
+
+const std::vector<CudaKernelEntry>& cuda_kernels() {
+  static const std::vector<CudaKernelEntry> k = {
+      {"decode_bf16", "sm_80, sm_90a", "decode M <= 16: 16-byte weight streaming, split-K over warps"},
+      {"decode_fp16", "sm_80, sm_90a", "decode M <= 16: 16-byte weight streaming, split-K over warps"},
+      {"gemm_sm80_bf16", "sm_80", "CUTLASS 2.x mma.sync multistage, two K segments, C epilogue"},
+      {"gemm_sm80_fp16", "sm_80", "CUTLASS 2.x mma.sync multistage, two K segments, C epilogue"},
+      {"gemm_sm90_bf16", "sm_90a", "CUTLASS 3.x TMA warp-specialized wgmma, EVT C epilogue"},
+      {"gemm_sm90_fp16", "sm_90a", "CUTLASS 3.x TMA warp-specialized wgmma, EVT C epilogue"},
+  };
+  return k;
+}
+
+std::string cuda_kernel_verified(const std::string& name) {
+  for (const auto& v : kVerified)
+    if (!name.empty() && name == v.name) return v.where;
+  return "";
+}
+
+bool cuda_kernel_built(const std::string& name) {
+  bool sm80 = false, sm90 = false, any = false;
+#ifdef FLORA_WITH_CUTLASS
+  any = true;
+#endif
+#ifdef FLORA_HAVE_SM80
+  sm80 = true;
+#endif
+#ifdef FLORA_HAVE_SM90
+  sm90 = true;
+#endif
+  if (name.rfind("gemm_sm80_", 0) == 0) return any && sm80;
+  if (name.rfind("gemm_sm90_", 0) == 0) return any && sm90;
+  return any && name.rfind("decode_", 0) == 0;
+}
+
+bool cuda_kernels_env() {
+  const char* e = std::getenv("FLORA_CUDA_KERNELS");
+  return e && std::string(e) == "1";
+}
+
+CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled) {
+  if (q.dtype != "bf16" && q.dtype != "fp16")
+    return cublas("", q.dtype + ": cuBLAS (the kernels are bf16 / fp16)");
+  if (q.M <= 0 || q.N + (q.op == "fbl" ? 0 : q.op == "ffl" ? q.R : q.R2) <= 0)
+    return cublas("", "empty output");
+  if (q.arch < 80) return cublas("", sm(q.arch) + ": the kernels need sm_80 or newer");
+
+  std::string planned;
+  if (q.M <= kDecodeMaxM) {
+    planned = "decode_" + q.dtype;
+    if (q.arch >= 100) return cublas(planned, sm(q.arch) + ": decode kernel built for sm_80 / sm_90 only");
+    if (!q.vec_aligned)
+      return cublas(planned,
+                    "x and the weight rows must be 16-byte aligned (row stride a multiple of 8)");
+    if (q.repeat_groups > kMaxRepeat)
+      return cublas(planned, "more than " + std::to_string(kMaxRepeat) + " repeat-add segments");
+  } else {
+    if (q.arch == 90) {
+      planned = "gemm_sm90_" + q.dtype;
+    } else if (q.arch >= 80 && q.arch < 90) {
+      planned = "gemm_sm80_" + q.dtype;
+    } else {
+      return cublas("", sm(q.arch) + ": no GEMM kernel built for this arch");
+    }
+    if (q.K <= 0) return cublas(planned, "K = 0: nothing to multiply");
+    if (q.repeat_groups > 0)
+      return cublas(planned, "repeat-add: cuBLAS + ATen epilogue (no fused GEMM epilogue yet)");
+    if (!q.all_aligned)
+      return cublas(planned,
+                    "operands must be 16-byte aligned with K and R multiples of 8 "
+                    "(pad R to a multiple of 8 in the fused storage)");
+    if (q.arch == 90 && q.op != "ffl" && q.R > 0 && !q.one_k_range)
+      return cublas(planned,
+                    "the sm_90 kernel runs one K range: [u | z] and [W | sB] contiguous, "
+                    "s = 1, no relu");
+  }
+  if (!compiled) return cublas(planned, planned + " not compiled in this build");
+  if (cuda_kernel_verified(planned).empty() && !enabled)
+    return cublas(planned,
+                  planned + " compiled, not verified on a device (FLORA_CUDA_KERNELS=1 runs it)");
+  return {planned, planned, ""};
+}
+
+}  // namespace flora

@@ -1,0 +1,64 @@
+// The CUDA dispatch table: which kernel serves a call (shape, dtype, arch,
+// operand layout), or cuBLAS and why. Plain C++ compiled in every build, so
+// CPU-only CI tests it (tests/cpp/test_cuda_plan.cpp, tests/test_cuda_kernels.py
+// through flora._C.cuda_dispatch) and `flora info` shows it.
+//
+// Gate: a kernel runs only once it is listed as verified on a device
+// (kVerified in cuda_dispatch.cpp, filled by the device run), or when
+// FLORA_CUDA_KERNELS=1 asks for it (tests on a device).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace flora {
+
+struct CudaQuery {
+  std::string op;     // ffl | fbl | ffbl
+  std::string dtype;  // bf16 | fp16 | fp32 | fp64
+  int arch = 0;       // compute capability, major * 10 + minor
+  int64_t M = 0, N = 0, K = 0, R = 0, R2 = 0;
+  // x / u and the weight rows of W (and A) start 16-byte aligned with a row
+  // stride that is a multiple of 8 elements (the decode kernel's vectors).
+  bool vec_aligned = true;
+  // Every operand and output 16-byte aligned with such strides, K and R
+  // multiples of 8 (cp.async / TMA; padding R to 8 in the fused storage
+  // makes a layout qualify).
+  bool all_aligned = true;
+  // FBL / FFBL: [u | z], [W | B] (and [A | C]) are each one contiguous
+  // K range, s == 1 and no relu: one mainloop over K + R (the sm_90 kernel).
+  bool one_k_range = true;
+  bool relu = false;
+  int repeat_groups = 0;  // repeat-add segments (FFL)
+};
+
+struct CudaChoice {
+  std::string kernel;   // kernel that runs, or "cublas"
+  std::string planned;  // kernel the shape maps to ("" when none)
+  std::string reason;   // why cuBLAS runs ("" when a kernel does)
+};
+
+struct CudaKernelEntry {
+  std::string name;   // e.g. decode_bf16
+  std::string arch;   // sm_80, sm_90a, ...
+  std::string what;   // one line
+};
+
+// Every kernel a CUDA build compiles.
+const std::vector<CudaKernelEntry>& cuda_kernels();
+// "device, date" where `name` passed the device tests, or "".
+std::string cuda_kernel_verified(const std::string& name);
+// Whether this build compiled kernel `name` (FLORA_KERNEL_ARCHS may leave an
+// arch's GEMMs out).
+bool cuda_kernel_built(const std::string& name);
+// FLORA_CUDA_KERNELS=1 (read on each call: tests toggle it).
+bool cuda_kernels_env();
+// compiled: this build has the CUDA kernels; enabled: run unverified ones.
+CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled);
+#ifdef FLORA_WITH_CUDA
+// "kernel" or "cublas: reason" of this thread's last CUDA op call (tests
+// check that the kernel they mean to test is the one that ran).
+std::string cuda_last_dispatch();
+#endif
+
+}  // namespace flora

@@ -1,0 +1,32 @@
+// Entry points of the kernel TUs (one TU per arch, dtype and tile config;
+// see setup.py for the per-TU -gencode). Each returns cudaSuccess, or the
+// launch error; a kernel that cannot take the arguments returns
+// cudaErrorNotSupported before launching anything (the caller falls back).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "args.h"
+
+namespace flora::cuda {
+
+// Decode (M <= 16), sm_80 and sm_90.
+cudaError_t decode_bf16(const FusedArgs& a, cudaStream_t stream);
+cudaError_t decode_fp16(const FusedArgs& a, cudaStream_t stream);
+
+// CUTLASS 2.x (mma.sync, cp.async multistage), sm_80: both K segments, both
+// problems, C add; no repeat-add, no relu (staged by the caller).
+cudaError_t gemm_sm80_bf16(const FusedArgs& a, cudaStream_t stream);
+cudaError_t gemm_sm80_fp16(const FusedArgs& a, cudaStream_t stream);
+
+// CUTLASS 3.x (TMA, warp-specialized wgmma), sm_90a: one K segment (the
+// caller passes [u | z] and [W | sB] as one contiguous range), C add through
+// the epilogue visitor tree; one launch per problem.
+cudaError_t gemm_sm90_bf16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);
+cudaError_t gemm_sm90_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);
+size_t gemm_sm90_workspace(const FusedArgs& a);
+
+}  // namespace flora::cuda

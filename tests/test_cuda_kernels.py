@@ -1,0 +1,285 @@
+"""The CUDA kernels (csrc/cuda/kernels): dispatch table and padding on any
+machine; the kernels themselves on a device (marked `cuda`).
+
+Device tests force the not-yet-verified kernels on (FLORA_CUDA_KERNELS=1),
+check through flora._C.cuda_last_dispatch that the kernel meant ran (not the
+cuBLAS fallback), and compare with an fp64 reference: the error may be at
+most 2x torch's own (the cuBLAS path in the same dtype, same inputs).
+Outputs land in poisoned (NaN-filled) memory, operands are strided views of
+wider fused buffers, every epilogue is covered, and autograd runs through.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flora import _ext, ops
+from flora.info import cuda_kernels, format_info
+
+C = _ext.C
+needs_ext = pytest.mark.skipif(C is None, reason="flora._C not built")
+
+
+# ---------------------------------------------------------------------------
+# Dispatch table (plain code: runs on CPU-only builds)
+# ---------------------------------------------------------------------------
+def dispatch(**kw):
+    base = dict(op="fbl", dtype="bf16", arch=90, M=1, N=2048, K=2048, R=32, R2=32,
+                compiled=True, enabled=True)
+    base.update(kw)
+    return C.cuda_dispatch(**base)
+
+
+@needs_ext
+@pytest.mark.parametrize("M,arch,dtype,want", [
+    (1, 90, "bf16", "decode_bf16"), (16, 80, "fp16", "decode_fp16"),
+    (17, 90, "bf16", "gemm_sm90_bf16"), (1000, 89, "fp16", "gemm_sm80_fp16"),
+    (512, 100, "bf16", "cublas"), (1, 75, "bf16", "cublas"), (1, 90, "fp32", "cublas"),
+])
+def test_dispatch_table(M, arch, dtype, want):
+    kernel, planned, reason = dispatch(M=M, arch=arch, dtype=dtype)
+    assert kernel == want
+    assert (reason == "") == (kernel != "cublas")
+
+
+@needs_ext
+def test_dispatch_gate_and_reasons(monkeypatch):
+    # Not verified on a device -> cuBLAS, and it says so.
+    k, planned, reason = dispatch(enabled=False)
+    assert (k, planned) == ("cublas", "decode_bf16") and "not verified on a device" in reason
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    assert C.cuda_dispatch("fbl", "bf16", 90, 1, 64, 64, compiled=True)[0] == "decode_bf16"
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "0")
+    assert C.cuda_dispatch("fbl", "bf16", 90, 1, 64, 64, compiled=True)[0] == "cublas"
+    assert "not compiled" in dispatch(compiled=False)[2]
+    assert "pad R to a multiple of 8" in dispatch(M=512, all_aligned=False)[2]
+    assert "one K range" in dispatch(M=512, one_k_range=False)[2]
+    assert "16-byte aligned" in dispatch(M=2, vec_aligned=False)[2]
+    assert "repeat-add" in dispatch(op="ffl", M=512, repeat_groups=1)[2]
+    # FFL has no K range to join: the sm_90 kernel takes it either way.
+    assert dispatch(op="ffl", M=512, one_k_range=False)[0] == "gemm_sm90_bf16"
+
+
+@needs_ext
+def test_flora_info_lists_kernel_state():
+    rows = cuda_kernels()
+    names = {r["name"] for r in rows}
+    assert {"decode_bf16", "gemm_sm80_bf16", "gemm_sm90_bf16"} <= names
+    for r in rows:
+        assert r["status"].startswith(("not compiled", "compiled, not verified", "verified on"))
+    text = format_info()
+    assert "cuda kernels:" in text and "decode_bf16" in text
+
+
+# ---------------------------------------------------------------------------
+# Padding R to a multiple of 8 (what TMA / cp.async need) changes nothing
+# ---------------------------------------------------------------------------
+def _pad_rows(t, to):
+    return torch.cat([t, t.new_zeros(to - t.shape[0], t.shape[1])])
+
+
+def _pad_cols(t, to):
+    return torch.cat([t, t.new_zeros(t.shape[0], to - t.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("R", [1, 7, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padding_R_to_8_is_exact(R, dtype):
+    """Zero rows of A / columns of B, C and z (R -> multiple of 8) leave every
+    output bit unchanged, in the reference and in the compiled CPU op.
+    Small-integer data: every sum is exact in fp32, whatever the blocking."""
+    M, K, N = 5, 24, 16
+    Rp = (R + 7) // 8 * 8
+
+    def r(*shape):
+        return torch.randint(-4, 5, shape).to(dtype)
+
+    x, W, A, B, Cm, z, res = r(M, K), r(N, K), r(R, K), r(N, R), r(R, R), r(M, R), r(M, N)
+    for ffl in (ops.ffl_reference, torch.ops.flora.ffl):
+        out, outp = ffl(x, W, A, 0.5), ffl(x, W, _pad_rows(A, Rp), 0.5)
+        assert torch.equal(outp[:, :N + R], out) and not outp[:, N + R:].any()
+    for fbl in (ops.fbl_reference, torch.ops.flora.fbl):
+        want = fbl(x, z, W, B, 0.5, res, True)
+        assert torch.equal(fbl(x, _pad_cols(z, Rp), W, _pad_cols(B, Rp), 0.5, res, True), want)
+    Cp = _pad_cols(_pad_rows(Cm, Rp), Rp)
+    for ffbl in (ops.ffbl_reference, torch.ops.flora.ffbl):
+        want = ffbl(x, z, W, B, A, Cm, 0.5, res, False)
+        got = ffbl(x, _pad_cols(z, Rp), W, _pad_cols(B, Rp), _pad_rows(A, Rp), Cp, 0.5, res, False)
+        assert torch.equal(got[:, :N + R], want) and not got[:, N + R:].any()
+
+
+# ---------------------------------------------------------------------------
+# On a device: every kernel, every epilogue
+# ---------------------------------------------------------------------------
+DTYPES = [torch.bfloat16, torch.float16]
+M_DECODE = [1, 3, 16]
+M_GEMM = [17, 256, 1000]
+
+
+def _arch():
+    p = torch.cuda.get_device_properties(0)
+    return p.major * 10 + p.minor
+
+
+def _expected_kernel(M, dtype, gemm_ok=True):
+    dt = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if M <= 16:
+        return f"decode_{dt}"
+    if not gemm_ok:
+        return None
+    arch = _arch()
+    return f"gemm_sm90_{dt}" if arch == 90 else f"gemm_sm80_{dt}" if 80 <= arch < 90 else None
+
+
+def _poison(nbytes):
+    """Leave NaN-filled blocks in the caching allocator so a fresh output
+    starts as NaN: an element the kernel does not write shows up."""
+    junk = [torch.full((nbytes // 2 + 64,), float("nan"), dtype=torch.float16, device="cuda")
+            for _ in range(4)]
+    del junk
+
+
+def _fused(rows, cols, dtype):
+    """A row-major block inside a wider buffer (16-byte row stride, wider
+    than the block: a strided view)."""
+    buf = torch.randn(rows, (cols + 7) // 8 * 8 + 8, dtype=dtype, device="cuda")
+    return buf[:, :cols]
+
+
+def _check(got, want64, torch_out, dtype, what):
+    assert not torch.isnan(got).any(), f"{what}: unwritten (NaN) outputs"
+    err = (got.double() - want64).abs().max().item()
+    own = (torch_out.double() - want64).abs().max().item()
+    floor = torch.finfo(dtype).eps * want64.abs().max().item()
+    assert err <= 2 * max(own, floor), f"{what}: error {err:.3g} > 2 x torch's {own:.3g}"
+
+
+def _run_both(monkeypatch, fn, want_kernel):
+    """(kernel result, cuBLAS result in the same dtype)."""
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "0")
+    base = fn()
+    assert C.cuda_last_dispatch().startswith("cublas")
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    _poison(base.numel() * base.element_size())
+    got = fn()
+    if want_kernel is not None:
+        assert C.cuda_last_dispatch() == want_kernel, C.cuda_last_dispatch()
+    return got, base
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_DECODE + M_GEMM)
+@pytest.mark.parametrize("R", [1, 8, 32, 256])
+@pytest.mark.parametrize("z_in", [False, True])
+def test_ffl_kernel(monkeypatch, dtype, M, R, z_in):
+    K, N = 1032, 520
+    x = _fused(M, K, dtype)
+    WA = _fused(N + R, K, dtype)  # fused [W; A] storage
+    W, A = WA[:N], WA[N:]
+    zi = _fused(M, R, dtype) if z_in else None
+    aligned = R % 8 == 0
+    got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffl(x, W, A, 1.0, [], 0, zi),
+                          _expected_kernel(M, dtype, gemm_ok=aligned))
+    want = ops.ffl_reference(_d(x), _d(W), _d(A), 1.0, (), 0, _d(zi))
+    _check(got, want, base, dtype, f"ffl M={M} R={R}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_DECODE)
+@pytest.mark.parametrize("repeat,rc", [([520], 8), ([256, 264], 8), ([512], 32)])
+def test_ffl_repeat_add_decode(monkeypatch, dtype, M, repeat, rc):
+    K, N, R = 1024, 520, 32
+    x, WA = _fused(M, K, dtype), _fused(N + R, K, dtype)
+    W, A = WA[:N], WA[N:]
+    zi = _fused(M, R, dtype)
+    got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffl(x, W, A, 0.75, repeat, rc, zi),
+                          _expected_kernel(M, dtype))
+    want = ops.ffl_reference(_d(x), _d(W), _d(A), 0.75, repeat, rc, _d(zi))
+    _check(got, want, base, dtype, f"ffl repeat M={M}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_DECODE + M_GEMM)
+@pytest.mark.parametrize("R", [1, 7, 32, 256])
+@pytest.mark.parametrize("s,relu,res", [(1.0, False, False), (0.5, True, True), (2.0, False, True)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_fbl_kernel(monkeypatch, dtype, M, R, s, relu, res, fused):
+    K, N = 1024, 528
+    if fused:  # [u | z] and [W | B] as one buffer each
+        uz, WB = _fused(M, K + R, dtype), _fused(N, K + R, dtype)
+        u, z, W, B = uz[:, :K], uz[:, K:], WB[:, :K], WB[:, K:]
+    else:
+        u, z, W, B = _fused(M, K, dtype), _fused(M, R, dtype), _fused(N, K, dtype), _fused(N, R, dtype)
+    r = _fused(M, N, dtype) if res else None
+    gemm_ok = R % 8 == 0 and (fused and s == 1.0 and not relu if _arch() == 90 else True)
+    got, base = _run_both(monkeypatch, lambda: torch.ops.flora.fbl(u, z, W, B, s, r, relu),
+                          _expected_kernel(M, dtype, gemm_ok))
+    want = ops.fbl_reference(_d(u), _d(z), _d(W), _d(B), s, _d(r), relu)
+    _check(got, want, base, dtype, f"fbl M={M} R={R} s={s} relu={relu}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_DECODE + M_GEMM)
+@pytest.mark.parametrize("R", [8, 32])
+@pytest.mark.parametrize("s,relu,res", [(1.0, False, False), (0.5, True, True)])
+def test_ffbl_kernel(monkeypatch, dtype, M, R, s, relu, res):
+    K, N = 1024, 512
+    uz = _fused(M, K + R, dtype)
+    store = _fused(N + R, K + R, dtype)  # [W, B; A, C]
+    u, z = uz[:, :K], uz[:, K:]
+    W, B, A, Cm = store[:N, :K], store[:N, K:], store[N:, :K], store[N:, K:]
+    r = _fused(M, N, dtype) if res else None
+    gemm_ok = _arch() != 90 or (s == 1.0 and not relu)
+    got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffbl(u, z, W, B, A, Cm, s, r, relu),
+                          _expected_kernel(M, dtype, gemm_ok))
+    want = ops.ffbl_reference(_d(u), _d(z), _d(W), _d(B), _d(A), _d(Cm), s, _d(r), relu)
+    _check(got, want, base, dtype, f"ffbl M={M} R={R}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 64])
+def test_kernels_under_autograd(monkeypatch, M):
+    """Forward through the kernel, backward through ops.py's formulas: the
+    gradients match the fp64 reference's like cuBLAS's do."""
+    dtype, K, N, R = torch.bfloat16, 256, 128, 16
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+
+    def grads(fn, *ts):
+        ts = [t.detach().clone().requires_grad_(True) for t in ts]
+        fn(*ts).float().square().sum().backward()
+        return [t.grad.double() for t in ts]
+
+    x, W, A = (torch.randn(M, K, dtype=dtype, device="cuda"), torch.randn(N, K, dtype=dtype, device="cuda"),
+               torch.randn(R, K, dtype=dtype, device="cuda"))
+    got = grads(lambda x, A: torch.cat(ops.ffl(x, W, A), 1), x, A)
+    want = grads(lambda x, A: ops.ffl_reference(x, W.double(), A, 1.0), x.double(), A.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
+    u, z, B = (torch.randn(M, K, dtype=dtype, device="cuda"), torch.randn(M, R, dtype=dtype, device="cuda"),
+               torch.randn(N, R, dtype=dtype, device="cuda"))
+    got = grads(lambda u, z, B: ops.fbl(u, z, W, B, 0.5, relu=True), u, z, B)
+    want = grads(lambda u, z, B: ops.fbl_reference(u, z, W.double(), B, 0.5, None, True),
+                 u.double(), z.double(), B.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
+
+
+@pytest.mark.cuda
+def test_misaligned_layout_falls_back_with_reason(monkeypatch):
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    dtype = torch.bfloat16
+    buf = torch.randn(64, 1024 + 3, dtype=dtype, device="cuda")
+    x = buf[:, :1024]  # row stride 1027: not 16-byte rows
+    W = torch.randn(256, 1024, dtype=dtype, device="cuda")
+    A = torch.randn(8, 1024, dtype=dtype, device="cuda")
+    out = torch.ops.flora.ffl(x[:4], W, A)
+    assert C.cuda_last_dispatch().startswith("cublas: x and the weight rows must be 16-byte aligned")
+    torch.testing.assert_close(out, ops.ffl_reference(x[:4], W, A).to(dtype))
