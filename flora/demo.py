@@ -26,7 +26,7 @@ import torch
 
 from .bench import latency as bl
 from .bench import report
-from .bench.timing import LatencyProbe, run_interleaved
+from .bench.timing import measure_interleaved
 from .config import VARIANTS, AdapterConfig
 from .data import TokenizedDataset
 from .devices import resolve_device
@@ -167,14 +167,7 @@ def latency(model: FusedLlama, args, quick: bool) -> dict:
                         for v in LATENCY_ROWS[1:]]
     n_adapter = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in models]
     bw = bl.copy_bandwidth(dev, copy_bytes)
-    probes = [LatencyProbe(m, batch, prompt, new, seed=args.seed) for m in models]
-    for p in probes:
-        p.__enter__()
-    try:
-        runs = run_interleaved(probes, repeats, warmup)
-    finally:
-        for p in probes:
-            p.__exit__(None, None, None)
+    runs = measure_interleaved(models, batch, prompt, new, repeats=repeats, warmup=warmup, seed=args.seed)
     base = runs[0]
     rows = []
     for v, t, n in zip(LATENCY_ROWS, runs, n_adapter):
