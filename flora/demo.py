@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="fewer steps, examples and timing runs (every stage still runs; for tests)")
     p.add_argument("--variant", default="ffba", help="adapter variant to fine-tune (default ffba)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 24, quick 3)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 12, quick 3)")
     p.add_argument("--rank", type=int, default=8, help="adapter rank (default 8)")
     p.add_argument("--layers", type=int, default=4,
                    help="adapt only the top N of the model's layers (default 4; backward stops there)")
@@ -87,7 +87,7 @@ def _say(msg: str = "") -> None:
 
 def check_args(args) -> torch.device:
     """Every argument checked before anything is downloaded or computed (ValueError names it)."""
-    steps = args.steps if args.steps is not None else (3 if args.quick else 24)
+    steps = args.steps if args.steps is not None else (3 if args.quick else 12)
     for name, v in (("--steps", steps), ("--rank", args.rank), ("--layers", args.layers)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
