@@ -1,58 +1,63 @@
 #!/usr/bin/env bash
 # bench/gpu_run.sh: build, test, sanitize and benchmark flora on a GPU machine
-# (written for a lent NVIDIA H100/H200: no network, at most 10 minutes a call,
-# outputs collected from $OUT).
+# (written for a lent NVIDIA H100/H200: no network, at most 10 minutes a call
+# and 15 minutes of device time a session, outputs collected from $OUT).
 #
-#   bench/gpu_run.sh [STAGE ...]          default: all
-#   GPU_RUN_DRY=1 bench/gpu_run.sh all    print the commands only, run nothing
+#   bench/gpu_run.sh                      the default: ONE call of ~7 minutes (stages of "quick")
+#   bench/gpu_run.sh [STAGE ...]          named stages, in the order below
+#   GPU_RUN_DRY=1 bench/gpu_run.sh        print the commands only, run nothing (tested in CI)
 #
-# Stages, in the order they run, with rough times on a 16-core H100 host.
-# These are estimates, not measurements (no GPU run had been made when this
-# was written): replace them with the seconds column of the first real runs.
-#   build       pip install --no-deps --no-build-isolation -e . with FLORA_CUDA=1
-#               for the card's arch (sm_90a on Hopper), then `python -m flora info`
-#               and a hard check that flora._C has CUDA kernels and sees the GPU.
-#               Fresh machine 2-4 min; ~10 s when already built (a stamp of the
-#               sources + toolchain in build/gpu_run.stamp; build/ stays on a warm
-#               machine). Always runs first: every other stage needs it.
-#   test        FLORA_REQUIRE_EXTENSION=1 pytest: the CUDA subset (-m cuda), then
-#               the rest of the suite (-m "not cuda"). 1-3 min.
-#   sanitize    compute-sanitizer memcheck over the CUDA subset, racecheck over the
-#               op tests' CUDA cases (tests/test_ops.py -m cuda). 3-6 min; each tool
-#               capped by SANITIZE_TIMEOUT (default 240 s).
-#   kernels     bench/kernels.py --device cuda, M = 1..8192 (both models, r 16/32/64,
-#               fp32 + bf16), then CUDA graphs for M <= 64 in bf16. 2-5 min.
-#   latency-1b  bench/latency.py on the 1b shape: bf16, batch 1 and 8, prompt 512,
-#               eager and CUDA graphs, every row. 3-5 min.
-#   latency-3b  the same on the 3b shape. 4-7 min.
-#   latency     both shapes in one process (LATENCY_MODELS, default "1b 3b"): 7-12 min,
-#               only with a larger budget; prefer latency-1b and latency-3b.
-#   smoke       a quick GPU pass of both benchmarks (kernels --quick, latency --quick
-#               on the tiny shape), outputs in the log only. ~1 min.
-#   all         build test sanitize kernels latency-1b latency-3b (the default).
-# A call runs its stages in order within GPU_RUN_BUDGET seconds (default 570, under
-# the 600 s limit of one call): a stage that would not fit is skipped and named in
-# the summary, a stage that overruns is stopped, and the summary still prints.
-# Calls that fit in 10 minutes (fresh machine, build included):
-#   bench/gpu_run.sh build test kernels     bench/gpu_run.sh sanitize
-#   bench/gpu_run.sh latency-1b             bench/gpu_run.sh latency-3b
-# On a warm machine (build cached) `test sanitize` fits too.
+# "quick" (the default) = build test-cuda cuda-kernels generate latency-1b kernels-short.
+# Each stage runs under its own timeout (CAP below, and never past the call's
+# budget), so one hang costs that stage only; its log is in $OUT as it runs,
+# its results are written to $OUT as soon as they exist, summary.txt is
+# rewritten after every stage, and the summary table prints LAST.
+# Times are estimates for a fresh 16-core H100 host (no GPU run had been made
+# when this was written): replace them with the seconds column of a real run.
+#   build        pip install --no-deps --no-build-isolation -e . with FLORA_CUDA=1,
+#                MAX_JOBS=16, TORCH_CUDA_ARCH_LIST for the card (9.0a on Hopper); then
+#                `python -m flora info` and a hard check that flora._C has CUDA kernels
+#                and sees the GPU. Fresh machine ~2-3 min; ~10 s when already built (a
+#                stamp of sources + toolchain in build/gpu_run.stamp). Always runs first.
+#   test-cuda    FLORA_REQUIRE_EXTENSION=1 pytest -m cuda (the CUDA subset). ~1 min.
+#   cuda-kernels FLORA_CUDA_KERNELS=1 pytest -m cuda tests/test_cuda_kernels.py, then
+#                compute-sanitizer memcheck over a small subset of it (-k $SANITIZE_K,
+#                default "not slow", first failure stops). Skipped (ok) while that file
+#                does not exist yet. ~1 min.
+#   generate     bench/generate_smoke.py: greedy tokens eager == CUDA graph (== transformers
+#                in fp32) on a random-weight Llama; base, ffba, zflora. ~30 s.
+#   latency-1b   the latency rows of the device issue at the 1B shape:
+#                `python -m flora bench latency --model 1b --dtype bf16 --batch 1 8
+#                --prompt 512 --mode both`. ~2-3 min.
+#   kernels-short bench/kernels.py --device cuda on the 1B shapes, M = 1,16,256, r = 32,
+#                bf16, eager and CUDA graphs (rows written as measured). ~1 min.
+# Longer stages, for calls of their own (a 10-minute call each; mind the 15 minutes):
+#   test         pytest -m cuda, then the rest of the suite (-m "not cuda"). 1-3 min.
+#   sanitize     compute-sanitizer memcheck over the CUDA subset, racecheck over the
+#                op tests' CUDA cases. 3-6 min (SANITIZE_TIMEOUT, default 240 s, per tool).
+#   kernels      the full sweep, M = 1..8192, both models, r 16/32/64, fp32 + bf16, then
+#                CUDA graphs for M <= 64 in bf16. 2-5 min.
+#   latency-3b   the latency rows at the 3B shape. 4-7 min.
+#   smoke        kernels --quick and latency --quick on the tiny shape. ~1 min.
+#   all          build test sanitize kernels latency-1b latency-3b (~35-40 min: several calls).
+# A call runs its stages in order within GPU_RUN_BUDGET seconds (default 480 for the
+# default stages, 570 otherwise; under the 600 s limit of one call): a stage that would
+# not fit is skipped and named in the summary.
 #
 # Outputs, under $OUT (default ./gpu-out, git-ignored): <stage>.log for each stage,
-# summary.txt, kernels.json + kernels-graphs.json + kernels.md, latency/<name>.json
-# + .png and RESULTS-latency.md (the markdown the latency benchmark would insert
-# into bench/RESULTS.md; this script never writes into the repository's results).
-# The device tool returns at most 8 files: when a call leaves more, all of them
-# go into gpu-run.tar.gz and only the most useful stay loose.
-# The table of stage, status, seconds and key figure prints LAST.
+# summary.txt, kernels.json (+ kernels-graphs.json) and kernels.md, generate.json,
+# latency/<name>.json + .png and RESULTS-latency.md (the markdown the latency benchmark
+# would insert into bench/RESULTS.md; this script never writes into the repository's
+# results). The device tool returns at most 8 files: when a call leaves more, all of
+# them go into gpu-run.tar.gz and only the most useful stay loose.
 #
 # Knobs (environment): PYTHON (default python3), OUT, GPU_RUN_BUDGET, GPU_RUN_DRY,
-# TORCH_CUDA_ARCH_LIST (default: the card's, "9.0a" on Hopper), MAX_JOBS (default
-# nproc), TEST_ARGS (extra pytest args for both test runs), TEST_TIMEOUT (per test,
-# needs pytest-timeout; default 120), SANITIZE_TOOLS (default "memcheck racecheck"),
-# SANITIZE_TIMEOUT, KERNELS_MS, KERNELS_ARGS, KERNELS_GRAPHS=0 (skip the graphs
-# run), KERNELS_GRAPHS_MS, LATENCY_MODELS, LATENCY_ARGS (extra bench/latency.py
-# args, e.g. "--rows base ffba zflora").
+# TORCH_CUDA_ARCH_LIST (default: the card's, "9.0a" on Hopper), MAX_JOBS (default 16),
+# CAP_<stage> (a stage's timeout in seconds, e.g. CAP_latency_1b=240), TEST_ARGS
+# (extra pytest args), TEST_TIMEOUT (per test, needs pytest-timeout; default 120),
+# SANITIZE_K, SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_TIMEOUT,
+# KERNELS_MS, KERNELS_ARGS, KERNELS_GRAPHS=0 (skip the graphs run), KERNELS_GRAPHS_MS,
+# LATENCY_MODELS, LATENCY_ARGS (extra latency args, e.g. "--rows base ffba zflora").
 #
 # Needs no network and changes no GPU setting: nvidia-smi is only queried.
 set -euo pipefail
@@ -65,7 +70,6 @@ cd "$ROOT"
 
 PY="${PYTHON:-python3}"
 DRY="${GPU_RUN_DRY:-0}"
-BUDGET="${GPU_RUN_BUDGET:-570}"
 RESERVE=20                         # seconds kept for packing and the summary
 STAMP="$ROOT/build/gpu_run.stamp"
 export OUT PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
@@ -175,7 +179,7 @@ EOF
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     if [ "$DRY" = 1 ]; then TORCH_CUDA_ARCH_LIST="9.0a"; else TORCH_CUDA_ARCH_LIST="$(pick_archs)"; fi
   fi
-  export FLORA_CUDA=1 TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  export FLORA_CUDA=1 TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-16}"
   echo "FLORA_CUDA=$FLORA_CUDA TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
   local want="" t0
   t0=$(date +%s)
@@ -252,19 +256,9 @@ stage_sanitize() {
   return "$rc"
 }
 
-stage_kernels() {
-  need_ext
-  local ms="${KERNELS_MS:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192}"
+# kernels_md: $OUT/kernels.json (+ kernels-graphs.json) -> $OUT/kernels.md and the key figure
+kernels_md() {
   local rc=0
-  say "bench/kernels.py eager, M = $ms"
-  # shellcheck disable=SC2086  # KERNELS_ARGS is meant to split into words
-  run "$PY" bench/kernels.py --device cuda --ms "$ms" --json "$OUT/kernels.json" ${KERNELS_ARGS:-} || rc=$?
-  if [ "${KERNELS_GRAPHS:-1}" != 0 ]; then
-    say "bench/kernels.py CUDA graphs, bf16"
-    # shellcheck disable=SC2086
-    run "$PY" bench/kernels.py --device cuda --graphs --ms "${KERNELS_GRAPHS_MS:-1,2,4,8,16,32,64}" \
-      --dtypes bfloat16 --json "$OUT/kernels-graphs.json" ${KERNELS_ARGS:-} || rc=$?
-  fi
   say "kernels.md"
   if [ "$DRY" = 1 ]; then
     echo "+ (summarise $OUT/kernels.json and kernels-graphs.json into $OUT/kernels.md)"
@@ -292,7 +286,11 @@ def section(path, title):
         md.append(f"### {title}\n\n(no {os.path.basename(path)}: the run did not finish)\n")
         return None
     res = json.load(open(path))
-    rows = res["rows"]
+    rows = [r for r in res["rows"] if "t_us" in r]  # rows that failed carry "error"
+    errors = [r for r in res["rows"] if "error" in r]
+    if not rows:
+        md.append(f"### {title}\n\n(no timed rows; {len(errors)} errors)\n")
+        return None
     ms = sorted({r["M"] for r in rows})
     ranks = sorted({r["r"] for r in rows})
     rr = 32 if 32 in ranks else ranks[len(ranks) // 2]
@@ -315,13 +313,17 @@ def section(path, title):
         for m in ms:
             k = (model, shape, dtype, rr, m)
             o, f, lo = idx.get(k + (op,)), idx.get(k + ("fused",)), idx.get(k + ("lora",))
-            if not o:
+            if not o or not f or not lo or o.get("ratio") is None or lo.get("ratio") is None:
                 cells.append("-")
                 continue
             c = f"{o['ratio']:.2f} / {o['t_us'] / f['t_us']:.2f} / {lo['ratio']:.2f}"
             cells.append(c + (f" ({o['gbs']:.0f})" if m <= 16 else ""))
         md.append(f"| {model} | {shape} | {op} | {dtype} | " + " | ".join(cells) + " |")
-    ops = [r for r in rows if r["op"] in OPS]
+    ops = [r for r in rows if r["op"] in OPS and r.get("ratio") is not None]
+    if errors:
+        md.append(f"\n{len(errors)} row(s) failed, e.g. {errors[0]['op']} M={errors[0].get('M')}: {errors[0]['error']}")
+    if not ops:
+        return None
     md.append(f"\nOver all ranks ({', '.join(map(str, ranks))}): op/base median, and cells within 1.05x of base\n")
     md.append("| dtype | " + " | ".join(f"M={m}" for m in ms) + " |")
     md.append("|---|" + "---|" * len(ms))
@@ -356,6 +358,23 @@ EOF
   return "$rc"
 }
 
+stage_kernels() {
+  need_ext
+  local ms="${KERNELS_MS:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192}"
+  local rc=0
+  say "bench/kernels.py eager, M = $ms"
+  # shellcheck disable=SC2086  # KERNELS_ARGS is meant to split into words
+  run "$PY" bench/kernels.py --device cuda --ms "$ms" --json "$OUT/kernels.json" ${KERNELS_ARGS:-} || rc=$?
+  if [ "${KERNELS_GRAPHS:-1}" != 0 ]; then
+    say "bench/kernels.py CUDA graphs, bf16"
+    # shellcheck disable=SC2086
+    run "$PY" bench/kernels.py --device cuda --graphs --ms "${KERNELS_GRAPHS_MS:-1,2,4,8,16,32,64}" \
+      --dtypes bfloat16 --json "$OUT/kernels-graphs.json" ${KERNELS_ARGS:-} || rc=$?
+  fi
+  kernels_md || rc=$?
+  return "$rc"
+}
+
 stage_latency() {
   need_ext
   local models name rc=0
@@ -365,10 +384,11 @@ stage_latency() {
     *) models="${LATENCY_MODELS:-1b 3b}" ;;
   esac
   name="latency-${models// /-}"
-  say "bench/latency.py --model $models"
+  say "python -m flora bench latency --model $models"
   # shellcheck disable=SC2086  # models and LATENCY_ARGS are meant to split into words
-  run "$PY" bench/latency.py --device cuda --model $models --dtype bf16 --batch 1 8 --prompt 512 --mode both \
-    --out-dir "$OUT/latency" --name "$name" --results "$OUT/RESULTS-latency.md" ${LATENCY_ARGS:-} || rc=$?
+  run "$PY" -m flora bench latency --device cuda --model $models --dtype bf16 --batch 1 8 --prompt 512 \
+    --mode both --out-dir "$OUT/latency" --name "$name" --results "$OUT/RESULTS-latency.md" ${LATENCY_ARGS:-} \
+    || rc=$?
   say "goals"
   if [ "$DRY" = 1 ]; then echo "+ (list the goals of $OUT/latency/$name.json)"; return "$rc"; fi
   "$PY" - "$OUT/latency/$name.json" "$STATE/key.$STAGE" <<'EOF' || rc=$?
@@ -406,6 +426,80 @@ stage_smoke() {
   return "$rc"
 }
 
+# pytest's -m cuda subset alone (the default call; `test` adds the rest of the suite)
+stage_test_cuda() {
+  need_ext
+  export FLORA_REQUIRE_EXTENSION=1
+  local extra=() rc=0
+  if [ "$DRY" = 1 ] || "$PY" -c 'import pytest_timeout' 2>/dev/null; then
+    extra+=(--timeout "${TEST_TIMEOUT:-120}")
+  fi
+  # shellcheck disable=SC2206  # TEST_ARGS is meant to split into words
+  extra+=(${TEST_ARGS:-})
+  say "pytest: the CUDA subset (-m cuda)"
+  run "$PY" -m pytest tests -q -rfEs -m cuda -p no:cacheprovider "${extra[@]}" 2>&1 \
+    | tee "$STATE/pytest-cuda.txt" || rc=$?
+  key "$(pytest_line "$STATE/pytest-cuda.txt" || true)"
+  [ "$DRY" = 1 ] && key "dry"
+  return "$rc"
+}
+
+# the custom CUDA kernels (opt-in dispatch) and memcheck over a small subset of their tests
+stage_cuda_kernels() {
+  need_ext
+  local f=tests/test_cuda_kernels.py rc=0 one=0 san
+  if [ ! -f "$f" ]; then
+    echo "$f does not exist yet: nothing to run"
+    key "skipped: no $f"
+    return 0
+  fi
+  export FLORA_REQUIRE_EXTENSION=1 FLORA_CUDA_KERNELS=1
+  say "FLORA_CUDA_KERNELS=1 pytest -m cuda $f"
+  run "$PY" -m pytest "$f" -q -rfEs -m cuda -p no:cacheprovider 2>&1 | tee "$STATE/ck.txt" || rc=$?
+  if [ "$DRY" != 1 ] && ! command -v compute-sanitizer >/dev/null; then
+    key "tests: $(pytest_line "$STATE/ck.txt"); compute-sanitizer not found"; return 1
+  fi
+  say "compute-sanitizer memcheck over pytest $f -k '${SANITIZE_K:-not slow}' (first failure stops)"
+  run timeout -k 10 "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool memcheck --error-exitcode 99 \
+    --print-limit 50 "$PY" -m pytest "$f" -q -rfE -x -m cuda -k "${SANITIZE_K:-not slow}" -p no:cacheprovider \
+    2>&1 | tee "$STATE/ck-san.txt" || one=$?
+  san="$(grep -E 'ERROR SUMMARY' "$STATE/ck-san.txt" 2>/dev/null | tail -n 1 | sed -E 's/^=+ *//' || true)"
+  case "$one" in
+    0) ;;
+    99) san="${san:-errors} (sanitizer errors)" ;;
+    124|137) san="timed out" ;;
+    *) san="${san:+$san, }pytest rc $one" ;;
+  esac
+  key "tests: $(pytest_line "$STATE/ck.txt"); memcheck: ${san:-ok}"
+  [ "$rc" = 0 ] && [ "$one" = 0 ]
+}
+
+stage_generate() {
+  need_ext
+  local rc=0
+  run "$PY" bench/generate_smoke.py --device cuda --json "$OUT/generate.json" || rc=$?
+  if [ "$DRY" = 1 ]; then key "dry"; return 0; fi
+  key "$("$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); r = d["results"]
+n = sum(x["equal"] for x in r)
+print(("PASS" if d["ok"] else "FAIL") + ": %d/%d comparisons equal" % (n, len(r)))' \
+    "$OUT/generate.json" 2>/dev/null || echo "no generate.json (rc $rc)")"
+  return "$rc"
+}
+
+# a short sweep: the 1B projections, decode and one prefill M, bf16, eager + graphs
+stage_kernels_short() {
+  need_ext
+  local rc=0
+  # shellcheck disable=SC2086  # KERNELS_ARGS is meant to split into words
+  run "$PY" bench/kernels.py --device cuda --models llama-3.2-1b --ms "${KERNELS_MS:-1,16,256}" --ranks 32 \
+    --dtypes bfloat16 --min-time 0.05 --json "$OUT/kernels.json" ${KERNELS_ARGS:-} || rc=$?
+  # shellcheck disable=SC2086
+  run "$PY" bench/kernels.py --device cuda --graphs --models llama-3.2-1b --ms "${KERNELS_GRAPHS_MS:-1,16}" \
+    --ranks 32 --dtypes bfloat16 --min-time 0.05 --json "$OUT/kernels-graphs.json" ${KERNELS_ARGS:-} || rc=$?
+  kernels_md || rc=$?
+  return "$rc"
+}
+
 # ---------------------------------------------------------------------------
 # orchestrator
 # ---------------------------------------------------------------------------
@@ -419,6 +513,10 @@ if [ "${1:-}" = __stage ]; then            # internal: one stage, in this proces
     kernels) stage_kernels ;;
     latency|latency-1b|latency-3b) stage_latency ;;
     smoke) stage_smoke ;;
+    test-cuda) stage_test_cuda ;;
+    cuda-kernels) stage_cuda_kernels ;;
+    generate) stage_generate ;;
+    kernels-short) stage_kernels_short ;;
     *) echo "unknown stage $STAGE" >&2; exit 2 ;;
   esac
   exit 0
@@ -426,19 +524,33 @@ fi
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
-declare -A MIN=([build]=0 [test]=90 [sanitize]=150 [kernels]=150 [latency-1b]=200 [latency-3b]=270
-                [latency]=450 [smoke]=45)
+STAGES="build test-cuda cuda-kernels generate latency-1b kernels-short test sanitize kernels latency latency-3b smoke"
+QUICK=(build test-cuda cuda-kernels generate latency-1b kernels-short)
+# MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
+declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=120 [kernels-short]=40
+                [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
+declare -A CAP=([build]=300 [test-cuda]=120 [cuda-kernels]=150 [generate]=90 [latency-1b]=200 [kernels-short]=90
+                [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
+for st in $STAGES; do
+  v="CAP_${st//-/_}"
+  [ -z "${!v:-}" ] || CAP[$st]="${!v}"
+done
 stages=()
-[ $# -gt 0 ] || set -- all
+default_budget=570
+if [ $# -eq 0 ]; then set -- quick; fi
 for a in "$@"; do
   case "$a" in
     -h|--help|help) usage; exit 0 ;;
+    quick) stages+=("${QUICK[@]}"); [ $# -eq 1 ] && default_budget=480 ;;
     all) stages+=(build test sanitize kernels latency-1b latency-3b) ;;
-    build|test|sanitize|kernels|latency|latency-1b|latency-3b|smoke) stages+=("$a") ;;
-    *) echo "gpu_run.sh: unknown stage '$a' (build test sanitize kernels latency latency-1b latency-3b smoke all)" >&2
-       exit 2 ;;
+    *)
+      case " $STAGES " in
+        *" $a "*) stages+=("$a") ;;
+        *) echo "gpu_run.sh: unknown stage '$a' (quick all $STAGES)" >&2; exit 2 ;;
+      esac ;;
   esac
 done
+BUDGET="${GPU_RUN_BUDGET:-$default_budget}"
 # build first, always (cheap when already built); drop repeats, keep the order
 ordered=(build)
 for s in "${stages[@]}"; do
@@ -460,6 +572,21 @@ on_signal() {
 }
 trap on_signal TERM INT
 
+summary="$OUT/summary.txt"
+gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)"
+commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+[ "$commit" = '?' ] || git -C "$ROOT" diff --quiet HEAD 2>/dev/null || commit="$commit+changes"
+# write_summary: the table of stage, status, seconds and key figure so far (after every stage)
+write_summary() {
+  {
+    echo "gpu_run.sh ${ordered[*]} | ${gpu:-no GPU seen} | commit $commit | $(date -u '+%Y-%m-%d %H:%M UTC') | total $(( $(date +%s) - T0 ))s"
+    printf '%-13s %-8s %7s  %s\n' stage status seconds "key figure"
+    for st in "${ordered[@]}"; do
+      printf '%-13s %-8s %7s  %s\n' "$st" "${STATUS[$st]:-pending}" "${SECS[$st]:-}" "${KEY[$st]:-}"
+    done
+  } >"$summary.tmp" && mv "$summary.tmp" "$summary"
+}
+
 say "gpu_run.sh ${ordered[*]} (budget ${BUDGET}s, OUT=$OUT$([ "$DRY" = 1 ] && echo ', DRY RUN: nothing is executed'))"
 for st in "${ordered[@]}"; do
   if [ "$INTERRUPTED" = 1 ]; then STATUS[$st]=skipped; KEY[$st]="interrupted"; SECS[$st]=0; continue; fi
@@ -469,8 +596,10 @@ for st in "${ordered[@]}"; do
   left=$((DEADLINE - $(date +%s) - RESERVE))
   if [ "$left" -lt "${MIN[$st]}" ] || [ "$left" -lt 10 ]; then
     STATUS[$st]=skipped; KEY[$st]="no time: ${left}s left, needs ~${MIN[$st]}s; run it in another call"; SECS[$st]=0
+    write_summary
     continue
   fi
+  [ "$left" -le "${CAP[$st]}" ] || left="${CAP[$st]}"
   say "stage $st (at most ${left}s) -> $OUT/$st.log"
   rm -f "$STATE/pgid" "$STATE/key.$st"
   s0=$(date +%s)
@@ -486,6 +615,7 @@ for st in "${ordered[@]}"; do
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then STATUS[$st]=TIMEOUT; KEY[$st]="stopped after ${left}s; ${KEY[$st]}"
   else STATUS[$st]=FAIL; KEY[$st]="${KEY[$st]:-exit $rc, see $st.log}"
   fi
+  write_summary
 done
 
 # --- the files the device tool returns: at most 8, 16 MiB each ---
@@ -496,21 +626,11 @@ for f in "$OUT"/*.log; do   # cap a runaway log (sanitizer output) at 14 MiB: he
     mv "$f.cut" "$f"
   fi
 done
-summary="$OUT/summary.txt"
-gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)"
-commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
-[ "$commit" = '?' ] || git -C "$ROOT" diff --quiet HEAD 2>/dev/null || commit="$commit+changes"
-{
-  echo "gpu_run.sh ${ordered[*]} | ${gpu:-no GPU seen} | commit $commit | $(date -u '+%Y-%m-%d %H:%M UTC') | total $(( $(date +%s) - T0 ))s"
-  printf '%-11s %-8s %7s  %s\n' stage status seconds "key figure"
-  for st in "${ordered[@]}"; do
-    printf '%-11s %-8s %7s  %s\n' "$st" "${STATUS[$st]}" "${SECS[$st]}" "${KEY[$st]}"
-  done
-} >"$summary"
+write_summary
 nfiles=$(find "$OUT" -type f | wc -l)
 if [ "$nfiles" -gt 8 ]; then
   tar -C "$OUT" -czf "$STATE/gpu-run.tar.gz" . && mv "$STATE/gpu-run.tar.gz" "$OUT/gpu-run.tar.gz"
-  keep=("$OUT/gpu-run.tar.gz" "$summary" "$OUT/kernels.md" "$OUT/RESULTS-latency.md")
+  keep=("$OUT/gpu-run.tar.gz" "$summary" "$OUT/kernels.md" "$OUT/RESULTS-latency.md" "$OUT/generate.json")
   for st in "${ordered[@]}"; do [ "${STATUS[$st]}" = ok ] || keep+=("$OUT/$st.log"); done
   n=0
   declare -A KEEP=()

@@ -19,13 +19,22 @@ memory bandwidth; decode rows show their GB/s as % of it.
 --gemv-max-m N sets FLORA_CPU_GEMV_MAX_M before flora loads, so the decode
 kernel also runs at larger M (to choose the dispatch threshold).
 --isa avx512|avx2|aten picks the CPU path (flora._C.set_cpu_isa).
---device cuda times with CUDA events (optionally CUDA graphs, --graphs);
-written for the CUDA kernels, untested on this CPU-only machine.
+--device cuda times with CUDA events (optionally CUDA graphs, --graphs):
+each event pair brackets --calls calls (one captured graph of them with
+--graphs), and the weights rotate through a pool of copies whose total size
+is at least twice the L2 cache, so decode figures are HBM figures, not L2
+hits. Written for the CUDA kernels; the CUDA path has not yet run on a GPU.
+
+--json PATH is rewritten atomically (temp file + rename) after every row, so
+an interrupted run keeps every row measured so far; a row that fails (an
+error, out of memory) records the error and the sweep goes on.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -50,16 +59,17 @@ def projections(d, d_q, d_kv, d_ff):
 
 
 class Timer:
-    """Median wall time of fn() after warm-up; CUDA: events (and graphs)."""
+    """Median time of one call after warm-up. ``fns`` is a list of the same
+    call on different copies of the operands (weight rotation); the CPU
+    times fns[0], CUDA cycles through them."""
 
-    def __init__(self, device, min_time, graphs=False):
-        self.device, self.min_time, self.graphs = device, min_time, graphs
+    def __init__(self, device, min_time, graphs=False, calls=32):
+        self.device, self.min_time, self.graphs, self.calls = device, min_time, graphs, calls
 
-    def __call__(self, fn, min_reps=5, max_reps=200):
-        import torch
-
+    def __call__(self, fns, min_reps=5, max_reps=200):
         if self.device == "cuda":
-            return self._cuda(fn, min_reps, max_reps)
+            return self._cuda(fns, min_reps)
+        fn = fns[0]
         for _ in range(2):
             fn()
         times, start = [], time.perf_counter()
@@ -69,51 +79,87 @@ class Timer:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    def _cuda(self, fn, min_reps, max_reps):  # untested here (no GPU)
+    def _cuda(self, fns, min_reps):
         import torch
 
-        run = fn
+        seq = [fns[i % len(fns)] for i in range(self.calls)]
+
+        def many():  # one event pair around all of them: launch gaps amortised
+            for f in seq:
+                f()
+
+        run = many
         if self.graphs:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
+            st = torch.cuda.Stream()
+            st.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(st):
+                for _ in range(2):
+                    many()
+            torch.cuda.current_stream().wait_stream(st)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                fn()
+                many()
             run = g.replay
-        for _ in range(3):
+        for _ in range(2):
             run()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(max(min_reps, 20)):
+        times, start = [], time.perf_counter()
+        while len(times) < max(min_reps, 10) or (time.perf_counter() - start < self.min_time and len(times) < 100):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             run()
             b.record()
             b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
+            times.append(a.elapsed_time(b) / 1e3 / self.calls)
         return statistics.median(times)
+
+
+def pool_size(torch, device, weight_bytes, cap=64):
+    """Copies of the weights to rotate through: on CUDA enough that they
+    span twice the L2 cache (each call then streams its weights from HBM);
+    on the CPU one (its figures predate rotation and the large shapes
+    exceed the last-level cache anyway)."""
+    if device != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
+    return max(1, min(cap, math.ceil(2 * l2 / max(weight_bytes, 1))))
 
 
 def copy_bandwidth(torch, device, timer, mb=512):
     n = mb * 2**20 // 4
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
-    t = timer(lambda: dst.copy_(src), min_reps=5, max_reps=20)
+    t = timer([lambda: dst.copy_(src)], min_reps=5, max_reps=20)
     return 2 * n * 4 / t / 1e9
 
 
+def _operands(torch, mk, op, N, K, r, s):
+    """One copy of a case's weights (and the fused views the ops take)."""
+    o = dict(W0=mk(N, K), A=mk(r, K), B=mk(N, r))  # the base weight alone, the LoRA pair
+    if op == "ffl":
+        WA = torch.cat([o["W0"], o["A"]])  # fused storage [W; A]
+        o.update(WA=WA, W=WA[:N], Af=WA[N:])
+        return o
+    # fbl / ffbl: the folded layout the modules use at inference: s is
+    # pre-multiplied into B and [W, sB; A, C] is one storage, so each op is
+    # one matmul over [u | z] (s = 1 at the call).
+    A2, C2 = mk(r, K), mk(r, r)
+    st = torch.cat([torch.cat([o["W0"], s * o["B"]], 1), torch.cat([A2, C2], 1)])
+    o.update(WB=st[:N], W=st[:N, :K], Bf=st[:N, K:], Af=st[N:, :K], Cf=st[N:, K:])
+    return o
+
+
 def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, aten_too=False):
-    """Times base / fused / lora / flora op for one shape; returns rows."""
+    """Times base / fused / lora / flora op for one shape; returns rows (a
+    row whose timing failed carries ``error`` instead of figures)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda *sh: (torch.randn(*sh, generator=g) * 0.02).to(device=device, dtype=dtype)
     es = torch.tensor([], dtype=dtype).element_size()
-    W0 = mk(N, K)  # the base model's weight, alone
+    copies = pool_size(torch, device, (N + r) * (K + r) * es)
+    pool = [_operands(torch, mk, op, N, K, r, s) for _ in range(copies)]
     x = mk(M, K)
-    A, B = mk(r, K), mk(N, r)
+    uz = torch.cat([x, mk(M, r)], 1)
+    u, z = uz[:, :K], uz[:, K:]
     rows = []
 
     def add(what, fn, weights, flops):
@@ -124,37 +170,64 @@ def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, 
                 add(what + "@aten", fn, weights, flops)
             finally:
                 C.set_cpu_isa(isa)
-        t = timer(fn)
+        row = dict(shape=name, op=what, dtype=str(dtype).replace("torch.", ""), M=M, r=r, N=N, K=K,
+                   copies=copies)
+        try:
+            t = timer([functools.partial(fn, o) for o in pool])
+        except Exception as e:  # noqa: BLE001 - recorded in the row, the sweep goes on
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rows.append(row)
+            return
         act = (M * K + M * N) * es
-        rows.append(dict(shape=name, op=what, dtype=str(dtype).replace("torch.", ""), M=M, r=r, N=N, K=K,
-                         t_us=t * 1e6, gbs=(weights * es + act) / t / 1e9, gflops=flops / t / 1e9))
+        row.update(t_us=t * 1e6, gbs=(weights * es + act) / t / 1e9, gflops=flops / t / 1e9)
+        rows.append(row)
 
     base_flops = 2 * M * N * K
-    add("base", lambda: torch.matmul(x, W0.T), N * K, base_flops)
+    lora = lambda o: torch.matmul(x, o["W0"].T) + s * torch.matmul(torch.matmul(x, o["A"].T), o["B"].T)
+    lora_w, lora_f = N * K + r * K + N * r, base_flops + 2 * M * r * (K + N)
+    add("base", lambda o: torch.matmul(x, o["W0"].T), N * K, base_flops)
     if op == "ffl":
-        WA = torch.cat([W0, A])  # fused storage [W; A]
-        W, Af = WA[:N], WA[N:]
-        add("fused", lambda: torch.matmul(x, WA.T), (N + r) * K, 2 * M * (N + r) * K)
-        add("lora", lambda: torch.matmul(x, W0.T) + s * torch.matmul(torch.matmul(x, A.T), B.T),
-            N * K + r * K + N * r, base_flops + 2 * M * r * (K + N))
-        add("ffl", lambda: flora.ops.ffl(x, W, Af, s), (N + r) * K, 2 * M * (N + r) * K)
+        add("fused", lambda o: torch.matmul(x, o["WA"].T), (N + r) * K, 2 * M * (N + r) * K)
+        add("lora", lora, lora_w, lora_f)
+        add("ffl", lambda o: flora.ops.ffl(x, o["W"], o["Af"], s), (N + r) * K, 2 * M * (N + r) * K)
         return rows
-    # fbl / ffbl: the folded layout the modules use at inference: s is
-    # pre-multiplied into B and [W, sB; A, C] is one storage, so each op is
-    # one matmul over [u | z] (s = 1 at the call).
-    A2, C2 = mk(r, K), mk(r, r)
-    st = torch.cat([torch.cat([W0, s * B], 1), torch.cat([A2, C2], 1)])
-    WB = st[:N]
-    W, Bf, Af, Cf = st[:N, :K], st[:N, K:], st[N:, :K], st[N:, K:]
-    uz = torch.cat([x, mk(M, r)], 1)
-    u, z = uz[:, :K], uz[:, K:]
-    add("fused", lambda: torch.matmul(uz, WB.T), N * (K + r), 2 * M * N * (K + r))
-    add("lora", lambda: torch.matmul(x, W0.T) + s * torch.matmul(torch.matmul(x, A.T), B.T),
-        N * K + r * K + N * r, base_flops + 2 * M * r * (K + N))
-    add("fbl", lambda: flora.ops.fbl(u, z, W, Bf), N * (K + r), 2 * M * N * (K + r))
-    add("ffbl", lambda: flora.ops.ffbl(u, z, W, Bf, Af, Cf), (N + r) * (K + r),
+    add("fused", lambda o: torch.matmul(uz, o["WB"].T), N * (K + r), 2 * M * N * (K + r))
+    add("lora", lora, lora_w, lora_f)
+    add("fbl", lambda o: flora.ops.fbl(u, z, o["W"], o["Bf"]), N * (K + r), 2 * M * N * (K + r))
+    add("ffbl", lambda o: flora.ops.ffbl(u, z, o["W"], o["Bf"], o["Af"], o["Cf"]), (N + r) * (K + r),
         2 * M * (N + r) * (K + r))
     return rows
+
+
+class RowSink:
+    """The --json document, rewritten atomically after every row."""
+
+    def __init__(self, path, header):
+        self.path, self.doc = path, dict(header, rows=[])
+        self.flush()
+
+    def add(self, row):
+        self.doc["rows"].append(row)
+        self.flush()
+
+    def flush(self):
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.doc, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def print_row(model, name, dname, M, r, row):
+    if "error" in row:
+        print(f"{model:<13}{name:<8}{dname:<9}{M:>4}{r:>4} {row['op']:<10} ERROR {row['error']}", flush=True)
+        return
+    pct = f"{row['copy_pct']:6.0f}%" if M <= DECODE_M else ""
+    ratio = f"{row['ratio']:>8.3f}" if row.get("ratio") is not None else f"{'-':>8}"
+    print(f"{model:<13}{name:<8}{dname:<9}{M:>4}{r:>4} {row['op']:<10}{row['t_us']:>10.1f}"
+          f"{row['gbs']:>8.1f}{row['gflops']:>9.1f}{ratio}{pct:>7}", flush=True)
 
 
 def main(argv=None):
@@ -172,7 +245,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--aten-too", action="store_true", help="also time each op on the ATen path")
     p.add_argument("--graphs", action="store_true", help="CUDA graphs (cuda only)")
-    p.add_argument("--json", default=None, help="write all rows here")
+    p.add_argument("--calls", type=int, default=32,
+                   help="cuda: calls per event pair (or per captured graph)")
+    p.add_argument("--json", default=None, help="rows so far, rewritten after each row")
     a = p.parse_args(argv)
     if a.gemv_max_m is not None:
         os.environ["FLORA_CPU_GEMV_MAX_M"] = str(a.gemv_max_m)
@@ -191,16 +266,17 @@ def main(argv=None):
         ms = [int(v) for v in a.ms.split(",")]
     ranks = [16] if a.quick else [int(v) for v in a.ranks.split(",")]
     min_time = 0.1 if a.quick else a.min_time
-    timer = Timer(a.device, min_time, a.graphs)
+    timer = Timer(a.device, min_time, a.graphs, a.calls)
 
     print(flora.format_info())
     print(f"torch threads: {torch.get_num_threads()}")
     bw = copy_bandwidth(torch, a.device, timer)
     print(f"copy bandwidth (512 MB dst.copy_(src), read+write): {bw:.1f} GB/s\n")
+    sink = RowSink(a.json, dict(copy_gbs=bw, info=flora.info(), threads=torch.get_num_threads(),
+                                device=a.device, graphs=a.graphs, calls_per_timing=a.calls))
 
     hdr = f"{'model':<13}{'shape':<8}{'dtype':<9}{'M':>4}{'r':>4} {'op':<10}{'us':>10}{'GB/s':>8}{'GFLOP/s':>9}{'x base':>8}{'%copy':>7}"
     print(hdr)
-    all_rows = []
     for model in a.models.split(","):
         for name, op, N, K in projections(*MODELS[model]):
             if a.shapes and name not in a.shapes.split(","):
@@ -209,20 +285,22 @@ def main(argv=None):
                 dtype = getattr(torch, dname)
                 for r in ranks:
                     for M in ms:
-                        rows = bench_case(torch, flora, timer, a.device, dtype, name, op, N, K, M, r,
-                                          aten_too=a.aten_too and a.device == "cpu")
-                        base = rows[0]["t_us"]
+                        key = dict(model=model, shape=name, dtype=dname, M=M, r=r, N=N, K=K)
+                        try:
+                            rows = bench_case(torch, flora, timer, a.device, dtype, name, op, N, K, M, r,
+                                              aten_too=a.aten_too and a.device == "cpu")
+                        except Exception as e:  # noqa: BLE001 - e.g. out of memory building operands
+                            rows = [dict(key, op="(case)", error=f"{type(e).__name__}: {e}".splitlines()[0])]
+                            if a.device == "cuda":
+                                torch.cuda.empty_cache()
+                        base = rows[0].get("t_us") if rows[0]["op"] == "base" else None
                         for row in rows:
-                            row.update(model=model, ratio=row["t_us"] / base, copy_pct=100 * row["gbs"] / bw)
-                            pct = f"{row['copy_pct']:6.0f}%" if M <= DECODE_M else ""
-                            print(f"{model:<13}{name:<8}{dname:<9}{M:>4}{r:>4} {row['op']:<10}{row['t_us']:>10.1f}"
-                                  f"{row['gbs']:>8.1f}{row['gflops']:>9.1f}{row['ratio']:>8.3f}{pct:>7}", flush=True)
-                        all_rows += rows
-    if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(dict(copy_gbs=bw, info=flora.info(), threads=torch.get_num_threads(),
-                           rows=all_rows), f, indent=1)
+                            row["model"] = model
+                            if "t_us" in row:
+                                row.update(ratio=row["t_us"] / base if base else None,
+                                           copy_pct=100 * row["gbs"] / bw)
+                            print_row(model, name, dname, M, r, row)
+                            sink.add(row)
 
 
 if __name__ == "__main__":

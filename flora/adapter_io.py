@@ -17,8 +17,9 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from typing import Optional
 
 import torch
@@ -102,17 +103,64 @@ def _fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
+def _owner_alive(name: str, prefix: str) -> bool:
+    """Whether the process that made the temp dir ``name`` (``<prefix><pid>-<token>``) still runs."""
+    pid = name[len(prefix):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False  # an older flora's name (no pid): long finished
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def recover_interrupted_save(path) -> None:
+    """Undo what a killed save of directory ``path`` left next to it: when
+    ``path`` is gone (killed between the two renames) the previous adapter is
+    moved back from ``.<name>.old-*``; unfinished ``.<name>.tmp-*`` and spent
+    ``.old-*`` directories are removed. Directories of a save still running
+    (its process alive) are left alone."""
+    path = os.path.realpath(os.fspath(path))
+    parent, base = os.path.split(path)
+    if not os.path.isdir(parent):
+        return
+    dead = {"tmp": [], "old": []}
+    for name in os.listdir(parent):
+        for kind in dead:
+            prefix = f".{base}.{kind}-"
+            if name.startswith(prefix) and not _owner_alive(name, prefix):
+                dead[kind].append(os.path.join(parent, name))
+    olds = sorted(dead["old"], key=os.path.getmtime)
+    if olds and not os.path.lexists(path):
+        os.rename(olds.pop(), path)  # the adapter that was live when the save was killed
+        fsync_dir(parent)
+    for d in dead["tmp"] + olds:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def atomic_write_dir(path, writers: dict) -> None:
     """Create/replace directory ``path`` holding the files ``writers`` produce.
 
     ``writers``: file name -> fn(full_path). Everything is written and fsynced
     in a temporary sibling directory first. An existing ``path`` may hold only
-    adapter files (we never delete foreign files); it is moved aside, the new
-    directory renamed in, then the old one removed. On any failure the old
-    directory is put back and the temporary one removed.
+    adapter files (we never delete foreign files); files there that this save
+    does not write (a README.md) are carried over, so a save removes only
+    files it writes. The old directory is moved aside, the new one renamed in
+    (with the old one's permissions), then the old one removed. On any failure
+    the old directory is put back and the temporary one removed; a save
+    killed outright is recovered by the next save or load
+    (:func:`recover_interrupted_save`). A symlink ``path`` is written through
+    (the link keeps pointing at the adapter); a read-only ``path`` is refused.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))  # write through a symlink, do not replace it
     parent, base = os.path.split(path)
+    recover_interrupted_save(path)
+    keep, mode = [], None
     if os.path.exists(path):
         if not os.path.isdir(path):
             raise FileExistsError(f"{path} exists and is not a directory")
@@ -121,18 +169,35 @@ def atomic_write_dir(path, writers: dict) -> None:
             raise FileExistsError(
                 f"{path} holds files that are not part of an adapter ({', '.join(foreign[:5])}); "
                 f"save the adapter into a new or empty directory so nothing else is replaced")
+        st = os.stat(path)
+        mode = stat.S_IMODE(st.st_mode)
+        if not os.access(path, os.W_OK) or not mode & 0o222:  # mode bits too: root passes os.access
+            raise PermissionError(f"{path} is read-only; not replacing the adapter in it "
+                                  f"(make it writable or save elsewhere)")
+        keep = sorted(set(os.listdir(path)) - set(writers))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.mkdir(tmp)  # mode from the umask, unlike mkdtemp's 0700
+    except PermissionError:
+        raise PermissionError(f"cannot save to {path}: {parent} is not writable") from None
     old = None
     try:
         for name, write in writers.items():
             full = os.path.join(tmp, name)
             write(full)
             _fsync_file(full)
+        for name in keep:
+            src, dst = os.path.join(path, name), os.path.join(tmp, name)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        if mode is not None:
+            os.chmod(tmp, mode)
         fsync_dir(tmp)
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-            os.rmdir(old)
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(path, old)
         os.rename(tmp, path)
         tmp = None
@@ -215,6 +280,10 @@ def _missing_dir_message(path: str) -> str:
 def read_adapter_dir(path, arch: LlamaArch):
     """(AdapterConfig, tensors) of a flora or PEFT LoRA adapter dir, validated for ``arch``."""
     path = os.fspath(path)
+    try:
+        recover_interrupted_save(path)  # a save killed between its renames: put the adapter back
+    except OSError:
+        pass  # a read-only location: load what is there
     if not os.path.isdir(path):
         raise FileNotFoundError(_missing_dir_message(path))
     cfg_path = os.path.join(path, CONFIG_NAME)

@@ -76,9 +76,15 @@ def arch_from_config_dict(cfg: dict, where: str = "config") -> LlamaArch:
     if act not in ("silu", "swish"):
         raise CheckpointError(f"{where}: hidden_act is {act!r}; flora's MLP is SwiGLU (silu)")
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    missing = [k for k in required if not isinstance(cfg.get(k), int)]
+    # bool is an int in Python: `"num_hidden_layers": true` must not read as 1 layer
+    missing = [k for k in required if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
     if missing:
         raise CheckpointError(f"{where}: missing or non-integer field(s): {', '.join(missing)}")
+    for k in required + ("num_key_value_heads", "head_dim"):
+        v = cfg.get(k)
+        if k in required or v is not None:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise CheckpointError(f"{where}: {k} must be a positive integer, got {v!r}")
     d, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads") or nh
     head_dim = cfg.get("head_dim") or d // nh
@@ -273,6 +279,20 @@ def load_checkpoint(path: str, device="cpu") -> tuple[LlamaArch, dict[str, Tenso
         if absent:
             raise CheckpointError(
                 f"{fpath}: the index lists {', '.join(absent[:3])} in this shard, but it is not there")
+    # tensors config.json does not account for (as transformers, an error): e.g. a
+    # num_hidden_layers smaller than the checkpoint would otherwise load a truncated model
+    ignorable = {k for k in files if k.endswith(".rotary_emb.inv_freq")}  # recomputed from the config
+    if arch.tie_word_embeddings:
+        ignorable.add("lm_head.weight")  # a tied head some exporters still write out
+    unexpected = sorted(set(files) - set(want) - ignorable)
+    if unexpected:
+        layers = sorted({int(k.split(".")[2]) for k in unexpected
+                         if k.startswith("model.layers.") and k.split(".")[2].isdigit()})
+        hint = (f"; the checkpoint has layer(s) up to {layers[-1]}, config.json says num_hidden_layers="
+                f"{arch.num_hidden_layers}" if layers and layers[-1] >= arch.num_hidden_layers else "")
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{path}: tensor(s) that config.json does not describe: "
+                              f"{', '.join(unexpected[:5])}{more}{hint}")
     sd = {}
     for fpath, keys in by_file.items():
         sd.update(load_safetensors(fpath, device=device, keys=keys))

@@ -42,7 +42,8 @@ def _train(args) -> int:
     from .finetune import run_args
 
     try:
-        return _run("train", run_args, args, (ValueError, TypeError, FileNotFoundError))
+        # FloatingPointError: a NaN / infinite training loss; OSError: unreadable or unwritable paths
+        return _run("train", run_args, args, (ValueError, TypeError, OSError, FloatingPointError))
     finally:
         import torch.distributed as dist
 

@@ -70,6 +70,32 @@ class LlamaShapes:
         return {"o": self.q_dim, "down": self.ffn}.get(p, self.hidden)
 
 
+_DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
+                "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float32": "float32", "fp32": "float32", "float": "float32",
+                "float64": "float64", "fp64": "float64", "double": "float64"}
+
+
+def parse_dtype(value, what: str = "dtype"):
+    """A model / adapter dtype: None, a torch dtype or a name users write
+    ("float16", "fp16", "bf16", "torch.float32", ...), as a torch floating
+    dtype flora computes in (float16, bfloat16, float32, float64); anything
+    else (int, fp8, unknown names) is a clear TypeError."""
+    import torch
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        key = value.strip().lower()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        if key not in _DTYPE_NAMES:
+            raise TypeError(f"{what}: unknown dtype {value!r}; use float16, bfloat16, float32 or float64")
+        return getattr(torch, _DTYPE_NAMES[key])
+    if value not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{what} must be float16, bfloat16, float32 or float64 (or its name), got {value!r}")
+    return value
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -23,8 +23,13 @@ def load_jsonl(path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so an encoding error names its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: "
+                                 f"{raw[e.start:e.start + 1]!r}); save the data file as UTF-8") from None
             if not line.strip():
                 continue
             try:

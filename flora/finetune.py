@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 from pathlib import Path
 
 import torch
 
 from .data import load_jsonl, load_tokenizer
+from .devices import resolve_device
 from .fileio import atomic_write_json
-from .train import TrainConfig, init_distributed, train
+from .train import TrainConfig, dist_device, init_distributed, train
 
 
 def load_model(model_dir, adapter, device=None, dtype=None, adapter_dtype=torch.float32):
@@ -42,15 +44,19 @@ def finetune(model_dir, train_data, eval_data=None, adapter=None, config: TrainC
     With ``out_dir`` the adapter is saved to ``out_dir/adapter`` at the end (rank 0)."""
     if model is None and adapter is None:
         raise ValueError("finetune needs an adapter (an AdapterConfig or an adapter directory) or a model")
-    rank, world, local_rank = init_distributed()
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    rank, _, _ = init_distributed()
+    if device is None:  # under torchrun: the backend's device (cuda:local_rank or the CPU)
+        device = dist_device()
     tokenizer = tokenizer or load_tokenizer(model_dir)
     if isinstance(train_data, (str, os.PathLike)):
         train_data = load_jsonl(train_data)
     if isinstance(eval_data, (str, os.PathLike)):
         eval_data = load_jsonl(eval_data)
     if model is None:
+        # seed before the fresh adapter is initialised: same seed -> same adapter
+        seed = (config or TrainConfig()).seed
+        torch.manual_seed(seed)
+        random.seed(seed)
         model = load_model(model_dir, adapter, device=device, dtype=dtype)
     result = train(model, tokenizer, train_data, eval_data, config=config, out_dir=out_dir, resume=resume)
     if out_dir is not None and rank == 0:
@@ -89,6 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (0: at the end only)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="with --resume: accept a changed --lr, --lr-schedule, --warmup-steps or step count")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast (auto: on CUDA only)")
@@ -101,6 +109,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_args(args) -> dict:
     from .config import AdapterConfig
 
+    device = resolve_device(args.device, auto=False)
+    out = Path(args.out)
+    for p in (out, out / "adapter", out / "checkpoint"):  # fail now, not after training
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"--out: {p} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here too
     targets = args.targets if args.targets in ("all", "mha") else [t.strip() for t in args.targets.split(",")]
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
     adapter = AdapterConfig(args.variant, args.rank, alpha, dropout=args.dropout, targets=targets)
@@ -109,9 +123,9 @@ def run_args(args) -> dict:
                       save_every=args.save_every, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                       lr_schedule=args.lr_schedule, bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change)
     model, _, result = finetune(args.model, args.data, args.eval, adapter=adapter, config=cfg, out_dir=args.out,
-                                resume=args.resume, device=args.device)
+                                resume=args.resume, device=device)
     rank, _, _ = init_distributed()
     summary = {"adapter": str(Path(args.out) / "adapter"), "steps": result.steps, "final_train_loss": result.final_train_loss,
                "final_eval": result.final_eval, "tokens_per_s": result.tokens_per_s,

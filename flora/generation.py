@@ -10,6 +10,8 @@ into the graph's static buffers. Sampling runs outside the graph.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from typing import Callable, Optional
 
@@ -170,23 +172,44 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     filled with ``pad_token_id`` (default: the first EOS) afterwards; stops
     when every row is done). ``streamer``: an object with ``put``/``end``
     (like transformers' streamers: ``put`` gets the prompt, then each step's
-    tokens [B]) or a callable called with each step's tokens [B].
+    tokens [B]) or a callable called with each step's tokens [B]; ``end()``
+    is called once generation is over (also when nothing was generated).
     ``eos_token_id=None`` stops at the checkpoint's EOS (generation_config.json,
     else config.json, else the GGUF's), as transformers does; ``[]`` never stops early.
+
+    Generation stops at the model's context (``max_position_embeddings``):
+    a larger ``max_new_tokens`` is capped to it with a warning, so the KV
+    cache is never sized beyond what the model can attend over.
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {list(input_ids.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a [batch, seq] tensor with seq >= 1, got "
+                         f"{list(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    # written so that NaN fails too
+    if not (isinstance(temperature, numbers.Real) and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if attention_mask is not None and (not torch.is_tensor(attention_mask)
+                                       or tuple(attention_mask.shape) != tuple(input_ids.shape)):
+        got = list(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, got {got}")
     dev = model.device
-    input_ids = input_ids.to(dev)
+    # a copy: the result never aliases the caller's tensor (even with max_new_tokens=0)
+    input_ids = input_ids.to(dev, copy=True)
     B, T = input_ids.shape
     key_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.to(dev).bool())
     if attention_mask is not None and (~key_valid[:, -1]).any():
         raise ValueError("attention_mask must be left-padded (every row's last token real)")
+    context = model.arch.max_position_embeddings
+    if T + max_new_tokens > context and max_new_tokens > 0:
+        capped = max(context - T, 1)  # a prompt already at the context still gets its next token
+        if capped < max_new_tokens:
+            warnings.warn(f"max_new_tokens={max_new_tokens} with a {T}-token prompt exceeds the model's "
+                          f"context ({context} positions); generating at most {capped}", stacklevel=2)
+            max_new_tokens = capped
     if use_cuda_graph is None:
         use_cuda_graph = dev.type == "cuda"
     if eos_token_id is None:  # as transformers: the checkpoint's EOS; [] never stops early
@@ -199,8 +222,21 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     if streamer is not None and hasattr(streamer, "put"):
         streamer.put(input_ids.cpu())
     out = [input_ids]
-    if max_new_tokens == 0:
-        return input_ids
+    try:
+        if max_new_tokens > 0:
+            _decode(model, input_ids, key_valid, int(max_new_tokens), temperature, top_p, eos, pad,
+                    generator, put, use_cuda_graph, out)
+    finally:  # a consumer waiting on the streamer (TextIteratorStreamer) must always be released
+        if streamer is not None and hasattr(streamer, "end"):
+            streamer.end()
+    return torch.cat(out, dim=1)
+
+
+def _decode(model, input_ids, key_valid, max_new_tokens, temperature, top_p, eos, pad, generator, put,
+            use_cuda_graph, out):
+    """The prefill + decode loop of :func:`generate`; appends each step's tokens [B, 1] to ``out``."""
+    B, T = input_ids.shape
+    dev = input_ids.device
     with inference_mode(model):
         dec = Decoder(model, B, T + max_new_tokens, use_cuda_graph)
         logits = dec.prefill(input_ids, key_valid)
@@ -218,9 +254,6 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
                     break
             if i + 1 < max_new_tokens:
                 logits = dec.step(tok)
-    if streamer is not None and hasattr(streamer, "end"):
-        streamer.end()
-    return torch.cat(out, dim=1)
 
 
 def _streamer_fn(streamer) -> Optional[Callable]:

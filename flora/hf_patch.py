@@ -51,10 +51,21 @@ class FloraLlamaAttention(nn.Module):
         v = v.reshape(B, T, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                       eager_attention_forward)
+        # the cache arrives as `cache` (transformers >= 5.24), `past_key_values` (5.0 - 5.23) or
+        # `past_key_value` (4.x); it must not reach the attention function. update(k, v, layer,
+        # cache_kwargs) is the call every version accepts: 5.0's and 4.x's static caches need
+        # cache_position from it, later versions ignore it.
+        cache = kwargs.pop("cache", None)
+        legacy = kwargs.pop("past_key_value", None)
+        cache = cache if cache is not None else past_key_values if past_key_values is not None else legacy
+        if cache is not None:
+            cache_kwargs = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
+            k, v = cache.update(k, v, self.layer_idx, cache_kwargs)
+        impl = self.config._attn_implementation
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        else:  # transformers before get_interface: what its own LlamaAttention does there
+            attend = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
         out, weights = attend(self, q, k, v, attention_mask,
                               dropout=0.0 if not self.training else self.attention_dropout,
                               scaling=self.scaling, **kwargs)

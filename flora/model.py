@@ -86,8 +86,15 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         ``adapter``: an ``AdapterConfig`` (fresh adapter), a flora adapter dir,
         or a PEFT LoRA adapter dir (loaded as ``pf-lora``). ``adapter_dtype``:
         dtype of the adapter tensors (default: the base dtype; e.g. fp32 adapters
-        on a bf16 base for training). Never touches the network.
+        on a bf16 base for training). Both dtypes: a torch dtype or its name
+        ("bfloat16", "bf16", "float16", ...; ``dtype="auto"``: the checkpoint's).
+        Never touches the network.
         """
+        from .config import parse_dtype
+
+        # names users write ("bf16", "float16"); int / fp8 refused here, not deep in a kernel
+        dtype = None if isinstance(dtype, str) and dtype.strip().lower() == "auto" else parse_dtype(dtype, "dtype")
+        adapter_dtype = parse_dtype(adapter_dtype, "adapter_dtype")
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             from . import gguf, pretrained
@@ -123,8 +130,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             dtype = sd["model.embed_tokens.weight"].dtype
         if device is None:  # files load to CPU; an in-memory model stays where it is
             device = sd["model.embed_tokens.weight"].device
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"the checkpoint's dtype is {dtype}; pass dtype= float16, bfloat16, float32 or float64")
         sd = {k: v.to(device=device, dtype=dtype, copy=copy) for k, v in sd.items()}
 
         cfg, adapter_sd, name = None, None, None

@@ -8,7 +8,10 @@ file holds:
 * a pure-PyTorch reference (``ffl_reference`` ...): the test oracle, and the
   implementation that runs where no compiled kernel is registered;
 * the fake (meta) implementation for torch.compile and CUDA-graph capture;
-* the autograd formula (W frozen unless it requires grad).
+* the autograd formula (W frozen unless it requires grad) and the autocast
+  rule. The compiled library registers both in C++ (csrc/common/autograd.cpp,
+  autocast.cpp: a call that needs no gradient never enters Python); the
+  Python forms below are registered only when it is missing.
 
 The raw ops ``torch.ops.flora.*`` return the fused output buffer (``[y | z]``);
 the wrappers hand back ``y`` and ``z`` as views into it, which the next op
@@ -215,7 +218,8 @@ REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "ffbl": ffbl_reference
 
 # --------------------------------------------------------------------------
 # Registration: schemas (when the extension is missing), missing-device
-# fallbacks, fake kernels, autograd
+# fallbacks, fake kernels, autograd and autocast (the last two only without
+# the compiled library, whose C++ forms use the same formulas)
 # --------------------------------------------------------------------------
 _lib = None  # keeps Python registrations alive
 REFERENCE_DEVICES: dict = {}  # op -> devices where the reference runs
@@ -348,9 +352,33 @@ def _ffbl_backward(ctx, grad):
     return du, dz, dW, dB, dA, dC, None, dres, None
 
 
-torch.library.register_autograd("flora::ffl", _ffl_backward, setup_context=_ffl_setup)
-torch.library.register_autograd("flora::fbl", _fbl_backward, setup_context=_fbl_setup)
-torch.library.register_autograd("flora::ffbl", _ffbl_backward, setup_context=_ffbl_setup)
+def _autocast_kernel(op: str, device_type: str):
+    """Autocast rule of the no-extension build, as csrc/common/autocast.cpp:
+    floating operands other than fp64 are cast to the autocast dtype."""
+    fn = getattr(torch.ops.flora, op).default
+    keys = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + device_type.upper()))
+
+    def cast(a, dt):
+        if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64 \
+                and a.device.type == device_type:
+            return a.to(dt)
+        return a
+
+    def kernel(*args, **kwargs):
+        dt = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(keys):
+            return fn(*(cast(a, dt) for a in args), **{k: cast(v, dt) for k, v in kwargs.items()})
+
+    return kernel
+
+
+if _ext.C is None:  # the compiled library registers autograd and autocast in C++
+    torch.library.register_autograd("flora::ffl", _ffl_backward, setup_context=_ffl_setup)
+    torch.library.register_autograd("flora::fbl", _fbl_backward, setup_context=_fbl_setup)
+    torch.library.register_autograd("flora::ffbl", _ffbl_backward, setup_context=_ffbl_setup)
+    for _op in OPS:
+        for _dev in ("cpu", "cuda"):
+            _lib.impl(_op, _autocast_kernel(_op, _dev), "Autocast" + _dev.upper())
 
 
 # --------------------------------------------------------------------------

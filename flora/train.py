@@ -53,6 +53,7 @@ class TrainConfig:
     bf16: object = "auto"  # "auto": autocast bf16 on CUDA; True: also on CPU; False: never
     progress: bool = True
     desc: str = "train"
+    allow_schedule_change: bool = False  # resume: let lr / lr_schedule / warmup_steps / total steps differ
     fsdp: bool = False  # under torchrun: shard adapters + optimizer state (FSDP2) instead of DDP
 
     def validate(self):
@@ -103,28 +104,63 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------
 # Distributed setup
 # --------------------------------------------------------------------------
-def dist_backend() -> str:
-    """NCCL with one GPU per local process, else gloo on the CPU (more
-    processes than GPUs would put two ranks on one device, or a rank on a
-    device that does not exist). FLORA_DIST_BACKEND=gloo|nccl overrides."""
-    forced = os.environ.get("FLORA_DIST_BACKEND")
+def dist_plan(local_rank: int, local_world: int, cuda_count: int, forced: Optional[str] = None):
+    """(backend, device) for one process of a distributed launch.
+
+    NCCL needs one GPU per local process: with at least as many GPUs as local
+    processes, rank r gets NCCL on ``cuda:r``. Otherwise gloo, and every rank
+    runs on the CPU: gloo could let ranks share ``cuda:0``, but then they
+    compete for its memory and time with no gain over one process, so the
+    CPU is the predictable choice (``torchrun --nproc-per-node 2`` on a
+    one-GPU box is a CPU run of the distributed code path).
+    ``forced`` (FLORA_DIST_BACKEND) = "gloo" keeps the CPU; "nccl" without
+    one GPU per local process is an error, not a crash inside NCCL."""
     if forced:
         if forced not in ("gloo", "nccl"):
             raise ValueError(f"FLORA_DIST_BACKEND must be gloo or nccl, got {forced!r}")
-        return forced
+        if forced == "nccl" and cuda_count < local_world:
+            raise ValueError(
+                f"FLORA_DIST_BACKEND=nccl needs one GPU per local process: {local_world} "
+                f"processes but {cuda_count} GPU(s)")
+    backend = forced or ("nccl" if 0 < local_world <= cuda_count else "gloo")
+    if backend == "nccl":
+        return backend, torch.device("cuda", local_rank)
+    return backend, torch.device("cpu")
+
+
+def _dist_env():
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
-        return "nccl"
-    return "gloo"
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (int(os.environ.get("LOCAL_RANK", "0")), local_world, cuda_count,
+            os.environ.get("FLORA_DIST_BACKEND") or None)
+
+
+def dist_backend() -> str:
+    """The backend ``dist_plan`` picks for this process (from torchrun's env)."""
+    return dist_plan(*_dist_env())[0]
+
+
+def dist_device(default=None) -> torch.device:
+    """This process's device: ``dist_plan``'s under a distributed launch
+    (WORLD_SIZE > 1), else ``default`` (or cuda when there is one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return dist_plan(*_dist_env())[1]
+    if default is not None:
+        return torch.device(default)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def init_distributed():
     """(rank, world, local_rank); starts the process group when launched by
-    torchrun (WORLD_SIZE > 1) and it is not started yet."""
+    torchrun (WORLD_SIZE > 1) and it is not started yet. NCCL: the rank's
+    GPU is made current first, so NCCL and every later "cuda" use it."""
     dist = torch.distributed
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group(backend=dist_backend())
+        backend, device = dist_plan(*_dist_env())
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
@@ -248,10 +284,21 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 
     start_step, history, eval_history = 0, [], []
-    fingerprint = {"global_batch": global_batch, "n_train": len(train_ds), "seed": cfg.seed,
-                   "total_steps": total, "trainable": [n for n, _ in named]}
+    # everything that changes the trained tensors; a resume must match it exactly
+    # (the schedule keys, ckpt.SCHEDULE, may differ with allow_schedule_change)
+    adapter_cfg = getattr(model, "adapter_config", None) or getattr(model, "flora_adapter_config", None)
+    arch = getattr(model, "arch", None)
+    fingerprint = ckpt.as_json({
+        "global_batch": global_batch, "n_train": len(train_ds), "data_sha256": ckpt.dataset_sha256(train_ds),
+        "seed": cfg.seed, "trainable": [n for n, _ in named],
+        "adapter": adapter_cfg.to_dict() if hasattr(adapter_cfg, "to_dict") else None,
+        "base_model": arch.shape_dict() if hasattr(arch, "shape_dict") else None,
+        "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
+        "bf16_autocast": autocast is not contextlib.nullcontext,
+        "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "total_steps": total})
     if resume:
-        state = ckpt.load_checkpoint(out_dir, model, named, opt, fingerprint, rank=rank, world=world)
+        state = ckpt.load_checkpoint(out_dir, model, named, opt, fingerprint, rank=rank, world=world,
+                                     allow_schedule_change=cfg.allow_schedule_change)
         if state is not None:
             start_step, history, eval_history = state["step"], state["history"], state["eval_history"]
     else:
@@ -338,6 +385,8 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
                 save(step)
             if callback is not None:
                 callback(step, rec)
+        if eval_history and eval_history[-1]["step"] == step:
+            eval_history.pop()  # a resumed finished run: re-evaluate, do not add a second final entry
         final_eval = run_eval(step) if eval_ds is not None else None
         if out_dir is not None:
             save(step)

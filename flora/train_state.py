@@ -13,6 +13,7 @@ any moment leaves either the previous or the new checkpoint, never a mix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,12 +22,34 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .adapter_io import fsync_dir
+from .checkpoint import load_safetensors  # validates: a truncated file is a clear CheckpointError
 
 FORMAT = 1
 NAME, OLD = "checkpoint", ".checkpoint-old"
+# fingerprint keys a resume may change with allow_schedule_change (the lr schedule)
+SCHEDULE = ("lr", "lr_schedule", "warmup_steps", "total_steps")
+
+
+def as_json(obj):
+    """``obj`` as it reads back from JSON (tuples -> lists), so fingerprints compare equal."""
+    return json.loads(json.dumps(obj))
+
+
+def dataset_sha256(ds) -> str:
+    """SHA-256 of a tokenized dataset's token ids and labels, in order."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for i in range(len(ds)):
+        it = ds[i]
+        for k in ("input_ids", "labels"):
+            a = np.asarray(it[k], dtype=np.int64)
+            h.update(len(a).to_bytes(8, "little"))
+            h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _save_tensors(tensors: dict, path: Path):
@@ -126,9 +149,11 @@ def _write(out_dir, model, named, opt, step, fingerprint, history, eval_history,
         raise
 
 
-def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1):
+def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1, allow_schedule_change=False):
     """Restores parameters, optimizer and RNG in place; returns the saved state
-    dict, or None (with a warning) when ``out_dir`` holds no checkpoint."""
+    dict, or None (with a warning) when ``out_dir`` holds no checkpoint.
+    Every fingerprint entry must match the checkpoint's; with
+    ``allow_schedule_change`` the :data:`SCHEDULE` entries may differ."""
     path = find_checkpoint(out_dir)
     if path is None:
         if rank == 0:
@@ -136,17 +161,35 @@ def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1)
         torch.manual_seed(fingerprint["seed"] + rank)
         random.seed(fingerprint["seed"] + rank)
         return None
-    with open(path / "state.json") as f:
-        state = json.load(f)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r} is not {FORMAT}")
+    try:
+        with open(path / "state.json", encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / 'state.json'}: unreadable checkpoint state ({e}); the file is "
+                         f"damaged, start a new run or restore it") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else None
+        raise ValueError(f"{path}: checkpoint format {got!r} is not {FORMAT}")
     saved = state["fingerprint"]
+    changed = []
     for k, v in fingerprint.items():
-        if saved.get(k) != v:
-            what = "trainable parameter names" if k == "trainable" else k
-            raise ValueError(f"cannot resume from {path}: {what} differs (checkpoint: {saved.get(k)!r}, "
-                             f"this run: {v!r}); resume with the same data and settings")
-    params = load_file(str(path / "trainable.safetensors"))
+        if k not in saved:
+            raise ValueError(f"cannot resume from {path}: the checkpoint does not record {k} (written by an "
+                             f"older flora), so this run cannot be checked against it; start a new run")
+        if saved[k] == v:
+            continue
+        if k in SCHEDULE and allow_schedule_change:
+            changed.append(f"{k} {saved[k]!r} -> {v!r}")
+            continue
+        what = {"trainable": "trainable parameter names", "data_sha256": "the training data",
+                "adapter": "the adapter configuration"}.get(k, k)
+        hint = (" (to change the lr schedule deliberately, pass allow_schedule_change / "
+                "--allow-schedule-change)" if k in SCHEDULE else "")
+        raise ValueError(f"cannot resume from {path}: {what} differs (checkpoint: {saved[k]!r}, "
+                         f"this run: {v!r}); resume with the same data and settings{hint}")
+    if changed and rank == 0:
+        warnings.warn(f"resuming {path} with a changed lr schedule: {', '.join(changed)}", stacklevel=3)
+    params = load_safetensors(str(path / "trainable.safetensors"))
     for n, p in named:
         if n not in params:
             raise ValueError(f"{path}: trainable parameter {n!r} missing from the checkpoint")
@@ -155,7 +198,7 @@ def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1)
                              f"{list(p.shape)} in the model")
         with torch.no_grad():
             p.copy_(params[n].to(p.dtype))
-    opt_t = load_file(str(path / "optimizer.safetensors"))
+    opt_t = load_safetensors(str(path / "optimizer.safetensors"))
     per = {}
     for key, v in list(opt_t.items()) + list(state["optimizer"]["scalars"].items()):
         i, k = key.split(".", 1)
@@ -169,7 +212,7 @@ def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1)
         offset += len(cur["params"])
     opt.load_state_dict({"state": per, "param_groups": groups})
     if state["world_size"] == world:
-        rng = load_file(str(path / "rng.safetensors"))
+        rng = load_safetensors(str(path / "rng.safetensors"))
         torch.set_rng_state(rng[f"rank{rank}.torch"])
         cuda = [rng[k] for k in sorted(rng) if k.startswith(f"rank{rank}.cuda")]
         if cuda and torch.cuda.is_available():

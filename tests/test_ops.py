@@ -316,3 +316,49 @@ def test_compiled_and_reference_say_the_same(case):
             _impls()[impl](op, *args, **kw)
         msgs.append(str(info.value).splitlines()[0])
     assert msgs[0] == msgs[1]
+
+
+# -- autograd and autocast live in C++ (csrc/common/autograd.cpp, autocast.cpp)
+@compiled
+def test_autograd_and_autocast_kernels_are_compiled():
+    for op in ops.OPS:
+        name = f"flora::{op}"
+        for key in ("Autograd", "AutocastCPU", "AutocastCUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (name, key)
+        dump = torch._C._dispatch_dump(name)
+        assert "autograd.cpp" in dump and "autocast.cpp" in dump, dump
+
+
+@pytest.mark.parametrize("op", ["ffl", "fbl", "ffbl"])
+def test_no_grad_records_nothing_and_partial_grads(op):
+    M, K, N, R = 3, 8, 6, 2
+    args = operands(op, M, K, N, R, dtype=torch.float64)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in args.items()}
+    with torch.no_grad():
+        out = call_op(op, leaves)
+    assert out.grad_fn is None and not out.requires_grad
+    # only the adapter-side tensor requires grad: only it gets one, and it matches float64 autograd
+    # through the reference
+    trainable = "A" if op == "ffl" else "B"
+    part = {k: (v.detach().clone().requires_grad_(k == trainable)) for k, v in args.items()}
+    call_op(op, part).sum().backward()
+    ref = {k: v.detach().clone().requires_grad_(k == trainable) for k, v in args.items()}
+    call_ref(op, ref).sum().backward()
+    for k in part:
+        assert (part[k].grad is None) == (k != trainable)
+    torch.testing.assert_close(part[trainable].grad, ref[trainable].grad)
+
+
+@pytest.mark.parametrize("op", ["ffl", "fbl", "ffbl"])
+def test_double_backward_matches_reference(op):
+    # the backward is built from differentiable ATen ops, so it differentiates again
+    M, K, N, R = 3, 5, 4, 2
+    args = operands(op, M, K, N, R, dtype=torch.float64)
+    kw = dict(ffl=dict(s=0.5, repeat=[4], repeat_rank=2), fbl=dict(s=0.5, relu=False),
+              ffbl=dict(s=0.5, relu=False))[op]
+    inputs = tuple(v.detach().clone().requires_grad_(True) for v in args.values())
+
+    def f(*ts):
+        return call_op(op, dict(zip(args, ts)), **kw)
+
+    assert torch.autograd.gradgradcheck(f, inputs)

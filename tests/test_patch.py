@@ -72,3 +72,18 @@ def test_patch_twice_and_wrong_model():
         flora.patch(hf, AdapterConfig("lora", rank=4, alpha=4))
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         flora.patch(torch.nn.Linear(2, 2), AdapterConfig("lora", rank=4, alpha=4))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_patched_generate_follows_the_cache_interface(tmp_path, cache):
+    """Every decode step (not only the first token) through transformers' own
+    generate and cache equals FusedLlama: the cache reaches the patched
+    attention under the name and with the call the installed transformers uses."""
+    fused = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig("ffba", rank=4, alpha=8))
+    randomize_adapter(fused)
+    fused.save_adapter(str(tmp_path / "ad"))
+    hf = flora.patch(llama_model(), str(tmp_path / "ad"))
+    ids = random_ids(2, 9)
+    gen = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+                      cache_implementation=cache)
+    assert torch.equal(gen, fused.generate(ids, max_new_tokens=8))

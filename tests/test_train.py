@@ -259,13 +259,60 @@ def test_dist_backend_one_gpu_per_local_rank(monkeypatch):
     assert dist_backend() == "gloo"  # 2 processes, 1 GPU: not NCCL on a missing cuda:1
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert dist_backend() == "nccl"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert dist_backend() == "gloo"
     monkeypatch.setenv("FLORA_DIST_BACKEND", "nccl")
     assert dist_backend() == "nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="one GPU per local process"):  # NCCL without GPUs: a clear error
+        dist_backend()
+    monkeypatch.delenv("FLORA_DIST_BACKEND")
+    assert dist_backend() == "gloo"
     monkeypatch.setenv("FLORA_DIST_BACKEND", "mpi")
     with pytest.raises(ValueError, match="FLORA_DIST_BACKEND"):
         dist_backend()
+
+
+@pytest.mark.parametrize("local_rank,local_world,gpus,forced,want", [
+    (1, 2, 1, None, ("gloo", "cpu")),      # torchrun x2 on one GPU: gloo on the CPU, not cuda:1
+    (0, 2, 1, None, ("gloo", "cpu")),
+    (1, 2, 2, None, ("nccl", "cuda:1")),   # one GPU per local rank
+    (3, 4, 8, None, ("nccl", "cuda:3")),
+    (0, 2, 0, None, ("gloo", "cpu")),      # no GPU
+    (0, 1, 0, None, ("gloo", "cpu")),
+    (1, 2, 2, "gloo", ("gloo", "cpu")),    # forced gloo stays on the CPU
+    (1, 2, 2, "nccl", ("nccl", "cuda:1")),
+])
+def test_dist_plan(local_rank, local_world, gpus, forced, want):
+    from flora.train import dist_plan
+
+    backend, device = dist_plan(local_rank, local_world, gpus, forced)
+    assert (backend, str(device)) == want
+
+
+@pytest.mark.parametrize("gpus,forced,words", [
+    (1, "nccl", "one GPU per local process"),  # NCCL cannot put two ranks on one GPU
+    (0, "nccl", "one GPU per local process"),
+    (2, "mpi", "FLORA_DIST_BACKEND"),
+])
+def test_dist_plan_rejects_impossible_choices(gpus, forced, words):
+    from flora.train import dist_plan
+
+    with pytest.raises(ValueError, match=words):
+        dist_plan(1, 2, gpus, forced)
+
+
+def test_dist_device_follows_the_plan(monkeypatch):
+    from flora.train import dist_device
+
+    monkeypatch.delenv("FLORA_DIST_BACKEND", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", LOCAL_RANK="1").items():
+        monkeypatch.setenv(k, v)
+    assert dist_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert dist_device() == torch.device("cuda", 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not distributed: the caller's choice
+    assert dist_device("cpu") == torch.device("cpu")
 
 
 def test_fsdp_smoke_two_processes(ckpt, tmp_path, one_process):

@@ -1,6 +1,6 @@
 // CPU implementations of the flora ops: the decode kernels (csrc/cpu/kernels)
 // for small M, the ATen baseline on fused storage everywhere else.
-// Backward runs through the autograd formulas in flora/ops.py (ATen matmuls).
+// Backward: csrc/common/autograd.cpp (ATen matmuls, device-generic).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -126,7 +126,7 @@ at::Tensor ffbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
 
 std::vector<KernelInfo> cpu_kernel_info() {
   const std::string base = "aten matmul on fused storage";
-  const std::string back = "backward: autograd formulas in flora/ops.py (aten matmuls)";
+  const std::string back = "backward: C++ autograd, aten matmuls (csrc/common/autograd.cpp)";
   const auto path = active_path();
   const auto m = [](k::Dtype dt) { return std::to_string(gemv_max_m(dt)); };
   const std::string f32 = m(k::Dtype::kF32), bf16 = m(k::Dtype::kBF16), f16 = m(k::Dtype::kF16);

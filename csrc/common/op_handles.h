@@ -1,0 +1,35 @@
+// Typed dispatcher handles for the flora ops, for kernels that call the op
+// again below their own dispatch key (autocast, autograd).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Optional.h>
+
+namespace flora {
+
+using FflSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                          at::IntArrayRef, int64_t, const c10::optional<at::Tensor>&);
+using FblSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, double, const c10::optional<at::Tensor>&, bool);
+using FfblSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                           const c10::optional<at::Tensor>&, bool);
+
+// Each handle is looked up once (function-local static).
+inline const c10::TypedOperatorHandle<FflSig>& ffl_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flora::ffl", "").typed<FflSig>();
+  return op;
+}
+inline const c10::TypedOperatorHandle<FblSig>& fbl_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flora::fbl", "").typed<FblSig>();
+  return op;
+}
+inline const c10::TypedOperatorHandle<FfblSig>& ffbl_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flora::ffbl", "").typed<FfblSig>();
+  return op;
+}
+
+}  // namespace flora

@@ -1,0 +1,65 @@
+"""bench/kernels.py survives: each row is in the JSON as soon as it is
+measured, and a row that fails records its error while the sweep goes on."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kb():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ARGS = ["--device", "cpu", "--models", "1024-wide", "--shapes", "o", "--ranks", "16", "--dtypes", "float32",
+        "--min-time", "0.001"]
+
+
+def test_rows_and_errors_land_in_the_json(kb, tmp_path, monkeypatch):
+    out = tmp_path / "k.json"
+    real = kb.bench_case
+    seen = []
+
+    def flaky(torch, flora, timer, device, dtype, name, op, N, K, M, r, **kw):
+        # every row written so far is already in the file when the next case starts
+        seen.append(len(json.loads(out.read_text())["rows"]))
+        if M == 2:
+            raise RuntimeError("simulated failure\nsecond line")
+        return real(torch, flora, timer, device, dtype, name, op, N, K, M, r, **kw)
+
+    monkeypatch.setattr(kb, "bench_case", flaky)
+    kb.main(ARGS + ["--ms", "1,2,3", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert seen == [0, 5, 6]  # M=1 gave 5 rows (base fused lora fbl ffbl), M=2 one error row
+    err = [r for r in rows if "error" in r]
+    assert len(err) == 1 and err[0]["M"] == 2 and err[0]["error"] == "RuntimeError: simulated failure"
+    ok = [r for r in rows if "error" not in r]
+    assert {r["M"] for r in ok} == {1, 3} and all(r["t_us"] > 0 and r["ratio"] > 0 for r in ok)
+    assert doc["copy_gbs"] > 0 and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_failing_timing_is_one_error_row(kb):
+    import torch
+
+    import flora
+
+    calls = []
+
+    def timer(fns):
+        calls.append(len(fns))
+        if len(calls) == 2:  # the second timing (the "fused" row) fails
+            raise MemoryError("out of memory")
+        return 1e-5
+
+    rows = kb.bench_case(torch, flora, timer, "cpu", torch.float32, "o", "fbl", 64, 32, 2, 4)
+    assert [r["op"] for r in rows] == ["base", "fused", "lora", "fbl", "ffbl"]
+    assert rows[1]["error"] == "MemoryError: out of memory" and "t_us" not in rows[1]
+    assert all(r["t_us"] == pytest.approx(10.0) for i, r in enumerate(rows) if i != 1)
+    assert calls == [1] * 5  # one operand copy on the CPU (rotation is for CUDA's L2)

@@ -1,0 +1,93 @@
+"""bench/gpu_run.sh's dry run (GPU_RUN_DRY=1): the default is one call of
+the quick stages, each with its own timeout, the summary table last."""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["build", "test-cuda", "cuda-kernels", "generate", "latency-1b", "kernels-short"]
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils timeout")
+
+
+def dry(tmp_path, *stages, root=ROOT, **env):
+    e = dict(os.environ, GPU_RUN_DRY="1", OUT=str(tmp_path / "out"), **env)
+    e.pop("GPU_RUN_BUDGET", None)
+    p = subprocess.run(["bash", str(root / "bench" / "gpu_run.sh"), *stages], capture_output=True, text=True,
+                       env=e, timeout=120)
+    return p, p.stdout
+
+
+def table(out):
+    lines = out.rstrip().splitlines()
+    i = max(k for k, line in enumerate(lines) if line.startswith("stage ") and "status" in line)
+    return lines[i + 1:], lines
+
+
+def test_default_is_one_quick_call(tmp_path):
+    p, out = dry(tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows, lines = table(out)
+    # the summary table is the last thing printed: one row per quick stage, all dry
+    assert [r.split()[0] for r in rows] == QUICK
+    assert all(r.split()[1] == "dry" for r in rows)
+    assert "budget 480s" in out  # one call of ~7 minutes, under the 600 s limit
+    # each stage has its own timeout, none past the budget
+    caps = [int(c) for c in re.findall(r"== stage \S+ \(at most (\d+)s\)", out)]
+    assert len(caps) == len(QUICK) and all(0 < c <= 300 for c in caps)
+    assert "MAX_JOBS=16" in out and "TORCH_CUDA_ARCH_LIST=9.0a" in out
+    assert "pip install --no-deps --no-build-isolation" in out
+    assert re.search(r"pytest tests -q .*-m cuda", out)
+    assert "bench/generate_smoke.py --device cuda" in out
+    assert re.search(r"-m flora bench latency --device cuda --model 1b .*--batch 1 8 --prompt 512", out)
+    assert re.search(r"bench/kernels.py --device cuda --models llama-3.2-1b", out)
+    assert "tests/test_cuda_kernels.py does not exist yet" in out or "FLORA_CUDA_KERNELS=1" in out
+    # results land in $OUT stage by stage: a log per stage and the summary
+    names = {f.name for f in (tmp_path / "out").iterdir()}
+    assert {f"{s}.log" for s in QUICK} | {"summary.txt"} <= names
+
+
+def test_cuda_kernels_stage_runs_tests_and_memcheck_when_the_file_exists(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    (tree / "tests").mkdir()
+    shutil.copy(ROOT / "bench" / "gpu_run.sh", tree / "bench" / "gpu_run.sh")
+    (tree / "tests" / "test_cuda_kernels.py").write_text("")
+    p, out = dry(tmp_path, "cuda-kernels", root=tree)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"\+ .*pytest tests/test_cuda_kernels.py .*-m cuda", out)
+    assert "FLORA_CUDA_KERNELS=1" in out
+    assert re.search(r"compute-sanitizer --tool memcheck .*pytest tests/test_cuda_kernels.py .*-x", out)
+    rows, _ = table(out)
+    assert [r.split()[0] for r in rows] == ["build", "cuda-kernels"]
+
+
+def test_unknown_stage_is_a_clear_error(tmp_path):
+    p, _ = dry(tmp_path, "bogus")
+    assert p.returncode == 2 and "unknown stage 'bogus'" in p.stderr
+
+
+def test_stage_caps_can_be_overridden(tmp_path):
+    p, out = dry(tmp_path, "generate", CAP_generate="33")
+    assert p.returncode == 0
+    assert "== stage generate (at most 33s)" in out
+
+
+def test_generate_smoke_script_on_cpu(tmp_path):
+    # the device script's generation stage, run here without graphs (cuda: + graph == eager)
+    import json
+    import sys
+
+    out = tmp_path / "g.json"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "generate_smoke.py"), "--device", "cpu",
+                        "--tokens", "3", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(out.read_text())
+    assert d["ok"] and [r["case"] for r in d["results"]] == [
+        "float32 base: eager == transformers", "bfloat16 base: eager == transformers"]
+    assert d["results"][0]["equal"]
