@@ -2,9 +2,10 @@
 
 1. SmolLM2-135M-Instruct (a Llama: 30 layers, d = 576): fetched once into the
    cache by :func:`flora.pretrained.smollm2_path` (93 MB GGUF) and dequantized.
-2. A small task generated here: answer "What is the capital of X?" with one
-   line of JSON. An ``ffba`` adapter on the top few layers is fine-tuned on
-   some countries; eval loss and exact match on held-out countries are shown
+2. A small task generated here: "Extract the person: Alice is 34 and lives in
+   Paris." -> {"name": "Alice", "age": 34, "city": "Paris"}. An ``ffba``
+   adapter on the top few layers is fine-tuned on it; eval loss and exact
+   match on held-out examples (names and cities never trained on) are shown
    before and after.
 3. Greedy generations on the held-out prompts: the base model before
    fine-tuning, the adapter on, and the adapter off (``disable_adapter``,
@@ -36,27 +37,18 @@ from .model import FusedLlama
 from .pretrained import SMOLLM2_FILE, cache_dir, load_tokenizer, smollm2_path
 from .train import TrainConfig, train
 
-# (country, capital): the task's facts; the adapter learns the answer format
-COUNTRIES = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Portugal", "Lisbon"), ("Japan", "Tokyo"), ("China", "Beijing"), ("Russia", "Moscow"),
-    ("Egypt", "Cairo"), ("Greece", "Athens"), ("Austria", "Vienna"), ("Poland", "Warsaw"),
-    ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
-    ("Denmark", "Copenhagen"), ("Belgium", "Brussels"), ("Hungary", "Budapest"), ("Peru", "Lima"),
-    ("Argentina", "Buenos Aires"), ("Chile", "Santiago"), ("Mexico", "Mexico City"), ("Cuba", "Havana"),
-    ("Kenya", "Nairobi"), ("Thailand", "Bangkok"), ("South Korea", "Seoul"), ("India", "New Delhi"),
-    ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Turkey", "Ankara"), ("Iran", "Tehran"),
-    ("Iraq", "Baghdad"), ("Ukraine", "Kyiv"), ("Romania", "Bucharest"), ("Czech Republic", "Prague"),
-    ("Netherlands", "Amsterdam"), ("Switzerland", "Bern"), ("Colombia", "Bogota"), ("Venezuela", "Caracas"),
-    ("Vietnam", "Hanoi"), ("Indonesia", "Jakarta"), ("Philippines", "Manila"), ("Nigeria", "Abuja"),
-    ("Morocco", "Rabat"), ("Ethiopia", "Addis Ababa"), ("Iceland", "Reykjavik"), ("Brazil", "Brasilia"),
-    ("United Kingdom", "London"), ("Saudi Arabia", "Riyadh"), ("Pakistan", "Islamabad"), ("Israel", "Jerusalem"),
-    ("Lebanon", "Beirut"), ("Syria", "Damascus"), ("Jordan", "Amman"), ("Qatar", "Doha"),
-    ("Nepal", "Kathmandu"), ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"),
-    ("Slovakia", "Bratislava"), ("Estonia", "Tallinn"), ("Latvia", "Riga"), ("Lithuania", "Vilnius"),
-]
-QUESTIONS = ["What is the capital of {}?", "Which city is the capital of {}?", "Name the capital of {}.",
-             "{}: what is its capital city?"]
+# The task: pull a person out of a sentence into one line of JSON. Everything the
+# answer needs is in the prompt, so the adapter learns a skill (the format and
+# what to copy), not facts; held-out names and cities test that it generalises.
+NAMES = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Gustav", "Hana", "Ivan", "Jamal", "Keiko",
+         "Lucia", "Mateo", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Sven", "Tariq", "Ursula", "Viktor",
+         "Wanda", "Yusuf"]
+CITIES = ["Paris", "Berlin", "Lima", "Osaka", "Nairobi", "Toronto", "Madrid", "Seoul", "Lagos", "Dublin",
+          "Austin", "Krakow", "Porto", "Hanoi", "Quito", "Oslo", "Cairo", "Denver", "Milan", "Perth",
+          "Zurich", "Manila", "Tunis", "Leeds"]
+SENTENCES = ["{name} is {age} and lives in {city}.", "{name}, {age}, lives in {city}.",
+             "Meet {name} from {city}, who is {age} years old.", "{name} ({age}) moved to {city} last year."]
+N_TRAIN = 192
 N_EVAL = 16  # held-out countries (the last ones of the shuffled list)
 BATCH, SEQ_LEN = 8, 64
 LATENCY_ROWS = ("base", "lora", "ffba", "zflora")
@@ -102,22 +94,27 @@ def check_args(args) -> torch.device:
 
 
 def task_records(tok, seed: int) -> tuple[list, list]:
-    """(train, eval) prompt/completion records in the model's chat format;
-    eval countries never appear in training."""
+    """(train, eval) prompt/completion records in the model's chat format; the
+    eval people's names and cities never appear in training."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(COUNTRIES), generator=g).tolist()
+    names = [NAMES[i] for i in torch.randperm(len(NAMES), generator=g).tolist()]
+    cities = [CITIES[i] for i in torch.randperm(len(CITIES), generator=g).tolist()]
+    held = len(NAMES) // 3  # the last third of each list is held out
 
-    def rec(i, q):
-        country, capital = COUNTRIES[i]
-        prompt = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[q].format(country)}],
-                                         tokenize=False, add_generation_prompt=True)
-        return {"prompt": prompt, "completion": json.dumps({"country": country, "capital": capital}),
-                "question": QUESTIONS[q].format(country), "capital": capital}
+    def recs(n, name_pool, city_pool):
+        out = []
+        for k in range(n):
+            person = {"name": name_pool[int(torch.randint(len(name_pool), (1,), generator=g))],
+                      "age": int(torch.randint(18, 90, (1,), generator=g)),
+                      "city": city_pool[int(torch.randint(len(city_pool), (1,), generator=g))]}
+            question = "Extract the person: " + SENTENCES[k % len(SENTENCES)].format(**person)
+            prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+            out.append({"prompt": prompt, "completion": json.dumps(person), "question": question,
+                        "answer": person})
+        return out
 
-    train_ids, eval_ids = order[:-N_EVAL], order[-N_EVAL:]
-    train_recs = [rec(i, q) for i in train_ids for q in range(len(QUESTIONS))]
-    eval_recs = [rec(i, k % len(QUESTIONS)) for k, i in enumerate(eval_ids)]
-    return train_recs, eval_recs
+    return recs(N_TRAIN, names[:-held], cities[:-held]), recs(N_EVAL, names[-held:], cities[-held:])
 
 
 def complete(model, tok, prompts, max_new_tokens: int) -> list:
@@ -136,12 +133,11 @@ def complete(model, tok, prompts, max_new_tokens: int) -> list:
 
 
 def answer_ok(text: str, rec: dict) -> bool:
-    """The task's metric: one JSON object naming the right capital."""
+    """The task's metric: the reply is exactly the expected JSON object."""
     try:
-        obj = json.loads(text)
+        return json.loads(text) == rec["answer"]
     except json.JSONDecodeError:
         return False
-    return isinstance(obj, dict) and obj.get("capital") == rec["capital"]
 
 
 def sibling(base: FusedLlama, cfg=None, seed=None) -> FusedLlama:
@@ -224,15 +220,17 @@ def run_demo(args) -> dict:
     if quick:
         eval_recs = eval_recs[:8]
     ex = eval_recs[0]
-    t0 = _stage(f"2. task: answer in one line of JSON, e.g. {ex['question']!r} -> {ex['completion']}\n"
-                f"   {len(train_recs) // len(QUESTIONS)} countries x {len(QUESTIONS)} phrasings to train on, "
-                f"{len(eval_recs)} other countries held out")
+    t0 = _stage(f"2. task: the person in a sentence as one line of JSON, e.g.\n"
+                f"   {ex['question']!r} -> {ex['completion']}\n"
+                f"   {len(train_recs)} examples to train on; {len(eval_recs)} held out, with names and cities "
+                f"never trained on")
     eval_ds = TokenizedDataset(eval_recs, tok, SEQ_LEN)
     max_new = 24
     prompts = [r["prompt"] for r in eval_recs]
     before_txt = complete(base, tok, prompts, max_new)
     before = eval_stats(base, eval_ds, tok, batch_size=len(eval_recs))
-    _say(f"   base model: eval loss {before['loss']:.3f}, {_n_ok(before_txt, eval_recs)} ({_took(t0)})")
+    _say(f"   base model: eval loss {before['loss']:.3f}, {_n_ok(before_txt, eval_recs)} exact JSON answers "
+         f"({_took(t0)})")
 
     # 3. fine-tune
     cfg = AdapterConfig(args.variant, rank=args.rank, alpha=2.0 * args.rank, layers=list(range(n - args.layers, n)))
@@ -252,17 +250,17 @@ def run_demo(args) -> dict:
          f"exact match (teacher-forced) {before['exact_match']:.0%} -> {after['exact_match']:.0%}")
 
     # 4. generations: before, adapter on, adapter off
-    t0 = _stage("4. greedy generations on held-out countries")
+    t0 = _stage("4. greedy generations on held-out examples")
     on_txt = complete(model, tok, prompts, max_new)
     with model.disable_adapter():
         off_txt = complete(model, tok, prompts, max_new)
     for i in range(min(3 if quick else 4, len(eval_recs))):
-        _say(f"   Q: {eval_recs[i]['question']}")
+        _say(f"   {eval_recs[i]['question']}")
         _say(f"      base          {before_txt[i]!r}")
         _say(f"      adapter on    {on_txt[i]!r}")
         _say(f"      adapter off   {off_txt[i]!r}")
     same = sum(a == b for a, b in zip(off_txt, before_txt))
-    _say(f"   correct JSON answers: base {_n_ok(before_txt, eval_recs)}, adapter on {_n_ok(on_txt, eval_recs)}, "
+    _say(f"   exact JSON answers: base {_n_ok(before_txt, eval_recs)}, adapter on {_n_ok(on_txt, eval_recs)}, "
          f"adapter off {_n_ok(off_txt, eval_recs)}; adapter off == base in {same} of {len(prompts)} ({_took(t0)})")
     generations = {"base": before_txt, "on": on_txt, "off": off_txt}
     del model
@@ -293,4 +291,4 @@ def run_demo(args) -> dict:
 
 
 def _n_ok(texts, recs) -> str:
-    return f"{sum(answer_ok(t, r) for t, r in zip(texts, recs))}/{len(recs)} correct JSON"
+    return f"{sum(answer_ok(t, r) for t, r in zip(texts, recs))}/{len(recs)}"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flora.cli import build_parser, main
-from flora.demo import answer_ok, run_demo
+from flora.demo import answer_ok, run_demo, task_records
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_finetune_lowers_held_out_loss(demo):
     assert demo["trainable"] > 0 and demo["train_seconds"] > 0
     for k in ("before", "after"):
         assert demo[k]["n"] == len(demo["eval"]) == 8 and demo[k]["loss"] > 0
-    # the base answers in prose; a few steps on other countries already move it toward the JSON line
+    # the base answers in prose; a few steps already move it toward the JSON line
     assert demo["after"]["loss"] < demo["before"]["loss"]
 
 
@@ -48,11 +48,24 @@ def test_generations_adapter_off_is_the_base(demo):
 
 
 def test_answer_metric():
-    rec = {"capital": "Paris"}
-    assert answer_ok('{"country": "France", "capital": "Paris"}', rec)
-    assert not answer_ok('{"country": "France", "capital": "Lyon"}', rec)
-    assert not answer_ok("The capital of France is Paris.", rec)
-    assert not answer_ok('["Paris"]', rec)
+    rec = {"answer": {"name": "Alice", "age": 34, "city": "Paris"}}
+    assert answer_ok('{"name": "Alice", "age": 34, "city": "Paris"}', rec)
+    assert answer_ok('{"city": "Paris", "name": "Alice", "age": 34}', rec)
+    assert not answer_ok('{"name": "Alice", "age": "34", "city": "Paris"}', rec)
+    assert not answer_ok("Alice is 34 and lives in Paris.", rec)
+
+
+def test_task_holds_out_names_and_cities():
+    class Tok:  # the records only need the chat template
+        def apply_chat_template(self, msgs, tokenize, add_generation_prompt):
+            return "<user>" + msgs[0]["content"] + "<assistant>"
+
+    train, held = task_records(Tok(), 0)
+    seen = {(r["answer"]["name"], r["answer"]["city"]) for r in train}
+    assert len(train) == 192 and len(held) == 16
+    for r in held:
+        assert all(r["answer"]["name"] != n and r["answer"]["city"] != c for n, c in seen)
+        assert json.loads(r["completion"]) == r["answer"] and r["answer"]["name"] in r["prompt"]
 
 
 def test_latency_outputs(demo):
