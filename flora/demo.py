@@ -50,7 +50,7 @@ SENTENCES = ["{name} is {age} and lives in {city}.", "{name}, {age}, lives in {c
              "Meet {name} from {city}, who is {age} years old.", "{name} ({age}) moved to {city} last year."]
 N_TRAIN = 192
 N_EVAL = 16  # held-out countries (the last ones of the shuffled list)
-BATCH, SEQ_LEN = 8, 64
+BATCH, SEQ_LEN = 8, 128  # batches pad to their longest example (~70 tokens); none is truncated
 LATENCY_ROWS = ("base", "lora", "ffba", "zflora")
 
 
