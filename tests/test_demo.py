@@ -8,6 +8,7 @@ FLORA_REQUIRE_REAL_MODEL=1 (CI) makes that a failure."""
 import json
 import os
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -29,7 +30,15 @@ def demo(tmp_path_factory):
         pytest.skip(f"SmolLM2-135M not available: {e}")
     out = tmp_path_factory.mktemp("demo") / "out"
     args = build_parser().parse_args(["demo", "--quick", "--out", str(out), "--no-progress"])
-    return run_demo(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run_demo(args)
+    res["warnings"] = [str(w.message) for w in caught]
+    return res
+
+
+def test_no_example_is_truncated(demo):
+    assert not [w for w in demo["warnings"] if "truncated" in w]
 
 
 def test_finetune_lowers_held_out_loss(demo):
