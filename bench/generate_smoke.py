@@ -16,8 +16,6 @@ required mismatch; the JSON holds every comparison.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -85,10 +83,9 @@ def main(argv=None):
         print(f"{'ok  ' if equal else ('FAIL' if required else 'diff')}  {case}"
               + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
         if a.json:  # after every comparison: a later hang keeps what was seen
-            tmp = a.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(dict(device=str(dev), tokens=a.tokens, ok=ok, results=results), f, indent=1)
-            os.replace(tmp, a.json)
+            from flora.fileio import atomic_write_json
+
+            atomic_write_json(a.json, dict(device=str(dev), tokens=a.tokens, ok=ok, results=results))
 
     for dtype in (torch.float32, torch.bfloat16):
         dn = str(dtype).replace("torch.", "")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import statistics
@@ -213,11 +212,9 @@ class RowSink:
     def flush(self):
         if not self.path:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.doc, f, indent=1)
-        os.replace(tmp, self.path)
+        from flora.fileio import atomic_write_json
+
+        atomic_write_json(self.path, self.doc)
 
 
 def print_row(model, name, dname, M, r, row):

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import re
 import statistics
 import sys
@@ -37,7 +35,9 @@ sys.path.insert(0, str(HERE.parent))
 from flora import AdapterConfig, FusedLlama, LlamaShapes  # noqa: E402
 from flora import synthetic as syn  # noqa: E402
 from flora.data import TokenizedDataset, load_tokenizer  # noqa: E402
+from flora.bench.report import machine  # noqa: E402
 from flora.evaluate import eval_stats  # noqa: E402
+from flora.fileio import atomic_write_text  # noqa: E402
 from flora.modules import count_parameters  # noqa: E402
 from flora.train import TrainConfig, train  # noqa: E402
 
@@ -198,21 +198,7 @@ def write_results(md: str, path: Path, begin: str = BEGIN, end: str = END):
         new = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    atomic_write_text(path, new)
 
 
 def main(argv=None):

@@ -36,6 +36,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from flora import AdapterConfig, FusedLlama, LlamaShapes  # noqa: E402
+from flora.bench.report import machine  # noqa: E402
+from flora.fileio import atomic_write_json  # noqa: E402
 from flora.gguf import load_gguf  # noqa: E402
 from flora.model import attention_mask_4d, rms_norm, rope_cos_sin  # noqa: E402
 from flora.modules import count_parameters, initial_carry  # noqa: E402
@@ -314,9 +316,7 @@ def run(args) -> dict:
 
     def save():
         result["seconds"] = time.perf_counter() - t0
-        tmp = out_json.with_name(out_json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out_json)
+        atomic_write_json(out_json, result)
 
     data = {}
     for task in args.tasks:
@@ -382,19 +382,6 @@ def _gen(top, sd, arch, k, v, r, tok, eval_items, eos, args) -> dict:
     full = FusedLlama(arch, sd, AdapterConfig(v, r, 2.0 * r, layers=list(range(L - k, L))), torch.float32)
     full._load_adapter_tensors(full_adapter_sd(top, L - k))
     return generate_rouge(full, tok, eval_items[:args.n_gen], eos)
-
-
-def machine() -> str:
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def _ms(xs):

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import flora
+from _train_helpers import tiny_checkpoint
 from flora import _ext
+from flora.data import load_tokenizer
 
 
 def pytest_report_header(config):
@@ -36,3 +38,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The tiny trained-from-scratch checkpoint and its tokenizer, shared by the
+# training tests (a module that needs another checkpoint defines its own).
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return load_tokenizer(ckpt)

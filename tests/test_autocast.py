@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from _train_helpers import records, tiny_checkpoint
+from _train_helpers import records
 from flora import AdapterConfig, FusedLlama, ops
-from flora.data import TokenizedDataset, collate, load_tokenizer, pad_id_of
+from flora.data import TokenizedDataset, collate, pad_id_of
 from flora.train import TrainConfig, train
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -63,16 +63,6 @@ def test_autocast_leaves_fp64_alone_and_grads_keep_the_leaf_dtype(op):
     for a in leaves:
         if isinstance(a, torch.Tensor):
             assert a.grad is not None and a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt):
-    return load_tokenizer(ckpt)
 
 
 def model(ckpt, variant):

@@ -7,15 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_helpers import records, tiny_checkpoint
+from _train_helpers import records
 from flora import FusedLlama
 from flora.cli import main
 from flora.synthetic import write_jsonl
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

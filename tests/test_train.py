@@ -9,23 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train_helpers import records, tiny_checkpoint
+from _train_helpers import records
 from flora import AdapterConfig, FusedLlama
-from flora.data import TokenizedDataset, load_tokenizer
+from flora.data import TokenizedDataset
 from flora.evaluate import eval_stats
 from flora.train import Interrupted, TrainConfig, train
 
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt):
-    return load_tokenizer(ckpt)
 
 
 def fused(ckpt, variant="ffba", rank=4, seed=0):

@@ -4,6 +4,7 @@ the PNG chart, and the run's environment."""
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 from pathlib import Path
 from typing import Optional
@@ -27,13 +28,13 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         dev = torch.cuda.get_device_name(device)
     else:
-        dev = f"CPU {_cpu_name()} ({torch.get_num_threads()} threads)"
+        dev = f"CPU {cpu_name()} ({torch.get_num_threads()} threads)"
     return {"device": dev, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "flora": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft_v, "python": platform.python_version(), "host": platform.node()}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -42,6 +43,11 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def machine() -> str:
+    """One line naming this CPU host, for benchmark reports."""
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def _ms(x):
