@@ -192,3 +192,27 @@ def test_cuda_graph_on_second_device():
     ids = random_ids(1, 7).to("cuda:1")
     eager = m.generate(ids, max_new_tokens=8, use_cuda_graph=False)
     assert torch.equal(m.generate(ids, max_new_tokens=8, use_cuda_graph=True), eager)
+
+
+def test_storage_views_cached_and_renewed():
+    """W and the slots are sliced once per storage tensor; a copy, a cast or a
+    move gets views of its own storage."""
+    import copy
+
+    m = _model("ffba")
+    blk = m.layers[0].attn
+    g = blk.qkv
+    W = g.W(blk)
+    assert g.W(blk) is W and W.data_ptr() == g.storage(blk).data_ptr()
+    c = copy.deepcopy(m)
+    cb = c.layers[0].attn
+    assert cb.qkv.W(cb).data_ptr() == cb.qkv.storage(cb).data_ptr() != W.data_ptr()
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        ref = m(ids).logits
+        for p in c.parameters():
+            p.mul_(3.0)
+        c.fold()  # writes the copy's slots: must not touch m
+        assert torch.equal(m(ids).logits, ref) and not torch.equal(c(ids).logits, ref)
+    m.to(torch.float64)
+    assert g.W(blk).dtype == torch.float64 and g.W(blk).data_ptr() == g.storage(blk).data_ptr()
