@@ -37,43 +37,47 @@ def bucket_size(device: torch.device) -> int:
 
 
 class StaticKVCache:
-    """Pre-allocated keys/values [layers, B, kv_heads, T_max, head_dim].
+    """Pre-allocated keys/values, one [B, kv_heads, T_max, head_dim] tensor per layer.
 
     Prefill writes slots [0, T) and attention reads them; a decode step writes
-    slot ``slot`` and attention reads the window [0, ``length``)."""
+    slot ``slot`` and attention reads the window [0, ``length``). Separate
+    tensors per layer (not views of one [layers, ...] tensor): a compiled step
+    then writes each layer's slot in place instead of copying the cache back."""
 
     def __init__(self, n_layers, batch, n_kv, max_len, head_dim, dtype, device):
-        shape = (n_layers, batch, n_kv, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_kv, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # decode write position
         self.prefill_len: Optional[int] = None  # set during prefill, None while decoding
         self.length = max_len  # decode: keys read per step
-        self._k, self._v = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self._windows: dict = {}  # length -> per-layer views of the window, made once
 
     def window(self, layer: int):
         if torch.compiler.is_compiling():
             L = self.length
-            return self.k[layer, :, :, :L], self.v[layer, :, :, :L]
+            return self.k[layer][:, :, :L], self.v[layer][:, :, :L]
         w = self._windows.get(self.length)
         if w is None:
             L = self.length
-            w = self._windows[L] = [(k[:, :, :L], v[:, :, :L]) for k, v in zip(self._k, self._v)]
+            w = self._windows[L] = [(k[:, :, :L], v[:, :, :L]) for k, v in zip(self.k, self.v)]
         return w[layer]
+
+    def clear_from(self, T: int) -> None:
+        """Zero slots T and later (an earlier call's keys/values: masked, and never a NaN)."""
+        for t in self.k + self.v:
+            t[:, :, T:].zero_()
 
     def update(self, layer: int, k: Tensor, v: Tensor):
         if self.prefill_len is not None:
             T = k.shape[2]
-            kl, vl = self.k[layer, :, :, :T], self.v[layer, :, :, :T]
+            kl, vl = self.k[layer][:, :, :T], self.v[layer][:, :, :T]
             kl.copy_(k)
             vl.copy_(v)
             return kl, vl
         # index_copy_ with a device tensor index: valid inside a CUDA graph
-        kc, vc = (self.k[layer], self.v[layer]) if torch.compiler.is_compiling() else (self._k[layer],
-                                                                                         self._v[layer])
-        kc.index_copy_(2, self.slot, k)
-        vc.index_copy_(2, self.slot, v)
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
         return self.window(layer)
 
 
@@ -153,9 +157,7 @@ class Decoder:
             raise ValueError(f"prompt length {T} exceeds the cache length {self.max_len}")
         self.mask.fill_(float("-inf"))
         self.mask[:, 0, 0, :T].masked_fill_(key_valid, 0.0)
-        # slots of an earlier call are masked; zeroed too, so they can never feed a NaN in
-        self.cache.k[:, :, :, T:].zero_()
-        self.cache.v[:, :, :, T:].zero_()
+        self.cache.clear_from(T)
         pos = positions_from_mask(key_valid)
         self.pos.copy_(pos[:, -1:])
         slots = torch.arange(T, device=input_ids.device)
