@@ -3,9 +3,18 @@
 Prompts are left-padded to one length T, so every row writes its next token
 to the same cache slot; RoPE positions come from the attention mask. The
 decode step has fixed shapes (ids [B, 1], positions [B, 1], one slot index,
-the key-validity mask [B, T_max]), so on CUDA it is captured once per
-generate call in a CUDA graph and replayed; the per-step inputs are copied
-into the graph's static buffers. Sampling runs outside the graph.
+an additive key mask), and reads only the filled part of the cache: the
+first ``window`` slots, the filled length rounded up to a bucket (64 slots
+on CPU, 256 on CUDA), so a step costs what the context costs, and the step
+has one shape per bucket. On CUDA each bucket's step is captured once in a
+CUDA graph and replayed; the per-step inputs are copied into the graph's
+static buffers outside it. Sampling runs outside the graph.
+
+``compile=True`` runs the step through ``torch.compile(fullgraph=True)``
+(gpt-fast's recipe: norms, RoPE and residual adds fuse around the GEMMs).
+Decoders that capture graphs or compile are kept per (batch, cache length,
+dtype, device, adapter structure) and reused by later generate() calls
+(see :func:`decoder_for`).
 """
 from __future__ import annotations
 
@@ -13,6 +22,8 @@ import contextlib
 import math
 import numbers
 import warnings
+import weakref
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
@@ -22,26 +33,54 @@ from . import nvtx
 from .layers import attention_mask_4d, positions_from_mask
 
 
+def bucket_size(device: torch.device) -> int:
+    """Slots per attention-window bucket: one CUDA graph (or compiled shape) each."""
+    return 256 if device.type == "cuda" else 64
+
+
 class StaticKVCache:
-    """Pre-allocated keys/values [layers, B, kv_heads, T_max, head_dim]."""
+    """Pre-allocated keys/values, one [B, kv_heads, T_max, head_dim] tensor per layer.
+
+    Prefill writes slots [0, T) and attention reads them; a decode step writes
+    slot ``slot`` and attention reads the window [0, ``length``). Separate
+    tensors per layer (not views of one [layers, ...] tensor): a compiled step
+    then writes each layer's slot in place instead of copying the cache back."""
 
     def __init__(self, n_layers, batch, n_kv, max_len, head_dim, dtype, device):
-        shape = (n_layers, batch, n_kv, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_kv, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # decode write position
         self.prefill_len: Optional[int] = None  # set during prefill, None while decoding
+        self.length = max_len  # decode: keys read per step
+        self._windows: dict = {}  # length -> per-layer views of the window, made once
+
+    def window(self, layer: int):
+        if torch.compiler.is_compiling():
+            L = self.length
+            return self.k[layer][:, :, :L], self.v[layer][:, :, :L]
+        w = self._windows.get(self.length)
+        if w is None:
+            L = self.length
+            w = self._windows[L] = [(k[:, :, :L], v[:, :, :L]) for k, v in zip(self.k, self.v)]
+        return w[layer]
+
+    def clear_from(self, T: int) -> None:
+        """Zero slots T and later (an earlier call's keys/values: masked, and never a NaN)."""
+        for t in self.k + self.v:
+            t[:, :, T:].zero_()
 
     def update(self, layer: int, k: Tensor, v: Tensor):
         if self.prefill_len is not None:
             T = k.shape[2]
-            self.k[layer, :, :, :T].copy_(k)
-            self.v[layer, :, :, :T].copy_(v)
-            return self.k[layer, :, :, :T], self.v[layer, :, :, :T]
+            kl, vl = self.k[layer][:, :, :T], self.v[layer][:, :, :T]
+            kl.copy_(k)
+            vl.copy_(v)
+            return kl, vl
         # index_copy_ with a device tensor index: valid inside a CUDA graph
         self.k[layer].index_copy_(2, self.slot, k)
         self.v[layer].index_copy_(2, self.slot, v)
-        return self.k[layer], self.v[layer]
+        return self.window(layer)
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float,
@@ -60,42 +99,89 @@ def sample_next(logits: Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class Decoder:
-    """Prefill + fixed-shape decode steps over one static cache (optionally graphed)."""
+def _decode(model, ids: Tensor, pos: Tensor, mask: Tensor, cache: StaticKVCache) -> Tensor:
+    return model.run_layers(ids, pos, mask, cache=cache)[:, -1]
 
-    def __init__(self, model, batch: int, max_len: int, use_cuda_graph: bool):
+
+_compiled_decode = None
+
+
+def compiled_decode():
+    """The decode step under torch.compile (one compiled function for every model:
+    dynamo guards recompile for another structure or window length)."""
+    global _compiled_decode
+    if _compiled_decode is None:
+        _compiled_decode = torch.compile(_decode, fullgraph=True)
+    return _compiled_decode
+
+
+class Decoder:
+    """Prefill + fixed-shape decode steps over one static cache (optionally
+    compiled, optionally graphed: one CUDA graph per window bucket)."""
+
+    def __init__(self, model, batch: int, max_len: int, use_cuda_graph: bool, compile: bool = False,
+                 bucket: Optional[int] = None):
         a = model.arch
-        self.model, self.B, self.max_len = model, batch, max_len
+        self._model = weakref.ref(model)  # a kept decoder must not keep its model alive
+        self.B, self.max_len = batch, max_len
         dev = model.device
+        self.device, self.bucket = dev, bucket or bucket_size(dev)
         self.cache = StaticKVCache(a.num_hidden_layers, batch, a.num_key_value_heads, max_len,
                                    a.head_dim, model.dtype, dev)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)
+        # additive key mask (0: a real key, -inf: padding or not yet written), kept across steps
+        self.mask = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=model.dtype, device=dev)
+        self._masks: dict = {}  # window length -> view of the mask
         self.use_cuda_graph = use_cuda_graph and dev.type == "cuda"
-        self.graph = None
-        self.out: Optional[Tensor] = None
+        self.compile = compile
+        self._fn = compiled_decode() if compile else _decode
+        self.graphs: dict = {}  # window length -> (CUDAGraph, its output logits)
+        self._pool = None  # the graphs share one memory pool
+        self.t = 0
+
+    @property
+    def model(self):
+        return self._model()
+
+    @property
+    def graph(self):
+        """A captured graph (None before the first capture or without graphs)."""
+        return next(iter(self.graphs.values()), (None,))[0]
+
+    def window(self, t: int) -> int:
+        """Keys read by the step that writes slot t: t + 1 rounded up to the bucket."""
+        return min(self.max_len, -(-(t + 1) // self.bucket) * self.bucket)
 
     def prefill(self, input_ids: Tensor, key_valid: Tensor) -> Tensor:
         B, T = input_ids.shape
         if T > self.max_len:
             raise ValueError(f"prompt length {T} exceeds the cache length {self.max_len}")
-        self.key_valid.zero_()
-        self.key_valid[:, :T] = key_valid
+        self.mask.fill_(float("-inf"))
+        self.mask[:, 0, 0, :T].masked_fill_(key_valid, 0.0)
+        self.cache.clear_from(T)
         pos = positions_from_mask(key_valid)
         self.pos.copy_(pos[:, -1:])
         slots = torch.arange(T, device=input_ids.device)
         mask = attention_mask_4d(key_valid, slots, slots)
         self.cache.prefill_len = T
-        with nvtx.range("prefill"):
-            logits = self.model.run_layers(input_ids, pos, mask, cache=self.cache, last_only=True)
-        self.cache.prefill_len = None
+        try:
+            with nvtx.range("prefill"):
+                logits = self.model.run_layers(input_ids, pos, mask, cache=self.cache, last_only=True)
+        finally:
+            self.cache.prefill_len = None
         self.t = T  # next free slot
         return logits[:, -1]
 
-    def _step(self) -> Tensor:
-        mask = self.key_valid[:, None, None, :]
-        return self.model.run_layers(self.ids, self.pos, mask, cache=self.cache)[:, -1]
+    def _mask(self, L: int) -> Tensor:
+        m = self._masks.get(L)
+        if m is None:
+            m = self._masks[L] = self.mask[..., :L]
+        return m
+
+    def _step(self, L: int) -> Tensor:
+        self.cache.length = L
+        return self._fn(self.model, self.ids, self.pos, self._mask(L), self.cache)
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed tokens [B] at the next slot; return logits [B, V] for the following one."""
@@ -104,36 +190,79 @@ class Decoder:
         self.ids.copy_(tokens.view(-1, 1))
         self.pos.add_(1)
         self.cache.slot.fill_(self.t)
-        self.key_valid[:, self.t] = True
+        self.mask[:, 0, 0, self.t] = 0.0
+        L = self.window(self.t)
         self.t += 1
         with nvtx.range("decode"):
             if not self.use_cuda_graph:
-                return self._step()
-            if self.graph is None:
-                self._capture()
-                if self.graph is None:  # capture failed: eager from now on
-                    return self._step()
-            self.graph.replay()
-            return self.out
+                return self._step(L)
+            g = self.graphs.get(L) or self._capture(L)
+            if g is None:  # capture failed: eager from now on
+                return self._step(L)
+            g[0].replay()
+            return g[1]
 
-    def _capture(self) -> None:
-        # warm up on a side stream (allocator + lazy init), then capture one step;
-        # both warm-up and capture write the same slot, which replay rewrites.
+    def _capture(self, L: int):
+        # warm up on a side stream of the model's device (allocator, lazy init, compilation),
+        # then capture one step there; warm-up and capture write the slot that replay rewrites.
+        dev = self.device
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self.out = self._step()
-            self.graph = g
+            with torch.cuda.device(dev):
+                s = torch.cuda.Stream(dev)
+                s.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(s):
+                    for _ in range(2):
+                        self._step(L)
+                torch.cuda.current_stream(dev).wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self._pool):
+                    out = self._step(L)
+                self._pool = g.pool()
         except Exception as e:  # noqa: BLE001 - any capture failure -> eager fallback
-            self.graph, self.use_cuda_graph = None, False
+            self.graphs.clear()
+            self.use_cuda_graph = False
             warnings.warn(f"flora: CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
                           f"falling back to eager decoding", RuntimeWarning, stacklevel=3)
+            return None
+        self.graphs[L] = (g, out)
+        return self.graphs[L]
+
+
+def structure_key(model) -> tuple:
+    """What a captured graph or compiled step depends on besides tensor values:
+    dtype, device, the adapter structure, each flora module's mode (adapter
+    live, folded, merged), and the address of every tensor the step reads. Values
+    written in place (set_adapter, fold of the same structure) keep the key."""
+    mods = tuple((m.live, m.folded, m.merged) for _, m in model.adapter_modules())
+    ptrs = tuple(t.data_ptr() for t in model.buffers()) + tuple(t.data_ptr() for t in model.parameters())
+    return (model.dtype, str(model.device), repr(model.adapter_config), mods, ptrs)
+
+
+MAX_CACHED_DECODERS = 4
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> OrderedDict
+
+
+def decoder_for(model, batch: int, max_len: int, use_cuda_graph: bool, compile: bool = False,
+                factory=Decoder) -> Decoder:
+    """A decoder for this call: a fresh one for plain eager decoding; for CUDA
+    graphs or torch.compile the one kept from an earlier call with the same
+    batch, cache length (rounded up to the bucket), dtype, device and
+    :func:`structure_key` (so the graphs are captured once), the least recently
+    used dropped beyond ``MAX_CACHED_DECODERS`` per model."""
+    graphed = use_cuda_graph and model.device.type == "cuda"
+    if not (graphed or compile):
+        return factory(model, batch, max_len, use_cuda_graph, compile)
+    b = bucket_size(model.device)
+    max_len = -(-max_len // b) * b
+    key = (batch, max_len, graphed, compile, structure_key(model))
+    kept = _DECODERS.setdefault(model, OrderedDict())
+    dec = kept.get(key)
+    if dec is None:
+        dec = kept[key] = factory(model, batch, max_len, use_cuda_graph, compile)
+        while len(kept) > MAX_CACHED_DECODERS:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    return dec
 
 
 @contextlib.contextmanager
@@ -165,7 +294,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
              top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
              pad_token_id: Optional[int] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None, streamer=None,
-             use_cuda_graph: Optional[bool] = None) -> Tensor:
+             use_cuda_graph: Optional[bool] = None, compile: bool = False) -> Tensor:
     """Generate up to ``max_new_tokens`` for a left-padded batch.
 
     Returns ``[B, T + n]`` (prompt then new tokens; rows that hit an EOS are
@@ -176,6 +305,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     is called once generation is over (also when nothing was generated).
     ``eos_token_id=None`` stops at the checkpoint's EOS (generation_config.json,
     else config.json, else the GGUF's), as transformers does; ``[]`` never stops early.
+    ``compile=True``: the decode step runs through torch.compile (compiled on
+    the first call; the decoder is kept for later calls of the same shapes).
 
     Generation stops at the model's context (``max_position_embeddings``):
     a larger ``max_new_tokens`` is capped to it with a warning, so the KV
@@ -224,21 +355,21 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     out = [input_ids]
     try:
         if max_new_tokens > 0:
-            _decode(model, input_ids, key_valid, int(max_new_tokens), temperature, top_p, eos, pad,
-                    generator, put, use_cuda_graph, out)
+            _generate_loop(model, input_ids, key_valid, int(max_new_tokens), temperature, top_p, eos, pad,
+                    generator, put, use_cuda_graph, compile, out)
     finally:  # a consumer waiting on the streamer (TextIteratorStreamer) must always be released
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
     return torch.cat(out, dim=1)
 
 
-def _decode(model, input_ids, key_valid, max_new_tokens, temperature, top_p, eos, pad, generator, put,
-            use_cuda_graph, out):
+def _generate_loop(model, input_ids, key_valid, max_new_tokens, temperature, top_p, eos, pad, generator,
+                   put, use_cuda_graph, compile, out):
     """The prefill + decode loop of :func:`generate`; appends each step's tokens [B, 1] to ``out``."""
     B, T = input_ids.shape
     dev = input_ids.device
     with inference_mode(model):
-        dec = Decoder(model, B, T + max_new_tokens, use_cuda_graph)
+        dec = decoder_for(model, B, T + max_new_tokens, use_cuda_graph, compile)
         logits = dec.prefill(input_ids, key_valid)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         eos_t = torch.tensor(eos, dtype=torch.long, device=dev) if eos else None

@@ -18,9 +18,11 @@ from .checkpoint import LlamaArch
 # back, then scale; RoPE tables in fp32 cast to the activation dtype)
 # --------------------------------------------------------------------------
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    # F.rms_norm normalises in fp32 and casts back (one fused kernel on CUDA); the
+    # weight multiplies after the cast, as in transformers (fp32: same rounding either way)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
 def rope_inv_freq(arch: LlamaArch) -> Tensor:
@@ -45,16 +47,41 @@ def rope_inv_freq(arch: LlamaArch) -> Tensor:
 
 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype):
-    """cos, sin [B, 1, T, head_dim] for integer positions [B, T]."""
-    freqs = positions[..., None].float() * inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    """cos, sin [B, T, 1, head_dim] for integer positions [B, T]; built once per
+    forward. The sign of rotate-half is folded into sin's first half, so
+    apply_rope needs no negation (exact: negation does not round)."""
+    freqs = (positions[..., None].float() * inv_freq.float())[:, :, None]
+    c, s = freqs.cos(), freqs.sin()
+    return torch.cat((c, c), dim=-1).to(dtype), torch.cat((-s, s), dim=-1).to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x [B, T, heads, head_dim] rotated: x cos + rotate_half(x) sin (sin signed
+    by rope_cos_sin, so rotate_half is a roll)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean attention mask as the additive one SDPA builds from it (0 where
+    allowed, -inf elsewhere), converted once instead of once per layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Grouped-query attention: q [B, T, heads, hd], k/v [B, kv_heads, L, hd],
+    mask [B, 1, T, L] (additive or boolean) -> [B * T, heads * hd].
+
+    One query token per row (decode): the query heads sharing a kv head become
+    that head's query rows ([B, kv, group, hd]), so SDPA runs as plain masked
+    attention, never expanding the keys (enable_gqa does) and open to the
+    fused memory-efficient kernel on CUDA."""
+    B, T, nh, hd = q.shape
+    nkv = k.shape[1]
+    if T == 1 and nh != nkv:
+        out = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
+        return out.reshape(B, nh * hd)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=nh != nkv)
+    return out.transpose(1, 2).reshape(B * T, nh * hd)
 
 
 def attention_mask_4d(key_valid: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:

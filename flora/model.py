@@ -19,14 +19,25 @@ from torch.utils.checkpoint import checkpoint
 
 from . import adapter_io, nvtx
 from .adapters import AdapterRegistry, describe
-from .layers import (CausalLMOutput, apply_rope, attention_mask_4d, causal_lm_loss, positions_from_mask,
-                     rms_norm, rope_cos_sin, rope_inv_freq)
+from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, attention_mask_4d, causal_lm_loss,
+                     positions_from_mask, rms_norm, rope_cos_sin, rope_inv_freq)
 from .checkpoint import (CheckpointError, LlamaArch, load_checkpoint,
                          state_dict_from_hf_model)
 from .generation import generate
 from .hf_compat import HFCompat, HFConfigView
 from .modules import (FusedAttentionProjections, FusedLMHead, FusedMLP, FusedOutputProjection,
                       initial_carry)
+
+def _adjacent(q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """[q | k] as one view when k's columns follow q's in one buffer (the fused
+    q/k/v output), else None. Under torch.compile the rotations fuse anyway;
+    with autograd the two stay apart (an as_strided backward is slow)."""
+    if torch.compiler.is_compiling() or q.requires_grad or q.stride() != k.stride():
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1]), q.stride())
+
 
 class FusedLlamaLayer(nn.Module):
     """One decoder layer's weights; the computation lives in FusedLlama.run_layers."""
@@ -194,13 +205,17 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
     def run_layers(self, input_ids: Tensor, positions: Tensor, mask: Tensor,
                    cache=None, last_only: bool = False) -> Tensor:
         """The Llama forward: logits [B, T (1 if last_only), V]. input_ids/positions
-        [B, T]; mask bool [B, 1, T, K]; ``cache`` (generation) has update(layer, k, v)."""
+        [B, T]; mask [B, 1, T, K], boolean or additive; ``cache`` (generation)
+        has update(layer, k, v) -> keys/values [B, kv_heads, K, head_dim].
+        The mask and the RoPE tables are built once here, not per layer."""
         a = self.arch
         B, T = input_ids.shape
         M, dt = B * T, self.dtype
         h = F.embedding(input_ids, self.embed).reshape(M, a.hidden_size)
         carry = initial_carry(self.adapter_config, M, dt, h.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, dt)
+        if mask.dtype == torch.bool:
+            mask = additive_mask(mask, dt)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h, carry = checkpoint(self._layer, layer, i, h, carry, B, T, cos, sin, mask, cache,
@@ -221,14 +236,16 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         with nvtx.range("attn", i):  # NVTX ranges: no-ops unless flora.nvtx.enable()
             x = rms_norm(h, layer.input_norm, a.rms_norm_eps)
             q, k, v, state = layer.attn(x, carry)
-            q = q.view(B, T, nh, hd).transpose(1, 2)
-            k = k.view(B, T, nkv, hd).transpose(1, 2)
-            v = v.view(B, T, nkv, hd).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = _adjacent(q, k)
+            if qk is not None:  # q and k side by side in the fused output: rotate both at once
+                qk = apply_rope(qk.view(B, T, nh + nkv, hd), cos, sin)
+                q, k = qk[:, :, :nh], qk[:, :, nh:]
+            else:
+                q, k = apply_rope(q.view(B, T, nh, hd), cos, sin), apply_rope(k.view(B, T, nkv, hd), cos, sin)
+            k, v = k.transpose(1, 2), v.view(B, T, nkv, hd).transpose(1, 2)
             if cache is not None:
                 k, v = cache.update(i, k, v)
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nh != nkv)
-            att = att.transpose(1, 2).reshape(B * T, nh * hd)
+            att = attention(q, k, v, mask)
             h, carry = layer.o(att, state, residual=h, carry=carry)
         # MLP sub-block: SwiGLU with the residual add inside the module
         with nvtx.range("mlp", i):
@@ -241,12 +258,12 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                  top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
                  pad_token_id: Optional[int] = None, seed: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, streamer=None,
-                 use_cuda_graph: Optional[bool] = None) -> Tensor:
+                 use_cuda_graph: Optional[bool] = None, compile: bool = False) -> Tensor:
         """Prompt + generated tokens [B, T + n]; see flora.generation.generate."""
         return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
                         pad_token_id=pad_token_id, seed=seed, generator=generator,
-                        streamer=streamer, use_cuda_graph=use_cuda_graph)
+                        streamer=streamer, use_cuda_graph=use_cuda_graph, compile=compile)
 
     def _rebuild(self, cfg) -> None:
         """Give an adapter-less model an adapter structure (rebuilds fused storage once)."""

@@ -123,6 +123,8 @@ def test_append_results_creates_section(tmp_path):
     (["--new-tokens", "1"], "--new-tokens"),
     (["--mode", "graph", "--device", "cpu"], "CUDA"),
     (["--model", "no/such/dir"], "--model"),
+    (["--repeats", "0"], "--repeats"),
+    (["--new-tokens", "0"], "--new-tokens"),
 ])
 def test_bad_arguments(argv, msg, tmp_path, capsys):
     assert bl.main(argv + ["--out-dir", str(tmp_path), "--no-results"]) == 2
@@ -204,3 +206,51 @@ def test_from_json_rerenders_without_measuring(quick_run, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert bl.main(["--from-json", str(tmp_path / "bad.json"), "--no-results"]) == 2
     assert "not a JSON written by this benchmark" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    """issue 16.6: --model on a truncated checkpoint fails before measuring, exit 2."""
+    from llama_fixtures import llama_model, save_model
+
+    d = save_model(llama_model(), tmp_path / "ckpt")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    out = tmp_path / "out"
+    capsys.readouterr()  # transformers' save progress
+    assert bl.main(["--model", str(d), "--quick", "--device", "cpu", "--out-dir", str(out), "--no-results"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "truncated" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_rows_written_as_measured_and_errors_recorded(tmp_path, monkeypatch):
+    """Each row reaches the JSON as soon as it is measured; a row that raises
+    records its error and the run goes on."""
+    writes = []
+    real_write = bl.atomic_write_json
+
+    def spy(path, obj):
+        writes.append((obj.get("partial", False), len(obj["rows"])))
+        real_write(path, obj)
+
+    real_pair = bl.pair_latency
+
+    def pair(base_probe, probe, *a):
+        if probe.model.adapter_config.variant == "lora":
+            raise RuntimeError("simulated failure\nsecond line")
+        return real_pair(base_probe, probe, *a)
+
+    monkeypatch.setattr(bl, "atomic_write_json", spy)
+    monkeypatch.setattr(bl, "pair_latency", pair)
+    argv = ["--quick", "--device", "cpu", "--model", "tiny", "--rows", "base", "lora", "ffba", "--out-dir",
+            str(tmp_path), "--name", "run", "--no-results", "--no-plot"]
+    assert bl.main(argv) == 0
+    partial = [n for p, n in writes if p]
+    assert partial[:3] == [1, 2, 3] and writes[-1][0] is False  # one write per row, then the final one
+    res = json.loads((tmp_path / "run.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert rows["lora"]["skipped"] == "error: RuntimeError: simulated failure"
+    assert rows["ffba"]["skipped"] is None and rows["ffba"]["tpot_s"] > 0
+    assert rows["base"]["skipped"] is None
+    assert "partial" not in res
+    assert res["models"][0]["attention"].startswith("_scaled_dot_product")

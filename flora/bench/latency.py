@@ -45,7 +45,7 @@ from ..devices import resolve_device
 from ..fileio import atomic_write_json
 from ..model import FusedLlama
 from .report import SECTION, append_results, environment, markdown, plot  # noqa: F401
-from .timing import LatencyProbe, Timer, run_interleaved
+from .timing import LatencyProbe, Timer, attention_backend, run_interleaved
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRANSFORMERS_ROWS = ("transformers", "peft", "peft-noupcast", "peft-merged")
@@ -161,9 +161,9 @@ def make_plan(args) -> Plan:
     prompts = args.prompt or ([32] if quick else [512])
     if args.long and 2048 not in prompts:
         prompts = prompts + [2048]
-    new = args.new_tokens or (8 if quick else 128)
+    new = args.new_tokens if args.new_tokens is not None else (8 if quick else 128)
     batches = args.batch or ([1] if quick or not gpu else [1, 8])
-    repeats = args.repeats or (1 if quick else 3)
+    repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
     for name, vals in (("--batch", batches), ("--prompt", prompts)):
         if any(v < 1 for v in vals):
             raise ValueError(f"{name}: values must be >= 1, got {vals}")
@@ -181,8 +181,23 @@ def make_plan(args) -> Plan:
         if m not in SHAPES and not Path(m, "config.json").is_file():
             raise ValueError(f"--model {m!r}: neither a shape ({', '.join(SHAPES)}) nor a local checkpoint "
                              f"directory with config.json")
+        if m not in SHAPES:
+            check_checkpoint(m)
     return Plan(dev, models, dtypes, plan_rows, batches, prompts, new, modes, repeats, args.warmup,
                 args.rank, args.alpha, args.seed)
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail before measuring anything on a checkpoint that cannot load: its config,
+    its shards, and every byte each safetensors header promises (no weights read)."""
+    from ..checkpoint import checkpoint_files, read_config, read_safetensors_header
+
+    try:
+        read_config(path)
+        for f in sorted(set(checkpoint_files(path).values())):
+            read_safetensors_header(f)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        raise ValueError(f"--model {path}: {e}") from None
 
 
 # --------------------------------------------------------------------------
@@ -396,6 +411,10 @@ def _settings(plan: Plan):
             yield b, p
 
 
+def _dt(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _row(shape, dtype, engine, variant, rank, b, p, new, graph, timing=None, n_adapter=0, skipped=None):
     return {"model": shape, "dtype": str(dtype).replace("torch.", ""), "engine": engine, "variant": variant,
             "rank": rank if variant not in ("base", "transformers") else 0, "batch": b, "prompt_len": p,
@@ -434,7 +453,7 @@ def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
     flora_rows = [(r, k) for r, k in plan.rows if r in FLORA_ROWS]
 
     if flora_rows:
-        rows += flora_rows_timed(hf, shape, dtype, flora_rows, plan, log)
+        rows += flora_rows_timed(hf, shape, dtype, flora_rows, plan, log, info)
     if hf_rows:
         rows = hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan, log) + rows
     del hf
@@ -442,12 +461,16 @@ def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
     return rows, info
 
 
-def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log) -> list:
+def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Optional[dict] = None) -> list:
     """flora base stays built; each variant is built in turn and timed
-    interleaved with it, per setting and mode."""
+    interleaved with it, per setting and mode. ``info`` gets the SDPA kernel a
+    decode step runs."""
 
     dev, rows = plan.device, []
     base, _ = build_flora(hf, "base", plan.rank, plan.alpha, dtype, dev, plan.seed + 1)
+    if info is not None:
+        info["attention"] = attention_backend(base)
+        log(f"  decode attention: {info['attention']}")
     base_runs: dict = {}  # (b, p, graph) -> list of per-pairing timings
 
     def probe(m, b, p, g):
@@ -456,19 +479,29 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log) -> list:
     for variant, rank in [(v, k) for v, k in flora_rows if v != "base"]:
         try:
             m, n = build_flora(hf, variant, rank, plan.alpha, dtype, dev, plan.seed + 1)
-        except ValueError as e:  # a variant that cannot take this shape/rank (e.g. repeat-add widths)
+        except Exception as e:  # noqa: BLE001 - e.g. repeat-add widths that do not fit, out of memory
+            why = str(e) if isinstance(e, ValueError) else _failed(log, f"flora {variant} r{rank}", e)
             for b, p in _settings(plan):
                 for g in plan.modes:
                     rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
-                                     skipped=str(e)))
-            log(f"[flora {variant} r{rank}] skipped: {e}")
+                                     skipped=why))
+                    _done(log, rows[-1])
+            log(f"[flora {variant} r{rank}] skipped: {why}")
+            _free(dev)
             continue
         for b, p in _settings(plan):
             for g in plan.modes:
-                tb, tv = pair_latency(probe(base, b, p, g), probe(m, b, p, g), plan.repeats, plan.warmup)
+                try:
+                    tb, tv = pair_latency(probe(base, b, p, g), probe(m, b, p, g), plan.repeats, plan.warmup)
+                except Exception as e:  # noqa: BLE001 - this row fails, the run goes on
+                    rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
+                                     skipped=_failed(log, f"flora {variant} r{rank} b{b} p{p}", e)))
+                    _done(log, rows[-1])
+                    _free(dev)
+                    continue
                 base_runs.setdefault((b, p, g), []).append(tb)
                 rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g, _timing(tv), n))
-                _log_row(log, rows[-1])
+                _done(log, rows[-1])
         del m
         _free(dev)
     base_rows = _base_rows(shape, dtype, "flora", "base", plan, base_runs, lambda b, p, g: probe(base, b, p, g),
@@ -490,15 +523,31 @@ def hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan: Plan, log) -> list:
     for name in ("peft", "peft-noupcast", "peft-merged"):
         if name not in hf_rows:
             continue
-        pm, n = wrap_peft(copy.deepcopy(hf), plan.rank, plan.alpha, name != "peft-noupcast", plan.seed + 2)
-        if name == "peft-merged":
-            pm, n = pm.merge_and_unload(), 0
+        try:
+            pm, n = wrap_peft(copy.deepcopy(hf), plan.rank, plan.alpha, name != "peft-noupcast", plan.seed + 2)
+            if name == "peft-merged":
+                pm, n = pm.merge_and_unload(), 0
+        except Exception as e:  # noqa: BLE001 - this row fails, the run goes on
+            why = _failed(log, name, e)
+            for b, p in _settings(plan):
+                rows.append(_row(shape, dtype, "transformers", name, plan.rank, b, p, plan.new_tokens, False,
+                                 skipped=why))
+                _done(log, rows[-1])
+            _free(dev)
+            continue
         for b, p in _settings(plan):
-            tb, tv = pair_latency(probe(hf, b, p), probe(pm, b, p), plan.repeats, plan.warmup)
+            try:
+                tb, tv = pair_latency(probe(hf, b, p), probe(pm, b, p), plan.repeats, plan.warmup)
+            except Exception as e:  # noqa: BLE001
+                rows.append(_row(shape, dtype, "transformers", name, plan.rank, b, p, plan.new_tokens, False,
+                                 skipped=_failed(log, f"{name} b{b} p{p}", e)))
+                _done(log, rows[-1])
+                _free(dev)
+                continue
             base_runs.setdefault((b, p, False), []).append(tb)
             rows.append(_row(shape, dtype, "transformers", name, plan.rank, b, p, plan.new_tokens, False,
                              _timing(tv), n))
-            _log_row(log, rows[-1])
+            _done(log, rows[-1])
         del pm
         _free(dev)
     if "transformers" not in hf_rows:
@@ -517,7 +566,13 @@ def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_pro
         for g in plan.modes:
             pairings = base_runs.get((b, p, g))
             if not pairings:
-                t = solo_latency(make_probe(b, p, g), plan.repeats, plan.warmup)
+                try:
+                    t = solo_latency(make_probe(b, p, g), plan.repeats, plan.warmup)
+                except Exception as e:  # noqa: BLE001 - this row fails, the run goes on
+                    out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g,
+                                    skipped=_failed(log, f"{engine} {name} b{b} p{p}", e)))
+                    _done(log, out[-1])
+                    continue
             else:
                 t = {"ttft_s": statistics.median(x for tb in pairings for x in tb["ttft_runs"]),
                      "tpot_s": statistics.median(x for tb in pairings for x in tb["tpot_runs"]),
@@ -526,8 +581,43 @@ def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_pro
                     med = [tb["tpot_s"] for tb in pairings]
                     t["base_drift"], t["pairings"] = max(med) / min(med) - 1, len(pairings)
             out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g, t))
-            _log_row(log, out[-1])
+            _done(log, out[-1])
     return out
+
+
+class Progress:
+    """The run's log, and its JSON rewritten (atomically) after every row, so a
+    run that dies keeps every row measured so far (``"partial": true``)."""
+
+    def __init__(self, log=print, path=None, head: Optional[dict] = None):
+        self.log, self.path, self.head, self.rows = log, path, dict(head or {}), []
+
+    def __call__(self, msg: str) -> None:
+        self.log(msg)
+
+    def row(self, r: dict) -> None:
+        _log_row(self.log, r)
+        self.rows.append(r)
+        self.write()
+
+    def write(self, **extra) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {**self.head, **extra, "partial": True, "rows": self.rows})
+
+
+def _done(log, r: dict) -> None:
+    """A row is measured (or failed): log it, and record it when the log is a Progress."""
+    if isinstance(log, Progress):
+        log.row(r)
+    else:
+        _log_row(log, r)
+
+
+def _failed(log, what: str, e: BaseException) -> str:
+    """The error text a row records (the run goes on with the next row)."""
+    msg = f"error: {type(e).__name__}: {e}".splitlines()[0][:300]
+    log(f"[{what}] {msg}")
+    return msg
 
 
 def _log_row(log, r):
@@ -550,7 +640,7 @@ def add_ratios(rows: list, infos: list, copy_bw: float) -> list:
     mode (for flora variants: the median of round-by-round ratios against the
     base timed interleaved with them); tokens/s; weight-streaming GB/s and the
     ratio to the floor."""
-    wb = {(i["model"], i["dtype"]): i["weight_bytes"] for i in infos}
+    wb = {(i["model"], i["dtype"]): i["weight_bytes"] for i in infos if "weight_bytes" in i}
 
     def key(r):
         return (r["engine"], r["model"], r["dtype"], r["batch"], r["prompt_len"], r["new_tokens"], r["graph"])
@@ -622,6 +712,10 @@ def evaluate_goals(rows: list, device: torch.device, rank: int) -> list:
     return goals
 
 
+def _short_dt(dtype: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+
+
 def _goal(text, value, limit):
     return {"goal": text, "value": value, "limit": limit, "met": value <= limit, "unit": "x"}
 
@@ -640,9 +734,16 @@ def run(plan: Plan, log=print) -> dict:
     for shape in plan.models:
         for dtype in plan.dtypes:
             log(f"[{SHAPE_LABEL.get(shape, shape)}, {str(dtype).replace('torch.', '')}]")
-            r, i = run_model(shape, dtype, plan, log)
+            try:
+                r, i = run_model(shape, dtype, plan, log)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory building the model: next model
+                r, i = [], {"model": shape, "label": SHAPE_LABEL.get(shape, shape), "dtype": _dt(dtype),
+                            "skipped": _failed(log, f"{shape} {_dt(dtype)}", e)}
+                _free(dev)
             rows += r
             infos.append(i)
+            if isinstance(log, Progress):
+                log.write(models=infos)
     bws.append(copy_bandwidth(dev, copy_bytes))  # again at the end: the floor uses the best of both
     log(f"copy bandwidth at the end: {bws[1] / 1e9:.1f} GB/s")
     bw = max(bws)
@@ -654,18 +755,26 @@ def run(plan: Plan, log=print) -> dict:
             "goals": evaluate_goals(rows, dev, plan.rank)}
 
 
+def json_path(args) -> Path:
+    """Where the run's JSON goes (fixed once: the partial file and the final one)."""
+    if args.name is None:
+        args.name = f"latency-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    return Path(args.out_dir) / f"{args.name}.json"
+
+
 def write_outputs(result: dict, args, log=print) -> dict:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = args.name or f"latency-{stamp}"
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{name}.json"}
+    paths = {"json": json_path(args)}
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(paths["json"], result)
     if not args.no_plot:
-        png = plot(result, out / f"{name}.png")
+        png = plot(result, paths["json"].with_suffix(".png"))
         if png:
             paths["png"] = png
     md = markdown(result)
+    att = sorted({f"{i['label']} {_short_dt(i['dtype'])}: {i['attention']}" for i in result["models"]
+                  if i.get("attention")})
+    if att:  # which SDPA kernel the decode step runs (issue 12.5)
+        md += "\n\nDecode attention kernel: " + "; ".join(att) + "\n"
     if not args.no_results:
         paths["results"] = Path(args.results)
         append_results(paths["results"], md)
@@ -704,9 +813,16 @@ def run_args(args, command: Optional[str] = None) -> dict:
             nvtx.enable()
         except RuntimeError as e:
             raise ValueError(f"--nvtx: {e}") from None
-    result = run(plan, log=lambda s: print(s, file=sys.stderr, flush=True))
-    result["command"] = command or " ".join(shlex.quote(a) for a in sys.argv)
-    return write_outputs(result, args, log=lambda s: print(s, file=sys.stderr, flush=True))
+    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    err = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    path = json_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    progress = Progress(err, path, {"command": command, "environment": environment(plan.device),
+                                    "device_type": plan.device.type})
+    err(f"rows are written to {path} as they are measured")
+    result = run(plan, log=progress)
+    result["command"] = command
+    return write_outputs(result, args, log=err)
 
 
 def main(argv=None) -> int:

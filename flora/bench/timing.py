@@ -13,15 +13,17 @@ from ..generation import Decoder, inference_mode
 
 
 class Timer:
-    """CUDA events on GPU (device time), perf_counter on CPU."""
+    """CUDA events on GPU (device time, recorded on the current stream of the
+    timed device, which need not be the current device), perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
 
     def mark(self):
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
-            e.record()
+            e.record(torch.cuda.current_stream(self.device))
             return e
         return time.perf_counter()
 
@@ -79,6 +81,28 @@ class LatencyProbe:
         a = self.timer.mark()
         self.tok = self.dec.step(self.tok).argmax(-1)
         return a, self.timer.mark()
+
+
+def attention_backend(model) -> str:
+    """The SDPA kernel(s) one decode step of ``model`` runs, read from a
+    torch.profiler trace of a real step (not predicted from the backend rules)."""
+    from torch.profiler import profile
+
+    dev = model.device
+    with inference_mode(model):
+        dec = Decoder(model, 1, 8, use_cuda_graph=False)
+        ids = torch.ones(1, 4, dtype=torch.long, device=dev)
+        tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)
+        with profile() as prof:
+            dec.step(tok)
+    found = []
+    for e in prof.events():
+        p = e.cpu_parent
+        if p is not None and p.name == "aten::scaled_dot_product_attention" and e.name.startswith("aten::_"):
+            name = e.name[len("aten::"):]
+            if name not in found:
+                found.append(name)
+    return ", ".join(found) or "unknown"
 
 
 def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,

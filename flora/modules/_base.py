@@ -14,9 +14,31 @@ def init_A(t: Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
+_EMPTY: Dict[tuple, Tensor] = {}
+
+
+def empty(shape: tuple, like: Tensor) -> Tensor:
+    """A zero-element operand ([m, 0] or [0, k]), made once per shape, dtype and
+    device (and inference mode) instead of on every call."""
+    if torch.compiler.is_compiling():
+        return like.new_empty(shape)
+    key = (shape, like.dtype, like.device, torch.is_inference_mode_enabled())  # never needs grad
+    t = _EMPTY.get(key)
+    if t is None:
+        if len(_EMPTY) > 256:  # many batch shapes (training): start over
+            _EMPTY.clear()
+        t = _EMPTY[key] = like.new_empty(shape)
+    return t
+
+
 def empty_cols(m: int, like: Tensor) -> Tensor:
     """[m, 0]: the missing operand of an op used for only one of its blocks."""
-    return like.new_empty(m, 0)
+    return empty((m, 0), like)
+
+
+def empty_rows(k: int, like: Tensor) -> Tensor:
+    """[0, k]: no A rows (the base product alone)."""
+    return empty((0, k), like)
 
 
 def tile_matrix(n: int, widths, rc: int, like: Tensor) -> Tensor:

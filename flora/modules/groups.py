@@ -34,6 +34,7 @@ class _Group:
         self.widths = [w.shape[0] for w in weights]
         self.N, self.K = sum(self.widths), weights[0].shape[1]
         self.rank, self.s = rank, scale
+        self._cache: dict = {}  # (grad, inference mode) -> (storage, its views); see _views
         cfg = owner.config
         if cfg is not None:
             for p, n in zip(self.names, self.widths):
@@ -59,18 +60,36 @@ class _Group:
     def storage(self, m) -> Tensor:
         return getattr(m, f"w_{self.gname}")
 
-    def W(self, m) -> Tensor:
+    def _views(self, m) -> tuple:
+        """(W, slot A, slot B, slot C) as views of the fused storage, sliced once
+        per storage tensor (and grad / inference mode), not on every call. A new
+        storage (moved, cast, rebuilt, or a copy not aliasing the views) is
+        sliced again; writes into it (fold, merge) keep the views valid."""
         st = self.storage(m)
-        return st[:self.N, :self.K] if (self.rows or self.cols) else st
+        if torch.compiler.is_compiling():
+            return self._slice(st)
+        key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        c = self._cache.get(key)
+        if c is None or c[0] is not st or c[1].data_ptr() != st.data_ptr():
+            c = self._cache[key] = (st,) + self._slice(st)
+        return c[1:]
+
+    def _slice(self, st: Tensor) -> tuple:
+        N, K = self.N, self.K
+        W = st[:N, :K] if (self.rows or self.cols) else st
+        return W, st[N:, :K], st[:N, K:], st[N:, K:]
+
+    def W(self, m) -> Tensor:
+        return self._views(m)[0]
 
     def slot_A(self, m) -> Tensor:
-        return self.storage(m)[self.N:, :self.K]
+        return self._views(m)[1]
 
     def slot_B(self, m) -> Tensor:
-        return self.storage(m)[:self.N, self.K:]
+        return self._views(m)[2]
 
     def slot_C(self, m) -> Tensor:
-        return self.storage(m)[self.N:, self.K:]
+        return self._views(m)[3]
 
     def mode_of(self, m) -> Mode:
         """This group's mode, or the base while the adapter is off or merged."""

@@ -40,6 +40,11 @@ class _SubBlock(AdapterModule):
         self._groups.append(g)
         return g
 
+    def _apply(self, fn, recurse=True):
+        for g in self._groups:  # .to() / .cuda() replace the storage: drop the old views with it
+            g._cache.clear()
+        return super()._apply(fn, recurse)
+
     def _fold_slots(self) -> None:
         for g in self._groups:
             if g.role.adapted:

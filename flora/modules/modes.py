@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._base import empty_cols
+from ._base import empty_cols, empty_rows
 
 
 def _add(y: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -57,7 +57,7 @@ class Mode:
         pass
 
     def forward_in(self, g, m, x: Tensor, carry: Optional[Tensor]):
-        y, _ = ops.ffl(x, g.W(m), x.new_empty(0, g.K))
+        y, _ = ops.ffl(x, g.W(m), empty_rows(g.K, x))
         return g.split(y), None
 
     def forward_out(self, g, m, u: Tensor, state, residual, carry):
@@ -75,7 +75,7 @@ class Lora(Mode):
         return out
 
     def forward_in(self, g, m, x, carry):
-        M, noA = x.shape[0], x.new_empty(0, g.K)
+        M, noA = x.shape[0], empty_rows(g.K, x)
         y, _ = ops.ffl(x, g.W(m), noA)
         ys = g.split(y)
         for i, p in enumerate(g.names):
@@ -88,7 +88,7 @@ class Lora(Mode):
     def forward_out(self, g, m, u, state, residual, carry):
         M, p = u.shape[0], g.role.targets[0]
         h = ops.fbl(u, empty_cols(M, u), g.W(m), empty_cols(g.N, u), res=residual)
-        z, _ = ops.ffl(u, m.param(f"A_{p}", u), u.new_empty(0, g.K))
+        z, _ = ops.ffl(u, m.param(f"A_{p}", u), empty_rows(g.K, u))
         h = ops.fbl(empty_cols(M, u), m.drop(z), empty_cols(g.N, u), m.param(f"B_{p}", u), g.s, res=h)
         return h, carry
 

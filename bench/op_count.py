@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Ops and kernels per decoder layer in one decode step (issue 12, item 3).
+
+    python bench/op_count.py                 # base, ffba, zflora; eager and compiled; fp32
+    python bench/op_count.py --no-compile    # eager only (compiling takes minutes on 2 cores)
+    python bench/op_count.py --json bench/out/op_count.json
+
+One decode step is run under torch.profiler (CPU) on a model with L and 3L
+layers (random weights, tiny Llama shape); per-layer counts are the
+difference / 2L, so the embedding, head and sampling cancel out. Two counts:
+
+* ``ops``: top-level dispatcher calls that are not views or no-op
+  conversions (what a dispatch trace shows);
+* ``kernels``: leaf compute calls (a composite op such as ``aten::rms_norm``
+  counts the kernels it runs, a flora op or an Inductor kernel counts one;
+  views, allocations and no-op ``to`` do not count).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# not kernels: views, metadata, allocations
+NON_KERNEL = {
+    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::transpose",
+    "aten::t", "aten::permute", "aten::slice", "aten::select", "aten::narrow", "aten::unsqueeze",
+    "aten::squeeze", "aten::expand", "aten::alias", "aten::detach", "aten::split", "aten::unbind",
+    "aten::chunk", "aten::unflatten", "aten::flatten", "aten::view_as", "aten::expand_as",
+    "aten::lift_fresh", "aten::result_type", "aten::empty", "aten::empty_strided", "aten::empty_like",
+    "aten::new_empty", "aten::new_empty_strided", "aten::resize_", "aten::_unsafe_view",
+    "aten::contiguous", "aten::to", "aten::type_as", "aten::_to_copy", "aten::scalar_tensor",
+}
+
+
+def _is_op(e) -> bool:
+    return e.name.startswith(("aten::", "flora::")) or "cpp_fused" in e.name or "triton_" in e.name
+
+
+def _compute(e) -> bool:
+    """A call that computes something (a no-op ``to``/``contiguous`` has no children)."""
+    if e.name in ("aten::to", "aten::_to_copy", "aten::contiguous"):
+        return bool(e.cpu_children)
+    return _is_op(e) and e.name not in NON_KERNEL
+
+
+def _kernels(e) -> int:
+    if e.name.startswith("flora::"):
+        return 1  # one fused GEMM whatever it allocates inside
+    below = sum(_kernels(c) for c in e.cpu_children)
+    return below if below else int(_compute(e) and e.name not in ("aten::to", "aten::_to_copy",
+                                                                   "aten::contiguous"))
+
+
+def _top_level(events):
+    """Op calls not nested in another op (wrappers such as a compiled region are transparent)."""
+    def walk(e):
+        if _is_op(e):
+            yield e
+        else:
+            for c in e.cpu_children:
+                yield from walk(c)
+    for e in events:
+        if e.cpu_parent is None:
+            yield from walk(e)
+
+
+def count_events(events) -> tuple[int, int]:
+    """(ops, kernels) of one profiled region (see the module docstring)."""
+    top = [e for e in _top_level(events) if _compute(e)]
+    return len(top), sum(_kernels(e) for e in top)
+
+
+def build(variant: str, layers: int, dtype, rank: int = 8):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flora import AdapterConfig
+    from flora.bench.latency import SHAPES, randomize_adapter
+    from flora.model import FusedLlama
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**SHAPES["tiny"], "num_hidden_layers": layers}, rms_norm_eps=1e-5,
+                      max_position_embeddings=2048, attn_implementation="sdpa")
+    hf = LlamaForCausalLM(cfg).eval()
+    ac = None if variant == "base" else AdapterConfig(variant, rank=rank, alpha=2.0 * rank)
+    m = FusedLlama.from_pretrained(hf, adapter=ac, dtype=dtype)
+    if ac is not None:
+        randomize_adapter(m, 1)
+    return m
+
+
+def step_counts(model, compiled: bool, prompt: int = 8) -> tuple[int, int]:
+    """(ops, kernels) of one decode step (after warm-up steps)."""
+    from flora.generation import Decoder, inference_mode
+
+    with inference_mode(model):
+        dec = Decoder(model, 1, prompt + 8, use_cuda_graph=False, compile=compiled)
+        ids = torch.randint(3, model.arch.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+        tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)
+        for _ in range(2):
+            tok = dec.step(tok).argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            dec.step(tok)
+    return count_events(prof.events())
+
+
+def per_layer(variant: str, compiled: bool, dtype=torch.float32, layers: int = 1) -> dict:
+    a = step_counts(build(variant, layers, dtype), compiled)
+    b = step_counts(build(variant, 3 * layers, dtype), compiled)
+    return {"variant": variant, "mode": "compiled" if compiled else "eager",
+            "dtype": str(dtype).replace("torch.", ""),
+            "ops_per_layer": (b[0] - a[0]) / (2 * layers), "kernels_per_layer": (b[1] - a[1]) / (2 * layers),
+            "ops_step_rest": a[0] - (b[0] - a[0]) / 2, "kernels_step_rest": a[1] - (b[1] - a[1]) / 2}
+
+
+def markdown(rows: list, command: str) -> str:
+    out = [f"{datetime.date.today()}, {platform.node()} ({platform.machine()}), torch {torch.__version__}, "
+           f"`{command}`", "",
+           "| variant | dtype | mode | ops / layer | kernels / layer | kernels outside the layers |",
+           "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['variant']} | {r['dtype']} | {r['mode']} | {r['ops_per_layer']:g} | "
+                   f"{r['kernels_per_layer']:g} | {r['kernels_step_rest']:g} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/op_count.py", description=__doc__.split("\n")[0])
+    p.add_argument("--variants", nargs="+", default=["base", "ffba", "zflora"])
+    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True  # each generated kernel shows in the profile
+    rows = []
+    for dt in args.dtype:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+        for v in args.variants:
+            for compiled in ([False] if args.no_compile else [False, True]):
+                rows.append(per_layer(v, compiled, dtype))
+                print(rows[-1], file=sys.stderr, flush=True)
+    cmd = "python bench/op_count.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(markdown(rows, cmd.strip()))
+    if args.json:
+        from flora.fileio import atomic_write_json
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.json, {"command": cmd.strip(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The decode step: ops per layer (profiler count, not a timing), compiled ==
+eager, the attention window, and kept decoders (CUDA graphs) reused and
+invalidated on the right changes."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from flora import AdapterConfig
+from flora import generation as gen
+from flora.model import FusedLlama
+from llama_fixtures import llama_model, random_ids
+from test_model import randomize_adapter
+
+cuda = pytest.mark.cuda
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _op_count():
+    spec = importlib.util.spec_from_file_location("bench_op_count", ROOT / "bench" / "op_count.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _model(variant=None, **kw):
+    hf = llama_model(heads=8, kv_heads=2, tied=True, **kw)
+    cfg = None if variant is None else AdapterConfig(variant, rank=4, alpha=8)
+    m = FusedLlama.from_pretrained(hf, adapter=cfg)
+    if cfg is not None:
+        randomize_adapter(m)
+    return m
+
+
+def _left_padded():
+    ids = random_ids(2, 9, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("variant", ["base", "ffba", "zflora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_decode_ops_per_layer(variant, dtype):
+    """Issue 12 goal: at most 20 dispatched (non-view) ops per layer per decode step."""
+    r = _op_count().per_layer(variant, compiled=False, dtype=dtype)
+    assert r["ops_per_layer"] <= 20, r
+
+
+def test_op_count_sees_composites():
+    """The kernel count looks inside composite ops (rms_norm on the CPU is several kernels)."""
+    from torch.profiler import profile
+
+    oc = _op_count()
+    x, w = torch.randn(2, 64), torch.randn(64)
+    with profile() as p:
+        torch.nn.functional.rms_norm(x, (64,), w, 1e-5)
+    ops, kernels = oc.count_events(p.events())
+    assert ops == 1 and kernels >= 4
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_eager_tokens():
+    """torch.compile'd decode step (fullgraph) == eager, token for token (zflora: the carry)."""
+    m = _model("zflora")
+    ids, mask = _left_padded()
+    eager = m.generate(ids, attention_mask=mask, max_new_tokens=10)
+    compiled = m.generate(ids, attention_mask=mask, max_new_tokens=10, compile=True)
+    assert torch.equal(eager, compiled)
+
+
+def test_window_reads_filled_part_only():
+    """A decode step reads the filled slots rounded up to the bucket; the
+    tokens equal a decoder whose window is the whole cache."""
+    m = _model("ffba")
+    ids, mask = _left_padded()
+    with gen.inference_mode(m):
+        outs = []
+        for bucket in (4, 1000):  # 4: windows 12, 16, ...; 1000: the whole cache every step
+            d = gen.Decoder(m, 2, 9 + 12, use_cuda_graph=False, bucket=bucket)
+            assert d.window(9) == (12 if bucket == 4 else 21)
+            logits = d.prefill(ids, mask.bool())
+            steps = [logits]
+            for _ in range(11):
+                steps.append(d.step(steps[-1].argmax(-1)))
+            outs.append(torch.stack(steps))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+class _FakeDecoder(gen.Decoder):
+    """A graph-free decoder that records how often it was built (graphs are CUDA-only)."""
+    built = 0
+
+    def __init__(self, *a, **kw):
+        type(self).built += 1
+        super().__init__(*a, **kw)
+
+
+def _kept(m, batch=1, max_len=20, compile=True):
+    return gen.decoder_for(m, batch, max_len, use_cuda_graph=False, compile=compile, factory=_FakeDecoder)
+
+
+def test_kept_decoder_reused_and_invalidated(monkeypatch):
+    monkeypatch.setattr(gen, "compiled_decode", lambda: gen._decode)  # the keeping logic, not compilation
+    m = _model("lora")
+    m2 = _model("lora")
+    d = _kept(m)
+    assert _kept(m) is d and _kept(m, max_len=30) is d  # same bucket (64 on the CPU)
+    assert _kept(m, batch=2) is not d
+    assert _kept(m2) is not d  # another model's tensors
+    assert _kept(m, compile=False) is not d  # plain eager decoding is never kept
+    # adapter values written in place (load / set_adapter copy into the same tensors): kept
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(0.5)
+    assert _kept(m) is d
+    m.fold()
+    folded = _kept(m)
+    assert folded is not d  # folding changes what a step runs
+    m.unfold()
+    assert _kept(m) is d
+    m.fold()
+    assert _kept(m) is folded  # folding again writes the same storage: still valid
+    m.unfold()
+    with m.disable_adapter():
+        assert _kept(m) is not d
+    assert _kept(m) is d
+    m.merge_into_base()
+    merged = _kept(m)
+    assert merged is not d  # merged: the adapter no longer runs
+    m.to(torch.float64)  # new tensors
+    assert _kept(m) is not merged
+
+
+def test_set_adapter_keeps_decoder_and_tokens(tmp_path, monkeypatch):
+    """Switching between adapters of one structure copies values in place: the
+    kept decoder stays valid and gives each adapter's own tokens."""
+    monkeypatch.setattr(gen, "compiled_decode", lambda: gen._decode)
+    m = _model("zflora")
+    m.save_adapter(tmp_path / "a")
+    randomize_adapter(m, seed=1)
+    m.save_adapter(tmp_path / "b")
+    m.load_adapter(tmp_path / "a", name="a")
+    m.load_adapter(tmp_path / "b", name="b")
+    ids, mask = _left_padded()
+    ref = {}
+    for name in ("a", "b"):
+        m.set_adapter(name)
+        ref[name] = m.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert not torch.equal(ref["a"], ref["b"])
+    kept = []
+    for name in ("a", "b", "a"):
+        m.set_adapter(name)
+        assert torch.equal(m.generate(ids, attention_mask=mask, max_new_tokens=6, compile=True), ref[name])
+        kept.append(list(gen._DECODERS[m].values()))
+    assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 1
+
+
+def test_kept_decoder_does_not_keep_model_alive(monkeypatch):
+    import gc
+    import weakref
+
+    monkeypatch.setattr(gen, "compiled_decode", lambda: gen._decode)
+    m = _model()
+    m.generate(random_ids(1, 5), max_new_tokens=3, compile=True)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+
+
+@cuda
+def test_cuda_graph_kept_across_calls_and_matches_eager():
+    m = _model("ffba").cuda()
+    ids, mask = _left_padded()
+    ids, mask = ids.cuda(), mask.cuda()
+    eager = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=False)
+    a = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=True)
+    (dec,) = gen._DECODERS[m].values()
+    graphs = dict(dec.graphs)
+    b = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=True)
+    assert torch.equal(a, eager) and torch.equal(b, eager)
+    assert dec.graphs == graphs and graphs  # replayed, not captured again
+
+
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_graph_on_second_device():
+    m = _model().to("cuda:1")
+    ids = random_ids(1, 7).to("cuda:1")
+    eager = m.generate(ids, max_new_tokens=8, use_cuda_graph=False)
+    assert torch.equal(m.generate(ids, max_new_tokens=8, use_cuda_graph=True), eager)
+
+
+def test_storage_views_cached_and_renewed():
+    """W and the slots are sliced once per storage tensor; a copy, a cast or a
+    move gets views of its own storage."""
+    import copy
+
+    m = _model("ffba")
+    blk = m.layers[0].attn
+    g = blk.qkv
+    W = g.W(blk)
+    assert g.W(blk) is W and W.data_ptr() == g.storage(blk).data_ptr()
+    c = copy.deepcopy(m)
+    cb = c.layers[0].attn
+    assert cb.qkv.W(cb).data_ptr() == cb.qkv.storage(cb).data_ptr() != W.data_ptr()
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        ref = m(ids).logits
+        for p in c.parameters():
+            p.mul_(3.0)
+        c.fold()  # writes the copy's slots: must not touch m
+        assert torch.equal(m(ids).logits, ref) and not torch.equal(c(ids).logits, ref)
+    m.to(torch.float64)
+    assert g.W(blk).dtype == torch.float64 and g.W(blk).data_ptr() == g.storage(blk).data_ptr()
