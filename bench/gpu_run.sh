@@ -15,7 +15,8 @@
 # Times are estimates for a fresh 16-core H100 host (no GPU run had been made
 # when this was written): replace them with the seconds column of a real run.
 #   build        pip install --no-deps --no-build-isolation -e . with FLORA_CUDA=1,
-#                MAX_JOBS=16, TORCH_CUDA_ARCH_LIST for the card (9.0a on Hopper); then
+#                MAX_JOBS=16, TORCH_CUDA_ARCH_LIST for the card (9.0a on Hopper), FLORA_KERNEL_ARCHS=90
+#                (the call must carry third_party/cutlass, from tools/fetch_cutlass.sh); then
 #                `python -m flora info` and a hard check that flora._C has CUDA kernels
 #                and sees the GPU. Fresh machine ~2-3 min; ~10 s when already built (a
 #                stamp of sources + toolchain in build/gpu_run.stamp). Always runs first.
@@ -179,8 +180,13 @@ EOF
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     if [ "$DRY" = 1 ]; then TORCH_CUDA_ARCH_LIST="9.0a"; else TORCH_CUDA_ARCH_LIST="$(pick_archs)"; fi
   fi
-  export FLORA_CUDA=1 TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-16}"
-  echo "FLORA_CUDA=$FLORA_CUDA TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+  # flora's own kernel TUs: only this card's GEMMs (Hopper: 90), CUTLASS headers carried
+  # from the CPU machine (tools/fetch_cutlass.sh there; the device has no network).
+  case "$TORCH_CUDA_ARCH_LIST" in 9.0*) : "${FLORA_KERNEL_ARCHS:=90}" ;; 8.*) : "${FLORA_KERNEL_ARCHS:=80}" ;; esac
+  [ -d "${FLORA_CUTLASS_DIR:-third_party/cutlass}/include/cutlass" ] \
+    || echo "WARNING: no CUTLASS headers (run tools/fetch_cutlass.sh on the CPU machine and carry third_party/cutlass): the CUTLASS GEMMs will not be built"
+  export FLORA_CUDA=1 TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-16}" FLORA_KERNEL_ARCHS="${FLORA_KERNEL_ARCHS:-80;90}"
+  echo "FLORA_CUDA=$FLORA_CUDA TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST FLORA_KERNEL_ARCHS=$FLORA_KERNEL_ARCHS MAX_JOBS=$MAX_JOBS"
   local want="" t0
   t0=$(date +%s)
   [ "$DRY" = 1 ] || want="$(build_fingerprint)"
