@@ -17,7 +17,8 @@ Rows: llama.cpp, flora base, flora ffba and zflora (random rank-r adapters,
 folded as generate() does). Goals (issue 12): flora base TPOT <= 1.1x
 llama.cpp at the same precision; ffba and zflora TPOT <= 1.05x flora base.
 The bytes column: weight bytes a step streams / TPOT, against the copy
-bandwidth measured in the same run.
+bandwidth measured in the same run. Needs ``pip install llama-cpp-python``
+(it builds llama.cpp from source).
 """
 from __future__ import annotations
 
@@ -80,7 +81,11 @@ class LlamaCppProbe:
     graphed = False
 
     def __init__(self, path: str, ids: list, new_tokens: int, threads: int):
-        from llama_cpp import Llama
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            sys.exit("bench/llamacpp.py needs llama-cpp-python (`pip install llama-cpp-python`: it builds "
+                     "llama.cpp from source, about 30 minutes on one core)")
 
         self.llm = Llama(model_path=path, n_ctx=len(ids) + new_tokens + 16, n_batch=512, n_threads=threads,
                          n_threads_batch=threads, verbose=False)
