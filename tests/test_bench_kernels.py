@@ -1,20 +1,15 @@
 """bench/kernels.py survives: each row is in the JSON as soon as it is
 measured, and a row that fails records its error while the sweep goes on."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from _bench_scripts import load_bench_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def kb():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("kernels")
 
 
 ARGS = ["--device", "cpu", "--models", "1024-wide", "--shapes", "o", "--ranks", "16", "--dtypes", "float32",

@@ -1,10 +1,9 @@
 """The decode step: ops per layer (profiler count, not a timing), compiled ==
 eager, the attention window, and kept decoders (CUDA graphs) reused and
 invalidated on the right changes."""
-import importlib.util
-from pathlib import Path
 
 import pytest
+from _bench_scripts import load_bench_script
 import torch
 
 from flora import AdapterConfig
@@ -14,14 +13,10 @@ from llama_fixtures import llama_model, random_ids
 from test_model import randomize_adapter
 
 cuda = pytest.mark.cuda
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _op_count():
-    spec = importlib.util.spec_from_file_location("bench_op_count", ROOT / "bench" / "op_count.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("op_count")
 
 
 def _model(variant=None, **kw):

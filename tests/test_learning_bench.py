@@ -1,18 +1,13 @@
 """bench/learning.py end to end, kept tiny: quick base model, two variants, one task."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from _bench_scripts import load_bench_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "bench" / "learning.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("learning")
 
 
 def test_quick_learning_bench(tmp_path):
