@@ -16,8 +16,11 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 def dry(tmp_path, *stages, root=ROOT, **env):
-    e = dict(os.environ, GPU_RUN_DRY="1", OUT=str(tmp_path / "out"), **env)
-    e.pop("GPU_RUN_BUDGET", None)
+    e = dict(os.environ, GPU_RUN_DRY="1", OUT=str(tmp_path / "out"))
+    # the defaults under test, not the caller's (CI exports MAX_JOBS=2)
+    for k in ("GPU_RUN_BUDGET", "MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "FLORA_KERNEL_ARCHS"):
+        e.pop(k, None)
+    e.update(env)
     p = subprocess.run(["bash", str(root / "bench" / "gpu_run.sh"), *stages], capture_output=True, text=True,
                        env=e, timeout=120)
     return p, p.stdout
