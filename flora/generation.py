@@ -103,16 +103,20 @@ def _decode(model, ids: Tensor, pos: Tensor, mask: Tensor, cache: StaticKVCache)
     return model.run_layers(ids, pos, mask, cache=cache)[:, -1]
 
 
-_compiled_decode = None
+_compiled_decode: dict = {}
 
 
-def compiled_decode():
-    """The decode step under torch.compile (one compiled function for every model:
-    dynamo guards recompile for another structure or window length)."""
-    global _compiled_decode
-    if _compiled_decode is None:
-        _compiled_decode = torch.compile(_decode, fullgraph=True)
-    return _compiled_decode
+def compiled_decode(device_type: str = "cpu"):
+    """The decode step under torch.compile (one compiled function per device
+    type for every model: dynamo guards recompile for another structure or
+    window length). On the CPU the graph's wrapper is generated C++
+    (cpp_wrapper): the Python wrapper's per-kernel calls cost ~4 ms of a
+    ~33 ms SmolLM2-135M step (bench/RESULTS.md)."""
+    fn = _compiled_decode.get(device_type)
+    if fn is None:
+        opts = {"cpp_wrapper": True} if device_type == "cpu" else None
+        fn = _compiled_decode[device_type] = torch.compile(_decode, fullgraph=True, options=opts)
+    return fn
 
 
 class Decoder:
@@ -135,7 +139,7 @@ class Decoder:
         self._masks: dict = {}  # window length -> view of the mask
         self.use_cuda_graph = use_cuda_graph and dev.type == "cuda"
         self.compile = compile
-        self._fn = compiled_decode() if compile else _decode
+        self._fn = compiled_decode(dev.type) if compile else _decode
         self.graphs: dict = {}  # window length -> (CUDAGraph, its output logits)
         self._pool = None  # the graphs share one memory pool
         self.t = 0

@@ -98,7 +98,7 @@ def _kept(m, batch=1, max_len=20, compile=True):
 
 
 def test_kept_decoder_reused_and_invalidated(monkeypatch):
-    monkeypatch.setattr(gen, "compiled_decode", lambda: gen._decode)  # the keeping logic, not compilation
+    monkeypatch.setattr(gen, "compiled_decode", lambda *a: gen._decode)  # the keeping logic, not compilation
     m = _model("lora")
     m2 = _model("lora")
     d = _kept(m)
@@ -132,7 +132,7 @@ def test_kept_decoder_reused_and_invalidated(monkeypatch):
 def test_set_adapter_keeps_decoder_and_tokens(tmp_path, monkeypatch):
     """Switching between adapters of one structure copies values in place: the
     kept decoder stays valid and gives each adapter's own tokens."""
-    monkeypatch.setattr(gen, "compiled_decode", lambda: gen._decode)
+    monkeypatch.setattr(gen, "compiled_decode", lambda *a: gen._decode)
     m = _model("zflora")
     m.save_adapter(tmp_path / "a")
     randomize_adapter(m, seed=1)
@@ -157,7 +157,7 @@ def test_kept_decoder_does_not_keep_model_alive(monkeypatch):
     import gc
     import weakref
 
-    monkeypatch.setattr(gen, "compiled_decode", lambda: gen._decode)
+    monkeypatch.setattr(gen, "compiled_decode", lambda *a: gen._decode)
     m = _model()
     m.generate(random_ids(1, 5), max_new_tokens=3, compile=True)
     ref = weakref.ref(m)
@@ -211,3 +211,21 @@ def test_storage_views_cached_and_renewed():
         assert torch.equal(m(ids).logits, ref) and not torch.equal(c(ids).logits, ref)
     m.to(torch.float64)
     assert g.W(blk).dtype == torch.float64 and g.W(blk).data_ptr() == g.storage(blk).data_ptr()
+
+
+def test_llamacpp_bench_compares_each_mode_with_its_own_base():
+    """bench/llamacpp.py: a compiled adapter row is judged against the compiled
+    base, an eager one against the eager base (not across modes)."""
+    lc = load_bench_script("llamacpp")
+    assert lc.base_of("flora ffba compiled") == "flora base compiled"
+    assert lc.base_of("flora zflora") == "flora base"
+    row = dict(dtype="fp32", tpot_ms=1.0, gbps=1.0, floor_ratio=1.0)
+    rows = [dict(row, engine="llama.cpp", vs_llamacpp=1.0, vs_flora_base=None),
+            dict(row, engine="flora base", vs_llamacpp=1.5, vs_flora_base=1.0),
+            dict(row, engine="flora base compiled", vs_llamacpp=1.08, vs_flora_base=1.0),
+            dict(row, engine="flora ffba compiled", vs_llamacpp=1.1, vs_flora_base=1.06)]
+    md = lc.markdown(rows, "cmd", "0.1")
+    assert "| fp32 | llama.cpp | 1.00 | 1.000 | - |" in md
+    assert "- fp32: flora base TPOT <= 1.1x llama.cpp: 1.500 (missed)" in md
+    assert "- fp32: flora base compiled TPOT <= 1.1x llama.cpp: 1.080 (met)" in md
+    assert "- fp32: flora ffba compiled TPOT <= 1.05x flora base compiled: 1.060 (missed)" in md

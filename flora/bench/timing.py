@@ -38,11 +38,12 @@ class LatencyProbe:
     """One model's timed generation runs on a fixed random prompt: TTFT =
     prefill + first token, TPOT = mean of the remaining ``new_tokens - 1``
     decode steps (greedy). Enter it (``with``) to hold the model in inference
-    mode and its decoder (static cache, CUDA graph captured at the first run)
-    across runs, so several probes can be timed interleaved."""
+    mode and its decoder (static cache, CUDA graph captured at the first run,
+    the step compiled with ``compile=True``) across runs, so several probes
+    can be timed interleaved."""
 
     def __init__(self, model, batch: int, prompt_len: int, new_tokens: int,
-                 use_cuda_graph: Optional[bool] = None, seed: int = 0):
+                 use_cuda_graph: Optional[bool] = None, seed: int = 0, compile: bool = False):
         if batch < 1 or prompt_len < 1 or new_tokens < 2:
             raise ValueError("need batch >= 1, prompt_len >= 1, new_tokens >= 2")
         self.model, self.new_tokens = model, new_tokens
@@ -52,6 +53,7 @@ class LatencyProbe:
         self.ids = torch.randint(0, model.arch.vocab_size, (batch, prompt_len), generator=g).to(dev)
         self.valid = torch.ones(batch, prompt_len, dtype=torch.bool, device=dev)
         self.timer = Timer(dev)
+        self.compile = compile
         self._ctx: Optional[contextlib.ExitStack] = None
         self.dec: Optional[Decoder] = None
 
@@ -59,7 +61,7 @@ class LatencyProbe:
         self._ctx = contextlib.ExitStack()
         self._ctx.enter_context(inference_mode(self.model))
         B, T = self.ids.shape
-        self.dec = Decoder(self.model, B, T + self.new_tokens, self.use_cuda_graph)
+        self.dec = Decoder(self.model, B, T + self.new_tokens, self.use_cuda_graph, compile=self.compile)
         return self
 
     def __exit__(self, *exc) -> None:
