@@ -32,8 +32,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from flora import AdapterConfig, FusedLlama, LlamaShapes  # noqa: E402
+from flora import AdapterConfig, FusedLlama, LlamaArch  # noqa: E402
 from flora import synthetic as syn  # noqa: E402
+from flora.checkpoint import read_config  # noqa: E402
 from flora.data import TokenizedDataset, load_tokenizer  # noqa: E402
 from flora.bench.report import machine  # noqa: E402
 from flora.evaluate import eval_stats  # noqa: E402
@@ -48,7 +49,7 @@ TASKS = ["topic", "between"]
 BEGIN, END = "<!-- learning:begin -->", "<!-- learning:end -->"
 
 
-def matched_rank(variant: str, budget: int, shapes: LlamaShapes, max_rank: int = 512):
+def matched_rank(variant: str, budget: int, shapes: LlamaArch, max_rank: int = 512):
     """(rank, count) whose adapter parameter count is closest to ``budget``."""
     best = None
     for r in range(1, max_rank + 1):
@@ -247,10 +248,7 @@ def main(argv=None):
     base_cfg = syn.QUICK_BASE if args.quick else syn.DEFAULT_BASE
     base_dir = syn.build_base_model(base_cfg, cache_dir=args.cache_dir, progress=False)
     tok = load_tokenizer(base_dir)
-    from transformers import AutoConfig
-
-    hf_cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
-    shapes = LlamaShapes.from_hf(hf_cfg)
+    shapes = read_config(str(base_dir))
     budget = count_parameters(AdapterConfig(REFERENCE, args.ref_rank, 2.0 * args.ref_rank), shapes)
     ranks = {}
     for v in variants:
@@ -284,7 +282,8 @@ def main(argv=None):
         "command": "python bench/learning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": {**vars(args), "tasks": tasks}, "variants": variants, "ranks": ranks, "budget": budget,
         "base": {"dir": str(base_dir), "params": base_params, "steps": base_cfg.steps,
-                 "shape": f"d={shapes.hidden}, {shapes.layers} layers, d_ff={shapes.ffn}, vocab={shapes.vocab}"},
+                 "shape": f"d={shapes.hidden_size}, {shapes.num_hidden_layers} layers, "
+                          f"d_ff={shapes.intermediate_size}, vocab={shapes.vocab_size}"},
         "base_eval": base_eval, "runs": runs, "seconds": time.perf_counter() - t_start,
     }
     result["findings"] = findings(result)

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from flora import AdapterConfig, FusedLlama, LlamaShapes  # noqa: E402
+from flora import AdapterConfig, FusedLlama  # noqa: E402
 from flora.bench.report import machine  # noqa: E402
 from flora.fileio import atomic_write_json  # noqa: E402
 from flora.gguf import load_gguf  # noqa: E402
@@ -295,14 +295,11 @@ def run(args) -> dict:
     eos = arch.eos_token_id
     full_base = FusedLlama(arch, sd, None)
     ta, tsd = top_state_dict(sd, arch, k)
-    shapes = LlamaShapes(arch.hidden_size, arch.num_attention_heads * arch.head_dim,
-                         arch.num_key_value_heads * arch.head_dim, arch.intermediate_size,
-                         arch.vocab_size, k)
-    budget = count_parameters(AdapterConfig("lora", args.ref_rank, 2.0 * args.ref_rank), shapes)
+    budget = count_parameters(AdapterConfig("lora", args.ref_rank, 2.0 * args.ref_rank), ta)
     variants = args.variants
     ranks = {}
     for v in variants:
-        r, n = (args.ref_rank, budget) if v in ("lora", "pf-lora") else matched_rank(v, budget, shapes)
+        r, n = (args.ref_rank, budget) if v in ("lora", "pf-lora") else matched_rank(v, budget, ta)
         ranks[v] = r
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +307,7 @@ def run(args) -> dict:
               "torch": torch.__version__, "command": "python bench/learning.py real " + " ".join(args.argv),
               "args": {k_: v_ for k_, v_ in vars(args).items() if k_ != "argv"}, "model": os.path.basename(path),
               "layers": L, "budget": budget, "ranks": ranks,
-              "trainable": {v: count_parameters(AdapterConfig(v, ranks[v], 2.0 * ranks[v]), shapes)
+              "trainable": {v: count_parameters(AdapterConfig(v, ranks[v], 2.0 * ranks[v]), ta)
                             for v in variants},
               "base": {}, "runs": [], "split_check": {}, "seconds": 0.0}
 
@@ -405,7 +402,7 @@ def markdown(result) -> str:
         f"- fine-tuning: {a['steps']} steps x batch {a['batch_size']} (the same examples in the same order for "
         f"every variant of a seed; distinct train/eval examples: "
         + ", ".join(f"{t} {d['train']}/{d['eval']}" for t, d in result.get("data", {}).items()) + "), AdamW, 10% warmup + cosine, "
-        f"grad clip 1.0, alpha = 2 x rank; "
+        "grad clip 1.0, alpha = 2 x rank; "
         + (f"lr sweep {a['lrs']} on seed 0, the lr with the lowest eval loss then run on seeds 1..{a['seeds'] - 1}"
          if a["seeds"] > 1 else f"lr(s) {a['lrs']}, one seed (0)"),
         f"- budget: LoRA r={a['ref_rank']} on all 7 projections of the adapted layers = {result['budget']:,} "

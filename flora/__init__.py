@@ -2,13 +2,13 @@
 from . import ops
 from ._version import __version__
 from .info import format_info, info
-from .config import AdapterConfig, LlamaShapes
+from .config import AdapterConfig, LlamaArch
 from . import modules
 from .modules import (FFL, FBL, FFBL, FusedAttentionProjections, FusedOutputProjection,
                       FusedMLP, FusedLMHead, initial_carry)
 
 __all__ = ["ops", "info", "format_info", "__version__"]
-__all__ += ["AdapterConfig", "LlamaShapes", "modules", "FFL", "FBL", "FFBL",
+__all__ += ["AdapterConfig", "LlamaArch", "modules", "FFL", "FBL", "FFBL",
             "FusedAttentionProjections", "FusedOutputProjection", "FusedMLP", "FusedLMHead",
             "initial_carry"]
 from .model import FusedLlama

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from ._version import __version__
-from .checkpoint import LlamaArch, read_safetensors_header, load_safetensors
-from .config import AdapterConfig, LlamaShapes
+from .checkpoint import read_safetensors_header, load_safetensors
+from .config import AdapterConfig, LlamaArch
 from .fileio import atomic_write_json
 from .modules.variants import adapter_shapes
 
@@ -317,7 +317,7 @@ def _read_flora_adapter(path: str, arch: LlamaArch, meta: dict):
     if diffs:
         raise AdapterError(f"{path}: adapter was made for a different base model ({'; '.join(diffs)})")
     try:
-        cfg.validate_for(LlamaShapes.from_hf(arch))
+        cfg.validate_for(arch)
     except ValueError as e:
         raise AdapterError(f"{where}: {e}") from None
     wpath = os.path.join(path, WEIGHTS_NAME)
@@ -337,7 +337,7 @@ def _read_flora_adapter(path: str, arch: LlamaArch, meta: dict):
 def resolve_adapter(adapter, arch: LlamaArch):
     """AdapterConfig | dir -> (validated AdapterConfig, tensors or None for a fresh adapter)."""
     if isinstance(adapter, AdapterConfig):
-        adapter.validate_for(LlamaShapes.from_hf(arch))
+        adapter.validate_for(arch)
         return adapter, None
     if isinstance(adapter, (str, os.PathLike)):
         return read_adapter_dir(adapter, arch)

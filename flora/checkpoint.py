@@ -14,11 +14,11 @@ import json
 import math
 import os
 import struct
-from dataclasses import asdict, dataclass
-from typing import Any, Optional
 
 from safetensors import safe_open
 from torch import Tensor
+
+from .config import LlamaArch
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # safetensors dtype names -> bytes per element (for the completeness check)
@@ -28,36 +28,6 @@ _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that flora cannot read as a Llama model."""
-
-
-@dataclass(frozen=True)
-class LlamaArch:
-    """The architecture numbers of a Llama checkpoint (what the forward needs)."""
-
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3"|"linear", ...} or None
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 2048
-    bos_token_id: Any = None
-    eos_token_id: Any = None
-    pad_token_id: Any = None
-
-    def shape_dict(self) -> dict:
-        """The numbers an adapter file records to identify its base model."""
-        return {k: getattr(self, k) for k in (
-            "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def arch_from_config_dict(cfg: dict, where: str = "config") -> LlamaArch:
@@ -76,23 +46,9 @@ def arch_from_config_dict(cfg: dict, where: str = "config") -> LlamaArch:
     if act not in ("silu", "swish"):
         raise CheckpointError(f"{where}: hidden_act is {act!r}; flora's MLP is SwiGLU (silu)")
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    # bool is an int in Python: `"num_hidden_layers": true` must not read as 1 layer
-    missing = [k for k in required if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+    missing = [k for k in required if cfg.get(k) is None]
     if missing:
-        raise CheckpointError(f"{where}: missing or non-integer field(s): {', '.join(missing)}")
-    for k in required + ("num_key_value_heads", "head_dim"):
-        v = cfg.get(k)
-        if k in required or v is not None:
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise CheckpointError(f"{where}: {k} must be a positive integer, got {v!r}")
-    d, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-    nkv = cfg.get("num_key_value_heads") or nh
-    head_dim = cfg.get("head_dim") or d // nh
-    if nh % nkv:
-        raise CheckpointError(
-            f"{where}: num_attention_heads ({nh}) is not a multiple of num_key_value_heads ({nkv})")
-    if head_dim % 2:
-        raise CheckpointError(f"{where}: head_dim {head_dim} is odd; RoPE needs an even head_dim")
+        raise CheckpointError(f"{where}: missing field(s): {', '.join(missing)}")
 
     # transformers 5 writes "rope_parameters" (with rope_theta inside); 4.x wrote
     # "rope_theta" and "rope_scaling" at top level. Accept both.
@@ -121,14 +77,18 @@ def arch_from_config_dict(cfg: dict, where: str = "config") -> LlamaArch:
         if "factor" not in rp:
             raise CheckpointError(f"{where}: linear rope scaling lacks factor")
         scaling = {"rope_type": "linear", "factor": float(rp["factor"])}
-    return LlamaArch(
-        hidden_size=d, num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=nh,
-        num_key_value_heads=nkv, head_dim=head_dim, intermediate_size=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"], rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta, rope_scaling=scaling,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=max_pos, bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"))
+    try:  # LlamaArch checks the numbers (positive integers, head counts, head_dim)
+        return LlamaArch(
+            hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg.get("num_key_value_heads"),
+            head_dim=cfg.get("head_dim"), intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"], rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta, rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=max_pos, bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def arch_from_hf_config(config) -> LlamaArch:
@@ -236,8 +196,7 @@ def checkpoint_files(path: str) -> dict[str, str]:
 def expected_shapes(arch: LlamaArch) -> dict[str, tuple]:
     """HF tensor name -> shape for every tensor a Llama checkpoint must hold."""
     d, f, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
-    dq = arch.num_attention_heads * arch.head_dim
-    dkv = arch.num_key_value_heads * arch.head_dim
+    dq, dkv = arch.q_dim, arch.kv_dim
     s = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
     if not arch.tie_word_embeddings:
         s["lm_head.weight"] = (v, d)

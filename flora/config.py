@@ -1,7 +1,8 @@
-"""AdapterConfig: which adapter variant, where, and how big.
+"""AdapterConfig: which adapter variant, where, and how big; LlamaArch: the
+model it goes on.
 
 A config is validated when it is built (everything that can be checked
-without the model) and again by ``validate_for(shapes)`` once the model's
+without the model) and again by ``validate_for(arch)`` once the model's
 widths are known (repeat-add widths, layer indices). Every problem is a
 ValueError (TypeError for a wrong type) that names the field.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence, Union
 
 from .fileio import atomic_write_text
 
@@ -42,32 +43,98 @@ FFBA_FAMILY = ("fpa", "ffba", "ffba-ab", "ffba-relu", "ffba-qg-add")
 ZFLORA_FAMILY = ("zflora", "zflora-minimal")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
-class LlamaShapes:
-    """The widths a config is checked against (no head counts needed)."""
+class LlamaArch:
+    """A Llama's architecture numbers, named as in its ``config.json``: what
+    the forward needs, what an AdapterConfig is checked against and what
+    parameter counts are computed from. ``flora.checkpoint`` builds one from
+    a checkpoint (checking the rest of the config); built directly,
+    num_key_value_heads and head_dim default as in transformers. A bad
+    number is a ValueError that names the field."""
 
-    hidden: int  # d
-    q_dim: int  # d_q = n_heads * head_dim
-    kv_dim: int  # d_kv = n_kv_heads * head_dim
-    ffn: int  # d_ff
-    vocab: int
-    layers: int
+    hidden_size: int  # d
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int  # d_ff
+    vocab_size: int
+    num_key_value_heads: Optional[int] = None  # None: num_attention_heads
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3"|"linear", ...} or None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    pad_token_id: Any = None
 
-    @classmethod
-    def from_hf(cls, hf_config) -> "LlamaShapes":
-        """From a transformers LlamaConfig (or anything with its attributes)."""
-        c = hf_config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        return cls(c.hidden_size, c.num_attention_heads * head_dim, kv_heads * head_dim,
-                   c.intermediate_size, c.vocab_size, c.num_hidden_layers)
+    def __post_init__(self):
+        def positive(k):
+            # bool is an int in Python: `"num_hidden_layers": true` must not read as 1 layer
+            v = getattr(self, k)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"LlamaArch.{k}: must be a positive integer, got {v!r}")
+
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            positive(k)
+        nh = self.num_attention_heads
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", nh)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // nh)
+        positive("num_key_value_heads")
+        positive("head_dim")
+        if nh % self.num_key_value_heads:
+            raise ValueError(f"LlamaArch.num_key_value_heads: num_attention_heads ({nh}) is not a "
+                             f"multiple of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaArch.head_dim: {self.head_dim} is odd; RoPE needs an even head_dim")
+
+    @property
+    def q_dim(self) -> int:
+        """d_q = num_attention_heads * head_dim."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """d_kv = num_key_value_heads * head_dim."""
+        return self.num_key_value_heads * self.head_dim
 
     def out_width(self, p: str) -> int:
-        return {"q": self.q_dim, "k": self.kv_dim, "v": self.kv_dim, "o": self.hidden,
-                "gate": self.ffn, "up": self.ffn, "down": self.hidden, "head": self.vocab}[p]
+        return {"q": self.q_dim, "k": self.kv_dim, "v": self.kv_dim, "o": self.hidden_size,
+                "gate": self.intermediate_size, "up": self.intermediate_size,
+                "down": self.hidden_size, "head": self.vocab_size}[p]
 
     def in_width(self, p: str) -> int:
-        return {"o": self.q_dim, "down": self.ffn}.get(p, self.hidden)
+        return {"o": self.q_dim, "down": self.intermediate_size}.get(p, self.hidden_size)
+
+    def shape_dict(self) -> dict:
+        """The numbers an adapter file records to identify its base model."""
+        return {k: getattr(self, k) for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_arch(shapes, what: str = "shapes") -> LlamaArch:
+    """``shapes`` as a LlamaArch: itself, a dict of its fields, or a
+    transformers LlamaConfig (checked as a checkpoint's config.json is)."""
+    if isinstance(shapes, LlamaArch):
+        return shapes
+    if isinstance(shapes, dict):
+        return LlamaArch(**shapes)
+    if hasattr(shapes, "hidden_size") and hasattr(shapes, "to_dict"):
+        from .checkpoint import arch_from_hf_config  # checkpoint imports this module
+
+        return arch_from_hf_config(shapes)
+    raise TypeError(f"{what}: expected a LlamaArch, a dict of its fields or a transformers "
+                    f"LlamaConfig, got {type(shapes).__name__}")
 
 
 _DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16",
@@ -94,10 +161,6 @@ def parse_dtype(value, what: str = "dtype"):
     if value not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"{what} must be float16, bfloat16, float32 or float64 (or its name), got {value!r}")
     return value
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class AdapterConfig:
@@ -254,16 +317,13 @@ class AdapterConfig:
                 f"projection {p} (width {width}), which needs {width} % {rc} == 0")
 
     def validate_for(self, shapes) -> "AdapterConfig":
-        """Check against the model's widths (a LlamaShapes or a dict of its fields)."""
-        if isinstance(shapes, dict):
-            shapes = LlamaShapes(**shapes)
-        if not isinstance(shapes, LlamaShapes):
-            raise TypeError(f"validate_for: expected LlamaShapes or dict, got {type(shapes).__name__}")
+        """Check against the model's widths (anything ``as_arch`` takes)."""
+        shapes = as_arch(shapes, "validate_for")
         for p in self.resolved_targets:
             self.check_width(p, shapes.out_width(p))
-        if self.layers is not None and self.layers[-1] >= shapes.layers:
+        if self.layers is not None and self.layers[-1] >= shapes.num_hidden_layers:
             raise ValueError(f"AdapterConfig.layers: index {self.layers[-1]} out of range for a "
-                             f"model with {shapes.layers} layers")
+                             f"model with {shapes.num_hidden_layers} layers")
         return self
 
     # -- serialisation -----------------------------------------------------

@@ -14,7 +14,8 @@ import os
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, LlamaArch, arch_from_config_dict, check_state_dict
+from .checkpoint import CheckpointError, arch_from_config_dict, check_state_dict
+from .config import LlamaArch
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 _LAYER_NAMES = {

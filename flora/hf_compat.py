@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .checkpoint import LlamaArch
+from .config import LlamaArch
 
 
 class HFCompat:

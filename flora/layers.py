@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import LlamaArch
+from .config import LlamaArch
 
 
 # --------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from . import adapter_io, nvtx
 from .adapters import AdapterRegistry, describe
 from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, attention_mask_4d, causal_lm_loss,
                      positions_from_mask, rms_norm, rope_cos_sin, rope_inv_freq)
-from .checkpoint import (CheckpointError, LlamaArch, load_checkpoint,
-                         state_dict_from_hf_model)
+from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
+from .config import LlamaArch
 from .generation import generate
 from .hf_compat import HFCompat, HFConfigView
 from .modules import (FusedAttentionProjections, FusedLMHead, FusedMLP, FusedOutputProjection,

@@ -96,6 +96,11 @@ def _edit_config(path, **changes):
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "rope_type 'yarn'"),
     ({"hidden_size": 128}, "shape"),
+    ({"vocab_size": None}, "missing field.*vocab_size"),
+    ({"num_hidden_layers": True}, "num_hidden_layers: must be a positive integer"),
+    ({"num_attention_heads": 0}, "num_attention_heads: must be a positive integer"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
+    ({"head_dim": 15}, "head_dim: 15 is odd"),
 ])
 def test_bad_config(ckpt, change, msg):
     _edit_config(ckpt, **change)

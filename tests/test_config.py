@@ -4,9 +4,11 @@ import json
 import pytest
 
 from flora import AdapterConfig
-from flora.config import MHA_VARIANTS, VARIANTS, LlamaShapes
+from flora.config import MHA_VARIANTS, VARIANTS, LlamaArch, as_arch
 
-ONE_B = LlamaShapes(2048, 2048, 512, 8192, 128256, 16)
+# Llama-3.2-1B: d 2048, d_q 32 * 64, d_kv 8 * 64, d_ff 8192
+ONE_B = LlamaArch(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                  intermediate_size=8192, vocab_size=128256)
 
 
 def test_variant_list():
@@ -92,8 +94,9 @@ def test_validate_for_widths_and_layers():
     AdapterConfig("ffa", 32, 64).validate_for(ONE_B)
     # ffba-qg-add tiles the r wide state over q and gate only
     with pytest.raises(ValueError, match="AdapterConfig.rank.*projection q"):
-        AdapterConfig("ffba-qg-add", 48, 96).validate_for(dict(
-            hidden=2048, q_dim=2000, kv_dim=512, ffn=8160, vocab=10, layers=2))
+        AdapterConfig("ffba-qg-add", 48, 96).validate_for(dict(  # d_q = 25 * 80 = 2000
+            hidden_size=2048, num_hidden_layers=2, num_attention_heads=25, num_key_value_heads=5,
+            head_dim=80, intermediate_size=8160, vocab_size=10))
     AdapterConfig("ffba", 48, 96).validate_for(ONE_B)  # no repeat-add: any rank
     with pytest.raises(ValueError, match="AdapterConfig.layers"):
         AdapterConfig("lora", 4, 8, layers=[16]).validate_for(ONE_B)
@@ -113,8 +116,32 @@ def test_from_dict_and_json_errors(tmp_path):
 
 
 def test_hf_shapes():
-    class C:
-        hidden_size, num_attention_heads, num_key_value_heads = 3072, 24, 8
-        head_dim, intermediate_size, vocab_size, num_hidden_layers = 128, 8192, 128256, 28
-    sh = LlamaShapes.from_hf(C)
-    assert (sh.q_dim, sh.kv_dim, sh.layers) == (3072, 1024, 28)
+    from transformers import LlamaConfig
+
+    c = LlamaConfig(hidden_size=3072, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                    intermediate_size=8192, vocab_size=128256, num_hidden_layers=28)
+    sh = as_arch(c)
+    assert isinstance(sh, LlamaArch) and as_arch(sh) is sh
+    assert (sh.q_dim, sh.kv_dim, sh.num_hidden_layers) == (3072, 1024, 28)
+    assert as_arch(sh.shape_dict()).shape_dict() == sh.shape_dict()
+    assert (sh.in_width("o"), sh.in_width("down"), sh.in_width("q")) == (3072, 8192, 3072)
+    assert (sh.out_width("k"), sh.out_width("up"), sh.out_width("head")) == (1024, 8192, 128256)
+
+
+def test_arch_defaults_and_errors():
+    a = LlamaArch(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=10)
+    assert (a.num_key_value_heads, a.head_dim, a.q_dim, a.kv_dim) == (4, 16, 64, 64)
+    good = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96, vocab_size=10)
+    for bad, msg in [(dict(hidden_size=0), "hidden_size: must be a positive integer"),
+                     (dict(num_hidden_layers=True), "num_hidden_layers: must be a positive integer"),
+                     (dict(vocab_size=10.0), "vocab_size"), (dict(num_key_value_heads=0), "num_key_value_heads"),
+                     (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads"),
+                     (dict(head_dim=7), "head_dim: 7 is odd"),
+                     (dict(hidden_size=2), "head_dim: must be a positive integer, got 0")]:
+        with pytest.raises(ValueError, match=msg):
+            LlamaArch(**{**good, **bad})
+    with pytest.raises(TypeError, match="hidden"):
+        as_arch(dict(good, hidden=64))
+    with pytest.raises(TypeError, match="validate_for: expected a LlamaArch"):
+        AdapterConfig("lora", 4, 8).validate_for("64")

@@ -33,11 +33,12 @@ def test_quick_learning_bench(tmp_path):
 
 
 def test_matched_rank_picks_closest_valid():
-    from flora import AdapterConfig, LlamaShapes
+    from flora import AdapterConfig, LlamaArch
     from flora.modules import count_parameters
 
     bench = _load()
-    sh = LlamaShapes(hidden=128, q_dim=128, kv_dim=64, ffn=352, vocab=97, layers=4)
+    sh = LlamaArch(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=352, vocab_size=97)  # d_q 128, d_kv 64
     budget = count_parameters(AdapterConfig("lora", 4, 8.0), sh)
     r, n = bench.matched_rank("ffba", budget, sh)
     # independent: FFBA has A_q, A_k, A_v, A_gate, A_up [r, d] and B_o, B_down [d, r] per layer

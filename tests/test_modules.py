@@ -13,12 +13,13 @@ import torch.nn.functional as F
 
 import flora
 from flora import AdapterConfig
-from flora.config import VARIANTS, LlamaShapes
+from flora.config import VARIANTS, LlamaArch
 from flora.modules import (FBL, FFBL, FFL, FusedAttentionProjections, FusedLMHead, FusedMLP,
                            FusedOutputProjection, count_parameters, initial_carry)
 
 D, DQ, DKV, DFF, VOCAB, L, R, M = 16, 16, 8, 32, 24, 3, 4, 5
-SHAPES = LlamaShapes(D, DQ, DKV, DFF, VOCAB, L)
+SHAPES = LlamaArch(hidden_size=D, num_hidden_layers=L, num_attention_heads=DQ // 8, num_key_value_heads=DKV // 8,
+                   head_dim=8, intermediate_size=DFF, vocab_size=VOCAB)
 OUT = {"q": DQ, "k": DKV, "v": DKV, "o": D, "gate": DFF, "up": DFF, "down": D, "head": VOCAB}
 IN = {"o": DQ, "down": DFF}
 
@@ -346,13 +347,15 @@ def _formula(v, d, dq, dkv, dff, vocab, Lr, r):
     raise AssertionError(v)
 
 
-@pytest.mark.parametrize("name,shape", [
-    ("llama-3.2-1b", (2048, 32 * 64, 8 * 64, 8192, 128256, 16)),
-    ("llama-3.2-3b", (3072, 24 * 128, 8 * 128, 8192, 128256, 28)),
+@pytest.mark.parametrize("name,shape,heads", [
+    ("llama-3.2-1b", (2048, 32 * 64, 8 * 64, 8192, 128256, 16), (32, 8)),
+    ("llama-3.2-3b", (3072, 24 * 128, 8 * 128, 8192, 128256, 28), (24, 8)),
 ])
 @pytest.mark.parametrize("r", [8, 16, 64])
-def test_parameter_counts_llama_shapes(name, shape, r):
-    sh = LlamaShapes(*shape)
+def test_parameter_counts_llama_shapes(name, shape, heads, r):
+    d, _, _, dff, vocab, layers = shape  # head_dim = d / heads in both
+    sh = LlamaArch(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads[0],
+                   num_key_value_heads=heads[1], intermediate_size=dff, vocab_size=vocab)
     for v in VARIANTS:
         cfg = AdapterConfig(v, r, 2 * r)
         assert count_parameters(cfg, sh) == _formula(v, *shape, r), (name, v)

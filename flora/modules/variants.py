@@ -4,37 +4,26 @@ from __future__ import annotations
 
 from typing import Dict, Iterator, Optional, Tuple
 
-from ..config import VARIANTS, AdapterConfig, LlamaShapes
+from ..config import VARIANTS, AdapterConfig, as_arch
 from .roles import GROUPS, param_shapes, role
-
-
-def _shapes(shapes) -> LlamaShapes:
-    """LlamaShapes from itself, a dict of its fields, or a LlamaArch / transformers LlamaConfig."""
-    if isinstance(shapes, LlamaShapes):
-        return shapes
-    if isinstance(shapes, dict):
-        return LlamaShapes(**shapes)
-    if hasattr(shapes, "hidden_size") and hasattr(shapes, "num_hidden_layers"):
-        return LlamaShapes.from_hf(shapes)
-    raise TypeError(f"expected LlamaShapes or a dict of its fields, got {type(shapes).__name__}")
 
 
 def adapter_shapes(cfg: AdapterConfig, shapes) -> Iterator[Tuple[Optional[int], str, str, tuple]]:
     """(layer or None for the head, group, tensor name, shape) of every adapter
     tensor ``cfg`` gives a model of ``shapes``, in model order. The one loop
     behind parameter counts and adapter-file checks."""
-    sh = _shapes(shapes)
-    for i in list(range(sh.layers)) + [None]:
+    sh = as_arch(shapes)
+    for i in list(range(sh.num_hidden_layers)) + [None]:
         for g in ("qkv", "o", "gateup", "down") if i is not None else ("head",):
             names = GROUPS[g]
             widths = {p: sh.out_width(p) for p in names}
-            for n, s in param_shapes(role(cfg, g, i, sh.layers), cfg.rank, widths, sh.in_width(names[0])).items():
+            for n, s in param_shapes(role(cfg, g, i, sh.num_hidden_layers), cfg.rank, widths, sh.in_width(names[0])).items():
                 yield i, g, n, tuple(s)
 
 
 def parameter_shapes(cfg: AdapterConfig, shapes) -> Dict[str, tuple]:
     """'layers.<i>.<A_q|...>' / 'head.B_head' -> shape, for the whole model."""
-    sh = _shapes(shapes)
+    sh = as_arch(shapes)
     cfg.validate_for(sh)
     return {(f"layers.{i}.{n}" if i is not None else f"head.{n}"): s for i, _, n, s in adapter_shapes(cfg, sh)}
 
@@ -49,16 +38,16 @@ def count_parameters(cfg: AdapterConfig, shapes) -> int:
 
 def base_parameters(shapes, tied_head: bool = True) -> int:
     """Parameters of the base Llama (embedding, projections, norms, head)."""
-    sh = _shapes(shapes)
-    d = sh.hidden
-    per_layer = d * (2 * sh.q_dim + 2 * sh.kv_dim) + 3 * d * sh.ffn + 2 * d
-    return sh.vocab * d * (1 if tied_head else 2) + sh.layers * per_layer + d
+    sh = as_arch(shapes)
+    d = sh.hidden_size
+    per_layer = d * (2 * sh.q_dim + 2 * sh.kv_dim) + 3 * d * sh.intermediate_size + 2 * d
+    return sh.vocab_size * d * (1 if tied_head else 2) + sh.num_hidden_layers * per_layer + d
 
 
 def parameter_report(shapes, rank: int = 16, alpha: Optional[float] = None,
                      variants=VARIANTS, tied_head: bool = True) -> str:
     """A table: variant, adapter parameters, % of the base model."""
-    sh = _shapes(shapes)
+    sh = as_arch(shapes)
     base = base_parameters(sh, tied_head)
     lines = [f"{'variant':<18} {'params':>12} {'% of base':>10}"]
     for v in variants:
