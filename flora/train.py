@@ -23,7 +23,6 @@ import math
 import os
 import random
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch

@@ -504,8 +504,8 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
                 _done(log, rows[-1])
         del m
         _free(dev)
-    base_rows = _base_rows(shape, dtype, "flora", "base", plan, base_runs, lambda b, p, g: probe(base, b, p, g),
-                           log)
+    base_rows = _base_rows(shape, dtype, "flora", "base", plan, base_runs,
+                           lambda b, p, g, m=base: probe(m, b, p, g), log)
     del base
     _free(dev)
     return base_rows + rows
