@@ -154,8 +154,14 @@ class Decoder:
         return next(iter(self.graphs.values()), (None,))[0]
 
     def window(self, t: int) -> int:
-        """Keys read by the step that writes slot t: t + 1 rounded up to the bucket."""
-        return min(self.max_len, -(-(t + 1) // self.bucket) * self.bucket)
+        """Keys read by the step that writes slot t: t + 1 rounded up to the
+        bucket; compiled without graphs, up to the bucket times a power of two,
+        so that a 2048-slot cache compiles at most 6 window lengths (dynamo
+        runs a function eagerly once it has compiled 8 variants)."""
+        n = -(-(t + 1) // self.bucket)
+        if self.compile and not self.use_cuda_graph:
+            n = 1 << (n - 1).bit_length()
+        return min(self.max_len, n * self.bucket)
 
     def prefill(self, input_ids: Tensor, key_valid: Tensor) -> Tensor:
         B, T = input_ids.shape

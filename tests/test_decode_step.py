@@ -229,3 +229,15 @@ def test_llamacpp_bench_compares_each_mode_with_its_own_base():
     assert "- fp32: flora base TPOT <= 1.1x llama.cpp: 1.500 (missed)" in md
     assert "- fp32: flora base compiled TPOT <= 1.1x llama.cpp: 1.080 (met)" in md
     assert "- fp32: flora ffba compiled TPOT <= 1.05x flora base compiled: 1.060 (missed)" in md
+
+
+def test_compiled_windows_are_few():
+    """A compiled CPU decoder steps through power-of-two windows: a 2048-slot
+    cache needs at most 6 compiled lengths, each covering the filled slots."""
+    m = _model()
+    d = gen.Decoder(m, 1, 2048, use_cuda_graph=False, compile=True, bucket=64)
+    ws = [d.window(t) for t in range(2048)]
+    assert sorted(set(ws)) == [64, 128, 256, 512, 1024, 2048]
+    assert all(w > t for t, w in enumerate(ws))
+    assert gen.Decoder(m, 1, 2048, use_cuda_graph=False, bucket=64).window(200) == 256
+    assert gen.Decoder(m, 1, 2048, use_cuda_graph=False, bucket=64).window(300) == 320
