@@ -161,6 +161,35 @@ def test_measure_interleaved_alternates_steps_and_drops_warmup(pair, monkeypatch
         generation.measure_interleaved([base], 1, 4, 3, repeats=0)
 
 
+def test_run_interleaved_by_run_keeps_each_run_together():
+    """by_run: each probe's prefill and steps in a row, the probe order
+    reversed every round; TPOT = mean of the probe's own steps."""
+    from flora.bench.timing import Timer, run_interleaved
+
+    calls = []
+
+    class Probe:
+        new_tokens, graphed, timer = 3, False, Timer(torch.device("cpu"))
+
+        def __init__(self, name):
+            self.name = name
+
+        def prefill(self):
+            calls.append(("p", self.name))
+            return 0.0, float(len(calls))
+
+        def step(self):
+            calls.append(("s", self.name))
+            return 0.0, float(len(calls))
+
+    a, b = run_interleaved([Probe("A"), Probe("B")], repeats=1, warmup=1, by_run=True)
+    one = [("p", "A"), ("s", "A"), ("s", "A"), ("p", "B"), ("s", "B"), ("s", "B")]
+    rev = one[3:] + one[:3]
+    assert calls == one + rev
+    assert b["ttft_runs"] == [7.0] and b["tpot_runs"] == [8.5]
+    assert a["ttft_runs"] == [10.0] and a["tpot_runs"] == [11.5]
+
+
 def test_generate_restores_training_state():
     m = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig("ffba", rank=4, alpha=4))
     m.train()

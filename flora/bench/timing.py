@@ -121,7 +121,7 @@ def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
                               "repeats", "device")}
 
 
-def run_interleaved(probes: list, repeats: int, warmup: int = 1) -> list[dict]:
+def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = False) -> list[dict]:
     """Time several entered probes (objects with ``prefill()``/``step()``
     returning timer marks, ``timer``, ``new_tokens`` and ``graphed``, such as
     :class:`LatencyProbe`) interleaved step by step so that drift of the
@@ -130,7 +130,12 @@ def run_interleaved(probes: list, repeats: int, warmup: int = 1) -> list[dict]:
     probe before step j + 1 of any, the order reversed on every other step
     and round (A B, B A, ...). TPOT of a round is the mean of that probe's own
     step times. Each result has medians and the per-round ``ttft_runs`` /
-    ``tpot_runs``, so ratios can be taken round by round."""
+    ``tpot_runs``, so ratios can be taken round by round.
+
+    ``by_run=True`` interleaves whole runs instead (each probe's prefill and
+    all its steps in a row, the probe order reversed every round): for probes
+    of different runtimes, whose idle worker threads spin after each call
+    and would take the cores from the other runtime's next step."""
     if not probes or repeats < 1 or warmup < 0:
         raise ValueError("need at least one model, repeats >= 1 and warmup >= 0")
     n_steps = probes[0].new_tokens - 1
@@ -139,11 +144,17 @@ def run_interleaved(probes: list, repeats: int, warmup: int = 1) -> list[dict]:
     runs: list[list] = [[] for _ in probes]
     for k in range(warmup + repeats):
         order = list(range(len(probes)))[::(-1 if k % 2 else 1)]
-        pre = {i: probes[i].prefill() for i in order}
+        pre: dict = {}
         steps: dict = {i: [] for i in order}
-        for j in range(n_steps):
-            for i in order[::(-1 if j % 2 else 1)]:
-                steps[i].append(probes[i].step())
+        if by_run:
+            for i in order:
+                pre[i] = probes[i].prefill()
+                steps[i] = [probes[i].step() for _ in range(n_steps)]
+        else:
+            pre = {i: probes[i].prefill() for i in order}
+            for j in range(n_steps):
+                for i in order[::(-1 if j % 2 else 1)]:
+                    steps[i].append(probes[i].step())
         if k >= warmup:
             for i, p in enumerate(probes):
                 tpot = sum(p.timer.elapsed(a, b) for a, b in steps[i]) / n_steps
