@@ -55,16 +55,31 @@ def test_dispatch_gate_and_reasons(monkeypatch):
     assert "pad R to a multiple of 8" in dispatch(M=512, all_aligned=False)[2]
     assert "one K range" in dispatch(M=512, one_k_range=False)[2]
     assert "16-byte aligned" in dispatch(M=2, vec_aligned=False)[2]
-    assert "repeat-add" in dispatch(op="ffl", M=512, repeat_groups=1)[2]
+    assert "more than 8 repeat-add" in dispatch(op="ffl", M=512, repeat_groups=9)[2]
     # FFL has no K range to join: the sm_90 kernel takes it either way.
     assert dispatch(op="ffl", M=512, one_k_range=False)[0] == "gemm_sm90_bf16"
+
+
+@needs_ext
+@pytest.mark.parametrize("arch,dtype,want", [
+    (90, "bf16", "gemm_sm90_rep_bf16"), (80, "fp16", "gemm_sm80_rep_fp16"),
+    (89, "bf16", "gemm_sm80_rep_bf16"),
+])
+def test_dispatch_repeat_add_gemm(arch, dtype, want):
+    """FFL with repeat-add at M > 16 runs the repeat-add GEMM (z first through
+    the plain one); while unverified the reason names the kernel."""
+    assert dispatch(op="ffl", M=512, arch=arch, dtype=dtype, repeat_groups=2)[0] == want
+    k, planned, reason = dispatch(op="ffl", M=512, arch=arch, dtype=dtype, repeat_groups=2,
+                                  enabled=False)
+    assert (k, planned) == ("cublas", want) and f"{want} compiled, not verified" in reason
 
 
 @needs_ext
 def test_flora_info_lists_kernel_state():
     rows = cuda_kernels()
     names = {r["name"] for r in rows}
-    assert {"decode_bf16", "gemm_sm80_bf16", "gemm_sm90_bf16"} <= names
+    assert {"decode_bf16", "gemm_sm80_bf16", "gemm_sm90_bf16", "gemm_sm80_rep_bf16",
+            "gemm_sm90_rep_fp16"} <= names
     for r in rows:
         assert r["status"].startswith(("not compiled", "compiled, not verified", "verified on"))
     text = format_info()
@@ -121,10 +136,10 @@ def _arch():
     return p.major * 10 + p.minor
 
 
-def _expected_kernel(M, dtype, gemm_ok=True):
-    dt = "bf16" if dtype == torch.bfloat16 else "fp16"
+def _expected_kernel(M, dtype, gemm_ok=True, rep=False):
+    dt = ("rep_" if rep else "") + ("bf16" if dtype == torch.bfloat16 else "fp16")
     if M <= 16:
-        return f"decode_{dt}"
+        return f"decode_{dt[-4:]}"
     if not gemm_ok:
         return None
     arch = _arch()
@@ -191,17 +206,38 @@ def test_ffl_kernel(monkeypatch, dtype, M, R, z_in):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", M_DECODE)
-@pytest.mark.parametrize("repeat,rc", [([520], 8), ([256, 264], 8), ([512], 32)])
-def test_ffl_repeat_add_decode(monkeypatch, dtype, M, repeat, rc):
+@pytest.mark.parametrize("M", M_DECODE + M_GEMM)
+@pytest.mark.parametrize("repeat,rc", [([520], 8), ([256, 264], 8), ([512], 32),
+                                       ([128, 64, 64, 256], 1), ([259], 7)])
+def test_ffl_repeat_add(monkeypatch, dtype, M, repeat, rc):
+    """Decode and GEMM repeat-add epilogues: segments that end inside a tile,
+    a tail no segment covers (N = 520 > sum), rc = 1 and odd rc = 7."""
     K, N, R = 1024, 520, 32
     x, WA = _fused(M, K, dtype), _fused(N + R, K, dtype)
     W, A = WA[:N], WA[N:]
     zi = _fused(M, R, dtype)
     got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffl(x, W, A, 0.75, repeat, rc, zi),
-                          _expected_kernel(M, dtype))
+                          _expected_kernel(M, dtype, rep=True))
     want = ops.ffl_reference(_d(x), _d(W), _d(A), 0.75, repeat, rc, _d(zi))
-    _check(got, want, base, dtype, f"ffl repeat M={M}")
+    _check(got, want, base, dtype, f"ffl repeat M={M} {repeat}/{rc}")
+
+
+@pytest.mark.cuda
+def test_ffl_repeat_add_gemm_under_autograd(monkeypatch):
+    """ffa's shape (FFL with repeat-add on every target) at prefill size:
+    forward through the repeat-add GEMM, gradients like the reference's."""
+    dtype, M, K, N, R = torch.bfloat16, 64, 256, 128, 16
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    x = torch.randn(M, K, dtype=dtype, device="cuda", requires_grad=True)
+    W = torch.randn(N, K, dtype=dtype, device="cuda")
+    A = torch.randn(R, K, dtype=dtype, device="cuda", requires_grad=True)
+    out = ops.ffl(x, W, A, 0.5, repeat=[N], repeat_rank=R)
+    assert C.cuda_last_dispatch() == _expected_kernel(M, dtype, rep=True), C.cuda_last_dispatch()
+    torch.cat(out, 1).float().square().sum().backward()
+    x64, A64 = x.detach().double().requires_grad_(), A.detach().double().requires_grad_()
+    ops.ffl_reference(x64, W.double(), A64, 0.5, [N], R).square().sum().backward()
+    for g, w in ((x.grad, x64.grad), (A.grad, A64.grad)):
+        torch.testing.assert_close(g.double(), w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
 
 
 @pytest.mark.cuda

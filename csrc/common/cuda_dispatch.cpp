@@ -33,6 +33,10 @@ const std::vector<CudaKernelEntry>& cuda_kernels() {
       {"gemm_sm80_fp16", "sm_80", "CUTLASS 2.x mma.sync multistage, two K segments, C epilogue"},
       {"gemm_sm90_bf16", "sm_90a", "CUTLASS 3.x TMA warp-specialized wgmma, EVT C epilogue"},
       {"gemm_sm90_fp16", "sm_90a", "CUTLASS 3.x TMA warp-specialized wgmma, EVT C epilogue"},
+      {"gemm_sm80_rep_bf16", "sm_80", "CUTLASS 2.x mma.sync, EVT repeat-add epilogue (FFL y)"},
+      {"gemm_sm80_rep_fp16", "sm_80", "CUTLASS 2.x mma.sync, EVT repeat-add epilogue (FFL y)"},
+      {"gemm_sm90_rep_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, EVT repeat-add epilogue (FFL y)"},
+      {"gemm_sm90_rep_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, EVT repeat-add epilogue (FFL y)"},
   };
   return k;
 }
@@ -71,26 +75,28 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled) {
     return cublas("", "empty output");
   if (q.arch < 80) return cublas("", sm(q.arch) + ": the kernels need sm_80 or newer");
 
-  std::string planned;
+  std::string planned, companion;  // companion: a kernel the call also runs
   if (q.M <= kDecodeMaxM) {
     planned = "decode_" + q.dtype;
     if (q.arch >= 100) return cublas(planned, sm(q.arch) + ": decode kernel built for sm_80 / sm_90 only");
     if (!q.vec_aligned)
       return cublas(planned,
                     "x and the weight rows must be 16-byte aligned (row stride a multiple of 8)");
-    if (q.repeat_groups > kMaxRepeat)
-      return cublas(planned, "more than " + std::to_string(kMaxRepeat) + " repeat-add segments");
   } else {
+    std::string gemm;
     if (q.arch == 90) {
-      planned = "gemm_sm90_" + q.dtype;
+      gemm = "gemm_sm90_";
     } else if (q.arch >= 80 && q.arch < 90) {
-      planned = "gemm_sm80_" + q.dtype;
+      gemm = "gemm_sm80_";
     } else {
       return cublas("", sm(q.arch) + ": no GEMM kernel built for this arch");
     }
+    // FFL with repeat-add: z through the plain GEMM, then y through the
+    // repeat-add instance (its epilogue reads z).
+    const bool rep = q.op == "ffl" && q.repeat_groups > 0;
+    planned = gemm + (rep ? "rep_" : "") + q.dtype;
+    if (rep) companion = gemm + q.dtype;
     if (q.K <= 0) return cublas(planned, "K = 0: nothing to multiply");
-    if (q.repeat_groups > 0)
-      return cublas(planned, "repeat-add: cuBLAS + ATen epilogue (no fused GEMM epilogue yet)");
     if (!q.all_aligned)
       return cublas(planned,
                     "operands must be 16-byte aligned with K and R multiples of 8 "
@@ -100,10 +106,13 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled) {
                     "the sm_90 kernel runs one K range: [u | z] and [W | sB] contiguous, "
                     "s = 1, no relu");
   }
+  if (q.repeat_groups > kMaxRepeat)
+    return cublas(planned, "more than " + std::to_string(kMaxRepeat) + " repeat-add segments");
   if (!compiled) return cublas(planned, planned + " not compiled in this build");
-  if (cuda_kernel_verified(planned).empty() && !enabled)
-    return cublas(planned,
-                  planned + " compiled, not verified on a device (FLORA_CUDA_KERNELS=1 runs it)");
+  for (const std::string& k : {planned, companion})
+    if (!k.empty() && cuda_kernel_verified(k).empty() && !enabled)
+      return cublas(planned,
+                    k + " compiled, not verified on a device (FLORA_CUDA_KERNELS=1 runs it)");
   return {planned, planned, ""};
 }
 

@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <cuda_runtime_api.h>
+
+#include <algorithm>
 // A CPU-only torch (CI's CMake compile check) ships no c10/cuda config header.
 #if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
 #include <c10/cuda/CUDAStream.h>
@@ -114,20 +116,27 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
 #endif
   const bool bf16 = a.dt == fc::Dtype::kBF16;
   cudaError_t e;
+  // The repeat-add GEMMs read z: the plain GEMM writes it first (stream order).
+  const bool rep = kernel.find("_rep_") != std::string::npos;
   if (kernel.rfind("decode_", 0) == 0) {
     e = bf16 ? fc::decode_bf16(a, stream) : fc::decode_fp16(a, stream);
   } else if (kernel.rfind("gemm_sm80_", 0) == 0) {
 #ifdef FLORA_HAVE_SM80
-    e = bf16 ? fc::gemm_sm80_bf16(a, stream) : fc::gemm_sm80_fp16(a, stream);
+    const auto gemm = bf16 ? fc::gemm_sm80_bf16 : fc::gemm_sm80_fp16;
+    e = gemm(rep ? fc::z_only(a) : a, stream);
+    if (rep && e == cudaSuccess) e = (bf16 ? fc::gemm_sm80_rep_bf16 : fc::gemm_sm80_rep_fp16)(a, stream);
 #else
     e = cudaErrorNotSupported;
 #endif
   } else {
 #ifdef FLORA_HAVE_SM90
-    const size_t ws_bytes = fc::gemm_sm90_workspace(a);
+    const fc::FusedArgs first = rep ? fc::z_only(a) : a;
+    size_t ws_bytes = fc::gemm_sm90_workspace(first);
+    if (rep) ws_bytes = std::max(ws_bytes, fc::gemm_sm90_rep_workspace(a));
     at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
-    e = bf16 ? fc::gemm_sm90_bf16(a, ws.data_ptr(), ws_bytes, stream)
-             : fc::gemm_sm90_fp16(a, ws.data_ptr(), ws_bytes, stream);
+    e = (bf16 ? fc::gemm_sm90_bf16 : fc::gemm_sm90_fp16)(first, ws.data_ptr(), ws_bytes, stream);
+    if (rep && e == cudaSuccess)
+      e = (bf16 ? fc::gemm_sm90_rep_bf16 : fc::gemm_sm90_rep_fp16)(a, ws.data_ptr(), ws_bytes, stream);
 #else
     e = cudaErrorNotSupported;
 #endif

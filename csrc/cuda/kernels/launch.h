@@ -19,6 +19,10 @@ cudaError_t decode_fp16(const FusedArgs& a, cudaStream_t stream);
 // problems, C add; no repeat-add, no relu (staged by the caller).
 cudaError_t gemm_sm80_bf16(const FusedArgs& a, cudaStream_t stream);
 cudaError_t gemm_sm80_fp16(const FusedArgs& a, cudaStream_t stream);
+// y = x W^T + s * tile(z) (FFL's repeat-add, p[0] only, one K segment, no C),
+// reading z from a.p[1].d: the caller writes z first (gemm_sm80_* on p[1]).
+cudaError_t gemm_sm80_rep_bf16(const FusedArgs& a, cudaStream_t stream);
+cudaError_t gemm_sm80_rep_fp16(const FusedArgs& a, cudaStream_t stream);
 
 // CUTLASS 3.x (TMA, warp-specialized wgmma), sm_90a: one K segment (the
 // caller passes [u | z] and [W | sB] as one contiguous range), C add through
@@ -28,5 +32,12 @@ cudaError_t gemm_sm90_bf16(const FusedArgs& a, void* workspace, size_t workspace
 cudaError_t gemm_sm90_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream);
 size_t gemm_sm90_workspace(const FusedArgs& a);
+// y = x W^T + s * tile(z) (FFL's repeat-add, p[0] only, one K segment, no C),
+// reading z from a.p[1].d: the caller writes z first (gemm_sm90_* on p[1]).
+cudaError_t gemm_sm90_rep_bf16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+cudaError_t gemm_sm90_rep_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+size_t gemm_sm90_rep_workspace(const FusedArgs& a);
 
 }  // namespace flora::cuda
