@@ -75,11 +75,19 @@ def test_dispatch_repeat_add_gemm(arch, dtype, want):
 
 
 @needs_ext
+def test_dispatch_transposed_weights():
+    """Backward dx (FBL over W^T, A^T) runs the [K, n]-weight GEMMs at M > 16."""
+    assert dispatch(M=512, weights_t=True)[0] == "gemm_sm90_t_bf16"
+    assert dispatch(M=512, arch=86, dtype="fp16", weights_t=True)[0] == "gemm_sm80_t_fp16"
+    assert "GEMM kernels only" in dispatch(M=4, weights_t=True)[2]
+
+
+@needs_ext
 def test_flora_info_lists_kernel_state():
     rows = cuda_kernels()
     names = {r["name"] for r in rows}
     assert {"decode_bf16", "gemm_sm80_bf16", "gemm_sm90_bf16", "gemm_sm80_rep_bf16",
-            "gemm_sm90_rep_fp16"} <= names
+            "gemm_sm90_rep_fp16", "gemm_sm80_t_bf16", "gemm_sm90_t_fp16"} <= names
     for r in rows:
         assert r["status"].startswith(("not compiled", "compiled, not verified", "verified on"))
     text = format_info()
@@ -136,8 +144,8 @@ def _arch():
     return p.major * 10 + p.minor
 
 
-def _expected_kernel(M, dtype, gemm_ok=True, rep=False):
-    dt = ("rep_" if rep else "") + ("bf16" if dtype == torch.bfloat16 else "fp16")
+def _expected_kernel(M, dtype, gemm_ok=True, rep=False, wt=False):
+    dt = ("rep_" if rep else "t_" if wt else "") + ("bf16" if dtype == torch.bfloat16 else "fp16")
     if M <= 16:
         return f"decode_{dt[-4:]}"
     if not gemm_ok:
@@ -306,6 +314,51 @@ def test_kernels_under_autograd(monkeypatch, M):
                  u.double(), z.double(), B.double())
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_GEMM)
+@pytest.mark.parametrize("R", [8, 32])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_backward_dx_kernel(monkeypatch, dtype, M, R, contiguous):
+    """dx = dy W + dz A as FBL over the transposed views of the fused [W; A]
+    storage: the [K, n]-weight GEMMs (sm_90: [dy | dz] one K range)."""
+    K, N = 1032, 520
+    WA = _fused(N + R, K, dtype)
+    W, A = WA[:N], WA[N:]
+    if contiguous:  # FFL's output gradient: one [M, N + R] buffer
+        g = _fused(M, N + R, dtype)
+        dy, dz = g[:, :N], g[:, N:]
+    else:
+        dy, dz = _fused(M, N, dtype), _fused(M, R, dtype)
+    gemm_ok = contiguous or _arch() != 90
+    got, base = _run_both(monkeypatch, lambda: torch.ops.flora.fbl(dy, dz, W.t(), A.t(), 1.0, None, False),
+                          _expected_kernel(M, dtype, gemm_ok, wt=True))
+    want = _d(dy) @ _d(W) + _d(dz) @ _d(A)
+    _check(got, want, base, dtype, f"dx M={M} R={R} contiguous={contiguous}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("repeat", [False, True])
+def test_backward_dx_through_kernel_under_autograd(monkeypatch, repeat):
+    """FFL's backward computes dx through the [K, n]-weight GEMM (the last
+    flora op the backward calls) and matches the fp64 reference's gradient."""
+    dtype, M, K, N, R = torch.bfloat16, 256, 512, 256, 16
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    WA = torch.randn(N + R, K, dtype=dtype, device="cuda")
+    W, A = WA[:N], WA[N:]
+    x = torch.randn(M, K, dtype=dtype, device="cuda", requires_grad=True)
+    kw = dict(repeat=[N], repeat_rank=R) if repeat else {}
+    torch.cat(ops.ffl(x, W, A, 0.5, **kw), 1).float().square().sum().backward()
+    # With repeat-add the adjoint clones dz: two K segments (sm_80 only).
+    want, last = _expected_kernel(M, dtype, not repeat or _arch() != 90, wt=True), C.cuda_last_dispatch()
+    assert (last == want) if want else last.startswith("cublas"), last
+    x64 = x.detach().double().requires_grad_()
+    ops.ffl_reference(x64, W.double(), A.double(), 0.5, [N] if repeat else (),
+                      R if repeat else 0).square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=5e-2,
+                               atol=5e-2 * x64.grad.abs().max().item())
 
 
 @pytest.mark.cuda

@@ -66,6 +66,8 @@ def short(name: str) -> str:
         return f"decode_kernel<{m.group(1).replace(' ', '')}>" if m else name
     if "sm80::gemm_kernel" in name:
         return "sm80::gemm_kernel<Config 128x128x32, 4 stages>"
+    if "sm80::gemm_repeat_kernel" in name:
+        return "sm80::gemm_repeat_kernel<RepeatConfig 128x128x32, 4 stages, EVT>"
     if "device_kernel" in name and "GemmUniversal" in name:
         return "cutlass::device_kernel<GemmUniversal sm90 128x128x64 coop>"
     return name[:90]

@@ -100,16 +100,16 @@ void check_repeat(at::IntArrayRef repeat, int64_t repeat_rank, int64_t N,
 
 bool rows_follow(const at::Tensor& a, const at::Tensor& b) {
   if (!a.is_alias_of(b) || a.size(1) != b.size(1) ||
-      a.stride(0) != b.stride(0))
+      a.stride(0) != b.stride(0) || a.stride(1) != b.stride(1))
     return false;
   return b.storage_offset() == a.storage_offset() + a.size(0) * a.stride(0);
 }
 
 bool cols_follow(const at::Tensor& a, const at::Tensor& b) {
   if (!a.is_alias_of(b) || a.size(0) != b.size(0) ||
-      a.stride(0) != b.stride(0))
+      a.stride(0) != b.stride(0) || a.stride(1) != b.stride(1))
     return false;
-  return b.storage_offset() == a.storage_offset() + a.size(1);
+  return b.storage_offset() == a.storage_offset() + a.size(1) * a.stride(1);
 }
 
 FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,

@@ -37,6 +37,10 @@ const std::vector<CudaKernelEntry>& cuda_kernels() {
       {"gemm_sm80_rep_fp16", "sm_80", "CUTLASS 2.x mma.sync, EVT repeat-add epilogue (FFL y)"},
       {"gemm_sm90_rep_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, EVT repeat-add epilogue (FFL y)"},
       {"gemm_sm90_rep_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, EVT repeat-add epilogue (FFL y)"},
+      {"gemm_sm80_t_bf16", "sm_80", "CUTLASS 2.x mma.sync, weights [K, n] (backward dx)"},
+      {"gemm_sm80_t_fp16", "sm_80", "CUTLASS 2.x mma.sync, weights [K, n] (backward dx)"},
+      {"gemm_sm90_t_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights (backward dx)"},
+      {"gemm_sm90_t_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights (backward dx)"},
   };
   return k;
 }
@@ -76,6 +80,8 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled) {
   if (q.arch < 80) return cublas("", sm(q.arch) + ": the kernels need sm_80 or newer");
 
   std::string planned, companion;  // companion: a kernel the call also runs
+  if (q.weights_t && (q.op != "fbl" || q.M <= kDecodeMaxM))
+    return cublas("", "weights stored [K, n] (backward dx): GEMM kernels only, FBL at M > 16");
   if (q.M <= kDecodeMaxM) {
     planned = "decode_" + q.dtype;
     if (q.arch >= 100) return cublas(planned, sm(q.arch) + ": decode kernel built for sm_80 / sm_90 only");
@@ -94,7 +100,7 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled) {
     // FFL with repeat-add: z through the plain GEMM, then y through the
     // repeat-add instance (its epilogue reads z).
     const bool rep = q.op == "ffl" && q.repeat_groups > 0;
-    planned = gemm + (rep ? "rep_" : "") + q.dtype;
+    planned = gemm + (rep ? "rep_" : q.weights_t ? "t_" : "") + q.dtype;
     if (rep) companion = gemm + q.dtype;
     if (q.K <= 0) return cublas(planned, "K = 0: nothing to multiply");
     if (!q.all_aligned)

@@ -416,6 +416,22 @@ TEST(CudaDispatch, RepeatAddGemms) {
   EXPECT_NE(off.reason.find("gemm_sm80_rep_bf16 compiled, not verified"), std::string::npos);
 }
 
+TEST(CudaDispatch, TransposedWeightsForBackwardDx) {
+  using flora::choose_cuda;
+  auto a = q("fbl", "bf16", 90, 512);
+  a.weights_t = true;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_t_bf16");
+  a.one_k_range = false;  // dz cloned by the repeat-add adjoint: not beside dy
+  EXPECT_NE(choose_cuda(a, true, true).reason.find("one K range"), std::string::npos);
+  a.arch = 80;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm80_t_bf16");
+  a.M = 16;  // no decode kernel for [K, n] weights
+  EXPECT_NE(choose_cuda(a, true, true).reason.find("GEMM kernels only"), std::string::npos);
+  a = q("ffl", "bf16", 90, 512);
+  a.weights_t = true;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "cublas");
+}
+
 TEST(CudaDispatch, UnverifiedKernelsAreOffUnlessAskedFor) {
   const auto off = flora::choose_cuda(q("ffl", "bf16", 90, 1), true, false);
   EXPECT_EQ(off.kernel, "cublas");

@@ -28,13 +28,17 @@
 
 namespace flora::cuda::sm80 {
 
-template <typename T, int TM, int TN, int TK, int WM, int WN, int Stages>
+// LayoutB: ColumnMajor = weights stored [n, K] row-major (the forward ops);
+// RowMajor = stored [K, n] (the transposed views of backward dx = dy W + dz A).
+template <typename T, int TM, int TN, int TK, int WM, int WN, int Stages,
+          typename LayoutB_ = cutlass::layout::ColumnMajor>
 struct Config {
   static constexpr int kAlign = 8;  // 16-byte cp.async vectors
+  using LayoutB = LayoutB_;
   using OutputOp = cutlass::epilogue::thread::LinearCombination<T, kAlign, float, float>;
   using Default = typename cutlass::gemm::kernel::DefaultGemm<
-      T, cutlass::layout::RowMajor, kAlign,     // X [M, K]
-      T, cutlass::layout::ColumnMajor, kAlign,  // Y^T: weights [n, K] row-major
+      T, cutlass::layout::RowMajor, kAlign,  // X [M, K]
+      T, LayoutB, kAlign,                    // Y^T
       T, cutlass::layout::RowMajor, float, cutlass::arch::OpClassTensorOp,
       cutlass::arch::Sm80, cutlass::gemm::GemmShape<TM, TN, TK>,
       cutlass::gemm::GemmShape<WM, WN, TK>, cutlass::gemm::GemmShape<16, 8, 16>, OutputOp,
@@ -159,10 +163,10 @@ cudaError_t launch(const FusedArgs& a, cudaStream_t stream) {
     auto& d = P.p[i];
     d.n = static_cast<int>(s.n);
     d.b1 = const_cast<E*>(static_cast<const E*>(s.y1));
-    d.pb1 = typename Cfg::Mma::IteratorB::Params(cutlass::layout::ColumnMajor(s.ldy1));
+    d.pb1 = typename Cfg::Mma::IteratorB::Params(typename Cfg::LayoutB(s.ldy1));
     if (a.K2 > 0 && s.y2 != nullptr) {
       d.b2 = const_cast<E*>(static_cast<const E*>(s.y2));
-      d.pb2 = typename Cfg::Mma::IteratorB::Params(cutlass::layout::ColumnMajor(s.ldy2));
+      d.pb2 = typename Cfg::Mma::IteratorB::Params(typename Cfg::LayoutB(s.ldy2));
     }
     d.alpha2 = s.alpha2;
     d.d = static_cast<E*>(s.d);

@@ -117,8 +117,12 @@ using RepeatFusion = cutlass::epilogue::fusion::Sm90EVT<
                                            cutlass::FloatRoundStyle::round_to_nearest>,
     cutlass::epilogue::fusion::Sm90AccFetch, Sm90RepeatZ<T>>;
 
-template <typename T, bool kRepeat = false>
+// LayoutB: ColumnMajor = weights stored [n, K] row-major (K-major, the
+// forward ops); RowMajor = stored [K, n] (n-major: the transposed views of
+// backward dx = [dy | dz] [W; A]).
+template <typename T, bool kRepeat = false, typename LayoutB_ = cutlass::layout::ColumnMajor>
 struct Config {
+  using LayoutB = LayoutB_;
   static constexpr int kAlign = 8;  // TMA: 16-byte rows
   static constexpr bool kRepeatAdd = kRepeat;
   using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;
@@ -135,7 +139,7 @@ struct Config {
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       T, cutlass::layout::RowMajor, kAlign,     // X [M, K]
-      T, cutlass::layout::ColumnMajor, kAlign,  // weights [n, K] row-major
+      T, LayoutB, kAlign,                       // weights
       float, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
@@ -152,11 +156,17 @@ typename Cfg::Gemm::Arguments arguments(const FusedArgs& a, const Problem& p) {
   using StrideB = typename Cfg::Kernel::StrideB;
   using StrideC = typename Cfg::Kernel::StrideC;
   using StrideD = typename Cfg::Kernel::StrideD;
+  // Weights K-major ([n, K] rows) or n-major ([K, n] rows).
+  StrideB db;
+  if constexpr (cute::is_same_v<typename Cfg::LayoutB, cutlass::layout::RowMajor>)
+    db = StrideB{cute::Int<1>{}, p.ldy1, int64_t(0)};
+  else
+    db = StrideB{p.ldy1, cute::Int<1>{}, int64_t(0)};
   typename Cfg::Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {static_cast<int>(a.M), static_cast<int>(p.n), static_cast<int>(a.K1), 1},
       {static_cast<const E*>(a.x1), StrideA{a.ldx1, cute::Int<1>{}, int64_t(0)},
-       static_cast<const E*>(p.y1), StrideB{p.ldy1, cute::Int<1>{}, int64_t(0)}}};
+       static_cast<const E*>(p.y1), db}};
   args.epilogue.ptr_D = static_cast<E*>(p.d);
   args.epilogue.dD = StrideD{p.ldd, cute::Int<1>{}, int64_t(0)};
   if constexpr (Cfg::kRepeatAdd) {  // no C; Z = problem 1's output

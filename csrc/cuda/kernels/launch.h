@@ -40,4 +40,14 @@ cudaError_t gemm_sm90_rep_fp16(const FusedArgs& a, void* workspace, size_t works
                                cudaStream_t stream);
 size_t gemm_sm90_rep_workspace(const FusedArgs& a);
 
+// The same GEMMs with every weight operand Y stored [K, n] (row stride ldy):
+// transposed views, as in backward dx = dy W + dz A (Y1 = W^T, Y2 = A^T).
+// The sm_90a workspace is gemm_sm90_workspace's (same tile scheduler).
+cudaError_t gemm_sm80_t_bf16(const FusedArgs& a, cudaStream_t stream);
+cudaError_t gemm_sm80_t_fp16(const FusedArgs& a, cudaStream_t stream);
+cudaError_t gemm_sm90_t_bf16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream);
+cudaError_t gemm_sm90_t_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream);
+
 }  // namespace flora::cuda
