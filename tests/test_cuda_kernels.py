@@ -53,7 +53,9 @@ def test_dispatch_gate_and_reasons(monkeypatch):
     assert C.cuda_dispatch("fbl", "bf16", 90, 1, 64, 64, compiled=True)[0] == "cublas"
     assert "not compiled" in dispatch(compiled=False)[2]
     assert "pad R to a multiple of 8" in dispatch(M=512, all_aligned=False)[2]
-    assert "one K range" in dispatch(M=512, one_k_range=False)[2]
+    # sm_90 FBL with s != 1, relu or split operands: the two-range instance.
+    assert dispatch(M=512, one_k_range=False)[0] == "gemm_sm90_2k_bf16"
+    assert "one K range" in dispatch(M=512, one_k_range=False, weights_t=True)[2]
     assert "16-byte aligned" in dispatch(M=2, vec_aligned=False)[2]
     assert "more than 8 repeat-add" in dispatch(op="ffl", M=512, repeat_groups=9)[2]
     # FFL has no K range to join: the sm_90 kernel takes it either way.
@@ -87,7 +89,8 @@ def test_flora_info_lists_kernel_state():
     rows = cuda_kernels()
     names = {r["name"] for r in rows}
     assert {"decode_bf16", "gemm_sm80_bf16", "gemm_sm90_bf16", "gemm_sm80_rep_bf16",
-            "gemm_sm90_rep_fp16", "gemm_sm80_t_bf16", "gemm_sm90_t_fp16"} <= names
+            "gemm_sm90_rep_fp16", "gemm_sm80_t_bf16", "gemm_sm90_t_fp16",
+            "gemm_sm90_2k_bf16"} <= names
     for r in rows:
         assert r["status"].startswith(("not compiled", "compiled, not verified", "verified on"))
     text = format_info()
@@ -144,14 +147,16 @@ def _arch():
     return p.major * 10 + p.minor
 
 
-def _expected_kernel(M, dtype, gemm_ok=True, rep=False, wt=False):
-    dt = ("rep_" if rep else "t_" if wt else "") + ("bf16" if dtype == torch.bfloat16 else "fp16")
+def _expected_kernel(M, dtype, gemm_ok=True, rep=False, wt=False, two=False):
+    """two: FBL / FFBL operands that are not one K range (sm_90's 2k instance)."""
+    arch = _arch()
+    kind = "rep_" if rep else "t_" if wt else "2k_" if two and arch == 90 else ""
+    dt = "bf16" if dtype == torch.bfloat16 else "fp16"
     if M <= 16:
-        return f"decode_{dt[-4:]}"
+        return f"decode_{dt}"
     if not gemm_ok:
         return None
-    arch = _arch()
-    return f"gemm_sm90_{dt}" if arch == 90 else f"gemm_sm80_{dt}" if 80 <= arch < 90 else None
+    return f"gemm_sm90_{kind}{dt}" if arch == 90 else f"gemm_sm80_{kind}{dt}" if 80 <= arch < 90 else None
 
 
 def _poison(nbytes):
@@ -262,9 +267,9 @@ def test_fbl_kernel(monkeypatch, dtype, M, R, s, relu, res, fused):
     else:
         u, z, W, B = _fused(M, K, dtype), _fused(M, R, dtype), _fused(N, K, dtype), _fused(N, R, dtype)
     r = _fused(M, N, dtype) if res else None
-    gemm_ok = R % 8 == 0 and (fused and s == 1.0 and not relu if _arch() == 90 else True)
+    two = not (fused and s == 1.0 and not relu)
     got, base = _run_both(monkeypatch, lambda: torch.ops.flora.fbl(u, z, W, B, s, r, relu),
-                          _expected_kernel(M, dtype, gemm_ok))
+                          _expected_kernel(M, dtype, R % 8 == 0, two=two))
     want = ops.fbl_reference(_d(u), _d(z), _d(W), _d(B), s, _d(r), relu)
     _check(got, want, base, dtype, f"fbl M={M} R={R} s={s} relu={relu}")
 
@@ -281,9 +286,8 @@ def test_ffbl_kernel(monkeypatch, dtype, M, R, s, relu, res):
     u, z = uz[:, :K], uz[:, K:]
     W, B, A, Cm = store[:N, :K], store[:N, K:], store[N:, :K], store[N:, K:]
     r = _fused(M, N, dtype) if res else None
-    gemm_ok = _arch() != 90 or (s == 1.0 and not relu)
     got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffbl(u, z, W, B, A, Cm, s, r, relu),
-                          _expected_kernel(M, dtype, gemm_ok))
+                          _expected_kernel(M, dtype, two=not (s == 1.0 and not relu)))
     want = ops.ffbl_reference(_d(u), _d(z), _d(W), _d(B), _d(A), _d(Cm), s, _d(r), relu)
     _check(got, want, base, dtype, f"ffbl M={M} R={R}")
 
@@ -332,7 +336,7 @@ def test_backward_dx_kernel(monkeypatch, dtype, M, R, contiguous):
         dy, dz = g[:, :N], g[:, N:]
     else:
         dy, dz = _fused(M, N, dtype), _fused(M, R, dtype)
-    gemm_ok = contiguous or _arch() != 90
+    gemm_ok = contiguous or _arch() != 90  # no two-range instance for [K, n] weights
     got, base = _run_both(monkeypatch, lambda: torch.ops.flora.fbl(dy, dz, W.t(), A.t(), 1.0, None, False),
                           _expected_kernel(M, dtype, gemm_ok, wt=True))
     want = _d(dy) @ _d(W) + _d(dz) @ _d(A)

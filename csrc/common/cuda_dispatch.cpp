@@ -33,6 +33,8 @@ const std::vector<CudaKernelEntry>& cuda_kernels() {
       {"gemm_sm80_fp16", "sm_80", "CUTLASS 2.x mma.sync multistage, two K segments, C epilogue"},
       {"gemm_sm90_bf16", "sm_90a", "CUTLASS 3.x TMA warp-specialized wgmma, EVT C epilogue"},
       {"gemm_sm90_fp16", "sm_90a", "CUTLASS 3.x TMA warp-specialized wgmma, EVT C epilogue"},
+      {"gemm_sm90_2k_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, two K ranges into one accumulator"},
+      {"gemm_sm90_2k_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, two K ranges into one accumulator"},
       {"gemm_sm80_rep_bf16", "sm_80", "CUTLASS 2.x mma.sync, EVT repeat-add epilogue (FFL y)"},
       {"gemm_sm80_rep_fp16", "sm_80", "CUTLASS 2.x mma.sync, EVT repeat-add epilogue (FFL y)"},
       {"gemm_sm90_rep_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, EVT repeat-add epilogue (FFL y)"},
@@ -100,17 +102,19 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled) {
     // FFL with repeat-add: z through the plain GEMM, then y through the
     // repeat-add instance (its epilogue reads z).
     const bool rep = q.op == "ffl" && q.repeat_groups > 0;
-    planned = gemm + (rep ? "rep_" : q.weights_t ? "t_" : "") + q.dtype;
+    // sm_90 FBL / FFBL: one K range when [u | z], [W | sB] are contiguous
+    // with s = 1 and no relu, else the two-range instance.
+    const bool two = q.arch == 90 && q.op != "ffl" && q.R > 0 && !q.one_k_range;
+    planned = gemm + (rep ? "rep_" : q.weights_t ? "t_" : two ? "2k_" : "") + q.dtype;
     if (rep) companion = gemm + q.dtype;
     if (q.K <= 0) return cublas(planned, "K = 0: nothing to multiply");
     if (!q.all_aligned)
       return cublas(planned,
                     "operands must be 16-byte aligned with K and R multiples of 8 "
                     "(pad R to a multiple of 8 in the fused storage)");
-    if (q.arch == 90 && q.op != "ffl" && q.R > 0 && !q.one_k_range)
+    if (two && q.weights_t)
       return cublas(planned,
-                    "the sm_90 kernel runs one K range: [u | z] and [W | sB] contiguous, "
-                    "s = 1, no relu");
+                    "[K, n] weights on sm_90 take one K range: [dy | dz] and [W; A] contiguous");
   }
   if (q.repeat_groups > kMaxRepeat)
     return cublas(planned, "more than " + std::to_string(kMaxRepeat) + " repeat-add segments");

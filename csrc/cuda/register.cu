@@ -141,7 +141,9 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
     size_t ws_bytes = fc::gemm_sm90_workspace(first);
     if (rep) ws_bytes = std::max(ws_bytes, fc::gemm_sm90_rep_workspace(a));
     at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
+    const bool two = kernel.find("_2k_") != std::string::npos;
     const auto gemm = t_major ? (bf16 ? fc::gemm_sm90_t_bf16 : fc::gemm_sm90_t_fp16)
+                      : two   ? (bf16 ? fc::gemm_sm90_2k_bf16 : fc::gemm_sm90_2k_fp16)
                               : (bf16 ? fc::gemm_sm90_bf16 : fc::gemm_sm90_fp16);
     e = gemm(first, ws.data_ptr(), ws_bytes, stream);
     if (rep && e == cudaSuccess)
@@ -159,6 +161,10 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
 }
 
 bool is_decode(const std::string& k) { return k.rfind("decode_", 0) == 0; }
+// The sm_90 instances that take [u | z] x [W | B] as one K range.
+bool one_k_range_kernel(const std::string& k) {
+  return k.rfind("gemm_sm90_", 0) == 0 && k.find("_2k_") == std::string::npos;
+}
 #endif
 
 CudaChoice choose(const CudaQuery& q) {
@@ -218,8 +224,7 @@ at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
     at::Tensor y = at::empty({sh.M, sh.N}, u.options());
     // GEMMs take relu(z) staged (M x R); the decode kernel applies it itself.
     const at::Tensor fz = relu && !is_decode(c.kernel) ? at::relu(z) : z;
-    const bool gemm90 = c.kernel.rfind("gemm_sm90_", 0) == 0;
-    if (gemm90 && sh.R > 0) {  // one K range: [u | z] x [W | B]
+    if (one_k_range_kernel(c.kernel) && sh.R > 0) {  // one K range: [u | z] x [W | B]
       const at::Tensor uz = u.as_strided({sh.M, sh.K + sh.R}, {u.stride(0), 1});
       const at::Tensor WB = W.as_strided({sh.N, sh.K + sh.R}, {W.stride(0), W.stride(1)});
       fc::FusedArgs a = args(uz, nullptr);
@@ -255,9 +260,8 @@ at::Tensor ffbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor&
     at::Tensor out = at::empty({sh.M, sh.N + sh.R2}, u.options());
     const at::Tensor y = out.narrow(1, 0, sh.N), z2 = out.narrow(1, sh.N, sh.R2);
     const at::Tensor fz = relu && !is_decode(c.kernel) ? at::relu(z) : z;
-    const bool gemm90 = c.kernel.rfind("gemm_sm90_", 0) == 0;
     fc::FusedArgs a;
-    if (gemm90 && sh.R > 0) {
+    if (one_k_range_kernel(c.kernel) && sh.R > 0) {
       const auto wide = [&](const at::Tensor& t) {
         return t.as_strided({t.size(0), sh.K + sh.R}, {t.stride(0), 1});
       };

@@ -377,14 +377,18 @@ TEST(CudaDispatch, Table) {
 TEST(CudaDispatch, FallbacksSayWhy) {
   using flora::choose_cuda;
   auto a = q("fbl", "bf16", 90, 512);
+  a.one_k_range = false;  // s != 1, relu or split operands: the two-range instance
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_2k_bf16");
+  a.op = "ffbl";
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_2k_bf16");
+  a.op = "ffl";  // FFL has no second K range
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_bf16");
+  a = q("fbl", "bf16", 80, 512);
   a.one_k_range = false;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm80_bf16");
+  a.all_aligned = false;
   auto c = choose_cuda(a, true, true);
   EXPECT_EQ(c.kernel, "cublas");
-  EXPECT_EQ(c.planned, "gemm_sm90_bf16");
-  EXPECT_NE(c.reason.find("one K range"), std::string::npos);
-  a = q("fbl", "bf16", 80, 512);
-  a.all_aligned = false;
-  c = choose_cuda(a, true, true);
   EXPECT_NE(c.reason.find("pad R to a multiple of 8"), std::string::npos);
   a = q("ffl", "bf16", 90, 4);
   a.vec_aligned = false;

@@ -1,9 +1,11 @@
 // sm_90a GEMM for M > 16 on CUTLASS 3.x: CollectiveBuilder mainloop (TMA
 // loads, warp-specialized cooperative wgmma, 128x128x64 tiles) and the Sm90
 // epilogue visitor tree of LinearCombination (D = acc + beta * C, TMA store;
-// the C load is skipped when beta = 0). One K range per problem: the caller
-// passes [u | z] and [W | sB] as one contiguous range (dispatch.h), and each
-// problem (y, then z / z') is its own launch.
+// the C load is skipped when beta = 0). Each problem (y, then z / z') is its
+// own launch. K: one range when the caller passes [u | z] and [W | sB] as one
+// contiguous range (s = 1, no relu); else the two-range instance
+// (sm90_two_range.cuh) runs both operand pairs into one accumulator, scaling
+// pair 2 (relu(z) staged by the caller) by alpha2 = s.
 //
 // The repeat-add (FFL: y += s * tile(z)) is a second instance for y alone,
 // launched after z: its epilogue visitor tree is D = acc + RepeatZ (no C),
@@ -23,6 +25,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/kernel_hardware_info.h"
 #include "plan.h"
+#include "sm90_two_range.cuh"
 
 namespace flora::cuda::sm90 {
 
@@ -120,9 +123,11 @@ using RepeatFusion = cutlass::epilogue::fusion::Sm90EVT<
 // LayoutB: ColumnMajor = weights stored [n, K] row-major (K-major, the
 // forward ops); RowMajor = stored [K, n] (n-major: the transposed views of
 // backward dx = [dy | dz] [W; A]).
-template <typename T, bool kRepeat = false, typename LayoutB_ = cutlass::layout::ColumnMajor>
+template <typename T, bool kRepeat = false, typename LayoutB_ = cutlass::layout::ColumnMajor,
+          bool kTwoRanges = false>
 struct Config {
   using LayoutB = LayoutB_;
+  static constexpr bool kTwoRange = kTwoRanges;
   static constexpr int kAlign = 8;  // TMA: 16-byte rows
   static constexpr bool kRepeatAdd = kRepeat;
   using Tile = cute::Shape<cute::_128, cute::_128, cute::_64>;
@@ -136,7 +141,7 @@ struct Config {
       ElementC, cutlass::layout::RowMajor, kAlign,   // C
       T, cutlass::layout::RowMajor, kAlign,   // D
       cutlass::epilogue::TmaWarpSpecializedCooperative, Fusion>::CollectiveOp;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       T, cutlass::layout::RowMajor, kAlign,     // X [M, K]
       T, LayoutB, kAlign,                       // weights
@@ -144,6 +149,7 @@ struct Config {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Mainloop = cute::conditional_t<kTwoRanges, TwoRangeMainloop<BuiltMainloop>, BuiltMainloop>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop,
                                                       Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -162,11 +168,22 @@ typename Cfg::Gemm::Arguments arguments(const FusedArgs& a, const Problem& p) {
     db = StrideB{cute::Int<1>{}, p.ldy1, int64_t(0)};
   else
     db = StrideB{p.ldy1, cute::Int<1>{}, int64_t(0)};
+  const int K = Cfg::kTwoRange ? Cfg::Mainloop::virtual_k(static_cast<int>(a.K1), static_cast<int>(a.K2))
+                               : static_cast<int>(a.K1);
   typename Cfg::Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
-      {static_cast<int>(a.M), static_cast<int>(p.n), static_cast<int>(a.K1), 1},
+      {static_cast<int>(a.M), static_cast<int>(p.n), K, 1},
       {static_cast<const E*>(a.x1), StrideA{a.ldx1, cute::Int<1>{}, int64_t(0)},
        static_cast<const E*>(p.y1), db}};
+  if constexpr (Cfg::kTwoRange) {  // pair 2: (x2, y2) scaled by alpha2
+    args.mainloop.ptr_A2 = static_cast<const E*>(a.x2);
+    args.mainloop.dA2 = StrideA{a.ldx2, cute::Int<1>{}, int64_t(0)};
+    args.mainloop.ptr_B2 = static_cast<const E*>(p.y2);
+    args.mainloop.dB2 = StrideB{p.ldy2, cute::Int<1>{}, int64_t(0)};
+    args.mainloop.K1 = static_cast<int>(a.K1);
+    args.mainloop.K2 = static_cast<int>(a.K2);
+    args.mainloop.alpha2 = p.alpha2;
+  }
   args.epilogue.ptr_D = static_cast<E*>(p.d);
   args.epilogue.dD = StrideD{p.ldd, cute::Int<1>{}, int64_t(0)};
   if constexpr (Cfg::kRepeatAdd) {  // no C; Z = problem 1's output
@@ -202,9 +219,11 @@ size_t workspace(const FusedArgs& a) {
 template <typename Cfg>
 cudaError_t launch(const FusedArgs& a, void* ws, size_t ws_bytes, cudaStream_t stream) {
   if (a.M <= 0) return cudaSuccess;
-  if (a.K2 > 0 || a.relu2 || a.M > 0x7fffffff || a.K1 > 0x7fffffff ||
-      (a.rep.groups > 0) != Cfg::kRepeatAdd)
+  if ((a.K2 > 0) != Cfg::kTwoRange || a.relu2 || a.M > 0x7fffffff || a.K1 > 0x7fffffff ||
+      a.K2 > 0x7fffffff || (a.rep.groups > 0) != Cfg::kRepeatAdd)
     return cudaErrorNotSupported;
+  for (int i = 0; Cfg::kTwoRange && i < problems<Cfg>(a); ++i)
+    if (a.p[i].n > 0 && a.p[i].y2 == nullptr) return cudaErrorNotSupported;
   if (Cfg::kRepeatAdd && (a.rep.groups > kMaxRepeat || a.rep.rc <= 0 || a.p[0].c != nullptr ||
                           a.p[1].d == nullptr))
     return cudaErrorNotSupported;

@@ -110,6 +110,14 @@ void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, in
     CHECK_CUDA(cudaDeviceSynchronize());
     cudaFree(ws);
   }
+  if (k == "sm90_2k") {  // both K segments into one accumulator (relu staged: none here)
+    const size_t bytes = fc::gemm_sm90_workspace(a);
+    void* ws = nullptr;
+    if (bytes) CHECK_CUDA(cudaMalloc(&ws, bytes));
+    e = bf16 ? fc::gemm_sm90_2k_bf16(a, ws, bytes, 0) : fc::gemm_sm90_2k_fp16(a, ws, bytes, 0);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    cudaFree(ws);
+  }
 #endif
   CHECK_CUDA(e);
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -228,6 +236,8 @@ int main() {
     if (arch == 90) {
       run_case("sm90", bf16, 17, 136, 264, 0, false, arch);
       run_case("sm90", bf16, 300, 264, 520, 0, false, arch);
+      run_case("sm90_2k", bf16, 17, 136, 264, 8, false, arch);
+      run_case("sm90_2k", bf16, 300, 264, 520, 32, false, arch);
       run_repeat("sm90", bf16, 17, 136, 264, 16, 8, 64, arch);
       run_repeat("sm90", bf16, 300, 520, 264, 64, 32, 256, arch);
     }
