@@ -28,22 +28,13 @@
 
 namespace flora::cuda::sm80 {
 
-// LayoutB: ColumnMajor = weights stored [n, K] row-major (the forward ops);
-// RowMajor = stored [K, n] (the transposed views of backward dx = dy W + dz A).
-template <typename T, int TM, int TN, int TK, int WM, int WN, int Stages,
-          typename LayoutB_ = cutlass::layout::ColumnMajor>
-struct Config {
-  static constexpr int kAlign = 8;  // 16-byte cp.async vectors
-  using LayoutB = LayoutB_;
-  using OutputOp = cutlass::epilogue::thread::LinearCombination<T, kAlign, float, float>;
-  using Default = typename cutlass::gemm::kernel::DefaultGemm<
-      T, cutlass::layout::RowMajor, kAlign,  // X [M, K]
-      T, LayoutB, kAlign,                    // Y^T
-      T, cutlass::layout::RowMajor, float, cutlass::arch::OpClassTensorOp,
-      cutlass::arch::Sm80, cutlass::gemm::GemmShape<TM, TN, TK>,
-      cutlass::gemm::GemmShape<WM, WN, TK>, cutlass::gemm::GemmShape<16, 8, 16>, OutputOp,
-      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<1>, Stages, false,
-      cutlass::arch::OpMultiplyAdd>::GemmKernel;
+constexpr int kAlign = 8;  // 16-byte cp.async vectors
+
+// What the kernels take from a CUTLASS default kernel: its mainloop and
+// epilogue, their shared memory (one union: the epilogue reuses the stages)
+// and the tile.
+template <typename Default, int TM, int TN, int TK>
+struct Parts {
   using Mma = typename Default::Mma;
   using Epilogue = typename Default::Epilogue;
   union SharedStorage {
@@ -52,6 +43,28 @@ struct Config {
   };
   static constexpr int kThreads = Mma::WarpCount::kCount * 32;
   static constexpr int kTM = TM, kTN = TN, kTK = TK;
+};
+
+template <typename T>
+using LinearOp = cutlass::epilogue::thread::LinearCombination<T, kAlign, float, float>;
+
+// LayoutB: ColumnMajor = weights stored [n, K] row-major (the forward ops);
+// RowMajor = stored [K, n] (the transposed views of backward dx = dy W + dz A).
+template <typename T, int TM, int TN, int TK, int WM, int WN, int Stages, typename LayoutB>
+using DefaultGemm = typename cutlass::gemm::kernel::DefaultGemm<
+    T, cutlass::layout::RowMajor, kAlign,  // X [M, K]
+    T, LayoutB, kAlign,                    // Y^T
+    T, cutlass::layout::RowMajor, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+    cutlass::gemm::GemmShape<TM, TN, TK>, cutlass::gemm::GemmShape<WM, WN, TK>,
+    cutlass::gemm::GemmShape<16, 8, 16>, LinearOp<T>,
+    cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<1>, Stages, false,
+    cutlass::arch::OpMultiplyAdd>::GemmKernel;
+
+template <typename T, int TM, int TN, int TK, int WM, int WN, int Stages,
+          typename LayoutB_ = cutlass::layout::ColumnMajor>
+struct Config : Parts<DefaultGemm<T, TM, TN, TK, WM, WN, Stages, LayoutB_>, TM, TN, TK> {
+  using LayoutB = LayoutB_;
+  using OutputOp = LinearOp<T>;
 };
 
 template <typename Cfg>
@@ -251,9 +264,9 @@ struct VisitorRepeatZ {
   }
 };
 
+// The repeat-add epilogue's visitor tree: D = acc + RepeatZ, stored as T.
 template <typename T, int TM, int TN, int TK, int WM, int WN, int Stages>
-struct RepeatConfig {
-  static constexpr int kAlign = 8;
+struct RepeatTree {
   using TB = cutlass::gemm::GemmShape<TM, TN, TK>;
   using Warp = cutlass::gemm::GemmShape<WM, WN, TK>;
   using ThreadMap = cutlass::epilogue::threadblock::OutputTileThreadLayout<TB, Warp, T, kAlign, 1>;
@@ -273,14 +286,13 @@ struct RepeatConfig {
       cutlass::arch::Sm80, TB, Warp, cutlass::gemm::GemmShape<16, 8, 16>, Fusion,
       cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<1>, Stages,
       cutlass::arch::OpMultiplyAdd, 1>::GemmKernel;
-  using Mma = typename Default::Mma;
-  using Epilogue = typename Default::Epilogue;
-  union SharedStorage {
-    typename Mma::SharedStorage main_loop;
-    typename Epilogue::SharedStorage epilogue;
-  };
-  static constexpr int kThreads = Mma::WarpCount::kCount * 32;
-  static constexpr int kTM = TM, kTN = TN, kTK = TK;
+};
+
+template <typename T, int TM, int TN, int TK, int WM, int WN, int Stages>
+struct RepeatConfig
+    : RepeatTree<T, TM, TN, TK, WM, WN, Stages>,
+      Parts<typename RepeatTree<T, TM, TN, TK, WM, WN, Stages>::Default, TM, TN, TK> {
+  using LayoutB = cutlass::layout::ColumnMajor;
 };
 
 template <typename Cfg>

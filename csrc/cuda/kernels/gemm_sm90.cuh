@@ -168,8 +168,8 @@ typename Cfg::Gemm::Arguments arguments(const FusedArgs& a, const Problem& p) {
     db = StrideB{cute::Int<1>{}, p.ldy1, int64_t(0)};
   else
     db = StrideB{p.ldy1, cute::Int<1>{}, int64_t(0)};
-  const int K = Cfg::kTwoRange ? Cfg::Mainloop::virtual_k(static_cast<int>(a.K1), static_cast<int>(a.K2))
-                               : static_cast<int>(a.K1);
+  int K = static_cast<int>(a.K1);
+  if constexpr (Cfg::kTwoRange) K = Cfg::Mainloop::virtual_k(K, static_cast<int>(a.K2));
   typename Cfg::Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {static_cast<int>(a.M), static_cast<int>(p.n), K, 1},

@@ -78,6 +78,24 @@ struct Buf {
 
 int failures = 0;
 
+// Error relative to 1 + |want|; an unwritten (NaN) output is infinitely wrong.
+double rel_err(double got, double want) {
+  return std::isnan(got) ? INFINITY : std::fabs(got - want) / (1.0 + std::fabs(want));
+}
+
+#ifdef FLORA_HAVE_SM90
+// Runs an sm_90a entry point with its workspace, synchronously.
+template <typename F>
+cudaError_t with_workspace(size_t bytes, F&& run) {
+  void* ws = nullptr;
+  if (bytes) CHECK_CUDA(cudaMalloc(&ws, bytes));
+  const cudaError_t e = run(ws, bytes);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  cudaFree(ws);
+  return e;
+}
+#endif
+
 // FBL-shaped call (two K segments, C, alpha2), plus a second problem.
 void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, int64_t R, bool relu,
               int arch) {
@@ -102,21 +120,11 @@ void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, in
   if (k == "sm80") e = bf16 ? fc::gemm_sm80_bf16(a, 0) : fc::gemm_sm80_fp16(a, 0);
 #endif
 #ifdef FLORA_HAVE_SM90
-  if (k == "sm90") {  // one K range per problem: R = 0 here
-    const size_t bytes = fc::gemm_sm90_workspace(a);
-    void* ws = nullptr;
-    if (bytes) CHECK_CUDA(cudaMalloc(&ws, bytes));
-    e = bf16 ? fc::gemm_sm90_bf16(a, ws, bytes, 0) : fc::gemm_sm90_fp16(a, ws, bytes, 0);
-    CHECK_CUDA(cudaDeviceSynchronize());
-    cudaFree(ws);
-  }
-  if (k == "sm90_2k") {  // both K segments into one accumulator (relu staged: none here)
-    const size_t bytes = fc::gemm_sm90_workspace(a);
-    void* ws = nullptr;
-    if (bytes) CHECK_CUDA(cudaMalloc(&ws, bytes));
-    e = bf16 ? fc::gemm_sm90_2k_bf16(a, ws, bytes, 0) : fc::gemm_sm90_2k_fp16(a, ws, bytes, 0);
-    CHECK_CUDA(cudaDeviceSynchronize());
-    cudaFree(ws);
+  if (k == "sm90" || k == "sm90_2k") {  // one K range (R = 0 here), or both into one accumulator
+    const auto gemm = k == "sm90" ? (bf16 ? fc::gemm_sm90_bf16 : fc::gemm_sm90_fp16)
+                                  : (bf16 ? fc::gemm_sm90_2k_bf16 : fc::gemm_sm90_2k_fp16);
+    e = with_workspace(fc::gemm_sm90_workspace(a),
+                       [&](void* ws, size_t bytes) { return gemm(a, ws, bytes, 0); });
   }
 #endif
   CHECK_CUDA(e);
@@ -135,8 +143,7 @@ void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, in
         }
         s += (p == 0 ? 0.5 : 1.0) * s2 + (p == 0 ? res.at(m, j) : 0.0);
         const double got = p == 0 ? gy[m * y.ld + j] : gz[m * z2.ld + j];
-        const double err = std::isnan(got) ? INFINITY : std::fabs(got - s) / (1.0 + std::fabs(s));
-        worst = std::max(worst, err);
+        worst = std::max(worst, rel_err(got, s));
       }
     }
   }
@@ -177,14 +184,10 @@ void run_repeat(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, 
 #ifdef FLORA_HAVE_SM90
   if (k == "sm90") {
     const size_t bytes = std::max(fc::gemm_sm90_workspace(fc::z_only(a)), fc::gemm_sm90_rep_workspace(a));
-    void* ws = nullptr;
-    if (bytes) CHECK_CUDA(cudaMalloc(&ws, bytes));
-    e = bf16 ? fc::gemm_sm90_bf16(fc::z_only(a), ws, bytes, 0)
-             : fc::gemm_sm90_fp16(fc::z_only(a), ws, bytes, 0);
-    if (e == cudaSuccess)
-      e = bf16 ? fc::gemm_sm90_rep_bf16(a, ws, bytes, 0) : fc::gemm_sm90_rep_fp16(a, ws, bytes, 0);
-    CHECK_CUDA(cudaDeviceSynchronize());
-    cudaFree(ws);
+    e = with_workspace(bytes, [&](void* ws, size_t n) {
+      cudaError_t r = (bf16 ? fc::gemm_sm90_bf16 : fc::gemm_sm90_fp16)(fc::z_only(a), ws, n, 0);
+      return r == cudaSuccess ? (bf16 ? fc::gemm_sm90_rep_bf16 : fc::gemm_sm90_rep_fp16)(a, ws, n, 0) : r;
+    });
   }
 #endif
   CHECK_CUDA(e);
@@ -192,13 +195,10 @@ void run_repeat(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, 
   const auto gy = y.download(bf16), gz = z.download(bf16);
   double worst = 0;
   for (int64_t m = 0; m < M; ++m) {
-    std::vector<double> zr(R);
     for (int64_t r = 0; r < R; ++r) {
       double s = zin.at(m, r);
       for (int64_t kk = 0; kk < K; ++kk) s += x.at(m, kk) * A.at(r, kk);
-      zr[r] = s;
-      const double got = gz[m * z.ld + r];
-      worst = std::max(worst, std::isnan(got) ? INFINITY : std::fabs(got - s) / (1.0 + std::fabs(s)));
+      worst = std::max(worst, rel_err(gz[m * z.ld + r], s));
     }
     for (int64_t j = 0; j < N; ++j) {
       double s = 0;
@@ -206,8 +206,7 @@ void run_repeat(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, 
       // The kernel reads z as stored (rounded): so does the reference.
       const int64_t src = j < w0 ? j % rc : j < w0 + a.rep.widths[1] ? rc + (j - w0) % rc : -1;
       if (src >= 0) s += 0.75 * gz[m * z.ld + src];
-      const double got = gy[m * y.ld + j];
-      worst = std::max(worst, std::isnan(got) ? INFINITY : std::fabs(got - s) / (1.0 + std::fabs(s)));
+      worst = std::max(worst, rel_err(gy[m * y.ld + j], s));
     }
   }
   const double tol = bf16 ? 2e-2 : 4e-3;
