@@ -52,7 +52,7 @@ class _Operands:
         self.op, self.first, self.first_name = op, first, name
         self.check(first, name)
 
-    def check(self, t: Tensor, name: str) -> None:
+    def check(self, t: Tensor, name: str, transposed: bool = False) -> None:
         op = self.op
         if not isinstance(t, Tensor):
             raise TypeError(f"flora.{op}: {name} must be a Tensor, got {type(t).__name__}")
@@ -74,7 +74,10 @@ class _Operands:
                 f"but {name} is on {t.device}"
             )
         rows, cols = t.shape
-        if not ((cols <= 1 or t.stride(1) == 1) and (rows <= 1 or t.stride(0) >= cols)):
+        row_major = (cols <= 1 or t.stride(1) == 1) and (rows <= 1 or t.stride(0) >= cols)
+        # fbl's weights may be transposed views (backward dx = dy W + dz A)
+        t_view = transposed and (rows <= 1 or t.stride(0) == 1) and (cols <= 1 or t.stride(1) >= rows)
+        if not (row_major or t_view):
             raise ValueError(
                 f"flora.{op}: {name} must be row-major with unit stride along its last dimension "
                 f"(row-strided views are fine), got shape {list(t.shape)} with strides "
@@ -128,8 +131,9 @@ def check_ffl(x, W, A, repeat=(), repeat_rank=0, z_in=None):
 
 def check_fbl(u, z, W, B, res=None):
     c = _Operands("fbl", u, "u")
-    for t, name in ((z, "z"), (W, "W"), (B, "B")):
-        c.check(t, name)
+    c.check(z, "z")
+    c.check(W, "W", transposed=True)
+    c.check(B, "B", transposed=True)
     M, K = u.shape
     N, R = W.shape[0], B.shape[1]
     c.dim("M", M, z.shape[0], u, "u", z, "z")
@@ -430,7 +434,9 @@ def fbl(
     """Fused backward layer: ``y = u W^T + s * f(z) B^T (+ res)`` in one product
     over ``[u | z]`` and ``[W | sB]``; f is ReLU when ``relu`` else identity.
 
-    u [M, K], z [M, R], W [N, K], B [N, R], res [M, N] -> y [M, N].
+    u [M, K], z [M, R], W [N, K], B [N, R], res [M, N] -> y [M, N]. W and B
+    may also be transposed views (W = V.t() of a row-major V): the input
+    gradient of FFL, dy V + dz A, is fbl(dy, dz, V.t(), A.t()).
     """
     return torch.ops.flora.fbl(u, z, W, B, float(s), res, relu)
 

@@ -53,18 +53,44 @@ def test_dispatch_gate_and_reasons(monkeypatch):
     assert C.cuda_dispatch("fbl", "bf16", 90, 1, 64, 64, compiled=True)[0] == "cublas"
     assert "not compiled" in dispatch(compiled=False)[2]
     assert "pad R to a multiple of 8" in dispatch(M=512, all_aligned=False)[2]
-    assert "one K range" in dispatch(M=512, one_k_range=False)[2]
+    # sm_90 FBL with s != 1, relu or split operands: the two-range instance.
+    assert dispatch(M=512, one_k_range=False)[0] == "gemm_sm90_2k_bf16"
+    assert "one K range" in dispatch(M=512, one_k_range=False, weights_t=True)[2]
     assert "16-byte aligned" in dispatch(M=2, vec_aligned=False)[2]
-    assert "repeat-add" in dispatch(op="ffl", M=512, repeat_groups=1)[2]
+    assert "more than 8 repeat-add" in dispatch(op="ffl", M=512, repeat_groups=9)[2]
     # FFL has no K range to join: the sm_90 kernel takes it either way.
     assert dispatch(op="ffl", M=512, one_k_range=False)[0] == "gemm_sm90_bf16"
+
+
+@needs_ext
+@pytest.mark.parametrize("arch,dtype,want", [
+    (90, "bf16", "gemm_sm90_rep_bf16"), (80, "fp16", "gemm_sm80_rep_fp16"),
+    (89, "bf16", "gemm_sm80_rep_bf16"),
+])
+def test_dispatch_repeat_add_gemm(arch, dtype, want):
+    """FFL with repeat-add at M > 16 runs the repeat-add GEMM (z first through
+    the plain one); while unverified the reason names the kernel."""
+    assert dispatch(op="ffl", M=512, arch=arch, dtype=dtype, repeat_groups=2)[0] == want
+    k, planned, reason = dispatch(op="ffl", M=512, arch=arch, dtype=dtype, repeat_groups=2,
+                                  enabled=False)
+    assert (k, planned) == ("cublas", want) and f"{want} compiled, not verified" in reason
+
+
+@needs_ext
+def test_dispatch_transposed_weights():
+    """Backward dx (FBL over W^T, A^T) runs the [K, n]-weight GEMMs at M > 16."""
+    assert dispatch(M=512, weights_t=True)[0] == "gemm_sm90_t_bf16"
+    assert dispatch(M=512, arch=86, dtype="fp16", weights_t=True)[0] == "gemm_sm80_t_fp16"
+    assert "GEMM kernels only" in dispatch(M=4, weights_t=True)[2]
 
 
 @needs_ext
 def test_flora_info_lists_kernel_state():
     rows = cuda_kernels()
     names = {r["name"] for r in rows}
-    assert {"decode_bf16", "gemm_sm80_bf16", "gemm_sm90_bf16"} <= names
+    assert {"decode_bf16", "gemm_sm80_bf16", "gemm_sm90_bf16", "gemm_sm80_rep_bf16",
+            "gemm_sm90_rep_fp16", "gemm_sm80_t_bf16", "gemm_sm90_t_fp16",
+            "gemm_sm90_2k_bf16"} <= names
     for r in rows:
         assert r["status"].startswith(("not compiled", "compiled, not verified", "verified on"))
     text = format_info()
@@ -121,14 +147,16 @@ def _arch():
     return p.major * 10 + p.minor
 
 
-def _expected_kernel(M, dtype, gemm_ok=True):
+def _expected_kernel(M, dtype, gemm_ok=True, rep=False, wt=False, two=False):
+    """two: FBL / FFBL operands that are not one K range (sm_90's 2k instance)."""
+    arch = _arch()
+    kind = "rep_" if rep else "t_" if wt else "2k_" if two and arch == 90 else ""
     dt = "bf16" if dtype == torch.bfloat16 else "fp16"
     if M <= 16:
         return f"decode_{dt}"
     if not gemm_ok:
         return None
-    arch = _arch()
-    return f"gemm_sm90_{dt}" if arch == 90 else f"gemm_sm80_{dt}" if 80 <= arch < 90 else None
+    return f"gemm_sm90_{kind}{dt}" if arch == 90 else f"gemm_sm80_{kind}{dt}" if 80 <= arch < 90 else None
 
 
 def _poison(nbytes):
@@ -191,17 +219,38 @@ def test_ffl_kernel(monkeypatch, dtype, M, R, z_in):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", M_DECODE)
-@pytest.mark.parametrize("repeat,rc", [([520], 8), ([256, 264], 8), ([512], 32)])
-def test_ffl_repeat_add_decode(monkeypatch, dtype, M, repeat, rc):
+@pytest.mark.parametrize("M", M_DECODE + M_GEMM)
+@pytest.mark.parametrize("repeat,rc", [([520], 8), ([256, 264], 8), ([512], 32),
+                                       ([128, 64, 64, 256], 1), ([259], 7)])
+def test_ffl_repeat_add(monkeypatch, dtype, M, repeat, rc):
+    """Decode and GEMM repeat-add epilogues: segments that end inside a tile,
+    a tail no segment covers (N = 520 > sum), rc = 1 and odd rc = 7."""
     K, N, R = 1024, 520, 32
     x, WA = _fused(M, K, dtype), _fused(N + R, K, dtype)
     W, A = WA[:N], WA[N:]
     zi = _fused(M, R, dtype)
     got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffl(x, W, A, 0.75, repeat, rc, zi),
-                          _expected_kernel(M, dtype))
+                          _expected_kernel(M, dtype, rep=True))
     want = ops.ffl_reference(_d(x), _d(W), _d(A), 0.75, repeat, rc, _d(zi))
-    _check(got, want, base, dtype, f"ffl repeat M={M}")
+    _check(got, want, base, dtype, f"ffl repeat M={M} {repeat}/{rc}")
+
+
+@pytest.mark.cuda
+def test_ffl_repeat_add_gemm_under_autograd(monkeypatch):
+    """ffa's shape (FFL with repeat-add on every target) at prefill size:
+    forward through the repeat-add GEMM, gradients like the reference's."""
+    dtype, M, K, N, R = torch.bfloat16, 64, 256, 128, 16
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    x = torch.randn(M, K, dtype=dtype, device="cuda", requires_grad=True)
+    W = torch.randn(N, K, dtype=dtype, device="cuda")
+    A = torch.randn(R, K, dtype=dtype, device="cuda", requires_grad=True)
+    out = ops.ffl(x, W, A, 0.5, repeat=[N], repeat_rank=R)
+    assert C.cuda_last_dispatch() == _expected_kernel(M, dtype, rep=True), C.cuda_last_dispatch()
+    torch.cat(out, 1).float().square().sum().backward()
+    x64, A64 = x.detach().double().requires_grad_(), A.detach().double().requires_grad_()
+    ops.ffl_reference(x64, W.double(), A64, 0.5, [N], R).square().sum().backward()
+    for g, w in ((x.grad, x64.grad), (A.grad, A64.grad)):
+        torch.testing.assert_close(g.double(), w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
 
 
 @pytest.mark.cuda
@@ -218,9 +267,9 @@ def test_fbl_kernel(monkeypatch, dtype, M, R, s, relu, res, fused):
     else:
         u, z, W, B = _fused(M, K, dtype), _fused(M, R, dtype), _fused(N, K, dtype), _fused(N, R, dtype)
     r = _fused(M, N, dtype) if res else None
-    gemm_ok = R % 8 == 0 and (fused and s == 1.0 and not relu if _arch() == 90 else True)
+    two = not (fused and s == 1.0 and not relu)
     got, base = _run_both(monkeypatch, lambda: torch.ops.flora.fbl(u, z, W, B, s, r, relu),
-                          _expected_kernel(M, dtype, gemm_ok))
+                          _expected_kernel(M, dtype, R % 8 == 0, two=two))
     want = ops.fbl_reference(_d(u), _d(z), _d(W), _d(B), s, _d(r), relu)
     _check(got, want, base, dtype, f"fbl M={M} R={R} s={s} relu={relu}")
 
@@ -237,9 +286,8 @@ def test_ffbl_kernel(monkeypatch, dtype, M, R, s, relu, res):
     u, z = uz[:, :K], uz[:, K:]
     W, B, A, Cm = store[:N, :K], store[:N, K:], store[N:, :K], store[N:, K:]
     r = _fused(M, N, dtype) if res else None
-    gemm_ok = _arch() != 90 or (s == 1.0 and not relu)
     got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffbl(u, z, W, B, A, Cm, s, r, relu),
-                          _expected_kernel(M, dtype, gemm_ok))
+                          _expected_kernel(M, dtype, two=not (s == 1.0 and not relu)))
     want = ops.ffbl_reference(_d(u), _d(z), _d(W), _d(B), _d(A), _d(Cm), s, _d(r), relu)
     _check(got, want, base, dtype, f"ffbl M={M} R={R}")
 
@@ -270,6 +318,51 @@ def test_kernels_under_autograd(monkeypatch, M):
                  u.double(), z.double(), B.double())
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=5e-2, atol=5e-2 * w.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_GEMM)
+@pytest.mark.parametrize("R", [8, 32])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_backward_dx_kernel(monkeypatch, dtype, M, R, contiguous):
+    """dx = dy W + dz A as FBL over the transposed views of the fused [W; A]
+    storage: the [K, n]-weight GEMMs (sm_90: [dy | dz] one K range)."""
+    K, N = 1032, 520
+    WA = _fused(N + R, K, dtype)
+    W, A = WA[:N], WA[N:]
+    if contiguous:  # FFL's output gradient: one [M, N + R] buffer
+        g = _fused(M, N + R, dtype)
+        dy, dz = g[:, :N], g[:, N:]
+    else:
+        dy, dz = _fused(M, N, dtype), _fused(M, R, dtype)
+    gemm_ok = contiguous or _arch() != 90  # no two-range instance for [K, n] weights
+    got, base = _run_both(monkeypatch, lambda: torch.ops.flora.fbl(dy, dz, W.t(), A.t(), 1.0, None, False),
+                          _expected_kernel(M, dtype, gemm_ok, wt=True))
+    want = _d(dy) @ _d(W) + _d(dz) @ _d(A)
+    _check(got, want, base, dtype, f"dx M={M} R={R} contiguous={contiguous}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("repeat", [False, True])
+def test_backward_dx_through_kernel_under_autograd(monkeypatch, repeat):
+    """FFL's backward computes dx through the [K, n]-weight GEMM (the last
+    flora op the backward calls) and matches the fp64 reference's gradient."""
+    dtype, M, K, N, R = torch.bfloat16, 256, 512, 256, 16
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    WA = torch.randn(N + R, K, dtype=dtype, device="cuda")
+    W, A = WA[:N], WA[N:]
+    x = torch.randn(M, K, dtype=dtype, device="cuda", requires_grad=True)
+    kw = dict(repeat=[N], repeat_rank=R) if repeat else {}
+    torch.cat(ops.ffl(x, W, A, 0.5, **kw), 1).float().square().sum().backward()
+    # With repeat-add the adjoint clones dz: two K segments (sm_80 only).
+    want, last = _expected_kernel(M, dtype, not repeat or _arch() != 90, wt=True), C.cuda_last_dispatch()
+    assert (last == want) if want else last.startswith("cublas"), last
+    x64 = x.detach().double().requires_grad_()
+    ops.ffl_reference(x64, W.double(), A.double(), 0.5, [N] if repeat else (),
+                      R if repeat else 0).square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=5e-2,
+                               atol=5e-2 * x64.grad.abs().max().item())
 
 
 @pytest.mark.cuda

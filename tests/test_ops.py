@@ -189,6 +189,23 @@ def test_empty_shapes():
     assert z2.shape == (3, 0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("M", [1, 3, 40])
+def test_fbl_takes_transposed_weights(fused, M):
+    """dx = dy W + dz A (FFL's input gradient) as fbl over W^T, A^T views of the
+    fused [W; A] storage: every implementation agrees with the float64 sum."""
+    WA = rand(24 + 8, 40)
+    W, A = (WA[:24], WA[24:]) if fused else (rand(24, 40), rand(8, 40))
+    g = rand(M, 32)
+    dy, dz = g[:, :24], g[:, 24:]
+    want = dy.double() @ W.double() + dz.double() @ A.double()
+    for fbl in (ops.fbl_reference, torch.ops.flora.fbl):
+        got = fbl(dy, dz, W.t(), A.t(), 1.0, None, False)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="unit stride"):  # only the weights may be transposed
+        torch.ops.flora.fbl(rand(24, 3).t(), rand(3, 8), W.t(), A.t())
+
+
 # -- bad calls: the same clear error from every implementation -------------
 def _impls():
     impls = {"reference": lambda op, *a, **k: ops.REFERENCES[op](*a, **k)}

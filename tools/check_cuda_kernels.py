@@ -65,9 +65,13 @@ def short(name: str) -> str:
         m = re.search(r"decode_kernel<([^>]*)>", name)
         return f"decode_kernel<{m.group(1).replace(' ', '')}>" if m else name
     if "sm80::gemm_kernel" in name:
-        return "sm80::gemm_kernel<Config 128x128x32, 4 stages>"
+        t = ", weights [K, n]" if "layout::RowMajor>" in name else ""
+        return f"sm80::gemm_kernel<Config 128x128x32, 4 stages{t}>"
+    if "sm80::gemm_repeat_kernel" in name:
+        return "sm80::gemm_repeat_kernel<RepeatConfig 128x128x32, 4 stages, EVT>"
     if "device_kernel" in name and "GemmUniversal" in name:
-        return "cutlass::device_kernel<GemmUniversal sm90 128x128x64 coop>"
+        extra = ", two K ranges" if "TwoRangeMainloop" in name else ", EVT repeat-add" if "Sm90RepeatZ" in name else ""
+        return f"cutlass::device_kernel<GemmUniversal sm90 128x128x64 coop{extra}>"
     return name[:90]
 
 

@@ -7,12 +7,13 @@
 namespace flora {
 namespace {
 
-// [a; b] or [a | b] as one matrix, given that b follows a in memory.
+// [a; b] or [a | b] as one matrix, given that b follows a in memory (also
+// for transposed views: backward dx passes W^T, A^T).
 at::Tensor stack_rows(const at::Tensor& a, const at::Tensor& b) {
-  return a.as_strided({a.size(0) + b.size(0), a.size(1)}, {a.stride(0), 1});
+  return a.as_strided({a.size(0) + b.size(0), a.size(1)}, {a.stride(0), a.stride(1)});
 }
 at::Tensor stack_cols(const at::Tensor& a, const at::Tensor& b) {
-  return a.as_strided({a.size(0), a.size(1) + b.size(1)}, {a.stride(0), 1});
+  return a.as_strided({a.size(0), a.size(1) + b.size(1)}, {a.stride(0), a.stride(1)});
 }
 
 // y (a view) = u W^T + res, written in place.

@@ -52,6 +52,15 @@ at::Tensor untile(const at::Tensor& gy, at::Tensor gz, double s, const std::vect
   return gz;
 }
 
+// dx = dy W + dz A (FFL; FFBL's du), the FBL shape over the transposed
+// weight views: on CUDA one fbl call (its GEMM kernels take [K, n] weights,
+// else cuBLAS as two matmuls); elsewhere the two matmuls.
+at::Tensor dy_w_plus_dz_a(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor& W,
+                          const at::Tensor& A) {
+  if (dy.is_cuda()) return fbl_op().call(dy, dz, W.t(), A.t(), 1.0, c10::nullopt, false);
+  return dy.mm(W) + dz.mm(A);
+}
+
 struct Ffl : torch::autograd::Function<Ffl> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& W,
                             const at::Tensor& A, double s, at::IntArrayRef repeat, int64_t rc,
@@ -75,7 +84,7 @@ struct Ffl : torch::autograd::Function<Ffl> {
                                  ctx->saved_data["repeat"].toIntVector(),
                                  ctx->saved_data["rc"].toInt());
     // Tensor inputs in order: x, W, A, z_in (the optional comes last).
-    const auto dx = maybe(ctx->needs_input_grad(0), [&] { return gy.mm(W) + gz.mm(A); });
+    const auto dx = maybe(ctx->needs_input_grad(0), [&] { return dy_w_plus_dz_a(gy, gz, W, A); });
     const auto dW = maybe(ctx->needs_input_grad(1), [&] { return gy.t().mm(x); });
     const auto dA = maybe(ctx->needs_input_grad(2), [&] { return gz.t().mm(x); });
     const auto dz_in = maybe(opt_needs_grad(ctx, 3), [&] { return gz; });
@@ -138,7 +147,7 @@ struct Ffbl : torch::autograd::Function<Ffbl> {
     const at::Tensor gz2 = grad.narrow_symint(1, N, grad.sym_size(1) - N);
     const at::Tensor fz = relu ? at::relu(z) : z;
     // Tensor inputs in order: u, z, W, B, A, C, res.
-    const auto du = maybe(ctx->needs_input_grad(0), [&] { return gy.mm(W) + gz2.mm(A); });
+    const auto du = maybe(ctx->needs_input_grad(0), [&] { return dy_w_plus_dz_a(gy, gz2, W, A); });
     const auto dz = maybe(ctx->needs_input_grad(1), [&] {
       const at::Tensor d = gy.mm(B) * s + gz2.mm(C);
       return relu ? d * z.gt(0) : d;

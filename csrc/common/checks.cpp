@@ -29,7 +29,8 @@ std::string py_dtype(at::ScalarType t) {
 
 // Checks one operand: 2-D, a float dtype equal to the first operand's, on the
 // first operand's device, row-major rows (a row stride >= the row length is
-// fine: views into wider fused buffers are the normal case).
+// fine: views into wider fused buffers are the normal case). `transposed`:
+// the transpose of such a view is fine too (fbl's weights in backward dx).
 class Operands {
  public:
   Operands(const char* op, const at::Tensor& first, const char* first_name)
@@ -37,7 +38,7 @@ class Operands {
     check(first, first_name);
   }
 
-  void check(const at::Tensor& t, const char* name) const {
+  void check(const at::Tensor& t, const char* name, bool transposed = false) const {
     TORCH_CHECK_VALUE(t.dim() == 2, "flora.", op_, ": ", name,
                       " must be 2-D, got a ", t.dim(),
                       "-D tensor of shape ", shape_str(t));
@@ -55,7 +56,9 @@ class Operands {
                       first_.device(), " but ", name, " is on ", t.device());
     const bool unit_col = t.size(1) <= 1 || t.stride(1) == 1;
     const bool row_ok = t.size(0) <= 1 || t.stride(0) >= t.size(1);
-    TORCH_CHECK_VALUE(unit_col && row_ok, "flora.", op_, ": ", name,
+    const bool t_ok = transposed && (t.size(0) <= 1 || t.stride(0) == 1) &&
+                      (t.size(1) <= 1 || t.stride(1) >= t.size(0));
+    TORCH_CHECK_VALUE((unit_col && row_ok) || t_ok, "flora.", op_, ": ", name,
                       " must be row-major with unit stride along its last "
                       "dimension (row-strided views are fine), got shape ",
                       shape_str(t), " with strides ", t.strides(),
@@ -100,16 +103,16 @@ void check_repeat(at::IntArrayRef repeat, int64_t repeat_rank, int64_t N,
 
 bool rows_follow(const at::Tensor& a, const at::Tensor& b) {
   if (!a.is_alias_of(b) || a.size(1) != b.size(1) ||
-      a.stride(0) != b.stride(0))
+      a.stride(0) != b.stride(0) || a.stride(1) != b.stride(1))
     return false;
   return b.storage_offset() == a.storage_offset() + a.size(0) * a.stride(0);
 }
 
 bool cols_follow(const at::Tensor& a, const at::Tensor& b) {
   if (!a.is_alias_of(b) || a.size(0) != b.size(0) ||
-      a.stride(0) != b.stride(0))
+      a.stride(0) != b.stride(0) || a.stride(1) != b.stride(1))
     return false;
-  return b.storage_offset() == a.storage_offset() + a.size(1);
+  return b.storage_offset() == a.storage_offset() + a.size(1) * a.stride(1);
 }
 
 FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
@@ -136,8 +139,8 @@ FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,
                    const c10::optional<at::Tensor>& res) {
   Operands c("fbl", u, "u");
   c.check(z, "z");
-  c.check(W, "W");
-  c.check(B, "B");
+  c.check(W, "W", true);
+  c.check(B, "B", true);
   FblShape s{u.size(0), u.size(1), W.size(0), B.size(1)};
   c.dim("M", s.M, z.size(0), u, "u", z, "z");
   c.dim("K", s.K, W.size(1), u, "u", W, "W");

@@ -33,6 +33,16 @@ const std::vector<CudaKernelEntry>& cuda_kernels() {
       {"gemm_sm80_fp16", "sm_80", "CUTLASS 2.x mma.sync multistage, two K segments, C epilogue"},
       {"gemm_sm90_bf16", "sm_90a", "CUTLASS 3.x TMA warp-specialized wgmma, EVT C epilogue"},
       {"gemm_sm90_fp16", "sm_90a", "CUTLASS 3.x TMA warp-specialized wgmma, EVT C epilogue"},
+      {"gemm_sm90_2k_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, two K ranges into one accumulator"},
+      {"gemm_sm90_2k_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, two K ranges into one accumulator"},
+      {"gemm_sm80_rep_bf16", "sm_80", "CUTLASS 2.x mma.sync, EVT repeat-add epilogue (FFL y)"},
+      {"gemm_sm80_rep_fp16", "sm_80", "CUTLASS 2.x mma.sync, EVT repeat-add epilogue (FFL y)"},
+      {"gemm_sm90_rep_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, EVT repeat-add epilogue (FFL y)"},
+      {"gemm_sm90_rep_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, EVT repeat-add epilogue (FFL y)"},
+      {"gemm_sm80_t_bf16", "sm_80", "CUTLASS 2.x mma.sync, weights [K, n] (backward dx)"},
+      {"gemm_sm80_t_fp16", "sm_80", "CUTLASS 2.x mma.sync, weights [K, n] (backward dx)"},
+      {"gemm_sm90_t_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights (backward dx)"},
+      {"gemm_sm90_t_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights (backward dx)"},
   };
   return k;
 }
@@ -71,39 +81,48 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled) {
     return cublas("", "empty output");
   if (q.arch < 80) return cublas("", sm(q.arch) + ": the kernels need sm_80 or newer");
 
-  std::string planned;
+  std::string planned, companion;  // companion: a kernel the call also runs
+  if (q.weights_t && (q.op != "fbl" || q.M <= kDecodeMaxM))
+    return cublas("", "weights stored [K, n] (backward dx): GEMM kernels only, FBL at M > 16");
   if (q.M <= kDecodeMaxM) {
     planned = "decode_" + q.dtype;
     if (q.arch >= 100) return cublas(planned, sm(q.arch) + ": decode kernel built for sm_80 / sm_90 only");
     if (!q.vec_aligned)
       return cublas(planned,
                     "x and the weight rows must be 16-byte aligned (row stride a multiple of 8)");
-    if (q.repeat_groups > kMaxRepeat)
-      return cublas(planned, "more than " + std::to_string(kMaxRepeat) + " repeat-add segments");
   } else {
+    std::string gemm;
     if (q.arch == 90) {
-      planned = "gemm_sm90_" + q.dtype;
+      gemm = "gemm_sm90_";
     } else if (q.arch >= 80 && q.arch < 90) {
-      planned = "gemm_sm80_" + q.dtype;
+      gemm = "gemm_sm80_";
     } else {
       return cublas("", sm(q.arch) + ": no GEMM kernel built for this arch");
     }
+    // FFL with repeat-add: z through the plain GEMM, then y through the
+    // repeat-add instance (its epilogue reads z).
+    const bool rep = q.op == "ffl" && q.repeat_groups > 0;
+    // sm_90 FBL / FFBL: one K range when [u | z], [W | sB] are contiguous
+    // with s = 1 and no relu, else the two-range instance.
+    const bool two = q.arch == 90 && q.op != "ffl" && q.R > 0 && !q.one_k_range;
+    planned = gemm + (rep ? "rep_" : q.weights_t ? "t_" : two ? "2k_" : "") + q.dtype;
+    if (rep) companion = gemm + q.dtype;
     if (q.K <= 0) return cublas(planned, "K = 0: nothing to multiply");
-    if (q.repeat_groups > 0)
-      return cublas(planned, "repeat-add: cuBLAS + ATen epilogue (no fused GEMM epilogue yet)");
     if (!q.all_aligned)
       return cublas(planned,
                     "operands must be 16-byte aligned with K and R multiples of 8 "
                     "(pad R to a multiple of 8 in the fused storage)");
-    if (q.arch == 90 && q.op != "ffl" && q.R > 0 && !q.one_k_range)
+    if (two && q.weights_t)
       return cublas(planned,
-                    "the sm_90 kernel runs one K range: [u | z] and [W | sB] contiguous, "
-                    "s = 1, no relu");
+                    "[K, n] weights on sm_90 take one K range: [dy | dz] and [W; A] contiguous");
   }
+  if (q.repeat_groups > kMaxRepeat)
+    return cublas(planned, "more than " + std::to_string(kMaxRepeat) + " repeat-add segments");
   if (!compiled) return cublas(planned, planned + " not compiled in this build");
-  if (cuda_kernel_verified(planned).empty() && !enabled)
-    return cublas(planned,
-                  planned + " compiled, not verified on a device (FLORA_CUDA_KERNELS=1 runs it)");
+  for (const std::string& k : {planned, companion})
+    if (!k.empty() && cuda_kernel_verified(k).empty() && !enabled)
+      return cublas(planned,
+                    k + " compiled, not verified on a device (FLORA_CUDA_KERNELS=1 runs it)");
   return {planned, planned, ""};
 }
 

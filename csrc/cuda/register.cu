@@ -2,12 +2,15 @@
 // (csrc/common/cuda_dispatch.h) picks a kernel (csrc/cuda/kernels) or the
 // cuBLAS baseline on fused storage. Kernels not yet verified on a device run
 // only with FLORA_CUDA_KERNELS=1. Backward runs through the autograd
-// formulas in flora/ops.py (cuBLAS matmuls).
+// formulas in flora/ops.py (cuBLAS matmuls), except dx = dy W + dz A of FFL
+// and FFBL, which is an FBL call over transposed weight views (the *_t_ GEMMs).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <cuda_runtime_api.h>
+
+#include <algorithm>
 // A CPU-only torch (CI's CMake compile check) ships no c10/cuda config header.
 #if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
 #include <c10/cuda/CUDAStream.h>
@@ -43,11 +46,15 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
-// 16-byte aligned start and row stride (2-byte elements).
+// Row-major with a 16-byte aligned start and row stride (2-byte elements).
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
-         (t.size(0) <= 1 || t.stride(0) % 8 == 0);
+         (t.size(0) <= 1 || t.stride(0) % 8 == 0) && (t.size(1) <= 1 || t.stride(1) == 1);
 }
+// A transposed view of row-major storage (W.t() in backward dx): [K, n] rows.
+bool n_major(const at::Tensor& t) { return t.stride(0) == 1 && t.stride(1) != 1; }
+// Leading dimension of a weight operand as the kernels read it.
+int64_t ld_w(const at::Tensor& t, bool t_major) { return t_major ? t.stride(1) : t.stride(0); }
 bool aligned16(const c10::optional<at::Tensor>& t) { return !t.has_value() || aligned16(*t); }
 
 // Compute capability (major * 10 + minor) and SM count of a device, read
@@ -84,10 +91,10 @@ CudaQuery base_query(const char* op, const at::Tensor& first, int64_t M, int64_t
 namespace fc = flora::cuda;
 
 fc::Problem problem(const at::Tensor& y1, const at::Tensor* y2, float alpha2,
-                    const c10::optional<at::Tensor>& c, const at::Tensor& d) {
+                    const c10::optional<at::Tensor>& c, const at::Tensor& d, bool t_major = false) {
   fc::Problem p;
-  p.y1 = y1.data_ptr(), p.ldy1 = y1.stride(0);
-  if (y2) p.y2 = y2->data_ptr(), p.ldy2 = y2->stride(0);
+  p.y1 = y1.data_ptr(), p.ldy1 = ld_w(y1, t_major);
+  if (y2) p.y2 = y2->data_ptr(), p.ldy2 = ld_w(*y2, t_major);
   p.alpha2 = alpha2;
   if (c.has_value()) p.c = c->data_ptr(), p.ldc = c->stride(0);
   p.d = d.data_ptr(), p.ldd = d.stride(0), p.n = d.size(1);
@@ -114,20 +121,33 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
 #endif
   const bool bf16 = a.dt == fc::Dtype::kBF16;
   cudaError_t e;
+  // The repeat-add GEMMs read z: the plain GEMM writes it first (stream order).
+  const bool rep = kernel.find("_rep_") != std::string::npos;
+  const bool t_major = kernel.find("_t_") != std::string::npos;
   if (kernel.rfind("decode_", 0) == 0) {
     e = bf16 ? fc::decode_bf16(a, stream) : fc::decode_fp16(a, stream);
   } else if (kernel.rfind("gemm_sm80_", 0) == 0) {
 #ifdef FLORA_HAVE_SM80
-    e = bf16 ? fc::gemm_sm80_bf16(a, stream) : fc::gemm_sm80_fp16(a, stream);
+    const auto gemm = t_major ? (bf16 ? fc::gemm_sm80_t_bf16 : fc::gemm_sm80_t_fp16)
+                              : (bf16 ? fc::gemm_sm80_bf16 : fc::gemm_sm80_fp16);
+    e = gemm(rep ? fc::z_only(a) : a, stream);
+    if (rep && e == cudaSuccess) e = (bf16 ? fc::gemm_sm80_rep_bf16 : fc::gemm_sm80_rep_fp16)(a, stream);
 #else
     e = cudaErrorNotSupported;
 #endif
   } else {
 #ifdef FLORA_HAVE_SM90
-    const size_t ws_bytes = fc::gemm_sm90_workspace(a);
+    const fc::FusedArgs first = rep ? fc::z_only(a) : a;
+    size_t ws_bytes = fc::gemm_sm90_workspace(first);
+    if (rep) ws_bytes = std::max(ws_bytes, fc::gemm_sm90_rep_workspace(a));
     at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
-    e = bf16 ? fc::gemm_sm90_bf16(a, ws.data_ptr(), ws_bytes, stream)
-             : fc::gemm_sm90_fp16(a, ws.data_ptr(), ws_bytes, stream);
+    const bool two = kernel.find("_2k_") != std::string::npos;
+    const auto gemm = t_major ? (bf16 ? fc::gemm_sm90_t_bf16 : fc::gemm_sm90_t_fp16)
+                      : two   ? (bf16 ? fc::gemm_sm90_2k_bf16 : fc::gemm_sm90_2k_fp16)
+                              : (bf16 ? fc::gemm_sm90_bf16 : fc::gemm_sm90_fp16);
+    e = gemm(first, ws.data_ptr(), ws_bytes, stream);
+    if (rep && e == cudaSuccess)
+      e = (bf16 ? fc::gemm_sm90_rep_bf16 : fc::gemm_sm90_rep_fp16)(a, ws.data_ptr(), ws_bytes, stream);
 #else
     e = cudaErrorNotSupported;
 #endif
@@ -141,6 +161,10 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
 }
 
 bool is_decode(const std::string& k) { return k.rfind("decode_", 0) == 0; }
+// The sm_90 instances that take [u | z] x [W | B] as one K range.
+bool one_k_range_kernel(const std::string& k) {
+  return k.rfind("gemm_sm90_", 0) == 0 && k.find("_2k_") == std::string::npos;
+}
 #endif
 
 CudaChoice choose(const CudaQuery& q) {
@@ -183,9 +207,15 @@ at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
   const c10::DeviceGuard guard(u.device());
   const auto sh = check_fbl(u, z, W, B, res);
   CudaQuery q = base_query("fbl", u, sh.M, sh.N, sh.K, sh.R, 0);
-  q.vec_aligned = aligned16(u) && aligned16(W);
+  // Weights as transposed views (backward dx = dy W + dz A): [K, n] rows.
+  const bool wt = n_major(W) && (sh.R == 0 || n_major(B));
+  const auto wal = [&](const at::Tensor& t) {
+    return wt ? aligned16(t.t()) : aligned16(t);
+  };
+  q.weights_t = wt;
+  q.vec_aligned = aligned16(u) && wal(W);
   q.all_aligned = q.vec_aligned && aligned16(res) && sh.K % 8 == 0 && sh.N % 8 == 0 &&
-                  (sh.R == 0 || (aligned16(z) && aligned16(B) && sh.R % 8 == 0));
+                  (sh.R == 0 || (aligned16(z) && wal(B) && sh.R % 8 == 0));
   q.relu = relu;
   q.one_k_range = s == 1.0 && !relu && cols_follow(u, z) && cols_follow(W, B);
   const CudaChoice c = choose(q);
@@ -194,17 +224,16 @@ at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
     at::Tensor y = at::empty({sh.M, sh.N}, u.options());
     // GEMMs take relu(z) staged (M x R); the decode kernel applies it itself.
     const at::Tensor fz = relu && !is_decode(c.kernel) ? at::relu(z) : z;
-    const bool gemm90 = c.kernel.rfind("gemm_sm90_", 0) == 0;
-    if (gemm90 && sh.R > 0) {  // one K range: [u | z] x [W | B]
+    if (one_k_range_kernel(c.kernel) && sh.R > 0) {  // one K range: [u | z] x [W | B]
       const at::Tensor uz = u.as_strided({sh.M, sh.K + sh.R}, {u.stride(0), 1});
-      const at::Tensor WB = W.as_strided({sh.N, sh.K + sh.R}, {W.stride(0), 1});
+      const at::Tensor WB = W.as_strided({sh.N, sh.K + sh.R}, {W.stride(0), W.stride(1)});
       fc::FusedArgs a = args(uz, nullptr);
-      a.p[0] = problem(WB, nullptr, 1.f, res, y);
+      a.p[0] = problem(WB, nullptr, 1.f, res, y, wt);
       if (run(c.kernel, a, u)) return y;
     } else {
       fc::FusedArgs a = args(u, sh.R > 0 ? &fz : nullptr);
       a.relu2 = relu && is_decode(c.kernel);
-      a.p[0] = problem(W, sh.R > 0 ? &B : nullptr, static_cast<float>(s), res, y);
+      a.p[0] = problem(W, sh.R > 0 ? &B : nullptr, static_cast<float>(s), res, y, wt);
       if (run(c.kernel, a, u)) return y;
     }
   }
@@ -231,9 +260,8 @@ at::Tensor ffbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor&
     at::Tensor out = at::empty({sh.M, sh.N + sh.R2}, u.options());
     const at::Tensor y = out.narrow(1, 0, sh.N), z2 = out.narrow(1, sh.N, sh.R2);
     const at::Tensor fz = relu && !is_decode(c.kernel) ? at::relu(z) : z;
-    const bool gemm90 = c.kernel.rfind("gemm_sm90_", 0) == 0;
     fc::FusedArgs a;
-    if (gemm90 && sh.R > 0) {
+    if (one_k_range_kernel(c.kernel) && sh.R > 0) {
       const auto wide = [&](const at::Tensor& t) {
         return t.as_strided({t.size(0), sh.K + sh.R}, {t.stride(0), 1});
       };

@@ -28,11 +28,11 @@ PYBIND11_MODULE(_C, m) {
       "cuda_dispatch",
       [](const std::string& op, const std::string& dtype, int arch, int64_t M, int64_t N,
          int64_t K, int64_t R, int64_t R2, bool vec_aligned, bool all_aligned, bool one_k_range,
-         bool relu, int repeat_groups, py::object compiled, py::object enabled) {
+         bool relu, int repeat_groups, bool weights_t, py::object compiled, py::object enabled) {
         flora::CudaQuery q;
         q.op = op, q.dtype = dtype, q.arch = arch, q.M = M, q.N = N, q.K = K, q.R = R, q.R2 = R2;
         q.vec_aligned = vec_aligned, q.all_aligned = all_aligned, q.one_k_range = one_k_range;
-        q.relu = relu, q.repeat_groups = repeat_groups;
+        q.relu = relu, q.repeat_groups = repeat_groups, q.weights_t = weights_t;
 #ifdef FLORA_WITH_CUTLASS
         const bool built = true;
 #else
@@ -46,7 +46,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("op"), py::arg("dtype"), py::arg("arch"), py::arg("M"), py::arg("N"), py::arg("K"),
       py::arg("R") = 0, py::arg("R2") = 0, py::arg("vec_aligned") = true,
       py::arg("all_aligned") = true, py::arg("one_k_range") = true, py::arg("relu") = false,
-      py::arg("repeat_groups") = 0, py::arg("compiled") = py::none(),
+      py::arg("repeat_groups") = 0, py::arg("weights_t") = false,
+      py::arg("compiled") = py::none(),
       py::arg("enabled") = py::none(),
       "(kernel, planned, reason): what a CUDA call of this shape runs and why");
   m.def("cuda_kernels", [] {

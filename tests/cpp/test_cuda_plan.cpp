@@ -306,6 +306,54 @@ TEST(CudaPlan, GemmTilesCoverEveryOutputOnce) {
       }
 }
 
+// The GEMM path with repeat-add, emulated: z (problem 1, its C = z_in) by the
+// plain GEMM's tiles, then y's tiles (problem 0 alone) whose epilogue adds
+// s * Z[m, repeat_src_col(n)] to each in-range element, for odd shapes.
+TEST(CudaPlan, GemmRepeatAddEmulationMatchesReference) {
+  const int tm = 128, tn = 128;
+  for (int64_t M : {17, 1000})
+    for (int64_t n0 : {136, 520})
+      for (int64_t rc : {1, 7, 32}) {
+        Case c{M, n0, 2 * rc + 8, 40, 0, false, 1.f, false, true, {}};
+        c.rep.groups = 2, c.rep.rc = rc, c.rep.s = 0.5f;
+        c.rep.widths[0] = (n0 / 3) / rc * rc;
+        c.rep.widths[1] = (n0 - c.rep.widths[0]) / rc * rc;
+        std::mt19937 g(static_cast<unsigned>(M + n0 + rc));
+        const Mat X1(c.M, c.K1, 8, g), X2(c.M, 0, 0, g);
+        const Mat Y1[2] = {Mat(c.n0, c.K1, 8, g), Mat(c.n1, c.K1, 0, g)};
+        const Mat Y2[2] = {Mat(c.n0, 0, 0, g), Mat(c.n1, 0, 0, g)};
+        const Mat C[2] = {Mat(c.M, c.n0, 0, g), Mat(c.M, c.n1, 4, g)};
+        const auto want = reference(c, X1, X2, Y1, Y2, C);
+        const int64_t n[2] = {c.n0, c.n1};
+        std::vector<std::vector<float>> got = {std::vector<float>(M * n0, NAN),
+                                               std::vector<float>(M * c.n1, NAN)};
+        for (int p : {1, 0}) {  // launch order: z, then y
+          const int64_t tiles = plan::ceil_div(n[p], tn);
+          for (int64_t bx = 0; bx < plan::ceil_div(M, tm); ++bx)
+            for (int64_t by = 0; by < tiles; ++by) {
+              const auto t = plan::gemm_tile(bx, by, tiles, tm, tn);  // one problem per launch
+              ASSERT_EQ(t.prob, 0);
+              for (int64_t i = 0; i < tm; ++i)
+                for (int64_t j = 0; j < tn; ++j) {
+                  const int64_t m = t.m0 + i, col = t.n0 + j;
+                  if (m >= M || col >= n[p]) continue;  // the epilogue's predicate
+                  float acc = 0;
+                  for (int64_t k = 0; k < c.K1; ++k) acc += X1.at(m, k) * Y1[p].at(col, k);
+                  if (p == 1) acc += C[1].at(m, col);
+                  if (p == 0) {
+                    const int64_t src = plan::repeat_src_col(col, c.rep);
+                    if (src >= 0) acc += c.rep.s * got[1][m * c.n1 + src];
+                  }
+                  got[p][m * n[p] + col] = acc;
+                }
+            }
+        }
+        for (int p = 0; p < 2; ++p)
+          for (size_t i = 0; i < want[p].size(); ++i)
+            ASSERT_EQ(got[p][i], want[p][i]) << "p=" << p << " i=" << i << " M=" << M << " rc=" << rc;
+      }
+}
+
 // ---- the dispatch table ---------------------------------------------------
 namespace {
 flora::CudaQuery q(const char* op, const char* dt, int arch, int64_t M) {
@@ -329,21 +377,63 @@ TEST(CudaDispatch, Table) {
 TEST(CudaDispatch, FallbacksSayWhy) {
   using flora::choose_cuda;
   auto a = q("fbl", "bf16", 90, 512);
+  a.one_k_range = false;  // s != 1, relu or split operands: the two-range instance
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_2k_bf16");
+  a.op = "ffbl";
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_2k_bf16");
+  a.op = "ffl";  // FFL has no second K range
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_bf16");
+  a = q("fbl", "bf16", 80, 512);
   a.one_k_range = false;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm80_bf16");
+  a.all_aligned = false;
   auto c = choose_cuda(a, true, true);
   EXPECT_EQ(c.kernel, "cublas");
-  EXPECT_EQ(c.planned, "gemm_sm90_bf16");
-  EXPECT_NE(c.reason.find("one K range"), std::string::npos);
-  a = q("fbl", "bf16", 80, 512);
-  a.all_aligned = false;
-  c = choose_cuda(a, true, true);
   EXPECT_NE(c.reason.find("pad R to a multiple of 8"), std::string::npos);
   a = q("ffl", "bf16", 90, 4);
   a.vec_aligned = false;
   EXPECT_EQ(choose_cuda(a, true, true).kernel, "cublas");
   a = q("ffl", "bf16", 90, 600);
+  a.repeat_groups = 9;
+  EXPECT_NE(choose_cuda(a, true, true).reason.find("more than 8 repeat-add"), std::string::npos);
+}
+
+TEST(CudaDispatch, RepeatAddGemms) {
+  using flora::choose_cuda;
+  auto a = q("ffl", "bf16", 90, 600);
+  a.repeat_groups = 3;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_rep_bf16");
+  a.arch = 86, a.dtype = "fp16";
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm80_rep_fp16");
+  a.all_aligned = false;  // z comes from the plain GEMM: same alignment
+  EXPECT_NE(choose_cuda(a, true, true).reason.find("pad R"), std::string::npos);
+  // Decode keeps its own repeat-add epilogue.
+  a = q("ffl", "bf16", 90, 16);
+  a.repeat_groups = 2;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "decode_bf16");
+  // Off until verified: the reason names the repeat-add kernel.
+  a = q("ffl", "bf16", 80, 512);
   a.repeat_groups = 1;
-  EXPECT_NE(choose_cuda(a, true, true).reason.find("repeat-add"), std::string::npos);
+  const auto off = choose_cuda(a, true, false);
+  EXPECT_EQ(off.kernel, "cublas");
+  EXPECT_EQ(off.planned, "gemm_sm80_rep_bf16");
+  EXPECT_NE(off.reason.find("gemm_sm80_rep_bf16 compiled, not verified"), std::string::npos);
+}
+
+TEST(CudaDispatch, TransposedWeightsForBackwardDx) {
+  using flora::choose_cuda;
+  auto a = q("fbl", "bf16", 90, 512);
+  a.weights_t = true;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_t_bf16");
+  a.one_k_range = false;  // dz cloned by the repeat-add adjoint: not beside dy
+  EXPECT_NE(choose_cuda(a, true, true).reason.find("one K range"), std::string::npos);
+  a.arch = 80;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm80_t_bf16");
+  a.M = 16;  // no decode kernel for [K, n] weights
+  EXPECT_NE(choose_cuda(a, true, true).reason.find("GEMM kernels only"), std::string::npos);
+  a = q("ffl", "bf16", 90, 512);
+  a.weights_t = true;
+  EXPECT_EQ(choose_cuda(a, true, true).kernel, "cublas");
 }
 
 TEST(CudaDispatch, UnverifiedKernelsAreOffUnlessAskedFor) {

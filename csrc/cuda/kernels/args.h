@@ -55,4 +55,14 @@ struct FusedArgs {
   int sm_count = 0;  // multiprocessors of the device (grid sizing)
 };
 
+// Problem 1 alone as a call's problem 0, no repeat-add: writes the z a
+// repeat-add reads, launched before y (stream order).
+inline FusedArgs z_only(const FusedArgs& a) {
+  FusedArgs z = a;
+  z.p[0] = a.p[1];
+  z.nprob = 1;
+  z.rep.groups = 0;
+  return z;
+}
+
 }  // namespace flora::cuda

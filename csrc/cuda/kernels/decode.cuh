@@ -244,11 +244,7 @@ template <typename T>
 cudaError_t launch(const FusedArgs& a, cudaStream_t stream) {
   if (a.M <= 0) return cudaSuccess;
   if (a.rep.groups == 0 || a.nprob < 2) return launch_one<T>(a, stream);
-  FusedArgs z = a;
-  z.p[0] = a.p[1];
-  z.nprob = 1;
-  z.rep.groups = 0;
-  if (const cudaError_t e = launch_one<T>(z, stream); e != cudaSuccess) return e;
+  if (const cudaError_t e = launch_one<T>(z_only(a), stream); e != cudaSuccess) return e;
   FusedArgs y = a;
   y.nprob = 1;  // p[1] still names z for the epilogue
   return launch_one<T>(y, stream);

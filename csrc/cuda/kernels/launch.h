@@ -19,14 +19,41 @@ cudaError_t decode_fp16(const FusedArgs& a, cudaStream_t stream);
 // problems, C add; no repeat-add, no relu (staged by the caller).
 cudaError_t gemm_sm80_bf16(const FusedArgs& a, cudaStream_t stream);
 cudaError_t gemm_sm80_fp16(const FusedArgs& a, cudaStream_t stream);
+// y = x W^T + s * tile(z) (FFL's repeat-add, p[0] only, one K segment, no C),
+// reading z from a.p[1].d: the caller writes z first (gemm_sm80_* on p[1]).
+cudaError_t gemm_sm80_rep_bf16(const FusedArgs& a, cudaStream_t stream);
+cudaError_t gemm_sm80_rep_fp16(const FusedArgs& a, cudaStream_t stream);
 
 // CUTLASS 3.x (TMA, warp-specialized wgmma), sm_90a: one K segment (the
 // caller passes [u | z] and [W | sB] as one contiguous range), C add through
-// the epilogue visitor tree; one launch per problem.
+// the epilogue visitor tree; one launch per problem. gemm_sm90_2k_* take both
+// K segments (K2 > 0, alpha2, relu(z) staged by the caller) into one
+// accumulator; their workspace is gemm_sm90_workspace's.
 cudaError_t gemm_sm90_bf16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream);
 cudaError_t gemm_sm90_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream);
 size_t gemm_sm90_workspace(const FusedArgs& a);
+cudaError_t gemm_sm90_2k_bf16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                              cudaStream_t stream);
+cudaError_t gemm_sm90_2k_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                              cudaStream_t stream);
+// y = x W^T + s * tile(z) (FFL's repeat-add, p[0] only, one K segment, no C),
+// reading z from a.p[1].d: the caller writes z first (gemm_sm90_* on p[1]).
+cudaError_t gemm_sm90_rep_bf16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+cudaError_t gemm_sm90_rep_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                               cudaStream_t stream);
+size_t gemm_sm90_rep_workspace(const FusedArgs& a);
+
+// The same GEMMs with every weight operand Y stored [K, n] (row stride ldy):
+// transposed views, as in backward dx = dy W + dz A (Y1 = W^T, Y2 = A^T).
+// The sm_90a workspace is gemm_sm90_workspace's (same tile scheduler).
+cudaError_t gemm_sm80_t_bf16(const FusedArgs& a, cudaStream_t stream);
+cudaError_t gemm_sm80_t_fp16(const FusedArgs& a, cudaStream_t stream);
+cudaError_t gemm_sm90_t_bf16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream);
+cudaError_t gemm_sm90_t_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream);
 
 }  // namespace flora::cuda

@@ -9,10 +9,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/kernels/launch.h"
@@ -76,6 +78,24 @@ struct Buf {
 
 int failures = 0;
 
+// Error relative to 1 + |want|; an unwritten (NaN) output is infinitely wrong.
+double rel_err(double got, double want) {
+  return std::isnan(got) ? INFINITY : std::fabs(got - want) / (1.0 + std::fabs(want));
+}
+
+#ifdef FLORA_HAVE_SM90
+// Runs an sm_90a entry point with its workspace, synchronously.
+template <typename F>
+cudaError_t with_workspace(size_t bytes, F&& run) {
+  void* ws = nullptr;
+  if (bytes) CHECK_CUDA(cudaMalloc(&ws, bytes));
+  const cudaError_t e = run(ws, bytes);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  cudaFree(ws);
+  return e;
+}
+#endif
+
 // FBL-shaped call (two K segments, C, alpha2), plus a second problem.
 void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, int64_t R, bool relu,
               int arch) {
@@ -100,13 +120,11 @@ void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, in
   if (k == "sm80") e = bf16 ? fc::gemm_sm80_bf16(a, 0) : fc::gemm_sm80_fp16(a, 0);
 #endif
 #ifdef FLORA_HAVE_SM90
-  if (k == "sm90") {  // one K range per problem: R = 0 here
-    const size_t bytes = fc::gemm_sm90_workspace(a);
-    void* ws = nullptr;
-    if (bytes) CHECK_CUDA(cudaMalloc(&ws, bytes));
-    e = bf16 ? fc::gemm_sm90_bf16(a, ws, bytes, 0) : fc::gemm_sm90_fp16(a, ws, bytes, 0);
-    CHECK_CUDA(cudaDeviceSynchronize());
-    cudaFree(ws);
+  if (k == "sm90" || k == "sm90_2k") {  // one K range (R = 0 here), or both into one accumulator
+    const auto gemm = k == "sm90" ? (bf16 ? fc::gemm_sm90_bf16 : fc::gemm_sm90_fp16)
+                                  : (bf16 ? fc::gemm_sm90_2k_bf16 : fc::gemm_sm90_2k_fp16);
+    e = with_workspace(fc::gemm_sm90_workspace(a),
+                       [&](void* ws, size_t bytes) { return gemm(a, ws, bytes, 0); });
   }
 #endif
   CHECK_CUDA(e);
@@ -125,8 +143,7 @@ void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, in
         }
         s += (p == 0 ? 0.5 : 1.0) * s2 + (p == 0 ? res.at(m, j) : 0.0);
         const double got = p == 0 ? gy[m * y.ld + j] : gz[m * z2.ld + j];
-        const double err = std::isnan(got) ? INFINITY : std::fabs(got - s) / (1.0 + std::fabs(s));
-        worst = std::max(worst, err);
+        worst = std::max(worst, rel_err(got, s));
       }
     }
   }
@@ -136,6 +153,68 @@ void run_case(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, in
   std::printf("%-6s %s M=%-4lld N=%-4lld K=%-5lld R=%-3lld relu=%d sm_%d: max rel err %.3g %s\n", kernel,
               bf16 ? "bf16" : "fp16", (long long)M, (long long)N, (long long)K, (long long)R, relu, arch,
               worst, ok ? "ok" : "FAIL");
+}
+
+// FFL with repeat-add (M > 16): z = x A^T + z_in by the plain GEMM, then
+// y = x W^T + s * tile(z) by the repeat-add instance (two segments).
+void run_repeat(const char* kernel, bool bf16, int64_t M, int64_t N, int64_t K, int64_t R,
+                int64_t rc, int64_t w0, int arch) {
+  std::mt19937 g(static_cast<unsigned>(M * 5 + N + K + R + rc));
+  Buf x(M, K, bf16, g), W(N, K, bf16, g), A(R, K, bf16, g), zin(M, R, bf16, g),
+      y(M, N, bf16, g, true), z(M, R, bf16, g, true);
+  fc::FusedArgs a;
+  a.dt = bf16 ? fc::Dtype::kBF16 : fc::Dtype::kF16;
+  a.M = M, a.K1 = K, a.x1 = x.dev, a.ldx1 = x.ld;
+  a.p[0] = {W.dev, W.ld, nullptr, 0, 1.f, nullptr, 0, y.dev, y.ld, N};
+  a.p[1] = {A.dev, A.ld, nullptr, 0, 1.f, zin.dev, zin.ld, z.dev, z.ld, R};
+  a.nprob = 2;
+  a.rep.groups = 2, a.rep.rc = rc, a.rep.s = 0.75f, a.rep.widths[0] = w0,
+  a.rep.widths[1] = (N - w0) / rc * rc;
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  CHECK_CUDA(cudaDeviceGetAttribute(&a.sm_count, cudaDevAttrMultiProcessorCount, dev));
+  cudaError_t e = cudaErrorNotSupported;
+  const std::string k = kernel;
+#ifdef FLORA_HAVE_SM80
+  if (k == "sm80") {
+    e = bf16 ? fc::gemm_sm80_bf16(fc::z_only(a), 0) : fc::gemm_sm80_fp16(fc::z_only(a), 0);
+    if (e == cudaSuccess) e = bf16 ? fc::gemm_sm80_rep_bf16(a, 0) : fc::gemm_sm80_rep_fp16(a, 0);
+  }
+#endif
+#ifdef FLORA_HAVE_SM90
+  if (k == "sm90") {
+    const size_t bytes = std::max(fc::gemm_sm90_workspace(fc::z_only(a)), fc::gemm_sm90_rep_workspace(a));
+    e = with_workspace(bytes, [&](void* ws, size_t n) {
+      cudaError_t r = (bf16 ? fc::gemm_sm90_bf16 : fc::gemm_sm90_fp16)(fc::z_only(a), ws, n, 0);
+      return r == cudaSuccess ? (bf16 ? fc::gemm_sm90_rep_bf16 : fc::gemm_sm90_rep_fp16)(a, ws, n, 0) : r;
+    });
+  }
+#endif
+  CHECK_CUDA(e);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const auto gy = y.download(bf16), gz = z.download(bf16);
+  double worst = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t r = 0; r < R; ++r) {
+      double s = zin.at(m, r);
+      for (int64_t kk = 0; kk < K; ++kk) s += x.at(m, kk) * A.at(r, kk);
+      worst = std::max(worst, rel_err(gz[m * z.ld + r], s));
+    }
+    for (int64_t j = 0; j < N; ++j) {
+      double s = 0;
+      for (int64_t kk = 0; kk < K; ++kk) s += x.at(m, kk) * W.at(j, kk);
+      // The kernel reads z as stored (rounded): so does the reference.
+      const int64_t src = j < w0 ? j % rc : j < w0 + a.rep.widths[1] ? rc + (j - w0) % rc : -1;
+      if (src >= 0) s += 0.75 * gz[m * z.ld + src];
+      worst = std::max(worst, rel_err(gy[m * y.ld + j], s));
+    }
+  }
+  const double tol = bf16 ? 2e-2 : 4e-3;
+  const bool ok = worst <= tol;
+  failures += !ok;
+  std::printf("%-6s %s M=%-4lld N=%-4lld K=%-5lld R=%-3lld repeat rc=%lld: max rel err %.3g %s (sm_%d)\n",
+              kernel, bf16 ? "bf16" : "fp16", (long long)M, (long long)N, (long long)K, (long long)R,
+              (long long)rc, worst, ok ? "ok" : "FAIL", arch);
 }
 
 }  // namespace
@@ -150,10 +229,16 @@ int main() {
     if (arch >= 80 && arch < 90) {
       run_case("sm80", bf16, 17, 136, 264, 8, false, arch);
       run_case("sm80", bf16, 200, 264, 520, 32, false, arch);
+      run_repeat("sm80", bf16, 17, 136, 264, 16, 8, 64, arch);
+      run_repeat("sm80", bf16, 300, 520, 264, 64, 32, 256, arch);
     }
     if (arch == 90) {
       run_case("sm90", bf16, 17, 136, 264, 0, false, arch);
       run_case("sm90", bf16, 300, 264, 520, 0, false, arch);
+      run_case("sm90_2k", bf16, 17, 136, 264, 8, false, arch);
+      run_case("sm90_2k", bf16, 300, 264, 520, 32, false, arch);
+      run_repeat("sm90", bf16, 17, 136, 264, 16, 8, 64, arch);
+      run_repeat("sm90", bf16, 300, 520, 264, 64, 32, 256, arch);
     }
   }
   std::printf("%s\n", failures ? "FAILED" : "all ok");

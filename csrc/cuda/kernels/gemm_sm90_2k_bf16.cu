@@ -1,0 +1,12 @@
+// sm_90a CUTLASS 3.x GEMM, bf16, two K ranges into one accumulator (FBL /
+// FFBL when [u | z], [W | B] are not one contiguous range, s != 1 or relu);
+// tile config of gemm_sm90_bf16.cu.
+#include "gemm_sm90.cuh"
+#include "launch.h"
+
+namespace flora::cuda {
+cudaError_t gemm_sm90_2k_bf16(const FusedArgs& a, void* ws, size_t ws_bytes, cudaStream_t stream) {
+  return sm90::launch<sm90::Config<cutlass::bfloat16_t, false, cutlass::layout::ColumnMajor, true>>(
+      a, ws, ws_bytes, stream);
+}
+}  // namespace flora::cuda

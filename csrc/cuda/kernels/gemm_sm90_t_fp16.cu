@@ -1,0 +1,11 @@
+// sm_90a CUTLASS 3.x GEMM, fp16, weights stored [K, n] (n-major B: backward
+// dx = [dy | dz] [W; A] over the fused storage); tile config of gemm_sm90_fp16.cu.
+#include "gemm_sm90.cuh"
+#include "launch.h"
+
+namespace flora::cuda {
+cudaError_t gemm_sm90_t_fp16(const FusedArgs& a, void* ws, size_t ws_bytes, cudaStream_t stream) {
+  return sm90::launch<sm90::Config<cutlass::half_t, false, cutlass::layout::RowMajor>>(a, ws, ws_bytes,
+                                                                                  stream);
+}
+}  // namespace flora::cuda
