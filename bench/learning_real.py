@@ -304,13 +304,14 @@ def run(args) -> dict:
     for v in variants:
         r, n = (args.ref_rank, budget) if v in ("lora", "pf-lora") else matched_rank(v, budget, shapes)
         ranks[v] = r
+    ar = args.alpha_ratio
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
               "torch": torch.__version__, "command": "python bench/learning.py real " + " ".join(args.argv),
               "args": {k_: v_ for k_, v_ in vars(args).items() if k_ != "argv"}, "model": os.path.basename(path),
               "layers": L, "budget": budget, "ranks": ranks,
-              "trainable": {v: count_parameters(AdapterConfig(v, ranks[v], 2.0 * ranks[v]), shapes)
+              "trainable": {v: count_parameters(AdapterConfig(v, ranks[v], ar * ranks[v]), shapes)
                             for v in variants},
               "base": {}, "runs": [], "split_check": {}, "seconds": 0.0}
 
@@ -344,27 +345,30 @@ def run(args) -> dict:
             train_items, eval_items = data[task]
             r = ranks[v]
             best = None
-            for seed in range(args.seeds):
-                lrs = args.lrs if seed == 0 else [best["lr"]]
+            seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+            for seed in seeds:
+                sweep = args.sweep_every_seed or seed == seeds[0]
+                lrs = args.lrs if sweep else [best["lr"]]
                 for lr in lrs:
                     torch.manual_seed(seed)
-                    model = FusedLlama(ta, tsd, AdapterConfig(v, r, 2.0 * r), torch.float32)
+                    model = FusedLlama(ta, tsd, AdapterConfig(v, r, ar * r), torch.float32)
                     ts = time.perf_counter()
                     tl = train_top(model, train_items, args.steps, args.batch_size, lr, seed)
                     ev = eval_top(model, eval_items) if math.isfinite(tl) else {"loss": float("nan"),
                                                                                  "exact_match": 0.0}
                     rec = {"task": task, "variant": v, "rank": r, "seed": seed, "lr": lr, "train_loss": tl,
                            "eval_loss": ev["loss"], "exact_match": ev["exact_match"],
-                           "seconds": time.perf_counter() - ts, "picked": seed > 0}
+                           "seconds": time.perf_counter() - ts, "picked": not sweep}
                     result["runs"].append(rec)
                     print(f"[{task}] {v} r={r} seed {seed} lr {lr:g}: train {tl:.3f} eval {ev['loss']:.3f} "
                           f"EM {100 * ev['exact_match']:.1f}% ({rec['seconds']:.0f}s)", flush=True)
-                    if seed == 0 and math.isfinite(ev["loss"]) and (best is None or ev["loss"] < best[0]["eval_loss"]):
+                    if seed == seeds[0] and math.isfinite(ev["loss"]) and (best is None or ev["loss"] < best[0]["eval_loss"]):
                         best = (rec, model)
-                    if seed > 0 and task == "mansum" and args.n_gen:
+                    if (not sweep or args.sweep_every_seed) and task == "mansum" and args.n_gen \
+                            and math.isfinite(ev["loss"]):
                         rec.update(_gen(model, sd, arch, k, v, r, tok, eval_items, eos, args))
                     save()
-                if seed == 0:
+                if seed == seeds[0] and not args.sweep_every_seed:
                     if best is None:
                         break
                     best, m = best
@@ -379,7 +383,8 @@ def run(args) -> dict:
 
 def _gen(top, sd, arch, k, v, r, tok, eval_items, eos, args) -> dict:
     L = arch.num_hidden_layers
-    full = FusedLlama(arch, sd, AdapterConfig(v, r, 2.0 * r, layers=list(range(L - k, L))), torch.float32)
+    full = FusedLlama(arch, sd, AdapterConfig(v, r, args.alpha_ratio * r, layers=list(range(L - k, L))),
+                      torch.float32)
     full._load_adapter_tensors(full_adapter_sd(top, L - k))
     return generate_rouge(full, tok, eval_items[:args.n_gen], eos)
 
@@ -389,6 +394,24 @@ def _ms(xs):
     if not xs:
         return float("nan"), 0.0
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def pick(runs, variant) -> list:
+    """The runs of ``variant`` at its picked lr: among the lrs run on the most
+    seeds, the one with the lowest mean eval loss (a diverged run counts as inf)."""
+    by_lr = {}
+    for r in runs:
+        if r["variant"] == variant:
+            by_lr.setdefault(r["lr"], []).append(r)
+    if not by_lr:
+        return []
+    most = max(len(rs) for rs in by_lr.values())
+
+    def mean_loss(rs):
+        xs = [r["eval_loss"] for r in rs]
+        return statistics.fmean(xs) if all(math.isfinite(x) for x in xs) else math.inf
+
+    return min((rs for rs in by_lr.values() if len(rs) == most), key=mean_loss)
 
 
 def markdown(result) -> str:
@@ -405,9 +428,9 @@ def markdown(result) -> str:
         f"- fine-tuning: {a['steps']} steps x batch {a['batch_size']} (the same examples in the same order for "
         f"every variant of a seed; distinct train/eval examples: "
         + ", ".join(f"{t} {d['train']}/{d['eval']}" for t, d in result.get("data", {}).items()) + "), AdamW, 10% warmup + cosine, "
-        f"grad clip 1.0, alpha = 2 x rank; "
-        + (f"lr sweep {a['lrs']} on seed 0, the lr with the lowest eval loss then run on seeds 1..{a['seeds'] - 1}"
-         if a["seeds"] > 1 else f"lr(s) {a['lrs']}, one seed (0)"),
+        f"grad clip 1.0, alpha = {a.get('alpha_ratio', 2.0):g} x rank; lr(s) {a['lrs']}, seeds "
+        f"{sorted({r['seed'] for r in result['runs']})}; per variant and task the lr with the lowest mean eval "
+        "loss among the lrs run on the most seeds is picked",
         f"- budget: LoRA r={a['ref_rank']} on all 7 projections of the adapted layers = {result['budget']:,} "
         f"trainable parameters; every other variant at the rank whose count is closest",
         "- tasks: " + "; ".join(f"`{t}` = {rt.TASK_KIND[t]}" for t in a["tasks"])
@@ -427,7 +450,7 @@ def markdown(result) -> str:
         lines.append(f"| base (no fine-tuning) | - | 0 | - | - | {b['loss']:.3f} | {100 * b['exact_match']:.1f} |"
                      + (f" {b.get('rouge_l', float('nan')):.1f} |" if gen else "") + " - |")
         for v in result["args"]["variants"]:
-            picked = [r for r in runs if r["variant"] == v and r["picked"]]
+            picked = pick(runs, v)
             if not picked:
                 continue
             n = result["trainable"][v]
@@ -436,17 +459,20 @@ def markdown(result) -> str:
             row = (f"| {v} | {picked[0]['rank']} | {n:,} | {n / result['budget']:.3f} | {picked[0]['lr']:g} | "
                    f"{lm:.3f} ± {ls:.3f} | {em:.1f} ± {es:.1f} |")
             if gen:
-                gm, gs = _ms([r.get("rouge_l") for r in picked])
-                row += f" {gm:.1f} ± {gs:.1f} |"
+                g = [r["rouge_l"] for r in picked if "rouge_l" in r]
+                gm, gs = _ms(g)
+                row += f" {gm:.1f} ± {gs:.1f}" + (f" (n={len(g)})" if len(g) != len(picked) else "") + " |"
             lines.append(row + f" {len(picked)} |")
         lrs = result["args"]["lrs"]
-        lines += ["", f"lr sweep ({task}, seed 0; eval loss / EM %):", "",
+        lines += ["", f"lr sweep ({task}; eval loss mean ± sd over seeds / EM % mean, [n seeds]):", "",
                   "| variant | " + " | ".join(f"lr {x:g}" for x in lrs) + " |", "|---" * (1 + len(lrs)) + "|"]
         for v in result["args"]["variants"]:
             cells = []
             for x in lrs:
-                rs = [r for r in runs if r["variant"] == v and r["seed"] == 0 and r["lr"] == x]
-                cells.append("-" if not rs else f"{rs[0]['eval_loss']:.3f} / {100 * rs[0]['exact_match']:.0f}")
+                rs = [r for r in runs if r["variant"] == v and r["lr"] == x]
+                lm, ls = _ms([r["eval_loss"] for r in rs])
+                em, _ = _ms([100 * r["exact_match"] for r in rs])
+                cells.append("-" if not rs else f"{lm:.3f} ± {ls:.3f} / {em:.0f} [{len(rs)}]")
             if any(c != "-" for c in cells):
                 lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -459,8 +485,9 @@ def merge(results: list) -> dict:
     (e.g. different variants or tasks in parallel)."""
     out = results[0]
     for r in results[1:]:
-        same = ("top_layers", "steps", "batch_size", "ref_rank", "n_train", "n_eval", "n_gen")
-        if any(r["args"].get(k) != out["args"].get(k) for k in same):
+        same = ("top_layers", "steps", "batch_size", "ref_rank", "n_train", "n_eval", "n_gen", "alpha_ratio")
+        if any(r["args"].get(k, 2.0 if k == "alpha_ratio" else None)
+               != out["args"].get(k, 2.0 if k == "alpha_ratio" else None) for k in same):
             raise ValueError("can only merge runs made with the same settings")
         out["runs"] += r["runs"]
         for k in ("base", "ranks", "trainable", "split_check", "data"):
@@ -488,7 +515,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-layers", type=int, default=4, help="adapt only the top k decoder layers")
     p.add_argument("--ref-rank", type=int, default=8, help="LoRA rank that sets the parameter budget")
-    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="lr sweep (seed 0)")
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="lr sweep (on the first seed; see --sweep-every-seed)")
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--sweep-every-seed", action="store_true",
+                   help="run every lr on every seed (default: the sweep on the first seed, its best lr on the rest)")
+    p.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha = ratio x rank (scale s = ratio)")
     p.add_argument("--n-train", type=int, default=None,
                    help="distinct training examples (default steps x batch: every example seen once)")
     p.add_argument("--n-eval", type=int, default=64)
