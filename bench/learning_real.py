@@ -301,17 +301,21 @@ def run(args) -> dict:
     budget = count_parameters(AdapterConfig("lora", args.ref_rank, 2.0 * args.ref_rank), shapes)
     variants = args.variants
     ranks = {}
+    ar, tg = args.alpha_ratio, args.targets
     for v in variants:
-        r, n = (args.ref_rank, budget) if v in ("lora", "pf-lora") else matched_rank(v, budget, shapes)
-        ranks[v] = r
-    ar = args.alpha_ratio
+        if args.rank:
+            ranks[v] = args.rank
+        elif v in ("lora", "pf-lora") and tg == "all":
+            ranks[v] = args.ref_rank
+        else:
+            ranks[v] = matched_rank(v, budget, shapes, tg)[0]
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
               "torch": torch.__version__, "command": "python bench/learning.py real " + " ".join(args.argv),
               "args": {k_: v_ for k_, v_ in vars(args).items() if k_ != "argv"}, "model": os.path.basename(path),
               "layers": L, "budget": budget, "ranks": ranks,
-              "trainable": {v: count_parameters(AdapterConfig(v, ranks[v], ar * ranks[v]), shapes)
+              "trainable": {v: count_parameters(AdapterConfig(v, ranks[v], ar * ranks[v], targets=tg), shapes)
                             for v in variants},
               "base": {}, "runs": [], "split_check": {}, "seconds": 0.0}
 
@@ -351,7 +355,7 @@ def run(args) -> dict:
                 lrs = args.lrs if sweep else [best["lr"]]
                 for lr in lrs:
                     torch.manual_seed(seed)
-                    model = FusedLlama(ta, tsd, AdapterConfig(v, r, ar * r), torch.float32)
+                    model = FusedLlama(ta, tsd, AdapterConfig(v, r, ar * r, targets=tg), torch.float32)
                     ts = time.perf_counter()
                     tl = train_top(model, train_items, args.steps, args.batch_size, lr, seed)
                     ev = eval_top(model, eval_items) if math.isfinite(tl) else {"loss": float("nan"),
@@ -383,8 +387,8 @@ def run(args) -> dict:
 
 def _gen(top, sd, arch, k, v, r, tok, eval_items, eos, args) -> dict:
     L = arch.num_hidden_layers
-    full = FusedLlama(arch, sd, AdapterConfig(v, r, args.alpha_ratio * r, layers=list(range(L - k, L))),
-                      torch.float32)
+    full = FusedLlama(arch, sd, AdapterConfig(v, r, args.alpha_ratio * r, targets=args.targets,
+                                              layers=list(range(L - k, L))), torch.float32)
     full._load_adapter_tensors(full_adapter_sd(top, L - k))
     return generate_rouge(full, tok, eval_items[:args.n_gen], eos)
 
@@ -432,7 +436,9 @@ def markdown(result) -> str:
         f"{sorted({r['seed'] for r in result['runs']})}; per variant and task the lr with the lowest mean eval "
         "loss among the lrs run on the most seeds is picked",
         f"- budget: LoRA r={a['ref_rank']} on all 7 projections of the adapted layers = {result['budget']:,} "
-        f"trainable parameters; every other variant at the rank whose count is closest",
+        f"trainable parameters; "
+        + (f"every variant at rank {a['rank']}" if a.get("rank") else "every other variant at the rank whose count "
+           "is closest") + ("" if a.get("targets", "all") == "all" else f"; targets {','.join(a['targets'])} only"),
         "- tasks: " + "; ".join(f"`{t}` = {rt.TASK_KIND[t]}" for t in a["tasks"])
         + f"; eval {a['n_eval']} held-out examples (ROUGE-L by greedy generation on the first {a['n_gen']}); "
         "EM = teacher-forced exact match of the whole completion + EOS (= greedy reproduces it)",
@@ -485,9 +491,9 @@ def merge(results: list) -> dict:
     (e.g. different variants or tasks in parallel)."""
     out = results[0]
     for r in results[1:]:
-        same = ("top_layers", "steps", "batch_size", "ref_rank", "n_train", "n_eval", "n_gen", "alpha_ratio")
-        if any(r["args"].get(k, 2.0 if k == "alpha_ratio" else None)
-               != out["args"].get(k, 2.0 if k == "alpha_ratio" else None) for k in same):
+        same = ("top_layers", "steps", "batch_size", "ref_rank", "n_train", "n_eval", "n_gen", "alpha_ratio",
+                "targets", "rank")
+        if any(r["args"].get(k, DEFAULTS.get(k)) != out["args"].get(k, DEFAULTS.get(k)) for k in same):
             raise ValueError("can only merge runs made with the same settings")
         out["runs"] += r["runs"]
         for k in ("base", "ranks", "trainable", "split_check", "data"):
@@ -497,6 +503,9 @@ def merge(results: list) -> dict:
         out["command"] += f"` and `{r['command']}"
         out["seconds"] = max(out["seconds"], r["seconds"])
     return out
+
+
+DEFAULTS = {"alpha_ratio": 2.0, "targets": "all", "rank": None}  # for results saved before these options
 
 
 def write_results(md: str, path: Path):
@@ -520,6 +529,8 @@ def main(argv=None):
     p.add_argument("--sweep-every-seed", action="store_true",
                    help="run every lr on every seed (default: the sweep on the first seed, its best lr on the rest)")
     p.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha = ratio x rank (scale s = ratio)")
+    p.add_argument("--targets", default="all", help="adapted projections, comma-separated (default all)")
+    p.add_argument("--rank", type=int, default=None, help="this rank for every variant (default: matched budget)")
     p.add_argument("--n-train", type=int, default=None,
                    help="distinct training examples (default steps x batch: every example seen once)")
     p.add_argument("--n-eval", type=int, default=64)
@@ -536,6 +547,7 @@ def main(argv=None):
         args.tasks = [t for t in args.tasks.split(",") if t]
         args.variants = [v for v in args.variants.split(",") if v]
         args.lrs = [float(x) for x in args.lrs.split(",") if x]
+        args.targets = "all" if args.targets == "all" else [t for t in args.targets.split(",") if t]
         bad = [t for t in args.tasks if t not in TASKS]
         if bad:
             p.error(f"unknown task(s) {bad}; choose from {TASKS}")

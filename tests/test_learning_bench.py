@@ -85,3 +85,7 @@ def test_real_bench_picks_lr_by_mean_over_seeds_and_merges_seed_runs():
     assert "seeds [0, 1, 2]" in md
     with pytest.raises(ValueError):
         real.merge([s0, _real_result([], alpha_ratio=0.5)])
+    one = real.markdown(_real_result([_run("ffba", 0, 1e-3, 1.5)], rank=20, targets=["q", "o", "gate", "down"]))
+    assert "every variant at rank 20; targets q,o,gate,down only" in one
+    with pytest.raises(ValueError):
+        real.merge([s0, _real_result([], targets=["q", "o"])])
