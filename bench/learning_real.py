@@ -106,6 +106,26 @@ def lower_states(full: FusedLlama, items, n_lower: int, batch: int = 16):
             items[i]["h"] = h[r, :len(items[i]["ids"])].clone()
 
 
+def cached_states(path, items, compute) -> bool:
+    """Fill each item's ``h`` from ``path`` when it holds the states of exactly
+    these token ids, else ``compute(items)`` and save them there (atomically).
+    Returns whether the cache was used."""
+    ids = [it["ids"] for it in items]
+    if path is not None and Path(path).exists():
+        saved = torch.load(path)
+        if saved["ids"] == ids:
+            for it, h in zip(items, saved["h"]):
+                it["h"] = h
+            return True
+    compute(items)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{path}.tmp{os.getpid()}")
+        torch.save({"ids": ids, "h": [it["h"] for it in items]}, tmp)
+        os.replace(tmp, path)
+    return False
+
+
 def top_state_dict(sd: dict, arch, k: int) -> tuple:
     """(arch, sd) of a Llama made of the top k layers of ``sd`` (renumbered from 0)."""
     L = arch.num_hidden_layers
@@ -328,9 +348,10 @@ def run(args) -> dict:
         train_items, eval_items = build_task(task, tok, eos, args.n_train or args.steps * args.batch_size,
                                              args.n_eval)
         tc = time.perf_counter()
-        lower_states(full_base, train_items + eval_items, L - k)
-        print(f"[{task}] cached layer-{L - k} states of {len(train_items) + len(eval_items)} examples "
-              f"({sum(len(x['ids']) for x in train_items + eval_items)} tokens) in "
+        cache = (Path(args.state_cache) / f"{Path(path).stem}-{task}-layer{L - k}.pt") if args.state_cache else None
+        hit = cached_states(cache, train_items + eval_items, lambda its: lower_states(full_base, its, L - k))
+        print(f"[{task}] {'loaded' if hit else 'cached'} layer-{L - k} states of {len(train_items) + len(eval_items)} "
+              f"examples ({sum(len(x['ids']) for x in train_items + eval_items)} tokens) in "
               f"{time.perf_counter() - tc:.0f}s", flush=True)
         if task == args.tasks[0]:
             for v in ("zflora", "ffba-ab"):
@@ -536,6 +557,8 @@ def main(argv=None):
     p.add_argument("--n-eval", type=int, default=64)
     p.add_argument("--n-gen", type=int, default=32, help="eval examples scored by generation (ROUGE-L)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--state-cache", default=None, metavar="DIR",
+                   help="keep the frozen lower layers' states here and reuse them when the examples match")
     p.add_argument("--json", default=str(HERE / "out" / "learning-real.json"))
     p.add_argument("--results", default=None, help="markdown file whose real-model section is replaced")
     p.add_argument("--render", default=None, metavar="JSON[,JSON...]",

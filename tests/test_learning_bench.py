@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from _bench_scripts import load_bench_script
 
 
@@ -89,3 +90,24 @@ def test_real_bench_picks_lr_by_mean_over_seeds_and_merges_seed_runs():
     assert "every variant at rank 20; targets q,o,gate,down only" in one
     with pytest.raises(ValueError):
         real.merge([s0, _real_result([], targets=["q", "o"])])
+
+
+def test_real_bench_state_cache_reused_only_for_the_same_ids(tmp_path):
+    real = load_bench_script("learning_real")
+    calls = []
+
+    def compute(items):  # stands in for the lower layers
+        calls.append(len(items))
+        for it in items:
+            it["h"] = torch.tensor(it["ids"], dtype=torch.float32)[:, None] * 2.0
+
+    path = tmp_path / "c" / "s.pt"
+    items = [{"ids": [5, 6, 7]}, {"ids": [8]}]
+    assert not real.cached_states(path, items, compute) and calls == [2]
+    again = [{"ids": [5, 6, 7]}, {"ids": [8]}]
+    assert real.cached_states(path, again, compute) and calls == [2]
+    assert torch.equal(again[0]["h"], items[0]["h"]) and torch.equal(again[1]["h"], items[1]["h"])
+    other = [{"ids": [5, 6, 9]}, {"ids": [8]}]  # different examples: recomputed, cache replaced
+    assert not real.cached_states(path, other, compute) and calls == [2, 2]
+    assert torch.equal(other[0]["h"], torch.tensor([[10.0], [12.0], [18.0]]))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["s.pt"]
