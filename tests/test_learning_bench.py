@@ -84,6 +84,7 @@ def test_real_bench_picks_lr_by_mean_over_seeds_and_merges_seed_runs():
     assert "| ffba | 20 | 99 | 0.990 | 0.001 | 1.567 ± 0.058 |" in md
     assert "1.233 ± 0.208 / 0 [3]" in md  # lora at 1e-3 in the sweep table: 1.0, 1.4, 1.3
     assert "seeds [0, 1, 2]" in md
+    assert "(1.0 min wall for the longest, 2.0 min for all)" in md
     with pytest.raises(ValueError):
         real.merge([s0, _real_result([], alpha_ratio=0.5)])
     one = real.markdown(_real_result([_run("ffba", 0, 1e-3, 1.5)], rank=20, targets=["q", "o", "gate", "down"]))
