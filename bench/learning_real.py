@@ -106,6 +106,26 @@ def lower_states(full: FusedLlama, items, n_lower: int, batch: int = 16):
             items[i]["h"] = h[r, :len(items[i]["ids"])].clone()
 
 
+def cached_states(path, items, compute) -> bool:
+    """Fill each item's ``h`` from ``path`` when it holds the states of exactly
+    these token ids, else ``compute(items)`` and save them there (atomically).
+    Returns whether the cache was used."""
+    ids = [it["ids"] for it in items]
+    if path is not None and Path(path).exists():
+        saved = torch.load(path)
+        if saved["ids"] == ids:
+            for it, h in zip(items, saved["h"]):
+                it["h"] = h
+            return True
+    compute(items)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{path}.tmp{os.getpid()}")
+        torch.save({"ids": ids, "h": [it["h"] for it in items]}, tmp)
+        os.replace(tmp, path)
+    return False
+
+
 def top_state_dict(sd: dict, arch, k: int) -> tuple:
     """(arch, sd) of a Llama made of the top k layers of ``sd`` (renumbered from 0)."""
     L = arch.num_hidden_layers
@@ -242,11 +262,11 @@ def generate_rouge(full: FusedLlama, tok, items, eos, max_new: int = 24, batch: 
 
 
 # ------------------------------------------------------------- budgets
-def matched_rank(variant, budget, shapes, targets="all", max_rank=512):
+def matched_rank(variant, budget, arch, targets="all", max_rank=512):
     best = None
     for r in range(1, max_rank + 1):
         try:
-            n = count_parameters(AdapterConfig(variant, r, 2.0 * r, targets=targets), shapes)
+            n = count_parameters(AdapterConfig(variant, r, 2.0 * r, targets=targets), arch)
         except ValueError:
             continue
         if best is None or abs(n - budget) < abs(best[1] - budget):
@@ -298,16 +318,21 @@ def run(args) -> dict:
     budget = count_parameters(AdapterConfig("lora", args.ref_rank, 2.0 * args.ref_rank), ta)
     variants = args.variants
     ranks = {}
+    ar, tg = args.alpha_ratio, args.targets
     for v in variants:
-        r, n = (args.ref_rank, budget) if v in ("lora", "pf-lora") else matched_rank(v, budget, ta)
-        ranks[v] = r
+        if args.rank:
+            ranks[v] = args.rank
+        elif v in ("lora", "pf-lora") and tg == "all":
+            ranks[v] = args.ref_rank
+        else:
+            ranks[v] = matched_rank(v, budget, ta, tg)[0]
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
               "torch": torch.__version__, "command": "python bench/learning.py real " + " ".join(args.argv),
               "args": {k_: v_ for k_, v_ in vars(args).items() if k_ != "argv"}, "model": os.path.basename(path),
               "layers": L, "budget": budget, "ranks": ranks,
-              "trainable": {v: count_parameters(AdapterConfig(v, ranks[v], 2.0 * ranks[v]), ta)
+              "trainable": {v: count_parameters(AdapterConfig(v, ranks[v], ar * ranks[v], targets=tg), ta)
                             for v in variants},
               "base": {}, "runs": [], "split_check": {}, "seconds": 0.0}
 
@@ -320,9 +345,10 @@ def run(args) -> dict:
         train_items, eval_items = build_task(task, tok, eos, args.n_train or args.steps * args.batch_size,
                                              args.n_eval)
         tc = time.perf_counter()
-        lower_states(full_base, train_items + eval_items, L - k)
-        print(f"[{task}] cached layer-{L - k} states of {len(train_items) + len(eval_items)} examples "
-              f"({sum(len(x['ids']) for x in train_items + eval_items)} tokens) in "
+        cache = (Path(args.state_cache) / f"{Path(path).stem}-{task}-layer{L - k}.pt") if args.state_cache else None
+        hit = cached_states(cache, train_items + eval_items, lambda its: lower_states(full_base, its, L - k))
+        print(f"[{task}] {'loaded' if hit else 'cached'} layer-{L - k} states of {len(train_items) + len(eval_items)} "
+              f"examples ({sum(len(x['ids']) for x in train_items + eval_items)} tokens) in "
               f"{time.perf_counter() - tc:.0f}s", flush=True)
         if task == args.tasks[0]:
             for v in ("zflora", "ffba-ab"):
@@ -341,27 +367,30 @@ def run(args) -> dict:
             train_items, eval_items = data[task]
             r = ranks[v]
             best = None
-            for seed in range(args.seeds):
-                lrs = args.lrs if seed == 0 else [best["lr"]]
+            seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+            for seed in seeds:
+                sweep = args.sweep_every_seed or seed == seeds[0]
+                lrs = args.lrs if sweep else [best["lr"]]
                 for lr in lrs:
                     torch.manual_seed(seed)
-                    model = FusedLlama(ta, tsd, AdapterConfig(v, r, 2.0 * r), torch.float32)
+                    model = FusedLlama(ta, tsd, AdapterConfig(v, r, ar * r, targets=tg), torch.float32)
                     ts = time.perf_counter()
                     tl = train_top(model, train_items, args.steps, args.batch_size, lr, seed)
                     ev = eval_top(model, eval_items) if math.isfinite(tl) else {"loss": float("nan"),
                                                                                  "exact_match": 0.0}
                     rec = {"task": task, "variant": v, "rank": r, "seed": seed, "lr": lr, "train_loss": tl,
                            "eval_loss": ev["loss"], "exact_match": ev["exact_match"],
-                           "seconds": time.perf_counter() - ts, "picked": seed > 0}
+                           "seconds": time.perf_counter() - ts, "picked": not sweep}
                     result["runs"].append(rec)
                     print(f"[{task}] {v} r={r} seed {seed} lr {lr:g}: train {tl:.3f} eval {ev['loss']:.3f} "
                           f"EM {100 * ev['exact_match']:.1f}% ({rec['seconds']:.0f}s)", flush=True)
-                    if seed == 0 and math.isfinite(ev["loss"]) and (best is None or ev["loss"] < best[0]["eval_loss"]):
+                    if seed == seeds[0] and math.isfinite(ev["loss"]) and (best is None or ev["loss"] < best[0]["eval_loss"]):
                         best = (rec, model)
-                    if seed > 0 and task == "mansum" and args.n_gen:
+                    if (not sweep or args.sweep_every_seed) and task == "mansum" and args.n_gen \
+                            and math.isfinite(ev["loss"]):
                         rec.update(_gen(model, sd, arch, k, v, r, tok, eval_items, eos, args))
                     save()
-                if seed == 0:
+                if seed == seeds[0] and not args.sweep_every_seed:
                     if best is None:
                         break
                     best, m = best
@@ -376,7 +405,8 @@ def run(args) -> dict:
 
 def _gen(top, sd, arch, k, v, r, tok, eval_items, eos, args) -> dict:
     L = arch.num_hidden_layers
-    full = FusedLlama(arch, sd, AdapterConfig(v, r, 2.0 * r, layers=list(range(L - k, L))), torch.float32)
+    full = FusedLlama(arch, sd, AdapterConfig(v, r, args.alpha_ratio * r, targets=args.targets,
+                                              layers=list(range(L - k, L))), torch.float32)
     full._load_adapter_tensors(full_adapter_sd(top, L - k))
     return generate_rouge(full, tok, eval_items[:args.n_gen], eos)
 
@@ -388,13 +418,33 @@ def _ms(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def pick(runs, variant) -> list:
+    """The runs of ``variant`` at its picked lr: among the lrs run on the most
+    seeds, the one with the lowest mean eval loss (a diverged run counts as inf)."""
+    by_lr = {}
+    for r in runs:
+        if r["variant"] == variant:
+            by_lr.setdefault(r["lr"], []).append(r)
+    if not by_lr:
+        return []
+    most = max(len(rs) for rs in by_lr.values())
+
+    def mean_loss(rs):
+        xs = [r["eval_loss"] for r in rs]
+        return statistics.fmean(xs) if all(math.isfinite(x) for x in xs) else math.inf
+
+    return min((rs for rs in by_lr.values() if len(rs) == most), key=mean_loss)
+
+
 def markdown(result) -> str:
     a = result["args"]
     lines = [
         "## Learning on a real model (SmolLM2-135M-Instruct, real text)",
         "",
         f"- date: {result['date']}; machine: {result['machine']}; torch {result['torch']}",
-        f"- command: `{result['command']}` ({result['seconds'] / 60:.1f} min wall)",
+        f"- command: `{result['command']}` ({result['seconds'] / 60:.1f} min wall"
+        + (f" for the longest, {result['seconds_total'] / 60:.1f} min for all" if "seconds_total" in result else "")
+        + ")",
         f"- model: {result['model']} (dequantized to fp32); adapters on the top {a['top_layers']} of "
         f"{result['layers']} layers (+ the LM head's reader for the zflora forms); the frozen lower layers' "
         f"states are cached (exact: split vs full model max rel. error "
@@ -402,11 +452,13 @@ def markdown(result) -> str:
         f"- fine-tuning: {a['steps']} steps x batch {a['batch_size']} (the same examples in the same order for "
         f"every variant of a seed; distinct train/eval examples: "
         + ", ".join(f"{t} {d['train']}/{d['eval']}" for t, d in result.get("data", {}).items()) + "), AdamW, 10% warmup + cosine, "
-        "grad clip 1.0, alpha = 2 x rank; "
-        + (f"lr sweep {a['lrs']} on seed 0, the lr with the lowest eval loss then run on seeds 1..{a['seeds'] - 1}"
-         if a["seeds"] > 1 else f"lr(s) {a['lrs']}, one seed (0)"),
+        f"grad clip 1.0, alpha = {a.get('alpha_ratio', 2.0):g} x rank; lr(s) {a['lrs']}, seeds "
+        f"{sorted({r['seed'] for r in result['runs']})}; per variant and task the lr with the lowest mean eval "
+        "loss among the lrs run on the most seeds is picked",
         f"- budget: LoRA r={a['ref_rank']} on all 7 projections of the adapted layers = {result['budget']:,} "
-        f"trainable parameters; every other variant at the rank whose count is closest",
+        f"trainable parameters; "
+        + (f"every variant at rank {a['rank']}" if a.get("rank") else "every other variant at the rank whose count "
+           "is closest") + ("" if a.get("targets", "all") == "all" else f"; targets {','.join(a['targets'])} only"),
         "- tasks: " + "; ".join(f"`{t}` = {rt.TASK_KIND[t]}" for t in a["tasks"])
         + f"; eval {a['n_eval']} held-out examples (ROUGE-L by greedy generation on the first {a['n_gen']}); "
         "EM = teacher-forced exact match of the whole completion + EOS (= greedy reproduces it)",
@@ -424,7 +476,7 @@ def markdown(result) -> str:
         lines.append(f"| base (no fine-tuning) | - | 0 | - | - | {b['loss']:.3f} | {100 * b['exact_match']:.1f} |"
                      + (f" {b.get('rouge_l', float('nan')):.1f} |" if gen else "") + " - |")
         for v in result["args"]["variants"]:
-            picked = [r for r in runs if r["variant"] == v and r["picked"]]
+            picked = pick(runs, v)
             if not picked:
                 continue
             n = result["trainable"][v]
@@ -433,17 +485,20 @@ def markdown(result) -> str:
             row = (f"| {v} | {picked[0]['rank']} | {n:,} | {n / result['budget']:.3f} | {picked[0]['lr']:g} | "
                    f"{lm:.3f} ± {ls:.3f} | {em:.1f} ± {es:.1f} |")
             if gen:
-                gm, gs = _ms([r.get("rouge_l") for r in picked])
-                row += f" {gm:.1f} ± {gs:.1f} |"
+                g = [r["rouge_l"] for r in picked if "rouge_l" in r]
+                gm, gs = _ms(g)
+                row += f" {gm:.1f} ± {gs:.1f}" + (f" (n={len(g)})" if len(g) != len(picked) else "") + " |"
             lines.append(row + f" {len(picked)} |")
         lrs = result["args"]["lrs"]
-        lines += ["", f"lr sweep ({task}, seed 0; eval loss / EM %):", "",
+        lines += ["", f"lr sweep ({task}; eval loss mean ± sd over seeds / EM % mean, [n seeds]):", "",
                   "| variant | " + " | ".join(f"lr {x:g}" for x in lrs) + " |", "|---" * (1 + len(lrs)) + "|"]
         for v in result["args"]["variants"]:
             cells = []
             for x in lrs:
-                rs = [r for r in runs if r["variant"] == v and r["seed"] == 0 and r["lr"] == x]
-                cells.append("-" if not rs else f"{rs[0]['eval_loss']:.3f} / {100 * rs[0]['exact_match']:.0f}")
+                rs = [r for r in runs if r["variant"] == v and r["lr"] == x]
+                lm, ls = _ms([r["eval_loss"] for r in rs])
+                em, _ = _ms([100 * r["exact_match"] for r in rs])
+                cells.append("-" if not rs else f"{lm:.3f} ± {ls:.3f} / {em:.0f} [{len(rs)}]")
             if any(c != "-" for c in cells):
                 lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -456,8 +511,9 @@ def merge(results: list) -> dict:
     (e.g. different variants or tasks in parallel)."""
     out = results[0]
     for r in results[1:]:
-        same = ("top_layers", "steps", "batch_size", "ref_rank", "n_train", "n_eval", "n_gen")
-        if any(r["args"].get(k) != out["args"].get(k) for k in same):
+        same = ("top_layers", "steps", "batch_size", "ref_rank", "n_train", "n_eval", "n_gen", "alpha_ratio",
+                "targets", "rank")
+        if any(r["args"].get(k, DEFAULTS.get(k)) != out["args"].get(k, DEFAULTS.get(k)) for k in same):
             raise ValueError("can only merge runs made with the same settings")
         out["runs"] += r["runs"]
         for k in ("base", "ranks", "trainable", "split_check", "data"):
@@ -465,8 +521,12 @@ def merge(results: list) -> dict:
         for k in ("variants", "tasks", "lrs"):
             out["args"][k] += [x for x in r["args"][k] if x not in out["args"][k]]
         out["command"] += f"` and `{r['command']}"
+        out["seconds_total"] = out.get("seconds_total", out["seconds"]) + r["seconds"]
         out["seconds"] = max(out["seconds"], r["seconds"])
     return out
+
+
+DEFAULTS = {"alpha_ratio": 2.0, "targets": "all", "rank": None}  # for results saved before these options
 
 
 def write_results(md: str, path: Path):
@@ -485,12 +545,20 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-layers", type=int, default=4, help="adapt only the top k decoder layers")
     p.add_argument("--ref-rank", type=int, default=8, help="LoRA rank that sets the parameter budget")
-    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="lr sweep (seed 0)")
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="lr sweep (on the first seed; see --sweep-every-seed)")
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--sweep-every-seed", action="store_true",
+                   help="run every lr on every seed (default: the sweep on the first seed, its best lr on the rest)")
+    p.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha = ratio x rank (scale s = ratio)")
+    p.add_argument("--targets", default="all", help="adapted projections, comma-separated (default all)")
+    p.add_argument("--rank", type=int, default=None, help="this rank for every variant (default: matched budget)")
     p.add_argument("--n-train", type=int, default=None,
                    help="distinct training examples (default steps x batch: every example seen once)")
     p.add_argument("--n-eval", type=int, default=64)
     p.add_argument("--n-gen", type=int, default=32, help="eval examples scored by generation (ROUGE-L)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--state-cache", default=None, metavar="DIR",
+                   help="keep the frozen lower layers' states here and reuse them when the examples match")
     p.add_argument("--json", default=str(HERE / "out" / "learning-real.json"))
     p.add_argument("--results", default=None, help="markdown file whose real-model section is replaced")
     p.add_argument("--render", default=None, metavar="JSON[,JSON...]",
@@ -502,6 +570,7 @@ def main(argv=None):
         args.tasks = [t for t in args.tasks.split(",") if t]
         args.variants = [v for v in args.variants.split(",") if v]
         args.lrs = [float(x) for x in args.lrs.split(",") if x]
+        args.targets = "all" if args.targets == "all" else [t for t in args.targets.split(",") if t]
         bad = [t for t in args.tasks if t not in TASKS]
         if bad:
             p.error(f"unknown task(s) {bad}; choose from {TASKS}")

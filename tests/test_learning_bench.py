@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from _bench_scripts import load_bench_script
 
 
@@ -47,3 +48,68 @@ def test_matched_rank_picks_closest_valid():
     assert abs(n - budget) <= per_rank / 2
     with pytest.raises(ValueError):
         bench.matched_rank("ffba", budget, sh, max_rank=0)
+
+
+def _real_result(runs, **args):
+    a = dict(tasks=["arith"], variants=["lora", "ffba"], lrs=[1e-3, 1e-2], seeds=1, steps=2, batch_size=2,
+             top_layers=2, ref_rank=8, n_train=4, n_eval=4, n_gen=0, alpha_ratio=2.0)
+    a.update(args)
+    return {"date": "d", "machine": "m", "torch": "t", "command": "c", "args": a, "model": "x.gguf",
+            "layers": 30, "budget": 100, "ranks": {"lora": 8, "ffba": 20}, "trainable": {"lora": 100, "ffba": 99},
+            "base": {"arith": {"loss": 2.0, "exact_match": 0.0}}, "runs": runs, "split_check": {},
+            "data": {"arith": {"train": 4, "eval": 4}}, "seconds": 60.0}
+
+
+def _run(v, seed, lr, loss):
+    return {"task": "arith", "variant": v, "rank": {"lora": 8, "ffba": 20}[v], "seed": seed, "lr": lr, "train_loss": loss,
+            "eval_loss": loss, "exact_match": 0.0, "seconds": 1.0, "picked": False}
+
+
+def test_real_bench_picks_lr_by_mean_over_seeds_and_merges_seed_runs():
+    """Every lr on every seed (two runs merged: seed 0, then seeds 1-2): the lr
+    with the lowest MEAN eval loss wins, even where seed 0 alone prefers another."""
+    real = load_bench_script("learning_real")
+    s0 = _real_result([_run("lora", 0, 1e-3, 1.0), _run("lora", 0, 1e-2, 1.1),
+                       _run("ffba", 0, 1e-3, 1.5), _run("ffba", 0, 1e-2, float("nan"))])
+    s12 = _real_result([_run("lora", s, lr, x) for s, lr, x in
+                        ((1, 1e-3, 1.4), (2, 1e-3, 1.3), (1, 1e-2, 1.0), (2, 1e-2, 1.0))]
+                       + [_run("ffba", s, 1e-3, 1.6) for s in (1, 2)], first_seed=1, seeds=2)
+    merged = real.merge([s0, s12])
+    lora = real.pick(merged["runs"], "lora")
+    assert {r["lr"] for r in lora} == {1e-2} and sorted(r["seed"] for r in lora) == [0, 1, 2]
+    ffba = real.pick(merged["runs"], "ffba")  # 1e-2 ran on one seed only (and diverged)
+    assert {r["lr"] for r in ffba} == {1e-3} and len(ffba) == 3
+    md = real.markdown(merged)
+    # lora at 1e-2: mean of 1.1, 1.0, 1.0 = 1.0333, sample sd 0.0577
+    assert "| lora | 8 | 100 | 1.000 | 0.01 | 1.033 ± 0.058 |" in md
+    assert "| ffba | 20 | 99 | 0.990 | 0.001 | 1.567 ± 0.058 |" in md
+    assert "1.233 ± 0.208 / 0 [3]" in md  # lora at 1e-3 in the sweep table: 1.0, 1.4, 1.3
+    assert "seeds [0, 1, 2]" in md
+    assert "(1.0 min wall for the longest, 2.0 min for all)" in md
+    with pytest.raises(ValueError):
+        real.merge([s0, _real_result([], alpha_ratio=0.5)])
+    one = real.markdown(_real_result([_run("ffba", 0, 1e-3, 1.5)], rank=20, targets=["q", "o", "gate", "down"]))
+    assert "every variant at rank 20; targets q,o,gate,down only" in one
+    with pytest.raises(ValueError):
+        real.merge([s0, _real_result([], targets=["q", "o"])])
+
+
+def test_real_bench_state_cache_reused_only_for_the_same_ids(tmp_path):
+    real = load_bench_script("learning_real")
+    calls = []
+
+    def compute(items):  # stands in for the lower layers
+        calls.append(len(items))
+        for it in items:
+            it["h"] = torch.tensor(it["ids"], dtype=torch.float32)[:, None] * 2.0
+
+    path = tmp_path / "c" / "s.pt"
+    items = [{"ids": [5, 6, 7]}, {"ids": [8]}]
+    assert not real.cached_states(path, items, compute) and calls == [2]
+    again = [{"ids": [5, 6, 7]}, {"ids": [8]}]
+    assert real.cached_states(path, again, compute) and calls == [2]
+    assert torch.equal(again[0]["h"], items[0]["h"]) and torch.equal(again[1]["h"], items[1]["h"])
+    other = [{"ids": [5, 6, 9]}, {"ids": [8]}]  # different examples: recomputed, cache replaced
+    assert not real.cached_states(path, other, compute) and calls == [2, 2]
+    assert torch.equal(other[0]["h"], torch.tensor([[10.0], [12.0], [18.0]]))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["s.pt"]
