@@ -111,7 +111,7 @@ def compiled_decode(device_type: str = "cpu"):
     type for every model: dynamo guards recompile for another structure or
     window length). On the CPU the graph's wrapper is generated C++
     (cpp_wrapper): the Python wrapper's per-kernel calls cost ~4 ms of a
-    ~33 ms SmolLM2-135M step (bench/RESULTS.md)."""
+    ~37 ms SmolLM2-135M step (bench/RESULTS.md)."""
     fn = _compiled_decode.get(device_type)
     if fn is None:
         opts = {"cpp_wrapper": True} if device_type == "cpu" else None

@@ -151,7 +151,7 @@ def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = 
                 pre[i] = probes[i].prefill()
                 steps[i] = [probes[i].step() for _ in range(n_steps)]
         else:
-            pre = {i: probes[i].prefill() for i in order}
+            pre.update((i, probes[i].prefill()) for i in order)
             for j in range(n_steps):
                 for i in order[::(-1 if j % 2 else 1)]:
                     steps[i].append(probes[i].step())
