@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from flora import AdapterConfig
-from flora.bench.latency import copy_bandwidth, randomize_adapter
+from flora.bench.latency import copy_bandwidth, randomize_adapter, weight_bytes
 from flora.bench.timing import LatencyProbe, Timer, run_interleaved
 from flora.model import FusedLlama
 
@@ -133,12 +133,6 @@ def base_of(name: str) -> str:
     return engine("base", "compiled" if name.endswith(" compiled") else "eager")
 
 
-def weight_bytes(arch, elem: int) -> int:
-    d, f, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
-    dq, dkv = arch.num_attention_heads * hd, arch.num_key_value_heads * hd
-    return (arch.num_hidden_layers * (d * (dq + 2 * dkv) + dq * d + 3 * d * f) + arch.vocab_size * d) * elem
-
-
 def run(args, log) -> list:
     from flora import pretrained
 
@@ -176,7 +170,7 @@ def run(args, log) -> list:
                     if n != "llama.cpp":
                         p.__exit__(None, None, None)
         bw = copy_bandwidth(torch.device("cpu"))
-        wb = weight_bytes(base.arch, torch.finfo(dtype).bits // 8)
+        wb = weight_bytes(base.arch, dtype)
         ref = res["llama.cpp"]["tpot_runs"]
         for name, r in res.items():
             runs = r["tpot_runs"]
