@@ -11,6 +11,8 @@ Environment:
                          tools/fetch_cutlass.sh); without them the CUDA build has
                          no custom kernels (cuBLAS only)
   FLORA_KERNEL_ARCHS     which kernel TUs to build: "80;90" (default), "90", "80"
+  CUDA_HOME              the toolkit (default: torch's guess from nvcc on the
+                         PATH, corrected when that nvcc is a wrapper script)
   MAX_JOBS               parallel compile jobs (torch's ninja builder)
 
 The kernel TUs (csrc/cuda/kernels/*.cu, no torch) are compiled here with
@@ -50,7 +52,41 @@ def sources(pattern):
     )
 
 
+def has_cudart(home):
+    pats = ("lib64/libcudart.so*", "lib/libcudart.so*", "targets/*/lib/libcudart.so*")
+    return any(glob.glob(os.path.join(home, p)) for p in pats)
+
+
+def resolve_cuda_home():
+    """torch takes CUDA_HOME from the grandparent of `which nvcc`. An nvcc that
+    is a wrapper script (/usr/local/bin/nvcc: exec /usr/local/cuda-13.0/bin/nvcc)
+    then gives /usr/local, which has no libcudart, and the link fails. When
+    CUDA_HOME is not set and torch's guess has no libcudart, ask nvcc where its
+    toolkit is (`nvcc --dryrun` prints TOP=<toolkit>/bin/..)."""
+    home = cpp_extension.CUDA_HOME
+    if torch.version.cuda is None or home is None:
+        return
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if has_cudart(home):
+        return
+    try:
+        out = subprocess.run(
+            [os.path.join(home, "bin", "nvcc"), "--dryrun", "-x", "cu", "-c",
+             os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return
+    m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+    top = os.path.realpath(m.group(1).strip()) if m else None
+    if top and top != home and has_cudart(top):
+        print(f"flora: CUDA_HOME={top} (nvcc's toolkit; {home} has no libcudart)")
+        cpp_extension.CUDA_HOME = top
+        os.environ["CUDA_HOME"] = top
+
+
 def want_cuda():
+    resolve_cuda_home()
     flag = os.environ.get("FLORA_CUDA", "").strip()
     have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if flag == "1" and not have:

@@ -104,6 +104,13 @@ class LlamaArch:
         """d_kv = num_key_value_heads * head_dim."""
         return self.num_key_value_heads * self.head_dim
 
+    @property
+    def layer_projection_parameters(self) -> int:
+        """Weights of one decoder layer's seven projections (q, k, v, o, gate,
+        up, down): what a decode step streams per layer."""
+        d = self.hidden_size
+        return d * (2 * self.q_dim + 2 * self.kv_dim) + 3 * d * self.intermediate_size
+
     def out_width(self, p: str) -> int:
         return {"q": self.q_dim, "k": self.kv_dim, "v": self.kv_dim, "o": self.hidden_size,
                 "gate": self.intermediate_size, "up": self.intermediate_size,

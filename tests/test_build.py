@@ -28,3 +28,66 @@ def test_version_matches_package():
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == flora.__version__
+
+
+def _setup_functions(*names, **globs):
+    """The named functions of setup.py, without running setup() (it builds)."""
+    import ast
+    import glob
+    import re
+    import types
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    ns = dict(os=os, re=re, glob=glob, subprocess=subprocess, **globs)
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), ns)
+    return types.SimpleNamespace(**{n: ns[n] for n in names})
+
+
+def _fake_toolkit(tmp_path, cudart=True):
+    """A toolkit at tmp/cuda-x and, outside it, tmp/wrap/bin/nvcc: a wrapper
+    script that execs the toolkit's nvcc (as /usr/local/bin/nvcc does here)."""
+    kit = tmp_path / "cuda-x"
+    (kit / "bin").mkdir(parents=True)
+    (kit / "lib64").mkdir()
+    if cudart:
+        (kit / "lib64" / "libcudart.so").write_text("")
+    nvcc = kit / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\necho "#$ TOP={kit}/bin/.." >&2\n')
+    wrap = tmp_path / "wrap" / "bin"
+    wrap.mkdir(parents=True)
+    (wrap / "nvcc").write_text(f'#!/bin/sh\nexec {nvcc} "$@"\n')
+    for f in (nvcc, wrap / "nvcc"):
+        f.chmod(0o755)
+    return kit, wrap.parent
+
+
+@pytest.mark.parametrize("cudart", [True, False])
+def test_cuda_home_follows_a_wrapper_nvcc_to_its_toolkit(tmp_path, monkeypatch, cudart):
+    import types
+
+    kit, wrap = _fake_toolkit(tmp_path, cudart=cudart)
+    ext = types.SimpleNamespace(CUDA_HOME=str(wrap))
+    fake_torch = types.SimpleNamespace(version=types.SimpleNamespace(cuda="13.0"))
+    f = _setup_functions("has_cudart", "resolve_cuda_home", cpp_extension=ext, torch=fake_torch)
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.setenv(var, "")  # recorded, so what the run sets is undone
+        monkeypatch.delenv(var)
+    f.resolve_cuda_home()
+    # torch's guess (the wrapper's grandparent) has no libcudart; the toolkit does
+    assert ext.CUDA_HOME == (os.path.realpath(kit) if cudart else str(wrap))
+    if cudart:
+        assert os.environ["CUDA_HOME"] == os.path.realpath(kit)
+
+
+def test_cuda_home_set_by_the_user_is_kept(tmp_path, monkeypatch):
+    import types
+
+    kit, wrap = _fake_toolkit(tmp_path)
+    ext = types.SimpleNamespace(CUDA_HOME=str(wrap))
+    fake_torch = types.SimpleNamespace(version=types.SimpleNamespace(cuda="13.0"))
+    f = _setup_functions("has_cudart", "resolve_cuda_home", cpp_extension=ext, torch=fake_torch)
+    monkeypatch.setenv("CUDA_HOME", str(wrap))
+    f.resolve_cuda_home()
+    assert ext.CUDA_HOME == str(wrap)

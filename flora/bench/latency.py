@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from .. import nvtx
-from ..config import AdapterConfig
+from ..config import AdapterConfig, as_arch
 from ..devices import resolve_device
 from ..fileio import atomic_write_json
 from ..model import FusedLlama
@@ -213,11 +213,8 @@ def llama_config(shape: str):
 def weight_bytes(cfg, dtype) -> int:
     """Bytes of base weights one decode step streams: every projection and the
     LM head (the embedding lookup reads only a few rows)."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
-    dq, dkv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    per_layer = d * (dq + 2 * dkv) + dq * d + 3 * d * f
-    n = cfg.num_hidden_layers * per_layer + cfg.vocab_size * d
+    sh = as_arch(cfg, "cfg")
+    n = sh.num_hidden_layers * sh.layer_projection_parameters + sh.vocab_size * sh.hidden_size
     return n * torch.finfo(dtype).bits // 8
 
 

@@ -40,7 +40,7 @@ def base_parameters(shapes, tied_head: bool = True) -> int:
     """Parameters of the base Llama (embedding, projections, norms, head)."""
     sh = as_arch(shapes)
     d = sh.hidden_size
-    per_layer = d * (2 * sh.q_dim + 2 * sh.kv_dim) + 3 * d * sh.intermediate_size + 2 * d
+    per_layer = sh.layer_projection_parameters + 2 * d  # + the two norms
     return sh.vocab_size * d * (1 if tied_head else 2) + sh.num_hidden_layers * per_layer + d
 
 
