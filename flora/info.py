@@ -73,8 +73,9 @@ def format_info(d: dict | None = None) -> str:
     lines.append(f"cuda device available: {d['cuda_available']}")
     if d.get("cuda_kernels"):
         lines.append("cuda kernels:")
+        w = max(len(k["name"]) for k in d["cuda_kernels"])
         for k in d["cuda_kernels"]:
-            lines.append(f"  {k['name']:<15} {k['arch']:<14} {k['status']}")
+            lines.append(f"  {k['name']:<{w}} {k['arch']:<14} {k['status']}")
     lines.append("ops:")
     for k in d["kernels"]:
         lines.append(f"  {k['op']:<5} {k['device']:<5} {k['impl']}  [{k['when']}]")
