@@ -58,7 +58,8 @@
 # (extra pytest args), TEST_TIMEOUT (per test, needs pytest-timeout; default 120),
 # SANITIZE_K, SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_TIMEOUT,
 # KERNELS_MS, KERNELS_ARGS, KERNELS_GRAPHS=0 (skip the graphs run), KERNELS_GRAPHS_MS,
-# LATENCY_MODELS, LATENCY_ARGS (extra latency args, e.g. "--rows base ffba zflora").
+# LATENCY_MODELS, LATENCY_ARGS (extra latency args, e.g. "--rows base ffba zflora", or "--compile"
+# for the compiled step: each model compiles in its untimed warm-up, about a minute more per row).
 #
 # Needs no network and changes no GPU setting: nvidia-smi is only queried.
 set -euo pipefail

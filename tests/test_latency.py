@@ -125,6 +125,7 @@ def test_append_results_creates_section(tmp_path):
     (["--model", "no/such/dir"], "--model"),
     (["--repeats", "0"], "--repeats"),
     (["--new-tokens", "0"], "--new-tokens"),
+    (["--compile", "--warmup", "0"], "--warmup"),
 ])
 def test_bad_arguments(argv, msg, tmp_path, capsys):
     assert bl.main(argv + ["--out-dir", str(tmp_path), "--no-results"]) == 2
@@ -254,3 +255,21 @@ def test_rows_written_as_measured_and_errors_recorded(tmp_path, monkeypatch):
     assert rows["base"]["skipped"] is None
     assert "partial" not in res
     assert res["models"][0]["attention"].startswith("_scaled_dot_product")
+
+
+def test_compiled_rows_are_judged_against_the_compiled_base(tmp_path):
+    """--compile: flora rows decode through torch.compile (as generate(compile=True)),
+    each variant paired with the compiled base; the table says so."""
+    results = tmp_path / "RESULTS.md"
+    argv = ["--quick", "--device", "cpu", "--model", "tiny", "--rows", "base", "ffba", "--rank", "8",
+            "--compile", "--out-dir", str(tmp_path), "--name", "c", "--results", str(results), "--no-plot"]
+    assert bl.main(argv) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"base", "ffba"}
+    for r in rows.values():
+        assert r["compiled"] is True and r["skipped"] is None and r["tpot_s"] > 0
+    pr = rows["ffba"]["paired"]
+    want = statistics.median(x / y for x, y in zip(rows["ffba"]["tpot_runs"], pr["base_tpot_runs"]))
+    assert math.isclose(rows["ffba"]["tpot_ratio"], want, rel_tol=1e-9)
+    assert "| eager compiled |" in results.read_text()

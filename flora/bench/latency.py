@@ -44,7 +44,7 @@ from ..config import AdapterConfig, as_arch
 from ..devices import resolve_device
 from ..fileio import atomic_write_json
 from ..model import FusedLlama
-from .report import SECTION, append_results, environment, markdown, plot  # noqa: F401
+from .report import SECTION, append_results, environment, markdown, mode_label, plot  # noqa: F401
 from .timing import LatencyProbe, Timer, attention_backend, run_interleaved
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -101,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="default: fp32 on CPU, bf16 on GPU")
     p.add_argument("--mode", choices=("eager", "graph", "both"), default=None,
                    help="decode mode for flora rows (default: both on GPU, eager on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="flora rows: the decode step compiled with torch.compile, as generate(compile=True) "
+                        "(compilation happens in the untimed warm-up runs)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (median; default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
@@ -139,6 +142,7 @@ class Plan:
     rank: int
     alpha: Optional[float]
     seed: int
+    compile: bool = False  # flora rows: decode step under torch.compile
 
 
 def make_plan(args) -> Plan:
@@ -183,8 +187,10 @@ def make_plan(args) -> Plan:
                              f"directory with config.json")
         if m not in SHAPES:
             check_checkpoint(m)
+    if getattr(args, "compile", False) and args.warmup < 1:
+        raise ValueError("--compile needs --warmup >= 1 (the first run compiles; it must not be timed)")
     return Plan(dev, models, dtypes, plan_rows, batches, prompts, new, modes, repeats, args.warmup,
-                args.rank, args.alpha, args.seed)
+                args.rank, args.alpha, args.seed, getattr(args, "compile", False))
 
 
 def check_checkpoint(path: str) -> None:
@@ -412,10 +418,12 @@ def _dt(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _row(shape, dtype, engine, variant, rank, b, p, new, graph, timing=None, n_adapter=0, skipped=None):
+def _row(shape, dtype, engine, variant, rank, b, p, new, graph, timing=None, n_adapter=0, skipped=None,
+         compiled=False):
     return {"model": shape, "dtype": str(dtype).replace("torch.", ""), "engine": engine, "variant": variant,
             "rank": rank if variant not in ("base", "transformers") else 0, "batch": b, "prompt_len": p,
-            "new_tokens": new, "graph": graph, "adapter_params": n_adapter, "skipped": skipped,
+            "new_tokens": new, "graph": graph, "compiled": compiled, "adapter_params": n_adapter,
+            "skipped": skipped,
             **(timing or {"ttft_s": None, "tpot_s": None, "cuda_graph": False})}
 
 
@@ -471,7 +479,10 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
     base_runs: dict = {}  # (b, p, graph) -> list of per-pairing timings
 
     def probe(m, b, p, g):
-        return LatencyProbe(m, b, p, plan.new_tokens, use_cuda_graph=g, seed=plan.seed)
+        return LatencyProbe(m, b, p, plan.new_tokens, use_cuda_graph=g, seed=plan.seed, compile=plan.compile)
+
+    def row(*a, **kw):
+        return _row(*a, compiled=plan.compile, **kw)
 
     for variant, rank in [(v, k) for v, k in flora_rows if v != "base"]:
         try:
@@ -480,7 +491,7 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
             why = str(e) if isinstance(e, ValueError) else _failed(log, f"flora {variant} r{rank}", e)
             for b, p in _settings(plan):
                 for g in plan.modes:
-                    rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
+                    rows.append(row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
                                      skipped=why))
                     _done(log, rows[-1])
             log(f"[flora {variant} r{rank}] skipped: {why}")
@@ -491,18 +502,18 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
                 try:
                     tb, tv = pair_latency(probe(base, b, p, g), probe(m, b, p, g), plan.repeats, plan.warmup)
                 except Exception as e:  # noqa: BLE001 - this row fails, the run goes on
-                    rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
+                    rows.append(row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
                                      skipped=_failed(log, f"flora {variant} r{rank} b{b} p{p}", e)))
                     _done(log, rows[-1])
                     _free(dev)
                     continue
                 base_runs.setdefault((b, p, g), []).append(tb)
-                rows.append(_row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g, _timing(tv), n))
+                rows.append(row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g, _timing(tv), n))
                 _done(log, rows[-1])
         del m
         _free(dev)
     base_rows = _base_rows(shape, dtype, "flora", "base", plan, base_runs,
-                           lambda b, p, g, m=base: probe(m, b, p, g), log)
+                           lambda b, p, g, m=base: probe(m, b, p, g), log, compiled=plan.compile)
     del base
     _free(dev)
     return base_rows + rows
@@ -554,7 +565,8 @@ def hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan: Plan, log) -> list:
                       lambda b, p, g: probe(hf, b, p), log) + rows
 
 
-def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_probe, log) -> list:
+def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_probe, log,
+               compiled: bool = False) -> list:
     """One base row per setting and mode: the median of every run it made in
     its pairings (and how much its median moved between them), or timed alone
     when nothing was paired with it."""
@@ -567,7 +579,7 @@ def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_pro
                     t = solo_latency(make_probe(b, p, g), plan.repeats, plan.warmup)
                 except Exception as e:  # noqa: BLE001 - this row fails, the run goes on
                     out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g,
-                                    skipped=_failed(log, f"{engine} {name} b{b} p{p}", e)))
+                                    skipped=_failed(log, f"{engine} {name} b{b} p{p}", e), compiled=compiled))
                     _done(log, out[-1])
                     continue
             else:
@@ -577,7 +589,7 @@ def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_pro
                 if len(pairings) > 1:
                     med = [tb["tpot_s"] for tb in pairings]
                     t["base_drift"], t["pairings"] = max(med) / min(med) - 1, len(pairings)
-            out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g, t))
+            out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g, t, compiled=compiled))
             _done(log, out[-1])
     return out
 
@@ -620,7 +632,7 @@ def _failed(log, what: str, e: BaseException) -> str:
 def _log_row(log, r):
     if r["skipped"]:
         return
-    g = " graph" if r["graph"] else ""
+    g = "" if mode_label(r) == "eager" else " " + mode_label(r)
     rank = f" r{r['rank']}" if r["rank"] else ""
     log(f"  {r['engine']:>12} {r['variant'] + rank:<20} b{r['batch']} p{r['prompt_len']}{g}: "
         f"TTFT {r['ttft_s'] * 1e3:9.2f} ms  TPOT {r['tpot_s'] * 1e3:8.2f} ms")
@@ -640,7 +652,8 @@ def add_ratios(rows: list, infos: list, copy_bw: float) -> list:
     wb = {(i["model"], i["dtype"]): i["weight_bytes"] for i in infos if "weight_bytes" in i}
 
     def key(r):
-        return (r["engine"], r["model"], r["dtype"], r["batch"], r["prompt_len"], r["new_tokens"], r["graph"])
+        return (r["engine"], r["model"], r["dtype"], r["batch"], r["prompt_len"], r["new_tokens"], r["graph"],
+                r.get("compiled", False))
 
     bases = {key(r): r for r in rows if r["skipped"] is None and r["variant"] in ("base", "transformers")}
     for r in rows:
@@ -685,7 +698,7 @@ def evaluate_goals(rows: list, device: torch.device, rank: int) -> list:
         limits = {"ffba": (1.03, 1.05), "zflora": (1.02, 1.05), "pf-lora": (1.15, None)}
         for v, (tp, tt) in limits.items():
             for r in find(v, dtype="bfloat16", batch=1, prompt_len=512):
-                mode = "graph" if r["graph"] else "eager"
+                mode = mode_label(r)
                 goals.append(_goal(f"{r['model']} bf16 b1 p512 {mode}: {v} TPOT <= {tp}x flora base",
                                    r["tpot_ratio"], tp))
                 if tt:

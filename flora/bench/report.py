@@ -58,6 +58,11 @@ def _x(x, nd=3):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def mode_label(r) -> str:
+    """How a row decoded: eager or CUDA graph, and whether the step was compiled."""
+    return ("graph" if r["graph"] else "eager") + (" compiled" if r.get("compiled") else "")
+
+
 def row_label(r) -> str:
     if r["engine"] == "transformers":
         return {"transformers": "base", "peft": "PEFT LoRA (fp32 adapter upcast)",
@@ -96,7 +101,7 @@ def markdown(result: dict) -> str:
                   "| × floor |",
                   "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rs:
-            mode = "graph" if r["graph"] else "eager"
+            mode = mode_label(r)
             if r["skipped"]:
                 lines.append(f"| {r['engine']} | {row_label(r)} | {r['rank'] or ''} | {mode} | not run: "
                              f"{r['skipped']} | | | | | | | |")
@@ -200,7 +205,8 @@ def plot(result: dict, path: Path) -> Optional[Path]:
                 xs.append(labels.index(_plot_label(r, result["rank"])) + (si - (len(series) - 1) / 2) * width)
                 ys.append(r["ttft_ratio" if metric == "TTFT" else "tpot_ratio"])
             if xs:
-                bars = ax.bar(xs, ys, width, label=f"{metric} {'graph' if graph else 'eager'}",
+                comp = " compiled" if any(r.get("compiled") for r in rs) else ""
+                bars = ax.bar(xs, ys, width, label=f"{metric} {'graph' if graph else 'eager'}{comp}",
                               color=colors[(metric, graph)])
                 top = max(top, max(ys))
                 if len(labels) * len(series) <= 48:
