@@ -59,7 +59,7 @@
 # SANITIZE_K, SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_TIMEOUT,
 # KERNELS_MS, KERNELS_ARGS, KERNELS_GRAPHS=0 (skip the graphs run), KERNELS_GRAPHS_MS,
 # LATENCY_MODELS, LATENCY_ARGS (extra latency args, e.g. "--rows base ffba zflora", or "--compile"
-# for the compiled step: each model compiles in its untimed warm-up, about a minute more per row).
+# for the compiled step: each model compiles in its untimed warm-up, so a stage takes longer).
 #
 # Needs no network and changes no GPU setting: nvidia-smi is only queried.
 set -euo pipefail
