@@ -284,8 +284,10 @@ def check_split_exact(full_sd, arch, items, k, variant="zflora"):
     torch.manual_seed(0)
     top = FusedLlama(ta, tsd, cfg_top, torch.float32)
     with torch.no_grad():
+        # B = 0 at init would hide a wiring error; smaller with more layers, whose
+        # perturbed adapters compound (0.05 on all 30 layers overflows to nan)
         for p in top.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # B = 0 at init would hide a wiring error
+            p.add_(0.05 * min(1.0, 2.0 / k) * torch.randn_like(p))
     cfg_full = AdapterConfig(variant, 4, 8.0, layers=list(range(L - k, L)))
     full = FusedLlama(arch, full_sd, cfg_full, torch.float32)
     full._load_adapter_tensors(full_adapter_sd(top, L - k))
@@ -299,7 +301,7 @@ def check_split_exact(full_sd, arch, items, k, variant="zflora"):
             ref.append(lg[want[r, :len(it["ids"])]])
         ref = torch.cat(ref)
     err = float((got - ref).abs().max() / ref.abs().max())
-    if err > 1e-4:
+    if not err <= 1e-4:  # nan (a non-finite forward) fails too
         raise AssertionError(f"split model disagrees with the full model ({variant}): rel err {err:.2e}")
     return err
 

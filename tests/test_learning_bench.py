@@ -113,3 +113,37 @@ def test_real_bench_state_cache_reused_only_for_the_same_ids(tmp_path):
     assert not real.cached_states(path, other, compute) and calls == [2, 2]
     assert torch.equal(other[0]["h"], torch.tensor([[10.0], [12.0], [18.0]]))
     assert sorted(p.name for p in path.parent.iterdir()) == ["s.pt"]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_real_bench_split_check_on_a_tiny_llama(k):
+    """check_split_exact: top k layers on cached states == the full model with
+    the adapter on those layers, k = all layers included; a wiring error or a
+    non-finite forward fails it (nan must not compare as 'small')."""
+    from flora import FusedLlama
+    from flora.checkpoint import arch_from_hf_config
+    from llama_fixtures import llama_model
+
+    real = load_bench_script("learning_real")
+    hf = llama_model(layers=4)
+    arch = arch_from_hf_config(hf.config)
+    sd = {n: t.detach().clone() for n, t in hf.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    items = [{"ids": torch.randint(3, 1000, (n,), generator=g).tolist(), "n_prompt": 3} for n in (7, 5)]
+    real.lower_states(FusedLlama(arch, sd, None), items, arch.num_hidden_layers - k)
+    for v in ("zflora", "ffba-ab"):
+        assert real.check_split_exact(sd, arch, items, k, v) <= 1e-4
+    right = real.full_adapter_sd  # the full model gets other adapter weights: must be caught
+    real.full_adapter_sd = lambda top, n_lower: {n: -t for n, t in right(top, n_lower).items()}
+    try:
+        with pytest.raises(AssertionError, match="disagrees"):
+            real.check_split_exact(sd, arch, items, k, "ffba-ab")
+    finally:
+        real.full_adapter_sd = right
+    real_top = real.top_forward
+    real.top_forward = lambda *a: real_top(*a) * float("nan")
+    try:
+        with pytest.raises(AssertionError, match="disagrees"):
+            real.check_split_exact(sd, arch, items, k, "zflora")
+    finally:
+        real.top_forward = real_top
