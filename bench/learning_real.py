@@ -491,7 +491,7 @@ def markdown(result) -> str:
                 gm, gs = _ms(g)
                 row += f" {gm:.1f} ± {gs:.1f}" + (f" (n={len(g)})" if len(g) != len(picked) else "") + " |"
             lines.append(row + f" {len(picked)} |")
-        lrs = result["args"]["lrs"]
+        lrs = sorted(result["args"]["lrs"])
         lines += ["", f"lr sweep ({task}; eval loss mean ± sd over seeds / EM % mean, [n seeds]):", "",
                   "| variant | " + " | ".join(f"lr {x:g}" for x in lrs) + " |", "|---" * (1 + len(lrs)) + "|"]
         for v in result["args"]["variants"]:
@@ -500,7 +500,14 @@ def markdown(result) -> str:
                 rs = [r for r in runs if r["variant"] == v and r["lr"] == x]
                 lm, ls = _ms([r["eval_loss"] for r in rs])
                 em, _ = _ms([100 * r["exact_match"] for r in rs])
-                cells.append("-" if not rs else f"{lm:.3f} ± {ls:.3f} / {em:.0f} [{len(rs)}]")
+                bad = sum(not math.isfinite(r["eval_loss"]) for r in rs)
+                if not rs:
+                    cells.append("-")
+                elif bad == len(rs):
+                    cells.append(f"diverged [{len(rs)}]")
+                else:  # the mean is over the finite runs; say how many diverged
+                    cells.append(f"{lm:.3f} ± {ls:.3f} / {em:.0f} [{len(rs)}"
+                                 + (f", {bad} diverged]" if bad else "]"))
             if any(c != "-" for c in cells):
                 lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -84,6 +84,9 @@ def test_real_bench_picks_lr_by_mean_over_seeds_and_merges_seed_runs():
     assert "| lora | 8 | 100 | 1.000 | 0.01 | 1.033 ± 0.058 |" in md
     assert "| ffba | 20 | 99 | 0.990 | 0.001 | 1.567 ± 0.058 |" in md
     assert "1.233 ± 0.208 / 0 [3]" in md  # lora at 1e-3 in the sweep table: 1.0, 1.4, 1.3
+    assert "| ffba | 1.567 ± 0.058 / 0 [3] | diverged [1] |" in md  # lrs in ascending order
+    part = real.markdown(_real_result([_run("ffba", 0, 1e-2, 1.5), _run("ffba", 1, 1e-2, float("nan"))]))
+    assert "1.500 ± 0.000 / 0 [2, 1 diverged]" in part  # the mean is over the finite runs, and says so
     assert "seeds [0, 1, 2]" in md
     assert "(1.0 min wall for the longest, 2.0 min for all)" in md
     with pytest.raises(ValueError):
