@@ -187,10 +187,10 @@ def make_plan(args) -> Plan:
                              f"directory with config.json")
         if m not in SHAPES:
             check_checkpoint(m)
-    if getattr(args, "compile", False) and args.warmup < 1:
+    if args.compile and args.warmup < 1:
         raise ValueError("--compile needs --warmup >= 1 (the first run compiles; it must not be timed)")
     return Plan(dev, models, dtypes, plan_rows, batches, prompts, new, modes, repeats, args.warmup,
-                args.rank, args.alpha, args.seed, getattr(args, "compile", False))
+                args.rank, args.alpha, args.seed, args.compile)
 
 
 def check_checkpoint(path: str) -> None:
