@@ -513,7 +513,7 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
         del m
         _free(dev)
     base_rows = _base_rows(shape, dtype, "flora", "base", plan, base_runs,
-                           lambda b, p, g, m=base: probe(m, b, p, g), log, compiled=plan.compile)
+                           lambda b, p, g, m=base: probe(m, b, p, g), log)
     del base
     _free(dev)
     return base_rows + rows
@@ -560,13 +560,12 @@ def hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan: Plan, log) -> list:
         _free(dev)
     if "transformers" not in hf_rows:
         return rows
-    eager = dataclasses.replace(plan, modes=[False])  # transformers rows are eager only
+    eager = dataclasses.replace(plan, modes=[False], compile=False)  # transformers rows are eager only
     return _base_rows(shape, dtype, "transformers", "transformers", eager, base_runs,
                       lambda b, p, g: probe(hf, b, p), log) + rows
 
 
-def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_probe, log,
-               compiled: bool = False) -> list:
+def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_probe, log) -> list:
     """One base row per setting and mode: the median of every run it made in
     its pairings (and how much its median moved between them), or timed alone
     when nothing was paired with it."""
@@ -579,7 +578,7 @@ def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_pro
                     t = solo_latency(make_probe(b, p, g), plan.repeats, plan.warmup)
                 except Exception as e:  # noqa: BLE001 - this row fails, the run goes on
                     out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g,
-                                    skipped=_failed(log, f"{engine} {name} b{b} p{p}", e), compiled=compiled))
+                                    skipped=_failed(log, f"{engine} {name} b{b} p{p}", e), compiled=plan.compile))
                     _done(log, out[-1])
                     continue
             else:
@@ -589,7 +588,7 @@ def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_pro
                 if len(pairings) > 1:
                     med = [tb["tpot_s"] for tb in pairings]
                     t["base_drift"], t["pairings"] = max(med) / min(med) - 1, len(pairings)
-            out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g, t, compiled=compiled))
+            out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g, t, compiled=plan.compile))
             _done(log, out[-1])
     return out
 
