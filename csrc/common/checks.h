@@ -34,6 +34,10 @@ FfblShape check_ffbl(const at::Tensor& u, const at::Tensor& z,
                      const at::Tensor& A, const at::Tensor& C,
                      const c10::optional<at::Tensor>& res);
 
+// True when a 2-D tensor's rows are contiguous (unit stride along its last
+// dimension), as the kernels read them.
+bool unit_last_stride(const at::Tensor& t);
+
 // True when `b` starts right after `a` in the same storage, so [a; b]
 // (rows) or [a | b] (columns) is one strided matrix.
 bool rows_follow(const at::Tensor& a, const at::Tensor& b);

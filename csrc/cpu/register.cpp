@@ -96,8 +96,7 @@ at::Tensor fbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W
   k::Dtype dt;
   const auto path = decode_path(u, sh.M, &dt);
   // The kernels read weight rows; transposed views (backward dx) go to ATen.
-  const bool rows = (W.size(1) <= 1 || W.stride(1) == 1) && (B.size(1) <= 1 || B.stride(1) == 1);
-  if (!path || !rows) return fbl_aten_checked(sh, u, z, W, B, s, res, relu);
+  if (!path || !unit_last_stride(W) || !unit_last_stride(B)) return fbl_aten_checked(sh, u, z, W, B, s, res, relu);
   at::Tensor out = at::empty({sh.M, sh.N}, u.options());
   k::FblArgs a;
   a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;

@@ -49,7 +49,7 @@ std::string dtype_name(at::ScalarType t) {
 // Row-major with a 16-byte aligned start and row stride (2-byte elements).
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
-         (t.size(0) <= 1 || t.stride(0) % 8 == 0) && (t.size(1) <= 1 || t.stride(1) == 1);
+         (t.size(0) <= 1 || t.stride(0) % 8 == 0) && unit_last_stride(t);
 }
 // A transposed view of row-major storage (W.t() in backward dx): [K, n] rows.
 bool n_major(const at::Tensor& t) { return t.stride(0) == 1 && t.stride(1) != 1; }
