@@ -43,6 +43,8 @@ const std::vector<CudaKernelEntry>& cuda_kernels() {
       {"gemm_sm80_t_fp16", "sm_80", "CUTLASS 2.x mma.sync, weights [K, n] (backward dx)"},
       {"gemm_sm90_t_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights (backward dx)"},
       {"gemm_sm90_t_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights (backward dx)"},
+      {"gemm_sm90_2k_t_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights, two K ranges"},
+      {"gemm_sm90_2k_t_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights, two K ranges"},
   };
   return k;
 }
@@ -105,16 +107,13 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled) {
     // sm_90 FBL / FFBL: one K range when [u | z], [W | sB] are contiguous
     // with s = 1 and no relu, else the two-range instance.
     const bool two = q.arch == 90 && q.op != "ffl" && q.R > 0 && !q.one_k_range;
-    planned = gemm + (rep ? "rep_" : q.weights_t ? "t_" : two ? "2k_" : "") + q.dtype;
+    planned = gemm + (rep ? "rep_" : two ? "2k_" : "") + (q.weights_t ? "t_" : "") + q.dtype;
     if (rep) companion = gemm + q.dtype;
     if (q.K <= 0) return cublas(planned, "K = 0: nothing to multiply");
     if (!q.all_aligned)
       return cublas(planned,
                     "operands must be 16-byte aligned with K and R multiples of 8 "
-                    "(pad R to a multiple of 8 in the fused storage)");
-    if (two && q.weights_t)
-      return cublas(planned,
-                    "[K, n] weights on sm_90 take one K range: [dy | dz] and [W; A] contiguous");
+                    "(use an adapter rank that makes R a multiple of 8)");
   }
   if (q.repeat_groups > kMaxRepeat)
     return cublas(planned, "more than " + std::to_string(kMaxRepeat) + " repeat-add segments");

@@ -59,8 +59,9 @@ bool cuda_kernels_env();
 // compiled: this build has the CUDA kernels; enabled: run unverified ones.
 CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled);
 #ifdef FLORA_WITH_CUDA
-// "kernel" or "cublas: reason" of this thread's last CUDA op call (tests
-// check that the kernel they mean to test is the one that ran).
+// "kernel" or "cublas: reason" of the process's last CUDA op call, from any
+// thread (tests check that the kernel they mean to test is the one that ran,
+// also in a backward that autograd runs on its device thread).
 std::string cuda_last_dispatch();
 #endif
 

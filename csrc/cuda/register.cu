@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <mutex>
 // A CPU-only torch (CI's CMake compile check) ships no c10/cuda config header.
 #if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
 #include <c10/cuda/CUDAStream.h>
@@ -29,7 +30,14 @@
 namespace flora {
 namespace {
 
-thread_local std::string last_dispatch;
+// The last CUDA op call's dispatch, process-wide: autograd runs CUDA backward
+// nodes on its own device thread, and a test reads it from the caller's.
+std::mutex last_mu;
+std::string last_dispatch;
+void set_last_dispatch(std::string d) {
+  const std::lock_guard<std::mutex> lock(last_mu);
+  last_dispatch = std::move(d);
+}
 
 #ifdef FLORA_WITH_CUTLASS
 constexpr bool kCompiled = true;
@@ -142,9 +150,10 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
     if (rep) ws_bytes = std::max(ws_bytes, fc::gemm_sm90_rep_workspace(a));
     at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
     const bool two = kernel.find("_2k_") != std::string::npos;
-    const auto gemm = t_major ? (bf16 ? fc::gemm_sm90_t_bf16 : fc::gemm_sm90_t_fp16)
-                      : two   ? (bf16 ? fc::gemm_sm90_2k_bf16 : fc::gemm_sm90_2k_fp16)
-                              : (bf16 ? fc::gemm_sm90_bf16 : fc::gemm_sm90_fp16);
+    const auto gemm = t_major && two ? (bf16 ? fc::gemm_sm90_2k_t_bf16 : fc::gemm_sm90_2k_t_fp16)
+                      : t_major      ? (bf16 ? fc::gemm_sm90_t_bf16 : fc::gemm_sm90_t_fp16)
+                      : two          ? (bf16 ? fc::gemm_sm90_2k_bf16 : fc::gemm_sm90_2k_fp16)
+                                     : (bf16 ? fc::gemm_sm90_bf16 : fc::gemm_sm90_fp16);
     e = gemm(first, ws.data_ptr(), ws_bytes, stream);
     if (rep && e == cudaSuccess)
       e = (bf16 ? fc::gemm_sm90_rep_bf16 : fc::gemm_sm90_rep_fp16)(a, ws.data_ptr(), ws_bytes, stream);
@@ -153,7 +162,7 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
 #endif
   }
   if (e == cudaErrorNotSupported) {
-    last_dispatch = "cublas: " + kernel + " declined the arguments";
+    set_last_dispatch("cublas: " + kernel + " declined the arguments");
     return false;
   }
   TORCH_CHECK(e == cudaSuccess, "flora: CUDA kernel ", kernel, " failed: ", cudaGetErrorString(e));
@@ -171,7 +180,7 @@ CudaChoice choose(const CudaQuery& q) {
   CudaChoice c = choose_cuda(q, kCompiled, cuda_kernels_env());
   if (c.kernel != "cublas" && !cuda_kernel_built(c.kernel))
     c = {"cublas", c.planned, c.planned + " not compiled in this build (FLORA_KERNEL_ARCHS)"};
-  last_dispatch = c.kernel == "cublas" ? "cublas: " + c.reason : c.kernel;
+  set_last_dispatch(c.kernel == "cublas" ? "cublas: " + c.reason : c.kernel);
   return c;
 }
 
@@ -283,7 +292,10 @@ at::Tensor ffbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor&
 
 }  // namespace
 
-std::string cuda_last_dispatch() { return last_dispatch; }
+std::string cuda_last_dispatch() {
+  const std::lock_guard<std::mutex> lock(last_mu);
+  return last_dispatch;
+}
 
 std::vector<KernelInfo> cuda_kernel_info() {
   // One line per op; flora.info() lists each kernel's state (cuda kernels:).

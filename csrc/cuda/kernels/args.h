@@ -11,7 +11,7 @@
 //   FBL : p0 = (u, W; z, B, alpha2 = s) + res -> y
 //   FFBL: p0 = FBL's y,      p1 = (u, A; z, C, alpha2 = 1) -> z'
 // The grad of FFL w.r.t. x (dy W + dz A) is the FBL shape with W, A taken
-// column-major; it runs on cuBLAS (see dispatch.h).
+// column-major ([K, n] rows): the *_t_ GEMM instances.
 #pragma once
 #include <cstdint>
 

@@ -162,24 +162,25 @@ typename Cfg::Gemm::Arguments arguments(const FusedArgs& a, const Problem& p) {
   using StrideB = typename Cfg::Kernel::StrideB;
   using StrideC = typename Cfg::Kernel::StrideC;
   using StrideD = typename Cfg::Kernel::StrideD;
-  // Weights K-major ([n, K] rows) or n-major ([K, n] rows).
-  StrideB db;
-  if constexpr (cute::is_same_v<typename Cfg::LayoutB, cutlass::layout::RowMajor>)
-    db = StrideB{cute::Int<1>{}, p.ldy1, int64_t(0)};
-  else
-    db = StrideB{p.ldy1, cute::Int<1>{}, int64_t(0)};
+  // Weights K-major ([n, K] rows) or n-major ([K, n] rows); both pairs alike.
+  const auto stride_b = [](int64_t ld) {
+    if constexpr (cute::is_same_v<typename Cfg::LayoutB, cutlass::layout::RowMajor>)
+      return StrideB{cute::Int<1>{}, ld, int64_t(0)};
+    else
+      return StrideB{ld, cute::Int<1>{}, int64_t(0)};
+  };
   int K = static_cast<int>(a.K1);
   if constexpr (Cfg::kTwoRange) K = Cfg::Mainloop::virtual_k(K, static_cast<int>(a.K2));
   typename Cfg::Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {static_cast<int>(a.M), static_cast<int>(p.n), K, 1},
       {static_cast<const E*>(a.x1), StrideA{a.ldx1, cute::Int<1>{}, int64_t(0)},
-       static_cast<const E*>(p.y1), db}};
+       static_cast<const E*>(p.y1), stride_b(p.ldy1)}};
   if constexpr (Cfg::kTwoRange) {  // pair 2: (x2, y2) scaled by alpha2
     args.mainloop.ptr_A2 = static_cast<const E*>(a.x2);
     args.mainloop.dA2 = StrideA{a.ldx2, cute::Int<1>{}, int64_t(0)};
     args.mainloop.ptr_B2 = static_cast<const E*>(p.y2);
-    args.mainloop.dB2 = StrideB{p.ldy2, cute::Int<1>{}, int64_t(0)};
+    args.mainloop.dB2 = stride_b(p.ldy2);
     args.mainloop.K1 = static_cast<int>(a.K1);
     args.mainloop.K2 = static_cast<int>(a.K2);
     args.mainloop.alpha2 = p.alpha2;

@@ -55,5 +55,10 @@ cudaError_t gemm_sm90_t_bf16(const FusedArgs& a, void* workspace, size_t workspa
                              cudaStream_t stream);
 cudaError_t gemm_sm90_t_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream);
+// Both K segments with [K, n] weights (dy, dz or W, A not one range).
+cudaError_t gemm_sm90_2k_t_bf16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                                cudaStream_t stream);
+cudaError_t gemm_sm90_2k_t_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
+                                cudaStream_t stream);
 
 }  // namespace flora::cuda
