@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import flora
 from flora import AdapterConfig
 from flora.config import VARIANTS, LlamaArch
+from flora.modules.groups import _Group
 from flora.modules import (FBL, FFBL, FFL, FusedAttentionProjections, FusedLMHead, FusedMLP,
                            FusedOutputProjection, count_parameters, initial_carry)
 
@@ -244,6 +245,31 @@ def test_fold_unfold_and_disable(case):
     for m in ch.modules():
         m.fold()  # folded and disabled: still the base
     assert torch.equal(ch(h), base)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_fused_storage_rows_are_16_byte_aligned(case):
+    """Rank 4 beside K = 16 / 32 (K = 10, rank 3 in the blocks): every fused
+    storage pads its rows to a multiple of 8 elements, so W and the slots
+    start every row 16-byte aligned (what the CUDA kernels need); no view
+    includes the pad and it stays zero after fold."""
+    ch = Chain(make_cfg(case), torch.bfloat16)
+    randomise(ch)
+    blocks = [FFL(torch.randn(12, 10), 3), FBL(torch.randn(12, 10), 3), FFBL(torch.randn(12, 10), 3)]
+    fused = []  # (storage, W, B slot, width the views cover)
+    for m in list(ch.modules()) + blocks:
+        m.fold()
+        if isinstance(m, (FFL, FBL, FFBL)):
+            W, _, B, _ = m.views()
+            fused.append((m.storage, W, B, m.K + m.cols))
+        for g in vars(m).values():
+            if isinstance(g, _Group) and (g.rows or g.cols):
+                fused.append((g.storage(m), g.W(m), g.slot_B(m), g.K + g.cols))
+    assert fused
+    for st, W, B, width in fused:
+        assert st.stride(0) % 8 == 0 and W.stride(0) == B.stride(0) == st.stride(0)
+        assert B.shape[1] == width - W.shape[1] and W.data_ptr() == st.data_ptr()
+        assert not st[:, width:].any()
 
 
 def test_fold_runs_one_op_per_projection(monkeypatch):

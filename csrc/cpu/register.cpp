@@ -76,7 +76,7 @@ at::Tensor ffl_cpu(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
                    double s, at::IntArrayRef repeat, int64_t repeat_rank,
                    const c10::optional<at::Tensor>& z_in) {
   const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in);
-  k::Dtype dt;
+  k::Dtype dt{};  // set by decode_path when it returns a path
   const auto path = decode_path(x, sh.M, &dt);
   if (!path) return ffl_aten_checked(sh, x, W, A, s, repeat, repeat_rank, z_in);
   at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
@@ -93,7 +93,7 @@ at::Tensor fbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W
                    const at::Tensor& B, double s, const c10::optional<at::Tensor>& res,
                    bool relu) {
   const auto sh = check_fbl(u, z, W, B, res);
-  k::Dtype dt;
+  k::Dtype dt{};  // set by decode_path when it returns a path
   const auto path = decode_path(u, sh.M, &dt);
   // The kernels read weight rows; transposed views (backward dx) go to ATen.
   if (!path || !unit_last_stride(W) || !unit_last_stride(B)) return fbl_aten_checked(sh, u, z, W, B, s, res, relu);
@@ -110,7 +110,7 @@ at::Tensor ffbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
                     const at::Tensor& B, const at::Tensor& A, const at::Tensor& C,
                     double s, const c10::optional<at::Tensor>& res, bool relu) {
   const auto sh = check_ffbl(u, z, W, B, A, C, res);
-  k::Dtype dt;
+  k::Dtype dt{};  // set by decode_path when it returns a path
   const auto path = decode_path(u, sh.M, &dt);
   if (!path) return ffbl_aten_checked(sh, u, z, W, B, A, C, s, res, relu);
   at::Tensor out = at::empty({sh.M, sh.N + sh.R2}, u.options());

@@ -41,6 +41,27 @@ def empty_rows(k: int, like: Tensor) -> Tensor:
     return empty((0, k), like)
 
 
+def fused_storage(weights, rows: int, cols: int) -> Tensor:
+    """The fused storage [[W, B]; [A, C]] as zeros with the stacked weights
+    copied into W [N, K], ``rows`` A rows below and ``cols`` B columns beside.
+    Each row is padded to a multiple of 8 elements, so every view's rows start
+    16-byte aligned for any K and rank (TMA and the CUDA kernels' 16-byte
+    loads need it); the pad stays zero and no view includes it."""
+    w0 = weights[0]
+    N, K = sum(w.shape[0] for w in weights), w0.shape[1]
+    st = w0.new_zeros(N + rows, -(-(K + cols) // 8) * 8)
+    off = 0
+    for w in weights:
+        st[off:off + w.shape[0], :K].copy_(w)
+        off += w.shape[0]
+    return st
+
+
+def storage_views(st: Tensor, N: int, K: int, cols: int) -> tuple:
+    """(W, A slot, B slot, C slot) of a fused storage, as views."""
+    return st[:N, :K], st[N:, :K], st[:N, K:K + cols], st[N:, K:K + cols]
+
+
 def tile_matrix(n: int, widths, rc: int, like: Tensor) -> Tensor:
     """T [n, G*rc] with z T^T == the repeat-add tile of z's chunks over the
     consecutive segments ``widths`` (used when dropout must act on z first)."""

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._base import AdapterModule, check_linear, check_weight, empty_cols, repoint, tile_matrix
+from ._base import (AdapterModule, check_linear, check_weight, empty_cols, fused_storage, repoint,
+                    storage_views, tile_matrix)
 
 
 def _rank(rank, what):
@@ -30,15 +31,17 @@ class _Block(AdapterModule):
         if not (0.0 <= dropout < 1.0):
             raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout!r}")
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else None
-        self.N, self.K, self.s = w.shape[0], w.shape[1], float(scale)
-        st = w.new_zeros(self.N + rows, self.K + cols)
-        st[:self.N, :self.K].copy_(w)
-        self.register_buffer("storage", st)
+        self.N, self.K, self.cols, self.s = w.shape[0], w.shape[1], cols, float(scale)
+        self.register_buffer("storage", fused_storage([w], rows, cols))
+
+    def views(self) -> tuple:
+        """(W, A slot, B slot, C slot) of the fused storage."""
+        return storage_views(self.storage, self.N, self.K, self.cols)
 
     @property
     def weight(self) -> Tensor:
         """The frozen base weight: a view into the fused storage."""
-        return self.storage[:self.N, :self.K]
+        return self.views()[0]
 
     @classmethod
     def from_linear(cls, linear, rank: int, scale: float = 1.0, **kw):
@@ -64,12 +67,12 @@ class FFL(_Block):
         self.new_param("A", (rank, self.K), self.weight, "zero" if repeat_add else "A", adapter_dtype)
 
     def _fold_slots(self):
-        self.storage[self.N:].copy_(self.A)
+        self.views()[1].copy_(self.A)
 
     def forward(self, x: Tensor, z_in: Optional[Tensor] = None):
         if not self.live:  # adapter off: the base output and no state
             return ops.ffl(x, self.weight, x.new_empty(0, self.K))[0], None
-        A = self.storage[self.N:] if self.folded else self.param("A", x)
+        A = self.views()[1] if self.folded else self.param("A", x)
         if self.repeat_add and self.dropping:
             y, z = ops.ffl(x, self.weight, A, z_in=z_in)
             T = tile_matrix(self.N, [self.N], A.shape[0], x)
@@ -90,14 +93,15 @@ class FBL(_Block):
         self.new_param("B", (self.N, rank), self.weight, "zero", adapter_dtype)
 
     def _fold_slots(self):
-        self.storage[:, self.K:].copy_(self.s * self.B)
+        self.views()[2].copy_(self.s * self.B)
 
     def forward(self, u: Tensor, z: Optional[Tensor], res: Optional[Tensor] = None) -> Tensor:
         if not self.live or z is None:
             M = u.shape[0]
             return ops.fbl(u, empty_cols(M, u), self.weight, empty_cols(self.N, u), res=res)
         if self.folded:
-            return ops.fbl(u, z, self.weight, self.storage[:, self.K:], 1.0, res=res, relu=self.relu)
+            W, _, B, _ = self.views()
+            return ops.fbl(u, z, W, B, 1.0, res=res, relu=self.relu)
         return ops.fbl(u, self.drop(z), self.weight, self.param("B", u), self.s, res=res, relu=self.relu)
 
 
@@ -117,20 +121,18 @@ class FFBL(_Block):
         self.new_param("C", (r2, rank), self.weight, "zero", adapter_dtype)
 
     def _fold_slots(self):
-        N, K = self.N, self.K
-        self.storage[:N, K:].copy_(self.s * self.B)
-        self.storage[N:, :K].copy_(self.A)
-        self.storage[N:, K:].copy_(self.C)
+        _, A, B, C = self.views()
+        B.copy_(self.s * self.B)
+        A.copy_(self.A)
+        C.copy_(self.C)
 
     def forward(self, u: Tensor, z: Optional[Tensor], res: Optional[Tensor] = None):
-        N, K = self.N, self.K
         if not self.live or z is None:
             M = u.shape[0]
-            y = ops.fbl(u, empty_cols(M, u), self.weight, empty_cols(N, u), res=res)
+            y = ops.fbl(u, empty_cols(M, u), self.weight, empty_cols(self.N, u), res=res)
             return y, None
-        st = self.storage
         if self.folded:
-            return ops.ffbl(u, z, st[:N, :K], st[:N, K:], st[N:, :K], st[N:, K:], 1.0, res=res,
-                            relu=self.relu)
+            W, A, B, C = self.views()
+            return ops.ffbl(u, z, W, B, A, C, 1.0, res=res, relu=self.relu)
         return ops.ffbl(u, self.drop(z), self.weight, self.param("B", u), self.param("A", u),
                         self.param("C", u), self.s, res=res, relu=self.relu)

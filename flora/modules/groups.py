@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._base import AdapterModule, empty_cols, tile_matrix
+from ._base import AdapterModule, empty_cols, fused_storage, storage_views, tile_matrix
 from .modes import MODES, Mode, PfLora
 from .roles import Role
 
@@ -44,11 +44,7 @@ class _Group:
         if len(weights) == 1 and not self.rows and not self.cols:
             storage = w0  # nothing to fuse: share the caller's tensor, no copy
         else:
-            storage = w0.new_zeros(self.N + self.rows, self.K + self.cols)
-            off = 0
-            for w in weights:
-                storage[off:off + w.shape[0], :self.K].copy_(w)
-                off += w.shape[0]
+            storage = fused_storage(weights, self.rows, self.cols)
         owner.register_buffer(f"w_{gname}", storage)
         if isinstance(self.mode, PfLora):  # folded s * blockdiag(B_p)
             owner.register_buffer(f"bfold_{gname}", w0.new_zeros(self.N, self.rows), persistent=False)
@@ -75,9 +71,8 @@ class _Group:
         return c[1:]
 
     def _slice(self, st: Tensor) -> tuple:
-        N, K = self.N, self.K
-        W = st[:N, :K] if (self.rows or self.cols) else st
-        return W, st[N:, :K], st[:N, K:], st[N:, K:]
+        W, A, B, C = storage_views(st, self.N, self.K, self.cols)
+        return (W if (self.rows or self.cols) else st), A, B, C
 
     def W(self, m) -> Tensor:
         return self._views(m)[0]
