@@ -16,17 +16,22 @@
 # when this was written): replace them with the seconds column of a real run.
 #   build        pip install --no-deps --no-build-isolation -e . with FLORA_CUDA=1,
 #                MAX_JOBS=16, TORCH_CUDA_ARCH_LIST for the card (9.0a on Hopper), FLORA_KERNEL_ARCHS=90
-#                (the call must carry third_party/cutlass, from tools/fetch_cutlass.sh); then
+#                (the call carries .device, from `python tools/device_pack.py` on the CPU
+#                machine: CUTLASS headers unpacked into third_party/cutlass first); then
 #                `python -m flora info` and a hard check that flora._C has CUDA kernels
 #                and sees the GPU. Fresh machine ~2-3 min; ~10 s when already built (a
 #                stamp of sources + toolchain in build/gpu_run.stamp). Always runs first.
-#   test-cuda    FLORA_REQUIRE_EXTENSION=1 pytest -m cuda (the CUDA subset). ~1 min.
+#   test-cuda    FLORA_REQUIRE_EXTENSION=1 pytest -m cuda (the CUDA subset but the kernel
+#                tests, which cuda-kernels runs). ~1 min.
 #   cuda-kernels FLORA_CUDA_KERNELS=1 pytest -m cuda tests/test_cuda_kernels.py, then
-#                compute-sanitizer memcheck over a small subset of it (-k $SANITIZE_K,
-#                default "not slow", first failure stops). Skipped (ok) while that file
-#                does not exist yet. ~1 min.
+#                compute-sanitizer memcheck over one small case per kernel and epilogue
+#                (SANITIZE_IDS: test ids of that file; first failure stops). ~1-2 min.
+#                When it passes, the later stages run with FLORA_CUDA_KERNELS=1, so the
+#                benchmarks time flora's kernels (GPU_RUN_KERNELS=0: never; =1: always);
+#                else they time the cuBLAS fallback. The summary says which.
 #   generate     bench/generate_smoke.py: greedy tokens eager == CUDA graph (== transformers
-#                in fp32) on a random-weight Llama; base, ffba, zflora. ~30 s.
+#                in fp32) on a random-weight Llama; base, ffba, zflora; then the same in bf16
+#                on the real SmolLM2 (its first blocks) when .device carries it. ~1 min.
 #   latency-1b   the latency rows of the device issue at the 1B shape:
 #                `python -m flora bench latency --model 1b --dtype bf16 --batch 1 8
 #                --prompt 512 --mode both`. ~2-3 min.
@@ -36,7 +41,7 @@
 #   test         pytest -m cuda, then the rest of the suite (-m "not cuda"). 1-3 min.
 #   sanitize     compute-sanitizer memcheck over the CUDA subset, racecheck over the
 #                op tests' CUDA cases. 3-6 min (SANITIZE_TIMEOUT, default 240 s, per tool).
-#   kernels      the full sweep, M = 1..8192, both models, r 16/32/64, fp32 + bf16, then
+#   kernels      the full sweep, M = 1..8192, 1B/3B/7B shapes (KERNELS_MODELS), r 16/32/64, fp32 + bf16, then
 #                CUDA graphs for M <= 64 in bf16. 2-5 min.
 #   latency-3b   the latency rows at the 3B shape. 4-7 min.
 #   smoke        kernels --quick and latency --quick on the tiny shape. ~1 min.
@@ -56,8 +61,8 @@
 # TORCH_CUDA_ARCH_LIST (default: the card's, "9.0a" on Hopper), MAX_JOBS (default 16),
 # CAP_<stage> (a stage's timeout in seconds, e.g. CAP_latency_1b=240), TEST_ARGS
 # (extra pytest args), TEST_TIMEOUT (per test, needs pytest-timeout; default 120),
-# SANITIZE_K, SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_TIMEOUT,
-# KERNELS_MS, KERNELS_ARGS, KERNELS_GRAPHS=0 (skip the graphs run), KERNELS_GRAPHS_MS,
+# SANITIZE_IDS, GPU_RUN_KERNELS, SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_TIMEOUT,
+# KERNELS_MS, KERNELS_MODELS, KERNELS_ARGS, KERNELS_GRAPHS=0 (skip the graphs run), KERNELS_GRAPHS_MS,
 # LATENCY_MODELS, LATENCY_ARGS (extra latency args, e.g. "--rows base ffba zflora", or "--compile"
 # for the compiled step: each model compiles in its untimed warm-up, so a stage takes longer).
 #
@@ -182,10 +187,10 @@ EOF
     if [ "$DRY" = 1 ]; then TORCH_CUDA_ARCH_LIST="9.0a"; else TORCH_CUDA_ARCH_LIST="$(pick_archs)"; fi
   fi
   # flora's own kernel TUs: only this card's GEMMs (Hopper: 90), CUTLASS headers carried
-  # from the CPU machine (tools/fetch_cutlass.sh there; the device has no network).
+  # from the CPU machine in .device (unpacked before the first stage; the device has no network).
   case "$TORCH_CUDA_ARCH_LIST" in 9.0*) : "${FLORA_KERNEL_ARCHS:=90}" ;; 8.*) : "${FLORA_KERNEL_ARCHS:=80}" ;; esac
   [ -d "${FLORA_CUTLASS_DIR:-third_party/cutlass}/include/cutlass" ] \
-    || echo "WARNING: no CUTLASS headers (run tools/fetch_cutlass.sh on the CPU machine and carry third_party/cutlass): the CUTLASS GEMMs will not be built"
+    || echo "WARNING: no CUTLASS headers (run tools/device_pack.py on the CPU machine and carry .device): the CUTLASS GEMMs will not be built"
   export FLORA_CUDA=1 TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-16}" FLORA_KERNEL_ARCHS="${FLORA_KERNEL_ARCHS:-80;90}"
   echo "FLORA_CUDA=$FLORA_CUDA TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST FLORA_KERNEL_ARCHS=$FLORA_KERNEL_ARCHS MAX_JOBS=$MAX_JOBS"
   local want="" t0
@@ -279,7 +284,7 @@ import statistics
 import sys
 
 out, keyfile = sys.argv[1], sys.argv[2]
-OPS = ("ffl", "fbl", "ffbl")
+OPS = ("ffl", "fbl", "ffbl", "dx")
 md, keys = [], []
 try:
     import torch
@@ -312,14 +317,16 @@ def section(path, title):
     md.append(f"- {dev}; torch {info.get('torch')}; flora {info.get('flora')}, CUDA archs {info.get('cuda_archs')}; "
               f"{datetime.date.today()}")
     md.append(f"- copy bandwidth (512 MB dst.copy_(src), read + write): {res['copy_gbs']:.0f} GB/s")
-    md.append(f"- each cell at r = {rr}: op/base / op/fused / lora/base; decode cells (M <= 16) add the op's GB/s\n")
+    md.append(f"- each cell at r = {rr}: op/base / op/fused / lora/base (dx: the same against cuBLAS dx on W, "
+              f"on [W; A] and unfused); decode cells (M <= 16) add the op's GB/s\n")
     md.append("| model | proj | op | dtype | " + " | ".join(f"M={m}" for m in ms) + " |")
     md.append("|---|---|---|---|" + "---|" * len(ms))
     for model, shape, op, dtype in cases:
         cells = []
         for m in ms:
             k = (model, shape, dtype, rr, m)
-            o, f, lo = idx.get(k + (op,)), idx.get(k + ("fused",)), idx.get(k + ("lora",))
+            pre = "dx-" if op == "dx" else ""  # dx: its own yardsticks (cuBLAS dx on [W; A], unfused)
+            o, f, lo = idx.get(k + (op,)), idx.get(k + (pre + "fused",)), idx.get(k + (pre + "lora",))
             if not o or not f or not lo or o.get("ratio") is None or lo.get("ratio") is None:
                 cells.append("-")
                 continue
@@ -327,6 +334,9 @@ def section(path, title):
             cells.append(c + (f" ({o['gbs']:.0f})" if m <= 16 else ""))
         md.append(f"| {model} | {shape} | {op} | {dtype} | " + " | ".join(cells) + " |")
     ops = [r for r in rows if r["op"] in OPS and r.get("ratio") is not None]
+    ran = sorted({r["dispatch"].split(":")[0] for r in rows if r.get("dispatch")})
+    if ran:
+        md.append(f"\nflora ops ran on: {', '.join(ran)} (flora._C.cuda_last_dispatch per row)")
     if errors:
         md.append(f"\n{len(errors)} row(s) failed, e.g. {errors[0]['op']} M={errors[0].get('M')}: {errors[0]['error']}")
     if not ops:
@@ -371,7 +381,8 @@ stage_kernels() {
   local rc=0
   say "bench/kernels.py eager, M = $ms"
   # shellcheck disable=SC2086  # KERNELS_ARGS is meant to split into words
-  run "$PY" bench/kernels.py --device cuda --ms "$ms" --json "$OUT/kernels.json" ${KERNELS_ARGS:-} || rc=$?
+  run "$PY" bench/kernels.py --device cuda --ms "$ms" --models "${KERNELS_MODELS:-llama-3.2-1b,llama-3.2-3b,llama-2-7b}" \
+    --json "$OUT/kernels.json" ${KERNELS_ARGS:-} || rc=$?
   if [ "${KERNELS_GRAPHS:-1}" != 0 ]; then
     say "bench/kernels.py CUDA graphs, bf16"
     # shellcheck disable=SC2086
@@ -443,8 +454,8 @@ stage_test_cuda() {
   fi
   # shellcheck disable=SC2206  # TEST_ARGS is meant to split into words
   extra+=(${TEST_ARGS:-})
-  say "pytest: the CUDA subset (-m cuda)"
-  run "$PY" -m pytest tests -q -rfEs -m cuda -p no:cacheprovider "${extra[@]}" 2>&1 \
+  say "pytest: the CUDA subset (-m cuda; the kernels' own file runs in cuda-kernels)"
+  run "$PY" -m pytest tests -q -rfEs -m cuda -p no:cacheprovider --ignore=tests/test_cuda_kernels.py "${extra[@]}" 2>&1 \
     | tee "$STATE/pytest-cuda.txt" || rc=$?
   key "$(pytest_line "$STATE/pytest-cuda.txt" || true)"
   [ "$DRY" = 1 ] && key "dry"
@@ -455,20 +466,24 @@ stage_test_cuda() {
 stage_cuda_kernels() {
   need_ext
   local f=tests/test_cuda_kernels.py rc=0 one=0 san
-  if [ ! -f "$f" ]; then
-    echo "$f does not exist yet: nothing to run"
-    key "skipped: no $f"
-    return 0
-  fi
   export FLORA_REQUIRE_EXTENSION=1 FLORA_CUDA_KERNELS=1
   say "FLORA_CUDA_KERNELS=1 pytest -m cuda $f"
   run "$PY" -m pytest "$f" -q -rfEs -m cuda -p no:cacheprovider 2>&1 | tee "$STATE/ck.txt" || rc=$?
   if [ "$DRY" != 1 ] && ! command -v compute-sanitizer >/dev/null; then
     key "tests: $(pytest_line "$STATE/ck.txt"); compute-sanitizer not found"; return 1
   fi
-  say "compute-sanitizer memcheck over pytest $f -k '${SANITIZE_K:-not slow}' (first failure stops)"
+  # One small case per kernel and epilogue (bf16): under memcheck every launch is slow.
+  local ids=()
+  # shellcheck disable=SC2206  # SANITIZE_IDS is meant to split into words
+  [ -n "${SANITIZE_IDS:-}" ] && ids=(${SANITIZE_IDS}) || ids=(
+    "test_ffl_kernel[True-32-3-dtype0]" "test_ffl_repeat_add[repeat4-7-3-dtype0]"
+    "test_fbl_kernel[False-0.5-True-True-7-3-dtype0]" "test_ffl_kernel[True-32-17-dtype0]"
+    "test_ffl_repeat_add[repeat1-8-17-dtype0]" "test_fbl_kernel[True-1.0-False-False-32-17-dtype0]"
+    "test_fbl_kernel[False-0.5-True-True-32-17-dtype0]" "test_ffbl_kernel[0.5-True-True-8-17-dtype0]"
+    "test_backward_dx_kernel[True-8-17-dtype0]" "test_backward_dx_kernel[False-8-17-dtype0]")
+  say "compute-sanitizer memcheck over ${#ids[@]} cases of $f (first failure stops)"
   run timeout -k 10 "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool memcheck --error-exitcode 99 \
-    --print-limit 50 "$PY" -m pytest "$f" -q -rfE -x -m cuda -k "${SANITIZE_K:-not slow}" -p no:cacheprovider \
+    --print-limit 50 "$PY" -m pytest "${ids[@]/#/$f::}" -q -rfE -x -p no:cacheprovider \
     2>&1 | tee "$STATE/ck-san.txt" || one=$?
   san="$(grep -E 'ERROR SUMMARY' "$STATE/ck-san.txt" 2>/dev/null | tail -n 1 | sed -E 's/^=+ *//' || true)"
   case "$one" in
@@ -483,13 +498,21 @@ stage_cuda_kernels() {
 
 stage_generate() {
   need_ext
-  local rc=0
+  local rc=0 keys=() name
   run "$PY" bench/generate_smoke.py --device cuda --json "$OUT/generate.json" || rc=$?
+  # the real SmolLM2 (its first blocks, bit-exact) when .device carried it
+  [ -z "$DEVICE_GGUF" ] || run "$PY" bench/generate_smoke.py --device cuda --gguf "$DEVICE_GGUF" \
+    --json "$OUT/generate-real.json" || rc=$?
   if [ "$DRY" = 1 ]; then key "dry"; return 0; fi
-  key "$("$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); r = d["results"]
+  for name in generate generate-real; do
+    [ "$name" = generate ] || [ -n "$DEVICE_GGUF" ] || continue
+    keys+=("$("$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); r = d["results"]
 n = sum(x["equal"] for x in r)
-print(("PASS" if d["ok"] else "FAIL") + ": %d/%d comparisons equal" % (n, len(r)))' \
-    "$OUT/generate.json" 2>/dev/null || echo "no generate.json (rc $rc)")"
+what = "real %d layers" % d["layers"] if d.get("mode") == "real" else "random"
+print(what + ": " + ("PASS" if d["ok"] else "FAIL") + " %d/%d equal" % (n, len(r)))' \
+      "$OUT/$name.json" 2>/dev/null || echo "no $name.json (rc $rc)")")
+  done
+  key "$(IFS=';'; echo "${keys[*]}")"
   return "$rc"
 }
 
@@ -536,7 +559,7 @@ QUICK=(build test-cuda cuda-kernels generate latency-1b kernels-short)
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
 declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=120 [kernels-short]=40
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=300 [test-cuda]=120 [cuda-kernels]=150 [generate]=90 [latency-1b]=200 [kernels-short]=90
+declare -A CAP=([build]=300 [test-cuda]=120 [cuda-kernels]=150 [generate]=150 [latency-1b]=200 [kernels-short]=90
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"
@@ -567,9 +590,28 @@ done
 mkdir -p "$OUT"
 STATE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX")"
 export STATE DRY
+
+# The carried .device folder (tools/device_pack.py on the CPU machine): the
+# CUTLASS headers, a real SmolLM2 cut to its first blocks, the gguf wheel.
+DEVICE_GGUF=""
+if [ -d "$ROOT/.device" ]; then
+  say "unpacking .device"
+  run "$PY" tools/device_pack.py --unpack --dest-gguf "$STATE/smollm2.gguf" || true
+  if [ "$DRY" = 1 ] || [ -f "$STATE/smollm2.gguf" ]; then DEVICE_GGUF="$STATE/smollm2.gguf"; fi
+  if compgen -G "$ROOT/.device/whl/*.whl" >/dev/null; then
+    run "$PY" -m pip install -q --no-index --no-deps --target "$STATE/site" "$ROOT"/.device/whl/*.whl \
+      && export PYTHONPATH="$STATE/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+export DEVICE_GGUF
 T0=$(date +%s)
 DEADLINE=$((T0 + BUDGET))
 declare -A STATUS=() SECS=() KEY=()
+case "${GPU_RUN_KERNELS:-auto}" in
+  1) export FLORA_CUDA_KERNELS=1; KERNELS_NOTE="on (GPU_RUN_KERNELS=1)" ;;
+  0) KERNELS_NOTE="off (GPU_RUN_KERNELS=0)" ;;
+  *) KERNELS_NOTE="off until cuda-kernels passes" ;;
+esac
 INTERRUPTED=0
 
 # shellcheck disable=SC2317  # a trap handler
@@ -587,6 +629,7 @@ commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
 write_summary() {
   {
     echo "gpu_run.sh ${ordered[*]} | ${gpu:-no GPU seen} | commit $commit | $(date -u '+%Y-%m-%d %H:%M UTC') | total $(( $(date +%s) - T0 ))s"
+    echo "flora CUDA kernels in the benchmarks: $KERNELS_NOTE"
     printf '%-13s %-8s %7s  %s\n' stage status seconds "key figure"
     for st in "${ordered[@]}"; do
       printf '%-13s %-8s %7s  %s\n' "$st" "${STATUS[$st]:-pending}" "${SECS[$st]:-}" "${KEY[$st]:-}"
@@ -621,6 +664,11 @@ for st in "${ordered[@]}"; do
   elif [ "$rc" = 0 ]; then STATUS[$st]=$([ "$DRY" = 1 ] && echo dry || echo ok)
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then STATUS[$st]=TIMEOUT; KEY[$st]="stopped after ${left}s; ${KEY[$st]}"
   else STATUS[$st]=FAIL; KEY[$st]="${KEY[$st]:-exit $rc, see $st.log}"
+  fi
+  # Tested kernels on for the stages after (see cuda-kernels above).
+  if [ "$st" = cuda-kernels ] && [ "${GPU_RUN_KERNELS:-auto}" = auto ]; then
+    if [ "${STATUS[$st]}" = ok ] || [ "${STATUS[$st]}" = dry ]; then export FLORA_CUDA_KERNELS=1; KERNELS_NOTE="on (cuda-kernels passed)"
+    else KERNELS_NOTE="off: the benchmarks time the cuBLAS fallback (cuda-kernels ${STATUS[$st]})"; fi
   fi
   write_summary
 done

@@ -11,6 +11,9 @@ many repeats after warm-up):
   lora    the unfused LoRA sequence x W^T + s (x A^T) B^T
   ffl / fbl / ffbl   the flora op (whatever it dispatches to; see
           `python -m flora info`), operands as views of the fused storage
+  dx-base / dx-fused / dx-lora / dx   (FFL shapes) the input gradient
+          dy W + dz A: cuBLAS on W alone, on [W; A], unfused, and the flora
+          op (fbl over the transposed views); dx rows' ratio is to dx-base
 
 and prints time, GB/s (weights + activations moved / time), GFLOP/s and the
 ratio to base. A large tensor copy (read + write bytes) gives the machine's
@@ -41,6 +44,8 @@ import time
 
 MODELS = {  # name: (d, d_q, d_kv, d_ff)
     "llama-3.2-1b": (2048, 2048, 512, 8192),
+    "llama-3.2-3b": (3072, 3072, 1024, 8192),
+    "llama-2-7b": (4096, 4096, 4096, 11008),
     "1024-wide": (1024, 1024, 256, 4096),
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -179,6 +184,9 @@ def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, 
             return
         act = (M * K + M * N) * es
         row.update(t_us=t * 1e6, gbs=(weights * es + act) / t / 1e9, gflops=flops / t / 1e9)
+        C = flora._ext.C
+        if what in ("ffl", "fbl", "ffbl") and device == "cuda" and hasattr(C, "cuda_last_dispatch"):
+            row["dispatch"] = C.cuda_last_dispatch()  # the kernel timed, or "cublas: why"
         rows.append(row)
 
     base_flops = 2 * M * N * K
@@ -189,6 +197,16 @@ def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, 
         add("fused", lambda o: torch.matmul(x, o["WA"].T), (N + r) * K, 2 * M * (N + r) * K)
         add("lora", lora, lora_w, lora_f)
         add("ffl", lambda o: flora.ops.ffl(x, o["W"], o["Af"], s), (N + r) * K, 2 * M * (N + r) * K)
+        # Backward dx = dy W + dz A, dy | dz one buffer (FFL's output gradient):
+        # cuBLAS on W alone, on the fused storage, unfused, and the flora op
+        # (fbl over the transposed views, as the autograd formula calls it).
+        g = mk(M, N + r)
+        dy, dz = g[:, :N], g[:, N:]
+        dx_w, dx_f = (N + r) * K, 2 * M * (N + r) * K
+        add("dx-base", lambda o: torch.matmul(dy, o["W0"]), N * K, 2 * M * N * K)
+        add("dx-fused", lambda o: torch.matmul(g, o["WA"]), dx_w, dx_f)
+        add("dx-lora", lambda o: torch.matmul(dy, o["W0"]) + torch.matmul(dz, o["A"]), dx_w, dx_f)
+        add("dx", lambda o: flora.ops.fbl(dy, dz, o["W"].t(), o["Af"].t()), dx_w, dx_f)
         return rows
     add("fused", lambda o: torch.matmul(uz, o["WB"].T), N * (K + r), 2 * M * N * (K + r))
     add("lora", lora, lora_w, lora_f)
@@ -231,7 +249,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="M in 1,16,64,256; r=16; 0.1 s per timing")
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default="llama-3.2-1b,1024-wide", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--ms", default=None, help="comma list of M (default 1..512)")
     p.add_argument("--ranks", default="16,32,64")
     p.add_argument("--dtypes", default="float32,bfloat16")
@@ -290,10 +308,12 @@ def main(argv=None):
                             rows = [dict(key, op="(case)", error=f"{type(e).__name__}: {e}".splitlines()[0])]
                             if a.device == "cuda":
                                 torch.cuda.empty_cache()
-                        base = rows[0].get("t_us") if rows[0]["op"] == "base" else None
+                        # the yardstick: base (forward rows), dx-base (the dx rows)
+                        bases = {r["op"]: r.get("t_us") for r in rows if r["op"] in ("base", "dx-base")}
                         for row in rows:
                             row["model"] = model
                             if "t_us" in row:
+                                base = bases.get("dx-base" if row["op"].startswith("dx") else "base")
                                 row.update(ratio=row["t_us"] / base if base else None,
                                            copy_pct=100 * row["gbs"] / bw)
                             print_row(model, name, dname, M, r, row)

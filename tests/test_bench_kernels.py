@@ -58,3 +58,29 @@ def test_a_failing_timing_is_one_error_row(kb):
     assert rows[1]["error"] == "MemoryError: out of memory" and "t_us" not in rows[1]
     assert all(r["t_us"] == pytest.approx(10.0) for i, r in enumerate(rows) if i != 1)
     assert calls == [1] * 5  # one operand copy on the CPU (rotation is for CUDA's L2)
+
+
+def test_ffl_shapes_time_the_backward_dx_against_its_own_yardsticks(kb, tmp_path):
+    """FFL cases add dy W + dz A rows: cuBLAS on W alone (their ratio's
+    base), on [W; A], unfused, and the flora op over the transposed views,
+    which computes the same product as the fused matmul it is judged by."""
+    import torch
+
+    import flora
+
+    timed = []
+
+    def timer(fns):
+        timed.append(fns[0]())
+        return 1e-5 * len(timed)
+
+    rows = kb.bench_case(torch, flora, timer, "cpu", torch.float64, "qkv", "ffl", 40, 24, 3, 8)
+    ops = [r["op"] for r in rows]
+    assert ops == ["base", "fused", "lora", "ffl", "dx-base", "dx-fused", "dx-lora", "dx"]
+    torch.testing.assert_close(timed[ops.index("dx")], timed[ops.index("dx-fused")])
+    torch.testing.assert_close(timed[ops.index("dx-lora")], timed[ops.index("dx-fused")])
+    out = tmp_path / "k.json"
+    kb.main(ARGS + ["--shapes", "qkv", "--ms", "2", "--json", str(out)])
+    by = {r["op"]: r for r in json.loads(out.read_text())["rows"]}
+    assert by["dx-base"]["ratio"] == 1.0 and by["base"]["ratio"] == 1.0
+    assert by["dx"]["ratio"] == pytest.approx(by["dx"]["t_us"] / by["dx-base"]["t_us"])

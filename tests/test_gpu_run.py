@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,25 +50,30 @@ def test_default_is_one_quick_call(tmp_path):
     assert "bench/generate_smoke.py --device cuda" in out
     assert re.search(r"-m flora bench latency --device cuda --model 1b .*--batch 1 8 --prompt 512", out)
     assert re.search(r"bench/kernels.py --device cuda --models llama-3.2-1b", out)
-    assert "tests/test_cuda_kernels.py does not exist yet" in out or "FLORA_CUDA_KERNELS=1" in out
+    assert "FLORA_CUDA_KERNELS=1" in out
     # results land in $OUT stage by stage: a log per stage and the summary
     names = {f.name for f in (tmp_path / "out").iterdir()}
     assert {f"{s}.log" for s in QUICK} | {"summary.txt"} <= names
 
 
-def test_cuda_kernels_stage_runs_tests_and_memcheck_when_the_file_exists(tmp_path):
-    tree = tmp_path / "tree"
-    (tree / "bench").mkdir(parents=True)
-    (tree / "tests").mkdir()
-    shutil.copy(ROOT / "bench" / "gpu_run.sh", tree / "bench" / "gpu_run.sh")
-    (tree / "tests" / "test_cuda_kernels.py").write_text("")
-    p, out = dry(tmp_path, "cuda-kernels", root=tree)
+def test_cuda_kernels_stage_tests_memchecks_and_switches_the_kernels_on(tmp_path):
+    """The kernel tests run once (cuda-kernels, not test-cuda); memcheck runs
+    named cases that exist in the test file; the stages after it run the
+    kernels once it passed, and the summary says so."""
+    p, out = dry(tmp_path, "test-cuda", "cuda-kernels", "kernels-short")
     assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"pytest tests -q .*-m cuda .*--ignore=tests/test_cuda_kernels.py", out)
     assert re.search(r"\+ .*pytest tests/test_cuda_kernels.py .*-m cuda", out)
-    assert "FLORA_CUDA_KERNELS=1" in out
-    assert re.search(r"compute-sanitizer --tool memcheck .*pytest tests/test_cuda_kernels.py .*-x", out)
-    rows, _ = table(out)
-    assert [r.split()[0] for r in rows] == ["build", "cuda-kernels"]
+    line = next(l for l in out.splitlines() if "compute-sanitizer --tool memcheck" in l)
+    ids = [i.replace("\\", "") for i in re.findall(r"tests/test_cuda_kernels.py::(\S+)", line)]
+    assert len(ids) >= 8
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         str(ROOT / "tests" / "test_cuda_kernels.py")], capture_output=True, text=True, cwd=ROOT).stdout
+    assert set(ids) <= {l.split("::", 1)[1] for l in collected.splitlines() if "::" in l}
+    assert "flora CUDA kernels in the benchmarks: on (cuda-kernels passed)" in out
+    p, out = dry(tmp_path, "cuda-kernels", GPU_RUN_KERNELS="0")
+    assert "flora CUDA kernels in the benchmarks: off (GPU_RUN_KERNELS=0)" in out
 
 
 def test_unknown_stage_is_a_clear_error(tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: verify the custom CUDA kernels (issue "CUDA kernels on a
-# device"). No network: the CUTLASS headers travel in third_party/cutlass
-# (tools/fetch_cutlass.sh, run beforehand where a registry is reachable).
+# device"). No network: the CUTLASS headers travel in .device (tools/device_pack.py,
+# run beforehand on a machine with a package registry).
 #
 #   tools/verify_cuda_kernels.sh            all steps, logs under $OUT (./gpu-out)
 #
@@ -31,7 +31,9 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, report
   if "$@" >"$OUT/$name.log" 2>&1; then echo "PASS $name"; else echo "FAIL $name (see $OUT/$name.log)"; tail -n 20 "$OUT/$name.log"; fails=$((fails + 1)); fi
 }
 
-[ -f third_party/cutlass/include/cutlass/version.h ] || { echo "no third_party/cutlass: run tools/fetch_cutlass.sh first"; exit 1; }
+# CUTLASS headers: carried in .device (tools/device_pack.py), or fetched beforehand.
+[ -f third_party/cutlass/include/cutlass/version.h ] || [ ! -d .device ] || "$PY" tools/device_pack.py --unpack
+[ -f third_party/cutlass/include/cutlass/version.h ] || { echo "no third_party/cutlass: carry .device (tools/device_pack.py) or run tools/fetch_cutlass.sh"; exit 1; }
 cap=$("$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(p.major * 10 + p.minor)')
 case "$cap" in
   90) export FLORA_KERNEL_ARCHS=90 TORCH_CUDA_ARCH_LIST="9.0a" ;;
