@@ -7,7 +7,7 @@
 #   bench/gpu_run.sh [STAGE ...]          named stages, in the order below
 #   GPU_RUN_DRY=1 bench/gpu_run.sh        print the commands only, run nothing (tested in CI)
 #
-# "quick" (the default) = build test-cuda cuda-kernels generate latency-1b kernels-short.
+# "quick" (the default) = build test-cuda cuda-kernels generate latency-1b kernels-short cli.
 # Each stage runs under its own timeout (CAP below, and never past the call's
 # budget), so one hang costs that stage only; its log is in $OUT as it runs,
 # its results are written to $OUT as soon as they exist, summary.txt is
@@ -37,6 +37,8 @@
 #                --prompt 512 --mode both`. ~2-3 min.
 #   kernels-short bench/kernels.py --device cuda on the 1B shapes, M = 1,16,256, r = 32,
 #                bf16, eager and CUDA graphs (rows written as measured). ~1 min.
+#   cli          `flora demo --device cuda --quick` and a 20-step `flora train --bf16 on` (ffba,
+#                r 32, batch 8) on the real SmolLM2 blocks from .device. ~1-2 min.
 # Longer stages, for calls of their own (a 10-minute call each; mind the 15 minutes):
 #   test         pytest -m cuda, then the rest of the suite (-m "not cuda"). 1-3 min.
 #   sanitize     compute-sanitizer memcheck over the CUDA subset, racecheck over the
@@ -516,6 +518,26 @@ print(what + ": " + ("PASS" if d["ok"] else "FAIL") + " %d/%d equal" % (n, len(r
   return "$rc"
 }
 
+# the CLI on the GPU: `flora demo --quick` and a 20-step `flora train` in bf16
+# autocast, on the real SmolLM2 blocks .device carried (skipped without them)
+stage_cli() {
+  need_ext
+  local rc=0 d="$STATE/cli"
+  if [ -z "$DEVICE_GGUF" ]; then key "skipped: no .device/smollm2.gguf.xz carried"; return 0; fi
+  mkdir -p "$d"
+  run env FLORA_SMOLLM2_GGUF="$DEVICE_GGUF" "$PY" -m flora demo --device cuda --quick --no-progress \
+    --out "$d/demo" || rc=$?
+  run "$PY" -c 'import sys; from flora.synthetic import finetune_data, write_jsonl
+write_jsonl(finetune_data("topic", 160, seed=0), sys.argv[1])' "$d/train.jsonl" || rc=$?
+  run "$PY" -m flora train --model "$DEVICE_GGUF" --data "$d/train.jsonl" --variant ffba --rank 32 \
+    --max-steps 20 --batch-size 8 --seq-len 64 --bf16 on --device cuda --no-progress --out "$d/train" \
+    2>&1 | tee "$d/train.txt" || rc=$?
+  [ "$DRY" = 1 ] && { key "dry"; return 0; }
+  key "demo $([ -s "$d/demo/latency.png" ] && echo completed || echo FAILED); train: $(tail -n 1 "$d/train.txt" \
+    | "$PY" -c 'import json, sys; d = json.loads(sys.stdin.read()); print("%d steps, loss %.3g, %.0f tok/s" % (d["steps"], d["final_train_loss"], d["tokens_per_s"]))' 2>/dev/null || echo FAILED)"
+  return "$rc"
+}
+
 # a short sweep: the 1B projections, decode and one prefill M, bf16, eager + graphs
 stage_kernels_short() {
   need_ext
@@ -547,6 +569,7 @@ if [ "${1:-}" = __stage ]; then            # internal: one stage, in this proces
     cuda-kernels) stage_cuda_kernels ;;
     generate) stage_generate ;;
     kernels-short) stage_kernels_short ;;
+    cli) stage_cli ;;
     *) echo "unknown stage $STAGE" >&2; exit 2 ;;
   esac
   exit 0
@@ -554,12 +577,12 @@ fi
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
-STAGES="build test-cuda cuda-kernels generate latency-1b kernels-short test sanitize kernels latency latency-3b smoke"
-QUICK=(build test-cuda cuda-kernels generate latency-1b kernels-short)
+STAGES="build test-cuda cuda-kernels generate latency-1b kernels-short cli test sanitize kernels latency latency-3b smoke"
+QUICK=(build test-cuda cuda-kernels generate latency-1b kernels-short cli)
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
-declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=120 [kernels-short]=40
+declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=120 [kernels-short]=40 [cli]=60
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=300 [test-cuda]=120 [cuda-kernels]=150 [generate]=150 [latency-1b]=200 [kernels-short]=90
+declare -A CAP=([build]=300 [test-cuda]=120 [cuda-kernels]=150 [generate]=150 [latency-1b]=200 [kernels-short]=90 [cli]=180
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["build", "test-cuda", "cuda-kernels", "generate", "latency-1b", "kernels-short"]
+QUICK = ["build", "test-cuda", "cuda-kernels", "generate", "latency-1b", "kernels-short", "cli"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
