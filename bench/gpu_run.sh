@@ -46,6 +46,8 @@
 #   kernels      the full sweep, M = 1..8192, 1B/3B/7B shapes (KERNELS_MODELS), r 16/32/64, fp32 + bf16, then
 #                CUDA graphs for M <= 64 in bf16. 2-5 min.
 #   latency-3b   the latency rows at the 3B shape. 4-7 min.
+#   train        bench/train_step.py: one training step (1B, 8 x 512, r 32, bf16 autocast) of
+#                PEFT LoRA, flora lora, ffba, zflora: tokens/s, peak memory. 2-4 min.
 #   smoke        kernels --quick and latency --quick on the tiny shape. ~1 min.
 #   all          build test sanitize kernels latency-1b latency-3b (~35-40 min: several calls).
 # A call runs its stages in order within GPU_RUN_BUDGET seconds (default 480 for the
@@ -65,7 +67,7 @@
 # (extra pytest args), TEST_TIMEOUT (per test, needs pytest-timeout; default 120),
 # SANITIZE_IDS, GPU_RUN_KERNELS, SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_TIMEOUT,
 # KERNELS_MS, KERNELS_MODELS, KERNELS_ARGS, KERNELS_GRAPHS=0 (skip the graphs run), KERNELS_GRAPHS_MS,
-# LATENCY_MODELS, LATENCY_ARGS (extra latency args, e.g. "--rows base ffba zflora", or "--compile"
+# TRAIN_ARGS, LATENCY_MODELS, LATENCY_ARGS (extra latency args, e.g. "--rows base ffba zflora", or "--compile"
 # for the compiled step: each model compiles in its untimed warm-up, so a stage takes longer).
 #
 # Needs no network and changes no GPU setting: nvidia-smi is only queried.
@@ -538,6 +540,22 @@ write_jsonl(finetune_data("topic", 160, seed=0), sys.argv[1])' "$d/train.jsonl" 
   return "$rc"
 }
 
+# one training step, 1B shape, batch 8 x 512, r 32, bf16 autocast: flora lora / ffba / zflora
+# against PEFT LoRA on transformers, tokens/s and peak memory
+stage_train() {
+  need_ext
+  local rc=0
+  # shellcheck disable=SC2086  # TRAIN_ARGS is meant to split into words
+  run "$PY" bench/train_step.py --device cuda --model 1b --batch 8 --seq 512 --rank 32 \
+    --json "$OUT/train_step.json" ${TRAIN_ARGS:-} || rc=$?
+  [ "$DRY" = 1 ] && { key "dry"; return 0; }
+  key "$("$PY" -c 'import json, sys; rows = json.load(open(sys.argv[1]))["rows"]
+print(", ".join("%s %s" % (r["row"], ("%.0f tok/s %.1f GiB" % (r["tokens_per_s"], r.get("peak_gib") or 0))
+                if "tokens_per_s" in r else "error") for r in rows))' "$OUT/train_step.json" 2>/dev/null \
+    || echo "no train_step.json (rc $rc)")"
+  return "$rc"
+}
+
 # a short sweep: the 1B projections, decode and one prefill M, bf16, eager + graphs
 stage_kernels_short() {
   need_ext
@@ -570,6 +588,7 @@ if [ "${1:-}" = __stage ]; then            # internal: one stage, in this proces
     generate) stage_generate ;;
     kernels-short) stage_kernels_short ;;
     cli) stage_cli ;;
+    train) stage_train ;;
     *) echo "unknown stage $STAGE" >&2; exit 2 ;;
   esac
   exit 0
@@ -577,12 +596,12 @@ fi
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
-STAGES="build test-cuda cuda-kernels generate latency-1b kernels-short cli test sanitize kernels latency latency-3b smoke"
+STAGES="build test-cuda cuda-kernels generate latency-1b kernels-short cli train test sanitize kernels latency latency-3b smoke"
 QUICK=(build test-cuda cuda-kernels generate latency-1b kernels-short cli)
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
-declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=120 [kernels-short]=40 [cli]=60
+declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=120 [kernels-short]=40 [cli]=60 [train]=90
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=300 [test-cuda]=120 [cuda-kernels]=150 [generate]=150 [latency-1b]=200 [kernels-short]=90 [cli]=180
+declare -A CAP=([build]=300 [test-cuda]=120 [cuda-kernels]=150 [generate]=150 [latency-1b]=200 [kernels-short]=90 [cli]=180 [train]=300
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"

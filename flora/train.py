@@ -217,7 +217,18 @@ def _enable_grad_checkpointing(model):
         fn()
 
 
-def _autocast_factory(cfg: TrainConfig, device: torch.device):
+def optimizer_step(opt, params, max_grad_norm) -> None:
+    """The end of every training step: clip the gradient norm (when
+    max_grad_norm is set), step, and drop the gradients."""
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def autocast_factory(cfg: TrainConfig, device: torch.device):
+    """A no-argument callable giving the training step's autocast context
+    (bf16 on CUDA with bf16="auto", or when asked; else a null context)."""
     use = (cfg.bf16 == "auto" and device.type == "cuda") or cfg.bf16 is True
     if not use:
         return contextlib.nullcontext
@@ -267,7 +278,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    autocast = _autocast_factory(cfg, device)
+    autocast = autocast_factory(cfg, device)
     if cfg.fsdp:  # fully_shard swapped the Parameters for sharded DTensors
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
@@ -358,10 +369,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
                     w = local_tgt[j] / global_tgt * world
                     (out.loss.float() * w).backward()
                 loss_sum += float(out.loss.detach()) * local_tgt[j]
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, params, cfg.max_grad_norm)
             (loss_sum,) = _all_reduce_sum([loss_sum], device)
             loss = loss_sum / global_tgt
             if not math.isfinite(loss):

@@ -402,7 +402,8 @@ def _timing(t: dict) -> dict:
 # --------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------
-def _free(device):
+def free_memory(device):
+    """Collect garbage and hand cached CUDA blocks back, so the next model starts clean."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -462,7 +463,7 @@ def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
     if hf_rows:
         rows = hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan, log) + rows
     del hf
-    _free(dev)
+    free_memory(dev)
     return rows, info
 
 
@@ -495,7 +496,7 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
                                      skipped=why))
                     _done(log, rows[-1])
             log(f"[flora {variant} r{rank}] skipped: {why}")
-            _free(dev)
+            free_memory(dev)
             continue
         for b, p in _settings(plan):
             for g in plan.modes:
@@ -505,17 +506,17 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
                     rows.append(row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
                                      skipped=_failed(log, f"flora {variant} r{rank} b{b} p{p}", e)))
                     _done(log, rows[-1])
-                    _free(dev)
+                    free_memory(dev)
                     continue
                 base_runs.setdefault((b, p, g), []).append(tb)
                 rows.append(row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g, _timing(tv), n))
                 _done(log, rows[-1])
         del m
-        _free(dev)
+        free_memory(dev)
     base_rows = _base_rows(shape, dtype, "flora", "base", plan, base_runs,
                            lambda b, p, g, m=base: probe(m, b, p, g), log)
     del base
-    _free(dev)
+    free_memory(dev)
     return base_rows + rows
 
 
@@ -541,7 +542,7 @@ def hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan: Plan, log) -> list:
                 rows.append(_row(shape, dtype, "transformers", name, plan.rank, b, p, plan.new_tokens, False,
                                  skipped=why))
                 _done(log, rows[-1])
-            _free(dev)
+            free_memory(dev)
             continue
         for b, p in _settings(plan):
             try:
@@ -550,14 +551,14 @@ def hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan: Plan, log) -> list:
                 rows.append(_row(shape, dtype, "transformers", name, plan.rank, b, p, plan.new_tokens, False,
                                  skipped=_failed(log, f"{name} b{b} p{p}", e)))
                 _done(log, rows[-1])
-                _free(dev)
+                free_memory(dev)
                 continue
             base_runs.setdefault((b, p, False), []).append(tb)
             rows.append(_row(shape, dtype, "transformers", name, plan.rank, b, p, plan.new_tokens, False,
                              _timing(tv), n))
             _done(log, rows[-1])
         del pm
-        _free(dev)
+        free_memory(dev)
     if "transformers" not in hf_rows:
         return rows
     eager = dataclasses.replace(plan, modes=[False], compile=False)  # transformers rows are eager only
@@ -748,7 +749,7 @@ def run(plan: Plan, log=print) -> dict:
             except Exception as e:  # noqa: BLE001 - e.g. out of memory building the model: next model
                 r, i = [], {"model": shape, "label": SHAPE_LABEL.get(shape, shape), "dtype": _dt(dtype),
                             "skipped": _failed(log, f"{shape} {_dt(dtype)}", e)}
-                _free(dev)
+                free_memory(dev)
             rows += r
             infos.append(i)
             if isinstance(log, Progress):
