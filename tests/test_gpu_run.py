@@ -43,7 +43,7 @@ def test_default_is_one_quick_call(tmp_path):
     assert "budget 480s" in out  # one call of ~7 minutes, under the 600 s limit
     # each stage has its own timeout, none past the budget
     caps = [int(c) for c in re.findall(r"== stage \S+ \(at most (\d+)s\)", out)]
-    assert len(caps) == len(QUICK) and all(0 < c <= 300 for c in caps)
+    assert len(caps) == len(QUICK) and all(0 < c <= 480 - 20 for c in caps)  # budget - reserve
     assert "MAX_JOBS=16" in out and "TORCH_CUDA_ARCH_LIST=9.0a" in out
     assert "pip install --no-deps --no-build-isolation" in out
     assert re.search(r"pytest tests -q .*-m cuda", out)
