@@ -286,7 +286,7 @@ def test_pack_then_unpack_round_trip(tiny, fake_cutlass, tmp_path, monkeypatch):
     (out / "cutlass" / "include").mkdir(parents=True)  # the earlier layout: removed
     (out / "smollm2.gguf").write_bytes(b"old")
     monkeypatch.setenv("FLORA_CUTLASS_DIR", str(fake_cutlass))
-    assert dp.main(["--out", str(out), "--gguf", tiny, "--no-flora-check", "--budget-mib", "1000"]) == 0
+    assert dp.main(["--out", str(out), "--gguf", tiny, "--no-flora-check", "--no-kernels", "--budget-mib", "1000"]) == 0
     assert sorted(os.listdir(out)) == ["MANIFEST.json", dp.CUTLASS_TAR, dp.GGUF_XZ, "whl"]
     m = json.loads((out / "MANIFEST.json").read_text())
     assert m["layers"] == N_BLOCKS and m["source_blocks"] == N_BLOCKS and m["cutlass_version"] == "9.8.7"
@@ -315,3 +315,52 @@ def test_pack_then_unpack_round_trip(tiny, fake_cutlass, tmp_path, monkeypatch):
     other = tmp_path / "u2" / "g.gguf"
     assert dp.main(["--unpack", "--out", str(out), "--dest-gguf", str(other), "--dest-cutlass", str(dest_c)]) == 1
     assert not other.exists()
+
+
+def _kernel_tree(root):
+    """A repository with setup.py's rules, three kernel TUs (decode, sm_90, sm_80)
+    sharing one header, and their objects built after the sources."""
+    kdir, build = os.path.join(root, "csrc", "cuda", "kernels"), os.path.join(root, "build", "flora_kernels")
+    os.makedirs(kdir)
+    os.makedirs(build)
+    with open(os.path.join(ROOT, "setup.py")) as f, open(os.path.join(root, "setup.py"), "w") as g:
+        g.write(f.read())
+    with open(os.path.join(kdir, "plan.h"), "w") as f:
+        f.write("// shared\n")
+    for tu in ("decode_bf16", "gemm_sm90_bf16", "gemm_sm80_bf16"):
+        with open(os.path.join(kdir, tu + ".cu"), "w") as f:
+            f.write('#include "plan.h"\n// ' + tu + "\n")
+    later = os.path.getmtime(os.path.join(kdir, "plan.h")) + 10
+    for tu in ("decode_bf16", "gemm_sm90_bf16", "gemm_sm80_bf16"):
+        for ext, data in ((".o", b"OBJ " + tu.encode()), (".ptxas.log", b"log")):
+            path = os.path.join(build, tu + ext)
+            with open(path, "wb") as f:
+                f.write(data)
+            os.utime(path, (later, later))
+    return kdir, build
+
+
+def test_kernel_objects_travel_only_for_the_same_sources_and_nvcc(tmp_path, monkeypatch):
+    """Hopper's TUs (decode, sm_90) are packed with a key of their sources and
+    nvcc flags; unpacked, an object whose sources are unchanged lands newer than
+    them (setup.py reuses it), one whose sources changed is left to the build,
+    and another nvcc release uses none."""
+    root = str(tmp_path / "repo")
+    kdir, build = _kernel_tree(root)
+    monkeypatch.setattr(dp, "ROOT", root)
+    monkeypatch.setattr(dp, "nvcc_release", lambda nvcc=None: "13.0")
+    info = dp.pack_kernels(str(tmp_path / "kernels.tar.xz"))
+    assert sorted(info["keys"]) == ["decode_bf16", "gemm_sm90_bf16"] and info["nvcc"] == "13.0"
+    manifest = {"keys": info["keys"], "nvcc": info["nvcc"]}
+    for name in os.listdir(build):
+        os.remove(os.path.join(build, name))
+    with open(os.path.join(kdir, "gemm_sm90_bf16.cu"), "a") as f:
+        f.write("// changed\n")
+    msg = dp.unpack_kernels(str(tmp_path / "kernels.tar.xz"), manifest)
+    assert msg == "1 objects reused; built there: gemm_sm90_bf16"
+    obj = os.path.join(build, "decode_bf16.o")
+    assert open(obj, "rb").read() == b"OBJ decode_bf16" and os.path.isfile(obj[:-2] + ".ptxas.log")
+    assert os.path.getmtime(obj) > os.path.getmtime(os.path.join(kdir, "plan.h"))
+    assert not os.path.exists(os.path.join(build, "gemm_sm90_bf16.o"))
+    monkeypatch.setattr(dp, "nvcc_release", lambda nvcc=None: "12.8")
+    assert dp.unpack_kernels(str(tmp_path / "kernels.tar.xz"), manifest).startswith("not used: nvcc 12.8")

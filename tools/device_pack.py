@@ -10,6 +10,10 @@ tool builds one ignored folder (default `.device/`) that fits:
   smollm2.gguf.xz   SmolLM2-135M-Instruct cut to its first K blocks, xz-compressed:
                     all metadata (tokenizer included), token_embd/output_norm/output
                     and blk.0..blk.K-1 copied bit-exact, llama.block_count = K
+  kernels.tar.xz    the kernel objects nvcc built here for Hopper (build/flora_kernels,
+                    torch-free), each keyed by its sources + nvcc flags: --unpack puts
+                    back those whose key and nvcc release match the device's, so its
+                    build compiles only _C (--no-kernels: leave them out)
   whl/              the `gguf` wheel (cp312) and any dependency the image lacks
   MANIFEST.json     K, sizes (compressed and not), the cut file's sha256, versions, checks
 
@@ -42,6 +46,7 @@ cut one block shorter (and redone) only if the archive still overshoots.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import glob
 import hashlib
@@ -62,8 +67,10 @@ MIB = 1 << 20
 CUTLASS_SUBDIRS = ("include", "tools/util/include")
 CUTLASS_EXTRAS = (".version", "LICENSE.txt")
 CUTLASS_SENTINEL = "include/cutlass/version.h"  # archived last: present => complete
-CUTLASS_TAR, GGUF_XZ = "cutlass.tar.xz", "smollm2.gguf.xz"
-STALE = ("cutlass", "smollm2.gguf", "smollm2.gguf.part", GGUF_XZ + ".part", CUTLASS_TAR + ".part")
+CUTLASS_TAR, GGUF_XZ, KERNELS_TAR = "cutlass.tar.xz", "smollm2.gguf.xz", "kernels.tar.xz"
+DEVICE_ARCHS = "90"  # the lent cards are Hopper: the TUs FLORA_KERNEL_ARCHS=90 builds
+STALE = ("cutlass", "smollm2.gguf", "smollm2.gguf.part", GGUF_XZ + ".part", CUTLASS_TAR + ".part",
+         KERNELS_TAR, KERNELS_TAR + ".part")
 XZ_PRESET = 6
 MARGIN = 0.01
 # what the device image already has (numpy, pyyaml, tqdm, requests, sentencepiece)
@@ -220,6 +227,91 @@ def unpack_cutlass(archive: str, dest: str) -> bool:
                     raise ValueError(f"{archive}: unsafe member {m.name!r}")
             tar.extractall(dest)
     return True
+
+
+# ---- kernel objects --------------------------------------------------------
+# The kernel TUs are torch-free: objects nvcc builds here link into the device's
+# _C as they are, which saves the device build most of its minutes. Each is
+# keyed by a digest of its sources (the TU and the project headers it
+# includes, as setup.py finds them) and setup.py's nvcc flags, and used there
+# only when the device's sources and nvcc release give the same key.
+
+def setup_functions(*names) -> dict:
+    """Functions of setup.py, compiled from its source (importing it runs setup())."""
+    src = _read(os.path.join(ROOT, "setup.py")) or ""
+    fns = [n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name in names]
+    ns = {"os": os, "re": re, "glob": glob, "ROOT": ROOT}
+    exec(compile(ast.Module(fns, []), "setup.py", "exec"), ns)
+    ns["_source"] = "\n".join(ast.get_source_segment(src, f) for f in fns)
+    return ns
+
+
+def kernel_keys() -> dict:
+    """{TU name: digest} of the TUs a FLORA_KERNEL_ARCHS=90 build compiles."""
+    fn = setup_functions("sources", "kernel_sources", "local_includes", "kernel_flags", "kernel_gencode")
+    env = os.environ.get("FLORA_KERNEL_ARCHS")
+    os.environ["FLORA_KERNEL_ARCHS"] = DEVICE_ARCHS
+    try:
+        tus = fn["kernel_sources"]()
+    finally:
+        os.environ.pop("FLORA_KERNEL_ARCHS") if env is None else os.environ.update(FLORA_KERNEL_ARCHS=env)
+    keys = {}
+    for tu in tus:
+        h = hashlib.sha256(fn["_source"].encode())
+        for path in sorted(fn["local_includes"](os.path.join(ROOT, tu))):
+            h.update(os.path.relpath(path, ROOT).encode() + b"\0" + open(path, "rb").read())
+        keys[os.path.basename(tu)[:-3]] = h.hexdigest()
+    return keys
+
+
+def nvcc_release(nvcc=None) -> str | None:
+    """'13.0' from `nvcc --version` (CUDA_HOME's, else PATH's), or None."""
+    home = os.environ.get("CUDA_HOME")
+    for cand in (nvcc, home and os.path.join(home, "bin", "nvcc"), shutil.which("nvcc")):
+        if cand and os.path.isfile(cand):
+            r = subprocess.run([cand, "--version"], capture_output=True, text=True)
+            m = re.search(r"release (\d+\.\d+)", r.stdout)
+            return m.group(1) if m else None
+    return None
+
+
+def pack_kernels(dst: str) -> dict:
+    """kernels.tar.xz of the up-to-date objects (+ ptxas logs) in build/flora_kernels."""
+    kdir, packed, skipped = os.path.join(ROOT, "build", "flora_kernels"), {}, []
+    local = setup_functions("local_includes")["local_includes"]
+    keys = kernel_keys()
+    with tarfile.open(dst + ".part", "w:xz", preset=XZ_PRESET) as tar:
+        for tu, key in keys.items():
+            obj, log = os.path.join(kdir, tu + ".o"), os.path.join(kdir, tu + ".ptxas.log")
+            src = os.path.join(ROOT, "csrc", "cuda", "kernels", tu + ".cu")
+            newest = max(os.path.getmtime(f) for f in local(src))
+            if not (os.path.isfile(obj) and os.path.isfile(log) and os.path.getmtime(obj) > newest):
+                skipped.append(tu)
+                continue
+            for f in (obj, log):
+                tar.add(f, arcname=os.path.basename(f), filter=_normalize)
+            packed[tu] = key
+    os.replace(dst + ".part", dst)
+    return {"keys": packed, "stale": skipped, "nvcc": nvcc_release(), "xz_bytes": os.path.getsize(dst)}
+
+
+def unpack_kernels(archive: str, manifest: dict) -> str:
+    """Objects whose key matches these sources and nvcc into build/flora_kernels,
+    stamped now (newer than the sources, so setup.py reuses them)."""
+    want, have = manifest.get("keys", {}), kernel_keys()
+    nvcc = nvcc_release()
+    if nvcc is None or nvcc != manifest.get("nvcc"):
+        return f"not used: nvcc {nvcc} here, {manifest.get('nvcc')} packed (the build compiles them)"
+    use = [tu for tu, key in want.items() if have.get(tu) == key]
+    kdir = os.path.join(ROOT, "build", "flora_kernels")
+    os.makedirs(kdir, exist_ok=True)
+    with tarfile.open(archive, "r:xz") as tar:
+        for tu in use:
+            for name in (tu + ".o", tu + ".ptxas.log"):
+                with tar.extractfile(name) as f, open(os.path.join(kdir, name), "wb") as g:
+                    shutil.copyfileobj(f, g)
+    stale = sorted(set(have) - set(use))
+    return f"{len(use)} objects reused" + (f"; built there: {', '.join(stale)}" if stale else "")
 
 
 # ---- GGUF truncation ------------------------------------------------------
@@ -413,6 +505,8 @@ def parse_args(argv=None):
                    help="carry budget; the working tree's own bytes are taken off it")
     p.add_argument("--gguf", default=None, help="source GGUF (default: SmolLM2 in the flora cache)")
     p.add_argument("--no-flora-check", action="store_true", help="skip loading the cut file with flora")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="leave the kernel objects out (the device build compiles them all)")
     p.add_argument("--unpack", action="store_true",
                    help="unpack --out instead (stdlib only): the headers and the GGUF")
     p.add_argument("--dest-gguf", default=os.path.join(tempfile.gettempdir(), "smollm2.gguf"),
@@ -509,10 +603,16 @@ def pack(args) -> int:
     cut = pack_cutlass(cutlass, os.path.join(out, CUTLASS_TAR))
     print(f"cutlass: {cut['files']} files, {cut['bytes'] / MIB:.2f} MiB -> {cut['xz_bytes'] / MIB:.2f} MiB xz "
           f"({cut['seconds']} s)", flush=True)
+    kern = {"keys": {}, "stale": [], "nvcc": None, "xz_bytes": 0}
+    if not args.no_kernels:
+        kern = pack_kernels(os.path.join(out, KERNELS_TAR))
+    print(f"kernels: {len(kern['keys'])} objects, {kern['xz_bytes'] / MIB:.2f} MiB xz, nvcc {kern['nvcc']}"
+          + (f"; not packed (missing or stale, built there): {', '.join(kern['stale'])}" if kern["stale"] else ""),
+          flush=True)
     wheels = fetch_wheels(os.path.join(out, "whl"), gguf_version())
     tree = tree_bytes(ROOT, exclude=rel_out)
     budget = int(args.budget_mib * MIB) - tree
-    fixed = cut["xz_bytes"] + dir_size(os.path.join(out, "whl")) + MANIFEST_ALLOWANCE
+    fixed = cut["xz_bytes"] + kern["xz_bytes"] + dir_size(os.path.join(out, "whl")) + MANIFEST_ALLOWANCE
 
     def verify(path, k):
         checks = {"gguf": compare_gguf(src_gguf, path, k)}
@@ -522,7 +622,7 @@ def pack(args) -> int:
 
     g = build_gguf(src_gguf, out, str(args.layers), budget - fixed, verify)
     k, checks = g["k"], g["checks"]
-    sizes = {CUTLASS_TAR: cut["xz_bytes"], "cutlass_headers": cut["bytes"],
+    sizes = {CUTLASS_TAR: cut["xz_bytes"], "cutlass_headers": cut["bytes"], KERNELS_TAR: kern["xz_bytes"],
              GGUF_XZ: g["xz_bytes"], "smollm2.gguf": g["bytes"], "whl": dir_size(os.path.join(out, "whl"))}
     manifest = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -530,6 +630,7 @@ def pack(args) -> int:
         "source_gguf": os.path.basename(src_gguf), "source_sha256": sha256(src_gguf),
         "smollm2_gguf_sha256": g["sha256"],
         "cutlass_version": cutlass_version(cutlass), "cutlass_files": cut["files"],
+        "kernels": {"keys": kern["keys"], "nvcc": kern["nvcc"], "archs": DEVICE_ARCHS},
         "gguf_version": gguf_version(), "wheels": wheels, "xz_preset": XZ_PRESET,
         "sizes": sizes, "tree_bytes": tree, "budget_bytes": budget,
         "estimate": g["estimate"], "tries": g["tries"], "checks": checks,
@@ -542,6 +643,7 @@ def pack(args) -> int:
     print_table([(CUTLASS_TAR, sizes[CUTLASS_TAR], f"{cut['files']} files, {cut['bytes'] / MIB:.2f} MiB unpacked"),
                  (GGUF_XZ, sizes[GGUF_XZ], (f"blk.0..blk.{k - 1}" if k else "no blocks")
                   + f", {g['bytes'] / MIB:.2f} MiB unpacked"),
+                 (KERNELS_TAR, sizes[KERNELS_TAR], f"{len(kern['keys'])} kernel objects, nvcc {kern['nvcc']}"),
                  ("whl/", sizes["whl"], ", ".join(wheels)),
                  ("MANIFEST.json", os.path.getsize(os.path.join(out, "MANIFEST.json")), ""),
                  (f"total {rel_out}/", total, f"budget {budget / MIB:.2f} MiB"),
@@ -570,6 +672,9 @@ def unpack(args) -> int:
     else:
         print(f"cutlass: no {tar}")
         rc = 1
+    kernels = os.path.join(out, KERNELS_TAR)
+    if os.path.isfile(kernels):
+        print("kernels: " + unpack_kernels(kernels, manifest.get("kernels", {})))
     xz, dest = os.path.join(out, GGUF_XZ), os.path.abspath(args.dest_gguf)
     want = manifest.get("smollm2_gguf_sha256")
     if not os.path.isfile(xz):
