@@ -19,9 +19,11 @@
 #                (the call carries .device, from `python tools/device_pack.py` on the CPU
 #                machine: CUTLASS headers unpacked into third_party/cutlass first); then
 #                `python -m flora info` and a hard check that flora._C has CUDA kernels
-#                and sees the GPU. Fresh machine ~3-4 min (rehearsed on 2 CPU cores: 12 TUs +
-#                _C, 15.7 CPU-min, 8.9 min); ~10 s when already built (a stamp of sources +
-#                toolchain in build/gpu_run.stamp). Always runs first.
+#                and sees the GPU. Fresh machine ~1-2 min when .device brings the kernel
+#                objects (rehearsed on 2 CPU cores: _C alone, 2.6 min), ~3-4 min when it
+#                compiles them too (2 cores: 12 TUs + _C, 15.7 CPU-min, 8.9 min); ~10 s when
+#                already built (a stamp of sources + toolchain in build/gpu_run.stamp).
+#                Always runs first.
 #   test-cuda    FLORA_REQUIRE_EXTENSION=1 pytest -m cuda (the CUDA subset but the kernel
 #                tests, which cuda-kernels runs). ~1 min.
 #   cuda-kernels FLORA_CUDA_KERNELS=1 pytest -m cuda tests/test_cuda_kernels.py, then
