@@ -265,9 +265,10 @@ def kernel_keys() -> dict:
 
 
 def nvcc_release(nvcc=None) -> str | None:
-    """'13.0' from `nvcc --version` (CUDA_HOME's, else PATH's), or None."""
+    """'13.0' from `nvcc --version` (CUDA_HOME's, else PATH's, else /usr/local/cuda's), or None."""
     home = os.environ.get("CUDA_HOME")
-    for cand in (nvcc, home and os.path.join(home, "bin", "nvcc"), shutil.which("nvcc")):
+    for cand in (nvcc, home and os.path.join(home, "bin", "nvcc"), shutil.which("nvcc"),
+                 "/usr/local/cuda/bin/nvcc"):
         if cand and os.path.isfile(cand):
             r = subprocess.run([cand, "--version"], capture_output=True, text=True)
             m = re.search(r"release (\d+\.\d+)", r.stdout)
