@@ -50,8 +50,8 @@ from typing import Optional
 
 import torch
 
-from flora.bench.latency import (DTYPES, SHAPE_LABEL, SHAPES, free_memory, build_hf_model, check_checkpoint,
-                                 llama_config, param_count, randomize_adapter, wrap_peft)
+from flora.bench.latency import (DTYPES, SHAPES, base_llama, check_checkpoint, free_memory, model_config,
+                                 param_count, randomize_adapter, wrap_peft)
 from flora.bench.report import environment
 from flora.bench.timing import Timer
 from flora.config import VARIANTS, AdapterConfig
@@ -122,12 +122,9 @@ def make_settings(args) -> dict:
         raise ValueError(f"--batch must be >= 1 and --seq >= 2, got {s['batch']} and {s['seq']}")
     if s["rank"] < 1 or s["steps"] < 1 or s["warmup"] < 0:
         raise ValueError("--rank and --steps must be >= 1, --warmup >= 0")
-    m = s["model"]
-    if m not in SHAPES:
-        if not Path(m, "config.json").is_file():
-            raise ValueError(f"--model {m!r}: neither a shape ({', '.join(SHAPES)}) nor a local checkpoint "
-                             f"directory with config.json")
-        check_checkpoint(m)
+    if s["model"] not in SHAPES:
+        model_config(s["model"])  # a checkpoint directory, or a clear error
+        check_checkpoint(s["model"])
     s["base_dtype"] = DTYPES[s["dtype"]]
     s["adapter_dtype"] = torch.float32
     s["autocast"] = s["dtype"] == "bf16"
@@ -147,15 +144,8 @@ def base_model(s: dict):
     """(transformers model on the CPU in the base dtype, its config, label): the
     weights every row starts from (kept on the CPU, so a row's peak memory on
     the GPU counts that row's model only)."""
-    m = s["model"]
-    if m in SHAPES:
-        cfg = llama_config(m)
-        return build_hf_model(cfg, s["base_dtype"], torch.device("cpu"), s["seed"]), cfg, SHAPE_LABEL[m]
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig.from_pretrained(m, local_files_only=True)
-    hf = LlamaForCausalLM.from_pretrained(m, dtype=s["base_dtype"], local_files_only=True).eval()
-    return hf, cfg, f"checkpoint {Path(m).name} ({cfg.hidden_size}-wide, {cfg.num_hidden_layers} layers)"
+    cfg, label = model_config(s["model"])
+    return base_llama(s["model"], cfg, s["base_dtype"], torch.device("cpu"), s["seed"]), cfg, label
 
 
 def build_peft_row(hf, s: dict):

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from setup_rules import setup_functions as _setup_functions  # noqa: E402  (setup.py's functions)
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
@@ -28,21 +30,6 @@ def test_version_matches_package():
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == flora.__version__
-
-
-def _setup_functions(*names, **globs):
-    """The named functions of setup.py, without running setup() (it builds)."""
-    import ast
-    import glob
-    import re
-    import types
-
-    with open(os.path.join(ROOT, "setup.py")) as f:
-        tree = ast.parse(f.read())
-    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
-    ns = dict(os=os, re=re, glob=glob, subprocess=subprocess, **globs)
-    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), ns)
-    return types.SimpleNamespace(**{n: ns[n] for n in names})
 
 
 def _fake_toolkit(tmp_path, cudart=True):

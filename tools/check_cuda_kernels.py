@@ -20,14 +20,13 @@ cuobjdump needs nvdisasm, found the same way.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import re
 import shutil
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from setup_rules import ROOT, setup_functions  # tools/ is this script's directory
 # TU name pattern -> SASS instruction that must appear (tensor cores claimed)
 TENSOR_CORES = {"gemm_sm90_": "HGMMA", "gemm_sm80_": "HMMA"}
 
@@ -118,11 +117,9 @@ def main() -> int:
     args = ap.parse_args()
 
     failures = []
-    # The TUs setup.py builds: FLORA_KERNEL_ARCHS (default "80;90") drops the other arch's GEMMs.
-    archs = os.environ.get("FLORA_KERNEL_ARCHS", "80;90").split(";")
-    tus = sorted(t for t in (os.path.basename(p)[:-3]
-                             for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "kernels", "*.cu")))
-                 if not ("_sm90" in t and "90" not in archs) and not ("_sm80" in t and "80" not in archs))
+    # The TUs setup.py builds (FLORA_KERNEL_ARCHS drops the other arch's GEMMs).
+    tus = sorted(os.path.basename(p)[:-3]
+                 for p in setup_functions("sources", "kernel_sources").kernel_sources())
     cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
     env = dict(os.environ)
     if nvdisasm:

@@ -46,7 +46,6 @@ cut one block shorter (and redone) only if the archive still overshoots.
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import glob
 import hashlib
@@ -61,6 +60,9 @@ import tarfile
 import tempfile
 import time
 import zipfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from setup_rules import setup_functions  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
@@ -236,29 +238,23 @@ def unpack_cutlass(archive: str, dest: str) -> bool:
 # includes, as setup.py finds them) and setup.py's nvcc flags, and used there
 # only when the device's sources and nvcc release give the same key.
 
-def setup_functions(*names) -> dict:
-    """Functions of setup.py, compiled from its source (importing it runs setup())."""
-    src = _read(os.path.join(ROOT, "setup.py")) or ""
-    fns = [n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name in names]
-    ns = {"os": os, "re": re, "glob": glob, "ROOT": ROOT}
-    exec(compile(ast.Module(fns, []), "setup.py", "exec"), ns)
-    ns["_source"] = "\n".join(ast.get_source_segment(src, f) for f in fns)
-    return ns
-
-
 def kernel_keys() -> dict:
     """{TU name: digest} of the TUs a FLORA_KERNEL_ARCHS=90 build compiles."""
-    fn = setup_functions("sources", "kernel_sources", "local_includes", "kernel_flags", "kernel_gencode")
-    env = os.environ.get("FLORA_KERNEL_ARCHS")
+    fn = setup_functions("sources", "kernel_sources", "local_includes", "kernel_flags", "kernel_gencode",
+                         root=ROOT)
+    saved = os.environ.get("FLORA_KERNEL_ARCHS")
     os.environ["FLORA_KERNEL_ARCHS"] = DEVICE_ARCHS
     try:
-        tus = fn["kernel_sources"]()
+        tus = fn.kernel_sources()
     finally:
-        os.environ.pop("FLORA_KERNEL_ARCHS") if env is None else os.environ.update(FLORA_KERNEL_ARCHS=env)
+        if saved is None:
+            del os.environ["FLORA_KERNEL_ARCHS"]
+        else:
+            os.environ["FLORA_KERNEL_ARCHS"] = saved
     keys = {}
     for tu in tus:
-        h = hashlib.sha256(fn["_source"].encode())
-        for path in sorted(fn["local_includes"](os.path.join(ROOT, tu))):
+        h = hashlib.sha256(fn.source.encode())
+        for path in sorted(fn.local_includes(os.path.join(ROOT, tu))):
             h.update(os.path.relpath(path, ROOT).encode() + b"\0" + open(path, "rb").read())
         keys[os.path.basename(tu)[:-3]] = h.hexdigest()
     return keys
@@ -279,7 +275,7 @@ def nvcc_release(nvcc=None) -> str | None:
 def pack_kernels(dst: str) -> dict:
     """kernels.tar.xz of the up-to-date objects (+ ptxas logs) in build/flora_kernels."""
     kdir, packed, skipped = os.path.join(ROOT, "build", "flora_kernels"), {}, []
-    local = setup_functions("local_includes")["local_includes"]
+    local = setup_functions("local_includes", root=ROOT).local_includes
     keys = kernel_keys()
     with tarfile.open(dst + ".part", "w:xz", preset=XZ_PRESET) as tar:
         for tu, key in keys.items():

@@ -428,19 +428,33 @@ def _row(shape, dtype, engine, variant, rank, b, p, new, graph, timing=None, n_a
             **(timing or {"ttft_s": None, "tpot_s": None, "cuda_graph": False})}
 
 
+def model_config(shape: str):
+    """(LlamaConfig, label) of a shape from SHAPES or a local checkpoint directory."""
+    if shape in SHAPES:
+        return llama_config(shape), SHAPE_LABEL[shape]
+    from transformers import LlamaConfig
+
+    if not Path(shape, "config.json").is_file():
+        raise ValueError(f"--model {shape!r}: neither a shape ({', '.join(SHAPES)}) nor a checkpoint "
+                         f"directory with config.json")
+    cfg = LlamaConfig.from_pretrained(shape, local_files_only=True)
+    return cfg, f"checkpoint {Path(shape).name} ({cfg.hidden_size}-wide, {cfg.num_hidden_layers} layers)"
+
+
+def base_llama(shape: str, cfg, dtype, device, seed: int):
+    """The transformers model every row starts from: random weights for a shape
+    (seeded), the checkpoint's own for a directory."""
+    if shape in SHAPES:
+        return build_hf_model(cfg, dtype, device, seed)
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(shape, dtype=dtype, local_files_only=True).to(device).eval()
+
+
 def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
     """All rows for one model shape and dtype; returns (rows, model info)."""
     dev = plan.device
-    if shape in SHAPES:
-        cfg, label = llama_config(shape), SHAPE_LABEL[shape]
-    else:  # a local checkpoint directory: its own weights
-        from transformers import LlamaConfig
-
-        if not Path(shape, "config.json").is_file():
-            raise ValueError(f"--model {shape!r}: neither a shape ({', '.join(SHAPES)}) nor a checkpoint "
-                             f"directory with config.json")
-        cfg = LlamaConfig.from_pretrained(shape, local_files_only=True)
-        label = f"checkpoint {Path(shape).name} ({cfg.hidden_size}-wide, {cfg.num_hidden_layers} layers)"
+    cfg, label = model_config(shape)
     info = {"model": shape, "label": label, "dtype": str(dtype).replace("torch.", ""),
             "params": param_count(cfg), "weight_bytes": weight_bytes(cfg, dtype)}
     rows = []
@@ -449,12 +463,7 @@ def run_model(shape: str, dtype, plan: Plan, log=print) -> tuple[list, dict]:
         log(f"[{shape} {info['dtype']}] skipped: {why}")
         info["skipped"] = why
         return rows, info
-    if shape in SHAPES:
-        hf = build_hf_model(cfg, dtype, dev, plan.seed)
-    else:
-        from transformers import LlamaForCausalLM
-
-        hf = LlamaForCausalLM.from_pretrained(shape, dtype=dtype, local_files_only=True).to(dev).eval()
+    hf = base_llama(shape, cfg, dtype, dev, plan.seed)
     hf_rows = [r for r, _ in plan.rows if r in TRANSFORMERS_ROWS]
     flora_rows = [(r, k) for r, k in plan.rows if r in FLORA_ROWS]
 
