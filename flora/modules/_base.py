@@ -58,8 +58,24 @@ def fused_storage(weights, rows: int, cols: int) -> Tensor:
 
 
 def storage_views(st: Tensor, N: int, K: int, cols: int) -> tuple:
-    """(W, A slot, B slot, C slot) of a fused storage, as views."""
-    return st[:N, :K], st[N:, :K], st[:N, K:K + cols], st[N:, K:K + cols]
+    """(W, A slot, B slot, C slot) of a fused storage, as views (W is ``st``
+    itself when the storage holds W alone)."""
+    W = st if tuple(st.shape) == (N, K) else st[:N, :K]
+    return W, st[N:, :K], st[:N, K:K + cols], st[N:, K:K + cols]
+
+
+def cached_views(cache: dict, st: Tensor, N: int, K: int, cols: int) -> tuple:
+    """storage_views, sliced once per storage tensor (and grad / inference
+    mode) instead of on every call. A new storage (moved, cast, rebuilt, or a
+    copy not aliasing the views) is sliced again; writes into it (fold, merge)
+    keep the views valid."""
+    if torch.compiler.is_compiling():
+        return storage_views(st, N, K, cols)
+    key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    c = cache.get(key)
+    if c is None or c[0] is not st or c[1].data_ptr() != st.data_ptr():
+        c = cache[key] = (st,) + storage_views(st, N, K, cols)
+    return c[1:]
 
 
 def tile_matrix(n: int, widths, rc: int, like: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._base import (AdapterModule, check_linear, check_weight, empty_cols, fused_storage, repoint,
-                    storage_views, tile_matrix)
+from ._base import (AdapterModule, cached_views, check_linear, check_weight, empty_cols, fused_storage,
+                    repoint, tile_matrix)
 
 
 def _rank(rank, what):
@@ -33,10 +33,11 @@ class _Block(AdapterModule):
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else None
         self.N, self.K, self.cols, self.s = w.shape[0], w.shape[1], cols, float(scale)
         self.register_buffer("storage", fused_storage([w], rows, cols))
+        self._views: dict = {}  # cached_views' cache
 
     def views(self) -> tuple:
         """(W, A slot, B slot, C slot) of the fused storage."""
-        return storage_views(self.storage, self.N, self.K, self.cols)
+        return cached_views(self._views, self.storage, self.N, self.K, self.cols)
 
     @property
     def weight(self) -> Tensor:

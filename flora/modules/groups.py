@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._base import AdapterModule, empty_cols, fused_storage, storage_views, tile_matrix
+from ._base import AdapterModule, cached_views, empty_cols, fused_storage, tile_matrix
 from .modes import MODES, Mode, PfLora
 from .roles import Role
 
@@ -57,22 +57,8 @@ class _Group:
         return getattr(m, f"w_{self.gname}")
 
     def _views(self, m) -> tuple:
-        """(W, slot A, slot B, slot C) as views of the fused storage, sliced once
-        per storage tensor (and grad / inference mode), not on every call. A new
-        storage (moved, cast, rebuilt, or a copy not aliasing the views) is
-        sliced again; writes into it (fold, merge) keep the views valid."""
-        st = self.storage(m)
-        if torch.compiler.is_compiling():
-            return self._slice(st)
-        key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        c = self._cache.get(key)
-        if c is None or c[0] is not st or c[1].data_ptr() != st.data_ptr():
-            c = self._cache[key] = (st,) + self._slice(st)
-        return c[1:]
-
-    def _slice(self, st: Tensor) -> tuple:
-        W, A, B, C = storage_views(st, self.N, self.K, self.cols)
-        return (W if (self.rows or self.cols) else st), A, B, C
+        """(W, slot A, slot B, slot C) as views of the fused storage."""
+        return cached_views(self._cache, self.storage(m), self.N, self.K, self.cols)
 
     def W(self, m) -> Tensor:
         return self._views(m)[0]
