@@ -27,6 +27,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -192,7 +193,22 @@ def compile_kernels(nvcc, cutlass):
         return list(pool.map(build, jobs))
 
 
+def plain_build_temp():
+    """The object folder of `pip install .` (setuptools' default)."""
+    tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+    return os.path.join(ROOT, "build", f"temp.{tag}")
+
+
 class BuildExt(cpp_extension.BuildExtension):
+    def finalize_options(self):
+        super().finalize_options()
+        # setuptools gives an editable install a fresh temporary object folder,
+        # so `pip install -e .` after `pip install .` recompiled everything:
+        # share the folder `pip install .` uses (ninja still recompiles
+        # whatever changed: sources, headers or the compile command).
+        if getattr(self, "editable_mode", False):
+            self.build_temp = plain_build_temp()
+
     def build_extensions(self):
         cutlass = cutlass_dir()
         for ext in self.extensions:

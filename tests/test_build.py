@@ -78,3 +78,17 @@ def test_cuda_home_set_by_the_user_is_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(wrap))
     f.resolve_cuda_home()
     assert ext.CUDA_HOME == str(wrap)
+
+
+def test_editable_install_reuses_the_plain_install_objects():
+    # setuptools gives `pip install -e .` a fresh temporary object folder; BuildExt
+    # points it at the folder of `pip install .`, which must be setuptools' own.
+    import sysconfig
+
+    from setuptools import Distribution
+
+    f = _setup_functions("plain_build_temp", sys=sys, sysconfig=sysconfig)
+    build = Distribution({"name": "x"}).get_command_obj("build")
+    build.build_base = os.path.join(ROOT, "build")  # paths only: nothing is created
+    build.ensure_finalized()
+    assert f.plain_build_temp() == build.build_temp
