@@ -349,6 +349,13 @@ class HFProbe:
         self.ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
         self.timer = Timer(device)
         self._grad = None
+        # transformers >= 5.24 names the KV cache `cache` (argument and output);
+        # before, `past_key_values`, which 5.24 still takes with a warning
+        import inspect
+
+        from transformers import LlamaForCausalLM
+        params = inspect.signature(LlamaForCausalLM.forward).parameters
+        self._cache_name = "cache" if "cache" in params else "past_key_values"
 
     def __enter__(self) -> "HFProbe":
         self._grad = torch.no_grad()
@@ -363,14 +370,14 @@ class HFProbe:
         a = self.timer.mark()
         with nvtx.range("prefill"):
             out = self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1)
-        self.tok, self.cache = out.logits[:, -1].argmax(-1), out.past_key_values
+        self.tok, self.cache = out.logits[:, -1].argmax(-1), getattr(out, self._cache_name)
         return a, self.timer.mark()
 
     def step(self):
         a = self.timer.mark()
         with nvtx.range("decode"):
-            out = self.model(input_ids=self.tok[:, None], past_key_values=self.cache, use_cache=True)
-        self.tok, self.cache = out.logits[:, -1].argmax(-1), out.past_key_values
+            out = self.model(input_ids=self.tok[:, None], use_cache=True, **{self._cache_name: self.cache})
+        self.tok, self.cache = out.logits[:, -1].argmax(-1), getattr(out, self._cache_name)
         return a, self.timer.mark()
 
 
