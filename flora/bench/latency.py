@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import datetime
 import gc
+import inspect
 import json
 import shlex
 import statistics
@@ -351,8 +352,6 @@ class HFProbe:
         self._grad = None
         # transformers >= 5.24 names the KV cache `cache` (argument and output);
         # before, `past_key_values`, which 5.24 still takes with a warning
-        import inspect
-
         from transformers import LlamaForCausalLM
         params = inspect.signature(LlamaForCausalLM.forward).parameters
         self._cache_name = "cache" if "cache" in params else "past_key_values"
