@@ -45,6 +45,7 @@ from ..config import AdapterConfig, as_arch
 from ..devices import resolve_device
 from ..fileio import atomic_write_json
 from ..model import FusedLlama
+from ..modules.variants import base_parameters
 from .report import SECTION, append_results, environment, markdown, mode_label, plot  # noqa: F401
 from .timing import LatencyProbe, Timer, attention_backend, run_interleaved
 
@@ -226,8 +227,7 @@ def weight_bytes(cfg, dtype) -> int:
 
 
 def param_count(cfg) -> int:
-    n = weight_bytes(cfg, torch.float32) // 4
-    return n + (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    return base_parameters(cfg, tied_head=cfg.tie_word_embeddings)
 
 
 def check_memory(cfg, dtype, device, plan: Plan) -> Optional[str]:
