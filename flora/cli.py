@@ -51,6 +51,13 @@ def _train(args) -> int:
             dist.destroy_process_group()
 
 
+def _generate(args) -> int:
+    from .inference import run_args
+
+    # TypeError: a bad --dtype; OSError: a missing model, adapter or data file, an unwritable --out
+    return _run("generate", run_args, args, (ValueError, TypeError, OSError))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flora", description="Fused low-rank adapters for Llama")
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _train_args(sub.add_parser("train", help="fine-tune an adapter on a JSONL dataset"))
     s.set_defaults(func=_train)
+    from .inference import add_arguments as _generate_args
+
+    s = _generate_args(sub.add_parser("generate", help="generate with a model and an adapter (on and off)"))
+    s.set_defaults(func=_generate)
     return p
 
 

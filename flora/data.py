@@ -17,12 +17,11 @@ import torch
 IGNORE_INDEX = -100
 
 
-def load_jsonl(path) -> list[dict]:
-    """Reads and validates a JSONL file of prompt/completion or text records."""
+def _jsonl_objects(path):
+    """(``path:line``, parsed object) for each non-blank line of a UTF-8 JSONL file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    records = []
     with open(path, "rb") as f:  # decoded line by line, so an encoding error names its line
         for lineno, raw in enumerate(f, 1):
             try:
@@ -33,10 +32,32 @@ def load_jsonl(path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            records.append(validate_record(rec, where=f"{path}:{lineno}"))
+
+
+def load_jsonl(path) -> list[dict]:
+    """Reads and validates a JSONL file of prompt/completion or text records."""
+    records = [validate_record(rec, where=where) for where, rec in _jsonl_objects(path)]
+    if not records:
+        raise ValueError(f"{path}: no records (empty file)")
+    return records
+
+
+def load_prompts(path) -> list[dict]:
+    """Reads a JSONL file of ``{"prompt"}`` records for generation; a record's
+    ``completion``, when present, is kept as the reference answer (a training
+    file works as is)."""
+    records = []
+    for where, rec in _jsonl_objects(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise ValueError(f"{where}: expected an object with a string 'prompt', got {got}")
+        ref = rec.get("completion")
+        if ref is not None and not isinstance(ref, str):
+            raise ValueError(f"{where}: 'completion' must be a string, got {type(ref).__name__}")
+        records.append({"prompt": rec["prompt"], "completion": ref})
     if not records:
         raise ValueError(f"{path}: no records (empty file)")
     return records
@@ -78,7 +99,16 @@ def load_tokenizer(model_dir):
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    bos = getattr(tokenizer, "bos_token", None)
+    if special and isinstance(bos, str) and bos and text.startswith(bos):
+        special = False  # the text carries its BOS already (a chat template's): not a second one
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids as training sees them (with the tokenizer's special tokens,
+    e.g. BOS), so generation continues exactly where training's labels start."""
+    return _ids(tokenizer, prompt, True)
 
 
 def tokenize_record(rec: dict, tokenizer, seq_len: int) -> dict:
@@ -95,7 +125,7 @@ def tokenize_record(rec: dict, tokenizer, seq_len: int) -> dict:
         truncated = len(ids) > seq_len
         ids = ids[:seq_len]
         return {"input_ids": ids, "labels": list(ids), "truncated": truncated}
-    prompt = _ids(tokenizer, rec["prompt"], True)
+    prompt = prompt_ids(tokenizer, rec["prompt"])
     comp = _ids(tokenizer, rec["completion"], False) + eos
     truncated = len(prompt) + len(comp) > seq_len
     if truncated:

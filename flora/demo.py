@@ -34,7 +34,7 @@ from .devices import resolve_device
 from .evaluate import eval_stats
 from .fileio import atomic_write_json, atomic_write_text
 from .model import FusedLlama
-from .pretrained import SMOLLM2_FILE, cache_dir, load_tokenizer, smollm2_path
+from .pretrained import SMOLLM2_FILE, cache_dir, complete, load_tokenizer, smollm2_path
 from .train import TrainConfig, train
 
 # The task: pull a person out of a sentence into one line of JSON. Everything the
@@ -115,21 +115,6 @@ def task_records(tok, seed: int) -> tuple[list, list]:
         return out
 
     return recs(N_TRAIN, names[:-held], cities[:-held]), recs(N_EVAL, names[-held:], cities[-held:])
-
-
-def complete(model, tok, prompts, max_new_tokens: int) -> list:
-    """Greedy completions of a left-padded batch of prompts (up to the model's EOS)."""
-    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    T = max(len(e) for e in enc)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.full((len(enc), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(enc), T), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, T - len(e):] = torch.tensor(e)
-        mask[i, T - len(e):] = 1
-    out = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens,
-                         attention_mask=mask.to(model.device), pad_token_id=pad)
-    return [tok.decode(row[T:].tolist(), skip_special_tokens=True).strip() for row in out]
 
 
 def answer_ok(text: str, rec: dict) -> bool:
@@ -227,7 +212,11 @@ def run_demo(args) -> dict:
     eval_ds = TokenizedDataset(eval_recs, tok, SEQ_LEN)
     max_new = 24
     prompts = [r["prompt"] for r in eval_recs]
-    before_txt = complete(base, tok, prompts, max_new)
+
+    def texts(m):  # greedy replies to the held-out prompts, one batch
+        return [c.text for c in complete(m, tok, prompts, max_new, batch_size=len(prompts))]
+
+    before_txt = texts(base)
     before = eval_stats(base, eval_ds, tok, batch_size=len(eval_recs))
     _say(f"   base model: eval loss {before['loss']:.3f}, {_n_ok(before_txt, eval_recs)} exact JSON answers "
          f"({_took(t0)})")
@@ -251,9 +240,9 @@ def run_demo(args) -> dict:
 
     # 4. generations: before, adapter on, adapter off
     t0 = _stage("4. greedy generations on held-out examples")
-    on_txt = complete(model, tok, prompts, max_new)
+    on_txt = texts(model)
     with model.disable_adapter():
-        off_txt = complete(model, tok, prompts, max_new)
+        off_txt = texts(model)
     for i in range(min(3 if quick else 4, len(eval_recs))):
         _say(f"   {eval_recs[i]['question']}")
         _say(f"      base          {before_txt[i]!r}")

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -96,18 +96,22 @@ def generation_eos(path: str, arch) -> Optional[list]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def chat_ids(tokenizer, messages: Union[str, list], system: Optional[str] = None) -> torch.Tensor:
-    """Prompt ids [1, T] for an instruct model: ``messages`` (a user string or a
-    list of ``{"role", "content"}``) through the tokenizer's chat template,
-    ending with the assistant's turn header."""
+def chat_prompt(tokenizer, messages: Union[str, list], system: Optional[str] = None) -> str:
+    """``messages`` (a user string or a list of ``{"role", "content"}``) through
+    the tokenizer's chat template, ending with the assistant's turn header."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if system is not None:
         messages = [{"role": "system", "content": system}] + list(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template; pass plain ids to generate() instead")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_ids(tokenizer, messages: Union[str, list], system: Optional[str] = None) -> torch.Tensor:
+    """Prompt ids [1, T] of :func:`chat_prompt` for an instruct model."""
+    from .data import prompt_ids
+    return torch.tensor([prompt_ids(tokenizer, chat_prompt(tokenizer, messages, system))])
 
 
 def chat(model, tokenizer, messages: Union[str, list], system: Optional[str] = None,
@@ -116,3 +120,43 @@ def chat(model, tokenizer, messages: Union[str, list], system: Optional[str] = N
     ids = chat_ids(tokenizer, messages, system)
     out = model.generate(ids, max_new_tokens=max_new_tokens, **generate_kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+class Completion(NamedTuple):
+    text: str     # decoded up to the first EOS, special tokens skipped, stripped
+    tokens: int   # new tokens generated (the EOS included)
+
+
+def complete(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8,
+             **generate_kwargs) -> list:
+    """:class:`Completion` of each prompt string (tokenized as training tokenizes
+    prompts, :func:`flora.data.prompt_ids`), generated in left-padded batches of
+    ``batch_size``; greedy by default, stopping at the checkpoint's EOS.
+    ``generate_kwargs`` go to :func:`flora.generation.generate` (temperature,
+    top_p, seed, streamer, compile, ...)."""
+    from .data import pad_id_of, prompt_ids
+    from .generation import _eos_set
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    eos = generate_kwargs.get("eos_token_id")
+    eos = set(_eos_set(model.generation_eos_token_id if eos is None else eos))
+    pad = generate_kwargs.pop("pad_token_id", None)
+    pad = pad_id_of(tokenizer) if pad is None else pad
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        enc = [prompt_ids(tokenizer, p) for p in prompts[b:b + batch_size]]
+        if not all(enc):
+            raise ValueError(f"prompt {b + [bool(e) for e in enc].index(False)} is empty (no tokens)")
+        T = max(len(e) for e in enc)
+        ids = torch.full((len(enc), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), T), dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, T - len(e):] = torch.tensor(e)
+            mask[i, T - len(e):] = 1
+        rows = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens,
+                              attention_mask=mask.to(model.device), pad_token_id=pad, **generate_kwargs)
+        for row in rows[:, T:].tolist():
+            n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            out.append(Completion(tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n))
+    return out

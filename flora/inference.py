@@ -1,0 +1,148 @@
+"""Generate with a model and an adapter from the command line: the logic behind
+``flora generate``, the step after ``flora train``.
+
+    flora generate --model DIR|FILE.gguf|smollm2 [--adapter OUT/adapter] [--compare] \\
+        (--prompt TEXT ... | --data prompts.jsonl [--limit N]) [--chat] \\
+        [--max-new-tokens 128] [--temperature T --top-p P --seed S] [--batch-size 8] [--out FILE.jsonl]
+
+Prompts are tokenized as ``flora train`` tokenizes them, so a training or
+evaluation JSONL works as it is; when its records carry a ``completion``,
+the exact-match rate against it is reported. ``--compare`` also generates
+with the adapter off (the base model, same weights). One prompt streams its
+tokens as they come; timing goes to stderr, the completions to stdout and,
+with ``--out``, to a JSONL file written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .devices import resolve_device
+from .fileio import atomic_write_text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", required=True,
+                   help="local Llama checkpoint directory, a Llama .gguf file, or 'smollm2' "
+                        "(SmolLM2-135M-Instruct, fetched once into ~/.cache/flora)")
+    p.add_argument("--adapter", default=None, help="adapter directory (flora's or a PEFT LoRA's)")
+    p.add_argument("--compare", action="store_true", help="also generate with the adapter off")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--data", help='JSONL of {"prompt"} records (a "completion" is the reference answer)')
+    p.add_argument("--limit", type=int, default=None, help="only the first N records of --data")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the tokenizer's chat template as the user's message")
+    p.add_argument("--system", default=None, help="with --chat: a system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--compile", action="store_true", help="decode step under torch.compile (slow first call)")
+    p.add_argument("--out", default=None, help="also write the results as JSONL here")
+    return p
+
+
+def _prompts(args) -> list:
+    from .data import load_prompts
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.data is None:
+        recs = [{"prompt": p, "completion": None} for p in args.prompt]
+    else:
+        recs = load_prompts(args.data)[:args.limit]
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
+    return recs
+
+
+def _load(args, device):
+    from .model import FusedLlama
+    from .pretrained import load_tokenizer, smollm2_path
+
+    path = smollm2_path() if args.model == "smollm2" else args.model
+    dtype = args.dtype if args.dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = FusedLlama.from_pretrained(path, adapter=args.adapter, dtype=dtype, device=device)
+    return model.eval(), load_tokenizer(path)
+
+
+def run_args(args) -> dict:
+    from .pretrained import chat_prompt, complete
+
+    if args.compare and args.adapter is None:
+        raise ValueError("--compare needs --adapter (it compares the adapter on and off)")
+    if args.out is not None:  # checked before the model loads, not after generating
+        out = os.path.realpath(args.out)
+        if args.data is not None and out == os.path.realpath(args.data):
+            raise ValueError("--out is the --data file; write the results elsewhere")
+        if os.path.isdir(out) or not os.access(os.path.dirname(out) or ".", os.W_OK):
+            raise ValueError(f"--out {args.out}: not a writable file path")
+    recs = _prompts(args)
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    model, tok = _load(args, device)
+    load_s = time.perf_counter() - t0
+    texts = [chat_prompt(tok, r["prompt"], args.system) if args.chat else r["prompt"] for r in recs]
+    stream = len(texts) == 1  # one prompt: its tokens print as they come
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
+               top_p=args.top_p, seed=args.seed, compile=args.compile)
+    runs = [("adapter" if args.adapter else "base", None)] + ([("base", "off")] if args.compare else [])
+    results, stats = {}, {}
+    for label, off in runs:
+        streamer = None
+        if stream:
+            from transformers import TextStreamer
+
+            print(f"[{label}] ", end="", flush=True)
+            streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        with model.disable_adapter() if off else contextlib.nullcontext():
+            if not args.compile:  # untimed: one-time costs (allocations, kernel setup) out of tokens/s
+                complete(model, tok, texts[:1], **{**gen, "max_new_tokens": min(2, args.max_new_tokens)})
+            t0 = time.perf_counter()
+            out = complete(model, tok, texts, streamer=streamer, **gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        secs = time.perf_counter() - t0
+        results[label] = out
+        new = sum(c.tokens for c in out)
+        stats[label] = {"seconds": round(secs, 3), "new_tokens": new, "tokens_per_s": round(new / secs, 1)}
+        if args.compile:
+            stats[label]["note"] = "includes torch.compile's compilation of each new batch shape"
+        refs = [r["completion"] for r in recs if r["completion"] is not None]
+        if refs:
+            hits = sum(c.text == r["completion"].strip() for c, r in zip(out, recs) if r["completion"] is not None)
+            stats[label]["exact_match"] = f"{hits}/{len(refs)}"
+    rows = []
+    for i, r in enumerate(recs):
+        row = {"prompt": r["prompt"]}
+        row.update({label: results[label][i].text for label, _ in runs})
+        if r["completion"] is not None:
+            row["reference"] = r["completion"]
+        rows.append(row)
+    if stream and "reference" in rows[0]:
+        print(f"[reference] {rows[0]['reference']}")
+    if not stream:
+        for i, row in enumerate(rows):
+            print(f"=== {i + 1}/{len(rows)}: {row['prompt']!r}")
+            for k, v in row.items():
+                if k != "prompt":
+                    print(f"[{k}] {v}")
+    if args.out is not None:
+        atomic_write_text(args.out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    summary = {"model": args.model, "adapter": args.adapter, "device": str(device),
+               "dtype": str(model.dtype).replace("torch.", ""), "prompts": len(rows),
+               "load_seconds": round(load_s, 2), "runs": stats}
+    sys.stdout.flush()  # the completions before the summary, also when both go to one terminal
+    print(json.dumps(summary), file=sys.stderr)
+    return summary

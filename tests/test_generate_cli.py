@@ -1,0 +1,125 @@
+"""`flora generate` and the library pieces under it (flora.pretrained.complete,
+flora.data.prompt_ids / load_prompts), against per-prompt generate() calls and
+separately loaded models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _train_helpers import records, tiny_checkpoint
+
+from flora import FusedLlama
+from flora.bench.latency import randomize_adapter
+from flora.cli import main
+from flora.config import AdapterConfig
+from flora.data import load_prompts, load_tokenizer, prompt_ids
+from flora.pretrained import complete
+from flora.synthetic import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    ckpt = tiny_checkpoint(d / "ckpt", seed=3)
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
+    randomize_adapter(m, seed=0)  # a non-zero adapter: its generations differ from the base's
+    m.save_adapter(d / "adapter")
+    recs = records(n=6, split="eval")
+    data = write_jsonl(recs, d / "eval.jsonl")
+    return d, ckpt, d / "adapter", data, recs
+
+
+def _alone(model, tok, prompt, n):
+    """Reference: one prompt, no padding, generate() directly; new ids up to the first EOS."""
+    ids = torch.tensor([prompt_ids(tok, prompt)])
+    row = model.generate(ids, max_new_tokens=n)[0, ids.shape[1]:].tolist()
+    eos = model.generation_eos_token_id
+    k = next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
+    return tok.decode(row[:k], skip_special_tokens=True).strip(), k
+
+
+def test_complete_batches_match_one_prompt_at_a_time(setup):
+    _, ckpt, adapter, _, recs = setup
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=str(adapter))
+    tok = load_tokenizer(ckpt)
+    prompts = [r["prompt"] for r in recs] + ["a", "between a and z -> b c d"]  # several lengths: left padding
+    got = complete(m, tok, prompts, max_new_tokens=10, batch_size=3)
+    assert len(got) == len(prompts)
+    for p, c in zip(prompts, got):
+        assert (c.text, c.tokens) == _alone(m, tok, p, 10)
+    with pytest.raises(ValueError, match="batch_size"):
+        complete(m, tok, prompts, batch_size=0)
+
+
+def test_prompt_ids_add_no_second_bos(setup):
+    _, ckpt, *_ = setup
+    tok = load_tokenizer(ckpt)
+    plain = prompt_ids(tok, "a b")
+    assert plain[0] == tok.bos_token_id
+    assert prompt_ids(tok, tok.bos_token + " a b") == plain  # a template's BOS is the only one
+
+
+def test_cli_generate_compare_and_out(setup, tmp_path, capsys):
+    _, ckpt, adapter, data, recs = setup
+    out = tmp_path / "res.jsonl"
+    argv = ["generate", "--model", str(ckpt), "--adapter", str(adapter), "--compare", "--data", str(data),
+            "--max-new-tokens", "8", "--batch-size", "4", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tok = load_tokenizer(ckpt)
+    on = FusedLlama.from_pretrained(str(ckpt), adapter=str(adapter))
+    base = FusedLlama.from_pretrained(str(ckpt))  # the base loaded alone: --compare's adapter-off run
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in recs]
+    for row, rec in zip(rows, recs):
+        assert row["adapter"] == _alone(on, tok, rec["prompt"], 8)[0]
+        assert row["base"] == _alone(base, tok, rec["prompt"], 8)[0]
+        assert row["reference"] == rec["completion"]
+    assert any(r["adapter"] != r["base"] for r in rows)
+    std = capsys.readouterr()
+    summary = json.loads(std.err.strip().splitlines()[-1])
+    hits = sum(r["adapter"] == r["reference"].strip() for r in rows)
+    assert summary["runs"]["adapter"]["exact_match"] == f"{hits}/{len(rows)}"
+    assert summary["prompts"] == len(rows) and "[base]" in std.out
+
+
+def test_cli_generate_one_prompt_streams(setup, capsys):
+    _, ckpt, adapter, _, recs = setup
+    prompt = recs[0]["prompt"]
+    assert main(["generate", "--model", str(ckpt), "--adapter", str(adapter), "--prompt", prompt,
+                 "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    text = _alone(FusedLlama.from_pretrained(str(ckpt), adapter=str(adapter)), load_tokenizer(ckpt), prompt, 8)[0]
+    assert capsys.readouterr().out.strip() == f"[adapter] {text}"
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--compare"], "--compare needs --adapter"),
+    (["--system", "be brief"], "--system needs --chat"),
+    (["--chat"], "no chat template"),
+    (["--dtype", "int8"], "unknown dtype"),
+    (["--limit", "0"], "--limit"),
+    (["--batch-size", "0"], "batch_size"),
+    (["--temperature", "-1"], "temperature"),
+])
+def test_cli_generate_bad_input_is_one_line(setup, capsys, extra, msg):
+    _, ckpt, _, data, _ = setup
+    assert main(["generate", "--model", str(ckpt), "--data", str(data), "--device", "cpu"] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flora generate: error:") and msg in err and "\n" not in err
+
+
+def test_cli_generate_bad_files(setup, tmp_path, capsys):
+    _, ckpt, _, data, _ = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    cases = [["--data", str(tmp_path / "none.jsonl")], ["--data", str(bad)],
+             ["--data", str(data), "--out", str(data)], ["--data", str(data), "--out", str(tmp_path)],
+             ["--data", str(data), "--out", str(tmp_path / "no" / "x.jsonl")],
+             ["--data", str(data), "--adapter", str(tmp_path / "no")]]
+    before = data.read_bytes()
+    for extra in cases:
+        assert main(["generate", "--model", str(ckpt), "--device", "cpu"] + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("flora generate: error:") and "\n" not in err, err
+    assert data.read_bytes() == before  # never overwritten
+    assert "bad.jsonl:2" in str(pytest.raises(ValueError, load_prompts, bad).value)
