@@ -40,8 +40,9 @@
 #                --prompt 512 --mode both`. ~2-3 min.
 #   kernels-short bench/kernels.py --device cuda on the 1B shapes, M = 1,16,256, r = 32,
 #                bf16, eager and CUDA graphs (rows written as measured). ~1 min.
-#   cli          `flora demo --device cuda --quick` and a 20-step `flora train --bf16 on` (ffba,
-#                r 32, batch 8) on the real SmolLM2 blocks from .device. ~1-2 min.
+#   cli          `flora demo --device cuda --quick`, a 20-step `flora train --bf16 on` (ffba,
+#                r 32, batch 8) on the real SmolLM2 blocks from .device, then `flora generate
+#                --compare` with that adapter on 16 of its prompts. ~1-2 min.
 # Longer stages, for calls of their own (a 10-minute call each; mind the 15 minutes):
 #   test         pytest -m cuda, then the rest of the suite (-m "not cuda"). 1-3 min.
 #   sanitize     compute-sanitizer memcheck over the CUDA subset, racecheck over the
@@ -537,9 +538,13 @@ write_jsonl(finetune_data("topic", 160, seed=0), sys.argv[1])' "$d/train.jsonl" 
   run "$PY" -m flora train --model "$DEVICE_GGUF" --data "$d/train.jsonl" --variant ffba --rank 32 \
     --max-steps 20 --batch-size 8 --seq-len 64 --bf16 on --device cuda --no-progress --out "$d/train" \
     2>&1 | tee "$d/train.txt" || rc=$?
+  # the trained adapter on and off, batched left-padded prompts, CUDA-graph decode in bf16
+  run "$PY" -m flora generate --model "$DEVICE_GGUF" --adapter "$d/train/adapter" --compare --data "$d/train.jsonl" \
+    --limit 16 --max-new-tokens 16 --device cuda --out "$OUT/cli-generate.jsonl" 2>&1 | tee "$d/generate.txt" || rc=$?
   [ "$DRY" = 1 ] && { key "dry"; return 0; }
   key "demo $([ -s "$d/demo/latency.png" ] && echo completed || echo FAILED); train: $(tail -n 1 "$d/train.txt" \
-    | "$PY" -c 'import json, sys; d = json.loads(sys.stdin.read()); print("%d steps, loss %.3g, %.0f tok/s" % (d["steps"], d["final_train_loss"], d["tokens_per_s"]))' 2>/dev/null || echo FAILED)"
+    | "$PY" -c 'import json, sys; d = json.loads(sys.stdin.read()); print("%d steps, loss %.3g, %.0f tok/s" % (d["steps"], d["final_train_loss"], d["tokens_per_s"]))' 2>/dev/null || echo FAILED); generate: $(tail -n 1 "$d/generate.txt" \
+    | "$PY" -c 'import json, sys; r = json.loads(sys.stdin.read())["runs"]; print(", ".join("%s %s exact, %.0f tok/s" % (k, v["exact_match"], v["tokens_per_s"]) for k, v in r.items()))' 2>/dev/null || echo FAILED)"
   return "$rc"
 }
 
