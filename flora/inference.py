@@ -56,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _prompts(args) -> list:
     from .data import load_prompts
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.limit is not None and (args.limit < 1 or args.data is None):
+        raise ValueError(f"--limit takes an integer >= 1 and applies to --data, got {args.limit}"
+                         + ("" if args.data is not None else " with --prompt"))
     if args.data is None:
         recs = [{"prompt": p, "completion": None} for p in args.prompt]
     else:

@@ -98,12 +98,14 @@ def test_cli_generate_one_prompt_streams(setup, capsys):
     (["--chat"], "no chat template"),
     (["--dtype", "int8"], "unknown dtype"),
     (["--limit", "0"], "--limit"),
+    (["--limit", "2", "--prompt", "a"], "--limit"),
     (["--batch-size", "0"], "batch_size"),
     (["--temperature", "-1"], "temperature"),
 ])
 def test_cli_generate_bad_input_is_one_line(setup, capsys, extra, msg):
     _, ckpt, _, data, _ = setup
-    assert main(["generate", "--model", str(ckpt), "--data", str(data), "--device", "cpu"] + extra) == 2
+    src = [] if "--prompt" in extra else ["--data", str(data)]
+    assert main(["generate", "--model", str(ckpt), "--device", "cpu"] + src + extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flora generate: error:") and msg in err and "\n" not in err
 
