@@ -107,14 +107,10 @@ def real_llama(path):
 
 def chat_batch(tok, pad, device):
     """PROMPTS through the chat template, left-padded into one batch + mask."""
+    from flora.generation import left_pad
     from flora.pretrained import chat_ids
 
-    rows = [chat_ids(tok, q)[0] for q in PROMPTS]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    ids, mask = left_pad([chat_ids(tok, q)[0] for q in PROMPTS], pad)
     return ids.to(device), mask.to(device)
 
 

@@ -300,6 +300,18 @@ def _eos_set(eos_token_id) -> list:
     return [int(e) for e in eos_token_id]
 
 
+def left_pad(seqs, pad_id: int) -> tuple:
+    """Token id sequences (lists or 1-D tensors) -> ``(input_ids, attention_mask)``
+    [B, T], left-padded with ``pad_id`` to the longest: the batch :func:`generate` takes."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
 def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
              pad_token_id: Optional[int] = None, seed: Optional[int] = None,

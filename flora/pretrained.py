@@ -135,7 +135,7 @@ def complete(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_s
     ``generate_kwargs`` go to :func:`flora.generation.generate` (temperature,
     top_p, seed, streamer, compile, ...)."""
     from .data import pad_id_of, prompt_ids
-    from .generation import _eos_set
+    from .generation import _eos_set, left_pad
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -148,12 +148,8 @@ def complete(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_s
         enc = [prompt_ids(tokenizer, p) for p in prompts[b:b + batch_size]]
         if not all(enc):
             raise ValueError(f"prompt {b + [bool(e) for e in enc].index(False)} is empty (no tokens)")
-        T = max(len(e) for e in enc)
-        ids = torch.full((len(enc), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), T), dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, T - len(e):] = torch.tensor(e)
-            mask[i, T - len(e):] = 1
+        ids, mask = left_pad(enc, pad)
+        T = ids.shape[1]
         rows = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens,
                               attention_mask=mask.to(model.device), pad_token_id=pad, **generate_kwargs)
         for row in rows[:, T:].tolist():
