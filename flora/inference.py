@@ -1,14 +1,16 @@
 """Generate with a model and an adapter from the command line: the logic behind
 ``flora generate``, the step after ``flora train``.
 
-    flora generate --model DIR|FILE.gguf|smollm2 [--adapter OUT/adapter] [--compare] \\
+    flora generate --model DIR|FILE.gguf|smollm2 [--adapter OUT/adapter ...] [--compare] \\
         (--prompt TEXT ... | --data prompts.jsonl [--limit N]) [--chat] \\
         [--max-new-tokens 128] [--temperature T --top-p P --seed S] [--batch-size 8] [--out FILE.jsonl]
 
 Prompts are tokenized as ``flora train`` tokenizes them, so a training or
 evaluation JSONL works as it is; when its records carry a ``completion``,
 the exact-match rate against it is reported. ``--compare`` also generates
-with the adapter off (the base model, same weights). One prompt streams its
+with the adapter off (the base model, same weights). Several ``--adapter``
+(of one variant, rank and targets) share the model and are switched between
+runs, as a server would switch them (only adapter tensors are copied). One prompt streams its
 tokens as they come; timing goes to stderr, the completions to stdout and,
 with ``--out``, to a JSONL file written atomically.
 """
@@ -31,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="local Llama checkpoint directory, a Llama .gguf file, or 'smollm2' "
                         "(SmolLM2-135M-Instruct, fetched once into ~/.cache/flora)")
-    p.add_argument("--adapter", default=None, help="adapter directory (flora's or a PEFT LoRA's)")
+    p.add_argument("--adapter", action="append", default=None,
+                   help="adapter directory (flora's or a PEFT LoRA's); repeat to run several in turn")
     p.add_argument("--compare", action="store_true", help="also generate with the adapter off")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -74,14 +77,22 @@ def _load(args, device):
 
     path = smollm2_path() if args.model == "smollm2" else args.model
     dtype = args.dtype if args.dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = FusedLlama.from_pretrained(path, adapter=args.adapter, dtype=dtype, device=device)
-    return model.eval(), load_tokenizer(path)
+    adapters = args.adapter or []
+    model = FusedLlama.from_pretrained(path, adapter=adapters[0] if adapters else None, dtype=dtype, device=device)
+    names = [model.active_adapter] if adapters else []
+    for i, a in enumerate(adapters[1:], 2):  # one model, its adapters switched: the base is loaded once
+        try:
+            model.load_adapter(a, name=f"adapter{i}", activate=False)
+        except ValueError as e:  # another variant / rank / targets: cannot share the model
+            raise ValueError(f"--adapter {a}: {e}; run those adapters in separate commands") from None
+        names.append(f"adapter{i}")
+    return model.eval(), load_tokenizer(path), names
 
 
 def run_args(args) -> dict:
     from .pretrained import chat_prompt, complete
 
-    if args.compare and args.adapter is None:
+    if args.compare and not args.adapter:
         raise ValueError("--compare needs --adapter (it compares the adapter on and off)")
     if args.out is not None:  # checked before the model loads, not after generating
         out = os.path.realpath(args.out)
@@ -92,22 +103,28 @@ def run_args(args) -> dict:
     recs = _prompts(args)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    model, tok = _load(args, device)
+    if args.adapter and len({os.path.realpath(a) for a in args.adapter}) < len(args.adapter):
+        raise ValueError("--adapter: the same adapter is given twice")
+    model, tok, names = _load(args, device)
     load_s = time.perf_counter() - t0
     texts = [chat_prompt(tok, r["prompt"], args.system) if args.chat else r["prompt"] for r in recs]
     stream = len(texts) == 1  # one prompt: its tokens print as they come
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                top_p=args.top_p, seed=args.seed, compile=args.compile)
-    runs = [("adapter" if args.adapter else "base", None)] + ([("base", "off")] if args.compare else [])
+    # (label, adapter name or None for the base)
+    runs = ([("adapter", names[0])] if len(names) == 1 else [(f"adapter{i}", n) for i, n in enumerate(names, 1)])
+    runs += [("base", None)] if args.compare or not names else []
     results, stats = {}, {}
-    for label, off in runs:
+    for label, name in runs:
+        if name is not None:
+            model.set_adapter(name)
         streamer = None
         if stream:
             from transformers import TextStreamer
 
             print(f"[{label}] ", end="", flush=True)
             streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        with model.disable_adapter() if off else contextlib.nullcontext():
+        with model.disable_adapter() if name is None and names else contextlib.nullcontext():
             if not args.compile:  # untimed: one-time costs (allocations, kernel setup) out of tokens/s
                 complete(model, tok, texts[:1], **{**gen, "max_new_tokens": min(2, args.max_new_tokens)})
             t0 = time.perf_counter()
@@ -141,7 +158,8 @@ def run_args(args) -> dict:
                     print(f"[{k}] {v}")
     if args.out is not None:
         atomic_write_text(args.out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    summary = {"model": args.model, "adapter": args.adapter, "device": str(device),
+    labels = {label: a for (label, _), a in zip(runs, args.adapter or [])}
+    summary = {"model": args.model, "adapters": labels, "device": str(device),
                "dtype": str(model.dtype).replace("torch.", ""), "prompts": len(rows),
                "load_seconds": round(load_s, 2), "runs": stats}
     sys.stdout.flush()  # the completions before the summary, also when both go to one terminal

@@ -83,6 +83,38 @@ def test_cli_generate_compare_and_out(setup, tmp_path, capsys):
     assert summary["prompts"] == len(rows) and "[base]" in std.out
 
 
+def test_cli_generate_switches_several_adapters(setup, tmp_path, capsys):
+    _, ckpt, adapter, data, recs = setup
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
+    randomize_adapter(m, seed=1)  # same structure, other values
+    m.save_adapter(tmp_path / "second")
+    out = tmp_path / "res.jsonl"
+    assert main(["generate", "--model", str(ckpt), "--adapter", str(adapter), "--adapter", str(tmp_path / "second"),
+                 "--compare", "--data", str(data), "--max-new-tokens", "8", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tok = load_tokenizer(ckpt)
+    refs = {"adapter1": FusedLlama.from_pretrained(str(ckpt), adapter=str(adapter)),
+            "adapter2": FusedLlama.from_pretrained(str(ckpt), adapter=str(tmp_path / "second")),
+            "base": FusedLlama.from_pretrained(str(ckpt))}
+    for row, rec in zip(rows, recs):
+        for label, model in refs.items():
+            assert row[label] == _alone(model, tok, rec["prompt"], 8)[0], label
+    assert any(r["adapter1"] != r["adapter2"] for r in rows)
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["adapters"] == {"adapter1": str(adapter), "adapter2": str(tmp_path / "second")}
+    # adapters of another structure cannot share the model: one line, exit 2
+    z = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("zflora", 4, 8))
+    z.save_adapter(tmp_path / "z")
+    assert main(["generate", "--model", str(ckpt), "--adapter", str(adapter), "--adapter", str(tmp_path / "z"),
+                 "--data", str(data), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flora generate: error:") and "structure" in err and "\n" not in err
+    assert main(["generate", "--model", str(ckpt), "--adapter", str(adapter), "--adapter", str(adapter),
+                 "--data", str(data), "--device", "cpu"]) == 2
+    assert "twice" in capsys.readouterr().err
+
+
 def test_cli_generate_one_prompt_streams(setup, capsys):
     _, ckpt, adapter, _, recs = setup
     prompt = recs[0]["prompt"]
