@@ -94,6 +94,8 @@ def run_args(args) -> dict:
 
     if args.compare and not args.adapter:
         raise ValueError("--compare needs --adapter (it compares the adapter on and off)")
+    if args.adapter and len({os.path.realpath(a) for a in args.adapter}) < len(args.adapter):
+        raise ValueError("--adapter: the same adapter is given twice")
     if args.out is not None:  # checked before the model loads, not after generating
         out = os.path.realpath(args.out)
         if args.data is not None and out == os.path.realpath(args.data):
@@ -103,8 +105,6 @@ def run_args(args) -> dict:
     recs = _prompts(args)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    if args.adapter and len({os.path.realpath(a) for a in args.adapter}) < len(args.adapter):
-        raise ValueError("--adapter: the same adapter is given twice")
     model, tok, names = _load(args, device)
     load_s = time.perf_counter() - t0
     texts = [chat_prompt(tok, r["prompt"], args.system) if args.chat else r["prompt"] for r in recs]
