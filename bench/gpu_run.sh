@@ -211,6 +211,7 @@ EOF
     rm -f "$STAMP"
     # Editable: the build puts flora/_C*.so into the source tree that pytest and
     # the benchmarks import from the repository root (as in the README).
+    # tools/device_twin.sh rehearses this command and environment on the CPU: keep them alike.
     run "$PY" -m pip install --no-deps --no-build-isolation --no-index -v -e .
     key "built in $(( $(date +%s) - t0 )) s, archs $TORCH_CUDA_ARCH_LIST"
   fi

@@ -114,6 +114,7 @@ def run_args(args) -> dict:
     # (label, adapter name or None for the base)
     runs = ([("adapter", names[0])] if len(names) == 1 else [(f"adapter{i}", n) for i, n in enumerate(names, 1)])
     runs += [("base", None)] if args.compare or not names else []
+    refs = {i: r["completion"].strip() for i, r in enumerate(recs) if r["completion"] is not None}
     results, stats = {}, {}
     for label, name in runs:
         if name is not None:
@@ -137,10 +138,8 @@ def run_args(args) -> dict:
         stats[label] = {"seconds": round(secs, 3), "new_tokens": new, "tokens_per_s": round(new / secs, 1)}
         if args.compile:
             stats[label]["note"] = "includes torch.compile's compilation of each new batch shape"
-        refs = [r["completion"] for r in recs if r["completion"] is not None]
         if refs:
-            hits = sum(c.text == r["completion"].strip() for c, r in zip(out, recs) if r["completion"] is not None)
-            stats[label]["exact_match"] = f"{hits}/{len(refs)}"
+            stats[label]["exact_match"] = f"{sum(out[i].text == ref for i, ref in refs.items())}/{len(refs)}"
     rows = []
     for i, r in enumerate(recs):
         row = {"prompt": r["prompt"]}
