@@ -437,6 +437,9 @@ missed = [g["goal"] for g in goals if not g["met"]]
 key = f"goals {len(goals) - len(missed)}/{len(goals)} met; {len(rows)} rows"
 key += f", {len(skipped)} skipped" if skipped else ""
 key += f"; copy {res.get('copy_gbps', 0):.0f} GB/s"
+for m in res.get("models", []):  # GPU memory of loading against the weights (1x: no second copy)
+    if m.get("load_peak_bytes"):
+        key += f"; {m['model']} load peak {m['load_peak_bytes'] / m['weight_bytes']:.2f}x weights"
 open(keyfile, "w").write(key + "\n")
 EOF
   return "$rc"

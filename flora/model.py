@@ -39,6 +39,17 @@ def _adjacent(q: Tensor, k: Tensor) -> Optional[Tensor]:
     return q.as_strided((q.shape[0], q.shape[1] + k.shape[1]), q.stride())
 
 
+class _Converted(dict):
+    """A checkpoint's tensors, each converted (``Tensor.to``) on its one read."""
+
+    def __init__(self, sd: dict, **to):
+        super().__init__(sd)
+        self._to = to
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.pop(key).to(**self._to)
+
+
 class FusedLlamaLayer(nn.Module):
     """One decoder layer's weights; the computation lives in FusedLlama.run_layers."""
 
@@ -86,6 +97,19 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         self.gradient_checkpointing = False
         self.config = HFConfigView(arch)
         self.generation_eos_token_id = arch.eos_token_id
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() convert buffers one by one, which would give the tied
+        # embedding a copy of its own: convert the head alone and tie again. RoPE's
+        # frequencies stay fp32 whatever the weights' dtype.
+        tied = self.arch.tie_word_embeddings
+        if tied:
+            self._buffers["embed"] = None
+        super()._apply(fn, recurse)
+        if tied:
+            self.embed = self.head.weight
+        self.inv_freq = rope_inv_freq(self.arch).to(self.embed.device)
+        return self
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -143,7 +167,9 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             device = sd["model.embed_tokens.weight"].device
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"the checkpoint's dtype is {dtype}; pass dtype= float16, bfloat16, float32 or float64")
-        sd = {k: v.to(device=device, dtype=dtype, copy=copy) for k, v in sd.items()}
+        # each tensor is moved / cast when the model reads it and dropped once copied into its
+        # fused storage, so a dtype or device change never holds a second copy of the model
+        sd = _Converted(sd, device=device, dtype=dtype, copy=copy)
 
         cfg, adapter_sd, name = None, None, None
         if adapter is not None:

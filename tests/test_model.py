@@ -202,6 +202,72 @@ def test_from_pretrained_dtype_and_memory(tmp_path):
     assert not os.path.exists(os.path.join(path, "adapter_config.json"))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_to_keeps_tied_head_and_fp32_rope(tied, tmp_path):
+    """.to() converts buffers one by one: the tied embedding must stay the head's
+    weight (stored once, as users expect of ``.cuda()`` / ``.half()``) and RoPE's
+    frequencies fp32, so a cast model computes exactly what one loaded in that dtype does."""
+    path = save_model(llama_model(tied=tied, rope_scaling=True), str(tmp_path / "m"))
+    m = FusedLlama.from_pretrained(path, adapter=AdapterConfig("zflora", rank=4, alpha=8))
+    randomize_adapter(m)
+    m.save_adapter(str(tmp_path / "a"))
+    assert m.to(torch.bfloat16) is m
+    ref = FusedLlama.from_pretrained(path, dtype=torch.bfloat16, adapter=str(tmp_path / "a"))
+    assert m.inv_freq.dtype == torch.float32
+    shared = m.embed.untyped_storage().data_ptr() == m.head.weight.untyped_storage().data_ptr()
+    assert shared == tied
+    assert torch.equal(m.embed, ref.embed)
+    ids = random_ids(2, 40)
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, ref(ids).logits)
+        m.half()  # and another cast after that
+        assert m.embed.dtype == torch.float16 and m.inv_freq.dtype == torch.float32
+        assert (m.embed.untyped_storage().data_ptr() == m.head.weight.untyped_storage().data_ptr()) == tied
+        assert torch.isfinite(m(ids).logits).all()
+
+
+def test_from_pretrained_converts_tensor_by_tensor():
+    """A dtype (or device) change converts each source tensor when the model reads
+    it, and the converted copy of a projection is gone once its fused storage holds
+    it: at most one group's weights (q, k, v) exist converted at any time, never
+    the whole model beside its fused storage."""
+    import weakref
+
+    hf = llama_model(tied=False)
+    vocab = hf.config.vocab_size
+    live, most = [], [0]
+    real_to = torch.Tensor.to
+
+    def spy(t, *a, **kw):
+        out = real_to(t, *a, **kw)
+        if out is not t and out.dim() == 2 and vocab not in out.shape:  # a projection's weight
+            live.append(weakref.ref(out))
+            most[0] = max(most[0], sum(r() is not None for r in live))
+        return out
+
+    torch.Tensor.to = spy
+    try:
+        FusedLlama.from_pretrained(hf, dtype=torch.float64)
+    finally:
+        torch.Tensor.to = real_to
+    assert len(live) == 7 * hf.config.num_hidden_layers  # every projection converted once
+    assert most[0] <= 3
+
+
+def test_load_memory_bench_runs():
+    """bench/load_memory.py prints one row per target dtype (the figures are for bench/RESULTS.md)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "load_memory.py")
+    out = subprocess.run([sys.executable, script, "--shape", "tiny", "--dtypes", "bfloat16", "float32"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| tiny |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["bf16 -> bfloat16", "bf16 -> float32"]
+    assert all(r.rstrip(" |").endswith("x") for r in rows)
+
+
 def test_trainer_drives_fused_llama(tmp_path):
     """A few steps of transformers.Trainer on the adapter parameters only."""
     from transformers import Trainer, TrainingArguments

@@ -488,7 +488,16 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
     decode step runs."""
 
     dev, rows = plan.device, []
+    if dev.type == "cuda":  # what loading costs on the GPU beyond the weights it keeps
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
     base, _ = build_flora(hf, "base", plan.rank, plan.alpha, dtype, dev, plan.seed + 1)
+    if dev.type == "cuda" and info is not None:
+        info["load_peak_bytes"] = torch.cuda.max_memory_allocated(dev) - before
+        info["load_kept_bytes"] = torch.cuda.memory_allocated(dev) - before
+        log(f"  flora base load: peak {info['load_peak_bytes'] / 2**30:.2f} GiB beyond the transformers model, "
+            f"{info['load_kept_bytes'] / 2**30:.2f} GiB kept")
     if info is not None:
         info["attention"] = attention_backend(base)
         log(f"  decode attention: {info['attention']}")
@@ -800,6 +809,10 @@ def write_outputs(result: dict, args, log=print) -> dict:
                   if i.get("attention")})
     if att:  # which SDPA kernel the decode step runs (issue 12.5)
         md += "\n\nDecode attention kernel: " + "; ".join(att) + "\n"
+    loads = [f"{i['label']} {_short_dt(i['dtype'])}: peak {i['load_peak_bytes'] / i['weight_bytes']:.2f}x, "
+             f"kept {i['load_kept_bytes'] / i['weight_bytes']:.2f}x" for i in result["models"] if i.get("load_peak_bytes")]
+    if loads:  # GPU memory of FusedLlama.from_pretrained beyond the transformers model, over the weight bytes
+        md += "\nflora base load, GPU memory over the weight bytes: " + "; ".join(loads) + "\n"
     if not args.no_results:
         paths["results"] = Path(args.results)
         append_results(paths["results"], md)
