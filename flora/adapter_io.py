@@ -17,9 +17,6 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
-import stat
 from typing import Optional
 
 import torch
@@ -28,7 +25,7 @@ from safetensors.torch import save_file
 from ._version import __version__
 from .checkpoint import read_safetensors_header, load_safetensors
 from .config import AdapterConfig, LlamaArch
-from .fileio import atomic_write_json
+from .fileio import atomic_write_dir, atomic_write_json, recover_interrupted_save
 from .modules.variants import adapter_shapes
 
 FORMAT = "flora-adapter"
@@ -44,6 +41,11 @@ _GROUP_PREFIX = {"qkv": "attn", "o": "o", "gateup": "mlp", "down": "mlp"}
 _HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
               "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
               "down": "mlp.down_proj"}
+def hf_module(proj: str) -> str:
+    """The transformers module path inside a layer of projection ``proj`` ("q" -> "self_attn.q_proj")."""
+    return _HF_MODULE[proj]
+
+
 _PREFIX_OF_PROJ = {"q": "attn", "k": "attn", "v": "attn", "o": "o",
                    "gate": "mlp", "up": "mlp", "down": "mlp"}
 
@@ -79,139 +81,6 @@ def check_adapter_state_dict(arch: LlamaArch, cfg, sd: dict, where: str = "adapt
     if problems:
         raise AdapterError(f"{where}: adapter does not match the base model ({cfg.variant}, rank "
                            f"{cfg.rank}): " + "; ".join(problems))
-
-
-# --------------------------------------------------------------------------
-# atomic directory writes
-# --------------------------------------------------------------------------
-def fsync_dir(path) -> None:
-    """Make a rename inside `path` durable (best effort where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _owner_alive(name: str, prefix: str) -> bool:
-    """Whether the process that made the temp dir ``name`` (``<prefix><pid>-<token>``) still runs."""
-    pid = name[len(prefix):].split("-", 1)[0]
-    if not pid.isdigit():
-        return False  # an older flora's name (no pid): long finished
-    if int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def recover_interrupted_save(path) -> None:
-    """Undo what a killed save of directory ``path`` left next to it: when
-    ``path`` is gone (killed between the two renames) the previous adapter is
-    moved back from ``.<name>.old-*``; unfinished ``.<name>.tmp-*`` and spent
-    ``.old-*`` directories are removed. Directories of a save still running
-    (its process alive) are left alone."""
-    path = os.path.realpath(os.fspath(path))
-    parent, base = os.path.split(path)
-    if not os.path.isdir(parent):
-        return
-    dead = {"tmp": [], "old": []}
-    for name in os.listdir(parent):
-        for kind in dead:
-            prefix = f".{base}.{kind}-"
-            if name.startswith(prefix) and not _owner_alive(name, prefix):
-                dead[kind].append(os.path.join(parent, name))
-    olds = sorted(dead["old"], key=os.path.getmtime)
-    if olds and not os.path.lexists(path):
-        os.rename(olds.pop(), path)  # the adapter that was live when the save was killed
-        fsync_dir(parent)
-    for d in dead["tmp"] + olds:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def atomic_write_dir(path, writers: dict) -> None:
-    """Create/replace directory ``path`` holding the files ``writers`` produce.
-
-    ``writers``: file name -> fn(full_path). Everything is written and fsynced
-    in a temporary sibling directory first. An existing ``path`` may hold only
-    adapter files (we never delete foreign files); files there that this save
-    does not write (a README.md) are carried over, so a save removes only
-    files it writes. The old directory is moved aside, the new one renamed in
-    (with the old one's permissions), then the old one removed. On any failure
-    the old directory is put back and the temporary one removed; a save
-    killed outright is recovered by the next save or load
-    (:func:`recover_interrupted_save`). A symlink ``path`` is written through
-    (the link keeps pointing at the adapter); a read-only ``path`` is refused.
-    """
-    path = os.path.realpath(os.fspath(path))  # write through a symlink, do not replace it
-    parent, base = os.path.split(path)
-    recover_interrupted_save(path)
-    keep, mode = [], None
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise FileExistsError(f"{path} exists and is not a directory")
-        foreign = sorted(set(os.listdir(path)) - _OURS)
-        if foreign:
-            raise FileExistsError(
-                f"{path} holds files that are not part of an adapter ({', '.join(foreign[:5])}); "
-                f"save the adapter into a new or empty directory so nothing else is replaced")
-        st = os.stat(path)
-        mode = stat.S_IMODE(st.st_mode)
-        if not os.access(path, os.W_OK) or not mode & 0o222:  # mode bits too: root passes os.access
-            raise PermissionError(f"{path} is read-only; not replacing the adapter in it "
-                                  f"(make it writable or save elsewhere)")
-        keep = sorted(set(os.listdir(path)) - set(writers))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        os.mkdir(tmp)  # mode from the umask, unlike mkdtemp's 0700
-    except PermissionError:
-        raise PermissionError(f"cannot save to {path}: {parent} is not writable") from None
-    old = None
-    try:
-        for name, write in writers.items():
-            full = os.path.join(tmp, name)
-            write(full)
-            _fsync_file(full)
-        for name in keep:
-            src, dst = os.path.join(path, name), os.path.join(tmp, name)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        fsync_dir(tmp)
-        if os.path.exists(path):
-            old = os.path.join(parent, f".{base}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        tmp = None
-        fsync_dir(parent)
-    except BaseException:
-        if old is not None and not os.path.exists(path):
-            os.rename(old, path)  # put the good adapter back
-            old = None
-        raise
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256(path: str) -> str:
@@ -251,7 +120,7 @@ def save_adapter(model, path) -> None:
     def write_config(full):
         atomic_write_json(full, {**meta, "tensors_sha256": digest["sha"]})
 
-    atomic_write_dir(path, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
+    atomic_write_dir(path, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config}, _OURS, "an adapter")
 
 
 def _read_json(path: str) -> dict:
@@ -466,4 +335,4 @@ def export_peft(model, path, base_model_name_or_path: Optional[str] = None) -> N
             "base_model_name_or_path": base_model_name_or_path}
 
     atomic_write_dir(path, {PEFT_WEIGHTS_NAME: lambda full: _write_tensors(full, tensors, {"format": "pt"}),
-                            CONFIG_NAME: lambda full: atomic_write_json(full, meta)})
+                            CONFIG_NAME: lambda full: atomic_write_json(full, meta)}, _OURS, "an adapter")

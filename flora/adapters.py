@@ -123,20 +123,52 @@ class AdapterRegistry:
                 m.unfold()
             self._folded = False
 
-    def merge_into_base(self) -> None:
-        """W += s B A for lora / pf-lora; other variants cannot be merged."""
+    def _check_mergeable(self) -> None:
         cfg = self.adapter_config
         if cfg is None:
             raise ValueError("no adapter to merge")
-        if cfg.variant not in MERGEABLE:
+        if cfg.base_variant not in MERGEABLE:
             raise ValueError(
                 f"variant {cfg.variant!r} cannot be merged into the base weights (only "
-                f"{', '.join(MERGEABLE)} can); it already runs inside the base GEMMs")
+                f"{', '.join(MERGEABLE)} and their -mha forms can); it already runs inside the base GEMMs")
+
+    def merge_into_base(self) -> None:
+        """W += s B A for lora / pf-lora; other variants cannot be merged."""
+        self._check_mergeable()
         self.unfold()
         with torch.no_grad():
             for _, m in self.adapter_modules():
                 m.merge_into_base()
         self._merged = True
+
+    def merged_state_dict(self) -> dict:
+        """The base weights under their HF names with the lora / pf-lora adapter
+        added (W + s B A in float64, rounded once to W's dtype, as
+        :meth:`merge_into_base`), as new tensors: the model is left as it is.
+        No adapter, or one already merged: the base weights as they are."""
+        sd = self.base_state_dict()
+        if self.adapter_config is None or self.merged:
+            return sd
+        self._check_mergeable()
+        s, ad = self.adapter_config.scale, self.adapter_state_dict()
+        for k in [k for k in ad if k.rsplit(".", 1)[1].startswith("A_")]:
+            prefix, name = k.rsplit(".", 1)
+            proj = name[2:]
+            hf = f"model.layers.{prefix.split('.')[1]}.{adapter_io.hf_module(proj)}.weight"
+            B, A = ad[f"{prefix}.B_{proj}"].double(), ad[k].double()
+            sd[hf] = (sd[hf].double() + s * (B @ A)).to(sd[hf].dtype)
+        return sd
+
+    def save_merged(self, path, tokenizer=None) -> None:
+        """Write an HF Llama checkpoint directory (config.json, safetensors,
+        generation_config.json, and the tokenizer's files when given) holding
+        :meth:`merged_state_dict`: what transformers, vLLM or llama.cpp's
+        converter load as a plain Llama. Written atomically; this model is
+        unchanged. Only lora / pf-lora adapters have a merged form."""
+        from .checkpoint import save_checkpoint
+
+        sd = self.merged_state_dict()
+        save_checkpoint(path, self.arch, sd, eos_token_id=self.generation_eos_token_id, tokenizer=tokenizer)
 
     def save_adapter(self, path) -> None:
         adapter_io.save_adapter(self, path)

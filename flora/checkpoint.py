@@ -6,7 +6,7 @@ Everything is validated before any tensor is used: the config must describe a
 plain Llama (no biases, SiLU MLP, a RoPE type we implement), every shard must
 exist and be complete, and every expected tensor must be present with the
 expected shape. Only safetensors are read; pickle files are refused.
-Nothing here writes to disk.
+:func:`save_checkpoint` writes one (a merged adapter, a dequantized GGUF).
 """
 from __future__ import annotations
 
@@ -15,10 +15,15 @@ import math
 import os
 import struct
 
+import tempfile
+
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import LlamaArch
+from .fileio import atomic_write_dir, atomic_write_json
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # safetensors dtype names -> bytes per element (for the completeness check)
@@ -267,3 +272,88 @@ def state_dict_from_hf_model(model) -> tuple[LlamaArch, dict[str, Tensor]]:
         sd.pop("lm_head.weight", None)
     check_state_dict(arch, sd, type(model).__name__)
     return arch, sd
+
+
+# --------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------
+SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+# what a checkpoint directory written here may hold, so a new one can replace it
+_CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                     "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                     "README.md"}
+
+
+def _replaceable(name: str) -> bool:
+    return name in _CHECKPOINT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+
+
+def hf_config_dict(arch: LlamaArch, dtype: torch.dtype) -> dict:
+    """``config.json`` of a transformers LlamaForCausalLM with these numbers,
+    dtype and RoPE written both as transformers 5 does (``dtype``,
+    ``rope_parameters``) and as 4.x and other readers do (``torch_dtype``,
+    ``rope_theta`` + ``rope_scaling``)."""
+    d = arch.to_dict()
+    scaling = d.pop("rope_scaling")
+    name = str(dtype).replace("torch.", "")
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, **d, "rope_scaling": scaling,
+            "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": d["rope_theta"]},
+            "torch_dtype": name, "dtype": name}
+
+
+def _shards(sd: dict, limit: int) -> list:
+    """Tensor names in order, cut into runs of at most ``limit`` bytes (a larger tensor alone)."""
+    out, size = [[]], 0
+    for k, t in sd.items():
+        n = t.numel() * t.element_size()
+        if out[-1] and size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(k)
+        size += n
+    return out
+
+
+def save_checkpoint(path, arch: LlamaArch, sd: dict, eos_token_id=None, tokenizer=None,
+                    shard_bytes: int = SHARD_BYTES) -> None:
+    """Write an HF Llama checkpoint directory from HF-named tensors ``sd``:
+    config.json, generation_config.json, the weights in safetensors shards of
+    at most ``shard_bytes`` (with an index when there are several), and the
+    tokenizer's files when one is given. Atomic, as adapter saves are: a
+    reader sees the old directory or the new one; an existing ``path`` is
+    replaced only when it holds nothing but checkpoint files."""
+    sd = {k: v for k, v in sd.items() if not (arch.tie_word_embeddings and k == "lm_head.weight")}
+    check_state_dict(arch, sd, "save_checkpoint")
+    dtype = sd["model.embed_tokens.weight"].dtype
+    groups = _shards(sd, shard_bytes)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+
+    def shard(keys):  # copies: views of one fused storage cannot be saved as they are
+        return lambda full: save_file({k: sd[k].detach().to("cpu", copy=True).contiguous() for k in keys},
+                                      full, metadata={"format": "pt"})
+
+    writers = {n: shard(keys) for n, keys in zip(names, groups)}
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                 "weight_map": {k: n for n, keys in zip(names, groups) for k in keys}}
+        writers["model.safetensors.index.json"] = lambda full: atomic_write_json(full, index)
+    writers["config.json"] = lambda full: atomic_write_json(full, hf_config_dict(arch, dtype))
+    gen = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id if eos_token_id is None
+           else eos_token_id, "pad_token_id": arch.pad_token_id}
+    writers["generation_config.json"] = lambda full: atomic_write_json(
+        full, {k: v for k, v in gen.items() if v is not None})
+    with tempfile.TemporaryDirectory() as tok_dir:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tok_dir)
+            for n in os.listdir(tok_dir):
+                writers.setdefault(n, lambda full, src=os.path.join(tok_dir, n): _copy(src, full))
+        atomic_write_dir(path, writers, lambda n: _replaceable(n) or n in writers, "a checkpoint")
+
+
+def _copy(src: str, dst: str) -> None:
+    with open(src, "rb") as a, open(dst, "wb") as b:
+        while chunk := a.read(1 << 20):
+            b.write(chunk)

@@ -58,6 +58,13 @@ def _generate(args) -> int:
     return _run("generate", run_args, args, (ValueError, TypeError, OSError))
 
 
+def _export(args) -> int:
+    from .export import run_args
+
+    # TypeError: a bad --dtype; OSError: a missing model or adapter, an unwritable output
+    return _run("export", run_args, args, (ValueError, TypeError, OSError))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flora", description="Fused low-rank adapters for Llama")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _generate_args(sub.add_parser("generate", help="generate with a model and an adapter (on and off)"))
     s.set_defaults(func=_generate)
+    from .export import add_arguments as _export_args
+
+    s = _export_args(sub.add_parser(
+        "export", help="write a lora adapter merged into an HF checkpoint (--merged) or as a PEFT adapter (--peft)"))
+    s.set_defaults(func=_export)
     return p
 
 

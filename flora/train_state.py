@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter_io import fsync_dir
+from .fileio import fsync_dir
 from .checkpoint import load_safetensors  # validates: a truncated file is a clear CheckpointError
 
 FORMAT = 1

@@ -39,9 +39,9 @@ def install(point):
 
         os.rename = rename
     elif point == "adapter-write":  # half-way through writing the new files
-        import flora.adapter_io
+        import flora.fileio
 
-        flora.adapter_io._fsync_file = pause
+        flora.fileio._fsync_file = pause
     else:
         raise SystemExit(f"unknown pause point {point!r}")
 

@@ -192,6 +192,31 @@ def _write_gguf(path, arch_name, raw_type=None):
     w.close()
 
 
+def test_export_merged_lora_loads_in_transformers(gguf_path, base, hf, prompt, tok, tmp_path):
+    """`flora export --merged` on the real model: transformers reads the checkpoint (its own
+    config, tokenizer and chat template) and computes what flora computes with the adapter on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flora.cli import main
+
+    m = _model(base, AdapterConfig("lora", 4, 8.0, layers=[28, 29]))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(0.02 * torch.randn_like(p))  # B != 0: the merge changes the weights
+    m.save_adapter(tmp_path / "a")
+    assert main(["export", "--model", gguf_path, "--adapter", str(tmp_path / "a"), "--merged",
+                 str(tmp_path / "hf")]) == 0
+    out = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                               local_files_only=True).eval()
+    exported_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert exported_tok(QUESTION)["input_ids"] == tok(QUESTION)["input_ids"]
+    with torch.no_grad():
+        ours, got = m(prompt).logits, out(prompt).logits
+        assert _rel(got, ours) <= 1e-5
+        assert _rel(got, hf(prompt).logits) > 1e-4  # the adapter is in it
+    assert chat_ids(exported_tok, QUESTION).tolist() == prompt.tolist()  # the chat template came along
+
+
 def test_non_llama_or_unsupported_gguf_is_a_clear_error(tmp_path):
     import gguf
     _write_gguf(tmp_path / "gpt2.gguf", "gpt2")

@@ -1,0 +1,154 @@
+"""`flora export` and the library under it (FusedLlama.merged_state_dict /
+save_merged, flora.checkpoint.save_checkpoint), against transformers and PEFT
+loading what it writes."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from _train_helpers import tiny_checkpoint
+
+from flora import FusedLlama
+from flora.bench.latency import randomize_adapter
+from flora.checkpoint import save_checkpoint
+from flora.cli import main
+from flora.config import AdapterConfig
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def ids(n=2, t=12):
+    return torch.randint(3, 40, (n, t), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def setup(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    ckpt = tiny_checkpoint(d / "ckpt", seed=4, tied=request.param)
+    for variant in ("lora", "pf-lora-mha", "ffba"):
+        m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig(variant, 4, 8))
+        randomize_adapter(m, seed=1)  # non-zero B: the merge changes the weights
+        m.save_adapter(d / variant)
+    return d, ckpt
+
+
+def _hf(path, dtype=torch.float32):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True).eval()
+
+
+@pytest.mark.parametrize("variant", ["lora", "pf-lora-mha"])
+def test_merged_checkpoint_is_the_adapted_model(setup, variant, tmp_path):
+    """transformers loads the export as a plain Llama and computes what flora computes with the
+    adapter on; the model it came from is unchanged (adapter still separate and active)."""
+    d, ckpt = setup
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=str(d / variant))
+    before = {k: v.clone() for k, v in m.base_state_dict().items()}
+    m.save_merged(tmp_path / "out", tokenizer=None)
+    with torch.no_grad():
+        ours = m(ids()).logits
+        assert rel_err(_hf(tmp_path / "out")(ids()).logits, ours) <= 1e-5
+        again = FusedLlama.from_pretrained(str(tmp_path / "out"))
+        assert rel_err(again(ids()).logits, ours) <= 1e-5
+        with m.disable_adapter():  # the merge went into copies, not into m's base weights
+            assert not torch.equal(m(ids()).logits, ours)
+    assert all(torch.equal(before[k], v) for k, v in m.base_state_dict().items())
+    assert not m.merged and m.adapter_active()
+
+
+def test_merged_weights_round_once_like_merge_into_base(setup, tmp_path):
+    d, ckpt = setup
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=str(d / "lora"), dtype=torch.bfloat16)
+    sd = {k: v.clone() for k, v in m.merged_state_dict().items()}
+    m.merge_into_base()
+    assert all(torch.equal(sd[k], v) for k, v in m.base_state_dict().items())
+    assert m.merged_state_dict().keys() == sd.keys()  # merged already: the base as it is
+
+
+def test_sharded_checkpoint_with_index(setup, tmp_path):
+    d, ckpt = setup
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=str(d / "lora"))
+    sd = m.merged_state_dict()
+    save_checkpoint(tmp_path / "out", m.arch, sd, shard_bytes=40_000)
+    files = sorted(os.listdir(tmp_path / "out"))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files
+    index = json.load(open(tmp_path / "out" / "model.safetensors.index.json"))
+    assert set(index["weight_map"].values()) == set(shards)
+    with torch.no_grad():
+        assert rel_err(_hf(tmp_path / "out")(ids()).logits, m(ids()).logits) <= 1e-5
+    assert all(os.stat(tmp_path / "out" / f).st_mode & 0o044 for f in files)  # readable by a server's user
+
+
+def test_fused_variants_have_no_merged_form(setup, tmp_path):
+    d, ckpt = setup
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=str(d / "ffba"))
+    with pytest.raises(ValueError, match="'ffba' cannot be merged"):
+        m.save_merged(tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_merged_with_tokenizer(setup, tmp_path, capsys):
+    d, ckpt = setup
+    out = tmp_path / "merged"
+    assert main(["export", "--model", str(ckpt), "--adapter", str(d / "lora"), "--merged", str(out),
+                 "--dtype", "bf16"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["what"] == "HF Llama checkpoint (lora rank 4 merged)" and summary["dtype"] == "bfloat16"
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(out)).encode("a b") == AutoTokenizer.from_pretrained(
+        str(ckpt)).encode("a b")
+    from safetensors.torch import load_file
+
+    want = FusedLlama.from_pretrained(str(ckpt), adapter=str(d / "lora"), dtype=torch.bfloat16).merged_state_dict()
+    got = load_file(str(out / "model.safetensors"))
+    assert got.keys() == {k for k in want if k != "lm_head.weight" or "lm_head.weight" in got}
+    assert all(torch.equal(got[k], want[k]) for k in got)  # bf16, rounded once after the float64 merge
+    gen = json.load(open(out / "generation_config.json"))
+    assert gen["eos_token_id"] in (2, [2])
+    # exporting again replaces the earlier export
+    assert main(["export", "--model", str(ckpt), "--merged", str(out)]) == 0
+    assert json.load(open(out / "config.json"))["dtype"] == "float32"
+
+
+def test_cli_peft_loads_in_peft(setup, tmp_path):
+    peft = pytest.importorskip("peft")
+    d, ckpt = setup
+    out = tmp_path / "peft"
+    assert main(["export", "--model", str(ckpt), "--adapter", str(d / "lora"), "--peft", str(out)]) == 0
+    pm = peft.PeftModel.from_pretrained(_hf(ckpt), str(out)).eval()
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=str(d / "lora"))
+    with torch.no_grad():
+        assert rel_err(pm(ids()).logits, m(ids()).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["peft-no-adapter", "fused", "out-is-model", "foreign-dir", "peft-dtype",
+                                  "no-model"])
+def test_cli_errors_are_one_line(setup, tmp_path, capsys, case):
+    d, ckpt = setup
+    out = tmp_path / "out"
+    args, match = {
+        "peft-no-adapter": (["--model", str(ckpt), "--peft", str(out)], "--peft needs --adapter"),
+        "fused": (["--model", str(ckpt), "--adapter", str(d / "ffba"), "--merged", str(out)], "cannot be merged"),
+        "out-is-model": (["--model", str(ckpt), "--merged", str(ckpt)], "is an input"),
+        "foreign-dir": (["--model", str(ckpt), "--merged", str(out)], "not part of a checkpoint"),
+        "peft-dtype": (["--model", str(ckpt), "--adapter", str(d / "lora"), "--peft", str(out), "--dtype", "bf16"],
+                       "--dtype applies to --merged"),
+        "no-model": (["--model", str(tmp_path / "nope"), "--merged", str(out)], "not a local directory"),
+    }[case]
+    if case == "foreign-dir":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted(os.listdir(ckpt))
+    assert main(["export", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flora export: error:") and match in err[0], err
+    assert sorted(os.listdir(ckpt)) == before
+    if case == "foreign-dir":
+        assert os.listdir(out) == ["notes.txt"]
