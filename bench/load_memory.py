@@ -21,21 +21,15 @@ import sys
 import torch
 
 
-def status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(f.read().split(field + ":")[1].split()[0]) * 1024
-
-
 def one(shape: str, dtype: str) -> None:
     from flora import FusedLlama
     from flora.bench.latency import build_hf_model, llama_config
+    from flora.bench.memory import peak_bytes, reset_peak
 
     hf = build_hf_model(llama_config(shape), torch.bfloat16, "cpu", seed=0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current resident set
-    before = status("VmRSS")
+    before = reset_peak("cpu")
     m = FusedLlama.from_pretrained(hf, dtype=getattr(torch, dtype))
-    peak = status("VmHWM")
+    peak = peak_bytes("cpu")
     kept = sum(t.numel() * t.element_size() for t in
                {t.untyped_storage().data_ptr(): t for t in list(m.buffers()) + list(m.parameters())}.values())
     print(f"| {shape} | bf16 -> {dtype} | {kept / 2**30:.2f} | {(peak - before) / 2**30:.2f} | "

@@ -30,9 +30,14 @@ default) = everything fp32, no autocast.
 
 Timing: ``--warmup`` untimed steps, then ``--steps`` timed ones (CUDA events
 on GPU, perf_counter on CPU: flora.bench.timing.Timer); ms/step is the
-median, tokens/s = B * T / median. Peak memory (CUDA only) is
-``max_memory_allocated`` over the timed steps (reset after the warm-up, so
-it includes the model, gradients and AdamW state). Each row is written to the
+median, tokens/s = B * T / median. Peak memory is ``max_memory_allocated``
+on CUDA, the process's peak resident set on the host (flora.bench.memory),
+over the timed steps (reset after the warm-up, so it includes the model,
+gradients and AdamW state; on the host also whatever else the process holds,
+the base model the rows are built from included: compare rows, not absolutes).
+A flora row named ``VARIANT+full-logits`` trains with ``chunked_loss = False``
+(the full [tokens, vocab] logits, as transformers computes them), so the
+chunked loss's saving is measured in the same run. Each row is written to the
 JSON as soon as it is measured; a row that fails (out of memory, an error)
 records ``error`` and the run goes on. The markdown table prints last.
 """
@@ -52,6 +57,7 @@ import torch
 
 from flora.bench.latency import (DTYPES, SHAPES, base_llama, check_checkpoint, free_memory, model_config,
                                  param_count, randomize_adapter, wrap_peft)
+from flora.bench.memory import peak_bytes, reset_peak
 from flora.bench.report import environment
 from flora.bench.timing import Timer
 from flora.config import VARIANTS, AdapterConfig
@@ -62,7 +68,8 @@ from flora.train import TrainConfig, autocast_factory, optimizer_step
 
 PEFT_ROW = "peft-lora"
 DEFAULT_ROWS = (PEFT_ROW, "lora", "ffba", "zflora")
-ALL_ROWS = (PEFT_ROW,) + tuple(VARIANTS)
+FULL_LOGITS = "+full-logits"  # row suffix: that variant with FusedLlama.chunked_loss = False
+ALL_ROWS = (PEFT_ROW,) + tuple(VARIANTS) + tuple(v + FULL_LOGITS for v in VARIANTS)
 TRAIN_DEFAULTS = TrainConfig()
 
 
@@ -82,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=32, help="adapter rank r (default 32)")
     p.add_argument("--alpha", type=float, default=None, help="adapter alpha (default 2r)")
     p.add_argument("--rows", nargs="+", default=None, metavar="ROW",
-                   help=f"rows, in order (default: {' '.join(DEFAULT_ROWS)}); {PEFT_ROW} or any flora variant")
+                   help=f"rows, in order (default: {' '.join(DEFAULT_ROWS)}); {PEFT_ROW} or any flora variant, "
+                        f"which {FULL_LOGITS} turns to the full-logits loss")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --quick)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
@@ -115,7 +123,8 @@ def make_settings(args) -> dict:
          "lr": TRAIN_DEFAULTS.lr, "weight_decay": TRAIN_DEFAULTS.weight_decay}
     bad = [r for r in s["rows"] if r not in ALL_ROWS]
     if bad:
-        raise ValueError(f"--rows: unknown {bad}; choose {PEFT_ROW} or a flora variant ({', '.join(VARIANTS)})")
+        raise ValueError(f"--rows: unknown {bad}; choose {PEFT_ROW} or a flora variant ({', '.join(VARIANTS)}), "
+                         f"optionally with {FULL_LOGITS}")
     if len(set(s["rows"])) != len(s["rows"]):
         raise ValueError(f"--rows: a row is named twice: {s['rows']}")
     if s["batch"] < 1 or s["seq"] < 2:
@@ -165,7 +174,11 @@ def build_flora_row(hf, variant: str, s: dict):
 
 
 def build_row(name: str, hf, s: dict):
-    return build_peft_row(hf, s) if name == PEFT_ROW else build_flora_row(hf, name, s)
+    if name == PEFT_ROW:
+        return build_peft_row(hf, s)
+    m = build_flora_row(hf, name.removesuffix(FULL_LOGITS), s)
+    m.chunked_loss = not name.endswith(FULL_LOGITS)
+    return m
 
 
 # --------------------------------------------------------------------------
@@ -201,22 +214,20 @@ def measure_row(name: str, hf, ids, s: dict) -> dict:
         return train_step(model, opt, params, ids, mask, autocast, s["max_grad_norm"], is_hf)
 
     losses = [step() for _ in range(s["warmup"])]
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+    reset_peak(dev)
     timer, marks = Timer(dev), []
     for _ in range(s["steps"]):
         a = timer.mark()
         losses.append(step())
         marks.append((a, timer.mark()))
     times = [timer.elapsed(a, b) for a, b in marks]
-    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
+    peak = peak_bytes(dev) / 2**30
     changed = [not torch.equal(b, p.detach().cpu()) for b, p in zip(before, params)]
     loss = [float(x) for x in losses]
     med = statistics.median(times)
     tokens = ids.numel()
-    return {"row": name, "engine": "peft" if is_hf else "flora", "variant": "lora" if is_hf else name,
+    return {"row": name, "engine": "peft" if is_hf else "flora",
+            "variant": "lora" if is_hf else name.removesuffix(FULL_LOGITS),
             "rank": s["rank"], "trainable_params": sum(p.numel() for p in params),
             "trainable_tensors": len(params), "adapter_dtype": sorted({str(p.dtype).replace("torch.", "")
                                                                        for p in params}),
@@ -301,7 +312,8 @@ def markdown(doc: dict) -> str:
              f"- command: `{doc['command']}`",
              f"- step: forward + causal-LM loss, backward, clip {st['max_grad_norm']}, {st['optimizer']} over "
              f"the adapter only, zero_grad; median of {st['steps']} steps after {st['warmup']} warm-up; "
-             f"peak = max_memory_allocated over the timed steps", "",
+             f"peak = {'max_memory_allocated' if doc['device_type'] == 'cuda' else 'the process peak resident set'} "
+             f"over the timed steps", "",
              "| row | tokens/s | ms/step | × peft-lora | peak GiB | trainable params |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in doc["rows"]:

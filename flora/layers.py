@@ -111,15 +111,16 @@ class CausalLMOutput(dict):
     """``.logits`` and ``.loss`` (None without labels); dict- and tuple-indexable
     like transformers' ModelOutput, which is what ``Trainer`` reads."""
 
-    def __init__(self, logits: Tensor, loss: Optional[Tensor] = None):
+    def __init__(self, logits: Optional[Tensor], loss: Optional[Tensor] = None):
         super().__init__()
         if loss is not None:
             self["loss"] = loss
-        self["logits"] = logits
+        if logits is not None:  # None (training with labels: the loss only) is left out, as ModelOutput does
+            self["logits"] = logits
 
     @property
-    def logits(self) -> Tensor:
-        return dict.__getitem__(self, "logits")
+    def logits(self) -> Optional[Tensor]:
+        return self.get("logits")
 
     @property
     def loss(self) -> Optional[Tensor]:
@@ -141,6 +142,78 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, num_items_in_batch=None) -> T
     if num_items_in_batch is None:
         return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+LOSS_CHUNK_LOGITS = 1 << 26  # logits alive at once in chunked_lm_loss: 256 MiB in fp32
+
+
+def _shifted_targets(labels: Tensor) -> Tensor:
+    """[B*T] target of each position: the next label, -100 where there is none."""
+    tgt = labels.new_full(labels.shape, -100)
+    tgt[:, :-1] = labels[:, 1:]
+    return tgt.reshape(-1)
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Sum of next-token cross entropy of ``head(n, carry)`` over the rows that
+    have a target, a chunk of rows at a time. Each chunk's logits live only
+    while its loss and its gradients (for n, carry and the head's trainable
+    tensors) are computed, here in forward, so the [tokens, vocab] logits are
+    never held and backward only scales the stored gradients (as Liger's fused
+    linear cross entropy does, for any head, adapted or not)."""
+
+    @staticmethod
+    def forward(ctx, head, rows, targets, chunk, n, carry, *params):
+        wants = [n.requires_grad, carry is not None and carry.requires_grad] + [p.requires_grad for p in params]
+        grads = [torch.zeros_like(t) if w else None for t, w in zip([n, carry, *params], wants)]
+        total = torch.zeros((), dtype=torch.float32, device=n.device)
+        for s in range(0, rows.numel(), chunk):
+            idx = rows[s:s + chunk]
+            with torch.enable_grad():
+                x = n[idx].detach().requires_grad_(wants[0])
+                c = None if carry is None else carry[idx].detach().requires_grad_(wants[1])
+                loss = F.cross_entropy(head(x, c).float(), targets[s:s + chunk], reduction="sum")
+                inputs = [t for t, w in zip([x, c, *params], wants) if w]
+                got = iter(torch.autograd.grad(loss, inputs, allow_unused=True) if inputs else ())
+            for i, w in enumerate(wants):
+                g = next(got) if w else None
+                if g is None:
+                    continue
+                if i < 2:
+                    grads[i].index_add_(0, idx, g.to(grads[i].dtype))
+                else:
+                    grads[i] += g
+            total += loss.detach()
+        ctx.grads = grads
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        out = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads]
+        del ctx.grads
+        return (None, None, None, None, *out)
+
+
+def chunked_lm_loss(head, n: Tensor, carry: Optional[Tensor], labels: Tensor,
+                    num_items_in_batch=None, chunk: Optional[int] = None) -> Tensor:
+    """:func:`causal_lm_loss` of ``head(n, carry)`` (n: the final-norm output
+    [B*T, d], labels [B, T]) without the [B*T, vocab] logits: only positions with
+    a target are projected, ``chunk`` rows at a time (default: LOSS_CHUNK_LOGITS
+    logits). ``head`` must map rows independently (a projection)."""
+    tgt = _shifted_targets(labels.to(n.device))
+    rows = (tgt != -100).nonzero().squeeze(1)
+    if rows.numel() == 0:  # no target anywhere: what causal_lm_loss gives (a NaN mean, or 0 over num_items)
+        one = head(n[:1], None if carry is None else carry[:1]).float()
+        return causal_lm_loss(one.view(1, 1, -1), labels.new_full((1, 1), -100), num_items_in_batch)
+    if chunk is None:
+        chunk = max(1, LOSS_CHUNK_LOGITS // head.weight.shape[0])
+    params = [p for p in head.parameters() if p.requires_grad]
+    total = _ChunkedLMLoss.apply(head, rows, tgt[rows], chunk, n, carry, *params)
+    if num_items_in_batch is None:
+        return total / rows.numel()
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch

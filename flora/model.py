@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from . import adapter_io, nvtx
 from .adapters import AdapterRegistry, describe
 from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, attention_mask_4d, causal_lm_loss,
-                     positions_from_mask, rms_norm, rope_cos_sin, rope_inv_freq)
+                     chunked_lm_loss, positions_from_mask, rms_norm, rope_cos_sin, rope_inv_freq)
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
 from .config import LlamaArch
 from .generation import generate
@@ -73,7 +73,15 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
     Build it with :meth:`from_pretrained`. Base weights are frozen buffers;
     only adapter tensors are trainable Parameters (so ``state_dict()`` holds
     just the adapter).
+
+    In training mode with ``labels`` (and gradients on), ``forward`` returns the
+    loss alone (``logits`` None, as Liger's fused cross entropy does): the head
+    runs over the positions that have a target, in chunks whose logits never
+    outlive their own loss and gradients (flora.layers.chunked_lm_loss).
+    ``chunked_loss = False`` brings the full logits back.
     """
+
+    chunked_loss = True
 
     def __init__(self, arch: LlamaArch, sd: dict, adapter_config=None, adapter_dtype=None):
         super().__init__()
@@ -224,16 +232,21 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             position_ids = positions_from_mask(key_valid)
         slots = torch.arange(T, device=dev)
         mask = attention_mask_4d(key_valid, slots, slots)
+        if labels is not None and self.chunked_loss and self.training and torch.is_grad_enabled():
+            # training: the loss alone, the head run in chunks (no [tokens, vocab] logits held)
+            n, carry = self.run_layers(input_ids, position_ids.to(dev), mask, head=False)
+            return CausalLMOutput(logits=None, loss=chunked_lm_loss(self.head, n, carry, labels, num_items_in_batch))
         logits = self.run_layers(input_ids, position_ids.to(dev), mask)
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutput(logits=logits, loss=loss)
 
     def run_layers(self, input_ids: Tensor, positions: Tensor, mask: Tensor,
-                   cache=None, last_only: bool = False) -> Tensor:
+                   cache=None, last_only: bool = False, head: bool = True):
         """The Llama forward: logits [B, T (1 if last_only), V]. input_ids/positions
         [B, T]; mask [B, 1, T, K], boolean or additive; ``cache`` (generation)
         has update(layer, k, v) -> keys/values [B, kv_heads, K, head_dim].
-        The mask and the RoPE tables are built once here, not per layer."""
+        The mask and the RoPE tables are built once here, not per layer.
+        ``head=False``: the head's input instead, (final-norm output [B*T, d], carry)."""
         a = self.arch
         B, T = input_ids.shape
         M, dt = B * T, self.dtype
@@ -253,6 +266,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             carry = None if carry is None else carry.view(B, T, -1)[:, -1]
             T = 1
         n = rms_norm(h, self.final_norm, a.rms_norm_eps)
+        if not head:
+            return n, carry
         return self.head(n, carry).view(B, T, -1)
 
     def _layer(self, layer, i, h, carry, B, T, cos, sin, mask, cache):

@@ -47,7 +47,7 @@ def test_flora_rows_train(quick, name):
     assert r["tokens_per_s"] == pytest.approx(2 * 64 / r["step_s"]) and len(r["step_s_runs"]) == 2
     assert r["trainable_params"] > 0 and r["adapter_dtype"] == ["float32"]
     assert r["changed"] is True and r["changed_tensors"] == r["trainable_tensors"] > 0
-    assert r["peak_gib"] is None  # CPU
+    assert r["peak_gib"] > 0  # on the CPU: the process's peak resident set
     assert r["loss_first"] is not None and r["loss_last"] is not None
 
 
@@ -61,6 +61,19 @@ def test_peft_row_trains_and_is_the_reference(quick):
     for name in FLORA_ROWS:
         f = _ok(quick, name)
         assert f["ratio_to_peft"] == pytest.approx(f["tokens_per_s"] / r["tokens_per_s"])
+
+
+def test_full_logits_row_is_the_same_step_without_chunking(ts, tmp_path, capsys):
+    out = tmp_path / "ts.json"
+    assert ts.main(["--device", "cpu", "--quick", "--rows", "zflora", "zflora+full-logits",
+                    "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    a, b = _ok(doc, "zflora"), _ok(doc, "zflora+full-logits")
+    assert a["variant"] == b["variant"] == "zflora" and b["changed"] is True
+    # same weights, batch and seed: the chunked loss is the full one, to fp32 rounding
+    assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-5)
+    assert ts.main(["--device", "cpu", "--quick", "--rows", "peft-lora+full-logits", "--json", str(out)]) == 2
+    assert "optionally with +full-logits" in capsys.readouterr().err
 
 
 def test_a_failing_row_is_recorded_and_the_run_goes_on(ts, tmp_path, monkeypatch):

@@ -47,6 +47,7 @@ from ..fileio import atomic_write_json
 from ..model import FusedLlama
 from ..modules.variants import base_parameters
 from .report import SECTION, append_results, environment, markdown, mode_label, plot  # noqa: F401
+from .memory import peak_bytes, reset_peak, resident_bytes
 from .timing import LatencyProbe, Timer, attention_backend, run_interleaved
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -489,13 +490,11 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
 
     dev, rows = plan.device, []
     if dev.type == "cuda":  # what loading costs on the GPU beyond the weights it keeps
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
+        before = reset_peak(dev)
     base, _ = build_flora(hf, "base", plan.rank, plan.alpha, dtype, dev, plan.seed + 1)
     if dev.type == "cuda" and info is not None:
-        info["load_peak_bytes"] = torch.cuda.max_memory_allocated(dev) - before
-        info["load_kept_bytes"] = torch.cuda.memory_allocated(dev) - before
+        info["load_peak_bytes"] = peak_bytes(dev) - before
+        info["load_kept_bytes"] = resident_bytes(dev) - before
         log(f"  flora base load: peak {info['load_peak_bytes'] / 2**30:.2f} GiB beyond the transformers model, "
             f"{info['load_kept_bytes'] / 2**30:.2f} GiB kept")
     if info is not None:

@@ -1,0 +1,107 @@
+"""Training's loss (FusedLlama in train mode with labels): the head runs in chunks
+of rows inside one autograd Function, and the loss and every gradient equal the
+full-logits path (causal_lm_loss on model(...).logits), for base, adapted heads
+and every form of targets."""
+import math
+
+import pytest
+import torch
+
+import flora.layers
+from flora import AdapterConfig, FusedLlama
+from flora.layers import chunked_lm_loss
+from llama_fixtures import llama_model, random_ids
+
+
+def _model(variant, tied, dtype=torch.float32):
+    cfg = None if variant == "base" else AdapterConfig(variant, rank=4, alpha=8)
+    m = FusedLlama.from_pretrained(llama_model(tied=tied), adapter=cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m
+
+
+def _labels(ids):
+    lab = ids.clone()
+    lab[0, :9] = -100  # a masked prompt
+    lab[1, -3:] = -100  # padding at the end
+    return lab
+
+
+def _loss_and_grads(m, ids, mask, labels, train, **kw):
+    m.train(train)
+    m.zero_grad(set_to_none=True)
+    out = m(ids, attention_mask=mask, labels=labels, **kw)
+    if out.loss.requires_grad:  # the base alone has nothing to train
+        out.loss.backward()
+    return out, [None if p.grad is None else p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("variant", ["base", "lora", "ffba", "zflora", "zflora-mha"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_and_grads_equal_the_full_path(variant, tied, monkeypatch):
+    m = _model(variant, tied)
+    ids = random_ids(2, 24)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    labels = _labels(ids)
+    monkeypatch.setattr(flora.layers, "LOSS_CHUNK_LOGITS", 7 * m.arch.vocab_size)  # 7 rows: several chunks
+    for kw in ({}, {"num_items_in_batch": torch.tensor(50)}):
+        ref, gref = _loss_and_grads(m, ids, mask, labels, train=False, **kw)  # eval: full logits
+        got, ggot = _loss_and_grads(m, ids, mask, labels, train=True, **kw)
+        assert got.logits is None and "logits" not in got and got[0] is got.loss
+        assert ref.logits is not None
+        assert math.isclose(got.loss.item(), ref.loss.item(), rel_tol=1e-6)
+        assert len(ggot) == len(gref)
+        for a, b in zip(ggot, gref):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    if variant == "base":
+        assert not list(m.parameters())
+
+
+def test_chunked_loss_grad_of_the_head_input_and_carry():
+    """chunked_lm_loss against causal_lm_loss directly: gradients for n and the carry."""
+    m = _model("zflora", tied=True)
+    B, T, d, r, V = 3, 10, m.arch.hidden_size, 4, m.arch.vocab_size
+    n = torch.randn(B * T, d, dtype=torch.float64).float().requires_grad_()
+    carry = torch.randn(B * T, r).requires_grad_()
+    labels = torch.randint(0, V, (B, T))
+    labels[2, :4] = -100
+    got = chunked_lm_loss(m.head, n, carry, labels, chunk=4)
+    gn, gc = torch.autograd.grad(got, [n, carry])
+    ref = flora.layers.causal_lm_loss(m.head(n, carry).view(B, T, -1), labels)
+    rn, rc = torch.autograd.grad(ref, [n, carry])
+    assert math.isclose(got.item(), ref.item(), rel_tol=1e-6)
+    assert torch.allclose(gn, rn, rtol=1e-5, atol=1e-7) and torch.allclose(gc, rc, rtol=1e-5, atol=1e-7)
+
+
+def test_no_target_gives_what_the_full_path_gives():
+    m = _model("lora", tied=True).train()
+    ids = random_ids(2, 8)
+    labels = torch.full_like(ids, -100)
+    assert math.isnan(m(ids, labels=labels).loss.item())
+    assert m(ids, labels=labels, num_items_in_batch=4).loss.item() == 0.0
+
+
+def test_bf16_autocast_close_to_the_full_path():
+    m = _model("ffba", tied=False)
+    ids = random_ids(2, 16)
+    labels = _labels(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, gref = _loss_and_grads(m, ids, None, labels, train=False)
+        got, ggot = _loss_and_grads(m, ids, None, labels, train=True)
+    assert math.isclose(got.loss.item(), ref.loss.item(), rel_tol=1e-2)
+    for a, b in zip(ggot, gref):
+        assert (a - b).norm() <= 0.05 * b.norm()
+
+
+def test_eval_and_no_grad_keep_the_logits():
+    m = _model("lora", tied=True).train()
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        out = m(ids, labels=ids)
+    assert out.logits.shape == (1, 8, m.arch.vocab_size) and out.loss is not None
