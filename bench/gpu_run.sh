@@ -51,7 +51,8 @@
 #                CUDA graphs for M <= 64 in bf16. 2-5 min.
 #   latency-3b   the latency rows at the 3B shape. 4-7 min.
 #   train        bench/train_step.py: one training step (1B, 8 x 512, r 32, bf16 autocast) of
-#                PEFT LoRA, flora lora, ffba, zflora: tokens/s, peak memory. 2-4 min.
+#                PEFT LoRA, flora lora (also with the full-logits loss), ffba, zflora: tokens/s,
+#                peak memory. 2-4 min.
 #   smoke        kernels --quick and latency --quick on the tiny shape. ~1 min.
 #   all          build test sanitize kernels latency-1b latency-3b (~35-40 min: several calls).
 # A call runs its stages in order within GPU_RUN_BUDGET seconds (default 480 for the
@@ -558,8 +559,9 @@ stage_train() {
   need_ext
   local rc=0
   # shellcheck disable=SC2086  # TRAIN_ARGS is meant to split into words
+  # lora+full-logits: flora's lora without the chunked loss, the saving measured in the same run
   run "$PY" bench/train_step.py --device cuda --model 1b --batch 8 --seq 512 --rank 32 \
-    --json "$OUT/train_step.json" ${TRAIN_ARGS:-} || rc=$?
+    --rows peft-lora lora lora+full-logits ffba zflora --json "$OUT/train_step.json" ${TRAIN_ARGS:-} || rc=$?
   [ "$DRY" = 1 ] && { key "dry"; return 0; }
   key "$("$PY" -c 'import json, sys; rows = json.load(open(sys.argv[1]))["rows"]
 print(", ".join("%s %s" % (r["row"], ("%.0f tok/s %.1f GiB" % (r["tokens_per_s"], r.get("peak_gib") or 0))

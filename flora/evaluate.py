@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from .data import IGNORE_INDEX, TokenizedDataset, collate, pad_id_of
+from .model import FusedLlama
 
 
 def _batches(ds, batch_size, pad_id, indices):
@@ -54,10 +55,22 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _per_token_logits(model, batch, autocast):
+def _target_stats(model, batch, autocast):
+    """(nll, hit) [B, T-1] of the targets labels[:, 1:]: FusedLlama's
+    ``forward(target_stats=True)`` (no [tokens, vocab] logits held), or any
+    causal LM's full logits."""
+    tgt = batch["labels"][:, 1:]
+    valid = tgt != IGNORE_INDEX
     with autocast():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits.float()
+        if isinstance(model, FusedLlama):  # through forward: FSDP's hooks gather the adapter
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"], target_stats=True)
+            return out.target_nll, out.target_hit
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits.float()[:, :-1]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tgt.clamp_min(0).reshape(-1), reduction="none").view_as(tgt)
+    return nll * valid, (logits.argmax(-1) == tgt) | ~valid
 
 
 def eval_stats(model, dataset: TokenizedDataset, tokenizer=None, batch_size: int = 32,
@@ -73,17 +86,11 @@ def eval_stats(model, dataset: TokenizedDataset, tokenizer=None, batch_size: int
     with _eval_mode(model):
         for b in _batches(dataset, batch_size, pad_id, idx):
             b = {k: v.to(device) for k, v in b.items()}
-            logits = _per_token_logits(model, b, autocast)[:, :-1]
-            tgt = b["labels"][:, 1:]
-            valid = tgt != IGNORE_INDEX
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), tgt.clamp_min(0).reshape(-1), reduction="none"
-            ).view_as(tgt)
-            loss_sum += float((nll * valid).sum())
-            tokens += float(valid.sum())
-            hit = (logits.argmax(-1) == tgt) | ~valid
+            nll, hit = _target_stats(model, b, autocast)
+            loss_sum += float(nll.sum())
+            tokens += float((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             correct += float(hit.all(dim=1).sum())
-            n += tgt.shape[0]
+            n += hit.shape[0]
     loss_sum, tokens, correct, n = _all_reduce([loss_sum, tokens, correct, n], device)
     return {"loss": loss_sum / max(tokens, 1), "exact_match": correct / max(n, 1), "n": int(n),
             "tokens": int(tokens)}

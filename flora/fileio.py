@@ -18,8 +18,12 @@ from pathlib import Path
 def _file_mode() -> int:
     """The mode ``open()`` gives a new file (0o666 less the umask); mkstemp and
     safetensors give 0o600, which a server running as another user cannot read."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux says it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status") as f:
+            mask = int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

@@ -111,12 +111,19 @@ class CausalLMOutput(dict):
     """``.logits`` and ``.loss`` (None without labels); dict- and tuple-indexable
     like transformers' ModelOutput, which is what ``Trainer`` reads."""
 
-    def __init__(self, logits: Optional[Tensor], loss: Optional[Tensor] = None):
+    def __init__(self, logits: Optional[Tensor], loss: Optional[Tensor] = None, **extra: Tensor):
         super().__init__()
         if loss is not None:
             self["loss"] = loss
         if logits is not None:  # None (training with labels: the loss only) is left out, as ModelOutput does
             self["logits"] = logits
+        self.update(extra)
+
+    def __getattr__(self, k):  # the extra entries (target_nll, ...) as attributes too
+        try:
+            return dict.__getitem__(self, k)
+        except KeyError:
+            raise AttributeError(k) from None
 
     @property
     def logits(self) -> Optional[Tensor]:
@@ -217,6 +224,30 @@ def chunked_lm_loss(head, n: Tensor, carry: Optional[Tensor], labels: Tensor,
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def chunked_target_stats(head, n: Tensor, carry: Optional[Tensor], labels: Tensor,
+                         chunk: Optional[int] = None) -> tuple:
+    """Evaluation's view of ``head(n, carry)`` without the [B*T, vocab] logits:
+    (nll, hit), each [B, T-1] for the targets ``labels[:, 1:]``: the next-token
+    negative log-likelihood in fp32 and whether the argmax is the target (0 and
+    True where the target is -100). Only positions with a target are projected,
+    ``chunk`` rows at a time."""
+    if torch.is_grad_enabled():
+        raise ValueError("chunked_target_stats is for evaluation: call it under torch.no_grad()")
+    B, T = labels.shape
+    tgt = _shifted_targets(labels.to(n.device))
+    rows = (tgt != -100).nonzero().squeeze(1)
+    nll = torch.zeros(B * T, dtype=torch.float32, device=n.device)
+    hit = torch.ones(B * T, dtype=torch.bool, device=n.device)
+    if chunk is None:
+        chunk = max(1, LOSS_CHUNK_LOGITS // head.weight.shape[0])
+    for s in range(0, rows.numel(), chunk):
+        idx = rows[s:s + chunk]
+        logits = head(n[idx], None if carry is None else carry[idx]).float()
+        nll[idx] = F.cross_entropy(logits, tgt[idx], reduction="none")
+        hit[idx] = logits.argmax(-1) == tgt[idx]
+    return nll.view(B, T)[:, :-1], hit.view(B, T)[:, :-1]
 
 
 def positions_from_mask(key_valid: Tensor) -> Tensor:

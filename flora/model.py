@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from . import adapter_io, nvtx
 from .adapters import AdapterRegistry, describe
 from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, attention_mask_4d, causal_lm_loss,
-                     chunked_lm_loss, positions_from_mask, rms_norm, rope_cos_sin, rope_inv_freq)
+                     chunked_lm_loss, chunked_target_stats, positions_from_mask, rms_norm, rope_cos_sin,
+                     rope_inv_freq)
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
 from .config import LlamaArch
 from .generation import generate
@@ -37,6 +38,13 @@ def _adjacent(q: Tensor, k: Tensor) -> Optional[Tensor]:
     if k.data_ptr() != q.data_ptr() + q.shape[1] * q.element_size():
         return None
     return q.as_strided((q.shape[0], q.shape[1] + k.shape[1]), q.stride())
+
+
+def _sharded(module) -> bool:
+    """FSDP2 shards ``module``'s tensors (DTensors) and swaps in gathered ones for each
+    call, out of reach of the chunked loss's own gradients: such a head computes the
+    whole logits instead."""
+    return any(hasattr(p, "full_tensor") for p in module.parameters())
 
 
 class _Converted(dict):
@@ -215,7 +223,12 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                num_items_in_batch=None) -> CausalLMOutput:
+                num_items_in_batch=None, target_stats: bool = False) -> CausalLMOutput:
+        """``.logits`` [B, T, V] and, with ``labels``, ``.loss`` (training with
+        labels: the loss alone, see the class). ``target_stats=True`` (with
+        labels, no gradients): ``.target_nll`` and ``.target_hit`` [B, T-1] of
+        the targets labels[:, 1:] instead of logits (evaluation without the
+        [tokens, vocab] logits: flora.layers.chunked_target_stats)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         B, T = input_ids.shape
@@ -232,7 +245,14 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             position_ids = positions_from_mask(key_valid)
         slots = torch.arange(T, device=dev)
         mask = attention_mask_4d(key_valid, slots, slots)
-        if labels is not None and self.chunked_loss and self.training and torch.is_grad_enabled():
+        if target_stats:
+            if labels is None:
+                raise ValueError("target_stats=True needs labels")
+            n, carry = self.run_layers(input_ids, position_ids.to(dev), mask, head=False)
+            nll, hit = chunked_target_stats(self.head, n, carry, labels)
+            return CausalLMOutput(logits=None, target_nll=nll, target_hit=hit)
+        if (labels is not None and self.chunked_loss and self.training and torch.is_grad_enabled()
+                and not _sharded(self.head)):
             # training: the loss alone, the head run in chunks (no [tokens, vocab] logits held)
             n, carry = self.run_layers(input_ids, position_ids.to(dev), mask, head=False)
             return CausalLMOutput(logits=None, loss=chunked_lm_loss(self.head, n, carry, labels, num_items_in_batch))

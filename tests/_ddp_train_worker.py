@@ -18,7 +18,8 @@ def main(ckpt, out, grad_accum, fsdp="0"):
     torch.set_num_threads(1)
     tok = load_tokenizer(ckpt)
     torch.manual_seed(0)  # same fresh adapter init on every rank
-    model = FusedLlama.from_pretrained(ckpt, adapter=AdapterConfig("ffba", 4, 8.0))
+    # zflora: every block and the head have adapter tensors (the head an FSDP unit of its own)
+    model = FusedLlama.from_pretrained(ckpt, adapter=AdapterConfig("zflora", 4, 8.0))
     cfg = TrainConfig(lr=1e-2, max_steps=4, batch_size=4, grad_accum=int(grad_accum), seq_len=32, progress=False,
                       max_grad_norm=None, fsdp=fsdp == "1")
     res = train(model, tok, records(n=64), config=cfg)

@@ -105,3 +105,40 @@ def test_eval_and_no_grad_keep_the_logits():
     with torch.no_grad():
         out = m(ids, labels=ids)
     assert out.logits.shape == (1, 8, m.arch.vocab_size) and out.loss is not None
+
+
+def test_eval_stats_without_logits_equal_the_logits_path(monkeypatch):
+    """flora.evaluate on a FusedLlama (forward(target_stats=True), chunked) against the
+    same model seen as any causal LM (full logits)."""
+    from flora.evaluate import eval_stats
+
+    m = _model("zflora", tied=True)
+    monkeypatch.setattr(flora.layers, "LOSS_CHUNK_LOGITS", 5 * m.arch.vocab_size)
+
+    class AnyLM(torch.nn.Module):  # hides FusedLlama: evaluate takes the logits path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids, attention_mask=attention_mask)
+
+    ids = random_ids(6, 14, seed=3)
+    ds = []
+    for i in range(6):
+        x = ids[i, : 10 + i % 4]
+        lab = x.clone()
+        if i % 2:  # the model's own argmax as the targets: an exact match, so the count is compared too
+            with torch.no_grad():
+                lab[1:] = m(x[None]).logits[0, :-1].argmax(-1)
+        lab[: 3 + i] = -100  # prompts of several lengths
+        ds.append({"input_ids": x.tolist(), "labels": lab.tolist()})
+    got, ref = eval_stats(m, ds, batch_size=4), eval_stats(AnyLM(m), ds, batch_size=4)
+    assert got["exact_match"] == 0.5
+    assert got["tokens"] == ref["tokens"] and got["n"] == ref["n"] == 6
+    assert math.isclose(got["loss"], ref["loss"], rel_tol=1e-6)
+    assert got["exact_match"] == ref["exact_match"]
+    with pytest.raises(ValueError, match="needs labels"):
+        m(ids, target_stats=True)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        m(ids, labels=ids, target_stats=True)

@@ -82,7 +82,10 @@ def test_sharded_checkpoint_with_index(setup, tmp_path):
     assert set(index["weight_map"].values()) == set(shards)
     with torch.no_grad():
         assert rel_err(_hf(tmp_path / "out")(ids()).logits, m(ids()).logits) <= 1e-5
-    assert all(os.stat(tmp_path / "out" / f).st_mode & 0o044 for f in files)  # readable by a server's user
+    # the mode open() gives (the umask's), not safetensors' / mkstemp's 0600: a server's user can read them
+    from flora.fileio import _file_mode
+
+    assert all(os.stat(tmp_path / "out" / f).st_mode & 0o777 == _file_mode() for f in files)
 
 
 def test_fused_variants_have_no_merged_form(setup, tmp_path):
