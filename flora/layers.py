@@ -200,8 +200,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         out = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads]
-        del ctx.grads
-        return (None, None, None, None, *out)
+        return (None, None, None, None, *out)  # ctx.grads stay for a retain_graph=True second pass
 
 
 def chunked_lm_loss(head, n: Tensor, carry: Optional[Tensor], labels: Tensor,
