@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from ._version import __version__
 from .checkpoint import read_safetensors_header, load_safetensors
 from .config import AdapterConfig, LlamaArch
-from .fileio import atomic_write_dir, atomic_write_json, recover_interrupted_save
+from .fileio import atomic_write_dir, atomic_write_json, read_json_object, recover_interrupted_save
 from .modules.variants import adapter_shapes
 
 FORMAT = "flora-adapter"
@@ -124,14 +124,7 @@ def save_adapter(model, path) -> None:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    return d
+    return read_json_object(path, AdapterError)
 
 
 def _missing_dir_message(path: str) -> str:

@@ -159,16 +159,19 @@ class AdapterRegistry:
             sd[hf] = (sd[hf].double() + s * (B @ A)).to(sd[hf].dtype)
         return sd
 
-    def save_merged(self, path, tokenizer=None) -> None:
+    def save_merged(self, path, tokenizer=None, generation_config: Optional[dict] = None) -> None:
         """Write an HF Llama checkpoint directory (config.json, safetensors,
-        generation_config.json, and the tokenizer's files when given) holding
+        generation_config.json (``generation_config``: e.g. the source's, so its
+        sampling defaults and stop tokens come along), and the tokenizer's files
+        when given) holding
         :meth:`merged_state_dict`: what transformers, vLLM or llama.cpp's
         converter load as a plain Llama. Written atomically; this model is
         unchanged. Only lora / pf-lora adapters have a merged form."""
         from .checkpoint import save_checkpoint
 
         sd = self.merged_state_dict()
-        save_checkpoint(path, self.arch, sd, eos_token_id=self.generation_eos_token_id, tokenizer=tokenizer)
+        save_checkpoint(path, self.arch, sd, eos_token_id=self.generation_eos_token_id, tokenizer=tokenizer,
+                        generation_config=generation_config)
 
     def save_adapter(self, path) -> None:
         adapter_io.save_adapter(self, path)

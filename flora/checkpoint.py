@@ -16,6 +16,7 @@ import os
 import struct
 
 import tempfile
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -317,11 +318,12 @@ def _shards(sd: dict, limit: int) -> list:
 
 
 def save_checkpoint(path, arch: LlamaArch, sd: dict, eos_token_id=None, tokenizer=None,
-                    shard_bytes: int = SHARD_BYTES) -> None:
+                    generation_config: Optional[dict] = None, shard_bytes: int = SHARD_BYTES) -> None:
     """Write an HF Llama checkpoint directory from HF-named tensors ``sd``:
-    config.json, generation_config.json, the weights in safetensors shards of
-    at most ``shard_bytes`` (with an index when there are several), and the
-    tokenizer's files when one is given. Atomic, as adapter saves are: a
+    config.json, generation_config.json (``generation_config``, e.g. the
+    source's, with bos / eos / pad filled in where it has none), the weights
+    in safetensors shards of at most ``shard_bytes`` (with an index when there
+    are several), and the tokenizer's files when one is given. Atomic, as adapter saves are: a
     reader sees the old directory or the new one; an existing ``path`` is
     replaced only when it holds nothing but checkpoint files."""
     sd = {k: v for k, v in sd.items() if not (arch.tie_word_embeddings and k == "lm_head.weight")}
@@ -343,8 +345,8 @@ def save_checkpoint(path, arch: LlamaArch, sd: dict, eos_token_id=None, tokenize
     writers["config.json"] = lambda full: atomic_write_json(full, hf_config_dict(arch, dtype))
     gen = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id if eos_token_id is None
            else eos_token_id, "pad_token_id": arch.pad_token_id}
-    writers["generation_config.json"] = lambda full: atomic_write_json(
-        full, {k: v for k, v in gen.items() if v is not None})
+    gen = {**{k: v for k, v in gen.items() if v is not None}, **(generation_config or {})}
+    writers["generation_config.json"] = lambda full: atomic_write_json(full, gen)
     with tempfile.TemporaryDirectory() as tok_dir:
         if tokenizer is not None:
             tokenizer.save_pretrained(tok_dir)

@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_args(args) -> dict:
+    from .fileio import read_json_object
     from .model import FusedLlama
     from .pretrained import load_tokenizer, smollm2_path
 
@@ -54,7 +55,9 @@ def run_args(args) -> dict:
         model.export_peft(out, base_model_name_or_path=args.model)
         what = f"PEFT LoRA adapter ({cfg.variant}, rank {cfg.rank})"
     else:
-        model.save_merged(out, tokenizer=load_tokenizer(path))
+        gen = os.path.join(path, "generation_config.json")  # a checkpoint dir's sampling defaults, stop tokens
+        gen = read_json_object(gen) if os.path.isfile(gen) else None
+        model.save_merged(out, tokenizer=load_tokenizer(path), generation_config=gen)
         what = "HF Llama checkpoint" + (f" ({cfg.variant} rank {cfg.rank} merged)" if cfg else " (base)")
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     summary = {"wrote": out, "what": what, "files": sorted(os.listdir(out)), "bytes": size,

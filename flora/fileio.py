@@ -44,6 +44,18 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     return path
 
 
+def read_json_object(path, error=ValueError) -> dict:
+    """A JSON file holding one object; anything else raises ``error`` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object")
+    return d
+
+
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

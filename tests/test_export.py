@@ -120,6 +120,22 @@ def test_cli_merged_with_tokenizer(setup, tmp_path, capsys):
     assert json.load(open(out / "config.json"))["dtype"] == "float32"
 
 
+def test_cli_merged_keeps_the_sources_generation_config(setup, tmp_path, capsys):
+    import shutil
+
+    d, ckpt = setup
+    src = tmp_path / "src"
+    shutil.copytree(ckpt, src)
+    gen = json.load(open(src / "generation_config.json"))
+    json.dump({**gen, "temperature": 0.6, "top_p": 0.9, "eos_token_id": [2, 1]}, open(src / "generation_config.json", "w"))
+    assert main(["export", "--model", str(src), "--adapter", str(d / "lora"), "--merged", str(tmp_path / "out")]) == 0
+    got = json.load(open(tmp_path / "out" / "generation_config.json"))
+    assert (got["temperature"], got["top_p"], got["eos_token_id"]) == (0.6, 0.9, [2, 1])
+    (src / "generation_config.json").write_text("{not json")
+    assert main(["export", "--model", str(src), "--merged", str(tmp_path / "out2")]) == 2
+    assert "generation_config.json: not valid JSON" in capsys.readouterr().err
+
+
 def test_cli_peft_loads_in_peft(setup, tmp_path):
     peft = pytest.importorskip("peft")
     d, ckpt = setup
