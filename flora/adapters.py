@@ -150,13 +150,10 @@ class AdapterRegistry:
         if self.adapter_config is None or self.merged:
             return sd
         self._check_mergeable()
-        s, ad = self.adapter_config.scale, self.adapter_state_dict()
-        for k in [k for k in ad if k.rsplit(".", 1)[1].startswith("A_")]:
-            prefix, name = k.rsplit(".", 1)
-            proj = name[2:]
-            hf = f"model.layers.{prefix.split('.')[1]}.{adapter_io.hf_module(proj)}.weight"
-            B, A = ad[f"{prefix}.B_{proj}"].double(), ad[k].double()
-            sd[hf] = (sd[hf].double() + s * (B @ A)).to(sd[hf].dtype)
+        s = self.adapter_config.scale
+        for module, A, B in adapter_io.lora_factors(self.adapter_state_dict()):
+            w = sd[module + ".weight"]
+            sd[module + ".weight"] = (w.double() + s * (B.double() @ A.double())).to(w.dtype)
         return sd
 
     def save_merged(self, path, tokenizer=None, generation_config: Optional[dict] = None) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
-
 import tempfile
 from typing import Optional
 
@@ -304,6 +304,13 @@ def hf_config_dict(arch: LlamaArch, dtype: torch.dtype) -> dict:
             "torch_dtype": name, "dtype": name}
 
 
+def write_safetensors(path: str, tensors: dict, metadata: Optional[dict] = None) -> None:
+    """``tensors`` as a safetensors file, each copied to the CPU first (views of one
+    fused storage share memory, which safetensors refuses)."""
+    save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, path,
+              metadata=metadata)
+
+
 def _shards(sd: dict, limit: int) -> list:
     """Tensor names in order, cut into runs of at most ``limit`` bytes (a larger tensor alone)."""
     out, size = [[]], 0
@@ -333,9 +340,8 @@ def save_checkpoint(path, arch: LlamaArch, sd: dict, eos_token_id=None, tokenize
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
 
-    def shard(keys):  # copies: views of one fused storage cannot be saved as they are
-        return lambda full: save_file({k: sd[k].detach().to("cpu", copy=True).contiguous() for k in keys},
-                                      full, metadata={"format": "pt"})
+    def shard(keys):
+        return lambda full: write_safetensors(full, {k: sd[k] for k in keys}, {"format": "pt"})
 
     writers = {n: shard(keys) for n, keys in zip(names, groups)}
     if len(groups) > 1:
@@ -351,11 +357,6 @@ def save_checkpoint(path, arch: LlamaArch, sd: dict, eos_token_id=None, tokenize
         if tokenizer is not None:
             tokenizer.save_pretrained(tok_dir)
             for n in os.listdir(tok_dir):
-                writers.setdefault(n, lambda full, src=os.path.join(tok_dir, n): _copy(src, full))
+                writers.setdefault(n, lambda full, src=os.path.join(tok_dir, n): shutil.copyfile(src, full))
         atomic_write_dir(path, writers, lambda n: _replaceable(n) or n in writers, "a checkpoint")
 
-
-def _copy(src: str, dst: str) -> None:
-    with open(src, "rb") as a, open(dst, "wb") as b:
-        while chunk := a.read(1 << 20):
-            b.write(chunk)

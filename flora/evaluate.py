@@ -59,14 +59,14 @@ def _target_stats(model, batch, autocast):
     """(nll, hit) [B, T-1] of the targets labels[:, 1:]: FusedLlama's
     ``forward(target_stats=True)`` (no [tokens, vocab] logits held), or any
     causal LM's full logits."""
-    tgt = batch["labels"][:, 1:]
-    valid = tgt != IGNORE_INDEX
     with autocast():
         if isinstance(model, FusedLlama):  # through forward: FSDP's hooks gather the adapter
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         labels=batch["labels"], target_stats=True)
             return out.target_nll, out.target_hit
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    tgt = batch["labels"][:, 1:]
+    valid = tgt != IGNORE_INDEX
     logits = logits.float()[:, :-1]
     nll = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), tgt.clamp_min(0).reshape(-1), reduction="none").view_as(tgt)

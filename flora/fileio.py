@@ -144,6 +144,7 @@ def atomic_write_dir(path, writers: dict, replaceable, what: str) -> None:
     """
     path = os.path.realpath(os.fspath(path))  # write through a symlink, do not replace it
     parent, base = os.path.split(path)
+    noun = what.split(" ", 1)[-1]  # "an adapter" -> "adapter"
     recover_interrupted_save(path)
     keep, mode = [], None
     if os.path.exists(path):
@@ -152,14 +153,13 @@ def atomic_write_dir(path, writers: dict, replaceable, what: str) -> None:
         ours = replaceable if callable(replaceable) else set(replaceable).__contains__
         foreign = sorted(n for n in os.listdir(path) if not ours(n))
         if foreign:
-            noun = what.split(" ", 1)[-1]
             raise FileExistsError(
                 f"{path} holds files that are not part of {what} ({', '.join(foreign[:5])}); "
                 f"save the {noun} into a new or empty directory so nothing else is replaced")
         st = os.stat(path)
         mode = stat.S_IMODE(st.st_mode)
         if not os.access(path, os.W_OK) or not mode & 0o222:  # mode bits too: root passes os.access
-            raise PermissionError(f"{path} is read-only; not replacing the {what.split(' ', 1)[-1]} in it "
+            raise PermissionError(f"{path} is read-only; not replacing the {noun} in it "
                                   f"(make it writable or save elsewhere)")
         keep = sorted(set(os.listdir(path)) - set(writers))
     os.makedirs(parent, exist_ok=True)

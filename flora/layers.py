@@ -203,19 +203,24 @@ class _ChunkedLMLoss(torch.autograd.Function):
         return (None, None, None, None, *out)  # ctx.grads stay for a retain_graph=True second pass
 
 
+def _target_rows(head, labels: Tensor, device, chunk: Optional[int]) -> tuple:
+    """(targets [B*T], rows with a target, rows per chunk) of the chunked head."""
+    tgt = _shifted_targets(labels.to(device))
+    if chunk is None:
+        chunk = max(1, LOSS_CHUNK_LOGITS // head.weight.shape[0])
+    return tgt, (tgt != -100).nonzero().squeeze(1), chunk
+
+
 def chunked_lm_loss(head, n: Tensor, carry: Optional[Tensor], labels: Tensor,
                     num_items_in_batch=None, chunk: Optional[int] = None) -> Tensor:
     """:func:`causal_lm_loss` of ``head(n, carry)`` (n: the final-norm output
     [B*T, d], labels [B, T]) without the [B*T, vocab] logits: only positions with
     a target are projected, ``chunk`` rows at a time (default: LOSS_CHUNK_LOGITS
     logits). ``head`` must map rows independently (a projection)."""
-    tgt = _shifted_targets(labels.to(n.device))
-    rows = (tgt != -100).nonzero().squeeze(1)
+    tgt, rows, chunk = _target_rows(head, labels, n.device, chunk)
     if rows.numel() == 0:  # no target anywhere: what causal_lm_loss gives (a NaN mean, or 0 over num_items)
         one = head(n[:1], None if carry is None else carry[:1]).float()
         return causal_lm_loss(one.view(1, 1, -1), labels.new_full((1, 1), -100), num_items_in_batch)
-    if chunk is None:
-        chunk = max(1, LOSS_CHUNK_LOGITS // head.weight.shape[0])
     params = [p for p in head.parameters() if p.requires_grad]
     total = _ChunkedLMLoss.apply(head, rows, tgt[rows], chunk, n, carry, *params)
     if num_items_in_batch is None:
@@ -235,12 +240,9 @@ def chunked_target_stats(head, n: Tensor, carry: Optional[Tensor], labels: Tenso
     if torch.is_grad_enabled():
         raise ValueError("chunked_target_stats is for evaluation: call it under torch.no_grad()")
     B, T = labels.shape
-    tgt = _shifted_targets(labels.to(n.device))
-    rows = (tgt != -100).nonzero().squeeze(1)
+    tgt, rows, chunk = _target_rows(head, labels, n.device, chunk)
     nll = torch.zeros(B * T, dtype=torch.float32, device=n.device)
     hit = torch.ones(B * T, dtype=torch.bool, device=n.device)
-    if chunk is None:
-        chunk = max(1, LOSS_CHUNK_LOGITS // head.weight.shape[0])
     for s in range(0, rows.numel(), chunk):
         idx = rows[s:s + chunk]
         logits = head(n[idx], None if carry is None else carry[idx]).float()
