@@ -6,7 +6,6 @@ downloads a second one:  pip install --no-build-isolation .
 Environment:
   FLORA_CUDA=1|0         force or disable the CUDA sources (default: built when
                          the installed torch has CUDA and nvcc is found)
-  TORCH_CUDA_ARCH_LIST   CUDA architectures of the glue code (default "8.0;9.0")
   FLORA_CUTLASS_DIR      CUTLASS headers (default third_party/cutlass, fetched by
                          tools/fetch_cutlass.sh); without them the CUDA build has
                          no custom kernels (cuBLAS only)
@@ -14,6 +13,7 @@ Environment:
   CUDA_HOME              the toolkit (default: torch's guess from nvcc on the
                          PATH, corrected when that nvcc is a wrapper script)
   MAX_JOBS               parallel compile jobs (torch's ninja builder)
+  FLORA_DEBUG_INFO=1     keep -g (Python's CFLAGS; dropped by default)
 
 The kernel TUs (csrc/cuda/kernels/*.cu, no torch) are compiled here with
 nvcc, each for its own arch (*_sm90_* -> sm_90a, *_sm80_* -> sm_80, the rest
@@ -210,9 +210,13 @@ class BuildExt(cpp_extension.BuildExtension):
             self.build_temp = plain_build_temp()
 
     def build_extensions(self):
+        if os.environ.get("FLORA_DEBUG_INFO") != "1":
+            # Python's own CFLAGS carry -g: debug info for every torch header made
+            # the torch-facing TUs compile ~40% longer (and the .so far larger).
+            self.compiler.set_executable("compiler_so", [f for f in self.compiler.compiler_so if f != "-g"])
         cutlass = cutlass_dir()
         for ext in self.extensions:
-            if cutlass and "-DFLORA_WITH_CUTLASS" in ext.extra_compile_args.get("nvcc", []):
+            if cutlass and "-DFLORA_WITH_CUTLASS" in ext.extra_compile_args.get("cxx", []):
                 nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
                 ext.extra_objects = list(ext.extra_objects or []) + compile_kernels(nvcc, cutlass)
         super().build_extensions()
@@ -232,8 +236,7 @@ def extension():
         return cpp_extension.CppExtension(
             "flora._C", srcs, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    defines = ["-DFLORA_WITH_CUDA", f'-DFLORA_CUDA_ARCHS="{archs}"']
+    defines = ["-DFLORA_WITH_CUDA"]
     if cutlass_dir():
         defines.append("-DFLORA_WITH_CUTLASS")
         tus = kernel_sources()
@@ -241,13 +244,12 @@ def extension():
     else:
         print("flora: no CUTLASS headers (tools/fetch_cutlass.sh or FLORA_CUTLASS_DIR): "
               "CUDA build without custom kernels", file=sys.stderr)
+    # The torch glue (csrc/cuda/*.cpp) is host code: the C++ compiler builds it
+    # with the CUDA headers, nvcc only the kernel TUs (compile_kernels).
     return cpp_extension.CUDAExtension(
         "flora._C",
-        srcs + sources("csrc/cuda/*.cu"),
-        extra_compile_args={
-            "cxx": cxx + defines,
-            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines,
-        },
+        srcs + sources("csrc/cuda/*.cpp"),
+        extra_compile_args={"cxx": cxx + defines},
         extra_link_args=link,
     )
 

@@ -200,3 +200,23 @@ def atomic_write_dir(path, writers: dict, replaceable, what: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_dir(path, fill) -> bool:
+    """A cache entry: directory ``path`` made by ``fill(tmp)`` in a temporary
+    sibling and published with one rename, so a reader sees all of it or none.
+    When another process published it first, ours is dropped. Returns False,
+    leaving nothing behind, when the cache cannot be written (a cache is never
+    worth failing the caller for)."""
+    path = os.fspath(path)
+    parent, base = os.path.split(path)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.makedirs(tmp)
+        fill(tmp)
+        os.rename(tmp, path)  # fails when path exists (and holds files): someone else's entry
+        return True
+    except OSError:
+        return os.path.isdir(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -9,13 +9,16 @@ permuted for its RoPE layout; they are permuted back here.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 
 import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, arch_from_config_dict, check_state_dict
 from .config import LlamaArch
+from .fileio import publish_dir
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 _LAYER_NAMES = {
@@ -158,14 +161,42 @@ def load_gguf(path, dtype: torch.dtype = torch.float32) -> tuple[LlamaArch, dict
     return arch, sd
 
 
+def tokenizer_cache_path(path) -> str:
+    """Where the converted tokenizer of GGUF file ``path`` is cached: one entry
+    per file identity (real path, size, mtime) and transformers version."""
+    import transformers
+
+    from .pretrained import cache_dir
+
+    path = os.path.realpath(os.fspath(path))
+    st = os.stat(path)
+    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    return os.path.join(cache_dir(), "tokenizers",
+                        f"{os.path.basename(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+
+
 def load_gguf_tokenizer(path):
-    """The file's own tokenizer (transformers' GGUF conversion), with its chat template."""
+    """The file's own tokenizer (transformers' GGUF conversion), with its chat template.
+
+    The conversion parses the file's whole vocabulary (~10 s for SmolLM2's
+    49k tokens), so its result is kept in the flora cache
+    (:func:`tokenizer_cache_path`) and later calls load that (~0.1 s). A
+    cache entry that cannot be written or read is skipped."""
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    cached = tokenizer_cache_path(path)
+    if os.path.isdir(cached):
+        try:
+            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        except Exception:  # a damaged entry (whatever transformers raises for it): convert again
+            shutil.rmtree(cached, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                         gguf_file=os.path.basename(path), local_files_only=True)
     if getattr(tok, "chat_template", None) is None:
         _, reader = _reader(path)
         tok.chat_template = _field(reader, "tokenizer.chat_template")
+    publish_dir(cached, tok.save_pretrained)
     return tok

@@ -77,6 +77,54 @@ def test_architecture_and_chat_template(base, tok, prompt):
     assert arch.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
 
 
+def test_gguf_tokenizer_is_converted_once_then_cached(gguf_path, monkeypatch, tmp_path):
+    """The first load converts (transformers' GGUF path) and caches; the cached
+    tokenizer encodes, decodes and templates exactly as the conversion does;
+    a damaged cache entry is converted again and repaired."""
+    from flora.gguf import load_gguf_tokenizer, tokenizer_cache_path
+
+    monkeypatch.setenv("FLORA_CACHE", str(tmp_path / "cache"))
+    entry = tokenizer_cache_path(gguf_path)
+    assert entry.startswith(str(tmp_path / "cache")) and not os.path.exists(entry)
+    fresh = load_gguf_tokenizer(gguf_path)
+    assert os.path.isdir(entry)
+    msgs = [{"role": "user", "content": QUESTION}]
+    texts = [QUESTION, "  Spaces,\ttabs\nand émojis 🙂 <|im_end|> 12345", '{"name": "Alice", "age": 34}']
+
+    def same(t):
+        assert len(t) == len(fresh) and t.eos_token_id == fresh.eos_token_id
+        assert (t.bos_token_id, t.pad_token_id) == (fresh.bos_token_id, fresh.pad_token_id)
+        assert t(texts).input_ids == fresh(texts).input_ids
+        assert t.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+            fresh.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        ids = fresh(texts[1]).input_ids
+        assert t.decode(ids) == fresh.decode(ids)
+
+    same(load_gguf_tokenizer(gguf_path))
+    with open(os.path.join(entry, "tokenizer.json"), "w") as f:
+        f.write("{ not json")
+    same(load_gguf_tokenizer(gguf_path))  # converted again
+    same(load_gguf_tokenizer(gguf_path))  # ... and the entry repaired
+    assert not [n for n in os.listdir(os.path.dirname(entry)) if ".tmp-" in n]
+
+
+def test_tokenizer_cache_entry_follows_the_file(monkeypatch, tmp_path):
+    from flora.gguf import tokenizer_cache_path
+
+    monkeypatch.setenv("FLORA_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(60))
+    first = tokenizer_cache_path(f)
+    os.utime(f, ns=(1, 1))
+    assert tokenizer_cache_path(f) != first  # replaced in place: a new entry
+    again = tokenizer_cache_path(f)
+    f.write_bytes(b"GGUF" + bytes(61))
+    os.utime(f, ns=(1, 1))
+    assert tokenizer_cache_path(f) not in (first, again)
+    (tmp_path / "link.gguf").symlink_to(f)
+    assert tokenizer_cache_path(tmp_path / "link.gguf") == tokenizer_cache_path(f)
+
+
 def test_logits_and_greedy_generation_match_transformers(gguf_path, base, hf, prompt, tok, tmp_path):
     # an adapter saved from a model built on the dequantized weights ...
     m = _model(base, AdapterConfig("zflora-minimal", 4, 8.0, layers=[29]))

@@ -21,7 +21,7 @@ constexpr int64_t kRs[] = {1, 7, 32, 256};
 }  // namespace
 
 // The sm_90 kernel reads [u | z] as ONE (M, K + R) operand of row stride ld
-// (register.cu: as_strided over u when z follows u). Its CuTe layout must put
+// (register.cpp: as_strided over u when z follows u). Its CuTe layout must put
 // column K + r of row m exactly on z(m, r), and TMA needs 16-byte strides.
 TEST(CudaCute, OneKRangeViewAddressesZ) {
   for (int64_t M : kMs)

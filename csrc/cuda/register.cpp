@@ -61,8 +61,6 @@ bool aligned16(const at::Tensor& t) {
 }
 // A transposed view of row-major storage (W.t() in backward dx): [K, n] rows.
 bool n_major(const at::Tensor& t) { return t.stride(0) == 1 && t.stride(1) != 1; }
-// Leading dimension of a weight operand as the kernels read it.
-int64_t ld_w(const at::Tensor& t, bool t_major) { return t_major ? t.stride(1) : t.stride(0); }
 bool aligned16(const c10::optional<at::Tensor>& t) { return !t.has_value() || aligned16(*t); }
 
 // Compute capability (major * 10 + minor) and SM count of a device, read
@@ -97,6 +95,9 @@ CudaQuery base_query(const char* op, const at::Tensor& first, int64_t M, int64_t
 
 #ifdef FLORA_WITH_CUTLASS
 namespace fc = flora::cuda;
+
+// Leading dimension of a weight operand as the kernels read it.
+int64_t ld_w(const at::Tensor& t, bool t_major) { return t_major ? t.stride(1) : t.stride(0); }
 
 fc::Problem problem(const at::Tensor& y1, const at::Tensor* y2, float alpha2,
                     const c10::optional<at::Tensor>& c, const at::Tensor& d, bool t_major = false) {
