@@ -14,7 +14,8 @@ PROMPTS go through the file's tokenizer and chat template, left-padded.
 
 Either way --tokens greedy tokens (EOS off) come from transformers, flora
 eager and flora with a CUDA graph (cuda only), for the base model and for
-ffba and zflora adapters (random, non-zero; eager vs graph). fp32 must agree
+ffba and zflora adapters (random, non-zero; eager vs graph; zflora also as two
+adapters side by side, each row routed to its own, stack_adapters). fp32 must agree
 token for token everywhere; in bf16 eager and graph must agree (same
 kernels), and against transformers the first divergence, if any, is
 reported with the logit gap of the two candidates there (bf16 rounding
@@ -114,6 +115,27 @@ def chat_batch(tok, pad, device):
     return ids.to(device), mask.to(device)
 
 
+def mixed_case(m, ids, kw, name, record):
+    """Two adapters side by side (stack_adapters), each row its own or none:
+    the routed batch under a CUDA graph == eager."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        m.save_adapter(d)
+        m.load_adapter(d, "second", activate=False)
+    with torch.no_grad():  # the current adapter other than the saved one
+        for q in m.parameters():
+            if q.requires_grad:
+                q.mul_(-1.5)
+    m.stack_adapters(["default", "second"])
+    rows = (["second", None, "default"] * ids.shape[0])[:ids.shape[0]]
+    e = m.generate(ids, use_cuda_graph=False, eos_token_id=[], adapters=rows, **kw)
+    m.generate(ids, use_cuda_graph=True, eos_token_id=[], adapters=rows, **kw)  # capture
+    gr = m.generate(ids, use_cuda_graph=True, eos_token_id=[], adapters=rows, **kw)
+    record(f"{name} + second adapter, rows {rows}: graph == eager", True, torch.equal(gr, e))
+    m.unstack_adapters()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -185,6 +207,8 @@ def main(argv=None):
                 tg = time.perf_counter() - t0
                 record(f"{name}: graph == eager", True, torch.equal(gr, e),
                        eager_s=round(te, 3), graph_s=round(tg, 3))
+            if graphs and variant == "zflora":
+                mixed_case(m, ids, kw, name, record)
             if variant is None:
                 pos = first_divergence(e, ref)
                 extra = dict(eager_s=round(te, 3), transformers_s=round(th, 3))

@@ -53,6 +53,9 @@
 #   train        bench/train_step.py: one training step (1B, 8 x 512, r 32, bf16 autocast) of
 #                PEFT LoRA, flora lora (also with the full-logits loss), ffba, zflora: tokens/s,
 #                peak memory. 2-4 min.
+#   mixed        bench/mixed_adapters.py: 4 adapters stacked in one batch of 4 (each row its
+#                own) vs one adapter for all rows vs the base, pf-lora / ffba / zflora, 1B bf16,
+#                prompt 512, 64 new tokens, CUDA graphs. ~1-2 min.
 #   smoke        kernels --quick and latency --quick on the tiny shape. ~1 min.
 #   all          build test sanitize kernels latency-1b latency-3b (~35-40 min: several calls).
 # A call runs its stages in order within GPU_RUN_BUDGET seconds (default 480 for the
@@ -570,6 +573,15 @@ print(", ".join("%s %s" % (r["row"], ("%.0f tok/s %.1f GiB" % (r["tokens_per_s"]
   return "$rc"
 }
 
+# several adapters in one batch (stack_adapters) against one adapter and the base, 1B, bf16
+stage_mixed() {
+  need_ext
+  local rc=0
+  run "$PY" bench/mixed_adapters.py --device cuda --shape 1b --dtype bfloat16 --prompt 512 --new 64 \
+    --json "$OUT/mixed_adapters.json" 2>&1 | tee "$OUT/mixed_adapters.md" || rc=$?
+  return "$rc"
+}
+
 # a short sweep: the 1B projections, decode and one prefill M, bf16, eager + graphs
 stage_kernels_short() {
   need_ext
@@ -603,6 +615,7 @@ if [ "${1:-}" = __stage ]; then            # internal: one stage, in this proces
     kernels-short) stage_kernels_short ;;
     cli) stage_cli ;;
     train) stage_train ;;
+    mixed) stage_mixed ;;
     *) echo "unknown stage $STAGE" >&2; exit 2 ;;
   esac
   exit 0
@@ -610,12 +623,12 @@ fi
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
-STAGES="build test-cuda cuda-kernels generate latency-1b kernels-short cli train test sanitize kernels latency latency-3b smoke"
+STAGES="build test-cuda cuda-kernels generate latency-1b kernels-short cli train mixed test sanitize kernels latency latency-3b smoke"
 QUICK=(build test-cuda cuda-kernels generate latency-1b kernels-short cli)
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
-declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=120 [kernels-short]=40 [cli]=60 [train]=90
+declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=120 [kernels-short]=40 [cli]=60 [train]=90 [mixed]=60
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=400 [test-cuda]=120 [cuda-kernels]=150 [generate]=150 [latency-1b]=200 [kernels-short]=90 [cli]=180 [train]=300
+declare -A CAP=([build]=400 [test-cuda]=120 [cuda-kernels]=150 [generate]=150 [latency-1b]=200 [kernels-short]=90 [cli]=180 [train]=300 [mixed]=200
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"

@@ -1,8 +1,10 @@
 """The adapter registry of a FusedLlama: named adapters kept on the model's
-device, switching between them, enable/disable, fold/unfold, merge, save.
+device, switching between them, several side by side for mixed batches
+(stack_adapters), enable/disable, fold/unfold, merge, save.
 
 A mixin: it needs ``adapter_modules()``, ``adapter_config``, ``arch``,
-``device`` and ``_rebuild(cfg)`` from the model it is mixed into.
+``device``, ``_rebuild(cfg)`` and the ``_adapters`` / ``_stack`` state from
+the model it is mixed into.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from typing import Optional
 import torch
 
 from . import adapter_io
+from .config import AdapterConfig
 
 MERGEABLE = ("lora", "pf-lora")
+UNSTACKABLE = ("ffa", "ffba-qg-add")  # repeat-add: the state reaches y inside the GEMM
 
 
 class AdapterRegistry:
@@ -43,6 +47,7 @@ class AdapterRegistry:
 
     def load_adapter(self, path, name: str = "default", activate: bool = True) -> None:
         """Load a flora or PEFT LoRA adapter dir under ``name`` (validated against this base)."""
+        self._check_single("load_adapter")
         cfg, sd = adapter_io.resolve_adapter(path, self.arch)
         if self.adapter_config is None:
             self._rebuild(cfg)
@@ -60,6 +65,7 @@ class AdapterRegistry:
         """Make adapter ``name`` current: copies only its tensors into the modules."""
         if name not in self._adapters:
             raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self._adapters)}")
+        self._check_single("set_adapter")
         if self._merged:
             raise ValueError("an adapter was merged into the base weights; switching is no longer possible")
         # save the current adapter's (possibly trained) tensors before switching away
@@ -72,6 +78,10 @@ class AdapterRegistry:
             self.unfold()
         if sd is not None:
             self._load_adapter_tensors(sd)
+        # same structure, but its own alpha and dropout (the folded B's carry the scale)
+        self.adapter_config = cfg
+        for _, m in self.adapter_modules():
+            m.set_config(cfg)
         self.active_adapter = name
         self._set_enabled(True)
         if was_folded:
@@ -134,6 +144,7 @@ class AdapterRegistry:
 
     def merge_into_base(self) -> None:
         """W += s B A for lora / pf-lora; other variants cannot be merged."""
+        self._check_single("merge_into_base")
         self._check_mergeable()
         self.unfold()
         with torch.no_grad():
@@ -149,6 +160,7 @@ class AdapterRegistry:
         sd = self.base_state_dict()
         if self.adapter_config is None or self.merged:
             return sd
+        self._check_single("merged_state_dict")
         self._check_mergeable()
         s = self.adapter_config.scale
         for module, A, B in adapter_io.lora_factors(self.adapter_state_dict()):
@@ -171,10 +183,111 @@ class AdapterRegistry:
                         generation_config=generation_config)
 
     def save_adapter(self, path) -> None:
+        self._check_single("save_adapter")
         adapter_io.save_adapter(self, path)
 
     def export_peft(self, path, base_model_name_or_path: Optional[str] = None) -> None:
+        self._check_single("export_peft")
         adapter_io.export_peft(self, path, base_model_name_or_path=base_model_name_or_path)
+
+    # ------------------------------------------------- several adapters at once
+    @property
+    def stacked(self) -> Optional[list]:
+        """The adapters held side by side (:meth:`stack_adapters`), in slot
+        order; None while the model holds one adapter at a time."""
+        return None if self._stack is None else list(self._stack)
+
+    def _check_single(self, what: str) -> None:
+        if self._stack is not None:
+            raise ValueError(f"{what}: the model holds the adapters {self._stack} side by side "
+                             f"(stack_adapters); call unstack_adapters() first")
+
+    def stack_adapters(self, names) -> None:
+        """Hold the loaded adapters ``names`` side by side, so that each row of
+        one batch runs its own adapter: ``model(ids, adapters=[...])`` and
+        ``model.generate(ids, adapters=[...])`` then take one name per row
+        (None: the base model).
+
+        The fused storage is rebuilt once with rank n*r (slot i holds
+        ``names[i]``; each adapter keeps its own alpha). Every projection still
+        runs one GEMM, n*r instead of r rows or columns wider, and each B / C
+        product reads only its row's slot of the adapter state (one masking op
+        before it). For inference: training, saving, merging, loading and
+        set_adapter need :meth:`unstack_adapters` first. Not for ffa and
+        ffba-qg-add, whose repeat-add adds the state inside the GEMM, where no
+        row's slot can be picked."""
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+            raise ValueError(f"stack_adapters: expected a non-empty list of adapter names, got {names!r}")
+        names = list(names)
+        unknown = [n for n in names if n not in self._adapters]
+        if unknown:
+            raise KeyError(f"stack_adapters: no adapter named {unknown[0]!r}; loaded: {sorted(self._adapters)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"stack_adapters: names repeat in {names}")
+        if self._merged:
+            raise ValueError("stack_adapters: an adapter was merged into the base weights")
+        cfgs = [self._adapters[n][0] for n in names]
+        if cfgs[0].base_variant in UNSTACKABLE:
+            raise ValueError(f"stack_adapters: {cfgs[0].variant} adds its adapter state to the output "
+                             f"inside the GEMM (repeat-add), where no row can pick its own adapter; "
+                             f"variants other than {', '.join(UNSTACKABLE)} can be stacked")
+        if self._stack == names:
+            return
+        self.unstack_adapters()
+        if self.active_adapter is not None:  # keep what training did to it
+            self._store_adapter(self.active_adapter, self.adapter_config, self.adapter_state_dict())
+        c0, n = cfgs[0], len(names)
+        # rank n*r at adapter 0's scale: alpha n*alpha_0; the others' B's carry alpha_i / alpha_0
+        stacked = AdapterConfig(c0.variant, c0.rank * n, c0.alpha * n, 0.0, c0.targets, c0.layers)
+        self._rebuild(stacked)
+        sds = [{k: (t * (c.alpha / c0.alpha) if k.rpartition(".")[2].startswith("B_") else t)
+                for k, t in self._adapters[name][1].items()} for name, c in zip(names, cfgs)]
+        self._load_adapter_tensors(stack_state_dicts(sds, self.adapter_state_dict()))
+        self._stack = names
+        self.fold()
+
+    def unstack_adapters(self) -> None:
+        """Back from :meth:`stack_adapters` to one adapter at a time (the one
+        that was current before, else the first of the stack)."""
+        if self._stack is None:
+            return
+        name = self.active_adapter or self._stack[0]
+        self._stack, self.active_adapter = None, None
+        self._rebuild(self._adapters[name][0])
+        self.set_adapter(name)
+
+    def adapter_rows(self, adapters, batch: int):
+        """Per-row adapter names (None: the base model) -> slot indices [batch]
+        (-1: no adapter) on the model's device, for a stacked model."""
+        if self._stack is None:
+            raise ValueError("adapters=[...] picks one adapter per row of a model holding several "
+                             "(stack_adapters); this one holds one at a time (set_adapter switches it)")
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or len(adapters) != batch:
+            raise ValueError(f"adapters: expected a list of {batch} names (one per row, None for the "
+                             f"base model), got {adapters!r}")
+        bad = [a for a in adapters if a is not None and a not in self._stack]
+        if bad:
+            raise KeyError(f"adapters: {bad[0]!r} is not among the stacked adapters {self._stack}")
+        return torch.tensor([-1 if a is None else self._stack.index(a) for a in adapters],
+                            dtype=torch.long, device=self.device)
+
+
+def stack_state_dicts(sds: list, like: dict) -> dict:
+    """Same-structure adapter state dicts side by side, shaped as ``like`` (the
+    stacked model's own tensors): a dimension n times as wide is the rank, so
+    the tensors are concatenated along it (A's rows, B's columns, slot i
+    first-to-last) and block-diagonal where both are (C: each slot's C maps
+    its own state)."""
+    n, out = len(sds), {}
+    for k, want in like.items():
+        parts = [sd[k] for sd in sds]
+        wide = [d for d in range(want.dim()) if want.shape[d] != parts[0].shape[d]]
+        if any(want.shape[d] != n * parts[0].shape[d] for d in wide) or len(wide) > 2:
+            raise ValueError(f"stack_state_dicts: {k} has shape {list(parts[0].shape)}, "
+                             f"which does not stack {n} times into {list(want.shape)}")
+        out[k] = (parts[0] if not wide else torch.cat(parts, wide[0]) if len(wide) == 1
+                  else torch.block_diag(*parts))
+    return out
 
 
 def _structure(cfg) -> tuple:

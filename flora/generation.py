@@ -99,8 +99,9 @@ def sample_next(logits: Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _decode(model, ids: Tensor, pos: Tensor, mask: Tensor, cache: StaticKVCache) -> Tensor:
-    return model.run_layers(ids, pos, mask, cache=cache)[:, -1]
+def _decode(model, ids: Tensor, pos: Tensor, mask: Tensor, cache: StaticKVCache,
+            rows: Optional[Tensor] = None) -> Tensor:
+    return model.run_layers(ids, pos, mask, cache=cache, rows=rows)[:, -1]
 
 
 _compiled_decode: dict = {}
@@ -136,6 +137,8 @@ class Decoder:
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         # additive key mask (0: a real key, -inf: padding or not yet written), kept across steps
         self.mask = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=model.dtype, device=dev)
+        # each row's adapter slot in a stacked model (-1: the base), written before each prefill
+        self.rows = None if getattr(model, "stacked", None) is None else torch.full((batch,), -1, dtype=torch.long, device=dev)
         self._masks: dict = {}  # window length -> view of the mask
         self.use_cuda_graph = use_cuda_graph and dev.type == "cuda"
         self.compile = compile
@@ -163,10 +166,12 @@ class Decoder:
             n = 1 << (n - 1).bit_length()
         return min(self.max_len, n * self.bucket)
 
-    def prefill(self, input_ids: Tensor, key_valid: Tensor) -> Tensor:
+    def prefill(self, input_ids: Tensor, key_valid: Tensor, rows: Optional[Tensor] = None) -> Tensor:
         B, T = input_ids.shape
         if T > self.max_len:
             raise ValueError(f"prompt length {T} exceeds the cache length {self.max_len}")
+        if self.rows is not None:
+            self.rows.copy_(rows)
         self.mask.fill_(float("-inf"))
         self.mask[:, 0, 0, :T].masked_fill_(key_valid, 0.0)
         self.cache.clear_from(T)
@@ -177,7 +182,8 @@ class Decoder:
         self.cache.prefill_len = T
         try:
             with nvtx.range("prefill"):
-                logits = self.model.run_layers(input_ids, pos, mask, cache=self.cache, last_only=True)
+                logits = self.model.run_layers(input_ids, pos, mask, cache=self.cache, last_only=True,
+                                               rows=self.rows)
         finally:
             self.cache.prefill_len = None
         self.t = T  # next free slot
@@ -191,7 +197,7 @@ class Decoder:
 
     def _step(self, L: int) -> Tensor:
         self.cache.length = L
-        return self._fn(self.model, self.ids, self.pos, self._mask(L), self.cache)
+        return self._fn(self.model, self.ids, self.pos, self._mask(L), self.cache, self.rows)
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed tokens [B] at the next slot; return logits [B, V] for the following one."""
@@ -316,7 +322,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
              top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
              pad_token_id: Optional[int] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None, streamer=None,
-             use_cuda_graph: Optional[bool] = None, compile: bool = False) -> Tensor:
+             use_cuda_graph: Optional[bool] = None, compile: bool = False, adapters=None) -> Tensor:
     """Generate up to ``max_new_tokens`` for a left-padded batch.
 
     Returns ``[B, T + n]`` (prompt then new tokens; rows that hit an EOS are
@@ -333,6 +339,9 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     Generation stops at the model's context (``max_position_embeddings``):
     a larger ``max_new_tokens`` is capped to it with a warning, so the KV
     cache is never sized beyond what the model can attend over.
+
+    ``adapters``: one adapter name (None: the base model) per row, for a
+    model holding several side by side (``FusedLlama.stack_adapters``).
     """
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a [batch, seq] tensor with seq >= 1, got "
@@ -352,6 +361,14 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     # a copy: the result never aliases the caller's tensor (even with max_new_tokens=0)
     input_ids = input_ids.to(dev, copy=True)
     B, T = input_ids.shape
+    stacked = getattr(model, "stacked", None)
+    if adapters is not None or stacked is not None:
+        if adapters is None:
+            raise ValueError(f"this model holds the adapters {stacked} side by side (stack_adapters): "
+                             f"pass adapters=[one name or None per row]")
+        rows = model.adapter_rows(adapters, B)
+    else:
+        rows = None
     key_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.to(dev).bool())
     if attention_mask is not None and (~key_valid[:, -1]).any():
@@ -378,7 +395,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     try:
         if max_new_tokens > 0:
             _generate_loop(model, input_ids, key_valid, int(max_new_tokens), temperature, top_p, eos, pad,
-                    generator, put, use_cuda_graph, compile, out)
+                           generator, put, use_cuda_graph, compile, out, rows)
     finally:  # a consumer waiting on the streamer (TextIteratorStreamer) must always be released
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
@@ -386,13 +403,13 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
 
 
 def _generate_loop(model, input_ids, key_valid, max_new_tokens, temperature, top_p, eos, pad, generator,
-                   put, use_cuda_graph, compile, out):
+                   put, use_cuda_graph, compile, out, rows=None):
     """The prefill + decode loop of :func:`generate`; appends each step's tokens [B, 1] to ``out``."""
     B, T = input_ids.shape
     dev = input_ids.device
     with inference_mode(model):
         dec = decoder_for(model, B, T + max_new_tokens, use_cuda_graph, compile)
-        logits = dec.prefill(input_ids, key_valid)
+        logits = dec.prefill(input_ids, key_valid, rows)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         eos_t = torch.tensor(eos, dtype=torch.long, device=dev) if eos else None
         for i in range(max_new_tokens):

@@ -12,7 +12,8 @@ with the adapter off (the base model, same weights). Several ``--adapter``
 (of one variant, rank and targets) share the model and are switched between
 runs, as a server would switch them (only adapter tensors are copied). One prompt streams its
 tokens as they come; timing goes to stderr, the completions to stdout and,
-with ``--out``, to a JSONL file written atomically.
+with ``--out``, to a JSONL file written atomically. ``--mixed`` runs them all
+in the same batches instead (each row its own adapter: a multi-adapter server's batches).
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", default=None,
                    help="adapter directory (flora's or a PEFT LoRA's); repeat to run several in turn")
     p.add_argument("--compare", action="store_true", help="also generate with the adapter off")
+    p.add_argument("--mixed", action="store_true",
+                   help="every adapter (and the base, with --compare) in the same batches, each prompt "
+                        "once per run: the adapters side by side on one model (stack_adapters)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--data", help='JSONL of {"prompt"} records (a "completion" is the reference answer)')
@@ -89,11 +93,34 @@ def _load(args, device):
     return model.eval(), load_tokenizer(path), names
 
 
+def _timed(model, tok, device, prompts, gen, warm_rows, adapters=None, streamer=None):
+    """complete() timed, after an untimed 2-token run of the first ``warm_rows``
+    prompts (one-time costs, allocations and kernel setup, out of tokens/s):
+    (completions, stats)."""
+    from .pretrained import complete
+
+    if not gen["compile"]:
+        complete(model, tok, prompts[:warm_rows], **{**gen, "max_new_tokens": min(2, gen["max_new_tokens"])},
+                 adapters=None if adapters is None else adapters[:warm_rows])
+    t0 = time.perf_counter()
+    out = complete(model, tok, prompts, adapters=adapters, streamer=streamer, **gen)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    secs = time.perf_counter() - t0
+    new = sum(c.tokens for c in out)
+    st = {"seconds": round(secs, 3), "new_tokens": new, "tokens_per_s": round(new / secs, 1)}
+    if gen["compile"]:
+        st["note"] = "includes torch.compile's compilation of each new batch shape"
+    return out, st
+
+
 def run_args(args) -> dict:
-    from .pretrained import chat_prompt, complete
+    from .pretrained import chat_prompt
 
     if args.compare and not args.adapter:
         raise ValueError("--compare needs --adapter (it compares the adapter on and off)")
+    if args.mixed and not args.adapter:
+        raise ValueError("--mixed needs --adapter (it runs several adapters in one batch)")
     if args.adapter and len({os.path.realpath(a) for a in args.adapter}) < len(args.adapter):
         raise ValueError("--adapter: the same adapter is given twice")
     if args.out is not None:  # checked before the model loads, not after generating
@@ -108,15 +135,22 @@ def run_args(args) -> dict:
     model, tok, names = _load(args, device)
     load_s = time.perf_counter() - t0
     texts = [chat_prompt(tok, r["prompt"], args.system) if args.chat else r["prompt"] for r in recs]
-    stream = len(texts) == 1  # one prompt: its tokens print as they come
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                top_p=args.top_p, seed=args.seed, compile=args.compile)
     # (label, adapter name or None for the base)
     runs = ([("adapter", names[0])] if len(names) == 1 else [(f"adapter{i}", n) for i, n in enumerate(names, 1)])
     runs += [("base", None)] if args.compare or not names else []
+    stream = len(texts) == 1 and not args.mixed  # one prompt: its tokens print as they come
     refs = {i: r["completion"].strip() for i, r in enumerate(recs) if r["completion"] is not None}
     results, stats = {}, {}
-    for label, name in runs:
+    if args.mixed:  # one pass: each prompt once per run, next to each other in the batches
+        model.stack_adapters(names)
+        order = [(label, name, i) for i in range(len(texts)) for label, name in runs]
+        out, stats["mixed"] = _timed(model, tok, device, [texts[i] for _, _, i in order], gen, len(runs),
+                                     adapters=[n for _, n, _ in order])
+        for (label, _, _), c in zip(order, out):
+            results.setdefault(label, []).append(c)
+    for label, name in [] if args.mixed else runs:  # one pass per run, the adapter switched between
         if name is not None:
             model.set_adapter(name)
         streamer = None
@@ -126,20 +160,11 @@ def run_args(args) -> dict:
             print(f"[{label}] ", end="", flush=True)
             streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         with model.disable_adapter() if name is None and names else contextlib.nullcontext():
-            if not args.compile:  # untimed: one-time costs (allocations, kernel setup) out of tokens/s
-                complete(model, tok, texts[:1], **{**gen, "max_new_tokens": min(2, args.max_new_tokens)})
-            t0 = time.perf_counter()
-            out = complete(model, tok, texts, streamer=streamer, **gen)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        secs = time.perf_counter() - t0
-        results[label] = out
-        new = sum(c.tokens for c in out)
-        stats[label] = {"seconds": round(secs, 3), "new_tokens": new, "tokens_per_s": round(new / secs, 1)}
-        if args.compile:
-            stats[label]["note"] = "includes torch.compile's compilation of each new batch shape"
+            results[label], stats[label] = _timed(model, tok, device, texts, gen, 1, streamer=streamer)
+    for label, _ in runs:
         if refs:
-            stats[label]["exact_match"] = f"{sum(out[i].text == ref for i, ref in refs.items())}/{len(refs)}"
+            stats.setdefault(label, {})["exact_match"] = \
+                f"{sum(results[label][i].text == ref for i, ref in refs.items())}/{len(refs)}"
     rows = []
     for i, r in enumerate(recs):
         row = {"prompt": r["prompt"]}

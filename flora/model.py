@@ -107,6 +107,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             self.embed = self.head.weight  # one tensor for both (a view when the head is fused)
         self.register_buffer("inv_freq", rope_inv_freq(arch).to(self.embed.device), persistent=False)
         self._adapters: dict = {}  # name -> (AdapterConfig, adapter state dict)
+        self._stack: Optional[list] = None  # adapter names side by side (stack_adapters)
         self.active_adapter: Optional[str] = None
         self._folded = False
         self._merged = False
@@ -223,16 +224,27 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                num_items_in_batch=None, target_stats: bool = False) -> CausalLMOutput:
+                num_items_in_batch=None, target_stats: bool = False, adapters=None) -> CausalLMOutput:
         """``.logits`` [B, T, V] and, with ``labels``, ``.loss`` (training with
         labels: the loss alone, see the class). ``target_stats=True`` (with
         labels, no gradients): ``.target_nll`` and ``.target_hit`` [B, T-1] of
         the targets labels[:, 1:] instead of logits (evaluation without the
-        [tokens, vocab] logits: flora.layers.chunked_target_stats)."""
+        [tokens, vocab] logits: flora.layers.chunked_target_stats).
+        ``adapters``: one adapter name (None: the base model) per row, for a
+        model holding several (:meth:`stack_adapters`); inference only."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         B, T = input_ids.shape
         dev = self.device
+        rows = None
+        if adapters is not None or self._stack is not None:
+            if adapters is None:
+                raise ValueError(f"this model holds the adapters {self._stack} side by side "
+                                 f"(stack_adapters): pass adapters=[one name or None per row]")
+            if target_stats or (self.training and torch.is_grad_enabled()):
+                raise ValueError("adapters=[...] (several adapters in one batch) is for inference: "
+                                 "eval() and no gradients, without target_stats; unstack_adapters() to train")
+            rows = self.adapter_rows(adapters, B)
         input_ids = input_ids.to(dev)
         if attention_mask is None:
             key_valid = torch.ones(B, T, dtype=torch.bool, device=dev)
@@ -256,17 +268,18 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             # training: the loss alone, the head run in chunks (no [tokens, vocab] logits held)
             n, carry = self.run_layers(input_ids, position_ids.to(dev), mask, head=False)
             return CausalLMOutput(logits=None, loss=chunked_lm_loss(self.head, n, carry, labels, num_items_in_batch))
-        logits = self.run_layers(input_ids, position_ids.to(dev), mask)
+        logits = self.run_layers(input_ids, position_ids.to(dev), mask, rows=rows)
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutput(logits=logits, loss=loss)
 
     def run_layers(self, input_ids: Tensor, positions: Tensor, mask: Tensor,
-                   cache=None, last_only: bool = False, head: bool = True):
+                   cache=None, last_only: bool = False, head: bool = True, rows: Optional[Tensor] = None):
         """The Llama forward: logits [B, T (1 if last_only), V]. input_ids/positions
         [B, T]; mask [B, 1, T, K], boolean or additive; ``cache`` (generation)
         has update(layer, k, v) -> keys/values [B, kv_heads, K, head_dim].
         The mask and the RoPE tables are built once here, not per layer.
-        ``head=False``: the head's input instead, (final-norm output [B*T, d], carry)."""
+        ``head=False``: the head's input instead, (final-norm output [B*T, d], carry).
+        ``rows`` [B]: each row's adapter slot (-1: none) in a stacked model."""
         a = self.arch
         B, T = input_ids.shape
         M, dt = B * T, self.dtype
@@ -275,20 +288,39 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, dt)
         if mask.dtype == torch.bool:
             mask = additive_mask(mask, dt)
-        for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, carry = checkpoint(self._layer, layer, i, h, carry, B, T, cos, sin, mask, cache,
-                                      use_reentrant=False)
-            else:
-                h, carry = self._layer(layer, i, h, carry, B, T, cos, sin, mask, cache)
-        if last_only:  # generation needs only the last position's logits
-            h = h.view(B, T, -1)[:, -1]
-            carry = None if carry is None else carry.view(B, T, -1)[:, -1]
-            T = 1
-        n = rms_norm(h, self.final_norm, a.rms_norm_eps)
-        if not head:
-            return n, carry
-        return self.head(n, carry).view(B, T, -1)
+        off = None if rows is None else self._route_off(rows, B, T)
+        try:
+            self._route(off)
+            for i, layer in enumerate(self.layers):
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    h, carry = checkpoint(self._layer, layer, i, h, carry, B, T, cos, sin, mask, cache,
+                                          use_reentrant=False)
+                else:
+                    h, carry = self._layer(layer, i, h, carry, B, T, cos, sin, mask, cache)
+            if last_only:  # generation needs only the last position's logits
+                h = h.view(B, T, -1)[:, -1]
+                carry = None if carry is None else carry.view(B, T, -1)[:, -1]
+                self.head.route_off = None if off is None else off.view(B, T, -1)[:, -1]
+                T = 1
+            n = rms_norm(h, self.final_norm, a.rms_norm_eps)
+            if not head:
+                return n, carry
+            return self.head(n, carry).view(B, T, -1)
+        finally:
+            self._route(None)
+
+    def _route_off(self, rows: Tensor, B: int, T: int) -> Tensor:
+        """[B*T, R]: True where an adapter-state column is not the token's row's
+        adapter (slot i owns columns i*r ... (i+1)*r - 1)."""
+        R = self.adapter_config.rank
+        slot = torch.arange(R, device=rows.device) // (R // len(self._stack))
+        return rows.view(B, 1, 1).expand(B, T, 1).reshape(B * T, 1) != slot
+
+    def _route(self, off: Optional[Tensor]) -> None:
+        if off is None and self._stack is None:
+            return
+        for _, m in self.adapter_modules():
+            m.route_off = off
 
     def _layer(self, layer, i, h, carry, B, T, cos, sin, mask, cache):
         a = self.arch
@@ -319,22 +351,30 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                  top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
                  pad_token_id: Optional[int] = None, seed: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, streamer=None,
-                 use_cuda_graph: Optional[bool] = None, compile: bool = False) -> Tensor:
+                 use_cuda_graph: Optional[bool] = None, compile: bool = False, adapters=None) -> Tensor:
         """Prompt + generated tokens [B, T + n]; see flora.generation.generate."""
         return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
                         pad_token_id=pad_token_id, seed=seed, generator=generator,
-                        streamer=streamer, use_cuda_graph=use_cuda_graph, compile=compile)
+                        streamer=streamer, use_cuda_graph=use_cuda_graph, compile=compile,
+                        adapters=adapters)
 
     def _rebuild(self, cfg) -> None:
-        """Give an adapter-less model an adapter structure (rebuilds fused storage once)."""
-        sd = self.base_state_dict()
+        """Give the model another adapter structure (none -> one adapter, one ->
+        several side by side and back): the fused storage is rebuilt layer by
+        layer, each old layer freed as its replacement takes its weights, so the
+        peak is one layer more, not a second model."""
+        sd = _Converted(self.base_state_dict())  # each view dropped once read
+        n, tied = self.arch.num_hidden_layers, self.arch.tie_word_embeddings
         with torch.no_grad():
-            fresh = FusedLlama(self.arch, sd, cfg, self.adapter_dtype)
-        self.layers, self.head, self.adapter_config = fresh.layers, fresh.head, cfg
-        if self.arch.tie_word_embeddings:
-            self.embed = fresh.embed
-        self._folded = False
+            for i in range(n):
+                self.layers[i] = FusedLlamaLayer(sd, i, cfg, n, self.adapter_dtype)
+            w_head = sd["model.embed_tokens.weight"] if tied else sd["lm_head.weight"]
+            self.head = FusedLMHead(w_head, config=cfg, adapter_dtype=self.adapter_dtype)
+        if tied:
+            self.embed = self.head.weight
+        self.adapter_config, self._folded = cfg, False
+        self.train(self.training)  # the new modules in the model's mode
 
     def base_state_dict(self) -> dict:
         """The base weights under their HF names (views of the fused storage)."""

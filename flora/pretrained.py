@@ -128,17 +128,20 @@ class Completion(NamedTuple):
 
 
 def complete(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8,
-             **generate_kwargs) -> list:
+             adapters: Optional[list] = None, **generate_kwargs) -> list:
     """:class:`Completion` of each prompt string (tokenized as training tokenizes
     prompts, :func:`flora.data.prompt_ids`), generated in left-padded batches of
     ``batch_size``; greedy by default, stopping at the checkpoint's EOS.
-    ``generate_kwargs`` go to :func:`flora.generation.generate` (temperature,
-    top_p, seed, streamer, compile, ...)."""
+    ``adapters``: each prompt's adapter name (None: the base) on a model
+    holding several (``stack_adapters``). ``generate_kwargs`` go to
+    :func:`flora.generation.generate` (temperature, top_p, seed, streamer, compile, ...)."""
     from .data import pad_id_of, prompt_ids
     from .generation import _eos_set, left_pad
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if adapters is not None and len(adapters) != len(prompts):
+        raise ValueError(f"adapters: one name per prompt, got {len(adapters)} for {len(prompts)} prompts")
     eos = generate_kwargs.get("eos_token_id")
     eos = set(_eos_set(model.generation_eos_token_id if eos is None else eos))
     pad = generate_kwargs.pop("pad_token_id", None)
@@ -150,6 +153,8 @@ def complete(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_s
             raise ValueError(f"prompt {b + [bool(e) for e in enc].index(False)} is empty (no tokens)")
         ids, mask = left_pad(enc, pad)
         T = ids.shape[1]
+        if adapters is not None:
+            generate_kwargs["adapters"] = list(adapters[b:b + batch_size])
         rows = model.generate(ids.to(model.device), max_new_tokens=max_new_tokens,
                               attention_mask=mask.to(model.device), pad_token_id=pad, **generate_kwargs)
         for row in rows[:, T:].tolist():

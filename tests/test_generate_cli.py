@@ -115,6 +115,38 @@ def test_cli_generate_switches_several_adapters(setup, tmp_path, capsys):
     assert "twice" in capsys.readouterr().err
 
 
+def test_cli_generate_mixed_runs_every_adapter_in_one_batch(setup, tmp_path, capsys):
+    """--mixed: the adapters (and the base) side by side, each prompt once per run in
+    the same batches; every completion as the adapter alone gives it."""
+    _, ckpt, adapter, data, recs = setup
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 16))  # its own alpha
+    randomize_adapter(m, seed=2)
+    m.save_adapter(tmp_path / "second")
+    out = tmp_path / "mixed.jsonl"
+    assert main(["generate", "--model", str(ckpt), "--adapter", str(adapter), "--adapter", str(tmp_path / "second"),
+                 "--compare", "--mixed", "--data", str(data), "--limit", "4", "--max-new-tokens", "8",
+                 "--batch-size", "5", "--device", "cpu", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    tok = load_tokenizer(ckpt)
+    refs = {"adapter1": FusedLlama.from_pretrained(str(ckpt), adapter=str(adapter)),
+            "adapter2": FusedLlama.from_pretrained(str(ckpt), adapter=str(tmp_path / "second")),
+            "base": FusedLlama.from_pretrained(str(ckpt))}
+    assert len(rows) == 4
+    for row, rec in zip(rows, recs):
+        for label, model in refs.items():
+            assert row[label] == _alone(model, tok, rec["prompt"], 8)[0], label
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert summary["runs"]["mixed"]["new_tokens"] > 0 and set(summary["runs"]) == {"mixed", "adapter1", "adapter2", "base"}
+    assert main(["generate", "--model", str(ckpt), "--mixed", "--prompt", "x", "--device", "cpu"]) == 2
+    assert "--mixed needs --adapter" in capsys.readouterr().err
+    f = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffa", 4, 8))
+    f.save_adapter(tmp_path / "ffa")
+    assert main(["generate", "--model", str(ckpt), "--adapter", str(tmp_path / "ffa"), "--mixed", "--prompt", "x",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flora generate: error:") and "repeat-add" in err and "\n" not in err
+
+
 def test_cli_generate_one_prompt_streams(setup, capsys):
     _, ckpt, adapter, _, recs = setup
     prompt = recs[0]["prompt"]

@@ -166,6 +166,35 @@ def test_multiple_adapters_switch_and_merge(tmp_path):
         other.merge_into_base()
 
 
+@pytest.mark.parametrize("variant", ["ffba", "zflora"])
+def test_switched_adapter_keeps_its_own_alpha_and_dropout(variant, tmp_path):
+    """Adapters share a model when their structure matches; the scale and the
+    dropout are each adapter's own (one with alpha 32 after one with alpha 4
+    gives what it gives alone), folded or not, and a save keeps them."""
+    hf, ids = llama_model(), random_ids(2, 12)
+    small = FusedLlama.from_pretrained(hf, adapter=AdapterConfig(variant, rank=4, alpha=4))
+    randomize_adapter(small, seed=3)
+    small.save_adapter(str(tmp_path / "a4"))
+    big = FusedLlama.from_pretrained(hf, adapter=AdapterConfig(variant, rank=4, alpha=32, dropout=0.25))
+    big._load_adapter_tensors(small.adapter_state_dict())
+    big.save_adapter(str(tmp_path / "a32"))
+    alone = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "a32")).eval()
+    both = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "a4")).eval()
+    both.load_adapter(str(tmp_path / "a32"), "big")
+    with torch.no_grad():
+        assert torch.equal(both(ids).logits, alone(ids).logits)
+        both.fold(), alone.fold(), small.eval().fold()  # folded: the scale lives in the B slots
+        want = alone(ids).logits
+        assert torch.equal(both(ids).logits, want)
+        both.set_adapter("default")
+        assert torch.equal(both(ids).logits, small(ids).logits)
+        both.set_adapter("big")
+        assert torch.equal(both(ids).logits, want)
+    assert both.adapter_config.alpha == 32 and both.layers[0].attn.dropout.p == 0.25
+    both.save_adapter(str(tmp_path / "again"))
+    assert FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "again")).adapter_config.alpha == 32
+
+
 def test_hub_id_is_not_downloaded(tmp_path):
     with pytest.raises(FileNotFoundError, match="no network access is attempted"):
         FusedLlama.from_pretrained("meta-llama/Llama-3.2-1B")

@@ -43,9 +43,12 @@ class LatencyProbe:
     can be timed interleaved."""
 
     def __init__(self, model, batch: int, prompt_len: int, new_tokens: int,
-                 use_cuda_graph: Optional[bool] = None, seed: int = 0, compile: bool = False):
+                 use_cuda_graph: Optional[bool] = None, seed: int = 0, compile: bool = False,
+                 adapters: Optional[list] = None):
         if batch < 1 or prompt_len < 1 or new_tokens < 2:
             raise ValueError("need batch >= 1, prompt_len >= 1, new_tokens >= 2")
+        # a stacked model's per-row adapters (FusedLlama.stack_adapters)
+        self.rows = None if adapters is None else model.adapter_rows(adapters, batch)
         self.model, self.new_tokens = model, new_tokens
         dev = model.device
         self.use_cuda_graph = dev.type == "cuda" if use_cuda_graph is None else use_cuda_graph
@@ -75,7 +78,7 @@ class LatencyProbe:
     def prefill(self):
         """Prefill + first token; returns the timer marks around it."""
         a = self.timer.mark()
-        self.tok = self.dec.prefill(self.ids, self.valid).argmax(-1)
+        self.tok = self.dec.prefill(self.ids, self.valid, self.rows).argmax(-1)
         return a, self.timer.mark()
 
     def step(self):

@@ -129,6 +129,7 @@ class AdapterModule(nn.Module):
         self._adapter_names: List[str] = []
         p = 0.0 if config is None else getattr(config, "dropout", 0.0)
         self.dropout = nn.Dropout(p) if p > 0 else None
+        self.route_off: Optional[Tensor] = None  # set by FusedLlama.run_layers for a mixed batch
 
     # -- construction --------------------------------------------------------
     def new_param(self, name: str, shape, like: Tensor, init: str, dtype=None) -> None:
@@ -143,8 +144,18 @@ class AdapterModule(nn.Module):
         t = getattr(self, name)
         return t if t.dtype == like.dtype else t.to(like.dtype)
 
-    def drop(self, z: Optional[Tensor]) -> Optional[Tensor]:
-        if z is None or self.dropout is None or not self.training:
+    def state(self, z: Optional[Tensor]) -> Optional[Tensor]:
+        """The adapter state z as a B or C product reads it: dropout (training)
+        and, in a mixed batch (``FusedLlama.stack_adapters``), each row's z
+        zeroed outside its own adapter's columns (``route_off`` [M, R], True
+        where a column is not the row's; a z that is several R-blocks wide,
+        pf-lora's one per target, repeats it)."""
+        if z is None:
+            return z
+        off = self.route_off
+        if off is not None:
+            z = z.masked_fill(off if z.shape[1] == off.shape[1] else off.repeat(1, z.shape[1] // off.shape[1]), 0)
+        if self.dropout is None or not self.training:
             return z
         return self.dropout(z)
 

@@ -77,7 +77,7 @@ class FFL(_Block):
         if self.repeat_add and self.dropping:
             y, z = ops.ffl(x, self.weight, A, z_in=z_in)
             T = tile_matrix(self.N, [self.N], A.shape[0], x)
-            y = ops.fbl(empty_cols(x.shape[0], x), self.drop(z), empty_cols(self.N, x), T, self.s,
+            y = ops.fbl(empty_cols(x.shape[0], x), self.state(z), empty_cols(self.N, x), T, self.s,
                         res=y)
             return y, z
         return ops.ffl(x, self.weight, A, self.s, repeat_add=self.repeat_add, z_in=z_in)
@@ -103,7 +103,7 @@ class FBL(_Block):
         if self.folded:
             W, _, B, _ = self.views()
             return ops.fbl(u, z, W, B, 1.0, res=res, relu=self.relu)
-        return ops.fbl(u, self.drop(z), self.weight, self.param("B", u), self.s, res=res, relu=self.relu)
+        return ops.fbl(u, self.state(z), self.weight, self.param("B", u), self.s, res=res, relu=self.relu)
 
 
 class FFBL(_Block):
@@ -135,5 +135,5 @@ class FFBL(_Block):
         if self.folded:
             W, A, B, C = self.views()
             return ops.ffbl(u, z, W, B, A, C, 1.0, res=res, relu=self.relu)
-        return ops.ffbl(u, self.drop(z), self.weight, self.param("B", u), self.param("A", u),
+        return ops.ffbl(u, self.state(z), self.weight, self.param("B", u), self.param("A", u),
                         self.param("C", u), self.s, res=res, relu=self.relu)

@@ -97,7 +97,7 @@ class _Group:
         if m.dropping:
             y, z = ops.ffl(x, W, A)
             T = tile_matrix(self.N, [self.N] if widths is None else widths, rc, x)
-            y = ops.fbl(empty_cols(x.shape[0], x), m.drop(z[:, :tiled]), empty_cols(self.N, x),
+            y = ops.fbl(empty_cols(x.shape[0], x), m.state(z[:, :tiled]), empty_cols(self.N, x),
                         T, self.s, res=y)
         elif widths is None:  # one segment, the whole output
             y, z = ops.ffl(x, W, A, self.s, repeat_add=True)

@@ -40,6 +40,14 @@ class _SubBlock(AdapterModule):
         self._groups.append(g)
         return g
 
+    def set_config(self, cfg) -> None:
+        """Another adapter of the same structure (variant, rank, targets,
+        layers): its scale and dropout, which the structure does not fix."""
+        self.config = cfg
+        for g in self._groups:
+            g.s = cfg.scale
+        self.dropout = torch.nn.Dropout(cfg.dropout).train(self.training) if cfg.dropout > 0 else None
+
     def _apply(self, fn, recurse=True):
         for g in self._groups:  # .to() / .cuda() replace the storage: drop the old views with it
             g._cache.clear()

@@ -81,7 +81,7 @@ class Lora(Mode):
         for i, p in enumerate(g.names):
             if p in g.role.targets:
                 z, _ = ops.ffl(x, m.param(f"A_{p}", x), noA)
-                ys[i] = ops.fbl(empty_cols(M, x), m.drop(z), empty_cols(g.widths[i], x),
+                ys[i] = ops.fbl(empty_cols(M, x), m.state(z), empty_cols(g.widths[i], x),
                                 m.param(f"B_{p}", x), g.s, res=ys[i])
         return ys, None
 
@@ -89,7 +89,7 @@ class Lora(Mode):
         M, p = u.shape[0], g.role.targets[0]
         h = ops.fbl(u, empty_cols(M, u), g.W(m), empty_cols(g.N, u), res=residual)
         z, _ = ops.ffl(u, m.param(f"A_{p}", u), empty_rows(g.K, u))
-        h = ops.fbl(empty_cols(M, u), m.drop(z), empty_cols(g.N, u), m.param(f"B_{p}", u), g.s, res=h)
+        h = ops.fbl(empty_cols(M, u), m.state(z), empty_cols(g.N, u), m.param(f"B_{p}", u), g.s, res=h)
         return h, carry
 
 
@@ -126,7 +126,7 @@ class PfLora(Lora):
         else:
             y, z = ops.ffl(x, g.W(m), self.A_op(g, m, x))
             B, s = self.B_op(g, m, x), g.s
-        return ops.fbl(empty_cols(x.shape[0], x), m.drop(z), empty_cols(g.N, x), B, s, res=y)
+        return ops.fbl(empty_cols(x.shape[0], x), m.state(z), empty_cols(g.N, x), B, s, res=y)
 
     def forward_in(self, g, m, x, carry):
         return g.split(self._y(g, m, x)), None
@@ -240,9 +240,9 @@ class Read(_BCols):
         if carry is None:
             return super().forward_in(g, m, x, carry)
         if m.folded:
-            y = ops.fbl(x, carry, g.W(m), g.slot_B(m), 1.0)
+            y = ops.fbl(x, m.state(carry), g.W(m), g.slot_B(m), 1.0)
         else:
-            y = ops.fbl(x, m.drop(carry), g.W(m), self.B_op(g, m, x), g.s)
+            y = ops.fbl(x, m.state(carry), g.W(m), self.B_op(g, m, x), g.s)
         return g.split(y), None
 
 
@@ -253,7 +253,7 @@ class Bwd(_BCols):
         if state is None:  # the input group is off: nothing to read
             return super().forward_out(g, m, u, state, residual, carry)
         B, s = (g.slot_B(m), 1.0) if m.folded else (m.param(f"B_{g.role.targets[0]}", u), g.s)
-        h = ops.fbl(u, m.drop(state), g.W(m), B, s, res=residual, relu=g.role.relu)
+        h = ops.fbl(u, m.state(state), g.W(m), B, s, res=residual, relu=g.role.relu)
         return h, None  # ffba-ab: last writer, z' dropped
 
 
@@ -283,7 +283,7 @@ class Ffbl(Bwd):
             B, A, C, s = g.slot_B(m), g.slot_A(m), g.slot_C(m), 1.0
         else:
             B, A, C, s = m.param(f"B_{p}", u), m.param(f"A_{p}", u), m.param(f"C_{p}", u), g.s
-        return ops.ffbl(u, m.drop(state), g.W(m), B, A, C, s, res=residual)
+        return ops.ffbl(u, m.state(state), g.W(m), B, A, C, s, res=residual)
 
 
 MODES: Dict[str, Mode] = {"base": Mode(), "lora": Lora(), "pflora": PfLora(), "ffa": Ffa(), "sum": Sum(),

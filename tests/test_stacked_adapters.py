@@ -1,0 +1,185 @@
+"""Several adapters in one batch (FusedLlama.stack_adapters): each row runs its
+own adapter (or none), and gets exactly what the model gives with that adapter
+alone (set_adapter, or disable_adapter for None); the independent reference
+is the same model run one row and one adapter at a time."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from flora import AdapterConfig, FusedLlama
+from flora.adapters import UNSTACKABLE, stack_state_dicts
+from flora.config import VARIANTS
+from llama_fixtures import llama_model, random_ids
+
+STACKABLE = [v for v in VARIANTS if v.removesuffix("-mha") not in UNSTACKABLE]
+ALPHAS = (4, 8, 24)  # each adapter its own scale
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return llama_model()
+
+
+def _adapters(hf, variant, tmp_path, n=3):
+    """n saved adapters of ``variant`` with random (non-zero) tensors and their own alphas."""
+    paths = []
+    for j in range(n):
+        m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig(variant, rank=4, alpha=ALPHAS[j]))
+        g = torch.Generator().manual_seed(j)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        m.save_adapter(str(tmp_path / f"a{j}"))
+        paths.append(str(tmp_path / f"a{j}"))
+    return paths
+
+
+def _loaded(hf, paths):
+    m = FusedLlama.from_pretrained(hf, adapter=paths[0]).eval()
+    for j, p in enumerate(paths[1:], 1):
+        m.load_adapter(p, f"a{j}", activate=False)
+    return m
+
+
+def _one_at_a_time(m, fn, rows):
+    """fn(row index, adapter name or None) for each row, on the unstacked model."""
+    out = []
+    for i, name in enumerate(rows):
+        if name is None:
+            with m.disable_adapter():
+                out.append(fn(i))
+        else:
+            m.set_adapter(name)
+            out.append(fn(i))
+    return torch.cat(out)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("variant", STACKABLE)
+def test_each_row_gets_its_own_adapter(hf, variant, tmp_path):
+    m = _loaded(hf, _adapters(hf, variant, tmp_path))
+    ids, rows = random_ids(5, 10), ["a1", None, "default", "a2", "a1"]
+    with torch.no_grad():
+        want = _one_at_a_time(m, lambda i: m(ids[i:i + 1]).logits, rows)
+        m.set_adapter("default")
+        m.stack_adapters(["default", "a1", "a2"])
+        assert m.stacked == ["default", "a1", "a2"] and m.adapter_config.rank == 12
+        got = m(ids, adapters=rows).logits
+        assert _rel(got, want) < 1e-5
+        # the routing is what makes it right: other adapters' rows differ
+        other = m(ids, adapters=["a2", "a1", None, "default", "default"]).logits
+        assert all(_rel(other[i], want[i]) > 1e-3 for i in range(5))
+        m.unstack_adapters()
+        assert m.stacked is None and m.adapter_config.rank == 4 and m.active_adapter == "default"
+        assert _rel(m(ids[2:3]).logits, want[2:3]) < 1e-6
+
+
+@pytest.mark.parametrize("variant", ["pf-lora", "zflora", "ffba-ab"])
+def test_generate_mixed_batch_equals_one_adapter_at_a_time(hf, variant, tmp_path):
+    m = _loaded(hf, _adapters(hf, variant, tmp_path, n=2))
+    ids = random_ids(4, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    rows = ["a1", None, "default", "a1"]
+    kw = dict(max_new_tokens=10, eos_token_id=[])
+    parts = []
+    for i, name in enumerate(rows):  # row by row (the padded one without its pad)
+        p = ids[i:i + 1, 3:] if i == 1 else ids[i:i + 1]
+        parts.append(_one_at_a_time(m, lambda _: m.generate(p, **kw), [name])[:, -10:])
+    want = torch.cat(parts)
+    m.stack_adapters(["default", "a1"])
+    got = m.generate(ids, attention_mask=mask, adapters=rows, **kw)[:, -10:]
+    assert torch.equal(got, want)
+    # the decoder kept for this batch shape re-reads the rows: another routing, other tokens
+    flipped = m.generate(ids.flip(0), attention_mask=mask.flip(0), adapters=rows[::-1], **kw)[:, -10:]
+    assert torch.equal(flipped, want.flip(0))
+
+
+def test_compiled_decode_routes_rows(hf, tmp_path):
+    m = _loaded(hf, _adapters(hf, "zflora", tmp_path, n=2))
+    ids, rows = random_ids(3, 8), ["a1", None, "default"]
+    kw = dict(max_new_tokens=6, eos_token_id=[])
+    want = torch.cat([_one_at_a_time(m, lambda _: m.generate(ids[i:i + 1], **kw), [n]) for i, n in enumerate(rows)])
+    m.stack_adapters(["default", "a1"])
+    assert torch.equal(m.generate(ids, adapters=rows, compile=True, **kw), want)
+    assert torch.equal(m.generate(ids.flip(0), adapters=rows[::-1], compile=True, **kw), want.flip(0))
+
+
+def test_stack_state_dicts_concatenates_the_rank_and_block_diagonalises_c():
+    a = {"A": torch.ones(2, 5), "B": torch.ones(7, 2), "C": torch.ones(2, 2), "n": torch.ones(3)}
+    b = {k: 2 * v for k, v in a.items()}
+    like = {"A": torch.empty(4, 5), "B": torch.empty(7, 4), "C": torch.empty(4, 4), "n": torch.empty(3)}
+    out = stack_state_dicts([a, b], like)
+    assert torch.equal(out["A"], torch.cat([a["A"], b["A"]])) and torch.equal(out["B"], torch.cat([a["B"], b["B"]], 1))
+    assert torch.equal(out["C"], torch.block_diag(a["C"], b["C"])) and torch.equal(out["n"], a["n"])
+    with pytest.raises(ValueError, match="does not stack 2 times"):
+        stack_state_dicts([a, b], {"A": torch.empty(5, 5)})
+
+
+def test_restacking_frees_the_old_storage_layer_by_layer(hf, tmp_path):
+    m = _loaded(hf, _adapters(hf, "ffba", tmp_path, n=2))
+    rows = m.layers[0].attn.w_qkv.shape[0]
+    old = [weakref.ref(layer.attn.w_qkv) for layer in m.layers]
+    m.stack_adapters(["default", "a1"])
+    gc.collect()
+    assert all(r() is None for r in old) and m.layers[0].attn.w_qkv.shape[0] == rows + 4  # r -> 2r A rows
+
+
+def test_wrong_use_is_a_clear_error(hf, tmp_path):
+    paths = _adapters(hf, "lora", tmp_path, n=2)
+    m = _loaded(hf, paths)
+    ids = random_ids(2, 6)
+    with pytest.raises(ValueError, match="holds one at a time"):
+        m(ids, adapters=["default", None])
+    with pytest.raises(KeyError, match="no adapter named 'nope'"):
+        m.stack_adapters(["default", "nope"])
+    with pytest.raises(ValueError, match="names repeat"):
+        m.stack_adapters(["a1", "a1"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        m.stack_adapters("a1")
+    m.stack_adapters(["default", "a1"])
+    with pytest.raises(ValueError, match=r"pass adapters=\[one name or None per row\]"):
+        m(ids)
+    with pytest.raises(ValueError, match=r"pass adapters=\[one name or None per row\]"):
+        m.generate(ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="a list of 2 names"):
+        m(ids, adapters=["default"])
+    with pytest.raises(KeyError, match="'x' is not among the stacked adapters"):
+        m(ids, adapters=["default", "x"])
+    m.train()
+    with pytest.raises(ValueError, match="is for inference"):
+        m(ids, adapters=["default", None])
+    m.eval()
+    for call in (lambda: m.set_adapter("a1"), lambda: m.save_adapter(str(tmp_path / "s")),
+                 lambda: m.load_adapter(paths[1], "again"), m.merge_into_base, m.merged_state_dict,
+                 lambda: m.export_peft(str(tmp_path / "p"))):
+        with pytest.raises(ValueError, match=r"side by side \(stack_adapters\); call unstack_adapters\(\) first"):
+            call()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p").exists()
+    m.unstack_adapters()
+    m.set_adapter("a1")  # one at a time again
+    ffa = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffa", rank=4, alpha=8))
+    with pytest.raises(ValueError, match="repeat-add"):
+        ffa.stack_adapters(["default"])
+
+
+def test_mixed_adapters_bench_rows(tmp_path):
+    """bench/mixed_adapters.py on the tiny shape: every run of each variant
+    timed, ratios to the base in the same run, the bytes floor counted."""
+    import json
+
+    from _bench_scripts import load_bench_script
+
+    bench = load_bench_script("mixed_adapters")
+    bench.main(["--shape", "tiny", "--adapters", "2", "--variants", "zflora", "--rank", "4", "--prompt", "6",
+                "--new", "3", "--repeats", "1", "--json", str(tmp_path / "m.json")])
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]["zflora"]
+    assert list(rows) == ["base", "one adapter", "mixed", "switching"]
+    assert rows["base"]["tpot_ratio"] == 1.0 and rows["base"]["floor"] == 1.0
+    assert 1.0 < rows["one adapter"]["floor"] < rows["mixed"]["floor"]  # 2 adapters stream 2x the blocks
+    assert all(r["tpot_s"] > 0 and r["ttft_s"] > 0 for r in rows.values())
