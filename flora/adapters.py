@@ -256,9 +256,15 @@ class AdapterRegistry:
         self._rebuild(self._adapters[name][0])
         self.set_adapter(name)
 
-    def adapter_rows(self, adapters, batch: int):
+    def adapter_rows(self, adapters, batch: int) -> Optional[torch.Tensor]:
         """Per-row adapter names (None: the base model) -> slot indices [batch]
-        (-1: no adapter) on the model's device, for a stacked model."""
+        (-1: no adapter) on the model's device, for a stacked model; None for
+        ``adapters=None`` on a model holding one adapter at a time."""
+        if adapters is None:
+            if self._stack is None:
+                return None
+            raise ValueError(f"this model holds the adapters {self._stack} side by side (stack_adapters): "
+                             f"pass adapters=[one name or None per row]")
         if self._stack is None:
             raise ValueError("adapters=[...] picks one adapter per row of a model holding several "
                              "(stack_adapters); this one holds one at a time (set_adapter switches it)")

@@ -138,7 +138,8 @@ class Decoder:
         # additive key mask (0: a real key, -inf: padding or not yet written), kept across steps
         self.mask = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=model.dtype, device=dev)
         # each row's adapter slot in a stacked model (-1: the base), written before each prefill
-        self.rows = None if getattr(model, "stacked", None) is None else torch.full((batch,), -1, dtype=torch.long, device=dev)
+        self.rows = (None if getattr(model, "stacked", None) is None
+                     else torch.full((batch,), -1, dtype=torch.long, device=dev))
         self._masks: dict = {}  # window length -> view of the mask
         self.use_cuda_graph = use_cuda_graph and dev.type == "cuda"
         self.compile = compile
@@ -361,14 +362,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     # a copy: the result never aliases the caller's tensor (even with max_new_tokens=0)
     input_ids = input_ids.to(dev, copy=True)
     B, T = input_ids.shape
-    stacked = getattr(model, "stacked", None)
-    if adapters is not None or stacked is not None:
-        if adapters is None:
-            raise ValueError(f"this model holds the adapters {stacked} side by side (stack_adapters): "
-                             f"pass adapters=[one name or None per row]")
-        rows = model.adapter_rows(adapters, B)
-    else:
-        rows = None
+    rows = None if adapters is None and getattr(model, "stacked", None) is None else model.adapter_rows(adapters, B)
     key_valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                  else attention_mask.to(dev).bool())
     if attention_mask is not None and (~key_valid[:, -1]).any():

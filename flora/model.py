@@ -236,15 +236,10 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
         B, T = input_ids.shape
         dev = self.device
-        rows = None
-        if adapters is not None or self._stack is not None:
-            if adapters is None:
-                raise ValueError(f"this model holds the adapters {self._stack} side by side "
-                                 f"(stack_adapters): pass adapters=[one name or None per row]")
-            if target_stats or (self.training and torch.is_grad_enabled()):
-                raise ValueError("adapters=[...] (several adapters in one batch) is for inference: "
-                                 "eval() and no gradients, without target_stats; unstack_adapters() to train")
-            rows = self.adapter_rows(adapters, B)
+        rows = self.adapter_rows(adapters, B)
+        if rows is not None and (target_stats or (self.training and torch.is_grad_enabled())):
+            raise ValueError("adapters=[...] (several adapters in one batch) is for inference: "
+                             "eval() and no gradients, without target_stats; unstack_adapters() to train")
         input_ids = input_ids.to(dev)
         if attention_mask is None:
             key_valid = torch.ones(B, T, dtype=torch.bool, device=dev)

@@ -56,13 +56,22 @@ def test_op_count_sees_composites():
 
 
 @pytest.mark.slow
-def test_compiled_decode_gives_eager_tokens():
-    """torch.compile'd decode step (fullgraph) == eager, token for token (zflora: the carry)."""
+def test_compiled_decode_gives_eager_tokens(tmp_path):
+    """torch.compile'd decode step (fullgraph) == eager, token for token: zflora (the
+    carry) with two adapters side by side, each row its own (stack_adapters: the
+    rows a static input of the step, the masks set on the modules inside it)."""
     m = _model("zflora")
+    m.save_adapter(tmp_path / "a")
+    m.load_adapter(tmp_path / "a", "second", activate=False)
+    randomize_adapter(m, seed=5)  # "default" now differs from "second"
+    m.stack_adapters(["default", "second"])
     ids, mask = _left_padded()
-    eager = m.generate(ids, attention_mask=mask, max_new_tokens=10)
-    compiled = m.generate(ids, attention_mask=mask, max_new_tokens=10, compile=True)
-    assert torch.equal(eager, compiled)
+    kw = dict(attention_mask=mask, max_new_tokens=10)
+    eager = m.generate(ids, adapters=["second", "default"], **kw)
+    assert torch.equal(m.generate(ids, adapters=["second", "default"], compile=True, **kw), eager)
+    other = m.generate(ids, adapters=[None, "second"], **kw)  # the kept compiled step, rows re-read
+    assert not torch.equal(other, eager)
+    assert torch.equal(m.generate(ids, adapters=[None, "second"], compile=True, **kw), other)
 
 
 def test_window_reads_filled_part_only():

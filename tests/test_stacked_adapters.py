@@ -1,7 +1,8 @@
 """Several adapters in one batch (FusedLlama.stack_adapters): each row runs its
 own adapter (or none), and gets exactly what the model gives with that adapter
 alone (set_adapter, or disable_adapter for None); the independent reference
-is the same model run one row and one adapter at a time."""
+is the same model run one row and one adapter at a time. (Compiled decode of a
+mixed batch: tests/test_decode_step.py::test_compiled_decode_gives_eager_tokens.)"""
 import gc
 import weakref
 
@@ -98,16 +99,6 @@ def test_generate_mixed_batch_equals_one_adapter_at_a_time(hf, variant, tmp_path
     # the decoder kept for this batch shape re-reads the rows: another routing, other tokens
     flipped = m.generate(ids.flip(0), attention_mask=mask.flip(0), adapters=rows[::-1], **kw)[:, -10:]
     assert torch.equal(flipped, want.flip(0))
-
-
-def test_compiled_decode_routes_rows(hf, tmp_path):
-    m = _loaded(hf, _adapters(hf, "zflora", tmp_path, n=2))
-    ids, rows = random_ids(3, 8), ["a1", None, "default"]
-    kw = dict(max_new_tokens=6, eos_token_id=[])
-    want = torch.cat([_one_at_a_time(m, lambda _: m.generate(ids[i:i + 1], **kw), [n]) for i, n in enumerate(rows)])
-    m.stack_adapters(["default", "a1"])
-    assert torch.equal(m.generate(ids, adapters=rows, compile=True, **kw), want)
-    assert torch.equal(m.generate(ids.flip(0), adapters=rows[::-1], compile=True, **kw), want.flip(0))
 
 
 def test_stack_state_dicts_concatenates_the_rank_and_block_diagonalises_c():

@@ -48,7 +48,7 @@ class LatencyProbe:
         if batch < 1 or prompt_len < 1 or new_tokens < 2:
             raise ValueError("need batch >= 1, prompt_len >= 1, new_tokens >= 2")
         # a stacked model's per-row adapters (FusedLlama.stack_adapters)
-        self.rows = None if adapters is None else model.adapter_rows(adapters, batch)
+        self.rows = model.adapter_rows(adapters, batch) if hasattr(model, "adapter_rows") else None
         self.model, self.new_tokens = model, new_tokens
         dev = model.device
         self.use_cuda_graph = dev.type == "cuda" if use_cuda_graph is None else use_cuda_graph
