@@ -97,6 +97,16 @@ def test_flora_info_lists_kernel_state():
         assert r["status"].startswith(("not compiled", "compiled, not verified", "verified on"))
     text = format_info()
     assert "cuda kernels:" in text and "decode_bf16" in text
+    # cuda_archs is the union of the compiled kernels' archs ("" on a CPU build),
+    # what `flora info` and the device script's build check read.
+    from flora._ext import C
+
+    built = {a.strip() for _, arch, _, _, b in C.cuda_kernels() if b for a in arch.split(",")}
+    archs = C.cuda_archs()
+    if C.cuda_kernels_compiled():
+        assert archs and set(archs.split(", ")) == built, (archs, built)
+    else:
+        assert archs in ("", "cuBLAS only (no flora kernels)") and not built
 
 
 # ---------------------------------------------------------------------------

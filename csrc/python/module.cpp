@@ -3,15 +3,42 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
 #include "../common/cuda_dispatch.h"
 #include "../common/kernel_info.h"
 #include "../cpu/isa.h"
 
-#ifndef FLORA_CUDA_ARCHS
-#define FLORA_CUDA_ARCHS ""
-#endif
-
 namespace py = pybind11;
+
+// What this build's CUDA side targets, from the kernel table itself (one
+// source of truth): the union of the archs of the kernels compiled in, or
+// "cuBLAS only" for a CUDA build without flora's kernels; "" without CUDA.
+static std::string cuda_archs() {
+#ifdef FLORA_WITH_CUDA
+  std::vector<std::string> seen;
+  for (const auto& k : flora::cuda_kernels()) {
+    if (!flora::cuda_kernel_built(k.name)) continue;
+    size_t start = 0;
+    while (start < k.arch.size()) {  // "sm_80, sm_90a" -> sm_80, sm_90a
+      size_t end = k.arch.find(',', start);
+      if (end == std::string::npos) end = k.arch.size();
+      std::string a = k.arch.substr(start, end - start);
+      a.erase(0, a.find_first_not_of(' '));
+      if (!a.empty() && std::find(seen.begin(), seen.end(), a) == seen.end()) seen.push_back(a);
+      start = end + 1;
+    }
+  }
+  std::sort(seen.begin(), seen.end());
+  std::string out;
+  for (const auto& a : seen) out += (out.empty() ? "" : ", ") + a;
+  return out.empty() ? std::string("cuBLAS only (no flora kernels)") : out;
+#else
+  return "";
+#endif
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flora compiled ops";
@@ -22,7 +49,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_avx512_bf16", &flora::cpu::has_avx512_bf16);
   m.def("set_cpu_isa", &flora::cpu::set_isa, py::arg("name"),
         "Use avx512, avx2 or aten for the CPU ops (for tests and benchmarks)");
-  m.def("cuda_archs", [] { return std::string(FLORA_CUDA_ARCHS); });
+  m.def("cuda_archs", &cuda_archs,
+        "the archs of the CUDA kernels compiled in (\"\" without CUDA)");
   // The CUDA dispatch table as plain code: testable without a device.
   m.def(
       "cuda_dispatch",
