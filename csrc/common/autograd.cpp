@@ -9,6 +9,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "op_handles.h"
 
 namespace flora {
@@ -54,10 +55,13 @@ at::Tensor untile(const at::Tensor& gy, at::Tensor gz, double s, const std::vect
 
 // dx = dy W + dz A (FFL; FFBL's du), the FBL shape over the transposed
 // weight views: on CUDA one fbl call (its GEMM kernels take [K, n] weights,
-// else cuBLAS as two matmuls); elsewhere the two matmuls.
+// else cuBLAS as two matmuls); elsewhere the two matmuls. Gradients that are
+// not row-major (the broadcast one of out.sum().backward() has strides 0)
+// take the matmuls too: fbl rejects such operands.
 at::Tensor dy_w_plus_dz_a(const at::Tensor& dy, const at::Tensor& dz, const at::Tensor& W,
                           const at::Tensor& A) {
-  if (dy.is_cuda()) return fbl_op().call(dy, dz, W.t(), A.t(), 1.0, c10::nullopt, false);
+  if (dy.is_cuda() && row_major(dy) && row_major(dz))
+    return fbl_op().call(dy, dz, W.t(), A.t(), 1.0, c10::nullopt, false);
   return dy.mm(W) + dz.mm(A);
 }
 

@@ -54,11 +54,9 @@ class Operands {
     TORCH_CHECK_VALUE(t.device() == first_.device(), "flora.", op_,
                       ": device mismatch: ", first_name_, " is on ",
                       first_.device(), " but ", name, " is on ", t.device());
-    const bool unit_col = unit_last_stride(t);
-    const bool row_ok = t.size(0) <= 1 || t.stride(0) >= t.size(1);
     const bool t_ok = transposed && (t.size(0) <= 1 || t.stride(0) == 1) &&
                       (t.size(1) <= 1 || t.stride(1) >= t.size(0));
-    TORCH_CHECK_VALUE((unit_col && row_ok) || t_ok, "flora.", op_, ": ", name,
+    TORCH_CHECK_VALUE(row_major(t) || t_ok, "flora.", op_, ": ", name,
                       " must be row-major with unit stride along its last "
                       "dimension (row-strided views are fine), got shape ",
                       shape_str(t), " with strides ", t.strides(),
@@ -102,6 +100,10 @@ void check_repeat(at::IntArrayRef repeat, int64_t repeat_rank, int64_t N,
 }  // namespace
 
 bool unit_last_stride(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; }
+
+bool row_major(const at::Tensor& t) {
+  return unit_last_stride(t) && (t.size(0) <= 1 || t.stride(0) >= t.size(1));
+}
 
 bool rows_follow(const at::Tensor& a, const at::Tensor& b) {
   if (!a.is_alias_of(b) || a.size(1) != b.size(1) ||

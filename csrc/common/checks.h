@@ -37,6 +37,9 @@ FfblShape check_ffbl(const at::Tensor& u, const at::Tensor& z,
 // True when a 2-D tensor's rows are contiguous (unit stride along its last
 // dimension), as the kernels read them.
 bool unit_last_stride(const at::Tensor& t);
+// ... and each row starts at least a row's length after the previous one
+// (views into wider fused buffers are fine; broadcast rows are not).
+bool row_major(const at::Tensor& t);
 
 // True when `b` starts right after `a` in the same storage, so [a; b]
 // (rows) or [a | b] (columns) is one strided matrix.

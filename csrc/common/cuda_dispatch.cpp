@@ -7,7 +7,11 @@ namespace {
 
 // Kernels verified on a device: {name, "device, date"}. The device run adds a
 // row only after the kernel passed tests/test_cuda_kernels.py and
-// compute-sanitizer there. Empty: nothing has run on a GPU yet.
+// compute-sanitizer memcheck and racecheck there. Empty: on an H200
+// (2026-11-28) the sm_90a and decode kernels passed their tests and memcheck;
+// racecheck is still to run. Once verified, a kernel should be dispatched only
+// where it beat cuBLAS there (bench/RESULTS.md, "GPU: first device run": the
+// decode kernel's FBL / FFBL at M = 1; not FFL, M = 16 or the GEMMs at M = 256).
 struct Verified {
   const char* name;
   const char* where;
