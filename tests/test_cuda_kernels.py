@@ -63,6 +63,25 @@ def test_dispatch_gate_and_reasons(monkeypatch):
 
 
 @needs_ext
+def test_verified_kernels_run_only_where_they_beat_cublas():
+    """Default dispatch of a verified kernel follows what the H200 run measured
+    (bench/RESULTS.md): the decode kernel for FBL / FFBL at M = 1 only; FFL,
+    M > 1 and the GEMMs stay on cuBLAS. FLORA_CUDA_KERNELS=1 runs them all."""
+    def default(**kw):
+        return dispatch(enabled=False, assume_verified=True, **kw)
+
+    for op in ("fbl", "ffbl"):
+        assert default(op=op, M=1)[0] == "decode_bf16"
+        assert default(op=op, M=1, dtype="fp16", arch=80)[0] == "decode_fp16"
+    for kw in (dict(op="ffl", M=1), dict(M=4), dict(M=16), dict(M=512), dict(op="ffl", M=512, repeat_groups=2)):
+        k, planned, reason = default(**kw)
+        assert k == "cublas" and planned != "" and "as fast or faster" in reason, (kw, reason)
+        assert dispatch(enabled=True, **kw)[0] == planned  # forced: the kernel runs
+    # not verified (the table is empty until a device run fills it): cuBLAS, whatever the shape
+    assert "not verified" in dispatch(enabled=False, M=1)[2]
+
+
+@needs_ext
 @pytest.mark.parametrize("arch,dtype,want", [
     (90, "bf16", "gemm_sm90_rep_bf16"), (80, "fp16", "gemm_sm80_rep_fp16"),
     (89, "bf16", "gemm_sm80_rep_bf16"),

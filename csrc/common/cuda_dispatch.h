@@ -4,7 +4,8 @@
 // through flora._C.cuda_dispatch) and `flora info` shows it.
 //
 // Gate: a kernel runs only once it is listed as verified on a device
-// (kVerified in cuda_dispatch.cpp, filled by the device run), or when
+// (kVerified in cuda_dispatch.cpp, filled by the device run) and only in the
+// shapes where it beat cuBLAS there (measured_faster), or when
 // FLORA_CUDA_KERNELS=1 asks for it (tests on a device).
 #pragma once
 #include <cstdint>
@@ -56,8 +57,12 @@ std::string cuda_kernel_verified(const std::string& name);
 bool cuda_kernel_built(const std::string& name);
 // FLORA_CUDA_KERNELS=1 (read on each call: tests toggle it).
 bool cuda_kernels_env();
-// compiled: this build has the CUDA kernels; enabled: run unverified ones.
-CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled);
+// compiled: this build has the CUDA kernels; enabled (FLORA_CUDA_KERNELS=1):
+// run every planned kernel, verified or not, wherever it applies. Otherwise a
+// verified kernel runs only in the shapes where it beat cuBLAS on a device.
+// assume_verified: treat every kernel as verified (tests of that rule).
+CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled,
+                       bool assume_verified = false);
 #ifdef FLORA_WITH_CUDA
 // "kernel" or "cublas: reason" of the process's last CUDA op call, from any
 // thread (tests check that the kernel they mean to test is the one that ran,

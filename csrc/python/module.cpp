@@ -56,7 +56,8 @@ PYBIND11_MODULE(_C, m) {
       "cuda_dispatch",
       [](const std::string& op, const std::string& dtype, int arch, int64_t M, int64_t N,
          int64_t K, int64_t R, int64_t R2, bool vec_aligned, bool all_aligned, bool one_k_range,
-         bool relu, int repeat_groups, bool weights_t, py::object compiled, py::object enabled) {
+         bool relu, int repeat_groups, bool weights_t, py::object compiled, py::object enabled,
+         bool assume_verified) {
         flora::CudaQuery q;
         q.op = op, q.dtype = dtype, q.arch = arch, q.M = M, q.N = N, q.K = K, q.R = R, q.R2 = R2;
         q.vec_aligned = vec_aligned, q.all_aligned = all_aligned, q.one_k_range = one_k_range;
@@ -68,7 +69,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
         const auto c = flora::choose_cuda(
             q, compiled.is_none() ? built : compiled.cast<bool>(),
-            enabled.is_none() ? flora::cuda_kernels_env() : enabled.cast<bool>());
+            enabled.is_none() ? flora::cuda_kernels_env() : enabled.cast<bool>(), assume_verified);
         return py::make_tuple(c.kernel, c.planned, c.reason);
       },
       py::arg("op"), py::arg("dtype"), py::arg("arch"), py::arg("M"), py::arg("N"), py::arg("K"),
@@ -76,7 +77,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("all_aligned") = true, py::arg("one_k_range") = true, py::arg("relu") = false,
       py::arg("repeat_groups") = 0, py::arg("weights_t") = false,
       py::arg("compiled") = py::none(),
-      py::arg("enabled") = py::none(),
+      py::arg("enabled") = py::none(), py::arg("assume_verified") = false,
       "(kernel, planned, reason): what a CUDA call of this shape runs and why");
   m.def("cuda_kernels", [] {
     std::vector<std::tuple<std::string, std::string, std::string, std::string, bool>> rows;
