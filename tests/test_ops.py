@@ -208,6 +208,25 @@ def test_empty_shapes():
     assert z2.shape == (3, 0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kw", [dict(), dict(s=0.5), dict(s=0.5, res=True), dict(res=True, relu=True)],
+                         ids=["plain", "s", "s-res", "res-relu"])
+@pytest.mark.parametrize("M", [1, 40])
+def test_fbl_without_u(M, kw, device):
+    """fbl(empty, z, empty, B, s, res) is how lora / pf-lora add s B z to the base
+    output (one addmm on the aten path): every dtype against the float64 formula."""
+    for dtype in (torch.float32, torch.bfloat16):
+        u, W = rand(M, 0, dtype=dtype, device=device), rand(12, 0, dtype=dtype, device=device)
+        z, B = rand(M, 5, dtype=dtype, device=device), rand(12, 5, dtype=dtype, device=device)
+        res = rand(M, 12, dtype=dtype, device=device) if kw.get("res") else None
+        s, relu = kw.get("s", 1.0), kw.get("relu", False)
+        got = ops.fbl(u, z, W, B, s, res=res, relu=relu)
+        zz = z.double().relu() if relu else z.double()
+        want = s * zz @ B.double().T + (res.double() if res is not None else 0)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("M", [1, 3, 40])
 def test_fbl_takes_transposed_weights(fused, M):

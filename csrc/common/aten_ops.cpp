@@ -77,6 +77,18 @@ at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::T
                             const at::Tensor& W, const at::Tensor& B, double s,
                             const c10::optional<at::Tensor>& res, bool relu) {
   at::Tensor y = at::empty({sh.M, sh.N}, u.options());
+  // No u part (lora's B product, fbl(empty, z, empty, B, s, res=y)): one addmm,
+  // not a copy of res (a K = 0 product) and then an addmm.
+  if (sh.K == 0 && sh.R > 0) {
+    const at::Tensor fz = relu ? at::relu(z) : z;
+    if (res.has_value()) {
+      at::addmm_out(y, *res, fz, B.t(), 1.0, s);
+    } else {
+      at::mm_out(y, fz, B.t());
+      if (s != 1.0) y.mul_(s);
+    }
+    return y;
+  }
   // One GEMM over [u | z] and the pre-scaled [W | sB] storage.
   if (s == 1.0 && !relu && cols_follow(u, z) && cols_follow(W, B)) {
     linear_into(y, stack_cols(u, z), stack_cols(W, B), res);
