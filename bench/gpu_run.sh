@@ -152,6 +152,27 @@ crash_note() {
   return 0
 }
 
+# sanitize TOOL SECONDS LOG PYTEST_ARGS...: pytest under compute-sanitizer TOOL (its
+# output to stderr and LOG); prints a one-line verdict ("ERROR SUMMARY: 0 errors",
+# "timed out after 120 s", ...) and returns 0 only when the run was clean
+sanitize() {
+  local - tool="$1" secs="$2" log="$3" one=0 v
+  set -o pipefail
+  shift 3
+  { run timeout -k 10 "$secs" compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 50 \
+      "$PY" -m pytest "$@" -q -rfE -p no:cacheprovider 2>&1 | tee "$log"; } >&2 || one=$?
+  v="$(grep -E '(ERROR|RACECHECK|SYNCCHECK|INITCHECK) SUMMARY' "$log" 2>/dev/null | tail -n 1 \
+    | sed -E 's/^=+ *//; s/ SUMMARY//' || true)"
+  case "$one" in
+    0) ;;
+    99) v="${v:-errors} (sanitizer errors)" ;;
+    124|137) v="timed out after $secs s" ;;
+    *) v="${v:+$v, }pytest rc $one" ;;
+  esac
+  echo "${v:-ok}"
+  return "$one"
+}
+
 # ext_check: flora._C compiled, built with CUDA, CUDA kernels registered, GPU visible
 ext_check() {
   if [ "$DRY" = 1 ]; then echo "+ (check: flora._C compiled with CUDA kernels and a visible GPU)"; return 0; fi
@@ -306,18 +327,8 @@ stage_sanitize() {
     esac
     say "compute-sanitizer --tool $tool over pytest ${sel[*]}"
     one=0
-    run timeout -k 10 "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool "$tool" --error-exitcode 99 \
-      --print-limit 50 "$PY" -m pytest "${sel[@]}" -q -rfE -p no:cacheprovider 2>&1 \
-      | tee "$STATE/san-$tool.txt" || one=$?
-    summary="$(grep -E '(ERROR|RACECHECK|SYNCCHECK|INITCHECK) SUMMARY' "$STATE/san-$tool.txt" 2>/dev/null | tail -n 1 \
-      | sed -E 's/^=+ *//; s/ SUMMARY//' || true)"
-    case "$one" in
-      0) ;;
-      99) summary="${summary:-errors} (sanitizer errors)" ;;
-      124|137) summary="timed out after ${SANITIZE_TIMEOUT:-240} s" ;;
-      *) summary="${summary:+$summary, }pytest rc $one" ;;
-    esac
-    keys+=("$tool: ${summary:-ok}, $(pytest_line "$STATE/san-$tool.txt")")
+    summary="$(sanitize "$tool" "${SANITIZE_TIMEOUT:-240}" "$STATE/san-$tool.txt" "${sel[@]}")" || one=$?
+    keys+=("$tool: $summary, $(pytest_line "$STATE/san-$tool.txt")")
     [ "$one" = 0 ] || rc=1
   done
   key "$(IFS=';'; echo "${keys[*]}")"
@@ -551,18 +562,8 @@ stage_cuda_kernels() {
   for tool in ${CK_SANITIZE_TOOLS:-memcheck racecheck}; do
     say "compute-sanitizer $tool over ${#ids[@]} cases of $f (first failure stops)"
     one=0
-    run timeout -k 10 "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool "$tool" --error-exitcode 99 \
-      --print-limit 50 "$PY" -m pytest "${ids[@]/#/$f::}" -q -rfE -x -p no:cacheprovider \
-      2>&1 | tee "$STATE/ck-$tool.txt" || one=$?
-    san="$(grep -E '(ERROR|RACECHECK) SUMMARY' "$STATE/ck-$tool.txt" 2>/dev/null | tail -n 1 \
-      | sed -E 's/^=+ *//; s/ SUMMARY//' || true)"
-    case "$one" in
-      0) ;;
-      99) san="${san:-errors} (sanitizer errors)" ;;
-      124|137) san="timed out" ;;
-      *) san="${san:+$san, }pytest rc $one" ;;
-    esac
-    keys+=("$tool: ${san:-ok}")
+    san="$(sanitize "$tool" "${SANITIZE_TIMEOUT:-120}" "$STATE/ck-$tool.txt" "${ids[@]/#/$f::}" -x)" || one=$?
+    keys+=("$tool: $san")
     [ "$one" = 0 ] || bad=1
   done
   key "tests: $(pytest_line "$STATE/ck.txt"); $(IFS=';'; echo "${keys[*]}")"

@@ -104,13 +104,42 @@ def test_generate_smoke_script_on_cpu(tmp_path):
     assert d["results"][0]["equal"]
 
 
+def _functions(*names):
+    """bench/gpu_run.sh's shell functions ``names``, as text to run in bash."""
+    body = (ROOT / "bench" / "gpu_run.sh").read_text()
+    return "\n".join(re.search(rf"^{name}\(\) {{(?:[^\n]*}}\n|\n.*?^}}\n)", body, re.S | re.M).group(0)
+                     for name in names)
+
+
+def test_sanitize_verdicts(tmp_path):
+    """sanitize (cuda-kernels, sanitize stages): the sanitizer's summary line when
+    clean, the pytest status when a test fails; a stand-in compute-sanitizer
+    (no GPU here) runs the command it is given and prints its summary."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    fake = bin_ / "compute-sanitizer"
+    fake.write_text("#!/usr/bin/env bash\nshift 6\n\"$@\"; rc=$?\n"
+                    "echo '========= ERROR SUMMARY: 0 errors'\nexit $rc\n")
+    fake.chmod(0o755)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_y.py").write_text("def test_ok(): pass\ndef test_bad(): assert False\n")
+    script = _functions("say", "run", "sanitize") + (
+        '\nSTATE="$1"; DRY=0; PY="$2"\n'
+        'v="$(sanitize memcheck 60 "$STATE/a.log" tests/test_y.py::test_ok)"; echo "clean=$v rc=$?"\n'
+        'v="$(sanitize memcheck 60 "$STATE/b.log" tests/test_y.py)"; echo "fail=$v rc=$?"\n')
+    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}")
+    p = subprocess.run(["bash", "-c", script, "x", str(tmp_path), sys.executable], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert "clean=ERROR: 0 errors rc=0" in p.stdout, p.stdout + p.stderr
+    assert "fail=ERROR: 0 errors, pytest rc 1 rc=1" in p.stdout, p.stdout + p.stderr
+    assert "1 passed" in (tmp_path / "a.log").read_text()
+
+
 def test_a_crashing_test_does_not_hide_the_rest(tmp_path):
     """pytest_survive (the test-cuda stage): when a test kills pytest (an H200
     run's opcheck segfaulted, and nothing after it ran), the run goes on
     without that test and names it."""
-    body = (ROOT / "bench" / "gpu_run.sh").read_text()
-    funcs = "\n".join(re.search(rf"^{name}\(\) {{(?:[^\n]*}}\n|\n.*?^}}\n)", body, re.S | re.M).group(0)
-                      for name in ("say", "run", "pytest_survive", "crash_note"))
+    funcs = _functions("say", "run", "pytest_survive", "crash_note")
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_x.py").write_text(
         "import os, signal\n"

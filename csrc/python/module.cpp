@@ -3,9 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
+#include <set>
+#include <sstream>
 #include <string>
-#include <vector>
 
 #include "../common/cuda_dispatch.h"
 #include "../common/kernel_info.h"
@@ -18,22 +18,14 @@ namespace py = pybind11;
 // "cuBLAS only" for a CUDA build without flora's kernels; "" without CUDA.
 static std::string cuda_archs() {
 #ifdef FLORA_WITH_CUDA
-  std::vector<std::string> seen;
+  std::set<std::string> archs;  // "sm_80, sm_90a" -> sm_80, sm_90a
   for (const auto& k : flora::cuda_kernels()) {
     if (!flora::cuda_kernel_built(k.name)) continue;
-    size_t start = 0;
-    while (start < k.arch.size()) {  // "sm_80, sm_90a" -> sm_80, sm_90a
-      size_t end = k.arch.find(',', start);
-      if (end == std::string::npos) end = k.arch.size();
-      std::string a = k.arch.substr(start, end - start);
-      a.erase(0, a.find_first_not_of(' '));
-      if (!a.empty() && std::find(seen.begin(), seen.end(), a) == seen.end()) seen.push_back(a);
-      start = end + 1;
-    }
+    std::istringstream in(k.arch);
+    for (std::string a; std::getline(in >> std::ws, a, ',');) archs.insert(a);
   }
-  std::sort(seen.begin(), seen.end());
   std::string out;
-  for (const auto& a : seen) out += (out.empty() ? "" : ", ") + a;
+  for (const auto& a : archs) out += (out.empty() ? "" : ", ") + a;
   return out.empty() ? std::string("cuBLAS only (no flora kernels)") : out;
 #else
   return "";
