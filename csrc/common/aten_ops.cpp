@@ -77,16 +77,11 @@ at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::T
                             const at::Tensor& W, const at::Tensor& B, double s,
                             const c10::optional<at::Tensor>& res, bool relu) {
   at::Tensor y = at::empty({sh.M, sh.N}, u.options());
+  const at::Tensor fz = relu && sh.R > 0 ? at::relu(z) : z;
   // No u part (lora's B product, fbl(empty, z, empty, B, s, res=y)): one addmm,
-  // not a copy of res (a K = 0 product) and then an addmm.
+  // not a copy of res (a K = 0 product) and then an addmm (beta 0: y unread).
   if (sh.K == 0 && sh.R > 0) {
-    const at::Tensor fz = relu ? at::relu(z) : z;
-    if (res.has_value()) {
-      at::addmm_out(y, *res, fz, B.t(), 1.0, s);
-    } else {
-      at::mm_out(y, fz, B.t());
-      if (s != 1.0) y.mul_(s);
-    }
+    at::addmm_out(y, res.has_value() ? *res : y, fz, B.t(), res.has_value() ? 1.0 : 0.0, s);
     return y;
   }
   // One GEMM over [u | z] and the pre-scaled [W | sB] storage.
@@ -95,7 +90,7 @@ at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::T
     return y;
   }
   linear_into(y, u, W, res);
-  if (sh.R > 0) y.addmm_(relu ? at::relu(z) : z, B.t(), 1.0, s);
+  if (sh.R > 0) y.addmm_(fz, B.t(), 1.0, s);
   return y;
 }
 

@@ -153,8 +153,8 @@ class AdapterModule(nn.Module):
         if z is None:
             return z
         off = self.route_off
-        if off is not None:
-            z = z.masked_fill(off if z.shape[1] == off.shape[1] else off.repeat(1, z.shape[1] // off.shape[1]), 0)
+        if off is not None:  # [M, k*R] seen as [M, k, R]: the mask broadcasts over k, no repeat
+            z = z.unflatten(1, (-1, off.shape[1])).masked_fill(off.unsqueeze(1), 0).flatten(1)
         if self.dropout is None or not self.training:
             return z
         return self.dropout(z)
