@@ -14,6 +14,9 @@ many repeats after warm-up):
   dx-base / dx-fused / dx-lora / dx   (FFL shapes) the input gradient
           dy W + dz A: cuBLAS on W alone, on [W; A], unfused, and the flora
           op (fbl over the transposed views); dx rows' ratio is to dx-base
+  base+res / fbl+res / ffl+z_in   (o and down, decode M) the output
+          projections as the model calls them, with the residual (torch.addmm;
+          ffba's fbl; a zflora writer's ffl, whose z_in is added in its epilogue)
 
 and prints time, GB/s (weights + activations moved / time), GFLOP/s and the
 ratio to base. A large tensor copy (read + write bytes) gives the machine's
@@ -26,7 +29,9 @@ kernel also runs at larger M (to choose the dispatch threshold).
 each event pair brackets --calls calls (one captured graph of them with
 --graphs), and the weights rotate through a pool of copies whose total size
 is at least twice the L2 cache, so decode figures are HBM figures, not L2
-hits. Written for the CUDA kernels; the CUDA path has not yet run on a GPU.
+hits. --aten-too also times each flora call on its ATen path (op@aten): the
+aten ISA on the CPU, cuBLAS on CUDA (FLORA_CUDA_KERNELS=0), so a kernel and
+the path it replaces are compared in one process.
 
 --json PATH is rewritten atomically (temp file + rename) after every row, so
 an interrupted run keeps every row measured so far; a row that fails (an
@@ -35,6 +40,7 @@ error, out of memory) records the error and the sweep goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -159,13 +165,9 @@ def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, 
     rows = []
 
     def add(what, fn, weights, flops):
-        if aten_too and what in ("ffl", "fbl", "ffbl"):  # same op on the ATen path
-            C, isa = flora._ext.C, flora._ext.C.cpu_isa()
-            C.set_cpu_isa("aten")
-            try:
+        if aten_too and "@" not in what and what.split("+")[0] in ("ffl", "fbl", "ffbl"):  # on ATen too
+            with aten_path(flora, device):
                 add(what + "@aten", fn, weights, flops)
-            finally:
-                C.set_cpu_isa(isa)
         row = dict(shape=name, op=what, dtype=str(dtype).replace("torch.", ""), M=M, r=r, N=N, K=K,
                    copies=copies)
         try:
@@ -205,7 +207,40 @@ def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, 
     add("fbl", lambda o: flora.ops.fbl(u, z, o["W"], o["Bf"]), N * (K + r), 2 * M * N * (K + r))
     add("ffbl", lambda o: flora.ops.ffbl(u, z, o["W"], o["Bf"], o["Af"], o["Cf"]), (N + r) * (K + r),
         2 * M * (N + r) * (K + r))
+    if M <= DECODE_M:
+        # The output projections as the model calls them, residual included:
+        # base (cuBLAS addmm), fbl + res (ffba's o / down), ffl + z_in (a
+        # zflora writer: h + y is a separate add); with --aten-too each flora
+        # call also on the cuBLAS path, to see where a kernel's epilogue pays.
+        h, zc = mk(M, N), mk(M, r)
+        add("base+res", lambda o: torch.addmm(h, x, o["W0"].T), N * K, base_flops)
+        add("fbl+res", lambda o: flora.ops.fbl(u, z, o["W"], o["Bf"], res=h), N * (K + r),
+            2 * M * N * (K + r))
+        add("ffl+z_in", lambda o: flora.ops.ffl(u, o["W"], o["Af"], z_in=zc), (N + r) * K,
+            2 * M * (N + r) * K)
     return rows
+
+
+@contextlib.contextmanager
+def aten_path(flora, device):
+    """flora's ATen path: on the CPU the aten ISA, on CUDA cuBLAS (FLORA_CUDA_KERNELS=0)."""
+    if device == "cpu":
+        C, isa = flora._ext.C, flora._ext.C.cpu_isa()
+        C.set_cpu_isa("aten")
+        try:
+            yield
+        finally:
+            C.set_cpu_isa(isa)
+        return
+    old = os.environ.get("FLORA_CUDA_KERNELS")
+    os.environ["FLORA_CUDA_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FLORA_CUDA_KERNELS"]
+        else:
+            os.environ["FLORA_CUDA_KERNELS"] = old
 
 
 class RowSink:
@@ -250,7 +285,8 @@ def main(argv=None):
     p.add_argument("--isa", default=None, help="CPU path: avx512, avx2 or aten")
     p.add_argument("--gemv-max-m", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--aten-too", action="store_true", help="also time each op on the ATen path")
+    p.add_argument("--aten-too", action="store_true",
+                   help="also time each flora call on the ATen path (cuda: cuBLAS, FLORA_CUDA_KERNELS=0)")
     p.add_argument("--graphs", action="store_true", help="CUDA graphs (cuda only)")
     p.add_argument("--calls", type=int, default=32,
                    help="cuda: calls per event pair (or per captured graph)")
@@ -299,7 +335,7 @@ def main(argv=None):
                         key = dict(model=model, shape=name, dtype=dname, M=M, r=r, N=N, K=K)
                         try:
                             rows = bench_case(torch, flora, timer, a.device, dtype, name, op, N, K, M, r,
-                                              aten_too=a.aten_too and a.device == "cpu")
+                                              aten_too=a.aten_too)
                         except Exception as e:  # noqa: BLE001 - e.g. out of memory building operands
                             rows = [dict(key, op="(case)", error=f"{type(e).__name__}: {e}".splitlines()[0])]
                             if a.device == "cuda":

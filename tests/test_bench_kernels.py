@@ -32,7 +32,8 @@ def test_rows_and_errors_land_in_the_json(kb, tmp_path, monkeypatch):
     kb.main(ARGS + ["--ms", "1,2,3", "--json", str(out)])
     doc = json.loads(out.read_text())
     rows = doc["rows"]
-    assert seen == [0, 5, 6]  # M=1 gave 5 rows (base fused lora fbl ffbl), M=2 one error row
+    # M=1: base fused lora fbl ffbl base+res fbl+res ffl+z_in; M=2: one error row
+    assert seen == [0, 8, 9]
     err = [r for r in rows if "error" in r]
     assert len(err) == 1 and err[0]["M"] == 2 and err[0]["error"] == "RuntimeError: simulated failure"
     ok = [r for r in rows if "error" not in r]
@@ -54,10 +55,10 @@ def test_a_failing_timing_is_one_error_row(kb):
         return 1e-5
 
     rows = kb.bench_case(torch, flora, timer, "cpu", torch.float32, "o", "fbl", 64, 32, 2, 4)
-    assert [r["op"] for r in rows] == ["base", "fused", "lora", "fbl", "ffbl"]
+    assert [r["op"] for r in rows] == ["base", "fused", "lora", "fbl", "ffbl", "base+res", "fbl+res", "ffl+z_in"]
     assert rows[1]["error"] == "MemoryError: out of memory" and "t_us" not in rows[1]
     assert all(r["t_us"] == pytest.approx(10.0) for i, r in enumerate(rows) if i != 1)
-    assert calls == [1] * 5  # one operand copy on the CPU (rotation is for CUDA's L2)
+    assert calls == [1] * 8  # one operand copy on the CPU (rotation is for CUDA's L2)
 
 
 def test_ffl_shapes_time_the_backward_dx_against_its_own_yardsticks(kb, tmp_path):
@@ -84,3 +85,51 @@ def test_ffl_shapes_time_the_backward_dx_against_its_own_yardsticks(kb, tmp_path
     by = {r["op"]: r for r in json.loads(out.read_text())["rows"]}
     assert by["dx-base"]["ratio"] == 1.0 and by["base"]["ratio"] == 1.0
     assert by["dx"]["ratio"] == pytest.approx(by["dx"]["t_us"] / by["dx-base"]["t_us"])
+
+
+def test_output_projection_rows_compute_what_the_model_does(kb):
+    """Decode-M o / down cases time the calls a layer makes with its residual;
+    each computes its reference (float64), and --aten-too times the same call
+    again on the ATen path, which it restores afterwards."""
+    import torch
+
+    import flora
+
+    out = {}
+
+    def timer(fns):
+        out[len(out)] = fns[0]()
+        return 1e-5
+
+    isa = flora._ext.C.cpu_isa() if flora._ext.C is not None else None
+    rows = kb.bench_case(torch, flora, timer, "cpu", torch.float64, "o", "fbl", 40, 24, 2, 8,
+                         aten_too=flora._ext.C is not None)
+    ops = [r["op"] for r in rows]
+    got = {op: out[i] for i, op in enumerate(ops)}
+    if flora._ext.C is not None:
+        assert ops[-5:] == ["base+res", "fbl+res@aten", "fbl+res", "ffl+z_in@aten", "ffl+z_in"]
+        assert flora._ext.C.cpu_isa() == isa
+        torch.testing.assert_close(got["fbl+res@aten"], got["fbl+res"])
+        torch.testing.assert_close(got["ffl+z_in@aten"][1], got["ffl+z_in"][1])
+    # the residual is what base+res adds to base; fbl+res adds the same to fbl
+    h = got["base+res"] - got["base"]
+    assert h.abs().max() > 0
+    torch.testing.assert_close(got["fbl+res"] - got["fbl"], h)
+    y, z2 = got["ffl+z_in"]  # a writer: y = x W^T (the base product), z2 = x A^T + z_in
+    assert z2.shape == (2, 8)
+    torch.testing.assert_close(y, got["base"])
+
+
+def test_aten_path_switches_and_restores(kb, monkeypatch):
+    import os
+
+    import flora
+
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    with kb.aten_path(flora, "cuda"):
+        assert os.environ["FLORA_CUDA_KERNELS"] == "0"
+    assert os.environ["FLORA_CUDA_KERNELS"] == "1"
+    monkeypatch.delenv("FLORA_CUDA_KERNELS")
+    with kb.aten_path(flora, "cuda"):
+        assert os.environ["FLORA_CUDA_KERNELS"] == "0"
+    assert "FLORA_CUDA_KERNELS" not in os.environ

@@ -25,7 +25,7 @@ needs_ext = pytest.mark.skipif(C is None, reason="flora._C not built")
 # ---------------------------------------------------------------------------
 def dispatch(**kw):
     base = dict(op="fbl", dtype="bf16", arch=90, M=1, N=2048, K=2048, R=32, R2=32,
-                compiled=True, enabled=True)
+                compiled=True, kernels="all")
     base.update(kw)
     return C.cuda_dispatch(**base)
 
@@ -45,12 +45,17 @@ def test_dispatch_table(M, arch, dtype, want):
 @needs_ext
 def test_dispatch_gate_and_reasons(monkeypatch):
     # Not verified on a device -> cuBLAS, and it says so.
-    k, planned, reason = dispatch(enabled=False)
+    k, planned, reason = dispatch(kernels="default")
     assert (k, planned) == ("cublas", "decode_bf16") and "not verified on a device" in reason
     monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
     assert C.cuda_dispatch("fbl", "bf16", 90, 1, 64, 64, compiled=True)[0] == "decode_bf16"
-    monkeypatch.setenv("FLORA_CUDA_KERNELS", "0")
-    assert C.cuda_dispatch("fbl", "bf16", 90, 1, 64, 64, compiled=True)[0] == "cublas"
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "0")  # off: cuBLAS even where a kernel is verified and faster
+    k, _, reason = C.cuda_dispatch("fbl", "bf16", 90, 1, 64, 64, compiled=True, assume_verified=True)
+    assert k == "cublas" and "FLORA_CUDA_KERNELS=0" in reason
+    monkeypatch.delenv("FLORA_CUDA_KERNELS")
+    assert C.cuda_dispatch("fbl", "bf16", 90, 1, 64, 64, compiled=True, assume_verified=True)[0] == "decode_bf16"
+    with pytest.raises(ValueError, match="kernels: 'default'"):
+        dispatch(kernels="on")
     assert "not compiled" in dispatch(compiled=False)[2]
     assert "makes R a multiple of 8" in dispatch(M=512, all_aligned=False)[2]
     # sm_90 FBL with s != 1, relu or split operands: the two-range instance.
@@ -68,7 +73,7 @@ def test_verified_kernels_run_only_where_they_beat_cublas():
     (bench/RESULTS.md): the decode kernel for FBL / FFBL at M = 1 only; FFL,
     M > 1 and the GEMMs stay on cuBLAS. FLORA_CUDA_KERNELS=1 runs them all."""
     def default(**kw):
-        return dispatch(enabled=False, assume_verified=True, **kw)
+        return dispatch(kernels="default", assume_verified=True, **kw)
 
     for op in ("fbl", "ffbl"):
         assert default(op=op, M=1)[0] == "decode_bf16"
@@ -76,9 +81,9 @@ def test_verified_kernels_run_only_where_they_beat_cublas():
     for kw in (dict(op="ffl", M=1), dict(M=4), dict(M=16), dict(M=512), dict(op="ffl", M=512, repeat_groups=2)):
         k, planned, reason = default(**kw)
         assert k == "cublas" and planned != "" and "as fast or faster" in reason, (kw, reason)
-        assert dispatch(enabled=True, **kw)[0] == planned  # forced: the kernel runs
+        assert dispatch(kernels="all", **kw)[0] == planned  # forced: the kernel runs
     # not verified (the table is empty until a device run fills it): cuBLAS, whatever the shape
-    assert "not verified" in dispatch(enabled=False, M=1)[2]
+    assert "not verified" in dispatch(kernels="default", M=1)[2]
 
 
 @needs_ext
@@ -91,7 +96,7 @@ def test_dispatch_repeat_add_gemm(arch, dtype, want):
     the plain one); while unverified the reason names the kernel."""
     assert dispatch(op="ffl", M=512, arch=arch, dtype=dtype, repeat_groups=2)[0] == want
     k, planned, reason = dispatch(op="ffl", M=512, arch=arch, dtype=dtype, repeat_groups=2,
-                                  enabled=False)
+                                  kernels="default")
     assert (k, planned) == ("cublas", want) and f"{want} compiled, not verified" in reason
 
 

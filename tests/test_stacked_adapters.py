@@ -3,6 +3,7 @@ own adapter (or none), and gets exactly what the model gives with that adapter
 alone (set_adapter, or disable_adapter for None); the independent reference
 is the same model run one row and one adapter at a time. (Compiled decode of a
 mixed batch: tests/test_decode_step.py::test_compiled_decode_gives_eager_tokens.)"""
+import copy
 import gc
 import weakref
 
@@ -67,11 +68,16 @@ def test_each_row_gets_its_own_adapter(hf, variant, tmp_path):
     ids, rows = random_ids(5, 10), ["a1", None, "default", "a2", "a1"]
     with torch.no_grad():
         want = _one_at_a_time(m, lambda i: m(ids[i:i + 1]).logits, rows)
+        m64 = copy.deepcopy(m).to(torch.float64)
+        exact = _one_at_a_time(m64, lambda i: m64(ids[i:i + 1]).logits, rows)
+        del m64
         m.set_adapter("default")
         m.stack_adapters(["default", "a1", "a2"])
         assert m.stacked == ["default", "a1", "a2"] and m.adapter_config.rank == 12
         got = m(ids, adapters=rows).logits
-        assert _rel(got, want) < 1e-5
+        # as close to the float64 answer as fp32 one row at a time is (other
+        # GEMM shapes round differently: 1.5e-5 apart on one CPU, 5e-6 on another)
+        assert _rel(got.double(), exact) <= 4 * _rel(want.double(), exact) + 1e-6
         # the routing is what makes it right: other adapters' rows differ
         other = m(ids, adapters=["a2", "a1", None, "default", "default"]).logits
         assert all(_rel(other[i], want[i]) > 1e-3 for i in range(5))

@@ -42,6 +42,8 @@ bool measured_faster(const CudaQuery& q, const std::string& kernel) {
 
 }  // namespace
 
+const char* measured_faster_shapes() { return "decode kernel for FBL / FFBL at M = 1"; }
+
 const std::vector<CudaKernelEntry>& cuda_kernels() {
   static const std::vector<CudaKernelEntry> k = {
       {"decode_bf16", "sm_80, sm_90a", "decode M <= 16: 16-byte weight streaming, split-K over warps"},
@@ -88,12 +90,13 @@ bool cuda_kernel_built(const std::string& name) {
   return any && name.rfind("decode_", 0) == 0;
 }
 
-bool cuda_kernels_env() {
+KernelSwitch cuda_kernels_env() {
   const char* e = std::getenv("FLORA_CUDA_KERNELS");
-  return e && std::string(e) == "1";
+  const std::string v = e ? e : "";
+  return v == "1" ? KernelSwitch::kAll : v == "0" ? KernelSwitch::kOff : KernelSwitch::kDefault;
 }
 
-CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled, bool assume_verified) {
+CudaChoice choose_cuda(const CudaQuery& q, bool compiled, KernelSwitch sw, bool assume_verified) {
   if (q.dtype != "bf16" && q.dtype != "fp16")
     return cublas("", q.dtype + ": cuBLAS (the kernels are bf16 / fp16)");
   if (q.M <= 0 || q.N + (q.op == "fbl" ? 0 : q.op == "ffl" ? q.R : q.R2) <= 0)
@@ -135,7 +138,8 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled, bool ass
   if (q.repeat_groups > kMaxRepeat)
     return cublas(planned, "more than " + std::to_string(kMaxRepeat) + " repeat-add segments");
   if (!compiled) return cublas(planned, planned + " not compiled in this build");
-  if (enabled) return {planned, planned, ""};
+  if (sw == KernelSwitch::kOff) return cublas(planned, "FLORA_CUDA_KERNELS=0: flora's kernels off");
+  if (sw == KernelSwitch::kAll) return {planned, planned, ""};
   for (const std::string& k : {planned, companion})
     if (!k.empty() && !assume_verified && cuda_kernel_verified(k).empty())
       return cublas(planned,

@@ -55,13 +55,18 @@ std::string cuda_kernel_verified(const std::string& name);
 // Whether this build compiled kernel `name` (FLORA_KERNEL_ARCHS may leave an
 // arch's GEMMs out).
 bool cuda_kernel_built(const std::string& name);
-// FLORA_CUDA_KERNELS=1 (read on each call: tests toggle it).
-bool cuda_kernels_env();
-// compiled: this build has the CUDA kernels; enabled (FLORA_CUDA_KERNELS=1):
-// run every planned kernel, verified or not, wherever it applies. Otherwise a
-// verified kernel runs only in the shapes where it beat cuBLAS on a device.
+// The shapes measured_faster admits, in words (`flora info`).
+const char* measured_faster_shapes();
+// FLORA_CUDA_KERNELS: unset -> kDefault, 1 -> kAll, 0 -> kOff (read on each
+// call: tests toggle it).
+enum class KernelSwitch { kDefault, kAll, kOff };
+KernelSwitch cuda_kernels_env();
+// compiled: this build has the CUDA kernels. kAll: run every planned kernel,
+// verified or not, wherever it applies; kOff: cuBLAS for every call (the
+// user's way out, and the sweeps' cuBLAS rows); kDefault: a verified kernel
+// runs only in the shapes where it beat cuBLAS on a device.
 // assume_verified: treat every kernel as verified (tests of that rule).
-CudaChoice choose_cuda(const CudaQuery& q, bool compiled, bool enabled,
+CudaChoice choose_cuda(const CudaQuery& q, bool compiled, KernelSwitch sw,
                        bool assume_verified = false);
 #ifdef FLORA_WITH_CUDA
 // "kernel" or "cublas: reason" of the process's last CUDA op call, from any

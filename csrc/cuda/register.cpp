@@ -304,8 +304,9 @@ std::vector<KernelInfo> cuda_kernel_info() {
   for (const auto& k : cuda_kernels()) verified += !cuda_kernel_verified(k.name).empty();
   const std::string state =
       !kCompiled ? "not compiled in this build"
-      : verified ? std::to_string(verified) + " verified on a device; the rest need FLORA_CUDA_KERNELS=1"
-      : cuda_kernels_env() ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
+      : verified ? std::to_string(verified) + " verified on a device, run by default only where they beat "
+                   "cuBLAS there (" + measured_faster_shapes() + "); FLORA_CUDA_KERNELS=1 runs every kernel"
+      : cuda_kernels_env() == KernelSwitch::kAll ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
                            : "not verified on a device; off (FLORA_CUDA_KERNELS=1 runs them)";
   std::vector<KernelInfo> rows;
   for (const char* op : {"ffl", "fbl", "ffbl"}) {

@@ -48,7 +48,7 @@ PYBIND11_MODULE(_C, m) {
       "cuda_dispatch",
       [](const std::string& op, const std::string& dtype, int arch, int64_t M, int64_t N,
          int64_t K, int64_t R, int64_t R2, bool vec_aligned, bool all_aligned, bool one_k_range,
-         bool relu, int repeat_groups, bool weights_t, py::object compiled, py::object enabled,
+         bool relu, int repeat_groups, bool weights_t, py::object compiled, py::object kernels,
          bool assume_verified) {
         flora::CudaQuery q;
         q.op = op, q.dtype = dtype, q.arch = arch, q.M = M, q.N = N, q.K = K, q.R = R, q.R2 = R2;
@@ -59,9 +59,16 @@ PYBIND11_MODULE(_C, m) {
 #else
         const bool built = false;
 #endif
-        const auto c = flora::choose_cuda(
-            q, compiled.is_none() ? built : compiled.cast<bool>(),
-            enabled.is_none() ? flora::cuda_kernels_env() : enabled.cast<bool>(), assume_verified);
+        using flora::KernelSwitch;
+        KernelSwitch sw = flora::cuda_kernels_env();
+        if (!kernels.is_none()) {
+          const auto k = kernels.cast<std::string>();
+          if (k != "default" && k != "all" && k != "off")
+            throw py::value_error("kernels: 'default', 'all', 'off' or None (FLORA_CUDA_KERNELS), got " + k);
+          sw = k == "all" ? KernelSwitch::kAll : k == "off" ? KernelSwitch::kOff : KernelSwitch::kDefault;
+        }
+        const auto c = flora::choose_cuda(q, compiled.is_none() ? built : compiled.cast<bool>(), sw,
+                                          assume_verified);
         return py::make_tuple(c.kernel, c.planned, c.reason);
       },
       py::arg("op"), py::arg("dtype"), py::arg("arch"), py::arg("M"), py::arg("N"), py::arg("K"),
@@ -69,7 +76,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("all_aligned") = true, py::arg("one_k_range") = true, py::arg("relu") = false,
       py::arg("repeat_groups") = 0, py::arg("weights_t") = false,
       py::arg("compiled") = py::none(),
-      py::arg("enabled") = py::none(), py::arg("assume_verified") = false,
+      py::arg("kernels") = py::none(), py::arg("assume_verified") = false,
       "(kernel, planned, reason): what a CUDA call of this shape runs and why");
   m.def("cuda_kernels", [] {
     std::vector<std::tuple<std::string, std::string, std::string, std::string, bool>> rows;

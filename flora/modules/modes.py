@@ -4,7 +4,7 @@ training-form operands, folding, and its forward as an input group
 (``forward_in``) and/or an output projection (``forward_out``).
 ``roles.role`` picks the mode of each group; groups.py holds the storage.
 
-Modes (see docs/variants.md): base; lora and pflora (lora, pf-lora); ffa;
+Modes (see docs/variants.md): base; lora, pflora and pflora-out (lora, pf-lora); ffa;
 sum and qgadd (ffba family input groups); bwd and ffbl (ffba family output
 projections); read and write (zflora's stream readers and writers).
 """
@@ -94,7 +94,8 @@ class Lora(Mode):
 
 
 class PfLora(Lora):
-    """pf-lora: the A's ride in the base GEMM, the B's (block-diagonal) follow in one op."""
+    """pf-lora on q/k/v and gate/up: the A's ride in the base GEMM, the B's
+    (block-diagonal) follow in one op; o and down are PfLoraOut."""
 
     def slots(self, g):
         return len(g.role.targets) * g.rank, 0
@@ -131,8 +132,6 @@ class PfLora(Lora):
     def forward_in(self, g, m, x, carry):
         return g.split(self._y(g, m, x)), None
 
-    def forward_out(self, g, m, u, state, residual, carry):
-        return _add(self._y(g, m, u), residual), carry
 
 
 class _ARows(Mode):
@@ -257,6 +256,33 @@ class Bwd(_BCols):
         return h, None  # ffba-ab: last writer, z' dropped
 
 
+class PfLoraOut(_BCols):
+    """pf-lora on o / down: h = res + u W^T + s (u A^T) B^T as two ops, the A
+    product and then one GEMM over [u | z] and [W | sB] that also adds the
+    residual. (A in the o GEMM, as on the input groups, would leave the B
+    product and the residual add as two more ops.) Folded: A waits in the A
+    rows of the storage, already in its dtype."""
+
+    def slots(self, g):
+        return g.rank, g.rank  # [[W, sB], [A, 0]]: the r x r corner stays zero
+
+    def param_shapes(self, targets, rank, widths, k):
+        return Lora.param_shapes(self, targets, rank, widths, k)
+
+    def fold(self, g, m):
+        super().fold(g, m)
+        g.slot_A(m).copy_(m.param(f"A_{g.role.targets[0]}", g.storage(m)))
+
+    def forward_out(self, g, m, u, state, residual, carry):
+        p = g.role.targets[0]
+        if m.folded:
+            A, B, s = g.slot_A(m), g.slot_B(m), 1.0
+        else:
+            A, B, s = m.param(f"A_{p}", u), m.param(f"B_{p}", u), g.s
+        z, _ = ops.ffl(u, A, empty_rows(g.K, u))
+        return ops.fbl(u, m.state(z), g.W(m), B, s, res=residual), carry
+
+
 class Ffbl(Bwd):
     """ffba-ab output projection that hands z' = u A^T + state C^T on."""
 
@@ -286,5 +312,6 @@ class Ffbl(Bwd):
         return ops.ffbl(u, m.state(state), g.W(m), B, A, C, s, res=residual)
 
 
-MODES: Dict[str, Mode] = {"base": Mode(), "lora": Lora(), "pflora": PfLora(), "ffa": Ffa(), "sum": Sum(),
+MODES: Dict[str, Mode] = {"base": Mode(), "lora": Lora(), "pflora": PfLora(), "pflora-out": PfLoraOut(),
+                          "ffa": Ffa(), "sum": Sum(),
                           "qgadd": QgAdd(), "write": Write(), "read": Read(), "bwd": Bwd(), "ffbl": Ffbl()}

@@ -28,7 +28,7 @@ INPUT_GROUPS = ("qkv", "gateup")
 
 @dataclass(frozen=True)
 class Role:
-    mode: str  # base lora pflora ffa sum qgadd read | base lora pflora ffa bwd ffbl write
+    mode: str  # base lora pflora ffa sum qgadd read | base lora pflora-out ffa bwd ffbl write
     targets: tuple = ()  # projections of the group that carry adapter tensors
     relu: bool = False
 
@@ -94,6 +94,8 @@ def role(cfg: Optional[AdapterConfig], group: str, layer: Optional[int] = None,
     if not t:
         return BASE
     base = cfg.base_variant
+    if base == "pf-lora" and group in ("o", "down"):
+        return Role("pflora-out", t)
     if base in ("lora", "pf-lora", "ffa"):
         return Role({"lora": "lora", "pf-lora": "pflora", "ffa": "ffa"}[base], t)
     if base in ("zflora", "zflora-minimal"):

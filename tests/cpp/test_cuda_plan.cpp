@@ -365,56 +365,56 @@ flora::CudaQuery q(const char* op, const char* dt, int arch, int64_t M) {
 
 TEST(CudaDispatch, Table) {
   using flora::choose_cuda;
-  EXPECT_EQ(choose_cuda(q("ffl", "bf16", 90, 1), true, true).kernel, "decode_bf16");
-  EXPECT_EQ(choose_cuda(q("fbl", "fp16", 80, 16), true, true).kernel, "decode_fp16");
-  EXPECT_EQ(choose_cuda(q("fbl", "bf16", 90, 17), true, true).kernel, "gemm_sm90_bf16");
-  EXPECT_EQ(choose_cuda(q("ffbl", "bf16", 86, 1000), true, true).kernel, "gemm_sm80_bf16");
-  EXPECT_EQ(choose_cuda(q("ffl", "fp32", 90, 1), true, true).kernel, "cublas");
-  EXPECT_EQ(choose_cuda(q("ffl", "bf16", 75, 1), true, true).kernel, "cublas");
-  EXPECT_EQ(choose_cuda(q("ffl", "bf16", 100, 512), true, true).kernel, "cublas");
+  EXPECT_EQ(choose_cuda(q("ffl", "bf16", 90, 1), true, flora::KernelSwitch::kAll).kernel, "decode_bf16");
+  EXPECT_EQ(choose_cuda(q("fbl", "fp16", 80, 16), true, flora::KernelSwitch::kAll).kernel, "decode_fp16");
+  EXPECT_EQ(choose_cuda(q("fbl", "bf16", 90, 17), true, flora::KernelSwitch::kAll).kernel, "gemm_sm90_bf16");
+  EXPECT_EQ(choose_cuda(q("ffbl", "bf16", 86, 1000), true, flora::KernelSwitch::kAll).kernel, "gemm_sm80_bf16");
+  EXPECT_EQ(choose_cuda(q("ffl", "fp32", 90, 1), true, flora::KernelSwitch::kAll).kernel, "cublas");
+  EXPECT_EQ(choose_cuda(q("ffl", "bf16", 75, 1), true, flora::KernelSwitch::kAll).kernel, "cublas");
+  EXPECT_EQ(choose_cuda(q("ffl", "bf16", 100, 512), true, flora::KernelSwitch::kAll).kernel, "cublas");
 }
 
 TEST(CudaDispatch, FallbacksSayWhy) {
   using flora::choose_cuda;
   auto a = q("fbl", "bf16", 90, 512);
   a.one_k_range = false;  // s != 1, relu or split operands: the two-range instance
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_2k_bf16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm90_2k_bf16");
   a.op = "ffbl";
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_2k_bf16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm90_2k_bf16");
   a.op = "ffl";  // FFL has no second K range
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_bf16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm90_bf16");
   a = q("fbl", "bf16", 80, 512);
   a.one_k_range = false;
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm80_bf16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm80_bf16");
   a.all_aligned = false;
-  auto c = choose_cuda(a, true, true);
+  auto c = choose_cuda(a, true, flora::KernelSwitch::kAll);
   EXPECT_EQ(c.kernel, "cublas");
   EXPECT_NE(c.reason.find("makes R a multiple of 8"), std::string::npos);
   a = q("ffl", "bf16", 90, 4);
   a.vec_aligned = false;
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "cublas");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "cublas");
   a = q("ffl", "bf16", 90, 600);
   a.repeat_groups = 9;
-  EXPECT_NE(choose_cuda(a, true, true).reason.find("more than 8 repeat-add"), std::string::npos);
+  EXPECT_NE(choose_cuda(a, true, flora::KernelSwitch::kAll).reason.find("more than 8 repeat-add"), std::string::npos);
 }
 
 TEST(CudaDispatch, RepeatAddGemms) {
   using flora::choose_cuda;
   auto a = q("ffl", "bf16", 90, 600);
   a.repeat_groups = 3;
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_rep_bf16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm90_rep_bf16");
   a.arch = 86, a.dtype = "fp16";
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm80_rep_fp16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm80_rep_fp16");
   a.all_aligned = false;  // z comes from the plain GEMM: same alignment
-  EXPECT_NE(choose_cuda(a, true, true).reason.find("R a multiple of 8"), std::string::npos);
+  EXPECT_NE(choose_cuda(a, true, flora::KernelSwitch::kAll).reason.find("R a multiple of 8"), std::string::npos);
   // Decode keeps its own repeat-add epilogue.
   a = q("ffl", "bf16", 90, 16);
   a.repeat_groups = 2;
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "decode_bf16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "decode_bf16");
   // Off until verified: the reason names the repeat-add kernel.
   a = q("ffl", "bf16", 80, 512);
   a.repeat_groups = 1;
-  const auto off = choose_cuda(a, true, false);
+  const auto off = choose_cuda(a, true, flora::KernelSwitch::kDefault);
   EXPECT_EQ(off.kernel, "cublas");
   EXPECT_EQ(off.planned, "gemm_sm80_rep_bf16");
   EXPECT_NE(off.reason.find("gemm_sm80_rep_bf16 compiled, not verified"), std::string::npos);
@@ -424,26 +424,34 @@ TEST(CudaDispatch, TransposedWeightsForBackwardDx) {
   using flora::choose_cuda;
   auto a = q("fbl", "bf16", 90, 512);
   a.weights_t = true;
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_t_bf16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm90_t_bf16");
   a.one_k_range = false;  // dz cloned by the repeat-add adjoint: not beside dy
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm90_2k_t_bf16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm90_2k_t_bf16");
   a.arch = 80;
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "gemm_sm80_t_bf16");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm80_t_bf16");
   a.M = 16;  // no decode kernel for [K, n] weights
-  EXPECT_NE(choose_cuda(a, true, true).reason.find("GEMM kernels only"), std::string::npos);
+  EXPECT_NE(choose_cuda(a, true, flora::KernelSwitch::kAll).reason.find("GEMM kernels only"), std::string::npos);
   a = q("ffl", "bf16", 90, 512);
   a.weights_t = true;
-  EXPECT_EQ(choose_cuda(a, true, true).kernel, "cublas");
+  EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "cublas");
 }
 
 TEST(CudaDispatch, UnverifiedKernelsAreOffUnlessAskedFor) {
-  const auto off = flora::choose_cuda(q("ffl", "bf16", 90, 1), true, false);
+  using flora::KernelSwitch;
+  const auto off = flora::choose_cuda(q("ffl", "bf16", 90, 1), true, KernelSwitch::kDefault);
   EXPECT_EQ(off.kernel, "cublas");
   EXPECT_EQ(off.planned, "decode_bf16");
   EXPECT_NE(off.reason.find("not verified on a device"), std::string::npos);
-  const auto cpu = flora::choose_cuda(q("ffl", "bf16", 90, 1), false, true);
+  const auto cpu = flora::choose_cuda(q("ffl", "bf16", 90, 1), false, KernelSwitch::kAll);
   EXPECT_EQ(cpu.kernel, "cublas");
   EXPECT_NE(cpu.reason.find("not compiled"), std::string::npos);
+  // FLORA_CUDA_KERNELS=0: cuBLAS even for a kernel taken as verified and faster.
+  auto fbl1 = q("fbl", "bf16", 90, 1);
+  EXPECT_EQ(flora::choose_cuda(fbl1, true, KernelSwitch::kDefault, true).kernel, "decode_bf16");
+  const auto killed = flora::choose_cuda(fbl1, true, KernelSwitch::kOff, true);
+  EXPECT_EQ(killed.kernel, "cublas");
+  EXPECT_EQ(killed.planned, "decode_bf16");
+  EXPECT_NE(killed.reason.find("FLORA_CUDA_KERNELS=0"), std::string::npos);
   for (const auto& k : flora::cuda_kernels()) {
     EXPECT_EQ(flora::cuda_kernel_verified(k.name), "");
 #ifndef FLORA_WITH_CUTLASS
