@@ -45,8 +45,10 @@
 #                --prompt 512 --mode both --rows $LATENCY_ROWS` (default: the issue's rows,
 #                transformers peft peft-merged base lora pf-lora ffba zflora; "all": every
 #                variant). ~35 s per flora variant (b 1, 8; eager + graphs): ~4 min.
-#   kernels-short bench/kernels.py --device cuda on the 1B shapes, M = 1,16,256, r = 32,
-#                bf16, eager and CUDA graphs (rows written as measured). ~40 s (M = 1,16,256).
+#   kernels-short bench/kernels.py --device cuda on the 1B shapes, r = 32, bf16: eager at
+#                M = 1,4,8,16,256, and CUDA graphs at M = 1,4,8 with each flora call also
+#                on cuBLAS (--aten-too: where a kernel wins, for measured_faster); rows
+#                written as measured. ~40 s at M = 1,16,256 (2026-11-28).
 #   cli          `flora demo --device cuda --quick`, a 20-step `flora train --bf16 on` (ffba,
 #                r 32, batch 8) on the real SmolLM2 blocks from .device, then `flora generate
 #                --compare` with that adapter on 16 of its prompts. 69 s.
@@ -400,6 +402,26 @@ def section(path, title):
             c = f"{o['ratio']:.2f} / {o['t_us'] / f['t_us']:.2f} / {lo['ratio']:.2f}"
             cells.append(c + (f" ({o['gbs']:.0f})" if m <= 16 else ""))
         md.append(f"| {model} | {shape} | {op} | {dtype} | " + " | ".join(cells) + " |")
+    # --aten-too: each flora call against the same call on cuBLAS (FLORA_CUDA_KERNELS=0),
+    # the evidence for measured_faster in csrc/common/cuda_dispatch.cpp
+    twins = [r for r in rows if r["op"].endswith("@aten")]
+    if twins:
+        calls = []
+        for r in twins:
+            c = (r["model"], r["shape"], r["op"][:-5], r["dtype"])
+            if c not in calls:
+                calls.append(c)
+        md.append(f"\nflora call / the same call on cuBLAS (FLORA_CUDA_KERNELS=0), r = {rr}; "
+                  f"below 1: the kernel wins\n")
+        md.append("| model | proj | call | dtype | " + " | ".join(f"M={m}" for m in ms) + " |")
+        md.append("|---|---|---|---|" + "---|" * len(ms))
+        for model, shape, call, dtype in calls:
+            cells = []
+            for m in ms:
+                k = (model, shape, dtype, rr, m)
+                o, a = idx.get(k + (call,)), idx.get(k + (call + "@aten",))
+                cells.append(f"{o['t_us'] / a['t_us']:.2f}" if o and a else "-")
+            md.append(f"| {model} | {shape} | {call} | {dtype} | " + " | ".join(cells) + " |")
     ops = [r for r in rows if r["op"] in OPS and r.get("ratio") is not None]
     ran = sorted({r["dispatch"].split(":")[0] for r in rows if r.get("dispatch")})
     if ran:
@@ -649,8 +671,10 @@ stage_kernels_short() {
   run "$PY" bench/kernels.py --device cuda --models llama-3.2-1b --ms "${KERNELS_MS:-1,4,8,16,256}" --ranks 32 \
     --dtypes bfloat16 --min-time 0.05 --json "$OUT/kernels.json" ${KERNELS_ARGS:-} || rc=$?
   # shellcheck disable=SC2086
-  run "$PY" bench/kernels.py --device cuda --graphs --models llama-3.2-1b --ms "${KERNELS_GRAPHS_MS:-1,16}" \
-    --ranks 32 --dtypes bfloat16 --min-time 0.05 --json "$OUT/kernels-graphs.json" ${KERNELS_ARGS:-} || rc=$?
+  # graphs: decode M, each flora call also on cuBLAS (--aten-too): where the kernels win
+  run "$PY" bench/kernels.py --device cuda --graphs --models llama-3.2-1b --ms "${KERNELS_GRAPHS_MS:-1,4,8}" \
+    --ranks 32 --dtypes bfloat16 --min-time 0.05 --aten-too --json "$OUT/kernels-graphs.json" \
+    ${KERNELS_ARGS:-} || rc=$?
   kernels_md || rc=$?
   return "$rc"
 }

@@ -155,3 +155,27 @@ def test_a_crashing_test_does_not_hide_the_rest(tmp_path):
     assert "rc=0" in p.stdout, p.stdout + p.stderr
     assert "note=; CRASHED (rc >= 128): tests/test_x.py::test_b" in p.stdout
     assert "test_x.py::test_c PASSED" in (tmp_path / "log").read_text()
+
+
+def test_kernels_md_sets_each_call_against_its_cublas_twin(tmp_path):
+    """kernels_md (kernels, kernels-short): with --aten-too rows, a table of each
+    flora call over the same call on the ATen / cuBLAS path, per M: the
+    evidence measured_faster is widened with. Rows from a real CPU sweep."""
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--device", "cpu", "--models", "1024-wide",
+                    "--shapes", "o", "--ms", "1,4", "--ranks", "32", "--dtypes", "float32", "--min-time", "0.001",
+                    "--aten-too", "--json", str(out / "kernels-graphs.json")],
+                   check=True, capture_output=True, timeout=300)
+    script = _functions("say", "kernels_md") + (
+        '\nOUT="$1"; STATE="$1"; STAGE=kernels; DRY=0; PY="$2"\nkernels_md\n')
+    p = subprocess.run(["bash", "-c", script, "x", str(out), sys.executable], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    md = (out / "kernels.md").read_text()
+    assert "flora call / the same call on cuBLAS" in md
+    twins = md.split("flora call / the same call on cuBLAS")[1].splitlines()
+    for call in ("fbl", "ffbl", "fbl+res", "ffl+z_in"):
+        row = next(line for line in twins if line.startswith(f"| 1024-wide | o | {call} | float32 |"))
+        cells = row.strip("|").split("|")[4:]
+        assert len(cells) == 2 and all(float(c) > 0 for c in cells), row
