@@ -29,7 +29,7 @@ from . import _ext
 SCHEMAS = {
     "ffl": (
         "ffl(Tensor x, Tensor W, Tensor A, float s=1.0, int[] repeat=[], "
-        "int repeat_rank=0, Tensor? z_in=None) -> Tensor"
+        "int repeat_rank=0, Tensor? z_in=None, Tensor? res=None) -> Tensor"
     ),
     "fbl": (
         "fbl(Tensor u, Tensor z, Tensor W, Tensor B, float s=1.0, "
@@ -113,7 +113,7 @@ def _check_repeat(repeat: Sequence[int], rc: int, N: int, R: int) -> None:
         )
 
 
-def check_ffl(x, W, A, repeat=(), repeat_rank=0, z_in=None):
+def check_ffl(x, W, A, repeat=(), repeat_rank=0, z_in=None, res=None):
     c = _Operands("ffl", x, "x")
     c.check(W, "W")
     c.check(A, "A")
@@ -125,6 +125,10 @@ def check_ffl(x, W, A, repeat=(), repeat_rank=0, z_in=None):
         c.check(z_in, "z_in")
         c.dim("M", M, z_in.shape[0], x, "x", z_in, "z_in")
         c.dim("R", R, z_in.shape[1], A, "A", z_in, "z_in")
+    if res is not None:
+        c.check(res, "res")
+        c.dim("M", M, res.shape[0], x, "x", res, "res")
+        c.dim("N", N, res.shape[1], W, "W", res, "res")
     _check_repeat(list(repeat), repeat_rank, N, R)
     return M, K, N, R
 
@@ -186,13 +190,15 @@ def _tile_add(y: Tensor, z: Tensor, s: float, repeat, rc: int) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
-def ffl_reference(x, W, A, s=1.0, repeat=(), repeat_rank=0, z_in=None):
-    check_ffl(x, W, A, repeat, repeat_rank, z_in)
+def ffl_reference(x, W, A, s=1.0, repeat=(), repeat_rank=0, z_in=None, res=None):
+    check_ffl(x, W, A, repeat, repeat_rank, z_in, res)
     xa = _acc(x)
     y = xa @ _acc(W).T
     z = xa @ _acc(A).T
     if z_in is not None:
         z = z + _acc(z_in)
+    if res is not None:
+        y = y + _acc(res)
     y = _tile_add(y, z, s, list(repeat), repeat_rank)
     return torch.cat([y, z], dim=1).to(x.dtype)
 
@@ -250,8 +256,8 @@ _register()
 
 
 @torch.library.register_fake("flora::ffl")
-def _ffl_fake(x, W, A, s=1.0, repeat=(), repeat_rank=0, z_in=None):
-    M, _, N, R = check_ffl(x, W, A, repeat, repeat_rank, z_in)
+def _ffl_fake(x, W, A, s=1.0, repeat=(), repeat_rank=0, z_in=None, res=None):
+    M, _, N, R = check_ffl(x, W, A, repeat, repeat_rank, z_in, res)
     return x.new_empty(M, N + R)
 
 
@@ -292,7 +298,7 @@ def _untile(gy: Tensor, gz: Tensor, s: float, repeat, rc: int) -> Tensor:
 
 
 def _ffl_setup(ctx, inputs, output):
-    x, W, A, s, repeat, rc, z_in = inputs
+    x, W, A, s, repeat, rc, z_in, res = inputs
     ctx.s, ctx.repeat, ctx.rc, ctx.N = s, list(repeat), rc, W.shape[0]
     ctx.save_for_backward(x, W, A)
 
@@ -301,12 +307,13 @@ def _ffl_backward(ctx, grad):
     x, W, A = ctx.saved_tensors
     gy, gz = grad[:, :ctx.N], grad[:, ctx.N:]
     gz = _untile(gy, gz, ctx.s, ctx.repeat, ctx.rc)
-    need = _needs(ctx, 7)
+    need = _needs(ctx, 8)
     dx = _mm(gy, W) + _mm(gz, A) if need[0] else None  # the FBL-shaped product
     dW = _mm(gy.T, x) if need[1] else None
     dA = _mm(gz.T, x) if need[2] else None
     dz_in = gz if need[6] else None
-    return dx, dW, dA, None, None, None, dz_in
+    dres = gy if need[7] else None
+    return dx, dW, dA, None, None, None, dz_in, dres
 
 
 def _fbl_setup(ctx, inputs, output):
@@ -398,12 +405,14 @@ def ffl(
     repeat: Optional[Sequence[int]] = None,
     repeat_rank: Optional[int] = None,
     z_in: Optional[Tensor] = None,
+    res: Optional[Tensor] = None,
 ):
     """Fused forward layer: ``[y | z] = x [W; A]^T`` in one product.
 
     x [M, K], W [N, K], A [R, K] -> y [M, N], z [M, R] (views of one buffer).
 
-    Epilogues: ``z_in`` [M, R] is added to z (summed adapter states); the
+    Epilogues: ``z_in`` [M, R] is added to z (summed adapter states, a
+    zflora stream's carry), ``res`` [M, N] to y (the residual); the
     repeat-add adds ``s * z`` tiled across y: ``repeat_add=True`` tiles all of
     z over all of y (needs N % R == 0); ``repeat=[n_0, n_1, ...]`` with
     ``repeat_rank=rc`` adds z's chunk g (columns g*rc ... ) tiled over the
@@ -416,7 +425,7 @@ def ffl(
         repeat, repeat_rank = [W.shape[0]], A.shape[0] if A.dim() == 2 else 0
     repeat = list(repeat or [])
     rc = int(repeat_rank or 0)
-    out = torch.ops.flora.ffl(x, W, A, float(s), repeat, rc, z_in)
+    out = torch.ops.flora.ffl(x, W, A, float(s), repeat, rc, z_in, res)
     N = W.shape[0]
     return out[:, :N], out[:, N:]
 

@@ -58,10 +58,12 @@ def assert_close(out, same, ref64, dtype):
 
 
 # ---- the same computations done by torch in the operands' dtype ----------
-def torch_ffl(x, W, A, s, repeat, rc, z_in):
+def torch_ffl(x, W, A, s, repeat, rc, z_in, res=None):
     y, z = x @ W.T, x @ A.T
     if z_in is not None:
         z = z + z_in
+    if res is not None:
+        y = y + res
     off, parts = 0, []
     for g, n in enumerate(repeat):
         parts.append(y[:, off:off + n] + s * z[:, g * rc:(g + 1) * rc].repeat(1, n // rc))
@@ -91,6 +93,10 @@ FFL_CASES = [  # M, K, N, R, layout, epilogue
     (17, 37, 53, 7, "strided", "segments"),  # above the decode threshold: ATen
     (2, 0, 21, 3, "separate", "z_in"),       # K = 0
     (4, 29, 19, 0, "adjacent", None),        # R = 0
+    # + res on y (a zflora / ffa writer's residual)
+    (1, 64, 48, 8, "adjacent", "z_in_res"),
+    (3, 40, 48, 16, "strided", "repeat_add_res"),
+    (2, 0, 21, 3, "separate", "res"),
 ]
 
 
@@ -103,10 +109,12 @@ def ffl_operands(M, K, N, R, layout, epi, dtype, gen):
     else:
         W, A = rand(N, K, dtype=dtype, gen=gen), rand(R, K, dtype=dtype, gen=gen)
     x = view(M, K, dtype, gen, pad=11)  # x as a view into a wider buffer
-    kw = dict(s=0.75, repeat=[], rc=0, z_in=None)
+    kw = dict(s=0.75, repeat=[], rc=0, z_in=None, res=None)
     if epi and "z_in" in epi or epi == "segments_zin":
         kw["z_in"] = view(M, R, dtype, gen, pad=4, col0=1)
-    if epi == "repeat_add":
+    if epi and epi.endswith("res"):
+        kw["res"] = view(M, N, dtype, gen, pad=5, col0=3)
+    if epi and epi.startswith("repeat_add"):
         kw.update(repeat=[N], rc=R)
     elif epi and epi.startswith("segments"):  # e.g. q/k/v: 3 segments, rc = R // 3
         rc = max(1, R // 3)
@@ -124,12 +132,12 @@ def test_ffl(isa, dtype, case):
     x, W, A, kw = ffl_operands(*case, dtype, gen)
     if layout == "adjacent":
         assert W.untyped_storage().data_ptr() == A.untyped_storage().data_ptr()
-    out = torch.ops.flora.ffl(x, W, A, kw["s"], kw["repeat"], kw["rc"], kw["z_in"])
-    args = (x, W, A, kw["s"], kw["repeat"], kw["rc"], kw["z_in"])
+    out = torch.ops.flora.ffl(x, W, A, kw["s"], kw["repeat"], kw["rc"], kw["z_in"], kw["res"])
+    args = (x, W, A, kw["s"], kw["repeat"], kw["rc"], kw["z_in"], kw["res"])
     ref = ops.ffl_reference(*d64(args))
     assert_close(out, torch_ffl(*args), ref, dtype)
     y, z = flora.ops.ffl(x, W, A, kw["s"], repeat=kw["repeat"] or None,
-                         repeat_rank=kw["rc"] or None, z_in=kw["z_in"])
+                         repeat_rank=kw["rc"] or None, z_in=kw["z_in"], res=kw["res"])
     assert torch.equal(torch.cat([y, z], 1), out)  # deterministic, wrapper = raw op
 
 

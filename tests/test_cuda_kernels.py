@@ -63,6 +63,11 @@ def test_dispatch_gate_and_reasons(monkeypatch):
     assert dispatch(M=512, one_k_range=False, weights_t=True)[0] == "gemm_sm90_2k_t_bf16"
     assert "16-byte aligned" in dispatch(M=2, vec_aligned=False)[2]
     assert "more than 8 repeat-add" in dispatch(op="ffl", M=512, repeat_groups=9)[2]
+    # res on an FFL's y: the decode kernel and the plain GEMMs add it, the repeat-add GEMMs do not
+    assert dispatch(op="ffl", M=512, ffl_res=True)[0] == "gemm_sm90_bf16"
+    assert dispatch(op="ffl", M=4, repeat_groups=2, ffl_res=True)[0] == "decode_bf16"
+    k, planned, reason = dispatch(op="ffl", M=512, repeat_groups=2, ffl_res=True)
+    assert (k, planned) == ("cublas", "gemm_sm90_rep_bf16") and "add no residual" in reason
     # FFL has no K range to join: the sm_90 kernel takes it either way.
     assert dispatch(op="ffl", M=512, one_k_range=False)[0] == "gemm_sm90_bf16"
 
@@ -239,18 +244,20 @@ def _d(t):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", M_DECODE + M_GEMM)
 @pytest.mark.parametrize("R", [1, 8, 32, 256])
-@pytest.mark.parametrize("z_in", [False, True])
-def test_ffl_kernel(monkeypatch, dtype, M, R, z_in):
+@pytest.mark.parametrize("z_in,res", [(False, False), (True, False), (False, True), (True, True)])
+def test_ffl_kernel(monkeypatch, dtype, M, R, z_in, res):
+    """res: a zflora / ffa writer's residual, in y's epilogue."""
     K, N = 1032, 520
     x = _fused(M, K, dtype)
     WA = _fused(N + R, K, dtype)  # fused [W; A] storage
     W, A = WA[:N], WA[N:]
     zi = _fused(M, R, dtype) if z_in else None
+    h = _fused(M, N, dtype) if res else None
     aligned = R % 8 == 0
-    got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffl(x, W, A, 1.0, [], 0, zi),
+    got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffl(x, W, A, 1.0, [], 0, zi, h),
                           _expected_kernel(M, dtype, gemm_ok=aligned))
-    want = ops.ffl_reference(_d(x), _d(W), _d(A), 1.0, (), 0, _d(zi))
-    _check(got, want, base, dtype, f"ffl M={M} R={R}")
+    want = ops.ffl_reference(_d(x), _d(W), _d(A), 1.0, (), 0, _d(zi), _d(h))
+    _check(got, want, base, dtype, f"ffl M={M} R={R} z_in={z_in} res={res}")
 
 
 @pytest.mark.cuda
@@ -269,6 +276,24 @@ def test_ffl_repeat_add(monkeypatch, dtype, M, repeat, rc):
                           _expected_kernel(M, dtype, rep=True))
     want = ops.ffl_reference(_d(x), _d(W), _d(A), 0.75, repeat, rc, _d(zi))
     _check(got, want, base, dtype, f"ffl repeat M={M} {repeat}/{rc}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_DECODE + M_GEMM)
+def test_ffl_repeat_add_with_res(monkeypatch, dtype, M):
+    """ffa's o / down: repeat-add and the residual on y. The decode kernel adds
+    both; at GEMM sizes the call goes to cuBLAS (the repeat-add GEMMs add no C)."""
+    K, N, R = 1024, 520, 32
+    x, WA = _fused(M, K, dtype), _fused(N + R, K, dtype)
+    W, A = WA[:N], WA[N:]
+    h = _fused(M, N, dtype)
+    got, base = _run_both(monkeypatch, lambda: torch.ops.flora.ffl(x, W, A, 0.75, [512], 32, None, h),
+                          None)
+    ran = C.cuda_last_dispatch()
+    assert ran == (_expected_kernel(M, dtype) if M <= 16 else ran) and (M <= 16 or ran.startswith("cublas"))
+    want = ops.ffl_reference(_d(x), _d(W), _d(A), 0.75, [512], 32, None, _d(h))
+    _check(got, want, base, dtype, f"ffl repeat + res M={M}")
 
 
 @pytest.mark.cuda

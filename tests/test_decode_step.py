@@ -43,10 +43,13 @@ def test_eager_decode_ops_per_layer(variant, dtype):
     assert r["ops_per_layer"] <= 20, r
 
 
-@pytest.mark.parametrize("variant,extra", [("ffba", 0), ("ffba-ab", 0), ("fpa", 0), ("pf-lora", 4)])
+@pytest.mark.parametrize("variant,extra", [
+    ("ffba", 0), ("ffba-ab", 0), ("ffba-relu", 0), ("ffba-qg-add", 0), ("fpa", 0), ("ffa", 0),
+    ("zflora", 0), ("zflora-minimal", 0), ("zflora-mha", 0), ("pf-lora", 4)])
 def test_decode_ops_over_base_follow_the_spec(variant, extra):
-    """ADAPTERS.md's fused forms, counted in a decode step: the ffba family adds no
-    op; pf-lora adds one B op per projection group (q/k/v, o, gate/up, down)."""
+    """ADAPTERS.md's fused forms, counted in a decode step: ffa, the ffba family
+    and zflora add no op (zflora's writers add residual and carry in their FFL's
+    epilogue); pf-lora adds one B op per projection group (q/k/v, o, gate/up, down)."""
     oc = _op_count()
     base = oc.per_layer("base", compiled=False)["ops_per_layer"]
     assert oc.per_layer(variant, compiled=False)["ops_per_layer"] - base == extra

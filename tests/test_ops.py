@@ -56,7 +56,8 @@ def call_ref(op, args, **kw):
 
 
 EPILOGUES = {
-    "ffl": [dict(), dict(s=0.5, repeat=[12, 6], repeat_rank=3), dict(z_in=True), dict(s=2.0, repeat=[24], repeat_rank=6, z_in=True)],
+    "ffl": [dict(), dict(s=0.5, repeat=[12, 6], repeat_rank=3), dict(z_in=True), dict(s=2.0, repeat=[24], repeat_rank=6, z_in=True),
+            dict(res=True), dict(s=0.5, repeat=[12, 6], repeat_rank=3, z_in=True, res=True)],
     "fbl": [dict(), dict(s=0.5), dict(res=True), dict(s=0.5, res=True, relu=True)],
     "ffbl": [dict(), dict(s=0.5, relu=True), dict(res=True), dict(s=0.25, res=True, relu=True)],
 }
@@ -129,7 +130,8 @@ def test_opcheck(op, device):
             kw = materialise(op, kw, M, N, R, torch.float32, device)
             ordered = list(args.values())
             if op == "ffl":
-                ordered += [kw.get("s", 1.0), kw.get("repeat", []), kw.get("repeat_rank", 0), kw.get("z_in")]
+                ordered += [kw.get("s", 1.0), kw.get("repeat", []), kw.get("repeat_rank", 0), kw.get("z_in"),
+                            kw.get("res")]
             else:
                 ordered += [kw.get("s", 1.0), kw.get("res"), kw.get("relu", False)]
             grads = [t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in ordered]

@@ -29,10 +29,12 @@ void linear_into(at::Tensor y, const at::Tensor& u, const at::Tensor& W,
 
 void ffl_epilogue_aten(at::Tensor& out, int64_t N, double s,
                        at::IntArrayRef repeat, int64_t repeat_rank,
-                       const c10::optional<at::Tensor>& z_in) {
+                       const c10::optional<at::Tensor>& z_in,
+                       const c10::optional<at::Tensor>& res) {
   const int64_t M = out.size(0), R = out.size(1) - N;
   at::Tensor z = out.narrow(1, N, R);
   if (z_in.has_value()) z.add_(*z_in);
+  if (res.has_value()) out.narrow(1, 0, N).add_(*res);
   int64_t off = 0;
   for (size_t g = 0; g < repeat.size(); ++g) {
     const int64_t n = repeat[g], rc = repeat_rank;
@@ -47,14 +49,16 @@ void ffl_epilogue_aten(at::Tensor& out, int64_t N, double s,
 at::Tensor ffl_aten(const at::Tensor& x, const at::Tensor& W,
                     const at::Tensor& A, double s, at::IntArrayRef repeat,
                     int64_t repeat_rank,
-                    const c10::optional<at::Tensor>& z_in) {
-  return ffl_aten_checked(check_ffl(x, W, A, repeat, repeat_rank, z_in), x, W, A, s,
-                          repeat, repeat_rank, z_in);
+                    const c10::optional<at::Tensor>& z_in,
+                    const c10::optional<at::Tensor>& res) {
+  return ffl_aten_checked(check_ffl(x, W, A, repeat, repeat_rank, z_in, res), x, W, A, s,
+                          repeat, repeat_rank, z_in, res);
 }
 
 at::Tensor ffl_aten_checked(const FflShape& sh, const at::Tensor& x, const at::Tensor& W,
                             const at::Tensor& A, double s, at::IntArrayRef repeat,
-                            int64_t repeat_rank, const c10::optional<at::Tensor>& z_in) {
+                            int64_t repeat_rank, const c10::optional<at::Tensor>& z_in,
+                            const c10::optional<at::Tensor>& res) {
   at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
   if (sh.R == 0 || rows_follow(W, A)) {
     at::mm_out(out, x, stack_rows(W, A).t());
@@ -63,7 +67,7 @@ at::Tensor ffl_aten_checked(const FflShape& sh, const at::Tensor& x, const at::T
     at::mm_out(y, x, W.t());
     at::mm_out(z, x, A.t());
   }
-  ffl_epilogue_aten(out, sh.N, s, repeat, repeat_rank, z_in);
+  ffl_epilogue_aten(out, sh.N, s, repeat, repeat_rank, z_in, res);
   return out;
 }
 

@@ -15,7 +15,8 @@ namespace flora {
 // shape a caller already validated (device kernels fall back to them).
 at::Tensor ffl_aten_checked(const FflShape& sh, const at::Tensor& x, const at::Tensor& W,
                             const at::Tensor& A, double s, at::IntArrayRef repeat,
-                            int64_t repeat_rank, const c10::optional<at::Tensor>& z_in);
+                            int64_t repeat_rank, const c10::optional<at::Tensor>& z_in,
+                            const c10::optional<at::Tensor>& res);
 at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::Tensor& z,
                             const at::Tensor& W, const at::Tensor& B, double s,
                             const c10::optional<at::Tensor>& res, bool relu);
@@ -26,7 +27,8 @@ at::Tensor ffbl_aten_checked(const FfblShape& sh, const at::Tensor& u, const at:
 
 at::Tensor ffl_aten(const at::Tensor& x, const at::Tensor& W,
                     const at::Tensor& A, double s, at::IntArrayRef repeat,
-                    int64_t repeat_rank, const c10::optional<at::Tensor>& z_in);
+                    int64_t repeat_rank, const c10::optional<at::Tensor>& z_in,
+                    const c10::optional<at::Tensor>& res);
 
 at::Tensor fbl_aten(const at::Tensor& u, const at::Tensor& z,
                     const at::Tensor& W, const at::Tensor& B, double s,
@@ -37,9 +39,11 @@ at::Tensor ffbl_aten(const at::Tensor& u, const at::Tensor& z,
                      const at::Tensor& A, const at::Tensor& C, double s,
                      const c10::optional<at::Tensor>& res, bool relu);
 
-// FFL epilogue on a computed [y | z] buffer: z += z_in, then the repeat-add.
+// FFL epilogue on a computed [y | z] buffer: z += z_in, y += res, then the
+// repeat-add.
 void ffl_epilogue_aten(at::Tensor& out, int64_t N, double s,
                        at::IntArrayRef repeat, int64_t repeat_rank,
-                       const c10::optional<at::Tensor>& z_in);
+                       const c10::optional<at::Tensor>& z_in,
+                       const c10::optional<at::Tensor>& res);
 
 }  // namespace flora

@@ -18,23 +18,30 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-bool needs_grad(std::initializer_list<const at::Tensor*> ts, const c10::optional<at::Tensor>& opt) {
+bool given(const c10::optional<at::Tensor>& opt) { return opt.has_value() && opt->defined(); }
+
+bool needs_grad(std::initializer_list<const at::Tensor*> ts,
+                std::initializer_list<const c10::optional<at::Tensor>*> opts) {
   if (!at::GradMode::is_enabled()) return false;
   for (const at::Tensor* t : ts)
     if (t->requires_grad()) return true;
-  return opt.has_value() && opt->defined() && opt->requires_grad();
+  for (const auto* o : opts)
+    if (given(*o) && (*o)->requires_grad()) return true;
+  return false;
 }
 
 at::Tensor maybe(bool need, const std::function<at::Tensor()>& f) {
   return need ? f() : at::Tensor();
 }
 
-// The trailing optional operand (z_in, res) has an input edge only when given.
-void save_has_opt(AutogradContext* ctx, const c10::optional<at::Tensor>& opt) {
-  ctx->saved_data["has_opt"] = opt.has_value() && opt->defined();
+// An optional operand (z_in, res) has an input edge only when given: the
+// edges of the tensor inputs count only those present.
+void save_has_opt(AutogradContext* ctx, const c10::optional<at::Tensor>& opt,
+                  const char* key = "has_opt") {
+  ctx->saved_data[key] = given(opt);
 }
-bool opt_needs_grad(AutogradContext* ctx, size_t edge) {
-  return ctx->saved_data["has_opt"].toBool() && ctx->needs_input_grad(edge);
+bool opt_needs_grad(AutogradContext* ctx, size_t edge, const char* key = "has_opt") {
+  return ctx->saved_data[key].toBool() && ctx->needs_input_grad(edge);
 }
 
 // Adjoint of the repeat-add: each state chunk collects s * the sum of the
@@ -68,14 +75,16 @@ at::Tensor dy_w_plus_dz_a(const at::Tensor& dy, const at::Tensor& dz, const at::
 struct Ffl : torch::autograd::Function<Ffl> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& W,
                             const at::Tensor& A, double s, at::IntArrayRef repeat, int64_t rc,
-                            const c10::optional<at::Tensor>& z_in) {
+                            const c10::optional<at::Tensor>& z_in,
+                            const c10::optional<at::Tensor>& res) {
     ctx->saved_data["s"] = s;
     ctx->saved_data["repeat"] = repeat.vec();
     ctx->saved_data["rc"] = rc;
-    save_has_opt(ctx, z_in);
+    save_has_opt(ctx, z_in, "has_z_in");
+    save_has_opt(ctx, res, "has_res");
     ctx->save_for_backward({x, W, A});
     at::AutoDispatchBelowADInplaceOrView below;
-    return ffl_op().call(x, W, A, s, repeat, rc, z_in);
+    return ffl_op().call(x, W, A, s, repeat, rc, z_in, res);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -87,12 +96,14 @@ struct Ffl : torch::autograd::Function<Ffl> {
     const at::Tensor gz = untile(gy, grad.narrow_symint(1, N, grad.sym_size(1) - N), s,
                                  ctx->saved_data["repeat"].toIntVector(),
                                  ctx->saved_data["rc"].toInt());
-    // Tensor inputs in order: x, W, A, z_in (the optional comes last).
+    // Tensor inputs in order: x, W, A, then z_in and res where given.
+    const size_t res_edge = 3 + ctx->saved_data["has_z_in"].toBool();
     const auto dx = maybe(ctx->needs_input_grad(0), [&] { return dy_w_plus_dz_a(gy, gz, W, A); });
     const auto dW = maybe(ctx->needs_input_grad(1), [&] { return gy.t().mm(x); });
     const auto dA = maybe(ctx->needs_input_grad(2), [&] { return gz.t().mm(x); });
-    const auto dz_in = maybe(opt_needs_grad(ctx, 3), [&] { return gz; });
-    return {dx, dW, dA, at::Tensor(), at::Tensor(), at::Tensor(), dz_in};
+    const auto dz_in = maybe(opt_needs_grad(ctx, 3, "has_z_in"), [&] { return gz; });
+    const auto dres = maybe(opt_needs_grad(ctx, res_edge, "has_res"), [&] { return gy; });
+    return {dx, dW, dA, at::Tensor(), at::Tensor(), at::Tensor(), dz_in, dres};
   }
 };
 
@@ -167,18 +178,19 @@ struct Ffbl : torch::autograd::Function<Ffbl> {
 
 // The Autograd kernels: nothing to record -> straight to the device kernel.
 at::Tensor ffl_autograd(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A, double s,
-                        at::IntArrayRef repeat, int64_t rc, const c10::optional<at::Tensor>& z_in) {
-  if (!needs_grad({&x, &W, &A}, z_in)) {
+                        at::IntArrayRef repeat, int64_t rc, const c10::optional<at::Tensor>& z_in,
+                        const c10::optional<at::Tensor>& res) {
+  if (!needs_grad({&x, &W, &A}, {&z_in, &res})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return ffl_op().call(x, W, A, s, repeat, rc, z_in);
+    return ffl_op().call(x, W, A, s, repeat, rc, z_in, res);
   }
-  return Ffl::apply(x, W, A, s, repeat, rc, z_in);
+  return Ffl::apply(x, W, A, s, repeat, rc, z_in, res);
 }
 
 at::Tensor fbl_autograd(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
                         const at::Tensor& B, double s, const c10::optional<at::Tensor>& res,
                         bool relu) {
-  if (!needs_grad({&u, &z, &W, &B}, res)) {
+  if (!needs_grad({&u, &z, &W, &B}, {&res})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return fbl_op().call(u, z, W, B, s, res, relu);
   }
@@ -188,7 +200,7 @@ at::Tensor fbl_autograd(const at::Tensor& u, const at::Tensor& z, const at::Tens
 at::Tensor ffbl_autograd(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
                          const at::Tensor& B, const at::Tensor& A, const at::Tensor& C, double s,
                          const c10::optional<at::Tensor>& res, bool relu) {
-  if (!needs_grad({&u, &z, &W, &B, &A, &C}, res)) {
+  if (!needs_grad({&u, &z, &W, &B, &A, &C}, {&res})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return ffbl_op().call(u, z, W, B, A, C, s, res, relu);
   }

@@ -122,7 +122,8 @@ bool cols_follow(const at::Tensor& a, const at::Tensor& b) {
 FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
                    const at::Tensor& A, at::IntArrayRef repeat,
                    int64_t repeat_rank,
-                   const c10::optional<at::Tensor>& z_in) {
+                   const c10::optional<at::Tensor>& z_in,
+                   const c10::optional<at::Tensor>& res) {
   Operands c("ffl", x, "x");
   c.check(W, "W");
   c.check(A, "A");
@@ -133,6 +134,11 @@ FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
     c.check(*z_in, "z_in");
     c.dim("M", s.M, z_in->size(0), x, "x", *z_in, "z_in");
     c.dim("R", s.R, z_in->size(1), A, "A", *z_in, "z_in");
+  }
+  if (res.has_value()) {
+    c.check(*res, "res");
+    c.dim("M", s.M, res->size(0), x, "x", *res, "res");
+    c.dim("N", s.N, res->size(1), W, "W", *res, "res");
   }
   check_repeat(repeat, repeat_rank, s.N, s.R);
   return s;

@@ -23,7 +23,8 @@ struct FfblShape {
 FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
                    const at::Tensor& A, at::IntArrayRef repeat,
                    int64_t repeat_rank,
-                   const c10::optional<at::Tensor>& z_in);
+                   const c10::optional<at::Tensor>& z_in,
+                   const c10::optional<at::Tensor>& res);
 
 FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,
                    const at::Tensor& W, const at::Tensor& B,

@@ -129,6 +129,8 @@ CudaChoice choose_cuda(const CudaQuery& q, bool compiled, KernelSwitch sw, bool 
     const bool two = q.arch == 90 && q.op != "ffl" && q.R > 0 && !q.one_k_range;
     planned = gemm + (rep ? "rep_" : two ? "2k_" : "") + (q.weights_t ? "t_" : "") + q.dtype;
     if (rep) companion = gemm + q.dtype;
+    if (rep && q.ffl_res)
+      return cublas(planned, "FFL repeat-add with res: the repeat-add GEMMs add no residual");
     if (q.K <= 0) return cublas(planned, "K = 0: nothing to multiply");
     if (!q.all_aligned)
       return cublas(planned,

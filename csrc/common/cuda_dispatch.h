@@ -31,6 +31,7 @@ struct CudaQuery {
   bool one_k_range = true;
   bool relu = false;
   int repeat_groups = 0;  // repeat-add segments (FFL)
+  bool ffl_res = false;   // FFL with res on y (the repeat-add GEMMs take none)
   // FBL with its weights stored [K, n] (transposed views, row stride a
   // multiple of 8): backward dx = dy W + dz A through the same GEMMs.
   bool weights_t = false;

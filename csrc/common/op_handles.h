@@ -8,7 +8,8 @@
 namespace flora {
 
 using FflSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                          at::IntArrayRef, int64_t, const c10::optional<at::Tensor>&);
+                          at::IntArrayRef, int64_t, const c10::optional<at::Tensor>&,
+                          const c10::optional<at::Tensor>&);
 using FblSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, double, const c10::optional<at::Tensor>&, bool);
 using FfblSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -4,10 +4,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(flora, m) {
-  // [y | z] = x [W; A]^T  (+ s * tile(z) on the `repeat` segments of y; + z_in on z)
+  // [y | z] = x [W; A]^T  (+ s * tile(z) on the `repeat` segments of y; + z_in on z;
+  // + res on y)
   m.def(
       "ffl(Tensor x, Tensor W, Tensor A, float s=1.0, int[] repeat=[], "
-      "int repeat_rank=0, Tensor? z_in=None) -> Tensor");
+      "int repeat_rank=0, Tensor? z_in=None, Tensor? res=None) -> Tensor");
   // y = u W^T + s * f(z) B^T (+ res), f = relu or identity
   m.def(
       "fbl(Tensor u, Tensor z, Tensor W, Tensor B, float s=1.0, "

@@ -74,15 +74,15 @@ void parallel_rows(int64_t n, int64_t grain,
 
 at::Tensor ffl_cpu(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
                    double s, at::IntArrayRef repeat, int64_t repeat_rank,
-                   const c10::optional<at::Tensor>& z_in) {
-  const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in);
+                   const c10::optional<at::Tensor>& z_in, const c10::optional<at::Tensor>& res) {
+  const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in, res);
   k::Dtype dt{};  // set by decode_path when it returns a path
   const auto path = decode_path(x, sh.M, &dt);
-  if (!path) return ffl_aten_checked(sh, x, W, A, s, repeat, repeat_rank, z_in);
+  if (!path) return ffl_aten_checked(sh, x, W, A, s, repeat, repeat_rank, z_in, res);
   at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
   k::FflArgs a;
   a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;
-  a.x = mat(x), a.W = mat(W), a.A = mat(A), a.z_in = mat(z_in);
+  a.x = mat(x), a.W = mat(W), a.A = mat(A), a.z_in = mat(z_in), a.res = mat(res);
   a.s = s, a.repeat = repeat.vec(), a.repeat_rank = repeat_rank;
   a.out = out.data_ptr(), a.ldo = sh.N + sh.R;
   k::ffl_decode(*path, a, parallel_rows);

@@ -187,20 +187,22 @@ CudaChoice choose(const CudaQuery& q) {
 
 at::Tensor ffl_cuda(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A, double s,
                     at::IntArrayRef repeat, int64_t repeat_rank,
-                    const c10::optional<at::Tensor>& z_in) {
+                    const c10::optional<at::Tensor>& z_in, const c10::optional<at::Tensor>& res) {
   const c10::DeviceGuard guard(x.device());
-  const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in);
+  const auto sh = check_ffl(x, W, A, repeat, repeat_rank, z_in, res);
   CudaQuery q = base_query("ffl", x, sh.M, sh.N, sh.K, sh.R, 0);
   q.vec_aligned = aligned16(x) && aligned16(W) && (sh.R == 0 || aligned16(A));
-  q.all_aligned = q.vec_aligned && aligned16(z_in) && sh.K % 8 == 0 && sh.N % 8 == 0 &&
-                  sh.R % 8 == 0;
+  q.all_aligned = q.vec_aligned && aligned16(z_in) && aligned16(res) && sh.K % 8 == 0 &&
+                  sh.N % 8 == 0 && sh.R % 8 == 0;
   q.repeat_groups = static_cast<int>(repeat.size());
+  q.ffl_res = res.has_value();
   const CudaChoice c = choose(q);
 #ifdef FLORA_WITH_CUTLASS
   if (c.kernel != "cublas") {
     at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
     fc::FusedArgs a = args(x, nullptr);
-    a.p[0] = problem(W, nullptr, 1.f, c10::nullopt, out.narrow(1, 0, sh.N));
+    // res rides in y's epilogue (the repeat-add GEMMs decline it: cuBLAS then)
+    a.p[0] = problem(W, nullptr, 1.f, res, out.narrow(1, 0, sh.N));
     a.p[1] = problem(A, nullptr, 1.f, z_in, out.narrow(1, sh.N, sh.R));
     a.nprob = sh.R > 0 ? 2 : 1;
     a.rep.groups = q.repeat_groups, a.rep.rc = repeat_rank, a.rep.s = static_cast<float>(s);
@@ -208,7 +210,7 @@ at::Tensor ffl_cuda(const at::Tensor& x, const at::Tensor& W, const at::Tensor& 
     if (run(c.kernel, a, x)) return out;
   }
 #endif
-  return ffl_aten_checked(sh, x, W, A, s, repeat, repeat_rank, z_in);
+  return ffl_aten_checked(sh, x, W, A, s, repeat, repeat_rank, z_in, res);
 }
 
 at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,

@@ -48,12 +48,12 @@ PYBIND11_MODULE(_C, m) {
       "cuda_dispatch",
       [](const std::string& op, const std::string& dtype, int arch, int64_t M, int64_t N,
          int64_t K, int64_t R, int64_t R2, bool vec_aligned, bool all_aligned, bool one_k_range,
-         bool relu, int repeat_groups, bool weights_t, py::object compiled, py::object kernels,
-         bool assume_verified) {
+         bool relu, int repeat_groups, bool weights_t, bool ffl_res, py::object compiled,
+         py::object kernels, bool assume_verified) {
         flora::CudaQuery q;
         q.op = op, q.dtype = dtype, q.arch = arch, q.M = M, q.N = N, q.K = K, q.R = R, q.R2 = R2;
         q.vec_aligned = vec_aligned, q.all_aligned = all_aligned, q.one_k_range = one_k_range;
-        q.relu = relu, q.repeat_groups = repeat_groups, q.weights_t = weights_t;
+        q.relu = relu, q.repeat_groups = repeat_groups, q.weights_t = weights_t, q.ffl_res = ffl_res;
 #ifdef FLORA_WITH_CUTLASS
         const bool built = true;
 #else
@@ -74,7 +74,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("op"), py::arg("dtype"), py::arg("arch"), py::arg("M"), py::arg("N"), py::arg("K"),
       py::arg("R") = 0, py::arg("R2") = 0, py::arg("vec_aligned") = true,
       py::arg("all_aligned") = true, py::arg("one_k_range") = true, py::arg("relu") = false,
-      py::arg("repeat_groups") = 0, py::arg("weights_t") = false,
+      py::arg("repeat_groups") = 0, py::arg("weights_t") = false, py::arg("ffl_res") = false,
       py::arg("compiled") = py::none(),
       py::arg("kernels") = py::none(), py::arg("assume_verified") = false,
       "(kernel, planned, reason): what a CUDA call of this shape runs and why");

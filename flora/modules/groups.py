@@ -89,20 +89,20 @@ class _Group:
                 W[off:off + n].copy_((W[off:off + n].to(torch.float64) + delta).to(W.dtype))
             off += n
 
-    def repeat_add(self, m, x, A, widths, rc, tiled, with_state=False):
-        """y = x W^T + s tile(z) over the segments ``widths`` (None: the whole
-        output); dropout (training) must act on z first, so then the tile is a
-        second op with a fixed tile matrix."""
+    def repeat_add(self, m, x, A, widths, rc, tiled, with_state=False, res=None):
+        """y = x W^T + s tile(z) (+ res) over the segments ``widths`` (None: the
+        whole output); dropout (training) must act on z first, so then the tile
+        is a second op with a fixed tile matrix."""
         W = self.W(m)
         if m.dropping:
-            y, z = ops.ffl(x, W, A)
+            y, z = ops.ffl(x, W, A, res=res)
             T = tile_matrix(self.N, [self.N] if widths is None else widths, rc, x)
             y = ops.fbl(empty_cols(x.shape[0], x), m.state(z[:, :tiled]), empty_cols(self.N, x),
                         T, self.s, res=y)
         elif widths is None:  # one segment, the whole output
-            y, z = ops.ffl(x, W, A, self.s, repeat_add=True)
+            y, z = ops.ffl(x, W, A, self.s, repeat_add=True, res=res)
         else:
-            y, z = ops.ffl(x, W, A, self.s, repeat=list(widths), repeat_rank=rc)
+            y, z = ops.ffl(x, W, A, self.s, repeat=list(widths), repeat_rank=rc, res=res)
         return (y, z[:, tiled:]) if with_state else y
 
     def split(self, y: Tensor) -> List[Tensor]:

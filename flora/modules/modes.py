@@ -19,10 +19,6 @@ from .. import ops
 from ._base import empty_cols, empty_rows
 
 
-def _add(y: Tensor, residual: Optional[Tensor]) -> Tensor:
-    return y if residual is None else residual + y
-
-
 def _cat(parts: List[Tensor]) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -173,7 +169,7 @@ class Ffa(_ARows):
 
     def forward_out(self, g, m, u, state, residual, carry):
         A = g.slot_A(m) if m.folded else m.param(f"A_{g.role.targets[0]}", u)
-        return _add(g.repeat_add(m, u, A, None, 2 * g.rank, A.shape[0]), residual), carry
+        return g.repeat_add(m, u, A, None, 2 * g.rank, A.shape[0], res=residual), carry
 
 
 class Sum(_ARows):
@@ -211,12 +207,12 @@ class QgAdd(Sum):
 
 
 class Write(_ARows):
-    """zflora writer (o / down): z' = u A^T + carry."""
+    """zflora writer (o / down): [h'; z'] = [h; z] + [W; A] u, one FFL whose
+    epilogue adds the residual to y and the carry to z'."""
 
     def forward_out(self, g, m, u, state, residual, carry):
         A = g.slot_A(m) if m.folded else m.param(f"A_{g.role.targets[0]}", u)
-        y, c2 = ops.ffl(u, g.W(m), A, z_in=carry)
-        return _add(y, residual), c2
+        return ops.ffl(u, g.W(m), A, z_in=carry, res=residual)
 
 
 class _BCols(Mode):

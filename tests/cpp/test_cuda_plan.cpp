@@ -407,10 +407,16 @@ TEST(CudaDispatch, RepeatAddGemms) {
   EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "gemm_sm80_rep_fp16");
   a.all_aligned = false;  // z comes from the plain GEMM: same alignment
   EXPECT_NE(choose_cuda(a, true, flora::KernelSwitch::kAll).reason.find("R a multiple of 8"), std::string::npos);
-  // Decode keeps its own repeat-add epilogue.
+  // Decode keeps its own repeat-add epilogue, also with res on y.
   a = q("ffl", "bf16", 90, 16);
   a.repeat_groups = 2;
+  a.ffl_res = true;
   EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "decode_bf16");
+  // The repeat-add GEMMs add no residual: cuBLAS.
+  a.M = 600;
+  const auto nores = choose_cuda(a, true, flora::KernelSwitch::kAll);
+  EXPECT_EQ(nores.kernel, "cublas");
+  EXPECT_NE(nores.reason.find("add no residual"), std::string::npos);
   // Off until verified: the reason names the repeat-add kernel.
   a = q("ffl", "bf16", 80, 512);
   a.repeat_groups = 1;

@@ -8,13 +8,14 @@ namespace {
 
 at::Tensor call_ffl(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A,
                     double s, std::vector<int64_t> repeat, int64_t rc,
-                    c10::optional<at::Tensor> z_in) {
+                    c10::optional<at::Tensor> z_in, c10::optional<at::Tensor> res = c10::nullopt) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flora::ffl", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, double, at::IntArrayRef,
-                                         int64_t, const c10::optional<at::Tensor>&)>();
-  return op.call(x, W, A, s, repeat, rc, z_in);
+                                         int64_t, const c10::optional<at::Tensor>&,
+                                         const c10::optional<at::Tensor>&)>();
+  return op.call(x, W, A, s, repeat, rc, z_in, res);
 }
 
 at::Tensor call_fbl(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,

@@ -42,9 +42,10 @@ void ffl_decode(Path p, const FflArgs& a, const ParallelFor& pf) {
   tz.u = a.x.p, tz.ldu = a.x.ld, tz.P = a.A.p, tz.ldp = a.A.ld;
   tz.add = a.z_in.p, tz.ld_add = a.z_in.ld;
   tz.out = offset(a.out, a.dt, a.N), tz.ldo = a.ldo;
-  RowsTask ty;  // y rows: x W^T (+ s tile(z))
+  RowsTask ty;  // y rows: x W^T (+ res) (+ s tile(z))
   ty.dt = a.dt, ty.M = a.M, ty.K = a.K;
   ty.u = a.x.p, ty.ldu = a.x.ld, ty.P = a.W.p, ty.ldp = a.W.ld;
+  ty.add = a.res.p, ty.ld_add = a.res.ld;
   ty.out = a.out, ty.ldo = a.ldo;
   const int64_t N = a.N;
   if (a.repeat.empty()) {

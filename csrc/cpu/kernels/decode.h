@@ -21,13 +21,13 @@ struct Mat {
   int64_t ld = 0;
 };
 
-// [y | z] = x [W; A]^T; z += z_in; y[seg g] += s * tile(z[chunk g]).
+// [y | z] = x [W; A]^T; z += z_in; y += res; y[seg g] += s * tile(z[chunk g]).
 // z rows are computed first (R is small), then y with the repeat-add in
 // the epilogue from the fp32 z, so y is stored once.
 struct FflArgs {
   Dtype dt = Dtype::kF32;
   int64_t M = 0, K = 0, N = 0, R = 0;
-  Mat x, W, A, z_in;                 // z_in.p may be null
+  Mat x, W, A, z_in, res;            // z_in.p, res.p may be null
   double s = 1.0;
   std::vector<int64_t> repeat;       // segment widths (empty: no repeat-add)
   int64_t repeat_rank = 0;
