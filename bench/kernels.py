@@ -14,9 +14,9 @@ many repeats after warm-up):
   dx-base / dx-fused / dx-lora / dx   (FFL shapes) the input gradient
           dy W + dz A: cuBLAS on W alone, on [W; A], unfused, and the flora
           op (fbl over the transposed views); dx rows' ratio is to dx-base
-  base+res / fbl+res / ffl+z_in   (o and down, decode M) the output
+  base+res / fbl+res / ffl+z_in+res   (o and down, decode M) the output
           projections as the model calls them, with the residual (torch.addmm;
-          ffba's fbl; a zflora writer's ffl, whose z_in is added in its epilogue)
+          ffba's fbl; a zflora writer's ffl, carry and residual in its epilogue)
 
 and prints time, GB/s (weights + activations moved / time), GFLOP/s and the
 ratio to base. A large tensor copy (read + write bytes) gives the machine's
@@ -209,14 +209,14 @@ def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, 
         2 * M * (N + r) * (K + r))
     if M <= DECODE_M:
         # The output projections as the model calls them, residual included:
-        # base (cuBLAS addmm), fbl + res (ffba's o / down), ffl + z_in (a
-        # zflora writer: h + y is a separate add); with --aten-too each flora
-        # call also on the cuBLAS path, to see where a kernel's epilogue pays.
+        # base (cuBLAS addmm), fbl + res (ffba's o / down), ffl + z_in + res (a
+        # zflora writer: carry and residual in the epilogue); with --aten-too
+        # each flora call also on the cuBLAS path: where a kernel's epilogue pays.
         h, zc = mk(M, N), mk(M, r)
         add("base+res", lambda o: torch.addmm(h, x, o["W0"].T), N * K, base_flops)
         add("fbl+res", lambda o: flora.ops.fbl(u, z, o["W"], o["Bf"], res=h), N * (K + r),
             2 * M * N * (K + r))
-        add("ffl+z_in", lambda o: flora.ops.ffl(u, o["W"], o["Af"], z_in=zc), (N + r) * K,
+        add("ffl+z_in+res", lambda o: flora.ops.ffl(u, o["W"], o["Af"], z_in=zc, res=h), (N + r) * K,
             2 * M * (N + r) * K)
     return rows
 

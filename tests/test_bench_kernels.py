@@ -32,7 +32,7 @@ def test_rows_and_errors_land_in_the_json(kb, tmp_path, monkeypatch):
     kb.main(ARGS + ["--ms", "1,2,3", "--json", str(out)])
     doc = json.loads(out.read_text())
     rows = doc["rows"]
-    # M=1: base fused lora fbl ffbl base+res fbl+res ffl+z_in; M=2: one error row
+    # M=1: base fused lora fbl ffbl base+res fbl+res ffl+z_in+res; M=2: one error row
     assert seen == [0, 8, 9]
     err = [r for r in rows if "error" in r]
     assert len(err) == 1 and err[0]["M"] == 2 and err[0]["error"] == "RuntimeError: simulated failure"
@@ -55,7 +55,7 @@ def test_a_failing_timing_is_one_error_row(kb):
         return 1e-5
 
     rows = kb.bench_case(torch, flora, timer, "cpu", torch.float32, "o", "fbl", 64, 32, 2, 4)
-    assert [r["op"] for r in rows] == ["base", "fused", "lora", "fbl", "ffbl", "base+res", "fbl+res", "ffl+z_in"]
+    assert [r["op"] for r in rows] == ["base", "fused", "lora", "fbl", "ffbl", "base+res", "fbl+res", "ffl+z_in+res"]
     assert rows[1]["error"] == "MemoryError: out of memory" and "t_us" not in rows[1]
     assert all(r["t_us"] == pytest.approx(10.0) for i, r in enumerate(rows) if i != 1)
     assert calls == [1] * 8  # one operand copy on the CPU (rotation is for CUDA's L2)
@@ -107,17 +107,18 @@ def test_output_projection_rows_compute_what_the_model_does(kb):
     ops = [r["op"] for r in rows]
     got = {op: out[i] for i, op in enumerate(ops)}
     if flora._ext.C is not None:
-        assert ops[-5:] == ["base+res", "fbl+res@aten", "fbl+res", "ffl+z_in@aten", "ffl+z_in"]
+        assert ops[-5:] == ["base+res", "fbl+res@aten", "fbl+res", "ffl+z_in+res@aten", "ffl+z_in+res"]
         assert flora._ext.C.cpu_isa() == isa
         torch.testing.assert_close(got["fbl+res@aten"], got["fbl+res"])
-        torch.testing.assert_close(got["ffl+z_in@aten"][1], got["ffl+z_in"][1])
+        for a, b in zip(got["ffl+z_in+res@aten"], got["ffl+z_in+res"]):
+            torch.testing.assert_close(a, b)
     # the residual is what base+res adds to base; fbl+res adds the same to fbl
     h = got["base+res"] - got["base"]
     assert h.abs().max() > 0
     torch.testing.assert_close(got["fbl+res"] - got["fbl"], h)
-    y, z2 = got["ffl+z_in"]  # a writer: y = x W^T (the base product), z2 = x A^T + z_in
+    y, z2 = got["ffl+z_in+res"]  # a writer: y = x W^T + h (base+res), z2 = x A^T + z_in
     assert z2.shape == (2, 8)
-    torch.testing.assert_close(y, got["base"])
+    torch.testing.assert_close(y, got["base+res"])
 
 
 def test_aten_path_switches_and_restores(kb, monkeypatch):

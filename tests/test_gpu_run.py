@@ -175,7 +175,7 @@ def test_kernels_md_sets_each_call_against_its_cublas_twin(tmp_path):
     md = (out / "kernels.md").read_text()
     assert "flora call / the same call on cuBLAS" in md
     twins = md.split("flora call / the same call on cuBLAS")[1].splitlines()
-    for call in ("fbl", "ffbl", "fbl+res", "ffl+z_in"):
+    for call in ("fbl", "ffbl", "fbl+res", "ffl+z_in+res"):
         row = next(line for line in twins if line.startswith(f"| 1024-wide | o | {call} | float32 |"))
         cells = row.strip("|").split("|")[4:]
         assert len(cells) == 2 and all(float(c) > 0 for c in cells), row
