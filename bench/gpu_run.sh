@@ -388,20 +388,28 @@ def section(path, title):
     md.append(f"- copy bandwidth (512 MB dst.copy_(src), read + write): {res['copy_gbs']:.0f} GB/s")
     md.append(f"- each cell at r = {rr}: op/base / op/fused / lora/base (dx: the same against cuBLAS dx on W, "
               f"on [W; A] and unfused); decode cells (M <= 16) add the op's GB/s\n")
-    md.append("| model | proj | op | dtype | " + " | ".join(f"M={m}" for m in ms) + " |")
-    md.append("|---|---|---|---|" + "---|" * len(ms))
-    for model, shape, op, dtype in cases:
-        cells = []
-        for m in ms:
-            k = (model, shape, dtype, rr, m)
-            pre = "dx-" if op == "dx" else ""  # dx: its own yardsticks (cuBLAS dx on [W; A], unfused)
-            o, f, lo = idx.get(k + (op,)), idx.get(k + (pre + "fused",)), idx.get(k + (pre + "lora",))
-            if not o or not f or not lo or o.get("ratio") is None or lo.get("ratio") is None:
-                cells.append("-")
-                continue
-            c = f"{o['ratio']:.2f} / {o['t_us'] / f['t_us']:.2f} / {lo['ratio']:.2f}"
-            cells.append(c + (f" ({o['gbs']:.0f})" if m <= 16 else ""))
-        md.append(f"| {model} | {shape} | {op} | {dtype} | " + " | ".join(cells) + " |")
+
+    def table(cases, what, cell):
+        """One row per (model, proj, op or call, dtype), one cell(op, key, M) per M."""
+        md.append(f"| model | proj | {what} | dtype | " + " | ".join(f"M={m}" for m in ms) + " |")
+        md.append("|---|---|---|---|" + "---|" * len(ms))
+        for model, shape, op, dtype in cases:
+            cells = [cell(op, (model, shape, dtype, rr, m), m) for m in ms]
+            md.append(f"| {model} | {shape} | {op} | {dtype} | " + " | ".join(cells) + " |")
+
+    def ratios(op, k, m):
+        pre = "dx-" if op == "dx" else ""  # dx: its own yardsticks (cuBLAS dx on [W; A], unfused)
+        o, f, lo = idx.get(k + (op,)), idx.get(k + (pre + "fused",)), idx.get(k + (pre + "lora",))
+        if not o or not f or not lo or o.get("ratio") is None or lo.get("ratio") is None:
+            return "-"
+        c = f"{o['ratio']:.2f} / {o['t_us'] / f['t_us']:.2f} / {lo['ratio']:.2f}"
+        return c + (f" ({o['gbs']:.0f})" if m <= 16 else "")
+
+    def over_aten(call, k, m):
+        o, a = idx.get(k + (call,)), idx.get(k + (call + "@aten",))
+        return f"{o['t_us'] / a['t_us']:.2f}" if o and a else "-"
+
+    table(cases, "op", ratios)
     # --aten-too: each flora call against the same call on cuBLAS (FLORA_CUDA_KERNELS=0),
     # the evidence for measured_faster in csrc/common/cuda_dispatch.cpp
     twins = [r for r in rows if r["op"].endswith("@aten")]
@@ -413,15 +421,7 @@ def section(path, title):
                 calls.append(c)
         md.append(f"\nflora call / the same call on cuBLAS (FLORA_CUDA_KERNELS=0), r = {rr}; "
                   f"below 1: the kernel wins\n")
-        md.append("| model | proj | call | dtype | " + " | ".join(f"M={m}" for m in ms) + " |")
-        md.append("|---|---|---|---|" + "---|" * len(ms))
-        for model, shape, call, dtype in calls:
-            cells = []
-            for m in ms:
-                k = (model, shape, dtype, rr, m)
-                o, a = idx.get(k + (call,)), idx.get(k + (call + "@aten",))
-                cells.append(f"{o['t_us'] / a['t_us']:.2f}" if o and a else "-")
-            md.append(f"| {model} | {shape} | {call} | {dtype} | " + " | ".join(cells) + " |")
+        table(calls, "call", over_aten)
     ops = [r for r in rows if r["op"] in OPS and r.get("ratio") is not None]
     ran = sorted({r["dispatch"].split(":")[0] for r in rows if r.get("dispatch")})
     if ran:
