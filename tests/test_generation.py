@@ -224,3 +224,38 @@ def test_measure_latency_cuda_graph():
     m = FusedLlama.from_pretrained(llama_model(), device="cuda")
     r = measure_latency(m, batch=2, prompt_len=16, new_tokens=8, use_cuda_graph=True, repeats=2)
     assert r["cuda_graph"] is True and r["tpot_s"] > 0
+
+
+def test_run_interleaved_prefills_and_gc():
+    """prefills > 1: every probe prefilled that many times a round, interleaved
+    in alternating order, TTFT the median of those; the collector is off
+    during the timed rounds and on again after."""
+    import gc
+
+    from flora.bench.timing import Timer, run_interleaved
+
+    calls, gc_seen = [], []
+
+    class Probe:
+        new_tokens, graphed, timer = 2, False, Timer(torch.device("cpu"))
+
+        def __init__(self, name, ttfts):
+            self.name, self.ttfts = name, iter(ttfts)
+
+        def prefill(self):
+            calls.append(("p", self.name))
+            gc_seen.append(gc.isenabled())
+            return 0.0, next(self.ttfts)
+
+        def step(self):
+            calls.append(("s", self.name))
+            return 0.0, 1.0
+
+    a, b = run_interleaved([Probe("A", [5.0, 1.0, 3.0]), Probe("B", [2.0, 9.0, 4.0])], repeats=1, warmup=0,
+                           prefills=3)
+    assert calls == [("p", "A"), ("p", "B"), ("p", "B"), ("p", "A"), ("p", "A"), ("p", "B"),
+                     ("s", "A"), ("s", "B")]
+    assert a["ttft_runs"] == [3.0] and b["ttft_runs"] == [4.0]
+    assert not any(gc_seen) and gc.isenabled()
+    with pytest.raises(ValueError, match="prefills"):
+        run_interleaved([Probe("A", [])], repeats=1, prefills=0)

@@ -126,6 +126,7 @@ def test_append_results_creates_section(tmp_path):
     (["--repeats", "0"], "--repeats"),
     (["--new-tokens", "0"], "--new-tokens"),
     (["--compile", "--warmup", "0"], "--warmup"),
+    (["--prefills", "0"], "--prefills"),
 ])
 def test_bad_arguments(argv, msg, tmp_path, capsys):
     assert bl.main(argv + ["--out-dir", str(tmp_path), "--no-results"]) == 2
@@ -141,6 +142,11 @@ def test_script_and_cli_entry_points():
 
     args = build_parser().parse_args(["bench", "latency", "--quick", "--model", "tiny"])
     assert args.quick and args.model == ["tiny"] and args.func.__name__ == "_bench_latency"
+    # TTFT samples a run: 5 prefills on a GPU (host-bound eager prefill), 1 on the CPU
+    args = build_parser().parse_args(["bench", "latency", "--model", "tiny", "--device", "cpu"])
+    assert bl.make_plan(args).prefills == 1
+    args = build_parser().parse_args(["bench", "latency", "--model", "tiny", "--device", "cpu", "--prefills", "3"])
+    assert bl.make_plan(args).prefills == 3
 
 
 def test_nvtx_ranges(monkeypatch):

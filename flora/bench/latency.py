@@ -109,6 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(compilation happens in the untimed warm-up runs)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (median; default 3)")
+    p.add_argument("--prefills", type=int, default=None,
+                   help="prefills per run, interleaved between the paired models; TTFT of a run is their "
+                        "median (default 5 on GPU, where the eager prefill is host-bound and noisy; 1 on CPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: prompt 32, 8 new tokens, 1 timed run (numbers are not meaningful)")
@@ -146,6 +149,7 @@ class Plan:
     alpha: Optional[float]
     seed: int
     compile: bool = False  # flora rows: decode step under torch.compile
+    prefills: int = 1  # TTFT samples per run (their median)
 
 
 def make_plan(args) -> Plan:
@@ -178,6 +182,9 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--new-tokens must be >= 2 (TPOT needs a decode step), got {new}")
     if repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    prefills = args.prefills if args.prefills is not None else (5 if gpu and not quick else 1)
+    if prefills < 1:
+        raise ValueError(f"--prefills must be >= 1, got {prefills}")
     mode = args.mode or ("both" if gpu else "eager")
     if mode != "eager" and not gpu:
         raise ValueError("--mode graph/both needs a CUDA device (CUDA graphs)")
@@ -193,7 +200,7 @@ def make_plan(args) -> Plan:
     if args.compile and args.warmup < 1:
         raise ValueError("--compile needs --warmup >= 1 (the first run compiles; it must not be timed)")
     return Plan(dev, models, dtypes, plan_rows, batches, prompts, new, modes, repeats, args.warmup,
-                args.rank, args.alpha, args.seed, args.compile)
+                args.rank, args.alpha, args.seed, args.compile, prefills)
 
 
 def check_checkpoint(path: str) -> None:
@@ -381,20 +388,20 @@ class HFProbe:
         return a, self.timer.mark()
 
 
-def solo_latency(probe, repeats: int, warmup: int) -> dict:
+def solo_latency(probe, repeats: int, warmup: int, prefills: int = 1) -> dict:
     """One probe alone: medians of TTFT/TPOT."""
     with probe:
-        (t,) = run_interleaved([probe], repeats, warmup)
+        (t,) = run_interleaved([probe], repeats, warmup, prefills=prefills)
     return _timing(t)
 
 
-def pair_latency(base_probe, probe, repeats: int, warmup: int) -> tuple[dict, dict]:
+def pair_latency(base_probe, probe, repeats: int, warmup: int, prefills: int = 1) -> tuple[dict, dict]:
     """A base and one model timed interleaved step by step
     (flora.generation.run_interleaved). The model's ``paired`` ratios are
     medians of the per-round ratios, each between the two models' steps
     taken alternately over the same stretch of time."""
     with base_probe, probe:
-        b, v = run_interleaved([base_probe, probe], repeats, warmup)
+        b, v = run_interleaved([base_probe, probe], repeats, warmup, prefills=prefills)
     v["paired"] = {k: statistics.median(x / y for x, y in zip(v[f"{k}_runs"], b[f"{k}_runs"]))
                    for k in ("ttft", "tpot")}
     v["paired"].update(base_ttft_runs=b["ttft_runs"], base_tpot_runs=b["tpot_runs"])
@@ -524,7 +531,8 @@ def flora_rows_timed(hf, shape, dtype, flora_rows, plan: Plan, log, info: Option
         for b, p in _settings(plan):
             for g in plan.modes:
                 try:
-                    tb, tv = pair_latency(probe(base, b, p, g), probe(m, b, p, g), plan.repeats, plan.warmup)
+                    tb, tv = pair_latency(probe(base, b, p, g), probe(m, b, p, g), plan.repeats, plan.warmup,
+                                          plan.prefills)
                 except Exception as e:  # noqa: BLE001 - this row fails, the run goes on
                     rows.append(row(shape, dtype, "flora", variant, rank, b, p, plan.new_tokens, g,
                                      skipped=_failed(log, f"flora {variant} r{rank} b{b} p{p}", e)))
@@ -569,7 +577,7 @@ def hf_rows_timed(hf, cfg, shape, dtype, hf_rows, plan: Plan, log) -> list:
             continue
         for b, p in _settings(plan):
             try:
-                tb, tv = pair_latency(probe(hf, b, p), probe(pm, b, p), plan.repeats, plan.warmup)
+                tb, tv = pair_latency(probe(hf, b, p), probe(pm, b, p), plan.repeats, plan.warmup, plan.prefills)
             except Exception as e:  # noqa: BLE001
                 rows.append(_row(shape, dtype, "transformers", name, plan.rank, b, p, plan.new_tokens, False,
                                  skipped=_failed(log, f"{name} b{b} p{p}", e)))
@@ -599,7 +607,7 @@ def _base_rows(shape, dtype, engine, name, plan: Plan, base_runs: dict, make_pro
             pairings = base_runs.get((b, p, g))
             if not pairings:
                 try:
-                    t = solo_latency(make_probe(b, p, g), plan.repeats, plan.warmup)
+                    t = solo_latency(make_probe(b, p, g), plan.repeats, plan.warmup, plan.prefills)
                 except Exception as e:  # noqa: BLE001 - this row fails, the run goes on
                     out.append(_row(shape, dtype, engine, name, plan.rank, b, p, plan.new_tokens, g,
                                     skipped=_failed(log, f"{engine} {name} b{b} p{p}", e), compiled=plan.compile))
@@ -784,7 +792,8 @@ def run(plan: Plan, log=print) -> dict:
     return {"environment": environment(dev), "device_type": dev.type, "copy_gbps": bw / 1e9,
             "copy_gbps_runs": [b / 1e9 for b in bws], "copy_bytes": copy_bytes, "rank": plan.rank,
             "alpha": plan.alpha if plan.alpha is not None else 2.0 * plan.rank,
-            "repeats": plan.repeats, "warmup": plan.warmup, "models": infos, "rows": rows,
+            "repeats": plan.repeats, "warmup": plan.warmup, "prefills": plan.prefills, "models": infos,
+            "rows": rows,
             "goals": evaluate_goals(rows, dev, plan.rank)}
 
 

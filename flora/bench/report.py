@@ -81,7 +81,9 @@ def markdown(result: dict) -> str:
              f"{result['copy_gbps']:.1f} GB/s{_copy_runs(result)}; floor = base weight bytes / that bandwidth",
              f"- adapters: r = {result['rank']}, alpha = {result['alpha']}, every adapter tensor random "
              f"and non-zero; medians of {result['repeats']} runs after {result['warmup']} warm-up",
-             "- TTFT = prefill + first token; TPOT = mean of the later decode steps; ratios (×) are to the "
+             "- TTFT = prefill + first token" + (f" (median of {result['prefills']} prefills a run)"
+                                                 if result.get("prefills", 1) > 1 else "")
+             + "; TPOT = mean of the later decode steps; ratios (×) are to the "
              "base of the same engine and setting; bytes × = (base + adapter weight bytes) / base weight bytes, "
              "the TPOT ratio a weight-streaming-bound decode step cannot beat; tok/s = batch / TPOT; "
              "GB/s = base weight bytes / TPOT", ""]

@@ -3,6 +3,7 @@ several probes interleaved step by step (used by the latency benchmark)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 from typing import Optional
@@ -124,7 +125,8 @@ def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
                               "repeats", "device")}
 
 
-def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = False) -> list[dict]:
+def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = False,
+                    prefills: int = 1) -> list[dict]:
     """Time several entered probes (objects with ``prefill()``/``step()``
     returning timer marks, ``timer``, ``new_tokens`` and ``graphed``, such as
     :class:`LatencyProbe`) interleaved step by step so that drift of the
@@ -138,30 +140,49 @@ def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = 
     ``by_run=True`` interleaves whole runs instead (each probe's prefill and
     all its steps in a row, the probe order reversed every round): for probes
     of different runtimes, whose idle worker threads spin after each call
-    and would take the cores from the other runtime's next step."""
-    if not probes or repeats < 1 or warmup < 0:
-        raise ValueError("need at least one model, repeats >= 1 and warmup >= 0")
+    and would take the cores from the other runtime's next step.
+
+    ``prefills`` > 1: each round prefills every probe that many times
+    (interleaved, alternating order; the last one feeds the decode steps) and
+    its TTFT is the median of those: one prefill a round is one noisy sample
+    where the prefill is host-bound (eager on a GPU). The garbage collector
+    is off during the timed rounds (a collection inside one would land on
+    whichever probe it hit)."""
+    if not probes or repeats < 1 or warmup < 0 or prefills < 1:
+        raise ValueError("need at least one model, repeats >= 1, warmup >= 0 and prefills >= 1")
     n_steps = probes[0].new_tokens - 1
     if any(p.new_tokens - 1 != n_steps for p in probes):
         raise ValueError("interleaved probes must generate the same number of tokens")
     runs: list[list] = [[] for _ in probes]
-    for k in range(warmup + repeats):
-        order = list(range(len(probes)))[::(-1 if k % 2 else 1)]
-        pre: dict = {}
-        steps: dict = {i: [] for i in order}
-        if by_run:
-            for i in order:
-                pre[i] = probes[i].prefill()
-                steps[i] = [probes[i].step() for _ in range(n_steps)]
-        else:
-            pre.update((i, probes[i].prefill()) for i in order)
-            for j in range(n_steps):
-                for i in order[::(-1 if j % 2 else 1)]:
-                    steps[i].append(probes[i].step())
-        if k >= warmup:
-            for i, p in enumerate(probes):
-                tpot = sum(p.timer.elapsed(a, b) for a, b in steps[i]) / n_steps
-                runs[i].append((p.timer.elapsed(*pre[i]), tpot))
+    gc_was_on = gc.isenabled()
+    try:
+        for k in range(warmup + repeats):
+            order = list(range(len(probes)))[::(-1 if k % 2 else 1)]
+            pre: dict = {i: [] for i in order}
+            steps: dict = {i: [] for i in order}
+            gc.collect()
+            gc.disable()
+            if by_run:
+                for i in order:
+                    pre[i] = [probes[i].prefill() for _ in range(prefills)]
+                    steps[i] = [probes[i].step() for _ in range(n_steps)]
+            else:
+                for s in range(prefills):
+                    for i in order[::(-1 if s % 2 else 1)]:
+                        pre[i].append(probes[i].prefill())
+                for j in range(n_steps):
+                    for i in order[::(-1 if j % 2 else 1)]:
+                        steps[i].append(probes[i].step())
+            if gc_was_on:
+                gc.enable()
+            if k >= warmup:
+                for i, p in enumerate(probes):
+                    tpot = sum(p.timer.elapsed(a, b) for a, b in steps[i]) / n_steps
+                    ttft = statistics.median(p.timer.elapsed(a, b) for a, b in pre[i])
+                    runs[i].append((ttft, tpot))
+    finally:
+        if gc_was_on:
+            gc.enable()
     return [{"ttft_s": statistics.median(t for t, _ in rs), "tpot_s": statistics.median(t for _, t in rs),
              "ttft_runs": [t for t, _ in rs], "tpot_runs": [t for _, t in rs], "cuda_graph": p.graphed,
              "repeats": repeats} for p, rs in zip(probes, runs)]
