@@ -252,8 +252,8 @@ class AdapterRegistry:
         if self._stack is None:
             return
         name = self.active_adapter or self._stack[0]
-        self._stack, self.active_adapter = None, None
         self._rebuild(self._adapters[name][0])
+        self._stack, self.active_adapter = None, None
         self.set_adapter(name)
 
     def adapter_rows(self, adapters, batch: int) -> Optional[torch.Tensor]:

@@ -358,7 +358,25 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         """Give the model another adapter structure (none -> one adapter, one ->
         several side by side and back): the fused storage is rebuilt layer by
         layer, each old layer freed as its replacement takes its weights, so the
-        peak is one layer more, not a second model."""
+        peak is one layer more, not a second model. A failure half-way (out of
+        memory) leaves layers of both structures: the old one is rebuilt, with
+        its adapter tensors, before the error goes on."""
+        old, tensors, folded = self.adapter_config, self.adapter_state_dict(), self._folded
+        try:
+            self._restructure(cfg)
+        except BaseException as e:
+            try:
+                self._restructure(old)
+                self._load_adapter_tensors(tensors)
+                if folded:
+                    self.fold()
+            except BaseException as again:
+                raise RuntimeError(f"flora: changing the adapter structure failed ({type(e).__name__}: {e}) "
+                                   f"and so did restoring the old one ({type(again).__name__}: {again}); "
+                                   f"this model is unusable: load it again") from e
+            raise
+
+    def _restructure(self, cfg) -> None:
         sd = _Converted(self.base_state_dict())  # each view dropped once read
         n, tied = self.arch.num_hidden_layers, self.arch.tie_word_embeddings
         with torch.no_grad():

@@ -180,3 +180,33 @@ def test_mixed_adapters_bench_rows(tmp_path):
     assert rows["base"]["tpot_ratio"] == 1.0 and rows["base"]["floor"] == 1.0
     assert 1.0 < rows["one adapter"]["floor"] < rows["mixed"]["floor"]  # 2 adapters stream 2x the blocks
     assert all(r["tpot_s"] > 0 and r["ttft_s"] > 0 for r in rows.values())
+
+
+def test_a_failure_half_way_through_stacking_leaves_the_model_as_it_was(hf, tmp_path, monkeypatch):
+    """Out of memory while the fused storage is rebuilt (layer 0 already
+    replaced, layer 1 fails): the old structure and its adapter come back, folded as before,
+    and the error goes on; stacking works once memory allows."""
+    import flora.model as fm
+
+    m = _loaded(hf, _adapters(hf, "zflora", tmp_path))
+    ids = random_ids(2, 7)
+    m.fold()
+    with torch.no_grad():
+        want = m(ids).logits
+    real = fm.FusedLlamaLayer
+
+    def layer(sd, i, cfg, n, adapter_dtype=None):
+        if cfg is not None and cfg.rank == 12 and i == 1:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(sd, i, cfg, n, adapter_dtype)
+
+    monkeypatch.setattr(fm, "FusedLlamaLayer", layer)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        m.stack_adapters(["default", "a1", "a2"])
+    assert m.stacked is None and m.adapter_config.rank == 4 and m.active_adapter == "default" and m.folded
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, want)
+    monkeypatch.setattr(fm, "FusedLlamaLayer", real)
+    m.stack_adapters(["default", "a1", "a2"])
+    with torch.no_grad():
+        assert _rel(m(ids, adapters=["default", "default"]).logits, want) < 1e-5
