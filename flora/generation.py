@@ -19,6 +19,7 @@ dtype, device, adapter structure) and reused by later generate() calls
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import numbers
 import warnings
@@ -107,6 +108,27 @@ def _decode(model, ids: Tensor, pos: Tensor, mask: Tensor, cache: StaticKVCache,
 _compiled_decode: dict = {}
 
 
+def inductor_cache_key():
+    """A post-grad pass that does nothing but put flora's op schemas into
+    Inductor's cache key (its ``uuid``). Inductor keys a compiled graph on the
+    graph, not on the schemas of the custom ops it calls: a step compiled
+    against an older flora, whose ``flora::ffl`` took fewer arguments, was
+    reused from the on-disk cache and its C++ wrapper passed the arguments
+    short ("Expected Tensor but got Int")."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from .ops import SCHEMAS
+
+    class _FloraSchemas(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return hashlib.sha256(repr(sorted(SCHEMAS.items())).encode()).hexdigest()
+
+    return _FloraSchemas()
+
+
 def compiled_decode(device_type: str = "cpu"):
     """The decode step under torch.compile (one compiled function per device
     type for every model: dynamo guards recompile for another structure or
@@ -115,7 +137,9 @@ def compiled_decode(device_type: str = "cpu"):
     ~37 ms SmolLM2-135M step (bench/RESULTS.md)."""
     fn = _compiled_decode.get(device_type)
     if fn is None:
-        opts = {"cpp_wrapper": True} if device_type == "cpu" else None
+        opts = {"post_grad_custom_post_pass": inductor_cache_key()}
+        if device_type == "cpu":
+            opts["cpp_wrapper"] = True
         fn = _compiled_decode[device_type] = torch.compile(_decode, fullgraph=True, options=opts)
     return fn
 

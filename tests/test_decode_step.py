@@ -262,3 +262,24 @@ def test_compiled_windows_are_few():
     assert all(w > t for t, w in enumerate(ws))
     assert gen.Decoder(m, 1, 2048, use_cuda_graph=False, bucket=64).window(200) == 256
     assert gen.Decoder(m, 1, 2048, use_cuda_graph=False, bucket=64).window(300) == 320
+
+
+def test_compiled_step_cache_key_covers_the_op_schemas(monkeypatch):
+    """Inductor's on-disk cache keys a graph on the graph, not on the schemas of
+    the custom ops it calls: a step compiled against an older flora (flora::ffl
+    without ``res``) was reused and its C++ wrapper passed too few arguments.
+    The compiled step carries a no-op pass whose uuid is the schemas' hash."""
+    from flora import generation, ops
+
+    key = generation.inductor_cache_key()
+    before = key.uuid()
+    assert key(None) is None and before == generation.inductor_cache_key().uuid()
+    monkeypatch.setitem(ops.SCHEMAS, "ffl", ops.SCHEMAS["ffl"].replace(", Tensor? res=None", ""))
+    assert generation.inductor_cache_key().uuid() != before
+    seen = {}
+    monkeypatch.setattr(generation, "_compiled_decode", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
+    generation.compiled_decode("cpu")
+    assert seen["options"]["cpp_wrapper"] and seen["options"]["post_grad_custom_post_pass"].uuid()
+    generation.compiled_decode("cuda")
+    assert "cpp_wrapper" not in seen["options"] and "post_grad_custom_post_pass" in seen["options"]
