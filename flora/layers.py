@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ops
 from .config import LlamaArch
 
 
@@ -18,11 +19,8 @@ from .config import LlamaArch
 # back, then scale; RoPE tables in fp32 cast to the activation dtype)
 # --------------------------------------------------------------------------
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # F.rms_norm normalises in fp32 and casts back (one fused kernel on CUDA); the
-    # weight multiplies after the cast, as in transformers (fp32: same rounding either way)
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
+    """RMSNorm over the last dim, as transformers' Llama rounds it (flora.ops.rms_norm)."""
+    return ops.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
 
 
 def rope_inv_freq(arch: LlamaArch) -> Tensor:
@@ -57,8 +55,8 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype):
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B, T, heads, head_dim] rotated: x cos + rotate_half(x) sin (sin signed
-    by rope_cos_sin, so rotate_half is a roll)."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+    by rope_cos_sin, so rotate_half is a roll; flora.ops.rope)."""
+    return ops.rope(x, cos, sin)
 
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:

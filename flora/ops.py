@@ -39,8 +39,13 @@ SCHEMAS = {
         "ffbl(Tensor u, Tensor z, Tensor W, Tensor B, Tensor A, Tensor C, "
         "float s=1.0, Tensor? res=None, bool relu=False) -> Tensor"
     ),
+    # The Llama step's pointwise pieces, one pass each where eager runs several ops
+    "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
+    "rope": "rope(Tensor x, Tensor cos, Tensor sin) -> Tensor",
+    "silu_mul": "silu_mul(Tensor g, Tensor u) -> Tensor",
 }
-OPS = tuple(SCHEMAS)
+OPS = ("ffl", "fbl", "ffbl")  # the three blocks
+POINTWISE = ("rms_norm", "rope", "silu_mul")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -223,7 +228,69 @@ def ffbl_reference(u, z, W, B, A, C, s=1.0, res=None, relu=False):
     return torch.cat([y, z2], dim=1).to(u.dtype)
 
 
-REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "ffbl": ffbl_reference}
+def check_rms_norm(x, weight):
+    if x.dim() != 2 or weight.dim() != 1 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"flora.rms_norm: expected x [M, d] and weight [d], got {list(x.shape)} and "
+                         f"{list(weight.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise TypeError(f"flora.rms_norm: weight must match x ({x.dtype} on {x.device}), got {weight.dtype} "
+                        f"on {weight.device}")
+
+
+def check_rope(x, cos, sin):
+    if x.dim() != 4 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.dim() != 4 or \
+            cos.shape[2] != 1 or (cos.shape[0], cos.shape[1], cos.shape[3]) != (x.shape[0], x.shape[1], x.shape[3]):
+        raise ValueError(f"flora.rope: expected x [B, T, heads, head_dim] (head_dim even) and cos, sin "
+                         f"[B, T, 1, head_dim], got {list(x.shape)}, {list(cos.shape)}, {list(sin.shape)}")
+    if cos.dtype != x.dtype or sin.dtype != x.dtype:
+        raise TypeError(f"flora.rope: cos and sin must be {x.dtype} like x, got {cos.dtype}, {sin.dtype}")
+
+
+def check_silu_mul(g, u):
+    if g.dim() != 2 or g.shape != u.shape:
+        raise ValueError(f"flora.silu_mul: expected g, u [M, n] of one shape, got {list(g.shape)}, "
+                         f"{list(u.shape)}")
+    if u.dtype != g.dtype:
+        raise TypeError(f"flora.silu_mul: u must be {g.dtype} like g, got {u.dtype}")
+
+
+# The pointwise references are the composites the model ran before the fused
+# ops, in the same dtype and with the same roundings as transformers' Llama
+# (RMSNorm: normalised in fp32, rounded, then times the weight; RoPE: two
+# products and a sum, each rounded; SwiGLU: silu rounded, then the product).
+def _rms_norm(x, weight, eps):
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), None, eps)
+
+
+def _rope(x, cos, sin):
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def _silu_mul(g, u):
+    return torch.nn.functional.silu(g) * u
+
+
+def rms_norm_reference(x, weight, eps):
+    check_rms_norm(x, weight)
+    return _rms_norm(x, weight, eps)
+
+
+def rope_reference(x, cos, sin):
+    """x cos + rotate_half(x) sin, the rotate-half sign folded into sin
+    (flora.layers.rope_cos_sin), so rotate_half is a roll."""
+    check_rope(x, cos, sin)
+    return _rope(x, cos, sin)
+
+
+def silu_mul_reference(g, u):
+    check_silu_mul(g, u)
+    return _silu_mul(g, u)
+
+
+REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "ffbl": ffbl_reference,
+              "rms_norm": rms_norm_reference, "rope": rope_reference, "silu_mul": silu_mul_reference}
 
 
 # --------------------------------------------------------------------------
@@ -245,7 +312,7 @@ def _register():
     else:
         _lib = torch.library.Library("flora", "IMPL")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() or torch.version.cuda else [])
-    for op in OPS:
+    for op in SCHEMAS:
         missing = [d for d in devices if d not in compiled]
         REFERENCE_DEVICES[op] = missing
         for d in missing:
@@ -253,6 +320,24 @@ def _register():
 
 
 _register()
+
+
+@torch.library.register_fake("flora::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    check_rms_norm(x, weight)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("flora::rope")
+def _rope_fake(x, cos, sin):
+    check_rope(x, cos, sin)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("flora::silu_mul")
+def _silu_mul_fake(g, u):
+    check_silu_mul(g, u)
+    return g.new_empty(g.shape)
 
 
 @torch.library.register_fake("flora::ffl")
@@ -392,6 +477,30 @@ if _ext.C is None:  # the compiled library registers autograd and autocast in C+
             _lib.impl(_op, _autocast_kernel(_op, _dev), "Autocast" + _dev.upper())
 
 
+def _pointwise_setup(ctx, inputs, output):
+    ctx.tensors = [i for i in inputs if isinstance(i, Tensor)]
+    ctx.save_for_backward(*ctx.tensors)
+    ctx.rest = [i for i in inputs if not isinstance(i, Tensor)]
+
+
+def _pointwise_backward(op):
+    """The pointwise ops' backward: their reference recomputed under autograd
+    (cheap elementwise work; the model's training path calls the reference
+    itself, see ``_fused``)."""
+    def backward(ctx, grad):
+        ins = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            out = REFERENCES[op](*ins, *ctx.rest)
+        want = [t for t in ins if t.requires_grad]
+        got = iter(torch.autograd.grad(out, want, grad) if want else ())
+        return tuple(next(got) if t.requires_grad else None for t in ins) + (None,) * len(ctx.rest)
+    return backward
+
+
+for _op in POINTWISE:
+    torch.library.register_autograd(f"flora::{_op}", _pointwise_backward(_op), setup_context=_pointwise_setup)
+
+
 # --------------------------------------------------------------------------
 # Public wrappers
 # --------------------------------------------------------------------------
@@ -448,6 +557,44 @@ def fbl(
     gradient of FFL, dy V + dz A, is fbl(dy, dz, V.t(), A.t()).
     """
     return torch.ops.flora.fbl(u, z, W, B, float(s), res, relu)
+
+
+def _fused(*ts: Tensor) -> bool:
+    """Run a pointwise op's one-pass kernel, or the composite it replaces:
+    under torch.compile Inductor fuses the composite with its neighbours;
+    training (autograd, autocast) keeps the composite's own backward; mixed
+    dtypes keep its type promotion."""
+    if torch.compiler.is_compiling() or any(t.dtype != ts[0].dtype for t in ts):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    return not torch.is_autocast_enabled(ts[0].device.type)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of x [M, d] (rows may be strided) with weight [d], as
+    transformers' Llama computes it: normalised in fp32, in bf16 / fp16
+    rounded before the weight multiplies. One pass over x."""
+    if _fused(x, weight):
+        return torch.ops.flora.rms_norm(x, weight, float(eps))
+    return _rms_norm(x, weight, eps)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of x [B, T, heads, head_dim] (a strided view is fine):
+    x cos + rotate_half(x) sin with the sign of rotate_half folded into sin
+    (cos, sin [B, T, 1, head_dim] from flora.layers.rope_cos_sin). One pass."""
+    if _fused(x, cos, sin):
+        return torch.ops.flora.rope(x, cos, sin)
+    return _rope(x, cos, sin)
+
+
+def silu_mul(g: Tensor, u: Tensor) -> Tensor:
+    """SwiGLU's silu(g) * u for g, u [M, n] (views of the fused gate/up
+    output). One pass."""
+    if _fused(g, u):
+        return torch.ops.flora.silu_mul(g, u)
+    return _silu_mul(g, u)
 
 
 def ffbl(

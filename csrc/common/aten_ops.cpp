@@ -128,4 +128,16 @@ at::Tensor ffbl_aten_checked(const FfblShape& sh, const at::Tensor& u, const at:
   return out;
 }
 
+at::Tensor rms_norm_aten(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t d = x.size(1);
+  if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {d}, weight, eps);
+  return weight * at::rms_norm(x, {d}, c10::nullopt, eps);
+}
+
+at::Tensor rope_aten(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  return x * cos + x.roll({x.size(3) / 2}, {-1}) * sin;
+}
+
+at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u) { return at::silu(g) * u; }
+
 }  // namespace flora

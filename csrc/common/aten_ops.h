@@ -39,6 +39,12 @@ at::Tensor ffbl_aten(const at::Tensor& u, const at::Tensor& z,
                      const at::Tensor& A, const at::Tensor& C, double s,
                      const c10::optional<at::Tensor>& res, bool relu);
 
+// The pointwise ops as the ATen composites they replace (flora/ops.py's
+// references, transformers' roundings); inputs already checked.
+at::Tensor rms_norm_aten(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor rope_aten(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u);
+
 // FFL epilogue on a computed [y | z] buffer: z += z_in, y += res, then the
 // repeat-add.
 void ffl_epilogue_aten(at::Tensor& out, int64_t N, double s,

@@ -144,6 +144,36 @@ FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
   return s;
 }
 
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1),
+                    "flora.rms_norm: expected x [M, d] and weight [d], got ", x.sizes(), " and ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
+                   "flora.rms_norm: weight must match x (", x.scalar_type(), " on ", x.device(),
+                   "), got ", weight.scalar_type(), " on ", weight.device());
+}
+
+void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(3) % 2 == 0 && cos.sizes() == sin.sizes() &&
+                        cos.dim() == 4 && cos.size(2) == 1 && cos.size(0) == x.size(0) &&
+                        cos.size(1) == x.size(1) && cos.size(3) == x.size(3),
+                    "flora.rope: expected x [B, T, heads, head_dim] (head_dim even) and cos, sin "
+                    "[B, T, 1, head_dim], got ", x.sizes(), ", ", cos.sizes(), ", ", sin.sizes());
+  TORCH_CHECK_TYPE(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+                   "flora.rope: cos and sin must be ", x.scalar_type(), " like x, got ",
+                   cos.scalar_type(), ", ", sin.scalar_type());
+  TORCH_CHECK_TYPE(cos.device() == x.device() && sin.device() == x.device(),
+                   "flora.rope: cos and sin must be on ", x.device(), " like x");
+}
+
+void check_silu_mul(const at::Tensor& g, const at::Tensor& u) {
+  TORCH_CHECK_VALUE(g.dim() == 2 && g.sizes() == u.sizes(),
+                    "flora.silu_mul: expected g, u [M, n] of one shape, got ", g.sizes(), ", ",
+                    u.sizes());
+  TORCH_CHECK_TYPE(u.scalar_type() == g.scalar_type() && u.device() == g.device(),
+                   "flora.silu_mul: u must be ", g.scalar_type(), " like g, got ", u.scalar_type());
+}
+
 FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,
                    const at::Tensor& W, const at::Tensor& B,
                    const c10::optional<at::Tensor>& res) {

@@ -26,6 +26,11 @@ FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
                    const c10::optional<at::Tensor>& z_in,
                    const c10::optional<at::Tensor>& res);
 
+// The pointwise ops (same rules and messages as flora/ops.py).
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight);
+void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+void check_silu_mul(const at::Tensor& g, const at::Tensor& u);
+
 FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,
                    const at::Tensor& W, const at::Tensor& B,
                    const c10::optional<at::Tensor>& res);

@@ -17,4 +17,9 @@ TORCH_LIBRARY(flora, m) {
   m.def(
       "ffbl(Tensor u, Tensor z, Tensor W, Tensor B, Tensor A, Tensor C, "
       "float s=1.0, Tensor? res=None, bool relu=False) -> Tensor");
+  // The Llama step's pointwise pieces, one pass each (transformers' roundings):
+  // weight * rms_norm(x), x cos + rotate_half(x) sin, silu(g) * u
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("silu_mul(Tensor g, Tensor u) -> Tensor");
 }

@@ -14,6 +14,7 @@
 #include "../common/kernel_info.h"
 #include "isa.h"
 #include "kernels/decode.h"
+#include "kernels/pointwise.h"
 
 namespace flora {
 namespace {
@@ -123,6 +124,61 @@ at::Tensor ffbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
   return out;
 }
 
+// The pointwise kernels' dtype, or nothing (fp64, or a layout they do not
+// take: ATen's composite).
+std::optional<k::Dtype> pointwise_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return k::Dtype::kF32;
+    case at::kBFloat16: return k::Dtype::kBF16;
+    case at::kHalf: return k::Dtype::kF16;
+    default: return std::nullopt;
+  }
+}
+
+int64_t pointwise_grain(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elems)); }
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rms_norm(x, weight);
+  const auto dt = pointwise_dtype(x);
+  if (!dt || x.stride(1) != 1 || !weight.is_contiguous()) return rms_norm_aten(x, weight, eps);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t M = x.size(0), d = x.size(1);
+  const void *px = x.data_ptr(), *pw = weight.data_ptr();
+  void* po = out.data_ptr();
+  at::parallel_for(0, M, pointwise_grain(d), [&](int64_t b, int64_t e) {
+    k::rms_norm_rows(*dt, b, e, d, px, x.stride(0), pw, static_cast<float>(eps), po);
+  });
+  return out;
+}
+
+at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_rope(x, cos, sin);
+  const auto dt = pointwise_dtype(x);
+  if (!dt || x.stride(3) != 1 || !cos.is_contiguous() || !sin.is_contiguous()) return rope_aten(x, cos, sin);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  k::RopeArgs a;
+  a.dt = *dt, a.T = x.size(1), a.H = x.size(2), a.hd = x.size(3);
+  a.x = x.data_ptr(), a.sb = x.stride(0), a.st = x.stride(1), a.sh = x.stride(2);
+  a.cos = cos.data_ptr(), a.sin = sin.data_ptr(), a.out = out.data_ptr();
+  const int64_t rows = x.size(0) * a.T * a.H;
+  at::parallel_for(0, rows, pointwise_grain(a.hd), [&](int64_t b, int64_t e) { k::rope_rows(a, b, e); });
+  return out;
+}
+
+at::Tensor silu_mul_cpu(const at::Tensor& g, const at::Tensor& u) {
+  check_silu_mul(g, u);
+  const auto dt = pointwise_dtype(g);
+  if (!dt || g.stride(1) != 1 || u.stride(1) != 1) return silu_mul_aten(g, u);
+  at::Tensor out = at::empty(g.sizes(), g.options());
+  const int64_t M = g.size(0), n = g.size(1);
+  const void *pg = g.data_ptr(), *pu = u.data_ptr();
+  void* po = out.data_ptr();
+  at::parallel_for(0, M, pointwise_grain(n), [&](int64_t b, int64_t e) {
+    k::silu_mul_rows(*dt, b, e, n, pg, g.stride(0), pu, u.stride(0), po);
+  });
+  return out;
+}
+
 }  // namespace
 
 std::vector<KernelInfo> cpu_kernel_info() {
@@ -143,6 +199,9 @@ std::vector<KernelInfo> cpu_kernel_info() {
     }
     rows.push_back({op, "cpu", back, "training"});
   }
+  for (const char* op : {"rms_norm", "rope", "silu_mul"})
+    rows.push_back({op, "cpu", "one-pass kernel (transformers' roundings)",
+                    "fp32 / bf16 / fp16, eager inference; else the aten composite"});
   return rows;
 }
 
@@ -150,6 +209,9 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("ffl", &ffl_cpu);
   m.impl("fbl", &fbl_cpu);
   m.impl("ffbl", &ffbl_cpu);
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("rope", &rope_cpu);
+  m.impl("silu_mul", &silu_mul_cpu);
 }
 
 }  // namespace flora

@@ -316,6 +316,8 @@ std::vector<KernelInfo> cuda_kernel_info() {
     rows.push_back({op, "cuda", "cuBLAS (aten) on fused storage",
                      "every call no kernel takes (flora._C.cuda_dispatch says why)"});
   }
+  for (const char* op : {"rms_norm", "rope", "silu_mul"})
+    rows.push_back({op, "cuda", "aten composite", "every call (no flora kernel yet)"});
   return rows;
 }
 
@@ -323,6 +325,19 @@ TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("ffl", &ffl_cuda);
   m.impl("fbl", &fbl_cuda);
   m.impl("ffbl", &ffbl_cuda);
+  // The pointwise ops: ATen's composite (no CUDA kernel of flora's yet).
+  m.impl("rms_norm", [](const at::Tensor& x, const at::Tensor& w, double eps) {
+    check_rms_norm(x, w);
+    return rms_norm_aten(x, w, eps);
+  });
+  m.impl("rope", [](const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) {
+    check_rope(x, c, s);
+    return rope_aten(x, c, s);
+  });
+  m.impl("silu_mul", [](const at::Tensor& g, const at::Tensor& u) {
+    check_silu_mul(g, u);
+    return silu_mul_aten(g, u);
+  });
 }
 
 }  // namespace flora

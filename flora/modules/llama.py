@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .. import ops
 from ._base import AdapterModule, check_linear, check_weight, repoint
 from .groups import InGroup, OutProj
 from .roles import role
@@ -190,7 +190,7 @@ class FusedMLP(_SubBlock):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, carry: Optional[Tensor] = None):
         (g, u), state = self.gate_up.forward(self, x, carry)
-        mid = F.silu(g) * u
+        mid = ops.silu_mul(g, u)
         return self.down.forward(self, mid, state, residual, carry)
 
 

@@ -1,0 +1,106 @@
+#include "pointwise.h"
+
+#include <cmath>
+
+namespace flora::cpu::kernels {
+namespace {
+
+// No contraction of a * b + c * d into fused multiply-adds: each product is
+// rounded, as the composites' separate ops round them.
+#if defined(__GNUC__) && !defined(__clang__)
+#define FLORA_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define FLORA_NO_CONTRACT
+#endif
+
+// Element access for one storage dtype (a template parameter, so each loop is
+// specialised and vectorisable).
+template <Dtype DT>
+inline float ld(const void* p, int64_t i) {
+  if constexpr (DT == Dtype::kF32) return static_cast<const float*>(p)[i];
+  else if constexpr (DT == Dtype::kBF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  else return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+template <Dtype DT>
+inline void st(void* p, int64_t i, float v) {
+  if constexpr (DT == Dtype::kF32) static_cast<float*>(p)[i] = v;
+  else if constexpr (DT == Dtype::kBF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+  else static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+}
+// The value a store in the activation dtype keeps (fp32: itself).
+template <Dtype DT>
+inline float rnd(float v) {
+  if constexpr (DT == Dtype::kF32) return v;
+  else if constexpr (DT == Dtype::kBF16) return bf16_to_f32(f32_to_bf16(v));
+  else return f16_to_f32(f32_to_f16(v));
+}
+
+template <Dtype DT>
+FLORA_NO_CONTRACT void rms_norm_t(int64_t m0, int64_t m1, int64_t d, const void* x, int64_t ldx,
+                                  const void* w, float eps, void* out) {
+  for (int64_t m = m0; m < m1; ++m) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float v = ld<DT>(x, m * ldx + i);
+      ss += v * v;
+    }
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (int64_t i = 0; i < d; ++i)
+      st<DT>(out, m * d + i, rnd<DT>(ld<DT>(x, m * ldx + i) * r) * ld<DT>(w, i));
+  }
+}
+
+template <Dtype DT>
+FLORA_NO_CONTRACT void rope_t(const RopeArgs& a, int64_t r0, int64_t r1) {
+  const int64_t half = a.hd / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t h = r % a.H, bt = r / a.H, t = bt % a.T, b = bt / a.T;
+    const int64_t xo = b * a.sb + t * a.st + h * a.sh, co = bt * a.hd, oo = r * a.hd;
+    for (int64_t i = 0; i < a.hd; ++i) {
+      const int64_t j = i < half ? i + half : i - half;  // roll by hd / 2
+      const float p = rnd<DT>(ld<DT>(a.x, xo + i) * ld<DT>(a.cos, co + i));
+      const float q = rnd<DT>(ld<DT>(a.x, xo + j) * ld<DT>(a.sin, co + i));
+      st<DT>(a.out, oo + i, p + q);
+    }
+  }
+}
+
+template <Dtype DT>
+FLORA_NO_CONTRACT void silu_mul_t(int64_t m0, int64_t m1, int64_t n, const void* g, int64_t ldg,
+                                  const void* u, int64_t ldu, void* out) {
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = ld<DT>(g, m * ldg + i);
+      st<DT>(out, m * n + i, rnd<DT>(v / (1.f + std::exp(-v))) * ld<DT>(u, m * ldu + i));
+    }
+}
+
+}  // namespace
+
+void rms_norm_rows(Dtype dt, int64_t m0, int64_t m1, int64_t d, const void* x, int64_t ldx,
+                   const void* w, float eps, void* out) {
+  switch (dt) {
+    case Dtype::kF32: return rms_norm_t<Dtype::kF32>(m0, m1, d, x, ldx, w, eps, out);
+    case Dtype::kBF16: return rms_norm_t<Dtype::kBF16>(m0, m1, d, x, ldx, w, eps, out);
+    default: return rms_norm_t<Dtype::kF16>(m0, m1, d, x, ldx, w, eps, out);
+  }
+}
+
+void rope_rows(const RopeArgs& a, int64_t r0, int64_t r1) {
+  switch (a.dt) {
+    case Dtype::kF32: return rope_t<Dtype::kF32>(a, r0, r1);
+    case Dtype::kBF16: return rope_t<Dtype::kBF16>(a, r0, r1);
+    default: return rope_t<Dtype::kF16>(a, r0, r1);
+  }
+}
+
+void silu_mul_rows(Dtype dt, int64_t m0, int64_t m1, int64_t n, const void* g, int64_t ldg,
+                   const void* u, int64_t ldu, void* out) {
+  switch (dt) {
+    case Dtype::kF32: return silu_mul_t<Dtype::kF32>(m0, m1, n, g, ldg, u, ldu, out);
+    case Dtype::kBF16: return silu_mul_t<Dtype::kBF16>(m0, m1, n, g, ldg, u, ldu, out);
+    default: return silu_mul_t<Dtype::kF16>(m0, m1, n, g, ldg, u, ldu, out);
+  }
+}
+
+}  // namespace flora::cpu::kernels

@@ -1,0 +1,37 @@
+// The decode step's pointwise pieces, one pass each, with the roundings of
+// the composites they replace (transformers' Llama): every intermediate the
+// composite stores in the activation dtype is rounded to it here too. Pure
+// C++: raw pointers, element strides, fp32 arithmetic.
+#pragma once
+#include <cstdint>
+
+#include "types.h"
+
+namespace flora::cpu::kernels {
+
+// out[m] = w * round(x[m] * rsqrt(mean(x[m]^2) + eps)) for rows [m0, m1) of
+// x [M, d] (row stride ldx); fp32: (x * r) * w. out is [M, d] contiguous.
+void rms_norm_rows(Dtype dt, int64_t m0, int64_t m1, int64_t d, const void* x, int64_t ldx,
+                   const void* w, float eps, void* out);
+
+// out = round(round(x cos) + round(roll(x, hd / 2) sin)) over rows [r0, r1)
+// of x viewed as [B, T, H, hd] (strides sb, st, sh; unit last stride);
+// cos, sin [B, T, hd] contiguous (broadcast over H); out [B, T, H, hd]
+// contiguous. Row r is (b, t, h) in row-major order.
+struct RopeArgs {
+  Dtype dt = Dtype::kF32;
+  int64_t T = 0, H = 0, hd = 0;
+  const void* x = nullptr;
+  int64_t sb = 0, st = 0, sh = 0;
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  void* out = nullptr;
+};
+void rope_rows(const RopeArgs& a, int64_t r0, int64_t r1);
+
+// out[m] = round(round(silu(g[m])) * u[m]) for rows [m0, m1) of g, u [M, n]
+// (row strides ldg, ldu); out [M, n] contiguous.
+void silu_mul_rows(Dtype dt, int64_t m0, int64_t m1, int64_t n, const void* g, int64_t ldg,
+                   const void* u, int64_t ldu, void* out);
+
+}  // namespace flora::cpu::kernels
