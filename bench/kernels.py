@@ -1,6 +1,7 @@
 """Kernel benchmark of the flora ops against torch.matmul, in one process.
 
     python bench/kernels.py --device cpu [--quick] [--json bench/out/cpu.json]
+    python bench/kernels.py --device cpu --pointwise --ms 1,4,16,64 --dtypes float32,bfloat16
 
 For Llama-3.2-1B projection shapes (d=2048, d_ff=8192) and a 1024-wide
 model, M = 1 ... 512, rank r = 16/32/64, fp32 and bf16, it times (median of
@@ -243,6 +244,44 @@ def aten_path(flora, device):
             os.environ["FLORA_CUDA_KERNELS"] = old
 
 
+def bench_pointwise(torch, flora, timer, device, dtype, model, M):
+    """The decode step's pointwise ops (flora.ops.rms_norm / rope / silu_mul:
+    torch.ops.flora.*) against the composites they replace, on the same
+    operands at the model's shapes (head_dim 64 for the 1024-wide shape):
+    rows "<op>" and "<op>@composite"; the op's ratio is to its composite."""
+    d, d_q, d_kv, d_ff = MODELS[model]
+    hd = 128 if d_q >= 3072 else 64
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *sh: torch.randn(*sh, generator=g).to(device=device, dtype=dtype)
+    es = torch.tensor([], dtype=dtype).element_size()
+    qkv = mk(M, d_q + 2 * d_kv)
+    qk = qkv[:, :d_q + d_kv].view(1, M, (d_q + d_kv) // hd, hd)  # q|k of the fused output
+    gu = mk(M, 2 * d_ff)
+    cases = {"rms_norm": ((mk(M, d), mk(d), 1e-5), 2 * M * d + d),
+             "rope": ((qk, mk(1, M, 1, hd), mk(1, M, 1, hd)), 2 * qk.numel() + 2 * M * hd),
+             "silu_mul": ((gu[:, :d_ff], gu[:, d_ff:]), 3 * M * d_ff)}
+    composite = {"rms_norm": flora.ops._rms_norm, "rope": flora.ops._rope, "silu_mul": flora.ops._silu_mul}
+    rows = []
+    for op, (args, elems) in cases.items():
+        ts = {}
+        for what, fn in ((op + "@composite", composite[op]), (op, getattr(torch.ops.flora, op))):
+            row = dict(shape=op, op=what, dtype=str(dtype).replace("torch.", ""), M=M, r=0, N=0, K=d)
+            try:
+                with torch.inference_mode():
+                    t = timer([functools.partial(fn, *args)])
+            except Exception as e:  # noqa: BLE001 - recorded in the row, the sweep goes on
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                rows.append(row)
+                continue
+            ts[what] = t
+            row.update(t_us=t * 1e6, gbs=elems * es / t / 1e9, gflops=0.0)
+            rows.append(row)
+        for row in rows[-2:]:
+            if "t_us" in row and op + "@composite" in ts:
+                row["ratio"] = row["t_us"] / (ts[op + "@composite"] * 1e6)
+    return rows
+
+
 class RowSink:
     """The --json document, rewritten atomically after every row."""
 
@@ -285,6 +324,8 @@ def main(argv=None):
     p.add_argument("--isa", default=None, help="CPU path: avx512, avx2 or aten")
     p.add_argument("--gemv-max-m", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--pointwise", action="store_true",
+                   help="time the pointwise ops (rms_norm, rope, silu_mul) against their composites instead")
     p.add_argument("--aten-too", action="store_true",
                    help="also time each flora call on the ATen path (cuda: cuBLAS, FLORA_CUDA_KERNELS=0)")
     p.add_argument("--graphs", action="store_true", help="CUDA graphs (cuda only)")
@@ -324,6 +365,17 @@ def main(argv=None):
 
     hdr = f"{'model':<13}{'shape':<8}{'dtype':<9}{'M':>4}{'r':>4} {'op':<10}{'us':>10}{'GB/s':>8}{'GFLOP/s':>9}{'x base':>8}{'%copy':>7}"
     print(hdr)
+    if a.pointwise:  # x base: the op over its composite
+        for model in a.models.split(","):
+            for dname in a.dtypes.split(","):
+                for M in ms:
+                    for row in bench_pointwise(torch, flora, timer, a.device, getattr(torch, dname), model, M):
+                        row["model"] = model
+                        if "t_us" in row:
+                            row["copy_pct"] = 100 * row["gbs"] / bw
+                        print_row(model, row["shape"][:7], dname, M, 0, row)
+                        sink.add(row)
+        return
     for model in a.models.split(","):
         for name, op, N, K in projections(*MODELS[model]):
             if a.shapes and name not in a.shapes.split(","):

@@ -138,6 +138,7 @@ at::Tensor rope_aten(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return x * cos + x.roll({x.size(3) / 2}, {-1}) * sin;
 }
 
-at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u) { return at::silu(g) * u; }
+// silu's output is fresh: the product overwrites it (same roundings, one buffer)
+at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u) { return at::silu(g).mul_(u); }
 
 }  // namespace flora

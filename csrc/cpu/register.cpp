@@ -137,10 +137,16 @@ std::optional<k::Dtype> pointwise_dtype(const at::Tensor& t) {
 
 int64_t pointwise_grain(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_elems)); }
 
+// The one-pass kernels are scalar loops: they beat ATen's composites (one
+// vectorised kernel per step) only where the call is dispatch-bound, a decode
+// step's few thousand elements; bench/RESULTS.md, "Pointwise ops".
+constexpr int64_t kPointwiseMaxElems = 4096;
+
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rms_norm(x, weight);
   const auto dt = pointwise_dtype(x);
-  if (!dt || x.stride(1) != 1 || !weight.is_contiguous()) return rms_norm_aten(x, weight, eps);
+  if (!dt || x.stride(1) != 1 || !weight.is_contiguous() || x.numel() > kPointwiseMaxElems)
+    return rms_norm_aten(x, weight, eps);
   at::Tensor out = at::empty(x.sizes(), x.options());
   const int64_t M = x.size(0), d = x.size(1);
   const void *px = x.data_ptr(), *pw = weight.data_ptr();
@@ -154,7 +160,8 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
 at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   check_rope(x, cos, sin);
   const auto dt = pointwise_dtype(x);
-  if (!dt || x.stride(3) != 1 || !cos.is_contiguous() || !sin.is_contiguous()) return rope_aten(x, cos, sin);
+  if (!dt || x.stride(3) != 1 || !cos.is_contiguous() || !sin.is_contiguous() || x.numel() > kPointwiseMaxElems)
+    return rope_aten(x, cos, sin);
   at::Tensor out = at::empty(x.sizes(), x.options());
   k::RopeArgs a;
   a.dt = *dt, a.T = x.size(1), a.H = x.size(2), a.hd = x.size(3);
@@ -165,18 +172,11 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
   return out;
 }
 
+// SiLU x up stays ATen's two vectorised passes (silu, then the product in
+// place): a scalar exp loses to them at every size measured.
 at::Tensor silu_mul_cpu(const at::Tensor& g, const at::Tensor& u) {
   check_silu_mul(g, u);
-  const auto dt = pointwise_dtype(g);
-  if (!dt || g.stride(1) != 1 || u.stride(1) != 1) return silu_mul_aten(g, u);
-  at::Tensor out = at::empty(g.sizes(), g.options());
-  const int64_t M = g.size(0), n = g.size(1);
-  const void *pg = g.data_ptr(), *pu = u.data_ptr();
-  void* po = out.data_ptr();
-  at::parallel_for(0, M, pointwise_grain(n), [&](int64_t b, int64_t e) {
-    k::silu_mul_rows(*dt, b, e, n, pg, g.stride(0), pu, u.stride(0), po);
-  });
-  return out;
+  return silu_mul_aten(g, u);
 }
 
 }  // namespace
@@ -199,9 +199,10 @@ std::vector<KernelInfo> cpu_kernel_info() {
     }
     rows.push_back({op, "cpu", back, "training"});
   }
-  for (const char* op : {"rms_norm", "rope", "silu_mul"})
+  for (const char* op : {"rms_norm", "rope"})
     rows.push_back({op, "cpu", "one-pass kernel (transformers' roundings)",
-                    "fp32 / bf16 / fp16, eager inference; else the aten composite"});
+                    "fp32 / bf16 / fp16 up to 4096 elements (decode), eager inference; else the aten composite"});
+  rows.push_back({"silu_mul", "cpu", "aten silu, then the product in place", "all calls"});
   return rows;
 }
 

@@ -1,6 +1,7 @@
 #include "pointwise.h"
 
 #include <cmath>
+#include <cstring>
 
 namespace flora::cpu::kernels {
 namespace {
@@ -13,25 +14,43 @@ namespace {
 #define FLORA_NO_CONTRACT
 #endif
 
+// bf16 <-> fp32 without branches (the select keeps a NaN quiet), so the
+// loops below vectorise; the same results as types.h's conversions.
+inline uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t to_bf16(float f) {
+  const uint32_t u = bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
+}
+
 // Element access for one storage dtype (a template parameter, so each loop is
 // specialised and vectorisable).
 template <Dtype DT>
 inline float ld(const void* p, int64_t i) {
   if constexpr (DT == Dtype::kF32) return static_cast<const float*>(p)[i];
-  else if constexpr (DT == Dtype::kBF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  else if constexpr (DT == Dtype::kBF16) return from_bits(uint32_t{static_cast<const uint16_t*>(p)[i]} << 16);
   else return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 template <Dtype DT>
 inline void st(void* p, int64_t i, float v) {
   if constexpr (DT == Dtype::kF32) static_cast<float*>(p)[i] = v;
-  else if constexpr (DT == Dtype::kBF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+  else if constexpr (DT == Dtype::kBF16) static_cast<uint16_t*>(p)[i] = to_bf16(v);
   else static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
 }
 // The value a store in the activation dtype keeps (fp32: itself).
 template <Dtype DT>
 inline float rnd(float v) {
   if constexpr (DT == Dtype::kF32) return v;
-  else if constexpr (DT == Dtype::kBF16) return bf16_to_f32(f32_to_bf16(v));
+  else if constexpr (DT == Dtype::kBF16) return from_bits(uint32_t{to_bf16(v)} << 16);
   else return f16_to_f32(f32_to_f16(v));
 }
 
@@ -56,23 +75,17 @@ FLORA_NO_CONTRACT void rope_t(const RopeArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t h = r % a.H, bt = r / a.H, t = bt % a.T, b = bt / a.T;
     const int64_t xo = b * a.sb + t * a.st + h * a.sh, co = bt * a.hd, oo = r * a.hd;
-    for (int64_t i = 0; i < a.hd; ++i) {
-      const int64_t j = i < half ? i + half : i - half;  // roll by hd / 2
-      const float p = rnd<DT>(ld<DT>(a.x, xo + i) * ld<DT>(a.cos, co + i));
-      const float q = rnd<DT>(ld<DT>(a.x, xo + j) * ld<DT>(a.sin, co + i));
-      st<DT>(a.out, oo + i, p + q);
+    // roll by hd / 2: the first half reads the second, the second the first
+    // (two straight loops, so each vectorises)
+    for (int64_t part = 0; part < 2; ++part) {
+      const int64_t i0 = part * half, j0 = half - i0;
+      for (int64_t k = 0; k < half; ++k) {
+        const float p = rnd<DT>(ld<DT>(a.x, xo + i0 + k) * ld<DT>(a.cos, co + i0 + k));
+        const float q = rnd<DT>(ld<DT>(a.x, xo + j0 + k) * ld<DT>(a.sin, co + i0 + k));
+        st<DT>(a.out, oo + i0 + k, p + q);
+      }
     }
   }
-}
-
-template <Dtype DT>
-FLORA_NO_CONTRACT void silu_mul_t(int64_t m0, int64_t m1, int64_t n, const void* g, int64_t ldg,
-                                  const void* u, int64_t ldu, void* out) {
-  for (int64_t m = m0; m < m1; ++m)
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = ld<DT>(g, m * ldg + i);
-      st<DT>(out, m * n + i, rnd<DT>(v / (1.f + std::exp(-v))) * ld<DT>(u, m * ldu + i));
-    }
 }
 
 }  // namespace
@@ -91,15 +104,6 @@ void rope_rows(const RopeArgs& a, int64_t r0, int64_t r1) {
     case Dtype::kF32: return rope_t<Dtype::kF32>(a, r0, r1);
     case Dtype::kBF16: return rope_t<Dtype::kBF16>(a, r0, r1);
     default: return rope_t<Dtype::kF16>(a, r0, r1);
-  }
-}
-
-void silu_mul_rows(Dtype dt, int64_t m0, int64_t m1, int64_t n, const void* g, int64_t ldg,
-                   const void* u, int64_t ldu, void* out) {
-  switch (dt) {
-    case Dtype::kF32: return silu_mul_t<Dtype::kF32>(m0, m1, n, g, ldg, u, ldu, out);
-    case Dtype::kBF16: return silu_mul_t<Dtype::kBF16>(m0, m1, n, g, ldg, u, ldu, out);
-    default: return silu_mul_t<Dtype::kF16>(m0, m1, n, g, ldg, u, ldu, out);
   }
 }
 

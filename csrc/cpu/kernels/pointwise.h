@@ -1,4 +1,4 @@
-// The decode step's pointwise pieces, one pass each, with the roundings of
+// The decode step's RMSNorm and RoPE, one pass each, with the roundings of
 // the composites they replace (transformers' Llama): every intermediate the
 // composite stores in the activation dtype is rounded to it here too. Pure
 // C++: raw pointers, element strides, fp32 arithmetic.
@@ -29,9 +29,5 @@ struct RopeArgs {
 };
 void rope_rows(const RopeArgs& a, int64_t r0, int64_t r1);
 
-// out[m] = round(round(silu(g[m])) * u[m]) for rows [m0, m1) of g, u [M, n]
-// (row strides ldg, ldu); out [M, n] contiguous.
-void silu_mul_rows(Dtype dt, int64_t m0, int64_t m1, int64_t n, const void* g, int64_t ldg,
-                   const void* u, int64_t ldu, void* out);
 
 }  // namespace flora::cpu::kernels
