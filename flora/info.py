@@ -77,6 +77,7 @@ def format_info(d: dict | None = None) -> str:
         for k in d["cuda_kernels"]:
             lines.append(f"  {k['name']:<{w}} {k['arch']:<14} {k['status']}")
     lines.append("ops:")
+    w = max((len(k["op"]) for k in d["kernels"]), default=5)
     for k in d["kernels"]:
-        lines.append(f"  {k['op']:<5} {k['device']:<5} {k['impl']}  [{k['when']}]")
+        lines.append(f"  {k['op']:<{w}} {k['device']:<5} {k['impl']}  [{k['when']}]")
     return "\n".join(lines)

@@ -121,7 +121,7 @@ def test_flora_info_lists_kernel_state():
     names = {r["name"] for r in rows}
     assert {"decode_bf16", "gemm_sm80_bf16", "gemm_sm90_bf16", "gemm_sm80_rep_bf16",
             "gemm_sm90_rep_fp16", "gemm_sm80_t_bf16", "gemm_sm90_t_fp16",
-            "gemm_sm90_2k_bf16", "gemm_sm90_2k_t_fp16"} <= names
+            "gemm_sm90_2k_bf16", "gemm_sm90_2k_t_fp16", "pointwise"} <= names
     for r in rows:
         assert r["status"].startswith(("not compiled", "compiled, not verified", "verified on"))
     text = format_info()
@@ -439,3 +439,23 @@ def test_misaligned_layout_falls_back_with_reason(monkeypatch):
     want = ops.ffl_reference(_d(x[:4]), _d(W), _d(A))
     # cuBLAS in bf16 (reduced-precision reductions allowed): judged against fp64 on the output's scale
     torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-2 * want.abs().max().item())
+
+
+# ---------------------------------------------------------------------------
+# The pointwise kernels (RMSNorm, RoPE, SiLU x up): one launch against ATen's
+# composite on the same operands, both against float64
+# ---------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("op", ["rms_norm", "rope", "silu_mul"])
+def test_pointwise_kernel(monkeypatch, op, dtype):
+    from test_pointwise import cases, exact
+
+    args = cases(dtype, "cuda")[op]
+    fn = lambda: getattr(torch.ops.flora, op)(*args)  # noqa: E731
+    got, base = _run_both(monkeypatch, fn, "pointwise")
+    assert got.is_contiguous() and got.shape == base.shape
+    if op == "rope":  # the same three roundings as the composite: bitwise
+        torch.testing.assert_close(got, base, rtol=0, atol=0)
+    else:
+        _check(got, exact(op, args), base, dtype, f"{op} {dtype}")

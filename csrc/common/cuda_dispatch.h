@@ -62,6 +62,9 @@ const char* measured_faster_shapes();
 // call: tests toggle it).
 enum class KernelSwitch { kDefault, kAll, kOff };
 KernelSwitch cuda_kernels_env();
+// The pointwise ops (rms_norm, rope, silu_mul) on CUDA: flora's kernel
+// (pointwise.cu) when compiled and verified (or kAll), else ATen's composite.
+bool pointwise_kernels_run(KernelSwitch sw, bool compiled, bool assume_verified = false);
 // compiled: this build has the CUDA kernels. kAll: run every planned kernel,
 // verified or not, wherever it applies; kOff: cuBLAS for every call (the
 // user's way out, and the sweeps' cuBLAS rows); kDefault: a verified kernel

@@ -293,6 +293,97 @@ at::Tensor ffbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor&
   return ffbl_aten_checked(sh, u, z, W, B, A, C, s, res, relu);
 }
 
+// The pointwise ops: flora's one-launch kernel (pointwise.cu) when it runs
+// (pointwise_kernels_run), else ATen's composite; each call records which.
+bool pointwise_kernel_on(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  const bool dtype_ok = t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
+  const auto sw = cuda_kernels_env();
+  const bool on = dtype_ok && cuda_kernel_built("pointwise") && pointwise_kernels_run(sw, kCompiled);
+  set_last_dispatch(on ? "pointwise"
+                       : std::string("cublas: aten composite (") +
+                             (!dtype_ok ? "fp64" : !kCompiled || !cuda_kernel_built("pointwise")
+                                                       ? "pointwise not compiled in this build"
+                                                   : sw == KernelSwitch::kOff ? "FLORA_CUDA_KERNELS=0"
+                                                                              : "pointwise not verified on a device") +
+                             ")");
+  return on;
+}
+
+#ifdef FLORA_WITH_CUTLASS
+fc::PointwiseDtype pw_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? fc::PointwiseDtype::kBF16
+         : t.scalar_type() == at::kHalf   ? fc::PointwiseDtype::kF16
+                                          : fc::PointwiseDtype::kF32;
+}
+cudaStream_t current_stream() {
+#ifdef FLORA_HAVE_C10_CUDA
+  return c10::cuda::getCurrentCUDAStream();
+#else
+  TORCH_CHECK(false, "flora: built against a torch without CUDA");
+  return nullptr;
+#endif
+}
+void check_launch(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "flora: CUDA kernel ", what, " failed: ", cudaGetErrorString(e));
+}
+#endif
+
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const c10::DeviceGuard guard(x.device());
+  check_rms_norm(x, w);
+#ifdef FLORA_WITH_CUTLASS
+  if (x.stride(1) == 1 && w.is_contiguous() && pointwise_kernel_on(x)) {
+    at::Tensor out = at::empty(x.sizes(), x.options());
+    fc::RmsNormArgs a;
+    a.dt = pw_dtype(x), a.M = x.size(0), a.d = x.size(1), a.x = x.data_ptr(), a.ldx = x.stride(0);
+    a.w = w.data_ptr(), a.eps = static_cast<float>(eps), a.out = out.data_ptr();
+    check_launch(fc::rms_norm(a, current_stream()), "rms_norm");
+    return out;
+  }
+#else
+  pointwise_kernel_on(x);
+#endif
+  return rms_norm_aten(x, w, eps);
+}
+
+at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) {
+  const c10::DeviceGuard guard(x.device());
+  check_rope(x, c, s);
+#ifdef FLORA_WITH_CUTLASS
+  if (x.stride(3) == 1 && c.is_contiguous() && s.is_contiguous() && pointwise_kernel_on(x)) {
+    at::Tensor out = at::empty(x.sizes(), x.options());
+    fc::RopeArgs a;
+    a.dt = pw_dtype(x), a.B = x.size(0), a.T = x.size(1), a.H = x.size(2), a.hd = x.size(3);
+    a.x = x.data_ptr(), a.sb = x.stride(0), a.st = x.stride(1), a.sh = x.stride(2);
+    a.cos = c.data_ptr(), a.sin = s.data_ptr(), a.out = out.data_ptr();
+    check_launch(fc::rope(a, current_stream()), "rope");
+    return out;
+  }
+#else
+  pointwise_kernel_on(x);
+#endif
+  return rope_aten(x, c, s);
+}
+
+at::Tensor silu_mul_cuda(const at::Tensor& g, const at::Tensor& u) {
+  const c10::DeviceGuard guard(g.device());
+  check_silu_mul(g, u);
+#ifdef FLORA_WITH_CUTLASS
+  if (g.stride(1) == 1 && u.stride(1) == 1 && pointwise_kernel_on(g)) {
+    at::Tensor out = at::empty(g.sizes(), g.options());
+    fc::SiluMulArgs a;
+    a.dt = pw_dtype(g), a.M = g.size(0), a.n = g.size(1), a.g = g.data_ptr(), a.ldg = g.stride(0);
+    a.u = u.data_ptr(), a.ldu = u.stride(0), a.out = out.data_ptr();
+    check_launch(fc::silu_mul(a, current_stream()), "silu_mul");
+    return out;
+  }
+#else
+  pointwise_kernel_on(g);
+#endif
+  return silu_mul_aten(g, u);
+}
+
 }  // namespace
 
 std::string cuda_last_dispatch() {
@@ -316,8 +407,16 @@ std::vector<KernelInfo> cuda_kernel_info() {
     rows.push_back({op, "cuda", "cuBLAS (aten) on fused storage",
                      "every call no kernel takes (flora._C.cuda_dispatch says why)"});
   }
-  for (const char* op : {"rms_norm", "rope", "silu_mul"})
-    rows.push_back({op, "cuda", "aten composite", "every call (no flora kernel yet)"});
+  const std::string pw =
+      !kCompiled ? "not compiled in this build"
+      : !cuda_kernel_verified("pointwise").empty()
+          ? "verified on " + cuda_kernel_verified("pointwise") + ": every bf16 / fp16 / fp32 call"
+      : cuda_kernels_env() == KernelSwitch::kAll ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
+                                                 : "not verified on a device; off (FLORA_CUDA_KERNELS=1 runs it)";
+  for (const char* op : {"rms_norm", "rope", "silu_mul"}) {
+    rows.push_back({op, "cuda", "pointwise kernel (one launch)", pw});
+    rows.push_back({op, "cuda", "aten composite", "every call the kernel does not take"});
+  }
   return rows;
 }
 
@@ -325,19 +424,9 @@ TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("ffl", &ffl_cuda);
   m.impl("fbl", &fbl_cuda);
   m.impl("ffbl", &ffbl_cuda);
-  // The pointwise ops: ATen's composite (no CUDA kernel of flora's yet).
-  m.impl("rms_norm", [](const at::Tensor& x, const at::Tensor& w, double eps) {
-    check_rms_norm(x, w);
-    return rms_norm_aten(x, w, eps);
-  });
-  m.impl("rope", [](const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) {
-    check_rope(x, c, s);
-    return rope_aten(x, c, s);
-  });
-  m.impl("silu_mul", [](const at::Tensor& g, const at::Tensor& u) {
-    check_silu_mul(g, u);
-    return silu_mul_aten(g, u);
-  });
+  m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("rope", &rope_cuda);
+  m.impl("silu_mul", &silu_mul_cuda);
 }
 
 }  // namespace flora

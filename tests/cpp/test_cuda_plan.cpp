@@ -442,6 +442,16 @@ TEST(CudaDispatch, TransposedWeightsForBackwardDx) {
   EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "cublas");
 }
 
+TEST(CudaDispatch, PointwiseKernelsFollowTheSwitch) {
+  using flora::KernelSwitch;
+  using flora::pointwise_kernels_run;
+  EXPECT_FALSE(pointwise_kernels_run(KernelSwitch::kDefault, true));  // not verified yet
+  EXPECT_TRUE(pointwise_kernels_run(KernelSwitch::kAll, true));
+  EXPECT_TRUE(pointwise_kernels_run(KernelSwitch::kDefault, true, /*assume_verified=*/true));
+  EXPECT_FALSE(pointwise_kernels_run(KernelSwitch::kOff, true, true));
+  EXPECT_FALSE(pointwise_kernels_run(KernelSwitch::kAll, false));  // not compiled
+}
+
 TEST(CudaDispatch, UnverifiedKernelsAreOffUnlessAskedFor) {
   using flora::KernelSwitch;
   const auto off = flora::choose_cuda(q("ffl", "bf16", 90, 1), true, KernelSwitch::kDefault);

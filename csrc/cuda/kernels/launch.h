@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "args.h"
 
@@ -60,5 +61,43 @@ cudaError_t gemm_sm90_2k_t_bf16(const FusedArgs& a, void* workspace, size_t work
                                 cudaStream_t stream);
 cudaError_t gemm_sm90_2k_t_fp16(const FusedArgs& a, void* workspace, size_t workspace_bytes,
                                 cudaStream_t stream);
+
+// The decode step's pointwise pieces (pointwise.cu), one launch each, with
+// the roundings of the ATen composites they replace (flora/ops.py).
+enum class PointwiseDtype : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
+// out [M, d] = w * round(x * rsqrt(mean(x^2) + eps)); x rows strided (ldx).
+struct RmsNormArgs {
+  PointwiseDtype dt = PointwiseDtype::kBF16;
+  int64_t M = 0, d = 0;
+  const void* x = nullptr;
+  int64_t ldx = 0;
+  const void* w = nullptr;
+  float eps = 0.f;
+  void* out = nullptr;
+};
+// out [B, T, H, hd] = round(x cos) + round(roll(x, hd / 2) sin); x strided
+// (sb, st, sh; unit last stride), cos / sin [B, T, hd] contiguous.
+struct RopeArgs {
+  PointwiseDtype dt = PointwiseDtype::kBF16;
+  int64_t B = 0, T = 0, H = 0, hd = 0;
+  const void* x = nullptr;
+  int64_t sb = 0, st = 0, sh = 0;
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  void* out = nullptr;
+};
+// out [M, n] = round(silu(g)) * u; g, u rows strided.
+struct SiluMulArgs {
+  PointwiseDtype dt = PointwiseDtype::kBF16;
+  int64_t M = 0, n = 0;
+  const void* g = nullptr;
+  int64_t ldg = 0;
+  const void* u = nullptr;
+  int64_t ldu = 0;
+  void* out = nullptr;
+};
+cudaError_t rms_norm(const RmsNormArgs& a, cudaStream_t stream);
+cudaError_t rope(const RopeArgs& a, cudaStream_t stream);
+cudaError_t silu_mul(const SiluMulArgs& a, cudaStream_t stream);
 
 }  // namespace flora::cuda
