@@ -92,6 +92,20 @@ def test_verified_kernels_run_only_where_they_beat_cublas():
 
 
 @needs_ext
+def test_device_run_can_time_kernels_as_if_verified(monkeypatch):
+    """FLORA_CUDA_ASSUME_VERIFIED (the device script, after a kernel passed its
+    tests and sanitizers): default dispatch as once listed in kVerified."""
+    monkeypatch.setenv("FLORA_CUDA_ASSUME_VERIFIED", "decode_bf16")
+    assert dispatch(kernels="default", M=1)[0] == "decode_bf16"
+    assert "as fast or faster" in dispatch(kernels="default", M=4)[2]   # measured_faster still decides
+    assert "not verified" in dispatch(kernels="default", M=1, dtype="fp16")[2]
+    monkeypatch.setenv("FLORA_CUDA_ASSUME_VERIFIED", "all")
+    assert dispatch(kernels="default", M=1, dtype="fp16")[0] == "decode_fp16"
+    verified = {name: where for name, _, _, where, _ in C.cuda_kernels()}
+    assert "FLORA_CUDA_ASSUME_VERIFIED" in verified["pointwise"]
+
+
+@needs_ext
 @pytest.mark.parametrize("arch,dtype,want", [
     (90, "bf16", "gemm_sm90_rep_bf16"), (80, "fp16", "gemm_sm80_rep_fp16"),
     (89, "bf16", "gemm_sm80_rep_bf16"),

@@ -74,6 +74,7 @@ def test_cuda_kernels_stage_tests_memchecks_and_switches_the_kernels_on(tmp_path
          str(ROOT / "tests" / "test_cuda_kernels.py")], capture_output=True, text=True, cwd=ROOT).stdout
     assert set(ids) <= {l.split("::", 1)[1] for l in collected.splitlines() if "::" in l}
     assert "flora CUDA kernels in the benchmarks: on in the kernel sweeps (cuda-kernels passed)" in out
+    assert "as if verified (FLORA_CUDA_ASSUME_VERIFIED=all)" in out
     p, out = dry(tmp_path, "cuda-kernels", GPU_RUN_KERNELS="0")
     assert "flora CUDA kernels in the benchmarks: off (GPU_RUN_KERNELS=0)" in out
 

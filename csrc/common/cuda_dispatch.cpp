@@ -72,6 +72,21 @@ const std::vector<CudaKernelEntry>& cuda_kernels() {
 std::string cuda_kernel_verified(const std::string& name) {
   for (const auto& v : kVerified)
     if (!name.empty() && name == v.name) return v.where;
+  // A device run that has just passed a kernel's tests and sanitizers times
+  // the dispatch it would get once listed: "all" or a list of names.
+  const char* e = std::getenv("FLORA_CUDA_ASSUME_VERIFIED");
+  if (e && !name.empty()) {
+    const std::string v = e;
+    if (v == "all") return "this run (FLORA_CUDA_ASSUME_VERIFIED)";
+    size_t i = 0;
+    while (i < v.size()) {
+      const size_t j = v.find_first_of(", ", i);
+      if (v.substr(i, j == std::string::npos ? std::string::npos : j - i) == name)
+        return "this run (FLORA_CUDA_ASSUME_VERIFIED)";
+      if (j == std::string::npos) break;
+      i = j + 1;
+    }
+  }
   return "";
 }
 

@@ -51,7 +51,9 @@ struct CudaKernelEntry {
 
 // Every kernel a CUDA build compiles.
 const std::vector<CudaKernelEntry>& cuda_kernels();
-// "device, date" where `name` passed the device tests, or "".
+// "device, date" where `name` passed the device tests, or "". The device run
+// may set FLORA_CUDA_ASSUME_VERIFIED ("all" or names) to time the dispatch a
+// kernel that just passed there would get.
 std::string cuda_kernel_verified(const std::string& name);
 // Whether this build compiled kernel `name` (FLORA_KERNEL_ARCHS may leave an
 // arch's GEMMs out).

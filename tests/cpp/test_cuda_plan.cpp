@@ -442,6 +442,20 @@ TEST(CudaDispatch, TransposedWeightsForBackwardDx) {
   EXPECT_EQ(choose_cuda(a, true, flora::KernelSwitch::kAll).kernel, "cublas");
 }
 
+TEST(CudaDispatch, AssumeVerifiedForTheDeviceRun) {
+  EXPECT_EQ(flora::cuda_kernel_verified("pointwise"), "");
+  setenv("FLORA_CUDA_ASSUME_VERIFIED", "decode_bf16,pointwise", 1);
+  EXPECT_NE(flora::cuda_kernel_verified("pointwise"), "");
+  EXPECT_NE(flora::cuda_kernel_verified("decode_bf16"), "");
+  EXPECT_EQ(flora::cuda_kernel_verified("decode_fp16"), "");
+  EXPECT_EQ(flora::cuda_kernel_verified("point"), "");
+  setenv("FLORA_CUDA_ASSUME_VERIFIED", "all", 1);
+  EXPECT_NE(flora::cuda_kernel_verified("gemm_sm90_bf16"), "");
+  EXPECT_EQ(flora::cuda_kernel_verified(""), "");
+  unsetenv("FLORA_CUDA_ASSUME_VERIFIED");
+  EXPECT_EQ(flora::cuda_kernel_verified("pointwise"), "");
+}
+
 TEST(CudaDispatch, PointwiseKernelsFollowTheSwitch) {
   using flora::KernelSwitch;
   using flora::pointwise_kernels_run;
