@@ -1,7 +1,6 @@
 #include "pointwise.h"
 
 #include <cmath>
-#include <cstring>
 
 namespace flora::cpu::kernels {
 namespace {
@@ -14,43 +13,25 @@ namespace {
 #define FLORA_NO_CONTRACT
 #endif
 
-// bf16 <-> fp32 without branches (the select keeps a NaN quiet), so the
-// loops below vectorise; the same results as types.h's conversions.
-inline uint32_t bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint16_t to_bf16(float f) {
-  const uint32_t u = bits(f);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
-}
-
 // Element access for one storage dtype (a template parameter, so each loop is
 // specialised and vectorisable).
 template <Dtype DT>
 inline float ld(const void* p, int64_t i) {
   if constexpr (DT == Dtype::kF32) return static_cast<const float*>(p)[i];
-  else if constexpr (DT == Dtype::kBF16) return from_bits(uint32_t{static_cast<const uint16_t*>(p)[i]} << 16);
+  else if constexpr (DT == Dtype::kBF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
   else return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 template <Dtype DT>
 inline void st(void* p, int64_t i, float v) {
   if constexpr (DT == Dtype::kF32) static_cast<float*>(p)[i] = v;
-  else if constexpr (DT == Dtype::kBF16) static_cast<uint16_t*>(p)[i] = to_bf16(v);
+  else if constexpr (DT == Dtype::kBF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
   else static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
 }
 // The value a store in the activation dtype keeps (fp32: itself).
 template <Dtype DT>
 inline float rnd(float v) {
   if constexpr (DT == Dtype::kF32) return v;
-  else if constexpr (DT == Dtype::kBF16) return from_bits(uint32_t{to_bf16(v)} << 16);
+  else if constexpr (DT == Dtype::kBF16) return bf16_to_f32(f32_to_bf16(v));
   else return f16_to_f32(f32_to_f16(v));
 }
 

@@ -18,13 +18,13 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-// Round to nearest even, as torch does; NaN stays a (quiet) NaN.
+// Round to nearest even, as torch does; NaN stays a (quiet) NaN. No branch
+// (a select), so loops over it vectorise.
 inline uint16_t f32_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
 }
 
 inline float f16_to_f32(uint16_t h) {
