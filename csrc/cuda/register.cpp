@@ -329,59 +329,66 @@ void check_launch(cudaError_t e, const char* what) {
 }
 #endif
 
-at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& w, double eps) {
+// A pointwise op's call: its kernel into a fresh output of x's shape when it
+// runs and takes the layout (launch(out) fills the arguments and launches),
+// else ATen's composite.
+template <typename Launch, typename Aten>
+at::Tensor one_launch(const at::Tensor& x, bool layout_ok, const char* what, Launch launch, Aten aten) {
   const c10::DeviceGuard guard(x.device());
-  check_rms_norm(x, w);
+  const bool on = pointwise_kernel_on(x);
+  if (on && !layout_ok) set_last_dispatch("cublas: aten composite (an operand layout the kernel does not take)");
+  if (on && layout_ok) {
 #ifdef FLORA_WITH_CUTLASS
-  if (x.stride(1) == 1 && w.is_contiguous() && pointwise_kernel_on(x)) {
     at::Tensor out = at::empty(x.sizes(), x.options());
+    check_launch(launch(out), what);
+    return out;
+#endif
+  }
+  return aten();
+}
+
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_rms_norm(x, w);
+  return one_launch(x, x.stride(1) == 1 && w.is_contiguous(), "rms_norm", [&](at::Tensor& out) {
+#ifdef FLORA_WITH_CUTLASS
     fc::RmsNormArgs a;
     a.dt = pw_dtype(x), a.M = x.size(0), a.d = x.size(1), a.x = x.data_ptr(), a.ldx = x.stride(0);
     a.w = w.data_ptr(), a.eps = static_cast<float>(eps), a.out = out.data_ptr();
-    check_launch(fc::rms_norm(a, current_stream()), "rms_norm");
-    return out;
-  }
+    return fc::rms_norm(a, current_stream());
 #else
-  pointwise_kernel_on(x);
+    return cudaErrorNotSupported;
 #endif
-  return rms_norm_aten(x, w, eps);
+  }, [&] { return rms_norm_aten(x, w, eps); });
 }
 
 at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) {
-  const c10::DeviceGuard guard(x.device());
   check_rope(x, c, s);
+  const bool layout_ok = x.stride(3) == 1 && c.is_contiguous() && s.is_contiguous();
+  return one_launch(x, layout_ok, "rope", [&](at::Tensor& out) {
 #ifdef FLORA_WITH_CUTLASS
-  if (x.stride(3) == 1 && c.is_contiguous() && s.is_contiguous() && pointwise_kernel_on(x)) {
-    at::Tensor out = at::empty(x.sizes(), x.options());
     fc::RopeArgs a;
     a.dt = pw_dtype(x), a.B = x.size(0), a.T = x.size(1), a.H = x.size(2), a.hd = x.size(3);
     a.x = x.data_ptr(), a.sb = x.stride(0), a.st = x.stride(1), a.sh = x.stride(2);
     a.cos = c.data_ptr(), a.sin = s.data_ptr(), a.out = out.data_ptr();
-    check_launch(fc::rope(a, current_stream()), "rope");
-    return out;
-  }
+    return fc::rope(a, current_stream());
 #else
-  pointwise_kernel_on(x);
+    return cudaErrorNotSupported;
 #endif
-  return rope_aten(x, c, s);
+  }, [&] { return rope_aten(x, c, s); });
 }
 
 at::Tensor silu_mul_cuda(const at::Tensor& g, const at::Tensor& u) {
-  const c10::DeviceGuard guard(g.device());
   check_silu_mul(g, u);
+  return one_launch(g, g.stride(1) == 1 && u.stride(1) == 1, "silu_mul", [&](at::Tensor& out) {
 #ifdef FLORA_WITH_CUTLASS
-  if (g.stride(1) == 1 && u.stride(1) == 1 && pointwise_kernel_on(g)) {
-    at::Tensor out = at::empty(g.sizes(), g.options());
     fc::SiluMulArgs a;
     a.dt = pw_dtype(g), a.M = g.size(0), a.n = g.size(1), a.g = g.data_ptr(), a.ldg = g.stride(0);
     a.u = u.data_ptr(), a.ldu = u.stride(0), a.out = out.data_ptr();
-    check_launch(fc::silu_mul(a, current_stream()), "silu_mul");
-    return out;
-  }
+    return fc::silu_mul(a, current_stream());
 #else
-  pointwise_kernel_on(g);
+    return cudaErrorNotSupported;
 #endif
-  return silu_mul_aten(g, u);
+  }, [&] { return silu_mul_aten(g, u); });
 }
 
 }  // namespace
