@@ -70,7 +70,6 @@ def test_each_row_gets_its_own_adapter(hf, variant, tmp_path):
         want = _one_at_a_time(m, lambda i: m(ids[i:i + 1]).logits, rows)
         m64 = copy.deepcopy(m).to(torch.float64)
         exact = _one_at_a_time(m64, lambda i: m64(ids[i:i + 1]).logits, rows)
-        del m64
         m.set_adapter("default")
         m.stack_adapters(["default", "a1", "a2"])
         assert m.stacked == ["default", "a1", "a2"] and m.adapter_config.rank == 12

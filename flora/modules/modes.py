@@ -129,7 +129,6 @@ class PfLora(Lora):
         return g.split(self._y(g, m, x)), None
 
 
-
 class _ARows(Mode):
     """Modes whose A rows ride in the base GEMM (folded: pre-summed into the slot)."""
 
