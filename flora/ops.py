@@ -478,8 +478,7 @@ if _ext.C is None:  # the compiled library registers autograd and autocast in C+
 
 
 def _pointwise_setup(ctx, inputs, output):
-    ctx.tensors = [i for i in inputs if isinstance(i, Tensor)]
-    ctx.save_for_backward(*ctx.tensors)
+    ctx.save_for_backward(*(i for i in inputs if isinstance(i, Tensor)))
     ctx.rest = [i for i in inputs if not isinstance(i, Tensor)]
 
 
