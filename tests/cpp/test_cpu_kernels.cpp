@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/kernels/decode.h"
+#include "cpu/kernels/pointwise.h"
 #include "cpu/kernels/rows.h"
 
 namespace k = flora::cpu::kernels;
@@ -205,4 +206,55 @@ TEST(CpuKernels, ScalarConversions) {
   }
   EXPECT_EQ(k::f32_to_bf16(1.00390625f), 0x3f80);  // tie to even
   EXPECT_EQ(k::f32_to_f16(1.00048828125f), 0x3c00);
+}
+
+// RoPE and RMSNorm (pointwise.h): every intermediate the composites round is
+// rounded to the storage dtype, so RoPE is exact against a double loop that
+// rounds at the same points; RMSNorm within a few ulps (its sum's order).
+TEST(PointwiseKernels, RopeRoundsLikeTheComposite) {
+  for (k::Dtype dt : {k::Dtype::kF32, k::Dtype::kBF16, k::Dtype::kF16}) {
+    std::mt19937 g(5);
+    const int64_t B = 2, T = 3, H = 4, hd = 16, ldh = hd + 6;  // x: a row-strided view
+    Buf x(dt, B * T * H, hd, 6, g), c(dt, B * T, hd, 0, g), s(dt, B * T, hd, 0, g);
+    std::vector<uint8_t> out(static_cast<size_t>(B * T * H * hd * k::elem_size(dt)));
+    k::RopeArgs a;
+    a.dt = dt, a.T = T, a.H = H, a.hd = hd, a.x = x.data.data();
+    a.sb = T * H * ldh, a.st = H * ldh, a.sh = ldh;
+    a.cos = c.data.data(), a.sin = s.data.data(), a.out = out.data();
+    k::rope_rows(a, 0, B * T * H);
+    auto rnd = [&](double v) {
+      float f = static_cast<float>(v);
+      std::vector<uint8_t> one(4);
+      k::store_f32(dt, one.data(), 0, f);
+      return static_cast<double>(k::load_f32(dt, one.data(), 0));
+    };
+    for (int64_t r = 0; r < B * T * H; ++r)
+      for (int64_t i = 0; i < hd; ++i) {
+        const int64_t bt = r / H, j = (i + hd / 2) % hd;
+        const double want = rnd(rnd(static_cast<float>(x.at(r, i)) * static_cast<float>(c.at(bt, i))) +
+                                rnd(static_cast<float>(x.at(r, j)) * static_cast<float>(s.at(bt, i))));
+        ASSERT_EQ(k::load_f32(dt, out.data(), r * hd + i), want) << "row " << r << " col " << i;
+      }
+  }
+}
+
+TEST(PointwiseKernels, RmsNormAgainstDouble) {
+  for (k::Dtype dt : {k::Dtype::kF32, k::Dtype::kBF16, k::Dtype::kF16}) {
+    std::mt19937 g(6);
+    const int64_t M = 3, d = 200;
+    Buf x(dt, M, d, 9, g), w(dt, 1, d, 0, g);
+    std::vector<uint8_t> out(static_cast<size_t>(M * d * k::elem_size(dt)));
+    k::rms_norm_rows(dt, 0, M, d, x.data.data(), x.ld, w.data.data(), 1e-5f, out.data());
+    for (int64_t m = 0; m < M; ++m) {
+      double ss = 0;
+      for (int64_t i = 0; i < d; ++i) ss += x.at(m, i) * x.at(m, i);
+      const double r = 1.0 / std::sqrt(ss / d + 1e-5);
+      for (int64_t i = 0; i < d; ++i) {
+        const double want = x.at(m, i) * r * w.at(0, i);
+        // two roundings in bf16 / fp16 (normalised value, product), a few ulps in fp32
+        const double tol = (dt == k::Dtype::kF32 ? 8 : 2) * eps(dt) * (std::fabs(want) + 1e-6);
+        ASSERT_NEAR(k::load_f32(dt, out.data(), m * d + i), want, tol) << "row " << m << " col " << i;
+      }
+    }
+  }
 }
