@@ -20,8 +20,6 @@ from .config import LlamaArch
 # --------------------------------------------------------------------------
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim, as transformers' Llama rounds it (flora.ops.rms_norm)."""
-    if x.dim() == 2:  # the model's stream [M, d]: no reshapes on the hot path
-        return ops.rms_norm(x, weight, eps)
     return ops.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
 
 
