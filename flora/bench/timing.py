@@ -125,6 +125,20 @@ def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
                               "repeats", "device")}
 
 
+@contextlib.contextmanager
+def _gc_off():
+    """A collection first, then the collector off while a round is timed (one
+    inside it would land on whichever probe it hit); back as it was after."""
+    was_on = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = False,
                     prefills: int = 1) -> list[dict]:
     """Time several entered probes (objects with ``prefill()``/``step()``
@@ -154,14 +168,11 @@ def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = 
     if any(p.new_tokens - 1 != n_steps for p in probes):
         raise ValueError("interleaved probes must generate the same number of tokens")
     runs: list[list] = [[] for _ in probes]
-    gc_was_on = gc.isenabled()
-    try:
-        for k in range(warmup + repeats):
-            order = list(range(len(probes)))[::(-1 if k % 2 else 1)]
-            pre: dict = {i: [] for i in order}
-            steps: dict = {i: [] for i in order}
-            gc.collect()
-            gc.disable()
+    for k in range(warmup + repeats):
+        order = list(range(len(probes)))[::(-1 if k % 2 else 1)]
+        pre: dict = {i: [] for i in order}
+        steps: dict = {i: [] for i in order}
+        with _gc_off():
             if by_run:
                 for i in order:
                     pre[i] = [probes[i].prefill() for _ in range(prefills)]
@@ -173,16 +184,11 @@ def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = 
                 for j in range(n_steps):
                     for i in order[::(-1 if j % 2 else 1)]:
                         steps[i].append(probes[i].step())
-            if gc_was_on:
-                gc.enable()
-            if k >= warmup:
-                for i, p in enumerate(probes):
-                    tpot = sum(p.timer.elapsed(a, b) for a, b in steps[i]) / n_steps
-                    ttft = statistics.median(p.timer.elapsed(a, b) for a, b in pre[i])
-                    runs[i].append((ttft, tpot))
-    finally:
-        if gc_was_on:
-            gc.enable()
+        if k >= warmup:
+            for i, p in enumerate(probes):
+                tpot = sum(p.timer.elapsed(a, b) for a, b in steps[i]) / n_steps
+                ttft = statistics.median(p.timer.elapsed(a, b) for a, b in pre[i])
+                runs[i].append((ttft, tpot))
     return [{"ttft_s": statistics.median(t for t, _ in rs), "tpot_s": statistics.median(t for _, t in rs),
              "ttft_runs": [t for t, _ in rs], "tpot_runs": [t for _, t in rs], "cuda_graph": p.graphed,
              "repeats": repeats} for p, rs in zip(probes, runs)]

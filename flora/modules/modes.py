@@ -116,17 +116,15 @@ class PfLora(Lora):
         g.slot_A(m).copy_(self.A_op(g, m, like))
         getattr(m, f"bfold_{g.gname}").copy_(g.s * self.B_op(g, m, like))
 
-    def _y(self, g, m, x):
+    def forward_in(self, g, m, x, carry):
         if m.folded:
             y, z = ops.ffl(x, g.W(m), g.slot_A(m))
             B, s = getattr(m, f"bfold_{g.gname}"), 1.0
         else:
             y, z = ops.ffl(x, g.W(m), self.A_op(g, m, x))
             B, s = self.B_op(g, m, x), g.s
-        return ops.fbl(empty_cols(x.shape[0], x), m.state(z), empty_cols(g.N, x), B, s, res=y)
-
-    def forward_in(self, g, m, x, carry):
-        return g.split(self._y(g, m, x)), None
+        y = ops.fbl(empty_cols(x.shape[0], x), m.state(z), empty_cols(g.N, x), B, s, res=y)
+        return g.split(y), None
 
 
 class _ARows(Mode):
