@@ -45,8 +45,10 @@
 #   latency-1b   the latency rows of the device issue at the 1B shape:
 #                `python -m flora bench latency --model 1b --dtype bf16 --batch 1 8
 #                --prompt 512 --mode both --rows $LATENCY_ROWS` (default: the issue's rows,
-#                transformers peft peft-merged base lora pf-lora ffba zflora; "all": every
-#                variant). ~35 s per flora variant (b 1, 8; eager + graphs): ~4 min.
+#                the goals' variants first, as a cap cuts the last ones: base ffba zflora
+#                pf-lora lora, then transformers peft peft-merged, which run after flora's
+#                anyway; "all": every variant). ~35 s per flora variant (b 1, 8; eager +
+#                graphs): ~4 min.
 #   kernels-short bench/kernels.py --device cuda on the 1B shapes, r = 32, bf16: eager at
 #                M = 1,4,8,16,256, and CUDA graphs at M = 1,4,8 with each flora call also
 #                on cuBLAS (--aten-too: where a kernel wins, for measured_faster); rows
@@ -494,7 +496,7 @@ stage_latency() {
     *) models="${LATENCY_MODELS:-1b 3b}" ;;
   esac
   name="latency-${models// /-}"
-  local rows="--rows ${LATENCY_ROWS:-transformers peft peft-merged base lora pf-lora ffba zflora}"
+  local rows="--rows ${LATENCY_ROWS:-base ffba zflora pf-lora lora transformers peft peft-merged}"
   [ "${LATENCY_ROWS:-}" = all ] && rows=""
   say "python -m flora bench latency --model $models"
   # shellcheck disable=SC2086  # models and LATENCY_ARGS are meant to split into words
@@ -578,7 +580,8 @@ stage_cuda_kernels() {
     "test_ffl_kernel[True-True-32-3-dtype0]" "test_ffl_repeat_add[repeat4-7-3-dtype0]"
     "test_fbl_kernel[False-0.5-True-True-7-3-dtype0]" "test_ffl_kernel[True-True-32-17-dtype0]"
     "test_ffl_repeat_add_with_res[3-dtype0]" "test_pointwise_kernel[rms_norm-dtype0]"
-    "test_pointwise_kernel[rope-dtype0]" "test_pointwise_kernel[silu_mul-dtype0]"
+    "test_pointwise_kernel[rms_norm_stream-dtype0]" "test_pointwise_kernel[rope-dtype0]"
+    "test_pointwise_kernel[silu_mul-dtype0]" "test_silu_mul_over_u_kernel[dtype0]"
     "test_ffl_repeat_add[repeat1-8-17-dtype0]" "test_fbl_kernel[True-1.0-False-False-32-17-dtype0]"
     "test_fbl_kernel[False-0.5-True-True-32-17-dtype0]" "test_ffbl_kernel[0.5-True-True-8-17-dtype0]"
     "test_backward_dx_kernel[True-8-17-dtype0]" "test_backward_dx_kernel[False-8-17-dtype0]")

@@ -4,6 +4,7 @@
     python bench/op_count.py                 # base, ffba, zflora; eager and compiled; fp32
     python bench/op_count.py --no-compile    # eager only (compiling takes minutes on 2 cores)
     python bench/op_count.py --json bench/out/op_count.json
+    python bench/op_count.py --no-compile --batch 32   # the GEMMs on ATen (the cuBLAS path's calls)
 
 One decode step is run under torch.profiler (CPU) on a model with L and 3L
 layers (random weights, tiny Llama shape); per-layer counts are the
@@ -12,8 +13,13 @@ difference / 2L, so the embedding, head and sampling cancel out. Two counts:
 * ``ops``: top-level dispatcher calls that are not views or no-op
   conversions (what a dispatch trace shows);
 * ``kernels``: leaf compute calls (a composite op such as ``aten::rms_norm``
-  counts the kernels it runs, a flora op or an Inductor kernel counts one;
-  views, allocations and no-op ``to`` do not count).
+  counts the kernels it runs, an Inductor kernel counts one; views,
+  allocations and no-op ``to`` do not count). A flora op counts one when its
+  own kernel runs, else the ATen calls it makes: with ``--batch`` above the
+  CPU decode kernels' M (16 in fp32) its GEMMs run on ATen, the calls flora's
+  default CUDA path makes on cuBLAS (where an ``addmm`` into a fresh output
+  also copies its C operand first: one more launch the profiler does not
+  show).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ NON_KERNEL = {
     "aten::lift_fresh", "aten::result_type", "aten::empty", "aten::empty_strided", "aten::empty_like",
     "aten::new_empty", "aten::new_empty_strided", "aten::resize_", "aten::_unsafe_view",
     "aten::contiguous", "aten::to", "aten::type_as", "aten::_to_copy", "aten::scalar_tensor",
+    "aten::resolve_conj", "aten::resolve_neg",
 }
 
 
@@ -49,10 +56,17 @@ def _compute(e) -> bool:
     return _is_op(e) and e.name not in NON_KERNEL
 
 
+# GEMMs run natively and may dispatch a copy of their C operand first (addmm
+# into a fresh output): one kernel of their own plus what they dispatch
+GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+
+
 def _kernels(e) -> int:
-    if e.name.startswith("flora::"):
-        return 1  # one fused GEMM whatever it allocates inside
     below = sum(_kernels(c) for c in e.cpu_children)
+    if e.name.startswith("flora::"):
+        return below or 1  # its own kernel is one, whatever it allocates inside
+    if e.name in GEMMS:
+        return 1 + below
     return below if below else int(_compute(e) and e.name not in ("aten::to", "aten::_to_copy",
                                                                    "aten::contiguous"))
 
@@ -94,13 +108,13 @@ def build(variant: str, layers: int, dtype, rank: int = 8):
     return m
 
 
-def step_counts(model, compiled: bool, prompt: int = 8) -> tuple[int, int]:
-    """(ops, kernels) of one decode step (after warm-up steps)."""
+def step_counts(model, compiled: bool, prompt: int = 8, batch: int = 1) -> tuple[int, int]:
+    """(ops, kernels) of one decode step of ``batch`` rows (after warm-up steps)."""
     from flora.generation import Decoder, inference_mode
 
     with inference_mode(model):
-        dec = Decoder(model, 1, prompt + 8, use_cuda_graph=False, compile=compiled)
-        ids = torch.randint(3, model.arch.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+        dec = Decoder(model, batch, prompt + 8, use_cuda_graph=False, compile=compiled)
+        ids = torch.randint(3, model.arch.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
         tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)
         for _ in range(2):
             tok = dec.step(tok).argmax(-1)
@@ -109,11 +123,11 @@ def step_counts(model, compiled: bool, prompt: int = 8) -> tuple[int, int]:
     return count_events(prof.events())
 
 
-def per_layer(variant: str, compiled: bool, dtype=torch.float32, layers: int = 1) -> dict:
-    a = step_counts(build(variant, layers, dtype), compiled)
-    b = step_counts(build(variant, 3 * layers, dtype), compiled)
+def per_layer(variant: str, compiled: bool, dtype=torch.float32, layers: int = 1, batch: int = 1) -> dict:
+    a = step_counts(build(variant, layers, dtype), compiled, batch=batch)
+    b = step_counts(build(variant, 3 * layers, dtype), compiled, batch=batch)
     return {"variant": variant, "mode": "compiled" if compiled else "eager",
-            "dtype": str(dtype).replace("torch.", ""),
+            "dtype": str(dtype).replace("torch.", ""), "batch": batch,
             "ops_per_layer": (b[0] - a[0]) / (2 * layers), "kernels_per_layer": (b[1] - a[1]) / (2 * layers),
             "ops_step_rest": a[0] - (b[0] - a[0]) / 2, "kernels_step_rest": a[1] - (b[1] - a[1]) / 2}
 
@@ -121,10 +135,10 @@ def per_layer(variant: str, compiled: bool, dtype=torch.float32, layers: int = 1
 def markdown(rows: list, command: str) -> str:
     out = [f"{datetime.date.today()}, {platform.node()} ({platform.machine()}), torch {torch.__version__}, "
            f"`{command}`", "",
-           "| variant | dtype | mode | ops / layer | kernels / layer | kernels outside the layers |",
-           "|---|---|---|---:|---:|---:|"]
+           "| variant | dtype | batch | mode | ops / layer | kernels / layer | kernels outside the layers |",
+           "|---|---|---:|---|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['variant']} | {r['dtype']} | {r['mode']} | {r['ops_per_layer']:g} | "
+        out.append(f"| {r['variant']} | {r['dtype']} | {r['batch']} | {r['mode']} | {r['ops_per_layer']:g} | "
                    f"{r['kernels_per_layer']:g} | {r['kernels_step_rest']:g} |")
     return "\n".join(out)
 
@@ -134,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=["base", "ffba", "zflora"])
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     p.add_argument("--no-compile", action="store_true", help="eager only")
+    p.add_argument("--batch", type=int, default=1,
+                   help="rows per step (above 16: the GEMMs on ATen, as the default CUDA path runs them)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -145,7 +161,7 @@ def main(argv=None) -> int:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
         for v in args.variants:
             for compiled in ([False] if args.no_compile else [False, True]):
-                rows.append(per_layer(v, compiled, dtype))
+                rows.append(per_layer(v, compiled, dtype, batch=args.batch))
                 print(rows[-1], file=sys.stderr, flush=True)
     cmd = "python bench/op_count.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(markdown(rows, cmd.strip()))

@@ -4,8 +4,10 @@ The whole forward is in :meth:`FusedLlama.run_layers` (embedding, RMSNorm,
 RoPE, grouped-query attention, SwiGLU MLP, head), so a reader can check it
 against the Llama paper in one screen. The adapter "carry" (zFLoRA's extra
 residual-stream channels, or ffba-ab's handed-on state) travels next to the
-hidden state ``h`` as a separate tensor: RMSNorm, RoPE and attention never see
-it, exactly as the spec says.
+hidden state ``h``: RoPE and attention never see it and RMSNorm hands it
+through unchanged, exactly as the spec says. For zFLoRA, h and the carry are
+the two halves of one stream buffer [h | z], so each reader and each writer is
+one GEMM on any backend (no concatenation, no separate adds).
 """
 from __future__ import annotations
 
@@ -23,17 +25,40 @@ from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, atten
                      chunked_lm_loss, chunked_target_stats, positions_from_mask, rms_norm, rope_cos_sin,
                      rope_inv_freq)
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
-from .config import LlamaArch
+from .config import ZFLORA_FAMILY, LlamaArch
 from .generation import generate
 from .hf_compat import HFCompat, HFConfigView
 from .modules import (FusedAttentionProjections, FusedLMHead, FusedMLP, FusedOutputProjection,
                       initial_carry)
 
+def _halves(t: Tensor, d: int) -> tuple:
+    return t[:, :d], t[:, d:]
+
+
+def _norm(h: Tensor, carry: Optional[Tensor], weight: Tensor, eps: float, stream: bool) -> tuple:
+    """(h, carry, RMSNorm(h), the carry as readers take it).
+
+    zflora (``stream``): where h and its carry z are one buffer [h | z] (a
+    writer's output, the embedding's), the norm hands z through next to n(h)
+    (ADAPTERS.md: "RMSNorm normalises h only and hands z through"), so a
+    reader's GEMM reads [n(h) | z] as one operand and the sub-block's writer
+    adds onto [h | z] in one addmm. Compiled, the two are concatenated: the
+    copy fuses into the norm's kernel. Eager after a projection that is no
+    writer (zflora-minimal's o, -mha's down) they stay apart: a copy would
+    cost the decode kernels, which take them apart, one launch more."""
+    if stream and carry is not None:
+        hz = torch.cat([h, carry], 1) if torch.compiler.is_compiling() else _adjacent(h, carry)
+        if hz is not None:
+            d = h.shape[1]
+            return (*_halves(hz, d), *_halves(rms_norm(hz, weight, eps), d))
+    return h, carry, rms_norm(h, weight, eps), carry
+
+
 def _adjacent(q: Tensor, k: Tensor) -> Optional[Tensor]:
     """[q | k] as one view when k's columns follow q's in one buffer (the fused
     q/k/v output), else None. Under torch.compile the rotations fuse anyway;
     with autograd the two stay apart (an as_strided backward is slow)."""
-    if torch.compiler.is_compiling() or q.requires_grad or q.stride() != k.stride():
+    if torch.compiler.is_compiling() or q.requires_grad or k.requires_grad or q.stride() != k.stride():
         return None
     if k.data_ptr() != q.data_ptr() + q.shape[1] * q.element_size():
         return None
@@ -280,6 +305,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         M, dt = B * T, self.dtype
         h = F.embedding(input_ids, self.embed).reshape(M, a.hidden_size)
         carry = initial_carry(self.adapter_config, M, dt, h.device)
+        if carry is not None:  # zflora's stream [h | z]: one buffer from here on
+            h, carry = _halves(torch.cat([h, carry], 1), a.hidden_size)
         cos, sin = rope_cos_sin(self.inv_freq, positions, dt)
         if mask.dtype == torch.bool:
             mask = additive_mask(mask, dt)
@@ -297,7 +324,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                 carry = None if carry is None else carry.view(B, T, -1)[:, -1]
                 self.head.route_off = None if off is None else off.view(B, T, -1)[:, -1]
                 T = 1
-            n = rms_norm(h, self.final_norm, a.rms_norm_eps)
+            _, _, n, carry = _norm(h, carry, self.final_norm, a.rms_norm_eps, self._streams())
             if not head:
                 return n, carry
             return self.head(n, carry).view(B, T, -1)
@@ -317,13 +344,18 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         for _, m in self.adapter_modules():
             m.route_off = off
 
+    def _streams(self) -> bool:
+        """zflora family: the carry is the residual stream's extra channels."""
+        return self.adapter_config is not None and self.adapter_config.base_variant in ZFLORA_FAMILY
+
     def _layer(self, layer, i, h, carry, B, T, cos, sin, mask, cache):
         a = self.arch
         hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
+        stream = self._streams()
         # attention sub-block: x = RMSNorm(h); q, k, v (+ adapter state for o)
         with nvtx.range("attn", i):  # NVTX ranges: no-ops unless flora.nvtx.enable()
-            x = rms_norm(h, layer.input_norm, a.rms_norm_eps)
-            q, k, v, state = layer.attn(x, carry)
+            h, carry, x, xc = _norm(h, carry, layer.input_norm, a.rms_norm_eps, stream)
+            q, k, v, state = layer.attn(x, xc)
             qk = _adjacent(q, k)
             if qk is not None:  # q and k side by side in the fused output: rotate both at once
                 qk = apply_rope(qk.view(B, T, nh + nkv, hd), cos, sin)
@@ -337,8 +369,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             h, carry = layer.o(att, state, residual=h, carry=carry)
         # MLP sub-block: SwiGLU with the residual add inside the module
         with nvtx.range("mlp", i):
-            x2 = rms_norm(h, layer.post_norm, a.rms_norm_eps)
-            h, carry = layer.mlp(x2, residual=h, carry=carry)
+            h, carry, x2, xc = _norm(h, carry, layer.post_norm, a.rms_norm_eps, stream)
+            h, carry = layer.mlp(x2, residual=h, carry=carry, x_carry=xc)
         return h, carry
 
     # ------------------------------------------------------------ generation

@@ -43,6 +43,8 @@ SCHEMAS = {
     "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
     "rope": "rope(Tensor x, Tensor cos, Tensor sin) -> Tensor",
     "silu_mul": "silu_mul(Tensor g, Tensor u) -> Tensor",
+    # inference: the product over u (ffba's down reads [mid | z] as one operand)
+    "silu_mul_": "silu_mul_(Tensor g, Tensor(a!) u) -> ()",
 }
 OPS = ("ffl", "fbl", "ffbl")  # the three blocks
 POINTWISE = ("rms_norm", "rope", "silu_mul")
@@ -229,8 +231,8 @@ def ffbl_reference(u, z, W, B, A, C, s=1.0, res=None, relu=False):
 
 
 def check_rms_norm(x, weight):
-    if x.dim() != 2 or weight.dim() != 1 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"flora.rms_norm: expected x [M, d] and weight [d], got {list(x.shape)} and "
+    if x.dim() != 2 or weight.dim() != 1 or weight.shape[0] > x.shape[1]:
+        raise ValueError(f"flora.rms_norm: expected x [M, d (+ t)] and weight [d], got {list(x.shape)} and "
                          f"{list(weight.shape)}")
     if weight.dtype != x.dtype or weight.device != x.device:
         raise TypeError(f"flora.rms_norm: weight must match x ({x.dtype} on {x.device}), got {weight.dtype} "
@@ -259,9 +261,12 @@ def check_silu_mul(g, u):
 # (RMSNorm: normalised in fp32, rounded, then times the weight; RoPE: two
 # products and a sum, each rounded; SwiGLU: silu rounded, then the product).
 def _rms_norm(x, weight, eps):
+    d = weight.shape[-1]
+    if x.shape[-1] > d:  # zflora's stream [h | z]: z handed through unchanged
+        return torch.cat([_rms_norm(x[..., :d], weight, eps), x[..., d:]], -1)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
-    return weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), None, eps)
+        return torch.nn.functional.rms_norm(x, (d,), weight, eps)
+    return weight * torch.nn.functional.rms_norm(x, (d,), None, eps)
 
 
 def _rope(x, cos, sin):
@@ -289,8 +294,21 @@ def silu_mul_reference(g, u):
     return _silu_mul(g, u)
 
 
+def check_silu_mul_inplace(g, u):
+    check_silu_mul(g, u)
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+        raise ValueError("flora.silu_mul_: writes over u, for inference; where autograd records, call "
+                         "flora.silu_mul")
+
+
+def silu_mul_inplace_reference(g, u):
+    check_silu_mul_inplace(g, u)
+    u.copy_(_silu_mul(g, u))
+
+
 REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "ffbl": ffbl_reference,
-              "rms_norm": rms_norm_reference, "rope": rope_reference, "silu_mul": silu_mul_reference}
+              "rms_norm": rms_norm_reference, "rope": rope_reference, "silu_mul": silu_mul_reference,
+              "silu_mul_": silu_mul_inplace_reference}
 
 
 # --------------------------------------------------------------------------
@@ -338,6 +356,11 @@ def _rope_fake(x, cos, sin):
 def _silu_mul_fake(g, u):
     check_silu_mul(g, u)
     return g.new_empty(g.shape)
+
+
+@torch.library.register_fake("flora::silu_mul_")
+def _silu_mul_inplace_fake(g, u):
+    check_silu_mul_inplace(g, u)
 
 
 @torch.library.register_fake("flora::ffl")
@@ -573,7 +596,11 @@ def _fused(*ts: Tensor) -> bool:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm of x [M, d] (rows may be strided) with weight [d], as
     transformers' Llama computes it: normalised in fp32, in bf16 / fp16
-    rounded before the weight multiplies. One pass over x."""
+    rounded before the weight multiplies. One pass over x.
+
+    x may be wider than the weight, [M, d + t] (zflora's stream [h | z]): its
+    first d columns are normalised and the last t handed through unchanged,
+    so a reader's GEMM takes [n(h) | z] as one operand (ADAPTERS.md)."""
     if _fused(x, weight):
         return torch.ops.flora.rms_norm(x, weight, float(eps))
     return _rms_norm(x, weight, eps)
@@ -588,11 +615,19 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return _rope(x, cos, sin)
 
 
-def silu_mul(g: Tensor, u: Tensor) -> Tensor:
+def silu_mul(g: Tensor, u: Tensor, *, over_u: bool = False) -> Tensor:
     """SwiGLU's silu(g) * u for g, u [M, n] (views of the fused gate/up
-    output). One pass."""
+    output). One pass.
+
+    ``over_u``: in inference (where the one-pass op runs) the product is
+    written over u and u is returned, so it keeps u's place in the gate/up
+    output: next to the ffba state that follows u there, the down
+    projection's GEMM reads [mid | z] as one operand. Elsewhere a new tensor."""
     if _fused(g, u):
-        return torch.ops.flora.silu_mul(g, u)
+        if not over_u:
+            return torch.ops.flora.silu_mul(g, u)
+        torch.ops.flora.silu_mul_(g, u)
+        return u
     return _silu_mul(g, u)
 
 

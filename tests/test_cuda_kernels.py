@@ -461,15 +461,41 @@ def test_misaligned_layout_falls_back_with_reason(monkeypatch):
 # ---------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("op", ["rms_norm", "rope", "silu_mul"])
-def test_pointwise_kernel(monkeypatch, op, dtype):
-    from test_pointwise import cases, exact
+def test_silu_mul_over_u_kernel(monkeypatch, dtype):
+    """flora::silu_mul_ (ffba's MLP in inference): the kernel writes the
+    product over u, a row-strided view inside the gate/up output, and nothing
+    else: g and the state columns after u keep their bits."""
+    from test_pointwise import exact
 
-    args = cases(dtype, "cuda")[op]
-    fn = lambda: getattr(torch.ops.flora, op)(*args)  # noqa: E731
+    gu = torch.randn(5, 2 * 96 + 8, generator=torch.Generator().manual_seed(4)).to("cuda", dtype)
+
+    def fn():
+        buf = gu.clone()
+        torch.ops.flora.silu_mul_(buf[:, :96], buf[:, 96:192])
+        return buf
+
+    got, base = _run_both(monkeypatch, fn, "pointwise")
+    assert torch.equal(got[:, :96], gu[:, :96]) and torch.equal(got[:, 192:], gu[:, 192:])
+    _check(got[:, 96:192], exact("silu_mul", (gu[:, :96], gu[:, 96:192])), base[:, 96:192], dtype,
+           f"silu_mul_ {dtype}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("op", ["rms_norm", "rms_norm_stream", "rope", "silu_mul"])
+def test_pointwise_kernel(monkeypatch, op, dtype):
+    """rms_norm_stream: zflora's [h | z], z handed through bit for bit."""
+    from test_pointwise import cases, exact, stream
+
+    args = stream(dtype, "cuda") if op == "rms_norm_stream" else cases(dtype, "cuda")[op]
+    fn = lambda: getattr(torch.ops.flora, op.replace("_stream", ""))(*args)  # noqa: E731
     got, base = _run_both(monkeypatch, fn, "pointwise")
     assert got.is_contiguous() and got.shape == base.shape
-    if op == "rope":  # the same three roundings as the composite: bitwise
+    if op == "rms_norm_stream":
+        d = args[1].shape[0]
+        assert torch.equal(got[:, d:], args[0][:, d:])
+        _check(got[:, :d], exact("rms_norm", (args[0][:, :d], *args[1:])), base[:, :d], dtype, f"{op} {dtype}")
+    elif op == "rope":  # the same three roundings as the composite: bitwise
         torch.testing.assert_close(got, base, rtol=0, atol=0)
     else:
         _check(got, exact(op, args), base, dtype, f"{op} {dtype}")

@@ -55,6 +55,23 @@ def test_decode_ops_over_base_follow_the_spec(variant, extra):
     assert oc.per_layer(variant, compiled=False)["ops_per_layer"] - base == extra
 
 
+@pytest.mark.parametrize("variant,extra", [("zflora", 0), ("zflora-minimal", 1), ("ffba", 1)])
+def test_fused_gemms_on_aten(variant, extra):
+    """Batch 32 (above the CPU decode kernels' M): the projections run on ATen,
+    the calls flora's default CUDA path makes on cuBLAS, counted against base.
+    zflora keeps h and its carry as one stream buffer and RMSNorm hands the
+    carry through, so each reader (GEMM over [n(h) | z]) and each writer (one
+    addmm onto [h | z]) is what base runs: no concatenation, no second GEMM,
+    no separate adds. zflora-minimal's o is a base projection, whose output
+    leaves the stream: down's writer then adds the carry apart (one add).
+    ffba's down reads [mid | z] as one operand (SiLU x up written over up,
+    next to the state); its o reads the attention output and the state from
+    two buffers: one GEMM more."""
+    oc = _op_count()
+    base = oc.per_layer("base", compiled=False, batch=32)["kernels_per_layer"]
+    assert oc.per_layer(variant, compiled=False, batch=32)["kernels_per_layer"] - base == extra
+
+
 def test_op_count_sees_composites():
     """The kernel count looks inside composite ops (rms_norm on the CPU is several kernels)."""
     from torch.profiler import profile

@@ -229,6 +229,32 @@ def test_fbl_without_u(M, kw, device):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("M", [1, 40])
+def test_ffl_writer_on_one_stream(M, dtype, device):
+    """zflora's writer: [h' | z'] = [h | z] + u [W; A]^T with the residual h
+    and the carry z the two halves of one stream buffer. Against float64; on
+    the ATen path (M = 40 > the decode kernels' M, and fp64) it is one addmm,
+    not a product and two adds."""
+    from torch.profiler import profile
+
+    K, N, R = 24, 16, 4
+    st, hz = rand(N + R, K, dtype=dtype, device=device), rand(M, N + R + 3, dtype=dtype, device=device)
+    W, A, h, z = st[:N], st[N:], hz[:, :N], hz[:, N:N + R]  # the stream: a row-strided view
+    u = rand(M, K, dtype=dtype, device=device)
+    with profile() as p:
+        got = torch.ops.flora.ffl(u, W, A, 1.0, [], 0, z, h)
+    want = u.double() @ st.double().T + hz[:, :N + R].double()
+    assert got.shape == (M, N + R)
+    bound = (u.double().abs() @ st.double().abs().T + hz[:, :N + R].double().abs()).max().item()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=4 * torch.finfo(dtype).eps * bound)
+    inside = [e.name for e in p.events() if e.name.startswith("aten::") and e.cpu_parent is not None
+              and e.cpu_parent.name == "flora::ffl"]
+    if device == "cpu" and (M == 40 or dtype == torch.float64):
+        assert "aten::addmm" in inside and "aten::add_" not in inside, inside
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("M", [1, 3, 40])
 def test_fbl_takes_transposed_weights(fused, M):

@@ -83,7 +83,8 @@ def test_gradcheck_float64(op):
 
 
 @pytest.mark.parametrize("op,bad,exc,msg", [
-    ("rms_norm", lambda: (torch.randn(2, 8), torch.randn(7), 1e-5), ValueError, "flora.rms_norm: expected"),
+    ("rms_norm", lambda: (torch.randn(2, 8), torch.randn(9), 1e-5), ValueError, "flora.rms_norm: expected"),
+    ("rms_norm", lambda: (torch.randn(2, 8), torch.randn(2, 8), 1e-5), ValueError, "flora.rms_norm: expected"),
     ("rms_norm", lambda: (torch.randn(2, 8), torch.randn(8).double(), 1e-5), TypeError, "weight must match"),
     ("rope", lambda: (torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)), ValueError,
      "flora.rope: expected"),
@@ -99,6 +100,78 @@ def test_bad_operands(op, bad, exc, msg):
     for fn in (getattr(torch.ops.flora, op), ops.REFERENCES[op]):
         with pytest.raises(exc, match=msg):
             fn(*bad())
+
+
+def stream(dtype, device="cpu", M=5, d=256, r=8):
+    """zflora's stream [h | z] as the model hands it to the norm: a row-strided
+    view of a writer's output, d columns normalised and r handed through."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, d + r + 40, generator=g)[:, 7:7 + d + r].to(device=device, dtype=dtype)
+    return x, torch.randn(d, generator=g).to(device=device, dtype=dtype), 1e-5
+
+
+@compiled
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_rms_norm_hands_the_stream_through(dtype, device):
+    """x [M, d + r], weight [d]: the first d columns are the RMSNorm of x's
+    first d columns (bitwise the plain call on that view), the last r are x's
+    own, unchanged; the reference (the composite with a concatenation) agrees."""
+    x, w, eps = stream(dtype, device)
+    d = w.shape[0]
+    got = torch.ops.flora.rms_norm(x, w, eps)
+    assert got.shape == x.shape and got.is_contiguous()
+    assert torch.equal(got[:, d:], x[:, d:])
+    assert torch.equal(got[:, :d], torch.ops.flora.rms_norm(x[:, :d], w, eps))
+    ref = ops.rms_norm_reference(x, w, eps)
+    assert torch.equal(ref[:, d:], x[:, d:])
+    want = exact("rms_norm", (x[:, :d], w, eps))
+    own = (ref[:, :d].double() - want).abs().max().item()
+    ulp = torch.finfo(dtype).eps * want.abs().max().item()
+    assert (got[:, :d].double() - want).abs().max().item() <= 2 * own + ulp
+
+
+@compiled
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_stream_opcheck_and_gradients(device):
+    """Schema, fake and autograd of the handed-through form; z's gradient
+    passes straight through and h's is the norm's (float64 gradcheck)."""
+    x, w, eps = stream(torch.float32, device)
+    opcheck(torch.ops.flora.rms_norm.default, (x, w, eps))
+    opcheck(torch.ops.flora.rms_norm.default, (x.detach().clone().requires_grad_(True), w.clone().requires_grad_(True), eps))
+    x, w, eps = stream(torch.float64, device, M=3, d=16, r=4)
+    xs, ws = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.flora.rms_norm(a, b, eps), (xs, ws))
+
+
+@compiled
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_over_u(dtype, device):
+    """flora::silu_mul_ writes the product over u (u's place in the gate/up
+    output), bitwise what flora::silu_mul returns, and leaves the columns
+    around u alone; opcheck covers its mutation annotation and fake."""
+    gu = torch.randn(4, 2 * 96 + 8, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+    g, u = gu[:, :96], gu[:, 96:192]
+    want, before = torch.ops.flora.silu_mul(g, u), gu.clone()
+    torch.ops.flora.silu_mul_(g, u)
+    assert torch.equal(u, want)
+    assert torch.equal(gu[:, :96], before[:, :96]) and torch.equal(gu[:, 192:], before[:, 192:])
+    opcheck(torch.ops.flora.silu_mul_.default, (g, gu.clone()[:, 96:192]))
+
+
+def test_silu_mul_over_u_only_for_inference():
+    """Where autograd records, the in-place op refuses with a clear error and
+    the wrapper hands back a new tensor (the composite) instead."""
+    g, u = torch.randn(2, 8), torch.randn(2, 8, requires_grad=True)
+    for fn in (torch.ops.flora.silu_mul_, ops.REFERENCES["silu_mul_"]):
+        with pytest.raises(ValueError, match="for inference"):
+            fn(g, u)
+    out = ops.silu_mul(g, u, over_u=True)
+    assert out is not u and out.requires_grad
+    with torch.no_grad():
+        u2 = u.detach().clone()
+        assert ops.silu_mul(g, u2, over_u=True) is u2
 
 
 def _calls(fn):

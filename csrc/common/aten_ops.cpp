@@ -60,7 +60,14 @@ at::Tensor ffl_aten_checked(const FflShape& sh, const at::Tensor& x, const at::T
                             int64_t repeat_rank, const c10::optional<at::Tensor>& z_in,
                             const c10::optional<at::Tensor>& res) {
   at::Tensor out = at::empty({sh.M, sh.N + sh.R}, x.options());
-  if (sh.R == 0 || rows_follow(W, A)) {
+  const bool stacked = sh.R == 0 || rows_follow(W, A);
+  // zflora's writer, [h | z] + u [W; A]^T: one addmm when the residual and
+  // the carry are one stream (the model keeps them adjacent)
+  if (stacked && res.has_value() && z_in.has_value() && repeat.empty() && cols_follow(*res, *z_in)) {
+    at::addmm_out(out, stack_cols(*res, *z_in), x, stack_rows(W, A).t());
+    return out;
+  }
+  if (stacked) {
     at::mm_out(out, x, stack_rows(W, A).t());
   } else {
     at::Tensor y = out.narrow(1, 0, sh.N), z = out.narrow(1, sh.N, sh.R);
@@ -129,7 +136,9 @@ at::Tensor ffbl_aten_checked(const FfblShape& sh, const at::Tensor& u, const at:
 }
 
 at::Tensor rms_norm_aten(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const int64_t d = x.size(1);
+  const int64_t d = weight.size(0);
+  if (d < x.size(1))  // zflora's stream [h | z]: z handed through
+    return at::cat({rms_norm_aten(x.narrow(1, 0, d), weight, eps), x.narrow(1, d, x.size(1) - d)}, 1);
   if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {d}, weight, eps);
   return weight * at::rms_norm(x, {d}, c10::nullopt, eps);
 }
@@ -140,5 +149,6 @@ at::Tensor rope_aten(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
 
 // silu's output is fresh: the product overwrites it (same roundings, one buffer)
 at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u) { return at::silu(g).mul_(u); }
+void silu_mul_inplace_aten(const at::Tensor& g, const at::Tensor& u) { u.mul_(at::silu(g)); }
 
 }  // namespace flora

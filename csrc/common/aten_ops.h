@@ -44,6 +44,7 @@ at::Tensor ffbl_aten(const at::Tensor& u, const at::Tensor& z,
 at::Tensor rms_norm_aten(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rope_aten(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u);
+void silu_mul_inplace_aten(const at::Tensor& g, const at::Tensor& u);
 
 // FFL epilogue on a computed [y | z] buffer: z += z_in, y += res, then the
 // repeat-add.

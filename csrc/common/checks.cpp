@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
 #include <sstream>
@@ -145,8 +146,9 @@ FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
 }
 
 void check_rms_norm(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1),
-                    "flora.rms_norm: expected x [M, d] and weight [d], got ", x.sizes(), " and ",
+  // x [M, d + t]: the t trailing columns (zflora's z) are handed through
+  TORCH_CHECK_VALUE(x.dim() == 2 && weight.dim() == 1 && weight.size(0) <= x.size(1),
+                    "flora.rms_norm: expected x [M, d (+ t)] and weight [d], got ", x.sizes(), " and ",
                     weight.sizes());
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
                    "flora.rms_norm: weight must match x (", x.scalar_type(), " on ", x.device(),
@@ -164,6 +166,13 @@ void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
                    cos.scalar_type(), ", ", sin.scalar_type());
   TORCH_CHECK_TYPE(cos.device() == x.device() && sin.device() == x.device(),
                    "flora.rope: cos and sin must be on ", x.device(), " like x");
+}
+
+void check_silu_mul_inplace(const at::Tensor& g, const at::Tensor& u) {
+  check_silu_mul(g, u);
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && (g.requires_grad() || u.requires_grad())),
+                    "flora.silu_mul_: writes over u, for inference; where autograd records, call "
+                    "flora.silu_mul");
 }
 
 void check_silu_mul(const at::Tensor& g, const at::Tensor& u) {

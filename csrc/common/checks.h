@@ -30,6 +30,7 @@ FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
 void check_rms_norm(const at::Tensor& x, const at::Tensor& weight);
 void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 void check_silu_mul(const at::Tensor& g, const at::Tensor& u);
+void check_silu_mul_inplace(const at::Tensor& g, const at::Tensor& u);
 
 FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,
                    const at::Tensor& W, const at::Tensor& B,

@@ -22,4 +22,7 @@ TORCH_LIBRARY(flora, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("silu_mul(Tensor g, Tensor u) -> Tensor");
+  // inference: the product written over u (ffba's down then reads [mid | z],
+  // u's columns and the state after them, as one operand)
+  m.def("silu_mul_(Tensor g, Tensor(a!) u) -> ()");
 }

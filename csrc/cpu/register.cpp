@@ -145,14 +145,15 @@ constexpr int64_t kPointwiseMaxElems = 4096;
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rms_norm(x, weight);
   const auto dt = pointwise_dtype(x);
-  if (!dt || x.stride(1) != 1 || !weight.is_contiguous() || x.numel() > kPointwiseMaxElems)
+  // (the elements normalised: columns handed through are a copy)
+  if (!dt || x.stride(1) != 1 || !weight.is_contiguous() || x.size(0) * weight.numel() > kPointwiseMaxElems)
     return rms_norm_aten(x, weight, eps);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  const int64_t M = x.size(0), d = x.size(1);
+  const int64_t M = x.size(0), d = weight.size(0), width = x.size(1);
   const void *px = x.data_ptr(), *pw = weight.data_ptr();
   void* po = out.data_ptr();
-  at::parallel_for(0, M, pointwise_grain(d), [&](int64_t b, int64_t e) {
-    k::rms_norm_rows(*dt, b, e, d, px, x.stride(0), pw, static_cast<float>(eps), po);
+  at::parallel_for(0, M, pointwise_grain(width), [&](int64_t b, int64_t e) {
+    k::rms_norm_rows(*dt, b, e, d, width, px, x.stride(0), pw, static_cast<float>(eps), po);
   });
   return out;
 }
@@ -177,6 +178,10 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
 at::Tensor silu_mul_cpu(const at::Tensor& g, const at::Tensor& u) {
   check_silu_mul(g, u);
   return silu_mul_aten(g, u);
+}
+void silu_mul_inplace_cpu(const at::Tensor& g, const at::Tensor& u) {
+  check_silu_mul_inplace(g, u);
+  silu_mul_inplace_aten(g, u);
 }
 
 }  // namespace
@@ -203,6 +208,7 @@ std::vector<KernelInfo> cpu_kernel_info() {
     rows.push_back({op, "cpu", "one-pass kernel (transformers' roundings)",
                     "fp32 / bf16 / fp16 up to 4096 elements (decode), eager inference; else the aten composite"});
   rows.push_back({"silu_mul", "cpu", "aten silu, then the product in place", "all calls"});
+  rows.push_back({"silu_mul_", "cpu", "aten silu, then the product over u", "all calls"});
   return rows;
 }
 
@@ -213,6 +219,7 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("rope", &rope_cpu);
   m.impl("silu_mul", &silu_mul_cpu);
+  m.impl("silu_mul_", &silu_mul_inplace_cpu);
 }
 
 }  // namespace flora

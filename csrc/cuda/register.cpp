@@ -352,7 +352,8 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& w, double eps) {
   return one_launch(x, x.stride(1) == 1 && w.is_contiguous(), "rms_norm", [&](at::Tensor& out) {
 #ifdef FLORA_WITH_CUTLASS
     fc::RmsNormArgs a;
-    a.dt = pw_dtype(x), a.M = x.size(0), a.d = x.size(1), a.x = x.data_ptr(), a.ldx = x.stride(0);
+    a.dt = pw_dtype(x), a.M = x.size(0), a.d = w.size(0), a.width = x.size(1);
+    a.x = x.data_ptr(), a.ldx = x.stride(0);
     a.w = w.data_ptr(), a.eps = static_cast<float>(eps), a.out = out.data_ptr();
     return fc::rms_norm(a, current_stream());
 #else
@@ -383,12 +384,31 @@ at::Tensor silu_mul_cuda(const at::Tensor& g, const at::Tensor& u) {
 #ifdef FLORA_WITH_CUTLASS
     fc::SiluMulArgs a;
     a.dt = pw_dtype(g), a.M = g.size(0), a.n = g.size(1), a.g = g.data_ptr(), a.ldg = g.stride(0);
-    a.u = u.data_ptr(), a.ldu = u.stride(0), a.out = out.data_ptr();
+    a.u = u.data_ptr(), a.ldu = u.stride(0), a.out = out.data_ptr(), a.ldo = g.size(1);
     return fc::silu_mul(a, current_stream());
 #else
     return cudaErrorNotSupported;
 #endif
   }, [&] { return silu_mul_aten(g, u); });
+}
+
+void silu_mul_inplace_cuda(const at::Tensor& g, const at::Tensor& u) {
+  check_silu_mul_inplace(g, u);
+  const c10::DeviceGuard guard(g.device());
+  if (pointwise_kernel_on(g)) {
+    if (g.stride(1) != 1 || u.stride(1) != 1) {
+      set_last_dispatch("cublas: aten composite (an operand layout the kernel does not take)");
+    } else {
+#ifdef FLORA_WITH_CUTLASS
+      fc::SiluMulArgs a;  // each element is read, then written, by one thread
+      a.dt = pw_dtype(g), a.M = g.size(0), a.n = g.size(1), a.g = g.data_ptr(), a.ldg = g.stride(0);
+      a.u = u.data_ptr(), a.ldu = u.stride(0), a.out = u.data_ptr(), a.ldo = u.stride(0);
+      check_launch(fc::silu_mul(a, current_stream()), "silu_mul_");
+      return;
+#endif
+    }
+  }
+  silu_mul_inplace_aten(g, u);
 }
 
 }  // namespace
@@ -420,7 +440,7 @@ std::vector<KernelInfo> cuda_kernel_info() {
           ? "verified on " + cuda_kernel_verified("pointwise") + ": every bf16 / fp16 / fp32 call"
       : cuda_kernels_env() == KernelSwitch::kAll ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
                                                  : "not verified on a device; off (FLORA_CUDA_KERNELS=1 runs it)";
-  for (const char* op : {"rms_norm", "rope", "silu_mul"}) {
+  for (const char* op : {"rms_norm", "rope", "silu_mul", "silu_mul_"}) {
     rows.push_back({op, "cuda", "pointwise kernel (one launch)", pw});
     rows.push_back({op, "cuda", "aten composite", "every call the kernel does not take"});
   }
@@ -434,6 +454,7 @@ TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("rope", &rope_cuda);
   m.impl("silu_mul", &silu_mul_cuda);
+  m.impl("silu_mul_", &silu_mul_inplace_cuda);
 }
 
 }  // namespace flora

@@ -163,7 +163,10 @@ class FusedMLP(_SubBlock):
     """The SwiGLU MLP with its residual add:
     h' = residual + (silu(x W_g^T) * (x W_u^T)) W_d^T (+ adapters).
 
-    forward(x [M, d], residual=None, carry=None) -> (h', carry').
+    forward(x [M, d], residual=None, carry=None, x_carry=None) -> (h', carry').
+    gate/up read ``x_carry`` (default ``carry``): zflora's model hands it the
+    carry's copy next to x, so that the reader's GEMM takes [x | z] as one
+    operand, and the writer adds [residual | carry], also adjacent.
     """
 
     def __init__(self, w_gate: Tensor, w_up: Tensor, w_down: Tensor, config=None,
@@ -188,9 +191,11 @@ class FusedMLP(_SubBlock):
             repoint(l, m.base_weight(p))
         return m
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None, carry: Optional[Tensor] = None):
-        (g, u), state = self.gate_up.forward(self, x, carry)
-        mid = ops.silu_mul(g, u)
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, carry: Optional[Tensor] = None,
+                x_carry: Optional[Tensor] = None):
+        (g, u), state = self.gate_up.forward(self, x, carry if x_carry is None else x_carry)
+        # with a state (ffba family) the product takes u's place, next to it
+        mid = ops.silu_mul(g, u, over_u=state is not None)
         return self.down.forward(self, mid, state, residual, carry)
 
 

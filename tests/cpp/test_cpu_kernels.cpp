@@ -241,11 +241,13 @@ TEST(PointwiseKernels, RopeRoundsLikeTheComposite) {
 TEST(PointwiseKernels, RmsNormAgainstDouble) {
   for (k::Dtype dt : {k::Dtype::kF32, k::Dtype::kBF16, k::Dtype::kF16}) {
     std::mt19937 g(6);
-    const int64_t M = 3, d = 200;
-    Buf x(dt, M, d, 9, g), w(dt, 1, d, 0, g);
-    std::vector<uint8_t> out(static_cast<size_t>(M * d * k::elem_size(dt)));
-    k::rms_norm_rows(dt, 0, M, d, x.data.data(), x.ld, w.data.data(), 1e-5f, out.data());
+    const int64_t M = 3, d = 200, width = 205;  // 5 columns handed through (zflora's z)
+    Buf x(dt, M, width, 9, g), w(dt, 1, d, 0, g);
+    std::vector<uint8_t> out(static_cast<size_t>(M * width * k::elem_size(dt)));
+    k::rms_norm_rows(dt, 0, M, d, width, x.data.data(), x.ld, w.data.data(), 1e-5f, out.data());
     for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i = d; i < width; ++i)
+        ASSERT_EQ(k::load_f32(dt, out.data(), m * width + i), x.at(m, i)) << "handed-through col " << i;
       double ss = 0;
       for (int64_t i = 0; i < d; ++i) ss += x.at(m, i) * x.at(m, i);
       const double r = 1.0 / std::sqrt(ss / d + 1e-5);
@@ -253,7 +255,7 @@ TEST(PointwiseKernels, RmsNormAgainstDouble) {
         const double want = x.at(m, i) * r * w.at(0, i);
         // two roundings in bf16 / fp16 (normalised value, product), a few ulps in fp32
         const double tol = (dt == k::Dtype::kF32 ? 8 : 2) * eps(dt) * (std::fabs(want) + 1e-6);
-        ASSERT_NEAR(k::load_f32(dt, out.data(), m * d + i), want, tol) << "row " << m << " col " << i;
+        ASSERT_NEAR(k::load_f32(dt, out.data(), m * width + i), want, tol) << "row " << m << " col " << i;
       }
     }
   }

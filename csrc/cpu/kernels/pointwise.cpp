@@ -36,9 +36,10 @@ inline float rnd(float v) {
 }
 
 template <Dtype DT>
-FLORA_NO_CONTRACT void rms_norm_t(int64_t m0, int64_t m1, int64_t d, const void* x, int64_t ldx,
-                                  const void* w, float eps, void* out) {
+FLORA_NO_CONTRACT void rms_norm_t(int64_t m0, int64_t m1, int64_t d, int64_t width, const void* x,
+                                  int64_t ldx, const void* w, float eps, void* out) {
   for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t i = d; i < width; ++i) st<DT>(out, m * width + i, ld<DT>(x, m * ldx + i));  // exact
     float ss = 0.f;
     for (int64_t i = 0; i < d; ++i) {
       const float v = ld<DT>(x, m * ldx + i);
@@ -46,7 +47,7 @@ FLORA_NO_CONTRACT void rms_norm_t(int64_t m0, int64_t m1, int64_t d, const void*
     }
     const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
     for (int64_t i = 0; i < d; ++i)
-      st<DT>(out, m * d + i, rnd<DT>(ld<DT>(x, m * ldx + i) * r) * ld<DT>(w, i));
+      st<DT>(out, m * width + i, rnd<DT>(ld<DT>(x, m * ldx + i) * r) * ld<DT>(w, i));
   }
 }
 
@@ -71,12 +72,12 @@ FLORA_NO_CONTRACT void rope_t(const RopeArgs& a, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-void rms_norm_rows(Dtype dt, int64_t m0, int64_t m1, int64_t d, const void* x, int64_t ldx,
-                   const void* w, float eps, void* out) {
+void rms_norm_rows(Dtype dt, int64_t m0, int64_t m1, int64_t d, int64_t width, const void* x,
+                   int64_t ldx, const void* w, float eps, void* out) {
   switch (dt) {
-    case Dtype::kF32: return rms_norm_t<Dtype::kF32>(m0, m1, d, x, ldx, w, eps, out);
-    case Dtype::kBF16: return rms_norm_t<Dtype::kBF16>(m0, m1, d, x, ldx, w, eps, out);
-    default: return rms_norm_t<Dtype::kF16>(m0, m1, d, x, ldx, w, eps, out);
+    case Dtype::kF32: return rms_norm_t<Dtype::kF32>(m0, m1, d, width, x, ldx, w, eps, out);
+    case Dtype::kBF16: return rms_norm_t<Dtype::kBF16>(m0, m1, d, width, x, ldx, w, eps, out);
+    default: return rms_norm_t<Dtype::kF16>(m0, m1, d, width, x, ldx, w, eps, out);
   }
 }
 

@@ -9,10 +9,12 @@
 
 namespace flora::cpu::kernels {
 
-// out[m] = w * round(x[m] * rsqrt(mean(x[m]^2) + eps)) for rows [m0, m1) of
-// x [M, d] (row stride ldx); fp32: (x * r) * w. out is [M, d] contiguous.
-void rms_norm_rows(Dtype dt, int64_t m0, int64_t m1, int64_t d, const void* x, int64_t ldx,
-                   const void* w, float eps, void* out);
+// out[m] = w * round(x[m] * rsqrt(mean(x[m]^2) + eps)) over the first d of
+// x's width columns, for rows [m0, m1) of x [M, width] (row stride ldx);
+// fp32: (x * r) * w. Columns d ... width - 1 are copied unchanged (zflora's
+// stream [h | z]). out is [M, width] contiguous.
+void rms_norm_rows(Dtype dt, int64_t m0, int64_t m1, int64_t d, int64_t width, const void* x,
+                   int64_t ldx, const void* w, float eps, void* out);
 
 // out = round(round(x cos) + round(roll(x, hd / 2) sin)) over rows [r0, r1)
 // of x viewed as [B, T, H, hd] (strides sb, st, sh; unit last stride);

@@ -65,10 +65,11 @@ cudaError_t gemm_sm90_2k_t_fp16(const FusedArgs& a, void* workspace, size_t work
 // The decode step's pointwise pieces (pointwise.cu), one launch each, with
 // the roundings of the ATen composites they replace (flora/ops.py).
 enum class PointwiseDtype : int { kBF16 = 0, kF16 = 1, kF32 = 2 };
-// out [M, d] = w * round(x * rsqrt(mean(x^2) + eps)); x rows strided (ldx).
+// out [M, width] = [w * round(x * rsqrt(mean(x^2) + eps)) over x's first d
+// columns | x's other columns unchanged]; x rows strided (ldx), out contiguous.
 struct RmsNormArgs {
   PointwiseDtype dt = PointwiseDtype::kBF16;
-  int64_t M = 0, d = 0;
+  int64_t M = 0, d = 0, width = 0;  // x, out [M, width]: columns d ... width - 1 copied
   const void* x = nullptr;
   int64_t ldx = 0;
   const void* w = nullptr;
@@ -86,7 +87,7 @@ struct RopeArgs {
   const void* sin = nullptr;
   void* out = nullptr;
 };
-// out [M, n] = round(silu(g)) * u; g, u rows strided.
+// out [M, n] = round(silu(g)) * u; g, u, out rows strided (out may be u).
 struct SiluMulArgs {
   PointwiseDtype dt = PointwiseDtype::kBF16;
   int64_t M = 0, n = 0;
@@ -94,7 +95,8 @@ struct SiluMulArgs {
   int64_t ldg = 0;
   const void* u = nullptr;
   int64_t ldu = 0;
-  void* out = nullptr;
+  void* out = nullptr;  // may be u itself (flora::silu_mul_)
+  int64_t ldo = 0;
 };
 cudaError_t rms_norm(const RmsNormArgs& a, cudaStream_t stream);
 cudaError_t rope(const RopeArgs& a, cudaStream_t stream);

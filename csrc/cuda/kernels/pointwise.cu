@@ -39,12 +39,14 @@ __device__ __forceinline__ float rnd(float v) {
 
 constexpr int kThreads = 256;
 
-// One CTA per row: sum of squares (fp32, block reduction), then the row.
+// One CTA per row: sum of squares (fp32, block reduction), then the row; the
+// columns past d (zflora's z) are copied through.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(RmsNormArgs a) {
   const T* x = static_cast<const T*>(a.x) + blockIdx.x * a.ldx;
   const T* w = static_cast<const T*>(a.w);
-  T* out = static_cast<T*>(a.out) + blockIdx.x * a.d;
+  T* out = static_cast<T*>(a.out) + blockIdx.x * a.width;
+  for (int64_t i = a.d + threadIdx.x; i < a.width; i += kThreads) out[i] = x[i];  // z handed through
   float ss = 0.f;
   for (int64_t i = threadIdx.x; i < a.d; i += kThreads) {
     const float v = Cv<T>::f(x[i]);
@@ -80,7 +82,8 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(RopeArgs a) {
   }
 }
 
-// One thread per element of [M, n]; g, u row-strided, out contiguous.
+// One thread per element of [M, n]; g, u, out row-strided. out may be u:
+// each element is read, then written, by the same thread.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) silu_mul_kernel(SiluMulArgs a) {
   const int64_t total = a.M * a.n;
@@ -89,7 +92,8 @@ __global__ void __launch_bounds__(kThreads) silu_mul_kernel(SiluMulArgs a) {
     const int64_t m = e / a.n, i = e % a.n;
     const float v = Cv<T>::f(static_cast<const T*>(a.g)[m * a.ldg + i]);
     const float s = rnd<T>(__fdiv_rn(v, __fadd_rn(1.f, expf(-v))));
-    static_cast<T*>(a.out)[e] = Cv<T>::to(__fmul_rn(s, Cv<T>::f(static_cast<const T*>(a.u)[m * a.ldu + i])));
+    static_cast<T*>(a.out)[m * a.ldo + i] =
+        Cv<T>::to(__fmul_rn(s, Cv<T>::f(static_cast<const T*>(a.u)[m * a.ldu + i])));
   }
 }
 
