@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import adapter_io, nvtx
+from . import adapter_io, nvtx, ops
 from .adapters import AdapterRegistry, describe
 from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, attention_mask_4d, causal_lm_loss,
                      chunked_lm_loss, chunked_target_stats, positions_from_mask, rms_norm, rope_cos_sin,
@@ -30,6 +30,7 @@ from .generation import generate
 from .hf_compat import HFCompat, HFConfigView
 from .modules import (FusedAttentionProjections, FusedLMHead, FusedMLP, FusedOutputProjection,
                       initial_carry)
+
 
 def _halves(t: Tensor, d: int) -> tuple:
     return t[:, :d], t[:, d:]
@@ -47,22 +48,11 @@ def _norm(h: Tensor, carry: Optional[Tensor], weight: Tensor, eps: float, stream
     writer (zflora-minimal's o, -mha's down) they stay apart: a copy would
     cost the decode kernels, which take them apart, one launch more."""
     if stream and carry is not None:
-        hz = torch.cat([h, carry], 1) if torch.compiler.is_compiling() else _adjacent(h, carry)
+        hz = torch.cat([h, carry], 1) if torch.compiler.is_compiling() else ops.adjacent(h, carry)
         if hz is not None:
             d = h.shape[1]
             return (*_halves(hz, d), *_halves(rms_norm(hz, weight, eps), d))
     return h, carry, rms_norm(h, weight, eps), carry
-
-
-def _adjacent(q: Tensor, k: Tensor) -> Optional[Tensor]:
-    """[q | k] as one view when k's columns follow q's in one buffer (the fused
-    q/k/v output), else None. Under torch.compile the rotations fuse anyway;
-    with autograd the two stay apart (an as_strided backward is slow)."""
-    if torch.compiler.is_compiling() or q.requires_grad or k.requires_grad or q.stride() != k.stride():
-        return None
-    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.element_size():
-        return None
-    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1]), q.stride())
 
 
 def _sharded(module) -> bool:
@@ -356,7 +346,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         with nvtx.range("attn", i):  # NVTX ranges: no-ops unless flora.nvtx.enable()
             h, carry, x, xc = _norm(h, carry, layer.input_norm, a.rms_norm_eps, stream)
             q, k, v, state = layer.attn(x, xc)
-            qk = _adjacent(q, k)
+            qk = ops.adjacent(q, k)
             if qk is not None:  # q and k side by side in the fused output: rotate both at once
                 qk = apply_rope(qk.view(B, T, nh + nkv, hd), cos, sin)
                 q, k = qk[:, :, :nh], qk[:, :, nh:]
@@ -366,11 +356,11 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             if cache is not None:
                 k, v = cache.update(i, k, v)
             att = attention(q, k, v, mask)
-            h, carry = layer.o(att, state, residual=h, carry=carry)
+            h, carry = layer.o(att, state, residual=h, carry=carry, in_place=True)  # h is ours
         # MLP sub-block: SwiGLU with the residual add inside the module
         with nvtx.range("mlp", i):
             h, carry, x2, xc = _norm(h, carry, layer.post_norm, a.rms_norm_eps, stream)
-            h, carry = layer.mlp(x2, residual=h, carry=carry, x_carry=xc)
+            h, carry = layer.mlp(x2, residual=h, carry=carry, x_carry=xc, in_place=True)
         return h, carry
 
     # ------------------------------------------------------------ generation

@@ -39,6 +39,8 @@ SCHEMAS = {
         "ffbl(Tensor u, Tensor z, Tensor W, Tensor B, Tensor A, Tensor C, "
         "float s=1.0, Tensor? res=None, bool relu=False) -> Tensor"
     ),
+    # inference: res += u W^T + s f(z) B^T in place (no copy of res first)
+    "fbl_": "fbl_(Tensor(a!) res, Tensor u, Tensor z, Tensor W, Tensor B, float s=1.0, bool relu=False) -> ()",
     # The Llama step's pointwise pieces, one pass each where eager runs several ops
     "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
     "rope": "rope(Tensor x, Tensor cos, Tensor sin) -> Tensor",
@@ -219,6 +221,22 @@ def fbl_reference(u, z, W, B, s=1.0, res=None, relu=False):
     return y.to(u.dtype)
 
 
+def check_fbl_inplace(res, u, z, W, B, memory=True):
+    """memory=False: fake tensors, which have no addresses to compare."""
+    check_fbl(u, z, W, B, res)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (res, u, z, W, B)):
+        raise ValueError("flora.fbl_: writes over res, for inference; where autograd records, call "
+                         "flora.fbl with res")
+    for t, name in ((u, "u"), (z, "z"), (W, "W"), (B, "B")) if memory else ():
+        if t.numel() and t.data_ptr() == res.data_ptr():
+            raise ValueError(f"flora.fbl_: res overlaps {name} in memory; the op writes res while it reads {name}")
+
+
+def fbl_inplace_reference(res, u, z, W, B, s=1.0, relu=False):
+    check_fbl_inplace(res, u, z, W, B)
+    res.copy_(fbl_reference(u, z, W, B, s, res, relu))
+
+
 def ffbl_reference(u, z, W, B, A, C, s=1.0, res=None, relu=False):
     check_ffbl(u, z, W, B, A, C, res)
     ua = _acc(u)
@@ -306,7 +324,7 @@ def silu_mul_inplace_reference(g, u):
     u.copy_(_silu_mul(g, u))
 
 
-REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "ffbl": ffbl_reference,
+REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "fbl_": fbl_inplace_reference, "ffbl": ffbl_reference,
               "rms_norm": rms_norm_reference, "rope": rope_reference, "silu_mul": silu_mul_reference,
               "silu_mul_": silu_mul_inplace_reference}
 
@@ -356,6 +374,11 @@ def _rope_fake(x, cos, sin):
 def _silu_mul_fake(g, u):
     check_silu_mul(g, u)
     return g.new_empty(g.shape)
+
+
+@torch.library.register_fake("flora::fbl_")
+def _fbl_inplace_fake(res, u, z, W, B, s=1.0, relu=False):
+    check_fbl_inplace(res, u, z, W, B, memory=False)
 
 
 @torch.library.register_fake("flora::silu_mul_")
@@ -570,6 +593,7 @@ def fbl(
     *,
     res: Optional[Tensor] = None,
     relu: bool = False,
+    into_res: bool = False,
 ) -> Tensor:
     """Fused backward layer: ``y = u W^T + s * f(z) B^T (+ res)`` in one product
     over ``[u | z]`` and ``[W | sB]``; f is ReLU when ``relu`` else identity.
@@ -577,15 +601,35 @@ def fbl(
     u [M, K], z [M, R], W [N, K], B [N, R], res [M, N] -> y [M, N]. W and B
     may also be transposed views (W = V.t() of a row-major V): the input
     gradient of FFL, dy V + dz A, is fbl(dy, dz, V.t(), A.t()).
+
+    ``into_res``: the caller gives res up. In inference y is written over it
+    (``flora::fbl_``) and res is returned: cuBLAS then adds onto res (beta =
+    1) instead of copying it into a fresh output first. Where autograd
+    records, under torch.compile or autocast, a new tensor as without it.
     """
+    if into_res and res is not None and _fused(res, u, z, W, B):
+        torch.ops.flora.fbl_(res, u, z, W, B, float(s), relu)
+        return res
     return torch.ops.flora.fbl(u, z, W, B, float(s), res, relu)
 
 
+def adjacent(a: Tensor, b: Tensor) -> Optional[Tensor]:
+    """[a | b] as one view when b's columns follow a's in one buffer (the
+    fused q/k/v output, zflora's stream [h | z]), else None. Under
+    torch.compile (fake tensors have no addresses) and with autograd (an
+    as_strided backward is slow) the two stay apart."""
+    if torch.compiler.is_compiling() or a.requires_grad or b.requires_grad or a.stride() != b.stride():
+        return None
+    if b.data_ptr() != a.data_ptr() + a.shape[1] * a.element_size():
+        return None
+    return a.as_strided((a.shape[0], a.shape[1] + b.shape[1]), a.stride())
+
+
 def _fused(*ts: Tensor) -> bool:
-    """Run a pointwise op's one-pass kernel, or the composite it replaces:
-    under torch.compile Inductor fuses the composite with its neighbours;
-    training (autograd, autocast) keeps the composite's own backward; mixed
-    dtypes keep its type promotion."""
+    """Run a pointwise op's one-pass kernel (or an in-place form), or the
+    composite it replaces: under torch.compile Inductor fuses the composite
+    with its neighbours; training (autograd, autocast) keeps the composite's
+    own backward; mixed dtypes keep its type promotion."""
     if torch.compiler.is_compiling() or any(t.dtype != ts[0].dtype for t in ts):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):

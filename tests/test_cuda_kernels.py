@@ -351,6 +351,31 @@ def test_fbl_kernel(monkeypatch, dtype, M, R, s, relu, res, fused):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", M_DECODE + [64])
+@pytest.mark.parametrize("R,s,relu", [(0, 1.0, False), (32, 1.0, False), (32, 0.5, True)])
+def test_fbl_inplace_kernel(monkeypatch, dtype, M, R, s, relu):
+    """flora::fbl_ (a writer adding onto the residual stream): the decode
+    kernel writes y over res, a row-strided view whose neighbour columns
+    keep their bits; above M = 16 cuBLAS adds onto res (beta = 1)."""
+    K, N = 1024, 528
+    uz, WB = _fused(M, K + R, dtype), _fused(N, K + R, dtype)
+    u, z, W, B = uz[:, :K], uz[:, K:], WB[:, :K], WB[:, K:]
+    stream = _fused(M, N + 8, dtype)
+
+    def fn():
+        buf = stream.clone()
+        torch.ops.flora.fbl_(buf[:, :N], u, z, W, B, s, relu)
+        return buf
+
+    got, base = _run_both(monkeypatch, fn, "decode_" + ("bf16" if dtype == torch.bfloat16 else "fp16")
+                          if M <= 16 else None)
+    assert torch.equal(got[:, N:], stream[:, N:])
+    want = ops.fbl_reference(_d(u), _d(z), _d(W), _d(B), s, _d(stream[:, :N]), relu)
+    _check(got[:, :N], want, base[:, :N], dtype, f"fbl_ M={M} R={R} s={s} relu={relu}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", M_DECODE + M_GEMM)
 @pytest.mark.parametrize("R", [8, 32])
 @pytest.mark.parametrize("s,relu,res", [(1.0, False, False), (0.5, True, True)])

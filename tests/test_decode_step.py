@@ -55,18 +55,21 @@ def test_decode_ops_over_base_follow_the_spec(variant, extra):
     assert oc.per_layer(variant, compiled=False)["ops_per_layer"] - base == extra
 
 
-@pytest.mark.parametrize("variant,extra", [("zflora", 0), ("zflora-minimal", 1), ("ffba", 1)])
+@pytest.mark.parametrize("variant,extra", [("zflora", 0), ("zflora-minimal", 0), ("zflora-mha", 0),
+                                           ("ffba", 1), ("pf-lora", 6)])
 def test_fused_gemms_on_aten(variant, extra):
     """Batch 32 (above the CPU decode kernels' M): the projections run on ATen,
     the calls flora's default CUDA path makes on cuBLAS, counted against base.
-    zflora keeps h and its carry as one stream buffer and RMSNorm hands the
-    carry through, so each reader (GEMM over [n(h) | z]) and each writer (one
-    addmm onto [h | z]) is what base runs: no concatenation, no second GEMM,
-    no separate adds. zflora-minimal's o is a base projection, whose output
-    leaves the stream: down's writer then adds the carry apart (one add).
-    ffba's down reads [mid | z] as one operand (SiLU x up written over up,
-    next to the state); its o reads the attention output and the state from
-    two buffers: one GEMM more."""
+    Every writer adds onto the residual stream in place (flora::fbl_: one
+    beta = 1 GEMM, no copy of the residual first). zflora keeps h and its
+    carry as one stream buffer and RMSNorm hands the carry through, so each
+    reader (one GEMM over [n(h) | z]) and each writer (one GEMM onto [h | z])
+    is what base runs; a base projection in zflora-minimal / -mha adds onto h
+    in place, so the stream stays one buffer. ffba's down reads [mid | z] as
+    one operand (SiLU x up written over up, next to the state); its o reads
+    the attention output and the state from two buffers: one GEMM more.
+    pf-lora: its spec's 4 B / A products, and o / down's [u | z] from two
+    buffers (one GEMM more each)."""
     oc = _op_count()
     base = oc.per_layer("base", compiled=False, batch=32)["kernels_per_layer"]
     assert oc.per_layer(variant, compiled=False, batch=32)["kernels_per_layer"] - base == extra

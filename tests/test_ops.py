@@ -255,6 +255,60 @@ def test_ffl_writer_on_one_stream(M, dtype, device):
         assert "aten::addmm" in inside and "aten::add_" not in inside, inside
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("M", [1, 40])
+@pytest.mark.parametrize("kw", [dict(), dict(s=0.5, relu=True), dict(K=0), dict(fused=True)],
+                         ids=["plain", "s-relu", "no-u", "one-k-range"])
+def test_fbl_inplace(kw, M, dtype, device):
+    """flora::fbl_: res += u W^T + s f(z) B^T written over res (a row-strided
+    view: the writer adding onto the residual stream, or the B product onto
+    the output an FFL just wrote, z next to it in the same buffer). Against
+    float64 and against fbl with res; the columns around res keep their bits."""
+    K, N, R = kw.get("K", 24), 16, 4
+    s, relu = kw.get("s", 1.0), kw.get("relu", False)
+    buf = rand(M, N + R + 3, dtype=dtype, device=device)  # [res | z | 3 more]
+    z = buf[:, N:N + R]
+    if kw.get("fused"):
+        uz, WB = rand(M, K + R, dtype=dtype, device=device), rand(N, K + R, dtype=dtype, device=device)
+        u, z, W, B = uz[:, :K], uz[:, K:], WB[:, :K], WB[:, K:]
+    else:
+        u, W, B = rand(M, K, dtype=dtype, device=device), rand(N, K, dtype=dtype, device=device), \
+            rand(N, R, dtype=dtype, device=device)
+    before = buf.clone()
+    want = torch.ops.flora.fbl(u, z, W, B, s, before[:, :N], relu)
+    want64 = ops.fbl_reference(u.double(), z.double(), W.double(), B.double(), s, before[:, :N].double(), relu)
+    torch.ops.flora.fbl_(buf[:, :N], u, z, W, B, s, relu)
+    assert torch.equal(buf[:, N:], before[:, N:])
+    got = buf[:, :N]
+    own = (want.double() - want64).abs().max().item()
+    floor = torch.finfo(dtype).eps * want64.abs().max().item()
+    assert (got.double() - want64).abs().max().item() <= 2 * max(own, floor)
+
+
+@compiled
+def test_fbl_inplace_checks_and_wrapper():
+    """fbl_ refuses where autograd records and an res that is one of its
+    operands; opcheck covers its schema (mutation) and fake. The wrapper's
+    into_res writes over res in inference and returns it, and returns a new
+    tensor where autograd records."""
+    u, z, W, B = rand(3, 8), rand(3, 2), rand(8, 8), rand(8, 2)
+    res = rand(3, 8)
+    opcheck(torch.ops.flora.fbl_.default, (res.clone(), u, z, W, B, 0.5, True))
+    for fn in (torch.ops.flora.fbl_, ops.REFERENCES["fbl_"]):
+        with pytest.raises(ValueError, match="for inference"):
+            fn(res, u, z, W.clone().requires_grad_(True), B)
+        with pytest.raises(ValueError, match="res overlaps u"):
+            fn(u, u, z, W, B)
+    Wg = W.clone().requires_grad_(True)
+    y = ops.fbl(u, z, Wg, B, res=res, into_res=True)
+    assert y is not res and y.requires_grad
+    with torch.no_grad():
+        r2 = res.clone()
+        assert ops.fbl(u, z, W, B, res=r2, into_res=True) is r2
+        torch.testing.assert_close(r2, ops.fbl(u, z, W, B, res=res), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("M", [1, 3, 40])
 def test_fbl_takes_transposed_weights(fused, M):

@@ -105,6 +105,24 @@ at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::T
   return y;
 }
 
+void fbl_inplace_aten(const at::Tensor& res, const at::Tensor& u, const at::Tensor& z,
+                      const at::Tensor& W, const at::Tensor& B, double s, bool relu) {
+  fbl_inplace_aten_checked(check_fbl_inplace(res, u, z, W, B), res, u, z, W, B, s, relu);
+}
+
+void fbl_inplace_aten_checked(const FblShape& sh, const at::Tensor& res, const at::Tensor& u,
+                              const at::Tensor& z, const at::Tensor& W, const at::Tensor& B,
+                              double s, bool relu) {
+  // beta = 1 GEMMs onto res itself: no copy of it first
+  at::Tensor y = res;
+  if (sh.K > 0 && s == 1.0 && !relu && cols_follow(u, z) && cols_follow(W, B)) {
+    y.addmm_(stack_cols(u, z), stack_cols(W, B).t());
+    return;
+  }
+  if (sh.K > 0) y.addmm_(u, W.t());
+  if (sh.R > 0) y.addmm_(relu ? at::relu(z) : z, B.t(), 1.0, s);
+}
+
 at::Tensor ffbl_aten(const at::Tensor& u, const at::Tensor& z,
                      const at::Tensor& W, const at::Tensor& B,
                      const at::Tensor& A, const at::Tensor& C, double s,

@@ -20,6 +20,12 @@ at::Tensor ffl_aten_checked(const FflShape& sh, const at::Tensor& x, const at::T
 at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::Tensor& z,
                             const at::Tensor& W, const at::Tensor& B, double s,
                             const c10::optional<at::Tensor>& res, bool relu);
+// res += u W^T + s f(z) B^T in place (flora::fbl_)
+void fbl_inplace_aten_checked(const FblShape& sh, const at::Tensor& res, const at::Tensor& u,
+                              const at::Tensor& z, const at::Tensor& W, const at::Tensor& B,
+                              double s, bool relu);
+void fbl_inplace_aten(const at::Tensor& res, const at::Tensor& u, const at::Tensor& z,
+                      const at::Tensor& W, const at::Tensor& B, double s, bool relu);
 at::Tensor ffbl_aten_checked(const FfblShape& sh, const at::Tensor& u, const at::Tensor& z,
                              const at::Tensor& W, const at::Tensor& B, const at::Tensor& A,
                              const at::Tensor& C, double s,

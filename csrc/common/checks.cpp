@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
@@ -166,6 +167,23 @@ void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
                    cos.scalar_type(), ", ", sin.scalar_type());
   TORCH_CHECK_TYPE(cos.device() == x.device() && sin.device() == x.device(),
                    "flora.rope: cos and sin must be on ", x.device(), " like x");
+}
+
+FblShape check_fbl_inplace(const at::Tensor& res, const at::Tensor& u, const at::Tensor& z,
+                           const at::Tensor& W, const at::Tensor& B) {
+  const FblShape sh = check_fbl(u, z, W, B, res);
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() &&
+                      (res.requires_grad() || u.requires_grad() || z.requires_grad() ||
+                       W.requires_grad() || B.requires_grad())),
+                    "flora.fbl_: writes over res, for inference; where autograd records, call "
+                    "flora.fbl with res");
+  const std::pair<const at::Tensor*, const char*> ops[] = {{&u, "u"}, {&z, "z"}, {&W, "W"}, {&B, "B"}};
+  for (const auto& [t, name] : ops) {
+    const auto o = at::get_overlap_status(res, *t);
+    TORCH_CHECK_VALUE(t->numel() == 0 || (o != at::MemOverlapStatus::Full && o != at::MemOverlapStatus::Partial),
+                      "flora.fbl_: res overlaps ", name, " in memory; the op writes res while it reads ", name);
+  }
+  return sh;
 }
 
 void check_silu_mul_inplace(const at::Tensor& g, const at::Tensor& u) {

@@ -36,6 +36,11 @@ FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,
                    const at::Tensor& W, const at::Tensor& B,
                    const c10::optional<at::Tensor>& res);
 
+// check_fbl with res required, plus fbl_'s own rules: no autograd recording,
+// res overlapping no operand.
+FblShape check_fbl_inplace(const at::Tensor& res, const at::Tensor& u, const at::Tensor& z,
+                           const at::Tensor& W, const at::Tensor& B);
+
 FfblShape check_ffbl(const at::Tensor& u, const at::Tensor& z,
                      const at::Tensor& W, const at::Tensor& B,
                      const at::Tensor& A, const at::Tensor& C,

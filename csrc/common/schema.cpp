@@ -13,6 +13,11 @@ TORCH_LIBRARY(flora, m) {
   m.def(
       "fbl(Tensor u, Tensor z, Tensor W, Tensor B, float s=1.0, "
       "Tensor? res=None, bool relu=False) -> Tensor");
+  // inference: res += u W^T + s f(z) B^T in place (the residual stream, or
+  // the output an FFL just wrote: no copy of it into a fresh output)
+  m.def(
+      "fbl_(Tensor(a!) res, Tensor u, Tensor z, Tensor W, Tensor B, float s=1.0, "
+      "bool relu=False) -> ()");
   // [y | z'] = [u | f(z)] [W, sB; A, C]^T (+ res on y)
   m.def(
       "ffbl(Tensor u, Tensor z, Tensor W, Tensor B, Tensor A, Tensor C, "

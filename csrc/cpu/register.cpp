@@ -107,6 +107,22 @@ at::Tensor fbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W
   return out;
 }
 
+// fbl_: the decode kernel writes y over res (each element read, then written,
+// by one thread), else ATen's beta = 1 GEMMs onto res.
+void fbl_inplace_cpu(const at::Tensor& res, const at::Tensor& u, const at::Tensor& z,
+                     const at::Tensor& W, const at::Tensor& B, double s, bool relu) {
+  const auto sh = check_fbl_inplace(res, u, z, W, B);
+  k::Dtype dt{};  // set by decode_path when it returns a path
+  const auto path = decode_path(u, sh.M, &dt);
+  if (!path || !unit_last_stride(W) || !unit_last_stride(B) || !unit_last_stride(res))
+    return fbl_inplace_aten_checked(sh, res, u, z, W, B, s, relu);
+  k::FblArgs a;
+  a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;
+  a.u = mat(u), a.z = mat(z), a.W = mat(W), a.B = mat(B), a.res = mat(res);
+  a.s = s, a.relu = relu, a.out = res.data_ptr(), a.ldo = res.stride(0);
+  k::fbl_decode(*path, a, parallel_rows);
+}
+
 at::Tensor ffbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
                     const at::Tensor& B, const at::Tensor& A, const at::Tensor& C,
                     double s, const c10::optional<at::Tensor>& res, bool relu) {
@@ -193,7 +209,8 @@ std::vector<KernelInfo> cpu_kernel_info() {
   const auto m = [](k::Dtype dt) { return std::to_string(gemv_max_m(dt)); };
   const std::string f32 = m(k::Dtype::kF32), bf16 = m(k::Dtype::kBF16), f16 = m(k::Dtype::kF16);
   std::vector<KernelInfo> rows;
-  for (const char* op : {"ffl", "fbl", "ffbl"}) {
+  for (const char* op : {"ffl", "fbl", "fbl_", "ffbl"}) {
+    const bool inplace = std::string(op) == "fbl_";
     if (path) {
       rows.push_back({op, "cpu", std::string(k::path_name(*path)) + " gemv decode kernel",
                       "fp32 M <= " + f32 + ", bf16 M <= " + bf16 + ", fp16 M <= " + f16 +
@@ -202,7 +219,7 @@ std::vector<KernelInfo> cpu_kernel_info() {
     } else {
       rows.push_back({op, "cpu", base, "all shapes (cpu isa: aten)"});
     }
-    rows.push_back({op, "cpu", back, "training"});
+    if (!inplace) rows.push_back({op, "cpu", back, "training"});
   }
   for (const char* op : {"rms_norm", "rope"})
     rows.push_back({op, "cpu", "one-pass kernel (transformers' roundings)",
@@ -215,6 +232,7 @@ std::vector<KernelInfo> cpu_kernel_info() {
 TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("ffl", &ffl_cpu);
   m.impl("fbl", &fbl_cpu);
+  m.impl("fbl_", &fbl_inplace_cpu);
   m.impl("ffbl", &ffbl_cpu);
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("rope", &rope_cpu);

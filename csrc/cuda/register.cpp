@@ -213,11 +213,9 @@ at::Tensor ffl_cuda(const at::Tensor& x, const at::Tensor& W, const at::Tensor& 
   return ffl_aten_checked(sh, x, W, A, s, repeat, repeat_rank, z_in, res);
 }
 
-at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
-                    const at::Tensor& B, double s, const c10::optional<at::Tensor>& res,
-                    bool relu) {
-  const c10::DeviceGuard guard(u.device());
-  const auto sh = check_fbl(u, z, W, B, res);
+CudaQuery fbl_query(const FblShape& sh, const at::Tensor& u, const at::Tensor& z,
+                    const at::Tensor& W, const at::Tensor& B, double s,
+                    const c10::optional<at::Tensor>& res, bool relu) {
   CudaQuery q = base_query("fbl", u, sh.M, sh.N, sh.K, sh.R, 0);
   // Weights as transposed views (backward dx = dy W + dz A): [K, n] rows.
   const bool wt = n_major(W) && (sh.R == 0 || n_major(B));
@@ -230,6 +228,16 @@ at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
                   (sh.R == 0 || (aligned16(z) && wal(B) && sh.R % 8 == 0));
   q.relu = relu;
   q.one_k_range = s == 1.0 && !relu && cols_follow(u, z) && cols_follow(W, B);
+  return q;
+}
+
+at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
+                    const at::Tensor& B, double s, const c10::optional<at::Tensor>& res,
+                    bool relu) {
+  const c10::DeviceGuard guard(u.device());
+  const auto sh = check_fbl(u, z, W, B, res);
+  const CudaQuery q = fbl_query(sh, u, z, W, B, s, res, relu);
+  const bool wt = q.weights_t;
   const CudaChoice c = choose(q);
 #ifdef FLORA_WITH_CUTLASS
   if (c.kernel != "cublas") {
@@ -251,6 +259,28 @@ at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
   }
 #endif
   return fbl_aten_checked(sh, u, z, W, B, s, res, relu);
+}
+
+// fbl_: the decode kernel writes y over res (its epilogue reads each element
+// of C, then writes it, in one thread); the GEMM kernels' epilogues are not
+// checked for C == D, so those calls take cuBLAS's beta = 1 GEMMs onto res.
+void fbl_inplace_cuda(const at::Tensor& res, const at::Tensor& u, const at::Tensor& z,
+                      const at::Tensor& W, const at::Tensor& B, double s, bool relu) {
+  const c10::DeviceGuard guard(u.device());
+  const auto sh = check_fbl_inplace(res, u, z, W, B);
+  const CudaQuery q = fbl_query(sh, u, z, W, B, s, res, relu);
+  const CudaChoice c = choose(q);
+#ifdef FLORA_WITH_CUTLASS
+  if (is_decode(c.kernel) && unit_last_stride(res)) {
+    fc::FusedArgs a = args(u, sh.R > 0 ? &z : nullptr);
+    a.relu2 = relu;
+    a.p[0] = problem(W, sh.R > 0 ? &B : nullptr, static_cast<float>(s), res, res, q.weights_t);
+    if (run(c.kernel, a, u)) return;
+  } else if (c.kernel != "cublas") {
+    set_last_dispatch("cublas: fbl_ in place (" + c.kernel + " writes a fresh output)");
+  }
+#endif
+  fbl_inplace_aten_checked(sh, res, u, z, W, B, s, relu);
 }
 
 at::Tensor ffbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
@@ -434,6 +464,8 @@ std::vector<KernelInfo> cuda_kernel_info() {
     rows.push_back({op, "cuda", "cuBLAS (aten) on fused storage",
                      "every call no kernel takes (flora._C.cuda_dispatch says why)"});
   }
+  rows.push_back({"fbl_", "cuda", "decode kernel over res (M <= 16)", state});
+  rows.push_back({"fbl_", "cuda", "cuBLAS (aten) beta = 1 GEMMs onto res", "every other call"});
   const std::string pw =
       !kCompiled ? "not compiled in this build"
       : !cuda_kernel_verified("pointwise").empty()
@@ -450,6 +482,7 @@ std::vector<KernelInfo> cuda_kernel_info() {
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("ffl", &ffl_cuda);
   m.impl("fbl", &fbl_cuda);
+  m.impl("fbl_", &fbl_inplace_cuda);
   m.impl("ffbl", &ffbl_cuda);
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("rope", &rope_cuda);

@@ -124,5 +124,5 @@ class OutProj(_Group):
     """A projection added to the residual stream. forward -> (h, carry)."""
 
     def forward(self, m, u: Tensor, state: Optional[Tensor], residual: Optional[Tensor],
-                carry: Optional[Tensor]):
-        return self.mode_of(m).forward_out(self, m, u, state, residual, carry)
+                carry: Optional[Tensor], in_place: bool = False):
+        return self.mode_of(m).forward_out(self, m, u, state, residual, carry, in_place)

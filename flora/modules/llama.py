@@ -134,7 +134,9 @@ class FusedAttentionProjections(_SubBlock):
 class FusedOutputProjection(_SubBlock):
     """h' = residual + a W_o^T (+ the variant's B / A / C blocks).
 
-    forward(a [M, d_q], state=None, residual=None, carry=None) -> (h', carry').
+    forward(a [M, d_q], state=None, residual=None, carry=None, in_place=False)
+    -> (h', carry'). ``in_place``: the caller gives residual (and the carry)
+    up; in inference h' may be written over it (no copy of it on cuBLAS).
     """
 
     def __init__(self, wo: Tensor, config=None, layer: Optional[int] = None,
@@ -155,15 +157,16 @@ class FusedOutputProjection(_SubBlock):
         return self.o.W(self)
 
     def forward(self, a: Tensor, state: Optional[Tensor] = None, residual: Optional[Tensor] = None,
-                carry: Optional[Tensor] = None):
-        return self.o.forward(self, a, state, residual, carry)
+                carry: Optional[Tensor] = None, in_place: bool = False):
+        return self.o.forward(self, a, state, residual, carry, in_place)
 
 
 class FusedMLP(_SubBlock):
     """The SwiGLU MLP with its residual add:
     h' = residual + (silu(x W_g^T) * (x W_u^T)) W_d^T (+ adapters).
 
-    forward(x [M, d], residual=None, carry=None, x_carry=None) -> (h', carry').
+    forward(x [M, d], residual=None, carry=None, x_carry=None, in_place=False)
+    -> (h', carry'); ``in_place`` as FusedOutputProjection's.
     gate/up read ``x_carry`` (default ``carry``): zflora's model hands it the
     carry's copy next to x, so that the reader's GEMM takes [x | z] as one
     operand, and the writer adds [residual | carry], also adjacent.
@@ -192,11 +195,11 @@ class FusedMLP(_SubBlock):
         return m
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, carry: Optional[Tensor] = None,
-                x_carry: Optional[Tensor] = None):
+                x_carry: Optional[Tensor] = None, in_place: bool = False):
         (g, u), state = self.gate_up.forward(self, x, carry if x_carry is None else x_carry)
         # with a state (ffba family) the product takes u's place, next to it
         mid = ops.silu_mul(g, u, over_u=state is not None)
-        return self.down.forward(self, mid, state, residual, carry)
+        return self.down.forward(self, mid, state, residual, carry, in_place)
 
 
 class FusedLMHead(_SubBlock):

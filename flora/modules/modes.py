@@ -56,9 +56,11 @@ class Mode:
         y, _ = ops.ffl(x, g.W(m), empty_rows(g.K, x))
         return g.split(y), None
 
-    def forward_out(self, g, m, u: Tensor, state, residual, carry):
+    def forward_out(self, g, m, u: Tensor, state, residual, carry, in_place: bool = False):
+        """h' = residual + u W^T (+ the mode's blocks), and the carry after.
+        ``in_place``: the caller gives residual up, h' may be written over it."""
         M = u.shape[0]
-        return ops.fbl(u, empty_cols(M, u), g.W(m), empty_cols(g.N, u), res=residual), carry
+        return ops.fbl(u, empty_cols(M, u), g.W(m), empty_cols(g.N, u), res=residual, into_res=in_place), carry
 
 
 class Lora(Mode):
@@ -78,14 +80,15 @@ class Lora(Mode):
             if p in g.role.targets:
                 z, _ = ops.ffl(x, m.param(f"A_{p}", x), noA)
                 ys[i] = ops.fbl(empty_cols(M, x), m.state(z), empty_cols(g.widths[i], x),
-                                m.param(f"B_{p}", x), g.s, res=ys[i])
+                                m.param(f"B_{p}", x), g.s, res=ys[i], into_res=True)
         return ys, None
 
-    def forward_out(self, g, m, u, state, residual, carry):
+    def forward_out(self, g, m, u, state, residual, carry, in_place=False):
         M, p = u.shape[0], g.role.targets[0]
-        h = ops.fbl(u, empty_cols(M, u), g.W(m), empty_cols(g.N, u), res=residual)
+        h = ops.fbl(u, empty_cols(M, u), g.W(m), empty_cols(g.N, u), res=residual, into_res=in_place)
         z, _ = ops.ffl(u, m.param(f"A_{p}", u), empty_rows(g.K, u))
-        h = ops.fbl(empty_cols(M, u), m.state(z), empty_cols(g.N, u), m.param(f"B_{p}", u), g.s, res=h)
+        h = ops.fbl(empty_cols(M, u), m.state(z), empty_cols(g.N, u), m.param(f"B_{p}", u), g.s, res=h,
+                    into_res=True)
         return h, carry
 
 
@@ -123,7 +126,7 @@ class PfLora(Lora):
         else:
             y, z = ops.ffl(x, g.W(m), self.A_op(g, m, x))
             B, s = self.B_op(g, m, x), g.s
-        y = ops.fbl(empty_cols(x.shape[0], x), m.state(z), empty_cols(g.N, x), B, s, res=y)
+        y = ops.fbl(empty_cols(x.shape[0], x), m.state(z), empty_cols(g.N, x), B, s, res=y, into_res=True)
         return g.split(y), None
 
 
@@ -164,7 +167,7 @@ class Ffa(_ARows):
         A = self.A_now(g, m, x)
         return g.split(g.repeat_add(m, x, A, g.widths[:self.groups(g)], 2 * g.rank, A.shape[0])), None
 
-    def forward_out(self, g, m, u, state, residual, carry):
+    def forward_out(self, g, m, u, state, residual, carry, in_place=False):
         A = g.slot_A(m) if m.folded else m.param(f"A_{g.role.targets[0]}", u)
         return g.repeat_add(m, u, A, None, 2 * g.rank, A.shape[0], res=residual), carry
 
@@ -205,9 +208,16 @@ class QgAdd(Sum):
 
 class Write(_ARows):
     """zflora writer (o / down): [h'; z'] = [h; z] + [W; A] u, one FFL whose
-    epilogue adds the residual to y and the carry to z'."""
+    epilogue adds the residual to y and the carry to z'. Given the stream
+    (in_place, h and z one buffer, folded): one GEMM onto it, the storage
+    [W; A] as one operand."""
 
-    def forward_out(self, g, m, u, state, residual, carry):
+    def forward_out(self, g, m, u, state, residual, carry, in_place=False):
+        stream = ops.adjacent(residual, carry) if in_place and m.folded and carry is not None else None
+        if stream is not None:
+            WA, M = g.storage(m), u.shape[0]
+            hz = ops.fbl(u, empty_cols(M, u), WA, empty_cols(WA.shape[0], u), res=stream, into_res=True)
+            return hz[:, :g.N], hz[:, g.N:]
         A = g.slot_A(m) if m.folded else m.param(f"A_{g.role.targets[0]}", u)
         return ops.ffl(u, g.W(m), A, z_in=carry, res=residual)
 
@@ -241,11 +251,11 @@ class Read(_BCols):
 class Bwd(_BCols):
     """ffba family output projection: h = res + u W^T + s f(state) B^T; the state ends here."""
 
-    def forward_out(self, g, m, u, state, residual, carry):
+    def forward_out(self, g, m, u, state, residual, carry, in_place=False):
         if state is None:  # the input group is off: nothing to read
-            return super().forward_out(g, m, u, state, residual, carry)
+            return super().forward_out(g, m, u, state, residual, carry, in_place)
         B, s = (g.slot_B(m), 1.0) if m.folded else (m.param(f"B_{g.role.targets[0]}", u), g.s)
-        h = ops.fbl(u, m.state(state), g.W(m), B, s, res=residual, relu=g.role.relu)
+        h = ops.fbl(u, m.state(state), g.W(m), B, s, res=residual, relu=g.role.relu, into_res=in_place)
         return h, None  # ffba-ab: last writer, z' dropped
 
 
@@ -266,14 +276,14 @@ class PfLoraOut(_BCols):
         super().fold(g, m)
         g.slot_A(m).copy_(m.param(f"A_{g.role.targets[0]}", g.storage(m)))
 
-    def forward_out(self, g, m, u, state, residual, carry):
+    def forward_out(self, g, m, u, state, residual, carry, in_place=False):
         p = g.role.targets[0]
         if m.folded:
             A, B, s = g.slot_A(m), g.slot_B(m), 1.0
         else:
             A, B, s = m.param(f"A_{p}", u), m.param(f"B_{p}", u), g.s
         z, _ = ops.ffl(u, A, empty_rows(g.K, u))
-        return ops.fbl(u, m.state(z), g.W(m), B, s, res=residual), carry
+        return ops.fbl(u, m.state(z), g.W(m), B, s, res=residual, into_res=in_place), carry
 
 
 class Ffbl(Bwd):
@@ -294,9 +304,9 @@ class Ffbl(Bwd):
         g.slot_A(m).copy_(m.param(f"A_{p}", like))
         g.slot_C(m).copy_(m.param(f"C_{p}", like))
 
-    def forward_out(self, g, m, u, state, residual, carry):
+    def forward_out(self, g, m, u, state, residual, carry, in_place=False):
         if state is None:
-            return Mode.forward_out(self, g, m, u, state, residual, carry)
+            return Mode.forward_out(self, g, m, u, state, residual, carry, in_place)
         p = g.role.targets[0]
         if m.folded:
             B, A, C, s = g.slot_B(m), g.slot_A(m), g.slot_C(m), 1.0
