@@ -605,9 +605,9 @@ def fbl(
     ``into_res``: the caller gives res up. In inference y is written over it
     (``flora::fbl_``) and res is returned: cuBLAS then adds onto res (beta =
     1) instead of copying it into a fresh output first. Where autograd
-    records, under torch.compile or autocast, a new tensor as without it.
+    records or under autocast, a new tensor as without it.
     """
-    if into_res and res is not None and _fused(res, u, z, W, B):
+    if into_res and res is not None and _inference(res, u, z, W, B):
         torch.ops.flora.fbl_(res, u, z, W, B, float(s), relu)
         return res
     return torch.ops.flora.fbl(u, z, W, B, float(s), res, relu)
@@ -625,16 +625,23 @@ def adjacent(a: Tensor, b: Tensor) -> Optional[Tensor]:
     return a.as_strided((a.shape[0], a.shape[1] + b.shape[1]), a.stride())
 
 
-def _fused(*ts: Tensor) -> bool:
-    """Run a pointwise op's one-pass kernel (or an in-place form), or the
-    composite it replaces: under torch.compile Inductor fuses the composite
-    with its neighbours; training (autograd, autocast) keeps the composite's
-    own backward; mixed dtypes keep its type promotion."""
-    if torch.compiler.is_compiling() or any(t.dtype != ts[0].dtype for t in ts):
+def _inference(*ts: Tensor) -> bool:
+    """An in-place form may run: no autograd recording (it has no backward),
+    no autocast (it would cast res), one dtype. Under torch.compile too:
+    Inductor re-inplaces a mutation of a buffer nothing reads later."""
+    if any(t.dtype != ts[0].dtype for t in ts):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return False
     return not torch.is_autocast_enabled(ts[0].device.type)
+
+
+def _fused(*ts: Tensor) -> bool:
+    """Run a pointwise op's one-pass kernel (or its in-place form), or the
+    composite it replaces: under torch.compile Inductor fuses the composite
+    with its neighbours; training (autograd, autocast) keeps the composite's
+    own backward; mixed dtypes keep its type promotion."""
+    return not torch.compiler.is_compiling() and _inference(*ts)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
