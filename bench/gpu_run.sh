@@ -582,7 +582,7 @@ stage_cuda_kernels() {
     "test_ffl_repeat_add_with_res[3-dtype0]" "test_pointwise_kernel[rms_norm-dtype0]"
     "test_pointwise_kernel[rms_norm_stream-dtype0]" "test_pointwise_kernel[rope-dtype0]"
     "test_pointwise_kernel[silu_mul-dtype0]" "test_silu_mul_over_u_kernel[dtype0]"
-    "test_fbl_inplace_kernel[32-0.5-True-3-dtype0]"
+    "test_fbl_inplace_kernel[32-0.5-True-3-dtype0]" "test_rope_cache_kernel[3-dtype0]"
     "test_ffl_repeat_add[repeat1-8-17-dtype0]" "test_fbl_kernel[True-1.0-False-False-32-17-dtype0]"
     "test_fbl_kernel[False-0.5-True-True-32-17-dtype0]" "test_ffbl_kernel[0.5-True-True-8-17-dtype0]"
     "test_backward_dx_kernel[True-8-17-dtype0]" "test_backward_dx_kernel[False-8-17-dtype0]")

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import nvtx
+from . import nvtx, ops
 from .layers import attention_mask_4d, positions_from_mask
 
 
@@ -70,6 +70,15 @@ class StaticKVCache:
         """Zero slots T and later (an earlier call's keys/values: masked, and never a NaN)."""
         for t in self.k + self.v:
             t[:, :, T:].zero_()
+
+    def update_rotated(self, layer: int, qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor):
+        """A decode step's (q, keys, values): RoPE over q|k [B, T, nq + nkv, hd]
+        writes the rotated k, and v [B, T, nkv, hd], at slot in one pass
+        (flora.ops.rope_cache); None during prefill (update takes that)."""
+        if self.prefill_len is not None:
+            return None
+        q = ops.rope_cache(qk, v, cos, sin, self.k[layer], self.v[layer], self.slot)
+        return (q, *self.window(layer))
 
     def update(self, layer: int, k: Tensor, v: Tensor):
         if self.prefill_len is not None:

@@ -286,7 +286,9 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                    cache=None, last_only: bool = False, head: bool = True, rows: Optional[Tensor] = None):
         """The Llama forward: logits [B, T (1 if last_only), V]. input_ids/positions
         [B, T]; mask [B, 1, T, K], boolean or additive; ``cache`` (generation)
-        has update(layer, k, v) -> keys/values [B, kv_heads, K, head_dim].
+        has update(layer, k, v) -> keys/values [B, kv_heads, K, head_dim] and
+        update_rotated(layer, qk, v, cos, sin) -> (q, keys, values) or None
+        (generation.StaticKVCache).
         The mask and the RoPE tables are built once here, not per layer.
         ``head=False``: the head's input instead, (final-norm output [B*T, d], carry).
         ``rows`` [B]: each row's adapter slot (-1: none) in a stacked model."""
@@ -346,15 +348,22 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         with nvtx.range("attn", i):  # NVTX ranges: no-ops unless flora.nvtx.enable()
             h, carry, x, xc = _norm(h, carry, layer.input_norm, a.rms_norm_eps, stream)
             q, k, v, state = layer.attn(x, xc)
-            qk = ops.adjacent(q, k)
-            if qk is not None:  # q and k side by side in the fused output: rotate both at once
-                qk = apply_rope(qk.view(B, T, nh + nkv, hd), cos, sin)
-                q, k = qk[:, :, :nh], qk[:, :, nh:]
+            qk, v = ops.adjacent(q, k), v.view(B, T, nkv, hd)
+            # a decode step: q and k side by side in the fused output, rotated in one
+            # pass that also writes k and v into the cache
+            qkv = None if qk is None or cache is None else cache.update_rotated(
+                i, qk.view(B, T, nh + nkv, hd), v, cos, sin)
+            if qkv is not None:
+                q, k, v = qkv
             else:
-                q, k = apply_rope(q.view(B, T, nh, hd), cos, sin), apply_rope(k.view(B, T, nkv, hd), cos, sin)
-            k, v = k.transpose(1, 2), v.view(B, T, nkv, hd).transpose(1, 2)
-            if cache is not None:
-                k, v = cache.update(i, k, v)
+                if qk is not None:  # q and k side by side: rotate both at once
+                    qk = apply_rope(qk.view(B, T, nh + nkv, hd), cos, sin)
+                    q, k = qk[:, :, :nh], qk[:, :, nh:]
+                else:
+                    q, k = apply_rope(q.view(B, T, nh, hd), cos, sin), apply_rope(k.view(B, T, nkv, hd), cos, sin)
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+                if cache is not None:
+                    k, v = cache.update(i, k, v)
             att = attention(q, k, v, mask)
             h, carry = layer.o(att, state, residual=h, carry=carry, in_place=True)  # h is ours
         # MLP sub-block: SwiGLU with the residual add inside the module

@@ -44,6 +44,9 @@ SCHEMAS = {
     # The Llama step's pointwise pieces, one pass each where eager runs several ops
     "rms_norm": "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
     "rope": "rope(Tensor x, Tensor cos, Tensor sin) -> Tensor",
+    # a decode step's RoPE over q|k writing k and v into the KV cache (inference)
+    "rope_cache_": ("rope_cache_(Tensor qk, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+                    "Tensor(b!) v_cache, Tensor slot) -> Tensor"),
     "silu_mul": "silu_mul(Tensor g, Tensor u) -> Tensor",
     # inference: the product over u (ffba's down reads [mid | z] as one operand)
     "silu_mul_": "silu_mul_(Tensor g, Tensor(a!) u) -> ()",
@@ -266,6 +269,30 @@ def check_rope(x, cos, sin):
         raise TypeError(f"flora.rope: cos and sin must be {x.dtype} like x, got {cos.dtype}, {sin.dtype}")
 
 
+def check_rope_cache(qk, v, cos, sin, k_cache, v_cache, slot, memory=True):
+    """memory=False: fake tensors (slot's values unknown)."""
+    check_rope(qk, cos, sin)
+    if (k_cache.dim() != 4 or k_cache.shape != v_cache.shape or v.dim() != 4 or k_cache.shape[0] != qk.shape[0]
+            or k_cache.shape[3] != qk.shape[3] or not k_cache.shape[1] < qk.shape[2]
+            or tuple(v.shape) != (qk.shape[0], qk.shape[1], k_cache.shape[1], qk.shape[3])
+            or slot.dim() != 1 or slot.shape[0] != qk.shape[1]):
+        raise ValueError(f"flora.rope_cache_: expected qk [B, T, nq + nkv, hd], v [B, T, nkv, hd], k_cache and "
+                         f"v_cache [B, nkv, L, hd] and slot [T], got {list(qk.shape)}, {list(v.shape)}, "
+                         f"{list(k_cache.shape)}, {list(v_cache.shape)}, {list(slot.shape)}")
+    if any(t.dtype != qk.dtype for t in (v, k_cache, v_cache)) or slot.dtype != torch.int64:
+        raise TypeError(f"flora.rope_cache_: v and the caches must be {qk.dtype} like qk and slot int64, got "
+                        f"{v.dtype}, {k_cache.dtype}, {v_cache.dtype}, {slot.dtype}")
+    if any(t.device != qk.device for t in (v, k_cache, v_cache, slot)):
+        raise ValueError(f"flora.rope_cache_: every operand must be on {qk.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qk, v, k_cache, v_cache)):
+        raise ValueError("flora.rope_cache_: writes the KV cache, for inference; where autograd records, "
+                         "call flora.rope")
+    if memory and slot.device.type == "cpu" and slot.numel():
+        lo, hi = int(slot.min()), int(slot.max())
+        if lo < 0 or hi >= k_cache.shape[2]:
+            raise ValueError(f"flora.rope_cache_: slot values must be in [0, {k_cache.shape[2]}), got {lo} ... {hi}")
+
+
 def check_silu_mul(g, u):
     if g.dim() != 2 or g.shape != u.shape:
         raise ValueError(f"flora.silu_mul: expected g, u [M, n] of one shape, got {list(g.shape)}, "
@@ -307,6 +334,22 @@ def rope_reference(x, cos, sin):
     return _rope(x, cos, sin)
 
 
+def _rope_cache(qk, v, cos, sin, k_cache, v_cache, slot):
+    rot = _rope(qk, cos, sin)
+    nkv = k_cache.shape[1]
+    nq = qk.shape[2] - nkv
+    k_cache.index_copy_(2, slot, rot[:, :, nq:].transpose(1, 2))
+    v_cache.index_copy_(2, slot, v.transpose(1, 2))
+    return rot[:, :, :nq]
+
+
+def rope_cache_reference(qk, v, cos, sin, k_cache, v_cache, slot):
+    """RoPE over q|k, then k and v written into the caches at slot (index_copy_):
+    the composite the decode step ran before (StaticKVCache.update)."""
+    check_rope_cache(qk, v, cos, sin, k_cache, v_cache, slot)
+    return _rope_cache(qk, v, cos, sin, k_cache, v_cache, slot)
+
+
 def silu_mul_reference(g, u):
     check_silu_mul(g, u)
     return _silu_mul(g, u)
@@ -325,7 +368,8 @@ def silu_mul_inplace_reference(g, u):
 
 
 REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "fbl_": fbl_inplace_reference, "ffbl": ffbl_reference,
-              "rms_norm": rms_norm_reference, "rope": rope_reference, "silu_mul": silu_mul_reference,
+              "rms_norm": rms_norm_reference, "rope": rope_reference, "rope_cache_": rope_cache_reference,
+              "silu_mul": silu_mul_reference,
               "silu_mul_": silu_mul_inplace_reference}
 
 
@@ -379,6 +423,12 @@ def _silu_mul_fake(g, u):
 @torch.library.register_fake("flora::fbl_")
 def _fbl_inplace_fake(res, u, z, W, B, s=1.0, relu=False):
     check_fbl_inplace(res, u, z, W, B, memory=False)
+
+
+@torch.library.register_fake("flora::rope_cache_")
+def _rope_cache_fake(qk, v, cos, sin, k_cache, v_cache, slot):
+    check_rope_cache(qk, v, cos, sin, k_cache, v_cache, slot, memory=False)
+    return qk.new_empty((qk.shape[0], qk.shape[1], qk.shape[2] - k_cache.shape[1], qk.shape[3]))
 
 
 @torch.library.register_fake("flora::silu_mul_")
@@ -664,6 +714,19 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if _fused(x, cos, sin):
         return torch.ops.flora.rope(x, cos, sin)
     return _rope(x, cos, sin)
+
+
+def rope_cache(qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+               slot: Tensor) -> Tensor:
+    """A decode step's RoPE over q|k (qk [B, T, nq + nkv, hd], the fused
+    qkv output's view) with the KV-cache write: k rotated and v [B, T, nkv,
+    hd] go into k_cache / v_cache [B, nkv, L, hd] at positions slot [T];
+    returns q rotated [B, T, nq, hd]. One pass where RoPE and two
+    index_copy_ ran three; the composite under torch.compile (Inductor
+    fuses it) or where autograd records."""
+    if _fused(qk, v, cos, sin, k_cache, v_cache):
+        return torch.ops.flora.rope_cache_(qk, v, cos, sin, k_cache, v_cache, slot)
+    return _rope_cache(qk, v, cos, sin, k_cache, v_cache, slot)
 
 
 def silu_mul(g: Tensor, u: Tensor, *, over_u: bool = False) -> Tensor:

@@ -486,6 +486,27 @@ def test_misaligned_layout_falls_back_with_reason(monkeypatch):
 # ---------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T", [1, 3])
+def test_rope_cache_kernel(monkeypatch, T, dtype):
+    """flora::rope_cache_ (a decode step's RoPE and KV-cache write): the kernel
+    gives q, and the caches at slot, bitwise what RoPE and two index_copy_
+    give, and writes no other slot."""
+    from test_pointwise import decode_qkv
+
+    qk, v, cos, sin, kc, vc, slot = decode_qkv(dtype, "cuda", T=T)
+
+    def fn():
+        k2, v2 = kc.clone(), vc.clone()
+        return torch.cat([torch.ops.flora.rope_cache_(qk, v, cos, sin, k2, v2, slot).flatten(),
+                          k2.flatten(), v2.flatten()])
+
+    got, base = _run_both(monkeypatch, fn, None)
+    assert C.cuda_last_dispatch() == "pointwise"  # the op's own, before torch.cat's
+    assert torch.equal(got, base)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_silu_mul_over_u_kernel(monkeypatch, dtype):
     """flora::silu_mul_ (ffba's MLP in inference): the kernel writes the
     product over u, a row-strided view inside the gate/up output, and nothing

@@ -174,6 +174,56 @@ def test_silu_mul_over_u_only_for_inference():
         assert ops.silu_mul(g, u2, over_u=True) is u2
 
 
+def decode_qkv(dtype, device="cpu", B=2, T=1, nq=8, nkv=2, hd=64, L=12):
+    """A decode step's operands of flora::rope_cache_: q|k and v as views of
+    the fused qkv output, the RoPE tables, the two caches and the slot."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    qkv = r(B, T, nq + 2 * nkv + 1, hd)[:, :, 1:]  # strided, as the qkv GEMM's output viewed
+    caches = r(B, nkv, L, hd), r(B, nkv, L, hd)
+    slot = torch.arange(L - 1 - T, L - 1, device=device)
+    return qkv[:, :, :nq + nkv], qkv[:, :, nq + nkv:], r(B, T, 1, hd), r(B, T, 1, hd), *caches, slot
+
+
+@compiled
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("T", [1, 3, 70])
+def test_rope_cache_against_its_composite(T, dtype, device):
+    """q rotated, k rotated and v written into the caches at slot: bitwise
+    what RoPE then two index_copy_ give (the same roundings), every other
+    cache slot untouched; T = 70 takes the composite on the CPU (above
+    4096 elements)."""
+    qk, v, cos, sin, kc, vc, slot = decode_qkv(dtype, device, T=T, L=80)
+    kc2, vc2, before = kc.clone(), vc.clone(), kc.clone()
+    q = torch.ops.flora.rope_cache_(qk, v, cos, sin, kc, vc, slot)
+    q2 = ops.rope_cache_reference(qk, v, cos, sin, kc2, vc2, slot)
+    assert q.shape == q2.shape and torch.equal(q, q2)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    keep = torch.ones(kc.shape[2], dtype=torch.bool, device=device)
+    keep[slot] = False
+    assert torch.equal(kc[:, :, keep], before[:, :, keep])
+
+
+@compiled
+def test_rope_cache_checks_and_opcheck():
+    """Schema (two mutated caches), fake and the errors: slot out of range,
+    shapes that do not fit, autograd recording."""
+    args = decode_qkv(torch.float32)
+    opcheck(torch.ops.flora.rope_cache_.default, tuple(a.clone() for a in args))
+    qk, v, cos, sin, kc, vc, slot = args
+    for fn in (torch.ops.flora.rope_cache_, ops.REFERENCES["rope_cache_"]):
+        with pytest.raises(ValueError, match="slot values must be in"):
+            fn(qk, v, cos, sin, kc, vc, torch.tensor([12]))
+        with pytest.raises(ValueError, match="expected qk"):
+            fn(qk, v[:, :, :1], cos, sin, kc, vc, slot)
+        with pytest.raises(ValueError, match="for inference"):
+            fn(qk.clone().requires_grad_(True), v, cos, sin, kc, vc, slot)
+
+
 def _calls(fn):
     from torch.profiler import profile
 

@@ -165,6 +165,16 @@ at::Tensor rope_aten(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return x * cos + x.roll({x.size(3) / 2}, {-1}) * sin;
 }
 
+at::Tensor rope_cache_aten(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
+                           const at::Tensor& sin, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& slot) {
+  const at::Tensor rot = rope_aten(qk, cos, sin);
+  const int64_t nkv = k_cache.size(1), nq = qk.size(2) - nkv;
+  k_cache.index_copy_(2, slot, rot.narrow(2, nq, nkv).transpose(1, 2));
+  v_cache.index_copy_(2, slot, v.transpose(1, 2));
+  return rot.narrow(2, 0, nq);
+}
+
 // silu's output is fresh: the product overwrites it (same roundings, one buffer)
 at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u) { return at::silu(g).mul_(u); }
 void silu_mul_inplace_aten(const at::Tensor& g, const at::Tensor& u) { u.mul_(at::silu(g)); }

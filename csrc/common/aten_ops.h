@@ -49,6 +49,9 @@ at::Tensor ffbl_aten(const at::Tensor& u, const at::Tensor& z,
 // references, transformers' roundings); inputs already checked.
 at::Tensor rms_norm_aten(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rope_aten(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor rope_cache_aten(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
+                           const at::Tensor& sin, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& slot);
 at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u);
 void silu_mul_inplace_aten(const at::Tensor& g, const at::Tensor& u);
 

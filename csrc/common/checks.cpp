@@ -156,6 +156,41 @@ void check_rms_norm(const at::Tensor& x, const at::Tensor& weight) {
                    "), got ", weight.scalar_type(), " on ", weight.device());
 }
 
+void check_rope_cache(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
+                      const at::Tensor& sin, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& slot) {
+  check_rope(qk, cos, sin);
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && v.dim() == 4 &&
+                        k_cache.size(0) == qk.size(0) && k_cache.size(3) == qk.size(3) &&
+                        k_cache.size(1) < qk.size(2) && v.size(0) == qk.size(0) &&
+                        v.size(1) == qk.size(1) && v.size(2) == k_cache.size(1) &&
+                        v.size(3) == qk.size(3) && slot.dim() == 1 && slot.size(0) == qk.size(1),
+                    "flora.rope_cache_: expected qk [B, T, nq + nkv, hd], v [B, T, nkv, hd], k_cache and "
+                    "v_cache [B, nkv, L, hd] and slot [T], got ", qk.sizes(), ", ", v.sizes(), ", ",
+                    k_cache.sizes(), ", ", v_cache.sizes(), ", ", slot.sizes());
+  TORCH_CHECK_TYPE(v.scalar_type() == qk.scalar_type() && k_cache.scalar_type() == qk.scalar_type() &&
+                       v_cache.scalar_type() == qk.scalar_type() && slot.scalar_type() == at::kLong,
+                   "flora.rope_cache_: v and the caches must be ", qk.scalar_type(),
+                   " like qk and slot int64, got ", v.scalar_type(), ", ", k_cache.scalar_type(), ", ",
+                   v_cache.scalar_type(), ", ", slot.scalar_type());
+  TORCH_CHECK_VALUE(v.device() == qk.device() && k_cache.device() == qk.device() &&
+                        v_cache.device() == qk.device() && slot.device() == qk.device(),
+                    "flora.rope_cache_: every operand must be on ", qk.device());
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && (qk.requires_grad() || v.requires_grad() ||
+                                                     k_cache.requires_grad() || v_cache.requires_grad())),
+                    "flora.rope_cache_: writes the KV cache, for inference; where autograd records, "
+                    "call flora.rope");
+  // On the CPU the values are read here (no dispatch: a decode step's few);
+  // a device's would need a sync: its kernel writes nothing out of range.
+  if (slot.device().is_cpu()) {
+    const at::Tensor s = slot.contiguous();
+    const int64_t* p = s.data_ptr<int64_t>();
+    for (int64_t i = 0; i < s.numel(); ++i)
+      TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < k_cache.size(2), "flora.rope_cache_: slot values must be in [0, ",
+                        k_cache.size(2), "), got ", p[i]);
+  }
+}
+
 void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK_VALUE(x.dim() == 4 && x.size(3) % 2 == 0 && cos.sizes() == sin.sizes() &&
                         cos.dim() == 4 && cos.size(2) == 1 && cos.size(0) == x.size(0) &&

@@ -29,6 +29,10 @@ FflShape check_ffl(const at::Tensor& x, const at::Tensor& W,
 // The pointwise ops (same rules and messages as flora/ops.py).
 void check_rms_norm(const at::Tensor& x, const at::Tensor& weight);
 void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+// qk [B, T, nq + nkv, hd], v [B, T, nkv, hd], caches [B, nkv, L, hd], slot [T] int64
+void check_rope_cache(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
+                      const at::Tensor& sin, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& slot);
 void check_silu_mul(const at::Tensor& g, const at::Tensor& u);
 void check_silu_mul_inplace(const at::Tensor& g, const at::Tensor& u);
 

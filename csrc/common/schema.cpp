@@ -26,6 +26,11 @@ TORCH_LIBRARY(flora, m) {
   // weight * rms_norm(x), x cos + rotate_half(x) sin, silu(g) * u
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  // a decode step's RoPE over q|k that writes k and v into the KV cache at
+  // slot (inference); returns q rotated
+  m.def(
+      "rope_cache_(Tensor qk, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slot) -> Tensor");
   m.def("silu_mul(Tensor g, Tensor u) -> Tensor");
   // inference: the product written over u (ffba's down then reads [mid | z],
   // u's columns and the state after them, as one operand)

@@ -189,6 +189,30 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
   return out;
 }
 
+at::Tensor rope_cache_cpu(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos,
+                          const at::Tensor& sin, const at::Tensor& kc, const at::Tensor& vc,
+                          const at::Tensor& slot) {
+  check_rope_cache(qk, v, cos, sin, kc, vc, slot);
+  const auto dt = pointwise_dtype(qk);
+  const bool unit = qk.stride(3) == 1 && v.stride(3) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1;
+  if (!dt || !unit || !cos.is_contiguous() || !sin.is_contiguous() || !slot.is_contiguous() ||
+      qk.numel() > kPointwiseMaxElems)
+    return rope_cache_aten(qk, v, cos, sin, kc, vc, slot);
+  const int64_t nkv = kc.size(1), nq = qk.size(2) - nkv;
+  at::Tensor q = at::empty({qk.size(0), qk.size(1), nq, qk.size(3)}, qk.options());
+  k::RopeCacheArgs a;
+  a.dt = *dt, a.T = qk.size(1), a.nq = nq, a.nkv = nkv, a.hd = qk.size(3);
+  a.qk = qk.data_ptr(), a.sb = qk.stride(0), a.st = qk.stride(1), a.sh = qk.stride(2);
+  a.v = v.data_ptr(), a.vb = v.stride(0), a.vt = v.stride(1), a.vh = v.stride(2);
+  a.cos = cos.data_ptr(), a.sin = sin.data_ptr(), a.q = q.data_ptr();
+  a.kc = kc.data_ptr(), a.kc_b = kc.stride(0), a.kc_h = kc.stride(1), a.kc_l = kc.stride(2);
+  a.vc = vc.data_ptr(), a.vc_b = vc.stride(0), a.vc_h = vc.stride(1), a.vc_l = vc.stride(2);
+  a.slot = slot.data_ptr<int64_t>();
+  const int64_t rows = qk.size(0) * a.T * (nq + 2 * nkv);
+  at::parallel_for(0, rows, pointwise_grain(a.hd), [&](int64_t b, int64_t e) { k::rope_cache_rows(a, b, e); });
+  return q;
+}
+
 // SiLU x up stays ATen's two vectorised passes (silu, then the product in
 // place): a scalar exp loses to them at every size measured.
 at::Tensor silu_mul_cpu(const at::Tensor& g, const at::Tensor& u) {
@@ -221,7 +245,7 @@ std::vector<KernelInfo> cpu_kernel_info() {
     }
     if (!inplace) rows.push_back({op, "cpu", back, "training"});
   }
-  for (const char* op : {"rms_norm", "rope"})
+  for (const char* op : {"rms_norm", "rope", "rope_cache_"})
     rows.push_back({op, "cpu", "one-pass kernel (transformers' roundings)",
                     "fp32 / bf16 / fp16 up to 4096 elements (decode), eager inference; else the aten composite"});
   rows.push_back({"silu_mul", "cpu", "aten silu, then the product in place", "all calls"});
@@ -236,6 +260,7 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("ffbl", &ffbl_cpu);
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("rope", &rope_cpu);
+  m.impl("rope_cache_", &rope_cache_cpu);
   m.impl("silu_mul", &silu_mul_cpu);
   m.impl("silu_mul_", &silu_mul_inplace_cpu);
 }

@@ -408,6 +408,36 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& c, const at::Tensor&
   }, [&] { return rope_aten(x, c, s); });
 }
 
+at::Tensor rope_cache_cuda(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& c,
+                           const at::Tensor& s, const at::Tensor& kc, const at::Tensor& vc,
+                           const at::Tensor& slot) {
+  check_rope_cache(qk, v, c, s, kc, vc, slot);
+  const c10::DeviceGuard guard(qk.device());
+  const bool unit = qk.stride(3) == 1 && v.stride(3) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1;
+  if (pointwise_kernel_on(qk)) {
+    if (!unit || !c.is_contiguous() || !s.is_contiguous() || !slot.is_contiguous()) {
+      set_last_dispatch("cublas: aten composite (an operand layout the kernel does not take)");
+    } else {
+#ifdef FLORA_WITH_CUTLASS
+      const int64_t nkv = kc.size(1), nq = qk.size(2) - nkv;
+      at::Tensor q = at::empty({qk.size(0), qk.size(1), nq, qk.size(3)}, qk.options());
+      fc::RopeCacheArgs a;
+      a.dt = pw_dtype(qk), a.B = qk.size(0), a.T = qk.size(1), a.nq = nq, a.nkv = nkv;
+      a.hd = qk.size(3), a.L = kc.size(2);
+      a.qk = qk.data_ptr(), a.sb = qk.stride(0), a.st = qk.stride(1), a.sh = qk.stride(2);
+      a.v = v.data_ptr(), a.vb = v.stride(0), a.vt = v.stride(1), a.vh = v.stride(2);
+      a.cos = c.data_ptr(), a.sin = s.data_ptr(), a.q = q.data_ptr();
+      a.kc = kc.data_ptr(), a.kc_b = kc.stride(0), a.kc_h = kc.stride(1), a.kc_l = kc.stride(2);
+      a.vc = vc.data_ptr(), a.vc_b = vc.stride(0), a.vc_h = vc.stride(1), a.vc_l = vc.stride(2);
+      a.slot = slot.data_ptr<int64_t>();
+      check_launch(fc::rope_cache(a, current_stream()), "rope_cache_");
+      return q;
+#endif
+    }
+  }
+  return rope_cache_aten(qk, v, c, s, kc, vc, slot);
+}
+
 at::Tensor silu_mul_cuda(const at::Tensor& g, const at::Tensor& u) {
   check_silu_mul(g, u);
   return one_launch(g, g.stride(1) == 1 && u.stride(1) == 1, "silu_mul", [&](at::Tensor& out) {
@@ -472,7 +502,7 @@ std::vector<KernelInfo> cuda_kernel_info() {
           ? "verified on " + cuda_kernel_verified("pointwise") + ": every bf16 / fp16 / fp32 call"
       : cuda_kernels_env() == KernelSwitch::kAll ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
                                                  : "not verified on a device; off (FLORA_CUDA_KERNELS=1 runs it)";
-  for (const char* op : {"rms_norm", "rope", "silu_mul", "silu_mul_"}) {
+  for (const char* op : {"rms_norm", "rope", "rope_cache_", "silu_mul", "silu_mul_"}) {
     rows.push_back({op, "cuda", "pointwise kernel (one launch)", pw});
     rows.push_back({op, "cuda", "aten composite", "every call the kernel does not take"});
   }
@@ -486,6 +516,7 @@ TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("ffbl", &ffbl_cuda);
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("rope", &rope_cuda);
+  m.impl("rope_cache_", &rope_cache_cuda);
   m.impl("silu_mul", &silu_mul_cuda);
   m.impl("silu_mul_", &silu_mul_inplace_cuda);
 }

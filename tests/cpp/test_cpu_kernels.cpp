@@ -238,6 +238,48 @@ TEST(PointwiseKernels, RopeRoundsLikeTheComposite) {
   }
 }
 
+TEST(PointwiseKernels, RopeCacheIsRopeIntoTheCacheSlots) {
+  // q rows equal rope_rows' output, k rows the same values at the cache slot,
+  // v rows copied there; other slots untouched
+  for (k::Dtype dt : {k::Dtype::kF32, k::Dtype::kBF16, k::Dtype::kF16}) {
+    std::mt19937 g(7);
+    const int64_t B = 2, T = 2, nq = 3, nkv = 1, H = nq + 2 * nkv, hd = 8, L = 5, ldh = hd;
+    Buf x(dt, B * T * H, hd, 0, g), c(dt, B * T, hd, 0, g), s(dt, B * T, hd, 0, g);
+    const size_t es = k::elem_size(dt);
+    std::vector<uint8_t> rot(static_cast<size_t>(B * T * H * hd) * es), q(static_cast<size_t>(B * T * nq * hd) * es);
+    std::vector<uint8_t> kc(static_cast<size_t>(B * nkv * L * hd) * es, 0), vc(kc.size(), 0);
+    const int64_t slot[T] = {4, 1};
+    k::RopeArgs ra;  // every head of [q | k | v] rotated, for reference
+    ra.dt = dt, ra.T = T, ra.H = H, ra.hd = hd, ra.x = x.data.data();
+    ra.sb = T * H * ldh, ra.st = H * ldh, ra.sh = ldh, ra.cos = c.data.data(), ra.sin = s.data.data();
+    ra.out = rot.data();
+    k::rope_rows(ra, 0, B * T * H);
+    k::RopeCacheArgs a;
+    a.dt = dt, a.T = T, a.nq = nq, a.nkv = nkv, a.hd = hd, a.qk = x.data.data();
+    a.sb = ra.sb, a.st = ra.st, a.sh = ra.sh;
+    a.v = x.data.data() + (nq + nkv) * ldh * es, a.vb = ra.sb, a.vt = ra.st, a.vh = ra.sh;
+    a.cos = c.data.data(), a.sin = s.data.data(), a.q = q.data();
+    a.kc = kc.data(), a.kc_b = nkv * L * hd, a.kc_h = L * hd, a.kc_l = hd;
+    a.vc = vc.data(), a.vc_b = a.kc_b, a.vc_h = a.kc_h, a.vc_l = a.kc_l;
+    a.slot = slot;
+    k::rope_cache_rows(a, 0, B * T * H);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < hd; ++i) {
+          const int64_t row = (b * T + t) * H;
+          for (int64_t h = 0; h < nq; ++h)
+            ASSERT_EQ(k::load_f32(dt, q.data(), ((b * T + t) * nq + h) * hd + i),
+                      k::load_f32(dt, rot.data(), (row + h) * hd + i));
+          ASSERT_EQ(k::load_f32(dt, kc.data(), b * a.kc_b + slot[t] * hd + i),
+                    k::load_f32(dt, rot.data(), (row + nq) * hd + i));
+          ASSERT_EQ(k::load_f32(dt, vc.data(), b * a.vc_b + slot[t] * hd + i), x.at(row + nq + nkv, i));
+        }
+    for (int64_t b = 0; b < B; ++b)  // slots 0, 2, 3: never written
+      for (int64_t l : {0, 2, 3})
+        for (int64_t i = 0; i < hd; ++i) ASSERT_EQ(k::load_f32(dt, kc.data(), b * a.kc_b + l * hd + i), 0.0);
+  }
+}
+
 TEST(PointwiseKernels, RmsNormAgainstDouble) {
   for (k::Dtype dt : {k::Dtype::kF32, k::Dtype::kBF16, k::Dtype::kF16}) {
     std::mt19937 g(6);

@@ -31,5 +31,28 @@ struct RopeArgs {
 };
 void rope_rows(const RopeArgs& a, int64_t r0, int64_t r1);
 
+// A decode step's RoPE with the KV-cache write: qk [B, T, nq + nkv, hd]
+// (strides sb, st, sh; unit last stride), v [B, T, nkv, hd] (vb, vt, vh),
+// cos, sin as rope's. q rotated into q [B, T, nq, hd] contiguous; k rotated
+// into kc[b, h, slot[t], :] and v copied into vc[b, h, slot[t], :] (cache
+// strides *_b, *_h, *_l, unit last). Rows r0 ... r1 of [B, T, nq + 2 nkv].
+struct RopeCacheArgs {
+  Dtype dt = Dtype::kF32;
+  int64_t T = 0, nq = 0, nkv = 0, hd = 0;
+  const void* qk = nullptr;
+  int64_t sb = 0, st = 0, sh = 0;
+  const void* v = nullptr;
+  int64_t vb = 0, vt = 0, vh = 0;
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  void* q = nullptr;
+  void* kc = nullptr;
+  int64_t kc_b = 0, kc_h = 0, kc_l = 0;
+  void* vc = nullptr;
+  int64_t vc_b = 0, vc_h = 0, vc_l = 0;
+  const int64_t* slot = nullptr;
+};
+void rope_cache_rows(const RopeCacheArgs& a, int64_t r0, int64_t r1);
+
 
 }  // namespace flora::cpu::kernels

@@ -87,6 +87,28 @@ struct RopeArgs {
   const void* sin = nullptr;
   void* out = nullptr;
 };
+// A decode step's RoPE with the KV-cache write: qk [B, T, nq + nkv, hd] and
+// v [B, T, nkv, hd] strided (unit last stride), cos / sin [B, T, hd]
+// contiguous, slot [T] (int64, device). q rotated into q [B, T, nq, hd]
+// contiguous; k rotated into kc[b, h, slot[t], :], v into vc[b, h, slot[t], :]
+// (caches [B, nkv, L, hd], unit last stride); a slot outside [0, L) writes
+// nothing.
+struct RopeCacheArgs {
+  PointwiseDtype dt = PointwiseDtype::kBF16;
+  int64_t B = 0, T = 0, nq = 0, nkv = 0, hd = 0, L = 0;
+  const void* qk = nullptr;
+  int64_t sb = 0, st = 0, sh = 0;
+  const void* v = nullptr;
+  int64_t vb = 0, vt = 0, vh = 0;
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  void* q = nullptr;
+  void* kc = nullptr;
+  int64_t kc_b = 0, kc_h = 0, kc_l = 0;
+  void* vc = nullptr;
+  int64_t vc_b = 0, vc_h = 0, vc_l = 0;
+  const int64_t* slot = nullptr;
+};
 // out [M, n] = round(silu(g)) * u; g, u, out rows strided (out may be u).
 struct SiluMulArgs {
   PointwiseDtype dt = PointwiseDtype::kBF16;
@@ -100,6 +122,7 @@ struct SiluMulArgs {
 };
 cudaError_t rms_norm(const RmsNormArgs& a, cudaStream_t stream);
 cudaError_t rope(const RopeArgs& a, cudaStream_t stream);
+cudaError_t rope_cache(const RopeCacheArgs& a, cudaStream_t stream);
 cudaError_t silu_mul(const SiluMulArgs& a, cudaStream_t stream);
 
 }  // namespace flora::cuda

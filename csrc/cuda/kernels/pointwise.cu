@@ -82,6 +82,35 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(RopeArgs a) {
   }
 }
 
+// One thread per element of [B, T, nq + 2 nkv, hd]: q's heads rotated into
+// q, k's rotated into the K cache at slot[t], v's copied into the V cache.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rope_cache_kernel(RopeCacheArgs a) {
+  const int64_t H = a.nq + 2 * a.nkv, n = a.B * a.T * H * a.hd, half = a.hd / 2;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t i = e % a.hd, r = e / a.hd, h = r % H, bt = r / H, t = bt % a.T, b = bt / a.T;
+    const int64_t s = a.slot[t];
+    const bool in_cache = s >= 0 && s < a.L;
+    if (h < a.nq + a.nkv) {
+      const int64_t j = i < half ? i + half : i - half;  // roll by hd / 2
+      const T* x = static_cast<const T*>(a.qk) + b * a.sb + t * a.st + h * a.sh;
+      const float c = Cv<T>::f(static_cast<const T*>(a.cos)[bt * a.hd + i]);
+      const float sn = Cv<T>::f(static_cast<const T*>(a.sin)[bt * a.hd + i]);
+      const float p = rnd<T>(__fmul_rn(Cv<T>::f(x[i]), c)), q = rnd<T>(__fmul_rn(Cv<T>::f(x[j]), sn));
+      const T val = Cv<T>::to(__fadd_rn(p, q));
+      if (h < a.nq)
+        static_cast<T*>(a.q)[(bt * a.nq + h) * a.hd + i] = val;
+      else if (in_cache)
+        static_cast<T*>(a.kc)[b * a.kc_b + (h - a.nq) * a.kc_h + s * a.kc_l + i] = val;
+    } else if (in_cache) {
+      const int64_t hv = h - a.nq - a.nkv;
+      static_cast<T*>(a.vc)[b * a.vc_b + hv * a.vc_h + s * a.vc_l + i] =
+          static_cast<const T*>(a.v)[b * a.vb + t * a.vt + hv * a.vh + i];
+    }
+  }
+}
+
 // One thread per element of [M, n]; g, u, out row-strided. out may be u:
 // each element is read, then written, by the same thread.
 template <typename T>
@@ -122,6 +151,10 @@ struct RopeK {
   static constexpr auto run = rope_kernel<T>;
 };
 template <typename T>
+struct RopeCacheK {
+  static constexpr auto run = rope_cache_kernel<T>;
+};
+template <typename T>
 struct SiluMulK {
   static constexpr auto run = silu_mul_kernel<T>;
 };
@@ -135,6 +168,10 @@ cudaError_t rms_norm(const RmsNormArgs& a, cudaStream_t stream) {
 
 cudaError_t rope(const RopeArgs& a, cudaStream_t stream) {
   return launch<RopeK>(a, blocks(a.B * a.T * a.H * a.hd), stream);
+}
+
+cudaError_t rope_cache(const RopeCacheArgs& a, cudaStream_t stream) {
+  return launch<RopeCacheK>(a, blocks(a.B * a.T * (a.nq + 2 * a.nkv) * a.hd), stream);
 }
 
 cudaError_t silu_mul(const SiluMulArgs& a, cudaStream_t stream) {
