@@ -5,6 +5,7 @@
     python bench/op_count.py --no-compile    # eager only (compiling takes minutes on 2 cores)
     python bench/op_count.py --json bench/out/op_count.json
     python bench/op_count.py --no-compile --batch 32   # the GEMMs on ATen (the cuBLAS path's calls)
+    python bench/op_count.py --step-ms 16 --variants base ffba   # + the eager step time, 16 layers
 
 One decode step is run under torch.profiler (CPU) on a model with L and 3L
 layers (random weights, tiny Llama shape); per-layer counts are the
@@ -123,6 +124,31 @@ def step_counts(model, compiled: bool, prompt: int = 8, batch: int = 1) -> tuple
     return count_events(prof.events())
 
 
+def step_ms(variant: str, layers: int, dtype=torch.float32, steps: int = 200) -> float:
+    """Median eager decode-step time (ms) of a ``layers``-layer model of the
+    tiny shape, batch 1, after 20 steps: host work only (what the op and
+    kernel counts cost on the CPU)."""
+    import statistics
+
+    from flora.bench.timing import Timer
+    from flora.generation import Decoder, inference_mode
+
+    model = build(variant, layers, dtype)
+    timer = Timer(torch.device("cpu"))
+    with inference_mode(model):
+        dec = Decoder(model, 1, 48 + steps, use_cuda_graph=False)
+        ids = torch.randint(3, model.arch.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+        tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)
+        for _ in range(20):
+            tok = dec.step(tok).argmax(-1)
+        ts = []
+        for _ in range(steps):
+            t0 = timer.mark()
+            tok = dec.step(tok).argmax(-1)
+            ts.append(timer.elapsed(t0, timer.mark()))
+    return statistics.median(ts) * 1e3
+
+
 def per_layer(variant: str, compiled: bool, dtype=torch.float32, layers: int = 1, batch: int = 1) -> dict:
     a = step_counts(build(variant, layers, dtype), compiled, batch=batch)
     b = step_counts(build(variant, 3 * layers, dtype), compiled, batch=batch)
@@ -135,11 +161,12 @@ def per_layer(variant: str, compiled: bool, dtype=torch.float32, layers: int = 1
 def markdown(rows: list, command: str) -> str:
     out = [f"{datetime.date.today()}, {platform.node()} ({platform.machine()}), torch {torch.__version__}, "
            f"`{command}`", "",
-           "| variant | dtype | batch | mode | ops / layer | kernels / layer | kernels outside the layers |",
-           "|---|---|---:|---|---:|---:|---:|"]
+           "| variant | dtype | batch | mode | ops / layer | kernels / layer | kernels outside the layers | step ms |",
+           "|---|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        ms = f"{r['step_ms']:.3f}" if "step_ms" in r else ""
         out.append(f"| {r['variant']} | {r['dtype']} | {r['batch']} | {r['mode']} | {r['ops_per_layer']:g} | "
-                   f"{r['kernels_per_layer']:g} | {r['kernels_step_rest']:g} |")
+                   f"{r['kernels_per_layer']:g} | {r['kernels_step_rest']:g} | {ms} |")
     return "\n".join(out)
 
 
@@ -151,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1,
                    help="rows per step (above 16: the GEMMs on ATen, as the default CUDA path runs them)")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--step-ms", type=int, default=0, metavar="LAYERS",
+                   help="also time the eager decode step of a model with this many layers (batch 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     import torch._inductor.config as inductor_config
@@ -164,6 +193,8 @@ def main(argv=None) -> int:
         for v in args.variants:
             for compiled in ([False] if args.no_compile else [False, True]):
                 rows.append(per_layer(v, compiled, dtype, batch=args.batch))
+                if args.step_ms and not compiled:
+                    rows[-1]["step_ms"] = step_ms(v, args.step_ms, dtype)
                 print(rows[-1], file=sys.stderr, flush=True)
     cmd = "python bench/op_count.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(markdown(rows, cmd.strip()))

@@ -39,14 +39,15 @@ def _halves(t: Tensor, d: int) -> tuple:
 def _norm(h: Tensor, carry: Optional[Tensor], weight: Tensor, eps: float, stream: bool) -> tuple:
     """(h, carry, RMSNorm(h), the carry as readers take it).
 
-    zflora (``stream``): where h and its carry z are one buffer [h | z] (a
-    writer's output, the embedding's), the norm hands z through next to n(h)
-    (ADAPTERS.md: "RMSNorm normalises h only and hands z through"), so a
-    reader's GEMM reads [n(h) | z] as one operand and the sub-block's writer
-    adds onto [h | z] in one addmm. Compiled, the two are concatenated: the
-    copy fuses into the norm's kernel. Eager after a projection that is no
-    writer (zflora-minimal's o, -mha's down) they stay apart: a copy would
-    cost the decode kernels, which take them apart, one launch more."""
+    zflora (``stream``): where h and its carry z are one buffer [h | z] (the
+    embedding's, then each projection's output written over it in place),
+    the norm hands z through next to n(h) (ADAPTERS.md: "RMSNorm normalises
+    h only and hands z through"), so a reader's GEMM reads [n(h) | z] as one
+    operand and the sub-block's writer adds onto [h | z] in one GEMM.
+    Compiled, the two are concatenated: the copy fuses into the norm's
+    kernel. Where they are apart (training: no in-place writes) they stay
+    apart: a copy would cost the decode kernels, which take them apart, one
+    launch more."""
     if stream and carry is not None:
         hz = torch.cat([h, carry], 1) if torch.compiler.is_compiling() else ops.adjacent(h, carry)
         if hz is not None:

@@ -668,22 +668,28 @@ def adjacent(a: Tensor, b: Tensor) -> Optional[Tensor]:
     fused q/k/v output, zflora's stream [h | z]), else None. Under
     torch.compile (fake tensors have no addresses) and with autograd (an
     as_strided backward is slow) the two stay apart."""
-    if torch.compiler.is_compiling() or a.requires_grad or b.requires_grad or a.stride() != b.stride():
+    if torch.compiler.is_compiling() or a.requires_grad or b.requires_grad:
         return None
-    if b.data_ptr() != a.data_ptr() + a.shape[1] * a.element_size():
+    base = a._base  # the buffer itself when a and b are its two halves (zflora's stream): no new view
+    if base is not None and b._base is base and base.shape == (a.shape[0], a.shape[1] + b.shape[1]) \
+            and a.storage_offset() == base.storage_offset() and b.storage_offset() == a.storage_offset() + a.shape[1]:
+        return base
+    if a.stride() != b.stride() or b.data_ptr() != a.data_ptr() + a.shape[1] * a.element_size():
         return None
     return a.as_strided((a.shape[0], a.shape[1] + b.shape[1]), a.stride())
 
 
+# Both run once per op call in a decode step: plain loops, no device objects
+# (a generator and Tensor.device cost ~0.8 us a call).
 def _inference(*ts: Tensor) -> bool:
     """An in-place form may run: no autograd recording (it has no backward),
-    no autocast (it would cast res), one dtype. Under torch.compile too:
-    Inductor re-inplaces a mutation of a buffer nothing reads later."""
-    if any(t.dtype != ts[0].dtype for t in ts):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return False
-    return not torch.is_autocast_enabled(ts[0].device.type)
+    no autocast (it would cast res). Under torch.compile too: Inductor
+    re-inplaces a mutation of a buffer nothing reads later."""
+    if torch.is_grad_enabled():
+        for t in ts:
+            if t.requires_grad:
+                return False
+    return not torch.is_autocast_enabled("cuda" if ts[0].is_cuda else "cpu")
 
 
 def _fused(*ts: Tensor) -> bool:
@@ -691,6 +697,10 @@ def _fused(*ts: Tensor) -> bool:
     composite it replaces: under torch.compile Inductor fuses the composite
     with its neighbours; training (autograd, autocast) keeps the composite's
     own backward; mixed dtypes keep its type promotion."""
+    dt = ts[0].dtype
+    for t in ts:
+        if t.dtype != dt:
+            return False
     return not torch.compiler.is_compiling() and _inference(*ts)
 
 
