@@ -7,7 +7,7 @@
 #   bench/gpu_run.sh [STAGE ...]          named stages, in the order below
 #   GPU_RUN_DRY=1 bench/gpu_run.sh        print the commands only, run nothing (tested in CI)
 #
-# "quick" (the default) = build cuda-kernels test-cuda latency-1b kernels-short.
+# "quick" (the default) = build cuda-kernels test-cuda latency-1b kernels-short op-count.
 # Each stage runs under its own timeout (CAP below, and never past the call's
 # budget), so one hang costs that stage only; its log is in $OUT as it runs,
 # its results are written to $OUT as soon as they exist, summary.txt is
@@ -53,6 +53,10 @@
 #                M = 1,4,8,16,256, and CUDA graphs at M = 1,4,8 with each flora call also
 #                on cuBLAS (--aten-too: where a kernel wins, for measured_faster); rows
 #                written as measured. ~40 s at M = 1,16,256 (2026-11-28).
+#   op-count     CUDA launches per decoder layer of one eager decode step (bench/op_count.py
+#                --device cuda), bf16, batch 1 and 8, on this run's dispatch and on cuBLAS
+#                alone: the launch counts the CPU machine predicts (RESULTS, "Adapter GEMMs
+#                on the cuBLAS path"). ~20-40 s; last in quick, so the budget may skip it.
 #   cli          `flora demo --device cuda --quick`, a 20-step `flora train --bf16 on` (ffba,
 #                r 32, batch 8) on the real SmolLM2 blocks from .device, then `flora generate
 #                --compare` with that adapter on 16 of its prompts. 69 s.
@@ -687,6 +691,35 @@ stage_kernels_short() {
   return "$rc"
 }
 
+# CUDA launches per decoder layer in one eager decode step (bench/op_count.py
+# --device cuda), bf16, batch 1 and 8: on the dispatch this run chose (the
+# kernels as if verified once cuda-kernels passed), then on cuBLAS alone
+# (FLORA_CUDA_KERNELS=0): what the counts on the CPU machine predict.
+stage_op_count() {
+  need_ext
+  local rc=0 b sw
+  for b in 1 8; do
+    for sw in default cublas; do
+      # shellcheck disable=SC2046  # the env prefix is meant to be empty or one word
+      run env $([ "$sw" = cublas ] && echo FLORA_CUDA_KERNELS=0) "$PY" bench/op_count.py --device cuda --no-compile \
+        --dtype bf16 --batch "$b" --variants ${OP_COUNT_VARIANTS:-base ffba zflora pf-lora lora} \
+        --json "$OUT/op-count-b$b-$sw.json" || rc=$?
+    done
+  done
+  if [ "$DRY" = 1 ]; then key "dry"; return 0; fi
+  key "$("$PY" -c 'import json, sys
+out = []
+for p in sys.argv[1:]:
+    try:
+        rows = {r["variant"]: r["kernels_per_layer"] for r in json.load(open(p))["rows"]}
+    except OSError:
+        continue
+    name = p.rsplit("op-count-", 1)[1][:-5]
+    out.append(name + ": " + " ".join(f"{v} {k:g}" for v, k in rows.items()))
+print("; ".join(out) or "no counts written")' "$OUT"/op-count-b*.json 2>/dev/null || echo "no counts (rc $rc)")"
+  return "$rc"
+}
+
 # ---------------------------------------------------------------------------
 # orchestrator
 # ---------------------------------------------------------------------------
@@ -704,6 +737,7 @@ if [ "${1:-}" = __stage ]; then            # internal: one stage, in this proces
     cuda-kernels) stage_cuda_kernels ;;
     generate) stage_generate ;;
     kernels-short) stage_kernels_short ;;
+    op-count) stage_op_count ;;
     cli) stage_cli ;;
     train) stage_train ;;
     mixed) stage_mixed ;;
@@ -714,12 +748,12 @@ fi
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
-STAGES="build cuda-kernels test-cuda generate latency-1b kernels-short cli train mixed test sanitize kernels latency latency-3b smoke"
-QUICK=(build cuda-kernels test-cuda latency-1b kernels-short)
+STAGES="build cuda-kernels test-cuda generate latency-1b kernels-short op-count cli train mixed test sanitize kernels latency latency-3b smoke"
+QUICK=(build cuda-kernels test-cuda latency-1b kernels-short op-count)
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
-declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [cli]=60 [train]=90 [mixed]=60
+declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [op-count]=25 [cli]=60 [train]=90 [mixed]=60
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [cli]=180 [train]=300 [mixed]=200
+declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [op-count]=90 [cli]=180 [train]=300 [mixed]=200
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"

@@ -6,6 +6,7 @@
     python bench/op_count.py --json bench/out/op_count.json
     python bench/op_count.py --no-compile --batch 32   # the GEMMs on ATen (the cuBLAS path's calls)
     python bench/op_count.py --step-ms 16 --variants base ffba   # + the eager step time, 16 layers
+    python bench/op_count.py --device cuda --no-compile           # kernels = CUDA launches counted
 
 One decode step is run under torch.profiler (CPU) on a model with L and 3L
 layers (random weights, tiny Llama shape); per-layer counts are the
@@ -20,7 +21,8 @@ difference / 2L, so the embedding, head and sampling cancel out. Two counts:
   CPU decode kernels' M (16 in fp32) its GEMMs run on ATen, the calls flora's
   default CUDA path makes on cuBLAS (where an ``addmm`` into a fresh output
   also copies its C operand first: one more launch the profiler does not
-  show).
+  show). With ``--device cuda`` it is the CUDA kernels (and memcpy / memset)
+  the step launches, counted by the profiler.
 """
 from __future__ import annotations
 
@@ -91,7 +93,14 @@ def count_events(events) -> tuple[int, int]:
     return len(top), sum(_kernels(e) for e in top)
 
 
-def build(variant: str, layers: int, dtype, rank: int = 8):
+def count_launches(events) -> int:
+    """CUDA kernels, memcpys and memsets of one profiled region."""
+    from torch.autograd import DeviceType
+
+    return sum(1 for e in events if e.device_type == DeviceType.CUDA)
+
+
+def build(variant: str, layers: int, dtype, rank: int = 8, device: str = "cpu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from flora import AdapterConfig
@@ -106,7 +115,7 @@ def build(variant: str, layers: int, dtype, rank: int = 8):
     m = FusedLlama.from_pretrained(hf, adapter=ac, dtype=dtype)
     if ac is not None:
         randomize_adapter(m, 1)
-    return m
+    return m.to(device)
 
 
 def step_counts(model, compiled: bool, prompt: int = 8, batch: int = 1) -> tuple[int, int]:
@@ -116,12 +125,18 @@ def step_counts(model, compiled: bool, prompt: int = 8, batch: int = 1) -> tuple
     with inference_mode(model):
         dec = Decoder(model, batch, prompt + 8, use_cuda_graph=False, compile=compiled)
         ids = torch.randint(3, model.arch.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(model.embed.device)
         tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)
         for _ in range(2):
             tok = dec.step(tok).argmax(-1)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cuda = ids.is_cuda
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
             dec.step(tok)
-    return count_events(prof.events())
+            if cuda:
+                torch.cuda.synchronize()
+    ops_, kernels = count_events(prof.events())
+    return ops_, count_launches(prof.events()) if cuda else kernels
 
 
 def step_ms(variant: str, layers: int, dtype=torch.float32, steps: int = 200) -> float:
@@ -149,18 +164,20 @@ def step_ms(variant: str, layers: int, dtype=torch.float32, steps: int = 200) ->
     return statistics.median(ts) * 1e3
 
 
-def per_layer(variant: str, compiled: bool, dtype=torch.float32, layers: int = 1, batch: int = 1) -> dict:
-    a = step_counts(build(variant, layers, dtype), compiled, batch=batch)
-    b = step_counts(build(variant, 3 * layers, dtype), compiled, batch=batch)
-    return {"variant": variant, "mode": "compiled" if compiled else "eager",
+def per_layer(variant: str, compiled: bool, dtype=torch.float32, layers: int = 1, batch: int = 1,
+              device: str = "cpu") -> dict:
+    a = step_counts(build(variant, layers, dtype, device=device), compiled, batch=batch)
+    b = step_counts(build(variant, 3 * layers, dtype, device=device), compiled, batch=batch)
+    return {"variant": variant, "mode": "compiled" if compiled else "eager", "device": device,
             "dtype": str(dtype).replace("torch.", ""), "batch": batch,
             "ops_per_layer": (b[0] - a[0]) / (2 * layers), "kernels_per_layer": (b[1] - a[1]) / (2 * layers),
             "ops_step_rest": a[0] - (b[0] - a[0]) / 2, "kernels_step_rest": a[1] - (b[1] - a[1]) / 2}
 
 
 def markdown(rows: list, command: str) -> str:
-    out = [f"{datetime.date.today()}, {platform.node()} ({platform.machine()}), torch {torch.__version__}, "
-           f"`{command}`", "",
+    dev = torch.cuda.get_device_name() if rows and rows[0]["device"] == "cuda" else platform.machine()
+    out = [f"{datetime.date.today()}, {platform.node()} ({dev}), torch {torch.__version__}, `{command}`"
+           + (" (kernels: CUDA launches)" if rows and rows[0]["device"] == "cuda" else ""), "",
            "| variant | dtype | batch | mode | ops / layer | kernels / layer | kernels outside the layers | step ms |",
            "|---|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -178,9 +195,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1,
                    help="rows per step (above 16: the GEMMs on ATen, as the default CUDA path runs them)")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: kernels = the CUDA launches of the step (profiler), on flora's dispatch there")
     p.add_argument("--step-ms", type=int, default=0, metavar="LAYERS",
                    help="also time the eager decode step of a model with this many layers (batch 1)")
     args = p.parse_args(argv)
+    if args.step_ms and args.device != "cpu":
+        p.error("--step-ms times the CPU's eager step (host work); use the latency benchmark on a GPU")
     torch.set_num_threads(1)
     import torch._inductor.config as inductor_config
 
@@ -192,7 +213,7 @@ def main(argv=None) -> int:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
         for v in args.variants:
             for compiled in ([False] if args.no_compile else [False, True]):
-                rows.append(per_layer(v, compiled, dtype, batch=args.batch))
+                rows.append(per_layer(v, compiled, dtype, batch=args.batch, device=args.device))
                 if args.step_ms and not compiled:
                     rows[-1]["step_ms"] = step_ms(v, args.step_ms, dtype)
                 print(rows[-1], file=sys.stderr, flush=True)

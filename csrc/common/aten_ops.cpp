@@ -105,11 +105,6 @@ at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::T
   return y;
 }
 
-void fbl_inplace_aten(const at::Tensor& res, const at::Tensor& u, const at::Tensor& z,
-                      const at::Tensor& W, const at::Tensor& B, double s, bool relu) {
-  fbl_inplace_aten_checked(check_fbl_inplace(res, u, z, W, B), res, u, z, W, B, s, relu);
-}
-
 void fbl_inplace_aten_checked(const FblShape& sh, const at::Tensor& res, const at::Tensor& u,
                               const at::Tensor& z, const at::Tensor& W, const at::Tensor& B,
                               double s, bool relu) {

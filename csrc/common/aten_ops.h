@@ -24,8 +24,6 @@ at::Tensor fbl_aten_checked(const FblShape& sh, const at::Tensor& u, const at::T
 void fbl_inplace_aten_checked(const FblShape& sh, const at::Tensor& res, const at::Tensor& u,
                               const at::Tensor& z, const at::Tensor& W, const at::Tensor& B,
                               double s, bool relu);
-void fbl_inplace_aten(const at::Tensor& res, const at::Tensor& u, const at::Tensor& z,
-                      const at::Tensor& W, const at::Tensor& B, double s, bool relu);
 at::Tensor ffbl_aten_checked(const FfblShape& sh, const at::Tensor& u, const at::Tensor& z,
                              const at::Tensor& W, const at::Tensor& B, const at::Tensor& A,
                              const at::Tensor& C, double s,

@@ -12,6 +12,7 @@
 #include "../common/aten_ops.h"
 #include "../common/checks.h"
 #include "../common/kernel_info.h"
+#include "../common/pointwise_glue.h"
 #include "isa.h"
 #include "kernels/decode.h"
 #include "kernels/pointwise.h"
@@ -181,10 +182,9 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
     return rope_aten(x, cos, sin);
   at::Tensor out = at::empty(x.sizes(), x.options());
   k::RopeArgs a;
-  a.dt = *dt, a.T = x.size(1), a.H = x.size(2), a.hd = x.size(3);
-  a.x = x.data_ptr(), a.sb = x.stride(0), a.st = x.stride(1), a.sh = x.stride(2);
-  a.cos = cos.data_ptr(), a.sin = sin.data_ptr(), a.out = out.data_ptr();
-  const int64_t rows = x.size(0) * a.T * a.H;
+  a.dt = *dt;
+  fill_rope(a, x, cos, sin, out);
+  const int64_t rows = a.B * a.T * a.H;
   at::parallel_for(0, rows, pointwise_grain(a.hd), [&](int64_t b, int64_t e) { k::rope_rows(a, b, e); });
   return out;
 }
@@ -201,14 +201,9 @@ at::Tensor rope_cache_cpu(const at::Tensor& qk, const at::Tensor& v, const at::T
   const int64_t nkv = kc.size(1), nq = qk.size(2) - nkv;
   at::Tensor q = at::empty({qk.size(0), qk.size(1), nq, qk.size(3)}, qk.options());
   k::RopeCacheArgs a;
-  a.dt = *dt, a.T = qk.size(1), a.nq = nq, a.nkv = nkv, a.hd = qk.size(3);
-  a.qk = qk.data_ptr(), a.sb = qk.stride(0), a.st = qk.stride(1), a.sh = qk.stride(2);
-  a.v = v.data_ptr(), a.vb = v.stride(0), a.vt = v.stride(1), a.vh = v.stride(2);
-  a.cos = cos.data_ptr(), a.sin = sin.data_ptr(), a.q = q.data_ptr();
-  a.kc = kc.data_ptr(), a.kc_b = kc.stride(0), a.kc_h = kc.stride(1), a.kc_l = kc.stride(2);
-  a.vc = vc.data_ptr(), a.vc_b = vc.stride(0), a.vc_h = vc.stride(1), a.vc_l = vc.stride(2);
-  a.slot = slot.data_ptr<int64_t>();
-  const int64_t rows = qk.size(0) * a.T * (nq + 2 * nkv);
+  a.dt = *dt;
+  fill_rope_cache(a, qk, v, cos, sin, kc, vc, slot, q);
+  const int64_t rows = a.B * a.T * (nq + 2 * nkv);
   at::parallel_for(0, rows, pointwise_grain(a.hd), [&](int64_t b, int64_t e) { k::rope_cache_rows(a, b, e); });
   return q;
 }

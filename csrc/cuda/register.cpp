@@ -26,6 +26,7 @@
 #include "../common/checks.h"
 #include "../common/cuda_dispatch.h"
 #include "../common/kernel_info.h"
+#include "../common/pointwise_glue.h"
 
 namespace flora {
 namespace {
@@ -398,9 +399,8 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& c, const at::Tensor&
   return one_launch(x, layout_ok, "rope", [&](at::Tensor& out) {
 #ifdef FLORA_WITH_CUTLASS
     fc::RopeArgs a;
-    a.dt = pw_dtype(x), a.B = x.size(0), a.T = x.size(1), a.H = x.size(2), a.hd = x.size(3);
-    a.x = x.data_ptr(), a.sb = x.stride(0), a.st = x.stride(1), a.sh = x.stride(2);
-    a.cos = c.data_ptr(), a.sin = s.data_ptr(), a.out = out.data_ptr();
+    a.dt = pw_dtype(x);
+    fill_rope(a, x, c, s, out);
     return fc::rope(a, current_stream());
 #else
     return cudaErrorNotSupported;
@@ -422,14 +422,8 @@ at::Tensor rope_cache_cuda(const at::Tensor& qk, const at::Tensor& v, const at::
       const int64_t nkv = kc.size(1), nq = qk.size(2) - nkv;
       at::Tensor q = at::empty({qk.size(0), qk.size(1), nq, qk.size(3)}, qk.options());
       fc::RopeCacheArgs a;
-      a.dt = pw_dtype(qk), a.B = qk.size(0), a.T = qk.size(1), a.nq = nq, a.nkv = nkv;
-      a.hd = qk.size(3), a.L = kc.size(2);
-      a.qk = qk.data_ptr(), a.sb = qk.stride(0), a.st = qk.stride(1), a.sh = qk.stride(2);
-      a.v = v.data_ptr(), a.vb = v.stride(0), a.vt = v.stride(1), a.vh = v.stride(2);
-      a.cos = c.data_ptr(), a.sin = s.data_ptr(), a.q = q.data_ptr();
-      a.kc = kc.data_ptr(), a.kc_b = kc.stride(0), a.kc_h = kc.stride(1), a.kc_l = kc.stride(2);
-      a.vc = vc.data_ptr(), a.vc_b = vc.stride(0), a.vc_h = vc.stride(1), a.vc_l = vc.stride(2);
-      a.slot = slot.data_ptr<int64_t>();
+      a.dt = pw_dtype(qk);
+      fill_rope_cache(a, qk, v, c, s, kc, vc, slot, q);
       check_launch(fc::rope_cache(a, current_stream()), "rope_cache_");
       return q;
 #endif

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../../common/pointwise_args.h"
 #include "args.h"
 
 namespace flora::cuda {
@@ -76,39 +77,9 @@ struct RmsNormArgs {
   float eps = 0.f;
   void* out = nullptr;
 };
-// out [B, T, H, hd] = round(x cos) + round(roll(x, hd / 2) sin); x strided
-// (sb, st, sh; unit last stride), cos / sin [B, T, hd] contiguous.
-struct RopeArgs {
-  PointwiseDtype dt = PointwiseDtype::kBF16;
-  int64_t B = 0, T = 0, H = 0, hd = 0;
-  const void* x = nullptr;
-  int64_t sb = 0, st = 0, sh = 0;
-  const void* cos = nullptr;
-  const void* sin = nullptr;
-  void* out = nullptr;
-};
-// A decode step's RoPE with the KV-cache write: qk [B, T, nq + nkv, hd] and
-// v [B, T, nkv, hd] strided (unit last stride), cos / sin [B, T, hd]
-// contiguous, slot [T] (int64, device). q rotated into q [B, T, nq, hd]
-// contiguous; k rotated into kc[b, h, slot[t], :], v into vc[b, h, slot[t], :]
-// (caches [B, nkv, L, hd], unit last stride); a slot outside [0, L) writes
-// nothing.
-struct RopeCacheArgs {
-  PointwiseDtype dt = PointwiseDtype::kBF16;
-  int64_t B = 0, T = 0, nq = 0, nkv = 0, hd = 0, L = 0;
-  const void* qk = nullptr;
-  int64_t sb = 0, st = 0, sh = 0;
-  const void* v = nullptr;
-  int64_t vb = 0, vt = 0, vh = 0;
-  const void* cos = nullptr;
-  const void* sin = nullptr;
-  void* q = nullptr;
-  void* kc = nullptr;
-  int64_t kc_b = 0, kc_h = 0, kc_l = 0;
-  void* vc = nullptr;
-  int64_t vc_b = 0, vc_h = 0, vc_l = 0;
-  const int64_t* slot = nullptr;
-};
+// RoPE and RoPE with the KV-cache write: common/pointwise_args.h
+using RopeArgs = ::flora::RopeArgsT<PointwiseDtype>;
+using RopeCacheArgs = ::flora::RopeCacheArgsT<PointwiseDtype>;
 // out [M, n] = round(silu(g)) * u; g, u, out rows strided (out may be u).
 struct SiluMulArgs {
   PointwiseDtype dt = PointwiseDtype::kBF16;
