@@ -672,7 +672,8 @@ def adjacent(a: Tensor, b: Tensor) -> Optional[Tensor]:
         return None
     base = a._base  # the buffer itself when a and b are its two halves (zflora's stream): no new view
     if base is not None and b._base is base and base.shape == (a.shape[0], a.shape[1] + b.shape[1]) \
-            and a.storage_offset() == base.storage_offset() and b.storage_offset() == a.storage_offset() + a.shape[1]:
+            and a.stride() == b.stride() == base.stride() and a.storage_offset() == base.storage_offset() \
+            and b.storage_offset() == a.storage_offset() + a.shape[1] * a.stride(1):
         return base
     if a.stride() != b.stride() or b.data_ptr() != a.data_ptr() + a.shape[1] * a.element_size():
         return None

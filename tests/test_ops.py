@@ -499,3 +499,18 @@ def test_double_backward_matches_reference(op):
         return call_op(op, dict(zip(args, ts)), **kw)
 
     assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def test_adjacent():
+    """[a | b] as one tensor when b's columns follow a's in one buffer: the
+    buffer itself for its two halves (zflora's stream), a view for two column
+    blocks inside it (q | k of the fused qkv output), None otherwise."""
+    hz = torch.randn(3, 10)
+    assert ops.adjacent(hz[:, :7], hz[:, 7:]) is hz
+    qkv = torch.randn(3, 20)
+    qk = ops.adjacent(qkv[:, 2:5], qkv[:, 5:9])
+    assert torch.equal(qk, qkv[:, 2:9]) and qk.data_ptr() == qkv[:, 2:].data_ptr()
+    assert ops.adjacent(qkv[:, 2:5], qkv[:, 6:9]) is None  # a gap
+    t = torch.randn(10, 3).t()  # column-major: the columns are not side by side in memory
+    assert ops.adjacent(t[:, :7], t[:, 7:]) is None
+    assert ops.adjacent(hz[:, :7].clone().requires_grad_(True), hz[:, 7:]) is None
