@@ -345,6 +345,9 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         a = self.arch
         hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
         stream = self._streams()
+        # h is ours to write over, but not where autograd records: a checkpointed
+        # layer recomputes from its saved input h, which must stay as it was
+        own = not torch.is_grad_enabled()
         # attention sub-block: x = RMSNorm(h); q, k, v (+ adapter state for o)
         with nvtx.range("attn", i):  # NVTX ranges: no-ops unless flora.nvtx.enable()
             h, carry, x, xc = _norm(h, carry, layer.input_norm, a.rms_norm_eps, stream)
@@ -366,11 +369,11 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                 if cache is not None:
                     k, v = cache.update(i, k, v)
             att = attention(q, k, v, mask)
-            h, carry = layer.o(att, state, residual=h, carry=carry, in_place=True)  # h is ours
+            h, carry = layer.o(att, state, residual=h, carry=carry, in_place=own)
         # MLP sub-block: SwiGLU with the residual add inside the module
         with nvtx.range("mlp", i):
             h, carry, x2, xc = _norm(h, carry, layer.post_norm, a.rms_norm_eps, stream)
-            h, carry = layer.mlp(x2, residual=h, carry=carry, x_carry=xc, in_place=True)
+            h, carry = layer.mlp(x2, residual=h, carry=carry, x_carry=xc, in_place=own)
         return h, carry
 
     # ------------------------------------------------------------ generation

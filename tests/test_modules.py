@@ -77,13 +77,16 @@ class Chain:
             P.update({n: getattr(m, n) for n in m._adapter_names})
         return P
 
-    def __call__(self, h):
+    def __call__(self, h, in_place=False):
         carry = initial_carry(self.cfg, h.shape[0], h.dtype)
+        if in_place and carry is not None:  # zflora's stream as FusedLlama keeps it: one buffer
+            hz = torch.cat([h, carry], 1)
+            h, carry = hz[:, :D], hz[:, D:]
         for i in range(L):
             q, k, v, state = self.attn[i](rms(h), carry)
             a = q + k @ self.Pk + v @ self.Pv
-            h, carry = self.o[i](a, state, residual=h, carry=carry)
-            h, carry = self.mlp[i](rms(h), residual=h, carry=carry)
+            h, carry = self.o[i](a, state, residual=h, carry=carry, in_place=in_place)
+            h, carry = self.mlp[i](rms(h), residual=h, carry=carry, in_place=in_place)
         return self.head(rms(h), carry)
 
 
@@ -222,6 +225,45 @@ def test_pf_lora_equals_lora(dtype):
     for m in pf.modules():
         m.fold()
     torch.testing.assert_close(pf(h), lora(h), **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_in_place_residual_adds(case):
+    """in_place=True (FusedLlama's call): the writers add onto the residual
+    they are given (flora::fbl_) wherever autograd records nothing (in
+    training too, in a layer without trainable tensors), with the values a
+    new output has, folded or not; gradients as without it."""
+    dtype = torch.float32
+    ch = Chain(make_cfg(case), dtype)
+    randomise(ch)
+    h = torch.randn(M, D, dtype=dtype)
+    want = ch(h)
+    got = ch(h.clone(), in_place=True)  # h is given up: a copy each time
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    g1 = torch.autograd.grad(want.sum(), ch.params(), allow_unused=True)
+    g2 = torch.autograd.grad(got.sum(), ch.params(), allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, **TOL[dtype])
+    with torch.no_grad():
+        torch.testing.assert_close(ch(h.clone(), in_place=True), want, **TOL[dtype])
+        for m in ch.modules():
+            m.fold()
+        torch.testing.assert_close(ch(h.clone(), in_place=True), want, **TOL[dtype])
+
+
+def test_output_projection_writes_over_the_residual_only_when_given_up():
+    o = FusedOutputProjection(torch.randn(D, DQ), None)
+    a, r = torch.randn(M, DQ), torch.randn(M, D)
+    want, r0 = r + a @ o.weight.T, r.clone()
+    with torch.no_grad():
+        out, _ = o(a, residual=r)
+        assert out is not r and torch.equal(r, r0)
+        r2 = r.clone()
+        out, _ = o(a, residual=r2, in_place=True)
+        assert out is r2
+        torch.testing.assert_close(out, want)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -136,7 +136,9 @@ class FusedOutputProjection(_SubBlock):
 
     forward(a [M, d_q], state=None, residual=None, carry=None, in_place=False)
     -> (h', carry'). ``in_place``: the caller gives residual (and the carry)
-    up; in inference h' may be written over it (no copy of it on cuBLAS).
+    up; h' may be written over it (no copy of it on cuBLAS) wherever the
+    call records no autograd. A caller whose residual autograd may still
+    read (a checkpointed layer's input) must not give it up.
     """
 
     def __init__(self, wo: Tensor, config=None, layer: Optional[int] = None,
