@@ -91,20 +91,33 @@ at::Tensor ffl_cpu(const at::Tensor& x, const at::Tensor& W, const at::Tensor& A
   return out;
 }
 
+// The decode path of an FBL call (the kernels read weight rows; transposed
+// views, backward dx, go to ATen), or nothing.
+std::optional<k::Path> fbl_path(const FblShape& sh, const at::Tensor& u, const at::Tensor& W,
+                                const at::Tensor& B, k::Dtype* dt) {
+  const auto path = decode_path(u, sh.M, dt);
+  return path && unit_last_stride(W) && unit_last_stride(B) ? path : std::nullopt;
+}
+
+void fbl_decode_into(k::Path path, k::Dtype dt, const FblShape& sh, const at::Tensor& u,
+                     const at::Tensor& z, const at::Tensor& W, const at::Tensor& B, double s,
+                     const c10::optional<at::Tensor>& res, bool relu, void* out, int64_t ldo) {
+  k::FblArgs a;
+  a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;
+  a.u = mat(u), a.z = mat(z), a.W = mat(W), a.B = mat(B), a.res = mat(res);
+  a.s = s, a.relu = relu, a.out = out, a.ldo = ldo;
+  k::fbl_decode(path, a, parallel_rows);
+}
+
 at::Tensor fbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,
                    const at::Tensor& B, double s, const c10::optional<at::Tensor>& res,
                    bool relu) {
   const auto sh = check_fbl(u, z, W, B, res);
-  k::Dtype dt{};  // set by decode_path when it returns a path
-  const auto path = decode_path(u, sh.M, &dt);
-  // The kernels read weight rows; transposed views (backward dx) go to ATen.
-  if (!path || !unit_last_stride(W) || !unit_last_stride(B)) return fbl_aten_checked(sh, u, z, W, B, s, res, relu);
+  k::Dtype dt{};  // set by fbl_path when it returns a path
+  const auto path = fbl_path(sh, u, W, B, &dt);
+  if (!path) return fbl_aten_checked(sh, u, z, W, B, s, res, relu);
   at::Tensor out = at::empty({sh.M, sh.N}, u.options());
-  k::FblArgs a;
-  a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;
-  a.u = mat(u), a.z = mat(z), a.W = mat(W), a.B = mat(B), a.res = mat(res);
-  a.s = s, a.relu = relu, a.out = out.data_ptr(), a.ldo = sh.N;
-  k::fbl_decode(*path, a, parallel_rows);
+  fbl_decode_into(*path, dt, sh, u, z, W, B, s, res, relu, out.data_ptr(), sh.N);
   return out;
 }
 
@@ -113,15 +126,10 @@ at::Tensor fbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W
 void fbl_inplace_cpu(const at::Tensor& res, const at::Tensor& u, const at::Tensor& z,
                      const at::Tensor& W, const at::Tensor& B, double s, bool relu) {
   const auto sh = check_fbl_inplace(res, u, z, W, B);
-  k::Dtype dt{};  // set by decode_path when it returns a path
-  const auto path = decode_path(u, sh.M, &dt);
-  if (!path || !unit_last_stride(W) || !unit_last_stride(B) || !unit_last_stride(res))
-    return fbl_inplace_aten_checked(sh, res, u, z, W, B, s, relu);
-  k::FblArgs a;
-  a.dt = dt, a.M = sh.M, a.K = sh.K, a.N = sh.N, a.R = sh.R;
-  a.u = mat(u), a.z = mat(z), a.W = mat(W), a.B = mat(B), a.res = mat(res);
-  a.s = s, a.relu = relu, a.out = res.data_ptr(), a.ldo = res.stride(0);
-  k::fbl_decode(*path, a, parallel_rows);
+  k::Dtype dt{};  // set by fbl_path when it returns a path
+  const auto path = fbl_path(sh, u, W, B, &dt);
+  if (!path || !unit_last_stride(res)) return fbl_inplace_aten_checked(sh, res, u, z, W, B, s, relu);
+  fbl_decode_into(*path, dt, sh, u, z, W, B, s, res, relu, res.data_ptr(), res.stride(0));
 }
 
 at::Tensor ffbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& W,

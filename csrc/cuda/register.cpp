@@ -172,6 +172,17 @@ bool run(const std::string& kernel, fc::FusedArgs a, const at::Tensor& like) {
 }
 
 bool is_decode(const std::string& k) { return k.rfind("decode_", 0) == 0; }
+
+// An FBL over u and f(z) (relu2: the decode kernel applies f itself) into d,
+// res in the epilogue (d may be res: the decode kernel reads, then writes).
+fc::FusedArgs fbl_args(const FblShape& sh, const at::Tensor& u, const at::Tensor& fz,
+                       const at::Tensor& W, const at::Tensor& B, double s,
+                       const c10::optional<at::Tensor>& res, const at::Tensor& d, bool wt, bool relu2) {
+  fc::FusedArgs a = args(u, sh.R > 0 ? &fz : nullptr);
+  a.relu2 = relu2;
+  a.p[0] = problem(W, sh.R > 0 ? &B : nullptr, static_cast<float>(s), res, d, wt);
+  return a;
+}
 // The sm_90 instances that take [u | z] x [W | B] as one K range.
 bool one_k_range_kernel(const std::string& k) {
   return k.rfind("gemm_sm90_", 0) == 0 && k.find("_2k_") == std::string::npos;
@@ -252,10 +263,7 @@ at::Tensor fbl_cuda(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
       a.p[0] = problem(WB, nullptr, 1.f, res, y, wt);
       if (run(c.kernel, a, u)) return y;
     } else {
-      fc::FusedArgs a = args(u, sh.R > 0 ? &fz : nullptr);
-      a.relu2 = relu && is_decode(c.kernel);
-      a.p[0] = problem(W, sh.R > 0 ? &B : nullptr, static_cast<float>(s), res, y, wt);
-      if (run(c.kernel, a, u)) return y;
+      if (run(c.kernel, fbl_args(sh, u, fz, W, B, s, res, y, wt, relu && is_decode(c.kernel)), u)) return y;
     }
   }
 #endif
@@ -273,10 +281,7 @@ void fbl_inplace_cuda(const at::Tensor& res, const at::Tensor& u, const at::Tens
   const CudaChoice c = choose(q);
 #ifdef FLORA_WITH_CUTLASS
   if (is_decode(c.kernel) && unit_last_stride(res)) {
-    fc::FusedArgs a = args(u, sh.R > 0 ? &z : nullptr);
-    a.relu2 = relu;
-    a.p[0] = problem(W, sh.R > 0 ? &B : nullptr, static_cast<float>(s), res, res, q.weights_t);
-    if (run(c.kernel, a, u)) return;
+    if (run(c.kernel, fbl_args(sh, u, z, W, B, s, res, res, q.weights_t, relu), u)) return;
   } else if (c.kernel != "cublas") {
     set_last_dispatch("cublas: fbl_ in place (" + c.kernel + " writes a fresh output)");
   }
