@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import nvtx, ops
-from .layers import attention_mask_4d, positions_from_mask
+from .layers import positions_from_mask, prompt_mask
 
 
 def bucket_size(device: torch.device) -> int:
@@ -211,8 +211,7 @@ class Decoder:
         self.cache.clear_from(T)
         pos = positions_from_mask(key_valid)
         self.pos.copy_(pos[:, -1:])
-        slots = torch.arange(T, device=input_ids.device)
-        mask = attention_mask_4d(key_valid, slots, slots)
+        mask = prompt_mask(key_valid)
         self.cache.prefill_len = T
         try:
             with nvtx.range("prefill"):

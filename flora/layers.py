@@ -65,14 +65,21 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
     """Grouped-query attention: q [B, T, heads, hd], k/v [B, kv_heads, L, hd],
-    mask [B, 1, T, L] (additive or boolean) -> [B * T, heads * hd].
+    mask [B, 1, T, L] (additive or boolean) or None: causal over slots
+    0 .. T-1 with T == L and no padding (:func:`prompt_mask`) -> [B * T, heads * hd].
+
+    Which SDPA kernel runs on CUDA decides the cost: flash takes no explicit
+    mask, memory-efficient takes no grouped kv heads, and what neither takes
+    falls to the math kernel (fp32 scores [B, heads, T, L] materialised).
+    So a causal prompt goes as ``is_causal`` (flash, kv heads grouped), a
+    padded one with its mask and the kv heads expanded (memory-efficient).
 
     One query token per row (decode): the query heads sharing a kv head become
     that head's query rows ([B, kv, group, hd]), so SDPA runs as plain masked
-    attention, never expanding the keys (enable_gqa does) and open to the
-    fused memory-efficient kernel on CUDA."""
+    attention, never expanding the keys and open to the fused memory-efficient
+    kernel on CUDA."""
     B, T, nh, hd = q.shape
     nkv = k.shape[1]
     if T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
@@ -81,14 +88,33 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         # SDPA's CPU kernel costs ~1.5x as much at one query row.
         qg = q.view(B, nkv, nh // nkv, hd).float()
         att = (qg @ k.float().transpose(-1, -2)) * hd ** -0.5
-        att = att + mask if mask.dtype != torch.bool else att.masked_fill(~mask, float("-inf"))
+        if mask is not None:
+            att = att + mask if mask.dtype != torch.bool else att.masked_fill(~mask, float("-inf"))
         out = att.softmax(-1) @ v.float()
         return out.to(q.dtype).reshape(B, nh * hd)
     if T == 1 and nh != nkv:
         out = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
         return out.reshape(B, nh * hd)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=nh != nkv)
+    gqa = nh != nkv
+    if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)  # see above
+        gqa = False
+    if mask is None:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=T > 1, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(B * T, nh * hd)
+
+
+def prompt_mask(key_valid: Tensor) -> Optional[Tensor]:
+    """The attention mask of a prompt [B, T] whose slots are 0 .. T-1: None
+    (causal, :func:`attention`'s fast form) when no key is padding, else
+    :func:`attention_mask_4d`. Read on the host where the mask lives there;
+    a device mask costs one sync. Under torch.compile, always the mask."""
+    if not torch.compiler.is_compiling() and bool(key_valid.all()):
+        return None
+    slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+    return attention_mask_4d(key_valid, slots, slots)
 
 
 def attention_mask_4d(key_valid: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:

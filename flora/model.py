@@ -21,9 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import adapter_io, nvtx, ops
 from .adapters import AdapterRegistry, describe
-from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, attention_mask_4d, causal_lm_loss,
-                     chunked_lm_loss, chunked_target_stats, positions_from_mask, rms_norm, rope_cos_sin,
-                     rope_inv_freq)
+from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, causal_lm_loss,
+                     chunked_lm_loss, chunked_target_stats, positions_from_mask, prompt_mask, rms_norm,
+                     rope_cos_sin, rope_inv_freq)
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
 from .config import ZFLORA_FAMILY, LlamaArch
 from .generation import generate
@@ -258,16 +258,16 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                              "eval() and no gradients, without target_stats; unstack_adapters() to train")
         input_ids = input_ids.to(dev)
         if attention_mask is None:
-            key_valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+            key_valid, mask = torch.ones(B, T, dtype=torch.bool, device=dev), None
         else:
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids "
                                  f"shape {list(input_ids.shape)}")
+            mask = prompt_mask(attention_mask.bool())  # read where the caller keeps it (no sync on the host)
             key_valid = attention_mask.to(dev).bool()
+            mask = None if mask is None else mask.to(dev)
         if position_ids is None:
             position_ids = positions_from_mask(key_valid)
-        slots = torch.arange(T, device=dev)
-        mask = attention_mask_4d(key_valid, slots, slots)
         if target_stats:
             if labels is None:
                 raise ValueError("target_stats=True needs labels")
@@ -283,10 +283,11 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def run_layers(self, input_ids: Tensor, positions: Tensor, mask: Tensor,
+    def run_layers(self, input_ids: Tensor, positions: Tensor, mask: Optional[Tensor],
                    cache=None, last_only: bool = False, head: bool = True, rows: Optional[Tensor] = None):
         """The Llama forward: logits [B, T (1 if last_only), V]. input_ids/positions
-        [B, T]; mask [B, 1, T, K], boolean or additive; ``cache`` (generation)
+        [B, T]; mask [B, 1, T, K], boolean or additive, or None: causal over
+        slots 0 .. T-1, no padding (flora.layers.attention); ``cache`` (generation)
         has update(layer, k, v) -> keys/values [B, kv_heads, K, head_dim] and
         update_rotated(layer, qk, v, cos, sin) -> (q, keys, values) or None
         (generation.StaticKVCache).
@@ -301,7 +302,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         if carry is not None:  # zflora's stream [h | z]: one buffer from here on
             h, carry = _halves(torch.cat([h, carry], 1), a.hidden_size)
         cos, sin = rope_cos_sin(self.inv_freq, positions, dt)
-        if mask.dtype == torch.bool:
+        if mask is not None and mask.dtype == torch.bool:
             mask = additive_mask(mask, dt)
         off = None if rows is None else self._route_off(rows, B, T)
         try:

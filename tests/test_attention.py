@@ -1,0 +1,110 @@
+"""flora.layers.attention's call forms: a causal prompt as SDPA's is_causal, a
+padded one with its mask (kv heads expanded on CUDA), against masked
+attention written out in fp64; and on CUDA, that no form falls to SDPA's math
+kernel (fp32 scores [B, heads, T, L] in memory)."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flora.layers import attention, attention_mask_4d, prompt_mask
+from flora.model import FusedLlama
+from llama_fixtures import llama_model, random_ids
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def written_out(q, k, v, mask):
+    """Masked softmax attention in fp64, kv heads repeated: [B * T, heads * hd]."""
+    B, T, nh, hd = q.shape
+    g = nh // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double().transpose(1, 2) @ kk.transpose(-1, -2) * hd ** -0.5
+    s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ vv).transpose(1, 2).reshape(B * T, nh * hd)
+
+
+def operands(B, T, nh, nkv, dtype, device, hd=16):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=g) for s in ((B, T, nh, hd), (B, nkv, T, hd), (B, nkv, T, hd)))
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def tolerance(dtype):
+    return {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_forms_equal_written_out(device, dtype, nh, nkv, padded):
+    B, T = 3, 37
+    q, k, v = operands(B, T, nh, nkv, dtype, device)
+    key_valid = torch.ones(B, T, dtype=torch.bool, device=device)
+    if padded:
+        key_valid[0, :5] = False
+        key_valid[2, :1] = False
+    mask = prompt_mask(key_valid)
+    assert (mask is None) == (not padded)
+    full = attention_mask_4d(key_valid, torch.arange(T, device=device), torch.arange(T, device=device))
+    ref = written_out(q, k, v, full)
+    got = attention(q, k, v, mask)
+    # padded query rows see only their own slot; compare the real ones
+    real = key_valid.reshape(-1)
+    err = (got.double() - ref)[real].abs().max() / ref[real].abs().max()
+    assert err <= tolerance(dtype)
+    if not padded:  # the causal form is the mask's form
+        assert torch.allclose(got.float(), attention(q, k, v, full).float(), rtol=0, atol=tolerance(dtype))
+
+
+def test_prompt_mask_reads_a_host_mask():
+    kv = torch.ones(2, 5, dtype=torch.bool)
+    assert prompt_mask(kv) is None
+    kv[1, 0] = False
+    m = prompt_mask(kv)
+    assert m.shape == (2, 1, 5, 5) and torch.equal(m, attention_mask_4d(kv, torch.arange(5), torch.arange(5)))
+
+
+def test_all_ones_mask_is_the_unmasked_forward():
+    m = FusedLlama.from_pretrained(llama_model(hidden=64, heads=8, kv_heads=2))
+    ids = random_ids(2, 24)
+    with torch.no_grad():
+        a = m(ids).logits
+        b = m(ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_attention_never_takes_the_math_kernel(dtype, padded):
+    B, T, nh, nkv = 2, 300, 8, 2
+    q, k, v = operands(B, T, nh, nkv, dtype, "cuda", hd=64)
+    key_valid = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    if padded:
+        key_valid[1, :40] = False
+    mask = prompt_mask(key_valid)
+    if mask is not None:
+        mask = torch.zeros(mask.shape, dtype=dtype, device="cuda").masked_fill_(~mask, float("-inf"))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        got = attention(q, k, v, mask)  # raises "No available kernel" where only math would do
+    full = attention_mask_4d(key_valid, torch.arange(T, device="cuda"), torch.arange(T, device="cuda"))
+    ref, real = written_out(q, k, v, full), key_valid.reshape(-1)
+    assert (got.double() - ref)[real].abs().max() / ref[real].abs().max() <= tolerance(dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_training_step_without_the_math_kernel(padded):
+    m = FusedLlama.from_pretrained(llama_model(hidden=128, heads=8, kv_heads=2), adapter="ffba").cuda()
+    ids = random_ids(2, 64).cuda()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :9] = 0
+    m.train()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]), \
+            torch.autocast("cuda", torch.bfloat16):
+        loss = m(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)
