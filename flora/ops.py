@@ -592,8 +592,9 @@ def _pointwise_backward(op):
     return backward
 
 
-for _op in POINTWISE:
-    torch.library.register_autograd(f"flora::{_op}", _pointwise_backward(_op), setup_context=_pointwise_setup)
+if _ext.C is None:  # the compiled library records the composites in C++ (csrc/common/autograd.cpp)
+    for _op in POINTWISE:
+        torch.library.register_autograd(f"flora::{_op}", _pointwise_backward(_op), setup_context=_pointwise_setup)
 
 
 # --------------------------------------------------------------------------

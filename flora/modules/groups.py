@@ -106,11 +106,8 @@ class _Group:
         return (y, z[:, tiled:]) if with_state else y
 
     def split(self, y: Tensor) -> List[Tensor]:
-        out, off = [], 0
-        for n in self.widths:
-            out.append(y[:, off:off + n])
-            off += n
-        return out
+        """y's column blocks, one per projection (views; one call, not one slice each)."""
+        return list(y.split(self.widths, 1)) if len(self.widths) > 1 else [y]
 
 
 class InGroup(_Group):
