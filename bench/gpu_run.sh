@@ -7,7 +7,7 @@
 #   bench/gpu_run.sh [STAGE ...]          named stages, in the order below
 #   GPU_RUN_DRY=1 bench/gpu_run.sh        print the commands only, run nothing (tested in CI)
 #
-# "quick" (the default) = build cuda-kernels test-cuda latency-1b kernels-short op-count.
+# "quick" (the default) = build cuda-kernels test-cuda latency-1b kernels-short attention op-count.
 # Each stage runs under its own timeout (CAP below, and never past the call's
 # budget), so one hang costs that stage only; its log is in $OUT as it runs,
 # its results are written to $OUT as soon as they exist, summary.txt is
@@ -53,6 +53,10 @@
 #                M = 1,4,8,16,256, and CUDA graphs at M = 1,4,8 with each flora call also
 #                on cuBLAS (--aten-too: where a kernel wins, for measured_faster); rows
 #                written as measured. ~40 s at M = 1,16,256 (2026-11-28).
+#   attention    bench/attention.py --device cuda: prompt / training attention (1B heads, bf16,
+#                batch 1 and 8, T 512 and 2048, with and without padding, fwd and fwd+bwd) as
+#                flora calls SDPA against its former call, which ran SDPA's math kernel; the
+#                SDPA kernel each takes and its peak memory. ~20-30 s (estimate).
 #   op-count     CUDA launches per decoder layer of one eager decode step (bench/op_count.py
 #                --device cuda), bf16, batch 1 and 8, on this run's dispatch and on cuBLAS
 #                alone: the launch counts the CPU machine predicts (RESULTS, "Adapter GEMMs
@@ -691,6 +695,27 @@ stage_kernels_short() {
   return "$rc"
 }
 
+# prompt / training attention as flora calls SDPA (is_causal, or mask + expanded kv
+# heads) against its former call (mask + grouped kv heads: the math kernel), 1B
+# heads, bf16, forward and forward + backward (bench/attention.py)
+stage_attention() {
+  need_ext
+  local rc=0
+  # shellcheck disable=SC2086  # ATTENTION_ARGS is meant to split into words
+  run "$PY" bench/attention.py --device cuda --shapes 1b --batch 1 8 --seq 512 2048 \
+    --json "$OUT/attention.json" --md "$OUT/attention.md" ${ATTENTION_ARGS:-} || rc=$?
+  if [ "$DRY" = 1 ]; then key "dry"; return 0; fi
+  key "$("$PY" -c 'import json, sys
+out = []
+for r in json.load(open(sys.argv[1]))["rows"]:
+    if "x" in r:  # the flora row of a case: its ratio to the former call
+        tag = "%dx%d%s%s" % (r["batch"], r["seq"], "p" if r["padded"] else "", "+bwd" if r["backward"] else "")
+        out.append("%s %.2f" % (tag, r["x"]))
+print("flora / former: " + " ".join(out))' "$OUT/attention.json" 2>/dev/null \
+      || echo "no table (rc $rc)")"
+  return "$rc"
+}
+
 # CUDA launches per decoder layer in one eager decode step (bench/op_count.py
 # --device cuda), bf16, batch 1 and 8: on the dispatch this run chose (the
 # kernels as if verified once cuda-kernels passed), then on cuBLAS alone
@@ -737,6 +762,7 @@ if [ "${1:-}" = __stage ]; then            # internal: one stage, in this proces
     cuda-kernels) stage_cuda_kernels ;;
     generate) stage_generate ;;
     kernels-short) stage_kernels_short ;;
+    attention) stage_attention ;;
     op-count) stage_op_count ;;
     cli) stage_cli ;;
     train) stage_train ;;
@@ -748,12 +774,12 @@ fi
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
-STAGES="build cuda-kernels test-cuda generate latency-1b kernels-short op-count cli train mixed test sanitize kernels latency latency-3b smoke"
-QUICK=(build cuda-kernels test-cuda latency-1b kernels-short op-count)
+STAGES="build cuda-kernels test-cuda generate latency-1b kernels-short attention op-count cli train mixed test sanitize kernels latency latency-3b smoke"
+QUICK=(build cuda-kernels test-cuda latency-1b kernels-short attention op-count)
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
-declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [op-count]=25 [cli]=60 [train]=90 [mixed]=60
+declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [attention]=20 [op-count]=25 [cli]=60 [train]=90 [mixed]=60
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [op-count]=90 [cli]=180 [train]=300 [mixed]=200
+declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [attention]=90 [op-count]=90 [cli]=180 [train]=300 [mixed]=200
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"
@@ -886,7 +912,7 @@ write_summary
 nfiles=$(find "$OUT" -type f | wc -l)
 if [ "$nfiles" -gt 8 ]; then
   tar -C "$OUT" -czf "$STATE/gpu-run.tar.gz" . && mv "$STATE/gpu-run.tar.gz" "$OUT/gpu-run.tar.gz"
-  keep=("$OUT/gpu-run.tar.gz" "$summary" "$OUT/kernels.md" "$OUT/RESULTS-latency.md" "$OUT/generate.json")
+  keep=("$OUT/gpu-run.tar.gz" "$summary" "$OUT/kernels.md" "$OUT/RESULTS-latency.md" "$OUT/generate.json" "$OUT/attention.md")
   for st in "${ordered[@]}"; do [ "${STATUS[$st]}" = ok ] || keep+=("$OUT/$st.log"); done
   n=0
   declare -A KEEP=()

@@ -39,8 +39,8 @@ from torch.profiler import ProfilerActivity, profile
 NON_KERNEL = {
     "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::transpose",
     "aten::t", "aten::permute", "aten::slice", "aten::select", "aten::narrow", "aten::unsqueeze",
-    "aten::squeeze", "aten::expand", "aten::alias", "aten::detach", "aten::split", "aten::unbind",
-    "aten::chunk", "aten::unflatten", "aten::flatten", "aten::view_as", "aten::expand_as",
+    "aten::squeeze", "aten::expand", "aten::alias", "aten::detach", "aten::split", "aten::split_with_sizes",
+    "aten::unbind", "aten::chunk", "aten::unflatten", "aten::flatten", "aten::view_as", "aten::expand_as",
     "aten::lift_fresh", "aten::result_type", "aten::empty", "aten::empty_strided", "aten::empty_like",
     "aten::new_empty", "aten::new_empty_strided", "aten::resize_", "aten::_unsafe_view",
     "aten::contiguous", "aten::to", "aten::type_as", "aten::_to_copy", "aten::scalar_tensor",

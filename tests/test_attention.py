@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flora import AdapterConfig
 from flora.layers import attention, attention_mask_4d, prompt_mask
 from flora.model import FusedLlama
 from llama_fixtures import llama_model, random_ids
@@ -96,7 +97,7 @@ def test_cuda_attention_never_takes_the_math_kernel(dtype, padded):
 @pytest.mark.cuda
 @pytest.mark.parametrize("padded", [False, True])
 def test_cuda_training_step_without_the_math_kernel(padded):
-    m = FusedLlama.from_pretrained(llama_model(hidden=128, heads=8, kv_heads=2), adapter="ffba").cuda()
+    m = FusedLlama.from_pretrained(llama_model(hidden=128, heads=8, kv_heads=2), adapter=AdapterConfig("ffba", rank=4, alpha=8.0)).cuda()
     ids = random_ids(2, 64).cuda()
     mask = torch.ones_like(ids)
     if padded:
@@ -108,3 +109,25 @@ def test_cuda_training_step_without_the_math_kernel(padded):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)
+
+
+def test_attention_bench_compares_the_two_forms(tmp_path, capsys):
+    """bench/attention.py: both forms per case, the same numbers (fp64 reference above),
+    the ratio on the flora row, JSON written."""
+    import json
+
+    from _bench_scripts import load_bench_script
+
+    ab = load_bench_script("attention")
+    q, k, v = operands(2, 19, 6, 2, torch.float32, "cpu")
+    kv = torch.ones(2, 19, dtype=torch.bool)
+    kv[1, :4] = False
+    real = kv.reshape(-1)
+    assert torch.allclose(ab.flora_form(q, k, v, kv)[real], ab.former(q, k, v, kv)[real], atol=1e-6)
+    out = tmp_path / "a.json"
+    ab.main(["--device", "cpu", "--shapes", "smollm2", "--batch", "1", "--seq", "32", "--reps", "1",
+             "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 8 and {r["form"] for r in rows} == {"flora", "mask+gqa"}
+    assert all(r["ms"] > 0 for r in rows) and sum("x" in r for r in rows) == 4
+    assert "| smollm2 | 1 | 32 | yes | fwd+bwd | flora |" in capsys.readouterr().out

@@ -38,9 +38,11 @@ def _left_padded():
 @pytest.mark.parametrize("variant", ["base", "ffba", "zflora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_decode_ops_per_layer(variant, dtype):
-    """Issue 12 goal: at most 20 dispatched (non-view) ops per layer per decode step."""
+    """Issue 12 goal: at most 20 dispatched (non-view) ops per layer per decode step.
+    Held at what the step is now (bench/RESULTS.md): norm, qkv, rope_cache_, attention,
+    o (into the residual), norm, gate/up, silu_mul, down (into the residual)."""
     r = _op_count().per_layer(variant, compiled=False, dtype=dtype)
-    assert r["ops_per_layer"] <= 20, r
+    assert r["ops_per_layer"] <= 9, r
 
 
 @pytest.mark.parametrize("variant,extra", [

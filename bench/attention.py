@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Prompt and training attention as flora calls SDPA, against the call it made before.
+
+    python bench/attention.py --device cuda                      # 1B / 3B shapes, bf16, fwd and fwd+bwd
+    python bench/attention.py --device cpu --shapes smollm2 --batch 1 --seq 512 2048 --no-backward
+
+flora.layers.attention takes a prompt without padding as SDPA's ``is_causal``
+(the flash kernel on CUDA, kv heads grouped) and a padded one with its mask
+and the kv heads expanded (the memory-efficient kernel). Until 2026-11-28 it
+passed the explicit causal mask with ``enable_gqa`` in both cases, which on
+CUDA no fused kernel takes (flash takes no mask, memory-efficient no grouped
+kv heads), so SDPA ran its math kernel, fp32 scores [B, heads, T, T] in
+memory. Rows per shape, batch, length and padding:
+
+* ``flora``: ``attention(q, k, v, prompt_mask(key_valid))``, as the model calls it;
+* ``mask+gqa``: the former call (additive mask, ``enable_gqa``);
+* ``x`` = flora / mask+gqa, medians of the same process, the two interleaved.
+
+Times are CUDA events (CPU: perf_counter) around a few calls after warm-up,
+medians; TFLOP/s counts the causal half of QK^T and PV (4 B H T^2 hd / 2 for
+the forward; forward + backward 3.5x that). On CUDA, ``kernel`` is the first
+SDPA backend in priority order (flash, memory-efficient, math) that accepts
+the call, and ``peak MiB`` the memory the call allocates above its inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flora.layers import additive_mask, attention, attention_mask_4d, prompt_mask
+
+SHAPES = {  # query heads, kv heads, head dim
+    "smollm2": (9, 3, 64), "1b": (32, 8, 64), "3b": (24, 8, 128), "8b": (32, 8, 128),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def former(q, k, v, key_valid):
+    """flora's call before 2026-11-28: the explicit mask, grouped kv heads."""
+    T = q.shape[1]
+    slots = torch.arange(T, device=q.device)
+    mask = additive_mask(attention_mask_4d(key_valid, slots, slots), q.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2).reshape(q.shape[0] * T, -1)
+
+
+def flora_form(q, k, v, key_valid):
+    mask = prompt_mask(key_valid)
+    return attention(q, k, v, None if mask is None else additive_mask(mask, q.dtype))
+
+
+def kernel_of(fn) -> str:
+    for name, b in (("flash", SDPBackend.FLASH_ATTENTION), ("mem-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                    ("math", SDPBackend.MATH)):
+        try:
+            with sdpa_kernel([b]):
+                fn()
+            return name
+        except RuntimeError:
+            continue
+    return "?"
+
+
+def timed(fn, device, reps: int) -> float:
+    """Median seconds of one call (reps medians of 3 calls each, after 2 warm-up calls)."""
+    for _ in range(2):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(3):
+                fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3 / 3)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn()
+            ts.append((time.perf_counter() - t0) / 3)
+    return statistics.median(ts)
+
+
+def peak_mib(fn, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def case(shape, B, T, padded, dtype, device, backward, reps):
+    nh, nkv, hd = SHAPES[shape]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_(backward)
+    q, k, v = mk(B, T, nh, hd), mk(B, nkv, T, hd), mk(B, nkv, T, hd)
+    key_valid = torch.ones(B, T, dtype=torch.bool, device=device)
+    if padded:
+        key_valid[0, : T // 4] = False  # one row left-padded by a quarter
+    grad = torch.randn(B * T, nh * hd, generator=g).to(device, dtype)
+    flops = 4 * B * nh * T * T * hd / 2 * (3.5 if backward else 1.0)
+    rows = []
+    fns = {}
+    for name, form in (("flora", flora_form), ("mask+gqa", former)):
+        if backward:
+            def fn(form=form):
+                form(q, k, v, key_valid).backward(grad)
+        else:
+            def fn(form=form):
+                with torch.no_grad():
+                    form(q, k, v, key_valid)
+        fns[name] = fn
+    times = {n: [] for n in fns}
+    for _ in range(3):  # interleaved rounds
+        for n, fn in fns.items():
+            try:
+                times[n].append(timed(fn, device, reps))
+            except torch.OutOfMemoryError:
+                times[n].append(float("nan"))
+                torch.cuda.empty_cache()
+    for n, fn in fns.items():
+        t = statistics.median(times[n])
+        row = dict(shape=shape, batch=B, seq=T, padded=padded, dtype=str(dtype).replace("torch.", ""),
+                   backward=backward, form=n, ms=t * 1e3, tflops=flops / t / 1e12)
+        if device.type == "cuda":
+            row["kernel"] = kernel_of(fn)
+            row["peak_mib"] = peak_mib(fn, device)
+        rows.append(row)
+    rows[0]["x"] = rows[0]["ms"] / rows[1]["ms"]
+    return rows
+
+
+def markdown(rows, device) -> str:
+    cuda = device.type == "cuda"
+    head = "| shape | batch | T | padded | pass | form | ms | TFLOP/s | x former |" + (" kernel | peak MiB |" if cuda else "")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        x = f"{r['x']:.3f}" if "x" in r else ""
+        line = (f"| {r['shape']} | {r['batch']} | {r['seq']} | {'yes' if r['padded'] else 'no'} | "
+                f"{'fwd+bwd' if r['backward'] else 'fwd'} | {r['form']} | {r['ms']:.3f} | {r['tflops']:.3g} | {x} |")
+        if cuda:
+            line += f" {r['kernel']} | {r['peak_mib']:.0f} |"
+        out.append(line)
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="+", default=["1b", "3b"], choices=sorted(SHAPES))
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--seq", nargs="+", type=int, default=[512, 2048])
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--no-backward", action="store_true", help="forward only (default: forward, then forward + backward)")
+    p.add_argument("--no-padded", action="store_true", help="only prompts without padding")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--md", default=None, help="write the markdown table here too")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/attention.py: --device cuda, but no CUDA device is visible")
+    dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    rows = []
+    for shape in a.shapes:
+        for B in a.batch:
+            for T in a.seq:
+                for padded in (False,) if a.no_padded else (False, True):
+                    for bwd in (False,) if a.no_backward else (False, True):
+                        rows += case(shape, B, T, padded, dtype, device, bwd, a.reps)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
+    md = (f"{datetime.date.today()}, {name}, torch {torch.__version__}, "
+          f"`python bench/attention.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+          + markdown(rows, device))
+    print(md)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(md + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": name, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
