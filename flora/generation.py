@@ -8,7 +8,10 @@ first ``window`` slots, the filled length rounded up to a bucket (64 slots
 on CPU, 256 on CUDA), so a step costs what the context costs, and the step
 has one shape per bucket. On CUDA each bucket's step is captured once in a
 CUDA graph and replayed; the per-step inputs are copied into the graph's
-static buffers outside it. Sampling runs outside the graph.
+static buffers outside it. Sampling runs outside the graph. The prefill of a
+short prompt (batch x length up to :func:`prefill_graph_tokens`) is a CUDA
+graph too: the prompt padded at its end to a power of two, one graph per
+length (an eager prefill of a short prompt is bound by the host's launches).
 
 ``compile=True`` runs the step through ``torch.compile(fullgraph=True)``
 (gpt-fast's recipe: norms, RoPE and residual adds fuse around the GEMMs).
@@ -22,6 +25,7 @@ import contextlib
 import hashlib
 import math
 import numbers
+import os
 import warnings
 import weakref
 from collections import OrderedDict
@@ -31,12 +35,25 @@ import torch
 from torch import Tensor
 
 from . import nvtx, ops
-from .layers import positions_from_mask, prompt_mask
+from .layers import attention_mask_4d, positions_from_mask, prompt_mask
 
 
 def bucket_size(device: torch.device) -> int:
     """Slots per attention-window bucket: one CUDA graph (or compiled shape) each."""
     return 256 if device.type == "cuda" else 64
+
+
+def prefill_graph_tokens() -> int:
+    """Prompts of at most this many tokens (batch x the prompt length rounded up
+    to a power of two from 64) run their prefill as a CUDA graph: below it an
+    eager prefill is bound by the host's launches, above it by the GPU.
+    ``FLORA_PREFILL_GRAPH_TOKENS`` sets it (0: every prefill eager)."""
+    v = os.environ.get("FLORA_PREFILL_GRAPH_TOKENS", "").strip()
+    if not v:
+        return 4096
+    if not v.isdigit():
+        raise ValueError(f"FLORA_PREFILL_GRAPH_TOKENS must be an integer >= 0, got {v!r}")
+    return int(v)
 
 
 class StaticKVCache:
@@ -178,6 +195,9 @@ class Decoder:
         self.compile = compile
         self._fn = compiled_decode(dev.type) if compile else _decode
         self.graphs: dict = {}  # window length -> (CUDAGraph, its output logits)
+        # prefill graphs: (padded length, causal) -> _PrefillGraph; False where capture failed
+        self.prefill_graphs: dict = {}
+        self.pad_prefill = self.use_cuda_graph  # prompts padded to a graph's length (tests: on the CPU too)
         self._pool = None  # the graphs share one memory pool
         self.t = 0
 
@@ -212,15 +232,58 @@ class Decoder:
         pos = positions_from_mask(key_valid)
         self.pos.copy_(pos[:, -1:])
         mask = prompt_mask(key_valid)
-        self.cache.prefill_len = T
+        Tp = self._padded_length(T)
+        with nvtx.range("prefill"):
+            if Tp is not None:
+                logits = self._prefill_padded(input_ids, pos, key_valid, mask is None, Tp)
+            else:
+                logits = self._run_prefill(input_ids, pos, mask, None)
+        if logits is None:  # capture failed: eager from now on
+            logits = self._run_prefill(input_ids, pos, mask, None)
+        self.t = T  # next free slot
+        return logits
+
+    def _run_prefill(self, ids: Tensor, pos: Tensor, mask: Optional[Tensor], last: Optional[Tensor]) -> Tensor:
+        self.cache.prefill_len = ids.shape[1]
         try:
-            with nvtx.range("prefill"):
-                logits = self.model.run_layers(input_ids, pos, mask, cache=self.cache, last_only=True,
-                                               rows=self.rows)
+            return self.model.run_layers(ids, pos, mask, cache=self.cache, last_only=True, rows=self.rows,
+                                         last=last)[:, -1]
         finally:
             self.cache.prefill_len = None
-        self.t = T  # next free slot
-        return logits[:, -1]
+
+    def _padded_length(self, T: int) -> Optional[int]:
+        """The length a prompt of T tokens is padded to for a prefill graph (a
+        power of two from 64, at most the cache), or None: eager (graphs off,
+        or too long to be host-bound)."""
+        if not self.pad_prefill:
+            return None
+        Tp = min(max(64, 1 << (T - 1).bit_length()), self.max_len)
+        return Tp if self.B * Tp <= prefill_graph_tokens() else None
+
+    def _prefill_padded(self, ids: Tensor, pos: Tensor, key_valid: Tensor, causal: bool, Tp: int):
+        """The prefill as a CUDA graph of length Tp: the prompt at the start of
+        static buffers, padding after it. Causal attention keeps the padding
+        out of every real position's result; its keys and values land in cache
+        slots T .. Tp-1, which stay masked until the decode steps write them.
+        The logits are the last real position's (a device index: one graph per
+        length, not per prompt). None when the capture fails."""
+        B, T = ids.shape
+        g = self.prefill_graphs.get((Tp, causal))
+        if g is None:
+            g = self.prefill_graphs[(Tp, causal)] = _PrefillGraph(self, Tp, causal)
+        if g.failed:
+            return None
+        g.ids[:, :T].copy_(ids)
+        g.ids[:, T:].fill_(0)
+        g.pos[:, :T].copy_(pos)
+        g.pos[:, T:].copy_(pos[:, -1:] + torch.arange(1, Tp - T + 1, device=pos.device))
+        if not causal:  # the padding is real keys to nothing earlier: causal order hides it
+            kv = torch.ones(B, Tp, dtype=torch.bool, device=key_valid.device)
+            kv[:, :T] = key_valid
+            slots = torch.arange(Tp, device=kv.device)
+            g.mask.copy_(attention_mask_4d(kv, slots, slots))
+        g.last.fill_(T - 1)
+        return g.run()
 
     def _mask(self, L: int) -> Tensor:
         m = self._masks.get(L)
@@ -251,30 +314,66 @@ class Decoder:
             g[0].replay()
             return g[1]
 
-    def _capture(self, L: int):
-        # warm up on a side stream of the model's device (allocator, lazy init, compilation),
-        # then capture one step there; warm-up and capture write the slot that replay rewrites.
+    def _capture_fn(self, fn):
+        """Warm ``fn`` up on a side stream of the model's device (allocator, lazy
+        init, compilation), then capture one call there on the decoders' shared
+        memory pool: (CUDAGraph, its output). Warm-up and capture compute what
+        a replay recomputes, so they may write the cache."""
         dev = self.device
+        with torch.cuda.device(dev):
+            s = torch.cuda.Stream(dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream(dev).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._pool):
+                out = fn()
+            self._pool = g.pool()
+        return g, out
+
+    def _capture(self, L: int):
         try:
-            with torch.cuda.device(dev):
-                s = torch.cuda.Stream(dev)
-                s.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(s):
-                    for _ in range(2):
-                        self._step(L)
-                torch.cuda.current_stream(dev).wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self._pool):
-                    out = self._step(L)
-                self._pool = g.pool()
+            g, out = self._capture_fn(lambda: self._step(L))
         except Exception as e:  # noqa: BLE001 - any capture failure -> eager fallback
             self.graphs.clear()
-            self.use_cuda_graph = False
+            self.use_cuda_graph = self.pad_prefill = False
             warnings.warn(f"flora: CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
                           f"falling back to eager decoding", RuntimeWarning, stacklevel=3)
             return None
         self.graphs[L] = (g, out)
         return self.graphs[L]
+
+
+class _PrefillGraph:
+    """One prefill length's static inputs and, with CUDA graphs, its graph
+    (captured at the first call, on the decoder's memory pool)."""
+
+    def __init__(self, dec: "Decoder", Tp: int, causal: bool):
+        B, dev = dec.B, dec.device
+        self.dec, self.failed, self.graph, self.out = dec, False, None, None
+        self.ids = torch.zeros(B, Tp, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, Tp, dtype=torch.long, device=dev)
+        self.mask = None if causal else torch.zeros(B, 1, Tp, Tp, dtype=torch.bool, device=dev)
+        self.last = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def _fn(self) -> Tensor:
+        return self.dec._run_prefill(self.ids, self.pos, self.mask, self.last)
+
+    def run(self) -> Optional[Tensor]:
+        if not self.dec.use_cuda_graph:  # padded, not graphed (tests on the CPU)
+            return self._fn()
+        if self.graph is None:
+            try:
+                self.graph, self.out = self.dec._capture_fn(self._fn)
+            except Exception as e:  # noqa: BLE001 - any capture failure -> eager prefill
+                self.failed = True
+                warnings.warn(f"flora: CUDA graph capture of the prefill failed ({type(e).__name__}: {e}); "
+                              f"prefilling eagerly", RuntimeWarning, stacklevel=4)
+                return None
+        self.graph.replay()
+        return self.out
 
 
 def structure_key(model) -> tuple:

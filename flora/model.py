@@ -284,7 +284,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         return CausalLMOutput(logits=logits, loss=loss)
 
     def run_layers(self, input_ids: Tensor, positions: Tensor, mask: Optional[Tensor],
-                   cache=None, last_only: bool = False, head: bool = True, rows: Optional[Tensor] = None):
+                   cache=None, last_only: bool = False, head: bool = True, rows: Optional[Tensor] = None,
+                   last: Optional[Tensor] = None):
         """The Llama forward: logits [B, T (1 if last_only), V]. input_ids/positions
         [B, T]; mask [B, 1, T, K], boolean or additive, or None: causal over
         slots 0 .. T-1, no padding (flora.layers.attention); ``cache`` (generation)
@@ -293,7 +294,10 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         (generation.StaticKVCache).
         The mask and the RoPE tables are built once here, not per layer.
         ``head=False``: the head's input instead, (final-norm output [B*T, d], carry).
-        ``rows`` [B]: each row's adapter slot (-1: none) in a stacked model."""
+        ``rows`` [B]: each row's adapter slot (-1: none) in a stacked model.
+        ``last`` [1] (with ``last_only``): the position whose logits to return,
+        as a device tensor (a prompt padded at its end to a CUDA graph's length);
+        default the last."""
         a = self.arch
         B, T = input_ids.shape
         M, dt = B * T, self.dtype
@@ -314,9 +318,11 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                 else:
                     h, carry = self._layer(layer, i, h, carry, B, T, cos, sin, mask, cache)
             if last_only:  # generation needs only the last position's logits
-                h = h.view(B, T, -1)[:, -1]
-                carry = None if carry is None else carry.view(B, T, -1)[:, -1]
-                self.head.route_off = None if off is None else off.view(B, T, -1)[:, -1]
+                pick = (lambda t: t.view(B, T, -1)[:, -1]) if last is None else \
+                    (lambda t: t.view(B, T, -1).index_select(1, last).view(B, -1))
+                h = pick(h)
+                carry = None if carry is None else pick(carry)
+                self.head.route_off = None if off is None else pick(off)
                 T = 1
             _, _, n, carry = _norm(h, carry, self.final_norm, a.rms_norm_eps, self._streams())
             if not head:

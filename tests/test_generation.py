@@ -219,6 +219,82 @@ def test_cuda_graph_equals_eager(variant):
         assert torch.equal(e, ref)
 
 
+def _greedy(m, ids, mask, steps, pad_prefill, rows=None):
+    """Prefill (optionally padded to a prefill graph's length, run eagerly) and
+    greedy steps on one Decoder: (prefill logits, tokens)."""
+    from flora.generation import Decoder, inference_mode
+
+    with inference_mode(m):
+        dec = Decoder(m, ids.shape[0], 64 + steps, use_cuda_graph=False)
+        dec.pad_prefill = pad_prefill
+        logits = dec.prefill(ids, mask.bool(), rows)
+        first, toks = logits.clone(), []
+        for _ in range(steps):
+            t = logits.argmax(-1)
+            toks.append(t)
+            logits = dec.step(t)
+        padded = [k for k, g in dec.prefill_graphs.items()]
+    return first, torch.stack(toks, 1), padded
+
+
+@pytest.mark.parametrize("variant", [None, "ffba", "zflora", "pf-lora"])
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_prefill_padded_to_a_graph_length_is_the_plain_prefill(variant, left_padded):
+    """A CUDA graph's prefill pads the prompt at its end to a power of two: the
+    last real position's logits and every later token are the plain prefill's
+    (run here eagerly, the padding path without the graph)."""
+    hf = llama_model(heads=8, kv_heads=2, tied=True)
+    cfg = None if variant is None else AdapterConfig(variant, rank=4, alpha=8)
+    m = FusedLlama.from_pretrained(hf, adapter=cfg)
+    if cfg is not None:
+        randomize_adapter(m)
+    ids, mask = _left_padded() if left_padded else (random_ids(2, 21, seed=4), torch.ones(2, 21, dtype=torch.long))
+    l0, t0, _ = _greedy(m, ids, mask, 10, pad_prefill=False)
+    l1, t1, keys = _greedy(m, ids, mask, 10, pad_prefill=True)
+    assert keys == [(64, not left_padded)]  # one padded length, the causal form without padding
+    assert torch.allclose(l1, l0, rtol=1e-4, atol=1e-5)
+    assert torch.equal(t1, t0)
+
+
+def test_prefill_graph_tokens_setting(monkeypatch):
+    from flora.generation import Decoder, prefill_graph_tokens
+
+    m = FusedLlama.from_pretrained(llama_model())
+    dec = Decoder(m, 2, 600, use_cuda_graph=False)
+    dec.pad_prefill = True
+    assert prefill_graph_tokens() == 4096 and dec._padded_length(5) == 64 and dec._padded_length(65) == 128
+    assert dec._padded_length(513) == 600  # a power of two at most, the cache at most
+    monkeypatch.setenv("FLORA_PREFILL_GRAPH_TOKENS", "200")
+    assert dec._padded_length(64) == 64 and dec._padded_length(65) is None  # 2 x 64 <= 200 < 2 x 128
+    monkeypatch.setenv("FLORA_PREFILL_GRAPH_TOKENS", "128")
+    assert dec._padded_length(60) == 64
+    monkeypatch.setenv("FLORA_PREFILL_GRAPH_TOKENS", "0")
+    assert dec._padded_length(1) is None
+    monkeypatch.setenv("FLORA_PREFILL_GRAPH_TOKENS", "lots")
+    with pytest.raises(ValueError, match="FLORA_PREFILL_GRAPH_TOKENS"):
+        dec._padded_length(1)
+
+
+@cuda
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_cuda_prefill_graph_is_captured_and_equals_eager(left_padded):
+    m = FusedLlama.from_pretrained(llama_model(tied=True), adapter=AdapterConfig("zflora", rank=4, alpha=8),
+                                   device="cuda")
+    randomize_adapter(m)
+    ids, mask = _left_padded() if left_padded else (random_ids(2, 21, seed=4), torch.ones(2, 21, dtype=torch.long))
+    ids, mask = ids.cuda(), mask.cuda()
+    from flora.generation import decoder_for
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture failure would warn: make it fail the test
+        g1 = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=True)
+        g2 = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=True)  # replayed
+    dec = decoder_for(m, ids.shape[0], ids.shape[1] + 12, True)
+    assert dec.prefill_graphs and all(g.graph is not None for g in dec.prefill_graphs.values())
+    e = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=False)
+    assert torch.equal(g1, e) and torch.equal(g2, e)
+
+
 @cuda
 def test_measure_latency_cuda_graph():
     m = FusedLlama.from_pretrained(llama_model(), device="cuda")

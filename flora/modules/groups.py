@@ -107,7 +107,7 @@ class _Group:
 
     def split(self, y: Tensor) -> List[Tensor]:
         """y's column blocks, one per projection (views; one call, not one slice each)."""
-        return list(y.split(self.widths, 1)) if len(self.widths) > 1 else [y]
+        return list(y.split_with_sizes(self.widths, 1)) if len(self.widths) > 1 else [y]
 
 
 class InGroup(_Group):
