@@ -7,7 +7,7 @@
 #   bench/gpu_run.sh [STAGE ...]          named stages, in the order below
 #   GPU_RUN_DRY=1 bench/gpu_run.sh        print the commands only, run nothing (tested in CI)
 #
-# "quick" (the default) = build cuda-kernels test-cuda latency-1b kernels-short attention op-count.
+# "quick" (the default) = build cuda-kernels test-cuda latency-1b kernels-short attention step-profile.
 # Each stage runs under its own timeout (CAP below, and never past the call's
 # budget), so one hang costs that stage only; its log is in $OUT as it runs,
 # its results are written to $OUT as soon as they exist, summary.txt is
@@ -57,10 +57,15 @@
 #                batch 1 and 8, T 512 and 2048, with and without padding, fwd and fwd+bwd) as
 #                flora calls SDPA against its former call, which ran SDPA's math kernel; the
 #                SDPA kernel each takes and its peak memory. ~20-30 s (estimate).
+#   step-profile bench/step_profile.py --device cuda: a 1B bf16 decode step of base, ffba,
+#                zflora at batch 1 and 8 under torch.profiler: device time per kind of kernel
+#                (GEMM, attention, norm, RoPE + cache, SiLU x up, copies, ...), kernels per step,
+#                the step replayed as a CUDA graph, and the weight-streaming floor: where the
+#                gap to the floor is. ~40 s (estimate); last in quick, so the budget may skip it.
 #   op-count     CUDA launches per decoder layer of one eager decode step (bench/op_count.py
 #                --device cuda), bf16, batch 1 and 8, on this run's dispatch and on cuBLAS
 #                alone: the launch counts the CPU machine predicts (RESULTS, "Adapter GEMMs
-#                on the cuBLAS path"). ~20-40 s; last in quick, so the budget may skip it.
+#                on the cuBLAS path"). ~20-40 s.
 #   cli          `flora demo --device cuda --quick`, a 20-step `flora train --bf16 on` (ffba,
 #                r 32, batch 8) on the real SmolLM2 blocks from .device, then `flora generate
 #                --compare` with that adapter on 16 of its prompts. 69 s.
@@ -716,6 +721,24 @@ print("flora / former: " + " ".join(out))' "$OUT/attention.json" 2>/dev/null \
   return "$rc"
 }
 
+# where a 1B decode step's time goes: device time per kind of kernel, graphed step,
+# weight-streaming floor (bench/step_profile.py), base ffba zflora, batch 1 and 8
+stage_step_profile() {
+  need_ext
+  local rc=0
+  # shellcheck disable=SC2086  # STEP_PROFILE_ARGS is meant to split into words
+  run "$PY" bench/step_profile.py --device cuda --model 1b --variants base ffba zflora --batch 1 8 \
+    --json "$OUT/step-profile.json" --md "$OUT/step-profile.md" ${STEP_PROFILE_ARGS:-} || rc=$?
+  if [ "$DRY" = 1 ]; then key "dry"; return 0; fi
+  key "$("$PY" -c 'import json, sys
+out = []
+for r in json.load(open(sys.argv[1]))["rows"]:
+    out.append("%s b%d: graphed %.2f busy %.2f floor %.2f ms" % (r["variant"], r["batch"], r["graphed_ms"],
+                                                                r["busy_ms"], r["floor_ms"]))
+print("; ".join(out))' "$OUT/step-profile.json" 2>/dev/null || echo "no profile (rc $rc)")"
+  return "$rc"
+}
+
 # CUDA launches per decoder layer in one eager decode step (bench/op_count.py
 # --device cuda), bf16, batch 1 and 8: on the dispatch this run chose (the
 # kernels as if verified once cuda-kernels passed), then on cuBLAS alone
@@ -763,6 +786,7 @@ if [ "${1:-}" = __stage ]; then            # internal: one stage, in this proces
     generate) stage_generate ;;
     kernels-short) stage_kernels_short ;;
     attention) stage_attention ;;
+    step-profile) stage_step_profile ;;
     op-count) stage_op_count ;;
     cli) stage_cli ;;
     train) stage_train ;;
@@ -774,12 +798,12 @@ fi
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
-STAGES="build cuda-kernels test-cuda generate latency-1b kernels-short attention op-count cli train mixed test sanitize kernels latency latency-3b smoke"
-QUICK=(build cuda-kernels test-cuda latency-1b kernels-short attention op-count)
+STAGES="build cuda-kernels test-cuda generate latency-1b kernels-short attention step-profile op-count cli train mixed test sanitize kernels latency latency-3b smoke"
+QUICK=(build cuda-kernels test-cuda latency-1b kernels-short attention step-profile)
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
-declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [attention]=20 [op-count]=25 [cli]=60 [train]=90 [mixed]=60
+declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [attention]=20 [step-profile]=30 [op-count]=25 [cli]=60 [train]=90 [mixed]=60
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [attention]=90 [op-count]=90 [cli]=180 [train]=300 [mixed]=200
+declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [attention]=90 [step-profile]=120 [op-count]=90 [cli]=180 [train]=300 [mixed]=200
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"
@@ -912,7 +936,7 @@ write_summary
 nfiles=$(find "$OUT" -type f | wc -l)
 if [ "$nfiles" -gt 8 ]; then
   tar -C "$OUT" -czf "$STATE/gpu-run.tar.gz" . && mv "$STATE/gpu-run.tar.gz" "$OUT/gpu-run.tar.gz"
-  keep=("$OUT/gpu-run.tar.gz" "$summary" "$OUT/kernels.md" "$OUT/RESULTS-latency.md" "$OUT/generate.json" "$OUT/attention.md")
+  keep=("$OUT/gpu-run.tar.gz" "$summary" "$OUT/kernels.md" "$OUT/RESULTS-latency.md" "$OUT/generate.json" "$OUT/attention.md" "$OUT/step-profile.md")
   for st in "${ordered[@]}"; do [ "${STATUS[$st]}" = ok ] || keep+=("$OUT/$st.log"); done
   n=0
   declare -A KEEP=()

@@ -305,3 +305,31 @@ def test_compiled_step_cache_key_covers_the_op_schemas(monkeypatch):
     assert seen["options"]["cpp_wrapper"] and seen["options"]["post_grad_custom_post_pass"].uuid()
     generation.compiled_decode("cuda")
     assert "cpp_wrapper" not in seen["options"] and "post_grad_custom_post_pass" in seen["options"]
+
+
+def test_step_profile_sorts_kernels_into_kinds():
+    """bench/step_profile.py: CUDA kernel names of a decode step land in their kinds;
+    on the CPU a tiny model's step is profiled per batch and variant."""
+    sp = load_bench_script("step_profile")
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64": "gemm",
+        "void gemv2T_kernel_val<int, int, __nv_bfloat16, float, float, 128, 16, 4>": "gemm",
+        "nvjet_hsh_64x8_64x16_2x1_v_bz_TNT": "gemm",
+        "void flora::cuda::decode_kernel<__nv_bfloat16, 1, 4>(flora::cuda::FusedArgs)": "gemm",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)": "attention",
+        "void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>": "attention",
+        "void flora::cuda::rms_norm_kernel(flora::cuda::RmsNormArgs)": "norm",
+        "void flora::cuda::rope_cache_kernel(flora::cuda::RopeCacheArgs)": "rope+cache",
+        "void at::native::index_copy_kernel_impl<OpaqueType<2>>": "rope+cache",
+        "void flora::cuda::silu_mul_kernel(flora::cuda::SiluMulArgs)": "silu*up",
+        "void at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)": "copy/fill",
+        "void at::native::reduce_kernel<512, 1, ArgMaxOps<float>>": "reduce/sample",
+        "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<bf16>>": "elementwise",
+    }
+    assert {n: sp.kind_of(n) for n in names} == names
+    rows = sp.run("tiny", ["base", "zflora"], [1, 2], torch.float32, torch.device("cpu"), prompt=16, steps=3,
+                  rank=4, log=lambda s: None)
+    assert [(r["variant"], r["batch"]) for r in rows] == [("base", 1), ("base", 2), ("zflora", 1), ("zflora", 2)]
+    assert all(r["busy_ms"] > 0 and r["kernels"] > 0 and "gemm" in r["kinds_ms"] for r in rows)
+    md = sp.markdown(rows, "cmd", torch.device("cpu"))
+    assert "| zflora | 2 |" in md and "rope+cache" in md

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["build", "cuda-kernels", "test-cuda", "latency-1b", "kernels-short", "attention", "op-count"]
+QUICK = ["build", "cuda-kernels", "test-cuda", "latency-1b", "kernels-short", "attention", "step-profile"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -52,6 +52,7 @@ def test_default_is_one_quick_call(tmp_path):
                      r"--rows base ffba zflora pf-lora lora transformers peft peft-merged", out)
     assert re.search(r"bench/kernels.py --device cuda --models llama-3.2-1b", out)
     assert re.search(r"bench/attention.py --device cuda --shapes 1b --batch 1 8 --seq 512 2048", out)
+    assert re.search(r"bench/step_profile.py --device cuda --model 1b --variants base ffba zflora --batch 1 8", out)
     assert "FLORA_CUDA_KERNELS=1" in out
     # results land in $OUT stage by stage: a log per stage and the summary
     names = {f.name for f in (tmp_path / "out").iterdir()}
