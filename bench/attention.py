@@ -25,9 +25,6 @@ the call, and ``peak MiB`` the memory the call allocates above its inputs.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flora.bench.report import publish, title
 from flora.layers import additive_mask, attention, attention_mask_4d, prompt_mask
 
 SHAPES = {  # query heads, kv heads, head dim
@@ -182,18 +180,9 @@ def main(argv=None):
                 for padded in (False,) if a.no_padded else (False, True):
                     for bwd in (False,) if a.no_backward else (False, True):
                         rows += case(shape, B, T, padded, dtype, device, bwd, a.reps)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
-    md = (f"{datetime.date.today()}, {name}, torch {torch.__version__}, "
-          f"`python bench/attention.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-          + markdown(rows, device))
-    print(md)
-    if a.md:
-        with open(a.md, "w") as f:
-            f.write(md + "\n")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": name, "rows": rows}, f, indent=1)
-
+    cmd = "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    publish(title(device, cmd.strip()) + "\n\n" + markdown(rows, device), {"command": cmd.strip(), "rows": rows},
+            a.md, a.json)
 
 if __name__ == "__main__":
     main()

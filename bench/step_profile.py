@@ -12,9 +12,9 @@ up, copy / fill, reduce / sample, other elementwise) and divided by the
 steps. Beside them:
 
 * ``busy``: the kernels' device time per step (what a step costs with no launch gaps);
-* ``graphed``: the same step replayed as a CUDA graph, timed with CUDA events
-  (median of ``--steps`` after warm-up): busy plus what the gaps between
-  kernels still cost inside a graph;
+* ``graphed``: the same step replayed as a CUDA graph (the TPOT of
+  flora.bench.timing.measure_latency, CUDA events, median of 3 runs): busy plus
+  what the gaps between kernels still cost inside a graph;
 * ``floor``: the base weight bytes a step streams over the copy bandwidth
   measured in the same run (flora.bench.latency.copy_bandwidth);
 * ``kernels``: launches per step.
@@ -25,7 +25,6 @@ rough guide; there is no graph row).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 import statistics
@@ -38,7 +37,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from flora.bench.latency import (SHAPES, base_llama, build_flora, copy_bandwidth, model_config,
                                  weight_bytes)
-from flora.bench.timing import Timer
+from flora.bench.report import publish, title
+from flora.bench.timing import measure_latency
 from flora.generation import Decoder, inference_mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: a sibling script, loaded however this one is
@@ -87,25 +87,6 @@ def profile_steps(dec: Decoder, tok: torch.Tensor, steps: int, cuda: bool) -> tu
     return {k: v / steps for k, v in per.items()}, n // steps
 
 
-def graphed_step(model, B: int, prompt: int, steps: int) -> float:
-    """Median seconds of a decode step replayed as a CUDA graph."""
-    dev = model.device
-    timer = Timer(dev)
-    dec = Decoder(model, B, prompt + 3 * steps + 8, use_cuda_graph=True)
-    ids = torch.randint(3, model.arch.vocab_size, (B, prompt), device=dev)
-    tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)
-    for _ in range(3):
-        tok = dec.step(tok).argmax(-1)
-    ts = []
-    for _ in range(steps):
-        a = timer.mark()
-        out = dec.step(tok)
-        b = timer.mark()
-        ts.append(timer.elapsed(a, b))
-        tok = out.argmax(-1)
-    return statistics.median(ts)
-
-
 def run(shape: str, variants, batches, dtype, device, prompt: int, steps: int, rank: int, log=print) -> list:
     cfg, label = model_config(shape)
     cuda = device.type == "cuda"
@@ -123,7 +104,8 @@ def run(shape: str, variants, batches, dtype, device, prompt: int, steps: int, r
                 for _ in range(3):
                     tok = dec.step(tok).argmax(-1)
                 kinds, launches = profile_steps(dec, tok, steps, cuda)
-                graphed = graphed_step(m, B, prompt, steps) if cuda else float("nan")
+            graphed = (measure_latency(m, B, prompt, steps + 1, use_cuda_graph=True, repeats=3)["tpot_s"]
+                       if cuda else float("nan"))
             row = dict(shape=shape, label=label, variant=v, batch=B, dtype=str(dtype).replace("torch.", ""),
                        kinds_ms={k: s * 1e3 for k, s in sorted(kinds.items(), key=lambda kv: -kv[1])},
                        busy_ms=sum(kinds.values()) * 1e3, graphed_ms=graphed * 1e3, floor_ms=floor * 1e3,
@@ -137,11 +119,10 @@ def run(shape: str, variants, batches, dtype, device, prompt: int, steps: int, r
 
 
 def markdown(rows: list, command: str, device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     kinds = [k for k, _ in KINDS] + ["other"]
     head = ("| variant | batch | floor ms | graphed ms | busy ms | kernels | "
             + " | ".join(kinds) + " |")
-    out = [f"{datetime.date.today()}, {name}, torch {torch.__version__}, `{command}`",
+    out = [title(device, command),
            f"({rows[0]['label']}, {rows[0]['dtype']}; kinds: device ms per step"
            + (f"; copy bandwidth {rows[0]['copy_gbs']:.0f} GB/s read + write)" if device.type == "cuda" else ")"),
            "", head, "|" + "---|" * (head.count("|") - 1)]
@@ -173,14 +154,7 @@ def main(argv=None) -> int:
     rows = run(a.model, a.variants, a.batch, dtype, device, a.prompt, a.steps, a.rank,
                log=lambda s: print(s, file=sys.stderr, flush=True))
     cmd = "python bench/step_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = markdown(rows, cmd.strip(), device)
-    print(md)
-    if a.md:
-        with open(a.md, "w") as f:
-            f.write(md + "\n")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"command": cmd.strip(), "rows": rows}, f, indent=1)
+    publish(markdown(rows, cmd.strip(), device), {"command": cmd.strip(), "rows": rows}, a.md, a.json)
     return 0
 
 

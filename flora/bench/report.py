@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .._version import __version__
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text
 
 SECTION = "## End-to-end latency"
 
@@ -48,6 +48,21 @@ def cpu_name() -> str:
 def machine() -> str:
     """One line naming this CPU host, for benchmark reports."""
     return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def title(device: torch.device, command: str) -> str:
+    """A benchmark table's first line: date, device, torch and the command."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {machine()}"
+    return f"{datetime.date.today()}, {name}, torch {torch.__version__}, `{command}`"
+
+
+def publish(md: str, doc: dict, md_path: Optional[str] = None, json_path: Optional[str] = None) -> None:
+    """Print a benchmark's markdown; write it and its JSON document where asked (each atomically)."""
+    print(md)
+    if md_path:
+        atomic_write_text(md_path, md + "\n")
+    if json_path:
+        atomic_write_json(json_path, doc)
 
 
 def _ms(x):
