@@ -83,10 +83,11 @@ class StaticKVCache:
             w = self._windows[L] = [(k[:, :, :L], v[:, :, :L]) for k, v in zip(self.k, self.v)]
         return w[layer]
 
-    def clear_from(self, T: int) -> None:
-        """Zero slots T and later (an earlier call's keys/values: masked, and never a NaN)."""
-        for t in self.k + self.v:
-            t[:, :, T:].zero_()
+    def clear(self, start: int, stop: int) -> None:
+        """Zero slots [start, stop) of every layer, in one call (an earlier
+        call's keys/values: masked, and never a NaN)."""
+        if stop > start:
+            torch._foreach_zero_([t[:, :, start:stop] for t in self.k + self.v])
 
     def update_rotated(self, layer: int, qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor):
         """A decode step's (q, keys, values): RoPE over q|k [B, T, nq + nkv, hd]
@@ -200,6 +201,7 @@ class Decoder:
         self.pad_prefill = self.use_cuda_graph  # prompts padded to a graph's length (tests: on the CPU too)
         self._pool = None  # the graphs share one memory pool
         self.t = 0
+        self.written = 0  # slots [0, written) may hold keys/values of earlier calls
 
     @property
     def model(self):
@@ -228,7 +230,7 @@ class Decoder:
             self.rows.copy_(rows)
         self.mask.fill_(float("-inf"))
         self.mask[:, 0, 0, :T].masked_fill_(key_valid, 0.0)
-        self.cache.clear_from(T)
+        self.cache.clear(T, self.written)  # slots an earlier call wrote (a fresh cache is zeros)
         pos = positions_from_mask(key_valid)
         self.pos.copy_(pos[:, -1:])
         mask = prompt_mask(key_valid)
@@ -241,6 +243,7 @@ class Decoder:
         if logits is None:  # capture failed: eager from now on
             logits = self._run_prefill(input_ids, pos, mask, None)
         self.t = T  # next free slot
+        self.written = max(T, Tp or 0)
         return logits
 
     def _run_prefill(self, ids: Tensor, pos: Tensor, mask: Optional[Tensor], last: Optional[Tensor]) -> Tensor:
@@ -305,6 +308,7 @@ class Decoder:
         self.mask[:, 0, 0, self.t] = 0.0
         L = self.window(self.t)
         self.t += 1
+        self.written = max(self.written, self.t)
         with nvtx.range("decode"):
             if not self.use_cuda_graph:
                 return self._step(L)

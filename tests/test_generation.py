@@ -256,6 +256,37 @@ def test_prefill_padded_to_a_graph_length_is_the_plain_prefill(variant, left_pad
     assert torch.equal(t1, t0)
 
 
+@pytest.mark.parametrize("pad_prefill", [False, True])
+def test_reused_decoder_equals_a_fresh_one(pad_prefill):
+    """A kept decoder (graphs, compile) serves later calls: the slots an earlier,
+    longer call wrote are cleared, so a shorter prompt decodes as on a fresh cache."""
+    from flora.generation import Decoder, inference_mode
+
+    m = FusedLlama.from_pretrained(llama_model(heads=8, kv_heads=2))
+    long_ids, short_ids = random_ids(2, 30, seed=7), random_ids(2, 9, seed=8)
+    ones = lambda ids: torch.ones_like(ids, dtype=torch.bool)
+
+    def run(dec, ids, n):
+        logits, toks = dec.prefill(ids, ones(ids)), []
+        for _ in range(n):
+            toks.append(logits.argmax(-1))
+            logits = dec.step(toks[-1])
+        return torch.stack(toks, 1), logits
+
+    with inference_mode(m):
+        kept = Decoder(m, 2, 96, use_cuda_graph=False)
+        kept.pad_prefill = pad_prefill
+        run(kept, long_ids, 20)
+        assert kept.written == (64 if pad_prefill else 50)
+        for t in kept.cache.k + kept.cache.v:  # what an earlier call left: even NaN must not leak
+            t[:, :, :kept.written].fill_(float("nan"))
+        again = run(kept, short_ids, 12)
+        fresh = Decoder(m, 2, 96, use_cuda_graph=False)
+        fresh.pad_prefill = pad_prefill
+        ref = run(fresh, short_ids, 12)
+    assert torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1])
+
+
 def test_prefill_graph_tokens_setting(monkeypatch):
     from flora.generation import Decoder, prefill_graph_tokens
 
