@@ -97,13 +97,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
         return out.reshape(B, nh * hd)
     gqa = nh != nkv
     if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):
-        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)  # see above
+        k, v = expand_kv(k, nh // nkv), expand_kv(v, nh // nkv)  # see above
         gqa = False
     if mask is None:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=T > 1, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(B * T, nh * hd)
+
+
+def expand_kv(t: Tensor, groups: int) -> Tensor:
+    """kv heads [B, kv, L, hd] repeated to the query heads' [B, kv * groups, L, hd]
+    (each kv head ``groups`` times in a row, as enable_gqa pairs them): a view,
+    then one copy; no host sync, so a CUDA graph can capture it."""
+    B, nkv, L, hd = t.shape
+    return t[:, :, None].expand(B, nkv, groups, L, hd).reshape(B, nkv * groups, L, hd)
 
 
 def prompt_mask(key_valid: Tensor) -> Optional[Tensor]:

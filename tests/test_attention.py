@@ -4,10 +4,11 @@ attention written out in fp64; and on CUDA, that no form falls to SDPA's math
 kernel (fp32 scores [B, heads, T, L] in memory)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flora import AdapterConfig
-from flora.layers import attention, attention_mask_4d, prompt_mask
+from flora.layers import attention, attention_mask_4d, expand_kv, prompt_mask
 from flora.model import FusedLlama
 from llama_fixtures import llama_model, random_ids
 
@@ -56,6 +57,14 @@ def test_attention_forms_equal_written_out(device, dtype, nh, nkv, padded):
     assert err <= tolerance(dtype)
     if not padded:  # the causal form is the mask's form
         assert torch.allclose(got.float(), attention(q, k, v, full).float(), rtol=0, atol=tolerance(dtype))
+
+
+def test_expand_kv_pairs_heads_as_enable_gqa_does():
+    k = torch.randn(2, 3, 5, 4)
+    assert torch.equal(expand_kv(k, 4), k.repeat_interleave(4, 1))
+    q, v = torch.randn(2, 12, 5, 4), torch.randn(2, 3, 5, 4)
+    assert torch.allclose(F.scaled_dot_product_attention(q, expand_kv(k, 4), expand_kv(v, 4), is_causal=True),
+                          F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), atol=1e-6)
 
 
 def test_prompt_mask_reads_a_host_mask():
