@@ -11,7 +11,8 @@ CUDA graph and replayed; the per-step inputs are copied into the graph's
 static buffers outside it. Sampling runs outside the graph. The prefill of a
 short prompt (batch x length up to :func:`prefill_graph_tokens`) is a CUDA
 graph too: the prompt padded at its end to a power of two, one graph per
-length (an eager prefill of a short prompt is bound by the host's launches).
+length (an eager prefill of a short prompt is bound by the host's launches);
+eager CUDA generation pads it the same way, so both run the same kernels.
 
 ``compile=True`` runs the step through ``torch.compile(fullgraph=True)``
 (gpt-fast's recipe: norms, RoPE and residual adds fuse around the GEMMs).
@@ -198,7 +199,10 @@ class Decoder:
         self.graphs: dict = {}  # window length -> (CUDAGraph, its output logits)
         # prefill graphs: (padded length, causal) -> _PrefillGraph; False where capture failed
         self.prefill_graphs: dict = {}
-        self.pad_prefill = self.use_cuda_graph  # prompts padded to a graph's length (tests: on the CPU too)
+        # On CUDA a short prompt is padded to a prefill graph's length with graphs or without,
+        # so eager and graphed generation run the same shapes, the same kernels, the same
+        # tokens (tests set it on the CPU too)
+        self.pad_prefill = dev.type == "cuda"
         self._pool = None  # the graphs share one memory pool
         self.t = 0
         self.written = 0  # slots [0, written) may hold keys/values of earlier calls
@@ -342,7 +346,7 @@ class Decoder:
             g, out = self._capture_fn(lambda: self._step(L))
         except Exception as e:  # noqa: BLE001 - any capture failure -> eager fallback
             self.graphs.clear()
-            self.use_cuda_graph = self.pad_prefill = False
+            self.use_cuda_graph = False
             warnings.warn(f"flora: CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
                           f"falling back to eager decoding", RuntimeWarning, stacklevel=3)
             return None

@@ -291,6 +291,7 @@ def test_prefill_graph_tokens_setting(monkeypatch):
     from flora.generation import Decoder, prefill_graph_tokens
 
     m = FusedLlama.from_pretrained(llama_model())
+    assert not Decoder(m, 2, 600, use_cuda_graph=True).pad_prefill  # the CPU: never padded
     dec = Decoder(m, 2, 600, use_cuda_graph=False)
     dec.pad_prefill = True
     assert prefill_graph_tokens() == 4096 and dec._padded_length(5) == 64 and dec._padded_length(65) == 128
@@ -322,6 +323,7 @@ def test_cuda_prefill_graph_is_captured_and_equals_eager(left_padded):
         g2 = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=True)  # replayed
     dec = decoder_for(m, ids.shape[0], ids.shape[1] + 12, True)
     assert dec.prefill_graphs and all(g.graph is not None for g in dec.prefill_graphs.values())
+    assert decoder_for(m, ids.shape[0], ids.shape[1] + 12, False).pad_prefill  # eager: the same shapes
     e = m.generate(ids, attention_mask=mask, max_new_tokens=12, use_cuda_graph=False)
     assert torch.equal(g1, e) and torch.equal(g2, e)
 
