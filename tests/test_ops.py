@@ -442,6 +442,17 @@ def test_info_command_reports_compiled_ops():
     assert cpu == set(ops.SCHEMAS)  # the three blocks and the pointwise ops
 
 
+def test_info_into_a_closed_pipe_is_no_error():
+    """`flora info | head -n 4`: a reader that stops early ends the command quietly
+    (exit 0, no traceback), as a shell pipeline under pipefail needs."""
+    p = subprocess.Popen([sys.executable, "-m", "flora", "info"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before the child has written anything: its first write fails
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+
+
 @compiled
 @pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])
 def test_compiled_and_reference_say_the_same(case):
