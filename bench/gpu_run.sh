@@ -7,7 +7,7 @@
 #   bench/gpu_run.sh [STAGE ...]          named stages, in the order below
 #   GPU_RUN_DRY=1 bench/gpu_run.sh        print the commands only, run nothing (tested in CI)
 #
-# "quick" (the default) = build cuda-kernels test-cuda latency-1b kernels-short attention step-profile.
+# "quick" (the default) = build cuda-kernels test-cuda attention latency-1b kernels-short step-profile.
 # Each stage runs under its own timeout (CAP below, and never past the call's
 # budget), so one hang costs that stage only; its log is in $OUT as it runs,
 # its results are written to $OUT as soon as they exist, summary.txt is
@@ -42,6 +42,10 @@
 #   generate     bench/generate_smoke.py: greedy tokens eager == CUDA graph (== transformers
 #                in fp32) on a random-weight Llama; base, ffba, zflora; then the same in bf16
 #                on the real SmolLM2 (its first blocks) when .device carries it. 57 s.
+#   attention    bench/attention.py --device cuda: prompt / training attention (1B heads, bf16,
+#                batch 1 and 8, T 512 and 2048, with and without padding, fwd and fwd+bwd) as
+#                flora calls SDPA against its former call, which ran SDPA's math kernel; the
+#                SDPA kernel each takes and its peak memory. ~20-30 s (estimate).
 #   latency-1b   the latency rows of the device issue at the 1B shape:
 #                `python -m flora bench latency --model 1b --dtype bf16 --batch 1 8
 #                --prompt 512 --mode both --rows $LATENCY_ROWS` (default: the issue's rows,
@@ -53,10 +57,6 @@
 #                M = 1,4,8,16,256, and CUDA graphs at M = 1,4,8 with each flora call also
 #                on cuBLAS (--aten-too: where a kernel wins, for measured_faster); rows
 #                written as measured. ~40 s at M = 1,16,256 (2026-11-28).
-#   attention    bench/attention.py --device cuda: prompt / training attention (1B heads, bf16,
-#                batch 1 and 8, T 512 and 2048, with and without padding, fwd and fwd+bwd) as
-#                flora calls SDPA against its former call, which ran SDPA's math kernel; the
-#                SDPA kernel each takes and its peak memory. ~20-30 s (estimate).
 #   step-profile bench/step_profile.py --device cuda: a 1B bf16 decode step of base, ffba,
 #                zflora at batch 1 and 8 under torch.profiler: device time per kind of kernel
 #                (GEMM, attention, norm, RoPE + cache, SiLU x up, copies, ...), kernels per step,
@@ -798,8 +798,8 @@ fi
 
 usage() { sed -n '2,/^set -euo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; }
 
-STAGES="build cuda-kernels test-cuda generate latency-1b kernels-short attention step-profile op-count cli train mixed test sanitize kernels latency latency-3b smoke"
-QUICK=(build cuda-kernels test-cuda latency-1b kernels-short attention step-profile)
+STAGES="build cuda-kernels test-cuda generate attention latency-1b kernels-short step-profile op-count cli train mixed test sanitize kernels latency latency-3b smoke"
+QUICK=(build cuda-kernels test-cuda attention latency-1b kernels-short step-profile)
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
 declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [attention]=20 [step-profile]=30 [op-count]=25 [cli]=60 [train]=90 [mixed]=60
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["build", "cuda-kernels", "test-cuda", "latency-1b", "kernels-short", "attention", "step-profile"]
+QUICK = ["build", "cuda-kernels", "test-cuda", "attention", "latency-1b", "kernels-short", "step-profile"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
