@@ -96,14 +96,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
         out = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
         return out.reshape(B, nh * hd)
     gqa = nh != nkv
-    if gqa and q.is_cuda and (mask is not None or q.dtype == torch.float32):
-        k, v = expand_kv(k, nh // nkv), expand_kv(v, nh // nkv)  # see above
+    if gqa and expands_kv(q.device.type, q.dtype, mask is not None):
+        k, v = expand_kv(k, nh // nkv), expand_kv(v, nh // nkv)
         gqa = False
     if mask is None:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=T > 1, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(B * T, nh * hd)
+
+
+def expands_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """Does :func:`attention` expand grouped kv heads for SDPA? On CUDA where
+    flash cannot run (an explicit mask; fp32, which flash lacks), so that the
+    memory-efficient kernel, which takes no grouped heads, runs instead of the
+    math kernel. The CPU's kernels take grouped heads and masks alike."""
+    return device_type == "cuda" and (masked or dtype == torch.float32)
 
 
 def expand_kv(t: Tensor, groups: int) -> Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flora import AdapterConfig
-from flora.layers import attention, attention_mask_4d, expand_kv, prompt_mask
+from flora.layers import attention, attention_mask_4d, expand_kv, expands_kv, prompt_mask
 from flora.model import FusedLlama
 from llama_fixtures import llama_model, random_ids
 
@@ -65,6 +65,30 @@ def test_expand_kv_pairs_heads_as_enable_gqa_does():
     q, v = torch.randn(2, 12, 5, 4), torch.randn(2, 3, 5, 4)
     assert torch.allclose(F.scaled_dot_product_attention(q, expand_kv(k, 4), expand_kv(v, 4), is_causal=True),
                           F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), atol=1e-6)
+
+
+def test_kv_heads_expand_only_where_cuda_would_fall_to_math():
+    """Flash takes grouped heads but no mask and no fp32; memory-efficient takes
+    masks and fp32 but no grouped heads: expanded exactly where flash cannot run."""
+    table = {(dev, dt, masked): expands_kv(dev, dt, masked) for dev in ("cuda", "cpu")
+             for dt in (torch.bfloat16, torch.float16, torch.float32) for masked in (False, True)}
+    assert {k for k, v in table.items() if v} == {
+        ("cuda", torch.bfloat16, True), ("cuda", torch.float16, True),
+        ("cuda", torch.float32, False), ("cuda", torch.float32, True)}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_expanded_form_equals_the_grouped_one(masked, monkeypatch):
+    """The CUDA-only expanded call, run on the CPU (the decision forced), equals the grouped one."""
+    import flora.layers as layers
+
+    q, k, v = operands(2, 23, 8, 2, torch.float32, "cpu")
+    kv = torch.ones(2, 23, dtype=torch.bool)
+    kv[0, :3] = False
+    mask = attention_mask_4d(kv, torch.arange(23), torch.arange(23)) if masked else None
+    grouped = attention(q, k, v, mask)
+    monkeypatch.setattr(layers, "expands_kv", lambda *a: True)
+    assert torch.allclose(layers.attention(q, k, v, mask), grouped, atol=1e-6)
 
 
 def test_prompt_mask_reads_a_host_mask():
