@@ -287,6 +287,84 @@ def test_reused_decoder_equals_a_fresh_one(pad_prefill):
     assert torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1])
 
 
+class _ReplayedOnTheCpu:
+    """A stand-in for a captured CUDA graph: replay() reruns the captured call
+    and writes its result into the output the capture returned (what a graph's
+    replay does to its static output), so the decoder's graph bookkeeping runs
+    on the CPU."""
+
+    captured = 0
+
+    def __init__(self, fn):
+        self.fn, self.out = fn, fn()
+        type(self).captured += 1
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def test_graph_bookkeeping_replays_prefill_and_steps(monkeypatch):
+    """With graphs "captured" (on the CPU, by _ReplayedOnTheCpu): one prefill graph
+    per padded length and form, reused by a later call; tokens as plain eager."""
+    from flora.generation import Decoder, inference_mode
+
+    def fake(self, fn):
+        g = _ReplayedOnTheCpu(fn)
+        return g, g.out
+
+    monkeypatch.setattr(Decoder, "_capture_fn", fake)
+    monkeypatch.setattr(_ReplayedOnTheCpu, "captured", 0)
+    m = FusedLlama.from_pretrained(llama_model(heads=8, kv_heads=2), adapter=AdapterConfig("zflora", rank=4, alpha=8))
+    randomize_adapter(m)
+
+    def run(ids, mask, graphs, dec=None):
+        with inference_mode(m):
+            if dec is None:
+                dec = Decoder(m, ids.shape[0], 96, use_cuda_graph=False)
+                dec.use_cuda_graph = dec.pad_prefill = graphs
+            logits, toks = dec.prefill(ids, mask.bool()), []
+            for _ in range(10):
+                toks.append(logits.argmax(-1))
+                logits = dec.step(toks[-1])
+        return torch.stack(toks, 1), dec
+
+    a_ids, a_mask = random_ids(3, 14, seed=5), torch.ones(3, 14, dtype=torch.long)
+    b_ids, b_mask = _left_padded()
+    ref_a, _ = run(a_ids, a_mask, False)
+    ref_b, _ = run(b_ids, b_mask, False)
+    got_a, dec = run(a_ids, a_mask, True)
+    got_b, _ = run(b_ids, b_mask, True, dec)  # the kept decoder: a second form
+    again, _ = run(a_ids, a_mask, True, dec)  # replayed, not captured again
+    assert torch.equal(got_a, ref_a) and torch.equal(got_b, ref_b) and torch.equal(again, ref_a)
+    assert sorted(dec.prefill_graphs) == [(64, False), (64, True)]
+    assert len(dec.graphs) == 1  # the decode step: one window (bucket 64 on the CPU)
+    assert _ReplayedOnTheCpu.captured == 3
+
+
+def test_failed_prefill_capture_prefills_eagerly(monkeypatch):
+    from flora.generation import Decoder, inference_mode
+
+    def failing(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(Decoder, "_capture_fn", failing)
+    m = FusedLlama.from_pretrained(llama_model(heads=8, kv_heads=2))
+    ids = random_ids(2, 12, seed=3)
+    kv = torch.ones_like(ids, dtype=torch.bool)
+    with inference_mode(m):
+        plain = Decoder(m, 2, 80, use_cuda_graph=False)
+        ref = plain.prefill(ids, kv)
+        dec = Decoder(m, 2, 80, use_cuda_graph=False)
+        dec.use_cuda_graph = dec.pad_prefill = True
+        with pytest.warns(RuntimeWarning, match="prefill failed"):
+            got = dec.prefill(ids, kv)
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+        assert dec.prefill_graphs[(64, True)].failed
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # not tried again
+            dec.prefill(ids, kv)
+
+
 def test_prefill_graph_tokens_setting(monkeypatch):
     from flora.generation import Decoder, prefill_graph_tokens
 
