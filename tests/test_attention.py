@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flora import AdapterConfig
-from flora.layers import attention, attention_mask_4d, expand_kv, expands_kv, prompt_mask
+from flora.layers import attention, attention_mask_4d, causal_lm_loss, expand_kv, expands_kv, prompt_mask
 from flora.model import FusedLlama
 from llama_fixtures import llama_model, random_ids
 
@@ -47,7 +47,7 @@ def test_attention_forms_equal_written_out(device, dtype, nh, nkv, padded):
         key_valid[0, :5] = False
         key_valid[2, :1] = False
     mask = prompt_mask(key_valid)
-    assert (mask is None) == (not padded)
+    assert (mask is None) == (not padded)  # left padding: the mask
     full = attention_mask_4d(key_valid, torch.arange(T, device=device), torch.arange(T, device=device))
     ref = written_out(q, k, v, full)
     got = attention(q, k, v, mask)
@@ -164,3 +164,35 @@ def test_attention_bench_compares_the_two_forms(tmp_path, capsys):
     assert len(rows) == 8 and {r["form"] for r in rows} == {"flora", "mask+gqa"}
     assert all(r["ms"] > 0 for r in rows) and sum("x" in r for r in rows) == 4
     assert "| smollm2 | 1 | 32 | yes | fwd+bwd | flora |" in capsys.readouterr().out
+
+
+def test_right_padded_batch_runs_causal_and_equals_transformers():
+    """flora's training batches are padded at the end: prompt_mask gives the causal
+    form (no mask), exact at every real position, the loss the masked form's."""
+    hf = llama_model(hidden=64, heads=8, kv_heads=2)
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, alpha=8.0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ids = random_ids(3, 20)
+    mask = torch.ones_like(ids)
+    mask[0, 13:] = 0
+    mask[2, 17:] = 0
+    assert prompt_mask(mask.bool()) is None
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        ours = m(ids, attention_mask=mask).logits
+        slots = torch.arange(20)
+        pos = torch.arange(20).expand(3, 20)
+        masked = m.run_layers(ids, pos, attention_mask_4d(mask.bool(), slots, slots))
+        real = mask.bool()
+        assert torch.allclose(ours[real], masked[real], rtol=0, atol=1e-5)
+    m.train()
+    loss = m(ids, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(loss, causal_lm_loss(masked, labels), rtol=1e-5)
+    with torch.no_grad(), m.disable_adapter():
+        base = m(ids, attention_mask=mask).logits
+    ref = hf(ids, attention_mask=mask).logits
+    assert ((base - ref)[real].abs().max() / ref[real].abs().max()) <= 1e-5
