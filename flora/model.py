@@ -257,27 +257,31 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             raise ValueError("adapters=[...] (several adapters in one batch) is for inference: "
                              "eval() and no gradients, without target_stats; unstack_adapters() to train")
         input_ids = input_ids.to(dev)
+        if target_stats and labels is None:
+            raise ValueError("target_stats=True needs labels")
+        # training: the loss alone, the head run in chunks (no [tokens, vocab] logits held)
+        loss_only = target_stats or (labels is not None and self.chunked_loss and self.training
+                                     and torch.is_grad_enabled() and not _sharded(self.head))
         if attention_mask is None:
             key_valid, mask = torch.ones(B, T, dtype=torch.bool, device=dev), None
         else:
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids "
                                  f"shape {list(input_ids.shape)}")
-            mask = prompt_mask(attention_mask.bool())  # read where the caller keeps it (no sync on the host)
+            # read where the caller keeps it (no sync on the host); padding at the end runs
+            # causal when nothing reads its positions: no logits returned, its labels ignored
+            pad = ~attention_mask.bool()
+            unread = loss_only and labels.shape == pad.shape and bool((labels[pad.to(labels.device)] == -100).all())
+            mask = prompt_mask(~pad, end_padding_unread=unread)
             key_valid = attention_mask.to(dev).bool()
             mask = None if mask is None else mask.to(dev)
         if position_ids is None:
             position_ids = positions_from_mask(key_valid)
-        if target_stats:
-            if labels is None:
-                raise ValueError("target_stats=True needs labels")
+        if loss_only:
             n, carry = self.run_layers(input_ids, position_ids.to(dev), mask, head=False)
-            nll, hit = chunked_target_stats(self.head, n, carry, labels)
-            return CausalLMOutput(logits=None, target_nll=nll, target_hit=hit)
-        if (labels is not None and self.chunked_loss and self.training and torch.is_grad_enabled()
-                and not _sharded(self.head)):
-            # training: the loss alone, the head run in chunks (no [tokens, vocab] logits held)
-            n, carry = self.run_layers(input_ids, position_ids.to(dev), mask, head=False)
+            if target_stats:
+                nll, hit = chunked_target_stats(self.head, n, carry, labels)
+                return CausalLMOutput(logits=None, target_nll=nll, target_hit=hit)
             return CausalLMOutput(logits=None, loss=chunked_lm_loss(self.head, n, carry, labels, num_items_in_batch))
         logits = self.run_layers(input_ids, position_ids.to(dev), mask, rows=rows)
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)

@@ -166,9 +166,13 @@ def test_attention_bench_compares_the_two_forms(tmp_path, capsys):
     assert "| smollm2 | 1 | 32 | yes | fwd+bwd | flora |" in capsys.readouterr().out
 
 
-def test_right_padded_batch_runs_causal_and_equals_transformers():
-    """flora's training batches are padded at the end: prompt_mask gives the causal
-    form (no mask), exact at every real position, the loss the masked form's."""
+def test_end_padded_training_batch_runs_causal(monkeypatch):
+    """flora's training batches are padded at their end, labels -100 there: the loss
+    runs causal attention (no mask), exact at every real position, the masked form's
+    loss. Where padded positions are read (logits returned, or labels there) the mask
+    stays: logits returned are the masked form's."""
+    import flora.model
+
     hf = llama_model(hidden=64, heads=8, kv_heads=2)
     m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, alpha=8.0))
     g = torch.Generator().manual_seed(0)
@@ -180,19 +184,27 @@ def test_right_padded_batch_runs_causal_and_equals_transformers():
     mask = torch.ones_like(ids)
     mask[0, 13:] = 0
     mask[2, 17:] = 0
-    assert prompt_mask(mask.bool()) is None
     labels = ids.masked_fill(mask == 0, -100)
+    assert prompt_mask(mask.bool()) is not None and prompt_mask(mask.bool(), end_padding_unread=True) is None
+    assert prompt_mask(torch.tensor([[0, 1, 1]]).bool(), end_padding_unread=True) is not None  # left padding
+
+    causal = []
+    real_attention = flora.model.attention
+    monkeypatch.setattr(flora.model, "attention", lambda q, k, v, mk: causal.append(mk is None)
+                        or real_attention(q, k, v, mk))
     with torch.no_grad():
-        ours = m(ids, attention_mask=mask).logits
-        slots = torch.arange(20)
-        pos = torch.arange(20).expand(3, 20)
-        masked = m.run_layers(ids, pos, attention_mask_4d(mask.bool(), slots, slots))
-        real = mask.bool()
-        assert torch.allclose(ours[real], masked[real], rtol=0, atol=1e-5)
+        logits = m(ids, attention_mask=mask).logits  # logits returned: masked
+    assert not any(causal)
     m.train()
+    causal.clear()
     loss = m(ids, attention_mask=mask, labels=labels).loss
-    assert torch.allclose(loss, causal_lm_loss(masked, labels), rtol=1e-5)
+    assert causal and all(causal)
+    causal.clear()
+    m(ids, attention_mask=mask, labels=ids).loss  # labels at the padding: masked
+    assert not any(causal)
+    assert torch.allclose(loss, causal_lm_loss(logits, labels), rtol=1e-5)
     with torch.no_grad(), m.disable_adapter():
-        base = m(ids, attention_mask=mask).logits
-    ref = hf(ids, attention_mask=mask).logits
+        base = m.eval()(ids, attention_mask=mask).logits
+        ref = hf(ids, attention_mask=mask).logits
+    real = mask.bool()  # padded positions are never read (their RoPE positions differ from transformers')
     assert ((base - ref)[real].abs().max() / ref[real].abs().max()) <= 1e-5
