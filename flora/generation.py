@@ -197,7 +197,7 @@ class Decoder:
         self.compile = compile
         self._fn = compiled_decode(dev.type) if compile else _decode
         self.graphs: dict = {}  # window length -> (CUDAGraph, its output logits)
-        # prefill graphs: (padded length, causal) -> _PrefillGraph; False where capture failed
+        # (padded length, causal) -> _PrefillGraph: static inputs, the graph once captured
         self.prefill_graphs: dict = {}
         # On CUDA a short prompt is padded to a prefill graph's length with graphs or without,
         # so eager and graphed generation run the same shapes, the same kernels, the same
@@ -370,7 +370,7 @@ class _PrefillGraph:
         return self.dec._run_prefill(self.ids, self.pos, self.mask, self.last)
 
     def run(self) -> Optional[Tensor]:
-        if not self.dec.use_cuda_graph:  # padded, not graphed (tests on the CPU)
+        if not self.dec.use_cuda_graph:  # padded, not graphed: eager CUDA (tests: the CPU)
             return self._fn()
         if self.graph is None:
             try:

@@ -68,13 +68,14 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
     """Grouped-query attention: q [B, T, heads, hd], k/v [B, kv_heads, L, hd],
     mask [B, 1, T, L] (additive or boolean) or None: causal over slots
-    0 .. T-1 with T == L and no padding (:func:`prompt_mask`) -> [B * T, heads * hd].
+    0 .. T-1 with T == L (no padding, or padding at the end that nothing
+    reads: :func:`prompt_mask`) -> [B * T, heads * hd].
 
     Which SDPA kernel runs on CUDA decides the cost: flash takes no explicit
     mask, memory-efficient takes no grouped kv heads, and what neither takes
     falls to the math kernel (fp32 scores [B, heads, T, L] materialised).
     So a causal prompt goes as ``is_causal`` (flash, kv heads grouped), a
-    padded one with its mask and the kv heads expanded (memory-efficient).
+    left-padded one with its mask and the kv heads expanded (memory-efficient).
 
     One query token per row (decode): the query heads sharing a kv head become
     that head's query rows ([B, kv, group, hd]), so SDPA runs as plain masked

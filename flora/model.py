@@ -292,7 +292,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                    last: Optional[Tensor] = None):
         """The Llama forward: logits [B, T (1 if last_only), V]. input_ids/positions
         [B, T]; mask [B, 1, T, K], boolean or additive, or None: causal over
-        slots 0 .. T-1, no padding (flora.layers.attention); ``cache`` (generation)
+        slots 0 .. T-1 (flora.layers.prompt_mask); ``cache`` (generation)
         has update(layer, k, v) -> keys/values [B, kv_heads, K, head_dim] and
         update_rotated(layer, qk, v, cos, sin) -> (q, keys, values) or None
         (generation.StaticKVCache).
