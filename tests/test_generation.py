@@ -240,7 +240,7 @@ def _greedy(m, ids, mask, steps, pad_prefill, rows=None):
 @pytest.mark.parametrize("variant", [None, "ffba", "zflora", "pf-lora"])
 @pytest.mark.parametrize("left_padded", [False, True])
 def test_prefill_padded_to_a_graph_length_is_the_plain_prefill(variant, left_padded):
-    """A CUDA graph's prefill pads the prompt at its end to a power of two: the
+    """A CUDA graph's prefill pads the prompt at its end (to 64 tokens here): the
     last real position's logits and every later token are the plain prefill's
     (run here eagerly, the padding path without the graph)."""
     hf = llama_model(heads=8, kv_heads=2, tied=True)
@@ -373,7 +373,11 @@ def test_prefill_graph_tokens_setting(monkeypatch):
     dec = Decoder(m, 2, 600, use_cuda_graph=False)
     dec.pad_prefill = True
     assert prefill_graph_tokens() == 4096 and dec._padded_length(5) == 64 and dec._padded_length(65) == 128
-    assert dec._padded_length(513) == 600  # a power of two at most, the cache at most
+    assert dec._padded_length(200) == 256 and dec._padded_length(300) == 320 and dec._padded_length(512) == 512
+    assert dec._padded_length(513) == 600  # 768 past 512, the cache at most
+    big = Decoder(m, 1, 5000, use_cuda_graph=False)
+    big.pad_prefill = True
+    assert big._padded_length(513) == 768 and big._padded_length(2049) == 2304 and big._padded_length(4097) is None
     monkeypatch.setenv("FLORA_PREFILL_GRAPH_TOKENS", "200")
     assert dec._padded_length(64) == 64 and dec._padded_length(65) is None  # 2 x 64 <= 200 < 2 x 128
     monkeypatch.setenv("FLORA_PREFILL_GRAPH_TOKENS", "128")
