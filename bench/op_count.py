@@ -5,7 +5,7 @@
     python bench/op_count.py --no-compile    # eager only (compiling takes minutes on 2 cores)
     python bench/op_count.py --json bench/out/op_count.json
     python bench/op_count.py --no-compile --batch 32   # the GEMMs on ATen (the cuBLAS path's calls)
-    python bench/op_count.py --step-ms 16 --variants base ffba   # + the eager step time, 16 layers
+    python bench/op_count.py --step-ms 16 --variants base ffba   # + eager step and prefill times, 16 layers
     python bench/op_count.py --device cuda --no-compile           # kernels = CUDA launches counted
 
 One decode step is run under torch.profiler (CPU) on a model with L and 3L
@@ -139,10 +139,11 @@ def step_counts(model, compiled: bool, prompt: int = 8, batch: int = 1) -> tuple
     return ops_, count_launches(prof.events()) if cuda else kernels
 
 
-def step_ms(variant: str, layers: int, dtype=torch.float32, steps: int = 200) -> float:
-    """Median eager decode-step time (ms) of a ``layers``-layer model of the
-    tiny shape, batch 1, after 20 steps: host work only (what the op and
-    kernel counts cost on the CPU)."""
+def step_ms(variant: str, layers: int, dtype=torch.float32, steps: int = 200) -> tuple[float, float]:
+    """Median eager decode-step and 16-token prefill times (ms) of a
+    ``layers``-layer model of the tiny shape, batch 1, after warm-up: host
+    work only (what the op and kernel counts cost on the CPU; a host-bound
+    GPU prefill's TTFT ratios are these)."""
     import statistics
 
     from flora.bench.timing import Timer
@@ -150,18 +151,30 @@ def step_ms(variant: str, layers: int, dtype=torch.float32, steps: int = 200) ->
 
     model = build(variant, layers, dtype)
     timer = Timer(torch.device("cpu"))
+
+    def timed(fn, n):
+        ts = []
+        for _ in range(n):
+            t0 = timer.mark()
+            fn()
+            ts.append(timer.elapsed(t0, timer.mark()))
+        return statistics.median(ts) * 1e3
+
     with inference_mode(model):
         dec = Decoder(model, 1, 48 + steps, use_cuda_graph=False)
-        ids = torch.randint(3, model.arch.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-        tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)
+        ids = torch.randint(3, model.arch.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        for _ in range(10):
+            dec.prefill(ids, valid)
+        prefill = timed(lambda: dec.prefill(ids, valid), steps // 2)
+        tok = dec.prefill(ids, valid).argmax(-1)
         for _ in range(20):
             tok = dec.step(tok).argmax(-1)
-        ts = []
-        for _ in range(steps):
-            t0 = timer.mark()
-            tok = dec.step(tok).argmax(-1)
-            ts.append(timer.elapsed(t0, timer.mark()))
-    return statistics.median(ts) * 1e3
+        state = {"tok": tok}
+
+        def step():
+            state["tok"] = dec.step(state["tok"]).argmax(-1)
+        return timed(step, steps), prefill
 
 
 def per_layer(variant: str, compiled: bool, dtype=torch.float32, layers: int = 1, batch: int = 1,
@@ -178,10 +191,11 @@ def markdown(rows: list, command: str) -> str:
     dev = torch.cuda.get_device_name() if rows and rows[0]["device"] == "cuda" else platform.machine()
     out = [f"{datetime.date.today()}, {platform.node()} ({dev}), torch {torch.__version__}, `{command}`"
            + (" (kernels: CUDA launches)" if rows and rows[0]["device"] == "cuda" else ""), "",
-           "| variant | dtype | batch | mode | ops / layer | kernels / layer | kernels outside the layers | step ms |",
-           "|---|---|---:|---|---:|---:|---:|---:|"]
+           "| variant | dtype | batch | mode | ops / layer | kernels / layer | kernels outside the layers | step ms "
+           "| prefill ms |",
+           "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ms = f"{r['step_ms']:.3f}" if "step_ms" in r else ""
+        ms = " | ".join(f"{r[k]:.3f}" if k in r else "" for k in ("step_ms", "prefill_ms"))
         out.append(f"| {r['variant']} | {r['dtype']} | {r['batch']} | {r['mode']} | {r['ops_per_layer']:g} | "
                    f"{r['kernels_per_layer']:g} | {r['kernels_step_rest']:g} | {ms} |")
     return "\n".join(out)
@@ -198,7 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: kernels = the CUDA launches of the step (profiler), on flora's dispatch there")
     p.add_argument("--step-ms", type=int, default=0, metavar="LAYERS",
-                   help="also time the eager decode step of a model with this many layers (batch 1)")
+                   help="also time the eager decode step and a 16-token prefill of a model with this "
+                        "many layers (batch 1)")
     args = p.parse_args(argv)
     if args.step_ms and args.device != "cpu":
         p.error("--step-ms times the CPU's eager step (host work); use the latency benchmark on a GPU")
@@ -215,7 +230,7 @@ def main(argv=None) -> int:
             for compiled in ([False] if args.no_compile else [False, True]):
                 rows.append(per_layer(v, compiled, dtype, batch=args.batch, device=args.device))
                 if args.step_ms and not compiled:
-                    rows[-1]["step_ms"] = step_ms(v, args.step_ms, dtype)
+                    rows[-1]["step_ms"], rows[-1]["prefill_ms"] = step_ms(v, args.step_ms, dtype)
                 print(rows[-1], file=sys.stderr, flush=True)
     cmd = "python bench/op_count.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(markdown(rows, cmd.strip()))

@@ -333,3 +333,8 @@ def test_step_profile_sorts_kernels_into_kinds():
     assert all(r["busy_ms"] > 0 and r["kernels"] > 0 and "gemm" in r["kinds_ms"] for r in rows)
     md = sp.markdown(rows, "cmd", torch.device("cpu"))
     assert "| zflora | 2 |" in md and "rope+cache" in md
+
+
+def test_op_count_times_the_eager_step_and_prefill():
+    step, prefill = _op_count().step_ms("base", 2, steps=10)
+    assert 0 < step < prefill * 10 and prefill > 0
