@@ -209,3 +209,27 @@ def test_a_failure_half_way_through_stacking_leaves_the_model_as_it_was(hf, tmp_
     m.stack_adapters(["default", "a1", "a2"])
     with torch.no_grad():
         assert _rel(m(ids, adapters=["default", "default"]).logits, want) < 1e-5
+
+
+def test_padded_prefill_of_a_stacked_batch_is_the_plain_one(hf, tmp_path):
+    """A stacked batch's prefill padded to a graph's length (run eagerly here): each
+    row's routing and tokens as the plain prefill's."""
+    from flora.generation import Decoder, inference_mode
+
+    m = _loaded(hf, _adapters(hf, "zflora", tmp_path, n=2))
+    m.stack_adapters(["default", "a1"])
+    ids = random_ids(3, 11, seed=9)
+    rows = m.adapter_rows(["a1", None, "default"], 3)
+    kv = torch.ones_like(ids, dtype=torch.bool)
+    out = []
+    with inference_mode(m):
+        for pad in (False, True):
+            dec = Decoder(m, 3, 80, use_cuda_graph=False)
+            dec.pad_prefill = pad
+            logits, toks = dec.prefill(ids, kv, rows), []
+            for _ in range(8):
+                toks.append(logits.argmax(-1))
+                logits = dec.step(toks[-1])
+            out.append(torch.stack(toks, 1))
+            assert bool(dec.prefill_graphs) == pad
+    assert torch.equal(out[0], out[1])
