@@ -111,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (median; default 3)")
     p.add_argument("--prefills", type=int, default=None,
                    help="prefills per run, interleaved between the paired models; TTFT of a run is their "
-                        "median (default 5 on GPU, where the eager prefill is host-bound and noisy; 1 on CPU)")
+                        "median (default 5 on GPU, where an eager prefill is host-bound and noisy; 1 on CPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: prompt 32, 8 new tokens, 1 timed run (numbers are not meaningful)")

@@ -159,7 +159,8 @@ def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = 
     ``prefills`` > 1: each round prefills every probe that many times
     (interleaved, alternating order; the last one feeds the decode steps) and
     its TTFT is the median of those: one prefill a round is one noisy sample
-    where the prefill is host-bound (eager on a GPU). The garbage collector
+    where the prefill is host-bound (an eager one on a GPU; with CUDA graphs a
+    short prompt's prefill is a graph too). The garbage collector
     is off during the timed rounds (a collection inside one would land on
     whichever probe it hit)."""
     if not probes or repeats < 1 or warmup < 0 or prefills < 1:
