@@ -211,17 +211,10 @@ at::Tensor ffbl_autograd(const at::Tensor& u, const at::Tensor& z, const at::Ten
 // The pointwise ops: nothing to record -> straight to the device kernel;
 // else the ATen composite they replace, whose ops record their own backward
 // (the model itself calls the composite when autograd records).
-template <class Sig>
-const c10::TypedOperatorHandle<Sig>& handle(const char* name) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return op;  // one per signature: the three ops' signatures differ
-}
-
 at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (!needs_grad({&x, &weight}, {})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return handle<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("flora::rms_norm")
-        .call(x, weight, eps);
+    return rms_norm_op().call(x, weight, eps);
   }
   check_rms_norm(x, weight);
   return rms_norm_aten(x, weight, eps);
@@ -230,8 +223,7 @@ at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& weight, doub
 at::Tensor rope_autograd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   if (!needs_grad({&x, &cos, &sin}, {})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("flora::rope")
-        .call(x, cos, sin);
+    return rope_op().call(x, cos, sin);
   }
   check_rope(x, cos, sin);
   return rope_aten(x, cos, sin);
@@ -240,7 +232,7 @@ at::Tensor rope_autograd(const at::Tensor& x, const at::Tensor& cos, const at::T
 at::Tensor silu_mul_autograd(const at::Tensor& g, const at::Tensor& u) {
   if (!needs_grad({&g, &u}, {})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("flora::silu_mul").call(g, u);
+    return silu_mul_op().call(g, u);
   }
   check_silu_mul(g, u);
   return at::silu(g) * u;  // silu_mul_aten writes over silu's output: not where autograd records

@@ -33,4 +33,25 @@ inline const c10::TypedOperatorHandle<FfblSig>& ffbl_op() {
   return op;
 }
 
+// The pointwise ops (autograd calls their kernels below the Autograd key).
+using RmsNormSig = at::Tensor(const at::Tensor&, const at::Tensor&, double);
+using RopeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using SiluMulSig = at::Tensor(const at::Tensor&, const at::Tensor&);
+
+inline const c10::TypedOperatorHandle<RmsNormSig>& rms_norm_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flora::rms_norm", "").typed<RmsNormSig>();
+  return op;
+}
+inline const c10::TypedOperatorHandle<RopeSig>& rope_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flora::rope", "").typed<RopeSig>();
+  return op;
+}
+inline const c10::TypedOperatorHandle<SiluMulSig>& silu_mul_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flora::silu_mul", "").typed<SiluMulSig>();
+  return op;
+}
+
 }  // namespace flora
