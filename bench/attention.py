@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flora.bench.report import publish, title
-from flora.layers import additive_mask, attention, attention_mask_4d, prompt_mask
+from flora.layers import additive_mask, attention, prompt_mask, slot_mask
 
 SHAPES = {  # query heads, kv heads, head dim
     "smollm2": (9, 3, 64), "1b": (32, 8, 64), "3b": (24, 8, 128), "8b": (32, 8, 128),
@@ -45,8 +45,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def former(q, k, v, key_valid):
     """flora's call before 2026-11-28: the explicit mask, grouped kv heads."""
     T = q.shape[1]
-    slots = torch.arange(T, device=q.device)
-    mask = additive_mask(attention_mask_4d(key_valid, slots, slots), q.dtype)
+    mask = additive_mask(slot_mask(key_valid), q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
     return out.transpose(1, 2).reshape(q.shape[0] * T, -1)
 

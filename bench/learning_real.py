@@ -39,7 +39,7 @@ from flora import AdapterConfig, FusedLlama  # noqa: E402
 from flora.bench.report import machine  # noqa: E402
 from flora.fileio import atomic_write_json  # noqa: E402
 from flora.gguf import load_gguf  # noqa: E402
-from flora.layers import additive_mask, attention_mask_4d, rms_norm, rope_cos_sin  # noqa: E402
+from flora.layers import additive_mask, rms_norm, rope_cos_sin, slot_mask  # noqa: E402
 from flora.modules import count_parameters, initial_carry  # noqa: E402
 from flora.pretrained import chat_ids, load_tokenizer, smollm2_path  # noqa: E402
 from flora.train import TrainConfig  # noqa: E402
@@ -95,8 +95,7 @@ def lower_states(full: FusedLlama, items, n_lower: int, batch: int = 16):
             valid[r, :n] = True
         B = len(idx)
         pos = torch.arange(T).expand(B, T)
-        slots = torch.arange(T)
-        mask = additive_mask(attention_mask_4d(valid, slots, slots), full.dtype)  # as run_layers passes it
+        mask = additive_mask(slot_mask(valid), full.dtype)  # as run_layers passes it
         cos, sin = rope_cos_sin(full.inv_freq, pos, full.dtype)
         h = F.embedding(ids, full.embed).reshape(B * T, a.hidden_size)
         for i in range(n_lower):
@@ -152,8 +151,7 @@ def top_forward(model: FusedLlama, batch_items, want_logits_at):
         h[r, :n] = it["h"]
         valid[r, :n] = True
     pos = torch.arange(T).expand(B, T)
-    slots = torch.arange(T)
-    mask = additive_mask(attention_mask_4d(valid, slots, slots), model.dtype)  # as run_layers passes it
+    mask = additive_mask(slot_mask(valid), model.dtype)  # as run_layers passes it
     cos, sin = rope_cos_sin(model.inv_freq, pos, model.dtype)
     h = h.reshape(B * T, -1)
     carry = initial_carry(model.adapter_config, B * T, model.dtype, h.device)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import nvtx, ops
-from .layers import attention_mask_4d, positions_from_mask, prompt_mask
+from .layers import causal_prompt, positions_from_mask, slot_mask
 
 
 def bucket_size(device: torch.device) -> int:
@@ -237,15 +237,12 @@ class Decoder:
         self.cache.clear(T, self.written)  # slots an earlier call wrote (a fresh cache is zeros)
         pos = positions_from_mask(key_valid)
         self.pos.copy_(pos[:, -1:])
-        mask = prompt_mask(key_valid)
+        causal = causal_prompt(key_valid)
         Tp = self._padded_length(T)
         with nvtx.range("prefill"):
-            if Tp is not None:
-                logits = self._prefill_padded(input_ids, pos, key_valid, mask is None, Tp)
-            else:
-                logits = self._run_prefill(input_ids, pos, mask, None)
-        if logits is None:  # capture failed: eager from now on
-            logits = self._run_prefill(input_ids, pos, mask, None)
+            logits = None if Tp is None else self._prefill_padded(input_ids, pos, key_valid, causal, Tp)
+            if logits is None:  # eager: unpadded, or the capture failed
+                logits = self._run_prefill(input_ids, pos, None if causal else slot_mask(key_valid), None)
         self.t = T  # next free slot
         self.written = max(T, Tp or 0)
         return logits
@@ -290,8 +287,7 @@ class Decoder:
         if not causal:  # the padding is real keys to nothing earlier: causal order hides it
             kv = torch.ones(B, Tp, dtype=torch.bool, device=key_valid.device)
             kv[:, :T] = key_valid
-            slots = torch.arange(Tp, device=kv.device)
-            g.mask.copy_(attention_mask_4d(kv, slots, slots))
+            g.mask.copy_(slot_mask(kv))
         g.last.fill_(T - 1)
         return g.run()
 

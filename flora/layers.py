@@ -123,23 +123,32 @@ def expand_kv(t: Tensor, groups: int) -> Tensor:
     return t[:, :, None].expand(B, nkv, groups, L, hd).reshape(B, nkv * groups, L, hd)
 
 
-def prompt_mask(key_valid: Tensor, end_padding_unread: bool = False) -> Optional[Tensor]:
-    """The attention mask of a prompt [B, T] whose slots are 0 .. T-1: None
-    (causal, :func:`attention`'s fast form) when no key is padding, or, with
+def causal_prompt(key_valid: Tensor, end_padding_unread: bool = False) -> bool:
+    """Can a prompt [B, T] whose slots are 0 .. T-1 run causal attention with no
+    mask (:func:`attention`'s fast form)? When no key is padding, or, with
     ``end_padding_unread``, when every row's padding is at its end (as flora's
     training batches are padded): causal order keeps that padding out of every
     real position's result, exactly, and only the padded positions' own
     outputs differ from the masked form's, so the caller must never read them
-    (a loss whose labels there are all -100). Else :func:`attention_mask_4d`.
-    Read on the host where the mask lives there; a device mask costs one sync.
-    Under torch.compile, always the mask."""
-    if not torch.compiler.is_compiling():
-        first_real = (key_valid[:, 1:] <= key_valid[:, :-1]).all() & key_valid[:, 0].all() \
-            if end_padding_unread else key_valid.all()
-        if bool(first_real):
-            return None
+    (a loss whose labels there are all -100). Read on the host where the mask
+    lives there; a device mask costs one sync. Under torch.compile, never."""
+    if torch.compiler.is_compiling():
+        return False
+    ok = (key_valid[:, 1:] <= key_valid[:, :-1]).all() & key_valid[:, 0].all() if end_padding_unread \
+        else key_valid.all()
+    return bool(ok)
+
+
+def slot_mask(key_valid: Tensor) -> Tensor:
+    """:func:`attention_mask_4d` of a prompt [B, T] over its slots 0 .. T-1."""
     slots = torch.arange(key_valid.shape[1], device=key_valid.device)
     return attention_mask_4d(key_valid, slots, slots)
+
+
+def prompt_mask(key_valid: Tensor, end_padding_unread: bool = False) -> Optional[Tensor]:
+    """A prompt's mask for :func:`attention`: None where :func:`causal_prompt`
+    allows, else :func:`slot_mask`."""
+    return None if causal_prompt(key_valid, end_padding_unread) else slot_mask(key_valid)
 
 
 def attention_mask_4d(key_valid: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
