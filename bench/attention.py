@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flora.bench.report import publish, title
+from flora.bench.timing import Timer
 from flora.layers import additive_mask, attention, prompt_mask, slot_mask
 
 SHAPES = {  # query heads, kv heads, head dim
@@ -69,23 +69,15 @@ def kernel_of(fn) -> str:
 
 def timed(fn, device, reps: int) -> float:
     """Median seconds of one call (reps medians of 3 calls each, after 2 warm-up calls)."""
+    timer = Timer(device)
     for _ in range(2):
         fn()
     ts = []
     for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(3):
-                fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3 / 3)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(3):
-                fn()
-            ts.append((time.perf_counter() - t0) / 3)
+        a = timer.mark()
+        for _ in range(3):
+            fn()
+        ts.append(timer.elapsed(a, timer.mark()) / 3)
     return statistics.median(ts)
 
 

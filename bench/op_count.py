@@ -170,10 +170,10 @@ def step_ms(variant: str, layers: int, dtype=torch.float32, steps: int = 200) ->
         tok = dec.prefill(ids, valid).argmax(-1)
         for _ in range(20):
             tok = dec.step(tok).argmax(-1)
-        state = {"tok": tok}
 
         def step():
-            state["tok"] = dec.step(state["tok"]).argmax(-1)
+            nonlocal tok
+            tok = dec.step(tok).argmax(-1)
         return timed(step, steps), prefill
 
 
