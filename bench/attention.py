@@ -16,6 +16,18 @@ memory. Rows per shape, batch, length and padding:
 * ``mask+gqa``: the former call (additive mask, ``enable_gqa``);
 * ``x`` = flora / mask+gqa, medians of the same process, the two interleaved.
 
+``--decode``: a decode step's attention instead (one query row per sequence
+over a KV-cache window of ``--context`` keys, the decoder's additive mask),
+``flora.ops.decode_attention`` as the model calls it (default dispatch),
+flora's split-key kernel forced (``FLORA_CUDA_KERNELS=1``, CUDA) and the
+grouped SDPA call the decoder made before; each timed over enough cache
+copies (rotated) that no call finds its keys in L2, eagerly and (CUDA) as
+one CUDA graph of the rotation; GB/s counts the unmasked K/V bytes read, and
+``x floor`` is the time over those bytes at the copy bandwidth measured in
+the same run.
+
+    python bench/attention.py --device cuda --decode --shapes 1b 3b --batch 1 8 --context 640 4096 32768
+
 Times are CUDA events (CPU: perf_counter) around a few calls after warm-up,
 medians; TFLOP/s counts the causal half of QK^T and PV (4 B H T^2 hd / 2 for
 the forward; forward + backward 3.5x that). On CUDA, ``kernel`` is the first
@@ -32,6 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import os
+
+from flora import ops
+from flora.bench.latency import copy_bandwidth
 from flora.bench.report import publish, title
 from flora.bench.timing import Timer
 from flora.layers import additive_mask, attention, prompt_mask, slot_mask
@@ -147,6 +163,79 @@ def markdown(rows, device) -> str:
     return "\n".join(out)
 
 
+def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs):
+    """Decode attention over a window of L keys: rows per form (see the module doc)."""
+    nh, nkv, hd = SHAPES[shape]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    q = mk(B, nh, hd)
+    kv_bytes = 2 * B * nkv * L * hd * q.element_size()
+    # enough copies that a rotation streams >= 256 MB (no call hits L2), at most 64
+    n = max(1, min(64, -(-(256 << 20) // kv_bytes))) if device.type == "cuda" else 1
+    caches = [(mk(B, nkv, L, hd), mk(B, nkv, L, hd)) for _ in range(n)]
+    mask = torch.zeros(B, L, dtype=dtype, device=device)
+    if padded:
+        mask[0, : L // 4] = float("-inf")  # one row left-padded by a quarter
+    read = kv_bytes * (1 - (0.25 / B if padded else 0.0))
+    forms = {"flora": lambda k, v: ops.decode_attention(q, k, v, mask),
+             "sdpa (before)": lambda k, v: ops._grouped_sdpa(q, k, v, mask)}
+    if device.type == "cuda":
+        forms = {"flora": forms["flora"], "kernel (forced)": forms["flora"], "sdpa (before)": forms["sdpa (before)"]}
+    rows = []
+    for name, form in forms.items():
+        env = {"kernel (forced)": "1"}.get(name)
+        old = os.environ.get("FLORA_CUDA_KERNELS")
+        if env:
+            os.environ["FLORA_CUDA_KERNELS"] = env
+        try:
+            def rotation(form=form):
+                for k, v in caches:
+                    form(k, v)
+            with torch.no_grad():
+                t = timed(rotation, device, reps) / n
+                dispatch = ""
+                if device.type == "cuda":
+                    from flora import _ext
+                    form(*caches[0])
+                    dispatch = _ext.C.cuda_last_dispatch() if _ext.C is not None and name != "sdpa (before)" else "sdpa"
+                tg = float("nan")
+                if graphs and device.type == "cuda":
+                    rotation()
+                    torch.cuda.synchronize()
+                    gr = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(gr):
+                        rotation()
+                    tg = timed(gr.replay, device, reps) / n
+        finally:
+            if env:
+                if old is None:
+                    os.environ.pop("FLORA_CUDA_KERNELS", None)
+                else:
+                    os.environ["FLORA_CUDA_KERNELS"] = old
+        best = min(t, tg) if tg == tg else t
+        rows.append(dict(shape=shape, batch=B, context=L, padded=padded, dtype=str(dtype).replace("torch.", ""),
+                         form=name, us=t * 1e6, graph_us=tg * 1e6, gbps=read / best / 1e9,
+                         x_floor=best / (read / copy_bps), dispatch=dispatch))
+    ref = rows[-1]
+    for r in rows[:-1]:
+        r["x"] = (min(r["us"], r["graph_us"]) if r["graph_us"] == r["graph_us"] else r["us"]) / \
+            (min(ref["us"], ref["graph_us"]) if ref["graph_us"] == ref["graph_us"] else ref["us"])
+    return rows
+
+
+def decode_markdown(rows, copy_bps) -> str:
+    out = [f"copy bandwidth (read + write) {copy_bps / 1e9:.0f} GB/s, measured in this run", "",
+           "| shape | batch | keys | padded | form | us eager | us graph | GB/s | x floor | x sdpa | dispatch |",
+           "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        x = f"{r['x']:.3f}" if "x" in r else ""
+        gu = f"{r['graph_us']:.1f}" if r["graph_us"] == r["graph_us"] else "-"
+        out.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {'yes' if r['padded'] else 'no'} | "
+                   f"{r['form']} | {r['us']:.1f} | {gu} | {r['gbps']:.0f} | {r['x_floor']:.2f} | {x} | "
+                   f"{r['dispatch']} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -157,6 +246,9 @@ def main(argv=None):
     p.add_argument("--no-backward", action="store_true", help="forward only (default: forward, then forward + backward)")
     p.add_argument("--no-padded", action="store_true", help="only prompts without padding")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--decode", action="store_true", help="a decode step's attention (see the module doc)")
+    p.add_argument("--context", nargs="+", type=int, default=[640, 4096, 32768], help="--decode: window lengths")
+    p.add_argument("--no-graphs", action="store_true", help="--decode on CUDA: eager only")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--md", default=None, help="write the markdown table here too")
     a = p.parse_args(argv)
@@ -164,6 +256,15 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/attention.py: --device cuda, but no CUDA device is visible")
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cmd = "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.decode:
+        bw = copy_bandwidth(device)
+        rows = [r for shape in a.shapes for B in a.batch for L in a.context
+                for padded in ((False,) if a.no_padded else (False, True))
+                for r in decode_case(shape, B, L, padded, dtype, device, a.reps, bw, not a.no_graphs)]
+        publish(title(device, cmd.strip()) + "\n\n" + decode_markdown(rows, bw),
+                {"command": cmd.strip(), "copy_gbps": bw / 1e9, "rows": rows}, a.md, a.json)
+        return
     rows = []
     for shape in a.shapes:
         for B in a.batch:
@@ -171,7 +272,6 @@ def main(argv=None):
                 for padded in (False,) if a.no_padded else (False, True):
                     for bwd in (False,) if a.no_backward else (False, True):
                         rows += case(shape, B, T, padded, dtype, device, bwd, a.reps)
-    cmd = "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
     publish(title(device, cmd.strip()) + "\n\n" + markdown(rows, device), {"command": cmd.strip(), "rows": rows},
             a.md, a.json)
 

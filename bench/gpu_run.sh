@@ -598,7 +598,9 @@ stage_cuda_kernels() {
     "test_fbl_inplace_kernel[32-0.5-True-3-dtype0]" "test_rope_cache_kernel[3-dtype0]"
     "test_ffl_repeat_add[repeat1-8-17-dtype0]" "test_fbl_kernel[True-1.0-False-False-32-17-dtype0]"
     "test_fbl_kernel[False-0.5-True-True-32-17-dtype0]" "test_ffbl_kernel[0.5-True-True-8-17-dtype0]"
-    "test_backward_dx_kernel[True-8-17-dtype0]" "test_backward_dx_kernel[False-8-17-dtype0]")
+    "test_backward_dx_kernel[True-8-17-dtype0]" "test_backward_dx_kernel[False-8-17-dtype0]"
+    "test_decode_attention_kernel[5-shape0-dtype0]" "test_decode_attention_kernel[1-shape4-dtype0]"
+    "test_decode_attention_kernel_masked_chunks[4]")
   # memcheck (out-of-bounds, misaligned) and racecheck (shared-memory hazards): what a
   # kernel must pass before kVerified lists it (csrc/common/cuda_dispatch.cpp).
   local tool keys=() bad=0
@@ -705,19 +707,33 @@ stage_kernels_short() {
 # heads, bf16, forward and forward + backward (bench/attention.py)
 stage_attention() {
   need_ext
-  local rc=0
+  local rc=0 prompt decode
   # shellcheck disable=SC2086  # ATTENTION_ARGS is meant to split into words
   run "$PY" bench/attention.py --device cuda --shapes 1b --batch 1 8 --seq 512 2048 \
     --json "$OUT/attention.json" --md "$OUT/attention.md" ${ATTENTION_ARGS:-} || rc=$?
+  # decode: flora's split-key kernel (forced) against the grouped SDPA call, 1B / 3B heads
+  # shellcheck disable=SC2086  # DECODE_ATTENTION_ARGS is meant to split into words
+  run "$PY" bench/attention.py --device cuda --decode --shapes 1b 3b --batch 1 8 --context 640 4096 32768 \
+    --no-padded --json "$OUT/attention-decode.json" --md "$OUT/attention-decode.md" ${DECODE_ATTENTION_ARGS:-} \
+    || rc=$?
   if [ "$DRY" = 1 ]; then key "dry"; return 0; fi
-  key "$("$PY" -c 'import json, sys
+  # one loose file for both tables
+  [ -f "$OUT/attention-decode.md" ] && { printf '\n\n' >>"$OUT/attention.md"; cat "$OUT/attention-decode.md" >>"$OUT/attention.md"; }
+  prompt="$("$PY" -c 'import json, sys
 out = []
 for r in json.load(open(sys.argv[1]))["rows"]:
     if "x" in r:  # the flora row of a case: its ratio to the former call
         tag = "%dx%d%s%s" % (r["batch"], r["seq"], "p" if r["padded"] else "", "+bwd" if r["backward"] else "")
         out.append("%s %.2f" % (tag, r["x"]))
-print("flora / former: " + " ".join(out))' "$OUT/attention.json" 2>/dev/null \
-      || echo "no table (rc $rc)")"
+print("flora / former: " + " ".join(out))' "$OUT/attention.json" 2>/dev/null || echo "no table (rc $rc)")"
+  decode="$("$PY" -c 'import json, sys
+out = []
+for r in json.load(open(sys.argv[1]))["rows"]:
+    if r["form"] == "kernel (forced)":  # the kernel against SDPA, best of eager and graph
+        out.append("%s/%dx%d %.2f" % (r["shape"], r["batch"], r["context"], r["x"]))
+print("decode kernel / sdpa: " + " ".join(out))' "$OUT/attention-decode.json" 2>/dev/null \
+    || echo "no decode table (rc $rc)")"
+  key "$prompt; $decode"
   return "$rc"
 }
 

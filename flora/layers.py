@@ -77,10 +77,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
     So a causal prompt goes as ``is_causal`` (flash, kv heads grouped), a
     left-padded one with its mask and the kv heads expanded (memory-efficient).
 
-    One query token per row (decode): the query heads sharing a kv head become
-    that head's query rows ([B, kv, group, hd]), so SDPA runs as plain masked
-    attention, never expanding the keys and open to the fused memory-efficient
-    kernel on CUDA."""
+    One query token per row (decode): :func:`flora.ops.decode_attention`,
+    flora's split-key kernel where it runs, else SDPA with the query heads
+    sharing a kv head as that head's query rows ([B, kv, group, hd]): plain
+    masked attention, never expanding the keys."""
     B, T, nh, hd = q.shape
     nkv = k.shape[1]
     if T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
@@ -93,6 +93,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
             att = att + mask if mask.dtype != torch.bool else att.masked_fill(~mask, float("-inf"))
         out = att.softmax(-1) @ v.float()
         return out.to(q.dtype).reshape(B, nh * hd)
+    if T == 1 and mask is not None and mask.dtype == q.dtype:
+        # the decoder's step: additive mask [B, 1, 1, L] over the cache window
+        return ops.decode_attention(q.view(B, nh, hd), k, v, mask[:, 0, 0])
     if T == 1 and nh != nkv:
         out = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
         return out.reshape(B, nh * hd)

@@ -50,6 +50,8 @@ SCHEMAS = {
     "silu_mul": "silu_mul(Tensor g, Tensor u) -> Tensor",
     # inference: the product over u (ffba's down reads [mid | z] as one operand)
     "silu_mul_": "silu_mul_(Tensor g, Tensor(a!) u) -> ()",
+    # a decode step's attention over its KV-cache window, split over the keys
+    "decode_attention": "decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, int splits=0) -> Tensor",
 }
 OPS = ("ffl", "fbl", "ffbl")  # the three blocks
 POINTWISE = ("rms_norm", "rope", "silu_mul")
@@ -350,6 +352,48 @@ def rope_cache_reference(qk, v, cos, sin, k_cache, v_cache, slot):
     return _rope_cache(qk, v, cos, sin, k_cache, v_cache, slot)
 
 
+def check_decode_attention(q, k, v, mask):
+    if (q.dim() != 3 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]
+            or k.shape[1] < 1 or q.shape[1] % k.shape[1] or mask.dim() != 2
+            or tuple(mask.shape) != (q.shape[0], k.shape[2])):
+        raise ValueError(f"flora.decode_attention: expected q [B, nq, hd], k and v [B, nkv, L, hd] with nq a "
+                         f"multiple of nkv, and mask [B, L], got {list(q.shape)}, {list(k.shape)}, "
+                         f"{list(v.shape)}, {list(mask.shape)}")
+    if not q.dtype.is_floating_point or any(t.dtype != q.dtype for t in (k, v, mask)):
+        raise TypeError(f"flora.decode_attention: q, k, v and the (additive) mask must be one floating dtype, "
+                        f"got {q.dtype}, {k.dtype}, {v.dtype}, {mask.dtype}")
+    if any(t.device != q.device for t in (k, v, mask)):
+        raise ValueError(f"flora.decode_attention: every operand must be on {q.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mask)):
+        raise ValueError("flora.decode_attention: for inference; where autograd records, call "
+                         "torch.nn.functional.scaled_dot_product_attention")
+
+
+def _grouped_sdpa(q, k, v, mask):
+    """SDPA over the query heads grouped per kv head ([B, nkv, G, hd]): plain
+    masked attention, the keys never expanded."""
+    B, nq, hd = q.shape
+    nkv, L = k.shape[1], k.shape[2]
+    out = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, nkv, nq // nkv, hd), k, v,
+                                                           attn_mask=mask.view(B, 1, 1, L))
+    return out.reshape(B, nq * hd)
+
+
+def decode_attention_reference(q, k, v, mask, splits=0):
+    """softmax(q k^T / sqrt(hd) + mask) v per query head, its kv head the
+    h // (nq / nkv)-th, written out in fp32 (the kernels' accumulation);
+    a row with no unmasked key is 0. ``splits`` changes only how the kernels
+    divide the work. -> [B, nq * hd]."""
+    check_decode_attention(q, k, v, mask)
+    B, nq, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.reshape(B, nkv, nq // nkv, hd).float()
+    att = (qg @ k.float().transpose(-1, -2)) * hd ** -0.5 + mask.float()[:, None, None, :]
+    seen = (mask != float("-inf")).any(-1)[:, None, None, None]
+    p = torch.where(seen, att.softmax(-1), torch.zeros_like(att)) if att.shape[-1] else att
+    return (p @ v.float()).to(q.dtype).reshape(B, nq * hd)
+
+
 def silu_mul_reference(g, u):
     check_silu_mul(g, u)
     return _silu_mul(g, u)
@@ -370,7 +414,7 @@ def silu_mul_inplace_reference(g, u):
 REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "fbl_": fbl_inplace_reference, "ffbl": ffbl_reference,
               "rms_norm": rms_norm_reference, "rope": rope_reference, "rope_cache_": rope_cache_reference,
               "silu_mul": silu_mul_reference,
-              "silu_mul_": silu_mul_inplace_reference}
+              "silu_mul_": silu_mul_inplace_reference, "decode_attention": decode_attention_reference}
 
 
 # --------------------------------------------------------------------------
@@ -434,6 +478,12 @@ def _rope_cache_fake(qk, v, cos, sin, k_cache, v_cache, slot):
 @torch.library.register_fake("flora::silu_mul_")
 def _silu_mul_inplace_fake(g, u):
     check_silu_mul_inplace(g, u)
+
+
+@torch.library.register_fake("flora::decode_attention")
+def _decode_attention_fake(q, k, v, mask, splits=0):
+    check_decode_attention(q, k, v, mask)
+    return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 
 @torch.library.register_fake("flora::ffl")
@@ -739,6 +789,22 @@ def rope_cache(qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
     if _fused(qk, v, cos, sin, k_cache, v_cache):
         return torch.ops.flora.rope_cache_(qk, v, cos, sin, k_cache, v_cache, slot)
     return _rope_cache(qk, v, cos, sin, k_cache, v_cache, slot)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """A decode step's attention: q [B, nq, hd] (one query row per sequence)
+    over the KV-cache window k, v [B, nkv, L, hd] (views of the cache are
+    fine), the additive key mask [B, L] (0: a real key, -inf: padding or a
+    slot not yet written) -> [B, nq * hd]. Query head h reads kv head
+    h // (nq / nkv).
+
+    flora's kernel splits the keys into chunks and combines them
+    (flash-decoding), reading each kv head once for its group of query heads
+    and never a masked slot; SDPA over the grouped heads where it does not
+    run (training, autocast, or a shape it does not take)."""
+    if _inference(q, k, v, mask):
+        return torch.ops.flora.decode_attention(q, k, v, mask)
+    return _grouped_sdpa(q, k, v, mask)
 
 
 def silu_mul(g: Tensor, u: Tensor, *, over_u: bool = False) -> Tensor:

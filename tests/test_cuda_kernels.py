@@ -545,3 +545,89 @@ def test_pointwise_kernel(monkeypatch, op, dtype):
         torch.testing.assert_close(got, base, rtol=0, atol=0)
     else:
         _check(got, exact(op, args), base, dtype, f"{op} {dtype}")
+
+
+# ---------------------------------------------------------------------------
+# Decode attention (attention.cu): the split kernel against SDPA over the
+# grouped heads on the same operands, both against float64
+# ---------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 32, 8, 64, 640), (8, 32, 8, 64, 1000), (1, 24, 8, 128, 4096),
+                                   (3, 9, 3, 64, 100), (2, 8, 1, 128, 300), (2, 8, 8, 64, 129)])
+@pytest.mark.parametrize("splits", [0, 1, 5])
+def test_decode_attention_kernel(monkeypatch, dtype, shape, splits):
+    """1B / 3B / SmolLM2 heads, batch 1 to 8, windows of one tile to 32;
+    automatic, one and five splits; left padding and unwritten slots masked;
+    outputs in poisoned memory."""
+    from test_decode_attention import _check, attention_case
+
+    B, nq, nkv, hd, L = shape
+    q, k, v, mask = attention_case(dtype, "cuda", B=B, nq=nq, nkv=nkv, hd=hd, L=L)
+    with torch.no_grad():
+        got, _ = _run_both(monkeypatch, lambda: torch.ops.flora.decode_attention(q, k, v, mask, splits),
+                           "decode_attention")
+    _check(got, q, k, v, mask, f"decode_attention {dtype} {shape} splits={splits}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_kernel_masked_chunks(monkeypatch, splits):
+    """A chunk with every key masked reads nothing and weighs nothing; a row
+    with no unmasked key is 0 (SDPA: NaN)."""
+    from test_decode_attention import attention_case
+
+    q, k, v, mask = attention_case(torch.bfloat16, "cuda", B=3, nq=8, nkv=2, L=512, pad=False)
+    mask[0, :300] = float("-inf")
+    mask[1, 130:] = float("-inf")
+    mask[2] = float("-inf")
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    with torch.no_grad():
+        out = torch.ops.flora.decode_attention(q, k, v, mask, splits)
+    assert C.cuda_last_dispatch() == "decode_attention"
+    ref = ops.decode_attention_reference(q.double(), k.double(), v.double(), mask.double())
+    assert torch.equal(out[2].float(), torch.zeros_like(out[2].float()))
+    torch.testing.assert_close(out[:2].double(), ref[:2], rtol=0, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_decode_attention_kernel_declines_with_reason(monkeypatch):
+    """fp32, head_dim 80, 16 query heads per kv head, a cache row stride
+    not a multiple of 8: SDPA, and the dispatch says why."""
+    from test_decode_attention import _check, attention_case
+
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    for kw, dt in [(dict(), torch.float32), (dict(hd=80), torch.bfloat16), (dict(nq=32, nkv=2), torch.bfloat16)]:
+        q, k, v, mask = attention_case(dt, "cuda", L=200, **kw)
+        with torch.no_grad():
+            _check(torch.ops.flora.decode_attention(q, k, v, mask), q, k, v, mask, str(kw))
+        assert C.cuda_last_dispatch().startswith("cublas: aten sdpa"), C.cuda_last_dispatch()
+    q, k, v, mask = attention_case(torch.bfloat16, "cuda", L=200, hd=64)
+    k = torch.randn(2, 2, 200, 68, device="cuda", dtype=torch.bfloat16)[..., :64]  # row stride 68
+    with torch.no_grad():
+        torch.ops.flora.decode_attention(q, k, v, mask)
+    assert "16-byte aligned" in C.cuda_last_dispatch()
+
+
+@pytest.mark.cuda
+def test_decode_attention_kernel_in_a_cuda_graph(monkeypatch):
+    """Captured once, replayed after the mask and the cache change in place:
+    the decoder's use (splits' partials come from the graph's pool)."""
+    from test_decode_attention import attention_case
+
+    monkeypatch.setenv("FLORA_CUDA_KERNELS", "1")
+    q, k, v, mask = attention_case(torch.bfloat16, "cuda", B=2, nq=32, nkv=8, L=1024)
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.ops.flora.decode_attention(q, k, v, mask)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = torch.ops.flora.decode_attention(q, k, v, mask)
+        mask[:, 500:510] = 0.0
+        k.mul_(0.5)
+        g.replay()
+        want = torch.ops.flora.decode_attention(q, k, v, mask)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -174,4 +174,12 @@ at::Tensor rope_cache_aten(const at::Tensor& qk, const at::Tensor& v, const at::
 at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u) { return at::silu(g).mul_(u); }
 void silu_mul_inplace_aten(const at::Tensor& g, const at::Tensor& u) { u.mul_(at::silu(g)); }
 
+at::Tensor decode_attention_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& mask) {
+  const int64_t B = q.size(0), nq = q.size(1), hd = q.size(2), nkv = k.size(1), L = k.size(2);
+  if (L == 0) return at::zeros({B, nq * hd}, q.options());
+  const at::Tensor qg = q.reshape({B, nkv, nq / nkv, hd});
+  return at::scaled_dot_product_attention(qg, k, v, mask.view({B, 1, 1, L})).reshape({B, nq * hd});
+}
+
 }  // namespace flora

@@ -52,6 +52,11 @@ at::Tensor rope_cache_aten(const at::Tensor& qk, const at::Tensor& v, const at::
                            const at::Tensor& v_cache, const at::Tensor& slot);
 at::Tensor silu_mul_aten(const at::Tensor& g, const at::Tensor& u);
 void silu_mul_inplace_aten(const at::Tensor& g, const at::Tensor& u);
+// Decode attention as SDPA over the query heads grouped per kv head ([B, nkv,
+// G, hd]: plain masked attention, no kv expansion); [B, nq * hd]. A row with
+// no unmasked key is NaN here (SDPA's softmax of -inf), 0 from the kernels.
+at::Tensor decode_attention_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& mask);
 
 // FFL epilogue on a computed [y | z] buffer: z += z_in, y += res, then the
 // repeat-add.

@@ -191,6 +191,26 @@ void check_rope_cache(const at::Tensor& qk, const at::Tensor& v, const at::Tenso
   }
 }
 
+void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& mask) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+                        k.size(3) == q.size(2) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 &&
+                        mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == k.size(2),
+                    "flora.decode_attention: expected q [B, nq, hd], k and v [B, nkv, L, hd] with nq a "
+                    "multiple of nkv, and mask [B, L], got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes(), ", ",
+                    mask.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()) && k.scalar_type() == q.scalar_type() &&
+                       v.scalar_type() == q.scalar_type() && mask.scalar_type() == q.scalar_type(),
+                   "flora.decode_attention: q, k, v and the (additive) mask must be one floating dtype, got ",
+                   q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type(), ", ", mask.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device() && mask.device() == q.device(),
+                    "flora.decode_attention: every operand must be on ", q.device());
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() &&
+                      (q.requires_grad() || k.requires_grad() || v.requires_grad() || mask.requires_grad())),
+                    "flora.decode_attention: for inference; where autograd records, call "
+                    "torch.nn.functional.scaled_dot_product_attention");
+}
+
 void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK_VALUE(x.dim() == 4 && x.size(3) % 2 == 0 && cos.sizes() == sin.sizes() &&
                         cos.dim() == 4 && cos.size(2) == 1 && cos.size(0) == x.size(0) &&

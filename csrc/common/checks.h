@@ -34,6 +34,10 @@ void check_rope_cache(const at::Tensor& qk, const at::Tensor& v, const at::Tenso
                       const at::Tensor& sin, const at::Tensor& k_cache,
                       const at::Tensor& v_cache, const at::Tensor& slot);
 void check_silu_mul(const at::Tensor& g, const at::Tensor& u);
+// q [B, nq, hd], k / v [B, nkv, L, hd] (nq a multiple of nkv), mask [B, L]
+// additive, one floating dtype, one device; inference only
+void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& mask);
 void check_silu_mul_inplace(const at::Tensor& g, const at::Tensor& u);
 
 FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,

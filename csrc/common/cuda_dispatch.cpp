@@ -65,6 +65,8 @@ const std::vector<CudaKernelEntry>& cuda_kernels() {
       {"gemm_sm90_2k_t_bf16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights, two K ranges"},
       {"gemm_sm90_2k_t_fp16", "sm_90a", "CUTLASS 3.x TMA wgmma, n-major weights, two K ranges"},
       {"pointwise", "sm_80, sm_90a", "RMSNorm, RoPE, SiLU x up: one launch each (bf16 / fp16 / fp32)"},
+      {"decode_attention", "sm_80, sm_90a",
+       "decode attention split over the keys, grouped kv heads, hd 64 / 128 (bf16 / fp16)"},
   };
   return k;
 }
@@ -103,14 +105,18 @@ bool cuda_kernel_built(const std::string& name) {
 #endif
   if (name.rfind("gemm_sm80_", 0) == 0) return any && sm80;
   if (name.rfind("gemm_sm90_", 0) == 0) return any && sm90;
-  return any && (name.rfind("decode_", 0) == 0 || name == "pointwise");
+  return any && (name.rfind("decode_", 0) == 0 || name == "pointwise");  // decode_attention too
+}
+
+bool whole_op_kernel_runs(const std::string& name, KernelSwitch sw, bool compiled, bool assume_verified) {
+  if (!compiled || sw == KernelSwitch::kOff) return false;
+  return sw == KernelSwitch::kAll || assume_verified || !cuda_kernel_verified(name).empty();
 }
 
 bool pointwise_kernels_run(KernelSwitch sw, bool compiled, bool assume_verified) {
-  if (!compiled || sw == KernelSwitch::kOff) return false;
   // One launch where the composite takes two to four: no shape where it loses
   // is known, so a verified kernel runs for every call.
-  return sw == KernelSwitch::kAll || assume_verified || !cuda_kernel_verified("pointwise").empty();
+  return whole_op_kernel_runs("pointwise", sw, compiled, assume_verified);
 }
 
 KernelSwitch cuda_kernels_env() {

@@ -67,6 +67,10 @@ KernelSwitch cuda_kernels_env();
 // The pointwise ops (rms_norm, rope, silu_mul) on CUDA: flora's kernel
 // (pointwise.cu) when compiled and verified (or kAll), else ATen's composite.
 bool pointwise_kernels_run(KernelSwitch sw, bool compiled, bool assume_verified = false);
+// The same rule for another kernel that runs for every call it takes once
+// verified (decode_attention: one launch or two, where SDPA's
+// memory-efficient kernel runs one CTA per (sequence, kv head)).
+bool whole_op_kernel_runs(const std::string& name, KernelSwitch sw, bool compiled, bool assume_verified = false);
 // compiled: this build has the CUDA kernels. kAll: run every planned kernel,
 // verified or not, wherever it applies; kOff: cuBLAS for every call (the
 // user's way out, and the sweeps' cuBLAS rows); kDefault: a verified kernel

@@ -35,4 +35,8 @@ TORCH_LIBRARY(flora, m) {
   // inference: the product written over u (ffba's down then reads [mid | z],
   // u's columns and the state after them, as one operand)
   m.def("silu_mul_(Tensor g, Tensor(a!) u) -> ()");
+  // a decode step's attention: one query row per sequence over its KV-cache
+  // window, grouped kv heads, an additive key mask; split over the keys
+  // (splits: 0 = automatic)
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, int splits=0) -> Tensor");
 }

@@ -14,6 +14,7 @@
 #include "../common/kernel_info.h"
 #include "../common/pointwise_glue.h"
 #include "isa.h"
+#include "kernels/attention.h"
 #include "kernels/decode.h"
 #include "kernels/pointwise.h"
 
@@ -227,6 +228,37 @@ void silu_mul_inplace_cpu(const at::Tensor& g, const at::Tensor& u) {
   silu_mul_inplace_aten(g, u);
 }
 
+// Decode attention: the split kernel (kernels/attention.*), a chunk per
+// thread where the (batch, kv head) pairs do not fill the threads, up to
+// kCpuAttentionMaxKeys keys; SDPA over the grouped query heads beyond (its
+// vectorised exp wins once the softmax's scalar exp2f calls dominate: a 1B
+// head at 1024 keys 1.2-1.4x SDPA's time, at 128 keys 0.6-0.7x; bench/RESULTS.md,
+// "Decode attention") and for what the kernel does not take.
+constexpr int64_t kCpuAttentionMaxKeys = 512;
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& mask, int64_t splits) {
+  check_decode_attention(q, k, v, mask);
+  const auto dt = pointwise_dtype(q);
+  const int64_t hd = q.size(2), G = q.size(1) / k.size(1);
+  if (!dt || !decode_attention_unit(q, k, v, mask) || hd % 8 || hd > k::kMaxHeadDim ||
+      G > attn::kMaxGroup || k.size(2) > kCpuAttentionMaxKeys)
+    return decode_attention_aten(q, k, v, mask);
+  at::Tensor out = at::empty({q.size(0), q.size(1) * hd}, q.options()), part_o, part_ml;
+  k::DecodeAttentionArgs a;
+  a.dt = *dt;
+  fill_decode_attention(a, q, k, v, mask, out);
+  if (a.B == 0 || a.nq == 0) return out;
+  const int64_t req = splits > 0 ? splits
+                                 : attn::decode_attention_auto_splits(a.B, a.nkv, a.L, at::get_num_threads());
+  fill_decode_attention_plan(a, req, part_o, part_ml, q.options());
+  const bool avx2 = active_path().has_value();  // every vector path has AVX2 + FMA + F16C
+  at::parallel_for(0, a.B * a.nkv * a.splits, 1,
+                   [&](int64_t b, int64_t e) { k::decode_attention_part(a, b, e, avx2); });
+  if (a.splits > 1)
+    at::parallel_for(0, a.B * a.nq, 1, [&](int64_t b, int64_t e) { k::decode_attention_combine(a, b, e); });
+  return out;
+}
+
 }  // namespace
 
 std::vector<KernelInfo> cpu_kernel_info() {
@@ -253,6 +285,9 @@ std::vector<KernelInfo> cpu_kernel_info() {
                     "fp32 / bf16 / fp16 up to 4096 elements (decode), eager inference; else the aten composite"});
   rows.push_back({"silu_mul", "cpu", "aten silu, then the product in place", "all calls"});
   rows.push_back({"silu_mul_", "cpu", "aten silu, then the product over u", "all calls"});
+  rows.push_back({"decode_attention", "cpu", "split-key decode attention kernel (grouped kv heads)",
+                  "fp32 / bf16 / fp16, head_dim a multiple of 8 up to 256, up to 8 query heads per kv head"});
+  rows.push_back({"decode_attention", "cpu", "SDPA over grouped query heads", "every call the kernel does not take"});
   return rows;
 }
 
@@ -266,6 +301,7 @@ TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("rope_cache_", &rope_cache_cpu);
   m.impl("silu_mul", &silu_mul_cpu);
   m.impl("silu_mul_", &silu_mul_inplace_cpu);
+  m.impl("decode_attention", &decode_attention_cpu);
 }
 
 }  // namespace flora

@@ -470,6 +470,40 @@ void silu_mul_inplace_cuda(const at::Tensor& g, const at::Tensor& u) {
   silu_mul_inplace_aten(g, u);
 }
 
+// Decode attention: flora's split kernel (attention.cu) when it runs and takes
+// the call, else SDPA over the grouped query heads; each call records which.
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& mask, int64_t splits) {
+  check_decode_attention(q, k, v, mask);
+  const c10::DeviceGuard guard(q.device());
+  const auto sw = cuda_kernels_env();
+  const bool on = cuda_kernel_built("decode_attention") && whole_op_kernel_runs("decode_attention", sw, kCompiled);
+  std::string why = !kCompiled || !cuda_kernel_built("decode_attention") ? "not compiled in this build"
+                    : sw == KernelSwitch::kOff                            ? "FLORA_CUDA_KERNELS=0"
+                                                                          : "not verified on a device";
+  if (on && k.size(2) > 0 && q.size(0) > 0 && q.size(1) > 0) {
+#ifdef FLORA_WITH_CUTLASS
+    at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options()), part_o, part_ml;
+    fc::DecodeAttentionArgs a;
+    a.dt = pw_dtype(q);
+    fill_decode_attention(a, q, k, v, mask, out);
+    if (decode_attention_unit(q, k, v, mask) && fc::decode_attention_takes(a)) {
+      const int64_t req =
+          splits > 0 ? splits
+                     : attn::decode_attention_auto_splits(a.B, a.nkv, a.L, device_info(q.get_device()).sms);
+      fill_decode_attention_plan(a, req, part_o, part_ml, q.options());
+      check_launch(fc::decode_attention(a, current_stream()), "decode_attention");
+      set_last_dispatch("decode_attention");
+      return out;
+    }
+#endif
+    why = "the kernel takes bf16 / fp16, head_dim 64 or 128, up to 8 query heads per kv head, "
+          "16-byte aligned cache rows";
+  }
+  set_last_dispatch("cublas: aten sdpa (decode_attention " + why + ")");
+  return decode_attention_aten(q, k, v, mask);
+}
+
 }  // namespace
 
 std::string cuda_last_dispatch() {
@@ -505,6 +539,15 @@ std::vector<KernelInfo> cuda_kernel_info() {
     rows.push_back({op, "cuda", "pointwise kernel (one launch)", pw});
     rows.push_back({op, "cuda", "aten composite", "every call the kernel does not take"});
   }
+  const std::string da =
+      !kCompiled ? "not compiled in this build"
+      : !cuda_kernel_verified("decode_attention").empty()
+          ? "verified on " + cuda_kernel_verified("decode_attention") + ": every call it takes"
+      : cuda_kernels_env() == KernelSwitch::kAll ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
+                                                 : "not verified on a device; off (FLORA_CUDA_KERNELS=1 runs it)";
+  rows.push_back({"decode_attention", "cuda", "split-key kernel (bf16 / fp16, hd 64 / 128, <= 8 q heads per kv head)", da});
+  rows.push_back({"decode_attention", "cuda", "SDPA over grouped query heads (memory-efficient)",
+                  "every call the kernel does not take"});
   return rows;
 }
 
@@ -518,6 +561,7 @@ TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("rope_cache_", &rope_cache_cuda);
   m.impl("silu_mul", &silu_mul_cuda);
   m.impl("silu_mul_", &silu_mul_inplace_cuda);
+  m.impl("decode_attention", &decode_attention_cuda);
 }
 
 }  // namespace flora

@@ -489,3 +489,80 @@ TEST(CudaDispatch, UnverifiedKernelsAreOffUnlessAskedFor) {
 #endif
   }
 }
+
+// ---- decode attention (common/attention_plan.h): the split plan covers every
+// key once with whole-tile chunks and no empty split; the combine of any
+// split of the keys equals one softmax over all of them.
+#include "common/attention_plan.h"
+
+namespace attn = flora::attn;
+
+TEST(DecodeAttentionPlan, SplitsCoverEveryKeyOnce) {
+  for (int64_t L : {0, 1, 5, 127, 128, 129, 640, 1000, 4096, 32768 + 3}) {
+    for (int64_t req : {-1, 0, 1, 2, 3, 5, 7, 64, 1000}) {
+      const attn::SplitPlan p = attn::decode_attention_plan(L, req);
+      ASSERT_GE(p.splits, 1);
+      ASSERT_EQ(p.chunk % attn::kKeyTile, 0);
+      ASSERT_LE(p.splits, std::max<int64_t>(1, req));
+      // the last split starts before L (none empty) and the splits reach L
+      if (L > 0) {
+        ASSERT_LT((p.splits - 1) * p.chunk, L) << L << " " << req;
+        ASSERT_GE(p.splits * p.chunk, L);
+      }
+    }
+  }
+  EXPECT_EQ(attn::decode_attention_plan(640, 7).splits, 5);   // 5 tiles: one each
+  EXPECT_EQ(attn::decode_attention_plan(1280, 4).splits, 4);  // 10 tiles: 3, 3, 3, 1
+  EXPECT_EQ(attn::decode_attention_plan(1280, 4).chunk, 3 * attn::kKeyTile);
+}
+
+TEST(DecodeAttentionPlan, AutoSplitsFillTheSms) {
+  // 1B at batch 1: 8 pairs on 132 SMs -> 33 requested, as many as tiles allow
+  EXPECT_EQ(attn::decode_attention_auto_splits(1, 8, 640, 132), 5);
+  EXPECT_EQ(attn::decode_attention_auto_splits(1, 8, 8192, 132), 33);
+  EXPECT_EQ(attn::decode_attention_plan(8192, 33).splits, 32);  // 64 tiles: 2 each
+  // enough pairs already, or one tile: no split
+  EXPECT_EQ(attn::decode_attention_auto_splits(32, 8, 8192, 132), 1);
+  EXPECT_EQ(attn::decode_attention_auto_splits(1, 8, 100, 132), 1);
+  EXPECT_EQ(attn::decode_attention_auto_splits(1, 3, 4096, 2), 1);  // the CPU: 3 pairs, 2 threads
+}
+
+TEST(DecodeAttentionPlan, CombineOfSplitsIsOneSoftmax) {
+  std::mt19937 g(3);
+  std::normal_distribution<float> n(0.f, 3.f);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int L = 1 + trial * 7, splits = 1 + trial % 6;
+    std::vector<float> s(L), v(L);
+    for (int j = 0; j < L; ++j) s[j] = (j % 5 == 3) ? -INFINITY : n(g), v[j] = n(g);
+    // one pass (double)
+    double mx = -INFINITY, num = 0, den = 0;
+    for (int j = 0; j < L; ++j) mx = std::max<double>(mx, s[j]);
+    for (int j = 0; j < L; ++j)
+      if (s[j] != -INFINITY) num += std::exp2(s[j] - mx) * v[j], den += std::exp2(s[j] - mx);
+    const double want = den > 0 ? num / den : 0.0;
+    // splits, each an online softmax over its keys in tiles of 4
+    const int chunk = (L + splits - 1) / splits;
+    std::vector<float> o(splits, 0.f), ml(2 * splits, 0.f);
+    for (int sp = 0; sp < splits; ++sp) {
+      float m = -INFINITY, l = 0.f, acc = 0.f;
+      for (int t0 = sp * chunk; t0 < std::min(L, (sp + 1) * chunk); t0 += 4) {
+        float tm = -INFINITY;
+        const int t1 = std::min({L, (sp + 1) * chunk, t0 + 4});
+        for (int j = t0; j < t1; ++j) tm = std::max(tm, s[j]);
+        const float mn = std::max(m, tm), r = attn::softmax_rescale(m, mn);
+        l *= r, acc *= r;
+        for (int j = t0; j < t1; ++j) {
+          const float w = attn::softmax_weight(s[j], mn);
+          l += w, acc += w * v[j];
+        }
+        m = mn;
+      }
+      o[sp] = acc, ml[2 * sp] = m, ml[2 * sp + 1] = l;
+    }
+    const float got = attn::decode_attention_combine(o.data(), 1, ml.data(), splits);
+    EXPECT_NEAR(got, want, 1e-4 * (1 + std::abs(want))) << "L " << L << " splits " << splits;
+  }
+  // nothing unmasked anywhere: 0, not NaN
+  std::vector<float> o = {0.f, 0.f}, ml = {-INFINITY, 0.f, -INFINITY, 0.f};
+  EXPECT_EQ(attn::decode_attention_combine(o.data(), 1, ml.data(), 2), 0.f);
+}

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../../common/attention_plan.h"
 #include "../../common/pointwise_args.h"
 #include "args.h"
 
@@ -95,5 +96,13 @@ cudaError_t rms_norm(const RmsNormArgs& a, cudaStream_t stream);
 cudaError_t rope(const RopeArgs& a, cudaStream_t stream);
 cudaError_t rope_cache(const RopeCacheArgs& a, cudaStream_t stream);
 cudaError_t silu_mul(const SiluMulArgs& a, cudaStream_t stream);
+
+// Decode attention split over the keys (attention.cu; common/attention_plan.h
+// defines the arguments and the split plan): bf16 / fp16, hd 64 or 128, up to
+// kMaxGroup query heads per kv head, 16-byte aligned cache rows. splits > 1
+// needs a.part_o / a.part_ml. decode_attention_takes: whether it takes a.
+using DecodeAttentionArgs = ::flora::attn::DecodeAttentionArgsT<PointwiseDtype>;
+bool decode_attention_takes(const DecodeAttentionArgs& a);
+cudaError_t decode_attention(const DecodeAttentionArgs& a, cudaStream_t stream);
 
 }  // namespace flora::cuda

@@ -1,0 +1,25 @@
+// Decode attention on the CPU: one query row per sequence, grouped kv heads,
+// keys split into chunks (common/attention_plan.h). Pure C++: raw pointers,
+// element strides, fp32 arithmetic.
+#pragma once
+#include <cstdint>
+
+#include "../../common/attention_plan.h"
+#include "types.h"
+
+namespace flora::cpu::kernels {
+
+using DecodeAttentionArgs = ::flora::attn::DecodeAttentionArgsT<Dtype>;
+
+// Work items [i0, i1) of B * nkv * splits, item (b, kv head, split) in
+// row-major order: the split's keys for the kv head's G query heads, written
+// to out (splits == 1) or to the partials. hd <= kMaxHeadDim, G <= kMaxGroup.
+// avx2: the body compiled for AVX2 + FMA + F16C (the caller checks the CPU).
+constexpr int64_t kMaxHeadDim = 256;
+void decode_attention_part(const DecodeAttentionArgs& a, int64_t i0, int64_t i1, bool avx2);
+void decode_attention_part_avx2(const DecodeAttentionArgs& a, int64_t i0, int64_t i1);
+
+// Rows [r0, r1) of B * nq: the partials of every split into out (splits > 1).
+void decode_attention_combine(const DecodeAttentionArgs& a, int64_t r0, int64_t r1);
+
+}  // namespace flora::cpu::kernels

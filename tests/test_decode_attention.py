@@ -1,0 +1,171 @@
+"""flora.ops.decode_attention: a decode step's attention over the KV-cache
+window, split over the keys (flash-decoding). The op against the reference
+written out in float64 (error at most 2x SDPA's own on the same operands),
+for every split count, masks as the decoder makes them (left padding, slots
+not yet written, whole chunks masked), cache views; the fallback for what the
+kernels do not take; checks, schema and fake; the model's decode on it. The
+CUDA kernel's own tests are in test_cuda_kernels.py."""
+import pytest
+import torch
+from torch.library import opcheck
+
+from flora import _ext, ops
+from flora.layers import attention
+
+compiled = pytest.mark.skipif(_ext.C is None, reason=f"extension not built: {_ext.ERROR}")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NEG = float("-inf")
+
+
+def attention_case(dtype, device="cpu", B=2, nq=8, nkv=2, hd=64, L=300, seed=0, pad=True):
+    """q as rope_cache_ returns it; k, v the first L slots of wider caches
+    (the decoder's window views); the additive mask a view of [B, 1, 1, L']:
+    row b left-padded by 37 b slots, the last 3 slots not yet written."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    q = r(B, nq, hd)
+    kc, vc = r(B, nkv, L + 24, hd), r(B, nkv, L + 24, hd)
+    full = torch.zeros(B, 1, 1, L + 16, dtype=dtype, device=device)
+    if pad:
+        for b in range(B):
+            full[b, 0, 0, : min(37 * b, L - 1)] = NEG
+        full[:, 0, 0, max(1, L - 3):L] = NEG
+    return q, kc[:, :, :L], vc[:, :, :L], full[:, 0, 0, :L]
+
+
+def _err(out, ref):
+    return (out.double() - ref).abs().max().item() if out.numel() else 0.0
+
+
+def _check(out, q, k, v, mask, what):
+    ref = ops.decode_attention_reference(q.double(), k.double(), v.double(), mask.double())
+    own = _err(ops._grouped_sdpa(q, k, v, mask), ref)  # torch's own error on these operands
+    # a few ulps of the output's scale: fp32 sums of hundreds of weights
+    floor = 4 * torch.finfo(q.dtype).eps * max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+    err = _err(out, ref)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert err <= 2 * max(own, floor), f"{what}: error {err:.3g} > 2 x SDPA's {own:.3g}"
+
+
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 9, 3, 64, 100), (2, 32, 8, 64, 500), (3, 4, 4, 128, 300),
+                                   (2, 24, 8, 128, 129), (1, 8, 1, 64, 5), (2, 16, 2, 16, 260)])
+@pytest.mark.parametrize("splits", [0, 1, 2, 3, 100])
+def test_op_matches_reference(dtype, shape, splits):
+    """Every split count gives the same attention (3 splits of 500 keys: chunks
+    of 256, 256 and the rest; 100 requested: one per 128-key tile)."""
+    B, nq, nkv, hd, L = shape
+    q, k, v, mask = attention_case(dtype, B=B, nq=nq, nkv=nkv, hd=hd, L=L)
+    with torch.no_grad():
+        out = torch.ops.flora.decode_attention(q, k, v, mask, splits)
+    _check(out, q, k, v, mask, f"{dtype} {shape} splits={splits}")
+
+
+@compiled
+@pytest.mark.parametrize("splits", [1, 4])
+def test_masked_chunks_and_rows(splits):
+    """A chunk whose keys are all masked contributes nothing (its partial has
+    no weight); a row with no unmasked key is 0, not NaN (SDPA gives NaN)."""
+    q, k, v, mask = attention_case(torch.float32, B=3, nq=4, nkv=2, L=512, pad=False)
+    mask[0, :300] = NEG          # row 0: only the last chunks
+    mask[1, 130:] = NEG          # row 1: only the first chunk and 2 keys of the second
+    mask[2] = NEG                # row 2: nothing
+    with torch.no_grad():
+        out = torch.ops.flora.decode_attention(q, k, v, mask, splits)
+    ref = ops.decode_attention_reference(q.double(), k.double(), v.double(), mask.double())
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.equal(ref[2], torch.zeros_like(ref[2]).double())
+    torch.testing.assert_close(out[:2].double(), ref[:2], rtol=0, atol=1e-5)
+
+
+@compiled
+def test_mask_values_are_added():
+    """The mask is additive (any finite value biases the scores), not a
+    boolean read of 0 / -inf."""
+    q, k, v, mask = attention_case(torch.float32, B=2, nq=4, nkv=2, L=200)
+    mask = mask + torch.linspace(-3, 2, 200)  # -inf stays -inf
+    with torch.no_grad():
+        _check(torch.ops.flora.decode_attention(q, k, v, mask), q, k, v, mask, "biased mask")
+
+
+@compiled
+def test_empty_window_and_batch():
+    q, k, v, mask = attention_case(torch.float32, B=2, nq=4, nkv=2, L=0, pad=False)
+    with torch.no_grad():
+        assert torch.equal(torch.ops.flora.decode_attention(q, k, v, mask), torch.zeros(2, 4 * 64))
+        q0, k0, v0, m0 = attention_case(torch.float32, B=0, nq=4, nkv=2, L=10, pad=False)
+        assert torch.ops.flora.decode_attention(q0, k0, v0, m0).shape == (0, 256)
+
+
+@compiled
+@pytest.mark.parametrize("case", ["fp64", "head_dim_12", "group_16", "long_window", "strided_q"])
+def test_shapes_the_kernel_does_not_take_fall_back(case):
+    """fp64, a head_dim not a multiple of 8, more than 8 query heads per kv
+    head, a window beyond the CPU kernel's (SDPA's vectorised exp wins
+    there), a q with a non-unit last stride: SDPA over the grouped heads,
+    the same result."""
+    kw = {"fp64": dict(), "head_dim_12": dict(hd=12), "group_16": dict(nq=32, nkv=2),
+          "long_window": dict(L=1500), "strided_q": dict()}[case]
+    q, k, v, mask = attention_case(torch.float64 if case == "fp64" else torch.float32, **kw)
+    if case == "strided_q":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    with torch.no_grad():
+        _check(torch.ops.flora.decode_attention(q, k, v, mask), q, k, v, mask, case)
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (lambda q, k, v, m: (q[0], k, v, m), ValueError, "expected q \\[B, nq, hd\\]"),
+    (lambda q, k, v, m: (q[:, :7], k, v, m), ValueError, "nq a multiple of nkv"),
+    (lambda q, k, v, m: (q, k, v[:, :, :5], m), ValueError, "k and v"),
+    (lambda q, k, v, m: (q, k, v, m[:, :5]), ValueError, "mask \\[B, L\\]"),
+    (lambda q, k, v, m: (q, k, v, m != 0), TypeError, "one floating dtype"),
+    (lambda q, k, v, m: (q, k.double(), v, m), TypeError, "one floating dtype"),
+])
+def test_bad_operands_name_the_problem(bad, exc, msg):
+    args = bad(*attention_case(torch.float32, L=20))
+    for fn in (torch.ops.flora.decode_attention, ops.REFERENCES["decode_attention"]):
+        with pytest.raises(exc, match=msg):
+            fn(*args)
+
+
+def test_refused_where_autograd_records_and_the_wrapper_takes_sdpa():
+    q, k, v, mask = attention_case(torch.float32, L=40)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="for inference"):
+        torch.ops.flora.decode_attention(q, k, v, mask)
+    out = ops.decode_attention(q, k, v, mask)  # the composite, with a gradient
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@compiled
+def test_opcheck_and_compile():
+    """Schema, fake and dispatch agree (opcheck); the op compiles (fullgraph)
+    to the same result."""
+    q, k, v, mask = attention_case(torch.float32, L=150)
+    with torch.no_grad():
+        opcheck(torch.ops.flora.decode_attention.default, (q, k, v, mask, 2),
+                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+        eager = ops.decode_attention(q, k, v, mask)
+        got = torch.compile(ops.decode_attention, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    torch.testing.assert_close(got, eager)
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_at_one_query_row_takes_the_op(monkeypatch, dtype):
+    """flora.layers.attention at T = 1 with the decoder's additive mask goes
+    through ops.decode_attention and equals the grouped SDPA call it replaced."""
+    q, k, v, mask = attention_case(dtype, B=2, nq=8, nkv=2, L=90)
+    seen = []
+    real = ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a: seen.append(1) or real(*a))
+    with torch.no_grad():
+        got = attention(q.view(2, 1, 8, 64), k, v, mask[:, None, None, :])
+        want = ops._grouped_sdpa(q, k, v, mask)
+    assert seen
+    _check(got, q, k, v, mask, "layers.attention")
+    assert got.shape == want.shape
