@@ -40,16 +40,32 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
+    import torch.distributed as dist
+
     from .finetune import run_args
+
+    def end_group() -> bool:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+            return True
+        return False
 
     try:
         # FloatingPointError: a NaN / infinite training loss; OSError: unreadable or unwritable paths
-        return _run("train", run_args, args, (ValueError, TypeError, OSError, FloatingPointError))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        rc = _run("train", run_args, args, (ValueError, TypeError, OSError, FloatingPointError))
+    except BaseException:
+        end_group()
+        raise
+    if end_group():
+        # Under torchrun: leave without Python's finalization. destroy_process_group()
+        # does not stop gloo's worker threads (the FSDP / DDP state still holds the
+        # group); one that frees the last collective's tensors during finalization
+        # takes the GIL, is ended by pthread_exit through a noexcept destructor, and
+        # the rank aborts (SIGABRT) after a run that saved everything.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def _generate(args) -> int:

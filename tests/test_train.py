@@ -213,12 +213,13 @@ def test_transformers_trainer_drives_fused_llama(ckpt, tok, tmp_path):
 def _run_ddp(nproc, ckpt, out, grad_accum, fsdp=False):
     out.mkdir(parents=True, exist_ok=True)
     # gloo on the CPU even where GPUs exist: the runs are compared with a CPU one-process run
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLORA_DIST_BACKEND": "gloo", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLORA_DIST_BACKEND": "gloo", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(HERE / "_ddp_train_worker.py"), str(ckpt), str(out), str(grad_accum), "1" if fsdp else "0"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, \
-        f"torchrun exited {p.returncode}\nstdout: {p.stdout[-1500:]}\nstderr: {p.stderr[-3000:]}"
+        f"torchrun exited {p.returncode}\nstdout: {p.stdout[-1500:]}\nstderr: {p.stderr[-6000:]}"
     from safetensors.torch import load_file
 
     return json.loads((out / "losses.json").read_text()), load_file(str(out / "adapter.st"))
@@ -338,3 +339,33 @@ def test_cli_train_and_resume(ckpt, tmp_path):
     # bad input: a clear error, exit status 2
     assert main(argv[:2] + [str(tmp_path / "none")] + argv[3:]) == 2
     assert main(["train", "--model", str(ckpt), "--data", str(data), "--variant", "nope", "--out", str(out)]) == 2
+
+
+def test_cli_train_under_torchrun_leaves_without_finalization(monkeypatch):
+    """After a process group the run started is destroyed, `flora train` exits
+    with os._exit(its status): gloo's worker threads outlive the group and one
+    freeing the last collective's tensors during Python's finalization aborts
+    the rank (tests/_ddp_train_worker.py). Without a group: a plain return."""
+    import torch.distributed as dist
+
+    from flora import cli
+
+    monkeypatch.setattr(cli, "_run", lambda *a, **k: 3)
+    assert cli._train(None) == 3
+    state = {"up": True}
+    monkeypatch.setattr(dist, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: state.update(up=False))
+
+    def fake_exit(rc):
+        raise SystemExit(("os._exit", rc))
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as e:
+        cli._train(None)
+    assert e.value.code == ("os._exit", 3) and not state["up"]
+    # an exception ends the group and propagates (its traceback reaches torchrun)
+    state["up"] = True
+    monkeypatch.setattr(cli, "_run", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli._train(None)
+    assert not state["up"]

@@ -230,18 +230,25 @@ void silu_mul_inplace_cpu(const at::Tensor& g, const at::Tensor& u) {
 
 // Decode attention: the split kernel (kernels/attention.*), a chunk per
 // thread where the (batch, kv head) pairs do not fill the threads, up to
-// kCpuAttentionMaxKeys keys; SDPA over the grouped query heads beyond (its
+// cpu_attention_max_keys() keys; SDPA over the grouped query heads beyond (its
 // vectorised exp wins once the softmax's scalar exp2f calls dominate: a 1B
 // head at 1024 keys 1.2-1.4x SDPA's time, at 128 keys 0.6-0.7x; bench/RESULTS.md,
 // "Decode attention") and for what the kernel does not take.
-constexpr int64_t kCpuAttentionMaxKeys = 512;
+// FLORA_CPU_ATTENTION_MAX_KEYS overrides it (read once; for benchmarks).
+int64_t cpu_attention_max_keys() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FLORA_CPU_ATTENTION_MAX_KEYS");
+    return env && *env ? static_cast<int64_t>(std::atoll(env)) : int64_t{512};
+  }();
+  return v;
+}
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& mask, int64_t splits) {
   check_decode_attention(q, k, v, mask);
   const auto dt = pointwise_dtype(q);
   const int64_t hd = q.size(2), G = q.size(1) / k.size(1);
   if (!dt || !decode_attention_unit(q, k, v, mask) || hd % 8 || hd > k::kMaxHeadDim ||
-      G > attn::kMaxGroup || k.size(2) > kCpuAttentionMaxKeys)
+      G > attn::kMaxGroup || k.size(2) > cpu_attention_max_keys())
     return decode_attention_aten(q, k, v, mask);
   at::Tensor out = at::empty({q.size(0), q.size(1) * hd}, q.options()), part_o, part_ml;
   k::DecodeAttentionArgs a;
