@@ -163,7 +163,7 @@ def markdown(rows, device) -> str:
     return "\n".join(out)
 
 
-def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs):
+def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs, splits=()):
     """Decode attention over a window of L keys: rows per form (see the module doc)."""
     nh, nkv, hd = SHAPES[shape]
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -180,10 +180,13 @@ def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs):
     forms = {"flora": lambda k, v: ops.decode_attention(q, k, v, mask),
              "sdpa (before)": lambda k, v: ops._grouped_sdpa(q, k, v, mask)}
     if device.type == "cuda":
-        forms = {"flora": forms["flora"], "kernel (forced)": forms["flora"], "sdpa (before)": forms["sdpa (before)"]}
+        forms = {"flora": forms["flora"], "kernel (forced)": forms["flora"],
+                 **{f"kernel s={n}": (lambda k, v, n=n: torch.ops.flora.decode_attention(q, k, v, mask, n))
+                    for n in splits},
+                 "sdpa (before)": forms["sdpa (before)"]}
     rows = []
     for name, form in forms.items():
-        env = {"kernel (forced)": "1"}.get(name)
+        env = "1" if name.startswith("kernel") else None
         old = os.environ.get("FLORA_CUDA_KERNELS")
         if env:
             os.environ["FLORA_CUDA_KERNELS"] = env
@@ -249,6 +252,8 @@ def main(argv=None):
     p.add_argument("--decode", action="store_true", help="a decode step's attention (see the module doc)")
     p.add_argument("--context", nargs="+", type=int, default=[640, 4096, 32768], help="--decode: window lengths")
     p.add_argument("--no-graphs", action="store_true", help="--decode on CUDA: eager only")
+    p.add_argument("--splits", nargs="*", type=int, default=[],
+                   help="--decode on CUDA: also the kernel at these split counts (the automatic plan's alternatives)")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--md", default=None, help="write the markdown table here too")
     a = p.parse_args(argv)
@@ -261,7 +266,7 @@ def main(argv=None):
         bw = copy_bandwidth(device)
         rows = [r for shape in a.shapes for B in a.batch for L in a.context
                 for padded in ((False,) if a.no_padded else (False, True))
-                for r in decode_case(shape, B, L, padded, dtype, device, a.reps, bw, not a.no_graphs)]
+                for r in decode_case(shape, B, L, padded, dtype, device, a.reps, bw, not a.no_graphs, a.splits)]
         publish(title(device, cmd.strip()) + "\n\n" + decode_markdown(rows, bw),
                 {"command": cmd.strip(), "copy_gbps": bw / 1e9, "rows": rows}, a.md, a.json)
         return

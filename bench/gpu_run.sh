@@ -714,7 +714,7 @@ stage_attention() {
   # decode: flora's split-key kernel (forced) against the grouped SDPA call, 1B / 3B heads
   # shellcheck disable=SC2086  # DECODE_ATTENTION_ARGS is meant to split into words
   run "$PY" bench/attention.py --device cuda --decode --shapes 1b 3b --batch 1 8 --context 640 4096 32768 \
-    --no-padded --json "$OUT/attention-decode.json" --md "$OUT/attention-decode.md" ${DECODE_ATTENTION_ARGS:-} \
+    --splits 1 16 --no-padded --json "$OUT/attention-decode.json" --md "$OUT/attention-decode.md" ${DECODE_ATTENTION_ARGS:-} \
     || rc=$?
   if [ "$DRY" = 1 ]; then key "dry"; return 0; fi
   # one loose file for both tables

@@ -260,7 +260,7 @@ def test_rows_written_as_measured_and_errors_recorded(tmp_path, monkeypatch):
     assert rows["ffba"]["skipped"] is None and rows["ffba"]["tpot_s"] > 0
     assert rows["base"]["skipped"] is None
     assert "partial" not in res
-    assert res["models"][0]["attention"].startswith("_scaled_dot_product")
+    assert res["models"][0]["attention"] == "flora::decode_attention"  # the CPU kernel: no SDPA under it
 
 
 def test_compiled_rows_are_judged_against_the_compiled_base(tmp_path):

@@ -71,12 +71,13 @@ FLORA_AHD SplitPlan decode_attention_plan(int64_t L, int64_t requested) {
 }
 
 // Automatic split request: one split where the B * nkv pairs already fill the
-// `units` workers (SMs on CUDA, threads on the CPU); else about two chunks
-// per worker, no chunk under one tile.
+// `units` workers (SMs on CUDA, threads on the CPU); else about four chunks
+// per worker (the CUDA kernel's CTAs load, reduce and load again in turn: four
+// resident per SM overlap those phases), no chunk under one tile.
 FLORA_AHD int64_t decode_attention_auto_splits(int64_t B, int64_t nkv, int64_t L, int64_t units) {
   const int64_t pairs = B * nkv, tiles = cdiv(L, kKeyTile);
   if (units < 1 || pairs < 1 || pairs >= units || tiles <= 1) return 1;
-  const int64_t want = cdiv(2 * units, pairs);
+  const int64_t want = cdiv(4 * units, pairs);
   return want < tiles ? want : tiles;
 }
 

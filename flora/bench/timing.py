@@ -90,8 +90,10 @@ class LatencyProbe:
 
 
 def attention_backend(model) -> str:
-    """The SDPA kernel(s) one decode step of ``model`` runs, read from a
-    torch.profiler trace of a real step (not predicted from the backend rules)."""
+    """The attention kernel(s) one decode step of ``model`` runs, read from a
+    torch.profiler trace of a real step (not predicted from the dispatch
+    rules): ``flora::decode_attention`` alone where flora's split-key kernel
+    ran, followed by the SDPA kernel where the op fell back to SDPA."""
     from torch.profiler import profile
 
     dev = model.device
@@ -104,6 +106,8 @@ def attention_backend(model) -> str:
     found = []
     for e in prof.events():
         p = e.cpu_parent
+        if e.name == "flora::decode_attention" and e.name not in found:
+            found.insert(0, e.name)
         if p is not None and p.name == "aten::scaled_dot_product_attention" and e.name.startswith("aten::_"):
             name = e.name[len("aten::"):]
             if name not in found:

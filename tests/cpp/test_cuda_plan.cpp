@@ -517,10 +517,12 @@ TEST(DecodeAttentionPlan, SplitsCoverEveryKeyOnce) {
 }
 
 TEST(DecodeAttentionPlan, AutoSplitsFillTheSms) {
-  // 1B at batch 1: 8 pairs on 132 SMs -> 33 requested, as many as tiles allow
+  // 1B at batch 1: 8 pairs on 132 SMs -> 66 requested, as many as tiles allow
   EXPECT_EQ(attn::decode_attention_auto_splits(1, 8, 640, 132), 5);
-  EXPECT_EQ(attn::decode_attention_auto_splits(1, 8, 8192, 132), 33);
-  EXPECT_EQ(attn::decode_attention_plan(8192, 33).splits, 32);  // 64 tiles: 2 each
+  EXPECT_EQ(attn::decode_attention_auto_splits(1, 8, 8192, 132), 64);  // 64 tiles: one each
+  EXPECT_EQ(attn::decode_attention_auto_splits(1, 8, 32768, 132), 66);
+  EXPECT_EQ(attn::decode_attention_plan(32768, 66).splits, 64);  // 256 tiles: 4 each
+  EXPECT_EQ(attn::decode_attention_plan(8192, 33).splits, 32);   // 64 tiles: 2 each
   // enough pairs already, or one tile: no split
   EXPECT_EQ(attn::decode_attention_auto_splits(32, 8, 8192, 132), 1);
   EXPECT_EQ(attn::decode_attention_auto_splits(1, 8, 100, 132), 1);
