@@ -506,6 +506,10 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     if attention_mask is not None and (~key_valid[:, -1]).any():
         raise ValueError("attention_mask must be left-padded (every row's last token real)")
     context = model.arch.max_position_embeddings
+    longest = T if attention_mask is None else int(key_valid.sum(-1).max())
+    if longest > context:  # its last positions would lie past what the model was trained on
+        raise ValueError(f"a prompt of {longest} tokens exceeds the model's context ({context} positions); "
+                         f"shorten it (e.g. keep its last {context - 1} tokens)")
     if T + max_new_tokens > context and max_new_tokens > 0:
         capped = max(context - T, 1)  # a prompt already at the context still gets its next token
         if capped < max_new_tokens:

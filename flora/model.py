@@ -256,6 +256,12 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         if rows is not None and (target_stats or (self.training and torch.is_grad_enabled())):
             raise ValueError("adapters=[...] (several adapters in one batch) is for inference: "
                              "eval() and no gradients, without target_stats; unstack_adapters() to train")
+        context = self.arch.max_position_embeddings
+        if T > context:  # RoPE would run past the positions the model was trained on
+            raise ValueError(f"a sequence of {T} tokens exceeds the model's context ({context} positions); "
+                             f"shorten it (training: a --seq-len of at most {context})")
+        if labels is not None and tuple(labels.shape) != (B, T):
+            raise ValueError(f"labels shape {list(labels.shape)} != input_ids shape {list(input_ids.shape)}")
         input_ids = input_ids.to(dev)
         if target_stats and labels is None:
             raise ValueError("target_stats=True needs labels")

@@ -317,3 +317,20 @@ def test_trainer_drives_fused_llama(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for k, v in m.base_state_dict().items():
         assert torch.equal(v, base[k]), k
+
+
+def test_inputs_past_the_context_or_mismatched_labels_are_refused(tmp_path):
+    """A sequence longer than max_position_embeddings (256 here) and labels
+    not of input_ids' shape: a ValueError naming both, never a loss or logits
+    computed from them (in training, where the chunked loss runs, too)."""
+    m = FusedLlama.from_pretrained(save_model(llama_model(), tmp_path / "m"))
+    ids = random_ids(2, 8)
+    for train in (False, True):
+        m.train(train)
+        for bad in (ids[:, :3], ids[:1], ids.reshape(4, 4)):
+            with pytest.raises(ValueError, match=r"labels shape \[.*\] != input_ids shape \[2, 8\]"):
+                m(ids, labels=bad)
+        with pytest.raises(ValueError, match="257 tokens exceeds the model's context \\(256 positions\\)"):
+            m(random_ids(1, 257))
+    m.eval()
+    assert m(random_ids(1, 256)).logits.shape == (1, 256, m.arch.vocab_size)  # the whole context is fine

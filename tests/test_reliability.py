@@ -294,3 +294,22 @@ def test_generate_caps_huge_max_new_tokens_at_the_context(small):
     with pytest.warns(UserWarning, match="context"):
         out = small.generate(ids, max_new_tokens=ctx)
     assert out.shape == (1, ctx)
+
+
+def test_generate_refuses_a_prompt_past_the_context(small):
+    """A prompt longer than the context: a ValueError naming its length and
+    the context (it had generated a token from positions the model never
+    saw, with only a warning about max_new_tokens). A left-padded batch is
+    judged by its longest real prompt; a prompt of exactly the context still
+    gets its one next token."""
+    from llama_fixtures import random_ids
+
+    ctx = small.arch.max_position_embeddings
+    with pytest.raises(ValueError, match=f"a prompt of {ctx + 1} tokens exceeds the model's context \\({ctx} "):
+        small.generate(random_ids(1, ctx + 1), max_new_tokens=1)
+    ids = random_ids(2, ctx + 3)
+    mask = torch.ones_like(ids)
+    mask[:, :3] = 0  # both rows padded: the longest real prompt is the context
+    with pytest.warns(UserWarning, match="context"):
+        out = small.generate(ids, attention_mask=mask, max_new_tokens=4)
+    assert out.shape == (2, ctx + 4)
