@@ -31,7 +31,9 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-_OURS = {CONFIG_NAME, WEIGHTS_NAME, PEFT_WEIGHTS_NAME, "README.md"}
+# what a save in each format may replace; not the other format's files (the config's name is shared)
+_FLORA_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+_PEFT_FILES = {CONFIG_NAME, PEFT_WEIGHTS_NAME, "README.md"}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # group -> module attribute in a FusedLlama layer
@@ -112,7 +114,31 @@ def save_adapter(model, path) -> None:
     def write_config(full):
         atomic_write_json(full, {**meta, "tensors_sha256": digest["sha"]})
 
-    atomic_write_dir(path, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config}, _OURS, "an adapter")
+    _refuse_other_format(path, saving_peft=False)
+    atomic_write_dir(path, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config}, _FLORA_FILES, "an adapter")
+
+
+def _refuse_other_format(path, saving_peft: bool) -> None:
+    """Both formats write adapter_config.json: a save into the other format's adapter
+    directory would replace its config and orphan its weights, so it is refused."""
+    if saving_peft:
+        noun, weights, action = "a flora adapter", WEIGHTS_NAME, "flora's PEFT export"
+    else:
+        noun, weights, action = "a PEFT LoRA adapter", PEFT_WEIGHTS_NAME, "flora's save_adapter"
+    path = os.fspath(path)
+    recover_interrupted_save(path)  # a killed save's previous directory back first, so it is checked
+    found = weights if os.path.isfile(os.path.join(path, weights)) else None
+    cfg = os.path.join(path, CONFIG_NAME)
+    if found is None and os.path.isfile(cfg):  # its weights gone, the config still says whose it is
+        try:
+            meta = read_json_object(cfg)
+        except (OSError, ValueError):
+            meta = {}  # unreadable: not recognisably the other format's
+        if (meta.get("format") == FORMAT) if saving_peft else ("peft_type" in meta):
+            found = f"{CONFIG_NAME} only"
+    if found:
+        raise ValueError(f"{path} holds {noun} ({found}); {action} would replace its {CONFIG_NAME}: "
+                         f"choose another directory or remove it")
 
 
 def _read_json(path: str) -> dict:
@@ -327,5 +353,6 @@ def export_peft(model, path, base_model_name_or_path: Optional[str] = None) -> N
             "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
             "base_model_name_or_path": base_model_name_or_path}
 
+    _refuse_other_format(path, saving_peft=True)
     atomic_write_dir(path, {PEFT_WEIGHTS_NAME: lambda full: _write_tensors(full, tensors, {"format": "pt"}),
-                            CONFIG_NAME: lambda full: atomic_write_json(full, meta)}, _OURS, "an adapter")
+                            CONFIG_NAME: lambda full: atomic_write_json(full, meta)}, _PEFT_FILES, "an adapter")

@@ -1,6 +1,7 @@
 """Adapter files: flora save/load (atomic, validated), PEFT LoRA import and export."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -260,3 +261,49 @@ def test_export_other_variants_refused(tmp_path, hf):
     with pytest.raises(ValueError, match="only lora and pf-lora"):
         _trained(hf, "ffba").export_peft(str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_save_refuses_the_other_formats_adapter(tmp_path):
+    """Both formats name their config adapter_config.json: a save in one format into the other's
+    adapter directory would replace that config and orphan its weights, so it is refused; a save
+    over the same format stays allowed."""
+    from peft import PeftModel
+
+    hf = llama_model(seed=0)
+    ids = random_ids(2, 16)
+    pm = _peft_model(0, 4, 8, ["q_proj", "v_proj"])
+    peft_dir = tmp_path / "peft"
+    pm.save_pretrained(str(peft_dir))  # written by PEFT itself
+    before = _digest(str(peft_dir))
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("lora", rank=4, alpha=8))
+    randomize_adapter(m, std=0.05)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(peft_dir))} holds a PEFT LoRA adapter \(adapter_model\.safetensors\);"
+                                         r" flora's save_adapter would replace its adapter_config\.json"):
+        m.save_adapter(str(peft_dir))
+    assert _digest(str(peft_dir)) == before
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+        again = PeftModel.from_pretrained(llama_model(seed=0), str(peft_dir)).eval()
+        assert torch.equal(again(input_ids=ids).logits, ref)  # PEFT still loads its adapter
+
+    flora_dir = tmp_path / "flora"
+    m.save_adapter(str(flora_dir))
+    before = _digest(str(flora_dir))
+    other = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("lora", rank=4, alpha=8))
+    randomize_adapter(other, std=0.05, seed=7)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(flora_dir))} holds a flora adapter \(adapter\.safetensors\);"
+                                         r" flora's PEFT export would replace its adapter_config\.json"):
+        other.export_peft(str(flora_dir))
+    assert _digest(str(flora_dir)) == before
+    back = FusedLlama.from_pretrained(hf, adapter=str(flora_dir)).adapter_state_dict()
+    assert all(torch.equal(t, back[k]) for k, t in m.adapter_state_dict().items())
+    # a flora config alone (its weights lost) still says whose directory it is
+    os.remove(flora_dir / "adapter.safetensors")
+    with pytest.raises(ValueError, match=r"holds a flora adapter \(adapter_config\.json"):
+        other.export_peft(str(flora_dir))
+
+    # the same format in place is a replace, as before
+    m.export_peft(str(peft_dir))
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(llama_model(seed=0), str(peft_dir)).eval()(input_ids=ids).logits
+        assert rel_err(got, m(ids).logits) <= 1e-5 and rel_err(got, ref) > 1e-3

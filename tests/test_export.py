@@ -148,7 +148,7 @@ def test_cli_peft_loads_in_peft(setup, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["peft-no-adapter", "fused", "out-is-model", "foreign-dir", "peft-dtype",
-                                  "no-model"])
+                                  "no-model", "peft-over-flora"])
 def test_cli_errors_are_one_line(setup, tmp_path, capsys, case):
     d, ckpt = setup
     out = tmp_path / "out"
@@ -160,10 +160,17 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys, case):
         "peft-dtype": (["--model", str(ckpt), "--adapter", str(d / "lora"), "--peft", str(out), "--dtype", "bf16"],
                        "--dtype applies to --merged"),
         "no-model": (["--model", str(tmp_path / "nope"), "--merged", str(out)], "not a local directory"),
+        "peft-over-flora": (["--model", str(ckpt), "--adapter", str(d / "lora"), "--peft", str(out)],
+                            f"{out} holds a flora adapter (adapter.safetensors)"),
     }[case]
     if case == "foreign-dir":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
+    if case == "peft-over-flora":  # a flora adapter other than the input
+        import shutil
+
+        shutil.copytree(d / "ffba", out)
+    saved = {f: (out / f).read_bytes() for f in os.listdir(out)} if out.exists() else {}
     before = sorted(os.listdir(ckpt))
     assert main(["export", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -171,3 +178,5 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys, case):
     assert sorted(os.listdir(ckpt)) == before
     if case == "foreign-dir":
         assert os.listdir(out) == ["notes.txt"]
+    if saved:  # what the user had there is untouched
+        assert {f: (out / f).read_bytes() for f in os.listdir(out)} == saved
