@@ -177,6 +177,10 @@ def checkpoint_files(path: str) -> dict[str, str]:
     """Map tensor name -> safetensors file for a checkpoint dir (validates shards exist)."""
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
+    # transformers (modeling_utils, _get_resolved_checkpoint_files) takes model.safetensors before
+    # the index when a directory holds both; flora must load the same weights
+    if os.path.isfile(single):
+        return {k: single for k in read_safetensors_header(single) if k != "__metadata__"}
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
@@ -189,8 +193,6 @@ def checkpoint_files(path: str) -> dict[str, str]:
             raise FileNotFoundError(
                 f"{path}: missing shard(s) listed in model.safetensors.index.json: {', '.join(missing)}")
         return {k: os.path.join(path, v) for k, v in wm.items()}
-    if os.path.isfile(single):
-        return {k: single for k in read_safetensors_header(single) if k != "__metadata__"}
     pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     if pickles:
         raise CheckpointError(
@@ -286,8 +288,13 @@ _CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors
                      "README.md"}
 
 
+def _is_weights(name: str) -> bool:
+    return name in ("model.safetensors", "model.safetensors.index.json") or (
+        name.startswith("model-") and name.endswith(".safetensors"))
+
+
 def _replaceable(name: str) -> bool:
-    return name in _CHECKPOINT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+    return name in _CHECKPOINT_FILES or _is_weights(name)
 
 
 def hf_config_dict(arch: LlamaArch, dtype: torch.dtype) -> dict:
@@ -358,5 +365,8 @@ def save_checkpoint(path, arch: LlamaArch, sd: dict, eos_token_id=None, tokenize
             tokenizer.save_pretrained(tok_dir)
             for n in os.listdir(tok_dir):
                 writers.setdefault(n, lambda full, src=os.path.join(tok_dir, n): shutil.copyfile(src, full))
-        atomic_write_dir(path, writers, lambda n: _replaceable(n) or n in writers, "a checkpoint")
+        # the old weights go with the old checkpoint: a stale index + shards next to a new
+        # model.safetensors (or the reverse) is a second model some reader would load instead
+        atomic_write_dir(path, writers, lambda n: _replaceable(n) or n in writers, "a checkpoint",
+                         superseded=_is_weights)
 

@@ -127,7 +127,7 @@ def recover_interrupted_save(path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def atomic_write_dir(path, writers: dict, replaceable, what: str) -> None:
+def atomic_write_dir(path, writers: dict, replaceable, what: str, superseded=()) -> None:
     """Create/replace directory ``path`` holding the files ``writers`` produce.
 
     ``writers``: file name -> fn(full_path). Everything is written and fsynced
@@ -135,12 +135,15 @@ def atomic_write_dir(path, writers: dict, replaceable, what: str) -> None:
     files named in ``replaceable`` (a set, or a predicate on a name): ``what``
     is saved there (we never delete foreign files); files there that this save
     does not write (a README.md) are carried over, so a save removes only
-    files it writes. The old directory is moved aside, the new one renamed in
-    (with the old one's permissions), then the old one removed. On any failure
-    the old directory is put back and the temporary one removed; a save
-    killed outright is recovered by the next save or load
-    (:func:`recover_interrupted_save`). A symlink ``path`` is written through
-    (the link keeps pointing at the saved directory); a read-only ``path`` is refused.
+    files it writes and those named in ``superseded`` (a set or predicate:
+    the replaced save's own files, e.g. its weights in another layout, which
+    a reader could prefer to the new ones). The old directory is moved
+    aside, the new one renamed in (with the old one's permissions), then the
+    old one removed. On any failure the old directory is put back and the
+    temporary one removed; a save killed outright is recovered by the next
+    save or load (:func:`recover_interrupted_save`). A symlink ``path`` is
+    written through (the link keeps pointing at the saved directory); a
+    read-only ``path`` is refused.
     """
     path = os.path.realpath(os.fspath(path))  # write through a symlink, do not replace it
     parent, base = os.path.split(path)
@@ -161,7 +164,8 @@ def atomic_write_dir(path, writers: dict, replaceable, what: str) -> None:
         if not os.access(path, os.W_OK) or not mode & 0o222:  # mode bits too: root passes os.access
             raise PermissionError(f"{path} is read-only; not replacing the {noun} in it "
                                   f"(make it writable or save elsewhere)")
-        keep = sorted(set(os.listdir(path)) - set(writers))
+        gone = superseded if callable(superseded) else set(superseded).__contains__
+        keep = sorted(n for n in set(os.listdir(path)) - set(writers) if not gone(n))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:

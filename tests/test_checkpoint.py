@@ -49,6 +49,23 @@ def test_load_matches_model(kind, ckpt, sharded, hf):
         assert torch.equal(v, ref[k]), k
 
 
+def test_single_file_preferred_over_index_like_transformers(tmp_path, hf):
+    """Both layouts in one directory: transformers loads model.safetensors (it looks for that
+    before the index), so flora must load the same weights."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    path = save_model(hf, str(tmp_path / "both"), shard="100KB")
+    other = llama_model(seed=1, tied=False)
+    save_model(other, str(tmp_path / "single"))
+    shutil.copy(tmp_path / "single" / "model.safetensors", path)
+    ref = LlamaForCausalLM.from_pretrained(path, local_files_only=True).state_dict()
+    assert torch.equal(ref["model.norm.weight"], other.state_dict()["model.norm.weight"])  # transformers' choice
+    _, sd = load_checkpoint(path)
+    assert set(sd) == set(ref) and all(torch.equal(v, ref[k]) for k, v in sd.items())
+
+
 def test_truncated_file(ckpt):
     f = os.path.join(ckpt, "model.safetensors")
     size = os.path.getsize(f)

@@ -12,7 +12,7 @@ from _train_helpers import tiny_checkpoint
 
 from flora import FusedLlama
 from flora.bench.latency import randomize_adapter
-from flora.checkpoint import save_checkpoint
+from flora.checkpoint import SHARD_BYTES, load_checkpoint, save_checkpoint
 from flora.cli import main
 from flora.config import AdapterConfig
 
@@ -86,6 +86,35 @@ def test_sharded_checkpoint_with_index(setup, tmp_path):
     from flora.fileio import _file_mode
 
     assert all(os.stat(tmp_path / "out" / f).st_mode & 0o777 == _file_mode() for f in files)
+
+
+@pytest.mark.parametrize("old", ["sharded", "single"])
+def test_export_over_the_other_weight_layout(setup, tmp_path, old):
+    """A checkpoint written over one in the other weight layout replaces its weights whole: no
+    stale index + shards (flora read those first) or model.safetensors (transformers reads that
+    first) stay next to the new weights for a reader to prefer. Other files are kept as before."""
+    d, ckpt = setup
+    base = FusedLlama.from_pretrained(str(ckpt))
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    save_checkpoint(out, base.arch, base.merged_state_dict(), shard_bytes=40_000 if old == "sharded" else SHARD_BYTES)
+    assert ("model.safetensors.index.json" in os.listdir(out)) == (old == "sharded")
+    (out / "README.md").write_text("my notes")
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=str(d / "lora"))
+    if old == "sharded":  # as reported: `flora export --merged` (one file) over a sharded checkpoint
+        args = ["export", "--model", str(ckpt), "--adapter", str(d / "lora"), "--merged"]
+        assert main([*args, str(out)]) == 0 and main([*args, str(fresh)]) == 0
+    else:
+        for p in (out, fresh):
+            save_checkpoint(p, m.arch, m.merged_state_dict(), shard_bytes=40_000)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(fresh) + ["README.md"])
+    assert (out / "README.md").read_text() == "my notes"
+    with torch.no_grad():
+        want = m(ids()).logits
+        assert rel_err(_hf(out)(ids()).logits, want) <= 1e-5
+        assert rel_err(FusedLlama.from_pretrained(str(out))(ids()).logits, want) <= 1e-5
+        assert rel_err(base(ids()).logits, want) > 1e-3  # the old weights would have been told apart
+    ref = _hf(out).state_dict()
+    assert all(torch.equal(t, ref[k]) for k, t in load_checkpoint(str(out))[1].items())
 
 
 def test_fused_variants_have_no_merged_form(setup, tmp_path):
