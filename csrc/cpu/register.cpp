@@ -293,7 +293,8 @@ std::vector<KernelInfo> cpu_kernel_info() {
   rows.push_back({"silu_mul", "cpu", "aten silu, then the product in place", "all calls"});
   rows.push_back({"silu_mul_", "cpu", "aten silu, then the product over u", "all calls"});
   rows.push_back({"decode_attention", "cpu", "split-key decode attention kernel (grouped kv heads)",
-                  "fp32 / bf16 / fp16, head_dim a multiple of 8 up to 256, up to 8 query heads per kv head"});
+                  "fp32 / bf16 / fp16, windows up to " + std::to_string(cpu_attention_max_keys()) +
+                      " keys, head_dim a multiple of 8 up to 256, up to 8 query heads per kv head"});
   rows.push_back({"decode_attention", "cpu", "SDPA over grouped query heads", "every call the kernel does not take"});
   return rows;
 }
