@@ -14,14 +14,42 @@ def _info(args) -> int:
     return 0
 
 
-def _run(name: str, fn, args, errors=(ValueError,)) -> int:
-    """Run a subcommand; bad input (``errors``) -> one line on stderr, exit 2."""
+def _run(name: str, fn, args, errors=(ValueError,), interrupted=None) -> int:
+    """Run a subcommand; bad input (``errors``) -> one line on stderr, exit 2;
+    Ctrl-C -> one line (``interrupted(args)``'s, or "interrupted"), exit 130.
+    Files are safe either way: every save is atomic."""
     try:
         fn(args)
     except errors as e:
         print(f"flora {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # the user's own Ctrl-C needs no traceback; 130 = 128 + SIGINT, as a shell reports it.
+        # Under torchrun every rank gets the SIGINT: rank 0 speaks for them.
+        if os.environ.get("RANK", "0") == "0":
+            msg = "interrupted"
+            if interrupted is not None:
+                try:
+                    msg = interrupted(args)
+                except Exception:  # never a traceback from the message itself
+                    pass
+            print(f"flora {name}: {msg}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _train_interrupted(args) -> str:
+    from .train_state import find_checkpoint
+
+    path = find_checkpoint(args.out)
+    if path is None:
+        return "interrupted before the first checkpoint"
+    try:
+        with open(path / "state.json", encoding="utf-8") as f:
+            step = f" (step {json.load(f)['step']})"
+    except (OSError, ValueError, KeyError, TypeError):  # damaged: name the checkpoint without its step
+        step = ""
+    return f"interrupted; the last checkpoint is {path}{step}: rerun with --resume to continue"
 
 
 def _bench_latency(args) -> int:
@@ -52,7 +80,8 @@ def _train(args) -> int:
 
     try:
         # FloatingPointError: a NaN / infinite training loss; OSError: unreadable or unwritable paths
-        rc = _run("train", run_args, args, (ValueError, TypeError, OSError, FloatingPointError))
+        rc = _run("train", run_args, args, (ValueError, TypeError, OSError, FloatingPointError),
+                  interrupted=_train_interrupted)
     except BaseException:
         end_group()
         raise
@@ -115,9 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = None
     try:
+        args = build_parser().parse_args(argv)  # imports torch: seconds, long enough for a Ctrl-C
         return args.func(args)
+    except KeyboardInterrupt:
+        # outside _run (an import, parsing): nothing was written yet
+        name = " ".join(filter(None, (getattr(args, "command", None), getattr(args, "bench", None))))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"flora{' ' + name if name else ''}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # the reader stopped reading (`flora info | head`): its choice, not an error; later
         # writes (the interpreter's own flush at exit) go nowhere instead of failing again

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -106,6 +107,48 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+# what a run leaves in --out (finetune + train_state); .checkpoint-old survives a
+# save killed between its two renames and is resumed from like checkpoint/
+_RUN_FILES = ("adapter", "checkpoint", ".checkpoint-old", "train_log.json")
+
+
+def _run_files(out: Path) -> list[str]:
+    """The names of a previous run's files in ``out`` (directories with a /)."""
+    return [n + ("/" if (out / n).is_dir() else "") for n in _RUN_FILES if (out / n).exists()]
+
+
+def _check_out(out: Path, resume: bool) -> bool:
+    """Refuses an ``out`` whose run this command would replace; returns whether
+    to resume (False: --resume found no checkpoint, so a new run starts)."""
+    from .train_state import find_checkpoint
+
+    held = _run_files(out) if out.is_dir() else []
+    if not resume:
+        if held:
+            raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); pass --resume to continue "
+                             f"it, or another --out to start a new run")
+        return False
+    if find_checkpoint(out) is not None:
+        return True
+    if held:  # a finished run whose checkpoint was removed: retraining would replace its adapter
+        raise ValueError(f"--out {out} holds {', '.join(held)} but no checkpoint to resume from; pass "
+                         f"another --out to start a new run")
+    if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the process group is not up yet
+        # a preemptible job passes --resume from its first launch: not an error
+        print(f"flora train: no checkpoint in {out}; starting a new run", file=sys.stderr)
+    return False
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the directories it created, deepest first."""
+    created, p = [], path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return created
+
+
 def run_args(args) -> dict:
     from .config import AdapterConfig
 
@@ -114,7 +157,6 @@ def run_args(args) -> dict:
     for p in (out, out / "adapter", out / "checkpoint"):  # fail now, not after training
         if p.exists() and not p.is_dir():
             raise ValueError(f"--out: {p} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here too
     targets = args.targets if args.targets in ("all", "mha") else [t.strip() for t in args.targets.split(",")]
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
     adapter = AdapterConfig(args.variant, args.rank, alpha, dropout=args.dropout, targets=targets)
@@ -123,9 +165,22 @@ def run_args(args) -> dict:
                       save_every=args.save_every, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                       lr_schedule=args.lr_schedule, bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
-                      progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change)
-    model, _, result = finetune(args.model, args.data, args.eval, adapter=adapter, config=cfg, out_dir=args.out,
-                                resume=args.resume, device=device)
+                      progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change).validate()
+    # after the argument checks (a typo is named as such), before anything is loaded or written
+    resume = _check_out(out, args.resume)
+    created = _make_dirs(out)  # an unwritable --out fails here too
+    try:
+        model, _, result = finetune(args.model, args.data, args.eval, adapter=adapter, config=cfg,
+                                    out_dir=args.out, resume=resume, device=device)
+    except BaseException:
+        # a run that failed (bad data, a missing model, Ctrl-C) before writing anything
+        # leaves no empty --out behind; rmdir removes only what is still empty
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
     rank, _, _ = init_distributed()
     summary = {"adapter": str(Path(args.out) / "adapter"), "steps": result.steps, "final_train_loss": result.final_train_loss,
                "final_eval": result.final_eval, "tokens_per_s": result.tokens_per_s,

@@ -117,6 +117,123 @@ def test_cli_train_errors(ckpt, data, tmp_path, capsys):
     _one_line_error(capsys, argv + ["--resume"], "state.json")
 
 
+def _hashes(root):
+    import hashlib
+
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(Path(root).rglob("*")) if f.is_file()}
+
+
+def test_train_refuses_to_replace_a_run(ckpt, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = train_argv(ckpt, data, out, "--save-every", "1")
+    assert main(argv) == 0
+    before = _hashes(out)
+    assert {"train_log.json", "adapter/adapter.safetensors", "checkpoint/state.json"} <= set(before)
+    line = _one_line_error(capsys, argv, str(out), "already holds a run", "adapter/", "checkpoint/",
+                           "train_log.json", "--resume", "another --out")
+    assert _hashes(out) == before  # not a byte rewritten
+    # an interrupted run (a checkpoint, no adapter yet) is refused just the same
+    import shutil
+
+    shutil.rmtree(out / "adapter")
+    (out / "train_log.json").unlink()
+    _one_line_error(capsys, argv, str(out), "(checkpoint/)", "--resume")
+    assert (out / "checkpoint" / "state.json").is_file()
+    # --resume with a finished run's adapter but no checkpoint would retrain over it: refused
+    out2 = tmp_path / "done"
+    assert main(train_argv(ckpt, data, out2)) == 0
+    shutil.rmtree(out2 / "checkpoint")
+    kept = _hashes(out2)
+    _one_line_error(capsys, train_argv(ckpt, data, out2, "--resume"), str(out2), "no checkpoint to resume from")
+    assert _hashes(out2) == kept
+
+
+def test_resume_without_a_checkpoint_starts_a_new_run_and_says_so(ckpt, data, tmp_path, capsys):
+    import warnings
+
+    assert main(train_argv(ckpt, data, tmp_path / "plain")) == 0
+    out = tmp_path / "pre" / "emptible"
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the one-line notice replaces load_checkpoint's warning
+        assert main(train_argv(ckpt, data, out, "--resume")) == 0
+    notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("flora train:")]
+    assert notes == [f"flora train: no checkpoint in {out}; starting a new run"]
+    assert losses(out) == losses(tmp_path / "plain")  # the same run a plain first launch gives
+    a, b = saved_adapter(ckpt, out), saved_adapter(ckpt, tmp_path / "plain")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_failed_train_leaves_no_empty_out(ckpt, data, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    for d, needle in ((tmp_path / "missing.jsonl", "missing.jsonl"), (bad, "bad.jsonl:2")):
+        argv = train_argv(ckpt, d, tmp_path / "new" / "out")
+        _one_line_error(capsys, argv, needle)
+        assert not (tmp_path / "new").exists()  # every directory it made, and only those
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    _one_line_error(capsys, train_argv(ckpt, bad, existing), "bad.jsonl")
+    assert existing.is_dir()  # the user's own (empty) directory stays
+
+
+def _interrupt_at_step(monkeypatch, n):
+    """Ctrl-C in the n-th optimizer step (the loop calls flora.train.optimizer_step once a step)."""
+    import flora.train
+
+    real, calls = flora.train.optimizer_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(flora.train, "optimizer_step", step)
+
+
+def test_ctrl_c_during_train_is_one_line_and_resumable(ckpt, data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = train_argv(ckpt, data, out, "--save-every", "2", "--max-steps", "4")
+    _interrupt_at_step(monkeypatch, 3)  # after the checkpoint of step 2
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err == (f"flora train: interrupted; the last checkpoint is {out / 'checkpoint'} (step 2): "
+                   f"rerun with --resume to continue\n"), err
+    assert not (out / "adapter").exists()
+    monkeypatch.undo()
+    assert main(argv + ["--resume"]) == 0
+    assert json.loads((out / "train_log.json").read_text())["steps"] == 4
+    # before the first checkpoint: said so, and the --out it made is gone again
+    out2 = tmp_path / "early"
+    _interrupt_at_step(monkeypatch, 1)
+    assert main(train_argv(ckpt, data, out2, "--save-every", "2")) == 130
+    assert capsys.readouterr().err == "flora train: interrupted before the first checkpoint\n"
+    assert not out2.exists()
+
+
+def test_ctrl_c_in_other_commands(monkeypatch, capsys):
+    import flora.export
+    import flora.inference
+    from flora import cli
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flora.export, "run_args", interrupt)
+    monkeypatch.setattr(flora.inference, "run_args", interrupt)
+    capsys.readouterr()
+    assert main(["export", "--model", "m", "--merged", "o"]) == 130
+    assert capsys.readouterr().err == "flora export: interrupted\n"
+    assert main(["generate", "--model", "m", "--prompt", "p"]) == 130
+    assert capsys.readouterr().err == "flora generate: interrupted\n"
+    monkeypatch.setattr(cli, "build_parser", interrupt)  # Ctrl-C while torch is still importing
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err == "flora: interrupted\n"
+
+
 def test_non_utf8_data_file_named(tmp_path):
     from flora.data import load_jsonl
 

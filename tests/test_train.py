@@ -315,7 +315,7 @@ def test_fsdp_smoke_two_processes(ckpt, tmp_path, one_process):
         torch.testing.assert_close(af[k], v, rtol=1e-4, atol=1e-6)
 
 
-def test_cli_train_and_resume(ckpt, tmp_path):
+def test_cli_train_and_resume(ckpt, tmp_path, capsys):
     from flora.cli import main
     from flora.synthetic import write_jsonl
 
@@ -336,9 +336,14 @@ def test_cli_train_and_resume(ckpt, tmp_path):
     assert main(argv + ["--resume"]) == 0
     m2 = FusedLlama.from_pretrained(str(ckpt), adapter=str(out / "adapter"))
     assert all(torch.equal(saved[k], v) for k, v in m2.adapter_state_dict().items())
-    # bad input: a clear error, exit status 2
-    assert main(argv[:2] + [str(tmp_path / "none")] + argv[3:]) == 2
+    # bad input: a clear error, exit status 2 (a fresh --out: `out` holds a run, refused before the model loads)
+    fresh = argv.index("--out") + 1
+    capsys.readouterr()
+    assert main(argv[:2] + [str(tmp_path / "none")] + argv[3:fresh] + [str(tmp_path / "out2")] + argv[fresh + 1:]) == 2
+    assert str(tmp_path / "none") in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()  # the failed run leaves no empty --out behind
     assert main(["train", "--model", str(ckpt), "--data", str(data), "--variant", "nope", "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err  # an argument error is named before --out's state
 
 
 def test_cli_train_under_torchrun_leaves_without_finalization(monkeypatch):
