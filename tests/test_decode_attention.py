@@ -57,7 +57,9 @@ def _check(out, q, k, v, mask, what):
 @pytest.mark.parametrize("splits", [0, 1, 2, 3, 100])
 def test_op_matches_reference(dtype, shape, splits):
     """Every split count gives the same attention (3 splits of 500 keys: chunks
-    of 256, 256 and the rest; 100 requested: one per 128-key tile)."""
+    of 256, 256 and the rest; 100 requested: one per 128-key tile). An
+    explicit count runs the kernel at any window; 0 lets the CPU pick it (up
+    to 128 keys) or SDPA."""
     B, nq, nkv, hd, L = shape
     q, k, v, mask = attention_case(dtype, B=B, nq=nq, nkv=nkv, hd=hd, L=L)
     with torch.no_grad():
@@ -104,9 +106,9 @@ def test_empty_window_and_batch():
 @pytest.mark.parametrize("case", ["fp64", "head_dim_12", "group_16", "long_window", "strided_q"])
 def test_shapes_the_kernel_does_not_take_fall_back(case):
     """fp64, a head_dim not a multiple of 8, more than 8 query heads per kv
-    head, a window beyond the CPU kernel's (SDPA's vectorised exp wins
-    there), a q with a non-unit last stride: SDPA over the grouped heads,
-    the same result."""
+    head, a window beyond the CPU kernel's automatic cap (SDPA streams
+    faster there), a q with a non-unit last stride: SDPA over the grouped
+    heads, the same result."""
     kw = {"fp64": dict(), "head_dim_12": dict(hd=12), "group_16": dict(nq=32, nkv=2),
           "long_window": dict(L=1500), "strided_q": dict()}[case]
     q, k, v, mask = attention_case(torch.float64 if case == "fp64" else torch.float32, **kw)

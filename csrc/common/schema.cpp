@@ -37,6 +37,6 @@ TORCH_LIBRARY(flora, m) {
   m.def("silu_mul_(Tensor g, Tensor(a!) u) -> ()");
   // a decode step's attention: one query row per sequence over its KV-cache
   // window, grouped kv heads, an additive key mask; split over the keys
-  // (splits: 0 = automatic)
+  // (splits: 0 = automatic; > 0 = flora's kernel with that many, where it runs)
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, int splits=0) -> Tensor");
 }

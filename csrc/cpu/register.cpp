@@ -230,15 +230,17 @@ void silu_mul_inplace_cpu(const at::Tensor& g, const at::Tensor& u) {
 
 // Decode attention: the split kernel (kernels/attention.*), a chunk per
 // thread where the (batch, kv head) pairs do not fill the threads, up to
-// cpu_attention_max_keys() keys; SDPA over the grouped query heads beyond (its
-// vectorised exp wins once the softmax's scalar exp2f calls dominate: a 1B
-// head at 1024 keys 1.2-1.4x SDPA's time, at 128 keys 0.6-0.7x; bench/RESULTS.md,
-// "Decode attention") and for what the kernel does not take.
-// FLORA_CPU_ATTENTION_MAX_KEYS overrides it (read once; for benchmarks).
+// cpu_attention_max_keys() keys; SDPA over the grouped query heads beyond
+// (the kernel scores one key at a time, a horizontal sum per query head, and
+// is compute-bound at ~27-36 GB/s where SDPA's blocked kernel streams 40;
+// at 64-128 keys, where the call's fixed cost dominates, it takes 0.5-0.8x
+// SDPA's time; bench/RESULTS.md, "Decode attention") and for what the kernel
+// does not take. An explicit split count runs the kernel at any window (tests,
+// benchmarks). FLORA_CPU_ATTENTION_MAX_KEYS overrides the cap (read once; for benchmarks).
 int64_t cpu_attention_max_keys() {
   static const int64_t v = [] {
     const char* env = std::getenv("FLORA_CPU_ATTENTION_MAX_KEYS");
-    return env && *env ? static_cast<int64_t>(std::atoll(env)) : int64_t{512};
+    return env && *env ? static_cast<int64_t>(std::atoll(env)) : int64_t{128};
   }();
   return v;
 }
@@ -248,7 +250,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const auto dt = pointwise_dtype(q);
   const int64_t hd = q.size(2), G = q.size(1) / k.size(1);
   if (!dt || !decode_attention_unit(q, k, v, mask) || hd % 8 || hd > k::kMaxHeadDim ||
-      G > attn::kMaxGroup || k.size(2) > cpu_attention_max_keys())
+      G > attn::kMaxGroup || (splits <= 0 && k.size(2) > cpu_attention_max_keys()))
     return decode_attention_aten(q, k, v, mask);
   at::Tensor out = at::empty({q.size(0), q.size(1) * hd}, q.options()), part_o, part_ml;
   k::DecodeAttentionArgs a;
@@ -294,7 +296,7 @@ std::vector<KernelInfo> cpu_kernel_info() {
   rows.push_back({"silu_mul_", "cpu", "aten silu, then the product over u", "all calls"});
   rows.push_back({"decode_attention", "cpu", "split-key decode attention kernel (grouped kv heads)",
                   "fp32 / bf16 / fp16, windows up to " + std::to_string(cpu_attention_max_keys()) +
-                      " keys, head_dim a multiple of 8 up to 256, up to 8 query heads per kv head"});
+                      " keys (any with explicit splits), head_dim a multiple of 8 up to 256, up to 8 query heads per kv head"});
   rows.push_back({"decode_attention", "cpu", "SDPA over grouped query heads", "every call the kernel does not take"});
   return rows;
 }
