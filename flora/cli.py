@@ -143,8 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # the CLI's warnings as one line of its own, not a source location and line
+    return f"flora: warning: {message}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+
     args = None
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)  # imports torch: seconds, long enough for a Ctrl-C
         return args.func(args)
@@ -159,6 +168,8 @@ def main(argv=None) -> int:
         # writes (the interpreter's own flush at exit) go nowhere instead of failing again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -255,6 +255,9 @@ class AdapterConfig:
             if not isinstance(targets, (list, tuple)) or not all(isinstance(p, str) for p in targets):
                 raise TypeError(f"AdapterConfig.targets: expected 'all', 'mha' or a list of "
                                 f"projection names, got {targets!r}")
+            # transformers' module names too (q_proj, gate_proj, lm_head), as PEFT's target_modules
+            targets = ["head" if p == "lm_head" else p[:-len("_proj")] if p.endswith("_proj") else p
+                       for p in targets]
             allowed = _ALL_TARGETS[base]
             if self.variant.endswith("-mha"):
                 allowed = tuple(p for p in allowed if p in ATTN or p == "head")

@@ -18,7 +18,7 @@ def resolve_device(name: Optional[str], auto: bool = True) -> Optional[torch.dev
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise ValueError(f"--device: expected cpu or cuda (cuda:N for one device), got {name!r}") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda (cuda:N for one device), got {name!r}")

@@ -81,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--alpha", type=float, default=None, help="scale numerator (default 2 x rank)")
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--targets", default="all", help='"all", "mha" or a comma list of projections')
+    p.add_argument("--targets", default="all", help='"all", "mha" or a comma list of projections: q,k,v,o,gate,up,down,head '
+                   '(or their module names, q_proj ... lm_head)')
     p.add_argument("--out", required=True, help="output directory (adapter, log, checkpoint)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=int, default=d.epochs)

@@ -445,6 +445,18 @@ def _eos_set(eos_token_id) -> list:
     return [int(e) for e in eos_token_id]
 
 
+def check_sampling(max_new_tokens, temperature, top_p) -> None:
+    """generate()'s length and sampling arguments (also checked by the CLI
+    before a model loads)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    # written so that NaN fails too
+    if not (isinstance(temperature, numbers.Real) and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def left_pad(seqs, pad_id: int) -> tuple:
     """Token id sequences (lists or 1-D tensors) -> ``(input_ids, attention_mask)``
     [B, T], left-padded with ``pad_id`` to the longest: the batch :func:`generate` takes."""
@@ -485,13 +497,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a [batch, seq] tensor with seq >= 1, got "
                          f"{list(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    # written so that NaN fails too
-    if not (isinstance(temperature, numbers.Real) and 0 <= temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    check_sampling(max_new_tokens, temperature, top_p)
     if attention_mask is not None and (not torch.is_tensor(attention_mask)
                                        or tuple(attention_mask.shape) != tuple(input_ids.shape)):
         got = list(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__

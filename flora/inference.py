@@ -129,6 +129,11 @@ def run_args(args) -> dict:
             raise ValueError("--out is the --data file; write the results elsewhere")
         if os.path.isdir(out) or not os.access(os.path.dirname(out) or ".", os.W_OK):
             raise ValueError(f"--out {args.out}: not a writable file path")
+    from .generation import check_sampling
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before the model loads
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     recs = _prompts(args)
     device = resolve_device(args.device)
     t0 = time.perf_counter()

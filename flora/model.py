@@ -163,6 +163,9 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         # names users write ("bf16", "float16"); int / fp8 refused here, not deep in a kernel
         dtype = None if isinstance(dtype, str) and dtype.strip().lower() == "auto" else parse_dtype(dtype, "dtype")
         adapter_dtype = parse_dtype(adapter_dtype, "adapter_dtype")
+        if device is not None:  # before anything loads: "cuda" on a CPU-only torch names itself
+            from .devices import resolve_device
+            device = resolve_device(str(device) if isinstance(device, torch.device) else device)
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             from . import gguf, pretrained

@@ -288,7 +288,9 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     global_batch = cfg.batch_size * micro_per_step
     steps_per_epoch = len(train_ds) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_ds)} training examples are fewer than one global batch "
+        n = len(train_ds)
+        raise ValueError(f"{n} training example{'' if n == 1 else 's'} {'is' if n == 1 else 'are'} fewer than "
+                         f"one global batch "
                          f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes "
                          f"= {global_batch})")
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch

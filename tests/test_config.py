@@ -145,3 +145,15 @@ def test_arch_defaults_and_errors():
         as_arch(dict(good, hidden=64))
     with pytest.raises(TypeError, match="validate_for: expected a LlamaArch"):
         AdapterConfig("lora", 4, 8).validate_for("64")
+
+
+def test_targets_take_transformers_module_names():
+    """q_proj, gate_proj, lm_head (PEFT's target_modules spelling) name the
+    same projections as q, gate, head."""
+    from flora import AdapterConfig
+
+    a = AdapterConfig("lora", 4, 8, targets=["q_proj", "v_proj", "down_proj"])
+    assert a.targets == ["q", "v", "down"]
+    assert AdapterConfig("lora", 4, 8, targets=["q", "v", "down"]).targets == a.targets
+    with pytest.raises(ValueError, match="cannot use"):
+        AdapterConfig("lora", 4, 8, targets=["qkv_proj"])

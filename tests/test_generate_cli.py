@@ -163,7 +163,7 @@ def test_cli_generate_one_prompt_streams(setup, capsys):
     (["--dtype", "int8"], "unknown dtype"),
     (["--limit", "0"], "--limit"),
     (["--limit", "2", "--prompt", "a"], "--limit"),
-    (["--batch-size", "0"], "batch_size"),
+    (["--batch-size", "0"], "--batch-size"),
     (["--temperature", "-1"], "temperature"),
 ])
 def test_cli_generate_bad_input_is_one_line(setup, capsys, extra, msg):

@@ -430,3 +430,34 @@ def test_generate_refuses_a_prompt_past_the_context(small):
     with pytest.warns(UserWarning, match="context"):
         out = small.generate(ids, attention_mask=mask, max_new_tokens=4)
     assert out.shape == (2, ctx + 4)
+
+
+def test_cli_warnings_are_one_line(monkeypatch):
+    """A warning a command shows (generate's max_new_tokens past the context,
+    say) is formatted as one line of its own, not a source location and a
+    code line; Python's own format is back after main returns. (The format
+    is checked directly: pytest records warnings instead of printing them.)"""
+    import warnings as w
+
+    from flora import cli
+
+    seen = []
+
+    def warns(args):
+        seen.append(w.formatwarning("max_new_tokens=9 exceeds the model's context", UserWarning, "x.py", 3))
+        return 0
+
+    monkeypatch.setattr(cli, "_info", warns)
+    before = w.formatwarning
+    assert cli.main(["info"]) == 0
+    assert seen == ["flora: warning: max_new_tokens=9 exceeds the model's context\n"]
+    assert w.formatwarning is before
+
+
+def test_from_pretrained_names_a_missing_cuda(tmp_path):
+    from llama_fixtures import llama_model
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        FusedLlama.from_pretrained(llama_model(), device="cuda")
