@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import nvtx, ops
-from .layers import causal_prompt, positions_from_mask, slot_mask
+from .layers import causal_prompt, check_token_ids, positions_from_mask, slot_mask
 
 
 def bucket_size(device: torch.device) -> int:
@@ -502,6 +502,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
                                        or tuple(attention_mask.shape) != tuple(input_ids.shape)):
         got = list(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
         raise ValueError(f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, got {got}")
+    check_token_ids(input_ids, model.arch.vocab_size)  # once per call: a sync where ids live on a GPU
     dev = model.device
     # a copy: the result never aliases the caller's tensor (even with max_new_tokens=0)
     input_ids = input_ids.to(dev, copy=True)

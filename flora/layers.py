@@ -59,6 +59,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return ops.rope(x, cos, sin)
 
 
+def check_token_ids(ids: Tensor, vocab: int) -> None:
+    """Token ids in [0, vocab): an id outside would index past the embedding
+    (an IndexError on the CPU, a device-side assert that ends the CUDA
+    context on a GPU)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got "
+                         f"{int(ids.min())} ... {int(ids.max())}")
+
+
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A boolean attention mask as the additive one SDPA builds from it (0 where
     allowed, -inf elsewhere), converted once instead of once per layer."""

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import adapter_io, nvtx, ops
 from .adapters import AdapterRegistry, describe
-from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, causal_lm_loss,
+from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, causal_lm_loss, check_token_ids,
                      chunked_lm_loss, chunked_target_stats, positions_from_mask, prompt_mask, rms_norm,
                      rope_cos_sin, rope_inv_freq)
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
@@ -265,6 +265,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                              f"shorten it (training: a --seq-len of at most {context})")
         if labels is not None and tuple(labels.shape) != (B, T):
             raise ValueError(f"labels shape {list(labels.shape)} != input_ids shape {list(input_ids.shape)}")
+        if input_ids.device.type == "cpu":  # where a tokenizer or DataLoader left them: no device sync
+            check_token_ids(input_ids, self.arch.vocab_size)
         input_ids = input_ids.to(dev)
         if target_stats and labels is None:
             raise ValueError("target_stats=True needs labels")

@@ -334,3 +334,17 @@ def test_inputs_past_the_context_or_mismatched_labels_are_refused(tmp_path):
             m(random_ids(1, 257))
     m.eval()
     assert m(random_ids(1, 256)).logits.shape == (1, 256, m.arch.vocab_size)  # the whole context is fine
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
+    """An id >= vocab or < 0: a ValueError naming the range, from forward and
+    generate (not the embedding's IndexError, or on a GPU a device assert)."""
+    m = FusedLlama.from_pretrained(save_model(llama_model(), tmp_path / "m"))
+    V = m.arch.vocab_size
+    for bad in (V, -1):
+        ids = random_ids(1, 6)
+        ids[0, 2] = bad
+        with pytest.raises(ValueError, match=rf"token ids must be in \[0, {V}\)"):
+            m(ids)
+        with pytest.raises(ValueError, match=rf"token ids must be in \[0, {V}\)"):
+            m.generate(ids, max_new_tokens=2)
