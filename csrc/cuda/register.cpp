@@ -529,22 +529,19 @@ std::vector<KernelInfo> cuda_kernel_info() {
   }
   rows.push_back({"fbl_", "cuda", "decode kernel over res (M <= 16)", state});
   rows.push_back({"fbl_", "cuda", "cuBLAS (aten) beta = 1 GEMMs onto res", "every other call"});
-  const std::string pw =
-      !kCompiled ? "not compiled in this build"
-      : !cuda_kernel_verified("pointwise").empty()
-          ? "verified on " + cuda_kernel_verified("pointwise") + ": every bf16 / fp16 / fp32 call"
-      : cuda_kernels_env() == KernelSwitch::kAll ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
-                                                 : "not verified on a device; off (FLORA_CUDA_KERNELS=1 runs it)";
+  // a kernel that runs for every call it takes once verified (pointwise, decode_attention)
+  const auto whole_op = [](const std::string& name, const std::string& verified_scope) -> std::string {
+    if (!kCompiled) return "not compiled in this build";
+    if (!cuda_kernel_verified(name).empty()) return "verified on " + cuda_kernel_verified(name) + ": " + verified_scope;
+    return cuda_kernels_env() == KernelSwitch::kAll ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
+                                                    : "not verified on a device; off (FLORA_CUDA_KERNELS=1 runs it)";
+  };
+  const std::string pw = whole_op("pointwise", "every bf16 / fp16 / fp32 call");
   for (const char* op : {"rms_norm", "rope", "rope_cache_", "silu_mul", "silu_mul_"}) {
     rows.push_back({op, "cuda", "pointwise kernel (one launch)", pw});
     rows.push_back({op, "cuda", "aten composite", "every call the kernel does not take"});
   }
-  const std::string da =
-      !kCompiled ? "not compiled in this build"
-      : !cuda_kernel_verified("decode_attention").empty()
-          ? "verified on " + cuda_kernel_verified("decode_attention") + ": every call it takes"
-      : cuda_kernels_env() == KernelSwitch::kAll ? "not verified on a device; ON (FLORA_CUDA_KERNELS=1)"
-                                                 : "not verified on a device; off (FLORA_CUDA_KERNELS=1 runs it)";
+  const std::string da = whole_op("decode_attention", "every call it takes");
   rows.push_back({"decode_attention", "cuda", "split-key kernel (bf16 / fp16, hd 64 / 128, <= 8 q heads per kv head)", da});
   rows.push_back({"decode_attention", "cuda", "SDPA over grouped query heads (memory-efficient)",
                   "every call the kernel does not take"});

@@ -24,43 +24,38 @@ constexpr int kThreads = 128;  // one key per thread in the score pass
 constexpr int kWarps = kThreads / 32;
 static_assert(kThreads == kKeyTile, "the score pass gives each thread one key of a tile");
 
+// bf16 / fp16 element conversions, overloaded on the type (one Vec8 for both)
+__device__ __forceinline__ float2 to_f2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+__device__ __forceinline__ float2 to_f2(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 h) { return __bfloat162float(h); }
+__device__ __forceinline__ float to_f(__half h) { return __half2float(h); }
+__device__ __forceinline__ void from_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void from_f(__half* p, float v) { *p = __float2half_rn(v); }
 template <typename T>
-struct Vec8;
+struct Pair;
 template <>
-struct Vec8<__nv_bfloat16> {
-  static __device__ __forceinline__ void load(const void* p, float* f) {
-    const uint4 u = __ldg(static_cast<const uint4*>(p));
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 t = __bfloat1622float2(h[i]);
-      f[2 * i] = t.x, f[2 * i + 1] = t.y;
-    }
-  }
-  static __device__ __forceinline__ float one(const void* p, int64_t i) {
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  }
-  static __device__ __forceinline__ void store(void* p, int64_t i, float v) {
-    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  }
+struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
 };
 template <>
-struct Vec8<__half> {
+struct Pair<__half> {
+  using type = __half2;
+};
+
+// 8 elements of one 16-byte vector as floats; one element; a store.
+template <typename T>
+struct Vec8 {
   static __device__ __forceinline__ void load(const void* p, float* f) {
     const uint4 u = __ldg(static_cast<const uint4*>(p));
-    const __half2* h = reinterpret_cast<const __half2*>(&u);
+    const auto* h = reinterpret_cast<const typename Pair<T>::type*>(&u);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float2 t = __half22float2(h[i]);
+      const float2 t = to_f2(h[i]);
       f[2 * i] = t.x, f[2 * i + 1] = t.y;
     }
   }
-  static __device__ __forceinline__ float one(const void* p, int64_t i) {
-    return __half2float(static_cast<const __half*>(p)[i]);
-  }
-  static __device__ __forceinline__ void store(void* p, int64_t i, float v) {
-    static_cast<__half*>(p)[i] = __float2half_rn(v);
-  }
+  static __device__ __forceinline__ float one(const void* p, int64_t i) { return to_f(static_cast<const T*>(p)[i]); }
+  static __device__ __forceinline__ void store(void* p, int64_t i, float v) { from_f(static_cast<T*>(p) + i, v); }
 };
 
 template <typename T, int HD>
