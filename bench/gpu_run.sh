@@ -819,7 +819,7 @@ QUICK=(build cuda-kernels test-cuda attention latency-1b kernels-short step-prof
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
 declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [attention]=20 [step-profile]=30 [op-count]=25 [cli]=60 [train]=90 [mixed]=60
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [attention]=90 [step-profile]=120 [op-count]=90 [cli]=180 [train]=300 [mixed]=200
+declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [attention]=120 [step-profile]=120 [op-count]=90 [cli]=180 [train]=300 [mixed]=200
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"

@@ -143,7 +143,9 @@ def latency(model: FusedLlama, args, quick: bool) -> dict:
     latency benchmark's result format (its markdown table and plot)."""
     dev, dtype = model.device, model.dtype
     batch, prompt, new = 1, 32, (4 if quick else 16)
-    repeats, warmup = (1, 1) if quick else (3, 1)
+    # TTFT is one sample a run: 7 runs, so that one descheduled prefill on a busy machine
+    # does not turn a variant's median (and its ratio to base) upside down (~5 s more)
+    repeats, warmup = (1, 1) if quick else (7, 1)
     copy_bytes = (32 if quick else 256) * 2**20
     models = [model] + [sibling(model, AdapterConfig(v, rank=args.rank, alpha=2.0 * args.rank), args.seed + 1)
                         for v in LATENCY_ROWS[1:]]

@@ -208,3 +208,23 @@ def test_end_padded_training_batch_runs_causal(monkeypatch):
         ref = hf(ids, attention_mask=mask).logits
     real = mask.bool()  # padded positions are never read (their RoPE positions differ from transformers')
     assert ((base - ref)[real].abs().max() / ref[real].abs().max()) <= 1e-5
+
+
+def test_attention_bench_decode_rows(tmp_path, capsys):
+    """bench/attention.py --decode: per case the op's row and the SDPA row, the
+    op's ratio to SDPA, GB/s and x floor against the copy bandwidth, JSON."""
+    import json
+
+    from _bench_scripts import load_bench_script
+
+    ab = load_bench_script("attention")
+    out = tmp_path / "d.json"
+    ab.main(["--device", "cpu", "--decode", "--shapes", "smollm2", "--batch", "1", "2", "--context", "64", "--reps",
+             "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert res["copy_gbps"] > 0 and len(rows) == 8  # 2 batches x padded or not x 2 forms
+    assert {r["form"] for r in rows} == {"flora", "sdpa (before)"}
+    assert all(r["us"] > 0 and r["gbps"] > 0 and r["x_floor"] > 0 for r in rows)
+    assert sum("x" in r for r in rows) == 4
+    assert "| smollm2 | 2 | 64 | yes | flora |" in capsys.readouterr().out
