@@ -22,6 +22,7 @@ using attn::kMaxGroup;
 
 constexpr int kThreads = 128;  // one key per thread in the score pass
 constexpr int kWarps = kThreads / 32;
+constexpr int kBatch = 4;  // value rows per thread whose loads are in flight together
 static_assert(kThreads == kKeyTile, "the score pass gives each thread one key of a tile");
 
 // bf16 / fp16 element conversions, overloaded on the type (one Vec8 for both)
@@ -45,8 +46,8 @@ struct Pair<__half> {
 // 8 elements of one 16-byte vector as floats; one element; a store.
 template <typename T>
 struct Vec8 {
-  static __device__ __forceinline__ void load(const void* p, float* f) {
-    const uint4 u = __ldg(static_cast<const uint4*>(p));
+  static __device__ __forceinline__ uint4 raw(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
+  static __device__ __forceinline__ void unpack(const uint4& u, float* f) {
     const auto* h = reinterpret_cast<const typename Pair<T>::type*>(&u);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -59,7 +60,7 @@ struct Vec8 {
 };
 
 template <typename T, int HD>
-__global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeAttentionArgs a) {
+__global__ void __launch_bounds__(kThreads, 3) decode_attention_kernel(DecodeAttentionArgs a) {
   constexpr int kVecs = HD / 8;                // 16-byte vectors per row
   constexpr int kRowsPar = kThreads / kVecs;   // value rows in flight per pass
   using V = Vec8<T>;
@@ -102,11 +103,15 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeAttent
 #pragma unroll
       for (int i = 0; i < kMaxGroup; ++i) sc[i] = 0.f;
       if (valid) {
+        // the row's kVecs loads all in flight before the arithmetic (one thread, one row)
         const char* krow = kbase + j * a.kl * static_cast<int64_t>(sizeof(T));
+        uint4 kr[kVecs];
+#pragma unroll
+        for (int vv = 0; vv < kVecs; ++vv) kr[vv] = V::raw(krow + vv * 16);
 #pragma unroll
         for (int vv = 0; vv < kVecs; ++vv) {
           float kf[8];
-          V::load(krow + vv * 16, kf);
+          V::unpack(kr[vv], kf);
 #pragma unroll
           for (int i = 0; i < kMaxGroup; ++i) {
             if (i < G) {
@@ -155,17 +160,29 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeAttent
         for (int e = 0; e < 8; ++e) acc[i][e] *= rs;
       }
     }
-    const int64_t n = j1 - t0 < kKeyTile ? j1 - t0 : kKeyTile;
-    for (int jj = r; jj < n; jj += kRowsPar) {
-      if (!valid_s[jj]) continue;
-      float vf[8];
-      V::load(vbase + (t0 + jj) * a.vl * static_cast<int64_t>(sizeof(T)) + c * 16, vf);
+    // kBatch rows' loads in flight before their FMAs; a masked or past-the-end row loads
+    // nothing (zeros) and its weight is 0 (p_s), so it adds nothing
+    const char* vtile = vbase + t0 * a.vl * static_cast<int64_t>(sizeof(T)) + c * 16;
 #pragma unroll
-      for (int i = 0; i < kMaxGroup; ++i) {
-        if (i < G) {
-          const float w = p_s[i][jj];
+    for (int r0 = 0; r0 < kKeyTile / kRowsPar; r0 += kBatch) {
+      uint4 vr[kBatch];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[i][e] += w * vf[e];
+      for (int u = 0; u < kBatch; ++u) {
+        const int jj = r + (r0 + u) * kRowsPar;
+        vr[u] = valid_s[jj] ? V::raw(vtile + jj * a.vl * static_cast<int64_t>(sizeof(T))) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int jj = r + (r0 + u) * kRowsPar;
+        float vf[8];
+        V::unpack(vr[u], vf);
+#pragma unroll
+        for (int i = 0; i < kMaxGroup; ++i) {
+          if (i < G) {
+            const float w = p_s[i][jj];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[i][e] += w * vf[e];
+          }
         }
       }
     }
@@ -175,10 +192,11 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeAttent
   // the row groups' sums: lanes of one vector column within a warp, then warps
 #pragma unroll
   for (int i = 0; i < kMaxGroup; ++i)
+    if (i < G)  // G is the same in every lane
 #pragma unroll
-    for (int e = 0; e < 8; ++e)
+      for (int e = 0; e < 8; ++e)
 #pragma unroll
-      for (int off = kVecs; off < 32; off <<= 1) acc[i][e] += __shfl_xor_sync(0xffffffffu, acc[i][e], off);
+        for (int off = kVecs; off < 32; off <<= 1) acc[i][e] += __shfl_xor_sync(0xffffffffu, acc[i][e], off);
   if (lane < kVecs) {
 #pragma unroll
     for (int i = 0; i < kMaxGroup; ++i)
@@ -206,8 +224,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeAttent
 // One CTA per (sequence, query head), one thread per output element.
 template <typename T>
 __global__ void decode_attention_combine_kernel(DecodeAttentionArgs a) {
-  const int64_t row = blockIdx.x, d = threadIdx.x;
-  if (d >= a.hd) return;
+  const int64_t row = blockIdx.x, d = threadIdx.x;  // blockDim.x == hd
   const float o = attn::decode_attention_combine(a.part_o + row * a.splits * a.hd + d, a.hd,
                                                  a.part_ml + 2 * row * a.splits, a.splits);
   Vec8<T>::store(a.out, row * a.hd + d, o);
@@ -228,10 +245,12 @@ cudaError_t run(const DecodeAttentionArgs& a, cudaStream_t stream) {
 
 bool decode_attention_takes(const DecodeAttentionArgs& a) {
   const int64_t G = a.nkv > 0 ? a.nq / a.nkv : 0;
+  // 16-byte rows: every stride a multiple of 8 elements (a size-1 dimension's never steps)
+  const auto v8 = [](int64_t stride, int64_t size) { return size <= 1 || stride % 8 == 0; };
   return (a.dt == PointwiseDtype::kBF16 || a.dt == PointwiseDtype::kF16) && (a.hd == 64 || a.hd == 128) &&
-         G >= 1 && G <= kMaxGroup && G * a.nkv == a.nq && a.splits >= 1 && a.splits <= 65535 &&
-         a.nkv <= 65535 && a.B <= 65535 && a.kl % 8 == 0 && a.vl % 8 == 0 && a.kb % 8 == 0 &&
-         a.kh % 8 == 0 && a.vb % 8 == 0 && a.vh % 8 == 0 &&
+         G >= 1 && G <= kMaxGroup && G * a.nkv == a.nq && a.nkv <= 65535 && a.B <= 65535 &&
+         a.B * a.nq <= 0x7fffffff && v8(a.kl, a.L) && v8(a.vl, a.L) && v8(a.kb, a.B) && v8(a.vb, a.B) &&
+         v8(a.kh, a.nkv) && v8(a.vh, a.nkv) &&
          reinterpret_cast<uintptr_t>(a.k) % 16 == 0 && reinterpret_cast<uintptr_t>(a.v) % 16 == 0;
 }
 
