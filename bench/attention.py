@@ -44,12 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import os
-
-from flora import ops
+from flora import _ext, ops
 from flora.bench.latency import copy_bandwidth
 from flora.bench.report import publish, title
-from flora.bench.timing import Timer
+from flora.bench.timing import Timer, cuda_kernels
 from flora.layers import additive_mask, attention, prompt_mask, slot_mask
 
 SHAPES = {  # query heads, kv heads, head dim
@@ -179,7 +177,7 @@ def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs, spli
         mask[0, : L // 4] = float("-inf")  # one row left-padded by a quarter
     read = kv_bytes * (1 - (0.25 / B if padded else 0.0))
     forms = {"flora": lambda k, v: ops.decode_attention(q, k, v, mask),
-             "sdpa (before)": lambda k, v: ops._grouped_sdpa(q, k, v, mask)}
+             "sdpa (before)": lambda k, v: ops.grouped_sdpa(q, k, v, mask)}
     if device.type == "cuda":
         forms = {"flora": forms["flora"], "kernel (forced)": forms["flora"],
                  **{f"kernel s={n}": (lambda k, v, n=n: torch.ops.flora.decode_attention(q, k, v, mask, n))
@@ -187,43 +185,29 @@ def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs, spli
                  "sdpa (before)": forms["sdpa (before)"]}
     rows = []
     for name, form in forms.items():
-        env = "1" if name.startswith("kernel") else None
-        old = os.environ.get("FLORA_CUDA_KERNELS")
-        if env:
-            os.environ["FLORA_CUDA_KERNELS"] = env
-        try:
-            def rotation(form=form):
-                for k, v in caches:
-                    form(k, v)
-            with torch.no_grad():
-                t = timed(rotation, device, reps) / n
-                dispatch = ""
-                if device.type == "cuda":
-                    from flora import _ext
-                    form(*caches[0])
-                    dispatch = _ext.C.cuda_last_dispatch() if _ext.C is not None and name != "sdpa (before)" else "sdpa"
-                tg = float("nan")
-                if graphs and device.type == "cuda":
+        def rotation(form=form):
+            for k, v in caches:
+                form(k, v)
+        with cuda_kernels("1" if name.startswith("kernel") else None), torch.no_grad():
+            t = timed(rotation, device, reps) / n
+            dispatch = ""
+            if device.type == "cuda":
+                form(*caches[0])
+                dispatch = "sdpa" if name == "sdpa (before)" or _ext.C is None else _ext.C.cuda_last_dispatch()
+            tg = float("nan")
+            if graphs and device.type == "cuda":
+                rotation()
+                torch.cuda.synchronize()
+                gr = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(gr):
                     rotation()
-                    torch.cuda.synchronize()
-                    gr = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(gr):
-                        rotation()
-                    tg = timed(gr.replay, device, reps) / n
-        finally:
-            if env:
-                if old is None:
-                    os.environ.pop("FLORA_CUDA_KERNELS", None)
-                else:
-                    os.environ["FLORA_CUDA_KERNELS"] = old
-        best = min(t, tg) if tg == tg else t
+                tg = timed(gr.replay, device, reps) / n
+        best = t if tg != tg else min(t, tg)
         rows.append(dict(shape=shape, batch=B, context=L, padded=padded, dtype=str(dtype).replace("torch.", ""),
-                         form=name, us=t * 1e6, graph_us=tg * 1e6, gbps=read / best / 1e9,
+                         form=name, us=t * 1e6, graph_us=tg * 1e6, best_us=best * 1e6, gbps=read / best / 1e9,
                          x_floor=best / (read / copy_bps), dispatch=dispatch))
-    ref = rows[-1]
-    for r in rows[:-1]:
-        r["x"] = (min(r["us"], r["graph_us"]) if r["graph_us"] == r["graph_us"] else r["us"]) / \
-            (min(ref["us"], ref["graph_us"]) if ref["graph_us"] == ref["graph_us"] else ref["us"])
+    for r in rows[:-1]:  # the last row is SDPA's
+        r["x"] = r["best_us"] / rows[-1]["best_us"]
     return rows
 
 

@@ -233,15 +233,10 @@ def aten_path(flora, device):
         finally:
             C.set_cpu_isa(isa)
         return
-    old = os.environ.get("FLORA_CUDA_KERNELS")
-    os.environ["FLORA_CUDA_KERNELS"] = "0"
-    try:
+    from flora.bench.timing import cuda_kernels
+
+    with cuda_kernels("0"):
         yield
-    finally:
-        if old is None:
-            del os.environ["FLORA_CUDA_KERNELS"]
-        else:
-            os.environ["FLORA_CUDA_KERNELS"] = old
 
 
 def bench_pointwise(torch, flora, timer, device, dtype, model, M):

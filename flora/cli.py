@@ -26,7 +26,9 @@ def _run(name: str, fn, args, errors=(ValueError,), interrupted=None) -> int:
     except KeyboardInterrupt:
         # the user's own Ctrl-C needs no traceback; 130 = 128 + SIGINT, as a shell reports it.
         # Under torchrun every rank gets the SIGINT: rank 0 speaks for them.
-        if os.environ.get("RANK", "0") == "0":
+        from .train import launch_rank
+
+        if launch_rank() == 0:
             msg = "interrupted"
             if interrupted is not None:
                 try:
@@ -160,7 +162,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         # outside _run (an import, parsing): nothing was written yet
         name = " ".join(filter(None, (getattr(args, "command", None), getattr(args, "bench", None))))
-        if os.environ.get("RANK", "0") == "0":
+        from .train import launch_rank
+
+        if launch_rank() == 0:
             print(f"flora{' ' + name if name else ''}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

@@ -24,7 +24,7 @@ import torch
 from .data import load_jsonl, load_tokenizer
 from .devices import resolve_device
 from .fileio import atomic_write_json
-from .train import TrainConfig, dist_device, init_distributed, train
+from .train import TrainConfig, dist_device, init_distributed, launch_rank, train
 
 
 def load_model(model_dir, adapter, device=None, dtype=None, adapter_dtype=torch.float32):
@@ -134,7 +134,7 @@ def _check_out(out: Path, resume: bool) -> bool:
     if held:  # a finished run whose checkpoint was removed: retraining would replace its adapter
         raise ValueError(f"--out {out} holds {', '.join(held)} but no checkpoint to resume from; pass "
                          f"another --out to start a new run")
-    if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the process group is not up yet
+    if launch_rank() == 0:  # the process group is not up yet
         # a preemptible job passes --resume from its first launch: not an error
         print(f"flora train: no checkpoint in {out}; starting a new run", file=sys.stderr)
     return False

@@ -63,9 +63,11 @@ def check_token_ids(ids: Tensor, vocab: int) -> None:
     """Token ids in [0, vocab): an id outside would index past the embedding
     (an IndexError on the CPU, a device-side assert that ends the CUDA
     context on a GPU)."""
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got "
-                         f"{int(ids.min())} ... {int(ids.max())}")
+    if not ids.numel():
+        return
+    lo, hi = (int(t) for t in torch.aminmax(ids))
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got {lo} ... {hi}")
 
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -106,8 +108,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
         # the decoder's step: additive mask [B, 1, 1, L] over the cache window
         return ops.decode_attention(q.view(B, nh, hd), k, v, mask[:, 0, 0])
     if T == 1 and nh != nkv:
-        out = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
-        return out.reshape(B, nh * hd)
+        return ops.grouped_sdpa(q.view(B, nh, hd), k, v, mask)
     gqa = nh != nkv
     if gqa and expands_kv(q.device.type, q.dtype, mask is not None):
         k, v = expand_kv(k, nh // nkv), expand_kv(v, nh // nkv)

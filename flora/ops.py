@@ -369,13 +369,15 @@ def check_decode_attention(q, k, v, mask):
                          "torch.nn.functional.scaled_dot_product_attention")
 
 
-def _grouped_sdpa(q, k, v, mask):
-    """SDPA over the query heads grouped per kv head ([B, nkv, G, hd]): plain
-    masked attention, the keys never expanded."""
+def grouped_sdpa(q, k, v, mask=None):
+    """One query row per sequence, q [B, nq, hd], by SDPA over the query heads
+    grouped per kv head ([B, nkv, G, hd]): plain masked attention, the keys
+    never expanded. mask: [B, L] or [B, 1, 1, L] (additive or boolean) or
+    None. -> [B, nq * hd]."""
     B, nq, hd = q.shape
     nkv, L = k.shape[1], k.shape[2]
-    out = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, nkv, nq // nkv, hd), k, v,
-                                                           attn_mask=mask.view(B, 1, 1, L))
+    mask = None if mask is None else mask.view(B, 1, 1, L)
+    out = torch.nn.functional.scaled_dot_product_attention(q.reshape(B, nkv, nq // nkv, hd), k, v, attn_mask=mask)
     return out.reshape(B, nq * hd)
 
 
@@ -804,7 +806,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     run (training, autocast, or a shape it does not take)."""
     if _inference(q, k, v, mask):
         return torch.ops.flora.decode_attention(q, k, v, mask)
-    return _grouped_sdpa(q, k, v, mask)
+    return grouped_sdpa(q, k, v, mask)
 
 
 def silu_mul(g: Tensor, u: Tensor, *, over_u: bool = False) -> Tensor:

@@ -127,6 +127,12 @@ def dist_plan(local_rank: int, local_world: int, cuda_count: int, forced: Option
     return backend, torch.device("cpu")
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), readable
+    before the process group is up: who speaks for all ranks."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _dist_env():
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0

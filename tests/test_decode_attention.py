@@ -42,7 +42,7 @@ def _err(out, ref):
 
 def _check(out, q, k, v, mask, what):
     ref = ops.decode_attention_reference(q.double(), k.double(), v.double(), mask.double())
-    own = _err(ops._grouped_sdpa(q, k, v, mask), ref)  # torch's own error on these operands
+    own = _err(ops.grouped_sdpa(q, k, v, mask), ref)  # torch's own error on these operands
     # a few ulps of the output's scale: fp32 sums of hundreds of weights
     floor = 4 * torch.finfo(q.dtype).eps * max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
     err = _err(out, ref)
@@ -167,7 +167,7 @@ def test_attention_at_one_query_row_takes_the_op(monkeypatch, dtype):
     monkeypatch.setattr(ops, "decode_attention", lambda *a: seen.append(1) or real(*a))
     with torch.no_grad():
         got = attention(q.view(2, 1, 8, 64), k, v, mask[:, None, None, :])
-        want = ops._grouped_sdpa(q, k, v, mask)
+        want = ops.grouped_sdpa(q, k, v, mask)
     assert seen
     _check(got, q, k, v, mask, "layers.attention")
     assert got.shape == want.shape

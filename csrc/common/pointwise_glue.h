@@ -33,17 +33,17 @@ void fill_rope_cache(Args& a, const at::Tensor& qk, const at::Tensor& v, const a
   a.slot = slot.data_ptr<int64_t>();
 }
 
-// Everything but the split plan and its workspace (fill_decode_attention_plan).
+// Everything but the output (a.out: the caller's, once the kernel takes the
+// call), the split plan and its workspace (fill_decode_attention_plan).
 template <typename Args>
 void fill_decode_attention(Args& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& mask, const at::Tensor& out) {
+                           const at::Tensor& mask) {
   a.B = q.size(0), a.nq = q.size(1), a.hd = q.size(2), a.nkv = k.size(1), a.L = k.size(2);
   a.q = q.data_ptr(), a.qb = q.stride(0), a.qh = q.stride(1);
   a.k = k.data_ptr(), a.kb = k.stride(0), a.kh = k.stride(1), a.kl = k.stride(2);
   a.v = v.data_ptr(), a.vb = v.stride(0), a.vh = v.stride(1), a.vl = v.stride(2);
   a.mask = mask.data_ptr(), a.mb = mask.stride(0);
   a.scale = 1.f / std::sqrt(static_cast<float>(a.hd));
-  a.out = out.data_ptr();
 }
 
 // The split plan for `requested` splits (attention_plan.h), and its fp32

@@ -255,7 +255,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor out = at::empty({q.size(0), q.size(1) * hd}, q.options()), part_o, part_ml;
   k::DecodeAttentionArgs a;
   a.dt = *dt;
-  fill_decode_attention(a, q, k, v, mask, out);
+  fill_decode_attention(a, q, k, v, mask);
+  a.out = out.data_ptr();
   if (a.B == 0 || a.nq == 0) return out;
   const int64_t req = splits > 0 ? splits
                                  : attn::decode_attention_auto_splits(a.B, a.nkv, a.L, at::get_num_threads());

@@ -477,30 +477,34 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   check_decode_attention(q, k, v, mask);
   const c10::DeviceGuard guard(q.device());
   const auto sw = cuda_kernels_env();
-  const bool on = cuda_kernel_built("decode_attention") && whole_op_kernel_runs("decode_attention", sw, kCompiled);
-  std::string why = !kCompiled || !cuda_kernel_built("decode_attention") ? "not compiled in this build"
-                    : sw == KernelSwitch::kOff                            ? "FLORA_CUDA_KERNELS=0"
-                                                                          : "not verified on a device";
-  if (on && k.size(2) > 0 && q.size(0) > 0 && q.size(1) > 0) {
+  const bool built = cuda_kernel_built("decode_attention");
+  const char* why = !kCompiled || !built ? "not compiled in this build"
+                    : sw == KernelSwitch::kOff ? "FLORA_CUDA_KERNELS=0"
+                                               : "not verified on a device";
+  if (built && whole_op_kernel_runs("decode_attention", sw, kCompiled)) {
+    why = "an empty window or batch";
+    if (k.size(2) > 0 && q.size(0) > 0 && q.size(1) > 0) {
 #ifdef FLORA_WITH_CUTLASS
-    at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options()), part_o, part_ml;
-    fc::DecodeAttentionArgs a;
-    a.dt = pw_dtype(q);
-    fill_decode_attention(a, q, k, v, mask, out);
-    if (decode_attention_unit(q, k, v, mask) && fc::decode_attention_takes(a)) {
-      const int64_t req =
-          splits > 0 ? splits
-                     : attn::decode_attention_auto_splits(a.B, a.nkv, a.L, device_info(q.get_device()).sms);
-      fill_decode_attention_plan(a, req, part_o, part_ml, q.options());
-      check_launch(fc::decode_attention(a, current_stream()), "decode_attention");
-      set_last_dispatch("decode_attention");
-      return out;
-    }
+      fc::DecodeAttentionArgs a;
+      a.dt = pw_dtype(q);
+      fill_decode_attention(a, q, k, v, mask);
+      if (decode_attention_unit(q, k, v, mask) && fc::decode_attention_takes(a)) {
+        at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options()), part_o, part_ml;
+        a.out = out.data_ptr();
+        const int64_t req =
+            splits > 0 ? splits
+                       : attn::decode_attention_auto_splits(a.B, a.nkv, a.L, device_info(q.get_device()).sms);
+        fill_decode_attention_plan(a, req, part_o, part_ml, q.options());
+        check_launch(fc::decode_attention(a, current_stream()), "decode_attention");
+        set_last_dispatch("decode_attention");
+        return out;
+      }
 #endif
-    why = "the kernel takes bf16 / fp16, head_dim 64 or 128, up to 8 query heads per kv head, "
-          "16-byte aligned cache rows";
+      why = "the kernel takes bf16 / fp16, head_dim 64 or 128, up to 8 query heads per kv head, "
+            "16-byte aligned cache rows";
+    }
   }
-  set_last_dispatch("cublas: aten sdpa (decode_attention " + why + ")");
+  set_last_dispatch(std::string("cublas: aten sdpa (decode_attention ") + why + ")");
   return decode_attention_aten(q, k, v, mask);
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import statistics
 import time
 from typing import Optional
@@ -127,6 +128,24 @@ def measure_latency(model, batch: int, prompt_len: int, new_tokens: int,
     (r,) = measure_interleaved([model], batch, prompt_len, new_tokens, use_cuda_graph, repeats, warmup, seed)
     return {k: r[k] for k in ("ttft_s", "tpot_s", "batch", "prompt_len", "new_tokens", "cuda_graph",
                               "repeats", "device")}
+
+
+@contextlib.contextmanager
+def cuda_kernels(value: Optional[str]):
+    """FLORA_CUDA_KERNELS set to ``value`` ("1": every flora kernel, "0":
+    cuBLAS / ATen; None: left as it is) while timing, restored after (the
+    dispatch reads it on every call)."""
+    old = os.environ.get("FLORA_CUDA_KERNELS")
+    if value is not None:
+        os.environ["FLORA_CUDA_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop("FLORA_CUDA_KERNELS", None)
+            else:
+                os.environ["FLORA_CUDA_KERNELS"] = old
 
 
 @contextlib.contextmanager
