@@ -1,7 +1,9 @@
 """Fine-tuning data: JSONL records -> token ids with completion-only labels -> padded batches.
 
 Records are ``{"prompt": str, "completion": str}`` (loss on the completion and
-the EOS token only) or ``{"text": str}`` (loss on every token). Labels follow
+the EOS token only), ``{"text": str}`` (loss on every token) or
+``{"messages": [{"role", "content"}, ...]}`` (a conversation through the
+tokenizer's chat template; loss on the assistant turns only). Labels follow
 the transformers convention: aligned with ``input_ids`` (the model shifts),
 ``-100`` where no loss is taken (prompt and padding).
 """
@@ -48,9 +50,17 @@ def load_jsonl(path) -> list[dict]:
 def load_prompts(path) -> list[dict]:
     """Reads a JSONL file of ``{"prompt"}`` records for generation; a record's
     ``completion``, when present, is kept as the reference answer (a training
-    file works as is)."""
+    file works as is). A ``messages`` record gives ``{"messages", "completion"}``:
+    the conversation up to its last assistant turn, whose content is the reference
+    (a conversation that ends with another role is all prompt, without one)."""
     records = []
     for where, rec in _jsonl_objects(path):
+        if isinstance(rec, dict) and "messages" in rec:
+            msgs = _check_messages(rec["messages"], where, need_answer=False)
+            last = msgs[-1]["role"] == "assistant"
+            records.append({"messages": msgs[:-1] if last else msgs,
+                            "completion": msgs[-1]["content"] if last else None})
+            continue
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
             got = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
             raise ValueError(f"{where}: expected an object with a string 'prompt', got {got}")
@@ -63,9 +73,33 @@ def load_prompts(path) -> list[dict]:
     return records
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_messages(msgs, where: str, need_answer: bool = True) -> list[dict]:
+    """A conversation's messages, checked: a non-empty list of ``{"role",
+    "content"}`` objects (other keys go to the chat template as they are), no
+    assistant turn first (a template renders what comes before it as the
+    prompt), and with ``need_answer`` an assistant turn with content."""
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: messages[{i}] must be an object with a 'role' ({', '.join(ROLES)}) "
+                             f"and a string 'content', got {m!r:.80}")
+    if msgs[0]["role"] == "assistant":
+        raise ValueError(f"{where}: messages[0] is an assistant turn; a conversation starts with "
+                         "a system or user message (its prompt)")
+    if need_answer and not any(m["role"] == "assistant" and m["content"] for m in msgs):
+        raise ValueError(f"{where}: no assistant message with content (nothing to learn from)")
+    return [dict(m) for m in msgs]
+
+
 def validate_record(rec, where: str = "record") -> dict:
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        return {"messages": _check_messages(rec["messages"], where)}
     if "prompt" in rec or "completion" in rec:
         for k in ("prompt", "completion"):
             if not isinstance(rec.get(k), str):
@@ -78,7 +112,7 @@ def validate_record(rec, where: str = "record") -> dict:
         if not isinstance(rec["text"], str) or not rec["text"]:
             raise ValueError(f"{where}: 'text' must be a non-empty string")
         return {"text": rec["text"]}
-    raise ValueError(f"{where}: expected keys 'prompt' and 'completion', or 'text'; got {sorted(rec)}")
+    raise ValueError(f"{where}: expected keys 'prompt' and 'completion', 'text', or 'messages'; got {sorted(rec)}")
 
 
 def load_tokenizer(model_dir):
@@ -111,12 +145,67 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return _ids(tokenizer, prompt, True)
 
 
-def tokenize_record(rec: dict, tokenizer, seq_len: int) -> dict:
+def chat_pieces(tokenizer, messages: list, where: str = "record") -> list[tuple[str, bool]]:
+    """A conversation rendered by the tokenizer's chat template, as (text,
+    is_target) pieces: each assistant turn's text (its content and the
+    template's end of turn) a target, the rest not. The text before an
+    assistant turn is the template's rendering of the turns before it with
+    the generation prompt, exactly what generation is given; so the template
+    must render a conversation turn by turn (each rendering extending the last),
+    as chat templates that keep earlier turns do."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: a 'messages' record needs a tokenizer with a chat template; "
+                         "this checkpoint's tokenizer has none (use prompt/completion records)")
+
+    def render(msgs, gen):
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # noqa: BLE001 - jinja's errors (a template's raise_exception) name the rule
+            raise ValueError(f"{where}: the chat template rejects this conversation: {e}") from None
+
+    pieces, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        pre, post = render(messages[:i], True), render(messages[:i + 1], False)
+        if not (pre.startswith(done) and post.startswith(pre)):
+            raise ValueError(f"{where}: the chat template does not render this conversation turn by turn "
+                             f"(messages[{i}]'s rendering does not extend the earlier turns'), so its "
+                             "prompts would differ from generation's")
+        pieces += [(pre[len(done):], False), (post[len(pre):], True)]
+        done = post
+    full = render(messages, False)
+    if not full.startswith(done):
+        raise ValueError(f"{where}: the chat template does not render this conversation turn by turn")
+    pieces.append((full[len(done):], False))
+    return [(text, target) for text, target in pieces if text]
+
+
+def _fit(head: list, head_labels: list, tail: list, tail_labels: list, seq_len: int, bos_id) -> tuple:
+    """(ids, labels, truncated) of head + tail in at most ``seq_len`` tokens:
+    the head (the prompt) loses tokens from the left, after any BOS, first;
+    then the tail (the answer) from the right, one head token kept."""
+    truncated = len(head) + len(tail) > seq_len
+    if truncated:
+        nb = 1 if head and head[0] == bos_id else 0
+        body = len(head) - nb
+        n_tail = min(len(tail), seq_len - nb - (1 if body else 0))
+        keep = seq_len - nb - n_tail
+        cut = nb + body - max(keep, 0)  # head tokens [nb, cut) go
+        head, head_labels = head[:nb] + head[cut:], head_labels[:nb] + head_labels[cut:]
+        tail, tail_labels = tail[:n_tail], tail_labels[:n_tail]
+    return head + tail, head_labels + tail_labels, truncated
+
+
+def tokenize_record(rec: dict, tokenizer, seq_len: int, where: str = "record") -> dict:
     """``{"input_ids", "labels"}`` lists for one record. Prompt and completion
     are tokenized separately (prompt with the tokenizer's special tokens, e.g.
     BOS; completion without) and EOS is appended, so the label boundary is
-    exact. Over-long examples lose prompt tokens from the left (after any BOS)
-    first, then completion tokens from the right. Returns ``truncated``."""
+    exact. A conversation is tokenized piece by piece (:func:`chat_pieces`),
+    each assistant turn a target; its last assistant turn and what follows are
+    the completion, what comes before it the prompt. Over-long examples lose
+    prompt tokens from the left (after any BOS) first, then completion tokens
+    from the right. Returns ``truncated``."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -125,17 +214,20 @@ def tokenize_record(rec: dict, tokenizer, seq_len: int) -> dict:
         truncated = len(ids) > seq_len
         ids = ids[:seq_len]
         return {"input_ids": ids, "labels": list(ids), "truncated": truncated}
-    prompt = prompt_ids(tokenizer, rec["prompt"])
-    comp = _ids(tokenizer, rec["completion"], False) + eos
-    truncated = len(prompt) + len(comp) > seq_len
-    if truncated:
-        bos = prompt[:1] if prompt and prompt[0] == tokenizer.bos_token_id else []
-        body = prompt[len(bos):]
-        comp = comp[: seq_len - len(bos) - (1 if body else 0)]  # keep >= 1 prompt token when there is one
-        keep = seq_len - len(bos) - len(comp)
-        prompt = bos + (body[len(body) - keep:] if keep > 0 else [])
-    ids = prompt + comp
-    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt) + comp, "truncated": truncated}
+    if "messages" in rec:
+        parts = []  # (ids, labels) per piece; the template's text brings its own special tokens
+        for k, (text, target) in enumerate(chat_pieces(tokenizer, rec["messages"], where)):
+            ids = _ids(tokenizer, text, k == 0)
+            parts.append((ids, list(ids) if target else [IGNORE_INDEX] * len(ids)))
+        last = max(k for k, (_, labels) in enumerate(parts) if labels and labels[0] != IGNORE_INDEX)
+        head = [sum((p[j] for p in parts[:last]), []) for j in (0, 1)]
+        tail = [sum((p[j] for p in parts[last:]), []) for j in (0, 1)]
+    else:
+        prompt = prompt_ids(tokenizer, rec["prompt"])
+        comp = _ids(tokenizer, rec["completion"], False) + eos
+        head, tail = (prompt, [IGNORE_INDEX] * len(prompt)), (comp, list(comp))
+    ids, labels, truncated = _fit(*head, *tail, seq_len, tokenizer.bos_token_id)
+    return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
@@ -145,7 +237,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
         self.items = []
         n_trunc = 0
         for i, rec in enumerate(records):
-            t = tokenize_record(validate_record(rec, where=f"record {i}"), tokenizer, seq_len)
+            where = f"record {i}"
+            t = tokenize_record(validate_record(rec, where=where), tokenizer, seq_len, where=where)
             n_trunc += t.pop("truncated")
             if all(l == IGNORE_INDEX for l in t["labels"][1:]):
                 raise ValueError(f"record {i}: no target tokens left after truncation to seq_len={seq_len}")

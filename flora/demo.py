@@ -280,7 +280,7 @@ def run_demo(args) -> dict:
         _say(f"   table {paths['md']}, plot {paths.get('png')}, json {paths['json']} ({_took(t0)})")
     if quick:
         _say("\n(--quick: a few steps only; `flora demo` runs the full version)")
-    _say(f"\nnext, on your own data (JSONL of prompt/completion records; docs/training.md):\n"
+    _say(f"\nnext, on your own data (JSONL of prompt/completion or chat 'messages' records; docs/training.md):\n"
          f"   flora train --model {shlex.quote(path)} --data train.jsonl --variant {args.variant} --out out\n"
          f"   flora generate --model {shlex.quote(path)} --adapter out/adapter --compare --data eval.jsonl")
     _say(f"\ndone in {_took(t_all)} ({time.process_time() - cpu_all:.0f} s of CPU time)")

@@ -75,7 +75,7 @@ def finetune(model_dir, train_data, eval_data=None, adapter=None, config: TrainC
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = TrainConfig()
     p.add_argument("--model", required=True, help="local Llama checkpoint directory (with its tokenizer)")
-    p.add_argument("--data", required=True, help='training JSONL: {"prompt","completion"} or {"text"} per line')
+    p.add_argument("--data", required=True, help='training JSONL: {"prompt","completion"}, {"text"} or {"messages"} per line')
     p.add_argument("--eval", default=None, help="evaluation JSONL (same format)")
     p.add_argument("--variant", default="ffba", help="adapter variant (see docs/variants.md)")
     p.add_argument("--rank", type=int, default=32)

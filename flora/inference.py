@@ -6,8 +6,9 @@
         [--max-new-tokens 128] [--temperature T --top-p P --seed S] [--batch-size 8] [--out FILE.jsonl]
 
 Prompts are tokenized as ``flora train`` tokenizes them, so a training or
-evaluation JSONL works as it is; when its records carry a ``completion``,
-the exact-match rate against it is reported. ``--compare`` also generates
+evaluation JSONL works as it is; when its records carry a ``completion``
+(or a conversation ends with an assistant turn), the exact-match rate against
+it is reported. ``--compare`` also generates
 with the adapter off (the base model, same weights). Several ``--adapter``
 (of one variant, rank and targets) share the model and are switched between
 runs, as a server would switch them (only adapter tensors are copied). One prompt streams its
@@ -42,11 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "once per run: the adapters side by side on one model (stack_adapters)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    g.add_argument("--data", help='JSONL of {"prompt"} records (a "completion" is the reference answer)')
+    g.add_argument("--data", help='JSONL of {"prompt"} records (a "completion" is the reference answer) '
+                                  'or {"messages"} conversations (a last assistant turn is the reference)')
     p.add_argument("--limit", type=int, default=None, help="only the first N records of --data")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt in the tokenizer's chat template as the user's message")
-    p.add_argument("--system", default=None, help="with --chat: a system message")
+    p.add_argument("--system", default=None,
+                   help="with --chat: a system message (also before a conversation that has none)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -72,7 +75,21 @@ def _prompts(args) -> list:
         recs = load_prompts(args.data)[:args.limit]
     if args.system is not None and not args.chat:
         raise ValueError("--system needs --chat")
+    for i, r in enumerate(recs, 1):
+        if args.system is not None and any(m["role"] == "system" for m in r.get("messages", ())):
+            raise ValueError(f"--system: record {i} of {args.data} has a system message of its own")
     return recs
+
+
+def _text(tok, rec, args) -> str:
+    """A record's prompt as generation gets it: a conversation through the chat
+    template (as training renders it), a prompt as it is or, with --chat, as
+    the user's message."""
+    from .pretrained import chat_prompt
+
+    if "messages" in rec:
+        return chat_prompt(tok, rec["messages"], args.system)
+    return chat_prompt(tok, rec["prompt"], args.system) if args.chat else rec["prompt"]
 
 
 def _load(args, device):
@@ -115,8 +132,6 @@ def _timed(model, tok, device, prompts, gen, warm_rows, adapters=None, streamer=
 
 
 def run_args(args) -> dict:
-    from .pretrained import chat_prompt
-
     if args.compare and not args.adapter:
         raise ValueError("--compare needs --adapter (it compares the adapter on and off)")
     if args.mixed and not args.adapter:
@@ -139,7 +154,7 @@ def run_args(args) -> dict:
     t0 = time.perf_counter()
     model, tok, names = _load(args, device)
     load_s = time.perf_counter() - t0
-    texts = [chat_prompt(tok, r["prompt"], args.system) if args.chat else r["prompt"] for r in recs]
+    texts = [_text(tok, r, args) for r in recs]
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                top_p=args.top_p, seed=args.seed, compile=args.compile)
     # (label, adapter name or None for the base)
@@ -172,7 +187,7 @@ def run_args(args) -> dict:
                 f"{sum(results[label][i].text == ref for i, ref in refs.items())}/{len(refs)}"
     rows = []
     for i, r in enumerate(recs):
-        row = {"prompt": r["prompt"]}
+        row = {"messages": r["messages"]} if "messages" in r else {"prompt": r["prompt"]}
         row.update({label: results[label][i].text for label, _ in runs})
         if r["completion"] is not None:
             row["reference"] = r["completion"]
@@ -181,9 +196,10 @@ def run_args(args) -> dict:
         print(f"[reference] {rows[0]['reference']}")
     if not stream:
         for i, row in enumerate(rows):
-            print(f"=== {i + 1}/{len(rows)}: {row['prompt']!r}")
+            head = row["prompt"] if "prompt" in row else row["messages"][-1]["content"]
+            print(f"=== {i + 1}/{len(rows)}: {head!r}")
             for k, v in row.items():
-                if k != "prompt":
+                if k not in ("prompt", "messages"):
                     print(f"[{k}] {v}")
     if args.out is not None:
         atomic_write_text(args.out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -37,7 +37,7 @@ def test_load_jsonl_both_formats(tmp_path):
     ('{"prompt": "x"}', "'completion'"),
     ('{"prompt": "x", "completion": 3}', "'completion'"),
     ('{"prompt": "x", "completion": ""}', "empty 'completion'"),
-    ('{"input": "x"}', "expected keys 'prompt' and 'completion', or 'text'"),
+    ('{"input": "x"}', "expected keys 'prompt' and 'completion', 'text', or 'messages'"),
     ('[1, 2]', "expected a JSON object"),
     ('{"text": ""}', "'text' must be a non-empty string"),
 ])
@@ -118,3 +118,106 @@ def test_collate_pads_right_with_masked_labels(tok):
     # target tokens after the shift: completion + EOS of each example
     assert count_target_tokens(b["labels"]) == 3 + 2
     assert b["input_ids"].dtype == torch.long
+
+
+# -------------------------------------------------------- conversations ("messages")
+# A chat template over the synthetic vocabulary: a role's initial, its content,
+# "</s>" (EOS) ending each turn; the generation prompt is the assistant's "a :".
+TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}a : {% endif %}")
+
+
+@pytest.fixture
+def chat_tok(tok_dir):
+    t = load_tokenizer(tok_dir)
+    t.chat_template = TEMPLATE
+    return t
+
+
+def _conv(*turns):
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+def _ids_of(tok, text, special=False):
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def test_messages_train_on_assistant_turns_only(chat_tok):
+    msgs = _conv(("system", "copy"), ("user", "copy : a b"), ("assistant", "a b"),
+                 ("user", "max : 3 7"), ("assistant", "7"))
+    t = tokenize_record({"messages": msgs}, chat_tok, seq_len=64)
+    # independent reference: the template's text, tokenized piece by piece by hand
+    p1 = _ids_of(chat_tok, "s : copy </s> u : copy : a b </s> a :", special=True)
+    a1 = _ids_of(chat_tok, "a b </s>")
+    p2 = _ids_of(chat_tok, "u : max : 3 7 </s> a :")
+    a2 = _ids_of(chat_tok, "7 </s>")
+    assert p1[0] == chat_tok.bos_token_id
+    assert t["input_ids"] == p1 + a1 + p2 + a2
+    assert t["labels"] == [IGNORE_INDEX] * len(p1) + a1 + [IGNORE_INDEX] * len(p2) + a2
+    assert not t["truncated"]
+    # the tokens before the last answer are what generation is given for that turn
+    gen_prompt = chat_tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    assert t["input_ids"][:len(p1 + a1 + p2)] == _ids_of(chat_tok, gen_prompt, special=True)
+    # a conversation ending with a user turn: that turn is context, not a target
+    t2 = tokenize_record({"messages": msgs[:3] + msgs[3:4]}, chat_tok, seq_len=64)
+    u = _ids_of(chat_tok, "u : max : 3 7 </s>")
+    assert t2["input_ids"] == p1 + a1 + u and t2["labels"] == [IGNORE_INDEX] * len(p1) + a1 + [IGNORE_INDEX] * len(u)
+
+
+def test_messages_truncation_keeps_bos_and_last_answer(chat_tok):
+    msgs = _conv(("user", "copy : a b c d e f g h"), ("assistant", "a b c d e f g h"),
+                 ("user", "max : 3"), ("assistant", "3"))
+    full = tokenize_record({"messages": msgs}, chat_tok, seq_len=256)
+    t = tokenize_record({"messages": msgs}, chat_tok, seq_len=12)
+    assert t["truncated"] and len(t["input_ids"]) == 12
+    last = _ids_of(chat_tok, "3 </s>")
+    assert t["input_ids"][0] == chat_tok.bos_token_id
+    assert t["input_ids"][-2:] == last and t["labels"][-2:] == last
+    # the rest is the full record's tokens and labels just before the last answer, cut from the left
+    n = 12 - 1 - 2
+    assert t["input_ids"][1:-2] == full["input_ids"][-2 - n:-2]
+    assert t["labels"][1:-2] == full["labels"][-2 - n:-2]
+    assert any(l != IGNORE_INDEX for l in t["labels"][1:-2])  # the first answer's tail still trains
+
+
+@pytest.mark.parametrize("msgs, msg", [
+    ("hi", "'messages' must be a non-empty list"),
+    ([], "'messages' must be a non-empty list"),
+    ([{"role": "human", "content": "x"}], r"messages\[0\] must be an object with a 'role'"),
+    ([{"role": "user", "content": 3}], r"messages\[0\] must be an object"),
+    ([{"role": "assistant", "content": "x"}], r"messages\[0\] is an assistant turn"),
+    ([{"role": "user", "content": "x"}], "no assistant message with content"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}], "no assistant message with content"),
+])
+def test_messages_errors_name_the_line(tmp_path, msgs, msg):
+    p = _write(tmp_path / "d.jsonl", [json.dumps({"text": "ok"}), json.dumps({"messages": msgs})])
+    with pytest.raises(ValueError, match="d.jsonl:2: " + msg):
+        load_jsonl(p)
+
+
+def test_messages_need_a_turn_by_turn_chat_template(tok_dir, chat_tok):
+    msgs = _conv(("user", "copy : a"), ("assistant", "a"), ("user", "copy : b"), ("assistant", "b"))
+    plain = load_tokenizer(tok_dir)
+    with pytest.raises(ValueError, match="record 0: a 'messages' record needs a tokenizer with a chat template"):
+        TokenizedDataset([{"messages": msgs}], plain, seq_len=64)
+    # a template that drops earlier answers: the prompts it trains on are not generation's
+    chat_tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+                              "{{ m['role'][0] }} : {{ m['content'] }} </s> {% endif %}{% endfor %}"
+                              "{% if add_generation_prompt %}a : {% endif %}")
+    with pytest.raises(ValueError, match=r"record 0: the chat template does not render this conversation turn by turn"):
+        TokenizedDataset([{"messages": msgs}], chat_tok, seq_len=64)
+    chat_tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match="record 0: the chat template rejects this conversation: roles must alternate"):
+        TokenizedDataset([{"messages": msgs}], chat_tok, seq_len=64)
+
+
+def test_messages_load_as_prompts_with_their_last_answer(tmp_path):
+    from flora.data import load_prompts
+
+    conv = _conv(("user", "copy : a"), ("assistant", "a"), ("user", "copy : b"), ("assistant", "b"))
+    p = _write(tmp_path / "d.jsonl", [json.dumps({"messages": conv}), json.dumps({"messages": conv[:3]}),
+                                      json.dumps({"prompt": "copy : c", "completion": "c"})])
+    assert load_prompts(p) == [{"messages": conv[:3], "completion": "b"},
+                               {"messages": conv[:3], "completion": None},
+                               {"prompt": "copy : c", "completion": "c"}]
+    assert load_jsonl(p)[0] == {"messages": conv}

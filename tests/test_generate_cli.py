@@ -189,3 +189,47 @@ def test_cli_generate_bad_files(setup, tmp_path, capsys):
         assert err.startswith("flora generate: error:") and "\n" not in err, err
     assert data.read_bytes() == before  # never overwritten
     assert "bad.jsonl:2" in str(pytest.raises(ValueError, load_prompts, bad).value)
+
+
+def test_cli_train_and_generate_on_conversations(setup, tmp_path, capsys):
+    """{"messages"} records: `flora train` learns from them and `flora generate`
+    prompts with the same chat template, the last assistant turn as the reference."""
+    import shutil
+
+    from flora.pretrained import chat_prompt
+
+    _, ckpt, *_ = setup
+    chat = tmp_path / "chat"
+    shutil.copytree(ckpt, chat)
+    tok = load_tokenizer(chat)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}a : {% endif %}")
+    tok.save_pretrained(str(chat))
+
+    def conv(r):
+        return {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+
+    train = write_jsonl([conv(r) for r in records(n=16)], tmp_path / "train.jsonl")
+    evals = write_jsonl([conv(r) for r in records(n=4, split="eval")], tmp_path / "eval.jsonl")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(chat), "--data", str(train), "--variant", "ffba", "--rank", "4",
+                 "--out", str(out), "--max-steps", "3", "--batch-size", "4", "--seq-len", "48",
+                 "--device", "cpu", "--no-progress"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in log["history"])
+    res = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(chat), "--adapter", str(out / "adapter"), "--data", str(evals),
+                 "--max-new-tokens", "8", "--device", "cpu", "--out", str(res)]) == 0
+    rows = [json.loads(line) for line in res.read_text().splitlines()]
+    tok = load_tokenizer(chat)
+    m = FusedLlama.from_pretrained(str(chat), adapter=str(out / "adapter"))
+    for row, r in zip(rows, records(n=4, split="eval")):
+        assert row["messages"] == conv(r)["messages"][:1] and row["reference"] == r["completion"]
+        assert row["adapter"] == _alone(m, tok, chat_prompt(tok, row["messages"]), 8)[0]
+    capsys.readouterr()
+    # --system goes before a conversation without one, and is refused where the record has its own
+    sys_data = write_jsonl([{"messages": [{"role": "system", "content": "copy"}, *conv(r)["messages"]]}
+                            for r in records(n=2, split="eval")], tmp_path / "sys.jsonl")
+    assert main(["generate", "--model", str(chat), "--data", str(sys_data), "--chat", "--system", "x",
+                 "--device", "cpu"]) == 2
+    assert "record 1 of" in capsys.readouterr().err

@@ -294,3 +294,22 @@ def test_non_llama_or_unsupported_gguf_is_a_clear_error(tmp_path):
     (tmp_path / "trunc.gguf").write_bytes(b"GGUF\x03\x00")
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         FusedLlama.from_pretrained(tmp_path / "trunc.gguf")
+
+
+def test_conversations_train_on_what_generation_continues(tok):
+    """A {"messages"} record through SmolLM2's own chat template: the tokens before
+    the last answer are exactly generation's prompt for that turn (chat_ids), only
+    the assistant turns carry loss, and the pieces tokenize as the whole text does."""
+    from flora.data import IGNORE_INDEX, tokenize_record
+
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Paris."}]
+    t = tokenize_record({"messages": msgs}, tok, seq_len=512)
+    ids, labels = t["input_ids"], t["labels"]
+    prompt = chat_ids(tok, msgs[:-1])[0].tolist()
+    assert ids[:len(prompt)] == prompt
+    assert tok.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX]) == \
+        "Hello! How can I help?<|im_end|>\nParis.<|im_end|>\n"
+    assert all(l in (i, IGNORE_INDEX) for i, l in zip(ids, labels))
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    assert ids == tok(full, add_special_tokens=False)["input_ids"]
