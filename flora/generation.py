@@ -113,11 +113,15 @@ class StaticKVCache:
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float,
-                generator: Optional[torch.Generator]) -> Tensor:
-    """Next tokens [B] from last-position logits [B, V]: greedy or nucleus sampling."""
+                generator: Optional[torch.Generator], top_k: int = 0) -> Tensor:
+    """Next tokens [B] from last-position logits [B, V]: greedy, or sampling
+    from the ``top_k`` most likely tokens (0: all), then the nucleus ``top_p``
+    of those (transformers' order)."""
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(-1)
+    if 0 < top_k < logits.shape[-1]:  # ties at the k-th logit stay in, as in transformers
+        logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], -math.inf)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
@@ -445,7 +449,7 @@ def _eos_set(eos_token_id) -> list:
     return [int(e) for e in eos_token_id]
 
 
-def check_sampling(max_new_tokens, temperature, top_p) -> None:
+def check_sampling(max_new_tokens, temperature, top_p, top_k=0) -> None:
     """generate()'s length and sampling arguments (also checked by the CLI
     before a model loads)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
@@ -455,6 +459,8 @@ def check_sampling(max_new_tokens, temperature, top_p) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
 
 
 def left_pad(seqs, pad_id: int) -> tuple:
@@ -473,7 +479,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
              top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
              pad_token_id: Optional[int] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None, streamer=None,
-             use_cuda_graph: Optional[bool] = None, compile: bool = False, adapters=None) -> Tensor:
+             use_cuda_graph: Optional[bool] = None, compile: bool = False, adapters=None,
+             top_k: int = 0) -> Tensor:
     """Generate up to ``max_new_tokens`` for a left-padded batch.
 
     Returns ``[B, T + n]`` (prompt then new tokens; rows that hit an EOS are
@@ -497,7 +504,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a [batch, seq] tensor with seq >= 1, got "
                          f"{list(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
-    check_sampling(max_new_tokens, temperature, top_p)
+    check_sampling(max_new_tokens, temperature, top_p, top_k)
     if attention_mask is not None and (not torch.is_tensor(attention_mask)
                                        or tuple(attention_mask.shape) != tuple(input_ids.shape)):
         got = list(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
@@ -537,17 +544,19 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     out = [input_ids]
     try:
         if max_new_tokens > 0:
-            _generate_loop(model, input_ids, key_valid, int(max_new_tokens), temperature, top_p, eos, pad,
-                           generator, put, use_cuda_graph, compile, out, rows)
+            _generate_loop(model, input_ids, key_valid, int(max_new_tokens), (temperature, top_p, int(top_k)),
+                           eos, pad, generator, put, use_cuda_graph, compile, out, rows)
     finally:  # a consumer waiting on the streamer (TextIteratorStreamer) must always be released
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
     return torch.cat(out, dim=1)
 
 
-def _generate_loop(model, input_ids, key_valid, max_new_tokens, temperature, top_p, eos, pad, generator,
+def _generate_loop(model, input_ids, key_valid, max_new_tokens, sampling, eos, pad, generator,
                    put, use_cuda_graph, compile, out, rows=None):
-    """The prefill + decode loop of :func:`generate`; appends each step's tokens [B, 1] to ``out``."""
+    """The prefill + decode loop of :func:`generate`; appends each step's tokens [B, 1] to ``out``.
+    ``sampling``: (temperature, top_p, top_k)."""
+    temperature, top_p, top_k = sampling
     B, T = input_ids.shape
     dev = input_ids.device
     with inference_mode(model):
@@ -556,7 +565,7 @@ def _generate_loop(model, input_ids, key_valid, max_new_tokens, temperature, top
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         eos_t = torch.tensor(eos, dtype=torch.long, device=dev) if eos else None
         for i in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, generator)
+            tok = sample_next(logits, temperature, top_p, generator, top_k)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             out.append(tok[:, None])
             if put is not None:

@@ -3,7 +3,7 @@
 
     flora generate --model DIR|FILE.gguf|smollm2 [--adapter OUT/adapter ...] [--compare] \\
         (--prompt TEXT ... | --data prompts.jsonl [--limit N]) [--chat] \\
-        [--max-new-tokens 128] [--temperature T --top-p P --seed S] [--batch-size 8] [--out FILE.jsonl]
+        [--max-new-tokens 128] [--temperature T --top-p P --top-k K --seed S] [--batch-size 8] [--out FILE.jsonl]
 
 Prompts are tokenized as ``flora train`` tokenizes them, so a training or
 evaluation JSONL works as it is; when its records carry a ``completion``
@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -146,7 +147,7 @@ def run_args(args) -> dict:
             raise ValueError(f"--out {args.out}: not a writable file path")
     from .generation import check_sampling
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before the model loads
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)  # before the model loads
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     recs = _prompts(args)
@@ -156,7 +157,7 @@ def run_args(args) -> dict:
     load_s = time.perf_counter() - t0
     texts = [_text(tok, r, args) for r in recs]
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
-               top_p=args.top_p, seed=args.seed, compile=args.compile)
+               top_p=args.top_p, top_k=args.top_k, seed=args.seed, compile=args.compile)
     # (label, adapter name or None for the base)
     runs = ([("adapter", names[0])] if len(names) == 1 else [(f"adapter{i}", n) for i, n in enumerate(names, 1)])
     runs += [("base", None)] if args.compare or not names else []

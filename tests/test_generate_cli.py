@@ -165,6 +165,7 @@ def test_cli_generate_one_prompt_streams(setup, capsys):
     (["--limit", "2", "--prompt", "a"], "--limit"),
     (["--batch-size", "0"], "--batch-size"),
     (["--temperature", "-1"], "temperature"),
+    (["--top-k", "-1"], "top_k must be an integer >= 0"),
 ])
 def test_cli_generate_bad_input_is_one_line(setup, capsys, extra, msg):
     _, ckpt, _, data, _ = setup

@@ -90,6 +90,38 @@ def test_top_p_keeps_smallest_nucleus():
     assert seen == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("probs, top_k, top_p", [
+    ([0.3, 0.25, 0.1, 0.25, 0.06, 0.04], 2, 1.0),  # tied at the k-th: both stay, as in transformers
+    ([0.3, 0.25, 0.1, 0.2, 0.09, 0.06], 3, 0.6),
+    ([0.3, 0.25, 0.1, 0.2, 0.09, 0.06], 3, 0.8),
+    ([0.3, 0.25, 0.1, 0.2, 0.09, 0.06], 1, 1.0),
+    ([0.3, 0.25, 0.1, 0.2, 0.09, 0.06], 9, 0.9),
+])
+def test_top_k_then_top_p_sample_what_transformers_keeps(probs, top_k, top_p):
+    """The tokens that can be drawn: transformers' top-k then top-p warpers (its
+    generate()'s order) as the reference."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.log(torch.tensor([probs]))
+    ref = TopKLogitsWarper(top_k)(None, logits.clone())
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    keep = set(torch.isfinite(ref[0]).nonzero().flatten().tolist())
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, 1.0, top_p, g, top_k)) for _ in range(500)}
+    assert seen == keep and 0 < len(keep) < len(probs)
+
+
+def test_top_k_checked_and_one_is_greedy(pair):
+    _, m = pair
+    ids = random_ids(2, 5)
+    assert torch.equal(m.generate(ids, max_new_tokens=8, temperature=0.9, top_k=1, seed=3),
+                       m.generate(ids, max_new_tokens=8))
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
+            m.generate(ids, max_new_tokens=2, temperature=1.0, top_k=bad)
+
+
 def test_streaming_callback_and_streamer(pair):
     _, m = pair
     ids = random_ids(2, 5)
