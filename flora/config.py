@@ -170,13 +170,21 @@ def parse_dtype(value, what: str = "dtype"):
     return value
 
 
+def default_alpha(rank: int) -> float:
+    """The alpha an adapter gets when none is given: 2 x rank (scale 2), as
+    ``flora train --alpha`` and the benchmarks default it."""
+    return 2.0 * rank
+
+
 class AdapterConfig:
     """One adapter variant, its rank/scale and where it goes.
 
-    AdapterConfig(variant, rank, alpha, dropout=0.0, targets="all", layers=None)
+    AdapterConfig(variant, rank, alpha=None, dropout=0.0, targets="all", layers=None)
 
     * variant: one of ``VARIANTS`` (e.g. "ffba", "zflora-mha").
     * rank r > 0; ``scale`` = alpha / rank.
+    * alpha > 0; None (the default) is 2 x rank (``default_alpha``), so scale 2.
+      ``alpha`` and what is saved always hold the resolved number.
     * dropout in [0, 1): acts on the adapter state z, never on the shared input.
     * targets: "all", "mha" (attention only, same as the -mha form) or a list
       of projection names from q, k, v, o, gate, up, down (and head for zflora).
@@ -184,7 +192,7 @@ class AdapterConfig:
       carry no adapter.
     """
 
-    def __init__(self, variant: str, rank: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, variant: str, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
                  targets: Union[str, Sequence[str]] = "all",
                  layers: Optional[Sequence[int]] = None):
         if not isinstance(variant, str) or variant not in VARIANTS:
@@ -192,9 +200,12 @@ class AdapterConfig:
                              f"expected one of {', '.join(VARIANTS)}")
         if not _is_int(rank) or rank <= 0:
             raise ValueError(f"AdapterConfig.rank: must be a positive integer, got {rank!r}")
+        if alpha is None:
+            alpha = default_alpha(rank)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
                 or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"AdapterConfig.alpha: must be a finite number > 0, got {alpha!r}")
+            raise ValueError(f"AdapterConfig.alpha: must be a finite number > 0 (or None: 2 x rank), "
+                             f"got {alpha!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
                 or not (0.0 <= dropout < 1.0):
             raise ValueError(f"AdapterConfig.dropout: must be a number in [0, 1), got {dropout!r}")
@@ -351,7 +362,9 @@ class AdapterConfig:
         unknown = sorted(set(d) - set(fields))
         if unknown:
             raise ValueError(f"AdapterConfig.from_dict: unknown keys {unknown}")
-        missing = [k for k in ("variant", "rank", "alpha") if k not in d]
+        # alpha stays required here: to_dict always writes it, and a saved adapter
+        # without one has lost its scale (2 x rank would be a guess)
+        missing = [k for k in ("variant", "rank", "alpha") if d.get(k) is None]
         if missing:
             raise ValueError(f"AdapterConfig.from_dict: missing keys {missing}")
         return cls(**d)

@@ -147,7 +147,7 @@ def latency(model: FusedLlama, args, quick: bool) -> dict:
     # does not turn a variant's median (and its ratio to base) upside down (~5 s more)
     repeats, warmup = (1, 1) if quick else (7, 1)
     copy_bytes = (32 if quick else 256) * 2**20
-    models = [model] + [sibling(model, AdapterConfig(v, rank=args.rank, alpha=2.0 * args.rank), args.seed + 1)
+    models = [model] + [sibling(model, AdapterConfig(v, rank=args.rank), args.seed + 1)
                         for v in LATENCY_ROWS[1:]]
     n_adapter = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in models]
     bw = bl.copy_bandwidth(dev, copy_bytes)
@@ -171,7 +171,7 @@ def latency(model: FusedLlama, args, quick: bool) -> dict:
             "weight_bytes": bl.weight_bytes(model.arch, dtype)}
     return {"environment": report.environment(dev), "device_type": dev.type, "copy_gbps": bw / 1e9,
             "copy_gbps_runs": [bw / 1e9], "copy_bytes": copy_bytes, "rank": args.rank,
-            "alpha": 2.0 * args.rank, "repeats": repeats, "warmup": warmup, "models": [info],
+            "alpha": models[1].adapter_config.alpha, "repeats": repeats, "warmup": warmup, "models": [info],
             "rows": bl.add_ratios(rows, [info], bw), "goals": [],
             "command": "flora demo" + (" --quick" if quick else "")}
 
@@ -228,7 +228,7 @@ def run_demo(args) -> dict:
          f"({_took(t0)})")
 
     # 3. fine-tune
-    cfg = AdapterConfig(args.variant, rank=args.rank, alpha=2.0 * args.rank, layers=list(range(n - args.layers, n)))
+    cfg = AdapterConfig(args.variant, rank=args.rank, layers=list(range(n - args.layers, n)))
     t0 = _stage(f"3. fine-tuning a {args.variant} adapter (r = {args.rank}, top {args.layers} of {n} layers): "
                 f"{args.steps} steps of {BATCH}")
     model = sibling(base, cfg)

@@ -159,8 +159,7 @@ def run_args(args) -> dict:
         if p.exists() and not p.is_dir():
             raise ValueError(f"--out: {p} exists and is not a directory")
     targets = args.targets if args.targets in ("all", "mha") else [t.strip() for t in args.targets.split(",")]
-    alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
-    adapter = AdapterConfig(args.variant, args.rank, alpha, dropout=args.dropout, targets=targets)
+    adapter = AdapterConfig(args.variant, args.rank, args.alpha, dropout=args.dropout, targets=targets)
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seq_len=args.seq_len, eval_every=args.eval_every,
                       save_every=args.save_every, grad_checkpointing=args.grad_checkpointing, seed=args.seed,

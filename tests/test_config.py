@@ -31,6 +31,25 @@ def test_json_roundtrip(variant, tmp_path):
     assert cfg.validate_for(ONE_B) is cfg
 
 
+def test_alpha_defaults_to_twice_rank(tmp_path):
+    """alpha left out (or None) is 2 x rank, as `flora train --alpha` defaults it; what is saved is
+    the resolved number, and a saved config still needs one (without it the scale is lost)."""
+    cfg = AdapterConfig("ffba", 8)
+    assert cfg.alpha == 16.0 and cfg.scale == 2.0
+    assert AdapterConfig("lora", 5, None, dropout=0.1) == AdapterConfig("lora", 5, 10.0, dropout=0.1)
+    assert AdapterConfig("lora", 4, 3).alpha == 3.0  # a given alpha is kept
+    cfg.to_json(tmp_path / "adapter_config.json")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["alpha"] == 16.0
+    assert AdapterConfig.load(tmp_path / "adapter_config.json") == cfg
+    for d in ({"variant": "lora", "rank": 4}, {"variant": "lora", "rank": 4, "alpha": None}):
+        with pytest.raises(ValueError, match=r"missing keys \['alpha'\]"):
+            AdapterConfig.from_dict(d)
+    from flora.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--rank", "6"])
+    assert AdapterConfig(args.variant, args.rank, args.alpha).alpha == 12.0  # the CLI leaves it to AdapterConfig
+
+
 def test_targets_resolution():
     assert AdapterConfig("lora", 4, 8).resolved_targets == ("q", "k", "v", "o", "gate", "up", "down")
     assert AdapterConfig("lora-mha", 4, 8).resolved_targets == ("q", "k", "v", "o")

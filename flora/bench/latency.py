@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from .. import nvtx
-from ..config import AdapterConfig, as_arch
+from ..config import AdapterConfig, as_arch, default_alpha
 from ..devices import resolve_device
 from ..fileio import atomic_write_json
 from ..model import FusedLlama
@@ -301,7 +301,7 @@ def build_flora(hf, variant: str, rank: int, alpha: Optional[float], dtype, devi
 
     cfg = None
     if variant != "base":
-        cfg = AdapterConfig(variant, rank=rank, alpha=alpha if alpha is not None else 2.0 * rank)
+        cfg = AdapterConfig(variant, rank=rank, alpha=alpha)
     m = FusedLlama.from_pretrained(hf, adapter=cfg, dtype=dtype, device=device)
     n = randomize_adapter(m, seed) if cfg is not None else 0
     if cfg is not None and n == 0:
@@ -313,7 +313,7 @@ def wrap_peft(hf, rank: int, alpha: Optional[float], upcast: bool, seed: int):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    lc = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2.0 * rank, target_modules=PROJ,
+    lc = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else default_alpha(rank), target_modules=PROJ,
                     lora_dropout=0.0, init_lora_weights=False)  # False: random, non-zero B
     with warnings.catch_warnings():  # transformers' deprecation notes triggered inside peft
         warnings.simplefilter("ignore", FutureWarning)
@@ -791,7 +791,7 @@ def run(plan: Plan, log=print) -> dict:
     rows = add_ratios(rows, infos, bw)
     return {"environment": environment(dev), "device_type": dev.type, "copy_gbps": bw / 1e9,
             "copy_gbps_runs": [b / 1e9 for b in bws], "copy_bytes": copy_bytes, "rank": plan.rank,
-            "alpha": plan.alpha if plan.alpha is not None else 2.0 * plan.rank,
+            "alpha": plan.alpha if plan.alpha is not None else default_alpha(plan.rank),
             "repeats": plan.repeats, "warmup": plan.warmup, "prefills": plan.prefills, "models": infos,
             "rows": rows,
             "goals": evaluate_goals(rows, dev, plan.rank)}

@@ -51,7 +51,7 @@ def parameter_report(shapes, rank: int = 16, alpha: Optional[float] = None,
     base = base_parameters(sh, tied_head)
     lines = [f"{'variant':<18} {'params':>12} {'% of base':>10}"]
     for v in variants:
-        cfg = AdapterConfig(v, rank, alpha if alpha is not None else 2 * rank)
+        cfg = AdapterConfig(v, rank, alpha)
         try:
             n = count_parameters(cfg, sh)
         except ValueError as e:  # e.g. a repeat-add width that does not divide
