@@ -248,9 +248,19 @@ def _peft_unsupported(meta: dict) -> list:
         why.append(f"modules_to_save={meta.get('modules_to_save')}")
     if meta.get("fan_in_fan_out"):
         why.append("fan_in_fan_out")
-    for k in ("rank_pattern", "alpha_pattern"):
-        if meta.get(k):
-            why.append(f"per-module {k}")
+    # a pattern that only repeats the global r / lora_alpha changes nothing (some tools write one
+    # for every module); one that differs would give modules their own rank or scale
+    for k, glob, noun in (("rank_pattern", "r", "rank"), ("alpha_pattern", "lora_alpha", "alpha")):
+        pat = meta.get(k)
+        if not pat:
+            continue
+        if not isinstance(pat, dict):
+            why.append(f"{k}={pat!r} (expected an object of module pattern -> value)")
+            continue
+        other = {m: v for m, v in pat.items() if isinstance(v, bool) or v != meta.get(glob)}
+        if other:
+            why.append(f"per-module {k} {other} (differs from {glob}={meta.get(glob)!r}; "
+                       f"flora uses one {noun} for every module)")
     for k in ("layer_replication", "megatron_config", "trainable_token_indices", "target_parameters",
               "alora_invocation_tokens"):
         if meta.get(k):

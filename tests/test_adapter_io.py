@@ -218,15 +218,32 @@ def test_peft_lora_loads_as_pf_lora(tmp_path, r, alpha, targets, layers, rslora)
     ({"use_dora": True}, "DoRA"),
     ({"bias": "lora_only"}, "bias='lora_only'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern {'q_proj': 8} (differs from r=4"),
+    # only the entry that differs is named
+    ({"alpha_pattern": {"q_proj": 8, "v_proj": 16}}, "alpha_pattern {'v_proj': 16} (differs from lora_alpha=8"),
 ])
 def test_peft_unsupported_features(tmp_path, extra, msg):
     pm = _peft_model(0, 4, 8, ["q_proj", "v_proj"], **extra)
     pm.save_pretrained(str(tmp_path / "peft"))
     before = _digest(str(tmp_path / "peft"))
-    with pytest.raises(AdapterError, match=msg):
+    with pytest.raises(AdapterError, match=re.escape(msg)):
         FusedLlama.from_pretrained(llama_model(seed=0), adapter=str(tmp_path / "peft"))
     assert _digest(str(tmp_path / "peft")) == before
+
+
+def test_peft_patterns_repeating_the_global_values_load(tmp_path):
+    """rank_pattern / alpha_pattern entries equal to r / lora_alpha change nothing: the adapter
+    loads and computes what PEFT computes."""
+    pm = _peft_model(0, 4, 8, ["q_proj", "v_proj", "down_proj"], rank_pattern={"q_proj": 4, "down_proj": 4},
+                     alpha_pattern={"v_proj": 8.0})
+    pm.save_pretrained(str(tmp_path / "peft"))
+    meta = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert meta["rank_pattern"] and meta["alpha_pattern"]  # as written by PEFT, not dropped
+    m = FusedLlama.from_pretrained(llama_model(seed=0), adapter=str(tmp_path / "peft"))
+    assert (m.adapter_config.rank, m.adapter_config.alpha) == (4, 8.0)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        assert rel_err(m(ids).logits, pm(input_ids=ids).logits) <= 1e-5
 
 
 def test_peft_rank_mismatch_with_base(tmp_path):
