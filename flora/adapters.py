@@ -174,7 +174,9 @@ class AdapterRegistry:
         sampling defaults and stop tokens come along), and the tokenizer's files
         when given) holding
         :meth:`merged_state_dict`: what transformers, vLLM or llama.cpp's
-        converter load as a plain Llama. Written atomically; this model is
+        converter load as a plain Llama. Written atomically; over an earlier
+        export, its weights and tokenizer are replaced as a whole (without
+        ``tokenizer`` the old one is removed, not kept). This model is
         unchanged. Only lora / pf-lora adapters have a merged form."""
         from .checkpoint import save_checkpoint
 

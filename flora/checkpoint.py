@@ -281,11 +281,12 @@ def state_dict_from_hf_model(model) -> tuple[LlamaArch, dict[str, Tensor]]:
 # writing
 # --------------------------------------------------------------------------
 SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+# a tokenizer's files (those of the tokenizers a Llama comes with: SentencePiece, BPE, fast)
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt"}
 # what a checkpoint directory written here may hold, so a new one can replace it
 _CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                     "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
-                     "README.md"}
+                     "README.md"} | _TOKENIZER_FILES
 
 
 def _is_weights(name: str) -> bool:
@@ -339,7 +340,9 @@ def save_checkpoint(path, arch: LlamaArch, sd: dict, eos_token_id=None, tokenize
     in safetensors shards of at most ``shard_bytes`` (with an index when there
     are several), and the tokenizer's files when one is given. Atomic, as adapter saves are: a
     reader sees the old directory or the new one; an existing ``path`` is
-    replaced only when it holds nothing but checkpoint files."""
+    replaced only when it holds nothing but checkpoint files. The replaced
+    checkpoint's weights and tokenizer go with it (without ``tokenizer``, the
+    new one has none); other files it held (a README.md) are kept."""
     sd = {k: v for k, v in sd.items() if not (arch.tie_word_embeddings and k == "lm_head.weight")}
     check_state_dict(arch, sd, "save_checkpoint")
     dtype = sd["model.embed_tokens.weight"].dtype
@@ -366,7 +369,9 @@ def save_checkpoint(path, arch: LlamaArch, sd: dict, eos_token_id=None, tokenize
             for n in os.listdir(tok_dir):
                 writers.setdefault(n, lambda full, src=os.path.join(tok_dir, n): shutil.copyfile(src, full))
         # the old weights go with the old checkpoint: a stale index + shards next to a new
-        # model.safetensors (or the reverse) is a second model some reader would load instead
+        # model.safetensors (or the reverse) is a second model some reader would load instead;
+        # so does its tokenizer, whole: kept without a new one (or a tokenizer.model next to a
+        # new tokenizer.json) it would be read as this model's, and may be another model's
         atomic_write_dir(path, writers, lambda n: _replaceable(n) or n in writers, "a checkpoint",
-                         superseded=_is_weights)
+                         superseded=lambda n: _is_weights(n) or n in _TOKENIZER_FILES)
 

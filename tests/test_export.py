@@ -117,6 +117,41 @@ def test_export_over_the_other_weight_layout(setup, tmp_path, old):
     assert all(torch.equal(t, ref[k]) for k, t in load_checkpoint(str(out))[1].items())
 
 
+@pytest.mark.parametrize("tok", ["none", "given"])
+def test_export_replaces_the_old_tokenizer_whole(setup, tmp_path, tok):
+    """An export over an earlier one (of another model, with another kind of tokenizer) takes the
+    old tokenizer away with the old weights: without a tokenizer the new checkpoint has none (not a
+    stale one a server would pair with these weights); with one (`flora export --merged` passes the
+    source's), exactly its files, no leftover tokenizer.model / vocab.json / merges.txt. A README.md
+    is kept, as before."""
+    from flora.pretrained import load_tokenizer
+
+    d, ckpt = setup
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    old = {"tokenizer.json": '{"model": "another"}', "tokenizer_config.json": "{}", "special_tokens_map.json": "{}",
+           "tokenizer.model": "sentencepiece", "vocab.json": "{}", "merges.txt": "#version: 0.2",
+           "added_tokens.json": "{}", "chat_template.jinja": "{{ old }}"}
+    base = FusedLlama.from_pretrained(str(ckpt))
+    base.save_merged(out, tokenizer=None)
+    for name, text in {**old, "README.md": "my notes"}.items():
+        (out / name).write_text(text)
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=str(d / "lora"))
+    if tok == "none":
+        for p in (out, fresh):
+            m.save_merged(p, tokenizer=None)
+    else:
+        args = ["export", "--model", str(ckpt), "--adapter", str(d / "lora"), "--merged"]
+        assert main([*args, str(out)]) == 0 and main([*args, str(fresh)]) == 0
+    assert sorted(os.listdir(out)) == sorted(os.listdir(fresh) + ["README.md"])
+    assert (out / "README.md").read_text() == "my notes"
+    if tok == "none":
+        assert not set(old) & set(os.listdir(out))
+    else:
+        assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+        assert all((out / f).read_bytes() == (fresh / f).read_bytes() for f in os.listdir(fresh))
+        assert load_tokenizer(out).encode("a b") == load_tokenizer(ckpt).encode("a b")
+
+
 def test_fused_variants_have_no_merged_form(setup, tmp_path):
     d, ckpt = setup
     m = FusedLlama.from_pretrained(str(ckpt), adapter=str(d / "ffba"))
