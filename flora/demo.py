@@ -28,7 +28,7 @@ import torch
 
 from .bench import latency as bl
 from .bench import report
-from .bench.timing import measure_interleaved
+from .bench.timing import iqr, measure_interleaved
 from .config import VARIANTS, AdapterConfig
 from .data import TokenizedDataset
 from .devices import resolve_device
@@ -176,6 +176,21 @@ def latency(model: FusedLlama, args, quick: bool) -> dict:
             "command": "flora demo" + (" --quick" if quick else "")}
 
 
+def latency_table(result: dict) -> list:
+    """The latency stage's table: per variant the median TTFT and TPOT over
+    the runs with their interquartile range in brackets (a gap between rows
+    smaller than that is noise), and TPOT against base. ASCII: it goes to any
+    console."""
+    def cell(r, k):
+        return f"{r[f'{k}_s'] * 1e3:.1f} ({iqr(r[f'{k}_runs']) * 1e3:.1f})"
+
+    n = result["repeats"]
+    lines = [f"{'variant':<8} {'TTFT ms':>13} {'TPOT ms':>13} {'TPOT x base':>12}"]
+    lines += [f"{r['variant']:<8} {cell(r, 'ttft'):>13} {cell(r, 'tpot'):>13} {r['tpot_ratio']:12.3f}"
+              for r in result["rows"]]
+    return lines + [f"median (interquartile range) of {n} run{'s' if n != 1 else ''}"]
+
+
 def _stage(msg: str) -> float:
     _say(f"\n== {msg}")
     return time.perf_counter()
@@ -274,9 +289,8 @@ def run_demo(args) -> dict:
         png = report.plot(result, out / "latency.png")
         if png:
             paths["png"] = png
-        _say(f"   {'variant':<8} {'TTFT ms':>9} {'TPOT ms':>9} {'TPOT x base':>12}")
-        for r in result["rows"]:
-            _say(f"   {r['variant']:<8} {r['ttft_s'] * 1e3:9.1f} {r['tpot_s'] * 1e3:9.1f} {r['tpot_ratio']:12.3f}")
+        for line in latency_table(result):
+            _say(f"   {line}")
         _say(f"   table {paths['md']}, plot {paths.get('png')}, json {paths['json']} ({_took(t0)})")
     if quick:
         _say("\n(--quick: a few steps only; `flora demo` runs the full version)")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flora.cli import build_parser, main
-from flora.demo import answer_ok, run_demo, task_records
+from flora.demo import answer_ok, latency_table, run_demo, task_records
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,26 @@ def test_latency_outputs(demo):
             assert abs(r["tpot_ratio"] - statistics.median(want)) < 1e-9
     assert open(demo["paths"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| flora | zflora |" in open(demo["paths"]["md"]).read()
+
+
+def test_latency_table_shows_the_spread():
+    """Each median comes with the interquartile range of its runs (ms), which one outlying run
+    (40 ms here) does not blow up; the footer says what the numbers are."""
+    ms = [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 40.0]
+
+    def row(v, scale, ratio):
+        runs = [x * scale / 1e3 for x in ms]
+        return {"variant": v, "ttft_s": statistics.median(runs), "tpot_s": statistics.median(runs) / 10,
+                "ttft_runs": runs, "tpot_runs": [x / 10 for x in runs], "tpot_ratio": ratio}
+
+    lines = latency_table({"repeats": 7, "rows": [row("base", 1.0, 1.0), row("zflora", 2.0, 2.0)]})
+    assert lines[0].split() == ["variant", "TTFT", "ms", "TPOT", "ms", "TPOT", "x", "base"]
+    assert lines[1].split() == ["base", "13.0", "(3.0)", "1.3", "(0.3)", "1.000"]
+    assert lines[2].split() == ["zflora", "26.0", "(6.0)", "2.6", "(0.6)", "2.000"]
+    assert lines[3] == "median (interquartile range) of 7 runs"
+    assert len({len(x) for x in lines[:3]}) == 1  # columns line up
+    one = latency_table({"repeats": 1, "rows": [dict(row("base", 1.0, 1.0), ttft_runs=[0.013], tpot_runs=[0.0013])]})
+    assert one[1].split() == ["base", "13.0", "(0.0)", "1.3", "(0.0)", "1.000"] and one[2].endswith("of 1 run")
 
 
 BAD = [(["--steps", "0"], "--steps must be >= 1, got 0"), (["--steps", "-3"], "--steps must be >= 1"),

@@ -162,6 +162,17 @@ def _gc_off():
             gc.enable()
 
 
+def iqr(runs) -> float:
+    """Interquartile range of timed runs (same unit; 0 for one run): the
+    spread to read next to their median, which one outlying run moves no more
+    than it moves the median."""
+    runs = list(runs)
+    if len(runs) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(runs, n=4, method="inclusive")
+    return q3 - q1
+
+
 def run_interleaved(probes: list, repeats: int, warmup: int = 1, by_run: bool = False,
                     prefills: int = 1) -> list[dict]:
     """Time several entered probes (objects with ``prefill()``/``step()``
