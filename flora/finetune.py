@@ -100,6 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--allow-schedule-change", action="store_true",
                    help="with --resume: accept a changed --lr, --lr-schedule, --warmup-steps or step count")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batches of examples of similar length (less padding; the order stays seeded)")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast (auto: on CUDA only)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -165,7 +167,8 @@ def run_args(args) -> dict:
                       save_every=args.save_every, grad_checkpointing=args.grad_checkpointing, seed=args.seed,
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                       lr_schedule=args.lr_schedule, bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
-                      progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change).validate()
+                      progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change,
+                      group_by_length=args.group_by_length).validate()
     # after the argument checks (a typo is named as such), before anything is loaded or written
     resume = _check_out(out, args.resume)
     created = _make_dirs(out)  # an unwritable --out fails here too

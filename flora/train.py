@@ -54,6 +54,8 @@ class TrainConfig:
     desc: str = "train"
     allow_schedule_change: bool = False  # resume: let lr / lr_schedule / warmup_steps / total steps differ
     fsdp: bool = False  # under torchrun: shard adapters + optimizer state (FSDP2) instead of DDP
+    # batches of similar lengths (less padding: see epoch_order); the order stays a function of seed
+    group_by_length: bool = False
 
     def validate(self):
         for name in ("batch_size", "grad_accum", "seq_len", "epochs", "eval_batch_size"):
@@ -70,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"TrainConfig.lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        if not isinstance(self.group_by_length, bool):
+            raise ValueError(f"TrainConfig.group_by_length must be True or False, got {self.group_by_length!r}")
         if self.bf16 not in ("auto", True, False):
             raise ValueError(f"TrainConfig.bf16 must be 'auto', True or False, got {self.bf16!r}")
         return self
@@ -241,10 +245,33 @@ def autocast_factory(cfg: TrainConfig, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    # The data order is a pure function of (seed, epoch): resuming needs only the position.
+GROUP_BATCHES = 50  # global batches per length-sorted pool (transformers' LengthGroupedSampler: 50)
+
+
+def epoch_order(n: int, seed: int, epoch: int, lengths: Optional[list] = None,
+                global_batch: int = 1) -> list[int]:
+    """The examples' order in one epoch, a pure function of its arguments
+    (resuming needs only the position): a seeded permutation. With
+    ``lengths``, grouped by length: the permutation is cut into pools of
+    ``GROUP_BATCHES`` global batches, each pool sorted by length and cut into
+    global batches, and those batches shuffled (seeded), the longest first
+    (an out-of-memory shows at step 1, not hours in). Padding then costs what
+    the length spread within a batch costs, not within the data."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return order
+    pool = GROUP_BATCHES * global_batch
+    batches = []
+    for p in range(0, n, pool):
+        chunk = sorted(order[p:p + pool], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+        batches += [chunk[b:b + global_batch] for b in range(0, len(chunk), global_batch)]
+    full = [b for b in batches if len(b) == global_batch]  # a short tail (never trained on) goes last
+    full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+    if full:
+        longest = max(range(len(full)), key=lambda i: lengths[full[i][0]])
+        full[0], full[longest] = full[longest], full[0]
+    return [i for b in full + [b for b in batches if len(b) < global_batch] for i in b]
 
 
 def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = None, out_dir=None,
@@ -313,7 +340,9 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
         "base_model": arch.shape_dict() if hasattr(arch, "shape_dict") else None,
         "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
         "bf16_autocast": autocast is not contextlib.nullcontext,
-        "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "total_steps": total})
+        "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "total_steps": total,
+        # only when on: checkpoints written before the option resume unchanged
+        **({"group_by_length": True} if cfg.group_by_length else {})})
     if resume:
         state = ckpt.load_checkpoint(out_dir, model, named, opt, fingerprint, rank=rank, world=world,
                                      allow_schedule_change=cfg.allow_schedule_change)
@@ -342,6 +371,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     t_start = time.perf_counter()
     tok_window = []  # (tokens, seconds) of recent steps, for tokens/s
     order_epoch, order = None, None
+    lengths = [len(it["input_ids"]) for it in train_ds] if cfg.group_by_length else None
     net.train()
     step = start_step
     try:
@@ -349,7 +379,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
             t0 = time.perf_counter()
             epoch, pos = divmod(step, steps_per_epoch)
             if order_epoch != epoch:
-                order, order_epoch = _epoch_order(len(train_ds), cfg.seed, epoch), epoch
+                order, order_epoch = epoch_order(len(train_ds), cfg.seed, epoch, lengths, global_batch), epoch
             first_micro = pos * micro_per_step + rank * cfg.grad_accum
             micros = []
             for j in range(first_micro, first_micro + cfg.grad_accum):

@@ -67,8 +67,37 @@ def test_lr_schedule():
     assert lin.lr_at(5, 10) == 0.5
 
 
-def test_resume_after_interrupt_equals_uninterrupted(ckpt, tok, tmp_path):
-    c = cfg(max_steps=7, save_every=2, batch_size=4, grad_accum=2, lr_schedule="cosine", warmup_steps=2)
+def test_epoch_order_groups_by_length():
+    import random
+
+    from flora.train import GROUP_BATCHES, epoch_order
+
+    rng = random.Random(0)
+    n, gb = 1000, 8
+    lengths = [rng.randint(5, 500) for _ in range(n)]
+    plain = epoch_order(n, 3, 1)
+    # without lengths: the seeded permutation runs before the option kept (their resumes unchanged)
+    assert plain == torch.randperm(n, generator=torch.Generator().manual_seed(3 * 1_000_003 + 1)).tolist()
+    order = epoch_order(n, 3, 1, lengths, gb)
+    assert sorted(order) == list(range(n)) and order == epoch_order(n, 3, 1, lengths, gb)
+    assert order != epoch_order(n, 3, 2, lengths, gb)
+    full = [order[i:i + gb] for i in range(0, n // gb * gb, gb)]
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(full) < 0.1 * padding([plain[i:i + gb] for i in range(0, n // gb * gb, gb)])
+    pools = [set(plain[p:p + GROUP_BATCHES * gb]) for p in range(0, n, GROUP_BATCHES * gb)]
+    assert all(any(set(b) <= pool for pool in pools) for b in full)  # sorted within a pool, not over the data
+    assert max(lengths[i] for i in full[0]) == max(lengths[i] for b in full for i in b)  # longest first
+    heads = [lengths[b[0]] for b in full[1:]]
+    assert heads != sorted(heads, reverse=True)  # the batches shuffled, not a slow length sweep
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_resume_after_interrupt_equals_uninterrupted(ckpt, tok, tmp_path, group):
+    c = cfg(max_steps=7, save_every=2, batch_size=4, grad_accum=2, lr_schedule="cosine", warmup_steps=2,
+            group_by_length=group)
     ref = fused(ckpt, "ffba-ab", seed=1)
     r_ref = train(ref, tok, records(n=40), config=c, out_dir=tmp_path / "ref")  # 40 // 8 = 5 steps/epoch: crosses an epoch
 
@@ -121,6 +150,9 @@ def test_resume_rejects_other_settings_and_missing_checkpoint(ckpt, tok, tmp_pat
         train(fused(ckpt), tok, records(n=32), config=cfg(max_steps=2, batch_size=8), out_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="trainable parameter names differs"):
         train(fused(ckpt, "lora"), tok, records(n=32), config=cfg(max_steps=2), out_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="group_by_length"):  # another data order
+        train(fused(ckpt), tok, records(n=32), config=cfg(max_steps=2, group_by_length=True), out_dir=tmp_path,
+              resume=True)
     with pytest.warns(UserWarning, match="no checkpoint"):
         r = train(fused(ckpt), tok, records(n=32), config=cfg(max_steps=1), out_dir=tmp_path / "empty", resume=True)
     assert r.steps == 1
