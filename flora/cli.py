@@ -113,6 +113,13 @@ def _export(args) -> int:
     return _run("export", run_args, args, (ValueError, TypeError, OSError))
 
 
+def _serve(args) -> int:
+    from .serve import run_args
+
+    # OSError: a missing model or adapter; Ctrl-C is how a server is stopped
+    return _run("serve", run_args, args, (ValueError, TypeError, OSError), interrupted=lambda a: "stopped")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flora", description="Fused low-rank adapters for Llama")
     sub = p.add_subparsers(dest="command", required=True)
@@ -142,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = _export_args(sub.add_parser(
         "export", help="write a lora adapter merged into an HF checkpoint (--merged) or as a PEFT adapter (--peft)"))
     s.set_defaults(func=_export)
+    from .serve import add_arguments as _serve_args
+
+    s = _serve_args(sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server for the model and its adapters (/v1/chat/completions)"))
+    s.set_defaults(func=_serve)
     return p
 
 

@@ -56,7 +56,7 @@ def load_prompts(path) -> list[dict]:
     records = []
     for where, rec in _jsonl_objects(path):
         if isinstance(rec, dict) and "messages" in rec:
-            msgs = _check_messages(rec["messages"], where, need_answer=False)
+            msgs = check_messages(rec["messages"], where, need_answer=False)
             last = msgs[-1]["role"] == "assistant"
             records.append({"messages": msgs[:-1] if last else msgs,
                             "completion": msgs[-1]["content"] if last else None})
@@ -76,7 +76,7 @@ def load_prompts(path) -> list[dict]:
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def _check_messages(msgs, where: str, need_answer: bool = True) -> list[dict]:
+def check_messages(msgs, where: str, need_answer: bool = True) -> list[dict]:
     """A conversation's messages, checked: a non-empty list of ``{"role",
     "content"}`` objects (other keys go to the chat template as they are), no
     assistant turn first (a template renders what comes before it as the
@@ -99,7 +99,7 @@ def validate_record(rec, where: str = "record") -> dict:
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if "messages" in rec:
-        return {"messages": _check_messages(rec["messages"], where)}
+        return {"messages": check_messages(rec["messages"], where)}
     if "prompt" in rec or "completion" in rec:
         for k in ("prompt", "completion"):
             if not isinstance(rec.get(k), str):

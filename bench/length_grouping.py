@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Training on data of mixed lengths with and without length-grouped batches.
+
+    python bench/length_grouping.py                    # SmolLM2-135M, CPU, 64 examples, one epoch (8 steps) each
+    python bench/length_grouping.py --model DIR --device cuda --steps 20 --batch 16
+
+Records are ``{"text"}`` of lengths drawn (seeded) from a log-normal with a
+median of ``--median`` words, clipped to the sequence length: the spread of
+instruction data. The same records train the same adapter (ffba, r 16) twice
+through flora.train.train, once in the plain seeded order and once with
+``group_by_length``, alternating ``--rounds`` times. Reported per setting: the
+padded share of the tokens the steps computed (counted from the batch order,
+flora.train.epoch_order, over the steps that ran), and the real (non-padding)
+tokens per second (TrainResult.tokens_per_s, the median over rounds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+
+import torch
+
+from flora import AdapterConfig, FusedLlama
+from flora.data import TokenizedDataset
+from flora.pretrained import load_tokenizer, smollm2_path
+from flora.train import TrainConfig, epoch_order, train
+
+WORDS = ("the model reads a short note about rivers and cities then answers with care while "
+         "numbers follow each other in order and every sentence ends").split()
+
+
+def make_records(n: int, median: int, seed: int) -> list:
+    rng = random.Random(seed)
+    return [{"text": " ".join(rng.choice(WORDS) for _ in range(max(4, int(rng.lognormvariate(0, 0.8) * median))))}
+            for _ in range(n)]
+
+
+def padded_share(ds, cfg, steps: int) -> float:
+    """Padding / computed tokens over the first ``steps`` steps (one process, one micro-batch)."""
+    lengths = [len(it["input_ids"]) for it in ds]
+    order = epoch_order(len(ds), cfg.seed, 0, lengths if cfg.group_by_length else None, cfg.batch_size)
+    real = pad = 0
+    for s in range(steps):
+        b = [lengths[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
+        real, pad = real + sum(b), pad + max(b) * len(b) - sum(b)
+    return pad / (real + pad)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=64, help="examples")
+    p.add_argument("--median", type=int, default=40, help="median words per example")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="default: one epoch")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.steps * args.batch > args.n:
+        p.error("--steps x --batch must not exceed --n (one epoch)")
+    path = args.model or smollm2_path()
+    tok = load_tokenizer(path)
+    dev = torch.device(args.device)
+    ds = TokenizedDataset(make_records(args.n, args.median, 0), tok, args.seq_len)
+    lengths = sorted(len(it["input_ids"]) for it in ds)
+    print(f"{len(ds)} examples, tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
+    rows = {False: [], True: []}
+    for _ in range(args.rounds):
+        for group in (False, True):
+            torch.manual_seed(0)
+            model = FusedLlama.from_pretrained(path, adapter=AdapterConfig("ffba", 16), device=dev)
+            cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, progress=False,
+                              group_by_length=group, bf16=dev.type == "cuda")
+            rows[group].append(train(model, tok, ds, config=cfg).tokens_per_s)
+    out = {"device": str(dev), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "model": str(path), "n": len(ds), "batch": args.batch,
+           "steps": args.steps, "rounds": args.rounds, "rows": {}}
+    print("| batches | padded share | real tokens/s (median) | x plain |")
+    print("|---|---:|---:|---:|")
+    plain = statistics.median(rows[False])
+    for group in (False, True):
+        cfg = TrainConfig(batch_size=args.batch, group_by_length=group)
+        share, tps = padded_share(ds, cfg, args.steps), statistics.median(rows[group])
+        out["rows"]["grouped" if group else "plain"] = {"padded_share": share, "tokens_per_s": rows[group]}
+        print(f"| {'grouped by length' if group else 'plain shuffle'} | {share:.1%} | {tps:,.0f} | {tps / plain:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

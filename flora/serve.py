@@ -1,0 +1,438 @@
+"""An OpenAI-compatible HTTP server for a model and its adapters: ``flora serve``.
+
+    flora serve --model DIR|FILE.gguf|smollm2 [--adapter NAME=DIR ...] [--port 8000] [--max-batch 8]
+
+The fused variants (ffba, zflora, ...) have no merged or PEFT form to hand to
+another server; this serves them, and any other flora or PEFT LoRA adapter,
+from one loaded base model:
+
+* ``GET /v1/models``: the base (``--name``, default ``base``) and each adapter;
+* ``POST /v1/completions`` (``prompt``) and ``POST /v1/chat/completions``
+  (``messages``, through the tokenizer's chat template, rendered as training
+  renders them): ``model`` names the base or an adapter (as vLLM serves LoRA
+  modules); ``max_tokens`` (chat: also ``max_completion_tokens``),
+  ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
+  ``stream`` (server-sent events, as OpenAI's clients read them).
+
+One worker thread owns the model. Requests that wait for it together and
+share a model and sampling settings run as one left-padded batch (up to
+``--max-batch`` rows), each row ending at its own EOS or ``max_tokens``; a
+request with a ``seed`` runs alone, so the same request gives the same text.
+A prompt is tokenized as training tokenizes one (flora.data.prompt_ids).
+Bad requests get an OpenAI-style error object and a 4xx status.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import numbers
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+
+import torch
+
+from .devices import resolve_device
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+@dataclass
+class Request:
+    """One generation: its tokens, limits and sampling, and the queue its
+    results go to (("delta", text) while streaming, then ("done", text,
+    finish_reason, tokens) or ("error", message))."""
+    model: str
+    prompt: list
+    max_tokens: int
+    sampling: tuple  # (temperature, top_p, top_k)
+    seed: Optional[int] = None
+    stream: bool = False
+    events: queue.Queue = field(default_factory=queue.Queue)
+
+    def key(self):
+        """Requests with equal keys may share a batch (greedy ignores top_p / top_k);
+        a seeded one shares with none."""
+        if self.seed is not None:
+            return (self.model, id(self))
+        return (self.model, (0.0,) if self.sampling[0] == 0 else self.sampling)
+
+
+def _number(body, name, default, lo, hi, integer=False, lo_open=False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    ok = isinstance(v, numbers.Integral if integer else numbers.Real) and not isinstance(v, bool)
+    if ok and not integer:
+        ok = math.isfinite(v)
+    if not ok or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+        what = "an integer" if integer else "a number"
+        rng = f"{'>' if lo_open else '>='} {lo}" + ("" if hi is None else f" and <= {hi}")
+        raise BadRequest(f"'{name}' must be {what} {rng}, got {v!r}")
+    return int(v) if integer else float(v)
+
+
+# OpenAI parameters this server does not implement, each with the values that ask for nothing
+# (what clients send by default): any other value is refused, not ignored
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "stop": ([], ""), "logprobs": (False, 0), "top_logprobs": (0,),
+               "echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
+               "frequency_penalty": (0,), "tools": ([],), "tool_choice": ("none",),
+               "response_format": ({"type": "text"},)}
+
+
+def _asks_for_nothing(v, defaults) -> bool:
+    return v is None or any(v == d and isinstance(v, bool) == isinstance(d, bool) for d in defaults)
+
+
+class Engine:
+    """The model, its tokenizer, and the worker thread that batches requests."""
+
+    def __init__(self, model, tokenizer, names: dict, max_batch: int = 8):
+        from .data import pad_id_of
+
+        self.model, self.tok, self.names = model, tokenizer, names  # served name -> adapter (None: base)
+        self.max_batch = max_batch
+        self.pad = pad_id_of(tokenizer)
+        self.eos = set(_eos(model))
+        self.context = model.arch.max_position_embeddings
+        self.queue: queue.Queue = queue.Queue()
+        self.batches = 0  # batches run (a test reads it)
+        self._worker = threading.Thread(target=self._loop, name="flora-serve", daemon=True)
+
+    def start(self) -> "Engine":
+        self._worker.start()
+        return self
+
+    # -------------------------------------------------------------- requests
+    def parse(self, body, chat: bool) -> Request:
+        """A request body -> Request, or BadRequest naming what is wrong."""
+        from .data import check_messages, prompt_ids
+        from .pretrained import chat_prompt
+
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        name = body.get("model")
+        if name is None and len(self.names) == 1:
+            name = next(iter(self.names))
+        if name not in self.names:
+            raise BadRequest(f"model {name!r} is not served; the models are: {', '.join(self.names)}",
+                             404, "model_not_found")
+        bad = [k for k, d in UNSUPPORTED.items() if not _asks_for_nothing(body.get(k), d)]
+        if bad:
+            raise BadRequest(f"not supported: {', '.join(bad)}")
+        if chat:
+            if not getattr(self.tok, "chat_template", None):
+                raise BadRequest("this model's tokenizer has no chat template; use /v1/completions")
+            try:
+                msgs = check_messages(body.get("messages"), "messages", need_answer=False)
+                text = chat_prompt(self.tok, msgs)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str) or not text:
+                raise BadRequest("'prompt' must be a non-empty string (one prompt per request)")
+        ids = prompt_ids(self.tok, text)
+        room = self.context - len(ids)
+        if room < 1:
+            raise BadRequest(f"the prompt is {len(ids)} tokens; the model's context is {self.context}")
+        limit = body.get("max_completion_tokens") if chat else None
+        default = room if chat else 16  # OpenAI's defaults: to the context (chat), 16 (completions)
+        max_tokens = _number(body, "max_completion_tokens" if limit is not None else "max_tokens", default,
+                             1, None, integer=True)
+        temperature = _number(body, "temperature", 1.0, 0, None)
+        top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
+        top_k = _number(body, "top_k", 0, 0, None, integer=True)
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise BadRequest(f"'seed' must be an integer, got {seed!r}")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest(f"'stream' must be true or false, got {stream!r}")
+        return Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k), seed, stream)
+
+    def submit(self, req: Request) -> Request:
+        self.queue.put(req)
+        return req
+
+    # ---------------------------------------------------------------- worker
+    def _loop(self) -> None:
+        waiting: list = []
+        while True:
+            if not waiting:
+                waiting.append(self.queue.get())
+            while True:  # everything that arrived meanwhile: batched with its kind
+                try:
+                    waiting.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            key = waiting[0].key()
+            batch = [r for r in waiting if r.key() == key][:self.max_batch]
+            waiting = [r for r in waiting if not any(r is b for b in batch)]
+            try:
+                self.run(batch)
+            except Exception as e:  # noqa: BLE001 - a failed batch answers its requests, the server goes on
+                for r in batch:
+                    r.events.put(("error", f"{type(e).__name__}: {e}"))
+
+    def run(self, batch: list) -> None:
+        """Generate one batch of requests (same model and sampling), each row
+        ending at its EOS or its own max_tokens; streams deltas as they come."""
+        from .generation import left_pad
+
+        self.batches += 1
+        m, adapter = self.model, self.names[batch[0].model]
+        ids, mask = left_pad([r.prompt for r in batch], self.pad)
+        rows = [_Row(r) for r in batch]
+
+        def put(tokens):
+            for row, t in zip(rows, tokens.tolist()):
+                row.add(t, self)
+
+        temperature, top_p, top_k = batch[0].sampling
+        if adapter is not None and m.active_adapter != adapter:
+            m.set_adapter(adapter)  # copies the adapter's tensors only
+        with m.disable_adapter() if adapter is None else contextlib.nullcontext():
+            m.generate(ids.to(m.device), max_new_tokens=max(r.max_tokens for r in batch),
+                       attention_mask=mask.to(m.device), pad_token_id=self.pad, temperature=temperature,
+                       top_p=top_p, top_k=top_k, seed=batch[0].seed, streamer=put)
+        for row in rows:
+            row.finish("length", self)
+
+    def text(self, ids: list) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def _eos(model) -> list:
+    from .generation import _eos_set
+
+    return _eos_set(model.generation_eos_token_id)
+
+
+class _Row:
+    """One request's tokens as its batch generates them."""
+
+    def __init__(self, req: Request):
+        self.req, self.ids, self.sent, self.done = req, [], "", False
+
+    def add(self, token: int, eng: Engine) -> None:
+        if self.done:
+            return
+        if token in eng.eos:
+            self.finish("stop", eng, counted=1)
+            return
+        self.ids.append(token)
+        if self.req.stream:
+            text = eng.text(self.ids)
+            if not text.endswith("\ufffd"):  # a character whose bytes are not all out yet waits
+                self.req.events.put(("delta", text[len(self.sent):]))
+                self.sent = text
+        if len(self.ids) >= self.req.max_tokens:
+            self.finish("length", eng)
+
+    def finish(self, reason: str, eng: Engine, counted: int = 0) -> None:
+        if self.done:
+            return
+        self.done = True
+        text = eng.text(self.ids)
+        if self.req.stream and text != self.sent:
+            self.req.events.put(("delta", text[len(self.sent):]))
+        self.req.events.put(("done", text, reason, len(self.ids) + counted))
+
+
+# ------------------------------------------------------------------ HTTP
+def _response(chat: bool, rid: str, created: int, model: str, text: str, reason: str, n_prompt: int,
+              n_new: int) -> dict:
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
+              else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
+
+
+def _chunk(chat: bool, rid: str, created: int, model: str, text: Optional[str], reason: Optional[str],
+           first: bool = False) -> dict:
+    if chat:
+        delta = {} if text is None else {"content": text}
+        if first:
+            delta = {"role": "assistant", **delta}
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice]}
+
+
+def make_handler(engine: Engine, quiet: bool = True):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # noqa: D401 - one line per request unless quiet
+            if not quiet:
+                sys.stderr.write(f"flora serve: {self.address_string()} {fmt % args}\n")
+
+        def _send(self, status: int, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, e: BadRequest) -> None:
+            self._send(e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}})
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                now = int(time.time())
+                self._send(200, {"object": "list", "data": [
+                    {"id": n, "object": "model", "created": now, "owned_by": "flora"} for n in engine.names]})
+            elif self.path == "/health":
+                self._send(200, {"status": "ok"})
+            else:
+                self._error(BadRequest(f"no such endpoint: GET {self.path}", 404, "not_found"))
+
+        def do_POST(self):
+            path = self.path.rstrip("/")
+            if path not in ("/v1/completions", "/v1/chat/completions"):
+                self._error(BadRequest(f"no such endpoint: POST {self.path}", 404, "not_found"))
+                return
+            chat = path.endswith("chat/completions")
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(n) or b"null")
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise BadRequest(f"the request body is not valid JSON ({e})") from None
+                req = engine.parse(body, chat)
+            except BadRequest as e:
+                self._error(e)
+                return
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+            created = int(time.time())
+            engine.submit(req)
+            if req.stream:
+                self._stream(req, chat, rid, created)
+                return
+            ev = req.events.get()
+            while ev[0] == "delta":
+                ev = req.events.get()
+            if ev[0] == "error":
+                self._send(500, {"error": {"message": ev[1], "type": "server_error", "code": 500}})
+                return
+            _, text, reason, n_new = ev
+            self._send(200, _response(chat, rid, created, req.model, text, reason, len(req.prompt), n_new))
+
+        def _stream(self, req: Request, chat: bool, rid: str, created: int) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+
+            def send(obj) -> None:
+                self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+                self.wfile.flush()
+
+            first = True
+            try:
+                while True:
+                    ev = req.events.get()
+                    if ev[0] == "delta":
+                        send(_chunk(chat, rid, created, req.model, ev[1], None, first))
+                        first = False
+                    elif ev[0] == "done":
+                        send(_chunk(chat, rid, created, req.model, None, ev[2], first))
+                        break
+                    else:
+                        send({"error": {"message": ev[1], "type": "server_error", "code": 500}})
+                        break
+                send(b"[DONE]")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client left; its row finishes with its batch
+
+    return Handler
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True) -> ThreadingHTTPServer:
+    """The HTTP server (not yet serving: call ``serve_forever``; port 0 picks a free one)."""
+    engine.start()
+    srv = ThreadingHTTPServer((host, port), make_handler(engine, quiet))
+    srv.daemon_threads = True
+    return srv
+
+
+# ------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", required=True,
+                   help="local Llama checkpoint directory, a Llama .gguf file, or 'smollm2'")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter served as model NAME (flora's or a PEFT LoRA's; repeatable, one structure)")
+    p.add_argument("--name", default="base", help="the model name of the base (no adapter)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--log", action="store_true", help="one line per request on stderr")
+    return p
+
+
+def _adapters(specs: list, base_name: str) -> dict:
+    out = {}
+    for s in specs:
+        name, sep, path = s.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {s!r}: expected NAME=DIR")
+        if name in out or name == base_name:
+            raise ValueError(f"--adapter {s!r}: the model name {name!r} is taken")
+        if not os.path.isdir(path):
+            raise ValueError(f"--adapter {s!r}: {path} is not a directory")
+        out[name] = path
+    return out
+
+
+def run_args(args) -> None:
+    from .model import FusedLlama
+    from .pretrained import load_tokenizer, smollm2_path
+
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0 .. 65535, got {args.port}")
+    adapters = _adapters(args.adapter, args.name)
+    device = resolve_device(args.device)
+    path = smollm2_path() if args.model == "smollm2" else args.model
+    dtype = args.dtype if args.dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = FusedLlama.from_pretrained(path, dtype=dtype, device=device).eval()
+    for name, a in adapters.items():
+        try:
+            model.load_adapter(a, name=name, activate=False)
+        except ValueError as e:  # another variant / rank / targets: cannot share the model
+            raise ValueError(f"--adapter {name}={a}: {e}") from None
+    engine = Engine(model, load_tokenizer(path), {args.name: None, **{n: n for n in adapters}}, args.max_batch)
+    try:
+        srv = serve(engine, args.host, args.port, quiet=not args.log)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    host, port = srv.server_address[:2]
+    print(f"flora serve: http://{host}:{port}/v1 ({', '.join(engine.names)}); Ctrl-C stops", file=sys.stderr,
+          flush=True)
+    try:
+        srv.serve_forever()
+    finally:
+        srv.server_close()

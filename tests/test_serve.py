@@ -1,0 +1,244 @@
+"""`flora serve`: the OpenAI-compatible server (flora.serve), against generate()
+called directly on separately loaded models."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from _train_helpers import tiny_checkpoint
+
+from flora import FusedLlama
+from flora.bench.latency import randomize_adapter
+from flora.cli import main
+from flora.config import AdapterConfig
+from flora.data import load_tokenizer, prompt_ids
+from flora.generation import _eos_set
+from flora.pretrained import chat_prompt
+from flora.serve import Engine, serve
+
+TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}a : {% endif %}")
+PROMPTS = ["between a and f ->", "copy : a b c =", "the big cat"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    ckpt = tiny_checkpoint(d / "ckpt", seed=5)
+    tok = load_tokenizer(ckpt)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(str(ckpt))
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
+    randomize_adapter(m, seed=0)
+    m.save_adapter(d / "ffba")
+    return d, ckpt, d / "ffba"
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    d, ckpt, adapter = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="ffba", activate=False)
+    engine = Engine(model, load_tokenizer(ckpt), {"base": None, "ffba": "ffba"}, max_batch=4)
+    srv = serve(engine, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", engine
+    srv.shutdown()
+    srv.server_close()
+
+
+def _post(url, body, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _reference(ckpt, adapter, text, n):
+    """generate() on a separately loaded model: (new text up to the EOS, finish reason, tokens)."""
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter))
+    tok = load_tokenizer(ckpt)
+    ids = torch.tensor([prompt_ids(tok, text)])
+    row = m.generate(ids, max_new_tokens=n)[0, ids.shape[1]:].tolist()
+    eos = set(_eos_set(m.generation_eos_token_id))
+    k = next((i for i, t in enumerate(row) if t in eos), None)
+    new = row if k is None else row[:k]
+    return tok.decode(new, skip_special_tokens=True), ("length" if k is None else "stop"), len(row if k is None else row[:k + 1])
+
+
+def test_models_and_greedy_completions_match_generate(setup, server):
+    _, ckpt, adapter = setup
+    url, _ = server
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
+        assert [m["id"] for m in json.loads(r.read())["data"]] == ["base", "ffba"]
+    for name, path in (("ffba", adapter), ("base", None), ("ffba", adapter)):  # switched back and forth
+        for p in PROMPTS:
+            status, body = _post(url + "/v1/completions", {"model": name, "prompt": p, "max_tokens": 12,
+                                                           "temperature": 0})
+            assert status == 200, body
+            out = json.loads(body)
+            text, reason, n = _reference(ckpt, path, p, 12)
+            assert out["object"] == "text_completion" and out["model"] == name
+            assert (out["choices"][0]["text"], out["choices"][0]["finish_reason"]) == (text, reason)
+            assert out["usage"]["prompt_tokens"] == len(prompt_ids(load_tokenizer(ckpt), p))
+            assert out["usage"]["completion_tokens"] == n
+
+
+def test_chat_completions_use_the_chat_template(setup, server):
+    _, ckpt, adapter = setup
+    url, _ = server
+    msgs = [{"role": "system", "content": "copy"}, {"role": "user", "content": "copy : a b"}]
+    status, body = _post(url + "/v1/chat/completions", {"model": "ffba", "messages": msgs, "max_tokens": 10,
+                                                        "temperature": 0})
+    assert status == 200, body
+    out = json.loads(body)
+    text, reason, _ = _reference(ckpt, adapter, chat_prompt(load_tokenizer(ckpt), msgs), 10)
+    assert out["object"] == "chat.completion"
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": text}
+    assert out["choices"][0]["finish_reason"] == reason
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streaming_sends_the_same_text(server, chat):
+    url, _ = server
+    body = ({"messages": [{"role": "user", "content": "copy : a b"}]} if chat else {"prompt": PROMPTS[0]})
+    body = {**body, "model": "ffba", "max_tokens": 12, "temperature": 0}
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    whole = json.loads(_post(url + path, body)[1])["choices"][0]
+    status, raw = _post(url + path, {**body, "stream": True})
+    assert status == 200
+    events = [line[len("data: "):] for line in raw.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    if chat:
+        assert chunks[0]["delta"]["role"] == "assistant"
+        text = "".join(c["delta"].get("content", "") for c in chunks)
+        assert text == whole["message"]["content"]
+    else:
+        assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [whole["finish_reason"]]
+
+
+def test_seeded_sampling_repeats(server):
+    url, _ = server
+    body = {"model": "ffba", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    a, b = (json.loads(_post(url + "/v1/completions", body)[1])["choices"][0]["text"] for _ in range(2))
+    c = {json.loads(_post(url + "/v1/completions", {**body, "seed": s})[1])["choices"][0]["text"] for s in range(8)}
+    assert a == b and len(c) > 1
+
+
+def test_requests_waiting_together_run_as_one_batch(setup):
+    """Requests queued before the worker runs: the greedy ones of one model are one
+    batch (each row its own max_tokens, equal to its prompt alone), another model's
+    and a sampled one each their own."""
+    _, ckpt, adapter = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="ffba", activate=False)
+    eng = Engine(model, load_tokenizer(ckpt), {"base": None, "ffba": "ffba"}, max_batch=8)
+    reqs = [eng.submit(eng.parse({"model": "ffba", "prompt": p, "max_tokens": n, "temperature": 0}, False))
+            for p, n in zip(PROMPTS, (12, 5, 9))]
+    other = eng.submit(eng.parse({"model": "base", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}, False))
+    sampled = eng.submit(eng.parse({"model": "ffba", "prompt": PROMPTS[0], "max_tokens": 4}, False))
+    eng.start()
+    for r, p, n in zip(reqs, PROMPTS, (12, 5, 9)):
+        _, text, reason, k = r.events.get(timeout=60)
+        assert (text, reason, k) == _reference(ckpt, adapter, p, n)
+    assert other.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 6)
+    assert sampled.events.get(timeout=60)[0] == "done"
+    assert eng.batches == 3
+
+
+@pytest.mark.parametrize("path, body, status, msg", [
+    ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model 'nope' is not served; the models are: base, ffba"),
+    ("/v1/completions", {"model": "base"}, 400, "'prompt' must be a non-empty string"),
+    ("/v1/completions", {"model": "base", "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 0}, 400, "'max_tokens' must be an integer >= 1"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "top_p": 0}, 400, "'top_p' must be a number > 0"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "temperature": -1}, 400, "'temperature'"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "n": 2}, 400, "not supported: n"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "stop": ["."]}, 400, "not supported: stop"),
+    ("/v1/completions", {"model": "base", "prompt": "a " * 80}, 400, "the model's context is 64"),
+    ("/v1/chat/completions", {"model": "base", "messages": "hi"}, 400, "'messages' must be a non-empty list"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "bot", "content": "x"}]}, 400, "messages[0]"),
+    ("/v1/embeddings", {"model": "base"}, 404, "no such endpoint"),
+])
+def test_bad_requests_get_an_error_object(server, path, body, status, msg):
+    url, _ = server
+    got, raw = _post(url + path, body)
+    err = json.loads(raw)["error"]
+    assert got == status and err["code"] == status and msg in err["message"]
+
+
+def test_bad_json_and_defaults_that_ask_for_nothing(server):
+    url, _ = server
+    got, raw = _post(url + "/v1/completions", None, raw=b"{not json")
+    assert got == 400 and "not valid JSON" in json.loads(raw)["error"]["message"]
+    # what OpenAI's client sends by default is accepted
+    got, raw = _post(url + "/v1/completions", {"model": "base", "prompt": "a", "n": 1, "stop": None, "logprobs": None,
+                                               "echo": False, "presence_penalty": 0, "max_tokens": 2})
+    assert got == 200, raw
+
+
+def test_chat_without_a_template_is_refused(setup):
+    _, ckpt, _ = setup
+    plain = setup[0] / "plain"
+    if not plain.exists():
+        shutil.copytree(ckpt, plain)
+        tok = load_tokenizer(plain)
+        tok.chat_template = None
+        cfg = plain / "tokenizer_config.json"
+        d = json.loads(cfg.read_text())
+        d.pop("chat_template", None)
+        cfg.write_text(json.dumps(d))
+        (plain / "chat_template.jinja").unlink(missing_ok=True)
+    eng = Engine(FusedLlama.from_pretrained(str(plain)), load_tokenizer(plain), {"base": None})
+    with pytest.raises(Exception, match="no chat template; use /v1/completions"):
+        eng.parse({"messages": [{"role": "user", "content": "a"}]}, True)
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--adapter", "x"], "expected NAME=DIR"),
+    (["--adapter", "base=/tmp"], "the model name 'base' is taken"),
+    (["--adapter", "a=/nonexistent"], "is not a directory"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--port", "70000"], "--port"),
+])
+def test_cli_bad_arguments_are_one_line(setup, capsys, extra, msg):
+    _, ckpt, _ = setup
+    assert main(["serve", "--model", str(ckpt), "--device", "cpu"] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flora serve: error:") and msg in err and "\n" not in err
+
+
+def test_cli_serves_until_ctrl_c(setup):
+    _, ckpt, adapter = setup
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.Popen([sys.executable, "-m", "flora", "serve", "--model", str(ckpt), "--adapter",
+                          f"mine={adapter}", "--port", "0", "--device", "cpu"],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stderr.readline()
+        assert line.startswith("flora serve: http://"), line
+        url = line.split()[2].removesuffix("/v1")
+        with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
+            assert [m["id"] for m in json.loads(r.read())["data"]] == ["base", "mine"]
+        status, body = _post(url + "/v1/completions", {"model": "mine", "prompt": PROMPTS[0], "max_tokens": 6,
+                                                       "temperature": 0})
+        assert status == 200 and json.loads(body)["choices"][0]["text"] == _reference(ckpt, adapter, PROMPTS[0], 6)[0]
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 130
+        assert p.stderr.read().strip() == "flora serve: stopped"
+    finally:
+        p.kill()
