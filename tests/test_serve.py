@@ -242,3 +242,14 @@ def test_cli_serves_until_ctrl_c(setup):
         assert p.stderr.read().strip() == "flora serve: stopped"
     finally:
         p.kill()
+
+
+def test_bench_serve_runs(setup, tmp_path, capsys):
+    from _bench_scripts import load_bench_script
+
+    _, ckpt, _ = setup
+    load_bench_script("serve").main(["--model", str(ckpt), "--clients", "1", "3", "--requests", "2",
+                                     "--max-tokens", "3", "--json", str(tmp_path / "s.json")])
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["requests"] for r in rows] == [2, 6] and all(r["tokens"] > 0 for r in rows)
+    assert "| 3 | 6 |" in capsys.readouterr().out

@@ -406,3 +406,23 @@ def test_cli_train_under_torchrun_leaves_without_finalization(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         cli._train(None)
     assert not state["up"]
+
+
+def test_bench_length_grouping_counts_the_padding(ckpt, tmp_path):
+    from _bench_scripts import load_bench_script
+
+    lg = load_bench_script("length_grouping")
+    lg.main(["--model", str(ckpt), "--n", "24", "--median", "6", "--seq-len", "32", "--batch", "4",
+             "--steps", "3", "--rounds", "1", "--json", str(tmp_path / "g.json")])
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert rows["grouped"]["padded_share"] < rows["plain"]["padded_share"]
+    # the count, by hand: the plain order's first 3 batches of 4
+    from flora.data import load_tokenizer
+    from flora.train import TrainConfig, epoch_order
+
+    ds = TokenizedDataset(lg.make_records(24, 6, 0), load_tokenizer(ckpt), 32)
+    L = [len(it["input_ids"]) for it in ds]
+    order = epoch_order(24, TrainConfig().seed, 0)
+    batches = [[L[i] for i in order[s * 4:(s + 1) * 4]] for s in range(3)]
+    pad = sum(max(b) * 4 - sum(b) for b in batches)
+    assert rows["plain"]["padded_share"] == pytest.approx(pad / sum(max(b) * 4 for b in batches))

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""`flora serve` under load: completion tokens/s and request latency as concurrent clients grow.
+
+    python bench/serve.py                                  # SmolLM2-135M, CPU, 1 / 4 / 8 clients
+    python bench/serve.py --model DIR --device cuda --clients 1 8 32 --max-batch 32
+
+The server (flora.serve, in this process, on a free port) serves the base
+model; each client thread sends ``--requests`` chat completions (greedy,
+``--max-tokens`` new tokens, a different question each) one after another over
+HTTP. Requests that wait together run as one batch, so more clients should give
+more tokens/s at some cost in latency per request. Reported per client count:
+completion tokens/s over the wall time of the whole load, the median and the
+90th percentile request latency, and the mean batch size the server ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+import urllib.request
+
+import torch
+
+from flora import FusedLlama
+from flora.pretrained import load_tokenizer, smollm2_path
+from flora.serve import Engine, serve
+
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 7 times 8?",
+             "Say hello in Spanish.", "What do bees make?", "How many legs does a spider have?",
+             "What is the opposite of hot?", "Name a planet.", "What is water made of?",
+             "Which animal barks?", "What color is the sky?", "Count to five."]
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    lat, tokens, lock = [], [0], threading.Lock()
+
+    def client(c: int) -> None:
+        for i in range(requests):
+            q = QUESTIONS[(c * requests + i) % len(QUESTIONS)]
+            t0 = time.perf_counter()
+            out = post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": q}],
+                                                      "max_tokens": max_tokens, "temperature": 0})
+            with lock:
+                lat.append(time.perf_counter() - t0)
+                tokens[0] += out["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"clients": clients, "requests": len(lat), "tokens": tokens[0], "seconds": wall,
+            "tokens_per_s": tokens[0] / wall, "latency_p50_s": statistics.median(lat),
+            "latency_p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--requests", type=int, default=4, help="per client")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    path = args.model or smollm2_path()
+    dev = torch.device(args.device)
+    model = FusedLlama.from_pretrained(path, device=dev,
+                                       dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch)
+    srv = serve(engine, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    load(url, 1, 1, 4)  # warm-up: first-call costs out of the figures
+    rows = []
+    print("| clients | requests | completion tokens/s | latency p50 s | latency p90 s | mean batch |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for c in args.clients:
+        b0 = engine.batches
+        r = load(url, c, args.requests, args.max_tokens)
+        r["mean_batch"] = r["requests"] / max(engine.batches - b0, 1)
+        rows.append(r)
+        print(f"| {c} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['latency_p50_s']:.2f} | "
+              f"{r['latency_p90_s']:.2f} | {r['mean_batch']:.1f} |", flush=True)
+    srv.shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(dev), "cpu": platform.processor() or platform.machine(),
+                       "torch": torch.__version__, "threads": torch.get_num_threads(), "model": str(path),
+                       "max_tokens": args.max_tokens, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
