@@ -18,6 +18,9 @@ One worker thread owns the model. Requests that wait for it together and
 share a model and sampling settings run as one left-padded batch (up to
 ``--max-batch`` rows), each row ending at its own EOS or ``max_tokens``; a
 request with a ``seed`` runs alone, so the same request gives the same text.
+``--mixed`` holds the adapters side by side (``FusedLlama.stack_adapters``),
+so requests for any of them and the base share batches, each row its own
+adapter (every projection n*r wider; not for ffa, ffba-qg-add).
 A prompt is tokenized as training tokenizes one (flora.data.prompt_ids).
 Bad requests get an OpenAI-style error object and a 4xx status.
 """
@@ -62,12 +65,12 @@ class Request:
     stream: bool = False
     events: queue.Queue = field(default_factory=queue.Queue)
 
-    def key(self):
-        """Requests with equal keys may share a batch (greedy ignores top_p / top_k);
-        a seeded one shares with none."""
+    def key(self, mixed: bool = False):
+        """Requests with equal keys may share a batch (greedy ignores top_p / top_k;
+        ``mixed``: any model); a seeded one shares with none."""
         if self.seed is not None:
             return (self.model, id(self))
-        return (self.model, (0.0,) if self.sampling[0] == 0 else self.sampling)
+        return (None if mixed else self.model, (0.0,) if self.sampling[0] == 0 else self.sampling)
 
 
 def _number(body, name, default, lo, hi, integer=False, lo_open=False):
@@ -99,11 +102,15 @@ def _asks_for_nothing(v, defaults) -> bool:
 class Engine:
     """The model, its tokenizer, and the worker thread that batches requests."""
 
-    def __init__(self, model, tokenizer, names: dict, max_batch: int = 8):
+    def __init__(self, model, tokenizer, names: dict, max_batch: int = 8, mixed: bool = False):
         from .data import pad_id_of
 
         self.model, self.tok, self.names = model, tokenizer, names  # served name -> adapter (None: base)
         self.max_batch = max_batch
+        # the adapters side by side: one batch takes any of them (and the base), row by row
+        self.mixed = mixed and any(a is not None for a in names.values())
+        if self.mixed:
+            model.stack_adapters([a for a in names.values() if a is not None])
         self.pad = pad_id_of(tokenizer)
         self.eos = set(_eos(model))
         self.context = model.arch.max_position_embeddings
@@ -178,8 +185,8 @@ class Engine:
                     waiting.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            key = waiting[0].key()
-            batch = [r for r in waiting if r.key() == key][:self.max_batch]
+            key = waiting[0].key(self.mixed)
+            batch = [r for r in waiting if r.key(self.mixed) == key][:self.max_batch]
             waiting = [r for r in waiting if not any(r is b for b in batch)]
             try:
                 self.run(batch)
@@ -202,12 +209,15 @@ class Engine:
                 row.add(t, self)
 
         temperature, top_p, top_k = batch[0].sampling
-        if adapter is not None and m.active_adapter != adapter:
+        kw = {}
+        if self.mixed:
+            kw["adapters"] = [self.names[r.model] for r in batch]
+        elif adapter is not None and m.active_adapter != adapter:
             m.set_adapter(adapter)  # copies the adapter's tensors only
-        with m.disable_adapter() if adapter is None else contextlib.nullcontext():
+        with m.disable_adapter() if adapter is None and not self.mixed else contextlib.nullcontext():
             m.generate(ids.to(m.device), max_new_tokens=max(r.max_tokens for r in batch),
                        attention_mask=mask.to(m.device), pad_token_id=self.pad, temperature=temperature,
-                       top_p=top_p, top_k=top_k, seed=batch[0].seed, streamer=put)
+                       top_p=top_p, top_k=top_k, seed=batch[0].seed, streamer=put, **kw)
         for row in rows:
             row.finish("length", self)
 
@@ -385,6 +395,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
+    p.add_argument("--mixed", action="store_true",
+                   help="the adapters side by side: requests for any of them and the base share batches")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on the CPU)")
@@ -424,7 +436,8 @@ def run_args(args) -> None:
             model.load_adapter(a, name=name, activate=False)
         except ValueError as e:  # another variant / rank / targets: cannot share the model
             raise ValueError(f"--adapter {name}={a}: {e}") from None
-    engine = Engine(model, load_tokenizer(path), {args.name: None, **{n: n for n in adapters}}, args.max_batch)
+    engine = Engine(model, load_tokenizer(path), {args.name: None, **{n: n for n in adapters}}, args.max_batch,
+                    mixed=args.mixed)
     try:
         srv = serve(engine, args.host, args.port, quiet=not args.log)
     except OSError as e:

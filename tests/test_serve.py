@@ -160,6 +160,27 @@ def test_requests_waiting_together_run_as_one_batch(setup):
     assert eng.batches == 3
 
 
+def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
+    """--mixed: the adapters side by side, requests for any of them (and the base)
+    in one batch, each row equal to its own model alone."""
+    _, ckpt, adapter = setup
+    m2 = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
+    randomize_adapter(m2, seed=1)
+    m2.save_adapter(tmp_path / "second")
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="a", activate=False)
+    model.load_adapter(str(tmp_path / "second"), name="b", activate=False)
+    eng = Engine(model, load_tokenizer(ckpt), {"base": None, "a": "a", "b": "b"}, mixed=True)
+    plan = [("a", adapter, PROMPTS[0]), ("base", None, PROMPTS[1]), ("b", tmp_path / "second", PROMPTS[2]),
+            ("a", adapter, PROMPTS[2]), ("b", tmp_path / "second", PROMPTS[0])]
+    reqs = [eng.submit(eng.parse({"model": n, "prompt": p, "max_tokens": 8, "temperature": 0}, False))
+            for n, _, p in plan]
+    eng.start()
+    for r, (_, path, p) in zip(reqs, plan):
+        assert r.events.get(timeout=60)[1:] == _reference(ckpt, path, p, 8)
+    assert eng.batches == 1
+
+
 @pytest.mark.parametrize("path, body, status, msg", [
     ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model 'nope' is not served; the models are: base, ffba"),
     ("/v1/completions", {"model": "base"}, 400, "'prompt' must be a non-empty string"),
