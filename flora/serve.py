@@ -12,6 +12,7 @@ from one loaded base model:
   renders them): ``model`` names the base or an adapter (as vLLM serves LoRA
   modules); ``max_tokens`` (chat: also ``max_completion_tokens``),
   ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
+  ``stop`` (up to 4 strings: the text ends before the first one),
   ``stream`` (server-sent events, as OpenAI's clients read them).
 
 One worker thread owns the model. Requests that wait for it together and
@@ -63,6 +64,7 @@ class Request:
     sampling: tuple  # (temperature, top_p, top_k)
     seed: Optional[int] = None
     stream: bool = False
+    stop: tuple = ()  # strings that end the text (not included)
     events: queue.Queue = field(default_factory=queue.Queue)
 
     def key(self, mixed: bool = False):
@@ -89,7 +91,7 @@ def _number(body, name, default, lo, hi, integer=False, lo_open=False):
 
 # OpenAI parameters this server does not implement, each with the values that ask for nothing
 # (what clients send by default): any other value is refused, not ignored
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "stop": ([], ""), "logprobs": (False, 0), "top_logprobs": (0,),
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,),
                "echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
                "frequency_penalty": (0,), "tools": ([],), "tool_choice": ("none",),
                "response_format": ({"type": "text"},)}
@@ -168,7 +170,11 @@ class Engine:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"'stream' must be true or false, got {stream!r}")
-        return Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k), seed, stream)
+        stop = body.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not (isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
+            raise BadRequest(f"'stop' must be a non-empty string or a list of at most 4, got {body.get('stop')!r}")
+        return Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k), seed, stream, tuple(stop))
 
     def submit(self, req: Request) -> Request:
         self.queue.put(req)
@@ -244,20 +250,28 @@ class _Row:
             self.finish("stop", eng, counted=1)
             return
         self.ids.append(token)
-        if self.req.stream:
+        if self.req.stream or self.req.stop:
             text = eng.text(self.ids)
-            if not text.endswith("\ufffd"):  # a character whose bytes are not all out yet waits
-                self.req.events.put(("delta", text[len(self.sent):]))
-                self.sent = text
+            cut = min((i for i in (text.find(x) for x in self.req.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.finish("stop", eng, text=text[:cut])
+                return
+            if self.req.stream and not text.endswith("\ufffd"):  # a character whose bytes are not all out waits
+                # and so does a tail that may be the start of a stop string
+                end = len(text) - max((k for x in self.req.stop for k in range(1, len(x))
+                                       if text.endswith(x[:k])), default=0)
+                if end > len(self.sent):
+                    self.req.events.put(("delta", text[len(self.sent):end]))
+                    self.sent = text[:end]
         if len(self.ids) >= self.req.max_tokens:
             self.finish("length", eng)
 
-    def finish(self, reason: str, eng: Engine, counted: int = 0) -> None:
+    def finish(self, reason: str, eng: Engine, counted: int = 0, text: Optional[str] = None) -> None:
         if self.done:
             return
         self.done = True
-        text = eng.text(self.ids)
-        if self.req.stream and text != self.sent:
+        text = eng.text(self.ids) if text is None else text
+        if self.req.stream and len(text) > len(self.sent):
             self.req.events.put(("delta", text[len(self.sent):]))
         self.req.events.put(("done", text, reason, len(self.ids) + counted))
 

@@ -131,6 +131,27 @@ def test_streaming_sends_the_same_text(server, chat):
     assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [whole["finish_reason"]]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_end_the_text_before_them(setup, server, stream):
+    _, ckpt, adapter = setup
+    url, _ = server
+    ref, _, _ = _reference(ckpt, adapter, PROMPTS[0], 12)
+    words = ref.split()
+    assert len(words) >= 4, ref
+    stop = " " + words[2]  # where it first occurs in the greedy text
+    want = ref[:ref.find(stop)]
+    body = {"model": "ffba", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "stop": ["zzz", stop],
+            "stream": stream}
+    status, raw = _post(url + "/v1/completions", body)
+    assert status == 200, raw
+    if stream:
+        chunks = [json.loads(e[len("data: "):])["choices"][0] for e in raw.split("\n\n") if e and e != "data: [DONE]"]
+        text, reason = "".join(c["text"] for c in chunks), chunks[-1]["finish_reason"]
+    else:
+        text, reason = json.loads(raw)["choices"][0]["text"], json.loads(raw)["choices"][0]["finish_reason"]
+    assert (text, reason) == (want, "stop")
+
+
 def test_seeded_sampling_repeats(server):
     url, _ = server
     body = {"model": "ffba", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 1.0, "seed": 7}
@@ -189,7 +210,9 @@ def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
     ("/v1/completions", {"model": "base", "prompt": "a", "top_p": 0}, 400, "'top_p' must be a number > 0"),
     ("/v1/completions", {"model": "base", "prompt": "a", "temperature": -1}, 400, "'temperature'"),
     ("/v1/completions", {"model": "base", "prompt": "a", "n": 2}, 400, "not supported: n"),
-    ("/v1/completions", {"model": "base", "prompt": "a", "stop": ["."]}, 400, "not supported: stop"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "stop": [""]}, 400, "'stop' must be a non-empty string"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "stop": list("abcde")}, 400, "a list of at most 4"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": 2}, 400, "not supported: logprobs"),
     ("/v1/completions", {"model": "base", "prompt": "a " * 80}, 400, "the model's context is 64"),
     ("/v1/chat/completions", {"model": "base", "messages": "hi"}, 400, "'messages' must be a non-empty list"),
     ("/v1/chat/completions", {"model": "base", "messages": [{"role": "bot", "content": "x"}]}, 400, "messages[0]"),
@@ -274,3 +297,31 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert [r["requests"] for r in rows] == [2, 6] and all(r["tokens"] > 0 for r in rows)
     assert "| 3 | 6 |" in capsys.readouterr().out
+
+
+def test_streaming_holds_back_what_may_start_a_stop_string():
+    """A row's deltas never show a stop string's first characters before it is
+    known whether the stop string follows (a fake engine: one character a token)."""
+    from types import SimpleNamespace
+
+    from flora.serve import Request, _Row
+
+    eng = SimpleNamespace(eos={0}, text=lambda ids: "".join(chr(i) for i in ids))
+    for chars, n, stop, want, reason in [("xyabz", 9, ("abc",), "xyabz", "stop"),  # ended by the EOS
+                                         ("xyabcz", 9, ("abc", "q"), "xy", "stop"),
+                                         ("xy", 9, ("yz",), "xy", "stop"),
+                                         ("xyab", 4, ("abc",), "xyab", "length")]:  # held back, then out
+        req = Request("m", [1], max_tokens=n, sampling=(0.0, 1.0, 0), stream=True, stop=stop)
+        row = _Row(req)
+        for c in chars:
+            row.add(ord(c), eng)
+        row.add(0, eng)  # an EOS ends a row that is still going
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        deltas = [e[1] for e in events if e[0] == "delta"]
+        assert events[-1][:3] == ("done", want, reason) and "".join(deltas) == want
+        seen = ""
+        for d in deltas:  # no delta ends inside a possible stop string
+            seen += d
+            assert not any(seen.endswith(s[:k]) for s in stop for k in range(1, len(s))) or seen == want
