@@ -10,7 +10,9 @@ from one loaded base model:
 * ``POST /v1/completions`` (``prompt``) and ``POST /v1/chat/completions``
   (``messages``, through the tokenizer's chat template, rendered as training
   renders them): ``model`` names the base or an adapter (as vLLM serves LoRA
-  modules); ``max_tokens`` (chat: also ``max_completion_tokens``),
+  modules); ``max_tokens`` (chat: also ``max_completion_tokens``; default 16
+  for completions, as OpenAI's, and ``--max-tokens`` for chat: a batch's KV
+  cache is allocated for its longest answer, so not the whole context),
   ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
   ``stop`` (up to 4 strings: the text ends before the first one),
   ``stream`` (server-sent events, as OpenAI's clients read them).
@@ -104,11 +106,12 @@ def _asks_for_nothing(v, defaults) -> bool:
 class Engine:
     """The model, its tokenizer, and the worker thread that batches requests."""
 
-    def __init__(self, model, tokenizer, names: dict, max_batch: int = 8, mixed: bool = False):
+    def __init__(self, model, tokenizer, names: dict, max_batch: int = 8, mixed: bool = False,
+                 max_tokens: int = 1024):
         from .data import pad_id_of
 
         self.model, self.tok, self.names = model, tokenizer, names  # served name -> adapter (None: base)
-        self.max_batch = max_batch
+        self.max_batch, self.max_tokens = max_batch, max_tokens
         # the adapters side by side: one batch takes any of them (and the base), row by row
         self.mixed = mixed and any(a is not None for a in names.values())
         if self.mixed:
@@ -158,7 +161,7 @@ class Engine:
         if room < 1:
             raise BadRequest(f"the prompt is {len(ids)} tokens; the model's context is {self.context}")
         limit = body.get("max_completion_tokens") if chat else None
-        default = room if chat else 16  # OpenAI's defaults: to the context (chat), 16 (completions)
+        default = self.max_tokens if chat else 16
         max_tokens = _number(body, "max_completion_tokens" if limit is not None else "max_tokens", default,
                              1, None, integer=True)
         temperature = _number(body, "temperature", 1.0, 0, None)
@@ -409,6 +412,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
+    p.add_argument("--max-tokens", type=int, default=1024,
+                   help="a chat completion's max_tokens when the request gives none (capped at the context)")
     p.add_argument("--mixed", action="store_true",
                    help="the adapters side by side: requests for any of them and the base share batches")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -438,6 +443,8 @@ def run_args(args) -> None:
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0 .. 65535, got {args.port}")
     adapters = _adapters(args.adapter, args.name)
@@ -451,7 +458,7 @@ def run_args(args) -> None:
         except ValueError as e:  # another variant / rank / targets: cannot share the model
             raise ValueError(f"--adapter {name}={a}: {e}") from None
     engine = Engine(model, load_tokenizer(path), {args.name: None, **{n: n for n in adapters}}, args.max_batch,
-                    mixed=args.mixed)
+                    mixed=args.mixed, max_tokens=args.max_tokens)
     try:
         srv = serve(engine, args.host, args.port, quiet=not args.log)
     except OSError as e:

@@ -235,6 +235,16 @@ def test_bad_json_and_defaults_that_ask_for_nothing(server):
     assert got == 200, raw
 
 
+def test_default_max_tokens(setup):
+    _, ckpt, _ = setup
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt), {"base": None}, max_tokens=5)
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    assert eng.parse(chat, True).max_tokens == 5  # --max-tokens, not the whole context
+    assert eng.parse({**chat, "max_completion_tokens": 7}, True).max_tokens == 7
+    assert eng.parse({"prompt": "a"}, False).max_tokens == 16  # OpenAI's completions default
+    assert eng.parse({"prompt": "a", "max_tokens": 500}, False).max_tokens == 64 - 2  # capped at the context
+
+
 def test_chat_without_a_template_is_refused(setup):
     _, ckpt, _ = setup
     plain = setup[0] / "plain"
@@ -257,6 +267,7 @@ def test_chat_without_a_template_is_refused(setup):
     (["--adapter", "base=/tmp"], "the model name 'base' is taken"),
     (["--adapter", "a=/nonexistent"], "is not a directory"),
     (["--max-batch", "0"], "--max-batch"),
+    (["--max-tokens", "0"], "--max-tokens"),
     (["--port", "70000"], "--port"),
 ])
 def test_cli_bad_arguments_are_one_line(setup, capsys, extra, msg):
