@@ -348,3 +348,18 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
             m(ids)
         with pytest.raises(ValueError, match=rf"token ids must be in \[0, {V}\)"):
             m.generate(ids, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("variant", ["ffba", "pf-lora", "zflora"])
+def test_load_state_dict_into_a_folded_model(variant):
+    """model.load_state_dict() on a folded model folds the loaded adapter again (the
+    fused storage's folded slots held the old adapter: silently wrong logits)."""
+    hf, ids, cfg = llama_model(), random_ids(2, 12), AdapterConfig(variant, rank=4, alpha=8)
+    src = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    randomize_adapter(src, seed=3)
+    dst = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    dst.fold()
+    dst.load_state_dict(src.state_dict())
+    assert dst.folded
+    with torch.no_grad():
+        assert rel_err(dst(ids).logits, src(ids).logits) <= 1e-5

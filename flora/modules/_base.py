@@ -196,6 +196,11 @@ class AdapterModule(nn.Module):
         if self.folded:
             self.fold()
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.folded:  # model.load_state_dict() changed the Parameters: fold them again
+            self.fold()
+
     def set_adapter_enabled(self, flag: bool) -> None:
         self.adapter_enabled = bool(flag)
 
