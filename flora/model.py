@@ -130,6 +130,16 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         self.gradient_checkpointing = False
         self.config = HFConfigView(arch)
         self.generation_eos_token_id = arch.eos_token_id
+        self._unsaved_storage()
+
+    def _unsaved_storage(self) -> None:
+        """Keep the fused storage out of state_dict(), as the other base buffers: it holds
+        just the adapter, so a saved one never carries the base weights, nor a merge's
+        W + s B A to add twice (the modules alone, as in flora.patch, keep theirs)."""
+        for _, m in self.adapter_modules():
+            for g in m._groups:
+                name = f"w_{g.gname}"
+                m.register_buffer(name, m._buffers[name], persistent=False)
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() convert buffers one by one, which would give the tied
@@ -445,6 +455,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         if tied:
             self.embed = self.head.weight
         self.adapter_config, self._folded = cfg, False
+        self._unsaved_storage()
         self.train(self.training)  # the new modules in the model's mode
 
     def base_state_dict(self) -> dict:

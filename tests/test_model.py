@@ -363,3 +363,18 @@ def test_load_state_dict_into_a_folded_model(variant):
     assert dst.folded
     with torch.no_grad():
         assert rel_err(dst(ids).logits, src(ids).logits) <= 1e-5
+
+
+def test_state_dict_holds_only_the_adapter():
+    """state_dict() is the adapter alone (the class says so): the fused storage's base
+    weights were in it, so a merged model's state dict loaded into a fresh model
+    applied the adapter twice (W + s B A from the storage, + the live adapter)."""
+    hf, ids, cfg = llama_model(), random_ids(2, 12), AdapterConfig("lora", rank=4, alpha=8)
+    src = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    randomize_adapter(src, seed=4)
+    assert set(src.state_dict()) == set(src.adapter_state_dict())
+    src.merge_into_base()
+    dst = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    dst.load_state_dict(src.state_dict())
+    with torch.no_grad():
+        assert rel_err(dst(ids).logits, src(ids).logits) <= 1e-5
