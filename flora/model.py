@@ -269,6 +269,10 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         if rows is not None and (target_stats or (self.training and torch.is_grad_enabled())):
             raise ValueError("adapters=[...] (several adapters in one batch) is for inference: "
                              "eval() and no gradients, without target_stats; unstack_adapters() to train")
+        if self._folded and self.training and torch.is_grad_enabled():
+            # the folded copies in the storage carry no gradient to the adapter Parameters
+            raise ValueError("the adapters are folded (inference form), which cannot train: "
+                             "unfold() before training, or eval() / torch.no_grad() for inference")
         context = self.arch.max_position_embeddings
         if T > context:  # RoPE would run past the positions the model was trained on
             raise ValueError(f"a sequence of {T} tokens exceeds the model's context ({context} positions); "

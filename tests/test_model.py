@@ -378,3 +378,19 @@ def test_state_dict_holds_only_the_adapter():
     dst.load_state_dict(src.state_dict())
     with torch.no_grad():
         assert rel_err(dst(ids).logits, src(ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["ffba", "pf-lora"])
+def test_training_a_folded_model_is_refused_by_name(variant):
+    """A folded model's forward reads the storage's folded copies, which carry no
+    gradient: backward failed with "element 0 of tensors does not require grad"."""
+    m = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig(variant, rank=4, alpha=8))
+    ids = random_ids(2, 12)
+    m.fold()
+    with pytest.raises(ValueError, match=r"folded.*unfold\(\) before training"):
+        m(ids, labels=ids)
+    with torch.no_grad():
+        m(ids, labels=ids)  # inference stays open
+    m.unfold()
+    m(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
