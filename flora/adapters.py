@@ -58,7 +58,9 @@ class AdapterRegistry:
                 f"the same variant, rank, targets and layers. Load it into a new FusedLlama instead")
         adapter_io.check_adapter_state_dict(self.arch, cfg, sd, where=str(path))
         self._store_adapter(name, cfg, sd)
-        if activate:
+        # the active adapter's name: its modules must hold the new tensors too, or switching
+        # away would store the old ones over them
+        if activate or name == self.active_adapter:
             self.set_adapter(name)
 
     def set_adapter(self, name: str) -> None:

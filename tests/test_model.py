@@ -394,3 +394,25 @@ def test_training_a_folded_model_is_refused_by_name(variant):
     m.unfold()
     m(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_reloading_the_active_adapter_without_activating_keeps_the_new_tensors(tmp_path):
+    """load_adapter(path, <the active name>, activate=False) replaced the registry's copy
+    only: the next set_adapter stored the modules' old tensors over the loaded ones."""
+    hf, ids, cfg = llama_model(), random_ids(1, 12), AdapterConfig("ffba", rank=4, alpha=8)
+    m = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    randomize_adapter(m, seed=1)
+    m.save_adapter(str(tmp_path / "a1"))
+    randomize_adapter(m, seed=2)
+    m.save_adapter(str(tmp_path / "a2"))
+    with torch.no_grad():
+        two = m(ids).logits
+    m2 = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "a1")).eval()
+    m2.load_adapter(str(tmp_path / "a1"), "other", activate=False)
+    m2.load_adapter(str(tmp_path / "a2"), "default", activate=False)
+    assert m2.active_adapter == "default"
+    with torch.no_grad():
+        assert torch.equal(m2(ids).logits, two)
+        m2.set_adapter("other")
+        m2.set_adapter("default")
+        assert torch.equal(m2(ids).logits, two)
