@@ -110,6 +110,10 @@ class AdapterRegistry:
     @contextlib.contextmanager
     def disable_adapter(self):
         """Inside the block the model computes exactly the base model."""
+        if self._merged:  # turning the adapter off would still run W + s B A
+            raise ValueError("disable_adapter: an adapter was merged into the base weights, so the base "
+                             "model is gone; load the model again for it (merged_state_dict() and "
+                             "save_merged() merge without changing the model)")
         states = [(m, m.adapter_enabled) for _, m in self.adapter_modules()]
         try:
             for m, _ in states:

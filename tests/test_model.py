@@ -164,6 +164,10 @@ def test_multiple_adapters_switch_and_merge(tmp_path):
         assert rel_err(m2(ids).logits, one) <= 1e-5
     with pytest.raises(ValueError, match="cannot be merged"):
         other.merge_into_base()
+    # the base model is gone: disabling the adapter would still run W + s B A
+    with pytest.raises(ValueError, match="disable_adapter: an adapter was merged"):
+        with m2.disable_adapter():
+            pass
 
 
 @pytest.mark.parametrize("variant", ["ffba", "zflora"])
