@@ -302,6 +302,12 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             mask = None if mask is None else mask.to(dev)
         if position_ids is None:
             position_ids = positions_from_mask(key_valid)
+        else:  # transformers' own are [1, T]: one row for the whole batch
+            if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != T or (
+                    position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
+                raise ValueError(f"position_ids shape {list(position_ids.shape)} does not fit input_ids "
+                                 f"shape {list(input_ids.shape)}; expected [{B}, {T}], [1, {T}] or [{T}]")
+            position_ids = position_ids.expand(B, T)
         if loss_only:
             n, carry = self.run_layers(input_ids, position_ids.to(dev), mask, head=False)
             if target_stats:

@@ -420,3 +420,17 @@ def test_reloading_the_active_adapter_without_activating_keeps_the_new_tensors(t
         m2.set_adapter("other")
         m2.set_adapter("default")
         assert torch.equal(m2(ids).logits, two)
+
+
+def test_position_ids_of_one_row_serve_the_batch():
+    """position_ids [1, T] (transformers' own form) or [T] apply to every row; they failed
+    deep in RoPE ("flora.rope: expected x [B, T, heads, head_dim] ...")."""
+    hf, ids = llama_model(), random_ids(2, 12)
+    m = FusedLlama.from_pretrained(hf).eval()
+    pos = torch.arange(3, 15)
+    with torch.no_grad():
+        ref = hf(ids, position_ids=pos.expand(2, 12)).logits
+        for p in (pos, pos[None], pos.expand(2, 12)):
+            assert rel_err(m(ids, position_ids=p).logits, ref) <= 1e-5
+        with pytest.raises(ValueError, match=r"position_ids shape \[3, 12\] does not fit"):
+            m(ids, position_ids=pos.expand(3, 12))
