@@ -49,14 +49,15 @@ class AdapterRegistry:
         """Load a flora or PEFT LoRA adapter dir under ``name`` (validated against this base)."""
         self._check_single("load_adapter")
         cfg, sd = adapter_io.resolve_adapter(path, self.arch)
-        if self.adapter_config is None:
-            self._rebuild(cfg)
-        elif not _same_structure(cfg, self.adapter_config):
+        if self.adapter_config is not None and not _same_structure(cfg, self.adapter_config):
             raise ValueError(
                 f"adapter {name!r} ({describe(cfg)}) does not have the structure of this model's "
                 f"adapters ({describe(self.adapter_config)}); adapters sharing one FusedLlama must have "
                 f"the same variant, rank, targets and layers. Load it into a new FusedLlama instead")
+        # checked before the model gains the adapter structure: a refused adapter leaves it as it was
         adapter_io.check_adapter_state_dict(self.arch, cfg, sd, where=str(path))
+        if self.adapter_config is None:
+            self._rebuild(cfg)
         self._store_adapter(name, cfg, sd)
         # the active adapter's name: its modules must hold the new tensors too, or switching
         # away would store the old ones over them

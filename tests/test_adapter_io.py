@@ -324,3 +324,22 @@ def test_save_refuses_the_other_formats_adapter(tmp_path):
     with torch.no_grad():
         got = PeftModel.from_pretrained(llama_model(seed=0), str(peft_dir)).eval()(input_ids=ids).logits
         assert rel_err(got, m(ids).logits) <= 1e-5 and rel_err(got, ref) > 1e-3
+
+
+def test_refused_adapter_leaves_an_adapterless_model_as_it_was(tmp_path, hf):
+    """load_adapter into a model without adapters gave it the adapter's structure (fresh,
+    nameless trainable tensors that save_adapter then wrote) before the tensors were refused."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "ad"
+    _trained(hf).save_adapter(str(d))
+    sd = load_file(str(d / "adapter.safetensors"))
+    del sd["layers.1.mlp.A_gate"]
+    save_file(sd, str(d / "adapter.safetensors"))
+    _edit(d, tensors_sha256=None)
+    m = FusedLlama.from_pretrained(hf)
+    with pytest.raises(AdapterError, match="missing tensors"):
+        m.load_adapter(str(d), "x")
+    assert m.adapter_config is None and m.adapter_names == [] and not list(m.parameters())
+    with pytest.raises(ValueError, match="no adapter to save"):
+        m.save_adapter(str(tmp_path / "out"))
