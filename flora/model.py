@@ -148,10 +148,12 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         tied = self.arch.tie_word_embeddings
         if tied:
             self._buffers["embed"] = None
-        super()._apply(fn, recurse)
-        if tied:
-            self.embed = self.head.weight
-        self.inv_freq = rope_inv_freq(self.arch).to(self.embed.device)
+        try:
+            super()._apply(fn, recurse)
+        finally:  # also when the conversion failed (.cuda() without CUDA): never left without embed
+            if tied:
+                self.embed = self.head.weight
+            self.inv_freq = rope_inv_freq(self.arch).to(self.embed.device)
         return self
 
     # ------------------------------------------------------------------ load

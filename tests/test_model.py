@@ -434,3 +434,19 @@ def test_position_ids_of_one_row_serve_the_batch():
             assert rel_err(m(ids, position_ids=p).logits, ref) <= 1e-5
         with pytest.raises(ValueError, match=r"position_ids shape \[3, 12\] does not fit"):
             m(ids, position_ids=pos.expand(3, 12))
+
+
+def test_a_failed_conversion_keeps_the_tied_embedding():
+    """A .to() / .cuda() that fails (no CUDA, out of memory) left a tied model without
+    its embedding: every later call failed with "'FusedLlama' object has no attribute 'device'"."""
+    hf, ids = llama_model(tied=True), random_ids(2, 12)
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, alpha=8)).eval()
+
+    def fail(t):
+        raise RuntimeError("conversion failed")
+
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        m._apply(fail)  # what .to() / .cuda() call
+    assert m.embed is not None and m.device.type == "cpu"
+    with torch.no_grad():
+        assert rel_err(m(ids).logits, hf(ids).logits) <= 1e-5
