@@ -48,6 +48,8 @@ class AdapterRegistry:
     def load_adapter(self, path, name: str = "default", activate: bool = True) -> None:
         """Load a flora or PEFT LoRA adapter dir under ``name`` (validated against this base)."""
         self._check_single("load_adapter")
+        if not isinstance(name, str) or not name:  # None means the base model (adapters=[...], active_adapter)
+            raise TypeError(f"load_adapter: name must be a non-empty string, got {name!r}")
         cfg, sd = adapter_io.resolve_adapter(path, self.arch)
         if self.adapter_config is not None and not _same_structure(cfg, self.adapter_config):
             raise ValueError(

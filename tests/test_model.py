@@ -450,3 +450,15 @@ def test_a_failed_conversion_keeps_the_tied_embedding():
     assert m.embed is not None and m.device.type == "cpu"
     with torch.no_grad():
         assert rel_err(m(ids).logits, hf(ids).logits) <= 1e-5
+
+
+def test_adapter_names_must_be_strings(tmp_path):
+    """load_adapter(path, None) stored an adapter that set_adapter made active as None (no
+    adapter: its trained tensors were dropped on the next switch), and adapter_names
+    then failed sorting None among the strings."""
+    m = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig("ffba", rank=4, alpha=8))
+    m.save_adapter(str(tmp_path / "a"))
+    for name in (None, 3, ""):
+        with pytest.raises(TypeError, match="name must be a non-empty string"):
+            m.load_adapter(str(tmp_path / "a"), name)
+    assert m.adapter_names == ["default"] and m.active_adapter == "default"
