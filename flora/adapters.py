@@ -250,7 +250,13 @@ class AdapterRegistry:
         c0, n = cfgs[0], len(names)
         # rank n*r at adapter 0's scale: alpha n*alpha_0; the others' B's carry alpha_i / alpha_0
         stacked = AdapterConfig(c0.variant, c0.rank * n, c0.alpha * n, 0.0, c0.targets, c0.layers)
-        self._rebuild(stacked)
+        params = dict(self.named_parameters())  # an optimizer's: unstack_adapters gives them back
+        try:
+            self._rebuild(stacked)
+        except BaseException:
+            self._reuse_parameters(params)  # the rebuild restored the old structure with new ones
+            raise
+        self._unstacked_parameters = params
         sds = [{k: (t * (c.alpha / c0.alpha) if k.rpartition(".")[2].startswith("B_") else t)
                 for k, t in self._adapters[name][1].items()} for name, c in zip(names, cfgs)]
         self._load_adapter_tensors(stack_state_dicts(sds, self.adapter_state_dict()))
@@ -264,8 +270,21 @@ class AdapterRegistry:
             return
         name = self.active_adapter or self._stack[0]
         self._rebuild(self._adapters[name][0])
-        self._stack, self.active_adapter = None, None
+        self._reuse_parameters(self._unstacked_parameters)
+        self._stack, self.active_adapter, self._unstacked_parameters = None, None, {}
         self.set_adapter(name)
+
+    def _reuse_parameters(self, params: dict) -> None:
+        """Put back the adapter Parameters ``params`` (name -> Parameter) the model had before
+        a rebuild, where they fit: an optimizer made before stack_adapters keeps training the
+        model's own tensors after unstack_adapters (not orphans)."""
+        for prefix, m in self.adapter_modules():
+            for n in m._adapter_names:
+                old, new = params.get(f"{prefix}.{n}"), getattr(m, n)
+                if old is not None and (old.shape, old.dtype, old.device) == (new.shape, new.dtype, new.device):
+                    with torch.no_grad():
+                        old.copy_(new)
+                    setattr(m, n, old)
 
     def adapter_rows(self, adapters, batch: int) -> Optional[torch.Tensor]:
         """Per-row adapter names (None: the base model) -> slot indices [batch]

@@ -200,9 +200,11 @@ def test_a_failure_half_way_through_stacking_leaves_the_model_as_it_was(hf, tmp_
         return real(sd, i, cfg, n, adapter_dtype)
 
     monkeypatch.setattr(fm, "FusedLlamaLayer", layer)
+    params = list(m.parameters())
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         m.stack_adapters(["default", "a1", "a2"])
     assert m.stacked is None and m.adapter_config.rank == 4 and m.active_adapter == "default" and m.folded
+    assert all(p is q for p, q in zip(m.parameters(), params))  # an optimizer's tensors, still the model's
     with torch.no_grad():
         assert torch.equal(m(ids).logits, want)
     monkeypatch.setattr(fm, "FusedLlamaLayer", real)
@@ -233,3 +235,21 @@ def test_padded_prefill_of_a_stacked_batch_is_the_plain_one(hf, tmp_path):
             out.append(torch.stack(toks, 1))
             assert bool(dec.prefill_graphs) == pad
     assert torch.equal(out[0], out[1])
+
+
+def test_an_optimizer_made_before_stacking_trains_the_model_after_unstacking(hf, tmp_path):
+    """unstack_adapters rebuilt the model with new adapter Parameters: an optimizer made
+    before stack_adapters went on stepping the orphaned old ones (the loss stayed flat)."""
+    m = _loaded(hf, _adapters(hf, "ffba", tmp_path, n=2)).train()
+    ids = random_ids(2, 7)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    m.eval()
+    m.stack_adapters(["default", "a1"])
+    m.unstack_adapters()
+    m.train()
+    assert [id(p) for p in m.parameters()] == [id(p) for p in params]
+    before = {k: t.clone() for k, t in m.adapter_state_dict().items()}
+    m(ids, labels=ids).loss.backward()
+    opt.step()
+    assert any(not torch.equal(t, before[k]) for k, t in m.adapter_state_dict().items())
