@@ -12,6 +12,7 @@ everything against the base model and read only safetensors (never pickle).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -218,7 +219,9 @@ def resolve_adapter(adapter, arch: LlamaArch):
     """AdapterConfig | dir -> (validated AdapterConfig, tensors or None for a fresh adapter)."""
     if isinstance(adapter, AdapterConfig):
         adapter.validate_for(arch)
-        return adapter, None
+        # the model's own copy: a caller changing theirs later (a sweep reusing it) must not
+        # change what save_adapter writes while the modules keep the scale they were built with
+        return copy.deepcopy(adapter), None
     if isinstance(adapter, (str, os.PathLike)):
         return read_adapter_dir(adapter, arch)
     raise TypeError(f"adapter must be an AdapterConfig or an adapter directory, got {type(adapter).__name__}")

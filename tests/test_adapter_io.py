@@ -343,3 +343,21 @@ def test_refused_adapter_leaves_an_adapterless_model_as_it_was(tmp_path, hf):
     assert m.adapter_config is None and m.adapter_names == [] and not list(m.parameters())
     with pytest.raises(ValueError, match="no adapter to save"):
         m.save_adapter(str(tmp_path / "out"))
+
+
+def test_the_model_keeps_its_own_adapter_config(tmp_path, hf):
+    """from_pretrained kept the caller's AdapterConfig: changing it afterwards (a sweep
+    reusing it for the next model) changed the alpha save_adapter wrote, not the scale
+    the modules computed with, so the reloaded adapter gave other logits."""
+    cfg = AdapterConfig("ffba", rank=4, alpha=8)
+    m = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    randomize_adapter(m, seed=1)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        want = m(ids).logits
+    cfg.alpha = 32.0
+    assert m.adapter_config.alpha == 8.0
+    m.save_adapter(str(tmp_path / "a"))
+    again = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
