@@ -13,6 +13,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -145,6 +146,15 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return _ids(tokenizer, prompt, True)
 
 
+def render_chat(tokenizer, messages: list, generation_prompt: bool, where: Optional[str] = None) -> str:
+    """``messages`` through the tokenizer's chat template (text, not ids); a
+    template's own refusal (jinja's ``raise_exception``) as a ValueError."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - jinja's errors name the template's rule
+        raise ValueError(f"{where + ': ' if where else ''}the chat template rejects this conversation: {e}") from None
+
+
 def chat_pieces(tokenizer, messages: list, where: str = "record") -> list[tuple[str, bool]]:
     """A conversation rendered by the tokenizer's chat template, as (text,
     is_target) pieces: each assistant turn's text (its content and the
@@ -158,10 +168,7 @@ def chat_pieces(tokenizer, messages: list, where: str = "record") -> list[tuple[
                          "this checkpoint's tokenizer has none (use prompt/completion records)")
 
     def render(msgs, gen):
-        try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-        except Exception as e:  # noqa: BLE001 - jinja's errors (a template's raise_exception) name the rule
-            raise ValueError(f"{where}: the chat template rejects this conversation: {e}") from None
+        return render_chat(tokenizer, msgs, gen, where)
 
     pieces, done = [], ""
     for i, m in enumerate(messages):

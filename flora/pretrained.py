@@ -105,7 +105,9 @@ def chat_prompt(tokenizer, messages: Union[str, list], system: Optional[str] = N
         messages = [{"role": "system", "content": system}] + list(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template; pass plain ids to generate() instead")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from .data import render_chat
+
+    return render_chat(tokenizer, messages, True)
 
 
 def chat_ids(tokenizer, messages: Union[str, list], system: Optional[str] = None) -> torch.Tensor:

@@ -148,8 +148,7 @@ class Engine:
             if not getattr(self.tok, "chat_template", None):
                 raise BadRequest("this model's tokenizer has no chat template; use /v1/completions")
             try:
-                msgs = check_messages(body.get("messages"), "messages", need_answer=False)
-                text = chat_prompt(self.tok, msgs)
+                text = chat_prompt(self.tok, check_messages(body.get("messages"), "messages", need_answer=False))
             except ValueError as e:
                 raise BadRequest(str(e)) from None
         else:
@@ -346,6 +345,10 @@ def make_handler(engine: Engine, quiet: bool = True):
                 req = engine.parse(body, chat)
             except BadRequest as e:
                 self._error(e)
+                return
+            except Exception as e:  # noqa: BLE001 - an answer, never a dropped connection
+                self._send(500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
+                                           "code": 500}})
                 return
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             created = int(time.time())

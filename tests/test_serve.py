@@ -235,6 +235,17 @@ def test_bad_json_and_defaults_that_ask_for_nothing(server):
     assert got == 200, raw
 
 
+def test_a_template_that_rejects_the_conversation_is_a_bad_request(setup):
+    from flora.serve import BadRequest
+
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)), tok, {"base": None})
+    with pytest.raises(BadRequest, match="the chat template rejects this conversation: roles must alternate"):
+        eng.parse({"messages": [{"role": "user", "content": "a"}]}, True)
+
+
 def test_default_max_tokens(setup):
     _, ckpt, _ = setup
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt), {"base": None}, max_tokens=5)
