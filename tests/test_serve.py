@@ -293,7 +293,10 @@ def test_cli_serves_until_ctrl_c(setup):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     p = subprocess.Popen([sys.executable, "-m", "flora", "serve", "--model", str(ckpt), "--adapter",
                           f"mine={adapter}", "--port", "0", "--device", "cpu"],
-                         stderr=subprocess.PIPE, text=True, env=env)
+                         stderr=subprocess.PIPE, text=True, env=env,
+                         # Ctrl-C's default even where this test runs with SIGINT ignored (nohup, a
+                         # background job): Python then installs its KeyboardInterrupt handler
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = p.stderr.readline()
         assert line.startswith("flora serve: http://"), line
