@@ -47,24 +47,52 @@ class AdapterRegistry:
 
     def load_adapter(self, path, name: str = "default", activate: bool = True) -> None:
         """Load a flora or PEFT LoRA adapter dir under ``name`` (validated against this base)."""
-        self._check_single("load_adapter")
+        self._add("load_adapter", name, path, activate)
+
+    def add_adapter(self, name: str, config: AdapterConfig, activate: bool = True) -> None:
+        """A fresh adapter of ``config`` under ``name``, initialised as
+        ``from_pretrained(adapter=config)`` initialises one (PEFT's LoRA init:
+        A kaiming-uniform, B zero), e.g. to train a second task's adapter on the
+        same loaded base. Its structure must be the model's adapters' (if any)."""
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"add_adapter: config must be an AdapterConfig, got {type(config).__name__}")
+        if name in self._adapters:
+            raise ValueError(f"add_adapter: an adapter named {name!r} is loaded already "
+                             f"(delete_adapter({name!r}) first, or load_adapter to replace its tensors)")
+        self._add("add_adapter", name, config, activate)
+
+    def _add(self, what: str, name: str, source, activate: bool) -> None:
+        self._check_single(what)
         if not isinstance(name, str) or not name:  # None means the base model (adapters=[...], active_adapter)
-            raise TypeError(f"load_adapter: name must be a non-empty string, got {name!r}")
-        cfg, sd = adapter_io.resolve_adapter(path, self.arch)
+            raise TypeError(f"{what}: name must be a non-empty string, got {name!r}")
+        cfg, sd = adapter_io.resolve_adapter(source, self.arch)
         if self.adapter_config is not None and not _same_structure(cfg, self.adapter_config):
             raise ValueError(
                 f"adapter {name!r} ({describe(cfg)}) does not have the structure of this model's "
                 f"adapters ({describe(self.adapter_config)}); adapters sharing one FusedLlama must have "
                 f"the same variant, rank, targets and layers. Load it into a new FusedLlama instead")
-        # checked before the model gains the adapter structure: a refused adapter leaves it as it was
-        adapter_io.check_adapter_state_dict(self.arch, cfg, sd, where=str(path))
+        if sd is not None:
+            # checked before the model gains the adapter structure: a refused adapter leaves it as it was
+            adapter_io.check_adapter_state_dict(self.arch, cfg, sd, where=str(source))
         if self.adapter_config is None:
             self._rebuild(cfg)
+        if sd is None:  # fresh: as the modules' construction initialises them
+            sd = {f"{prefix}.{k}": t for prefix, m in self.adapter_modules()
+                  for k, t in m.fresh_adapter_state_dict().items()}
         self._store_adapter(name, cfg, sd)
         # the active adapter's name: its modules must hold the new tensors too, or switching
         # away would store the old ones over them
         if activate or name == self.active_adapter:
             self.set_adapter(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (not the active one: switch away first)."""
+        self._check_single("delete_adapter")
+        if name not in self._adapters:
+            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self._adapters)}")
+        if name == self.active_adapter:
+            raise ValueError(f"delete_adapter: {name!r} is the active adapter; set_adapter() another first")
+        del self._adapters[name]
 
     def set_adapter(self, name: str) -> None:
         """Make adapter ``name`` current: copies only its tensors into the modules."""

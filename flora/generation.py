@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import nvtx, ops
-from .layers import causal_prompt, check_token_ids, positions_from_mask, slot_mask
+from .layers import causal_prompt, check_id_dtype, check_token_ids, positions_from_mask, slot_mask
 
 
 def bucket_size(device: torch.device) -> int:
@@ -501,9 +501,12 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     ``adapters``: one adapter name (None: the base model) per row, for a
     model holding several side by side (``FusedLlama.stack_adapters``).
     """
-    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a [batch, seq] tensor with seq >= 1, got "
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or not input_ids.numel():
+        raise ValueError(f"input_ids must be a [batch, seq] tensor with batch, seq >= 1, got "
                          f"{list(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__}")
+    check_id_dtype(input_ids, "input_ids")
+    if seed is not None and generator is not None:
+        raise ValueError("generate: give seed or generator, not both (the generator would silently win)")
     check_sampling(max_new_tokens, temperature, top_p, top_k)
     if attention_mask is not None and (not torch.is_tensor(attention_mask)
                                        or tuple(attention_mask.shape) != tuple(input_ids.shape)):

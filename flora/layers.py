@@ -59,6 +59,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return ops.rope(x, cos, sin)
 
 
+def check_id_dtype(t: Tensor, name: str) -> None:
+    """Token ids (and labels) are integers: a float or bool tensor is a mix-up
+    (an attention mask passed as ids), named here, not deep in the embedding."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer token ids, got dtype {t.dtype}")
+
+
 def check_token_ids(ids: Tensor, vocab: int) -> None:
     """Token ids in [0, vocab): an id outside would index past the embedding
     (an IndexError on the CPU, a device-side assert that ends the CUDA

@@ -21,9 +21,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import adapter_io, nvtx, ops
 from .adapters import AdapterRegistry, describe
-from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, causal_lm_loss, check_token_ids,
-                     chunked_lm_loss, chunked_target_stats, positions_from_mask, prompt_mask, rms_norm,
-                     rope_cos_sin, rope_inv_freq)
+from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, causal_lm_loss, check_id_dtype,
+                     check_token_ids, chunked_lm_loss, chunked_target_stats, positions_from_mask, prompt_mask,
+                     rms_norm, rope_cos_sin, rope_inv_freq)
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
 from .config import ZFLORA_FAMILY, LlamaArch
 from .generation import generate
@@ -264,8 +264,12 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         [tokens, vocab] logits: flora.layers.chunked_target_stats).
         ``adapters``: one adapter name (None: the base model) per row, for a
         model holding several (:meth:`stack_adapters`); inference only."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        if input_ids.dim() != 2 or not input_ids.numel():
+            raise ValueError(f"input_ids must be [batch, seq] with batch, seq >= 1, got shape {list(input_ids.shape)}")
+        check_id_dtype(input_ids, "input_ids")
+        if labels is not None:
+            check_id_dtype(labels, "labels")
+            labels = labels.long()  # int32 labels (a tokenizer's numpy ids): the loss takes int64
         B, T = input_ids.shape
         dev = self.device
         rows = self.adapter_rows(adapters, B)

@@ -354,6 +354,25 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
             m.generate(ids, max_new_tokens=2)
 
 
+def test_empty_or_non_integer_inputs_are_refused_by_name(tmp_path):
+    m = FusedLlama.from_pretrained(save_model(llama_model(), tmp_path / "m"))
+    ids = random_ids(2, 6)
+    for empty in (ids[:0], ids[:, :0]):
+        with pytest.raises(ValueError, match="batch, seq >= 1"):
+            m(empty)
+        with pytest.raises(ValueError, match="batch, seq >= 1"):
+            m.generate(empty, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must be integer token ids, got dtype torch.float32"):
+        m(ids.float())
+    with pytest.raises(ValueError, match="input_ids must be integer token ids, got dtype torch.bool"):
+        m.generate(ids.bool(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="labels must be integer token ids"):
+        m(ids, labels=ids.float())
+    with pytest.raises(ValueError, match="give seed or generator, not both"):
+        m.generate(ids, max_new_tokens=2, temperature=1.0, seed=1, generator=torch.Generator())
+    m(ids.int(), labels=ids.int())  # int32 ids and labels are ids too
+
+
 @pytest.mark.parametrize("variant", ["ffba", "pf-lora", "zflora"])
 def test_load_state_dict_into_a_folded_model(variant):
     """model.load_state_dict() on a folded model folds the loaded adapter again (the
@@ -462,3 +481,55 @@ def test_adapter_names_must_be_strings(tmp_path):
         with pytest.raises(TypeError, match="name must be a non-empty string"):
             m.load_adapter(str(tmp_path / "a"), name)
     assert m.adapter_names == ["default"] and m.active_adapter == "default"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_add_adapter_is_a_fresh_one_beside_the_trained(variant):
+    """add_adapter: a second task's adapter on the same loaded base, initialised as
+    from_pretrained(adapter=config) initialises one (zero where it is zero, A drawn
+    where it is drawn: at init the model computes the base), the first one kept."""
+    hf = llama_model(tied=variant.startswith("zflora"))
+    ids = random_ids(2, 10)
+    cfg = AdapterConfig(variant, rank=4)
+    m = FusedLlama.from_pretrained(hf, adapter=cfg)
+    fresh = m.adapter_state_dict()
+    randomize_adapter(m)
+    with torch.no_grad():
+        trained = m(ids).logits
+    m.add_adapter("second", cfg)
+    assert m.active_adapter == "second" and m.adapter_names == ["default", "second"]
+    new = m.adapter_state_dict()
+    assert new.keys() == fresh.keys()
+    for k, t in new.items():
+        assert t.shape == fresh[k].shape and t.dtype == fresh[k].dtype
+        assert bool((t == 0).all()) == bool((fresh[k] == 0).all()), k  # same init, tensor by tensor
+    with torch.no_grad():
+        assert rel_err(m(ids).logits, hf(ids).logits) <= 1e-5
+        m.set_adapter("default")
+        assert torch.equal(m(ids).logits, trained)
+    with pytest.raises(ValueError, match="is loaded already"):
+        m.add_adapter("second", cfg)
+    with pytest.raises(ValueError, match="does not have the structure"):
+        m.add_adapter("third", AdapterConfig(variant, rank=8))
+    with pytest.raises(TypeError, match="must be an AdapterConfig"):
+        m.add_adapter("third", "ffba")
+
+
+def test_add_adapter_to_a_base_model_and_delete_adapter():
+    hf = llama_model()
+    ids = random_ids(1, 8)
+    m = FusedLlama.from_pretrained(hf)
+    m.add_adapter("task", AdapterConfig("ffba", rank=4), activate=False)
+    m.add_adapter("other", AdapterConfig("ffba", rank=4))
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert params and m.active_adapter == "other"
+    m(ids, labels=ids).loss.backward()  # trainable
+    assert all(p.grad is not None for p in params)
+    with pytest.raises(ValueError, match="is the active adapter"):
+        m.delete_adapter("other")
+    with pytest.raises(KeyError, match="no adapter named 'nope'"):
+        m.delete_adapter("nope")
+    m.delete_adapter("task")
+    assert m.adapter_names == ["other"]
+    with pytest.raises(KeyError):
+        m.set_adapter("task")

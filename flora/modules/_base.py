@@ -127,6 +127,7 @@ class AdapterModule(nn.Module):
         self.folded = False
         self.merged = False
         self._adapter_names: List[str] = []
+        self._adapter_init: Dict[str, str] = {}  # name -> "A" (kaiming) or "zero": a fresh adapter's values
         p = 0.0 if config is None else getattr(config, "dropout", 0.0)
         self.dropout = nn.Dropout(p) if p > 0 else None
         self.route_off: Optional[Tensor] = None  # set by FusedLlama.run_layers for a mixed batch
@@ -138,6 +139,7 @@ class AdapterModule(nn.Module):
             init_A(t)
         self.register_parameter(name, nn.Parameter(t))
         self._adapter_names.append(name)
+        self._adapter_init[name] = init
 
     def param(self, name: str, like: Tensor) -> Tensor:
         """Adapter tensor cast to the activation dtype."""
@@ -174,6 +176,16 @@ class AdapterModule(nn.Module):
 
     def adapter_state_dict(self) -> Dict[str, Tensor]:
         return {n: getattr(self, n).detach() for n in self._adapter_names}
+
+    def fresh_adapter_state_dict(self) -> Dict[str, Tensor]:
+        """New adapter tensors as the module's construction initialises them."""
+        out = {}
+        for n in self._adapter_names:
+            t = torch.zeros_like(getattr(self, n), requires_grad=False)
+            if self._adapter_init.get(n) == "A":
+                init_A(t)
+            out[n] = t
+        return out
 
     def load_adapter_state_dict(self, sd: Dict[str, Tensor], strict: bool = True) -> None:
         names = set(self._adapter_names)
