@@ -64,7 +64,8 @@ def finetune(model_dir, train_data, eval_data=None, adapter=None, config: TrainC
         model.save_adapter(Path(out_dir) / "adapter")
         log = {"steps": result.steps, "final_train_loss": result.final_train_loss,
                "final_eval": result.final_eval, "tokens_per_s": result.tokens_per_s,
-               "seconds": result.seconds, "history": result.history, "eval_history": result.eval_history}
+               "seconds": result.seconds, "history": result.history, "eval_history": result.eval_history,
+               "best_eval": result.best_eval, "stopped_early": result.stopped_early}
         atomic_write_json(Path(out_dir) / "train_log.json", log, indent=1)
     return model, tokenizer, result
 
@@ -100,6 +101,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--allow-schedule-change", action="store_true",
                    help="with --resume: accept a changed --lr, --lr-schedule, --warmup-steps or step count")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--save-best", action="store_true",
+                   help="also keep the adapter of the lowest eval loss in OUT/best-adapter (needs --eval)")
+    p.add_argument("--early-stop", type=int, default=0, metavar="N",
+                   help="stop after N evaluations without a lower eval loss (needs --eval, --eval-every)")
     p.add_argument("--group-by-length", action="store_true",
                    help="batches of examples of similar length (less padding; the order stays seeded)")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
@@ -112,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 # what a run leaves in --out (finetune + train_state); .checkpoint-old survives a
 # save killed between its two renames and is resumed from like checkpoint/
-_RUN_FILES = ("adapter", "checkpoint", ".checkpoint-old", "train_log.json")
+_RUN_FILES = ("adapter", "best-adapter", "checkpoint", ".checkpoint-old", "train_log.json")
 
 
 def _run_files(out: Path) -> list[str]:
@@ -168,7 +173,12 @@ def run_args(args) -> dict:
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                       lr_schedule=args.lr_schedule, bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
                       progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change,
-                      group_by_length=args.group_by_length).validate()
+                      group_by_length=args.group_by_length, save_best=args.save_best,
+                      early_stop=args.early_stop).validate()
+    if (cfg.save_best or cfg.early_stop) and args.eval is None:  # before anything loads
+        raise ValueError(f"{'--save-best' if cfg.save_best else '--early-stop'} needs --eval (it compares eval losses)")
+    if cfg.early_stop and not cfg.eval_every:
+        raise ValueError("--early-stop needs --eval-every (it counts evaluations during training)")
     # after the argument checks (a typo is named as such), before anything is loaded or written
     resume = _check_out(out, args.resume)
     created = _make_dirs(out)  # an unwritable --out fails here too

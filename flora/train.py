@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -56,6 +57,8 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard adapters + optimizer state (FSDP2) instead of DDP
     # batches of similar lengths (less padding: see epoch_order); the order stays a function of seed
     group_by_length: bool = False
+    save_best: bool = False  # keep the adapter of the lowest eval loss in out_dir/best-adapter
+    early_stop: int = 0  # stop after this many evaluations without a lower eval loss (0: never)
 
     def validate(self):
         for name in ("batch_size", "grad_accum", "seq_len", "epochs", "eval_batch_size"):
@@ -74,6 +77,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
         if not isinstance(self.group_by_length, bool):
             raise ValueError(f"TrainConfig.group_by_length must be True or False, got {self.group_by_length!r}")
+        if not isinstance(self.save_best, bool):
+            raise ValueError(f"TrainConfig.save_best must be True or False, got {self.save_best!r}")
+        if isinstance(self.early_stop, bool) or not isinstance(self.early_stop, int) or self.early_stop < 0:
+            raise ValueError(f"TrainConfig.early_stop must be an integer >= 0, got {self.early_stop!r}")
         if self.bf16 not in ("auto", True, False):
             raise ValueError(f"TrainConfig.bf16 must be 'auto', True or False, got {self.bf16!r}")
         return self
@@ -98,6 +105,8 @@ class TrainResult:
     final_eval: Optional[dict]
     tokens_per_s: float
     seconds: float
+    best_eval: Optional[dict] = None  # the evaluation of the lowest loss (its "step" included)
+    stopped_early: bool = False
 
 
 class Interrupted(Exception):
@@ -274,6 +283,17 @@ def epoch_order(n: int, seed: int, epoch: int, lengths: Optional[list] = None,
     return [i for b in full + [b for b in batches if len(b) < global_batch] for i in b]
 
 
+def _best(eval_history: list) -> Optional[int]:
+    """Index of the evaluation with the lowest loss (the first of equals), or None."""
+    return min(range(len(eval_history)), key=lambda i: eval_history[i]["loss"]) if eval_history else None
+
+
+def _stop_early(eval_history: list, patience: int) -> bool:
+    """``patience`` evaluations in a row without a loss below the best before them."""
+    b = _best(eval_history)
+    return bool(patience) and b is not None and len(eval_history) - 1 - b >= patience
+
+
 def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = None, out_dir=None,
           resume: bool = False, callback: Callable[[int, dict], None] = None) -> TrainResult:
     """Trains ``model``'s parameters that have ``requires_grad`` (for FusedLlama:
@@ -286,6 +306,10 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     rank, world, local_rank = init_distributed()
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+    if cfg.save_best and (eval_data is None or out_dir is None or not hasattr(model, "save_adapter")):
+        raise ValueError("save_best needs eval data, out_dir and a model with an adapter (save_adapter)")
+    if cfg.early_stop and (eval_data is None or not cfg.eval_every):
+        raise ValueError("early_stop needs eval data and eval_every > 0 (it counts evaluations)")
     train_ds = _as_dataset(train_data, tokenizer, cfg.seq_len)
     eval_ds = _as_dataset(eval_data, tokenizer, cfg.seq_len)
     pad_id = pad_id_of(tokenizer)
@@ -361,6 +385,8 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     def run_eval(step):
         stats = eval_stats(model, eval_ds, batch_size=cfg.eval_batch_size, autocast=autocast, pad_id=pad_id)
         eval_history.append({"step": step, **stats})
+        if cfg.save_best and _best(eval_history) == len(eval_history) - 1 and rank == 0:
+            model.save_adapter(Path(out_dir) / "best-adapter")  # atomic: a kill keeps the previous best
         return stats
 
     def save(step):
@@ -374,8 +400,9 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     lengths = [len(it["input_ids"]) for it in train_ds] if cfg.group_by_length else None
     net.train()
     step = start_step
+    stopped = _stop_early(eval_history, cfg.early_stop)  # a resumed run that had stopped stays stopped
     try:
-        while step < total:
+        while step < total and not stopped:
             t0 = time.perf_counter()
             epoch, pos = divmod(step, steps_per_epoch)
             if order_epoch != epoch:
@@ -420,13 +447,15 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
             history.append(rec)
             if eval_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 run_eval(step)
+                stopped = _stop_early(eval_history, cfg.early_stop)
             if bar is not None:
                 post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
                 if eval_history:
                     post["eval"] = f"{eval_history[-1]['loss']:.4f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
-            if out_dir is not None and cfg.save_every and step % cfg.save_every == 0 and step < total:
+            if out_dir is not None and cfg.save_every and step % cfg.save_every == 0 and step < total \
+                    and not stopped:  # a stopped run saves once, below
                 save(step)
             if callback is not None:
                 callback(step, rec)
@@ -441,6 +470,8 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     seconds = time.perf_counter() - t_start
     tail = [h["loss"] for h in history[-10:]]
     new_tokens = sum(h["tokens"] for h in history[start_step:])
+    b = _best(eval_history)
     return TrainResult(steps=step, history=history, eval_history=eval_history,
                        final_train_loss=sum(tail) / max(len(tail), 1), final_eval=final_eval,
-                       tokens_per_s=new_tokens / max(seconds, 1e-9), seconds=seconds)
+                       tokens_per_s=new_tokens / max(seconds, 1e-9), seconds=seconds,
+                       best_eval=None if b is None else eval_history[b], stopped_early=stopped)

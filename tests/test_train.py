@@ -426,3 +426,54 @@ def test_bench_length_grouping_counts_the_padding(ckpt, tmp_path):
     batches = [[L[i] for i in order[s * 4:(s + 1) * 4]] for s in range(3)]
     pad = sum(max(b) * 4 - sum(b) for b in batches)
     assert rows["plain"]["padded_share"] == pytest.approx(pad / sum(max(b) * 4 for b in batches))
+
+
+def test_early_stop_and_best_adapter(ckpt, tok, tmp_path):
+    """early_stop: training ends after that many evaluations without a lower eval loss
+    (a resume of the stopped run trains no further); save_best keeps the adapter of the
+    lowest eval loss, whose eval loss, recomputed from the saved files, is that one."""
+    from flora.train import _stop_early
+
+    assert not _stop_early([{"loss": 3.0}, {"loss": 2.0}, {"loss": 2.5}], 2)
+    assert _stop_early([{"loss": 3.0}, {"loss": 2.0}, {"loss": 2.5}, {"loss": 2.0}], 2)  # equal is no better
+    assert not _stop_early([{"loss": 3.0}, {"loss": 4.0}], 0)
+    snaps = {}
+
+    def snap(step, rec):
+        snaps[step] = {k: v.clone() for k, v in m.adapter_state_dict().items()}
+
+    c = cfg(lr=0.3, max_steps=12, lr_schedule="constant", eval_every=1, early_stop=2, save_best=True)
+    m = fused(ckpt)
+    evals = records(n=8, split="eval")
+    r = train(m, tok, records(n=32), evals, config=c, out_dir=tmp_path, callback=snap)
+    losses = [e["loss"] for e in r.eval_history]
+    b = min(range(len(losses)), key=losses.__getitem__)
+    assert r.stopped_early and r.steps < 12 and r.steps == r.eval_history[-1]["step"]
+    assert len(losses) - 1 - b == 2 and r.best_eval == r.eval_history[b]
+    best = FusedLlama.from_pretrained(str(ckpt), adapter=str(tmp_path / "best-adapter"))
+    for k, v in snaps[r.eval_history[b]["step"]].items():
+        assert torch.equal(best.adapter_state_dict()[k], v), k
+    again = eval_stats(best, TokenizedDataset(evals, tok, 32), pad_id=tok.pad_token_id)
+    assert again["loss"] == pytest.approx(r.best_eval["loss"], rel=1e-6)
+    r2 = train(fused(ckpt, seed=5), tok, records(n=32), evals, config=c, out_dir=tmp_path, resume=True)
+    assert r2.steps == r.steps and r2.stopped_early and r2.history == r.history
+    with pytest.raises(ValueError, match="save_best needs eval data"):
+        train(fused(ckpt), tok, records(n=32), config=cfg(save_best=True), out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="early_stop needs eval data and eval_every"):
+        train(fused(ckpt), tok, records(n=32), evals, config=cfg(early_stop=2))
+
+
+@pytest.mark.parametrize("extra, msg", [(["--save-best"], "--save-best needs --eval"),
+                                        (["--early-stop", "2"], "--early-stop needs --eval"),
+                                        (["--early-stop", "2", "--eval", "E"], "--early-stop needs --eval-every")])
+def test_cli_best_and_early_stop_need_evaluations(ckpt, tmp_path, capsys, extra, msg):
+    from flora.cli import main
+    from flora.synthetic import write_jsonl
+
+    data = write_jsonl(records(n=8), tmp_path / "train.jsonl")
+    extra = [str(data) if a == "E" else a for a in extra]
+    assert main(["train", "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--no-progress"] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flora train: error: {msg} (") and "\n" not in err
+    assert not (tmp_path / "o").exists()
