@@ -107,11 +107,12 @@ class Engine:
     """The model, its tokenizer, and the worker thread that batches requests."""
 
     def __init__(self, model, tokenizer, names: dict, max_batch: int = 8, mixed: bool = False,
-                 max_tokens: int = 1024):
+                 max_tokens: int = 1024, wait_s: float = 0.005):
         from .data import pad_id_of
 
         self.model, self.tok, self.names = model, tokenizer, names  # served name -> adapter (None: base)
         self.max_batch, self.max_tokens = max_batch, max_tokens
+        self.wait_s = wait_s  # after a request finds the worker idle: how long others may join it
         # the adapters side by side: one batch takes any of them (and the base), row by row
         self.mixed = mixed and any(a is not None for a in names.values())
         if self.mixed:
@@ -188,6 +189,13 @@ class Engine:
         while True:
             if not waiting:
                 waiting.append(self.queue.get())
+                # clients that send at the same moment arrive a little apart: a few ms for them
+                deadline = time.monotonic() + self.wait_s
+                while len(waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        waiting.append(self.queue.get(timeout=left))
+                    except queue.Empty:
+                        break
             while True:  # everything that arrived meanwhile: batched with its kind
                 try:
                     waiting.append(self.queue.get_nowait())
@@ -417,6 +425,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="a chat completion's max_tokens when the request gives none (capped at the context)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a request that finds the server idle waits for others to batch with")
     p.add_argument("--mixed", action="store_true",
                    help="the adapters side by side: requests for any of them and the base share batches")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -448,6 +458,8 @@ def run_args(args) -> None:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not 0 <= args.batch_wait_ms <= 1000:
+        raise ValueError(f"--batch-wait-ms must be in 0 .. 1000, got {args.batch_wait_ms}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0 .. 65535, got {args.port}")
     adapters = _adapters(args.adapter, args.name)
@@ -461,7 +473,7 @@ def run_args(args) -> None:
         except ValueError as e:  # another variant / rank / targets: cannot share the model
             raise ValueError(f"--adapter {name}={a}: {e}") from None
     engine = Engine(model, load_tokenizer(path), {args.name: None, **{n: n for n in adapters}}, args.max_batch,
-                    mixed=args.mixed, max_tokens=args.max_tokens)
+                    mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000)
     try:
         srv = serve(engine, args.host, args.port, quiet=not args.log)
     except OSError as e:

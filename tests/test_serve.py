@@ -181,6 +181,21 @@ def test_requests_waiting_together_run_as_one_batch(setup):
     assert eng.batches == 3
 
 
+def test_requests_arriving_a_moment_apart_share_a_batch(setup):
+    import time
+
+    _, ckpt, adapter = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    eng = Engine(model, load_tokenizer(ckpt), {"base": None}, wait_s=0.5).start()
+    reqs = []
+    for p in PROMPTS[:2]:
+        reqs.append(eng.submit(eng.parse({"prompt": p, "max_tokens": 6, "temperature": 0}, False)))
+        time.sleep(0.02)
+    for r, p in zip(reqs, PROMPTS):
+        assert r.events.get(timeout=60)[1:] == _reference(ckpt, None, p, 6)
+    assert eng.batches == 1
+
+
 def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
     """--mixed: the adapters side by side, requests for any of them (and the base)
     in one batch, each row equal to its own model alone."""
@@ -279,6 +294,7 @@ def test_chat_without_a_template_is_refused(setup):
     (["--adapter", "a=/nonexistent"], "is not a directory"),
     (["--max-batch", "0"], "--max-batch"),
     (["--max-tokens", "0"], "--max-tokens"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
     (["--port", "70000"], "--port"),
 ])
 def test_cli_bad_arguments_are_one_line(setup, capsys, extra, msg):
