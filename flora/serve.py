@@ -202,7 +202,14 @@ class Engine:
                 except queue.Empty:
                     break
             key = waiting[0].key(self.mixed)
-            batch = [r for r in waiting if r.key(self.mixed) == key][:self.max_batch]
+            batch = []
+            for r in waiting:
+                # the rows share one cache of the longest prompt plus the longest answer: a row that
+                # would push that past the context waits (generate would cut every row's answer short)
+                if r.key(self.mixed) == key and len(batch) < self.max_batch and (
+                        not batch or max(len(b.prompt) for b in batch + [r])
+                        + max(b.max_tokens for b in batch + [r]) <= self.context):
+                    batch.append(r)
             waiting = [r for r in waiting if not any(r is b for b in batch)]
             try:
                 self.run(batch)

@@ -181,6 +181,21 @@ def test_requests_waiting_together_run_as_one_batch(setup):
     assert eng.batches == 3
 
 
+def test_a_batch_never_cuts_a_row_short_of_its_max_tokens(setup):
+    """Rows share one cache of the longest prompt plus the longest answer: a short
+    prompt with a long answer does not join a long prompt's batch past the context
+    (it got only what the long prompt left, finish_reason "length")."""
+    _, ckpt, _ = setup
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None})
+    long = eng.submit(eng.parse({"prompt": "a b c d e f " * 6, "max_tokens": 3, "temperature": 0}, False))
+    short = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0}, False))
+    assert len(long.prompt) + short.max_tokens > 64  # together past the tiny model's context
+    eng.start()
+    assert long.events.get(timeout=60)[1:] == _reference(ckpt, None, "a b c d e f " * 6, 3)
+    assert short.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[2], 50)
+    assert eng.batches == 2
+
+
 def test_requests_arriving_a_moment_apart_share_a_batch(setup):
     import time
 
