@@ -68,6 +68,7 @@ class Request:
     stream: bool = False
     stop: tuple = ()  # strings that end the text (not included)
     events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: bool = False  # its streaming client left: its row generates no further
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share a batch (greedy ignores top_p / top_k;
@@ -101,6 +102,11 @@ UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs
 
 def _asks_for_nothing(v, defaults) -> bool:
     return v is None or any(v == d and isinstance(v, bool) == isinstance(d, bool) for d in defaults)
+
+
+class _BatchDone(Exception):
+    """Every row of a batch is finished (stop strings, its own max_tokens, a client
+    that left: ends generate knows nothing of), so the batch stops."""
 
 
 class Engine:
@@ -230,6 +236,8 @@ class Engine:
         def put(tokens):
             for row, t in zip(rows, tokens.tolist()):
                 row.add(t, self)
+            if all(row.done for row in rows):  # else generate runs on to the longest max_tokens
+                raise _BatchDone
 
         temperature, top_p, top_k = batch[0].sampling
         kw = {}
@@ -237,7 +245,8 @@ class Engine:
             kw["adapters"] = [self.names[r.model] for r in batch]
         elif adapter is not None and m.active_adapter != adapter:
             m.set_adapter(adapter)  # copies the adapter's tensors only
-        with m.disable_adapter() if adapter is None and not self.mixed else contextlib.nullcontext():
+        with m.disable_adapter() if adapter is None and not self.mixed else contextlib.nullcontext(), \
+                contextlib.suppress(_BatchDone):
             m.generate(ids.to(m.device), max_new_tokens=max(r.max_tokens for r in batch),
                        attention_mask=mask.to(m.device), pad_token_id=self.pad, temperature=temperature,
                        top_p=top_p, top_k=top_k, seed=batch[0].seed, streamer=put, **kw)
@@ -262,6 +271,9 @@ class _Row:
 
     def add(self, token: int, eng: Engine) -> None:
         if self.done:
+            return
+        if self.req.cancelled:  # no one reads it: done, without an answer
+            self.done = True
             return
         if token in eng.eos:
             self.finish("stop", eng, counted=1)
@@ -407,7 +419,7 @@ def make_handler(engine: Engine, quiet: bool = True):
                         break
                 send(b"[DONE]")
             except (BrokenPipeError, ConnectionResetError):
-                pass  # the client left; its row finishes with its batch
+                req.cancelled = True  # the client left: its row stops (and its batch, when no other row goes on)
 
     return Handler
 

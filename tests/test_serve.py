@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -23,7 +24,7 @@ from flora.config import AdapterConfig
 from flora.data import load_tokenizer, prompt_ids
 from flora.generation import _eos_set
 from flora.pretrained import chat_prompt
-from flora.serve import Engine, serve
+from flora.serve import Engine, Request, serve
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
             "{% if add_generation_prompt %}a : {% endif %}")
@@ -194,6 +195,42 @@ def test_a_batch_never_cuts_a_row_short_of_its_max_tokens(setup):
     assert long.events.get(timeout=60)[1:] == _reference(ckpt, None, "a b c d e f " * 6, 3)
     assert short.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[2], 50)
     assert eng.batches == 2
+
+
+def test_a_batch_stops_once_every_row_is_finished(setup):
+    """A row ended by a stop string, by its own max_tokens, or by its streaming
+    client leaving is finished: once all are, the batch stops generating (it ran on
+    to the longest max_tokens, every other request waiting behind it)."""
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    steps = []
+    generate = model.generate
+
+    def counting(*args, streamer, **kw):  # the steps generate runs
+        def put(t):
+            steps.append(1)
+            streamer(t)
+        return generate(*args, streamer=put, **kw)
+
+    model.generate = counting
+    eng = Engine(model, load_tokenizer(ckpt), {"base": None})
+    ref, reason, _ = _reference(ckpt, None, PROMPTS[2], 50)
+    assert reason == "length"  # no EOS: only the stop string ends the row
+    stop = " " + ref.split()[2]
+    short = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}, False))
+    stopped = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0, "stop": stop}, False))
+    eng.start()
+    assert short.events.get(timeout=60)[2] == "length"
+    ev = stopped.events.get(timeout=60)
+    assert ev[1:3] == (ref[:ref.find(stop)], "stop")
+    deadline = time.monotonic() + 30
+    while eng.batches < 1 or len(steps) < ev[3]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    left = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0, "stream": True}, False))
+    left.cancelled = True  # what the handler sets when the client's connection is gone
+    eng.submit(Request("base", [1], 1, (0.0, 1.0, 0))).events.get(timeout=60)  # queued behind it: it is over
+    assert len(steps) == ev[3] + 1  # the stop string's tokens, then one step of the abandoned row
 
 
 def test_requests_arriving_a_moment_apart_share_a_batch(setup):
