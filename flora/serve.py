@@ -306,6 +306,9 @@ class _Row:
 
 
 # ------------------------------------------------------------------ HTTP
+MAX_BODY = 16 << 20  # bytes of a request body at most (a prompt is bounded by the context anyway)
+IO_TIMEOUT_S = 60.0  # a client that stops sending (a Content-Length past its body, an idle keep-alive)
+# or stops reading gives its thread and connection back after this long
 def _response(chat: bool, rid: str, created: int, model: str, text: str, reason: str, n_prompt: int,
               n_new: int) -> dict:
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
@@ -331,6 +334,7 @@ def _chunk(chat: bool, rid: str, created: int, model: str, text: Optional[str], 
 def make_handler(engine: Engine, quiet: bool = True):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = IO_TIMEOUT_S  # the connection's socket timeout (StreamRequestHandler sets it)
 
         def log_message(self, fmt, *args):  # noqa: D401 - one line per request unless quiet
             if not quiet:
@@ -341,6 +345,8 @@ def make_handler(engine: Engine, quiet: bool = True):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:  # so that the client does not send its next request on it
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
@@ -360,13 +366,13 @@ def make_handler(engine: Engine, quiet: bool = True):
         def do_POST(self):
             path = self.path.rstrip("/")
             if path not in ("/v1/completions", "/v1/chat/completions"):
+                self.close_connection = True  # its body is unread: it would be parsed as the next request
                 self._error(BadRequest(f"no such endpoint: POST {self.path}", 404, "not_found"))
                 return
             chat = path.endswith("chat/completions")
             try:
-                n = int(self.headers.get("Content-Length") or 0)
                 try:
-                    body = json.loads(self.rfile.read(n) or b"null")
+                    body = json.loads(self._body() or b"null")
                 except (ValueError, UnicodeDecodeError) as e:
                     raise BadRequest(f"the request body is not valid JSON ({e})") from None
                 req = engine.parse(body, chat)
@@ -391,6 +397,32 @@ def make_handler(engine: Engine, quiet: bool = True):
                 return
             _, text, reason, n_new = ev
             self._send(200, _response(chat, rid, created, req.model, text, reason, len(req.prompt), n_new))
+
+        def _body(self) -> bytes:
+            """The request body, all Content-Length bytes of it, or BadRequest; a body
+            not read whole closes the connection (its rest would be read as the next request)."""
+            size = self.headers.get("Content-Length")
+            n = int(size) if size is not None and size.strip().isdigit() else -1
+            problem = None
+            if self.headers.get("Transfer-Encoding"):
+                problem = BadRequest("chunked request bodies are not read; send the body with a Content-Length",
+                                     411)
+            elif size is None:
+                return b""
+            elif n < 0:
+                problem = BadRequest(f"the Content-Length header must be a byte count, got {size!r}")
+            elif n > MAX_BODY:
+                problem = BadRequest(f"the request body is {n} bytes; at most {MAX_BODY} are read", 413)
+            else:
+                try:
+                    data = self.rfile.read(n)
+                except TimeoutError:
+                    data = b""
+                if len(data) == n:
+                    return data
+                problem = BadRequest(f"the request body ended before its Content-Length ({n} bytes)")
+            self.close_connection = True
+            raise problem
 
         def _stream(self, req: Request, chat: bool, rid: str, created: int) -> None:
             self.send_response(200)
@@ -418,7 +450,7 @@ def make_handler(engine: Engine, quiet: bool = True):
                         send({"error": {"message": ev[1], "type": "server_error", "code": 500}})
                         break
                 send(b"[DONE]")
-            except (BrokenPipeError, ConnectionResetError):
+            except OSError:  # broken pipe, reset, or a client that stopped reading (the timeout)
                 req.cancelled = True  # the client left: its row stops (and its batch, when no other row goes on)
 
     return Handler

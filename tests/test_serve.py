@@ -302,6 +302,49 @@ def test_bad_json_and_defaults_that_ask_for_nothing(server):
     assert got == 200, raw
 
 
+def test_bodies_that_are_not_read_whole_are_refused_and_close_the_connection(setup, monkeypatch):
+    """A Content-Length past the body (the read would wait forever), negative, not a
+    number, too large, or a chunked body: a 4xx error object, and the connection
+    closes (what is left of the body would be read as the next request); so does a
+    POST to no endpoint."""
+    import socket
+
+    import flora.serve as fs
+
+    _, ckpt, _ = setup
+    monkeypatch.setattr(fs, "IO_TIMEOUT_S", 0.5, raising=False)
+    srv = serve(Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    body = b'{"prompt": "a b", "max_tokens": 2, "temperature": 0}'
+    nxt = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    def send(head, data):
+        with socket.create_connection(srv.server_address[:2], timeout=30) as s:
+            s.sendall(head + b"\r\n\r\n" + data)
+            out = b""
+            while chunk := s.recv(65536):  # until the server closes the connection
+                out += chunk
+        return out.decode()
+
+    try:
+        for head, data, status, msg in [
+            (b"Content-Length: 100", body, 400, "the request body ended before its Content-Length (100 bytes)"),
+            (b"Content-Length: -1", body + nxt, 400, "must be a byte count, got '-1'"),
+            (b"Content-Length: abc", body + nxt, 400, "must be a byte count, got 'abc'"),
+            (b"Content-Length: 1000000000", body + nxt, 413, "the request body is 1000000000 bytes"),
+            (b"Transfer-Encoding: chunked", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) + nxt, 411, "chunked"),
+        ]:
+            out = send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + head, data)
+            assert out.startswith(f"HTTP/1.1 {status} ") and out.count("HTTP/1.1") == 1, out
+            assert "Connection: close" in out and msg in json.loads(out.split("\r\n\r\n", 1)[1])["error"]["message"]
+        out = send(b"POST /v1/nope HTTP/1.1\r\nHost: x\r\nContent-Length: %d" % len(body), body + nxt)
+        assert out.startswith("HTTP/1.1 404 ") and out.count("HTTP/1.1") == 1 and "Connection: close" in out, out
+        assert _post(f"http://127.0.0.1:{srv.server_address[1]}/v1/completions", json.loads(body))[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_a_template_that_rejects_the_conversation_is_a_bad_request(setup):
     from flora.serve import BadRequest
 
