@@ -459,9 +459,14 @@ def make_handler(engine: Engine, quiet: bool = True):
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True) -> ThreadingHTTPServer:
     """The HTTP server (not yet serving: call ``serve_forever``; port 0 picks a free one)."""
     engine.start()
-    srv = ThreadingHTTPServer((host, port), make_handler(engine, quiet))
+    srv = _Server((host, port), make_handler(engine, quiet))
     srv.daemon_threads = True
     return srv
+
+
+class _Server(ThreadingHTTPServer):
+    # connections waiting to be accepted: socketserver's 5 reset a burst of concurrent clients
+    request_queue_size = 1024
 
 
 # ------------------------------------------------------------------- CLI

@@ -345,6 +345,32 @@ def test_bodies_that_are_not_read_whole_are_refused_and_close_the_connection(set
         srv.server_close()
 
 
+def test_a_burst_of_clients_is_not_reset(server):
+    """Clients connecting at one moment wait to be accepted (socketserver's
+    backlog of 5 reset about a third of 100)."""
+    import socket
+
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    errors, go = [], threading.Barrier(128)
+
+    def client():
+        go.wait()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert s.recv(64).startswith(b"HTTP/1.1 200")
+        except Exception as e:  # noqa: BLE001 - counted
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(128)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
 def test_a_template_that_rejects_the_conversation_is_a_bad_request(setup):
     from flora.serve import BadRequest
 
