@@ -463,6 +463,17 @@ def check_sampling(max_new_tokens, temperature, top_p, top_k=0) -> None:
         raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
 
 
+SEEDS = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_seed(seed) -> None:
+    """A sampling seed: an integer manual_seed takes (beyond its range it raised an
+    overflow RuntimeError only once generation started)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not SEEDS[0] <= seed <= SEEDS[1]):
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
+
+
 def left_pad(seqs, pad_id: int) -> tuple:
     """Token id sequences (lists or 1-D tensors) -> ``(input_ids, attention_mask)``
     [B, T], left-padded with ``pad_id`` to the longest: the batch :func:`generate` takes."""
@@ -508,6 +519,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     if seed is not None and generator is not None:
         raise ValueError("generate: give seed or generator, not both (the generator would silently win)")
     check_sampling(max_new_tokens, temperature, top_p, top_k)
+    check_seed(seed)
     if attention_mask is not None and (not torch.is_tensor(attention_mask)
                                        or tuple(attention_mask.shape) != tuple(input_ids.shape)):
         got = list(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__

@@ -138,6 +138,7 @@ class Engine:
     def parse(self, body, chat: bool) -> Request:
         """A request body -> Request, or BadRequest naming what is wrong."""
         from .data import check_messages, prompt_ids
+        from .generation import check_seed
         from .pretrained import chat_prompt
 
         if not isinstance(body, dict):
@@ -174,8 +175,10 @@ class Engine:
         top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
         top_k = _number(body, "top_k", 0, 0, None, integer=True)
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise BadRequest(f"'seed' must be an integer, got {seed!r}")
+        try:
+            check_seed(seed)
+        except ValueError as e:  # at generation it failed the whole (seeded: one-row) batch, a 500
+            raise BadRequest(f"'seed'{str(e).removeprefix('seed')}") from None
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"'stream' must be true or false, got {stream!r}")

@@ -76,6 +76,9 @@ def test_sampling_seeded_and_top_p(pair):
     b = m.generate(ids, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
     c = m.generate(ids, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    m.generate(ids, max_new_tokens=1, temperature=1.0, seed=-1)  # manual_seed's whole range is taken
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got 18446744073709551616"):
+        m.generate(ids, max_new_tokens=1, temperature=1.0, seed=2 ** 64)  # not manual_seed's overflow
     # a vanishing nucleus keeps only the top token: sampling becomes greedy
     assert torch.equal(m.generate(ids, max_new_tokens=10, temperature=0.7, top_p=1e-6, seed=1),
                        m.generate(ids, max_new_tokens=10))
