@@ -122,7 +122,9 @@ def sample_next(logits: Tensor, temperature: float, top_p: float,
         return logits.argmax(-1)
     if 0 < top_k < logits.shape[-1]:  # ties at the k-th logit stay in, as in transformers
         logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], -math.inf)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # from the row's max: a tiny temperature (1e-40) then sends the rest to -inf, not the max to inf
+    # (inf - inf: NaN probabilities, and multinomial raised)
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         cum = sorted_p.cumsum(-1)

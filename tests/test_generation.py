@@ -93,6 +93,14 @@ def test_top_p_keeps_smallest_nucleus():
     assert seen == {0, 1, 2, 3}
 
 
+def test_a_tiny_temperature_samples_the_top_token():
+    logits = torch.tensor([[3.0, 7.5, -2.0, 7.0], [30.0, -5.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    for t in (1e-40, 1e-45, 1e-30):  # logits / t overflowed to inf: NaN probabilities
+        for top_k, top_p in ((0, 1.0), (2, 0.5)):
+            assert sample_next(logits, t, top_p, g, top_k).tolist() == [1, 0]
+
+
 @pytest.mark.parametrize("probs, top_k, top_p", [
     ([0.3, 0.25, 0.1, 0.25, 0.06, 0.04], 2, 1.0),  # tied at the k-th: both stay, as in transformers
     ([0.3, 0.25, 0.1, 0.2, 0.09, 0.06], 3, 0.6),
