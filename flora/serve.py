@@ -15,7 +15,8 @@ from one loaded base model:
   cache is allocated for its longest answer, so not the whole context),
   ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
   ``stop`` (up to 4 strings: the text ends before the first one),
-  ``stream`` (server-sent events, as OpenAI's clients read them).
+  ``stream`` (server-sent events, as OpenAI's clients read them; ``stream_options``
+  ``include_usage``: a last chunk with the token counts).
 
 One worker thread owns the model. Requests that wait for it together and
 share a model and sampling settings run as one left-padded batch (up to
@@ -69,6 +70,7 @@ class Request:
     stop: tuple = ()  # strings that end the text (not included)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False  # its streaming client left: its row generates no further
+    usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share a batch (greedy ignores top_p / top_k;
@@ -182,11 +184,17 @@ class Engine:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"'stream' must be true or false, got {stream!r}")
+        opts = body.get("stream_options")  # OpenAI's clients send it to get usage when streaming
+        if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}
+                                     and isinstance(opts.get("include_usage", False), bool) and stream):
+            raise BadRequest(f"'stream_options' must be {{\"include_usage\": true|false}} with 'stream': true, "
+                             f"got {opts!r}")
         stop = body.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else stop
         if not (isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
             raise BadRequest(f"'stop' must be a non-empty string or a list of at most 4, got {body.get('stop')!r}")
-        return Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k), seed, stream, tuple(stop))
+        return Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k), seed, stream, tuple(stop),
+                       usage=bool(opts and opts.get("include_usage")))
 
     def submit(self, req: Request) -> Request:
         self.queue.put(req)
@@ -448,6 +456,10 @@ def make_handler(engine: Engine, quiet: bool = True):
                         first = False
                     elif ev[0] == "done":
                         send(_chunk(chat, rid, created, req.model, None, ev[2], first))
+                        if req.usage:  # as OpenAI's: no choices, the whole request's counts
+                            send({**_chunk(chat, rid, created, req.model, None, None), "choices": [],
+                                  "usage": _response(chat, rid, created, req.model, "", "", len(req.prompt),
+                                                     ev[3])["usage"]})
                         break
                     else:
                         send({"error": {"message": ev[1], "type": "server_error", "code": 500}})

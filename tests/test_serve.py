@@ -130,6 +130,12 @@ def test_streaming_sends_the_same_text(server, chat):
     else:
         assert "".join(c["text"] for c in chunks) == whole["text"]
     assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [whole["finish_reason"]]
+    # stream_options.include_usage (OpenAI's clients send it for usage): a last chunk of the counts
+    status, raw = _post(url + path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    events = [json.loads(line[len("data: "):]) for line in raw.split("\n\n") if line and line != "data: [DONE]"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == json.loads(_post(url + path, body)[1])["usage"]
+    assert [e["choices"][0] for e in events[:-1]] == chunks
+    assert _post(url + path, {**body, "stream_options": {"include_usage": True}})[0] == 400  # not streaming
 
 
 @pytest.mark.parametrize("stream", [False, True])
