@@ -76,6 +76,8 @@ class AdapterRegistry:
             adapter_io.check_adapter_state_dict(self.arch, cfg, sd, where=str(source))
         if self.adapter_config is None:
             self._rebuild(cfg)
+            if not activate:  # the structure, but no adapter current: the base model until set_adapter
+                self._set_enabled(False)
         if sd is None:  # fresh: as the modules' construction initialises them
             sd = {f"{prefix}.{k}": t for prefix, m in self.adapter_modules()
                   for k, t in m.fresh_adapter_state_dict().items()}

@@ -515,6 +515,32 @@ def test_add_adapter_is_a_fresh_one_beside_the_trained(variant):
         m.add_adapter("third", "ffba")
 
 
+@pytest.mark.parametrize("how", ["add", "load"])
+def test_an_adapter_not_activated_leaves_a_base_model_the_base(how, tmp_path):
+    """A base model gaining the adapter structure from add_adapter / load_adapter with
+    activate=False stays the base model (no nameless adapter live and training) until
+    set_adapter makes the named one current."""
+    hf = llama_model()
+    ids = random_ids(1, 8)
+    src = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4))
+    randomize_adapter(src)
+    src.save_adapter(tmp_path / "a")
+    with torch.no_grad():
+        adapted = src(ids).logits
+    m = FusedLlama.from_pretrained(hf)
+    if how == "add":
+        m.add_adapter("x", AdapterConfig("ffba", rank=4), activate=False)
+    else:
+        m.load_adapter(str(tmp_path / "a"), "x", activate=False)
+    assert m.active_adapter is None and not m.adapter_active()
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, FusedLlama.from_pretrained(hf)(ids).logits)
+        m.set_adapter("x")
+        assert m.adapter_active()
+        if how == "load":
+            assert torch.equal(m(ids).logits, adapted)
+
+
 def test_add_adapter_to_a_base_model_and_delete_adapter():
     hf = llama_model()
     ids = random_ids(1, 8)
