@@ -459,9 +459,12 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
                 save(step)
             if callback is not None:
                 callback(step, rec)
-        if eval_history and eval_history[-1]["step"] == step:
-            eval_history.pop()  # a resumed finished run: re-evaluate, do not add a second final entry
-        final_eval = run_eval(step) if eval_ds is not None else None
+        if stopped:  # the evaluation that stopped it is this step's: not run twice
+            final_eval = {k: v for k, v in eval_history[-1].items() if k != "step"}
+        else:
+            if eval_history and eval_history[-1]["step"] == step:
+                eval_history.pop()  # a resumed finished run: re-evaluate, do not add a second final entry
+            final_eval = run_eval(step) if eval_ds is not None else None
         if out_dir is not None:
             save(step)
     finally:

@@ -428,7 +428,7 @@ def test_bench_length_grouping_counts_the_padding(ckpt, tmp_path):
     assert rows["plain"]["padded_share"] == pytest.approx(pad / sum(max(b) * 4 for b in batches))
 
 
-def test_early_stop_and_best_adapter(ckpt, tok, tmp_path):
+def test_early_stop_and_best_adapter(ckpt, tok, tmp_path, monkeypatch):
     """early_stop: training ends after that many evaluations without a lower eval loss
     (a resume of the stopped run trains no further); save_best keeps the adapter of the
     lowest eval loss, whose eval loss, recomputed from the saved files, is that one."""
@@ -445,7 +445,14 @@ def test_early_stop_and_best_adapter(ckpt, tok, tmp_path):
     c = cfg(lr=0.3, max_steps=12, lr_schedule="constant", eval_every=1, early_stop=2, save_best=True)
     m = fused(ckpt)
     evals = records(n=8, split="eval")
+    import flora.train as flora_train
+
+    calls = []
+    real_eval = flora_train.eval_stats
+    monkeypatch.setattr(flora_train, "eval_stats", lambda *a, **k: calls.append(1) or real_eval(*a, **k))
     r = train(m, tok, records(n=32), evals, config=c, out_dir=tmp_path, callback=snap)
+    assert len(calls) == len(r.eval_history) == r.steps  # one per step; the stopping one not run again
+    assert r.final_eval == {k: v for k, v in r.eval_history[-1].items() if k != "step"}
     losses = [e["loss"] for e in r.eval_history]
     b = min(range(len(losses)), key=losses.__getitem__)
     assert r.stopped_early and r.steps < 12 and r.steps == r.eval_history[-1]["step"]
