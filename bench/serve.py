@@ -3,14 +3,19 @@
 
     python bench/serve.py                                  # SmolLM2-135M, CPU, 1 / 4 / 8 clients
     python bench/serve.py --model DIR --device cuda --clients 1 8 32 --max-batch 32
+    python bench/serve.py --long-tokens 128               # half the clients ask for long answers
 
 The server (flora.serve, in this process, on a free port) serves the base
 model; each client thread sends ``--requests`` chat completions (greedy,
 ``--max-tokens`` new tokens, a different question each) one after another over
-HTTP. Requests that wait together run as one batch, so more clients should give
-more tokens/s at some cost in latency per request. Reported per client count:
-completion tokens/s over the wall time of the whole load, the median and the
-90th percentile request latency, and the mean batch size the server ran.
+HTTP. The server batches them continuously (a request joins the running batch
+between decode steps), so more clients should give more tokens/s at some cost
+in latency per request. Reported per client count: completion tokens/s over the
+wall time of the whole load, the median and the 90th percentile request
+latency, and the mean number of rows a decode step ran. ``--long-tokens N``: the
+even-numbered clients ask for N tokens (a long answer) and the table splits
+the latency of the short requests from the long ones': a short request should
+not wait for a long one to end.
 """
 from __future__ import annotations
 
@@ -40,17 +45,21 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
-    lat, tokens, lock = [], [0], threading.Lock()
+def load(url: str, clients: int, requests: int, max_tokens: int, long_tokens: int = 0) -> dict:
+    lat, lat_long, tokens, lock = [], [], [0], threading.Lock()
 
     def client(c: int) -> None:
+        long = long_tokens and c % 2 == 0
         for i in range(requests):
             q = QUESTIONS[(c * requests + i) % len(QUESTIONS)]
+            if long:  # a question whose answer runs on (max_tokens ends it)
+                q = f"Write a long, detailed story that begins with this question: {q}"
             t0 = time.perf_counter()
             out = post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": q}],
-                                                      "max_tokens": max_tokens, "temperature": 0})
+                                                      "max_tokens": long_tokens if long else max_tokens,
+                                                      "temperature": 0})
             with lock:
-                lat.append(time.perf_counter() - t0)
+                (lat_long if long else lat).append(time.perf_counter() - t0)
                 tokens[0] += out["usage"]["completion_tokens"]
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
@@ -61,9 +70,12 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     lat.sort()
-    return {"clients": clients, "requests": len(lat), "tokens": tokens[0], "seconds": wall,
-            "tokens_per_s": tokens[0] / wall, "latency_p50_s": statistics.median(lat),
-            "latency_p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))]}
+    out = {"clients": clients, "requests": len(lat) + len(lat_long), "tokens": tokens[0], "seconds": wall,
+           "tokens_per_s": tokens[0] / wall, "latency_p50_s": statistics.median(lat),
+           "latency_p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))]}
+    if lat_long:
+        out["long_latency_p50_s"] = statistics.median(lat_long)
+    return out
 
 
 def main(argv=None):
@@ -74,6 +86,7 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=4, help="per client")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--long-tokens", type=int, default=0, help="the even-numbered clients' max_tokens (0: all short)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     path = args.model or smollm2_path()
@@ -86,21 +99,24 @@ def main(argv=None):
     url = f"http://127.0.0.1:{srv.server_address[1]}"
     load(url, 1, 1, 4)  # warm-up: first-call costs out of the figures
     rows = []
-    print("| clients | requests | completion tokens/s | latency p50 s | latency p90 s | mean batch |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    short = "short " if args.long_tokens else ""
+    print(f"| clients | requests | completion tokens/s | {short}latency p50 s | {short}latency p90 s | "
+          f"{'long latency p50 s | ' if args.long_tokens else ''}rows a step |")
+    print("|---:|---:|---:|---:|---:|" + ("---:|" if args.long_tokens else "") + "---:|")
     for c in args.clients:
-        b0 = engine.batches
-        r = load(url, c, args.requests, args.max_tokens)
-        r["mean_batch"] = r["requests"] / max(engine.batches - b0, 1)
+        s0, r0 = getattr(engine, "steps", 0), getattr(engine, "row_steps", 0)
+        r = load(url, c, args.requests, args.max_tokens, args.long_tokens)
+        r["rows_per_step"] = (getattr(engine, "row_steps", 0) - r0) / max(getattr(engine, "steps", 0) - s0, 1)
         rows.append(r)
         print(f"| {c} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['latency_p50_s']:.2f} | "
-              f"{r['latency_p90_s']:.2f} | {r['mean_batch']:.1f} |", flush=True)
+              f"{r['latency_p90_s']:.2f} | " + (f"{r['long_latency_p50_s']:.2f} | " if args.long_tokens else "")
+              + f"{r['rows_per_step']:.1f} |", flush=True)
     srv.shutdown()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(dev), "cpu": platform.processor() or platform.machine(),
                        "torch": torch.__version__, "threads": torch.get_num_threads(), "model": str(path),
-                       "max_tokens": args.max_tokens, "rows": rows}, f, indent=1)
+                       "max_tokens": args.max_tokens, "long_tokens": args.long_tokens, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -71,18 +71,32 @@ class StaticKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # decode write position
         self.prefill_len: Optional[int] = None  # set during prefill, None while decoding
+        # a prefill of some rows only (Decoder.admit): their batch indices and first slot
+        self.prefill_rows: Optional[Tensor] = None
+        self.prefill_start = 0
         self.length = max_len  # decode: keys read per step
-        self._windows: dict = {}  # length -> per-layer views of the window, made once
+        self.n: Optional[int] = None  # decode: the first n rows step (None: all)
+        self._windows: dict = {}  # (length, n) -> per-layer views of the window, made once
+        self._rows: dict = {}  # n -> per-layer views of the first n rows, made once
 
     def window(self, layer: int):
         if torch.compiler.is_compiling():
             L = self.length
             return self.k[layer][:, :, :L], self.v[layer][:, :, :L]
-        w = self._windows.get(self.length)
+        w = self._windows.get((self.length, self.n))
         if w is None:
-            L = self.length
-            w = self._windows[L] = [(k[:, :, :L], v[:, :, :L]) for k, v in zip(self.k, self.v)]
+            L, n = self.length, self.n
+            w = self._windows[(L, n)] = [(k[:n, :, :L], v[:n, :, :L]) for k, v in zip(self.k, self.v)]
         return w[layer]
+
+    def rows(self, layer: int) -> tuple:
+        """(keys, values) of the rows a decode step runs: all, or the first n."""
+        if self.n is None:
+            return self.k[layer], self.v[layer]
+        r = self._rows.get(self.n)
+        if r is None:
+            r = self._rows[self.n] = [(k[:self.n], v[:self.n]) for k, v in zip(self.k, self.v)]
+        return r[layer]
 
     def clear(self, start: int, stop: int) -> None:
         """Zero slots [start, stop) of every layer, in one call (an earlier
@@ -96,10 +110,15 @@ class StaticKVCache:
         (flora.ops.rope_cache); None during prefill (update takes that)."""
         if self.prefill_len is not None:
             return None
-        q = ops.rope_cache(qk, v, cos, sin, self.k[layer], self.v[layer], self.slot)
+        q = ops.rope_cache(qk, v, cos, sin, *self.rows(layer), self.slot)
         return (q, *self.window(layer))
 
     def update(self, layer: int, k: Tensor, v: Tensor):
+        if self.prefill_rows is not None:  # rows joining a running batch: slots start .. start+T-1
+            s, T = self.prefill_start, k.shape[2]
+            self.k[layer][:, :, s:s + T].index_copy_(0, self.prefill_rows, k)
+            self.v[layer][:, :, s:s + T].index_copy_(0, self.prefill_rows, v)
+            return k, v
         if self.prefill_len is not None:
             T = k.shape[2]
             kl, vl = self.k[layer][:, :, :T], self.v[layer][:, :, :T]
@@ -107,8 +126,9 @@ class StaticKVCache:
             vl.copy_(v)
             return kl, vl
         # index_copy_ with a device tensor index: valid inside a CUDA graph
-        self.k[layer].index_copy_(2, self.slot, k)
-        self.v[layer].index_copy_(2, self.slot, v)
+        kr, vr = self.rows(layer)
+        kr.index_copy_(2, self.slot, k)
+        vr.index_copy_(2, self.slot, v)
         return self.window(layer)
 
 
@@ -198,11 +218,12 @@ class Decoder:
         # each row's adapter slot in a stacked model (-1: the base), written before each prefill
         self.rows = (None if getattr(model, "stacked", None) is None
                      else torch.full((batch,), -1, dtype=torch.long, device=dev))
-        self._masks: dict = {}  # window length -> view of the mask
+        self._masks: dict = {}  # (window length, rows) -> view of the mask
+        self._views: dict = {}  # rows -> views of the step's inputs
         self.use_cuda_graph = use_cuda_graph and dev.type == "cuda"
         self.compile = compile
         self._fn = compiled_decode(dev.type) if compile else _decode
-        self.graphs: dict = {}  # window length -> (CUDAGraph, its output logits)
+        self.graphs: dict = {}  # (window length, rows) -> (CUDAGraph, its output logits)
         # (padded length, causal) -> _PrefillGraph: static inputs, the graph once captured
         self.prefill_graphs: dict = {}
         # On CUDA a short prompt is padded to a prefill graph's length with graphs or without,
@@ -253,6 +274,38 @@ class Decoder:
         self.written = max(T, Tp or 0)
         return logits
 
+    def admit(self, rows: list, prompts: list, pad: int, adapter_rows: Optional[list] = None) -> Tensor:
+        """Continuous batching: prefill ``prompts`` (token id lists) into batch
+        rows ``rows`` of a running decoder, each prompt ending at slot ``t - 1``,
+        so that the next :meth:`step` feeds every row (old and new) at slot
+        ``t``. A row's keys are its own slots only (its mask is reset), its
+        positions its prompt's from 0; ``adapter_rows``: each new row's adapter
+        slot in a stacked model. Returns the new rows' next-token logits [n, V]."""
+        T = max(len(p) for p in prompts)
+        if T > self.t:
+            raise ValueError(f"a prompt of {T} tokens cannot end at slot {self.t - 1}")
+        dev = self.device
+        ids, valid = left_pad(prompts, pad)
+        ids, valid = ids.to(dev), valid.to(dev).bool()
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        start = self.t - T
+        pos = positions_from_mask(valid)
+        self.mask.index_fill_(0, idx, float("-inf"))
+        open_ = torch.zeros(valid.shape, dtype=self.mask.dtype, device=dev).masked_fill_(~valid, float("-inf"))
+        self.mask[:, 0, 0, start:self.t].index_copy_(0, idx, open_)
+        self.pos.index_copy_(0, idx, pos[:, -1:])
+        sub = None
+        if self.rows is not None:
+            self.rows.index_copy_(0, idx, torch.tensor(adapter_rows, dtype=torch.long, device=dev))
+            sub = self.rows.index_select(0, idx)
+        c = self.cache
+        c.prefill_len, c.prefill_rows, c.prefill_start = T, idx, start
+        try:
+            mask = None if causal_prompt(valid) else slot_mask(valid)
+            return self.model.run_layers(ids, pos, mask, cache=c, last_only=True, rows=sub)[:, -1]
+        finally:
+            c.prefill_len, c.prefill_rows = None, None
+
     def _run_prefill(self, ids: Tensor, pos: Tensor, mask: Optional[Tensor], last: Optional[Tensor]) -> Tensor:
         self.cache.prefill_len = ids.shape[1]
         try:
@@ -297,21 +350,32 @@ class Decoder:
         g.last.fill_(T - 1)
         return g.run()
 
-    def _mask(self, L: int) -> Tensor:
-        m = self._masks.get(L)
+    def _mask(self, L: int, n: Optional[int] = None) -> Tensor:
+        m = self._masks.get((L, n))
         if m is None:
-            m = self._masks[L] = self.mask[..., :L]
+            m = self._masks[(L, n)] = self.mask[:n, ..., :L]
         return m
 
-    def _step(self, L: int) -> Tensor:
-        self.cache.length = L
-        return self._fn(self.model, self.ids, self.pos, self._mask(L), self.cache, self.rows)
+    def _inputs(self, n: Optional[int]) -> tuple:
+        """(ids, positions, adapter rows) of the rows a step runs: all, or the first n."""
+        v = self._views.get(n)
+        if v is None:
+            v = self._views[n] = (self.ids[:n], self.pos[:n], None if self.rows is None else self.rows[:n])
+        return v
 
-    def step(self, tokens: Tensor) -> Tensor:
-        """Feed tokens [B] at the next slot; return logits [B, V] for the following one."""
+    def _step(self, L: int, n: Optional[int] = None) -> Tensor:
+        self.cache.length, self.cache.n = L, n
+        ids, pos, rows = self._inputs(n)
+        return self._fn(self.model, ids, pos, self._mask(L, n), self.cache, rows)
+
+    def step(self, tokens: Tensor, rows: Optional[int] = None) -> Tensor:
+        """Feed tokens [B] at the next slot; return logits [B, V] for the following
+        one. ``rows`` (continuous batching): only the first ``rows`` rows run
+        (tokens [rows]); the others keep their state, and their slot t unwritten."""
         if self.t >= self.max_len:
             raise ValueError("KV cache is full")
-        self.ids.copy_(tokens.view(-1, 1))
+        n = None if rows is None or rows == self.B else rows
+        self._inputs(n)[0].copy_(tokens.view(-1, 1))
         self.pos.add_(1)
         self.cache.slot.fill_(self.t)
         self.mask[:, 0, 0, self.t] = 0.0
@@ -320,10 +384,10 @@ class Decoder:
         self.written = max(self.written, self.t)
         with nvtx.range("decode"):
             if not self.use_cuda_graph:
-                return self._step(L)
-            g = self.graphs.get(L) or self._capture(L)
+                return self._step(L, n)
+            g = self.graphs.get((L, n)) or self._capture(L, n)
             if g is None:  # capture failed: eager from now on
-                return self._step(L)
+                return self._step(L, n)
             g[0].replay()
             return g[1]
 
@@ -346,17 +410,17 @@ class Decoder:
             self._pool = g.pool()
         return g, out
 
-    def _capture(self, L: int):
+    def _capture(self, L: int, n: Optional[int] = None):
         try:
-            g, out = self._capture_fn(lambda: self._step(L))
+            g, out = self._capture_fn(lambda: self._step(L, n))
         except Exception as e:  # noqa: BLE001 - any capture failure -> eager fallback
             self.graphs.clear()
             self.use_cuda_graph = False
             warnings.warn(f"flora: CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
                           f"falling back to eager decoding", RuntimeWarning, stacklevel=3)
             return None
-        self.graphs[L] = (g, out)
-        return self.graphs[L]
+        self.graphs[(L, n)] = (g, out)
+        return self.graphs[(L, n)]
 
 
 class _PrefillGraph:

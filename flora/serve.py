@@ -11,20 +11,22 @@ from one loaded base model:
   (``messages``, through the tokenizer's chat template, rendered as training
   renders them): ``model`` names the base or an adapter (as vLLM serves LoRA
   modules); ``max_tokens`` (chat: also ``max_completion_tokens``; default 16
-  for completions, as OpenAI's, and ``--max-tokens`` for chat: a batch's KV
-  cache is allocated for its longest answer, so not the whole context),
+  for completions, as OpenAI's, and ``--max-tokens`` for chat),
   ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
   ``stop`` (up to 4 strings: the text ends before the first one),
   ``stream`` (server-sent events, as OpenAI's clients read them; ``stream_options``
   ``include_usage``: a last chunk with the token counts).
 
-One worker thread owns the model. Requests that wait for it together and
-share a model and sampling settings run as one left-padded batch (up to
-``--max-batch`` rows), each row ending at its own EOS or ``max_tokens``; a
-request with a ``seed`` runs alone, so the same request gives the same text.
-``--mixed`` holds the adapters side by side (``FusedLlama.stack_adapters``),
-so requests for any of them and the base share batches, each row its own
-adapter (every projection n*r wider; not for ffa, ffba-qg-add).
+One worker thread owns the model and runs a batch of up to ``--max-batch``
+rows with continuous batching: a request joins the running batch between two
+decode steps (its prompt prefilled into a free row), samples with its own
+settings (a ``seed``: its own generator), and leaves it at its EOS, stop
+string or ``max_tokens``, its row free for the next (see ``Engine._loop``).
+The batch's KV cache holds ``--cache-len`` slots a row. Without ``--mixed`` a
+batch serves one model; ``--mixed`` holds the adapters side by side
+(``FusedLlama.stack_adapters``), so requests for any of them and the base
+share it, each row its own adapter (every projection n*r wider; not for ffa,
+ffba-qg-add).
 A prompt is tokenized as training tokenizes one (flora.data.prompt_ids).
 Bad requests get an OpenAI-style error object and a 4xx status.
 """
@@ -73,11 +75,9 @@ class Request:
     usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
     def key(self, mixed: bool = False):
-        """Requests with equal keys may share a batch (greedy ignores top_p / top_k;
-        ``mixed``: any model); a seeded one shares with none."""
-        if self.seed is not None:
-            return (self.model, id(self))
-        return (None if mixed else self.model, (0.0,) if self.sampling[0] == 0 else self.sampling)
+        """Requests with equal keys may share the running batch: one model's
+        (``mixed``: any model's); each row samples with its own settings."""
+        return None if mixed else self.model
 
 
 def _number(body, name, default, lo, hi, integer=False, lo_open=False):
@@ -106,16 +106,11 @@ def _asks_for_nothing(v, defaults) -> bool:
     return v is None or any(v == d and isinstance(v, bool) == isinstance(d, bool) for d in defaults)
 
 
-class _BatchDone(Exception):
-    """Every row of a batch is finished (stop strings, its own max_tokens, a client
-    that left: ends generate knows nothing of), so the batch stops."""
-
-
 class Engine:
     """The model, its tokenizer, and the worker thread that batches requests."""
 
     def __init__(self, model, tokenizer, names: dict, max_batch: int = 8, mixed: bool = False,
-                 max_tokens: int = 1024, wait_s: float = 0.005):
+                 max_tokens: int = 1024, wait_s: float = 0.005, cache_len: int = 2048):
         from .data import pad_id_of
 
         self.model, self.tok, self.names = model, tokenizer, names  # served name -> adapter (None: base)
@@ -128,8 +123,17 @@ class Engine:
         self.pad = pad_id_of(tokenizer)
         self.eos = set(_eos(model))
         self.context = model.arch.max_position_embeddings
+        # the running batch's KV cache: max_batch rows of this many slots (its prompts and answers)
+        self.cache_len = min(cache_len, self.context)
         self.queue: queue.Queue = queue.Queue()
-        self.batches = 0  # batches run (a test reads it)
+        self.batches = 0  # prefills run: groups of requests joining the batch (a test reads it)
+        self.steps = 0  # decode steps run
+        self.row_steps = 0  # rows generating, summed over the steps (/ steps: the batch's mean size)
+        self._slots: list = [None] * max_batch  # the batch's rows: a _Row, or None when free
+        self._dec = None  # the running batch's decoder (generation.Decoder); None when idle
+        self._decoders: dict = {}
+        self._session = contextlib.ExitStack()  # the model's inference mode while a batch runs
+        self._key = None
         self._worker = threading.Thread(target=self._loop, name="flora-serve", daemon=True)
 
     def start(self) -> "Engine":
@@ -166,9 +170,10 @@ class Engine:
             if not isinstance(text, str) or not text:
                 raise BadRequest("'prompt' must be a non-empty string (one prompt per request)")
         ids = prompt_ids(self.tok, text)
-        room = self.context - len(ids)
+        room = self.cache_len - len(ids)
         if room < 1:
-            raise BadRequest(f"the prompt is {len(ids)} tokens; the model's context is {self.context}")
+            what = "context" if self.cache_len == self.context else "cache (--cache-len)"
+            raise BadRequest(f"the prompt is {len(ids)} tokens; the model's {what} is {self.cache_len}")
         limit = body.get("max_completion_tokens") if chat else None
         default = self.max_tokens if chat else 16
         max_tokens = _number(body, "max_completion_tokens" if limit is not None else "max_tokens", default,
@@ -201,10 +206,16 @@ class Engine:
         return req
 
     # ---------------------------------------------------------------- worker
+    # Continuous batching: one decoder of max_batch rows runs step after step; a request
+    # joins it between two steps, prefilled into a free row so that its prompt ends where
+    # every row's next token goes (slot t), and leaves it when it ends, its row free for the
+    # next. The batch's slots only advance: a request joins where its prompt fits before t
+    # and its answer after it, in arrival order; when none can, the batch drains and the
+    # next one starts at slot 0. Without --mixed a batch serves one model (adapter).
     def _loop(self) -> None:
         waiting: list = []
         while True:
-            if not waiting:
+            if not waiting and self._dec is None:
                 waiting.append(self.queue.get())
                 # clients that send at the same moment arrive a little apart: a few ms for them
                 deadline = time.monotonic() + self.wait_s
@@ -213,56 +224,122 @@ class Engine:
                         waiting.append(self.queue.get(timeout=left))
                     except queue.Empty:
                         break
-            while True:  # everything that arrived meanwhile: batched with its kind
+            while True:
                 try:
                     waiting.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            key = waiting[0].key(self.mixed)
-            batch = []
-            for r in waiting:
-                # the rows share one cache of the longest prompt plus the longest answer: a row that
-                # would push that past the context waits (generate would cut every row's answer short)
-                if r.key(self.mixed) == key and len(batch) < self.max_batch and (
-                        not batch or max(len(b.prompt) for b in batch + [r])
-                        + max(b.max_tokens for b in batch + [r]) <= self.context):
-                    batch.append(r)
-            waiting = [r for r in waiting if not any(r is b for b in batch)]
             try:
-                self.run(batch)
-            except Exception as e:  # noqa: BLE001 - a failed batch answers its requests, the server goes on
-                for r in batch:
-                    r.events.put(("error", f"{type(e).__name__}: {e}"))
+                waiting = self._admit(waiting)
+                if any(self._slots):
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the server goes on
+                for row in self._slots:
+                    if row is not None:
+                        row.req.events.put(("error", f"{type(e).__name__}: {e}"))
+                self._slots = [None] * self.max_batch
+            if not any(self._slots):
+                self._end()
 
-    def run(self, batch: list) -> None:
-        """Generate one batch of requests (same model and sampling), each row
-        ending at its EOS or its own max_tokens; streams deltas as they come."""
-        from .generation import left_pad
+    def _begin(self, key) -> None:
+        """A new batch for model ``key``: the adapter switched in, the model in
+        inference form (adapters folded), a decoder from slot 0."""
+        from .generation import Decoder, inference_mode, structure_key
 
-        self.batches += 1
-        m, adapter = self.model, self.names[batch[0].model]
-        ids, mask = left_pad([r.prompt for r in batch], self.pad)
-        rows = [_Row(r) for r in batch]
-
-        def put(tokens):
-            for row, t in zip(rows, tokens.tolist()):
-                row.add(t, self)
-            if all(row.done for row in rows):  # else generate runs on to the longest max_tokens
-                raise _BatchDone
-
-        temperature, top_p, top_k = batch[0].sampling
-        kw = {}
-        if self.mixed:
-            kw["adapters"] = [self.names[r.model] for r in batch]
-        elif adapter is not None and m.active_adapter != adapter:
+        m, adapter = self.model, (None if key is None else self.names[key])
+        if not self.mixed and adapter is not None and m.active_adapter != adapter:
             m.set_adapter(adapter)  # copies the adapter's tensors only
-        with m.disable_adapter() if adapter is None and not self.mixed else contextlib.nullcontext(), \
-                contextlib.suppress(_BatchDone):
-            m.generate(ids.to(m.device), max_new_tokens=max(r.max_tokens for r in batch),
-                       attention_mask=mask.to(m.device), pad_token_id=self.pad, temperature=temperature,
-                       top_p=top_p, top_k=top_k, seed=batch[0].seed, streamer=put, **kw)
-        for row in rows:
-            row.finish("length", self)
+        self._session.enter_context(inference_mode(m))
+        if not self.mixed and adapter is None:
+            self._session.enter_context(m.disable_adapter())
+        # kept: its cache is allocated once; on CUDA one per mode (base / adapter), whose
+        # CUDA graphs (one per window) hold the mode they were captured in
+        graphs = m.device.type == "cuda"
+        dk = structure_key(m) if graphs else None
+        if dk not in self._decoders:
+            self._decoders[dk] = Decoder(m, self.max_batch, self.cache_len, graphs)
+        self._dec = self._decoders[dk]
+        self._dec.mask.fill_(float("-inf"))
+        self._dec.t, self._key = 0, key
+
+    def _end(self) -> None:
+        self._session.close()
+        self._dec = None
+
+    def _admit(self, waiting: list) -> list:
+        """Requests joining the batch (in arrival order, while each fits), prefilled
+        together; the rest, still waiting."""
+        if not waiting:
+            return waiting
+        if self._dec is None:
+            self._begin(waiting[0].key(self.mixed))
+        dec, free = self._dec, [i for i, r in enumerate(self._slots) if r is None]
+        fresh = not any(self._slots)
+        if fresh:
+            dec.t = 0
+        join, t = [], dec.t
+        for r in waiting:
+            if len(join) == len(free) or r.key(self.mixed) != self._key:
+                break
+            P, M = len(r.prompt), r.max_tokens
+            if fresh:  # a new batch starts where its longest prompt ends
+                t_new = max(t, P)
+                if t_new + max([M] + [q.max_tokens for q in join]) > self.cache_len:
+                    break
+                t = t_new
+            elif P > t or t + M > self.cache_len:
+                break
+            join.append(r)
+        if not join:
+            return waiting
+        dec.t = t
+        rows = free[:len(join)]
+        adapter_rows = None
+        if dec.rows is not None:
+            stack = self.model.stacked
+            adapter_rows = [-1 if self.names[r.model] is None else stack.index(self.names[r.model]) for r in join]
+        self.batches += 1
+        logits = dec.admit(rows, [r.prompt for r in join], self.pad, adapter_rows)
+        for i, r, lg in zip(rows, join, logits):
+            row = self._slots[i] = _Row(r)
+            row.generator = None if r.seed is None else torch.Generator(device=dec.device).manual_seed(r.seed)
+            self._take(i, row, lg[None])
+        return waiting[len(join):]
+
+    def _take(self, i: int, row: "_Row", logits, greedy: Optional[int] = None) -> None:
+        """Row i's next token from its logits [1, V] (``greedy``: its argmax, read
+        already): emitted, and fed at the next step."""
+        from .generation import sample_next
+
+        temperature, top_p, top_k = row.req.sampling
+        if temperature == 0 and greedy is not None:
+            token = greedy
+        else:
+            token = int(sample_next(logits, temperature, top_p, row.generator, top_k))
+        row.add(token, self)
+        if row.done:
+            self._slots[i] = None
+        else:
+            row.next = token
+
+    def _step(self) -> None:
+        dec = self._dec
+        # the rows up to the last busy one run (new requests take the lowest free rows); under
+        # CUDA graphs a power of two of them, one graph each
+        n = max(i for i, r in enumerate(self._slots) if r is not None) + 1
+        if dec.use_cuda_graph:
+            n = min(1 << (n - 1).bit_length(), self.max_batch)
+        tokens = torch.full((n,), self.pad, dtype=torch.long)
+        for i, row in enumerate(self._slots[:n]):
+            if row is not None:
+                tokens[i] = row.next
+        logits = dec.step(tokens.to(dec.device), rows=n)
+        self.steps += 1
+        self.row_steps += sum(r is not None for r in self._slots)
+        greedy = logits.argmax(-1).tolist()  # every greedy row's token in one read (one sync on a GPU)
+        for i, row in enumerate(self._slots):
+            if row is not None:
+                self._take(i, row, logits[i:i + 1], greedy[i])
 
     def text(self, ids: list) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -279,6 +356,7 @@ class _Row:
 
     def __init__(self, req: Request):
         self.req, self.ids, self.sent, self.done = req, [], "", False
+        self.next, self.generator = None, None  # the token fed at the next step; a seeded request's RNG
 
     def add(self, token: int, eng: Engine) -> None:
         if self.done:
@@ -483,6 +561,12 @@ class _Server(ThreadingHTTPServer):
     # connections waiting to be accepted: socketserver's 5 reset a burst of concurrent clients
     request_queue_size = 1024
 
+    def handle_error(self, request, client_address):
+        # a client that hung up before its answer was written: nothing to report
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
 
 # ------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -494,6 +578,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
+    p.add_argument("--cache-len", type=int, default=2048,
+                   help="KV-cache slots a row (at most the context): a prompt and its answer fit in it")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="a chat completion's max_tokens when the request gives none (capped at the context)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -527,6 +613,8 @@ def run_args(args) -> None:
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.cache_len < 2:
+        raise ValueError(f"--cache-len must be >= 2, got {args.cache_len}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not 0 <= args.batch_wait_ms <= 1000:
@@ -544,7 +632,8 @@ def run_args(args) -> None:
         except ValueError as e:  # another variant / rank / targets: cannot share the model
             raise ValueError(f"--adapter {name}={a}: {e}") from None
     engine = Engine(model, load_tokenizer(path), {args.name: None, **{n: n for n in adapters}}, args.max_batch,
-                    mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000)
+                    mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000,
+                    cache_len=args.cache_len)
     try:
         srv = serve(engine, args.host, args.port, quiet=not args.log)
     except OSError as e:

@@ -203,23 +203,11 @@ def test_a_batch_never_cuts_a_row_short_of_its_max_tokens(setup):
     assert eng.batches == 2
 
 
-def test_a_batch_stops_once_every_row_is_finished(setup):
+def test_a_finished_row_is_freed_and_no_step_runs_for_it(setup):
     """A row ended by a stop string, by its own max_tokens, or by its streaming
-    client leaving is finished: once all are, the batch stops generating (it ran on
-    to the longest max_tokens, every other request waiting behind it)."""
+    client leaving is freed at once: the batch steps only while a row goes on."""
     _, ckpt, _ = setup
-    model = FusedLlama.from_pretrained(str(ckpt)).eval()
-    steps = []
-    generate = model.generate
-
-    def counting(*args, streamer, **kw):  # the steps generate runs
-        def put(t):
-            steps.append(1)
-            streamer(t)
-        return generate(*args, streamer=put, **kw)
-
-    model.generate = counting
-    eng = Engine(model, load_tokenizer(ckpt), {"base": None})
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None})
     ref, reason, _ = _reference(ckpt, None, PROMPTS[2], 50)
     assert reason == "length"  # no EOS: only the stop string ends the row
     stop = " " + ref.split()[2]
@@ -229,14 +217,32 @@ def test_a_batch_stops_once_every_row_is_finished(setup):
     assert short.events.get(timeout=60)[2] == "length"
     ev = stopped.events.get(timeout=60)
     assert ev[1:3] == (ref[:ref.find(stop)], "stop")
-    deadline = time.monotonic() + 30
-    while eng.batches < 1 or len(steps) < ev[3]:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    left = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0, "stream": True}, False))
+    left = Request("base", stopped.prompt, 50, (0.0, 1.0, 0), stream=True)
     left.cancelled = True  # what the handler sets when the client's connection is gone
+    eng.submit(left)
     eng.submit(Request("base", [1], 1, (0.0, 1.0, 0))).events.get(timeout=60)  # queued behind it: it is over
-    assert len(steps) == ev[3] + 1  # the stop string's tokens, then one step of the abandoned row
+    # the first token of a row comes from its prefill, each next one from a step
+    assert eng.steps == ev[3] - 1
+
+
+def test_a_request_joins_the_running_batch(setup):
+    """Continuous batching: a request that arrives while another generates joins the
+    batch at the next step, and both give what each gives alone."""
+    _, ckpt, adapter = setup
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}).start()
+    long_ref = _reference(ckpt, None, PROMPTS[2], 40)
+    assert long_ref[1] == "length" and long_ref[2] == 40  # runs its 40 tokens
+    long = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}, False))
+    for _ in range(5):  # it is generating
+        assert long.events.get(timeout=60)[0] == "delta"
+    short = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    assert short.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    assert eng.steps < 39  # it ended before the long one did: it did not wait for it
+    ev = long.events.get(timeout=60)
+    while ev[0] == "delta":
+        ev = long.events.get(timeout=60)
+    assert ev[1:] == long_ref
+    assert eng.batches == 2
 
 
 def test_requests_arriving_a_moment_apart_share_a_batch(setup):
@@ -399,6 +405,10 @@ def test_default_max_tokens(setup):
     assert eng.parse({**chat, "max_completion_tokens": 7}, True).max_tokens == 7
     assert eng.parse({"prompt": "a"}, False).max_tokens == 16  # OpenAI's completions default
     assert eng.parse({"prompt": "a", "max_tokens": 500}, False).max_tokens == 64 - 2  # capped at the context
+    small = Engine(FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt), {"base": None}, cache_len=20)
+    assert small.parse({"prompt": "a", "max_tokens": 500}, False).max_tokens == 20 - 2  # capped at the cache
+    with pytest.raises(Exception, match=r"the prompt is 25 tokens; the model's cache \(--cache-len\) is 20"):
+        small.parse({"prompt": "a " * 24}, False)
 
 
 def test_chat_without_a_template_is_refused(setup):
@@ -424,6 +434,7 @@ def test_chat_without_a_template_is_refused(setup):
     (["--adapter", "a=/nonexistent"], "is not a directory"),
     (["--max-batch", "0"], "--max-batch"),
     (["--max-tokens", "0"], "--max-tokens"),
+    (["--cache-len", "1"], "--cache-len"),
     (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
     (["--port", "70000"], "--port"),
 ])
