@@ -493,3 +493,43 @@ def test_run_interleaved_prefills_and_gc():
     assert not any(gc_seen) and gc.isenabled()
     with pytest.raises(ValueError, match="prefills"):
         run_interleaved([Probe("A", [])], repeats=1, prefills=0)
+
+
+def test_decoder_admits_rows_into_a_running_batch(pair):
+    """Continuous batching (Decoder.admit + step(rows=n)): prompts prefilled into free
+    rows of a running decoder at its current slot decode what transformers' generate
+    gives each prompt alone; a step of the first n rows leaves the others as they are."""
+    from flora.generation import Decoder, inference_mode
+
+    hf, m = pair
+    prompts = [random_ids(1, n, seed=s)[0].tolist() for n, s in ((9, 1), (5, 2), (12, 3))]
+
+    def alone(p, k):
+        ids = torch.tensor([p])
+        return hf.generate(ids, max_new_tokens=k, do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+
+    got = {0: [], 1: [], 2: []}
+    with inference_mode(m):
+        dec = Decoder(m, 4, 64, use_cuda_graph=False)
+        dec.mask.fill_(float("-inf"))
+        dec.t = 9
+        nxt = {0: int(dec.admit([0], [prompts[0]], pad=0).argmax(-1))}
+        got[0].append(nxt[0])
+        for step in range(10):
+            if step == 3:  # two rows join a batch already 3 steps in, one of them in row 2 (row 1 idle)
+                lg = dec.admit([2, 1], [prompts[2], prompts[1]], pad=0)
+                nxt[2], nxt[1] = (int(t) for t in lg.argmax(-1))
+                got[2].append(nxt[2])
+                got[1].append(nxt[1])
+            n = 3 if step >= 3 else 1  # rows 0 .. n-1 run; row 3 never does
+            tokens = torch.tensor([nxt.get(i, 0) for i in range(n)])
+            logits = dec.step(tokens, rows=n)
+            assert logits.shape[0] == n
+            for i in range(n):
+                if i in nxt:
+                    nxt[i] = int(logits[i].argmax())
+                    got[i].append(nxt[i])
+    assert got[0] == alone(prompts[0], 11)
+    assert got[2] == alone(prompts[2], 8) and got[1] == alone(prompts[1], 8)
+    with pytest.raises(ValueError, match="cannot end at slot"):
+        dec.admit([3], [list(range(1, 40))], pad=0)
