@@ -299,7 +299,12 @@ class Engine:
             stack = self.model.stacked
             adapter_rows = [-1 if self.names[r.model] is None else stack.index(self.names[r.model]) for r in join]
         self.batches += 1
-        logits = dec.admit(rows, [r.prompt for r in join], self.pad, adapter_rows)
+        try:
+            logits = dec.admit(rows, [r.prompt for r in join], self.pad, adapter_rows)
+        except Exception as e:  # noqa: BLE001 - these requests get the error (not retried forever)
+            for r in join:
+                r.events.put(("error", f"{type(e).__name__}: {e}"))
+            return waiting[len(join):]
         for i, r, lg in zip(rows, join, logits):
             row = self._slots[i] = _Row(r)
             row.generator = None if r.seed is None else torch.Generator(device=dec.device).manual_seed(r.seed)

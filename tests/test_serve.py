@@ -225,6 +225,20 @@ def test_a_finished_row_is_freed_and_no_step_runs_for_it(setup):
     assert eng.steps == ev[3] - 1
 
 
+def test_a_failing_prefill_answers_its_requests_and_the_server_goes_on(setup, monkeypatch):
+    from flora.generation import Decoder
+
+    _, ckpt, _ = setup
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}).start()
+    real = Decoder.admit
+    monkeypatch.setattr(Decoder, "admit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    bad = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    assert bad.events.get(timeout=60) == ("error", "RuntimeError: out of memory")
+    monkeypatch.setattr(Decoder, "admit", real)
+    ok = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+
+
 def test_a_request_joins_the_running_batch(setup):
     """Continuous batching: a request that arrives while another generates joins the
     batch at the next step, and both give what each gives alone."""
