@@ -42,6 +42,7 @@ import queue
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -448,10 +449,17 @@ def make_handler(engine: Engine, quiet: bool = True):
             self._send(e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}})
 
         def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
-                now = int(time.time())
-                self._send(200, {"object": "list", "data": [
-                    {"id": n, "object": "model", "created": now, "owned_by": "flora"} for n in engine.names]})
+            path, now = self.path.rstrip("/"), int(time.time())
+            card = lambda n: {"id": n, "object": "model", "created": now, "owned_by": "flora"}  # noqa: E731
+            if path == "/v1/models":
+                self._send(200, {"object": "list", "data": [card(n) for n in engine.names]})
+            elif path.startswith("/v1/models/"):
+                name = urllib.parse.unquote(path[len("/v1/models/"):])
+                if name in engine.names:
+                    self._send(200, card(name))
+                else:
+                    self._error(BadRequest(f"model {name!r} is not served; the models are: "
+                                           f"{', '.join(engine.names)}", 404, "model_not_found"))
             elif self.path == "/health":
                 self._send(200, {"status": "ok"})
             else:

@@ -84,6 +84,11 @@ def test_models_and_greedy_completions_match_generate(setup, server):
     url, _ = server
     with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
         assert [m["id"] for m in json.loads(r.read())["data"]] == ["base", "ffba"]
+    with urllib.request.urlopen(url + "/v1/models/ffba", timeout=30) as r:
+        assert json.loads(r.read())["id"] == "ffba"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/v1/models/nope", timeout=30)
+    assert e.value.code == 404 and "model 'nope' is not served" in json.loads(e.value.read())["error"]["message"]
     for name, path in (("ffba", adapter), ("base", None), ("ffba", adapter)):  # switched back and forth
         for p in PROMPTS:
             status, body = _post(url + "/v1/completions", {"model": name, "prompt": p, "max_tokens": 12,
