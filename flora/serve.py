@@ -426,7 +426,9 @@ def _chunk(chat: bool, rid: str, created: int, model: str, text: Optional[str], 
             "model": model, "choices": [choice]}
 
 
-def make_handler(engine: Engine, quiet: bool = True):
+def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = None):
+    import hmac
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         timeout = IO_TIMEOUT_S  # the connection's socket timeout (StreamRequestHandler sets it)
@@ -448,7 +450,21 @@ def make_handler(engine: Engine, quiet: bool = True):
         def _error(self, e: BadRequest) -> None:
             self._send(e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}})
 
+        def _allowed(self) -> bool:
+            """With an API key, /v1/ wants ``Authorization: Bearer KEY`` (a 401 object otherwise)."""
+            if api_key is None or not self.path.startswith("/v1/"):
+                return True
+            got = self.headers.get("Authorization", "")
+            if hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+                return True
+            self.close_connection = True  # a POST's body stays unread
+            self._error(BadRequest("a valid API key is needed (Authorization: Bearer KEY)", 401,
+                                   "invalid_api_key"))
+            return False
+
         def do_GET(self):
+            if not self._allowed():
+                return
             path, now = self.path.rstrip("/"), int(time.time())
             card = lambda n: {"id": n, "object": "model", "created": now, "owned_by": "flora"}  # noqa: E731
             if path == "/v1/models":
@@ -466,6 +482,8 @@ def make_handler(engine: Engine, quiet: bool = True):
                 self._error(BadRequest(f"no such endpoint: GET {self.path}", 404, "not_found"))
 
         def do_POST(self):
+            if not self._allowed():
+                return
             path = self.path.rstrip("/")
             if path not in ("/v1/completions", "/v1/chat/completions"):
                 self.close_connection = True  # its body is unread: it would be parsed as the next request
@@ -562,10 +580,12 @@ def make_handler(engine: Engine, quiet: bool = True):
     return Handler
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True) -> ThreadingHTTPServer:
-    """The HTTP server (not yet serving: call ``serve_forever``; port 0 picks a free one)."""
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True,
+          api_key: Optional[str] = None) -> ThreadingHTTPServer:
+    """The HTTP server (not yet serving: call ``serve_forever``; port 0 picks a free one).
+    ``api_key``: requests to /v1/ need ``Authorization: Bearer <api_key>``."""
     engine.start()
-    srv = _Server((host, port), make_handler(engine, quiet))
+    srv = _Server((host, port), make_handler(engine, quiet, api_key))
     srv.daemon_threads = True
     return srv
 
@@ -603,6 +623,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--log", action="store_true", help="one line per request on stderr")
+    p.add_argument("--api-key", default=os.environ.get("FLORA_API_KEY"),
+                   help="requests to /v1/ need 'Authorization: Bearer KEY' (default: $FLORA_API_KEY; none: open)")
     return p
 
 
@@ -648,7 +670,7 @@ def run_args(args) -> None:
                     mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000,
                     cache_len=args.cache_len)
     try:
-        srv = serve(engine, args.host, args.port, quiet=not args.log)
+        srv = serve(engine, args.host, args.port, quiet=not args.log, api_key=args.api_key or None)
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = srv.server_address[:2]

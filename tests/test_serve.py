@@ -447,6 +447,31 @@ def test_chat_without_a_template_is_refused(setup):
         eng.parse({"messages": [{"role": "user", "content": "a"}]}, True)
 
 
+def test_an_api_key_guards_v1(setup):
+    _, ckpt, _ = setup
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None})
+    srv = serve(eng, port=0, api_key="s3cret")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        body = json.dumps({"prompt": "a", "max_tokens": 2, "temperature": 0}).encode()
+        for auth, want in ((None, 401), ("Bearer wrong", 401), ("s3cret", 401), ("Bearer s3cret", 200)):
+            req = urllib.request.Request(url + "/v1/completions", data=body,
+                                         headers={} if auth is None else {"Authorization": auth})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    got = r.status
+            except urllib.error.HTTPError as e:
+                got = e.code
+                assert json.loads(e.read())["error"]["type"] == "invalid_api_key"
+            assert got == want, auth
+        with urllib.request.urlopen(url + "/health", timeout=30) as r:  # outside /v1/: open
+            assert r.status == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @pytest.mark.parametrize("extra, msg", [
     (["--adapter", "x"], "expected NAME=DIR"),
     (["--adapter", "base=/tmp"], "the model name 'base' is taken"),
