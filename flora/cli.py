@@ -113,6 +113,12 @@ def _export(args) -> int:
     return _run("export", run_args, args, (ValueError, TypeError, OSError))
 
 
+def _chat(args) -> int:
+    from .chat_cli import run_args
+
+    return _run("chat", run_args, args, (ValueError, TypeError, OSError), interrupted=lambda a: "bye")
+
+
 def _serve(args) -> int:
     from .serve import run_args
 
@@ -149,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = _export_args(sub.add_parser(
         "export", help="write a lora adapter merged into an HF checkpoint (--merged) or as a PEFT adapter (--peft)"))
     s.set_defaults(func=_export)
+    from .chat_cli import add_arguments as _chat_args
+
+    s = _chat_args(sub.add_parser("chat", help="a conversation with the model (and an adapter) in the terminal"))
+    s.set_defaults(func=_chat)
     from .serve import add_arguments as _serve_args
 
     s = _serve_args(sub.add_parser(

@@ -234,3 +234,57 @@ def test_cli_train_and_generate_on_conversations(setup, tmp_path, capsys):
     assert main(["generate", "--model", str(chat), "--data", str(sys_data), "--chat", "--system", "x",
                  "--device", "cpu"]) == 2
     assert "record 1 of" in capsys.readouterr().err
+
+
+def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys):
+    """`flora chat`: each line a user turn, each reply the model's greedy answer to the
+    conversation so far (chat template as training renders it), /reset starts over,
+    the oldest turns leave when the context is full."""
+    import io
+    import shutil
+    from types import SimpleNamespace
+
+    from flora.chat_cli import run_args
+    from flora.pretrained import chat_prompt
+
+    _, ckpt, adapter, *_ = setup
+    chat = tmp_path / "chat"
+    shutil.copytree(ckpt, chat)
+    tok = load_tokenizer(chat)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}a : {% endif %}")
+    tok.save_pretrained(str(chat))
+    lines = ["copy : a b", "between a and d ->", "/reset", "copy : c"]
+    args = SimpleNamespace(model=str(chat), adapter=str(adapter), system=None, max_new_tokens=8, temperature=0.0,
+                           top_p=1.0, top_k=0, seed=None, device="cpu", dtype=None)
+    out = io.StringIO()
+    run_args(args, stdin=io.StringIO("".join(l + "\n" for l in lines)), out=out)
+    replies = out.getvalue().splitlines()
+    m = FusedLlama.from_pretrained(str(chat), adapter=str(adapter))
+    msgs, want = [], []
+    for line in lines:
+        if line == "/reset":
+            msgs = []
+            continue
+        msgs.append({"role": "user", "content": line})
+        text = _alone(m, tok, chat_prompt(tok, msgs), 8)[0]
+        want.append(text)
+        msgs.append({"role": "assistant", "content": text})
+    assert replies == want
+    assert "a new conversation" in capsys.readouterr().err
+    # a long conversation in the tiny context (64): the oldest turns go, with a notice
+    args.max_new_tokens = 40
+    out = io.StringIO()
+    run_args(args, stdin=io.StringIO("copy : a b c d e f\n" * 4), out=out)
+    assert len(out.getvalue().splitlines()) == 4
+    assert "oldest turns left the conversation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, msg", [(["--max-new-tokens", "0"], "max-new-tokens"),
+                                        (["--top-k", "-2"], "top_k"),
+                                        ([], "no chat template")])
+def test_cli_chat_bad_input_is_one_line(setup, capsys, extra, msg):
+    _, ckpt, *_ = setup
+    assert main(["chat", "--model", str(ckpt), "--device", "cpu"] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flora chat: error:") and msg in err and "\n" not in err
