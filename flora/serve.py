@@ -273,7 +273,14 @@ class Engine:
         if not waiting:
             return waiting
         if self._dec is None:
-            self._begin(waiting[0].key(self.mixed))
+            try:
+                self._begin(waiting[0].key(self.mixed))
+            except Exception as e:  # noqa: BLE001 - a batch that cannot start (its cache out of memory,
+                # an adapter switch failing) was retried forever, the worker spinning and its requests
+                # never answered: the first waiting request gets the error (the next one retries)
+                self._end()
+                waiting[0].events.put(("error", f"{type(e).__name__}: {e}"))
+                return waiting[1:]
         dec, free = self._dec, [i for i, r in enumerate(self._slots) if r is None]
         fresh = not any(self._slots)
         if fresh:

@@ -244,6 +244,27 @@ def test_a_failing_prefill_answers_its_requests_and_the_server_goes_on(setup, mo
     assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
 
 
+def test_a_batch_that_cannot_start_answers_its_request_and_the_server_goes_on(setup, monkeypatch):
+    """The batch's decoder cannot be made (its KV cache out of memory): the request gets
+    the error (it was retried forever, the worker spinning), and the next one is served."""
+    from flora.generation import Decoder
+
+    _, ckpt, _ = setup
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}).start()
+    real = Decoder.__init__
+
+    def oom(self, *a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Decoder, "__init__", oom)
+    bad = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    assert bad.events.get(timeout=10) == ("error", "RuntimeError: out of memory")
+    monkeypatch.setattr(Decoder, "__init__", real)
+    ok = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    assert bad.events.empty()  # answered once, not run again
+
+
 def test_a_request_joins_the_running_batch(setup):
     """Continuous batching: a request that arrives while another generates joins the
     batch at the next step, and both give what each gives alone."""
