@@ -325,11 +325,18 @@ class Engine:
         from .generation import sample_next
 
         temperature, top_p, top_k = row.req.sampling
-        if temperature == 0 and greedy is not None:
-            token = greedy
-        else:
-            token = int(sample_next(logits, temperature, top_p, row.generator, top_k))
-        row.add(token, self)
+        try:
+            if temperature == 0 and greedy is not None:
+                token = greedy
+            else:
+                token = int(sample_next(logits, temperature, top_p, row.generator, top_k))
+            row.add(token, self)
+        except Exception as e:  # noqa: BLE001 - this row's own failure (NaN logits: sampling raises)
+            # ends this row only: raised, it failed every row of the batch, and at a prefill it left
+            # the joining requests waiting, admitted again and again (errors without end, the worker
+            # never free for the next request)
+            row.done = True
+            row.req.events.put(("error", f"{type(e).__name__}: {e}"))
         if row.done:
             self._slots[i] = None
         else:

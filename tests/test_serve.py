@@ -265,6 +265,27 @@ def test_a_batch_that_cannot_start_answers_its_request_and_the_server_goes_on(se
     assert bad.events.empty()  # answered once, not run again
 
 
+def test_a_row_that_cannot_sample_fails_alone(setup):
+    """A sampled request whose logits are NaN (sampling raises) gets the error once; the
+    greedy row it joined goes on to its end, and the next request is served (the error
+    failed the whole batch and left the request waiting, admitted again without end)."""
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    tok = load_tokenizer(ckpt)
+    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN logits
+        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
+    eng = Engine(model, tok, {"base": None}, max_batch=4)
+    good = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0}, False))
+    bad = eng.submit(eng.parse({"prompt": "a apple", "max_tokens": 5, "temperature": 1.0}, False))
+    eng.start()
+    assert good.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[2], 20)
+    assert bad.events.get(timeout=60)[0] == "error"
+    assert eng.batches == 1  # they ran together
+    ok = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    assert bad.events.empty()  # answered once
+
+
 def test_a_request_joins_the_running_batch(setup):
     """Continuous batching: a request that arrives while another generates joins the
     batch at the next step, and both give what each gives alone."""
