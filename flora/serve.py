@@ -232,6 +232,9 @@ class Engine:
                     break
             try:
                 waiting = self._admit(waiting)
+                for i, row in enumerate(self._slots):
+                    if row is not None and row.req.cancelled:  # its client left: freed now (it was
+                        self._slots[i] = None  # stepped once more, a step for no one when it was the last)
                 if any(self._slots):
                     self._step()
             except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the server goes on

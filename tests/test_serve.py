@@ -230,6 +230,31 @@ def test_a_finished_row_is_freed_and_no_step_runs_for_it(setup):
     assert eng.steps == ev[3] - 1
 
 
+def test_a_row_whose_client_leaves_mid_stream_is_not_stepped_again(setup):
+    """A streaming client that leaves after its 3rd token (the handler sets cancelled when
+    a write fails): its row is freed before the next step; it was stepped once more, for no one."""
+    import queue
+
+    _, ckpt, _ = setup
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None})
+    req = eng.parse({"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}, False)
+
+    class Leaves(queue.Queue):  # the client is gone once the 3rd delta is written
+        def put(self, ev, *a, **k):
+            super().put(ev, *a, **k)
+            if self.qsize() == 3:
+                req.cancelled = True
+
+    req.events = Leaves()
+    eng.submit(req)
+    eng.start()
+    deadline = time.monotonic() + 60
+    while not (req.cancelled and eng._dec is None) and time.monotonic() < deadline:  # its batch is over
+        time.sleep(0.01)
+    assert req.events.qsize() == 3 and eng._dec is None
+    assert eng.steps == 2  # the 1st token from the prefill, the 2nd and 3rd from steps
+
+
 def test_a_failing_prefill_answers_its_requests_and_the_server_goes_on(setup, monkeypatch):
     from flora.generation import Decoder
 
