@@ -81,8 +81,8 @@ class StaticKVCache:
 
     def window(self, layer: int):
         if torch.compiler.is_compiling():
-            L = self.length
-            return self.k[layer][:, :, :L], self.v[layer][:, :, :L]
+            L, n = self.length, self.n
+            return self.k[layer][:n, :, :L], self.v[layer][:n, :, :L]
         w = self._windows.get((self.length, self.n))
         if w is None:
             L, n = self.length, self.n
