@@ -26,3 +26,23 @@ def tiny_checkpoint(path, seed=0, tied=False):
 
 def records(task="between", n=64, seed=0, split="train"):
     return syn.finetune_data(task, n, seed=seed, split=split)
+
+
+# A chat template over the synthetic vocabulary: a role's initial, its content, "</s>" (EOS)
+# ending each turn; the generation prompt is the assistant's "a :".
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}a : {% endif %}")
+
+
+def with_chat_template(ckpt, dest):
+    """A copy of checkpoint ``ckpt`` at ``dest`` whose tokenizer has CHAT_TEMPLATE."""
+    import shutil
+
+    from flora.data import load_tokenizer
+
+    shutil.copytree(ckpt, dest)
+    tok = load_tokenizer(dest)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(dest))
+    return dest
+

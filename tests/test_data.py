@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from _train_helpers import CHAT_TEMPLATE
 
 from flora.data import (IGNORE_INDEX, TokenizedDataset, collate, count_target_tokens, load_jsonl,
                         load_tokenizer, tokenize_record)
@@ -121,16 +122,12 @@ def test_collate_pads_right_with_masked_labels(tok):
 
 
 # -------------------------------------------------------- conversations ("messages")
-# A chat template over the synthetic vocabulary: a role's initial, its content,
-# "</s>" (EOS) ending each turn; the generation prompt is the assistant's "a :".
-TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
-            "{% if add_generation_prompt %}a : {% endif %}")
 
 
 @pytest.fixture
 def chat_tok(tok_dir):
     t = load_tokenizer(tok_dir)
-    t.chat_template = TEMPLATE
+    t.chat_template = CHAT_TEMPLATE
     return t
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from _train_helpers import records, tiny_checkpoint
+from _train_helpers import records, tiny_checkpoint, with_chat_template
 
 from flora import FusedLlama
 from flora.bench.latency import randomize_adapter
@@ -195,17 +195,10 @@ def test_cli_generate_bad_files(setup, tmp_path, capsys):
 def test_cli_train_and_generate_on_conversations(setup, tmp_path, capsys):
     """{"messages"} records: `flora train` learns from them and `flora generate`
     prompts with the same chat template, the last assistant turn as the reference."""
-    import shutil
-
     from flora.pretrained import chat_prompt
 
     _, ckpt, *_ = setup
-    chat = tmp_path / "chat"
-    shutil.copytree(ckpt, chat)
-    tok = load_tokenizer(chat)
-    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
-                         "{% if add_generation_prompt %}a : {% endif %}")
-    tok.save_pretrained(str(chat))
+    chat = with_chat_template(ckpt, tmp_path / "chat")
 
     def conv(r):
         return {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
@@ -241,19 +234,14 @@ def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys):
     conversation so far (chat template as training renders it), /reset starts over,
     the oldest turns leave when the context is full."""
     import io
-    import shutil
     from types import SimpleNamespace
 
     from flora.chat_cli import run_args
     from flora.pretrained import chat_prompt
 
     _, ckpt, adapter, *_ = setup
-    chat = tmp_path / "chat"
-    shutil.copytree(ckpt, chat)
+    chat = with_chat_template(ckpt, tmp_path / "chat")
     tok = load_tokenizer(chat)
-    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
-                         "{% if add_generation_prompt %}a : {% endif %}")
-    tok.save_pretrained(str(chat))
     lines = ["copy : a b", "between a and d ->", "/reset", "copy : c"]
     args = SimpleNamespace(model=str(chat), adapter=str(adapter), system=None, max_new_tokens=8, temperature=0.0,
                            top_p=1.0, top_k=0, seed=None, device="cpu", dtype=None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import urllib.request
 
 import pytest
 import torch
-from _train_helpers import tiny_checkpoint
+from _train_helpers import tiny_checkpoint, with_chat_template
 
 from flora import FusedLlama
 from flora.bench.latency import randomize_adapter
@@ -26,18 +25,13 @@ from flora.generation import _eos_set
 from flora.pretrained import chat_prompt
 from flora.serve import Engine, Request, serve
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }} </s> {% endfor %}"
-            "{% if add_generation_prompt %}a : {% endif %}")
 PROMPTS = ["between a and f ->", "copy : a b c =", "the big cat"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
-    ckpt = tiny_checkpoint(d / "ckpt", seed=5)
-    tok = load_tokenizer(ckpt)
-    tok.chat_template = TEMPLATE
-    tok.save_pretrained(str(ckpt))
+    ckpt = with_chat_template(tiny_checkpoint(d / "plain-ckpt", seed=5), d / "ckpt")
     m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
     randomize_adapter(m, seed=0)
     m.save_adapter(d / "ffba")
@@ -498,17 +492,7 @@ def test_default_max_tokens(setup):
 
 
 def test_chat_without_a_template_is_refused(setup):
-    _, ckpt, _ = setup
-    plain = setup[0] / "plain"
-    if not plain.exists():
-        shutil.copytree(ckpt, plain)
-        tok = load_tokenizer(plain)
-        tok.chat_template = None
-        cfg = plain / "tokenizer_config.json"
-        d = json.loads(cfg.read_text())
-        d.pop("chat_template", None)
-        cfg.write_text(json.dumps(d))
-        (plain / "chat_template.jinja").unlink(missing_ok=True)
+    plain = setup[0] / "plain-ckpt"  # the checkpoint before its tokenizer got a chat template
     eng = Engine(FusedLlama.from_pretrained(str(plain)), load_tokenizer(plain), {"base": None})
     with pytest.raises(Exception, match="no chat template; use /v1/completions"):
         eng.parse({"messages": [{"role": "user", "content": "a"}]}, True)
