@@ -89,7 +89,7 @@ class StaticKVCache:
             w = self._windows[(L, n)] = [(k[:n, :, :L], v[:n, :, :L]) for k, v in zip(self.k, self.v)]
         return w[layer]
 
-    def rows(self, layer: int) -> tuple:
+    def stepped(self, layer: int) -> tuple:
         """(keys, values) of the rows a decode step runs: all, or the first n."""
         if self.n is None:
             return self.k[layer], self.v[layer]
@@ -110,7 +110,7 @@ class StaticKVCache:
         (flora.ops.rope_cache); None during prefill (update takes that)."""
         if self.prefill_len is not None:
             return None
-        q = ops.rope_cache(qk, v, cos, sin, *self.rows(layer), self.slot)
+        q = ops.rope_cache(qk, v, cos, sin, *self.stepped(layer), self.slot)
         return (q, *self.window(layer))
 
     def update(self, layer: int, k: Tensor, v: Tensor):
@@ -126,7 +126,7 @@ class StaticKVCache:
             vl.copy_(v)
             return kl, vl
         # index_copy_ with a device tensor index: valid inside a CUDA graph
-        kr, vr = self.rows(layer)
+        kr, vr = self.stepped(layer)
         kr.index_copy_(2, self.slot, k)
         vr.index_copy_(2, self.slot, v)
         return self.window(layer)
@@ -368,13 +368,13 @@ class Decoder:
         ids, pos, rows = self._inputs(n)
         return self._fn(self.model, ids, pos, self._mask(L, n), self.cache, rows)
 
-    def step(self, tokens: Tensor, rows: Optional[int] = None) -> Tensor:
+    def step(self, tokens: Tensor, n_rows: Optional[int] = None) -> Tensor:
         """Feed tokens [B] at the next slot; return logits [B, V] for the following
-        one. ``rows`` (continuous batching): only the first ``rows`` rows run
-        (tokens [rows]); the others keep their state, and their slot t unwritten."""
+        one. ``n_rows`` (continuous batching): only the first ``n_rows`` rows run
+        (tokens [n_rows]); the others keep their state, and their slot t unwritten."""
         if self.t >= self.max_len:
             raise ValueError("KV cache is full")
-        n = None if rows is None or rows == self.B else rows
+        n = None if n_rows is None or n_rows == self.B else n_rows
         self._inputs(n)[0].copy_(tokens.view(-1, 1))
         self.pos.add_(1)
         self.cache.slot.fill_(self.t)

@@ -356,7 +356,7 @@ class Engine:
         for i, row in enumerate(self._slots[:n]):
             if row is not None:
                 tokens[i] = row.next
-        logits = dec.step(tokens.to(dec.device), rows=n)
+        logits = dec.step(tokens.to(dec.device), n_rows=n)
         self.steps += 1
         self.row_steps += sum(r is not None for r in self._slots)
         greedy = logits.argmax(-1).tolist()  # every greedy row's token in one read (one sync on a GPU)

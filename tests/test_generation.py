@@ -496,7 +496,7 @@ def test_run_interleaved_prefills_and_gc():
 
 
 def test_decoder_admits_rows_into_a_running_batch(pair):
-    """Continuous batching (Decoder.admit + step(rows=n)): prompts prefilled into free
+    """Continuous batching (Decoder.admit + step(n_rows=n)): prompts prefilled into free
     rows of a running decoder at its current slot decode what transformers' generate
     gives each prompt alone; a step of the first n rows leaves the others as they are."""
     from flora.generation import Decoder, inference_mode
@@ -523,7 +523,7 @@ def test_decoder_admits_rows_into_a_running_batch(pair):
                 got[1].append(nxt[1])
             n = 3 if step >= 3 else 1  # rows 0 .. n-1 run; row 3 never does
             tokens = torch.tensor([nxt.get(i, 0) for i in range(n)])
-            logits = dec.step(tokens, rows=n)
+            logits = dec.step(tokens, n_rows=n)
             assert logits.shape[0] == n
             for i in range(n):
                 if i in nxt:
