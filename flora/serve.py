@@ -285,9 +285,7 @@ class Engine:
                 waiting[0].events.put(("error", f"{type(e).__name__}: {e}"))
                 return waiting[1:]
         dec, free = self._dec, [i for i, r in enumerate(self._slots) if r is None]
-        fresh = not any(self._slots)
-        if fresh:
-            dec.t = 0
+        fresh = not any(self._slots)  # a batch just begun (at slot 0): a drained one has ended
         join, t = [], dec.t
         for r in waiting:
             if len(join) == len(free) or r.key(self.mixed) != self._key:
