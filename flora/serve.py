@@ -39,6 +39,8 @@ import math
 import numbers
 import os
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -418,6 +420,7 @@ class _Row:
 # ------------------------------------------------------------------ HTTP
 MAX_BODY = 16 << 20  # bytes of a request body at most (a prompt is bounded by the context anyway)
 IO_TIMEOUT_S = 60.0  # a client that stops sending (a Content-Length past its body, an idle keep-alive)
+POLL_S = 0.25  # how often a non-streaming request's handler checks that its client is still there
 # or stops reading gives its thread and connection back after this long
 def _response(chat: bool, rid: str, created: int, model: str, text: str, reason: str, n_prompt: int,
               n_new: int) -> dict:
@@ -524,14 +527,39 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             if req.stream:
                 self._stream(req, chat, rid, created)
                 return
-            ev = req.events.get()
-            while ev[0] == "delta":
-                ev = req.events.get()
+            ev = self._wait(req)
+            if ev is None:  # the client left: its row was cancelled, no one to answer
+                return
             if ev[0] == "error":
                 self._send(500, {"error": {"message": ev[1], "type": "server_error", "code": 500}})
                 return
             _, text, reason, n_new = ev
             self._send(200, _response(chat, rid, created, req.model, text, reason, len(req.prompt), n_new))
+
+        def _wait(self, req: Request):
+            """The request's end ("done" or "error"), or None when its client hangs up
+            first: its row is then cancelled (it would generate on to its max_tokens)."""
+            while True:
+                try:
+                    ev = req.events.get(timeout=POLL_S)
+                except queue.Empty:
+                    if self._client_gone():
+                        req.cancelled = True
+                        self.close_connection = True
+                        return None
+                    continue
+                if ev[0] != "delta":
+                    return ev
+
+        def _client_gone(self) -> bool:
+            """The client closed its side (the socket reads as ended, or fails)."""
+            sock = self.connection
+            try:
+                if not select.select([sock], [], [], 0)[0]:
+                    return False  # nothing to read: still there, waiting
+                return sock.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
 
         def _body(self) -> bytes:
             """The request body, all Content-Length bytes of it, or BadRequest; a body

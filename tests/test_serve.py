@@ -602,3 +602,44 @@ def test_streaming_holds_back_what_may_start_a_stop_string():
         for d in deltas:  # no delta ends inside a possible stop string
             seen += d
             assert not any(seen.endswith(s[:k]) for s in stop for k in range(1, len(s))) or seen == want
+
+
+def test_a_non_streaming_client_that_hangs_up_cancels_its_row(setup, monkeypatch):
+    """The handler of a non-streaming request notices its client hang up while the
+    answer is generated, and the row stops (it generated on to its max_tokens)."""
+    import socket
+
+    from flora.generation import Decoder
+
+    _, ckpt, _ = setup
+    real = Decoder.step
+
+    def slow(self, *a, **k):  # 50 steps take seconds: time for the client to leave
+        time.sleep(0.05)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Decoder, "step", slow)
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None})
+    srv = serve(eng, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        body = json.dumps({"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0}).encode()
+        s = socket.create_connection(("127.0.0.1", srv.server_address[1]))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while eng.steps < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        s.close()
+        deadline = time.monotonic() + 30
+        while any(eng._slots):  # the row is freed: cancelled, not run to its 50 tokens
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert eng.steps < 40
+        status, raw = _post(f"http://127.0.0.1:{srv.server_address[1]}/v1/completions",
+                            {"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0})
+        assert status == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
