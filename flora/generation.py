@@ -274,13 +274,19 @@ class Decoder:
         self.written = max(T, Tp or 0)
         return logits
 
-    def admit(self, rows: list, prompts: list, pad: int, adapter_rows: Optional[list] = None) -> Tensor:
+    def restart(self, t: int = 0) -> None:
+        """Continuous batching: every row free (its keys masked), the next step at slot t."""
+        self.mask.fill_(float("-inf"))
+        self.t = t
+
+    def admit(self, rows: list, prompts: list, pad: int, adapters: Optional[list] = None) -> Tensor:
         """Continuous batching: prefill ``prompts`` (token id lists) into batch
         rows ``rows`` of a running decoder, each prompt ending at slot ``t - 1``,
         so that the next :meth:`step` feeds every row (old and new) at slot
         ``t``. A row's keys are its own slots only (its mask is reset), its
-        positions its prompt's from 0; ``adapter_rows``: each new row's adapter
-        slot in a stacked model. Returns the new rows' next-token logits [n, V]."""
+        positions its prompt's from 0; ``adapters``: each new row's adapter name
+        (None: the base) in a stacked model, as generate() takes them. Returns the
+        new rows' next-token logits [n, V]."""
         T = max(len(p) for p in prompts)
         if T > self.t:
             raise ValueError(f"a prompt of {T} tokens cannot end at slot {self.t - 1}")
@@ -296,7 +302,7 @@ class Decoder:
         self.pos.index_copy_(0, idx, pos[:, -1:])
         sub = None
         if self.rows is not None:
-            self.rows.index_copy_(0, idx, torch.tensor(adapter_rows, dtype=torch.long, device=dev))
+            self.rows.index_copy_(0, idx, self.model.adapter_rows(adapters, len(rows)))
             sub = self.rows.index_select(0, idx)
         c = self.cache
         c.prefill_len, c.prefill_rows, c.prefill_start = T, idx, start

@@ -264,9 +264,8 @@ class Engine:
         dk = structure_key(m) if graphs else None
         if dk not in self._decoders:
             self._decoders[dk] = Decoder(m, self.max_batch, self.cache_len, graphs)
-        self._dec = self._decoders[dk]
-        self._dec.mask.fill_(float("-inf"))
-        self._dec.t, self._key = 0, key
+        self._dec, self._key = self._decoders[dk], key
+        self._dec.restart()
 
     def _end(self) -> None:
         self._session.close()
@@ -305,13 +304,10 @@ class Engine:
             return waiting
         dec.t = t
         rows = free[:len(join)]
-        adapter_rows = None
-        if dec.rows is not None:
-            stack = self.model.stacked
-            adapter_rows = [-1 if self.names[r.model] is None else stack.index(self.names[r.model]) for r in join]
         self.batches += 1
         try:
-            logits = dec.admit(rows, [r.prompt for r in join], self.pad, adapter_rows)
+            logits = dec.admit(rows, [r.prompt for r in join], self.pad,
+                               [self.names[r.model] for r in join] if self.mixed else None)
         except Exception as e:  # noqa: BLE001 - these requests get the error (not retried forever)
             for r in join:
                 r.events.put(("error", f"{type(e).__name__}: {e}"))
@@ -646,8 +642,9 @@ class _Server(ThreadingHTTPServer):
 
 # ------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", required=True,
-                   help="local Llama checkpoint directory, a Llama .gguf file, or 'smollm2'")
+    from .inference import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter served as model NAME (flora's or a PEFT LoRA's; repeatable, one structure)")
     p.add_argument("--name", default="base", help="the model name of the base (no adapter)")
@@ -662,9 +659,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="how long a request that finds the server idle waits for others to batch with")
     p.add_argument("--mixed", action="store_true",
                    help="the adapters side by side: requests for any of them and the base share batches")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--log", action="store_true", help="one line per request on stderr")
     p.add_argument("--api-key", default=os.environ.get("FLORA_API_KEY"),
                    help="requests to /v1/ need 'Authorization: Bearer KEY' (default: $FLORA_API_KEY; none: open)")
@@ -686,8 +680,7 @@ def _adapters(specs: list, base_name: str) -> dict:
 
 
 def run_args(args) -> None:
-    from .model import FusedLlama
-    from .pretrained import load_tokenizer, smollm2_path
+    from .inference import load
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
@@ -700,16 +693,8 @@ def run_args(args) -> None:
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0 .. 65535, got {args.port}")
     adapters = _adapters(args.adapter, args.name)
-    device = resolve_device(args.device)
-    path = smollm2_path() if args.model == "smollm2" else args.model
-    dtype = args.dtype if args.dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = FusedLlama.from_pretrained(path, dtype=dtype, device=device).eval()
-    for name, a in adapters.items():
-        try:
-            model.load_adapter(a, name=name, activate=False)
-        except ValueError as e:  # another variant / rank / targets: cannot share the model
-            raise ValueError(f"--adapter {name}={a}: {e}") from None
-    engine = Engine(model, load_tokenizer(path), {args.name: None, **{n: n for n in adapters}}, args.max_batch,
+    model, tok = load(args, list(adapters.items()), resolve_device(args.device))
+    engine = Engine(model, tok, {args.name: None, **{n: n for n in adapters}}, args.max_batch,
                     mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000,
                     cache_len=args.cache_len)
     try:

@@ -511,8 +511,7 @@ def test_decoder_admits_rows_into_a_running_batch(pair):
     got = {0: [], 1: [], 2: []}
     with inference_mode(m):
         dec = Decoder(m, 4, 64, use_cuda_graph=False)
-        dec.mask.fill_(float("-inf"))
-        dec.t = 9
+        dec.restart(9)
         nxt = {0: int(dec.admit([0], [prompts[0]], pad=0).argmax(-1))}
         got[0].append(nxt[0])
         for step in range(10):
