@@ -19,18 +19,12 @@ from .devices import resolve_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", required=True,
-                   help="local Llama checkpoint directory, a Llama .gguf file, or 'smollm2'")
+    from .inference import add_model_arguments, add_sampling_arguments
+
+    add_model_arguments(p)
     p.add_argument("--adapter", default=None, help="adapter directory (flora's or a PEFT LoRA's)")
     p.add_argument("--system", default=None, help="a system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on the CPU)")
+    add_sampling_arguments(p, max_new_tokens=256)
     return p
 
 
@@ -51,16 +45,16 @@ def run_args(args, stdin=None, out=None) -> None:
     import torch
 
     from .generation import _eos_set, check_sampling
-    from .inference import _load
+    from .inference import load
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = resolve_device(args.device)
-    # inference's loader takes a list of adapters
-    model, tok, _ = _load(argparse.Namespace(**{**vars(args), "adapter": [args.adapter] if args.adapter else None}),
-                          device)
+    model, tok = load(args, [("adapter", args.adapter)] if args.adapter else [], device)
+    if args.adapter:
+        model.set_adapter("adapter")
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"{args.model}: its tokenizer has no chat template; flora chat needs an instruct model")
     context = model.arch.max_position_embeddings

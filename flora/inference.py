@@ -31,10 +31,46 @@ from .devices import resolve_device
 from .fileio import atomic_write_text
 
 
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype: what `flora generate`, `chat` and `serve` load (see :func:`load`)."""
     p.add_argument("--model", required=True,
                    help="local Llama checkpoint directory, a Llama .gguf file, or 'smollm2' "
                         "(SmolLM2-135M-Instruct, fetched once into ~/.cache/flora)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on the CPU)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def load(args, adapters: list, device):
+    """(model in eval mode, tokenizer): ``args.model`` (a directory, a .gguf file or
+    'smollm2') in ``args.dtype`` on ``device``, its base loaded once and each
+    (name, directory) of ``adapters`` loaded onto it under its name, none made
+    current (adapters of another structure cannot share the model)."""
+    from .model import FusedLlama
+    from .pretrained import load_tokenizer, smollm2_path
+
+    path = smollm2_path() if args.model == "smollm2" else args.model
+    dtype = args.dtype if args.dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = FusedLlama.from_pretrained(path, dtype=dtype, device=device)
+    for name, a in adapters:
+        try:
+            model.load_adapter(a, name=name, activate=False)
+        except ValueError as e:  # another variant / rank / targets
+            raise ValueError(f"--adapter {a}: {e}; run adapters of another structure in a command of "
+                             f"their own") from None
+    return model.eval(), load_tokenizer(path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_model_arguments(p)
     p.add_argument("--adapter", action="append", default=None,
                    help="adapter directory (flora's or a PEFT LoRA's); repeat to run several in turn")
     p.add_argument("--compare", action="store_true", help="also generate with the adapter off")
@@ -50,15 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="wrap each prompt in the tokenizer's chat template as the user's message")
     p.add_argument("--system", default=None,
                    help="with --chat: a system message (also before a conversation that has none)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    add_sampling_arguments(p, max_new_tokens=128)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--compile", action="store_true", help="decode step under torch.compile (slow first call)")
     p.add_argument("--out", default=None, help="also write the results as JSONL here")
     return p
@@ -91,24 +120,6 @@ def _text(tok, rec, args) -> str:
     if "messages" in rec:
         return chat_prompt(tok, rec["messages"], args.system)
     return chat_prompt(tok, rec["prompt"], args.system) if args.chat else rec["prompt"]
-
-
-def _load(args, device):
-    from .model import FusedLlama
-    from .pretrained import load_tokenizer, smollm2_path
-
-    path = smollm2_path() if args.model == "smollm2" else args.model
-    dtype = args.dtype if args.dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    adapters = args.adapter or []
-    model = FusedLlama.from_pretrained(path, adapter=adapters[0] if adapters else None, dtype=dtype, device=device)
-    names = [model.active_adapter] if adapters else []
-    for i, a in enumerate(adapters[1:], 2):  # one model, its adapters switched: the base is loaded once
-        try:
-            model.load_adapter(a, name=f"adapter{i}", activate=False)
-        except ValueError as e:  # another variant / rank / targets: cannot share the model
-            raise ValueError(f"--adapter {a}: {e}; run those adapters in separate commands") from None
-        names.append(f"adapter{i}")
-    return model.eval(), load_tokenizer(path), names
 
 
 def _timed(model, tok, device, prompts, gen, warm_rows, adapters=None, streamer=None):
@@ -153,7 +164,8 @@ def run_args(args) -> dict:
     recs = _prompts(args)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    model, tok, names = _load(args, device)
+    names = [f"adapter{i}" for i in range(1, len(args.adapter or []) + 1)]
+    model, tok = load(args, list(zip(names, args.adapter or [])), device)
     load_s = time.perf_counter() - t0
     texts = [_text(tok, r, args) for r in recs]
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
