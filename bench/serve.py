@@ -4,6 +4,7 @@
     python bench/serve.py                                  # SmolLM2-135M, CPU, 1 / 4 / 8 clients
     python bench/serve.py --model DIR --device cuda --clients 1 8 32 --max-batch 32
     python bench/serve.py --long-tokens 128               # half the clients ask for long answers
+    python bench/serve.py --conversation 6                # the prefix cache: a chat's turns, on / off
 
 The server (flora.serve, in this process, on a free port) serves the base
 model; each client thread sends ``--requests`` chat completions (greedy,
@@ -16,6 +17,14 @@ latency, and the mean number of rows a decode step ran. ``--long-tokens N``: the
 even-numbered clients ask for N tokens (a long answer) and the table splits
 the latency of the short requests from the long ones': a short request should
 not wait for a long one to end.
+
+``--conversation K`` measures the prefix cache instead: one client holds a
+K-turn chat under a long system prompt (every turn sends the whole history,
+as chat clients do), on two servers of the same model, the prefix cache on
+and off (``--prefix-cache 0``), the conversations alternating between them
+for ``--rounds`` rounds (the cache emptied before each). Reported per turn:
+the median latency on each, their ratio, and the prompt tokens the cache
+reused (usage.prompt_tokens_details.cached_tokens).
 """
 from __future__ import annotations
 
@@ -78,6 +87,68 @@ def load(url: str, clients: int, requests: int, max_tokens: int, long_tokens: in
     return out
 
 
+SYSTEM = ("You are a careful assistant for a small science museum. Answer visitors' questions briefly "
+          "and exactly. ") + " ".join(
+    f"Rule {i}: {r}" for i, r in enumerate([
+        "Use plain words a twelve-year-old knows.", "Give numbers with their units.",
+        "If a question is about opening hours, say the museum opens at nine and closes at five.",
+        "Never invent an exhibit; the exhibits are the planets hall, the insect room, the water lab, "
+        "the light and color studio, and the dinosaur gallery.", "Answer in at most two sentences.",
+        "When a visitor asks for directions, the planets hall is on the ground floor, the insect room and "
+        "the water lab on the first floor, and the dinosaur gallery in the basement.",
+        "Tickets cost eight euros for adults and four for children; under fives are free.",
+        "Do not give medical or legal advice; suggest asking a member of staff instead.",
+        "If you do not know, say so and suggest the information desk by the main entrance."] * 3, 1))
+
+
+def conversation(url: str, system: str, turns: int, max_tokens: int) -> list:
+    """One chat of ``turns`` turns (greedy): per turn (latency s, prompt tokens, cached tokens)."""
+    msgs, out = [{"role": "system", "content": system}], []
+    for q in QUESTIONS[:turns]:
+        msgs.append({"role": "user", "content": q})
+        t0 = time.perf_counter()
+        r = post(url + "/v1/chat/completions", {"messages": msgs, "max_tokens": max_tokens, "temperature": 0})
+        u = r["usage"]
+        out.append((time.perf_counter() - t0, u["prompt_tokens"],
+                    (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)))
+        msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+    return out
+
+
+def prefix_bench(model, tok, args) -> dict:
+    engines = {"on": Engine(model, tok, {"base": None}, args.max_batch),
+               "off": Engine(model, tok, {"base": None}, args.max_batch, prefix_cache=0)}
+    urls, servers = {}, []
+    for k, eng in engines.items():
+        srv = serve(eng, port=0)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        urls[k] = f"http://127.0.0.1:{srv.server_address[1]}"
+    runs = {"on": [], "off": []}
+    for i in range(args.rounds + 1):  # round 0: warm-up
+        for k in (("on", "off") if i % 2 else ("off", "on")):
+            while engines[k].busy:  # the last turn's answer is kept after its client has it
+                time.sleep(0.01)
+            if engines[k].prefix is not None:
+                engines[k].prefix.clear()
+            r = conversation(urls[k], args.system, args.conversation, args.max_tokens)
+            if i:
+                runs[k].append(r)
+    for srv in servers:
+        srv.shutdown()
+    print("| turn | prompt tokens | reused | latency s, cache off | latency s, cache on | off / on |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for t in range(args.conversation):
+        off = statistics.median(r[t][0] for r in runs["off"])
+        on = statistics.median(r[t][0] for r in runs["on"])
+        rows.append({"turn": t + 1, "prompt_tokens": runs["on"][0][t][1], "cached_tokens": runs["on"][0][t][2],
+                     "latency_off_s": off, "latency_on_s": on, "ratio": off / on})
+        print(f"| {t + 1} | {runs['on'][0][t][1]} | {runs['on'][0][t][2]} | {off:.3f} | {on:.3f} | {off / on:.2f} |",
+              flush=True)
+    return {"conversation": args.conversation, "rounds": args.rounds, "rows": rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M)")
@@ -87,12 +158,21 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--long-tokens", type=int, default=0, help="the even-numbered clients' max_tokens (0: all short)")
+    p.add_argument("--conversation", type=int, default=0, metavar="TURNS",
+                   help="measure the prefix cache: a chat of TURNS turns, cache on and off (see above)")
+    p.add_argument("--rounds", type=int, default=3, help="--conversation: conversations on each server")
+    p.add_argument("--system", default=SYSTEM, help="--conversation: the system prompt (default: ~600 tokens)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     path = args.model or smollm2_path()
     dev = torch.device(args.device)
     model = FusedLlama.from_pretrained(path, device=dev,
                                        dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    if args.conversation:
+        if not 1 <= args.conversation <= len(QUESTIONS):
+            p.error(f"--conversation must be in 1 .. {len(QUESTIONS)}")
+        save(args, dev, path, prefix_bench(model, load_tokenizer(path), args))
+        return
     engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch)
     srv = serve(engine, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -112,11 +192,15 @@ def main(argv=None):
               f"{r['latency_p90_s']:.2f} | " + (f"{r['long_latency_p50_s']:.2f} | " if args.long_tokens else "")
               + f"{r['rows_per_step']:.1f} |", flush=True)
     srv.shutdown()
+    save(args, dev, path, {"long_tokens": args.long_tokens, "rows": rows})
+
+
+def save(args, dev, path, result: dict) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(dev), "cpu": platform.processor() or platform.machine(),
                        "torch": torch.__version__, "threads": torch.get_num_threads(), "model": str(path),
-                       "max_tokens": args.max_tokens, "long_tokens": args.long_tokens, "rows": rows}, f, indent=1)
+                       "max_tokens": args.max_tokens, **result}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from . import nvtx, ops
-from .layers import causal_prompt, check_id_dtype, check_token_ids, positions_from_mask, slot_mask
+from .layers import (attention_mask_4d, causal_prompt, check_id_dtype, check_token_ids, positions_from_mask,
+                     slot_mask)
 
 
 def bucket_size(device: torch.device) -> int:
@@ -71,9 +72,11 @@ class StaticKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # decode write position
         self.prefill_len: Optional[int] = None  # set during prefill, None while decoding
-        # a prefill of some rows only (Decoder.admit): their batch indices and first slot
+        # a prefill of some rows only (Decoder.admit): their batch indices, the first slot
+        # it writes, and the first its attention reads (earlier: a reused prompt prefix)
         self.prefill_rows: Optional[Tensor] = None
         self.prefill_start = 0
+        self.prefill_from = 0
         self.length = max_len  # decode: keys read per step
         self.n: Optional[int] = None  # decode: the first n rows step (None: all)
         self._windows: dict = {}  # (length, n) -> per-layer views of the window, made once
@@ -118,6 +121,10 @@ class StaticKVCache:
             s, T = self.prefill_start, k.shape[2]
             self.k[layer][:, :, s:s + T].index_copy_(0, self.prefill_rows, k)
             self.v[layer][:, :, s:s + T].index_copy_(0, self.prefill_rows, v)
+            if self.prefill_from < s:  # the rows' keys from their reused prefixes on
+                w = slice(self.prefill_from, s + T)
+                return (self.k[layer][:, :, w].index_select(0, self.prefill_rows),
+                        self.v[layer][:, :, w].index_select(0, self.prefill_rows))
             return k, v
         if self.prefill_len is not None:
             T = k.shape[2]
@@ -279,17 +286,27 @@ class Decoder:
         self.mask.fill_(float("-inf"))
         self.t = t
 
-    def admit(self, rows: list, prompts: list, pad: int, adapters: Optional[list] = None) -> Tensor:
+    def admit(self, rows: list, prompts: list, pad: int, adapters: Optional[list] = None,
+              reused: Optional[list] = None) -> Tensor:
         """Continuous batching: prefill ``prompts`` (token id lists) into batch
         rows ``rows`` of a running decoder, each prompt ending at slot ``t - 1``,
         so that the next :meth:`step` feeds every row (old and new) at slot
         ``t``. A row's keys are its own slots only (its mask is reset), its
         positions its prompt's from 0; ``adapters``: each new row's adapter name
-        (None: the base) in a stacked model, as generate() takes them. Returns the
-        new rows' next-token logits [n, V]."""
+        (None: the base) in a stacked model, as generate() takes them.
+        ``reused``: per row, None or ``(kv, c)``: the keys and values of its
+        prompt's first ``c`` tokens (``kv`` [layers, 2, kv_heads, >= c, head_dim],
+        as :meth:`kv` reads them; c < the prompt's length), copied in instead of
+        computed. All rows prefill their last S tokens, S the longest part any
+        row must compute, attending to the copied slots before them. Returns
+        the new rows' next-token logits [n, V]."""
         T = max(len(p) for p in prompts)
         if T > self.t:
             raise ValueError(f"a prompt of {T} tokens cannot end at slot {self.t - 1}")
+        reused = reused or [None] * len(prompts)
+        S = max(len(p) - (r[1] if r else 0) for p, r in zip(prompts, reused))
+        if S < 1:
+            raise ValueError("a reused prefix must leave at least one prompt token to compute")
         dev = self.device
         ids, valid = left_pad(prompts, pad)
         ids, valid = ids.to(dev), valid.to(dev).bool()
@@ -300,17 +317,36 @@ class Decoder:
         open_ = torch.zeros(valid.shape, dtype=self.mask.dtype, device=dev).masked_fill_(~valid, float("-inf"))
         self.mask[:, 0, 0, start:self.t].index_copy_(0, idx, open_)
         self.pos.index_copy_(0, idx, pos[:, -1:])
+        c = self.cache
+        for row, p, r in zip(rows, prompts, reused):
+            n = len(p) - S  # the reused tokens this prefill does not recompute
+            if r is not None and n > 0:
+                first = self.t - len(p)
+                for layer in range(len(c.k)):
+                    c.k[layer][row, :, first:first + n].copy_(r[0][layer, 0, :, :n])
+                    c.v[layer][row, :, first:first + n].copy_(r[0][layer, 1, :, :n])
         sub = None
         if self.rows is not None:
             self.rows.index_copy_(0, idx, self.model.adapter_rows(adapters, len(rows)))
             sub = self.rows.index_select(0, idx)
-        c = self.cache
-        c.prefill_len, c.prefill_rows, c.prefill_start = T, idx, start
+        c.prefill_len, c.prefill_rows, c.prefill_start, c.prefill_from = S, idx, self.t - S, start
         try:
-            mask = None if causal_prompt(valid) else slot_mask(valid)
-            return self.model.run_layers(ids, pos, mask, cache=c, last_only=True, rows=sub)[:, -1]
+            if S == T:
+                mask = None if causal_prompt(valid) else slot_mask(valid)
+            else:  # queries: the last S slots; keys: the whole window, the reused ones included
+                slots = torch.arange(T, device=dev)
+                mask = attention_mask_4d(valid, slots[T - S:], slots)
+            return self.model.run_layers(ids[:, T - S:], pos[:, T - S:], mask, cache=c, last_only=True,
+                                         rows=sub)[:, -1]
         finally:
             c.prefill_len, c.prefill_rows = None, None
+
+    def kv(self, row: int, start: int, stop: int) -> Tensor:
+        """A copy of row ``row``'s keys and values in slots [start, stop):
+        [layers, 2, kv_heads, stop - start, head_dim] (what :meth:`admit` reuses)."""
+        c = self.cache
+        return torch.stack([torch.stack([k[row, :, start:stop], v[row, :, start:stop]])
+                            for k, v in zip(c.k, c.v)])
 
     def _run_prefill(self, ids: Tensor, pos: Tensor, mask: Optional[Tensor], last: Optional[Tensor]) -> Tensor:
         self.cache.prefill_len = ids.shape[1]

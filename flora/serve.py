@@ -22,7 +22,10 @@ rows with continuous batching: a request joins the running batch between two
 decode steps (its prompt prefilled into a free row), samples with its own
 settings (a ``seed``: its own generator), and leaves it at its EOS, stop
 string or ``max_tokens``, its row free for the next (see ``Engine._loop``).
-The batch's KV cache holds ``--cache-len`` slots a row. Without ``--mixed`` a
+The batch's KV cache holds ``--cache-len`` slots a row. A prompt that starts as
+an earlier one did (a conversation's next turn, a shared system prompt) copies
+that prefix's keys and values from the prefix cache (``--prefix-cache`` tokens,
+flora.prefix_cache) and computes only the rest. Without ``--mixed`` a
 batch serves one model; ``--mixed`` holds the adapters side by side
 (``FusedLlama.stack_adapters``), so requests for any of them and the base
 share it, each row its own adapter (every projection n*r wider; not for ffa,
@@ -76,6 +79,7 @@ class Request:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False  # its streaming client left: its row generates no further
     usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+    cached: int = 0  # prompt tokens whose keys and values were reused, not computed
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -113,8 +117,10 @@ class Engine:
     """The model, its tokenizer, and the worker thread that batches requests."""
 
     def __init__(self, model, tokenizer, names: dict, max_batch: int = 8, mixed: bool = False,
-                 max_tokens: int = 1024, wait_s: float = 0.005, cache_len: int = 2048):
+                 max_tokens: int = 1024, wait_s: float = 0.005, cache_len: int = 2048,
+                 prefix_cache: int = 8192):
         from .data import pad_id_of
+        from .prefix_cache import PrefixCache
 
         self.model, self.tok, self.names = model, tokenizer, names  # served name -> adapter (None: base)
         self.max_batch, self.max_tokens = max_batch, max_tokens
@@ -128,6 +134,8 @@ class Engine:
         self.context = model.arch.max_position_embeddings
         # the running batch's KV cache: max_batch rows of this many slots (its prompts and answers)
         self.cache_len = min(cache_len, self.context)
+        # prompts' keys and values kept for later prompts that start alike (0 tokens: off)
+        self.prefix = PrefixCache(prefix_cache) if prefix_cache else None
         self.queue: queue.Queue = queue.Queue()
         self.batches = 0  # prefills run: groups of requests joining the batch (a test reads it)
         self.steps = 0  # decode steps run
@@ -138,6 +146,11 @@ class Engine:
         self._session = contextlib.ExitStack()  # the model's inference mode while a batch runs
         self._key = None
         self._worker = threading.Thread(target=self._loop, name="flora-serve", daemon=True)
+
+    @property
+    def busy(self) -> bool:
+        """A batch is running (its last rows' work may follow their answers)."""
+        return self._dec is not None
 
     def start(self) -> "Engine":
         self._worker.start()
@@ -305,18 +318,33 @@ class Engine:
         dec.t = t
         rows = free[:len(join)]
         self.batches += 1
+        reused = [self.prefix and self.prefix.lookup(r.model, r.prompt) for r in join]
         try:
             logits = dec.admit(rows, [r.prompt for r in join], self.pad,
-                               [self.names[r.model] for r in join] if self.mixed else None)
+                               [self.names[r.model] for r in join] if self.mixed else None, reused)
         except Exception as e:  # noqa: BLE001 - these requests get the error (not retried forever)
             for r in join:
                 r.events.put(("error", f"{type(e).__name__}: {e}"))
             return waiting[len(join):]
-        for i, r, lg in zip(rows, join, logits):
-            row = self._slots[i] = _Row(r)
+        for i, r, lg, reuse in zip(rows, join, logits, reused):
+            row = self._slots[i] = _Row(r, t - len(r.prompt))
+            r.cached = reuse[1] if reuse else 0
+            self._keep(i, row, r.prompt)
             row.generator = None if r.seed is None else torch.Generator(device=dec.device).manual_seed(r.seed)
             self._take(i, row, lg[None])
         return waiting[len(join):]
+
+    def _keep(self, i: int, row: "_Row", tokens: list) -> None:
+        """Row i's first tokens (from its first slot on, written) into the prefix cache."""
+        if self.prefix is None:
+            return
+        dec, s = self._dec, row.start
+        try:
+            self.prefix.insert(row.req.model, tokens, lambda n: dec.kv(i, s, s + n))
+        except Exception as e:  # noqa: BLE001 - out of memory for a copy: the cache is only a saving,
+            # never a request's failure; it stops here (its memory back) and serving goes on without it
+            self.prefix = None
+            print(f"flora serve: prefix cache off ({type(e).__name__}: {e})", file=sys.stderr)
 
     def _take(self, i: int, row: "_Row", logits, greedy: Optional[int] = None) -> None:
         """Row i's next token from its logits [1, V] (``greedy``: its argmax, read
@@ -330,6 +358,8 @@ class Engine:
             else:
                 token = int(sample_next(logits, temperature, top_p, row.generator, top_k))
             row.add(token, self)
+            if row.done and not row.req.cancelled:  # the next turn of a conversation starts with these
+                self._keep(i, row, (row.req.prompt + row.ids)[:self._dec.t - row.start])
         except Exception as e:  # noqa: BLE001 - this row's own failure (NaN logits: sampling raises)
             # ends this row only: raised, it failed every row of the batch, and at a prefill it left
             # the joining requests waiting, admitted again and again (errors without end, the worker
@@ -373,8 +403,9 @@ def _eos(model) -> list:
 class _Row:
     """One request's tokens as its batch generates them."""
 
-    def __init__(self, req: Request):
+    def __init__(self, req: Request, start: int):
         self.req, self.ids, self.sent, self.done = req, [], "", False
+        self.start = start  # its first slot: its prompt's, then its answer's tokens from there on
         self.next, self.generator = None, None  # the token fed at the next step; a seeded request's RNG
 
     def add(self, token: int, eng: Engine) -> None:
@@ -416,15 +447,19 @@ class _Row:
 # ------------------------------------------------------------------ HTTP
 MAX_BODY = 16 << 20  # bytes of a request body at most (a prompt is bounded by the context anyway)
 IO_TIMEOUT_S = 60.0  # a client that stops sending (a Content-Length past its body, an idle keep-alive)
-POLL_S = 0.25  # how often a non-streaming request's handler checks that its client is still there
 # or stops reading gives its thread and connection back after this long
+POLL_S = 0.25  # how often a non-streaming request's handler checks that its client is still there
+
+
 def _response(chat: bool, rid: str, created: int, model: str, text: str, reason: str, n_prompt: int,
-              n_new: int) -> dict:
+              n_new: int, cached: int = 0) -> dict:
     choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
               else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new,
+                      # as OpenAI's: the prompt tokens the prefix cache gave (not computed)
+                      "prompt_tokens_details": {"cached_tokens": cached}}}
 
 
 def _chunk(chat: bool, rid: str, created: int, model: str, text: Optional[str], reason: Optional[str],
@@ -530,7 +565,8 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 self._send(500, {"error": {"message": ev[1], "type": "server_error", "code": 500}})
                 return
             _, text, reason, n_new = ev
-            self._send(200, _response(chat, rid, created, req.model, text, reason, len(req.prompt), n_new))
+            self._send(200, _response(chat, rid, created, req.model, text, reason, len(req.prompt), n_new,
+                                          req.cached))
 
         def _wait(self, req: Request):
             """The request's end ("done" or "error"), or None when its client hangs up
@@ -607,7 +643,7 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                         if req.usage:  # as OpenAI's: no choices, the whole request's counts
                             send({**_chunk(chat, rid, created, req.model, None, None), "choices": [],
                                   "usage": _response(chat, rid, created, req.model, "", "", len(req.prompt),
-                                                     ev[3])["usage"]})
+                                                     ev[3], req.cached)["usage"]})
                         break
                     else:
                         send({"error": {"message": ev[1], "type": "server_error", "code": 500}})
@@ -653,6 +689,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
     p.add_argument("--cache-len", type=int, default=2048,
                    help="KV-cache slots a row (at most the context): a prompt and its answer fit in it")
+    p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS",
+                   help="prompt tokens whose keys and values are kept for later prompts starting alike "
+                        "(a conversation's history, a shared system prompt); 0: off")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="a chat completion's max_tokens when the request gives none (capped at the context)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -686,6 +725,8 @@ def run_args(args) -> None:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.cache_len < 2:
         raise ValueError(f"--cache-len must be >= 2, got {args.cache_len}")
+    if args.prefix_cache < 0:
+        raise ValueError(f"--prefix-cache must be >= 0, got {args.prefix_cache}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not 0 <= args.batch_wait_ms <= 1000:
@@ -696,7 +737,7 @@ def run_args(args) -> None:
     model, tok = load(args, list(adapters.items()), resolve_device(args.device))
     engine = Engine(model, tok, {args.name: None, **{n: n for n in adapters}}, args.max_batch,
                     mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000,
-                    cache_len=args.cache_len)
+                    cache_len=args.cache_len, prefix_cache=args.prefix_cache)
     try:
         srv = serve(engine, args.host, args.port, quiet=not args.log, api_key=args.api_key or None)
     except OSError as e:

@@ -532,3 +532,60 @@ def test_decoder_admits_rows_into_a_running_batch(pair):
     assert got[2] == alone(prompts[2], 8) and got[1] == alone(prompts[1], 8)
     with pytest.raises(ValueError, match="cannot end at slot"):
         dec.admit([3], [list(range(1, 40))], pad=0)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_admit_with_reused_prefixes_equals_computing_them(pair, stacked):
+    """Decoder.admit(reused=...): a prompt prefix's keys/values copied in (as the
+    server's prefix cache reads them with Decoder.kv) give the logits, and the
+    decode steps after them, that prefilling every token gives; rows that reuse
+    and rows that do not share one prefill (the longest part to compute sets S).
+    Stacked: each row its own adapter, the reused keys computed under it."""
+    from flora.generation import Decoder, inference_mode
+
+    hf, m = pair
+    adapters = None
+    if stacked:
+        m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("zflora", rank=4))
+        randomize_adapter(m, seed=3)
+        m.add_adapter("b", AdapterConfig("zflora", rank=4))
+        randomize_adapter(m, seed=4)
+        m.stack_adapters(["default", "b"])
+        adapters = ["b", "b", None, "b"]
+    donor = random_ids(1, 20, seed=7)[0].tolist()
+    tail = random_ids(1, 10, seed=8)[0].tolist()
+    prompts = [donor[:16] + tail[:3], donor, random_ids(1, 7, seed=9)[0].tolist(), donor[:16] + tail]
+    with inference_mode(m):
+        src = Decoder(m, 1, 32, use_cuda_graph=False)
+        src.restart(20)
+        src.admit([0], [donor], pad=0, adapters=adapters and ["b"])
+        kv = src.kv(0, 0, 20)
+        assert kv.shape == (m.arch.num_hidden_layers, 2, m.arch.num_key_value_heads, 20, m.arch.head_dim)
+
+        def run(reused):
+            dec = Decoder(m, 5, 48, use_cuda_graph=False)
+            dec.restart(26)
+            out = [dec.admit([4, 0, 2, 1], prompts, pad=0, adapters=adapters, reused=reused)]
+            nxt = out[0].argmax(-1)
+            for _ in range(4):  # row 3 idle, rows 0 .. 4 stepped
+                tokens = torch.zeros(5, dtype=torch.long)
+                tokens[[4, 0, 2, 1]] = nxt
+                lg = dec.step(tokens)[[4, 0, 2, 1]]
+                out.append(lg)
+                nxt = lg.argmax(-1)
+            return out
+
+        plain = run(None)
+        reused = run([(kv, 16), (kv, 16), None, (kv, 16)])  # the longest part to compute: 14 tokens
+        for a, b in zip(plain, reused):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        only = run([(kv, 16), (kv, 19), None, None])  # S = the unreused 26-token prompt: nothing copied
+        for a, b in zip(plain, only):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        dec = Decoder(m, 2, 48, use_cuda_graph=False)
+        dec.restart(20)
+        with pytest.raises(ValueError, match="at least one prompt token"):
+            dec.admit([0], [donor], pad=0, adapters=adapters and ["b"], reused=[(kv, 20)])
+        # one row reusing 19 of its 20 tokens: a one-token prefill over 20 keys (the decode attention)
+        got = dec.admit([1], [donor], pad=0, adapters=adapters and ["b"], reused=[(kv, 19)])
+        torch.testing.assert_close(got, plain[0][1:2], rtol=1e-5, atol=1e-5)

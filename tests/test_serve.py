@@ -574,6 +574,11 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert [r["requests"] for r in rows] == [2, 6] and all(r["tokens"] > 0 for r in rows)
     assert "| 3 | 6 |" in capsys.readouterr().out
+    load_bench_script("serve").main(["--model", str(ckpt), "--conversation", "2", "--rounds", "1", "--system",
+                                     " ".join("abcdefghijklmnopqrst"), "--max-tokens", "2",
+                                     "--json", str(tmp_path / "p.json")])
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [r["turn"] for r in rows] == [1, 2] and rows[0]["cached_tokens"] == 0 < rows[1]["cached_tokens"]
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
@@ -589,7 +594,7 @@ def test_streaming_holds_back_what_may_start_a_stop_string():
                                          ("xy", 9, ("yz",), "xy", "stop"),
                                          ("xyab", 4, ("abc",), "xyab", "length")]:  # held back, then out
         req = Request("m", [1], max_tokens=n, sampling=(0.0, 1.0, 0), stream=True, stop=stop)
-        row = _Row(req)
+        row = _Row(req, 0)
         for c in chars:
             row.add(ord(c), eng)
         row.add(0, eng)  # an EOS ends a row that is still going
@@ -643,3 +648,93 @@ def test_a_non_streaming_client_that_hangs_up_cancels_its_row(setup, monkeypatch
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# ------------------------------------------------------------------ prefix cache
+def test_prefix_cache_keeps_whole_blocks_per_model():
+    """PrefixCache: the longest kept prefix in whole blocks, one token always left
+    to compute, never another model's; an entry a newer one extends is dropped;
+    the least recently used go beyond the capacity."""
+    from flora.prefix_cache import BLOCK, PrefixCache
+
+    def kv(tokens):  # stands for keys/values: [layers, 2, kv_heads, n, hd], the token ids as values
+        return lambda n: torch.tensor(tokens[:n], dtype=torch.float32).view(1, 1, 1, n, 1).expand(2, 2, 1, n, 1)
+
+    a = list(range(100, 100 + 3 * BLOCK + 5))
+    pc = PrefixCache(capacity=8 * BLOCK)
+    assert pc.lookup("m", a) is None
+    pc.insert("m", a, kv(a))
+    assert pc.tokens == 3 * BLOCK
+    got, n = pc.lookup("m", a)
+    assert n == 3 * BLOCK and got[0, 0, 0, :n, 0].tolist() == a[:n]
+    assert pc.lookup("m", a[:3 * BLOCK])[1] == 2 * BLOCK  # its last token is computed
+    assert pc.lookup("other", a) is None
+    b = a[:BLOCK + 3] + [7] * (2 * BLOCK)
+    assert pc.lookup("m", b)[1] == BLOCK  # diverges in the second block
+    assert pc.hits == 3 and pc.reused == 6 * BLOCK
+    calls = []
+    pc.insert("m", a[:2 * BLOCK], lambda n: calls.append(n))  # kept already (inside a longer entry)
+    longer = a + [9] * BLOCK
+    pc.insert("m", longer, kv(longer))  # extends a's entry: that one is dropped
+    assert pc.tokens == 4 * BLOCK and pc.lookup("m", a + [1])[1] == 3 * BLOCK
+    pc.insert("m", b, kv(b))  # its first block is `longer`'s too
+    assert pc.tokens == 7 * BLOCK and pc.lookup("m", longer + [0])[1] == 4 * BLOCK  # `longer`: used last
+    pc.insert("o", a, kv(a))  # 10 blocks: b's entry, least recently used, goes
+    assert pc.tokens == 7 * BLOCK
+    got, n = pc.lookup("m", b)  # its first block, from `longer`
+    assert n == BLOCK and got[0, 0, 0, :n, 0].tolist() == b[:n]
+    assert pc.lookup("o", a)[1] == 3 * BLOCK
+    assert calls == []
+    PrefixCache(capacity=BLOCK).insert("m", a, lambda n: calls.append(n))  # larger than the whole cache
+    assert calls == []
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_prefix_cache_reuses_prompts_and_answers(setup, mixed):
+    """Requests that start as earlier ones did (a shared system prompt; the next turn
+    of a conversation: the earlier prompt and its answer) reuse their keys and values,
+    and answer exactly what generate() gives them on a separately loaded model; an
+    adapter never reuses the base's."""
+    d, ckpt, adapter = setup
+    tok = load_tokenizer(ckpt)
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="ffba", activate=False)
+    eng = Engine(model, tok, {"base": None, "ffba": "ffba"}, max_batch=4, mixed=mixed).start()
+    system = prompt_ids(tok, " ".join("abcdefghijklmnopqrstuvwxyz"[i % 26] for i in range(37)))
+    assert len(system) >= 37
+
+    def ask(name, ids, n=6):
+        req = eng.submit(Request(name, ids, n, (0.0, 1.0, 0)))
+        ev = req.events.get(timeout=60)
+        assert ev[0] == "done", ev
+        m = FusedLlama.from_pretrained(str(ckpt), adapter=None if name == "base" else str(adapter))
+        row = m.generate(torch.tensor([ids]), max_new_tokens=n)[0, len(ids):].tolist()
+        eos = set(_eos_set(m.generation_eos_token_id))
+        new = row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
+        assert ev[1] == tok.decode(new, skip_special_tokens=True)
+        return req.cached, new
+
+    q1, q2 = prompt_ids(tok, "copy : a b"), prompt_ids(tok, "the big cat")
+    assert ask("base", system + q1)[0] == 0
+    cached, _ = ask("base", system + q2)
+    assert cached == len(system) // 16 * 16 > 0  # the system prompt's whole blocks
+    assert ask("ffba", system + q2)[0] == 0  # the adapter's own keys, not the base's
+    cached, answer = ask("base", system + q1, n=8)
+    turn = system + q1 + answer + q2  # the next turn: the first, its answer, and more
+    cached, _ = ask("base", turn)
+    fed = len(answer) if len(answer) < 8 else 7  # ended by its EOS: every token fed; by length: the last not
+    assert cached == (len(system + q1) + fed) // 16 * 16 > len(system) // 16 * 16
+    assert eng.prefix.hits == 3  # the second, fourth (the first again) and fifth requests
+
+
+def test_usage_reports_the_reused_prompt_tokens(server):
+    """usage.prompt_tokens_details.cached_tokens (as OpenAI's): 0 the first time, the
+    reused whole blocks when a prompt starts as an earlier one did; the answer is the same."""
+    url, _ = server
+    body = {"model": "base", "prompt": " ".join("abcdefghijklmnopqrstuvwxyz") + " copy : a b", "max_tokens": 4,
+            "temperature": 0}
+    first, again = (json.loads(_post(url + "/v1/completions", body)[1]) for _ in range(2))
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    n = first["usage"]["prompt_tokens"]
+    assert n > 16 and again["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
