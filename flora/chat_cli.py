@@ -8,11 +8,14 @@ joins the conversation, which goes through the tokenizer's chat template as
 training renders it (flora.data). ``/reset`` starts over, ``/exit`` (or the
 end of the input) quits; lines may come from a pipe. When the conversation
 and the next answer would pass the model's context, the oldest turns go
-(the system message stays), with a notice.
+(the system message stays), with a notice. It runs on ``flora serve``'s
+engine, whose prefix cache keeps the conversation's keys and values: a turn
+prefills its new tokens only. ``--seed S``: turn k samples with seed S + k.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 from .devices import resolve_device
@@ -41,67 +44,65 @@ def _fit(tok, messages: list, system, context: int, room: int) -> tuple:
         messages, dropped = messages[2:], dropped + 2
 
 
-def run_args(args, stdin=None, out=None) -> None:
-    import torch
+CACHE_LEN = 4096  # the conversation's KV-cache slots at most (the model's context when smaller)
 
-    from .generation import _eos_set, check_sampling
+
+def run_args(args, stdin=None, out=None) -> None:
+    from .generation import check_sampling, check_seed
     from .inference import load
+    from .serve import Engine, Request
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    check_seed(args.seed)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = resolve_device(args.device)
     model, tok = load(args, [("adapter", args.adapter)] if args.adapter else [], device)
-    if args.adapter:
-        model.set_adapter("adapter")
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"{args.model}: its tokenizer has no chat template; flora chat needs an instruct model")
-    context = model.arch.max_position_embeddings
+    context = min(model.arch.max_position_embeddings, CACHE_LEN)
     if args.max_new_tokens >= context:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context "
                          f"({context})")
-    generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
+    # the server's engine, one row: each turn reuses the keys and values of the conversation
+    # before it (its prefix cache), so a turn costs its new tokens, not the whole history
+    name = "adapter" if args.adapter else "base"
+    engine = Engine(model, tok, {name: args.adapter and "adapter"}, max_batch=1, cache_len=context).start()
     messages: list = []
     interactive = stdin.isatty()
     if interactive:
         print("flora chat: /reset starts over, /exit quits", file=sys.stderr)
-    while True:
-        if interactive:
-            out.write("> ")
-            out.flush()
-        line = stdin.readline()
-        if not line or line.strip() == "/exit":
-            return
-        line = line.rstrip("\n")
-        if line.strip() == "/reset":
-            messages = []
-            print("flora chat: a new conversation", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        ids, messages, dropped = _fit(tok, messages, args.system, context, args.max_new_tokens)
-        if dropped:
-            print(f"flora chat: the {dropped} oldest turns left the conversation (the context is {context} tokens)",
-                  file=sys.stderr)
-        reply: list = []
-        shown = [""]
-
-        def put(tokens):  # the reply's text as its tokens come (a character split over tokens waits)
-            reply.append(int(tokens[0]))
-            text = tok.decode(reply, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):
-                out.write(text[len(shown[0]):])
+    try:
+        for turn in itertools.count():
+            if interactive:
+                out.write("> ")
                 out.flush()
-                shown[0] = text
-
-        new = model.generate(ids.to(device), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, top_k=args.top_k, generator=generator, streamer=put)
-        eos = set(_eos_set(model.generation_eos_token_id))
-        row = new[0, ids.shape[1]:].tolist()
-        row = row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
-        text = tok.decode(row, skip_special_tokens=True)
-        out.write(text[len(shown[0]):] + "\n")
-        out.flush()
-        messages.append({"role": "assistant", "content": text.strip()})
+            line = stdin.readline()
+            if not line or line.strip() == "/exit":
+                return
+            line = line.rstrip("\n")
+            if line.strip() == "/reset":
+                messages = []
+                print("flora chat: a new conversation", file=sys.stderr)
+                continue
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            ids, messages, dropped = _fit(tok, messages, args.system, context, args.max_new_tokens)
+            if dropped:
+                print(f"flora chat: the {dropped} oldest turns left the conversation (the context is {context} "
+                      f"tokens)", file=sys.stderr)
+            seed = None if args.seed is None else (args.seed + turn) % 2 ** 63  # reproducible, each turn its own
+            req = engine.submit(Request(name, ids[0].tolist(), args.max_new_tokens,
+                                        (args.temperature, args.top_p, args.top_k), seed, stream=True))
+            while (ev := req.events.get())[0] == "delta":  # the reply's text as it comes
+                out.write(ev[1])
+                out.flush()
+            if ev[0] == "error":
+                raise RuntimeError(ev[1])
+            out.write("\n")
+            out.flush()
+            messages.append({"role": "assistant", "content": ev[1].strip()})
+    finally:
+        engine.close()

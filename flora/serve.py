@@ -217,6 +217,10 @@ class Engine:
         return Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k), seed, stream, tuple(stop),
                        usage=bool(opts and opts.get("include_usage")))
 
+    def close(self) -> None:
+        """The worker ends once no batch runs (its model free for other uses)."""
+        self.queue.put(None)
+
     def submit(self, req: Request) -> Request:
         self.queue.put(req)
         return req
@@ -230,19 +234,31 @@ class Engine:
     # next one starts at slot 0. Without --mixed a batch serves one model (adapter).
     def _loop(self) -> None:
         waiting: list = []
+        closing = False  # close() was called: the worker ends when nothing is left to do
+
+        def take(timeout=None) -> None:  # one more request (or close()'s None) from the queue
+            nonlocal closing
+            req = self.queue.get(timeout=timeout) if timeout != 0 else self.queue.get_nowait()
+            if req is None:
+                closing = True
+            else:
+                waiting.append(req)
+
         while True:
             if not waiting and self._dec is None:
-                waiting.append(self.queue.get())
+                if closing:
+                    return
+                take()
                 # clients that send at the same moment arrive a little apart: a few ms for them
                 deadline = time.monotonic() + self.wait_s
-                while len(waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                while waiting and len(waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                     try:
-                        waiting.append(self.queue.get(timeout=left))
+                        take(left)
                     except queue.Empty:
                         break
             while True:
                 try:
-                    waiting.append(self.queue.get_nowait())
+                    take(0)
                 except queue.Empty:
                     break
             try:

@@ -229,15 +229,26 @@ def test_cli_train_and_generate_on_conversations(setup, tmp_path, capsys):
     assert "record 1 of" in capsys.readouterr().err
 
 
-def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys):
+def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys, monkeypatch):
     """`flora chat`: each line a user turn, each reply the model's greedy answer to the
     conversation so far (chat template as training renders it), /reset starts over,
-    the oldest turns leave when the context is full."""
+    the oldest turns leave when the context is full. A turn reuses the conversation's
+    keys and values (the engine's prefix cache), and the engine's worker ends with it."""
     import io
     from types import SimpleNamespace
 
+    import flora.serve
     from flora.chat_cli import run_args
     from flora.pretrained import chat_prompt
+
+    engines = []
+
+    class Engine(flora.serve.Engine):
+        def start(self):
+            engines.append(self)
+            return super().start()
+
+    monkeypatch.setattr(flora.serve, "Engine", Engine)
 
     _, ckpt, adapter, *_ = setup
     chat = with_chat_template(ckpt, tmp_path / "chat")
@@ -260,6 +271,9 @@ def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys):
         msgs.append({"role": "assistant", "content": text})
     assert replies == want
     assert "a new conversation" in capsys.readouterr().err
+    assert engines[0].prefix.hits >= 1 and engines[0].prefix.reused >= 16  # the second turn's history
+    engines[0]._worker.join(timeout=30)
+    assert not engines[0]._worker.is_alive()
     # a long conversation in the tiny context (64): the oldest turns go, with a notice
     args.max_new_tokens = 40
     out = io.StringIO()
