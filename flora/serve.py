@@ -370,12 +370,50 @@ def _eos(model) -> list:
     return _eos_set(model.generation_eos_token_id)
 
 
+class Detokenizer:
+    """The text of a growing list of token ids, decoded a bounded tail at a time
+    (the incremental detokenizer of vLLM and TGI): a token's text is that of the
+    ids from ``prefix`` to it less that of the ids from ``prefix`` to ``read``
+    (whose text is out), so the tokenizer's spacing rules still see the token
+    before it; a character whose bytes are not all out yet (the text ends in
+    U+FFFD) waits for the token that completes it. The pieces and :meth:`rest`
+    join to ``decode(ids)`` (tests/test_serve.py checks SmolLM2's tokenizer)."""
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.ids, self.prefix, self.read, self.before = [], 0, 0, ""
+
+    def _piece(self, window: list) -> Optional[str]:
+        text = self.decode(window)
+        if len(text) > len(self.before) and not text.endswith("\ufffd"):
+            return text[len(self.before):]
+        return None
+
+    def add(self, token: int) -> str:
+        """The text ``token`` adds ("" while it ends inside a character)."""
+        self.ids.append(token)
+        piece = self._piece(self.ids[self.prefix:])
+        if piece is None:
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        self.before = self.decode(self.ids[self.prefix:self.read])
+        return piece
+
+    def rest(self) -> str:
+        """The text held back: a character cut short at the end, as decode gives it."""
+        return self.decode(self.ids[self.prefix:])[len(self.before):]
+
+
 class _Row:
     """One request's tokens as its batch generates them."""
 
     def __init__(self, req: Request):
-        self.req, self.ids, self.sent, self.done = req, [], "", False
+        self.req, self.ids, self.done = req, [], False
         self.next, self.generator = None, None  # the token fed at the next step; a seeded request's RNG
+        # streaming or stop strings: the text as it comes (else decoded once, at the end), in pieces;
+        # the last characters out (a stop string may begin there) and those not yet streamed
+        self.detok, self.pieces, self.n_out, self.tail, self.unsent, self.n_sent = None, [], 0, "", "", 0
+        self.longest = max((len(x) for x in req.stop), default=0)
 
     def add(self, token: int, eng: Engine) -> None:
         if self.done:
@@ -388,28 +426,44 @@ class _Row:
             return
         self.ids.append(token)
         if self.req.stream or self.req.stop:
-            text = eng.text(self.ids)
-            cut = min((i for i in (text.find(x) for x in self.req.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.finish("stop", eng, text=text[:cut])
+            if self.detok is None:
+                self.detok = Detokenizer(eng.text)
+            piece = self.detok.add(token)
+            if piece and self._text(piece, eng):
                 return
-            if self.req.stream and not text.endswith("\ufffd"):  # a character whose bytes are not all out waits
-                # and so does a tail that may be the start of a stop string
-                end = len(text) - max((k for x in self.req.stop for k in range(1, len(x))
-                                       if text.endswith(x[:k])), default=0)
-                if end > len(self.sent):
-                    self.req.events.put(("delta", text[len(self.sent):end]))
-                    self.sent = text[:end]
         if len(self.ids) >= self.req.max_tokens:
             self.finish("length", eng)
+
+    def _text(self, piece: str, eng: Engine) -> bool:
+        """The next piece of the text: True when it completes a stop string (the row ends)."""
+        stop = self.req.stop
+        # a stop string not in the text before ends in this piece: found in it and the
+        # characters before it that may begin one
+        window = self.tail + piece
+        cut = min((i for i in (window.find(x) for x in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.finish("stop", eng, text=("".join(self.pieces) + piece)[:self.n_out - len(self.tail) + cut])
+            return True
+        self.pieces.append(piece)
+        self.n_out += len(piece)
+        self.tail = window[len(window) - self.longest + 1:] if self.longest > 1 else ""
+        if self.req.stream:  # a tail that may be the start of a stop string waits
+            self.unsent += piece
+            end = len(self.unsent) - max((k for x in stop for k in range(1, len(x))
+                                          if self.unsent.endswith(x[:k])), default=0)
+            if end > 0:
+                self.req.events.put(("delta", self.unsent[:end]))
+                self.unsent, self.n_sent = self.unsent[end:], self.n_sent + end
+        return False
 
     def finish(self, reason: str, eng: Engine, counted: int = 0, text: Optional[str] = None) -> None:
         if self.done:
             return
         self.done = True
-        text = eng.text(self.ids) if text is None else text
-        if self.req.stream and len(text) > len(self.sent):
-            self.req.events.put(("delta", text[len(self.sent):]))
+        if text is None:
+            text = eng.text(self.ids) if self.detok is None else "".join(self.pieces) + self.detok.rest()
+        if self.req.stream and len(text) > self.n_sent:
+            self.req.events.put(("delta", text[self.n_sent:]))
         self.req.events.put(("done", text, reason, len(self.ids) + counted))
 
 

@@ -643,3 +643,66 @@ def test_a_non_streaming_client_that_hangs_up_cancels_its_row(setup, monkeypatch
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok():
+    from flora.pretrained import load_tokenizer as load, smollm2_path
+
+    try:
+        return load(smollm2_path())
+    except (RuntimeError, OSError) as e:
+        if os.environ.get("FLORA_REQUIRE_REAL_MODEL") == "1":
+            raise
+        pytest.skip(f"SmolLM2-135M not available: {e}")
+
+
+def test_incremental_detokenization_is_the_whole_decode(smollm2_tok):
+    """Detokenizer (a tail window a token) gives, after every token, the text that
+    decoding all of them gives: SmolLM2's byte-level BPE, with characters whose
+    bytes split over tokens (emoji, CJK), special tokens and random ids (bytes that
+    never make a character)."""
+    import random
+
+    from flora.serve import Detokenizer
+
+    tok = smollm2_tok
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731 - as Engine.text
+    texts = ["Hello world, this is a test. 🎉🎉 日本語のテキスト、中文字符 👩‍👩‍👧 café naïve",
+             " leading space\n\nnew lines\ttabs  two spaces 🙂", "€100 — “quotes” ∑∫ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
+    rng = random.Random(0)
+    seqs = [tok(t).input_ids for t in texts]
+    seqs.append(tok(texts[0]).input_ids + [tok.eos_token_id] + tok(texts[2]).input_ids)  # a special token inside
+    seqs += [[rng.randrange(len(tok)) for _ in range(200)] for _ in range(3)]
+    assert any("\ufffd" in tok.decode([i]) for s in seqs for i in s)  # some tokens are parts of characters
+    for ids in seqs:
+        d, out = Detokenizer(decode), ""
+        for k, t in enumerate(ids, 1):
+            out += d.add(t)
+            assert out + d.rest() == decode(ids[:k])
+        assert len(d.ids) - d.prefix <= 64  # the window stays a tail
+
+
+def test_streaming_on_a_real_tokenizer_sends_the_decoded_text(smollm2_tok):
+    """A row fed SmolLM2 tokens (emoji and CJK split over them) streams deltas that
+    join to the whole decode; a stop string cuts it where it first occurs."""
+    from types import SimpleNamespace
+
+    from flora.serve import _Row
+
+    tok = smollm2_tok
+    eng = SimpleNamespace(eos={tok.eos_token_id}, text=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    ids = tok("Grüße 🎉 aus 東京! Ein Test 🙂 mit Emoji und 漢字 zum Schluss.").input_ids
+    whole = eng.text(ids)
+    for stop in ((), ("漢字",), ("🙂",), ("Schluss.",)):
+        req = Request("m", [1], max_tokens=len(ids), sampling=(0.0, 1.0, 0), stream=True, stop=stop)
+        row = _Row(req)
+        for t in ids:
+            row.add(t, eng)
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        want = whole[:whole.find(stop[0])] if stop else whole
+        assert events[-1][:3] == ("done", want, "stop" if stop else "length")
+        deltas = [e[1] for e in events if e[0] == "delta"]
+        assert "".join(deltas) == want and len(deltas) > 5 and not any("\ufffd" in d for d in deltas)
