@@ -7,10 +7,12 @@ another server; this serves them, and any other flora or PEFT LoRA adapter,
 from one loaded base model:
 
 * ``GET /v1/models``: the base (``--name``, default ``base``) and each adapter;
-* ``POST /v1/completions`` (``prompt``) and ``POST /v1/chat/completions``
+* ``POST /v1/completions`` (``prompt``: a string, a list of token ids, or a
+  list of either, a choice each) and ``POST /v1/chat/completions``
   (``messages``, through the tokenizer's chat template, rendered as training
   renders them): ``model`` names the base or an adapter (as vLLM serves LoRA
-  modules); ``max_tokens`` (chat: also ``max_completion_tokens``; default 16
+  modules); ``n`` (choices a prompt, each its own row; ``best_of`` only equal
+  to it); ``max_tokens`` (chat: also ``max_completion_tokens``; default 16
   for completions, as OpenAI's, and ``--max-tokens`` for chat),
   ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
   ``stop`` (up to 4 strings: the text ends before the first one),
@@ -20,14 +22,16 @@ from one loaded base model:
 One worker thread owns the model and runs a batch of up to ``--max-batch``
 rows with continuous batching: a request joins the running batch between two
 decode steps (its prompt prefilled into a free row), samples with its own
-settings (a ``seed``: its own generator), and leaves it at its EOS, stop
+settings (a ``seed``: its own generator, ``seed + j`` for choice j of a
+prompt), and leaves it at its EOS, stop
 string or ``max_tokens``, its row free for the next (see ``Engine._loop``).
 The batch's KV cache holds ``--cache-len`` slots a row. Without ``--mixed`` a
 batch serves one model; ``--mixed`` holds the adapters side by side
 (``FusedLlama.stack_adapters``), so requests for any of them and the base
 share it, each row its own adapter (every projection n*r wider; not for ffa,
 ffba-qg-add).
-A prompt is tokenized as training tokenizes one (flora.data.prompt_ids).
+A prompt string is tokenized as training tokenizes one (flora.data.prompt_ids);
+token ids are taken as they are.
 Bad requests get an OpenAI-style error object and a 4xx status.
 """
 from __future__ import annotations
@@ -63,9 +67,10 @@ class BadRequest(Exception):
 
 @dataclass
 class Request:
-    """One generation: its tokens, limits and sampling, and the queue its
-    results go to (("delta", text) while streaming, then ("done", text,
-    finish_reason, tokens) or ("error", message))."""
+    """One choice to generate: its tokens, limits and sampling, and the queue its
+    results go to, shared by the choices of one HTTP request (("delta", index,
+    text, None) while streaming, then ("done", index, text, finish_reason,
+    tokens, None), or ("error", message))."""
     model: str
     prompt: list
     max_tokens: int
@@ -74,8 +79,10 @@ class Request:
     stream: bool = False
     stop: tuple = ()  # strings that end the text (not included)
     events: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: bool = False  # its streaming client left: its row generates no further
+    cancelled: bool = False  # its client left: its row generates no further
     usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+    index: int = 0  # its choice's index in the response
+    first: bool = True  # its prompt's first choice (usage counts a prompt once)
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -99,14 +106,33 @@ def _number(body, name, default, lo, hi, integer=False, lo_open=False):
 
 # OpenAI parameters this server does not implement, each with the values that ask for nothing
 # (what clients send by default): any other value is refused, not ignored
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,),
-               "echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
                "frequency_penalty": (0,), "tools": ([],), "tool_choice": ("none",),
                "response_format": ({"type": "text"},)}
 
 
+MAX_N = 128  # choices a prompt at most (OpenAI's bound on n)
+
+
+def _brief(v) -> str:
+    """A value in an error message, cut short."""
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _asks_for_nothing(v, defaults) -> bool:
     return v is None or any(v == d and isinstance(v, bool) == isinstance(d, bool) for d in defaults)
+
+
+def _choice_seed(seed: Optional[int], j: int) -> Optional[int]:
+    """Choice j of a prompt samples with its own generator seeded ``seed + j`` (vLLM's
+    rule: choice 0 is the request with n=1), wrapped into manual_seed's range."""
+    from .generation import SEEDS
+
+    if seed is None:
+        return None
+    s = seed + j
+    return s - (1 << 64) if s > SEEDS[1] else s
 
 
 class Engine:
@@ -144,8 +170,10 @@ class Engine:
         return self
 
     # -------------------------------------------------------------- requests
-    def parse(self, body, chat: bool) -> Request:
-        """A request body -> Request, or BadRequest naming what is wrong."""
+    def parse(self, body, chat: bool) -> list:
+        """A request body -> its choices, one Request each (``n`` for each prompt,
+        prompt by prompt: the order of their ``index``; one events queue), or
+        BadRequest naming what is wrong."""
         from .data import check_messages, prompt_ids
         from .generation import check_seed
         from .pretrained import chat_prompt
@@ -168,15 +196,12 @@ class Engine:
                 text = chat_prompt(self.tok, check_messages(body.get("messages"), "messages", need_answer=False))
             except ValueError as e:
                 raise BadRequest(str(e)) from None
+            prompts = [("messages", prompt_ids(self.tok, text))]
         else:
-            text = body.get("prompt")
-            if not isinstance(text, str) or not text:
-                raise BadRequest("'prompt' must be a non-empty string (one prompt per request)")
-        ids = prompt_ids(self.tok, text)
-        room = self.cache_len - len(ids)
-        if room < 1:
-            what = "context" if self.cache_len == self.context else "cache (--cache-len)"
-            raise BadRequest(f"the prompt is {len(ids)} tokens; the model's {what} is {self.cache_len}")
+            prompts = self._prompts(body.get("prompt"))
+        n = _number(body, "n", 1, 1, MAX_N, integer=True)
+        if not _asks_for_nothing(body.get("best_of"), (n,)):  # every choice generated is returned
+            raise BadRequest(f"'best_of' must equal 'n' ({n}), got {body.get('best_of')!r}")
         limit = body.get("max_completion_tokens") if chat else None
         default = self.max_tokens if chat else 16
         max_tokens = _number(body, "max_completion_tokens" if limit is not None else "max_tokens", default,
@@ -201,12 +226,51 @@ class Engine:
         stop = (stop,) if isinstance(stop, str) else stop
         if not (isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
             raise BadRequest(f"'stop' must be a non-empty string or a list of at most 4, got {body.get('stop')!r}")
-        return Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k), seed, stream, tuple(stop),
-                       usage=bool(opts and opts.get("include_usage")))
+        events, out = queue.Queue(), []
+        for where, ids in prompts:
+            room = self.cache_len - len(ids)
+            if room < 1:
+                what = "context" if self.cache_len == self.context else "cache (--cache-len)"
+                label = f"'{where}'" if where.endswith("]") else "the prompt"
+                raise BadRequest(f"{label} is {len(ids)} tokens; the model's {what} is {self.cache_len}")
+            for j in range(n):
+                out.append(Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k),
+                                   _choice_seed(seed, j), stream, tuple(stop), events,
+                                   usage=bool(opts and opts.get("include_usage")), index=len(out), first=j == 0))
+        return out
 
-    def submit(self, req: Request) -> Request:
-        self.queue.put(req)
-        return req
+    def _prompts(self, p) -> list:
+        """A completion's ``prompt``: a string, a list of token ids, or a list of
+        either (a batch, a choice each) -> [(its name in errors, token ids)]; a
+        string tokenized as training tokenizes a prompt, ids taken as they are."""
+        from .data import prompt_ids
+
+        if isinstance(p, str) or (isinstance(p, list) and p and not isinstance(p[0], (str, list))):
+            items = [("prompt", p)]
+        elif isinstance(p, list) and p:
+            items = [(f"prompt[{i}]", x) for i, x in enumerate(p)]
+        else:
+            raise BadRequest(f"'prompt' must be a non-empty string, a list of token ids, or a list of either, "
+                             f"got {_brief(p)}")
+        vocab, out = self.model.arch.vocab_size, []
+        for where, x in items:
+            if isinstance(x, str) and x:
+                out.append((where, prompt_ids(self.tok, x)))
+                continue
+            if not (isinstance(x, list) and x):
+                raise BadRequest(f"'{where}' must be a non-empty string or list of token ids, got {_brief(x)}")
+            for t in x:
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
+                    raise BadRequest(f"'{where}': {t!r} is not a token id of this model (an integer in "
+                                     f"0 .. {vocab - 1})")
+            out.append((where, [int(t) for t in x]))
+        return out
+
+    def submit(self, reqs: list) -> list:
+        """Queue a request's choices (what :meth:`parse` gave)."""
+        for r in reqs:
+            self.queue.put(r)
+        return reqs
 
     # ---------------------------------------------------------------- worker
     # Continuous batching: one decoder of max_batch rows runs step after step; a request
@@ -452,7 +516,7 @@ class _Row:
             end = len(self.unsent) - max((k for x in stop for k in range(1, len(x))
                                           if self.unsent.endswith(x[:k])), default=0)
             if end > 0:
-                self.req.events.put(("delta", self.unsent[:end]))
+                self.req.events.put(("delta", self.req.index, self.unsent[:end], None))
                 self.unsent, self.n_sent = self.unsent[end:], self.n_sent + end
         return False
 
@@ -463,8 +527,8 @@ class _Row:
         if text is None:
             text = eng.text(self.ids) if self.detok is None else "".join(self.pieces) + self.detok.rest()
         if self.req.stream and len(text) > self.n_sent:
-            self.req.events.put(("delta", text[self.n_sent:]))
-        self.req.events.put(("done", text, reason, len(self.ids) + counted))
+            self.req.events.put(("delta", self.req.index, text[self.n_sent:], None))
+        self.req.events.put(("done", self.req.index, text, reason, len(self.ids) + counted, None))
 
 
 # ------------------------------------------------------------------ HTTP
@@ -472,26 +536,40 @@ MAX_BODY = 16 << 20  # bytes of a request body at most (a prompt is bounded by t
 IO_TIMEOUT_S = 60.0  # a client that stops sending (a Content-Length past its body, an idle keep-alive)
 POLL_S = 0.25  # how often a non-streaming request's handler checks that its client is still there
 # or stops reading gives its thread and connection back after this long
-def _response(chat: bool, rid: str, created: int, model: str, text: str, reason: str, n_prompt: int,
-              n_new: int) -> dict:
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
-              else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+def _usage(reqs: list, n_new: int) -> dict:
+    n_prompt = sum(len(r.prompt) for r in reqs if r.first)  # a prompt once, whatever its n (OpenAI's count)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
+
+
+def _response(chat: bool, rid: str, created: int, reqs: list, done: dict) -> dict:
+    """The answer to a request whose choices all ended (``done``: index -> its "done" event)."""
+    choices = []
+    for r in reqs:
+        _, i, text, reason, _, _ = done[r.index]
+        choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": reason} if chat
+                       else {"index": i, "text": text, "finish_reason": reason, "logprobs": None})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
+            "model": reqs[0].model, "choices": choices, "usage": _usage(reqs, sum(d[4] for d in done.values()))}
 
 
-def _chunk(chat: bool, rid: str, created: int, model: str, text: Optional[str], reason: Optional[str],
-           first: bool = False) -> dict:
+def _chunk(chat: bool, rid: str, created: int, model: str, index: int, text: Optional[str],
+           reason: Optional[str], first: bool = False) -> dict:
     if chat:
         delta = {} if text is None else {"content": text}
         if first:
             delta = {"role": "assistant", **delta}
-        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice]}
+
+
+def _cancel(reqs: list) -> None:
+    """No one reads these choices any more: their rows stop (queued ones at their first token)."""
+    for r in reqs:
+        r.cancelled = True
 
 
 def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = None):
@@ -563,7 +641,7 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                     body = json.loads(self._body() or b"null")
                 except (ValueError, UnicodeDecodeError) as e:
                     raise BadRequest(f"the request body is not valid JSON ({e})") from None
-                req = engine.parse(body, chat)
+                reqs = engine.parse(body, chat)
             except BadRequest as e:
                 self._error(e)
                 return
@@ -573,33 +651,38 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 return
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             created = int(time.time())
-            engine.submit(req)
-            if req.stream:
-                self._stream(req, chat, rid, created)
+            engine.submit(reqs)
+            if reqs[0].stream:
+                self._stream(reqs, chat, rid, created)
                 return
-            ev = self._wait(req)
-            if ev is None:  # the client left: its row was cancelled, no one to answer
+            done = self._wait(reqs)
+            if done is None:  # the client left: its rows were cancelled, no one to answer
                 return
-            if ev[0] == "error":
-                self._send(500, {"error": {"message": ev[1], "type": "server_error", "code": 500}})
+            if isinstance(done, str):
+                self._send(500, {"error": {"message": done, "type": "server_error", "code": 500}})
                 return
-            _, text, reason, n_new = ev
-            self._send(200, _response(chat, rid, created, req.model, text, reason, len(req.prompt), n_new))
+            self._send(200, _response(chat, rid, created, reqs, done))
 
-        def _wait(self, req: Request):
-            """The request's end ("done" or "error"), or None when its client hangs up
-            first: its row is then cancelled (it would generate on to its max_tokens)."""
-            while True:
+        def _wait(self, reqs: list):
+            """Each choice's "done" event by index; or the message of an error (the other
+            choices stop), or None when the client hangs up first: its rows are then
+            cancelled (they would generate on to their max_tokens)."""
+            events, done = reqs[0].events, {}
+            while len(done) < len(reqs):
                 try:
-                    ev = req.events.get(timeout=POLL_S)
+                    ev = events.get(timeout=POLL_S)
                 except queue.Empty:
                     if self._client_gone():
-                        req.cancelled = True
+                        _cancel(reqs)
                         self.close_connection = True
                         return None
                     continue
-                if ev[0] != "delta":
-                    return ev
+                if ev[0] == "error":
+                    _cancel(reqs)
+                    return ev[1]
+                if ev[0] == "done":
+                    done[ev[1]] = ev
+            return done
 
         def _client_gone(self) -> bool:
             """The client closed its side (the socket reads as ended, or fails)."""
@@ -637,7 +720,7 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             self.close_connection = True
             raise problem
 
-        def _stream(self, req: Request, chat: bool, rid: str, created: int) -> None:
+        def _stream(self, reqs: list, chat: bool, rid: str, created: int) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -649,26 +732,28 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
                 self.wfile.flush()
 
-            first = True
+            model, events, left, seen, n_new = reqs[0].model, reqs[0].events, len(reqs), set(), 0
             try:
-                while True:
-                    ev = req.events.get()
-                    if ev[0] == "delta":
-                        send(_chunk(chat, rid, created, req.model, ev[1], None, first))
-                        first = False
-                    elif ev[0] == "done":
-                        send(_chunk(chat, rid, created, req.model, None, ev[2], first))
-                        if req.usage:  # as OpenAI's: no choices, the whole request's counts
-                            send({**_chunk(chat, rid, created, req.model, None, None), "choices": [],
-                                  "usage": _response(chat, rid, created, req.model, "", "", len(req.prompt),
-                                                     ev[3])["usage"]})
-                        break
-                    else:
+                while left:
+                    ev = events.get()
+                    if ev[0] == "error":
+                        _cancel(reqs)
                         send({"error": {"message": ev[1], "type": "server_error", "code": 500}})
                         break
+                    i = ev[1]
+                    first = i not in seen  # chat: the first chunk of a choice carries its role
+                    seen.add(i)
+                    if ev[0] == "delta":
+                        send(_chunk(chat, rid, created, model, i, ev[2], None, first))
+                    elif ev[0] == "done":
+                        send(_chunk(chat, rid, created, model, i, None, ev[3], first))
+                        left, n_new = left - 1, n_new + ev[4]
+                if not left and reqs[0].usage:  # as OpenAI's: no choices, the whole request's counts
+                    send({**_chunk(chat, rid, created, model, 0, None, None), "choices": [],
+                          "usage": _usage(reqs, n_new)})
                 send(b"[DONE]")
             except OSError:  # broken pipe, reset, or a client that stopped reading (the timeout)
-                req.cancelled = True  # the client left: its row stops (and its batch, when no other row goes on)
+                _cancel(reqs)  # the client left: its rows stop (and its batch, when no other row goes on)
 
     return Handler
 

@@ -61,6 +61,19 @@ def _post(url, body, raw=None):
         return e.code, e.read().decode()
 
 
+def _submit(eng, body, chat=False):
+    """A one-choice request, queued: its Request."""
+    return eng.submit(eng.parse(body, chat))[0]
+
+
+def _end(req, timeout=60):
+    """A request's (text, finish_reason, tokens) once it ends (or ("error", message))."""
+    while True:
+        ev = req.events.get(timeout=timeout)
+        if ev[0] in ("done", "error"):
+            return ev[2:5] if ev[0] == "done" else ev
+
+
 def _reference(ckpt, adapter, text, n):
     """generate() on a separately loaded model: (new text up to the EOS, finish reason, tokens)."""
     m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter))
@@ -137,6 +150,84 @@ def test_streaming_sends_the_same_text(server, chat):
     assert _post(url + path, {**body, "stream_options": {"include_usage": True}})[0] == 400  # not streaming
 
 
+def _stream_choices(raw):
+    """A stream's chunks -> index -> (its text joined, its finish_reason), and the chunks."""
+    chunks = [json.loads(e[len("data: "):]) for e in raw.split("\n\n") if e and e != "data: [DONE]"]
+    got = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            text, reason = got.get(ch["index"], ("", None))
+            piece = ch["delta"].get("content", "") if "delta" in ch else ch["text"]
+            got[ch["index"]] = (text + piece, ch["finish_reason"] or reason)
+    return got, chunks
+
+
+def test_a_batch_of_prompts_strings_or_token_ids(setup, server):
+    """``prompt`` as a list of strings, a list of token ids, or a list of those: one
+    choice each, ``index`` in order, each what the prompt gives alone (greedy); a
+    token-id prompt is taken as it is (no BOS added); usage sums the prompts."""
+    _, ckpt, adapter = setup
+    url, _ = server
+    tok = load_tokenizer(ckpt)
+    ids = [prompt_ids(tok, p) for p in PROMPTS]
+    body = {"model": "ffba", "max_tokens": 8, "temperature": 0}
+    want = [_reference(ckpt, adapter, p, 8) for p in PROMPTS]
+    for prompt in (PROMPTS, ids, [ids[0], PROMPTS[1], ids[2]]):
+        status, raw = _post(url + "/v1/completions", {**body, "prompt": prompt})
+        assert status == 200, raw
+        out = json.loads(raw)
+        assert [(c["index"], c["text"], c["finish_reason"]) for c in out["choices"]] == \
+            [(i, w[0], w[1]) for i, w in enumerate(want)]
+        assert out["usage"]["prompt_tokens"] == sum(map(len, ids))
+        assert out["usage"]["completion_tokens"] == sum(w[2] for w in want)
+    one = json.loads(_post(url + "/v1/completions", {**body, "prompt": ids[1]})[1])["choices"]
+    assert [c["text"] for c in one] == [want[1][0]]
+    no_bos = json.loads(_post(url + "/v1/completions", {**body, "prompt": ids[1][1:]})[1])
+    assert no_bos["usage"]["prompt_tokens"] == len(ids[1]) - 1
+    # streamed: each chunk one choice, by its index
+    status, raw = _post(url + "/v1/completions", {**body, "prompt": PROMPTS, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+    got, chunks = _stream_choices(raw)
+    assert got == {i: w[:2] for i, w in enumerate(want)}
+    assert all(len(c["choices"]) == 1 for c in chunks[:-1]) and chunks[-1]["usage"]["prompt_tokens"] == sum(map(len, ids))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_n_choices_sample_each_with_its_own_seed(server, chat):
+    """``n``: that many choices of one prompt, each its own generator (``seed`` + its
+    index: reproducible, choice 0 as with n=1); usage counts the prompt once;
+    greedy choices are all the same; streamed, each chunk names its choice."""
+    url, _ = server
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": "ffba", "max_tokens": 10, "temperature": 1.0, "seed": 11,
+            **({"messages": [{"role": "user", "content": "copy : a b"}]} if chat else {"prompt": PROMPTS[1]})}
+    text = (lambda c: c["message"]["content"]) if chat else (lambda c: c["text"])  # noqa: E731
+
+    def choices(b):
+        status, raw = _post(url + path, b)
+        assert status == 200, raw
+        out = json.loads(raw)
+        assert [c["index"] for c in out["choices"]] == list(range(len(out["choices"])))
+        return [text(c) for c in out["choices"]], out["usage"]
+
+    a, usage = choices({**body, "n": 4})
+    assert choices({**body, "n": 4, "best_of": 4})[0] == a  # reproducible
+    assert len(set(a)) > 1  # each its own draw
+    assert choices({**body, "n": 1})[0] == a[:1]
+    assert choices({**body, "n": 1, "seed": 12})[0] == a[1:2]  # choice 1 samples with seed + 1
+    one = choices(body)[1]
+    assert usage["prompt_tokens"] == one["prompt_tokens"] and usage["completion_tokens"] >= 4
+    greedy, _ = choices({**body, "n": 3, "temperature": 0})
+    assert len(greedy) == 3 and len(set(greedy)) == 1
+    got, chunks = _stream_choices(_post(url + path, {**body, "n": 4, "stream": True})[1])
+    assert [got[i][0] for i in range(4)] == a and all(got[i][1] for i in range(4))
+    if chat:  # each choice's first chunk carries the role
+        firsts = {}
+        for c in chunks:
+            firsts.setdefault(c["choices"][0]["index"], c["choices"][0]["delta"])
+        assert all(d.get("role") == "assistant" for d in firsts.values())
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_end_the_text_before_them(setup, server, stream):
     _, ckpt, adapter = setup
@@ -174,16 +265,15 @@ def test_requests_waiting_together_run_as_one_batch(setup):
     model = FusedLlama.from_pretrained(str(ckpt)).eval()
     model.load_adapter(str(adapter), name="ffba", activate=False)
     eng = Engine(model, load_tokenizer(ckpt), {"base": None, "ffba": "ffba"}, max_batch=8)
-    reqs = [eng.submit(eng.parse({"model": "ffba", "prompt": p, "max_tokens": n, "temperature": 0}, False))
+    reqs = [_submit(eng, {"model": "ffba", "prompt": p, "max_tokens": n, "temperature": 0})
             for p, n in zip(PROMPTS, (12, 5, 9))]
-    other = eng.submit(eng.parse({"model": "base", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}, False))
-    sampled = eng.submit(eng.parse({"model": "ffba", "prompt": PROMPTS[0], "max_tokens": 4}, False))
+    other = _submit(eng, {"model": "base", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0})
+    sampled = _submit(eng, {"model": "ffba", "prompt": PROMPTS[0], "max_tokens": 4})
     eng.start()
     for r, p, n in zip(reqs, PROMPTS, (12, 5, 9)):
-        _, text, reason, k = r.events.get(timeout=60)
-        assert (text, reason, k) == _reference(ckpt, adapter, p, n)
-    assert other.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 6)
-    assert sampled.events.get(timeout=60)[0] == "done"
+        assert _end(r) == _reference(ckpt, adapter, p, n)
+    assert _end(other) == _reference(ckpt, None, PROMPTS[0], 6)
+    assert _end(sampled)[1] in ("stop", "length")
     assert eng.batches == 3
 
 
@@ -193,12 +283,12 @@ def test_a_batch_never_cuts_a_row_short_of_its_max_tokens(setup):
     (it got only what the long prompt left, finish_reason "length")."""
     _, ckpt, _ = setup
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None})
-    long = eng.submit(eng.parse({"prompt": "a b c d e f " * 6, "max_tokens": 3, "temperature": 0}, False))
-    short = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0}, False))
+    long = _submit(eng, {"prompt": "a b c d e f " * 6, "max_tokens": 3, "temperature": 0})
+    short = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0})
     assert len(long.prompt) + short.max_tokens > 64  # together past the tiny model's context
     eng.start()
-    assert long.events.get(timeout=60)[1:] == _reference(ckpt, None, "a b c d e f " * 6, 3)
-    assert short.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[2], 50)
+    assert _end(long) == _reference(ckpt, None, "a b c d e f " * 6, 3)
+    assert _end(short) == _reference(ckpt, None, PROMPTS[2], 50)
     assert eng.batches == 2
 
 
@@ -210,18 +300,18 @@ def test_a_finished_row_is_freed_and_no_step_runs_for_it(setup):
     ref, reason, _ = _reference(ckpt, None, PROMPTS[2], 50)
     assert reason == "length"  # no EOS: only the stop string ends the row
     stop = " " + ref.split()[2]
-    short = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}, False))
-    stopped = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0, "stop": stop}, False))
+    short = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0})
+    stopped = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0, "stop": stop})
     eng.start()
-    assert short.events.get(timeout=60)[2] == "length"
-    ev = stopped.events.get(timeout=60)
-    assert ev[1:3] == (ref[:ref.find(stop)], "stop")
+    assert _end(short)[1] == "length"
+    ev = _end(stopped)
+    assert ev[:2] == (ref[:ref.find(stop)], "stop")
     left = Request("base", stopped.prompt, 50, (0.0, 1.0, 0), stream=True)
     left.cancelled = True  # what the handler sets when the client's connection is gone
-    eng.submit(left)
-    eng.submit(Request("base", [1], 1, (0.0, 1.0, 0))).events.get(timeout=60)  # queued behind it: it is over
+    eng.submit([left])
+    _end(eng.submit([Request("base", [1], 1, (0.0, 1.0, 0))])[0])  # queued behind it: it is over
     # the first token of a row comes from its prefill, each next one from a step
-    assert eng.steps == ev[3] - 1
+    assert eng.steps == ev[2] - 1
 
 
 def test_a_row_whose_client_leaves_mid_stream_is_not_stepped_again(setup):
@@ -231,7 +321,7 @@ def test_a_row_whose_client_leaves_mid_stream_is_not_stepped_again(setup):
 
     _, ckpt, _ = setup
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None})
-    req = eng.parse({"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}, False)
+    req, = eng.parse({"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}, False)
 
     class Leaves(queue.Queue):  # the client is gone once the 3rd delta is written
         def put(self, ev, *a, **k):
@@ -240,7 +330,7 @@ def test_a_row_whose_client_leaves_mid_stream_is_not_stepped_again(setup):
                 req.cancelled = True
 
     req.events = Leaves()
-    eng.submit(req)
+    eng.submit([req])
     eng.start()
     deadline = time.monotonic() + 60
     while not (req.cancelled and eng._dec is None) and time.monotonic() < deadline:  # its batch is over
@@ -256,11 +346,11 @@ def test_a_failing_prefill_answers_its_requests_and_the_server_goes_on(setup, mo
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}).start()
     real = Decoder.admit
     monkeypatch.setattr(Decoder, "admit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
-    bad = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    bad = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
     assert bad.events.get(timeout=60) == ("error", "RuntimeError: out of memory")
     monkeypatch.setattr(Decoder, "admit", real)
-    ok = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
-    assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    ok = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert _end(ok) == _reference(ckpt, None, PROMPTS[0], 4)
 
 
 def test_a_batch_that_cannot_start_answers_its_request_and_the_server_goes_on(setup, monkeypatch):
@@ -276,11 +366,11 @@ def test_a_batch_that_cannot_start_answers_its_request_and_the_server_goes_on(se
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(Decoder, "__init__", oom)
-    bad = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    bad = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
     assert bad.events.get(timeout=10) == ("error", "RuntimeError: out of memory")
     monkeypatch.setattr(Decoder, "__init__", real)
-    ok = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
-    assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    ok = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert _end(ok) == _reference(ckpt, None, PROMPTS[0], 4)
     assert bad.events.empty()  # answered once, not run again
 
 
@@ -294,14 +384,14 @@ def test_a_row_that_cannot_sample_fails_alone(setup):
     with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN logits
         model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
     eng = Engine(model, tok, {"base": None}, max_batch=4)
-    good = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0}, False))
-    bad = eng.submit(eng.parse({"prompt": "a apple", "max_tokens": 5, "temperature": 1.0}, False))
+    good = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0})
+    bad = _submit(eng, {"prompt": "a apple", "max_tokens": 5, "temperature": 1.0})
     eng.start()
-    assert good.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[2], 20)
-    assert bad.events.get(timeout=60)[0] == "error"
+    assert _end(good) == _reference(ckpt, None, PROMPTS[2], 20)
+    assert _end(bad)[0] == "error"
     assert eng.batches == 1  # they ran together
-    ok = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
-    assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    ok = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert _end(ok) == _reference(ckpt, None, PROMPTS[0], 4)
     assert bad.events.empty()  # answered once
 
 
@@ -312,16 +402,13 @@ def test_a_request_joins_the_running_batch(setup):
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}).start()
     long_ref = _reference(ckpt, None, PROMPTS[2], 40)
     assert long_ref[1] == "length" and long_ref[2] == 40  # runs its 40 tokens
-    long = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}, False))
+    long = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True})
     for _ in range(5):  # it is generating
         assert long.events.get(timeout=60)[0] == "delta"
-    short = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
-    assert short.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    short = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert _end(short) == _reference(ckpt, None, PROMPTS[0], 4)
     assert eng.steps < 39  # it ended before the long one did: it did not wait for it
-    ev = long.events.get(timeout=60)
-    while ev[0] == "delta":
-        ev = long.events.get(timeout=60)
-    assert ev[1:] == long_ref
+    assert _end(long) == long_ref
     assert eng.batches == 2
 
 
@@ -333,10 +420,10 @@ def test_requests_arriving_a_moment_apart_share_a_batch(setup):
     eng = Engine(model, load_tokenizer(ckpt), {"base": None}, wait_s=0.5).start()
     reqs = []
     for p in PROMPTS[:2]:
-        reqs.append(eng.submit(eng.parse({"prompt": p, "max_tokens": 6, "temperature": 0}, False)))
+        reqs.append(_submit(eng, {"prompt": p, "max_tokens": 6, "temperature": 0}))
         time.sleep(0.02)
     for r, p in zip(reqs, PROMPTS):
-        assert r.events.get(timeout=60)[1:] == _reference(ckpt, None, p, 6)
+        assert _end(r) == _reference(ckpt, None, p, 6)
     assert eng.batches == 1
 
 
@@ -353,22 +440,29 @@ def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
     eng = Engine(model, load_tokenizer(ckpt), {"base": None, "a": "a", "b": "b"}, mixed=True)
     plan = [("a", adapter, PROMPTS[0]), ("base", None, PROMPTS[1]), ("b", tmp_path / "second", PROMPTS[2]),
             ("a", adapter, PROMPTS[2]), ("b", tmp_path / "second", PROMPTS[0])]
-    reqs = [eng.submit(eng.parse({"model": n, "prompt": p, "max_tokens": 8, "temperature": 0}, False))
+    reqs = [_submit(eng, {"model": n, "prompt": p, "max_tokens": 8, "temperature": 0})
             for n, _, p in plan]
     eng.start()
     for r, (_, path, p) in zip(reqs, plan):
-        assert r.events.get(timeout=60)[1:] == _reference(ckpt, path, p, 8)
+        assert _end(r) == _reference(ckpt, path, p, 8)
     assert eng.batches == 1
 
 
 @pytest.mark.parametrize("path, body, status, msg", [
     ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model 'nope' is not served; the models are: base, ffba"),
     ("/v1/completions", {"model": "base"}, 400, "'prompt' must be a non-empty string"),
-    ("/v1/completions", {"model": "base", "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"model": "base", "prompt": ["a", ""]}, 400, "'prompt[1]' must be a non-empty string or list"),
+    ("/v1/completions", {"model": "base", "prompt": []}, 400, "'prompt' must be a non-empty string, a list of token"),
+    ("/v1/completions", {"model": "base", "prompt": [5, 99999]}, 400,
+     "'prompt': 99999 is not a token id of this model (an integer in 0 .. "),
+    ("/v1/completions", {"model": "base", "prompt": [[5], [5, -1]]}, 400, "'prompt[1]': -1 is not a token id"),
+    ("/v1/completions", {"model": "base", "prompt": [[5, True]]}, 400, "'prompt[0]': True is not a token id"),
+    ("/v1/completions", {"model": "base", "prompt": ["a b", "a " * 80]}, 400, "'prompt[1]' is 81 tokens"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "n": 0}, 400, "'n' must be an integer >= 1 and <= 128"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "n": 2, "best_of": 3}, 400, "'best_of' must equal 'n' (2)"),
     ("/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 0}, 400, "'max_tokens' must be an integer >= 1"),
     ("/v1/completions", {"model": "base", "prompt": "a", "top_p": 0}, 400, "'top_p' must be a number > 0"),
     ("/v1/completions", {"model": "base", "prompt": "a", "temperature": -1}, 400, "'temperature'"),
-    ("/v1/completions", {"model": "base", "prompt": "a", "n": 2}, 400, "not supported: n"),
     ("/v1/completions", {"model": "base", "prompt": "a", "stop": [""]}, 400, "'stop' must be a non-empty string"),
     ("/v1/completions", {"model": "base", "prompt": "a", "stop": list("abcde")}, 400, "a list of at most 4"),
     ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": 2}, 400, "not supported: logprobs"),
@@ -481,12 +575,12 @@ def test_default_max_tokens(setup):
     _, ckpt, _ = setup
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt), {"base": None}, max_tokens=5)
     chat = {"messages": [{"role": "user", "content": "a"}]}
-    assert eng.parse(chat, True).max_tokens == 5  # --max-tokens, not the whole context
-    assert eng.parse({**chat, "max_completion_tokens": 7}, True).max_tokens == 7
-    assert eng.parse({"prompt": "a"}, False).max_tokens == 16  # OpenAI's completions default
-    assert eng.parse({"prompt": "a", "max_tokens": 500}, False).max_tokens == 64 - 2  # capped at the context
+    assert eng.parse(chat, True)[0].max_tokens == 5  # --max-tokens, not the whole context
+    assert eng.parse({**chat, "max_completion_tokens": 7}, True)[0].max_tokens == 7
+    assert eng.parse({"prompt": "a"}, False)[0].max_tokens == 16  # OpenAI's completions default
+    assert eng.parse({"prompt": "a", "max_tokens": 500}, False)[0].max_tokens == 64 - 2  # capped at the context
     small = Engine(FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt), {"base": None}, cache_len=20)
-    assert small.parse({"prompt": "a", "max_tokens": 500}, False).max_tokens == 20 - 2  # capped at the cache
+    assert small.parse({"prompt": "a", "max_tokens": 500}, False)[0].max_tokens == 20 - 2  # capped at the cache
     with pytest.raises(Exception, match=r"the prompt is 25 tokens; the model's cache \(--cache-len\) is 20"):
         small.parse({"prompt": "a " * 24}, False)
 
@@ -596,8 +690,8 @@ def test_streaming_holds_back_what_may_start_a_stop_string():
         events = []
         while not req.events.empty():
             events.append(req.events.get())
-        deltas = [e[1] for e in events if e[0] == "delta"]
-        assert events[-1][:3] == ("done", want, reason) and "".join(deltas) == want
+        deltas = [e[2] for e in events if e[0] == "delta"]
+        assert events[-1][2:4] == (want, reason) and "".join(deltas) == want
         seen = ""
         for d in deltas:  # no delta ends inside a possible stop string
             seen += d
@@ -703,6 +797,6 @@ def test_streaming_on_a_real_tokenizer_sends_the_decoded_text(smollm2_tok):
         while not req.events.empty():
             events.append(req.events.get())
         want = whole[:whole.find(stop[0])] if stop else whole
-        assert events[-1][:3] == ("done", want, "stop" if stop else "length")
-        deltas = [e[1] for e in events if e[0] == "delta"]
+        assert events[-1][2:4] == (want, "stop" if stop else "length")
+        deltas = [e[2] for e in events if e[0] == "delta"]
         assert "".join(deltas) == want and len(deltas) > 5 and not any("\ufffd" in d for d in deltas)
