@@ -15,7 +15,10 @@ from one loaded base model:
   to it); ``max_tokens`` (chat: also ``max_completion_tokens``; default 16
   for completions, as OpenAI's, and ``--max-tokens`` for chat),
   ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
-  ``stop`` (up to 4 strings: the text ends before the first one),
+  ``stop`` (up to 4 strings: the text ends before the first one), ``logprobs``
+  (completions: an integer k, chat: true with ``top_logprobs`` k: each
+  generated token's log-probability and its k most likely alternatives', of
+  the model's own distribution, before temperature, top-k and top-p),
   ``stream`` (server-sent events, as OpenAI's clients read them; ``stream_options``
   ``include_usage``: a last chunk with the token counts).
 
@@ -69,8 +72,10 @@ class BadRequest(Exception):
 class Request:
     """One choice to generate: its tokens, limits and sampling, and the queue its
     results go to, shared by the choices of one HTTP request (("delta", index,
-    text, None) while streaming, then ("done", index, text, finish_reason,
-    tokens, None), or ("error", message))."""
+    text, entries) while streaming, then ("done", index, text, finish_reason,
+    tokens, entries), or ("error", message)). With ``logprobs``, entries are
+    (text, logprob, [(text, logprob) of the alternatives]) a token: a delta's
+    its tokens', done's all of them; else None."""
     model: str
     prompt: list
     max_tokens: int
@@ -83,6 +88,7 @@ class Request:
     usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
     index: int = 0  # its choice's index in the response
     first: bool = True  # its prompt's first choice (usage counts a prompt once)
+    logprobs: Optional[int] = None  # each token's logprob and this many alternatives' (None: none)
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -106,12 +112,15 @@ def _number(body, name, default, lo, hi, integer=False, lo_open=False):
 
 # OpenAI parameters this server does not implement, each with the values that ask for nothing
 # (what clients send by default): any other value is refused, not ignored
-UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
+UNSUPPORTED = {"echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
                "frequency_penalty": (0,), "tools": ([],), "tool_choice": ("none",),
                "response_format": ({"type": "text"},)}
 
 
+# fields of the other endpoint, likewise
+ELSEWHERE = {True: {}, False: {"top_logprobs": (0,)}}
 MAX_N = 128  # choices a prompt at most (OpenAI's bound on n)
+MAX_LOGPROBS = 20  # alternatives a token at most (vLLM's bound; OpenAI's: 5 for completions, 20 for chat)
 
 
 def _brief(v) -> str:
@@ -186,7 +195,7 @@ class Engine:
         if name not in self.names:
             raise BadRequest(f"model {name!r} is not served; the models are: {', '.join(self.names)}",
                              404, "model_not_found")
-        bad = [k for k, d in UNSUPPORTED.items() if not _asks_for_nothing(body.get(k), d)]
+        bad = [k for k, d in {**UNSUPPORTED, **ELSEWHERE[chat]}.items() if not _asks_for_nothing(body.get(k), d)]
         if bad:
             raise BadRequest(f"not supported: {', '.join(bad)}")
         if chat:
@@ -202,6 +211,7 @@ class Engine:
         n = _number(body, "n", 1, 1, MAX_N, integer=True)
         if not _asks_for_nothing(body.get("best_of"), (n,)):  # every choice generated is returned
             raise BadRequest(f"'best_of' must equal 'n' ({n}), got {body.get('best_of')!r}")
+        logprobs = self._logprobs(body, chat)
         limit = body.get("max_completion_tokens") if chat else None
         default = self.max_tokens if chat else 16
         max_tokens = _number(body, "max_completion_tokens" if limit is not None else "max_tokens", default,
@@ -236,8 +246,25 @@ class Engine:
             for j in range(n):
                 out.append(Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k),
                                    _choice_seed(seed, j), stream, tuple(stop), events,
-                                   usage=bool(opts and opts.get("include_usage")), index=len(out), first=j == 0))
+                                   usage=bool(opts and opts.get("include_usage")), index=len(out), first=j == 0,
+                                   logprobs=logprobs))
         return out
+
+    @staticmethod
+    def _logprobs(body: dict, chat: bool) -> Optional[int]:
+        """How many alternatives each token's logprob comes with (None: no logprobs):
+        completions' ``logprobs`` (an integer), chat's ``top_logprobs`` with ``logprobs: true``."""
+        want = body.get("logprobs")
+        if not chat:
+            return None if want is None or want is False else _number(body, "logprobs", None, 0, MAX_LOGPROBS,
+                                                                      integer=True)
+        if want is not None and not isinstance(want, bool):
+            raise BadRequest(f"'logprobs' must be true or false ('top_logprobs': how many alternatives), "
+                             f"got {_brief(want)}")
+        top = _number(body, "top_logprobs", 0, 0, MAX_LOGPROBS, integer=True)
+        if top and not want:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true")
+        return top if want else None
 
     def _prompts(self, p) -> list:
         """A completion's ``prompt``: a string, a list of token ids, or a list of
@@ -393,7 +420,7 @@ class Engine:
                 token = greedy
             else:
                 token = int(sample_next(logits, temperature, top_p, row.generator, top_k))
-            row.add(token, self)
+            row.add(token, self, None if row.req.logprobs is None else _logprobs(logits, token, row.req.logprobs))
         except Exception as e:  # noqa: BLE001 - this row's own failure (NaN logits: sampling raises)
             # ends this row only: raised, it failed every row of the batch, and at a prefill it left
             # the joining requests waiting, admitted again and again (errors without end, the worker
@@ -426,6 +453,16 @@ class Engine:
 
     def text(self, ids: list) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def _logprobs(logits, token: int, k: int) -> tuple:
+    """The model's own log-probabilities at one row's step (its logits [1, V], log_softmax
+    in fp32: before temperature, top-k and top-p): (the token's, [(id, logprob) of the
+    k most likely])."""
+    lp = torch.log_softmax(logits[0].float(), -1)
+    top = lp.topk(k)
+    values = torch.cat([lp[token:token + 1], top.values]).tolist()  # one read
+    return values[0], list(zip(top.indices.tolist(), values[1:]))
 
 
 def _eos(model) -> list:
@@ -463,6 +500,10 @@ class Detokenizer:
         self.before = self.decode(self.ids[self.prefix:self.read])
         return piece
 
+    def peek(self, token: int) -> str:
+        """The text ``token`` would add next (it is not added)."""
+        return self._piece(self.ids[self.prefix:] + [token]) or ""
+
     def rest(self) -> str:
         """The text held back: a character cut short at the end, as decode gives it."""
         return self.decode(self.ids[self.prefix:])[len(self.before):]
@@ -474,25 +515,33 @@ class _Row:
     def __init__(self, req: Request):
         self.req, self.ids, self.done = req, [], False
         self.next, self.generator = None, None  # the token fed at the next step; a seeded request's RNG
-        # streaming or stop strings: the text as it comes (else decoded once, at the end), in pieces;
-        # the last characters out (a stop string may begin there) and those not yet streamed
+        # streaming, stop strings or logprobs: the text as it comes (else decoded once, at the end), in
+        # pieces; the last characters out (a stop string may begin there) and those not yet streamed
         self.detok, self.pieces, self.n_out, self.tail, self.unsent, self.n_sent = None, [], 0, "", "", 0
         self.longest = max((len(x) for x in req.stop), default=0)
+        self.entries, self.n_streamed = [], 0  # logprobs: one entry a token; how many went out in deltas
 
-    def add(self, token: int, eng: Engine) -> None:
+    def add(self, token: int, eng: Engine, lp: Optional[tuple] = None) -> None:
+        """The next token; ``lp``: its logprob and its alternatives' (``_logprobs``)."""
         if self.done:
             return
         if self.req.cancelled:  # no one reads it: done, without an answer
             self.done = True
             return
+        if self.detok is None and (self.req.stream or self.req.stop or lp is not None):
+            self.detok = Detokenizer(eng.text)
+        # each alternative as the text it would add here (the EOS: none)
+        alts = None if lp is None else [(self.detok.peek(t), v) for t, v in lp[1]]
         if token in eng.eos:
+            if lp is not None:
+                self.entries.append(("", lp[0], alts))
             self.finish("stop", eng, counted=1)
             return
         self.ids.append(token)
-        if self.req.stream or self.req.stop:
-            if self.detok is None:
-                self.detok = Detokenizer(eng.text)
+        if self.detok is not None:
             piece = self.detok.add(token)
+            if lp is not None:
+                self.entries.append((piece, lp[0], alts))
             if piece and self._text(piece, eng):
                 return
         if len(self.ids) >= self.req.max_tokens:
@@ -516,9 +565,16 @@ class _Row:
             end = len(self.unsent) - max((k for x in stop for k in range(1, len(x))
                                           if self.unsent.endswith(x[:k])), default=0)
             if end > 0:
-                self.req.events.put(("delta", self.req.index, self.unsent[:end], None))
+                self._delta(self.unsent[:end])
                 self.unsent, self.n_sent = self.unsent[end:], self.n_sent + end
         return False
+
+    def _delta(self, text: str) -> None:
+        """Streaming: the next text, and the logprobs of the tokens since the last delta."""
+        entries = None
+        if self.req.logprobs is not None:
+            entries, self.n_streamed = self.entries[self.n_streamed:], len(self.entries)
+        self.req.events.put(("delta", self.req.index, text, entries))
 
     def finish(self, reason: str, eng: Engine, counted: int = 0, text: Optional[str] = None) -> None:
         if self.done:
@@ -526,9 +582,10 @@ class _Row:
         self.done = True
         if text is None:
             text = eng.text(self.ids) if self.detok is None else "".join(self.pieces) + self.detok.rest()
-        if self.req.stream and len(text) > self.n_sent:
-            self.req.events.put(("delta", self.req.index, text[self.n_sent:], None))
-        self.req.events.put(("done", self.req.index, text, reason, len(self.ids) + counted, None))
+        if self.req.stream and (len(text) > self.n_sent or len(self.entries) > self.n_streamed):
+            self._delta(text[self.n_sent:])
+        self.req.events.put(("done", self.req.index, text, reason, len(self.ids) + counted,
+                             None if self.req.logprobs is None else self.entries))
 
 
 # ------------------------------------------------------------------ HTTP
@@ -541,27 +598,52 @@ def _usage(reqs: list, n_new: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
 
+def _logprobs_json(chat: bool, entries: Optional[list], offset: int = 0) -> Optional[dict]:
+    """A choice's (or a chunk's) ``logprobs`` from its entries (a Row's): chat's
+    ``{"content": [...]}``, completions' four lists, ``text_offset`` counted from
+    ``offset`` (where the first token's text begins in the choice's text)."""
+    if entries is None:
+        return None
+    if chat:
+        def item(text, lp):
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in alts]}
+                            for t, lp, alts in entries]}
+    tops, offsets = [], []
+    for t, lp, alts in entries:
+        offsets.append(offset)
+        offset += len(t)
+        top = {}
+        for a, v in alts + [(t, lp)]:  # the most likely, and the token itself (OpenAI: up to logprobs + 1)
+            top.setdefault(a, v)
+        tops.append(top)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
 def _response(chat: bool, rid: str, created: int, reqs: list, done: dict) -> dict:
     """The answer to a request whose choices all ended (``done``: index -> its "done" event)."""
     choices = []
     for r in reqs:
-        _, i, text, reason, _, _ = done[r.index]
-        choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        _, i, text, reason, _, entries = done[r.index]
+        lp = _logprobs_json(chat, entries)
+        choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                         "finish_reason": reason} if chat
-                       else {"index": i, "text": text, "finish_reason": reason, "logprobs": None})
+                       else {"index": i, "text": text, "finish_reason": reason, "logprobs": lp})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": reqs[0].model, "choices": choices, "usage": _usage(reqs, sum(d[4] for d in done.values()))}
 
 
 def _chunk(chat: bool, rid: str, created: int, model: str, index: int, text: Optional[str],
-           reason: Optional[str], first: bool = False) -> dict:
+           reason: Optional[str], first: bool = False, logprobs: Optional[dict] = None) -> dict:
     if chat:
         delta = {} if text is None else {"content": text}
         if first:
             delta = {"role": "assistant", **delta}
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     else:
-        choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice]}
 
@@ -733,6 +815,7 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 self.wfile.flush()
 
             model, events, left, seen, n_new = reqs[0].model, reqs[0].events, len(reqs), set(), 0
+            offset = {}  # a choice's text_offset so far
             try:
                 while left:
                     ev = events.get()
@@ -744,7 +827,9 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                     first = i not in seen  # chat: the first chunk of a choice carries its role
                     seen.add(i)
                     if ev[0] == "delta":
-                        send(_chunk(chat, rid, created, model, i, ev[2], None, first))
+                        lp = _logprobs_json(chat, ev[3], offset.get(i, 0))
+                        offset[i] = offset.get(i, 0) + sum(len(e[0]) for e in ev[3] or ())
+                        send(_chunk(chat, rid, created, model, i, ev[2], None, first, lp))
                     elif ev[0] == "done":
                         send(_chunk(chat, rid, created, model, i, None, ev[3], first))
                         left, n_new = left - 1, n_new + ev[4]

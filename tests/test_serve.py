@@ -228,6 +228,112 @@ def test_n_choices_sample_each_with_its_own_seed(server, chat):
         assert all(d.get("role") == "assistant" for d in firsts.values())
 
 
+def _greedy_ids(ckpt, adapter, ids, n):
+    """generate() on a separately loaded model: the greedy tokens after ``ids``, up to its EOS."""
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter))
+    row = m.generate(torch.tensor([ids]), max_new_tokens=n)[0, len(ids):].tolist()
+    eos = set(_eos_set(m.generation_eos_token_id))
+    k = next((i for i, t in enumerate(row) if t in eos), None)
+    return row if k is None else row[:k + 1]
+
+
+def _reference_logprobs(ckpt, adapter, ids):
+    """log_softmax (fp32) of a separately loaded model's full-forward logits over ``ids``:
+    row i, the distribution token i + 1 was drawn from."""
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter)).eval()
+    with torch.no_grad():
+        return torch.log_softmax(m(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def _added(tok, before, t):
+    """The text token t adds after ``before`` (whole decodes, special tokens skipped)."""
+    whole = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return whole(before + [t])[len(whole(before)):]
+
+
+def _merge_logprobs(parts, chat):
+    """Streamed chunks' logprobs joined (each chunk has those of its tokens)."""
+    if chat:
+        return {"content": [c for p in parts if p for c in p["content"]]}
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    return {k: [x for p in parts if p for x in p[k]] for k in keys}
+
+
+def _check_logprobs(tok, lp, chat, ids, gen, ref, k, text):
+    """A choice's logprobs against the reference: each generated token's text, its
+    logprob and its k most likely alternatives' (in fp32's tolerance)."""
+    entries = lp["content"] if chat else [
+        {"token": t, "logprob": v, "top": top, "offset": o}
+        for t, v, top, o in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"])]
+    assert len(entries) == len(gen)
+    offset = 0
+    for i, (e, t) in enumerate(zip(entries, gen)):
+        row = ref[len(ids) + i - 1]
+        assert e["token"] == _added(tok, gen[:i], t)
+        assert e["logprob"] == pytest.approx(float(row[t]), abs=1e-4)
+        vals, idx = row.topk(k)
+        want = [(_added(tok, gen[:i], int(a)), float(v)) for a, v in zip(idx, vals)]
+        if chat:
+            got = [(a["token"], a["logprob"]) for a in e["top_logprobs"]]
+            assert e["bytes"] == list(e["token"].encode()) and all(a["bytes"] == list(a["token"].encode())
+                                                                   for a in e["top_logprobs"])
+        else:
+            got = list(e["top"].items())
+            want = list(dict(want + [(e["token"], e["logprob"])]).items())  # and the token itself
+            assert e["offset"] == offset
+            offset += len(e["token"])
+        assert [a for a, _ in got] == [a for a, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
+        if t == int(row.argmax()) and k:  # greedy: exactly the most likely's value (lm-eval's is_greedy)
+            assert e["logprob"] == max(v for _, v in got)
+    assert "".join(e["token"] for e in entries) == text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_are_the_models_own(setup, server, chat, stream):
+    """logprobs (completions: ``logprobs: k``; chat: ``logprobs: true, top_logprobs:
+    k``): each generated token's and its k most likely alternatives', equal to the
+    log_softmax of the model's own full-forward logits; streamed, each chunk
+    carries its tokens' and they join to the whole."""
+    _, ckpt, adapter = setup
+    url, _ = server
+    tok = load_tokenizer(ckpt)
+    msgs = [{"role": "user", "content": "copy : a b"}]
+    text = chat_prompt(tok, msgs) if chat else PROMPTS[0]
+    ids = prompt_ids(tok, text)
+    name, adapter = ("ffba", adapter) if chat else ("base", None)
+    gen = _greedy_ids(ckpt, adapter, ids, 12)
+    assert chat or (len(gen) < 12 and gen[-1] == tok.eos_token_id)  # the EOS has an entry too (its text: "")
+    ref = _reference_logprobs(ckpt, adapter, ids + gen)
+    k = 3
+    body = {"model": name, "max_tokens": 12, "temperature": 0, "stream": stream,
+            **({"messages": msgs, "logprobs": True, "top_logprobs": k} if chat else {"prompt": text, "logprobs": k})}
+    status, raw = _post(url + ("/v1/chat/completions" if chat else "/v1/completions"), body)
+    assert status == 200, raw
+    if stream:
+        got, chunks = _stream_choices(raw)
+        answer = got[0][0]
+        lp = _merge_logprobs([c["choices"][0]["logprobs"] for c in chunks], chat)
+        assert sum(bool(c["choices"][0]["logprobs"]) for c in chunks) > 1
+    else:
+        choice = json.loads(raw)["choices"][0]
+        answer, lp = (choice["message"]["content"] if chat else choice["text"]), choice["logprobs"]
+    _check_logprobs(tok, lp, chat, ids, gen, ref, k, answer)
+
+
+def test_logprobs_are_before_temperature_top_k_and_top_p(server):
+    """The logprobs are the model's distribution itself (vLLM's default), not the one
+    temperature, top_k and top_p make of it to sample from: sampling that can only
+    pick the argmax gives the greedy answer's logprobs."""
+    url, _ = server
+    body = {"model": "ffba", "prompt": PROMPTS[2], "max_tokens": 8, "logprobs": 2}
+    greedy = json.loads(_post(url + "/v1/completions", {**body, "temperature": 0})[1])["choices"][0]
+    for extra in ({"temperature": 1e-6, "seed": 1}, {"temperature": 1.5, "top_k": 1}, {"top_p": 1e-6}):
+        got = json.loads(_post(url + "/v1/completions", {**body, **extra})[1])["choices"][0]
+        assert got["text"] == greedy["text"] and got["logprobs"] == greedy["logprobs"], extra
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_end_the_text_before_them(setup, server, stream):
     _, ckpt, adapter = setup
@@ -465,7 +571,16 @@ def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
     ("/v1/completions", {"model": "base", "prompt": "a", "temperature": -1}, 400, "'temperature'"),
     ("/v1/completions", {"model": "base", "prompt": "a", "stop": [""]}, 400, "'stop' must be a non-empty string"),
     ("/v1/completions", {"model": "base", "prompt": "a", "stop": list("abcde")}, 400, "a list of at most 4"),
-    ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": 2}, 400, "not supported: logprobs"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": 21}, 400,
+     "'logprobs' must be an integer >= 0 and <= 20, got 21"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": True}, 400, "'logprobs' must be an integer"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "top_logprobs": 2}, 400, "not supported: top_logprobs"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}, 400,
+     "'logprobs' must be true or false"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
+     400, "'top_logprobs' needs 'logprobs': true"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "'top_logprobs' must be an integer >= 0 and <= 20"),
     ("/v1/completions", {"model": "base", "prompt": "a", "seed": 2 ** 64}, 400,
      "'seed' must be an integer in [-2**63, 2**64 - 1], got 18446744073709551616"),
     ("/v1/completions", {"model": "base", "prompt": "a", "seed": 1.5}, 400, "'seed' must be an integer"),
@@ -800,3 +915,40 @@ def test_streaming_on_a_real_tokenizer_sends_the_decoded_text(smollm2_tok):
         assert events[-1][2:4] == (want, "stop" if stop else "length")
         deltas = [e[2] for e in events if e[0] == "delta"]
         assert "".join(deltas) == want and len(deltas) > 5 and not any("\ufffd" in d for d in deltas)
+
+
+def test_logprob_entries_on_a_real_tokenizer(smollm2_tok):
+    """A row's logprob entries with SmolLM2's tokenizer: one a token (the EOS's
+    included), each the text the token adds (a token inside a character adds "",
+    the one that completes it the character), so they join to the answer; each
+    alternative likewise, the text it would add in the token's place (after a
+    character cut short, its U+FFFD first)."""
+    from types import SimpleNamespace
+
+    from flora.serve import _Row
+
+    tok = smollm2_tok
+    eng = SimpleNamespace(eos={tok.eos_token_id}, text=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    ids = tok("Grüße 🎉 aus 東京!").input_ids
+    alts = tok(" a 🎉").input_ids  # whole words, and parts of a character
+    for stream in (False, True):
+        req = Request("m", [1], max_tokens=50, sampling=(0.0, 1.0, 0), stream=stream, logprobs=len(alts))
+        row = _Row(req)
+        for k, t in enumerate(ids + [tok.eos_token_id]):
+            row.add(t, eng, (-0.5 - k, [(a, -1.0 - j) for j, a in enumerate(alts)]))
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        done = events[-1]
+        entries = done[5]
+        assert done[2:5] == (eng.text(ids), "stop", len(ids) + 1) and len(entries) == len(ids) + 1
+        assert "".join(e[0] for e in entries) == done[2] and entries[-1][0] == ""
+        assert [e[1] for e in entries] == [-0.5 - k for k in range(len(ids) + 1)]
+        assert any(e[0] == "" for e in entries[:-1]) and "🎉" in [e[0].strip() for e in entries]
+        out = ""  # the text out before each token: an alternative adds what follows it ("" inside a character)
+        for k, e in enumerate(entries):
+            after = [eng.text(ids[:k] + [a]) for a in alts]
+            assert [a for a, _ in e[2]] == ["" if x.endswith("\ufffd") else x[len(out):] for x in after]
+            out += e[0]
+        if stream:  # the deltas' entries join to the whole
+            assert [x for ev in events if ev[0] == "delta" for x in ev[3]] == entries
