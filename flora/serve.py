@@ -19,6 +19,9 @@ from one loaded base model:
   (completions: an integer k, chat: true with ``top_logprobs`` k: each
   generated token's log-probability and its k most likely alternatives', of
   the model's own distribution, before temperature, top-k and top-p),
+  ``echo`` (completions: the prompt before the answer, with logprobs its
+  tokens' too, from a full forward; with ``max_tokens`` 0 the prompt is only
+  scored, as lm-eval-harness's loglikelihood requests ask),
   ``stream`` (server-sent events, as OpenAI's clients read them; ``stream_options``
   ``include_usage``: a last chunk with the token counts).
 
@@ -71,11 +74,12 @@ class BadRequest(Exception):
 @dataclass
 class Request:
     """One choice to generate: its tokens, limits and sampling, and the queue its
-    results go to, shared by the choices of one HTTP request (("delta", index,
-    text, entries) while streaming, then ("done", index, text, finish_reason,
-    tokens, entries), or ("error", message)). With ``logprobs``, entries are
-    (text, logprob, [(text, logprob) of the alternatives]) a token: a delta's
-    its tokens', done's all of them; else None."""
+    results go to, shared by the choices of one HTTP request (with ``echo``
+    first ("prompt", index, entries); ("delta", index, text, entries) while
+    streaming; then ("done", index, text, finish_reason, tokens, entries), or
+    ("error", message)). With ``logprobs``, entries are (text, logprob,
+    [(text, logprob) of the alternatives]) a token: the prompt's, a delta's, or
+    all the answer's; else None."""
     model: str
     prompt: list
     max_tokens: int
@@ -89,6 +93,8 @@ class Request:
     index: int = 0  # its choice's index in the response
     first: bool = True  # its prompt's first choice (usage counts a prompt once)
     logprobs: Optional[int] = None  # each token's logprob and this many alternatives' (None: none)
+    echo: Optional[str] = None  # the prompt's text, which the answer starts with (None: not echoed)
+    scored: bool = False  # echo: its prompt went out (with logprobs: scored)
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -112,13 +118,13 @@ def _number(body, name, default, lo, hi, integer=False, lo_open=False):
 
 # OpenAI parameters this server does not implement, each with the values that ask for nothing
 # (what clients send by default): any other value is refused, not ignored
-UNSUPPORTED = {"echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
+UNSUPPORTED = {"suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
                "frequency_penalty": (0,), "tools": ([],), "tool_choice": ("none",),
                "response_format": ({"type": "text"},)}
 
 
 # fields of the other endpoint, likewise
-ELSEWHERE = {True: {}, False: {"top_logprobs": (0,)}}
+ELSEWHERE = {True: {"echo": (False,)}, False: {"top_logprobs": (0,)}}
 MAX_N = 128  # choices a prompt at most (OpenAI's bound on n)
 MAX_LOGPROBS = 20  # alternatives a token at most (vLLM's bound; OpenAI's: 5 for completions, 20 for chat)
 
@@ -205,17 +211,21 @@ class Engine:
                 text = chat_prompt(self.tok, check_messages(body.get("messages"), "messages", need_answer=False))
             except ValueError as e:
                 raise BadRequest(str(e)) from None
-            prompts = [("messages", prompt_ids(self.tok, text))]
+            prompts = [("messages", prompt_ids(self.tok, text), text)]
         else:
             prompts = self._prompts(body.get("prompt"))
+        echo = False if chat else body.get("echo", False)
+        if echo is not None and not isinstance(echo, bool):
+            raise BadRequest(f"'echo' must be true or false, got {_brief(echo)}")
         n = _number(body, "n", 1, 1, MAX_N, integer=True)
         if not _asks_for_nothing(body.get("best_of"), (n,)):  # every choice generated is returned
             raise BadRequest(f"'best_of' must equal 'n' ({n}), got {body.get('best_of')!r}")
         logprobs = self._logprobs(body, chat)
         limit = body.get("max_completion_tokens") if chat else None
         default = self.max_tokens if chat else 16
+        # echo with max_tokens 0: the prompt alone, scored (lm-eval-harness's loglikelihood requests)
         max_tokens = _number(body, "max_completion_tokens" if limit is not None else "max_tokens", default,
-                             1, None, integer=True)
+                             0 if echo else 1, None, integer=True)
         temperature = _number(body, "temperature", 1.0, 0, None)
         top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
         top_k = _number(body, "top_k", 0, 0, None, integer=True)
@@ -237,17 +247,21 @@ class Engine:
         if not (isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
             raise BadRequest(f"'stop' must be a non-empty string or a list of at most 4, got {body.get('stop')!r}")
         events, out = queue.Queue(), []
-        for where, ids in prompts:
-            room = self.cache_len - len(ids)
+        for where, ids, text in prompts:
+            # a prompt alone is one forward over the context; with an answer it takes a row of the cache
+            size = self.context + 1 if max_tokens == 0 else self.cache_len
+            room = size - len(ids)
             if room < 1:
-                what = "context" if self.cache_len == self.context else "cache (--cache-len)"
+                what = "context" if size > self.cache_len or self.cache_len == self.context else "cache (--cache-len)"
                 label = f"'{where}'" if where.endswith("]") else "the prompt"
-                raise BadRequest(f"{label} is {len(ids)} tokens; the model's {what} is {self.cache_len}")
+                raise BadRequest(f"{label} is {len(ids)} tokens; the model's {what} is {min(size, self.context)}")
+            if echo and text is None:
+                text = self.text(ids)
             for j in range(n):
                 out.append(Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k),
                                    _choice_seed(seed, j), stream, tuple(stop), events,
                                    usage=bool(opts and opts.get("include_usage")), index=len(out), first=j == 0,
-                                   logprobs=logprobs))
+                                   logprobs=logprobs, echo=text if echo else None))
         return out
 
     @staticmethod
@@ -268,8 +282,9 @@ class Engine:
 
     def _prompts(self, p) -> list:
         """A completion's ``prompt``: a string, a list of token ids, or a list of
-        either (a batch, a choice each) -> [(its name in errors, token ids)]; a
-        string tokenized as training tokenizes a prompt, ids taken as they are."""
+        either (a batch, a choice each) -> [(its name in errors, token ids, its
+        text or None)]; a string tokenized as training tokenizes a prompt, ids
+        taken as they are."""
         from .data import prompt_ids
 
         if isinstance(p, str) or (isinstance(p, list) and p and not isinstance(p[0], (str, list))):
@@ -282,7 +297,7 @@ class Engine:
         vocab, out = self.model.arch.vocab_size, []
         for where, x in items:
             if isinstance(x, str) and x:
-                out.append((where, prompt_ids(self.tok, x)))
+                out.append((where, prompt_ids(self.tok, x), x))
                 continue
             if not (isinstance(x, list) and x):
                 raise BadRequest(f"'{where}' must be a non-empty string or list of token ids, got {_brief(x)}")
@@ -290,7 +305,7 @@ class Engine:
                 if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
                     raise BadRequest(f"'{where}': {t!r} is not a token id of this model (an integer in "
                                      f"0 .. {vocab - 1})")
-            out.append((where, [int(t) for t in x]))
+            out.append((where, [int(t) for t in x], None))
         return out
 
     def submit(self, reqs: list) -> list:
@@ -376,6 +391,7 @@ class Engine:
                 self._end()
                 waiting[0].events.put(("error", f"{type(e).__name__}: {e}"))
                 return waiting[1:]
+        waiting = self._score(waiting)  # echo: the prompt (scored in this batch's mode) before the answer
         dec, free = self._dec, [i for i, r in enumerate(self._slots) if r is None]
         fresh = not any(self._slots)  # a batch just begun (at slot 0): a drained one has ended
         join, t = [], dec.t
@@ -408,6 +424,58 @@ class Engine:
             row.generator = None if r.seed is None else torch.Generator(device=dec.device).manual_seed(r.seed)
             self._take(i, row, lg[None])
         return waiting[len(join):]
+
+    def _score(self, waiting: list) -> list:
+        """The echo requests at the head of the queue that this batch's model serves
+        send their prompt before their answer: with logprobs, each prompt token's,
+        from a full forward in the batch's mode (between two decode steps); those
+        with max_tokens 0 end here, taking no row. The rest, still waiting (those
+        whose client left, dropped)."""
+        keep, last = [], (None, None)  # the n choices of a prompt (one ids list) are scored once
+        for j, r in enumerate(waiting):
+            if r.key(self.mixed) != self._key:
+                return keep + waiting[j:]
+            if r.cancelled:
+                continue
+            if r.echo is not None and not r.scored:
+                r.scored = True
+                try:
+                    if r.logprobs is not None and last[0] is not r.prompt:
+                        last = (r.prompt, self._prompt_logprobs(r))
+                    r.events.put(("prompt", r.index, None if r.logprobs is None else last[1]))
+                except Exception as e:  # noqa: BLE001 - this request's failure only
+                    r.events.put(("error", f"{type(e).__name__}: {e}"))
+                    continue
+            if r.max_tokens:
+                keep.append(r)
+            else:
+                r.events.put(("done", r.index, "", "length", 0, None if r.logprobs is None else []))
+        return keep
+
+    def _prompt_logprobs(self, r: Request) -> list:
+        """The logprob entries of a prompt's tokens (the first's logprob None, as
+        OpenAI's: nothing comes before it), from a full forward of the prompt
+        (``--mixed``: with the request's adapter), log_softmax in fp32 a slice of
+        positions at a time."""
+        m = self.model
+        ids = torch.tensor(r.prompt, device=m.device)
+        logits = m(ids[None], adapters=[self.names[r.model]] if self.mixed else None).logits[0, :-1]
+        picked, top = [], []
+        for s in range(0, len(logits), 256):
+            lp = torch.log_softmax(logits[s:s + 256].float(), -1)
+            best = lp.topk(r.logprobs)
+            picked.append(torch.cat([lp.gather(1, ids[s + 1:s + 257, None]), best.values], 1))
+            top.append(best.indices)
+        values = torch.cat(picked).tolist() if picked else []
+        indices = torch.cat(top).tolist() if top else []
+        d = Detokenizer(self.text)
+        entries = [(d.add(r.prompt[0]), None, None)]
+        for t, v, alts in zip(r.prompt[1:], values, indices):
+            choices = [(d.peek(a), x) for a, x in zip(alts, v[1:])]
+            entries.append((d.add(t), v[0], choices))
+        held = d.rest()  # a prompt that ends inside a character: its last token carries it
+        entries[-1] = (entries[-1][0] + held, *entries[-1][1:])
+        return entries
 
     def _take(self, i: int, row: "_Row", logits, greedy: Optional[int] = None) -> None:
         """Row i's next token from its logits [1, V] (``greedy``: its argmax, read
@@ -614,20 +682,25 @@ def _logprobs_json(chat: bool, entries: Optional[list], offset: int = 0) -> Opti
     for t, lp, alts in entries:
         offsets.append(offset)
         offset += len(t)
-        top = {}
-        for a, v in alts + [(t, lp)]:  # the most likely, and the token itself (OpenAI: up to logprobs + 1)
-            top.setdefault(a, v)
+        top = None if alts is None else {}  # None: a prompt's first token
+        for a, v in alts + [(t, lp)] if alts is not None else ():  # the most likely, and the token itself
+            top.setdefault(a, v)  # (OpenAI's: up to logprobs + 1 of them)
         tops.append(top)
     return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries], "top_logprobs": tops,
             "text_offset": offsets}
 
 
-def _response(chat: bool, rid: str, created: int, reqs: list, done: dict) -> dict:
-    """The answer to a request whose choices all ended (``done``: index -> its "done" event)."""
+def _response(chat: bool, rid: str, created: int, reqs: list, done: dict, prompts: dict) -> dict:
+    """The answer to a request whose choices all ended (``done``: index -> its "done"
+    event; ``prompts``: index -> an echoed prompt's entries)."""
     choices = []
     for r in reqs:
         _, i, text, reason, _, entries = done[r.index]
-        lp = _logprobs_json(chat, entries)
+        lp = _logprobs_json(chat, entries, 0 if r.echo is None else len(r.echo))
+        if r.echo is not None:  # completions: the prompt first, its tokens' logprobs too
+            text = r.echo + text
+            if lp is not None:
+                lp = {k: v + lp[k] for k, v in _logprobs_json(chat, prompts[i]).items()}
         choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                         "finish_reason": reason} if chat
                        else {"index": i, "text": text, "finish_reason": reason, "logprobs": lp})
@@ -737,19 +810,20 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             if reqs[0].stream:
                 self._stream(reqs, chat, rid, created)
                 return
-            done = self._wait(reqs)
-            if done is None:  # the client left: its rows were cancelled, no one to answer
+            got = self._wait(reqs)
+            if got is None:  # the client left: its rows were cancelled, no one to answer
                 return
-            if isinstance(done, str):
-                self._send(500, {"error": {"message": done, "type": "server_error", "code": 500}})
+            if isinstance(got, str):
+                self._send(500, {"error": {"message": got, "type": "server_error", "code": 500}})
                 return
-            self._send(200, _response(chat, rid, created, reqs, done))
+            self._send(200, _response(chat, rid, created, reqs, *got))
 
         def _wait(self, reqs: list):
-            """Each choice's "done" event by index; or the message of an error (the other
-            choices stop), or None when the client hangs up first: its rows are then
-            cancelled (they would generate on to their max_tokens)."""
-            events, done = reqs[0].events, {}
+            """Each choice's "done" event and echoed prompt's entries, by index; or
+            the message of an error (the other choices stop), or None when the client
+            hangs up first: its rows are then cancelled (they would generate on to
+            their max_tokens)."""
+            events, done, prompts = reqs[0].events, {}, {}
             while len(done) < len(reqs):
                 try:
                     ev = events.get(timeout=POLL_S)
@@ -764,7 +838,9 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                     return ev[1]
                 if ev[0] == "done":
                     done[ev[1]] = ev
-            return done
+                elif ev[0] == "prompt":
+                    prompts[ev[1]] = ev[2]
+            return done, prompts
 
         def _client_gone(self) -> bool:
             """The client closed its side (the socket reads as ended, or fails)."""
@@ -826,7 +902,11 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                     i = ev[1]
                     first = i not in seen  # chat: the first chunk of a choice carries its role
                     seen.add(i)
-                    if ev[0] == "delta":
+                    if ev[0] == "prompt":  # echo: the prompt's text (choices are reqs in index order)
+                        send(_chunk(chat, rid, created, model, i, reqs[i].echo, None, first,
+                                    _logprobs_json(chat, ev[2])))
+                        offset[i] = len(reqs[i].echo)
+                    elif ev[0] == "delta":
                         lp = _logprobs_json(chat, ev[3], offset.get(i, 0))
                         offset[i] = offset.get(i, 0) + sum(len(e[0]) for e in ev[3] or ())
                         send(_chunk(chat, rid, created, model, i, ev[2], None, first, lp))

@@ -335,6 +335,147 @@ def test_logprobs_are_before_temperature_top_k_and_top_p(server):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("max_tokens", [0, 6])
+def test_echo_sends_the_prompt_and_its_logprobs(setup, server, stream, max_tokens):
+    """``echo``: the answer starts with the prompt; with logprobs, the prompt's tokens
+    come first (the first's logprob null, as OpenAI's), each equal to the log_softmax of
+    the model's full-forward logits; ``max_tokens: 0`` scores the prompt alone."""
+    _, ckpt, adapter = setup
+    url, _ = server
+    tok = load_tokenizer(ckpt)
+    ids = prompt_ids(tok, PROMPTS[1])
+    gen = _greedy_ids(ckpt, adapter, ids, max_tokens) if max_tokens else []
+    ref = _reference_logprobs(ckpt, adapter, ids + gen)
+    body = {"model": "ffba", "prompt": PROMPTS[1], "echo": True, "logprobs": 2, "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream}
+    status, raw = _post(url + "/v1/completions", body)
+    assert status == 200, raw
+    if stream:
+        got, chunks = _stream_choices(raw)
+        text, reason = got[0]
+        assert chunks[0]["choices"][0]["text"] == PROMPTS[1]  # the prompt comes first, in one chunk
+        lp = _merge_logprobs([c["choices"][0]["logprobs"] for c in chunks], False)
+    else:
+        out = json.loads(raw)
+        text, reason, lp = out["choices"][0]["text"], out["choices"][0]["finish_reason"], out["choices"][0]["logprobs"]
+        assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(gen),
+                                "total_tokens": len(ids) + len(gen)}
+    answer = tok.decode(gen, skip_special_tokens=True)
+    assert text == PROMPTS[1] + answer and reason == "length"
+    if not stream:  # without logprobs: the text alone
+        plain = json.loads(_post(url + "/v1/completions", {**body, "logprobs": None})[1])["choices"][0]
+        assert (plain["text"], plain["logprobs"]) == (text, None)
+    P = len(ids)
+    assert lp["tokens"][:P] == [_added(tok, ids[:i], t) for i, t in enumerate(ids)]
+    assert "".join(lp["tokens"][:P]) == PROMPTS[1] and lp["text_offset"][:P] == [
+        len("".join(lp["tokens"][:i])) for i in range(P)]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for i in range(1, P):
+        assert lp["token_logprobs"][i] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-4)
+        vals, idx = ref[i - 1].topk(2)
+        want = dict([(_added(tok, ids[:i], int(a)), float(v)) for a, v in zip(idx, vals)]
+                    + [(lp["tokens"][i], lp["token_logprobs"][i])])
+        assert list(lp["top_logprobs"][i]) == list(want)
+        assert list(lp["top_logprobs"][i].values()) == pytest.approx(list(want.values()), abs=1e-4)
+    rest = {k: v[P:] for k, v in lp.items()}
+    rest["text_offset"] = [o - len(PROMPTS[1]) for o in rest["text_offset"]]  # offsets in the whole text
+    _check_logprobs(tok, rest, False, ids, gen, ref, 2, answer)
+
+
+def _lm_eval_parse_logprobs(out, ctxlens, generated=1):
+    """lm-evaluation-harness's LocalCompletionsAPI.parse_logprobs (lm_eval/models/
+    openai_completions.py): the continuation's summed logprob and whether it is the
+    greedy one, from token_logprobs / top_logprobs after the context (``generated``:
+    the tokens generated after the prompt, 1 in its requests, 0 in older ones)."""
+    res = []
+    for choice, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), ctxlens):
+        end = len(choice["logprobs"]["token_logprobs"]) - generated
+        lps = choice["logprobs"]["token_logprobs"][ctxlen:end]
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:end]
+        res.append((sum(lps), all(lp == max(top.values()) for lp, top in zip(lps, tops))))
+    return res
+
+
+def test_lm_eval_harness_requests(setup, server):
+    """The requests lm-evaluation-harness's local-completions model sends (token-id
+    prompts without BOS, as its tokenizer gives them): loglikelihood ({"echo": true,
+    "logprobs": 1, "max_tokens": 1}, 0 in its older versions, "temperature": 0,
+    "seed"), read as it reads them, equal to the model's own; and generate_until
+    (token ids, "stop", "seed"), the greedy text."""
+    _, ckpt, _ = setup
+    url, _ = server
+    tok = load_tokenizer(ckpt)
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731 - lm-eval's add_bos_token=False
+    ctx = [enc("copy : a b c ="), enc("between a and f ->")]
+    greedy = [_greedy_ids(ckpt, None, c, 3)[:2] for c in ctx]  # its own continuation: is_greedy
+    pairs = [(ctx[0], greedy[0]), (ctx[1], greedy[1]), (ctx[0], enc("the cat"))]
+    want = []
+    for c, cont in pairs:
+        ref = _reference_logprobs(ckpt, None, c + cont)
+        lps = [ref[len(c) + i - 1] for i in range(len(cont))]
+        want.append((sum(float(r[t]) for r, t in zip(lps, cont)), all(int(r.argmax()) == t for r, t in zip(lps, cont))))
+    assert [w[1] for w in want] == [True, True, False]
+    for generated in (1, 0):
+        payload = {"model": "base", "prompt": [c + cont for c, cont in pairs], "temperature": 0,
+                   "max_tokens": generated, "logprobs": 1, "seed": 1234, "echo": True}
+        status, raw = _post(url + "/v1/completions", payload)
+        assert status == 200, raw
+        got = _lm_eval_parse_logprobs(json.loads(raw), [len(c) for c, _ in pairs], generated)
+        assert [g[1] for g in got] == [w[1] for w in want]
+        assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
+    # generate_until: {"prompt": [ids], "model", "max_tokens", "temperature", "stop", "seed"}
+    payload = {"prompt": ctx, "model": "base", "max_tokens": 8, "temperature": 0, "stop": ["\n\n", "</s>"],
+               "seed": 1234}
+    out = json.loads(_post(url + "/v1/completions", payload)[1])
+    assert [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])] == [
+        tok.decode(_greedy_ids(ckpt, None, c, 8), skip_special_tokens=True) for c in ctx]
+
+
+def test_echo_in_mixed_batches_scores_each_prompt_with_its_adapter(setup, tmp_path):
+    """--mixed: an echoed prompt is scored with its own request's adapter (or the
+    base), whatever the others in the batch use; max_tokens 0 takes no row."""
+    _, ckpt, adapter = setup
+    m2 = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
+    randomize_adapter(m2, seed=1)
+    m2.save_adapter(tmp_path / "second")
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="a", activate=False)
+    model.load_adapter(str(tmp_path / "second"), name="b", activate=False)
+    tok = load_tokenizer(ckpt)
+    eng = Engine(model, tok, {"base": None, "a": "a", "b": "b"}, mixed=True)
+    plan = [("a", adapter, 0), ("base", None, 3), ("b", tmp_path / "second", 0), ("a", adapter, 2)]
+    reqs = [_submit(eng, {"model": n, "prompt": PROMPTS[2], "echo": True, "logprobs": 0, "max_tokens": k,
+                          "temperature": 0}) for n, _, k in plan]
+    eng.start()
+    ids = prompt_ids(tok, PROMPTS[2])
+    for r, (_, path, k) in zip(reqs, plan):
+        ev = r.events.get(timeout=60)
+        assert ev[0] == "prompt"
+        ref = _reference_logprobs(ckpt, path, ids)
+        assert [e[1] for e in ev[2][1:]] == pytest.approx([float(ref[i - 1, ids[i]]) for i in range(1, len(ids))],
+                                                          abs=1e-4)
+        assert _end(r)[1:] == ("length", k)
+    assert eng.batches == 1  # the two that generate, together
+    calls = []
+    real = eng._prompt_logprobs
+    eng._prompt_logprobs = lambda r: calls.append(r) or real(r)
+    reqs = eng.submit(eng.parse({"model": "b", "prompt": PROMPTS[0], "echo": True, "logprobs": 1, "max_tokens": 0,
+                                 "n": 3}, False))
+    assert [_end(r) for r in reqs] == [("", "length", 0)] * 3 and len(calls) == 1  # a prompt scored once, not n times
+
+
+def test_echo_with_max_tokens_0_takes_the_context_not_a_row(setup):
+    _, ckpt, _ = setup
+    small = Engine(FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt), {"base": None}, cache_len=20)
+    r, = small.parse({"prompt": "a " * 40, "echo": True, "max_tokens": 0}, False)  # past the cache, in the context
+    assert (r.max_tokens, len(r.prompt), r.echo) == (0, 41, "a " * 40)
+    with pytest.raises(Exception, match=r"the prompt is 41 tokens; the model's cache \(--cache-len\) is 20"):
+        small.parse({"prompt": "a " * 40, "echo": True, "max_tokens": 1}, False)
+    r, = small.parse({"prompt": [5, 6], "echo": True}, False)  # token ids: the echo is their text
+    assert r.echo == small.text([5, 6]) and r.max_tokens == 16
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_end_the_text_before_them(setup, server, stream):
     _, ckpt, adapter = setup
     url, _ = server
@@ -575,6 +716,11 @@ def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
      "'logprobs' must be an integer >= 0 and <= 20, got 21"),
     ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": True}, 400, "'logprobs' must be an integer"),
     ("/v1/completions", {"model": "base", "prompt": "a", "top_logprobs": 2}, 400, "not supported: top_logprobs"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "echo": True}, 400,
+     "not supported: echo"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "echo": "yes"}, 400, "'echo' must be true or false"),
+    ("/v1/completions", {"model": "base", "prompt": "a " * 80, "echo": True, "max_tokens": 0}, 400,
+     "the prompt is 81 tokens; the model's context is 64"),
     ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}, 400,
      "'logprobs' must be true or false"),
     ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
