@@ -220,7 +220,7 @@ class Engine:
         n = _number(body, "n", 1, 1, MAX_N, integer=True)
         if not _asks_for_nothing(body.get("best_of"), (n,)):  # every choice generated is returned
             raise BadRequest(f"'best_of' must equal 'n' ({n}), got {body.get('best_of')!r}")
-        logprobs = self._logprobs(body, chat)
+        logprobs = self._alternatives(body, chat)
         limit = body.get("max_completion_tokens") if chat else None
         default = self.max_tokens if chat else 16
         # echo with max_tokens 0: the prompt alone, scored (lm-eval-harness's loglikelihood requests)
@@ -265,7 +265,7 @@ class Engine:
         return out
 
     @staticmethod
-    def _logprobs(body: dict, chat: bool) -> Optional[int]:
+    def _alternatives(body: dict, chat: bool) -> Optional[int]:
         """How many alternatives each token's logprob comes with (None: no logprobs):
         completions' ``logprobs`` (an integer), chat's ``top_logprobs`` with ``logprobs: true``."""
         want = body.get("logprobs")
@@ -464,15 +464,15 @@ class Engine:
         for s in range(0, len(logits), 256):
             lp = torch.log_softmax(logits[s:s + 256].float(), -1)
             best = lp.topk(r.logprobs)
-            picked.append(torch.cat([lp.gather(1, ids[s + 1:s + 257, None]), best.values], 1))
+            picked.append(torch.cat([lp.gather(1, ids[s + 1:s + 1 + len(lp), None]), best.values], 1))
             top.append(best.indices)
-        values = torch.cat(picked).tolist() if picked else []
+        values = torch.cat(picked).tolist() if picked else []  # [token's, alternatives'] a position
         indices = torch.cat(top).tolist() if top else []
         d = Detokenizer(self.text)
         entries = [(d.add(r.prompt[0]), None, None)]
         for t, v, alts in zip(r.prompt[1:], values, indices):
-            choices = [(d.peek(a), x) for a, x in zip(alts, v[1:])]
-            entries.append((d.add(t), v[0], choices))
+            others = [(d.peek(a), x) for a, x in zip(alts, v[1:])]  # before t is added
+            entries.append((d.add(t), v[0], others))
         held = d.rest()  # a prompt that ends inside a character: its last token carries it
         entries[-1] = (entries[-1][0] + held, *entries[-1][1:])
         return entries
@@ -682,9 +682,12 @@ def _logprobs_json(chat: bool, entries: Optional[list], offset: int = 0) -> Opti
     for t, lp, alts in entries:
         offsets.append(offset)
         offset += len(t)
-        top = None if alts is None else {}  # None: a prompt's first token
-        for a, v in alts + [(t, lp)] if alts is not None else ():  # the most likely, and the token itself
-            top.setdefault(a, v)  # (OpenAI's: up to logprobs + 1 of them)
+        if alts is None:  # a prompt's first token: nothing before it
+            tops.append(None)
+            continue
+        top = {}
+        for a, v in alts + [(t, lp)]:  # the most likely, and the token itself (OpenAI's: up to logprobs + 1)
+            top.setdefault(a, v)
         tops.append(top)
     return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries], "top_logprobs": tops,
             "text_offset": offsets}
@@ -722,7 +725,7 @@ def _chunk(chat: bool, rid: str, created: int, model: str, index: int, text: Opt
 
 
 def _cancel(reqs: list) -> None:
-    """No one reads these choices any more: their rows stop (queued ones at their first token)."""
+    """No one reads these choices any more: their rows stop, queued ones are dropped."""
     for r in reqs:
         r.cancelled = True
 

@@ -189,7 +189,8 @@ def test_a_batch_of_prompts_strings_or_token_ids(setup, server):
                                                   "stream_options": {"include_usage": True}})
     got, chunks = _stream_choices(raw)
     assert got == {i: w[:2] for i, w in enumerate(want)}
-    assert all(len(c["choices"]) == 1 for c in chunks[:-1]) and chunks[-1]["usage"]["prompt_tokens"] == sum(map(len, ids))
+    assert all(len(c["choices"]) == 1 for c in chunks[:-1])
+    assert chunks[-1]["usage"]["prompt_tokens"] == sum(map(len, ids))
 
 
 @pytest.mark.parametrize("chat", [False, True])
