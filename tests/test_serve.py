@@ -1002,15 +1002,22 @@ def test_a_non_streaming_client_that_hangs_up_cancels_its_row(setup, monkeypatch
 
 
 @pytest.fixture(scope="module")
-def smollm2_tok():
-    from flora.pretrained import load_tokenizer as load, smollm2_path
+def smollm2():
+    """SmolLM2-135M-Instruct's GGUF file (tests/test_real_model.py's rule: skipped
+    without it unless FLORA_REQUIRE_REAL_MODEL=1)."""
+    from flora.pretrained import smollm2_path
 
     try:
-        return load(smollm2_path())
+        return smollm2_path()
     except (RuntimeError, OSError) as e:
         if os.environ.get("FLORA_REQUIRE_REAL_MODEL") == "1":
             raise
         pytest.skip(f"SmolLM2-135M not available: {e}")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok(smollm2):
+    return load_tokenizer(smollm2)
 
 
 def test_incremental_detokenization_is_the_whole_decode(smollm2_tok):
@@ -1099,3 +1106,26 @@ def test_logprob_entries_on_a_real_tokenizer(smollm2_tok):
             out += e[0]
         if stream:  # the deltas' entries join to the whole
             assert [x for ev in events if ev[0] == "delta" for x in ev[3]] == entries
+
+
+def test_echo_and_logprobs_on_smollm2(smollm2, smollm2_tok):
+    """SmolLM2 end to end: a prompt whose emoji and CJK characters split over tokens,
+    echoed with its logprobs and a greedy answer's: the prompt tokens' texts join to
+    the prompt (a part of a character: ""), every logprob equals log_softmax of the
+    model's full forward over prompt and answer."""
+    tok = smollm2_tok
+    model = FusedLlama.from_pretrained(smollm2).eval()
+    prompt = "Tokyo 東京 is fun 🎉! The capital of France is"
+    ids = prompt_ids(tok, prompt)
+    gen = model.generate(torch.tensor([ids]), max_new_tokens=4)[0, len(ids):].tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids + gen])).logits[0].float(), -1)
+    eng = Engine(model, tok, {"base": None}, max_batch=2, cache_len=128).start()
+    r, = eng.submit(eng.parse({"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 4, "temperature": 0},
+                              False))
+    scored, done = r.events.get(timeout=120), r.events.get(timeout=120)
+    assert (scored[0], done[0]) == ("prompt", "done")
+    assert "".join(e[0] for e in scored[2]) == prompt and any(e[0] == "" for e in scored[2])
+    assert done[2:5] == (tok.decode(gen, skip_special_tokens=True), "length", 4)
+    got = [e[1] for e in scored[2][1:] + done[5]]
+    assert got == pytest.approx([float(ref[i - 1, t]) for i, t in enumerate(ids + gen) if i], abs=1e-4)
