@@ -198,8 +198,8 @@ class Engine:
         name = body.get("model")
         if name is None and len(self.names) == 1:
             name = next(iter(self.names))
-        if name not in self.names:
-            raise BadRequest(f"model {name!r} is not served; the models are: {', '.join(self.names)}",
+        if not isinstance(name, str) or name not in self.names:  # a list or an object: unhashable, was a 500
+            raise BadRequest(f"model {_brief(name)} is not served; the models are: {', '.join(self.names)}",
                              404, "model_not_found")
         bad = [k for k, d in {**UNSUPPORTED, **ELSEWHERE[chat]}.items() if not _asks_for_nothing(body.get(k), d)]
         if bad:

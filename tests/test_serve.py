@@ -698,6 +698,7 @@ def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
 
 @pytest.mark.parametrize("path, body, status, msg", [
     ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model 'nope' is not served; the models are: base, ffba"),
+    ("/v1/completions", {"model": ["base"], "prompt": "a"}, 404, "model ['base'] is not served"),
     ("/v1/completions", {"model": "base"}, 400, "'prompt' must be a non-empty string"),
     ("/v1/completions", {"model": "base", "prompt": ["a", ""]}, 400, "'prompt[1]' must be a non-empty string or list"),
     ("/v1/completions", {"model": "base", "prompt": []}, 400, "'prompt' must be a non-empty string, a list of token"),
