@@ -94,15 +94,15 @@ def run_args(args, stdin=None, out=None) -> None:
                 print(f"flora chat: the {dropped} oldest turns left the conversation (the context is {context} "
                       f"tokens)", file=sys.stderr)
             seed = None if args.seed is None else (args.seed + turn) % 2 ** 63  # reproducible, each turn its own
-            req = engine.submit(Request(name, ids[0].tolist(), args.max_new_tokens,
-                                        (args.temperature, args.top_p, args.top_k), seed, stream=True))
+            req, = engine.submit([Request(name, ids[0].tolist(), args.max_new_tokens,
+                                          (args.temperature, args.top_p, args.top_k), seed, stream=True)])
             while (ev := req.events.get())[0] == "delta":  # the reply's text as it comes
-                out.write(ev[1])
+                out.write(ev[2])
                 out.flush()
             if ev[0] == "error":
                 raise RuntimeError(ev[1])
             out.write("\n")
             out.flush()
-            messages.append({"role": "assistant", "content": ev[1].strip()})
+            messages.append({"role": "assistant", "content": ev[2].strip()})
     finally:
         engine.close()

@@ -7,20 +7,29 @@ another server; this serves them, and any other flora or PEFT LoRA adapter,
 from one loaded base model:
 
 * ``GET /v1/models``: the base (``--name``, default ``base``) and each adapter;
-* ``POST /v1/completions`` (``prompt``) and ``POST /v1/chat/completions``
+* ``POST /v1/completions`` (``prompt``: a string, a list of token ids, or a
+  list of either, a choice each) and ``POST /v1/chat/completions``
   (``messages``, through the tokenizer's chat template, rendered as training
   renders them): ``model`` names the base or an adapter (as vLLM serves LoRA
-  modules); ``max_tokens`` (chat: also ``max_completion_tokens``; default 16
+  modules); ``n`` (choices a prompt, each its own row; ``best_of`` only equal
+  to it); ``max_tokens`` (chat: also ``max_completion_tokens``; default 16
   for completions, as OpenAI's, and ``--max-tokens`` for chat),
   ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
-  ``stop`` (up to 4 strings: the text ends before the first one),
+  ``stop`` (up to 4 strings: the text ends before the first one), ``logprobs``
+  (completions: an integer k, chat: true with ``top_logprobs`` k: each
+  generated token's log-probability and its k most likely alternatives', of
+  the model's own distribution, before temperature, top-k and top-p),
+  ``echo`` (completions: the prompt before the answer, with logprobs its
+  tokens' too, from a full forward; with ``max_tokens`` 0 the prompt is only
+  scored, as lm-eval-harness's loglikelihood requests ask),
   ``stream`` (server-sent events, as OpenAI's clients read them; ``stream_options``
   ``include_usage``: a last chunk with the token counts).
 
 One worker thread owns the model and runs a batch of up to ``--max-batch``
 rows with continuous batching: a request joins the running batch between two
 decode steps (its prompt prefilled into a free row), samples with its own
-settings (a ``seed``: its own generator), and leaves it at its EOS, stop
+settings (a ``seed``: its own generator, ``seed + j`` for choice j of a
+prompt), and leaves it at its EOS, stop
 string or ``max_tokens``, its row free for the next (see ``Engine._loop``).
 The batch's KV cache holds ``--cache-len`` slots a row. A prompt that starts as
 an earlier one did (a conversation's next turn, a shared system prompt) copies
@@ -30,7 +39,8 @@ batch serves one model; ``--mixed`` holds the adapters side by side
 (``FusedLlama.stack_adapters``), so requests for any of them and the base
 share it, each row its own adapter (every projection n*r wider; not for ffa,
 ffba-qg-add).
-A prompt is tokenized as training tokenizes one (flora.data.prompt_ids).
+A prompt string is tokenized as training tokenizes one (flora.data.prompt_ids);
+token ids are taken as they are.
 Bad requests get an OpenAI-style error object and a 4xx status.
 """
 from __future__ import annotations
@@ -66,9 +76,13 @@ class BadRequest(Exception):
 
 @dataclass
 class Request:
-    """One generation: its tokens, limits and sampling, and the queue its
-    results go to (("delta", text) while streaming, then ("done", text,
-    finish_reason, tokens) or ("error", message))."""
+    """One choice to generate: its tokens, limits and sampling, and the queue its
+    results go to, shared by the choices of one HTTP request (with ``echo``
+    first ("prompt", index, entries); ("delta", index, text, entries) while
+    streaming; then ("done", index, text, finish_reason, tokens, entries), or
+    ("error", message)). With ``logprobs``, entries are (text, logprob,
+    [(text, logprob) of the alternatives]) a token: the prompt's, a delta's, or
+    all the answer's; else None."""
     model: str
     prompt: list
     max_tokens: int
@@ -77,8 +91,13 @@ class Request:
     stream: bool = False
     stop: tuple = ()  # strings that end the text (not included)
     events: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: bool = False  # its streaming client left: its row generates no further
+    cancelled: bool = False  # its client left: its row generates no further
     usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+    index: int = 0  # its choice's index in the response
+    first: bool = True  # its prompt's first choice (usage counts a prompt once)
+    logprobs: Optional[int] = None  # each token's logprob and this many alternatives' (None: none)
+    echo: Optional[str] = None  # the prompt's text, which the answer starts with (None: not echoed)
+    scored: bool = False  # echo: its prompt went out (with logprobs: scored)
     cached: int = 0  # prompt tokens whose keys and values were reused, not computed
 
     def key(self, mixed: bool = False):
@@ -103,14 +122,36 @@ def _number(body, name, default, lo, hi, integer=False, lo_open=False):
 
 # OpenAI parameters this server does not implement, each with the values that ask for nothing
 # (what clients send by default): any other value is refused, not ignored
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,),
-               "echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
+UNSUPPORTED = {"suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
                "frequency_penalty": (0,), "tools": ([],), "tool_choice": ("none",),
                "response_format": ({"type": "text"},)}
 
 
+# fields of the other endpoint, likewise
+ELSEWHERE = {True: {"echo": (False,)}, False: {"top_logprobs": (0,)}}
+MAX_N = 128  # choices a prompt at most (OpenAI's bound on n)
+MAX_LOGPROBS = 20  # alternatives a token at most (vLLM's bound; OpenAI's: 5 for completions, 20 for chat)
+
+
+def _brief(v) -> str:
+    """A value in an error message, cut short."""
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _asks_for_nothing(v, defaults) -> bool:
     return v is None or any(v == d and isinstance(v, bool) == isinstance(d, bool) for d in defaults)
+
+
+def _choice_seed(seed: Optional[int], j: int) -> Optional[int]:
+    """Choice j of a prompt samples with its own generator seeded ``seed + j`` (vLLM's
+    rule: choice 0 is the request with n=1), wrapped into manual_seed's range."""
+    from .generation import SEEDS
+
+    if seed is None:
+        return None
+    s = seed + j
+    return s - (1 << 64) if s > SEEDS[1] else s
 
 
 class Engine:
@@ -157,8 +198,10 @@ class Engine:
         return self
 
     # -------------------------------------------------------------- requests
-    def parse(self, body, chat: bool) -> Request:
-        """A request body -> Request, or BadRequest naming what is wrong."""
+    def parse(self, body, chat: bool) -> list:
+        """A request body -> its choices, one Request each (``n`` for each prompt,
+        prompt by prompt: the order of their ``index``; one events queue), or
+        BadRequest naming what is wrong."""
         from .data import check_messages, prompt_ids
         from .generation import check_seed
         from .pretrained import chat_prompt
@@ -168,10 +211,10 @@ class Engine:
         name = body.get("model")
         if name is None and len(self.names) == 1:
             name = next(iter(self.names))
-        if name not in self.names:
-            raise BadRequest(f"model {name!r} is not served; the models are: {', '.join(self.names)}",
+        if not isinstance(name, str) or name not in self.names:  # a list or an object: unhashable, was a 500
+            raise BadRequest(f"model {_brief(name)} is not served; the models are: {', '.join(self.names)}",
                              404, "model_not_found")
-        bad = [k for k, d in UNSUPPORTED.items() if not _asks_for_nothing(body.get(k), d)]
+        bad = [k for k, d in {**UNSUPPORTED, **ELSEWHERE[chat]}.items() if not _asks_for_nothing(body.get(k), d)]
         if bad:
             raise BadRequest(f"not supported: {', '.join(bad)}")
         if chat:
@@ -181,19 +224,21 @@ class Engine:
                 text = chat_prompt(self.tok, check_messages(body.get("messages"), "messages", need_answer=False))
             except ValueError as e:
                 raise BadRequest(str(e)) from None
+            prompts = [("messages", prompt_ids(self.tok, text), text)]
         else:
-            text = body.get("prompt")
-            if not isinstance(text, str) or not text:
-                raise BadRequest("'prompt' must be a non-empty string (one prompt per request)")
-        ids = prompt_ids(self.tok, text)
-        room = self.cache_len - len(ids)
-        if room < 1:
-            what = "context" if self.cache_len == self.context else "cache (--cache-len)"
-            raise BadRequest(f"the prompt is {len(ids)} tokens; the model's {what} is {self.cache_len}")
+            prompts = self._prompts(body.get("prompt"))
+        echo = False if chat else body.get("echo", False)
+        if echo is not None and not isinstance(echo, bool):
+            raise BadRequest(f"'echo' must be true or false, got {_brief(echo)}")
+        n = _number(body, "n", 1, 1, MAX_N, integer=True)
+        if not _asks_for_nothing(body.get("best_of"), (n,)):  # every choice generated is returned
+            raise BadRequest(f"'best_of' must equal 'n' ({n}), got {body.get('best_of')!r}")
+        logprobs = self._alternatives(body, chat)
         limit = body.get("max_completion_tokens") if chat else None
         default = self.max_tokens if chat else 16
+        # echo with max_tokens 0: the prompt alone, scored (lm-eval-harness's loglikelihood requests)
         max_tokens = _number(body, "max_completion_tokens" if limit is not None else "max_tokens", default,
-                             1, None, integer=True)
+                             0 if echo else 1, None, integer=True)
         temperature = _number(body, "temperature", 1.0, 0, None)
         top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
         top_k = _number(body, "top_k", 0, 0, None, integer=True)
@@ -214,16 +259,77 @@ class Engine:
         stop = (stop,) if isinstance(stop, str) else stop
         if not (isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
             raise BadRequest(f"'stop' must be a non-empty string or a list of at most 4, got {body.get('stop')!r}")
-        return Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k), seed, stream, tuple(stop),
-                       usage=bool(opts and opts.get("include_usage")))
+        events, out = queue.Queue(), []
+        for where, ids, text in prompts:
+            # a prompt alone is one forward over the context; with an answer it takes a row of the cache
+            size = self.context + 1 if max_tokens == 0 else self.cache_len
+            room = size - len(ids)
+            if room < 1:
+                what = "context" if size > self.cache_len or self.cache_len == self.context else "cache (--cache-len)"
+                label = f"'{where}'" if where.endswith("]") else "the prompt"
+                raise BadRequest(f"{label} is {len(ids)} tokens; the model's {what} is {min(size, self.context)}")
+            if echo and text is None:
+                text = self.text(ids)
+            for j in range(n):
+                out.append(Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k),
+                                   _choice_seed(seed, j), stream, tuple(stop), events,
+                                   usage=bool(opts and opts.get("include_usage")), index=len(out), first=j == 0,
+                                   logprobs=logprobs, echo=text if echo else None))
+        return out
 
     def close(self) -> None:
         """The worker ends once no batch runs (its model free for other uses)."""
         self.queue.put(None)
 
-    def submit(self, req: Request) -> Request:
-        self.queue.put(req)
-        return req
+    @staticmethod
+    def _alternatives(body: dict, chat: bool) -> Optional[int]:
+        """How many alternatives each token's logprob comes with (None: no logprobs):
+        completions' ``logprobs`` (an integer), chat's ``top_logprobs`` with ``logprobs: true``."""
+        want = body.get("logprobs")
+        if not chat:
+            return None if want is None or want is False else _number(body, "logprobs", None, 0, MAX_LOGPROBS,
+                                                                      integer=True)
+        if want is not None and not isinstance(want, bool):
+            raise BadRequest(f"'logprobs' must be true or false ('top_logprobs': how many alternatives), "
+                             f"got {_brief(want)}")
+        top = _number(body, "top_logprobs", 0, 0, MAX_LOGPROBS, integer=True)
+        if top and not want:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true")
+        return top if want else None
+
+    def _prompts(self, p) -> list:
+        """A completion's ``prompt``: a string, a list of token ids, or a list of
+        either (a batch, a choice each) -> [(its name in errors, token ids, its
+        text or None)]; a string tokenized as training tokenizes a prompt, ids
+        taken as they are."""
+        from .data import prompt_ids
+
+        if isinstance(p, str) or (isinstance(p, list) and p and not isinstance(p[0], (str, list))):
+            items = [("prompt", p)]
+        elif isinstance(p, list) and p:
+            items = [(f"prompt[{i}]", x) for i, x in enumerate(p)]
+        else:
+            raise BadRequest(f"'prompt' must be a non-empty string, a list of token ids, or a list of either, "
+                             f"got {_brief(p)}")
+        vocab, out = self.model.arch.vocab_size, []
+        for where, x in items:
+            if isinstance(x, str) and x:
+                out.append((where, prompt_ids(self.tok, x), x))
+                continue
+            if not (isinstance(x, list) and x):
+                raise BadRequest(f"'{where}' must be a non-empty string or list of token ids, got {_brief(x)}")
+            for t in x:
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
+                    raise BadRequest(f"'{where}': {t!r} is not a token id of this model (an integer in "
+                                     f"0 .. {vocab - 1})")
+            out.append((where, [int(t) for t in x], None))
+        return out
+
+    def submit(self, reqs: list) -> list:
+        """Queue a request's choices (what :meth:`parse` gave)."""
+        for r in reqs:
+            self.queue.put(r)
+        return reqs
 
     # ---------------------------------------------------------------- worker
     # Continuous batching: one decoder of max_batch rows runs step after step; a request
@@ -314,6 +420,7 @@ class Engine:
                 self._end()
                 waiting[0].events.put(("error", f"{type(e).__name__}: {e}"))
                 return waiting[1:]
+        waiting = self._score(waiting)  # echo: the prompt (scored in this batch's mode) before the answer
         dec, free = self._dec, [i for i, r in enumerate(self._slots) if r is None]
         fresh = not any(self._slots)  # a batch just begun (at slot 0): a drained one has ended
         join, t = [], dec.t
@@ -362,6 +469,58 @@ class Engine:
             self.prefix = None
             print(f"flora serve: prefix cache off ({type(e).__name__}: {e})", file=sys.stderr)
 
+    def _score(self, waiting: list) -> list:
+        """The echo requests at the head of the queue that this batch's model serves
+        send their prompt before their answer: with logprobs, each prompt token's,
+        from a full forward in the batch's mode (between two decode steps); those
+        with max_tokens 0 end here, taking no row. The rest, still waiting (those
+        whose client left, dropped)."""
+        keep, last = [], (None, None)  # the n choices of a prompt (one ids list) are scored once
+        for j, r in enumerate(waiting):
+            if r.key(self.mixed) != self._key:
+                return keep + waiting[j:]
+            if r.cancelled:
+                continue
+            if r.echo is not None and not r.scored:
+                r.scored = True
+                try:
+                    if r.logprobs is not None and last[0] is not r.prompt:
+                        last = (r.prompt, self._prompt_logprobs(r))
+                    r.events.put(("prompt", r.index, None if r.logprobs is None else last[1]))
+                except Exception as e:  # noqa: BLE001 - this request's failure only
+                    r.events.put(("error", f"{type(e).__name__}: {e}"))
+                    continue
+            if r.max_tokens:
+                keep.append(r)
+            else:
+                r.events.put(("done", r.index, "", "length", 0, None if r.logprobs is None else []))
+        return keep
+
+    def _prompt_logprobs(self, r: Request) -> list:
+        """The logprob entries of a prompt's tokens (the first's logprob None, as
+        OpenAI's: nothing comes before it), from a full forward of the prompt
+        (``--mixed``: with the request's adapter), log_softmax in fp32 a slice of
+        positions at a time."""
+        m = self.model
+        ids = torch.tensor(r.prompt, device=m.device)
+        logits = m(ids[None], adapters=[self.names[r.model]] if self.mixed else None).logits[0, :-1]
+        picked, top = [], []
+        for s in range(0, len(logits), 256):
+            lp = torch.log_softmax(logits[s:s + 256].float(), -1)
+            best = lp.topk(r.logprobs)
+            picked.append(torch.cat([lp.gather(1, ids[s + 1:s + 1 + len(lp), None]), best.values], 1))
+            top.append(best.indices)
+        values = torch.cat(picked).tolist() if picked else []  # [token's, alternatives'] a position
+        indices = torch.cat(top).tolist() if top else []
+        d = Detokenizer(self.text)
+        entries = [(d.add(r.prompt[0]), None, None)]
+        for t, v, alts in zip(r.prompt[1:], values, indices):
+            others = [(d.peek(a), x) for a, x in zip(alts, v[1:])]  # before t is added
+            entries.append((d.add(t), v[0], others))
+        held = d.rest()  # a prompt that ends inside a character: its last token carries it
+        entries[-1] = (entries[-1][0] + held, *entries[-1][1:])
+        return entries
+
     def _take(self, i: int, row: "_Row", logits, greedy: Optional[int] = None) -> None:
         """Row i's next token from its logits [1, V] (``greedy``: its argmax, read
         already): emitted, and fed at the next step."""
@@ -373,7 +532,7 @@ class Engine:
                 token = greedy
             else:
                 token = int(sample_next(logits, temperature, top_p, row.generator, top_k))
-            row.add(token, self)
+            row.add(token, self, None if row.req.logprobs is None else _logprobs(logits, token, row.req.logprobs))
             if row.done and not row.req.cancelled:  # the next turn of a conversation starts with these
                 self._keep(i, row, (row.req.prompt + row.ids)[:self._dec.t - row.start])
         except Exception as e:  # noqa: BLE001 - this row's own failure (NaN logits: sampling raises)
@@ -410,54 +569,138 @@ class Engine:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
+def _logprobs(logits, token: int, k: int) -> tuple:
+    """The model's own log-probabilities at one row's step (its logits [1, V], log_softmax
+    in fp32: before temperature, top-k and top-p): (the token's, [(id, logprob) of the
+    k most likely])."""
+    lp = torch.log_softmax(logits[0].float(), -1)
+    top = lp.topk(k)
+    values = torch.cat([lp[token:token + 1], top.values]).tolist()  # one read
+    return values[0], list(zip(top.indices.tolist(), values[1:]))
+
+
 def _eos(model) -> list:
     from .generation import _eos_set
 
     return _eos_set(model.generation_eos_token_id)
 
 
+class Detokenizer:
+    """The text of a growing list of token ids, decoded a bounded tail at a time
+    (the incremental detokenizer of vLLM and TGI): a token's text is that of the
+    ids from ``prefix`` to it less that of the ids from ``prefix`` to ``read``
+    (whose text is out), so the tokenizer's spacing rules still see the token
+    before it; a character whose bytes are not all out yet (the text ends in
+    U+FFFD) waits for the token that completes it. The pieces and :meth:`rest`
+    join to ``decode(ids)`` (tests/test_serve.py checks SmolLM2's tokenizer)."""
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.ids, self.prefix, self.read, self.before = [], 0, 0, ""
+
+    def _piece(self, window: list) -> Optional[str]:
+        text = self.decode(window)
+        if len(text) > len(self.before) and not text.endswith("\ufffd"):
+            return text[len(self.before):]
+        return None
+
+    def add(self, token: int) -> str:
+        """The text ``token`` adds ("" while it ends inside a character)."""
+        self.ids.append(token)
+        piece = self._piece(self.ids[self.prefix:])
+        if piece is None:
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        self.before = self.decode(self.ids[self.prefix:self.read])
+        return piece
+
+    def peek(self, token: int) -> str:
+        """The text ``token`` would add next (it is not added)."""
+        return self._piece(self.ids[self.prefix:] + [token]) or ""
+
+    def rest(self) -> str:
+        """The text held back: a character cut short at the end, as decode gives it."""
+        return self.decode(self.ids[self.prefix:])[len(self.before):]
+
+
 class _Row:
     """One request's tokens as its batch generates them."""
 
     def __init__(self, req: Request, start: int):
-        self.req, self.ids, self.sent, self.done = req, [], "", False
+        self.req, self.ids, self.done = req, [], False
         self.start = start  # its first slot: its prompt's, then its answer's tokens from there on
         self.next, self.generator = None, None  # the token fed at the next step; a seeded request's RNG
+        # streaming, stop strings or logprobs: the text as it comes (else decoded once, at the end), in
+        # pieces; the last characters out (a stop string may begin there) and those not yet streamed
+        self.detok, self.pieces, self.n_out, self.tail, self.unsent, self.n_sent = None, [], 0, "", "", 0
+        self.longest = max((len(x) for x in req.stop), default=0)
+        self.entries, self.n_streamed = [], 0  # logprobs: one entry a token; how many went out in deltas
 
-    def add(self, token: int, eng: Engine) -> None:
+    def add(self, token: int, eng: Engine, lp: Optional[tuple] = None) -> None:
+        """The next token; ``lp``: its logprob and its alternatives' (``_logprobs``)."""
         if self.done:
             return
         if self.req.cancelled:  # no one reads it: done, without an answer
             self.done = True
             return
+        if self.detok is None and (self.req.stream or self.req.stop or lp is not None):
+            self.detok = Detokenizer(eng.text)
+        # each alternative as the text it would add here (the EOS: none)
+        alts = None if lp is None else [(self.detok.peek(t), v) for t, v in lp[1]]
         if token in eng.eos:
+            if lp is not None:
+                self.entries.append(("", lp[0], alts))
             self.finish("stop", eng, counted=1)
             return
         self.ids.append(token)
-        if self.req.stream or self.req.stop:
-            text = eng.text(self.ids)
-            cut = min((i for i in (text.find(x) for x in self.req.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.finish("stop", eng, text=text[:cut])
+        if self.detok is not None:
+            piece = self.detok.add(token)
+            if lp is not None:
+                self.entries.append((piece, lp[0], alts))
+            if piece and self._text(piece, eng):
                 return
-            if self.req.stream and not text.endswith("\ufffd"):  # a character whose bytes are not all out waits
-                # and so does a tail that may be the start of a stop string
-                end = len(text) - max((k for x in self.req.stop for k in range(1, len(x))
-                                       if text.endswith(x[:k])), default=0)
-                if end > len(self.sent):
-                    self.req.events.put(("delta", text[len(self.sent):end]))
-                    self.sent = text[:end]
         if len(self.ids) >= self.req.max_tokens:
             self.finish("length", eng)
+
+    def _text(self, piece: str, eng: Engine) -> bool:
+        """The next piece of the text: True when it completes a stop string (the row ends)."""
+        stop = self.req.stop
+        # a stop string not in the text before ends in this piece: found in it and the
+        # characters before it that may begin one
+        window = self.tail + piece
+        cut = min((i for i in (window.find(x) for x in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.finish("stop", eng, text=("".join(self.pieces) + piece)[:self.n_out - len(self.tail) + cut])
+            return True
+        self.pieces.append(piece)
+        self.n_out += len(piece)
+        self.tail = window[len(window) - self.longest + 1:] if self.longest > 1 else ""
+        if self.req.stream:  # a tail that may be the start of a stop string waits
+            self.unsent += piece
+            end = len(self.unsent) - max((k for x in stop for k in range(1, len(x))
+                                          if self.unsent.endswith(x[:k])), default=0)
+            if end > 0:
+                self._delta(self.unsent[:end])
+                self.unsent, self.n_sent = self.unsent[end:], self.n_sent + end
+        return False
+
+    def _delta(self, text: str) -> None:
+        """Streaming: the next text, and the logprobs of the tokens since the last delta."""
+        entries = None
+        if self.req.logprobs is not None:
+            entries, self.n_streamed = self.entries[self.n_streamed:], len(self.entries)
+        self.req.events.put(("delta", self.req.index, text, entries))
 
     def finish(self, reason: str, eng: Engine, counted: int = 0, text: Optional[str] = None) -> None:
         if self.done:
             return
         self.done = True
-        text = eng.text(self.ids) if text is None else text
-        if self.req.stream and len(text) > len(self.sent):
-            self.req.events.put(("delta", text[len(self.sent):]))
-        self.req.events.put(("done", text, reason, len(self.ids) + counted))
+        if text is None:
+            text = eng.text(self.ids) if self.detok is None else "".join(self.pieces) + self.detok.rest()
+        if self.req.stream and (len(text) > self.n_sent or len(self.entries) > self.n_streamed):
+            self._delta(text[self.n_sent:])
+        self.req.events.put(("done", self.req.index, text, reason, len(self.ids) + counted,
+                             None if self.req.logprobs is None else self.entries))
 
 
 # ------------------------------------------------------------------ HTTP
@@ -467,28 +710,75 @@ IO_TIMEOUT_S = 60.0  # a client that stops sending (a Content-Length past its bo
 POLL_S = 0.25  # how often a non-streaming request's handler checks that its client is still there
 
 
-def _response(chat: bool, rid: str, created: int, model: str, text: str, reason: str, n_prompt: int,
-              n_new: int, cached: int = 0) -> dict:
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat
-              else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+def _usage(reqs: list, n_new: int) -> dict:
+    n_prompt = sum(len(r.prompt) for r in reqs if r.first)  # a prompt once, whatever its n (OpenAI's count)
+    cached = sum(r.cached for r in reqs if r.first)  # as OpenAI's: the prompt tokens the prefix cache gave
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _logprobs_json(chat: bool, entries: Optional[list], offset: int = 0) -> Optional[dict]:
+    """A choice's (or a chunk's) ``logprobs`` from its entries (a Row's): chat's
+    ``{"content": [...]}``, completions' four lists, ``text_offset`` counted from
+    ``offset`` (where the first token's text begins in the choice's text)."""
+    if entries is None:
+        return None
+    if chat:
+        def item(text, lp):
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in alts]}
+                            for t, lp, alts in entries]}
+    tops, offsets = [], []
+    for t, lp, alts in entries:
+        offsets.append(offset)
+        offset += len(t)
+        if alts is None:  # a prompt's first token: nothing before it
+            tops.append(None)
+            continue
+        top = {}
+        for a, v in alts + [(t, lp)]:  # the most likely, and the token itself (OpenAI's: up to logprobs + 1)
+            top.setdefault(a, v)
+        tops.append(top)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def _response(chat: bool, rid: str, created: int, reqs: list, done: dict, prompts: dict) -> dict:
+    """The answer to a request whose choices all ended (``done``: index -> its "done"
+    event; ``prompts``: index -> an echoed prompt's entries)."""
+    choices = []
+    for r in reqs:
+        _, i, text, reason, _, entries = done[r.index]
+        lp = _logprobs_json(chat, entries, 0 if r.echo is None else len(r.echo))
+        if r.echo is not None:  # completions: the prompt first, its tokens' logprobs too
+            text = r.echo + text
+            if lp is not None:
+                lp = {k: v + lp[k] for k, v in _logprobs_json(chat, prompts[i]).items()}
+        choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                        "finish_reason": reason} if chat
+                       else {"index": i, "text": text, "finish_reason": reason, "logprobs": lp})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new,
-                      # as OpenAI's: the prompt tokens the prefix cache gave (not computed)
-                      "prompt_tokens_details": {"cached_tokens": cached}}}
+            "model": reqs[0].model, "choices": choices, "usage": _usage(reqs, sum(d[4] for d in done.values()))}
 
 
-def _chunk(chat: bool, rid: str, created: int, model: str, text: Optional[str], reason: Optional[str],
-           first: bool = False) -> dict:
+def _chunk(chat: bool, rid: str, created: int, model: str, index: int, text: Optional[str],
+           reason: Optional[str], first: bool = False, logprobs: Optional[dict] = None) -> dict:
     if chat:
         delta = {} if text is None else {"content": text}
         if first:
             delta = {"role": "assistant", **delta}
-        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice]}
+
+
+def _cancel(reqs: list) -> None:
+    """No one reads these choices any more: their rows stop, queued ones are dropped."""
+    for r in reqs:
+        r.cancelled = True
 
 
 def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = None):
@@ -560,7 +850,7 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                     body = json.loads(self._body() or b"null")
                 except (ValueError, UnicodeDecodeError) as e:
                     raise BadRequest(f"the request body is not valid JSON ({e})") from None
-                req = engine.parse(body, chat)
+                reqs = engine.parse(body, chat)
             except BadRequest as e:
                 self._error(e)
                 return
@@ -570,34 +860,41 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 return
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             created = int(time.time())
-            engine.submit(req)
-            if req.stream:
-                self._stream(req, chat, rid, created)
+            engine.submit(reqs)
+            if reqs[0].stream:
+                self._stream(reqs, chat, rid, created)
                 return
-            ev = self._wait(req)
-            if ev is None:  # the client left: its row was cancelled, no one to answer
+            got = self._wait(reqs)
+            if got is None:  # the client left: its rows were cancelled, no one to answer
                 return
-            if ev[0] == "error":
-                self._send(500, {"error": {"message": ev[1], "type": "server_error", "code": 500}})
+            if isinstance(got, str):
+                self._send(500, {"error": {"message": got, "type": "server_error", "code": 500}})
                 return
-            _, text, reason, n_new = ev
-            self._send(200, _response(chat, rid, created, req.model, text, reason, len(req.prompt), n_new,
-                                          req.cached))
+            self._send(200, _response(chat, rid, created, reqs, *got))
 
-        def _wait(self, req: Request):
-            """The request's end ("done" or "error"), or None when its client hangs up
-            first: its row is then cancelled (it would generate on to its max_tokens)."""
-            while True:
+        def _wait(self, reqs: list):
+            """Each choice's "done" event and echoed prompt's entries, by index; or
+            the message of an error (the other choices stop), or None when the client
+            hangs up first: its rows are then cancelled (they would generate on to
+            their max_tokens)."""
+            events, done, prompts = reqs[0].events, {}, {}
+            while len(done) < len(reqs):
                 try:
-                    ev = req.events.get(timeout=POLL_S)
+                    ev = events.get(timeout=POLL_S)
                 except queue.Empty:
                     if self._client_gone():
-                        req.cancelled = True
+                        _cancel(reqs)
                         self.close_connection = True
                         return None
                     continue
-                if ev[0] != "delta":
-                    return ev
+                if ev[0] == "error":
+                    _cancel(reqs)
+                    return ev[1]
+                if ev[0] == "done":
+                    done[ev[1]] = ev
+                elif ev[0] == "prompt":
+                    prompts[ev[1]] = ev[2]
+            return done, prompts
 
         def _client_gone(self) -> bool:
             """The client closed its side (the socket reads as ended, or fails)."""
@@ -635,7 +932,7 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             self.close_connection = True
             raise problem
 
-        def _stream(self, req: Request, chat: bool, rid: str, created: int) -> None:
+        def _stream(self, reqs: list, chat: bool, rid: str, created: int) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -647,26 +944,35 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
                 self.wfile.flush()
 
-            first = True
+            model, events, left, seen, n_new = reqs[0].model, reqs[0].events, len(reqs), set(), 0
+            offset = {}  # a choice's text_offset so far
             try:
-                while True:
-                    ev = req.events.get()
-                    if ev[0] == "delta":
-                        send(_chunk(chat, rid, created, req.model, ev[1], None, first))
-                        first = False
-                    elif ev[0] == "done":
-                        send(_chunk(chat, rid, created, req.model, None, ev[2], first))
-                        if req.usage:  # as OpenAI's: no choices, the whole request's counts
-                            send({**_chunk(chat, rid, created, req.model, None, None), "choices": [],
-                                  "usage": _response(chat, rid, created, req.model, "", "", len(req.prompt),
-                                                     ev[3], req.cached)["usage"]})
-                        break
-                    else:
+                while left:
+                    ev = events.get()
+                    if ev[0] == "error":
+                        _cancel(reqs)
                         send({"error": {"message": ev[1], "type": "server_error", "code": 500}})
                         break
+                    i = ev[1]
+                    first = i not in seen  # chat: the first chunk of a choice carries its role
+                    seen.add(i)
+                    if ev[0] == "prompt":  # echo: the prompt's text (choices are reqs in index order)
+                        send(_chunk(chat, rid, created, model, i, reqs[i].echo, None, first,
+                                    _logprobs_json(chat, ev[2])))
+                        offset[i] = len(reqs[i].echo)
+                    elif ev[0] == "delta":
+                        lp = _logprobs_json(chat, ev[3], offset.get(i, 0))
+                        offset[i] = offset.get(i, 0) + sum(len(e[0]) for e in ev[3] or ())
+                        send(_chunk(chat, rid, created, model, i, ev[2], None, first, lp))
+                    elif ev[0] == "done":
+                        send(_chunk(chat, rid, created, model, i, None, ev[3], first))
+                        left, n_new = left - 1, n_new + ev[4]
+                if not left and reqs[0].usage:  # as OpenAI's: no choices, the whole request's counts
+                    send({**_chunk(chat, rid, created, model, 0, None, None), "choices": [],
+                          "usage": _usage(reqs, n_new)})
                 send(b"[DONE]")
             except OSError:  # broken pipe, reset, or a client that stopped reading (the timeout)
-                req.cancelled = True  # the client left: its row stops (and its batch, when no other row goes on)
+                _cancel(reqs)  # the client left: its rows stop (and its batch, when no other row goes on)
 
     return Handler
 

@@ -61,6 +61,19 @@ def _post(url, body, raw=None):
         return e.code, e.read().decode()
 
 
+def _submit(eng, body, chat=False):
+    """A one-choice request, queued: its Request."""
+    return eng.submit(eng.parse(body, chat))[0]
+
+
+def _end(req, timeout=60):
+    """A request's (text, finish_reason, tokens) once it ends (or ("error", message))."""
+    while True:
+        ev = req.events.get(timeout=timeout)
+        if ev[0] in ("done", "error"):
+            return ev[2:5] if ev[0] == "done" else ev
+
+
 def _reference(ckpt, adapter, text, n):
     """generate() on a separately loaded model: (new text up to the EOS, finish reason, tokens)."""
     m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter))
@@ -137,6 +150,332 @@ def test_streaming_sends_the_same_text(server, chat):
     assert _post(url + path, {**body, "stream_options": {"include_usage": True}})[0] == 400  # not streaming
 
 
+def _stream_choices(raw):
+    """A stream's chunks -> index -> (its text joined, its finish_reason), and the chunks."""
+    chunks = [json.loads(e[len("data: "):]) for e in raw.split("\n\n") if e and e != "data: [DONE]"]
+    got = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            text, reason = got.get(ch["index"], ("", None))
+            piece = ch["delta"].get("content", "") if "delta" in ch else ch["text"]
+            got[ch["index"]] = (text + piece, ch["finish_reason"] or reason)
+    return got, chunks
+
+
+def test_a_batch_of_prompts_strings_or_token_ids(setup, server):
+    """``prompt`` as a list of strings, a list of token ids, or a list of those: one
+    choice each, ``index`` in order, each what the prompt gives alone (greedy); a
+    token-id prompt is taken as it is (no BOS added); usage sums the prompts."""
+    _, ckpt, adapter = setup
+    url, _ = server
+    tok = load_tokenizer(ckpt)
+    ids = [prompt_ids(tok, p) for p in PROMPTS]
+    body = {"model": "ffba", "max_tokens": 8, "temperature": 0}
+    want = [_reference(ckpt, adapter, p, 8) for p in PROMPTS]
+    for prompt in (PROMPTS, ids, [ids[0], PROMPTS[1], ids[2]]):
+        status, raw = _post(url + "/v1/completions", {**body, "prompt": prompt})
+        assert status == 200, raw
+        out = json.loads(raw)
+        assert [(c["index"], c["text"], c["finish_reason"]) for c in out["choices"]] == \
+            [(i, w[0], w[1]) for i, w in enumerate(want)]
+        assert out["usage"]["prompt_tokens"] == sum(map(len, ids))
+        assert out["usage"]["completion_tokens"] == sum(w[2] for w in want)
+    one = json.loads(_post(url + "/v1/completions", {**body, "prompt": ids[1]})[1])["choices"]
+    assert [c["text"] for c in one] == [want[1][0]]
+    no_bos = json.loads(_post(url + "/v1/completions", {**body, "prompt": ids[1][1:]})[1])
+    assert no_bos["usage"]["prompt_tokens"] == len(ids[1]) - 1
+    # streamed: each chunk one choice, by its index
+    status, raw = _post(url + "/v1/completions", {**body, "prompt": PROMPTS, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+    got, chunks = _stream_choices(raw)
+    assert got == {i: w[:2] for i, w in enumerate(want)}
+    assert all(len(c["choices"]) == 1 for c in chunks[:-1])
+    assert chunks[-1]["usage"]["prompt_tokens"] == sum(map(len, ids))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_n_choices_sample_each_with_its_own_seed(server, chat):
+    """``n``: that many choices of one prompt, each its own generator (``seed`` + its
+    index: reproducible, choice 0 as with n=1); usage counts the prompt once;
+    greedy choices are all the same; streamed, each chunk names its choice."""
+    url, _ = server
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": "ffba", "max_tokens": 10, "temperature": 1.0, "seed": 11,
+            **({"messages": [{"role": "user", "content": "copy : a b"}]} if chat else {"prompt": PROMPTS[1]})}
+    text = (lambda c: c["message"]["content"]) if chat else (lambda c: c["text"])  # noqa: E731
+
+    def choices(b):
+        status, raw = _post(url + path, b)
+        assert status == 200, raw
+        out = json.loads(raw)
+        assert [c["index"] for c in out["choices"]] == list(range(len(out["choices"])))
+        return [text(c) for c in out["choices"]], out["usage"]
+
+    a, usage = choices({**body, "n": 4})
+    assert choices({**body, "n": 4, "best_of": 4})[0] == a  # reproducible
+    assert len(set(a)) > 1  # each its own draw
+    assert choices({**body, "n": 1})[0] == a[:1]
+    assert choices({**body, "n": 1, "seed": 12})[0] == a[1:2]  # choice 1 samples with seed + 1
+    one = choices(body)[1]
+    assert usage["prompt_tokens"] == one["prompt_tokens"] and usage["completion_tokens"] >= 4
+    greedy, _ = choices({**body, "n": 3, "temperature": 0})
+    assert len(greedy) == 3 and len(set(greedy)) == 1
+    got, chunks = _stream_choices(_post(url + path, {**body, "n": 4, "stream": True})[1])
+    assert [got[i][0] for i in range(4)] == a and all(got[i][1] for i in range(4))
+    if chat:  # each choice's first chunk carries the role
+        firsts = {}
+        for c in chunks:
+            firsts.setdefault(c["choices"][0]["index"], c["choices"][0]["delta"])
+        assert all(d.get("role") == "assistant" for d in firsts.values())
+
+
+def _greedy_ids(ckpt, adapter, ids, n):
+    """generate() on a separately loaded model: the greedy tokens after ``ids``, up to its EOS."""
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter))
+    row = m.generate(torch.tensor([ids]), max_new_tokens=n)[0, len(ids):].tolist()
+    eos = set(_eos_set(m.generation_eos_token_id))
+    k = next((i for i, t in enumerate(row) if t in eos), None)
+    return row if k is None else row[:k + 1]
+
+
+def _reference_logprobs(ckpt, adapter, ids):
+    """log_softmax (fp32) of a separately loaded model's full-forward logits over ``ids``:
+    row i, the distribution token i + 1 was drawn from."""
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter)).eval()
+    with torch.no_grad():
+        return torch.log_softmax(m(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def _added(tok, before, t):
+    """The text token t adds after ``before`` (whole decodes, special tokens skipped)."""
+    whole = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return whole(before + [t])[len(whole(before)):]
+
+
+def _merge_logprobs(parts, chat):
+    """Streamed chunks' logprobs joined (each chunk has those of its tokens)."""
+    if chat:
+        return {"content": [c for p in parts if p for c in p["content"]]}
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    return {k: [x for p in parts if p for x in p[k]] for k in keys}
+
+
+def _check_logprobs(tok, lp, chat, ids, gen, ref, k, text):
+    """A choice's logprobs against the reference: each generated token's text, its
+    logprob and its k most likely alternatives' (in fp32's tolerance)."""
+    entries = lp["content"] if chat else [
+        {"token": t, "logprob": v, "top": top, "offset": o}
+        for t, v, top, o in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"])]
+    assert len(entries) == len(gen)
+    offset = 0
+    for i, (e, t) in enumerate(zip(entries, gen)):
+        row = ref[len(ids) + i - 1]
+        assert e["token"] == _added(tok, gen[:i], t)
+        assert e["logprob"] == pytest.approx(float(row[t]), abs=1e-4)
+        vals, idx = row.topk(k)
+        want = [(_added(tok, gen[:i], int(a)), float(v)) for a, v in zip(idx, vals)]
+        if chat:
+            got = [(a["token"], a["logprob"]) for a in e["top_logprobs"]]
+            assert e["bytes"] == list(e["token"].encode()) and all(a["bytes"] == list(a["token"].encode())
+                                                                   for a in e["top_logprobs"])
+        else:
+            got = list(e["top"].items())
+            want = list(dict(want + [(e["token"], e["logprob"])]).items())  # and the token itself
+            assert e["offset"] == offset
+            offset += len(e["token"])
+        assert [a for a, _ in got] == [a for a, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
+        if t == int(row.argmax()) and k:  # greedy: exactly the most likely's value (lm-eval's is_greedy)
+            assert e["logprob"] == max(v for _, v in got)
+    assert "".join(e["token"] for e in entries) == text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_are_the_models_own(setup, server, chat, stream):
+    """logprobs (completions: ``logprobs: k``; chat: ``logprobs: true, top_logprobs:
+    k``): each generated token's and its k most likely alternatives', equal to the
+    log_softmax of the model's own full-forward logits; streamed, each chunk
+    carries its tokens' and they join to the whole."""
+    _, ckpt, adapter = setup
+    url, _ = server
+    tok = load_tokenizer(ckpt)
+    msgs = [{"role": "user", "content": "copy : a b"}]
+    text = chat_prompt(tok, msgs) if chat else PROMPTS[0]
+    ids = prompt_ids(tok, text)
+    name, adapter = ("ffba", adapter) if chat else ("base", None)
+    gen = _greedy_ids(ckpt, adapter, ids, 12)
+    assert chat or (len(gen) < 12 and gen[-1] == tok.eos_token_id)  # the EOS has an entry too (its text: "")
+    ref = _reference_logprobs(ckpt, adapter, ids + gen)
+    k = 3
+    body = {"model": name, "max_tokens": 12, "temperature": 0, "stream": stream,
+            **({"messages": msgs, "logprobs": True, "top_logprobs": k} if chat else {"prompt": text, "logprobs": k})}
+    status, raw = _post(url + ("/v1/chat/completions" if chat else "/v1/completions"), body)
+    assert status == 200, raw
+    if stream:
+        got, chunks = _stream_choices(raw)
+        answer = got[0][0]
+        lp = _merge_logprobs([c["choices"][0]["logprobs"] for c in chunks], chat)
+        assert sum(bool(c["choices"][0]["logprobs"]) for c in chunks) > 1
+    else:
+        choice = json.loads(raw)["choices"][0]
+        answer, lp = (choice["message"]["content"] if chat else choice["text"]), choice["logprobs"]
+    _check_logprobs(tok, lp, chat, ids, gen, ref, k, answer)
+
+
+def test_logprobs_are_before_temperature_top_k_and_top_p(server):
+    """The logprobs are the model's distribution itself (vLLM's default), not the one
+    temperature, top_k and top_p make of it to sample from: sampling that can only
+    pick the argmax gives the greedy answer's logprobs."""
+    url, _ = server
+    body = {"model": "ffba", "prompt": PROMPTS[2], "max_tokens": 8, "logprobs": 2}
+    greedy = json.loads(_post(url + "/v1/completions", {**body, "temperature": 0})[1])["choices"][0]
+    for extra in ({"temperature": 1e-6, "seed": 1}, {"temperature": 1.5, "top_k": 1}, {"top_p": 1e-6}):
+        got = json.loads(_post(url + "/v1/completions", {**body, **extra})[1])["choices"][0]
+        assert got["text"] == greedy["text"] and got["logprobs"] == greedy["logprobs"], extra
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("max_tokens", [0, 6])
+def test_echo_sends_the_prompt_and_its_logprobs(setup, server, stream, max_tokens):
+    """``echo``: the answer starts with the prompt; with logprobs, the prompt's tokens
+    come first (the first's logprob null, as OpenAI's), each equal to the log_softmax of
+    the model's full-forward logits; ``max_tokens: 0`` scores the prompt alone."""
+    _, ckpt, adapter = setup
+    url, _ = server
+    tok = load_tokenizer(ckpt)
+    ids = prompt_ids(tok, PROMPTS[1])
+    gen = _greedy_ids(ckpt, adapter, ids, max_tokens) if max_tokens else []
+    ref = _reference_logprobs(ckpt, adapter, ids + gen)
+    body = {"model": "ffba", "prompt": PROMPTS[1], "echo": True, "logprobs": 2, "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream}
+    status, raw = _post(url + "/v1/completions", body)
+    assert status == 200, raw
+    if stream:
+        got, chunks = _stream_choices(raw)
+        text, reason = got[0]
+        assert chunks[0]["choices"][0]["text"] == PROMPTS[1]  # the prompt comes first, in one chunk
+        lp = _merge_logprobs([c["choices"][0]["logprobs"] for c in chunks], False)
+    else:
+        out = json.loads(raw)
+        text, reason, lp = out["choices"][0]["text"], out["choices"][0]["finish_reason"], out["choices"][0]["logprobs"]
+        assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(gen),
+                                "total_tokens": len(ids) + len(gen), "prompt_tokens_details": {"cached_tokens": 0}}
+    answer = tok.decode(gen, skip_special_tokens=True)
+    assert text == PROMPTS[1] + answer and reason == "length"
+    if not stream:  # without logprobs: the text alone
+        plain = json.loads(_post(url + "/v1/completions", {**body, "logprobs": None})[1])["choices"][0]
+        assert (plain["text"], plain["logprobs"]) == (text, None)
+    P = len(ids)
+    assert lp["tokens"][:P] == [_added(tok, ids[:i], t) for i, t in enumerate(ids)]
+    assert "".join(lp["tokens"][:P]) == PROMPTS[1] and lp["text_offset"][:P] == [
+        len("".join(lp["tokens"][:i])) for i in range(P)]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for i in range(1, P):
+        assert lp["token_logprobs"][i] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-4)
+        vals, idx = ref[i - 1].topk(2)
+        want = dict([(_added(tok, ids[:i], int(a)), float(v)) for a, v in zip(idx, vals)]
+                    + [(lp["tokens"][i], lp["token_logprobs"][i])])
+        assert list(lp["top_logprobs"][i]) == list(want)
+        assert list(lp["top_logprobs"][i].values()) == pytest.approx(list(want.values()), abs=1e-4)
+    rest = {k: v[P:] for k, v in lp.items()}
+    rest["text_offset"] = [o - len(PROMPTS[1]) for o in rest["text_offset"]]  # offsets in the whole text
+    _check_logprobs(tok, rest, False, ids, gen, ref, 2, answer)
+
+
+def _lm_eval_parse_logprobs(out, ctxlens, generated=1):
+    """lm-evaluation-harness's LocalCompletionsAPI.parse_logprobs (lm_eval/models/
+    openai_completions.py): the continuation's summed logprob and whether it is the
+    greedy one, from token_logprobs / top_logprobs after the context (``generated``:
+    the tokens generated after the prompt, 1 in its requests, 0 in older ones)."""
+    res = []
+    for choice, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), ctxlens):
+        end = len(choice["logprobs"]["token_logprobs"]) - generated
+        lps = choice["logprobs"]["token_logprobs"][ctxlen:end]
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:end]
+        res.append((sum(lps), all(lp == max(top.values()) for lp, top in zip(lps, tops))))
+    return res
+
+
+def test_lm_eval_harness_requests(setup, server):
+    """The requests lm-evaluation-harness's local-completions model sends (token-id
+    prompts without BOS, as its tokenizer gives them): loglikelihood ({"echo": true,
+    "logprobs": 1, "max_tokens": 1}, 0 in its older versions, "temperature": 0,
+    "seed"), read as it reads them, equal to the model's own; and generate_until
+    (token ids, "stop", "seed"), the greedy text."""
+    _, ckpt, _ = setup
+    url, _ = server
+    tok = load_tokenizer(ckpt)
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731 - lm-eval's add_bos_token=False
+    ctx = [enc("copy : a b c ="), enc("between a and f ->")]
+    greedy = [_greedy_ids(ckpt, None, c, 3)[:2] for c in ctx]  # its own continuation: is_greedy
+    pairs = [(ctx[0], greedy[0]), (ctx[1], greedy[1]), (ctx[0], enc("the cat"))]
+    want = []
+    for c, cont in pairs:
+        ref = _reference_logprobs(ckpt, None, c + cont)
+        lps = [ref[len(c) + i - 1] for i in range(len(cont))]
+        want.append((sum(float(r[t]) for r, t in zip(lps, cont)), all(int(r.argmax()) == t for r, t in zip(lps, cont))))
+    assert [w[1] for w in want] == [True, True, False]
+    for generated in (1, 0):
+        payload = {"model": "base", "prompt": [c + cont for c, cont in pairs], "temperature": 0,
+                   "max_tokens": generated, "logprobs": 1, "seed": 1234, "echo": True}
+        status, raw = _post(url + "/v1/completions", payload)
+        assert status == 200, raw
+        got = _lm_eval_parse_logprobs(json.loads(raw), [len(c) for c, _ in pairs], generated)
+        assert [g[1] for g in got] == [w[1] for w in want]
+        assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
+    # generate_until: {"prompt": [ids], "model", "max_tokens", "temperature", "stop", "seed"}
+    payload = {"prompt": ctx, "model": "base", "max_tokens": 8, "temperature": 0, "stop": ["\n\n", "</s>"],
+               "seed": 1234}
+    out = json.loads(_post(url + "/v1/completions", payload)[1])
+    assert [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])] == [
+        tok.decode(_greedy_ids(ckpt, None, c, 8), skip_special_tokens=True) for c in ctx]
+
+
+def test_echo_in_mixed_batches_scores_each_prompt_with_its_adapter(setup, tmp_path):
+    """--mixed: an echoed prompt is scored with its own request's adapter (or the
+    base), whatever the others in the batch use; max_tokens 0 takes no row."""
+    _, ckpt, adapter = setup
+    m2 = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
+    randomize_adapter(m2, seed=1)
+    m2.save_adapter(tmp_path / "second")
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="a", activate=False)
+    model.load_adapter(str(tmp_path / "second"), name="b", activate=False)
+    tok = load_tokenizer(ckpt)
+    eng = Engine(model, tok, {"base": None, "a": "a", "b": "b"}, mixed=True)
+    plan = [("a", adapter, 0), ("base", None, 3), ("b", tmp_path / "second", 0), ("a", adapter, 2)]
+    reqs = [_submit(eng, {"model": n, "prompt": PROMPTS[2], "echo": True, "logprobs": 0, "max_tokens": k,
+                          "temperature": 0}) for n, _, k in plan]
+    eng.start()
+    ids = prompt_ids(tok, PROMPTS[2])
+    for r, (_, path, k) in zip(reqs, plan):
+        ev = r.events.get(timeout=60)
+        assert ev[0] == "prompt"
+        ref = _reference_logprobs(ckpt, path, ids)
+        assert [e[1] for e in ev[2][1:]] == pytest.approx([float(ref[i - 1, ids[i]]) for i in range(1, len(ids))],
+                                                          abs=1e-4)
+        assert _end(r)[1:] == ("length", k)
+    assert eng.batches == 1  # the two that generate, together
+    calls = []
+    real = eng._prompt_logprobs
+    eng._prompt_logprobs = lambda r: calls.append(r) or real(r)
+    reqs = eng.submit(eng.parse({"model": "b", "prompt": PROMPTS[0], "echo": True, "logprobs": 1, "max_tokens": 0,
+                                 "n": 3}, False))
+    assert [_end(r) for r in reqs] == [("", "length", 0)] * 3 and len(calls) == 1  # a prompt scored once, not n times
+
+
+def test_echo_with_max_tokens_0_takes_the_context_not_a_row(setup):
+    _, ckpt, _ = setup
+    small = Engine(FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt), {"base": None}, cache_len=20)
+    r, = small.parse({"prompt": "a " * 40, "echo": True, "max_tokens": 0}, False)  # past the cache, in the context
+    assert (r.max_tokens, len(r.prompt), r.echo) == (0, 41, "a " * 40)
+    with pytest.raises(Exception, match=r"the prompt is 41 tokens; the model's cache \(--cache-len\) is 20"):
+        small.parse({"prompt": "a " * 40, "echo": True, "max_tokens": 1}, False)
+    r, = small.parse({"prompt": [5, 6], "echo": True}, False)  # token ids: the echo is their text
+    assert r.echo == small.text([5, 6]) and r.max_tokens == 16
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_end_the_text_before_them(setup, server, stream):
     _, ckpt, adapter = setup
@@ -174,16 +513,15 @@ def test_requests_waiting_together_run_as_one_batch(setup):
     model = FusedLlama.from_pretrained(str(ckpt)).eval()
     model.load_adapter(str(adapter), name="ffba", activate=False)
     eng = Engine(model, load_tokenizer(ckpt), {"base": None, "ffba": "ffba"}, max_batch=8)
-    reqs = [eng.submit(eng.parse({"model": "ffba", "prompt": p, "max_tokens": n, "temperature": 0}, False))
+    reqs = [_submit(eng, {"model": "ffba", "prompt": p, "max_tokens": n, "temperature": 0})
             for p, n in zip(PROMPTS, (12, 5, 9))]
-    other = eng.submit(eng.parse({"model": "base", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}, False))
-    sampled = eng.submit(eng.parse({"model": "ffba", "prompt": PROMPTS[0], "max_tokens": 4}, False))
+    other = _submit(eng, {"model": "base", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0})
+    sampled = _submit(eng, {"model": "ffba", "prompt": PROMPTS[0], "max_tokens": 4})
     eng.start()
     for r, p, n in zip(reqs, PROMPTS, (12, 5, 9)):
-        _, text, reason, k = r.events.get(timeout=60)
-        assert (text, reason, k) == _reference(ckpt, adapter, p, n)
-    assert other.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 6)
-    assert sampled.events.get(timeout=60)[0] == "done"
+        assert _end(r) == _reference(ckpt, adapter, p, n)
+    assert _end(other) == _reference(ckpt, None, PROMPTS[0], 6)
+    assert _end(sampled)[1] in ("stop", "length")
     assert eng.batches == 3
 
 
@@ -193,12 +531,12 @@ def test_a_batch_never_cuts_a_row_short_of_its_max_tokens(setup):
     (it got only what the long prompt left, finish_reason "length")."""
     _, ckpt, _ = setup
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None})
-    long = eng.submit(eng.parse({"prompt": "a b c d e f " * 6, "max_tokens": 3, "temperature": 0}, False))
-    short = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0}, False))
+    long = _submit(eng, {"prompt": "a b c d e f " * 6, "max_tokens": 3, "temperature": 0})
+    short = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0})
     assert len(long.prompt) + short.max_tokens > 64  # together past the tiny model's context
     eng.start()
-    assert long.events.get(timeout=60)[1:] == _reference(ckpt, None, "a b c d e f " * 6, 3)
-    assert short.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[2], 50)
+    assert _end(long) == _reference(ckpt, None, "a b c d e f " * 6, 3)
+    assert _end(short) == _reference(ckpt, None, PROMPTS[2], 50)
     assert eng.batches == 2
 
 
@@ -210,18 +548,18 @@ def test_a_finished_row_is_freed_and_no_step_runs_for_it(setup):
     ref, reason, _ = _reference(ckpt, None, PROMPTS[2], 50)
     assert reason == "length"  # no EOS: only the stop string ends the row
     stop = " " + ref.split()[2]
-    short = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}, False))
-    stopped = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0, "stop": stop}, False))
+    short = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0})
+    stopped = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 50, "temperature": 0, "stop": stop})
     eng.start()
-    assert short.events.get(timeout=60)[2] == "length"
-    ev = stopped.events.get(timeout=60)
-    assert ev[1:3] == (ref[:ref.find(stop)], "stop")
+    assert _end(short)[1] == "length"
+    ev = _end(stopped)
+    assert ev[:2] == (ref[:ref.find(stop)], "stop")
     left = Request("base", stopped.prompt, 50, (0.0, 1.0, 0), stream=True)
     left.cancelled = True  # what the handler sets when the client's connection is gone
-    eng.submit(left)
-    eng.submit(Request("base", [1], 1, (0.0, 1.0, 0))).events.get(timeout=60)  # queued behind it: it is over
+    eng.submit([left])
+    _end(eng.submit([Request("base", [1], 1, (0.0, 1.0, 0))])[0])  # queued behind it: it is over
     # the first token of a row comes from its prefill, each next one from a step
-    assert eng.steps == ev[3] - 1
+    assert eng.steps == ev[2] - 1
 
 
 def test_a_row_whose_client_leaves_mid_stream_is_not_stepped_again(setup):
@@ -231,7 +569,7 @@ def test_a_row_whose_client_leaves_mid_stream_is_not_stepped_again(setup):
 
     _, ckpt, _ = setup
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None})
-    req = eng.parse({"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}, False)
+    req, = eng.parse({"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}, False)
 
     class Leaves(queue.Queue):  # the client is gone once the 3rd delta is written
         def put(self, ev, *a, **k):
@@ -240,7 +578,7 @@ def test_a_row_whose_client_leaves_mid_stream_is_not_stepped_again(setup):
                 req.cancelled = True
 
     req.events = Leaves()
-    eng.submit(req)
+    eng.submit([req])
     eng.start()
     deadline = time.monotonic() + 60
     while not (req.cancelled and eng._dec is None) and time.monotonic() < deadline:  # its batch is over
@@ -256,11 +594,11 @@ def test_a_failing_prefill_answers_its_requests_and_the_server_goes_on(setup, mo
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}).start()
     real = Decoder.admit
     monkeypatch.setattr(Decoder, "admit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
-    bad = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    bad = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
     assert bad.events.get(timeout=60) == ("error", "RuntimeError: out of memory")
     monkeypatch.setattr(Decoder, "admit", real)
-    ok = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
-    assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    ok = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert _end(ok) == _reference(ckpt, None, PROMPTS[0], 4)
 
 
 def test_a_batch_that_cannot_start_answers_its_request_and_the_server_goes_on(setup, monkeypatch):
@@ -276,11 +614,11 @@ def test_a_batch_that_cannot_start_answers_its_request_and_the_server_goes_on(se
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(Decoder, "__init__", oom)
-    bad = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
+    bad = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
     assert bad.events.get(timeout=10) == ("error", "RuntimeError: out of memory")
     monkeypatch.setattr(Decoder, "__init__", real)
-    ok = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
-    assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    ok = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert _end(ok) == _reference(ckpt, None, PROMPTS[0], 4)
     assert bad.events.empty()  # answered once, not run again
 
 
@@ -294,14 +632,14 @@ def test_a_row_that_cannot_sample_fails_alone(setup):
     with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN logits
         model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
     eng = Engine(model, tok, {"base": None}, max_batch=4)
-    good = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0}, False))
-    bad = eng.submit(eng.parse({"prompt": "a apple", "max_tokens": 5, "temperature": 1.0}, False))
+    good = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0})
+    bad = _submit(eng, {"prompt": "a apple", "max_tokens": 5, "temperature": 1.0})
     eng.start()
-    assert good.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[2], 20)
-    assert bad.events.get(timeout=60)[0] == "error"
+    assert _end(good) == _reference(ckpt, None, PROMPTS[2], 20)
+    assert _end(bad)[0] == "error"
     assert eng.batches == 1  # they ran together
-    ok = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
-    assert ok.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    ok = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert _end(ok) == _reference(ckpt, None, PROMPTS[0], 4)
     assert bad.events.empty()  # answered once
 
 
@@ -312,16 +650,13 @@ def test_a_request_joins_the_running_batch(setup):
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}).start()
     long_ref = _reference(ckpt, None, PROMPTS[2], 40)
     assert long_ref[1] == "length" and long_ref[2] == 40  # runs its 40 tokens
-    long = eng.submit(eng.parse({"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}, False))
+    long = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True})
     for _ in range(5):  # it is generating
         assert long.events.get(timeout=60)[0] == "delta"
-    short = eng.submit(eng.parse({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, False))
-    assert short.events.get(timeout=60)[1:] == _reference(ckpt, None, PROMPTS[0], 4)
+    short = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    assert _end(short) == _reference(ckpt, None, PROMPTS[0], 4)
     assert eng.steps < 39  # it ended before the long one did: it did not wait for it
-    ev = long.events.get(timeout=60)
-    while ev[0] == "delta":
-        ev = long.events.get(timeout=60)
-    assert ev[1:] == long_ref
+    assert _end(long) == long_ref
     assert eng.batches == 2
 
 
@@ -333,10 +668,10 @@ def test_requests_arriving_a_moment_apart_share_a_batch(setup):
     eng = Engine(model, load_tokenizer(ckpt), {"base": None}, wait_s=0.5).start()
     reqs = []
     for p in PROMPTS[:2]:
-        reqs.append(eng.submit(eng.parse({"prompt": p, "max_tokens": 6, "temperature": 0}, False)))
+        reqs.append(_submit(eng, {"prompt": p, "max_tokens": 6, "temperature": 0}))
         time.sleep(0.02)
     for r, p in zip(reqs, PROMPTS):
-        assert r.events.get(timeout=60)[1:] == _reference(ckpt, None, p, 6)
+        assert _end(r) == _reference(ckpt, None, p, 6)
     assert eng.batches == 1
 
 
@@ -353,25 +688,47 @@ def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
     eng = Engine(model, load_tokenizer(ckpt), {"base": None, "a": "a", "b": "b"}, mixed=True)
     plan = [("a", adapter, PROMPTS[0]), ("base", None, PROMPTS[1]), ("b", tmp_path / "second", PROMPTS[2]),
             ("a", adapter, PROMPTS[2]), ("b", tmp_path / "second", PROMPTS[0])]
-    reqs = [eng.submit(eng.parse({"model": n, "prompt": p, "max_tokens": 8, "temperature": 0}, False))
+    reqs = [_submit(eng, {"model": n, "prompt": p, "max_tokens": 8, "temperature": 0})
             for n, _, p in plan]
     eng.start()
     for r, (_, path, p) in zip(reqs, plan):
-        assert r.events.get(timeout=60)[1:] == _reference(ckpt, path, p, 8)
+        assert _end(r) == _reference(ckpt, path, p, 8)
     assert eng.batches == 1
 
 
 @pytest.mark.parametrize("path, body, status, msg", [
     ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "model 'nope' is not served; the models are: base, ffba"),
+    ("/v1/completions", {"model": ["base"], "prompt": "a"}, 404, "model ['base'] is not served"),
     ("/v1/completions", {"model": "base"}, 400, "'prompt' must be a non-empty string"),
-    ("/v1/completions", {"model": "base", "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ("/v1/completions", {"model": "base", "prompt": ["a", ""]}, 400, "'prompt[1]' must be a non-empty string or list"),
+    ("/v1/completions", {"model": "base", "prompt": []}, 400, "'prompt' must be a non-empty string, a list of token"),
+    ("/v1/completions", {"model": "base", "prompt": [5, 99999]}, 400,
+     "'prompt': 99999 is not a token id of this model (an integer in 0 .. "),
+    ("/v1/completions", {"model": "base", "prompt": [[5], [5, -1]]}, 400, "'prompt[1]': -1 is not a token id"),
+    ("/v1/completions", {"model": "base", "prompt": [[5, True]]}, 400, "'prompt[0]': True is not a token id"),
+    ("/v1/completions", {"model": "base", "prompt": ["a b", "a " * 80]}, 400, "'prompt[1]' is 81 tokens"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "n": 0}, 400, "'n' must be an integer >= 1 and <= 128"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "n": 2, "best_of": 3}, 400, "'best_of' must equal 'n' (2)"),
     ("/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 0}, 400, "'max_tokens' must be an integer >= 1"),
     ("/v1/completions", {"model": "base", "prompt": "a", "top_p": 0}, 400, "'top_p' must be a number > 0"),
     ("/v1/completions", {"model": "base", "prompt": "a", "temperature": -1}, 400, "'temperature'"),
-    ("/v1/completions", {"model": "base", "prompt": "a", "n": 2}, 400, "not supported: n"),
     ("/v1/completions", {"model": "base", "prompt": "a", "stop": [""]}, 400, "'stop' must be a non-empty string"),
     ("/v1/completions", {"model": "base", "prompt": "a", "stop": list("abcde")}, 400, "a list of at most 4"),
-    ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": 2}, 400, "not supported: logprobs"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": 21}, 400,
+     "'logprobs' must be an integer >= 0 and <= 20, got 21"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": True}, 400, "'logprobs' must be an integer"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "top_logprobs": 2}, 400, "not supported: top_logprobs"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "echo": True}, 400,
+     "not supported: echo"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "echo": "yes"}, 400, "'echo' must be true or false"),
+    ("/v1/completions", {"model": "base", "prompt": "a " * 80, "echo": True, "max_tokens": 0}, 400,
+     "the prompt is 81 tokens; the model's context is 64"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "logprobs": 3}, 400,
+     "'logprobs' must be true or false"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
+     400, "'top_logprobs' needs 'logprobs': true"),
+    ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "'top_logprobs' must be an integer >= 0 and <= 20"),
     ("/v1/completions", {"model": "base", "prompt": "a", "seed": 2 ** 64}, 400,
      "'seed' must be an integer in [-2**63, 2**64 - 1], got 18446744073709551616"),
     ("/v1/completions", {"model": "base", "prompt": "a", "seed": 1.5}, 400, "'seed' must be an integer"),
@@ -481,12 +838,12 @@ def test_default_max_tokens(setup):
     _, ckpt, _ = setup
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt), {"base": None}, max_tokens=5)
     chat = {"messages": [{"role": "user", "content": "a"}]}
-    assert eng.parse(chat, True).max_tokens == 5  # --max-tokens, not the whole context
-    assert eng.parse({**chat, "max_completion_tokens": 7}, True).max_tokens == 7
-    assert eng.parse({"prompt": "a"}, False).max_tokens == 16  # OpenAI's completions default
-    assert eng.parse({"prompt": "a", "max_tokens": 500}, False).max_tokens == 64 - 2  # capped at the context
+    assert eng.parse(chat, True)[0].max_tokens == 5  # --max-tokens, not the whole context
+    assert eng.parse({**chat, "max_completion_tokens": 7}, True)[0].max_tokens == 7
+    assert eng.parse({"prompt": "a"}, False)[0].max_tokens == 16  # OpenAI's completions default
+    assert eng.parse({"prompt": "a", "max_tokens": 500}, False)[0].max_tokens == 64 - 2  # capped at the context
     small = Engine(FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt), {"base": None}, cache_len=20)
-    assert small.parse({"prompt": "a", "max_tokens": 500}, False).max_tokens == 20 - 2  # capped at the cache
+    assert small.parse({"prompt": "a", "max_tokens": 500}, False)[0].max_tokens == 20 - 2  # capped at the cache
     with pytest.raises(Exception, match=r"the prompt is 25 tokens; the model's cache \(--cache-len\) is 20"):
         small.parse({"prompt": "a " * 24}, False)
 
@@ -601,8 +958,8 @@ def test_streaming_holds_back_what_may_start_a_stop_string():
         events = []
         while not req.events.empty():
             events.append(req.events.get())
-        deltas = [e[1] for e in events if e[0] == "delta"]
-        assert events[-1][:3] == ("done", want, reason) and "".join(deltas) == want
+        deltas = [e[2] for e in events if e[0] == "delta"]
+        assert events[-1][2:4] == (want, reason) and "".join(deltas) == want
         seen = ""
         for d in deltas:  # no delta ends inside a possible stop string
             seen += d
@@ -704,14 +1061,14 @@ def test_prefix_cache_reuses_prompts_and_answers(setup, mixed):
     assert len(system) >= 37
 
     def ask(name, ids, n=6):
-        req = eng.submit(Request(name, ids, n, (0.0, 1.0, 0)))
+        req, = eng.submit([Request(name, ids, n, (0.0, 1.0, 0))])
         ev = req.events.get(timeout=60)
         assert ev[0] == "done", ev
         m = FusedLlama.from_pretrained(str(ckpt), adapter=None if name == "base" else str(adapter))
         row = m.generate(torch.tensor([ids]), max_new_tokens=n)[0, len(ids):].tolist()
         eos = set(_eos_set(m.generation_eos_token_id))
         new = row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
-        assert ev[1] == tok.decode(new, skip_special_tokens=True)
+        assert ev[2] == tok.decode(new, skip_special_tokens=True)
         return req.cached, new
 
     q1, q2 = prompt_ids(tok, "copy : a b"), prompt_ids(tok, "the big cat")
@@ -738,3 +1095,133 @@ def test_usage_reports_the_reused_prompt_tokens(server):
     n = first["usage"]["prompt_tokens"]
     assert n > 16 and again["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct's GGUF file (tests/test_real_model.py's rule: skipped
+    without it unless FLORA_REQUIRE_REAL_MODEL=1)."""
+    from flora.pretrained import smollm2_path
+
+    try:
+        return smollm2_path()
+    except (RuntimeError, OSError) as e:
+        if os.environ.get("FLORA_REQUIRE_REAL_MODEL") == "1":
+            raise
+        pytest.skip(f"SmolLM2-135M not available: {e}")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok(smollm2):
+    return load_tokenizer(smollm2)
+
+
+def test_incremental_detokenization_is_the_whole_decode(smollm2_tok):
+    """Detokenizer (a tail window a token) gives, after every token, the text that
+    decoding all of them gives: SmolLM2's byte-level BPE, with characters whose
+    bytes split over tokens (emoji, CJK), special tokens and random ids (bytes that
+    never make a character)."""
+    import random
+
+    from flora.serve import Detokenizer
+
+    tok = smollm2_tok
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731 - as Engine.text
+    texts = ["Hello world, this is a test. 🎉🎉 日本語のテキスト、中文字符 👩‍👩‍👧 café naïve",
+             " leading space\n\nnew lines\ttabs  two spaces 🙂", "€100 — “quotes” ∑∫ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
+    rng = random.Random(0)
+    seqs = [tok(t).input_ids for t in texts]
+    seqs.append(tok(texts[0]).input_ids + [tok.eos_token_id] + tok(texts[2]).input_ids)  # a special token inside
+    seqs += [[rng.randrange(len(tok)) for _ in range(200)] for _ in range(3)]
+    assert any("\ufffd" in tok.decode([i]) for s in seqs for i in s)  # some tokens are parts of characters
+    for ids in seqs:
+        d, out = Detokenizer(decode), ""
+        for k, t in enumerate(ids, 1):
+            out += d.add(t)
+            assert out + d.rest() == decode(ids[:k])
+        assert len(d.ids) - d.prefix <= 64  # the window stays a tail
+
+
+def test_streaming_on_a_real_tokenizer_sends_the_decoded_text(smollm2_tok):
+    """A row fed SmolLM2 tokens (emoji and CJK split over them) streams deltas that
+    join to the whole decode; a stop string cuts it where it first occurs."""
+    from types import SimpleNamespace
+
+    from flora.serve import _Row
+
+    tok = smollm2_tok
+    eng = SimpleNamespace(eos={tok.eos_token_id}, text=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    ids = tok("Grüße 🎉 aus 東京! Ein Test 🙂 mit Emoji und 漢字 zum Schluss.").input_ids
+    whole = eng.text(ids)
+    for stop in ((), ("漢字",), ("🙂",), ("Schluss.",)):
+        req = Request("m", [1], max_tokens=len(ids), sampling=(0.0, 1.0, 0), stream=True, stop=stop)
+        row = _Row(req, 0)
+        for t in ids:
+            row.add(t, eng)
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        want = whole[:whole.find(stop[0])] if stop else whole
+        assert events[-1][2:4] == (want, "stop" if stop else "length")
+        deltas = [e[2] for e in events if e[0] == "delta"]
+        assert "".join(deltas) == want and len(deltas) > 5 and not any("\ufffd" in d for d in deltas)
+
+
+def test_logprob_entries_on_a_real_tokenizer(smollm2_tok):
+    """A row's logprob entries with SmolLM2's tokenizer: one a token (the EOS's
+    included), each the text the token adds (a token inside a character adds "",
+    the one that completes it the character), so they join to the answer; each
+    alternative likewise, the text it would add in the token's place (after a
+    character cut short, its U+FFFD first)."""
+    from types import SimpleNamespace
+
+    from flora.serve import _Row
+
+    tok = smollm2_tok
+    eng = SimpleNamespace(eos={tok.eos_token_id}, text=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    ids = tok("Grüße 🎉 aus 東京!").input_ids
+    alts = tok(" a 🎉").input_ids  # whole words, and parts of a character
+    for stream in (False, True):
+        req = Request("m", [1], max_tokens=50, sampling=(0.0, 1.0, 0), stream=stream, logprobs=len(alts))
+        row = _Row(req, 0)
+        for k, t in enumerate(ids + [tok.eos_token_id]):
+            row.add(t, eng, (-0.5 - k, [(a, -1.0 - j) for j, a in enumerate(alts)]))
+        events = []
+        while not req.events.empty():
+            events.append(req.events.get())
+        done = events[-1]
+        entries = done[5]
+        assert done[2:5] == (eng.text(ids), "stop", len(ids) + 1) and len(entries) == len(ids) + 1
+        assert "".join(e[0] for e in entries) == done[2] and entries[-1][0] == ""
+        assert [e[1] for e in entries] == [-0.5 - k for k in range(len(ids) + 1)]
+        assert any(e[0] == "" for e in entries[:-1]) and "🎉" in [e[0].strip() for e in entries]
+        out = ""  # the text out before each token: an alternative adds what follows it ("" inside a character)
+        for k, e in enumerate(entries):
+            after = [eng.text(ids[:k] + [a]) for a in alts]
+            assert [a for a, _ in e[2]] == ["" if x.endswith("\ufffd") else x[len(out):] for x in after]
+            out += e[0]
+        if stream:  # the deltas' entries join to the whole
+            assert [x for ev in events if ev[0] == "delta" for x in ev[3]] == entries
+
+
+def test_echo_and_logprobs_on_smollm2(smollm2, smollm2_tok):
+    """SmolLM2 end to end: a prompt whose emoji and CJK characters split over tokens,
+    echoed with its logprobs and a greedy answer's: the prompt tokens' texts join to
+    the prompt (a part of a character: ""), every logprob equals log_softmax of the
+    model's full forward over prompt and answer."""
+    tok = smollm2_tok
+    model = FusedLlama.from_pretrained(smollm2).eval()
+    prompt = "Tokyo 東京 is fun 🎉! The capital of France is"
+    ids = prompt_ids(tok, prompt)
+    gen = model.generate(torch.tensor([ids]), max_new_tokens=4)[0, len(ids):].tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids + gen])).logits[0].float(), -1)
+    eng = Engine(model, tok, {"base": None}, max_batch=2, cache_len=128).start()
+    r, = eng.submit(eng.parse({"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 4, "temperature": 0},
+                              False))
+    scored, done = r.events.get(timeout=120), r.events.get(timeout=120)
+    assert (scored[0], done[0]) == ("prompt", "done")
+    assert "".join(e[0] for e in scored[2]) == prompt and any(e[0] == "" for e in scored[2])
+    assert done[2:5] == (tok.decode(gen, skip_special_tokens=True), "length", 4)
+    got = [e[1] for e in scored[2][1:] + done[5]]
+    assert got == pytest.approx([float(ref[i - 1, t]) for i, t in enumerate(ids + gen) if i], abs=1e-4)
