@@ -304,6 +304,19 @@ class Decoder:
         if T > self.t:
             raise ValueError(f"a prompt of {T} tokens cannot end at slot {self.t - 1}")
         reused = reused or [None] * len(prompts)
+        # the same prompt for the same adapter twice (n choices of one prompt, clients sending
+        # alike): prefilled once, its row copied
+        seen: dict = {}
+        src = [seen.setdefault((tuple(p), None if adapters is None else adapters[i]), i)
+               for i, p in enumerate(prompts)]
+        if len(seen) < len(prompts):
+            u = sorted(seen.values())
+            logits = self.admit([rows[i] for i in u], [prompts[i] for i in u], pad,
+                                None if adapters is None else [adapters[i] for i in u], [reused[i] for i in u])
+            for i, j in enumerate(src):
+                if j != i:
+                    self._copy_row(rows[j], rows[i], self.t - len(prompts[i]))
+            return logits[[u.index(j) for j in src]]
         S = max(len(p) - (r[1] if r else 0) for p, r in zip(prompts, reused))
         if S < 1:
             raise ValueError("a reused prefix must leave at least one prompt token to compute")
@@ -340,6 +353,15 @@ class Decoder:
                                          rows=sub)[:, -1]
         finally:
             c.prefill_len, c.prefill_rows = None, None
+
+    def _copy_row(self, src: int, dst: int, start: int) -> None:
+        """Row ``dst`` becomes row ``src`` as a prefill left it: keys and values from
+        slot ``start`` to ``t``, its mask, position and adapter."""
+        for k, v in zip(self.cache.k, self.cache.v):
+            k[dst, :, start:self.t].copy_(k[src, :, start:self.t])
+            v[dst, :, start:self.t].copy_(v[src, :, start:self.t])
+        for t in (self.mask, self.pos) + (() if self.rows is None else (self.rows,)):
+            t[dst].copy_(t[src])
 
     def kv(self, row: int, start: int, stop: int) -> Tensor:
         """A copy of row ``row``'s keys and values in slots [start, stop):

@@ -15,7 +15,7 @@ from one loaded base model:
   to it); ``max_tokens`` (chat: also ``max_completion_tokens``; default 16
   for completions, as OpenAI's, and ``--max-tokens`` for chat),
   ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
-  ``stop`` (up to 4 strings: the text ends before the first one), ``logprobs``
+  ``stop`` (up to 16 strings: the text ends before the first one), ``logprobs``
   (completions: an integer k, chat: true with ``top_logprobs`` k: each
   generated token's log-probability and its k most likely alternatives', of
   the model's own distribution, before temperature, top-k and top-p),
@@ -131,6 +131,9 @@ UNSUPPORTED = {"suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
 ELSEWHERE = {True: {"echo": (False,)}, False: {"top_logprobs": (0,)}}
 MAX_N = 128  # choices a prompt at most (OpenAI's bound on n)
 MAX_LOGPROBS = 20  # alternatives a token at most (vLLM's bound; OpenAI's: 5 for completions, 20 for chat)
+# stop strings at most: OpenAI's bound is 4, but lm-eval-harness sends a task's `until` and the EOS
+# string, often more; each costs a look at the text's tail a token
+MAX_STOP = 16
 
 
 def _brief(v) -> str:
@@ -257,8 +260,10 @@ class Engine:
                              f"got {opts!r}")
         stop = body.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else stop
-        if not (isinstance(stop, (list, tuple)) and len(stop) <= 4 and all(isinstance(x, str) and x for x in stop)):
-            raise BadRequest(f"'stop' must be a non-empty string or a list of at most 4, got {body.get('stop')!r}")
+        if not (isinstance(stop, (list, tuple)) and len(stop) <= MAX_STOP
+                and all(isinstance(x, str) and x for x in stop)):
+            raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP}, "
+                             f"got {body.get('stop')!r}")
         events, out = queue.Queue(), []
         for where, ids, text in prompts:
             # a prompt alone is one forward over the context; with an answer it takes a row of the cache

@@ -589,3 +589,32 @@ def test_admit_with_reused_prefixes_equals_computing_them(pair, stacked):
         # one row reusing 19 of its 20 tokens: a one-token prefill over 20 keys (the decode attention)
         got = dec.admit([1], [donor], pad=0, adapters=adapters and ["b"], reused=[(kv, 19)])
         torch.testing.assert_close(got, plain[0][1:2], rtol=1e-5, atol=1e-5)
+
+
+def test_admit_prefills_a_repeated_prompt_once(pair, monkeypatch):
+    """Decoder.admit: the same prompt twice (n choices of one prompt) is prefilled once
+    and its row copied; every row then decodes as if prefilled on its own."""
+    from flora.generation import Decoder, inference_mode
+
+    hf, m = pair
+    a, b = random_ids(1, 9, seed=11)[0].tolist(), random_ids(1, 6, seed=12)[0].tolist()
+    seen = []
+    run = m.run_layers
+    monkeypatch.setattr(m, "run_layers", lambda ids, *x, **k: seen.append(ids.shape[0]) or run(ids, *x, **k))
+    with inference_mode(m):
+        def decode(rows, prompts):
+            dec = Decoder(m, 4, 32, use_cuda_graph=False)
+            dec.restart(9)
+            out = [dec.admit(rows, prompts, pad=0)]
+            for _ in range(3):
+                tokens = torch.zeros(4, dtype=torch.long)
+                tokens[rows] = out[-1].argmax(-1)
+                out.append(dec.step(tokens)[rows])
+            return out
+
+        got = decode([3, 0, 2, 1], [a, b, a, a])
+        assert seen[0] == 2  # a and b
+        for p, i in ((a, 0), (b, 1), (a, 2), (a, 3)):
+            alone = decode([0], [p])
+            for x, y in zip(got, alone):
+                torch.testing.assert_close(x[i:i + 1], y, rtol=1e-5, atol=1e-5)

@@ -425,8 +425,8 @@ def test_lm_eval_harness_requests(setup, server):
         assert [g[1] for g in got] == [w[1] for w in want]
         assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
     # generate_until: {"prompt": [ids], "model", "max_tokens", "temperature", "stop", "seed"}
-    payload = {"prompt": ctx, "model": "base", "max_tokens": 8, "temperature": 0, "stop": ["\n\n", "</s>"],
-               "seed": 1234}
+    payload = {"prompt": ctx, "model": "base", "max_tokens": 8, "temperature": 0, "seed": 1234,
+               "stop": ["\n\n", "</s>", "Question:", "Q:", "<|im_end|>"]}  # a task's `until` and the EOS: over 4
     out = json.loads(_post(url + "/v1/completions", payload)[1])
     assert [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])] == [
         tok.decode(_greedy_ids(ckpt, None, c, 8), skip_special_tokens=True) for c in ctx]
@@ -713,7 +713,8 @@ def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
     ("/v1/completions", {"model": "base", "prompt": "a", "top_p": 0}, 400, "'top_p' must be a number > 0"),
     ("/v1/completions", {"model": "base", "prompt": "a", "temperature": -1}, 400, "'temperature'"),
     ("/v1/completions", {"model": "base", "prompt": "a", "stop": [""]}, 400, "'stop' must be a non-empty string"),
-    ("/v1/completions", {"model": "base", "prompt": "a", "stop": list("abcde")}, 400, "a list of at most 4"),
+    ("/v1/completions", {"model": "base", "prompt": "a", "stop": list("abcdefghijklmnopq")}, 400,
+     "a list of at most 16"),
     ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": 21}, 400,
      "'logprobs' must be an integer >= 0 and <= 20, got 21"),
     ("/v1/completions", {"model": "base", "prompt": "a", "logprobs": True}, 400, "'logprobs' must be an integer"),
