@@ -650,13 +650,25 @@ def test_a_request_joins_the_running_batch(setup):
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}).start()
     long_ref = _reference(ckpt, None, PROMPTS[2], 40)
     assert long_ref[1] == "length" and long_ref[2] == 40  # runs its 40 tokens
-    long = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True})
+    # the worker waits at its 5th step until the short request is in (a loaded machine may
+    # otherwise run the long one to its end first), and notes the step each one ends at
+    gate, ended, step = threading.Event(), {}, eng._step
+    eng._step = lambda: (eng.steps != 5 or gate.wait(60)) and step()
+
+    def submit(body, name):
+        reqs = eng.parse(body, False)
+        put = reqs[0].events.put
+        reqs[0].events.put = lambda ev: (ev[0] == "done" and ended.setdefault(name, eng.steps), put(ev))
+        return eng.submit(reqs)[0]
+
+    long = submit({"prompt": PROMPTS[2], "max_tokens": 40, "temperature": 0, "stream": True}, "long")
     for _ in range(5):  # it is generating
         assert long.events.get(timeout=60)[0] == "delta"
-    short = _submit(eng, {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    short = submit({"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}, "short")
+    gate.set()
     assert _end(short) == _reference(ckpt, None, PROMPTS[0], 4)
-    assert eng.steps < 39  # it ended before the long one did: it did not wait for it
     assert _end(long) == long_ref
+    assert ended["short"] <= 5 + 4 < ended["long"]  # it joined at once and did not wait for the long one
     assert eng.batches == 2
 
 
