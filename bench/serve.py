@@ -102,16 +102,17 @@ SYSTEM = ("You are a careful assistant for a small science museum. Answer visito
 
 
 def conversation(url: str, system: str, turns: int, max_tokens: int) -> list:
-    """One chat of ``turns`` turns (greedy): per turn (latency s, prompt tokens, cached tokens)."""
+    """One chat of ``turns`` turns (greedy): per turn (latency s, prompt tokens, cached tokens, answer)."""
     msgs, out = [{"role": "system", "content": system}], []
     for q in QUESTIONS[:turns]:
         msgs.append({"role": "user", "content": q})
         t0 = time.perf_counter()
         r = post(url + "/v1/chat/completions", {"messages": msgs, "max_tokens": max_tokens, "temperature": 0})
         u = r["usage"]
+        answer = r["choices"][0]["message"]["content"]
         out.append((time.perf_counter() - t0, u["prompt_tokens"],
-                    (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)))
-        msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+                    (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0), answer))
+        msgs.append({"role": "assistant", "content": answer})
     return out
 
 
@@ -136,16 +137,18 @@ def prefix_bench(model, tok, args) -> dict:
                 runs[k].append(r)
     for srv in servers:
         srv.shutdown()
-    print("| turn | prompt tokens | reused | latency s, cache off | latency s, cache on | off / on |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| turn | prompt tokens | reused | latency s, cache off | latency s, cache on | off / on | same answer |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     rows = []
     for t in range(args.conversation):
         off = statistics.median(r[t][0] for r in runs["off"])
         on = statistics.median(r[t][0] for r in runs["on"])
+        # greedy: the reused keys give the answer computing them gives (up to rounding)
+        same = len({r[t][3] for r in runs["on"] + runs["off"]}) == 1
         rows.append({"turn": t + 1, "prompt_tokens": runs["on"][0][t][1], "cached_tokens": runs["on"][0][t][2],
-                     "latency_off_s": off, "latency_on_s": on, "ratio": off / on})
-        print(f"| {t + 1} | {runs['on'][0][t][1]} | {runs['on'][0][t][2]} | {off:.3f} | {on:.3f} | {off / on:.2f} |",
-              flush=True)
+                     "latency_off_s": off, "latency_on_s": on, "ratio": off / on, "same_answer": same})
+        print(f"| {t + 1} | {runs['on'][0][t][1]} | {runs['on'][0][t][2]} | {off:.3f} | {on:.3f} | {off / on:.2f} "
+              f"| {'yes' if same else 'no'} |", flush=True)
     return {"conversation": args.conversation, "rounds": args.rounds, "rows": rows}
 
 

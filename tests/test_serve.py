@@ -949,6 +949,7 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
                                      "--json", str(tmp_path / "p.json")])
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [r["turn"] for r in rows] == [1, 2] and rows[0]["cached_tokens"] == 0 < rows[1]["cached_tokens"]
+    assert all(r["same_answer"] for r in rows)
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
