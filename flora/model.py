@@ -169,7 +169,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         dtype of the adapter tensors (default: the base dtype; e.g. fp32 adapters
         on a bf16 base for training). Both dtypes: a torch dtype or its name
         ("bfloat16", "bf16", "float16", ...; ``dtype="auto"``: the checkpoint's).
-        Never touches the network.
+        Never touches the network. The model comes back in eval mode, as from
+        transformers' ``from_pretrained``: call ``train()`` to train it.
         """
         from .config import parse_dtype
 
@@ -235,7 +236,9 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         elif cfg is not None:
             model._adapters[name] = (cfg, None)  # fresh init lives in the modules
             model.active_adapter = name
-        return model
+        # as transformers': an adapter's dropout must not perturb the logits of a model loaded
+        # to score or generate; training calls train() (flora.train does)
+        return model.eval()
 
     @property
     def dtype(self) -> torch.dtype:

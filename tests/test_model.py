@@ -301,6 +301,35 @@ def test_load_memory_bench_runs():
     assert all(r.rstrip(" |").endswith("x") for r in rows)
 
 
+def test_from_pretrained_returns_eval_mode_as_transformers(tmp_path):
+    """from_pretrained returned the model in train mode (transformers' returns eval mode): an
+    adapter with dropout then perturbed model(ids).logits at random, silently wrong scores.
+    Adding, loading or switching adapters keeps the mode either way; built directly, the
+    model is in train mode (an nn.Module's default, as LlamaForCausalLM(config)); train()
+    brings back dropout and the loss alone, as the README's example trains."""
+    from flora.checkpoint import state_dict_from_hf_model
+
+    hf, ids = llama_model(), random_ids(2, 12)
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, dropout=0.3))
+    randomize_adapter(m)
+    m.save_adapter(str(tmp_path / "a"))
+    assert not any(mod.training for mod in m.modules())
+    with torch.no_grad():
+        want = m(ids).logits
+        assert torch.equal(m(ids).logits, want)
+    for mode in (False, True):
+        b = FusedLlama.from_pretrained(hf).train(mode)
+        b.add_adapter("x", AdapterConfig("ffba", rank=4, dropout=0.1))  # the structure is built anew
+        b.load_adapter(str(tmp_path / "a"), "a")
+        b.set_adapter("x")
+        assert all(mod.training == mode for mod in b.modules())
+    assert FusedLlama(*state_dict_from_hf_model(hf)).training
+    m.train()
+    assert m(ids, labels=ids).logits is None
+    with torch.no_grad():
+        assert not torch.equal(m(ids).logits, want)  # dropout acts
+
+
 def test_trainer_drives_fused_llama(tmp_path):
     """A few steps of transformers.Trainer on the adapter parameters only."""
     from transformers import Trainer, TrainingArguments
@@ -316,7 +345,10 @@ def test_trainer_drives_fused_llama(tmp_path):
                              logging_steps=1, disable_tqdm=True)
     before = m.adapter_state_dict()
     before = {k: v.clone() for k, v in before.items()}
+    modes = []  # Trainer puts the loaded (eval-mode) model in train mode itself
+    m.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
     Trainer(model=m, args=args, train_dataset=data).train()
+    assert modes and all(modes)
     after = m.adapter_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for k, v in m.base_state_dict().items():
@@ -407,7 +439,7 @@ def test_state_dict_holds_only_the_adapter():
 def test_training_a_folded_model_is_refused_by_name(variant):
     """A folded model's forward reads the storage's folded copies, which carry no
     gradient: backward failed with "element 0 of tensors does not require grad"."""
-    m = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig(variant, rank=4, alpha=8))
+    m = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig(variant, rank=4, alpha=8)).train()
     ids = random_ids(2, 12)
     m.fold()
     with pytest.raises(ValueError, match=r"folded.*unfold\(\) before training"):
