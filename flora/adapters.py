@@ -2,9 +2,9 @@
 device, switching between them, several side by side for mixed batches
 (stack_adapters), enable/disable, fold/unfold, merge, save.
 
-A mixin: it needs ``adapter_modules()``, ``adapter_config``, ``arch``,
-``device``, ``_rebuild(cfg)`` and the ``_adapters`` / ``_stack`` state from
-the model it is mixed into.
+A mixin: it needs ``adapter_modules()``, ``arch``, ``device``,
+``_rebuild(cfg)`` and the ``_adapter_config`` / ``_adapters`` / ``_stack``
+state from the model it is mixed into.
 """
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ UNSTACKABLE = ("ffa", "ffba-qg-add")  # repeat-add: the state reaches y inside t
 
 
 class AdapterRegistry:
+    @property
+    def adapter_config(self) -> Optional[AdapterConfig]:
+        """The current adapter's config (while stacked, the stack's); None without adapters.
+        Read-only, as the config itself: the modules' tensors and scale follow it
+        (load_adapter / add_adapter + set_adapter give the model another)."""
+        return self._adapter_config
+
     def adapter_state_dict(self) -> dict:
         """Current adapter tensors, keyed ``<module path>.<A_p|B_p|C_p>`` (detached)."""
         out = {}
@@ -114,7 +121,7 @@ class AdapterRegistry:
         if sd is not None:
             self._load_adapter_tensors(sd)
         # same structure, but its own alpha and dropout (the folded B's carry the scale)
-        self.adapter_config = cfg
+        self._adapter_config = cfg
         for _, m in self.adapter_modules():
             m.set_config(cfg)
         self.active_adapter = name
@@ -279,7 +286,7 @@ class AdapterRegistry:
             self._store_adapter(self.active_adapter, self.adapter_config, self.adapter_state_dict())
         c0, n = cfgs[0], len(names)
         # rank n*r at adapter 0's scale: alpha n*alpha_0; the others' B's carry alpha_i / alpha_0
-        stacked = AdapterConfig(c0.variant, c0.rank * n, c0.alpha * n, 0.0, c0.targets, c0.layers)
+        stacked = c0.replace(rank=c0.rank * n, alpha=c0.alpha * n, dropout=0.0)
         params = dict(self.named_parameters())  # an optimizer's: unstack_adapters gives them back
         try:
             self._rebuild(stacked)
@@ -358,7 +365,7 @@ def stack_state_dicts(sds: list, like: dict) -> dict:
 
 def _structure(cfg) -> tuple:
     """What decides the modules' tensors and storage (alpha and dropout do not)."""
-    return (cfg.variant, cfg.rank, cfg.resolved_targets, None if cfg.layers is None else tuple(cfg.layers))
+    return cfg.variant, cfg.rank, cfg.resolved_targets, cfg.layers
 
 
 def _same_structure(a, b) -> bool:

@@ -110,7 +110,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
     def __init__(self, arch: LlamaArch, sd: dict, adapter_config=None, adapter_dtype=None):
         super().__init__()
         self.arch = arch
-        self.adapter_config = adapter_config
+        self._adapter_config = adapter_config
         self.adapter_dtype = adapter_dtype
         n = arch.num_hidden_layers
         self.register_buffer("embed", sd["model.embed_tokens.weight"], persistent=False)
@@ -474,7 +474,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             self.head = FusedLMHead(w_head, config=cfg, adapter_dtype=self.adapter_dtype)
         if tied:
             self.embed = self.head.weight
-        self.adapter_config, self._folded = cfg, False
+        self._adapter_config, self._folded = cfg, False
         self._unsaved_storage()
         self.train(self.training)  # the new modules in the model's mode
 

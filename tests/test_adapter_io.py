@@ -358,19 +358,26 @@ def test_refused_adapter_leaves_an_adapterless_model_as_it_was(tmp_path, hf):
         m.save_adapter(str(tmp_path / "out"))
 
 
-def test_the_model_keeps_its_own_adapter_config(tmp_path, hf):
-    """from_pretrained kept the caller's AdapterConfig: changing it afterwards (a sweep
-    reusing it for the next model) changed the alpha save_adapter wrote, not the scale
-    the modules computed with, so the reloaded adapter gave other logits."""
+def test_the_model_adapter_config_cannot_change(tmp_path, hf):
+    """model.adapter_config.alpha = 32 (or .rank = 8) changed the config save_adapter wrote,
+    not the modules' tensors or scale: the saved adapter reloaded to other logits or failed
+    to load. And the caller's config (a sweep reusing it) had to be copied for the model. A
+    config now never changes once built, the model's is not replaced, and each says so."""
     cfg = AdapterConfig("ffba", rank=4, alpha=8)
-    m = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    m = FusedLlama.from_pretrained(hf, adapter=cfg)
     randomize_adapter(m, seed=1)
     ids = random_ids(2, 12)
     with torch.no_grad():
         want = m(ids).logits
-    cfg.alpha = 32.0
-    assert m.adapter_config.alpha == 8.0
+    for c in (cfg, m.adapter_config):
+        for field, value in (("alpha", 32.0), ("rank", 8), ("dropout", 0.1), ("layers", [0])):
+            with pytest.raises(AttributeError, match=fr"AdapterConfig.{field}: a config cannot change.*"
+                                                     fr"cfg.replace\({field}=...\)"):
+                setattr(c, field, value)
+    with pytest.raises(AttributeError, match="adapter_config"):
+        m.adapter_config = AdapterConfig("ffba", rank=4, alpha=32)
+    assert m.adapter_config == AdapterConfig("ffba", rank=4, alpha=8)
     m.save_adapter(str(tmp_path / "a"))
-    again = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "a")).eval()
+    again = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "a"))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, want)
