@@ -287,13 +287,14 @@ class AdapterRegistry:
         c0, n = cfgs[0], len(names)
         # rank n*r at adapter 0's scale: alpha n*alpha_0; the others' B's carry alpha_i / alpha_0
         stacked = c0.replace(rank=c0.rank * n, alpha=c0.alpha * n, dropout=0.0)
-        params = dict(self.named_parameters())  # an optimizer's: unstack_adapters gives them back
+        # what unstack_adapters gives back: the config, an optimizer's Parameters, the fold
+        unstacked = (self.adapter_config, dict(self.named_parameters()), self._folded)
         try:
             self._rebuild(stacked)
         except BaseException:
-            self._reuse_parameters(params)  # the rebuild restored the old structure with new ones
+            self._reuse_parameters(unstacked[1])  # the rebuild restored the old structure with new ones
             raise
-        self._unstacked_parameters = params
+        self._unstacked = unstacked
         sds = [{k: (t * (c.alpha / c0.alpha) if k.rpartition(".")[2].startswith("B_") else t)
                 for k, t in self._adapters[name][1].items()} for name, c in zip(names, cfgs)]
         self._load_adapter_tensors(stack_state_dicts(sds, self.adapter_state_dict()))
@@ -301,15 +302,21 @@ class AdapterRegistry:
         self.fold()
 
     def unstack_adapters(self) -> None:
-        """Back from :meth:`stack_adapters` to one adapter at a time (the one
-        that was current before, else the first of the stack)."""
+        """Back from :meth:`stack_adapters` to one adapter at a time, as the
+        model was before: the same adapter current (or none), folded or not."""
         if self._stack is None:
             return
-        name = self.active_adapter or self._stack[0]
-        self._rebuild(self._adapters[name][0])
-        self._reuse_parameters(self._unstacked_parameters)
-        self._stack, self.active_adapter, self._unstacked_parameters = None, None, {}
-        self.set_adapter(name)
+        cfg, params, folded = self._unstacked
+        name = self.active_adapter
+        self._rebuild(cfg)
+        self._reuse_parameters(params)
+        self._stack, self._unstacked, self.active_adapter = None, None, None
+        if name is None:  # none was current: the base model
+            self._set_enabled(False)
+        else:
+            self.set_adapter(name)
+        if folded:
+            self.fold()
 
     def _reuse_parameters(self, params: dict) -> None:
         """Put back the adapter Parameters ``params`` (name -> Parameter) the model had before

@@ -124,7 +124,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(arch).to(self.embed.device), persistent=False)
         self._adapters: dict = {}  # name -> (AdapterConfig, adapter state dict)
         self._stack: Optional[list] = None  # adapter names side by side (stack_adapters)
-        self._unstacked_parameters: dict = {}  # the adapter Parameters from before stack_adapters
+        self._unstacked: Optional[tuple] = None  # (config, Parameters, folded) from before stack_adapters
         self.active_adapter: Optional[str] = None
         self._folded = False
         self._merged = False

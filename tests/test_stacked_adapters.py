@@ -253,3 +253,26 @@ def test_an_optimizer_made_before_stacking_trains_the_model_after_unstacking(hf,
     m(ids, labels=ids).loss.backward()
     opt.step()
     assert any(not torch.equal(t, before[k]) for k, t in m.adapter_state_dict().items())
+
+
+@pytest.mark.parametrize("folded", [False, True])
+@pytest.mark.parametrize("current", ["a0", None])
+def test_unstacking_gives_back_the_model_as_it_was(hf, tmp_path, folded, current):
+    """unstack_adapters left the model unfolded whatever it was before stack_adapters (its
+    forward back in the slower training form), and a base model whose adapters were loaded
+    without activating came back with the first of the stack current and live."""
+    paths = _adapters(hf, "ffba", tmp_path, n=2)
+    m = FusedLlama.from_pretrained(hf)
+    m.load_adapter(paths[0], "a0", activate=current is not None)
+    m.load_adapter(paths[1], "a1", activate=False)
+    if folded:
+        m.fold()
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        want = m(ids).logits
+    before = (m.active_adapter, m.folded, m.adapter_active(), m.adapter_config)
+    m.stack_adapters(["a1", "a0"])
+    m.unstack_adapters()
+    assert (m.active_adapter, m.folded, m.adapter_active(), m.adapter_config) == before
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, want)
