@@ -88,10 +88,10 @@ class AdapterRegistry:
         if sd is None:  # fresh: as the modules' construction initialises them
             sd = {f"{prefix}.{k}": t for prefix, m in self.adapter_modules()
                   for k, t in m.fresh_adapter_state_dict().items()}
+        if name == self.active_adapter:  # its modules take the new tensors, not keep their old ones
+            self.active_adapter, activate = None, True
         self._store_adapter(name, cfg, sd)
-        # the active adapter's name: its modules must hold the new tensors too, or switching
-        # away would store the old ones over them
-        if activate or name == self.active_adapter:
+        if activate:
             self.set_adapter(name)
 
     def delete_adapter(self, name: str) -> None:
@@ -110,8 +110,8 @@ class AdapterRegistry:
         self._check_single("set_adapter")
         if self._merged:
             raise ValueError("an adapter was merged into the base weights; switching is no longer possible")
-        # save the current adapter's (possibly trained) tensors before switching away
-        if self.active_adapter is not None and self.active_adapter != name:
+        # keep the current adapter's (possibly trained) tensors: switching away or setting it again
+        if self.active_adapter is not None:
             cur_cfg, _ = self._adapters[self.active_adapter]
             self._store_adapter(self.active_adapter, cur_cfg, self.adapter_state_dict())
         cfg, sd = self._adapters[name]

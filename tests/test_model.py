@@ -591,3 +591,22 @@ def test_add_adapter_to_a_base_model_and_delete_adapter():
     assert m.adapter_names == ["other"]
     with pytest.raises(KeyError):
         m.set_adapter("task")
+
+
+def test_setting_the_current_adapter_again_keeps_what_training_did(tmp_path):
+    """set_adapter(<the current name>) copied the registry's copy (as added or loaded) over
+    the modules' trained tensors: a training run's progress silently undone. Loading over the
+    current name still replaces its tensors."""
+    hf, ids = llama_model(), random_ids(2, 10)
+    m = FusedLlama.from_pretrained(hf)
+    m.add_adapter("task", AdapterConfig("ffba", rank=4))
+    randomize_adapter(m)  # what training does to it
+    with torch.no_grad():
+        trained = m(ids).logits
+        m.set_adapter("task")
+        assert torch.equal(m(ids).logits, trained)
+    m.save_adapter(str(tmp_path / "trained"))
+    m.add_adapter("other", AdapterConfig("ffba", rank=4))
+    m.load_adapter(str(tmp_path / "trained"), "other", activate=False)
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, trained)
