@@ -81,10 +81,8 @@ class AdapterRegistry:
         if sd is not None:
             # checked before the model gains the adapter structure: a refused adapter leaves it as it was
             adapter_io.check_adapter_state_dict(self.arch, cfg, sd, where=str(source))
-        if self.adapter_config is None:
+        if self.adapter_config is None:  # the structure, none current: the base model until set_adapter
             self._rebuild(cfg)
-            if not activate:  # the structure, but no adapter current: the base model until set_adapter
-                self._set_enabled(False)
         if sd is None:  # fresh: as the modules' construction initialises them
             sd = {f"{prefix}.{k}": t for prefix, m in self.adapter_modules()
                   for k, t in m.fresh_adapter_state_dict().items()}
@@ -125,7 +123,7 @@ class AdapterRegistry:
         for _, m in self.adapter_modules():
             m.set_config(cfg)
         self.active_adapter = name
-        self._set_enabled(True)
+        self._sync_enabled()
         if was_folded:
             self.fold()
 
@@ -143,25 +141,28 @@ class AdapterRegistry:
     def adapter_names(self) -> list:
         return sorted(self._adapters)
 
-    def _set_enabled(self, flag: bool) -> None:
+    def _sync_enabled(self) -> None:
+        """The one rule for the modules' adapter switch: on where an adapter is current (or
+        several stacked), off in the base model and inside :meth:`disable_adapter`."""
+        on = (self.active_adapter is not None or self._stack is not None) and not self._disabled
         for _, m in self.adapter_modules():
-            m.set_adapter_enabled(flag)
+            m.set_adapter_enabled(on)
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Inside the block the model computes exactly the base model."""
+        """Inside the block the model computes exactly the base model, whatever the
+        block loads, switches or stacks."""
         if self._merged:  # turning the adapter off would still run W + s B A
             raise ValueError("disable_adapter: an adapter was merged into the base weights, so the base "
                              "model is gone; load the model again for it (merged_state_dict() and "
                              "save_merged() merge without changing the model)")
-        states = [(m, m.adapter_enabled) for _, m in self.adapter_modules()]
+        self._disabled += 1
+        self._sync_enabled()
         try:
-            for m, _ in states:
-                m.set_adapter_enabled(False)
             yield self
         finally:
-            for m, flag in states:
-                m.set_adapter_enabled(flag)
+            self._disabled -= 1
+            self._sync_enabled()
 
     def adapter_active(self) -> bool:
         return self.adapter_config is not None and any(m.adapter_enabled for _, m in self.adapter_modules())
@@ -299,6 +300,7 @@ class AdapterRegistry:
                 for k, t in self._adapters[name][1].items()} for name, c in zip(names, cfgs)]
         self._load_adapter_tensors(stack_state_dicts(sds, self.adapter_state_dict()))
         self._stack = names
+        self._sync_enabled()
         self.fold()
 
     def unstack_adapters(self) -> None:
@@ -312,7 +314,7 @@ class AdapterRegistry:
         self._reuse_parameters(params)
         self._stack, self._unstacked, self.active_adapter = None, None, None
         if name is None:  # none was current: the base model
-            self._set_enabled(False)
+            self._sync_enabled()
         else:
             self.set_adapter(name)
         if folded:

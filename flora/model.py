@@ -128,6 +128,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         self.active_adapter: Optional[str] = None
         self._folded = False
         self._merged = False
+        self._disabled = 0  # disable_adapter() blocks entered
         self.gradient_checkpointing = False
         self.config = HFConfigView(arch)
         self.generation_eos_token_id = arch.eos_token_id
@@ -476,7 +477,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             self.embed = self.head.weight
         self._adapter_config, self._folded = cfg, False
         self._unsaved_storage()
-        self.train(self.training)  # the new modules in the model's mode
+        self.train(self.training)  # the new modules in the model's mode, their adapter switched as its
+        self._sync_enabled()
 
     def base_state_dict(self) -> dict:
         """The base weights under their HF names (views of the fused storage)."""

@@ -610,3 +610,30 @@ def test_setting_the_current_adapter_again_keeps_what_training_did(tmp_path):
     m.load_adapter(str(tmp_path / "trained"), "other", activate=False)
     with torch.no_grad():
         assert torch.equal(m(ids).logits, trained)
+
+
+def test_disable_adapter_holds_whatever_the_block_loads_or_switches(tmp_path):
+    """Inside disable_adapter() the model computes the base: set_adapter, load_adapter,
+    add_adapter and stack / unstack_adapters in the block turned an adapter back on (and
+    modules rebuilt there were on), so the block silently ran an adapter. Nested blocks
+    and the adapter after the block are as before."""
+    hf, ids = llama_model(), random_ids(2, 10)
+    src = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4))
+    randomize_adapter(src)
+    src.save_adapter(str(tmp_path / "a"))
+    with torch.no_grad():
+        base, adapted = FusedLlama.from_pretrained(hf)(ids).logits, src(ids).logits
+        m = FusedLlama.from_pretrained(hf)
+        with m.disable_adapter():
+            m.load_adapter(str(tmp_path / "a"), "a")  # the structure built in the block
+            assert torch.equal(m(ids).logits, base)
+            m.add_adapter("b", AdapterConfig("ffba", rank=4, alpha=2))
+            m.set_adapter("a")
+            with m.disable_adapter():
+                assert torch.equal(m(ids).logits, base)
+            assert torch.equal(m(ids).logits, base)
+            m.stack_adapters(["b", "a"])
+            assert torch.equal(m(ids, adapters=["a", "b"]).logits, base)
+            m.unstack_adapters()
+            assert torch.equal(m(ids).logits, base) and not m.adapter_active()
+        assert torch.equal(m(ids).logits, adapted) and m.adapter_active()
