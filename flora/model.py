@@ -122,10 +122,12 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         if arch.tie_word_embeddings:
             self.embed = self.head.weight  # one tensor for both (a view when the head is fused)
         self.register_buffer("inv_freq", rope_inv_freq(arch).to(self.embed.device), persistent=False)
-        self._adapters: dict = {}  # name -> (AdapterConfig, adapter state dict)
+        self._adapters: dict = {}  # name -> (AdapterConfig, adapter state dict; None: the modules' own)
         self._stack: Optional[list] = None  # adapter names side by side (stack_adapters)
         self._unstacked: Optional[tuple] = None  # (config, Parameters, folded) from before stack_adapters
         self.active_adapter: Optional[str] = None
+        if adapter_config is not None:  # the modules' fresh adapter, current under the default name
+            self._adapters["default"], self.active_adapter = (adapter_config, None), "default"
         self._folded = False
         self._merged = False
         self._disabled = 0  # disable_adapter() blocks entered
@@ -222,21 +224,16 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         # fused storage, so a dtype or device change never holds a second copy of the model
         sd = _Converted(sd, device=device, dtype=dtype, copy=copy)
 
-        cfg, adapter_sd, name = None, None, None
+        cfg, adapter_sd = None, None
         if adapter is not None:
             cfg, adapter_sd = adapter_io.resolve_adapter(adapter, arch)
-            name = "default"
         with torch.no_grad():
             model = cls(arch, sd, cfg, adapter_dtype)
         del sd
         model.generation_eos_token_id = eos  # generate()'s default stop tokens
-        if adapter_sd is not None:
+        if adapter_sd is not None:  # into the current adapter, "default"
             adapter_io.check_adapter_state_dict(model.arch, cfg, adapter_sd, where=str(adapter))
-            model._store_adapter(name, cfg, adapter_sd)
-            model.set_adapter(name)
-        elif cfg is not None:
-            model._adapters[name] = (cfg, None)  # fresh init lives in the modules
-            model.active_adapter = name
+            model._load_adapter_tensors(adapter_sd)
         # as transformers': an adapter's dropout must not perturb the logits of a model loaded
         # to score or generate; training calls train() (flora.train does)
         return model.eval()

@@ -637,3 +637,22 @@ def test_disable_adapter_holds_whatever_the_block_loads_or_switches(tmp_path):
             m.unstack_adapters()
             assert torch.equal(m(ids).logits, base) and not m.adapter_active()
         assert torch.equal(m(ids).logits, adapted) and m.adapter_active()
+
+
+def test_a_model_built_directly_holds_its_adapter_as_from_pretrained_does(tmp_path):
+    """FusedLlama(arch, sd, config) computed with an adapter no name held (active_adapter
+    None): switching to another adapter stored nothing, so the first one's trained tensors
+    were silently lost, and save_adapter took it for the structure with none current. It is
+    "default", current, as from_pretrained(adapter=config) makes it."""
+    from flora.checkpoint import state_dict_from_hf_model
+
+    hf, ids = llama_model(), random_ids(2, 10)
+    m = FusedLlama(*state_dict_from_hf_model(hf), AdapterConfig("ffba", rank=4)).eval()
+    assert m.active_adapter == "default" and m.adapter_names == ["default"]
+    randomize_adapter(m)
+    with torch.no_grad():
+        trained = m(ids).logits
+        m.add_adapter("b", AdapterConfig("ffba", rank=4))
+        m.set_adapter("default")
+        assert torch.equal(m(ids).logits, trained)
+    m.save_adapter(str(tmp_path / "a"))
