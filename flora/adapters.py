@@ -191,7 +191,7 @@ class AdapterRegistry:
 
     def merge_into_base(self) -> None:
         """W += s B A for lora / pf-lora; other variants cannot be merged."""
-        self._check_single("merge_into_base")
+        self._check_current("merge_into_base")
         self._check_mergeable()
         self.unfold()
         with torch.no_grad():
@@ -203,11 +203,11 @@ class AdapterRegistry:
         """The base weights under their HF names with the lora / pf-lora adapter
         added (W + s B A in float64, rounded once to W's dtype, as
         :meth:`merge_into_base`), as new tensors: the model is left as it is.
-        No adapter, or one already merged: the base weights as they are."""
-        sd = self.base_state_dict()
-        if self.adapter_config is None or self.merged:
-            return sd
+        No adapter current, or one already merged: the base weights as they are."""
         self._check_single("merged_state_dict")
+        sd = self.base_state_dict()
+        if self.active_adapter is None or self.merged:
+            return sd
         self._check_mergeable()
         s = self.adapter_config.scale
         for module, A, B in adapter_io.lora_factors(self.adapter_state_dict()):
@@ -232,11 +232,11 @@ class AdapterRegistry:
                         generation_config=generation_config)
 
     def save_adapter(self, path) -> None:
-        self._check_single("save_adapter")
+        self._check_current("save_adapter")
         adapter_io.save_adapter(self, path)
 
     def export_peft(self, path, base_model_name_or_path: Optional[str] = None) -> None:
-        self._check_single("export_peft")
+        self._check_current("export_peft")
         adapter_io.export_peft(self, path, base_model_name_or_path=base_model_name_or_path)
 
     # ------------------------------------------------- several adapters at once
@@ -250,6 +250,14 @@ class AdapterRegistry:
         if self._stack is not None:
             raise ValueError(f"{what}: the model holds the adapters {self._stack} side by side "
                              f"(stack_adapters); call unstack_adapters() first")
+
+    def _check_current(self, what: str) -> None:
+        """One adapter current: not several stacked, nor the structure with none set (its
+        modules then hold fresh tensors, none of the loaded adapters')."""
+        self._check_single(what)
+        if self.adapter_config is not None and self.active_adapter is None:
+            raise ValueError(f"{what}: no adapter is current (loaded: {sorted(self._adapters)}); "
+                             f"set_adapter(name) first")
 
     def stack_adapters(self, names) -> None:
         """Hold the loaded adapters ``names`` side by side, so that each row of

@@ -656,3 +656,28 @@ def test_a_model_built_directly_holds_its_adapter_as_from_pretrained_does(tmp_pa
         m.set_adapter("default")
         assert torch.equal(m(ids).logits, trained)
     m.save_adapter(str(tmp_path / "a"))
+
+
+def test_with_no_adapter_current_there_is_none_to_save_export_or_merge(tmp_path):
+    """A base model given adapters without activating them holds the structure's fresh
+    tensors, none of the named adapters: save_adapter and export_peft wrote those (an
+    untrained adapter under the loaded one's config) and merge_into_base merged them,
+    leaving a model that could no longer switch. Each now names the problem;
+    merged_state_dict is the base weights, which the model computes."""
+    hf, ids = llama_model(), random_ids(2, 10)
+    src = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("lora", rank=4))
+    randomize_adapter(src)
+    src.save_adapter(str(tmp_path / "a"))
+    m = FusedLlama.from_pretrained(hf)
+    m.load_adapter(str(tmp_path / "a"), "x", activate=False)
+    for call in (lambda: m.save_adapter(str(tmp_path / "s")), lambda: m.export_peft(str(tmp_path / "p")),
+                 m.merge_into_base):
+        with pytest.raises(ValueError, match=r"no adapter is current \(loaded: \['x'\]\); set_adapter"):
+            call()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p").exists() and not m.merged
+    base = FusedLlama.from_pretrained(hf).base_state_dict()
+    assert all(torch.equal(t, base[k]) for k, t in m.merged_state_dict().items())
+    m.set_adapter("x")
+    m.save_adapter(str(tmp_path / "s"))
+    with torch.no_grad():
+        assert torch.equal(FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "s"))(ids).logits, src(ids).logits)
