@@ -70,6 +70,7 @@ class AdapterRegistry:
 
     def _add(self, what: str, name: str, source, activate: bool) -> None:
         self._check_single(what)
+        self._check_unmerged(what)
         if not isinstance(name, str) or not name:  # None means the base model (adapters=[...], active_adapter)
             raise TypeError(f"{what}: name must be a non-empty string, got {name!r}")
         cfg, sd = adapter_io.resolve_adapter(source, self.arch)
@@ -106,8 +107,7 @@ class AdapterRegistry:
         if name not in self._adapters:
             raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self._adapters)}")
         self._check_single("set_adapter")
-        if self._merged:
-            raise ValueError("an adapter was merged into the base weights; switching is no longer possible")
+        self._check_unmerged("set_adapter")
         # keep the current adapter's (possibly trained) tensors: switching away or setting it again
         if self.active_adapter is not None:
             cur_cfg, _ = self._adapters[self.active_adapter]
@@ -179,6 +179,11 @@ class AdapterRegistry:
             for _, m in self.adapter_modules():
                 m.unfold()
             self._folded = False
+
+    def _check_unmerged(self, what: str) -> None:
+        if self._merged:
+            raise ValueError(f"{what}: an adapter was merged into the base weights; adapters can no longer be "
+                             f"loaded, switched or stacked on this model (load the model again)")
 
     def _check_mergeable(self) -> None:
         cfg = self.adapter_config
@@ -281,8 +286,7 @@ class AdapterRegistry:
             raise KeyError(f"stack_adapters: no adapter named {unknown[0]!r}; loaded: {sorted(self._adapters)}")
         if len(set(names)) != len(names):
             raise ValueError(f"stack_adapters: names repeat in {names}")
-        if self._merged:
-            raise ValueError("stack_adapters: an adapter was merged into the base weights")
+        self._check_unmerged("stack_adapters")
         cfgs = [self._adapters[n][0] for n in names]
         if cfgs[0].base_variant in UNSTACKABLE:
             raise ValueError(f"stack_adapters: {cfgs[0].variant} adds its adapter state to the output "

@@ -681,3 +681,20 @@ def test_with_no_adapter_current_there_is_none_to_save_export_or_merge(tmp_path)
     m.save_adapter(str(tmp_path / "s"))
     with torch.no_grad():
         assert torch.equal(FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "s"))(ids).logits, src(ids).logits)
+
+
+def test_after_a_merge_no_adapter_is_loaded_switched_or_stacked(tmp_path):
+    """load_adapter / add_adapter into a merged model registered the adapter, then failed
+    switching to it: the error said the model was unchanged, the adapter list said not.
+    Each call is refused by name before anything changes."""
+    hf = llama_model()
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("lora", rank=4))
+    m.save_adapter(str(tmp_path / "a"))
+    m.merge_into_base()
+    for what, call in (("load_adapter", lambda: m.load_adapter(str(tmp_path / "a"), "b", activate=False)),
+                       ("add_adapter", lambda: m.add_adapter("c", AdapterConfig("lora", rank=4))),
+                       ("set_adapter", lambda: m.set_adapter("default")),
+                       ("stack_adapters", lambda: m.stack_adapters(["default"]))):
+        with pytest.raises(ValueError, match=f"{what}: an adapter was merged into the base weights"):
+            call()
+    assert m.adapter_names == ["default"] and m.active_adapter == "default" and m.merged
