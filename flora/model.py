@@ -158,6 +158,9 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             if tied:
                 self.embed = self.head.weight
             self.inv_freq = rope_inv_freq(self.arch).to(self.embed.device)
+        p = next(self.parameters(), None)
+        if p is not None:  # adapters built later (stack_adapters) in the dtype .to() gave these
+            self.adapter_dtype = p.dtype
         return self
 
     # ------------------------------------------------------------------ load

@@ -276,3 +276,18 @@ def test_unstacking_gives_back_the_model_as_it_was(hf, tmp_path, folded, current
     assert (m.active_adapter, m.folded, m.adapter_active(), m.adapter_config) == before
     with torch.no_grad():
         assert torch.equal(m(ids).logits, want)
+
+
+def test_a_converted_model_restacks_in_its_adapters_dtype(hf, tmp_path):
+    """model.to(dtype) converts the adapter Parameters, but the model kept building adapters
+    in the adapter_dtype given at load: stack / unstack_adapters gave it adapters of the old
+    dtype, new tensors an optimizer made before stacking no longer reached (training after
+    unstacking silently stepped orphans)."""
+    m = FusedLlama.from_pretrained(hf, adapter=_adapters(hf, "ffba", tmp_path, n=1)[0],
+                                   adapter_dtype=torch.float32).to(torch.float64)
+    m.add_adapter("b", AdapterConfig("ffba", rank=4), activate=False)
+    params = list(m.parameters())
+    m.stack_adapters(["default", "b"])
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    m.unstack_adapters()
+    assert all(p is q for p, q in zip(m.parameters(), params)) and len(list(m.parameters())) == len(params)
