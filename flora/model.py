@@ -161,6 +161,14 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         p = next(self.parameters(), None)
         if p is not None:  # adapters built later (stack_adapters) in the dtype .to() gave these
             self.adapter_dtype = p.dtype
+        # the model's tensors outside its modules too: the registry's adapters (kept on its
+        # device) and the Parameters stack_adapters set aside (an optimizer's, converted in place)
+        with torch.no_grad():
+            self._adapters = {n: (c, None if sd is None else {k: fn(t) for k, t in sd.items()})
+                              for n, (c, sd) in self._adapters.items()}
+            if self._unstacked is not None:
+                for q in self._unstacked[1].values():
+                    q.data = fn(q)
         return self
 
     # ------------------------------------------------------------------ load

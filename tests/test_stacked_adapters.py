@@ -291,3 +291,24 @@ def test_a_converted_model_restacks_in_its_adapters_dtype(hf, tmp_path):
     assert {p.dtype for p in m.parameters()} == {torch.float64}
     m.unstack_adapters()
     assert all(p is q for p, q in zip(m.parameters(), params)) and len(list(m.parameters())) == len(params)
+
+
+def test_a_model_converted_while_stacked_unstacks_to_its_own_parameters(hf, tmp_path):
+    """.to() while stacked converted the stacked tensors but not the Parameters set aside
+    for unstack_adapters, which then no longer fitted: the model came back with new tensors
+    and an optimizer made before stacking silently stepped orphans. The registry's adapters
+    (kept on the model's device) follow a conversion too."""
+    paths = _adapters(hf, "ffba", tmp_path, n=2)
+    m = _loaded(hf, paths)
+    params = list(m.parameters())
+    m.stack_adapters(["default", "a1"])
+    m.to(torch.float64)
+    m.unstack_adapters()
+    assert all(p is q for p, q in zip(m.parameters(), params)) and len(list(m.parameters())) == len(params)
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    assert {t.dtype for t in m._adapters["a1"][1].values()} == {torch.float64}
+    with torch.no_grad():
+        m.set_adapter("a1")
+        want = FusedLlama.from_pretrained(hf, adapter=paths[1], dtype=torch.float64)
+        ids = random_ids(2, 7)
+        assert torch.equal(m(ids).logits, want(ids).logits)
