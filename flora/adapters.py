@@ -197,6 +197,9 @@ class AdapterRegistry:
     def merge_into_base(self) -> None:
         """W += s B A for lora / pf-lora; other variants cannot be merged."""
         self._check_current("merge_into_base")
+        if self._disabled:  # the block would run W + s B A from here on
+            raise ValueError("merge_into_base: inside disable_adapter() the model computes the base; "
+                             "merge after the block")
         self._check_mergeable()
         self.unfold()
         with torch.no_grad():

@@ -698,3 +698,17 @@ def test_after_a_merge_no_adapter_is_loaded_switched_or_stacked(tmp_path):
         with pytest.raises(ValueError, match=f"{what}: an adapter was merged into the base weights"):
             call()
     assert m.adapter_names == ["default"] and m.active_adapter == "default" and m.merged
+
+
+def test_merging_inside_disable_adapter_is_refused(tmp_path):
+    """merge_into_base inside disable_adapter() wrote W + s B A into the base weights, so the
+    rest of the block, meant to run the base, silently ran the adapter."""
+    hf, ids = llama_model(), random_ids(2, 10)
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("lora", rank=4))
+    randomize_adapter(m)
+    with m.disable_adapter():
+        with pytest.raises(ValueError, match=r"merge_into_base: inside disable_adapter\(\)"):
+            m.merge_into_base()
+        with torch.no_grad():
+            assert rel_err(m(ids).logits, hf(ids).logits) <= 1e-5
+    assert not m.merged
