@@ -712,3 +712,27 @@ def test_merging_inside_disable_adapter_is_refused(tmp_path):
         with torch.no_grad():
             assert rel_err(m(ids).logits, hf(ids).logits) <= 1e-5
     assert not m.merged
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, up to its PEFT part, on a tiny checkpoint: its training
+    lines train (train mode, the loss alone; from_pretrained returns eval mode), and each
+    later call works in the order it is written (it stacked an adapter it had deleted)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Python\n\n```python\n(.*?)```", text, re.S).group(1)
+    code = code.split("# PEFT LoRA adapters")[0].replace("path/to/llama", str(tmp_path / "llama"))
+    save_model(llama_model(), str(tmp_path / "llama"))
+    monkeypatch.chdir(tmp_path)
+    other = FusedLlama.from_pretrained(str(tmp_path / "llama"), adapter=AdapterConfig("ffba", rank=32))
+    other.save_adapter("out/other-adapter")  # the example's second adapter
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: calls.append((mod.training, out.logits is None)) if isinstance(mod, FusedLlama) else None)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        hook.remove()
+    assert calls[0] == (True, True)
