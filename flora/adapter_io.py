@@ -12,7 +12,6 @@ everything against the base model and read only safetensors (never pickle).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import os
@@ -218,10 +217,7 @@ def _read_flora_adapter(path: str, arch: LlamaArch, meta: dict):
 def resolve_adapter(adapter, arch: LlamaArch):
     """AdapterConfig | dir -> (validated AdapterConfig, tensors or None for a fresh adapter)."""
     if isinstance(adapter, AdapterConfig):
-        adapter.validate_for(arch)
-        # the model's own copy: a caller changing theirs later (a sweep reusing it) must not
-        # change what save_adapter writes while the modules keep the scale they were built with
-        return copy.deepcopy(adapter), None
+        return adapter.validate_for(arch), None  # shared safely: a config never changes
     if isinstance(adapter, (str, os.PathLike)):
         return read_adapter_dir(adapter, arch)
     raise TypeError(f"adapter must be an AdapterConfig or an adapter directory, got {type(adapter).__name__}")

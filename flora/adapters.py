@@ -2,9 +2,9 @@
 device, switching between them, several side by side for mixed batches
 (stack_adapters), enable/disable, fold/unfold, merge, save.
 
-A mixin: it needs ``adapter_modules()``, ``adapter_config``, ``arch``,
-``device``, ``_rebuild(cfg)`` and the ``_adapters`` / ``_stack`` state from
-the model it is mixed into.
+A mixin: it needs ``adapter_modules()``, ``arch``, ``device``,
+``_rebuild(cfg)`` and the ``_adapter_config`` / ``_adapters`` / ``_stack``
+state from the model it is mixed into.
 """
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ UNSTACKABLE = ("ffa", "ffba-qg-add")  # repeat-add: the state reaches y inside t
 
 
 class AdapterRegistry:
+    @property
+    def adapter_config(self) -> Optional[AdapterConfig]:
+        """The current adapter's config (while stacked, the stack's); None without adapters.
+        Read-only, as the config itself: the modules' tensors and scale follow it
+        (load_adapter / add_adapter + set_adapter give the model another)."""
+        return self._adapter_config
+
     def adapter_state_dict(self) -> dict:
         """Current adapter tensors, keyed ``<module path>.<A_p|B_p|C_p>`` (detached)."""
         out = {}
@@ -63,6 +70,7 @@ class AdapterRegistry:
 
     def _add(self, what: str, name: str, source, activate: bool) -> None:
         self._check_single(what)
+        self._check_unmerged(what)
         if not isinstance(name, str) or not name:  # None means the base model (adapters=[...], active_adapter)
             raise TypeError(f"{what}: name must be a non-empty string, got {name!r}")
         cfg, sd = adapter_io.resolve_adapter(source, self.arch)
@@ -74,17 +82,15 @@ class AdapterRegistry:
         if sd is not None:
             # checked before the model gains the adapter structure: a refused adapter leaves it as it was
             adapter_io.check_adapter_state_dict(self.arch, cfg, sd, where=str(source))
-        if self.adapter_config is None:
+        if self.adapter_config is None:  # the structure, none current: the base model until set_adapter
             self._rebuild(cfg)
-            if not activate:  # the structure, but no adapter current: the base model until set_adapter
-                self._set_enabled(False)
         if sd is None:  # fresh: as the modules' construction initialises them
             sd = {f"{prefix}.{k}": t for prefix, m in self.adapter_modules()
                   for k, t in m.fresh_adapter_state_dict().items()}
+        if name == self.active_adapter:  # its modules take the new tensors, not keep their old ones
+            self.active_adapter, activate = None, True
         self._store_adapter(name, cfg, sd)
-        # the active adapter's name: its modules must hold the new tensors too, or switching
-        # away would store the old ones over them
-        if activate or name == self.active_adapter:
+        if activate:
             self.set_adapter(name)
 
     def delete_adapter(self, name: str) -> None:
@@ -101,10 +107,9 @@ class AdapterRegistry:
         if name not in self._adapters:
             raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self._adapters)}")
         self._check_single("set_adapter")
-        if self._merged:
-            raise ValueError("an adapter was merged into the base weights; switching is no longer possible")
-        # save the current adapter's (possibly trained) tensors before switching away
-        if self.active_adapter is not None and self.active_adapter != name:
+        self._check_unmerged("set_adapter")
+        # keep the current adapter's (possibly trained) tensors: switching away or setting it again
+        if self.active_adapter is not None:
             cur_cfg, _ = self._adapters[self.active_adapter]
             self._store_adapter(self.active_adapter, cur_cfg, self.adapter_state_dict())
         cfg, sd = self._adapters[name]
@@ -114,11 +119,11 @@ class AdapterRegistry:
         if sd is not None:
             self._load_adapter_tensors(sd)
         # same structure, but its own alpha and dropout (the folded B's carry the scale)
-        self.adapter_config = cfg
+        self._adapter_config = cfg
         for _, m in self.adapter_modules():
             m.set_config(cfg)
         self.active_adapter = name
-        self._set_enabled(True)
+        self._sync_enabled()
         if was_folded:
             self.fold()
 
@@ -136,25 +141,28 @@ class AdapterRegistry:
     def adapter_names(self) -> list:
         return sorted(self._adapters)
 
-    def _set_enabled(self, flag: bool) -> None:
+    def _sync_enabled(self) -> None:
+        """The one rule for the modules' adapter switch: on where an adapter is current (or
+        several stacked), off in the base model and inside :meth:`disable_adapter`."""
+        on = (self.active_adapter is not None or self._stack is not None) and not self._disabled
         for _, m in self.adapter_modules():
-            m.set_adapter_enabled(flag)
+            m.set_adapter_enabled(on)
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Inside the block the model computes exactly the base model."""
+        """Inside the block the model computes exactly the base model, whatever the
+        block loads, switches or stacks."""
         if self._merged:  # turning the adapter off would still run W + s B A
             raise ValueError("disable_adapter: an adapter was merged into the base weights, so the base "
                              "model is gone; load the model again for it (merged_state_dict() and "
                              "save_merged() merge without changing the model)")
-        states = [(m, m.adapter_enabled) for _, m in self.adapter_modules()]
+        self._disabled += 1
+        self._sync_enabled()
         try:
-            for m, _ in states:
-                m.set_adapter_enabled(False)
             yield self
         finally:
-            for m, flag in states:
-                m.set_adapter_enabled(flag)
+            self._disabled -= 1
+            self._sync_enabled()
 
     def adapter_active(self) -> bool:
         return self.adapter_config is not None and any(m.adapter_enabled for _, m in self.adapter_modules())
@@ -172,6 +180,11 @@ class AdapterRegistry:
                 m.unfold()
             self._folded = False
 
+    def _check_unmerged(self, what: str) -> None:
+        if self._merged:
+            raise ValueError(f"{what}: an adapter was merged into the base weights; adapters can no longer be "
+                             f"loaded, switched or stacked on this model (load the model again)")
+
     def _check_mergeable(self) -> None:
         cfg = self.adapter_config
         if cfg is None:
@@ -183,7 +196,10 @@ class AdapterRegistry:
 
     def merge_into_base(self) -> None:
         """W += s B A for lora / pf-lora; other variants cannot be merged."""
-        self._check_single("merge_into_base")
+        self._check_current("merge_into_base")
+        if self._disabled:  # the block would run W + s B A from here on
+            raise ValueError("merge_into_base: inside disable_adapter() the model computes the base; "
+                             "merge after the block")
         self._check_mergeable()
         self.unfold()
         with torch.no_grad():
@@ -195,11 +211,11 @@ class AdapterRegistry:
         """The base weights under their HF names with the lora / pf-lora adapter
         added (W + s B A in float64, rounded once to W's dtype, as
         :meth:`merge_into_base`), as new tensors: the model is left as it is.
-        No adapter, or one already merged: the base weights as they are."""
-        sd = self.base_state_dict()
-        if self.adapter_config is None or self.merged:
-            return sd
+        No adapter current, or one already merged: the base weights as they are."""
         self._check_single("merged_state_dict")
+        sd = self.base_state_dict()
+        if self.active_adapter is None or self.merged:
+            return sd
         self._check_mergeable()
         s = self.adapter_config.scale
         for module, A, B in adapter_io.lora_factors(self.adapter_state_dict()):
@@ -224,11 +240,11 @@ class AdapterRegistry:
                         generation_config=generation_config)
 
     def save_adapter(self, path) -> None:
-        self._check_single("save_adapter")
+        self._check_current("save_adapter")
         adapter_io.save_adapter(self, path)
 
     def export_peft(self, path, base_model_name_or_path: Optional[str] = None) -> None:
-        self._check_single("export_peft")
+        self._check_current("export_peft")
         adapter_io.export_peft(self, path, base_model_name_or_path=base_model_name_or_path)
 
     # ------------------------------------------------- several adapters at once
@@ -242,6 +258,14 @@ class AdapterRegistry:
         if self._stack is not None:
             raise ValueError(f"{what}: the model holds the adapters {self._stack} side by side "
                              f"(stack_adapters); call unstack_adapters() first")
+
+    def _check_current(self, what: str) -> None:
+        """One adapter current: not several stacked, nor the structure with none set (its
+        modules then hold fresh tensors, none of the loaded adapters')."""
+        self._check_single(what)
+        if self.adapter_config is not None and self.active_adapter is None:
+            raise ValueError(f"{what}: no adapter is current (loaded: {sorted(self._adapters)}); "
+                             f"set_adapter(name) first")
 
     def stack_adapters(self, names) -> None:
         """Hold the loaded adapters ``names`` side by side, so that each row of
@@ -265,8 +289,7 @@ class AdapterRegistry:
             raise KeyError(f"stack_adapters: no adapter named {unknown[0]!r}; loaded: {sorted(self._adapters)}")
         if len(set(names)) != len(names):
             raise ValueError(f"stack_adapters: names repeat in {names}")
-        if self._merged:
-            raise ValueError("stack_adapters: an adapter was merged into the base weights")
+        self._check_unmerged("stack_adapters")
         cfgs = [self._adapters[n][0] for n in names]
         if cfgs[0].base_variant in UNSTACKABLE:
             raise ValueError(f"stack_adapters: {cfgs[0].variant} adds its adapter state to the output "
@@ -279,30 +302,38 @@ class AdapterRegistry:
             self._store_adapter(self.active_adapter, self.adapter_config, self.adapter_state_dict())
         c0, n = cfgs[0], len(names)
         # rank n*r at adapter 0's scale: alpha n*alpha_0; the others' B's carry alpha_i / alpha_0
-        stacked = AdapterConfig(c0.variant, c0.rank * n, c0.alpha * n, 0.0, c0.targets, c0.layers)
-        params = dict(self.named_parameters())  # an optimizer's: unstack_adapters gives them back
+        stacked = c0.replace(rank=c0.rank * n, alpha=c0.alpha * n, dropout=0.0)
+        # what unstack_adapters gives back: the config, an optimizer's Parameters, the fold
+        unstacked = (self.adapter_config, dict(self.named_parameters()), self._folded)
         try:
             self._rebuild(stacked)
         except BaseException:
-            self._reuse_parameters(params)  # the rebuild restored the old structure with new ones
+            self._reuse_parameters(unstacked[1])  # the rebuild restored the old structure with new ones
             raise
-        self._unstacked_parameters = params
+        self._unstacked = unstacked
         sds = [{k: (t * (c.alpha / c0.alpha) if k.rpartition(".")[2].startswith("B_") else t)
                 for k, t in self._adapters[name][1].items()} for name, c in zip(names, cfgs)]
         self._load_adapter_tensors(stack_state_dicts(sds, self.adapter_state_dict()))
         self._stack = names
+        self._sync_enabled()
         self.fold()
 
     def unstack_adapters(self) -> None:
-        """Back from :meth:`stack_adapters` to one adapter at a time (the one
-        that was current before, else the first of the stack)."""
+        """Back from :meth:`stack_adapters` to one adapter at a time, as the
+        model was before: the same adapter current (or none), folded or not."""
         if self._stack is None:
             return
-        name = self.active_adapter or self._stack[0]
-        self._rebuild(self._adapters[name][0])
-        self._reuse_parameters(self._unstacked_parameters)
-        self._stack, self.active_adapter, self._unstacked_parameters = None, None, {}
-        self.set_adapter(name)
+        cfg, params, folded = self._unstacked
+        name = self.active_adapter
+        self._rebuild(cfg)
+        self._reuse_parameters(params)
+        self._stack, self._unstacked, self.active_adapter = None, None, None
+        if name is None:  # none was current: the base model
+            self._sync_enabled()
+        else:
+            self.set_adapter(name)
+        if folded:
+            self.fold()
 
     def _reuse_parameters(self, params: dict) -> None:
         """Put back the adapter Parameters ``params`` (name -> Parameter) the model had before
@@ -358,7 +389,7 @@ def stack_state_dicts(sds: list, like: dict) -> dict:
 
 def _structure(cfg) -> tuple:
     """What decides the modules' tensors and storage (alpha and dropout do not)."""
-    return (cfg.variant, cfg.rank, cfg.resolved_targets, None if cfg.layers is None else tuple(cfg.layers))
+    return cfg.variant, cfg.rank, cfg.resolved_targets, cfg.layers
 
 
 def _same_structure(a, b) -> bool:

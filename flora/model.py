@@ -110,7 +110,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
     def __init__(self, arch: LlamaArch, sd: dict, adapter_config=None, adapter_dtype=None):
         super().__init__()
         self.arch = arch
-        self.adapter_config = adapter_config
+        self._adapter_config = adapter_config
         self.adapter_dtype = adapter_dtype
         n = arch.num_hidden_layers
         self.register_buffer("embed", sd["model.embed_tokens.weight"], persistent=False)
@@ -122,12 +122,15 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         if arch.tie_word_embeddings:
             self.embed = self.head.weight  # one tensor for both (a view when the head is fused)
         self.register_buffer("inv_freq", rope_inv_freq(arch).to(self.embed.device), persistent=False)
-        self._adapters: dict = {}  # name -> (AdapterConfig, adapter state dict)
+        self._adapters: dict = {}  # name -> (AdapterConfig, adapter state dict; None: the modules' own)
         self._stack: Optional[list] = None  # adapter names side by side (stack_adapters)
-        self._unstacked_parameters: dict = {}  # the adapter Parameters from before stack_adapters
+        self._unstacked: Optional[tuple] = None  # (config, Parameters, folded) from before stack_adapters
         self.active_adapter: Optional[str] = None
+        if adapter_config is not None:  # the modules' fresh adapter, current under the default name
+            self._adapters["default"], self.active_adapter = (adapter_config, None), "default"
         self._folded = False
         self._merged = False
+        self._disabled = 0  # disable_adapter() blocks entered
         self.gradient_checkpointing = False
         self.config = HFConfigView(arch)
         self.generation_eos_token_id = arch.eos_token_id
@@ -155,6 +158,17 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             if tied:
                 self.embed = self.head.weight
             self.inv_freq = rope_inv_freq(self.arch).to(self.embed.device)
+        p = next(self.parameters(), None)
+        if p is not None:  # adapters built later (stack_adapters) in the dtype .to() gave these
+            self.adapter_dtype = p.dtype
+        # the model's tensors outside its modules too: the registry's adapters (kept on its
+        # device) and the Parameters stack_adapters set aside (an optimizer's, converted in place)
+        with torch.no_grad():
+            self._adapters = {n: (c, None if sd is None else {k: fn(t) for k, t in sd.items()})
+                              for n, (c, sd) in self._adapters.items()}
+            if self._unstacked is not None:
+                for q in self._unstacked[1].values():
+                    q.data = fn(q)
         return self
 
     # ------------------------------------------------------------------ load
@@ -169,7 +183,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         dtype of the adapter tensors (default: the base dtype; e.g. fp32 adapters
         on a bf16 base for training). Both dtypes: a torch dtype or its name
         ("bfloat16", "bf16", "float16", ...; ``dtype="auto"``: the checkpoint's).
-        Never touches the network.
+        Never touches the network. The model comes back in eval mode, as from
+        transformers' ``from_pretrained``: call ``train()`` to train it.
         """
         from .config import parse_dtype
 
@@ -220,22 +235,19 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         # fused storage, so a dtype or device change never holds a second copy of the model
         sd = _Converted(sd, device=device, dtype=dtype, copy=copy)
 
-        cfg, adapter_sd, name = None, None, None
+        cfg, adapter_sd = None, None
         if adapter is not None:
             cfg, adapter_sd = adapter_io.resolve_adapter(adapter, arch)
-            name = "default"
         with torch.no_grad():
             model = cls(arch, sd, cfg, adapter_dtype)
         del sd
         model.generation_eos_token_id = eos  # generate()'s default stop tokens
-        if adapter_sd is not None:
+        if adapter_sd is not None:  # into the current adapter, "default"
             adapter_io.check_adapter_state_dict(model.arch, cfg, adapter_sd, where=str(adapter))
-            model._store_adapter(name, cfg, adapter_sd)
-            model.set_adapter(name)
-        elif cfg is not None:
-            model._adapters[name] = (cfg, None)  # fresh init lives in the modules
-            model.active_adapter = name
-        return model
+            model._load_adapter_tensors(adapter_sd)
+        # as transformers': an adapter's dropout must not perturb the logits of a model loaded
+        # to score or generate; training calls train() (flora.train does)
+        return model.eval()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -471,9 +483,10 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             self.head = FusedLMHead(w_head, config=cfg, adapter_dtype=self.adapter_dtype)
         if tied:
             self.embed = self.head.weight
-        self.adapter_config, self._folded = cfg, False
+        self._adapter_config, self._folded = cfg, False
         self._unsaved_storage()
-        self.train(self.training)  # the new modules in the model's mode
+        self.train(self.training)  # the new modules in the model's mode, their adapter switched as its
+        self._sync_enabled()
 
     def base_state_dict(self) -> dict:
         """The base weights under their HF names (views of the fused storage)."""

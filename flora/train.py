@@ -297,7 +297,8 @@ def _stop_early(eval_history: list, patience: int) -> bool:
 def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = None, out_dir=None,
           resume: bool = False, callback: Callable[[int, dict], None] = None) -> TrainResult:
     """Trains ``model``'s parameters that have ``requires_grad`` (for FusedLlama:
-    the adapter) on ``train_data`` (records or a ``TokenizedDataset``).
+    the adapter) on ``train_data`` (records or a ``TokenizedDataset``), in train
+    mode; the model's mode is given back at the end.
 
     ``out_dir``: where checkpoints go (``out_dir/checkpoint``); ``resume=True``
     continues from it. ``callback(step, metrics)`` runs after every optimizer
@@ -398,6 +399,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
     tok_window = []  # (tokens, seconds) of recent steps, for tokens/s
     order_epoch, order = None, None
     lengths = [len(it["input_ids"]) for it in train_ds] if cfg.group_by_length else None
+    was_training = model.training  # given back at the end, as evaluation gives it back
     net.train()
     step = start_step
     stopped = _stop_early(eval_history, cfg.early_stop)  # a resumed run that had stopped stays stopped
@@ -468,6 +470,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
         if out_dir is not None:
             save(step)
     finally:
+        model.train(was_training)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t_start

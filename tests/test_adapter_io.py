@@ -179,12 +179,12 @@ def test_missing_adapter_dir(tmp_path, hf):
 
 
 # --------------------------------------------------------------------------- PEFT
-def _peft_model(hf_seed, r, alpha, targets, layers=None, rslora=False, seed=0, **extra):
+def _peft_model(hf_seed, r, alpha, targets, layers=None, rslora=False, seed=0, dropout=0.0, **extra):
     from peft import LoraConfig, get_peft_model
 
     base = llama_model(seed=hf_seed)
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, layers_to_transform=layers,
-                     use_rslora=rslora, lora_dropout=0.0, task_type="CAUSAL_LM", **extra)
+                     use_rslora=rslora, lora_dropout=dropout, task_type="CAUSAL_LM", **extra)
     pm = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -212,6 +212,19 @@ def test_peft_lora_loads_as_pf_lora(tmp_path, r, alpha, targets, layers, rslora)
         ref = pm(input_ids=ids).logits
         assert rel_err(ref, llama_model(seed=0)(ids).logits) > 1e-3  # the adapter matters
         assert rel_err(m(ids).logits, ref) <= 1e-5
+
+
+def test_a_peft_lora_with_dropout_scores_as_peft(tmp_path):
+    """A PEFT LoRA trained with lora_dropout 0.05 (a common setting) loaded as pf-lora: the
+    model came back in train mode, so its logits were randomly perturbed by the dropout."""
+    pm = _peft_model(0, 4, 8, ["q_proj", "v_proj", "down_proj"], dropout=0.05)
+    ckpt = save_model(llama_model(seed=0), str(tmp_path / "base"))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    m = FusedLlama.from_pretrained(ckpt, adapter=str(tmp_path / "peft"))
+    assert m.adapter_config.dropout == 0.05
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        assert rel_err(m(ids).logits, pm(input_ids=ids).logits) <= 1e-5
 
 
 @pytest.mark.parametrize("extra,msg", [
@@ -345,19 +358,26 @@ def test_refused_adapter_leaves_an_adapterless_model_as_it_was(tmp_path, hf):
         m.save_adapter(str(tmp_path / "out"))
 
 
-def test_the_model_keeps_its_own_adapter_config(tmp_path, hf):
-    """from_pretrained kept the caller's AdapterConfig: changing it afterwards (a sweep
-    reusing it for the next model) changed the alpha save_adapter wrote, not the scale
-    the modules computed with, so the reloaded adapter gave other logits."""
+def test_the_model_adapter_config_cannot_change(tmp_path, hf):
+    """model.adapter_config.alpha = 32 (or .rank = 8) changed the config save_adapter wrote,
+    not the modules' tensors or scale: the saved adapter reloaded to other logits or failed
+    to load. And the caller's config (a sweep reusing it) had to be copied for the model. A
+    config now never changes once built, the model's is not replaced, and each says so."""
     cfg = AdapterConfig("ffba", rank=4, alpha=8)
-    m = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    m = FusedLlama.from_pretrained(hf, adapter=cfg)
     randomize_adapter(m, seed=1)
     ids = random_ids(2, 12)
     with torch.no_grad():
         want = m(ids).logits
-    cfg.alpha = 32.0
-    assert m.adapter_config.alpha == 8.0
+    for c in (cfg, m.adapter_config):
+        for field, value in (("alpha", 32.0), ("rank", 8), ("dropout", 0.1), ("layers", [0])):
+            with pytest.raises(AttributeError, match=fr"AdapterConfig.{field}: a config cannot change.*"
+                                                     fr"cfg.replace\({field}=...\)"):
+                setattr(c, field, value)
+    with pytest.raises(AttributeError, match="adapter_config"):
+        m.adapter_config = AdapterConfig("ffba", rank=4, alpha=32)
+    assert m.adapter_config == AdapterConfig("ffba", rank=4, alpha=8)
     m.save_adapter(str(tmp_path / "a"))
-    again = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "a")).eval()
+    again = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "a"))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, want)

@@ -21,7 +21,7 @@ def test_variant_list():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_json_roundtrip(variant, tmp_path):
     cfg = AdapterConfig(variant, 8, 16, dropout=0.05, layers=[3, 1])
-    assert cfg.layers == [1, 3] and cfg.scale == 2.0
+    assert cfg.layers == (1, 3) and cfg.scale == 2.0
     again = AdapterConfig.from_json(cfg.to_json())
     assert again == cfg and again.to_dict() == cfg.to_dict()
     assert AdapterConfig.from_dict(json.loads(cfg.to_json())) == cfg
@@ -29,6 +29,21 @@ def test_json_roundtrip(variant, tmp_path):
     cfg.to_json(path)
     assert AdapterConfig.load(path) == cfg
     assert cfg.validate_for(ONE_B) is cfg
+
+
+def test_a_config_never_changes_once_built():
+    """A field set after the config was built desynchronised it from a model's tensors and
+    scale (and from what it saved): refused by name, replace() gives a validated copy."""
+    cfg = AdapterConfig("ffba", 8, 16, layers=[3, 1])
+    with pytest.raises(AttributeError, match=r"AdapterConfig.rank: a config cannot change.*cfg.replace\(rank=...\)"):
+        cfg.rank = 4
+    with pytest.raises(AttributeError):
+        cfg.layers.append(5)  # a tuple
+    other = cfg.replace(rank=4, dropout=0.1)
+    assert other == AdapterConfig("ffba", 4, 16, dropout=0.1, layers=[1, 3]) and other.scale == 4.0
+    assert cfg == AdapterConfig("ffba", 8, 16, layers=[1, 3])
+    with pytest.raises(ValueError, match="AdapterConfig.rank: must be a positive integer"):
+        cfg.replace(rank=0)
 
 
 def test_alpha_defaults_to_twice_rank(tmp_path):
@@ -172,7 +187,7 @@ def test_targets_take_transformers_module_names():
     from flora import AdapterConfig
 
     a = AdapterConfig("lora", 4, 8, targets=["q_proj", "v_proj", "down_proj"])
-    assert a.targets == ["q", "v", "down"]
+    assert a.targets == ("q", "v", "down")
     assert AdapterConfig("lora", 4, 8, targets=["q", "v", "down"]).targets == a.targets
     with pytest.raises(ValueError, match="cannot use"):
         AdapterConfig("lora", 4, 8, targets=["qkv_proj"])

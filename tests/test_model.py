@@ -301,6 +301,35 @@ def test_load_memory_bench_runs():
     assert all(r.rstrip(" |").endswith("x") for r in rows)
 
 
+def test_from_pretrained_returns_eval_mode_as_transformers(tmp_path):
+    """from_pretrained returned the model in train mode (transformers' returns eval mode): an
+    adapter with dropout then perturbed model(ids).logits at random, silently wrong scores.
+    Adding, loading or switching adapters keeps the mode either way; built directly, the
+    model is in train mode (an nn.Module's default, as LlamaForCausalLM(config)); train()
+    brings back dropout and the loss alone, as the README's example trains."""
+    from flora.checkpoint import state_dict_from_hf_model
+
+    hf, ids = llama_model(), random_ids(2, 12)
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4, dropout=0.3))
+    randomize_adapter(m)
+    m.save_adapter(str(tmp_path / "a"))
+    assert not any(mod.training for mod in m.modules())
+    with torch.no_grad():
+        want = m(ids).logits
+        assert torch.equal(m(ids).logits, want)
+    for mode in (False, True):
+        b = FusedLlama.from_pretrained(hf).train(mode)
+        b.add_adapter("x", AdapterConfig("ffba", rank=4, dropout=0.1))  # the structure is built anew
+        b.load_adapter(str(tmp_path / "a"), "a")
+        b.set_adapter("x")
+        assert all(mod.training == mode for mod in b.modules())
+    assert FusedLlama(*state_dict_from_hf_model(hf)).training
+    m.train()
+    assert m(ids, labels=ids).logits is None
+    with torch.no_grad():
+        assert not torch.equal(m(ids).logits, want)  # dropout acts
+
+
 def test_trainer_drives_fused_llama(tmp_path):
     """A few steps of transformers.Trainer on the adapter parameters only."""
     from transformers import Trainer, TrainingArguments
@@ -316,7 +345,10 @@ def test_trainer_drives_fused_llama(tmp_path):
                              logging_steps=1, disable_tqdm=True)
     before = m.adapter_state_dict()
     before = {k: v.clone() for k, v in before.items()}
+    modes = []  # Trainer puts the loaded (eval-mode) model in train mode itself
+    m.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
     Trainer(model=m, args=args, train_dataset=data).train()
+    assert modes and all(modes)
     after = m.adapter_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for k, v in m.base_state_dict().items():
@@ -407,7 +439,7 @@ def test_state_dict_holds_only_the_adapter():
 def test_training_a_folded_model_is_refused_by_name(variant):
     """A folded model's forward reads the storage's folded copies, which carry no
     gradient: backward failed with "element 0 of tensors does not require grad"."""
-    m = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig(variant, rank=4, alpha=8))
+    m = FusedLlama.from_pretrained(llama_model(), adapter=AdapterConfig(variant, rank=4, alpha=8)).train()
     ids = random_ids(2, 12)
     m.fold()
     with pytest.raises(ValueError, match=r"folded.*unfold\(\) before training"):
@@ -559,3 +591,148 @@ def test_add_adapter_to_a_base_model_and_delete_adapter():
     assert m.adapter_names == ["other"]
     with pytest.raises(KeyError):
         m.set_adapter("task")
+
+
+def test_setting_the_current_adapter_again_keeps_what_training_did(tmp_path):
+    """set_adapter(<the current name>) copied the registry's copy (as added or loaded) over
+    the modules' trained tensors: a training run's progress silently undone. Loading over the
+    current name still replaces its tensors."""
+    hf, ids = llama_model(), random_ids(2, 10)
+    m = FusedLlama.from_pretrained(hf)
+    m.add_adapter("task", AdapterConfig("ffba", rank=4))
+    randomize_adapter(m)  # what training does to it
+    with torch.no_grad():
+        trained = m(ids).logits
+        m.set_adapter("task")
+        assert torch.equal(m(ids).logits, trained)
+    m.save_adapter(str(tmp_path / "trained"))
+    m.add_adapter("other", AdapterConfig("ffba", rank=4))
+    m.load_adapter(str(tmp_path / "trained"), "other", activate=False)
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, trained)
+
+
+def test_disable_adapter_holds_whatever_the_block_loads_or_switches(tmp_path):
+    """Inside disable_adapter() the model computes the base: set_adapter, load_adapter,
+    add_adapter and stack / unstack_adapters in the block turned an adapter back on (and
+    modules rebuilt there were on), so the block silently ran an adapter. Nested blocks
+    and the adapter after the block are as before."""
+    hf, ids = llama_model(), random_ids(2, 10)
+    src = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("ffba", rank=4))
+    randomize_adapter(src)
+    src.save_adapter(str(tmp_path / "a"))
+    with torch.no_grad():
+        base, adapted = FusedLlama.from_pretrained(hf)(ids).logits, src(ids).logits
+        m = FusedLlama.from_pretrained(hf)
+        with m.disable_adapter():
+            m.load_adapter(str(tmp_path / "a"), "a")  # the structure built in the block
+            assert torch.equal(m(ids).logits, base)
+            m.add_adapter("b", AdapterConfig("ffba", rank=4, alpha=2))
+            m.set_adapter("a")
+            with m.disable_adapter():
+                assert torch.equal(m(ids).logits, base)
+            assert torch.equal(m(ids).logits, base)
+            m.stack_adapters(["b", "a"])
+            assert torch.equal(m(ids, adapters=["a", "b"]).logits, base)
+            m.unstack_adapters()
+            assert torch.equal(m(ids).logits, base) and not m.adapter_active()
+        assert torch.equal(m(ids).logits, adapted) and m.adapter_active()
+
+
+def test_a_model_built_directly_holds_its_adapter_as_from_pretrained_does(tmp_path):
+    """FusedLlama(arch, sd, config) computed with an adapter no name held (active_adapter
+    None): switching to another adapter stored nothing, so the first one's trained tensors
+    were silently lost, and save_adapter took it for the structure with none current. It is
+    "default", current, as from_pretrained(adapter=config) makes it."""
+    from flora.checkpoint import state_dict_from_hf_model
+
+    hf, ids = llama_model(), random_ids(2, 10)
+    m = FusedLlama(*state_dict_from_hf_model(hf), AdapterConfig("ffba", rank=4)).eval()
+    assert m.active_adapter == "default" and m.adapter_names == ["default"]
+    randomize_adapter(m)
+    with torch.no_grad():
+        trained = m(ids).logits
+        m.add_adapter("b", AdapterConfig("ffba", rank=4))
+        m.set_adapter("default")
+        assert torch.equal(m(ids).logits, trained)
+    m.save_adapter(str(tmp_path / "a"))
+
+
+def test_with_no_adapter_current_there_is_none_to_save_export_or_merge(tmp_path):
+    """A base model given adapters without activating them holds the structure's fresh
+    tensors, none of the named adapters: save_adapter and export_peft wrote those (an
+    untrained adapter under the loaded one's config) and merge_into_base merged them,
+    leaving a model that could no longer switch. Each now names the problem;
+    merged_state_dict is the base weights, which the model computes."""
+    hf, ids = llama_model(), random_ids(2, 10)
+    src = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("lora", rank=4))
+    randomize_adapter(src)
+    src.save_adapter(str(tmp_path / "a"))
+    m = FusedLlama.from_pretrained(hf)
+    m.load_adapter(str(tmp_path / "a"), "x", activate=False)
+    for call in (lambda: m.save_adapter(str(tmp_path / "s")), lambda: m.export_peft(str(tmp_path / "p")),
+                 m.merge_into_base):
+        with pytest.raises(ValueError, match=r"no adapter is current \(loaded: \['x'\]\); set_adapter"):
+            call()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p").exists() and not m.merged
+    base = FusedLlama.from_pretrained(hf).base_state_dict()
+    assert all(torch.equal(t, base[k]) for k, t in m.merged_state_dict().items())
+    m.set_adapter("x")
+    m.save_adapter(str(tmp_path / "s"))
+    with torch.no_grad():
+        assert torch.equal(FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "s"))(ids).logits, src(ids).logits)
+
+
+def test_after_a_merge_no_adapter_is_loaded_switched_or_stacked(tmp_path):
+    """load_adapter / add_adapter into a merged model registered the adapter, then failed
+    switching to it: the error said the model was unchanged, the adapter list said not.
+    Each call is refused by name before anything changes."""
+    hf = llama_model()
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("lora", rank=4))
+    m.save_adapter(str(tmp_path / "a"))
+    m.merge_into_base()
+    for what, call in (("load_adapter", lambda: m.load_adapter(str(tmp_path / "a"), "b", activate=False)),
+                       ("add_adapter", lambda: m.add_adapter("c", AdapterConfig("lora", rank=4))),
+                       ("set_adapter", lambda: m.set_adapter("default")),
+                       ("stack_adapters", lambda: m.stack_adapters(["default"]))):
+        with pytest.raises(ValueError, match=f"{what}: an adapter was merged into the base weights"):
+            call()
+    assert m.adapter_names == ["default"] and m.active_adapter == "default" and m.merged
+
+
+def test_merging_inside_disable_adapter_is_refused(tmp_path):
+    """merge_into_base inside disable_adapter() wrote W + s B A into the base weights, so the
+    rest of the block, meant to run the base, silently ran the adapter."""
+    hf, ids = llama_model(), random_ids(2, 10)
+    m = FusedLlama.from_pretrained(hf, adapter=AdapterConfig("lora", rank=4))
+    randomize_adapter(m)
+    with m.disable_adapter():
+        with pytest.raises(ValueError, match=r"merge_into_base: inside disable_adapter\(\)"):
+            m.merge_into_base()
+        with torch.no_grad():
+            assert rel_err(m(ids).logits, hf(ids).logits) <= 1e-5
+    assert not m.merged
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, up to its PEFT part, on a tiny checkpoint: its training
+    lines train (train mode, the loss alone; from_pretrained returns eval mode), and each
+    later call works in the order it is written (it stacked an adapter it had deleted)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## Python\n\n```python\n(.*?)```", text, re.S).group(1)
+    code = code.split("# PEFT LoRA adapters")[0].replace("path/to/llama", str(tmp_path / "llama"))
+    save_model(llama_model(), str(tmp_path / "llama"))
+    monkeypatch.chdir(tmp_path)
+    other = FusedLlama.from_pretrained(str(tmp_path / "llama"), adapter=AdapterConfig("ffba", rank=32))
+    other.save_adapter("out/other-adapter")  # the example's second adapter
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: calls.append((mod.training, out.logits is None)) if isinstance(mod, FusedLlama) else None)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        hook.remove()
+    assert calls[0] == (True, True)

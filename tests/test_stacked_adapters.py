@@ -253,3 +253,62 @@ def test_an_optimizer_made_before_stacking_trains_the_model_after_unstacking(hf,
     m(ids, labels=ids).loss.backward()
     opt.step()
     assert any(not torch.equal(t, before[k]) for k, t in m.adapter_state_dict().items())
+
+
+@pytest.mark.parametrize("folded", [False, True])
+@pytest.mark.parametrize("current", ["a0", None])
+def test_unstacking_gives_back_the_model_as_it_was(hf, tmp_path, folded, current):
+    """unstack_adapters left the model unfolded whatever it was before stack_adapters (its
+    forward back in the slower training form), and a base model whose adapters were loaded
+    without activating came back with the first of the stack current and live."""
+    paths = _adapters(hf, "ffba", tmp_path, n=2)
+    m = FusedLlama.from_pretrained(hf)
+    m.load_adapter(paths[0], "a0", activate=current is not None)
+    m.load_adapter(paths[1], "a1", activate=False)
+    if folded:
+        m.fold()
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        want = m(ids).logits
+    before = (m.active_adapter, m.folded, m.adapter_active(), m.adapter_config)
+    m.stack_adapters(["a1", "a0"])
+    m.unstack_adapters()
+    assert (m.active_adapter, m.folded, m.adapter_active(), m.adapter_config) == before
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, want)
+
+
+def test_a_converted_model_restacks_in_its_adapters_dtype(hf, tmp_path):
+    """model.to(dtype) converts the adapter Parameters, but the model kept building adapters
+    in the adapter_dtype given at load: stack / unstack_adapters gave it adapters of the old
+    dtype, new tensors an optimizer made before stacking no longer reached (training after
+    unstacking silently stepped orphans)."""
+    m = FusedLlama.from_pretrained(hf, adapter=_adapters(hf, "ffba", tmp_path, n=1)[0],
+                                   adapter_dtype=torch.float32).to(torch.float64)
+    m.add_adapter("b", AdapterConfig("ffba", rank=4), activate=False)
+    params = list(m.parameters())
+    m.stack_adapters(["default", "b"])
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    m.unstack_adapters()
+    assert all(p is q for p, q in zip(m.parameters(), params)) and len(list(m.parameters())) == len(params)
+
+
+def test_a_model_converted_while_stacked_unstacks_to_its_own_parameters(hf, tmp_path):
+    """.to() while stacked converted the stacked tensors but not the Parameters set aside
+    for unstack_adapters, which then no longer fitted: the model came back with new tensors
+    and an optimizer made before stacking silently stepped orphans. The registry's adapters
+    (kept on the model's device) follow a conversion too."""
+    paths = _adapters(hf, "ffba", tmp_path, n=2)
+    m = _loaded(hf, paths)
+    params = list(m.parameters())
+    m.stack_adapters(["default", "a1"])
+    m.to(torch.float64)
+    m.unstack_adapters()
+    assert all(p is q for p, q in zip(m.parameters(), params)) and len(list(m.parameters())) == len(params)
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    assert {t.dtype for t in m._adapters["a1"][1].values()} == {torch.float64}
+    with torch.no_grad():
+        m.set_adapter("a1")
+        want = FusedLlama.from_pretrained(hf, adapter=paths[1], dtype=torch.float64)
+        ids = random_ids(2, 7)
+        assert torch.equal(m(ids).logits, want(ids).logits)

@@ -144,6 +144,23 @@ def test_resume_with_dropout_restores_rng(ckpt, tok, tmp_path):
         assert torch.equal(m.adapter_state_dict()[k], v), k
 
 
+def test_train_puts_the_loaded_model_in_train_mode_and_back(ckpt, tok):
+    """from_pretrained returns eval mode (as transformers'): train() switches to train mode
+    itself, so an adapter's dropout acts and the loss runs alone (no logits), as before; and
+    gives the mode back, as evaluation does: the trained model left in train mode scored
+    with dropout on (randomly perturbed logits) right after finetune()."""
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("lora", 4, 8.0, dropout=0.3))
+    assert not m.training
+    seen = []
+    hook = m.register_forward_hook(lambda mod, args, out: seen.append((mod.training, out.logits is None)))
+    train(m, tok, records(n=16), config=cfg(max_steps=2))
+    assert seen and all(t and alone for t, alone in seen)
+    assert not any(mod.training for mod in m.modules())
+    hook.remove()
+    train(m.train(), tok, records(n=16), config=cfg(max_steps=1))
+    assert m.training
+
+
 def test_resume_rejects_other_settings_and_missing_checkpoint(ckpt, tok, tmp_path):
     train(fused(ckpt), tok, records(n=32), config=cfg(max_steps=2), out_dir=tmp_path)
     with pytest.raises(ValueError, match="global_batch differs"):
