@@ -455,10 +455,9 @@ class Engine:
                 r.events.put(("error", f"{type(e).__name__}: {e}"))
             return waiting[len(join):]
         for i, r, lg, reuse in zip(rows, join, logits, reused):
-            row = self._slots[i] = _Row(r, t - len(r.prompt))
+            row = self._slots[i] = _Row(r, t - len(r.prompt), dec.device)
             r.cached = reuse[1] if reuse else 0
             self._keep(i, row, r.prompt)
-            row.generator = None if r.seed is None else torch.Generator(device=dec.device).manual_seed(r.seed)
             self._take(i, row, lg[None])
         return waiting[len(join):]
 
@@ -479,8 +478,10 @@ class Engine:
         send their prompt before their answer: with logprobs, each prompt token's,
         from a full forward in the batch's mode (between two decode steps); those
         with max_tokens 0 end here, taking no row. The rest, still waiting (those
-        whose client left, dropped)."""
-        keep, last = [], (None, None)  # the n choices of a prompt (one ids list) are scored once
+        whose client left, dropped). One that asks for logprobs and one token (what
+        lm-eval-harness's loglikelihood requests send) takes that token from the same
+        forward's last position, not from a row whose prefill would compute it again."""
+        keep, last = [], (None, None, None)  # the n choices of a prompt (one ids list) are scored once
         for j, r in enumerate(waiting):
             if r.key(self.mixed) != self._key:
                 return keep + waiting[j:]
@@ -490,10 +491,13 @@ class Engine:
                 r.scored = True
                 try:
                     if r.logprobs is not None and last[0] is not r.prompt:
-                        last = (r.prompt, self._prompt_logprobs(r))
+                        last = (r.prompt, *self._prompt_logprobs(r))
                     r.events.put(("prompt", r.index, None if r.logprobs is None else last[1]))
                 except Exception as e:  # noqa: BLE001 - this request's failure only
                     r.events.put(("error", f"{type(e).__name__}: {e}"))
+                    continue
+                if r.max_tokens == 1 and r.logprobs is not None:
+                    self._take(None, _Row(r, 0, self.model.device), last[2])
                     continue
             if r.max_tokens:
                 keep.append(r)
@@ -501,14 +505,15 @@ class Engine:
                 r.events.put(("done", r.index, "", "length", 0, None if r.logprobs is None else []))
         return keep
 
-    def _prompt_logprobs(self, r: Request) -> list:
+    def _prompt_logprobs(self, r: Request) -> tuple:
         """The logprob entries of a prompt's tokens (the first's logprob None, as
         OpenAI's: nothing comes before it), from a full forward of the prompt
         (``--mixed``: with the request's adapter), log_softmax in fp32 a slice of
-        positions at a time."""
+        positions at a time; and the last position's logits [1, V] (the next token's)."""
         m = self.model
         ids = torch.tensor(r.prompt, device=m.device)
-        logits = m(ids[None], adapters=[self.names[r.model]] if self.mixed else None).logits[0, :-1]
+        logits = m(ids[None], adapters=[self.names[r.model]] if self.mixed else None).logits[0]
+        logits, after = logits[:-1], logits[-1:]
         picked, top = [], []
         for s in range(0, len(logits), 256):
             lp = torch.log_softmax(logits[s:s + 256].float(), -1)
@@ -524,11 +529,12 @@ class Engine:
             entries.append((d.add(t), v[0], others))
         held = d.rest()  # a prompt that ends inside a character: its last token carries it
         entries[-1] = (entries[-1][0] + held, *entries[-1][1:])
-        return entries
+        return entries, after
 
-    def _take(self, i: int, row: "_Row", logits, greedy: Optional[int] = None) -> None:
+    def _take(self, i: Optional[int], row: "_Row", logits, greedy: Optional[int] = None) -> None:
         """Row i's next token from its logits [1, V] (``greedy``: its argmax, read
-        already): emitted, and fed at the next step."""
+        already): emitted, and fed at the next step. i None: a request answered
+        without a row (one token, from its echo's forward)."""
         from .generation import sample_next
 
         temperature, top_p, top_k = row.req.sampling
@@ -538,7 +544,7 @@ class Engine:
             else:
                 token = int(sample_next(logits, temperature, top_p, row.generator, top_k))
             row.add(token, self, None if row.req.logprobs is None else _logprobs(logits, token, row.req.logprobs))
-            if row.done and not row.req.cancelled:  # the next turn of a conversation starts with these
+            if row.done and not row.req.cancelled and i is not None:  # a conversation's next turn starts so
                 self._keep(i, row, (row.req.prompt + row.ids)[:self._dec.t - row.start])
         except Exception as e:  # noqa: BLE001 - this row's own failure (NaN logits: sampling raises)
             # ends this row only: raised, it failed every row of the batch, and at a prefill it left
@@ -547,7 +553,8 @@ class Engine:
             row.done = True
             row.req.events.put(("error", f"{type(e).__name__}: {e}"))
         if row.done:
-            self._slots[i] = None
+            if i is not None:
+                self._slots[i] = None
         else:
             row.next = token
 
@@ -631,10 +638,12 @@ class Detokenizer:
 class _Row:
     """One request's tokens as its batch generates them."""
 
-    def __init__(self, req: Request, start: int):
+    def __init__(self, req: Request, start: int, device="cpu"):
         self.req, self.ids, self.done = req, [], False
         self.start = start  # its first slot: its prompt's, then its answer's tokens from there on
-        self.next, self.generator = None, None  # the token fed at the next step; a seeded request's RNG
+        self.next = None  # the token fed at the next step
+        # a seeded request's own RNG
+        self.generator = None if req.seed is None else torch.Generator(device=device).manual_seed(req.seed)
         # streaming, stop strings or logprobs: the text as it comes (else decoded once, at the end), in
         # pieces; the last characters out (a stop string may begin there) and those not yet streamed
         self.detok, self.pieces, self.n_out, self.tail, self.unsent, self.n_sent = None, [], 0, "", "", 0

@@ -404,7 +404,7 @@ def test_lm_eval_harness_requests(setup, server):
     "seed"), read as it reads them, equal to the model's own; and generate_until
     (token ids, "stop", "seed"), the greedy text."""
     _, ckpt, _ = setup
-    url, _ = server
+    url, eng = server
     tok = load_tokenizer(ckpt)
     enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731 - lm-eval's add_bos_token=False
     ctx = [enc("copy : a b c ="), enc("between a and f ->")]
@@ -419,9 +419,16 @@ def test_lm_eval_harness_requests(setup, server):
     for generated in (1, 0):
         payload = {"model": "base", "prompt": [c + cont for c, cont in pairs], "temperature": 0,
                    "max_tokens": generated, "logprobs": 1, "seed": 1234, "echo": True}
+        batches = eng.batches
         status, raw = _post(url + "/v1/completions", payload)
         assert status == 200, raw
-        got = _lm_eval_parse_logprobs(json.loads(raw), [len(c) for c, _ in pairs], generated)
+        assert eng.batches == batches  # answered from the scoring forward: no row prefilled the prompts again
+        out = json.loads(raw)
+        if generated:  # the one token: the greedy one after each prompt, with its logprob
+            for ch, (c, cont) in zip(out["choices"], pairs):
+                nxt = int(_reference_logprobs(ckpt, None, c + cont)[-1].argmax())
+                assert ch["logprobs"]["tokens"][-1] == tok.decode([nxt], skip_special_tokens=True)  # the answer's
+        got = _lm_eval_parse_logprobs(out, [len(c) for c, _ in pairs], generated)
         assert [g[1] for g in got] == [w[1] for w in want]
         assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
     # generate_until: {"prompt": [ids], "model", "max_tokens", "temperature", "stop", "seed"}
