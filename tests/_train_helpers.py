@@ -34,6 +34,19 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }} : {{ m['content'] }}
                  "{% if add_generation_prompt %}a : {% endif %}")
 
 
+def served_checkpoint(d):
+    """(checkpoint with CHAT_TEMPLATE, a saved ffba adapter with random tensors) under
+    ``d``: what the server tests serve."""
+    from flora import AdapterConfig, FusedLlama
+    from flora.bench.latency import randomize_adapter
+
+    ckpt = with_chat_template(tiny_checkpoint(d / "plain-ckpt", seed=5), d / "ckpt")
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
+    randomize_adapter(m, seed=0)
+    m.save_adapter(d / "ffba")
+    return ckpt, d / "ffba"
+
+
 def with_chat_template(ckpt, dest):
     """A copy of checkpoint ``ckpt`` at ``dest`` whose tokenizer has CHAT_TEMPLATE."""
     import shutil

@@ -40,6 +40,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def gguf_path():
+    """SmolLM2-135M-Instruct's GGUF file (fetched once into ~/.cache/flora): skipped
+    where it cannot be had, unless FLORA_REQUIRE_REAL_MODEL=1 (CI) makes that a failure."""
+    from flora.pretrained import smollm2_path
+
+    try:
+        return smollm2_path()
+    except (RuntimeError, OSError) as e:
+        if os.environ.get("FLORA_REQUIRE_REAL_MODEL") == "1":
+            raise
+        pytest.skip(f"SmolLM2-135M not available: {e}")
+
+
 # The tiny trained-from-scratch checkpoint and its tokenizer, shared by the
 # training tests (a module that needs another checkpoint defines its own).
 @pytest.fixture(scope="module")

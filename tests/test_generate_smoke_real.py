@@ -14,7 +14,6 @@ import sys
 import pytest
 
 from _bench_scripts import load_bench_script
-from test_real_model import gguf_path  # noqa: F401  (the session fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = 2
@@ -31,7 +30,7 @@ def _truncated(src, dst):
 
 
 @pytest.mark.slow
-def test_gguf_mode_matches_transformers_on_cpu(gguf_path, tmp_path):  # noqa: F811
+def test_gguf_mode_matches_transformers_on_cpu(gguf_path, tmp_path):
     pytest.importorskip("gguf")
     path, layers = _truncated(gguf_path, tmp_path / "smollm2-2.gguf")
     out = tmp_path / "g.json"

@@ -18,19 +18,9 @@ from flora import AdapterConfig, FusedLlama  # noqa: E402
 from flora.checkpoint import CheckpointError  # noqa: E402
 from flora.config import VARIANTS  # noqa: E402
 from flora.gguf import load_gguf  # noqa: E402
-from flora.pretrained import chat_ids, load_tokenizer, smollm2_path  # noqa: E402
+from flora.pretrained import chat_ids, load_tokenizer  # noqa: E402
 
 QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="session")
-def gguf_path():
-    try:
-        return smollm2_path()
-    except (RuntimeError, OSError) as e:
-        if os.environ.get("FLORA_REQUIRE_REAL_MODEL") == "1":
-            raise
-        pytest.skip(f"SmolLM2-135M not available: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 import torch
-from _train_helpers import tiny_checkpoint, with_chat_template
+from _train_helpers import served_checkpoint
 
 from flora import FusedLlama
 from flora.bench.latency import randomize_adapter
@@ -31,11 +31,7 @@ PROMPTS = ["between a and f ->", "copy : a b c =", "the big cat"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
-    ckpt = with_chat_template(tiny_checkpoint(d / "plain-ckpt", seed=5), d / "ckpt")
-    m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
-    randomize_adapter(m, seed=0)
-    m.save_adapter(d / "ffba")
-    return d, ckpt, d / "ffba"
+    return (d, *served_checkpoint(d))
 
 
 @pytest.fixture(scope="module")
@@ -439,16 +435,22 @@ def test_lm_eval_harness_requests(setup, server):
         tok.decode(_greedy_ids(ckpt, None, c, 8), skip_special_tokens=True) for c in ctx]
 
 
+def _two_adapters(ckpt, adapter, tmp_path):
+    """The base with two ffba adapters loaded, "a" (the fixture's) and "b" (its own tensors), none current."""
+    m2 = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
+    randomize_adapter(m2, seed=1)
+    m2.save_adapter(tmp_path / "second")
+    model = FusedLlama.from_pretrained(str(ckpt))
+    model.load_adapter(str(adapter), name="a", activate=False)
+    model.load_adapter(str(tmp_path / "second"), name="b", activate=False)
+    return model
+
+
 def test_echo_in_mixed_batches_scores_each_prompt_with_its_adapter(setup, tmp_path):
     """--mixed: an echoed prompt is scored with its own request's adapter (or the
     base), whatever the others in the batch use; max_tokens 0 takes no row."""
     _, ckpt, adapter = setup
-    m2 = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
-    randomize_adapter(m2, seed=1)
-    m2.save_adapter(tmp_path / "second")
-    model = FusedLlama.from_pretrained(str(ckpt)).eval()
-    model.load_adapter(str(adapter), name="a", activate=False)
-    model.load_adapter(str(tmp_path / "second"), name="b", activate=False)
+    model = _two_adapters(ckpt, adapter, tmp_path)
     tok = load_tokenizer(ckpt)
     eng = Engine(model, tok, {"base": None, "a": "a", "b": "b"}, mixed=True)
     plan = [("a", adapter, 0), ("base", None, 3), ("b", tmp_path / "second", 0), ("a", adapter, 2)]
@@ -698,12 +700,7 @@ def test_mixed_batches_take_every_adapter_and_the_base(setup, tmp_path):
     """--mixed: the adapters side by side, requests for any of them (and the base)
     in one batch, each row equal to its own model alone."""
     _, ckpt, adapter = setup
-    m2 = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
-    randomize_adapter(m2, seed=1)
-    m2.save_adapter(tmp_path / "second")
-    model = FusedLlama.from_pretrained(str(ckpt)).eval()
-    model.load_adapter(str(adapter), name="a", activate=False)
-    model.load_adapter(str(tmp_path / "second"), name="b", activate=False)
+    model = _two_adapters(ckpt, adapter, tmp_path)
     eng = Engine(model, load_tokenizer(ckpt), {"base": None, "a": "a", "b": "b"}, mixed=True)
     plan = [("a", adapter, PROMPTS[0]), ("base", None, PROMPTS[1]), ("b", tmp_path / "second", PROMPTS[2]),
             ("a", adapter, PROMPTS[2]), ("b", tmp_path / "second", PROMPTS[0])]
@@ -1119,22 +1116,8 @@ def test_usage_reports_the_reused_prompt_tokens(server):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2-135M-Instruct's GGUF file (tests/test_real_model.py's rule: skipped
-    without it unless FLORA_REQUIRE_REAL_MODEL=1)."""
-    from flora.pretrained import smollm2_path
-
-    try:
-        return smollm2_path()
-    except (RuntimeError, OSError) as e:
-        if os.environ.get("FLORA_REQUIRE_REAL_MODEL") == "1":
-            raise
-        pytest.skip(f"SmolLM2-135M not available: {e}")
-
-
-@pytest.fixture(scope="module")
-def smollm2_tok(smollm2):
-    return load_tokenizer(smollm2)
+def smollm2_tok(gguf_path):
+    return load_tokenizer(gguf_path)
 
 
 def test_incremental_detokenization_is_the_whole_decode(smollm2_tok):
@@ -1225,13 +1208,13 @@ def test_logprob_entries_on_a_real_tokenizer(smollm2_tok):
             assert [x for ev in events if ev[0] == "delta" for x in ev[3]] == entries
 
 
-def test_echo_and_logprobs_on_smollm2(smollm2, smollm2_tok):
+def test_echo_and_logprobs_on_smollm2(gguf_path, smollm2_tok):
     """SmolLM2 end to end: a prompt whose emoji and CJK characters split over tokens,
     echoed with its logprobs and a greedy answer's: the prompt tokens' texts join to
     the prompt (a part of a character: ""), every logprob equals log_softmax of the
     model's full forward over prompt and answer."""
     tok = smollm2_tok
-    model = FusedLlama.from_pretrained(smollm2).eval()
+    model = FusedLlama.from_pretrained(gguf_path)
     prompt = "Tokyo 東京 is fun 🎉! The capital of France is"
     ids = prompt_ids(tok, prompt)
     gen = model.generate(torch.tensor([ids]), max_new_tokens=4)[0, len(ids):].tolist()

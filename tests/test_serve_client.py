@@ -7,11 +7,9 @@ import threading
 
 import pytest
 import torch
-from _train_helpers import tiny_checkpoint, with_chat_template
+from _train_helpers import served_checkpoint
 
 from flora import FusedLlama
-from flora.bench.latency import randomize_adapter
-from flora.config import AdapterConfig
 from flora.data import load_tokenizer, prompt_ids
 from flora.generation import _eos_set
 from flora.pretrained import chat_prompt
@@ -23,18 +21,14 @@ KEY = "sk-flora-test"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("client")
-    ckpt = with_chat_template(tiny_checkpoint(d / "plain-ckpt", seed=5), d / "ckpt")
-    m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
-    randomize_adapter(m, seed=0)
-    m.save_adapter(d / "ffba")
+    ckpt, adapter = served_checkpoint(tmp_path_factory.mktemp("client"))
     model = FusedLlama.from_pretrained(str(ckpt))
-    model.load_adapter(str(d / "ffba"), name="ffba", activate=False)
+    model.load_adapter(str(adapter), name="ffba", activate=False)
     srv = serve(Engine(model, load_tokenizer(ckpt), {"base": None, "ffba": "ffba"}, max_batch=4), port=0,
                 api_key=KEY)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key=KEY, max_retries=0)
-    yield ckpt, d / "ffba", client
+    yield ckpt, adapter, client
     srv.shutdown()
     srv.server_close()
 
