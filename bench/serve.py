@@ -5,6 +5,7 @@
     python bench/serve.py --model DIR --device cuda --clients 1 8 32 --max-batch 32
     python bench/serve.py --long-tokens 128               # half the clients ask for long answers
     python bench/serve.py --conversation 6                # the prefix cache: a chat's turns, on / off
+    python bench/serve.py --scoring 64                    # lm-eval-harness's loglikelihood requests
 
 The server (flora.serve, in this process, on a free port) serves the base
 model; each client thread sends ``--requests`` chat completions (greedy,
@@ -25,6 +26,12 @@ and off (``--prefix-cache 0``), the conversations alternating between them
 for ``--rounds`` rounds (the cache emptied before each). Reported per turn:
 the median latency on each, their ratio, and the prompt tokens the cache
 reused (usage.prompt_tokens_details.cached_tokens).
+
+``--scoring R`` sends R requests shaped as lm-evaluation-harness's
+local-completions loglikelihood requests (4 token-id prompts each, a shared
+context and a different continuation, ``echo``, ``logprobs: 1``,
+``max_tokens: 1``, greedy) from each of ``--clients`` threads, and reports
+prompts scored a second.
 """
 from __future__ import annotations
 
@@ -54,6 +61,28 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def run_clients(client, clients: int) -> float:
+    """client(0) ... client(clients - 1), each in its own thread: the wall seconds they
+    took together; a client's exception is raised here, not lost in its thread."""
+    errors = []
+
+    def run(c: int) -> None:
+        try:
+            client(c)
+        except Exception as e:  # noqa: BLE001 - raised in the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t0
+
+
 def load(url: str, clients: int, requests: int, max_tokens: int, long_tokens: int = 0) -> dict:
     lat, lat_long, tokens, lock = [], [], [0], threading.Lock()
 
@@ -71,13 +100,7 @@ def load(url: str, clients: int, requests: int, max_tokens: int, long_tokens: in
                 (lat_long if long else lat).append(time.perf_counter() - t0)
                 tokens[0] += out["usage"]["completion_tokens"]
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, clients)
     lat.sort()
     out = {"clients": clients, "requests": len(lat) + len(lat_long), "tokens": tokens[0], "seconds": wall,
            "tokens_per_s": tokens[0] / wall, "latency_p50_s": statistics.median(lat),
@@ -114,6 +137,27 @@ def conversation(url: str, system: str, turns: int, max_tokens: int) -> list:
                     (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0), answer))
         msgs.append({"role": "assistant", "content": answer})
     return out
+
+
+SCORING_WORDS = 120  # words of a scoring request's shared context
+
+
+def scoring(url: str, tok, clients: int, requests: int) -> dict:
+    """lm-eval's loglikelihood requests: prompts scored a second."""
+    words = SYSTEM.split()[:SCORING_WORDS + 40]
+    done = [0]
+
+    def client(c: int) -> None:
+        for i in range(requests):
+            ctx = tok(" ".join(words[(c * requests + i) % 40:][:SCORING_WORDS]), add_special_tokens=False).input_ids
+            prompts = [ctx + tok(" " + q, add_special_tokens=False).input_ids for q in QUESTIONS[i % 8:][:4]]
+            r = post(url + "/v1/completions", {"model": "base", "prompt": prompts, "echo": True, "logprobs": 1,
+                                               "max_tokens": 1, "temperature": 0, "seed": 1234})
+            assert all(ch["logprobs"]["token_logprobs"][0] is None for ch in r["choices"])
+            done[0] += len(prompts)
+
+    wall = run_clients(client, clients)
+    return {"clients": clients, "prompts": done[0], "seconds": wall, "prompts_per_s": done[0] / wall}
 
 
 def prefix_bench(model, tok, args) -> dict:
@@ -165,6 +209,8 @@ def main(argv=None):
                    help="measure the prefix cache: a chat of TURNS turns, cache on and off (see above)")
     p.add_argument("--rounds", type=int, default=3, help="--conversation: conversations on each server")
     p.add_argument("--system", default=SYSTEM, help="--conversation: the system prompt (default: ~600 tokens)")
+    p.add_argument("--scoring", type=int, default=0, metavar="R",
+                   help="lm-eval-harness loglikelihood requests a client (see above)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     path = args.model or smollm2_path()
@@ -177,6 +223,18 @@ def main(argv=None):
         save(args, dev, path, prefix_bench(model, load_tokenizer(path), args))
         return
     engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch)
+    if args.scoring:
+        srv = serve(engine, port=0)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        scoring(url, engine.tok, 1, 1)  # warm-up
+        rows = [scoring(url, engine.tok, c, args.scoring) for c in args.clients]
+        srv.shutdown()
+        print("| clients | prompts | prompts scored / s |\n|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['clients']} | {r['prompts']} | {r['prompts_per_s']:.1f} |")
+        save(args, dev, path, {"scoring": args.scoring, "rows": rows})
+        return
     srv = serve(engine, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}"

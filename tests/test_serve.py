@@ -954,6 +954,11 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [r["turn"] for r in rows] == [1, 2] and rows[0]["cached_tokens"] == 0 < rows[1]["cached_tokens"]
     assert all(r["same_answer"] for r in rows)
+    bench = load_bench_script("serve")
+    bench.SCORING_WORDS = 6  # the tiny model's context is 64 tokens
+    bench.main(["--model", str(ckpt), "--scoring", "1", "--clients", "2", "--json", str(tmp_path / "l.json")])
+    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    assert rows[0]["prompts"] == 8 and rows[0]["prompts_per_s"] > 0
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
