@@ -161,7 +161,7 @@ def markdown(rows, device) -> str:
     return "\n".join(out)
 
 
-def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs, splits=()):
+def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs, splits=(), cold=False):
     """Decode attention over a window of L keys: rows per form (see the module doc)."""
     nh, nkv, hd = SHAPES[shape]
     # drawn on the device: a 32K-key 3B cache at batch 8 is 0.5 G elements per tensor
@@ -169,8 +169,13 @@ def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs, spli
     mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
     q = mk(B, nh, hd)
     kv_bytes = 2 * B * nkv * L * hd * q.element_size()
-    # enough copies that a rotation streams >= 256 MB (no call hits L2), at most 64
-    n = max(1, min(64, -(-(256 << 20) // kv_bytes))) if device.type == "cuda" else 1
+    # enough copies that a rotation streams >= 256 MB (no call hits L2), at most 64; on
+    # the CPU one (the window stays in its caches) unless cold (>= 256 MB, as many as
+    # that takes: each call then reads its window from memory, as in a decode step,
+    # whose weights and other layers' caches went through the caches since)
+    n = 1
+    if device.type == "cuda" or cold:
+        n = max(1, min(64 if device.type == "cuda" else 1 << 16, -(-(256 << 20) // kv_bytes)))
     caches = [(mk(B, nkv, L, hd), mk(B, nkv, L, hd)) for _ in range(n)]
     mask = torch.zeros(B, L, dtype=dtype, device=device)
     if padded:
@@ -237,6 +242,8 @@ def main(argv=None):
     p.add_argument("--decode", action="store_true", help="a decode step's attention (see the module doc)")
     p.add_argument("--context", nargs="+", type=int, default=[640, 4096, 32768], help="--decode: window lengths")
     p.add_argument("--no-graphs", action="store_true", help="--decode on CUDA: eager only")
+    p.add_argument("--cold", action="store_true",
+                   help="--decode on the CPU: rotate cache copies (>= 256 MB) so each call reads its window from memory")
     p.add_argument("--splits", nargs="*", type=int, default=[],
                    help="--decode on CUDA: also the kernel at these split counts (the automatic plan's alternatives)")
     p.add_argument("--json", default=None, help="write the rows here")
@@ -251,7 +258,8 @@ def main(argv=None):
         bw = copy_bandwidth(device)
         rows = [r for shape in a.shapes for B in a.batch for L in a.context
                 for padded in ((False,) if a.no_padded else (False, True))
-                for r in decode_case(shape, B, L, padded, dtype, device, a.reps, bw, not a.no_graphs, a.splits)]
+                for r in decode_case(shape, B, L, padded, dtype, device, a.reps, bw, not a.no_graphs, a.splits,
+                                     a.cold)]
         publish(title(device, cmd.strip()) + "\n\n" + decode_markdown(rows, bw),
                 {"command": cmd.strip(), "copy_gbps": bw / 1e9, "rows": rows}, a.md, a.json)
         return

@@ -212,7 +212,8 @@ def test_end_padded_training_batch_runs_causal(monkeypatch):
 
 def test_attention_bench_decode_rows(tmp_path, capsys):
     """bench/attention.py --decode: per case the op's row and the SDPA row, the
-    op's ratio to SDPA, GB/s and x floor against the copy bandwidth, JSON."""
+    op's ratio to SDPA, GB/s and x floor against the copy bandwidth, JSON;
+    --cold on the CPU too."""
     import json
 
     from _bench_scripts import load_bench_script
@@ -228,3 +229,8 @@ def test_attention_bench_decode_rows(tmp_path, capsys):
     assert all(r["us"] > 0 and r["gbps"] > 0 and r["x_floor"] > 0 for r in rows)
     assert sum("x" in r for r in rows) == 4
     assert "| smollm2 | 2 | 64 | yes | flora |" in capsys.readouterr().out
+    # --cold: the same rows over rotated cache copies (each call's window from memory)
+    ab.main(["--device", "cpu", "--decode", "--shapes", "smollm2", "--batch", "1", "--context", "64", "--reps", "1",
+             "--no-padded", "--cold", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["us"] > 0 for r in rows)

@@ -15,6 +15,17 @@ from flora.layers import attention
 compiled = pytest.mark.skipif(_ext.C is None, reason=f"extension not built: {_ext.ERROR}")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEG = float("-inf")
+# the CPU kernel's bodies: scalar (aten), AVX2 and AVX-512 vector bodies, as this CPU has them
+ORDER = ["aten", "avx2", "avx512"]
+ISAS = ORDER[: ORDER.index(_ext.C.detected_cpu_isa()) + 1] if _ext.C is not None else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    old = _ext.C.cpu_isa()
+    _ext.C.set_cpu_isa(request.param)
+    yield request.param
+    _ext.C.set_cpu_isa(old)
 
 
 def attention_case(dtype, device="cpu", B=2, nq=8, nkv=2, hd=64, L=300, seed=0, pad=True):
@@ -58,13 +69,76 @@ def _check(out, q, k, v, mask, what):
 def test_op_matches_reference(dtype, shape, splits):
     """Every split count gives the same attention (3 splits of 500 keys: chunks
     of 256, 256 and the rest; 100 requested: one per 128-key tile). An
-    explicit count runs the kernel at any window; 0 lets the CPU pick it (up
-    to 128 keys) or SDPA."""
+    explicit count runs the kernel at any window; 0 lets the CPU pick the
+    count (the kernel at any window with AVX2) or SDPA (the scalar body's
+    CPU)."""
     B, nq, nkv, hd, L = shape
     q, k, v, mask = attention_case(dtype, B=B, nq=nq, nkv=nkv, hd=hd, L=L)
     with torch.no_grad():
         out = torch.ops.flora.decode_attention(q, k, v, mask, splits)
     _check(out, q, k, v, mask, f"{dtype} {shape} splits={splits}")
+
+
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [
+    # (B, nq, nkv, hd, L): query heads per kv head 1-8 (head blocks of 4: 5 = 4 + 1,
+    # 6 = 4 + 2, 7 = 4 + 3), head_dim 8 / 16 / 64 / 72 (a multiple of 8, not 16:
+    # AVX-512 takes AVX2's body) / 128 / 256, windows not a multiple of the tile nor
+    # of the 2-16-key score blocks
+    (1, 1, 1, 8, 3), (2, 2, 1, 16, 131), (1, 3, 1, 64, 257), (2, 5, 1, 64, 77),
+    (1, 6, 1, 72, 300), (1, 7, 1, 128, 255), (2, 16, 2, 256, 140), (1, 12, 3, 64, 1000)])
+@pytest.mark.parametrize("splits", [0, 1, 3])
+def test_kernel_bodies_at_their_edges(isa, dtype, shape, splits):
+    """Each body of the CPU kernel (scalar, AVX2, AVX-512) against the fp64
+    reference where its register blocks do not divide the work: the kv
+    head's query heads in blocks of up to 4, the listed keys in score blocks
+    (the last padded), head_dim in P x V blocks, masked keys scattered so
+    blocks list from 0 to all of their keys, finite mask values, a row with
+    a single unmasked key."""
+    B, nq, nkv, hd, L = shape
+    q, k, v, _ = attention_case(dtype, B=B, nq=nq, nkv=nkv, hd=hd, L=L, pad=False)
+    g = torch.Generator().manual_seed(L)
+    mask = torch.randn(B, L, generator=g).clamp(-2, 2)
+    mask[torch.rand(B, L, generator=g) < 0.3] = NEG      # scattered masked keys
+    mask[0, : L // 2] = NEG                              # whole blocks masked
+    if L > 130:
+        mask[0, 128:131] = torch.tensor([0.0, NEG, 1.0])  # a block listing 2 of its first 3 keys
+    if B > 1:
+        mask[1] = NEG
+        mask[1, L // 3] = 0.5                            # one key only
+    mask = mask.to(dtype)
+    with torch.no_grad():
+        out = torch.ops.flora.decode_attention(q, k, v, mask, splits)
+    _check(out, q, k, v, mask, f"{isa} {dtype} {shape} splits={splits}")
+
+
+@compiled
+@pytest.mark.parametrize("splits", [64, 100])
+def test_combine_of_many_splits(splits):
+    """The CPU combine weighs each split once per row (up to 64 splits) and
+    falls back to the shared per-element combine beyond: 64 and 66 chunks of
+    a window of 66 tiles."""
+    q, k, v, mask = attention_case(torch.float32, B=1, nq=4, nkv=2, hd=16, L=65 * 128 + 3, pad=False)
+    mask[0, 1000:2000] = NEG
+    with torch.no_grad():
+        _check(torch.ops.flora.decode_attention(q, k, v, mask, splits), q, k, v, mask, f"splits={splits}")
+
+
+@compiled
+def test_masked_keys_are_not_read(isa):
+    """A masked slot's K and V are never read: NaN there (a slot not yet
+    written) leaves the kernel's output finite, where SDPA's is NaN. At 1500
+    keys the vector bodies take the call by default; the scalar body's CPU
+    leaves it to SDPA."""
+    q, k, v, mask = attention_case(torch.float32, B=2, nq=8, nkv=2, L=1500, pad=False)
+    mask[:, :10] = NEG
+    mask[1, 700:900] = NEG
+    k[:, :, 3] = v[:, :, 3] = k[1, :, 800] = v[1, :, 800] = float("nan")
+    with torch.no_grad():
+        assert not torch.ops.flora.decode_attention(q, k, v, mask, 2).isnan().any()
+        by_default = torch.ops.flora.decode_attention(q, k, v, mask)
+    assert by_default.isnan().any() == (isa == "aten")
 
 
 @compiled
@@ -103,19 +177,25 @@ def test_empty_window_and_batch():
 
 
 @compiled
-@pytest.mark.parametrize("case", ["fp64", "head_dim_12", "group_16", "long_window", "strided_q"])
+@pytest.mark.parametrize("case", ["fp64", "head_dim_12", "group_16", "scalar_body", "strided_q"])
 def test_shapes_the_kernel_does_not_take_fall_back(case):
     """fp64, a head_dim not a multiple of 8, more than 8 query heads per kv
-    head, a window beyond the CPU kernel's automatic cap (SDPA streams
-    faster there), a q with a non-unit last stride: SDPA over the grouped
-    heads, the same result."""
+    head, the scalar body's CPU (no AVX2, or FLORA_CPU_ISA=aten: SDPA's
+    kernel is faster than one key at a time), a q with a non-unit last
+    stride: SDPA over the grouped heads, the same result."""
     kw = {"fp64": dict(), "head_dim_12": dict(hd=12), "group_16": dict(nq=32, nkv=2),
-          "long_window": dict(L=1500), "strided_q": dict()}[case]
+          "scalar_body": dict(L=100), "strided_q": dict()}[case]
     q, k, v, mask = attention_case(torch.float64 if case == "fp64" else torch.float32, **kw)
     if case == "strided_q":
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
-    with torch.no_grad():
-        _check(torch.ops.flora.decode_attention(q, k, v, mask), q, k, v, mask, case)
+    old = _ext.C.cpu_isa()
+    if case == "scalar_body":
+        _ext.C.set_cpu_isa("aten")
+    try:
+        with torch.no_grad():
+            _check(torch.ops.flora.decode_attention(q, k, v, mask), q, k, v, mask, case)
+    finally:
+        _ext.C.set_cpu_isa(old)
 
 
 @pytest.mark.parametrize("bad,exc,msg", [

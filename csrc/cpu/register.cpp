@@ -5,7 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -228,29 +230,82 @@ void silu_mul_inplace_cpu(const at::Tensor& g, const at::Tensor& u) {
   silu_mul_inplace_aten(g, u);
 }
 
-// Decode attention: the split kernel (kernels/attention.*), a chunk per
-// thread where the (batch, kv head) pairs do not fill the threads, up to
-// cpu_attention_max_keys() keys; SDPA over the grouped query heads beyond
-// (the kernel scores one key at a time, a horizontal sum per query head, and
-// is compute-bound at ~27-36 GB/s where SDPA's blocked kernel streams 40;
-// at 64-128 keys, where the call's fixed cost dominates, it takes 0.5-0.8x
-// SDPA's time; bench/RESULTS.md, "Decode attention") and for what the kernel
-// does not take. An explicit split count runs the kernel at any window (tests,
-// benchmarks). FLORA_CPU_ATTENTION_MAX_KEYS overrides the cap (read once; for benchmarks).
-int64_t cpu_attention_max_keys() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FLORA_CPU_ATTENTION_MAX_KEYS");
-    return env && *env ? static_cast<int64_t>(std::atoll(env)) : int64_t{128};
+// Decode attention: the split kernel (kernels/attention.*) at any window
+// where the CPU has AVX2 (the vector body: each kv head's query heads scored
+// against a block of keys at once; 0.2-0.6x SDPA's time from 64 to 4096
+// keys, bench/RESULTS.md, "Decode attention"); SDPA over the grouped query
+// heads for what it does not take and under the scalar body (FLORA_CPU_ISA=
+// aten, or a CPU without AVX2: one key at a time, 0.7-2.1x SDPA's time at
+// 64-256 keys, a loss for all but SmolLM2's heads at 64). An explicit split
+// count runs either body at any window (tests, benchmarks).
+// FLORA_CPU_ATTENTION_MAX_KEYS caps the window the kernel takes by default,
+// for both bodies (read once; for benchmarks).
+int64_t cpu_attention_max_keys(bool vector_body) {
+  static const int64_t env = [] {
+    const char* e = std::getenv("FLORA_CPU_ATTENTION_MAX_KEYS");
+    return e && *e ? static_cast<int64_t>(std::atoll(e)) : int64_t{-1};
   }();
-  return v;
+  if (env >= 0) return env;
+  return vector_body ? std::numeric_limits<int64_t>::max() : 0;
 }
+
+k::AttentionIsa attention_isa() {
+  switch (cpu::active_isa()) {
+    case cpu::Isa::kAvx512: return k::AttentionIsa::kAvx512;
+    case cpu::Isa::kAvx2: return k::AttentionIsa::kAvx2;
+    default: return k::AttentionIsa::kGeneric;
+  }
+}
+
+// Keys the busiest thread runs under at::parallel_for's static partition
+// (contiguous ranges of ceil(items / threads) items) of the pairs x the
+// plan's splits (pair-major: items [0, i) hold i / S whole windows and
+// i % S chunks), plus a per-item cost (q, the output or its partials) of
+// kItemKeys keys.
+int64_t attention_makespan(int64_t pairs, int64_t L, attn::SplitPlan p, int64_t threads) {
+  constexpr int64_t kItemKeys = 16;
+  const int64_t items = pairs * p.splits, per = attn::cdiv(items, threads);
+  const auto before = [&](int64_t i) { return i / p.splits * L + i % p.splits * p.chunk + i * kItemKeys; };
+  int64_t worst = 0;
+  for (int64_t t0 = 0; t0 < items; t0 += per) {
+    const int64_t keys = before(t0 + per < items ? t0 + per : items) - before(t0);
+    worst = keys > worst ? keys : worst;
+  }
+  return worst;
+}
+
+// The CPU's split count: one where the (batch, kv head) pairs divide among
+// the threads; else the count of at most 16 whose busiest thread runs the
+// fewest keys, a split costing the time of `combine` keys more (the
+// partials and the combine: ~2.5 us on this 2-core VM, ~250 keys of a
+// SmolLM2 kv head (3 query heads x 64); fewer of a kv head with more query
+// heads or a wider head_dim). SmolLM2's 3 kv heads on 2 threads: one split
+// up to 512 keys, then 2 (3 chunks a thread, not 2 windows and 1); one kv
+// head of 8 query heads x 128 on 2 threads: 2 splits from 256 keys.
+int64_t cpu_attention_splits(int64_t B, int64_t nkv, int64_t G, int64_t hd, int64_t L, int64_t threads) {
+  const int64_t pairs = B * nkv, tiles = attn::cdiv(L, attn::kKeyTile);
+  if (threads <= 1 || tiles <= 1 || pairs % threads == 0) return 1;
+  const int64_t combine = 65536 / std::max<int64_t>(G * hd, 256);
+  int64_t best = 1, best_keys = attention_makespan(pairs, L, attn::decode_attention_plan(L, 1), threads);
+  for (int64_t s = 2, last = 1; s <= 16 && s <= tiles; ++s) {
+    const attn::SplitPlan p = attn::decode_attention_plan(L, s);
+    if (p.splits == last) continue;  // the same plan as a smaller request
+    last = p.splits;
+    const int64_t keys = attention_makespan(pairs, L, p, threads) + combine;
+    if (keys < best_keys) best = s, best_keys = keys;
+  }
+  return best;
+}
+
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& mask, int64_t splits) {
   check_decode_attention(q, k, v, mask);
   const auto dt = pointwise_dtype(q);
   const int64_t hd = q.size(2), G = q.size(1) / k.size(1);
+  const k::AttentionIsa isa = attention_isa();
   if (!dt || !decode_attention_unit(q, k, v, mask) || hd % 8 || hd > k::kMaxHeadDim ||
-      G > attn::kMaxGroup || (splits <= 0 && k.size(2) > cpu_attention_max_keys()))
+      G > attn::kMaxGroup ||
+      (splits <= 0 && k.size(2) > cpu_attention_max_keys(isa != k::AttentionIsa::kGeneric)))
     return decode_attention_aten(q, k, v, mask);
   at::Tensor out = at::empty({q.size(0), q.size(1) * hd}, q.options()), part_o, part_ml;
   k::DecodeAttentionArgs a;
@@ -258,12 +313,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   fill_decode_attention(a, q, k, v, mask);
   a.out = out.data_ptr();
   if (a.B == 0 || a.nq == 0) return out;
-  const int64_t req = splits > 0 ? splits
-                                 : attn::decode_attention_auto_splits(a.B, a.nkv, a.L, at::get_num_threads());
+  const int64_t req = splits > 0 ? splits : cpu_attention_splits(a.B, a.nkv, G, hd, a.L, at::get_num_threads());
   fill_decode_attention_plan(a, req, part_o, part_ml, q.options());
-  const bool avx2 = active_path().has_value();  // every vector path has AVX2 + FMA + F16C
   at::parallel_for(0, a.B * a.nkv * a.splits, 1,
-                   [&](int64_t b, int64_t e) { k::decode_attention_part(a, b, e, avx2); });
+                   [&](int64_t b, int64_t e) { k::decode_attention_part(a, b, e, isa); });
   if (a.splits > 1)
     at::parallel_for(0, a.B * a.nq, 1, [&](int64_t b, int64_t e) { k::decode_attention_combine(a, b, e); });
   return out;
@@ -295,9 +348,16 @@ std::vector<KernelInfo> cpu_kernel_info() {
                     "fp32 / bf16 / fp16 up to 4096 elements (decode), eager inference; else the aten composite"});
   rows.push_back({"silu_mul", "cpu", "aten silu, then the product in place", "all calls"});
   rows.push_back({"silu_mul_", "cpu", "aten silu, then the product over u", "all calls"});
-  rows.push_back({"decode_attention", "cpu", "split-key decode attention kernel (grouped kv heads)",
-                  "fp32 / bf16 / fp16, windows up to " + std::to_string(cpu_attention_max_keys()) +
-                      " keys (any with explicit splits), head_dim a multiple of 8 up to 256, up to 8 query heads per kv head"});
+  const bool vec = attention_isa() != k::AttentionIsa::kGeneric;
+  const int64_t cap = cpu_attention_max_keys(vec);
+  rows.push_back({"decode_attention", "cpu",
+                  std::string("split-key decode attention kernel (grouped kv heads, ") +
+                      (attention_isa() == k::AttentionIsa::kAvx512 ? "avx512" : vec ? "avx2" : "scalar") + ")",
+                  "fp32 / bf16 / fp16, " +
+                      (cap == std::numeric_limits<int64_t>::max() ? std::string("any window")
+                       : cap > 0 ? "windows up to " + std::to_string(cap) + " keys (any with explicit splits)"
+                                 : std::string("explicit split counts only (cpu isa: aten)")) +
+                      ", head_dim a multiple of 8 up to 256, up to 8 query heads per kv head"});
   rows.push_back({"decode_attention", "cpu", "SDPA over grouped query heads", "every call the kernel does not take"});
   return rows;
 }

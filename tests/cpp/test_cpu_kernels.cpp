@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/kernels/attention.h"
 #include "cpu/kernels/decode.h"
 #include "cpu/kernels/pointwise.h"
 #include "cpu/kernels/rows.h"
@@ -301,4 +302,89 @@ TEST(PointwiseKernels, RmsNormAgainstDouble) {
       }
     }
   }
+}
+
+// Decode attention: each body (scalar, AVX2, AVX-512 as the CPU has them)
+// against softmax(q k^T / sqrt(hd) + mask) v in double, at shapes where the
+// vector body's register blocks do not divide the work (query heads per kv
+// head 1-8, head_dim 8-256, windows off every block size), split 1, 3 and one
+// per tile (partials combined as the op does). A masked slot's K and V hold
+// NaN: a body that read one would return NaN.
+TEST(AttentionKernels, BodiesAgainstDouble) {
+  std::vector<std::pair<k::AttentionIsa, const char*>> isas = {{k::AttentionIsa::kGeneric, "scalar"}};
+  if (k::path_supported(k::Path::kAvx2)) isas.push_back({k::AttentionIsa::kAvx2, "avx2"});
+  if (k::path_supported(k::Path::kAvx512)) isas.push_back({k::AttentionIsa::kAvx512, "avx512"});
+  struct S { int64_t B, nq, nkv, hd, L; };
+  const S shapes[] = {{1, 1, 1, 8, 3},    {2, 3, 1, 64, 257}, {1, 5, 1, 72, 130},
+                      {2, 7, 1, 128, 77}, {1, 8, 2, 256, 40}, {1, 12, 3, 64, 700}};
+  for (auto [isa, isa_name] : isas)
+    for (k::Dtype dt : kDtypes)
+      for (const S& sh : shapes)
+        for (int64_t req : {int64_t{1}, int64_t{3}, int64_t{1000}}) {
+          std::mt19937 g(static_cast<unsigned>(sh.L * 7 + sh.hd));
+          const int64_t G = sh.nq / sh.nkv, L = sh.L, hd = sh.hd, pad = 3;
+          Buf q(dt, sh.B * sh.nq, hd, 0, g);
+          Buf kc(dt, sh.B * sh.nkv * (L + pad), hd, 0, g), vc(dt, sh.B * sh.nkv * (L + pad), hd, 0, g);
+          std::vector<float> mask(static_cast<size_t>(sh.B * L));
+          std::uniform_real_distribution<float> u(0.f, 1.f);
+          for (int64_t b = 0; b < sh.B; ++b)
+            for (int64_t j = 0; j < L; ++j)
+              mask[b * L + j] = u(g) < 0.3f || (b == 0 && j < L / 2) ? -INFINITY : 2.f * u(g) - 1.f;
+          std::vector<uint8_t> mbuf(mask.size() * k::elem_size(dt));
+          for (size_t i = 0; i < mask.size(); ++i) k::store_f32(dt, mbuf.data(), static_cast<int64_t>(i), mask[i]);
+          for (size_t i = 0; i < mask.size(); ++i) mask[i] = static_cast<float>(k::load_f32(dt, mbuf.data(), i));
+          for (int64_t b = 0; b < sh.B; ++b)  // NaN in every masked slot's K and V
+            for (int64_t h = 0; h < sh.nkv; ++h)
+              for (int64_t j = 0; j < L; ++j)
+                if (mask[b * L + j] == -INFINITY)
+                  for (int64_t d = 0; d < hd; ++d) {
+                    const int64_t e = ((b * sh.nkv + h) * (L + pad) + j) * hd + d;
+                    k::store_f32(dt, kc.data.data(), e, NAN), k::store_f32(dt, vc.data.data(), e, NAN);
+                  }
+          k::DecodeAttentionArgs a;
+          a.dt = dt, a.B = sh.B, a.nq = sh.nq, a.nkv = sh.nkv, a.L = L, a.hd = hd;
+          a.q = q.data.data(), a.qb = sh.nq * hd, a.qh = hd;
+          a.k = kc.data.data(), a.kb = sh.nkv * (L + pad) * hd, a.kh = (L + pad) * hd, a.kl = hd;
+          a.v = vc.data.data(), a.vb = a.kb, a.vh = a.kh, a.vl = hd;
+          a.mask = mbuf.data(), a.mb = L;
+          a.scale = 1.f / std::sqrt(static_cast<float>(hd));
+          const auto plan = flora::attn::decode_attention_plan(L, req);
+          a.splits = plan.splits, a.chunk = plan.chunk;
+          std::vector<uint8_t> out(static_cast<size_t>(sh.B * sh.nq * hd * k::elem_size(dt)));
+          std::vector<float> po(static_cast<size_t>(sh.B * sh.nq * a.splits * hd)), pml(po.size() / hd * 2);
+          a.out = out.data(), a.part_o = po.data(), a.part_ml = pml.data();
+          k::decode_attention_part(a, 0, sh.B * sh.nkv * a.splits, isa);
+          if (a.splits > 1) k::decode_attention_combine(a, 0, sh.B * sh.nq);
+          for (int64_t b = 0; b < sh.B; ++b)
+            for (int64_t h = 0; h < sh.nq; ++h) {
+              const int64_t hk = h / G;
+              std::vector<double> w(static_cast<size_t>(L), 0.0);
+              double mx = -INFINITY, sum = 0.0;
+              for (int64_t j = 0; j < L; ++j) {
+                if (mask[b * L + j] == -INFINITY) continue;
+                const int64_t row = (b * sh.nkv + hk) * (L + pad) + j;
+                double dot = 0;
+                for (int64_t d = 0; d < hd; ++d) dot += q.at(b * sh.nq + h, d) * kc.at(row, d);
+                w[j] = dot / std::sqrt(static_cast<double>(hd)) + mask[b * L + j];
+                mx = std::max(mx, w[j]);
+              }
+              for (int64_t j = 0; j < L; ++j)
+                w[j] = mask[b * L + j] == -INFINITY ? 0.0 : std::exp(w[j] - mx), sum += w[j];
+              for (int64_t d = 0; d < hd; ++d) {
+                double want = 0, mag = 0;
+                for (int64_t j = 0; j < L; ++j) {
+                  if (w[j] == 0.0) continue;
+                  const double x = vc.at((b * sh.nkv + hk) * (L + pad) + j, d);
+                  want += w[j] * x / sum, mag += w[j] * std::fabs(x) / sum;
+                }
+                const double got = k::load_f32(dt, out.data(), (b * sh.nq + h) * hd + d);
+                // the output's rounding, and fp32 scores of a few ulps each (exp2 of an
+                // error of ~1e-6 in the log2 domain) over the weights
+                const double tol = 0.5 * eps(dt) * std::fabs(want) + 2e-5 * mag + 1e-6;
+                ASSERT_NEAR(got, want, tol) << isa_name << " " << name(dt) << " B" << sh.B << " nq" << sh.nq
+                                            << " nkv" << sh.nkv << " hd" << hd << " L" << L << " splits "
+                                            << a.splits << " row " << b << " head " << h << " d " << d;
+              }
+            }
+        }
 }

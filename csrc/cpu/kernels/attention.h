@@ -14,10 +14,15 @@ using DecodeAttentionArgs = ::flora::attn::DecodeAttentionArgsT<Dtype>;
 // Work items [i0, i1) of B * nkv * splits, item (b, kv head, split) in
 // row-major order: the split's keys for the kv head's G query heads, written
 // to out (splits == 1) or to the partials. hd <= kMaxHeadDim, G <= kMaxGroup.
-// avx2: the body compiled for AVX2 + FMA + F16C (the caller checks the CPU).
+// isa: which body runs (the caller checks the CPU): kGeneric the scalar
+// loops (attention_body.inc), kAvx2 / kAvx512 the vector body
+// (attention_vec.inc) compiled for AVX2 + FMA + F16C / AVX-512 (an hd not a
+// multiple of 16 takes AVX2's).
 constexpr int64_t kMaxHeadDim = 256;
-void decode_attention_part(const DecodeAttentionArgs& a, int64_t i0, int64_t i1, bool avx2);
+enum class AttentionIsa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+void decode_attention_part(const DecodeAttentionArgs& a, int64_t i0, int64_t i1, AttentionIsa isa);
 void decode_attention_part_avx2(const DecodeAttentionArgs& a, int64_t i0, int64_t i1);
+void decode_attention_part_avx512(const DecodeAttentionArgs& a, int64_t i0, int64_t i1);
 
 // Rows [r0, r1) of B * nq: the partials of every split into out (splits > 1).
 void decode_attention_combine(const DecodeAttentionArgs& a, int64_t r0, int64_t r1);

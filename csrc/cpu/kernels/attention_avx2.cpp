@@ -1,6 +1,10 @@
-// The decode-attention kernel body compiled for AVX2 + FMA + F16C (the
-// dispatch in register.cpp calls it where the CPU has them). Target pragma
-// after every include.
+// The decode-attention kernel compiled for AVX2 + FMA + F16C (8 fp32 lanes,
+// 16 ymm registers): the vector body (attention_vec.inc) where hd is a
+// multiple of 8. The dispatch in register.cpp calls it where the CPU has
+// them. Target pragma after every include.
+#include <immintrin.h>
+
+#include <cmath>
 #include <type_traits>
 
 #include "attention.h"
@@ -10,7 +14,73 @@ FLORA_ISA_BEGIN("avx2,fma,f16c")
 
 namespace flora::cpu::kernels {
 namespace avx2 {
-#include "attention_body.inc"
+
+struct V {
+  using F = __m256;
+  static constexpr int W = 8;
+  // 16 ymm registers: 8 accumulators, the loaded vectors beside them
+  static constexpr int kScoreAcc = 8, kPvAcc = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F ld(const float* p) { return _mm256_loadu_ps(p); }
+  static void st(float* p, F a) { _mm256_storeu_ps(p, a); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F ld_bf16(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static F ld_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static float hsum(F a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float hmax(F a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // out[i] = the lane sum of acc[i], i < N <= 8: three hadd levels and one
+  // 128-bit swap for all eight (9 instructions, not 8 horizontal sums).
+  template <int N>
+  static void reduce(const F* acc, float* out) {
+    F a[8];
+    for (int i = 0; i < 8; ++i) a[i] = i < N ? acc[i] : zero();
+    const F h0 = _mm256_hadd_ps(a[0], a[1]), h1 = _mm256_hadd_ps(a[2], a[3]);
+    const F h2 = _mm256_hadd_ps(a[4], a[5]), h3 = _mm256_hadd_ps(a[6], a[7]);
+    const F g0 = _mm256_hadd_ps(h0, h1), g1 = _mm256_hadd_ps(h2, h3);  // [acc 0-3 | 0-3], [4-7 | 4-7]
+    st(out, _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31)));
+  }
+  // 2^x for x <= 0, as exp2_nonpos in attention_body.inc: x = n + f, f in
+  // [-1/2, 1/2], Cephes' polynomial, 2^n into the exponent; x < -126 (and
+  // -inf) give 0, NaN stays NaN.
+  static F exp2_nonpos(F x) {
+    const F lo = set1(-126.f);
+    const F c = _mm256_max_ps(lo, x);  // NaN: x
+    const F nf = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const F f = sub(c, nf);
+    F p = set1(1.535336188319500e-4f);
+    p = fma(p, f, set1(1.339887440266574e-3f));
+    p = fma(p, f, set1(9.618437357674640e-3f));
+    p = fma(p, f, set1(5.550332471162809e-2f));
+    p = fma(p, f, set1(2.402264791363012e-1f));
+    p = fma(p, f, set1(6.931472028550421e-1f));
+    p = fma(p, f, set1(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(mul(p, _mm256_castsi256_ps(e)), _mm256_cmp_ps(x, lo, _CMP_NLT_UQ));
+  }
+};
+
+#include "attention_vec.inc"
+
 }  // namespace avx2
 
 void decode_attention_part_avx2(const DecodeAttentionArgs& a, int64_t i0, int64_t i1) {
