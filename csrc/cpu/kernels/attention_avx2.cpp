@@ -15,33 +15,20 @@ FLORA_ISA_BEGIN("avx2,fma,f16c")
 namespace flora::cpu::kernels {
 namespace avx2 {
 
-struct V {
-  using F = __m256;
-  static constexpr int W = 8;
+namespace base {
+#include "vec_avx2.inc"
+}  // namespace base
+
+// the shared traits, and what the attention body needs besides
+struct V : base::V {
   // 16 ymm registers: 8 accumulators, the loaded vectors beside them
   static constexpr int kScoreAcc = 8, kPvAcc = 8;
-  static F zero() { return _mm256_setzero_ps(); }
   static F set1(float x) { return _mm256_set1_ps(x); }
-  static F ld(const float* p) { return _mm256_loadu_ps(p); }
   static void st(float* p, F a) { _mm256_storeu_ps(p, a); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
-  static F ld_bf16(const uint16_t* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  static F ld_f16(const uint16_t* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static float hsum(F a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
   static float hmax(F a) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));

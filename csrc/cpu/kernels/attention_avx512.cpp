@@ -16,28 +16,20 @@ FLORA_ISA_BEGIN("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 namespace flora::cpu::kernels {
 namespace avx512 {
 
-struct V {
-  using F = __m512;
-  static constexpr int W = 16;
+namespace base {
+#include "vec_avx512.inc"
+}  // namespace base
+
+// the shared traits, and what the attention body needs besides
+struct V : base::V {
   // 32 zmm registers: 16 accumulators, the loaded vectors beside them
   static constexpr int kScoreAcc = 16, kPvAcc = 16;
-  static F zero() { return _mm512_setzero_ps(); }
   static F set1(float x) { return _mm512_set1_ps(x); }
-  static F ld(const float* p) { return _mm512_loadu_ps(p); }
   static void st(float* p, F a) { _mm512_storeu_ps(p, a); }
-  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
-  static F ld_bf16(const uint16_t* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  static F ld_f16(const uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static float hsum(F a) { return _mm512_reduce_add_ps(a); }
   static float hmax(F a) { return _mm512_reduce_max_ps(a); }
   // out[i] = the lane sum of acc[i], i < N <= 16: four levels of a
   // shuffle-and-add transposition (halves, quarters, pairs, lanes) for all
