@@ -331,6 +331,11 @@ class Decoder:
         self.mask[:, 0, 0, start:self.t].index_copy_(0, idx, open_)
         self.pos.index_copy_(0, idx, pos[:, -1:])
         c = self.cache
+        if S < T:  # the window's slots before the computed ones: each row's reused keys, copied below, and
+            # (rows shorter than T) padding that nothing writes: an earlier request's keys and values, masked,
+            # but a NaN or inf there still reaches the row through attention (0 x NaN); zeros instead
+            for kv in c.k + c.v:
+                kv[:, :, start:self.t - S].index_fill_(0, idx, 0.0)
         for row, p, r in zip(rows, prompts, reused):
             n = len(p) - S  # the reused tokens this prefill does not recompute
             if r is not None and n > 0:

@@ -1115,6 +1115,31 @@ def test_usage_reports_the_reused_prompt_tokens(server):
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
 
 
+def test_a_prefill_reusing_a_prefix_never_reads_an_earlier_rows_keys(setup):
+    """A row joining beside a longer prompt that reuses a kept prefix is left-padded over
+    slots that prefill neither computes nor copies: they held an earlier request's keys
+    and values, masked, but a NaN there (a request whose logits were NaN) still reached
+    the row through attention (0 x NaN) and its answer was garbage."""
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    tok = load_tokenizer(ckpt)
+    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN keys and values
+        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
+    eng = Engine(model, tok, {"base": None}, max_batch=2, wait_s=0.2).start()
+    system = " ".join("abcdefghijklmnopqrstuvwxyz") + " copy"  # 28 tokens: one kept block
+
+    def ask(*prompts):  # one request, a choice a prompt: admitted together, in rows 0, 1
+        return eng.submit(eng.parse({"prompt": list(prompts), "max_tokens": 8, "temperature": 0}, False))
+
+    assert _end(ask(system)[0])[1] == "length"
+    good, bad = ask(PROMPTS[2], "apple " * 40)  # the NaN prompt in row 1, all its slots
+    assert _end(good) == _reference(ckpt, None, PROMPTS[2], 8)
+    _end(bad)
+    long, short = ask(system, PROMPTS[2])  # row 1 again: 4 tokens beside 28 reusing 16
+    assert (_end(long), _end(short)) == (_reference(ckpt, None, system, 8), _reference(ckpt, None, PROMPTS[2], 8))
+    assert long.cached == 16 and short.cached == 0
+
+
 @pytest.fixture(scope="module")
 def smollm2_tok(gguf_path):
     return load_tokenizer(gguf_path)
