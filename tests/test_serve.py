@@ -70,6 +70,19 @@ def _end(req, timeout=60):
             return ev[2:5] if ev[0] == "done" else ev
 
 
+def _ends(reqs, timeout=60):
+    """Each choice's (text, finish_reason, tokens) by index, once all of a request's
+    choices (one events queue) have ended (or ("error", message))."""
+    got = {}
+    while len(got) < len(reqs):
+        ev = reqs[0].events.get(timeout=timeout)
+        if ev[0] == "error":
+            return ev
+        if ev[0] == "done":
+            got[ev[1]] = ev[2:5]
+    return [got[r.index] for r in reqs]
+
+
 def _reference(ckpt, adapter, text, n):
     """generate() on a separately loaded model: (new text up to the EOS, finish reason, tokens)."""
     m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter))
@@ -1131,13 +1144,38 @@ def test_a_prefill_reusing_a_prefix_never_reads_an_earlier_rows_keys(setup):
     def ask(*prompts):  # one request, a choice a prompt: admitted together, in rows 0, 1
         return eng.submit(eng.parse({"prompt": list(prompts), "max_tokens": 8, "temperature": 0}, False))
 
-    assert _end(ask(system)[0])[1] == "length"
-    good, bad = ask(PROMPTS[2], "apple " * 40)  # the NaN prompt in row 1, all its slots
-    assert _end(good) == _reference(ckpt, None, PROMPTS[2], 8)
-    _end(bad)
-    long, short = ask(system, PROMPTS[2])  # row 1 again: 4 tokens beside 28 reusing 16
-    assert (_end(long), _end(short)) == (_reference(ckpt, None, system, 8), _reference(ckpt, None, PROMPTS[2], 8))
+    assert _ends(ask(system))[0][1] == "length"
+    reqs = ask(PROMPTS[2], "apple " * 40)  # the NaN prompt in row 1, all its slots
+    assert _ends(reqs)[0] == _reference(ckpt, None, PROMPTS[2], 8)
+    long, short = reqs = ask(system, PROMPTS[2])  # row 1 again: 4 tokens beside 28 reusing 16
+    assert _ends(reqs) == [_reference(ckpt, None, system, 8), _reference(ckpt, None, PROMPTS[2], 8)]
     assert long.cached == 16 and short.cached == 0
+
+
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])
+def test_a_row_never_reads_an_earlier_requests_keys_in_its_decode_window(setup, monkeypatch, attention):
+    """A decode step reads a row's whole window, its masked slots too: those before the
+    row's prompt and after its last token held an earlier request's keys and values.
+    Where the step's attention is SDPA (no extension; on the CPU, windows over 128
+    keys) a NaN there (a request whose logits were NaN) reached the row (0 x NaN), and
+    every later request in that row answered garbage."""
+    from flora import ops
+
+    if attention == "sdpa":
+        monkeypatch.setattr(ops, "decode_attention", ops.grouped_sdpa)
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    tok = load_tokenizer(ckpt)
+    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN keys and values
+        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
+    eng = Engine(model, tok, {"base": None}, max_batch=2, wait_s=0.2).start()
+
+    def ask(*prompts, n=8):  # one request, a choice a prompt: admitted together, in rows 0, 1
+        return eng.submit(eng.parse({"prompt": list(prompts), "max_tokens": n, "temperature": 0}, False))
+
+    _ends(ask(PROMPTS[0], "apple " * 40))  # row 1: NaN from its prompt's slots on
+    for prompts in ([PROMPTS[2]], [PROMPTS[0], PROMPTS[2]], ["a b c d e f " * 6, PROMPTS[2]]):  # row 0, row 1
+        assert _ends(ask(*prompts))[-1] == _reference(ckpt, None, PROMPTS[2], 8)
 
 
 @pytest.fixture(scope="module")
