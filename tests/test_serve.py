@@ -1152,6 +1152,32 @@ def test_a_prefill_reusing_a_prefix_never_reads_an_earlier_rows_keys(setup):
     assert long.cached == 16 and short.cached == 0
 
 
+def test_the_prefix_cache_never_keeps_keys_that_are_not_finite(setup):
+    """A NaN at one position of a prompt reaches the keys and values of positions
+    before it (SDPA's blocked causal attention weighs the masked future keys 0, and
+    0 x NaN is NaN): kept, a clean prompt with the same first block reused them and
+    its answer was garbage. Keys and values that are not all finite are never kept."""
+    from flora.prefix_cache import BLOCK, PrefixCache
+
+    pc = PrefixCache(8 * BLOCK)
+    bad = torch.zeros(1, 2, 1, 2 * BLOCK, 1)
+    bad[..., 20, :] = float("inf")
+    pc.insert("m", list(range(2 * BLOCK)), lambda n: bad[..., :n, :])
+    assert pc.tokens == 0 and pc.lookup("m", list(range(2 * BLOCK + 1))) is None
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    tok = load_tokenizer(ckpt)
+    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN keys and values
+        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
+    eng = Engine(model, tok, {"base": None}).start()
+    system = " ".join("abcdefghijklmnopqrstuvwxyz")  # 27 tokens: one block to keep
+    _end(_submit(eng, {"prompt": system + " apple", "max_tokens": 2, "temperature": 0}))
+    clean = _submit(eng, {"prompt": system + " copy : a b", "max_tokens": 8, "temperature": 0})
+    assert _end(clean) == _reference(ckpt, None, system + " copy : a b", 8) and clean.cached == 0
+    again = _submit(eng, {"prompt": system + " the big cat", "max_tokens": 8, "temperature": 0})
+    assert _end(again) == _reference(ckpt, None, system + " the big cat", 8) and again.cached == BLOCK
+
+
 @pytest.mark.parametrize("attention", ["kernel", "sdpa"])
 def test_a_row_never_reads_an_earlier_requests_keys_in_its_decode_window(setup, monkeypatch, attention):
     """A decode step reads a row's whole window, its masked slots too: those before the
