@@ -315,7 +315,7 @@ class Decoder:
                                 None if adapters is None else [adapters[i] for i in u], [reused[i] for i in u])
             for i, j in enumerate(src):
                 if j != i:
-                    self._copy_row(rows[j], rows[i], self.t - len(prompts[i]))
+                    self._copy_row(rows[j], rows[i])
             return logits[[u.index(j) for j in src]]
         S = max(len(p) - (r[1] if r else 0) for p, r in zip(prompts, reused))
         if S < 1:
@@ -331,6 +331,15 @@ class Decoder:
         self.mask[:, 0, 0, start:self.t].index_copy_(0, idx, open_)
         self.pos.index_copy_(0, idx, pos[:, -1:])
         c = self.cache
+        # The rows' slots held an earlier request's keys and values: those this prefill neither computes
+        # nor copies stay masked, but attention still reads them (this prefill's keys before the computed
+        # ones, each decode step's window), and a masked NaN or inf reaches the row where the attention
+        # is SDPA (0 x NaN; the decode kernel skips masked keys, but not every window or build runs it):
+        # zeros, every slot a step may have written, before the copies and the prefill fill theirs
+        end = max(self.written, self.t)
+        for kv in c.k + c.v:
+            kv[:, :, :end].index_fill_(0, idx, 0.0)
+        self.written = end
         for row, p, r in zip(rows, prompts, reused):
             n = len(p) - S  # the reused tokens this prefill does not recompute
             if r is not None and n > 0:
@@ -354,12 +363,14 @@ class Decoder:
         finally:
             c.prefill_len, c.prefill_rows = None, None
 
-    def _copy_row(self, src: int, dst: int, start: int) -> None:
-        """Row ``dst`` becomes row ``src`` as a prefill left it: keys and values from
-        slot ``start`` to ``t``, its mask, position and adapter."""
+    def _copy_row(self, src: int, dst: int) -> None:
+        """Row ``dst`` becomes row ``src`` as :meth:`admit` left it: keys and values
+        (every slot a step may read: dst's own held an earlier request's), its mask,
+        position and adapter."""
+        w = self.written
         for k, v in zip(self.cache.k, self.cache.v):
-            k[dst, :, start:self.t].copy_(k[src, :, start:self.t])
-            v[dst, :, start:self.t].copy_(v[src, :, start:self.t])
+            k[dst, :, :w].copy_(k[src, :, :w])
+            v[dst, :, :w].copy_(v[src, :, :w])
         for t in (self.mask, self.pos) + (() if self.rows is None else (self.rows,)):
             t[dst].copy_(t[src])
 

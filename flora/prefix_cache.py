@@ -13,7 +13,9 @@ per served model (an adapter's keys and values are its own), never across.
 What is kept: each admitted prompt, and each finished request's prompt and
 answer (the next turn of a conversation starts with both), as one entry of
 its whole blocks; an entry whose tokens a newer one extends is dropped, and
-the least recently used go beyond ``capacity`` tokens in all.
+the least recently used go beyond ``capacity`` tokens in all. Keys and values
+that are not all finite are never kept (a NaN at one position reaches the
+keys before it through attention's masked weights, 0 x NaN).
 """
 from __future__ import annotations
 
@@ -82,7 +84,12 @@ class PrefixCache:
         if kept is not None:
             self._entries.move_to_end(kept.id)
             return
-        e = _Entry(tuple(tokens[:n]), read(n), keys)
+        kv = read(n)
+        # a NaN or inf at one position reaches the keys of positions before it (blocked causal attention
+        # weighs the masked future keys 0, and 0 x NaN is NaN): not what the prefix alone computes
+        if not bool(kv.isfinite().all()):
+            return
+        e = _Entry(tuple(tokens[:n]), kv, keys)
         for k in keys:
             ids = self._index.setdefault(k, {})
             for old in [self._entries[i] for i in ids]:

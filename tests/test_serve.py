@@ -70,6 +70,19 @@ def _end(req, timeout=60):
             return ev[2:5] if ev[0] == "done" else ev
 
 
+def _ends(reqs, timeout=60):
+    """Each choice's (text, finish_reason, tokens) by index, once all of a request's
+    choices (one events queue) have ended (or ("error", message))."""
+    got = {}
+    while len(got) < len(reqs):
+        ev = reqs[0].events.get(timeout=timeout)
+        if ev[0] == "error":
+            return ev
+        if ev[0] == "done":
+            got[ev[1]] = ev[2:5]
+    return [got[r.index] for r in reqs]
+
+
 def _reference(ckpt, adapter, text, n):
     """generate() on a separately loaded model: (new text up to the EOS, finish reason, tokens)."""
     m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter))
@@ -1118,6 +1131,209 @@ def test_usage_reports_the_reused_prompt_tokens(server):
     n = first["usage"]["prompt_tokens"]
     assert n > 16 and again["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
+
+
+def test_a_prefill_reusing_a_prefix_never_reads_an_earlier_rows_keys(setup):
+    """A row joining beside a longer prompt that reuses a kept prefix is left-padded over
+    slots that prefill neither computes nor copies: they held an earlier request's keys
+    and values, masked, but a NaN there (a request whose logits were NaN) still reached
+    the row through attention (0 x NaN) and its answer was garbage."""
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    tok = load_tokenizer(ckpt)
+    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN keys and values
+        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
+    eng = Engine(model, tok, {"base": None}, max_batch=2, wait_s=0.2).start()
+    system = " ".join("abcdefghijklmnopqrstuvwxyz") + " copy"  # 28 tokens: one kept block
+
+    def ask(*prompts):  # one request, a choice a prompt: admitted together, in rows 0, 1
+        return eng.submit(eng.parse({"prompt": list(prompts), "max_tokens": 8, "temperature": 0}, False))
+
+    assert _ends(ask(system))[0][1] == "length"
+    reqs = ask(PROMPTS[2], "apple " * 40)  # the NaN prompt in row 1, all its slots
+    assert _ends(reqs)[0] == _reference(ckpt, None, PROMPTS[2], 8)
+    long, short = reqs = ask(system, PROMPTS[2])  # row 1 again: 4 tokens beside 28 reusing 16
+    assert _ends(reqs) == [_reference(ckpt, None, system, 8), _reference(ckpt, None, PROMPTS[2], 8)]
+    assert long.cached == 16 and short.cached == 0
+
+
+def test_the_prefix_cache_never_keeps_keys_that_are_not_finite(setup):
+    """A NaN at one position of a prompt reaches the keys and values of positions
+    before it (SDPA's blocked causal attention weighs the masked future keys 0, and
+    0 x NaN is NaN): kept, a clean prompt with the same first block reused them and
+    its answer was garbage. Keys and values that are not all finite are never kept."""
+    from flora.prefix_cache import BLOCK, PrefixCache
+
+    pc = PrefixCache(8 * BLOCK)
+    bad = torch.zeros(1, 2, 1, 2 * BLOCK, 1)
+    bad[..., 20, :] = float("inf")
+    pc.insert("m", list(range(2 * BLOCK)), lambda n: bad[..., :n, :])
+    assert pc.tokens == 0 and pc.lookup("m", list(range(2 * BLOCK + 1))) is None
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    tok = load_tokenizer(ckpt)
+    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN keys and values
+        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
+    eng = Engine(model, tok, {"base": None}).start()
+    system = " ".join("abcdefghijklmnopqrstuvwxyz")  # 27 tokens: one block to keep
+    _end(_submit(eng, {"prompt": system + " apple", "max_tokens": 2, "temperature": 0}))
+    clean = _submit(eng, {"prompt": system + " copy : a b", "max_tokens": 8, "temperature": 0})
+    assert _end(clean) == _reference(ckpt, None, system + " copy : a b", 8) and clean.cached == 0
+    again = _submit(eng, {"prompt": system + " the big cat", "max_tokens": 8, "temperature": 0})
+    assert _end(again) == _reference(ckpt, None, system + " the big cat", 8) and again.cached == BLOCK
+
+
+def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
+    """A short, seeded run of the stress harness: random engines (batch size, a cache
+    small enough to drain and restart, a prefix cache small enough to evict, --mixed or
+    not) take random requests (arriving while others run; prompts sharing blocks, repeated,
+    cut at a block boundary +-1, a conversation's next turn; n, stop strings, echo,
+    logprobs, streaming, greedy or seeded; some with a NaN embedding's token, whose rows
+    fail alone, with the decode step's attention SDPA as where the kernel does not run),
+    and every other choice ends once with what generate() gives it on a separately
+    loaded model, its logprobs the full forward's."""
+    import random
+
+    from flora import ops
+    from flora.prefix_cache import BLOCK
+
+    _, ckpt, adapter = setup
+    tok = load_tokenizer(ckpt)
+    second = tmp_path / "second"
+    _two_adapters(ckpt, adapter, tmp_path)
+    paths = {"base": None, "a": adapter, "b": second}
+    refs = {n: FusedLlama.from_pretrained(str(ckpt), adapter=None if p is None else str(p)) for n, p in paths.items()}
+    eos = set(_eos_set(refs["base"].generation_eos_token_id))
+    poison = tok.convert_tokens_to_ids("egg")
+    V = len(tok)
+
+    def want(r):  # generate(): (text, finish_reason, tokens) with r's stop strings
+        t, p, k = r.sampling
+        row = refs[r.model].generate(torch.tensor([r.prompt]), max_new_tokens=r.max_tokens, temperature=t, top_p=p,
+                                     top_k=k, seed=r.seed)[0, len(r.prompt):].tolist()
+        ids = []
+        for j, x in enumerate(row):
+            if x in eos:
+                return tok.decode(ids, skip_special_tokens=True), "stop", j + 1, row[:j + 1]
+            ids.append(x)
+            text = tok.decode(ids, skip_special_tokens=True)
+            hits = [text.find(s) for s in r.stop if s in text]
+            if hits:
+                return text[:min(hits)], "stop", j + 1, row[:j + 1]
+        return tok.decode(ids, skip_special_tokens=True), "length", len(row), row
+
+    rng = random.Random(1234)
+    checked = 0
+    for scenario in range(40):
+        mixed, cache_len = rng.random() < 0.5, rng.choice([20, 33, 64])
+        model = _two_adapters(ckpt, adapter, tmp_path) if scenario else None
+        if model is None:  # the first: base only
+            model = FusedLlama.from_pretrained(str(ckpt))
+        bad = scenario % 4 == 3
+        if bad:
+            with torch.no_grad():
+                model.embed[poison] = float("nan")
+            monkeypatch.setattr(ops, "decode_attention", ops.grouped_sdpa)
+        names = {"base": None, "a": "a", "b": "b"} if scenario else {"base": None}
+        eng = Engine(model, tok, names, max_batch=rng.choice([1, 2, 3, 4]), mixed=mixed, cache_len=cache_len,
+                     prefix_cache=rng.choice([16, 48, 8192]), wait_s=rng.choice([0.0, 0.005]))
+        step = eng._step
+        eng._step = lambda step=step: (time.sleep(0.001), step())[1]  # so that requests arrive mid-batch
+        eng.start()
+        pool, sent = [], []
+        for _ in range(rng.randint(3, 10)):
+            P = cache_len - 1
+            c = rng.random()
+            if not pool or c < 0.3:
+                p = [rng.randrange(3, V) for _ in range(rng.randint(1, P))]
+            elif c < 0.45 and min(map(len, pool)) + 5 < P:  # the next turn: an earlier prompt, its answer, more
+                q = rng.choice([q for q in pool if len(q) + 5 < P])
+                answer = refs["base"].generate(torch.tensor([q]), max_new_tokens=5)[0, len(q):].tolist()
+                p = (q + answer + [rng.randrange(3, V) for _ in range(rng.randint(1, 6))])[:P]
+            else:
+                q = rng.choice(pool)
+                cut = min(len(q), rng.choice([BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, len(q)]))
+                p = (q[:cut] + [rng.randrange(3, V) for _ in range(rng.randint(0, 12))])[:P]
+            p = [x if x != poison else poison + 1 for x in p]
+            if bad and rng.random() < 0.4:  # often past the first block: another prompt may share that
+                p[rng.randrange(min(len(p) - 1, BLOCK), len(p))] = poison
+            pool.append(p)
+            body = {"model": rng.choice(list(names)), "prompt": p, "max_tokens": rng.choice([1, 2, 5, 9, 20]),
+                    "temperature": 0.0}
+            if rng.random() < 0.4:
+                body.update(temperature=rng.choice([0.7, 1.2]), seed=rng.randrange(100),
+                            top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]))
+            if rng.random() < 0.25:
+                body["n"] = rng.randint(2, 3)
+            if rng.random() < 0.2:
+                body["stop"] = [" " + tok.decode([rng.randrange(3, V)])]
+            if rng.random() < 0.2:
+                body.update(echo=True, logprobs=rng.randint(0, 2), max_tokens=rng.choice([0, 1, 3]))
+            elif rng.random() < 0.2:
+                body["logprobs"] = rng.randint(0, 2)
+            body["stream"] = rng.random() < 0.3
+            sent.append(eng.submit(eng.parse(body, False)))
+            time.sleep(rng.choice([0.0, 0.002, 0.01]))
+        for reqs in sent:
+            events = []
+            while sum(e[0] in ("done", "error") for e in events) < len(reqs):
+                events.append(reqs[0].events.get(timeout=60))
+            if bad and any(poison in r.prompt + want(r)[-1] for r in reqs):
+                continue  # NaN logits (its prompt's, or after its answer's token): garbage or an error, its own
+            assert not [e for e in events if e[0] == "error"], (scenario, events)
+            for r in reqs:
+                mine = [e for e in events if e[1] == r.index]
+                (_, _, text, reason, n, entries), = [e for e in mine if e[0] == "done"]
+                assert r.cached % BLOCK == 0 and (r.cached == 0 or r.cached < len(r.prompt))
+                if r.stream:
+                    assert "".join(e[2] for e in mine if e[0] == "delta") == text
+                if r.max_tokens == 0:
+                    assert (text, reason, n) == ("", "length", 0)
+                    continue
+                *expect, row = want(r)
+                assert (text, reason, n) == tuple(expect), (scenario, r)
+                checked += 1
+                if r.logprobs is not None:
+                    with torch.no_grad():
+                        lp = torch.log_softmax(refs[r.model](torch.tensor([r.prompt + row])).logits[0].float(), -1)
+                    got = [e[1] for e in entries] + ([e[1] for e in mine[0][2][1:]] if r.echo is not None else [])
+                    ref = [float(lp[len(r.prompt) - 1 + i, x]) for i, x in enumerate(row)]
+                    if r.echo is not None:
+                        ref += [float(lp[i - 1, r.prompt[i]]) for i in range(1, len(r.prompt))]
+                    assert got == pytest.approx(ref, abs=1e-4)
+        eng.close()
+        eng._worker.join(30)
+        assert not eng._worker.is_alive() and not any(eng._slots)
+        pc = eng.prefix
+        assert pc.tokens == sum(len(e.tokens) for e in pc._entries.values()) <= pc.capacity
+        monkeypatch.undo()
+    assert checked > 100
+
+
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])
+def test_a_row_never_reads_an_earlier_requests_keys_in_its_decode_window(setup, monkeypatch, attention):
+    """A decode step reads a row's whole window, its masked slots too: those before the
+    row's prompt and after its last token held an earlier request's keys and values.
+    Where the step's attention is SDPA (no extension; on the CPU, windows over 128
+    keys) a NaN there (a request whose logits were NaN) reached the row (0 x NaN), and
+    every later request in that row answered garbage."""
+    from flora import ops
+
+    if attention == "sdpa":
+        monkeypatch.setattr(ops, "decode_attention", ops.grouped_sdpa)
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    tok = load_tokenizer(ckpt)
+    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN keys and values
+        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
+    eng = Engine(model, tok, {"base": None}, max_batch=2, wait_s=0.2).start()
+
+    def ask(*prompts, n=8):  # one request, a choice a prompt: admitted together, in rows 0, 1
+        return eng.submit(eng.parse({"prompt": list(prompts), "max_tokens": n, "temperature": 0}, False))
+
+    _ends(ask(PROMPTS[0], "apple " * 40))  # row 1: NaN from its prompt's slots on
+    for prompts in ([PROMPTS[2]], [PROMPTS[0], PROMPTS[2]], ["a b c d e f " * 6, PROMPTS[2]]):  # row 0, row 1
+        assert _ends(ask(*prompts))[-1] == _reference(ckpt, None, PROMPTS[2], 8)
 
 
 @pytest.fixture(scope="module")
