@@ -644,16 +644,23 @@ def test_a_batch_that_cannot_start_answers_its_request_and_the_server_goes_on(se
     assert bad.events.empty()  # answered once, not run again
 
 
+def _poisoned(setup, names, **kw):
+    """(an Engine, its tokenizer) on the fixture's base whose embedding of "apple" is NaN:
+    a prompt with that word gives NaN logits, keys and values."""
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt))
+    tok = load_tokenizer(ckpt)
+    with torch.no_grad():
+        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
+    return Engine(model, tok, names, **kw), tok
+
+
 def test_a_row_that_cannot_sample_fails_alone(setup):
     """A sampled request whose logits are NaN (sampling raises) gets the error once; the
     greedy row it joined goes on to its end, and the next request is served (the error
     failed the whole batch and left the request waiting, admitted again without end)."""
-    _, ckpt, _ = setup
-    model = FusedLlama.from_pretrained(str(ckpt)).eval()
-    tok = load_tokenizer(ckpt)
-    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN logits
-        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
-    eng = Engine(model, tok, {"base": None}, max_batch=4)
+    ckpt = setup[1]
+    eng, tok = _poisoned(setup, {"base": None}, max_batch=4)
     good = _submit(eng, {"prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0})
     bad = _submit(eng, {"prompt": "a apple", "max_tokens": 5, "temperature": 1.0})
     eng.start()
@@ -1138,12 +1145,9 @@ def test_a_prefill_reusing_a_prefix_never_reads_an_earlier_rows_keys(setup):
     slots that prefill neither computes nor copies: they held an earlier request's keys
     and values, masked, but a NaN there (a request whose logits were NaN) still reached
     the row through attention (0 x NaN) and its answer was garbage."""
-    _, ckpt, _ = setup
-    model = FusedLlama.from_pretrained(str(ckpt)).eval()
-    tok = load_tokenizer(ckpt)
-    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN keys and values
-        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
-    eng = Engine(model, tok, {"base": None}, max_batch=2, wait_s=0.2).start()
+    ckpt = setup[1]
+    eng, tok = _poisoned(setup, {"base": None}, max_batch=2, wait_s=0.2)
+    eng.start()
     system = " ".join("abcdefghijklmnopqrstuvwxyz") + " copy"  # 28 tokens: one kept block
 
     def ask(*prompts):  # one request, a choice a prompt: admitted together, in rows 0, 1
@@ -1169,12 +1173,9 @@ def test_the_prefix_cache_never_keeps_keys_that_are_not_finite(setup):
     bad[..., 20, :] = float("inf")
     pc.insert("m", list(range(2 * BLOCK)), lambda n: bad[..., :n, :])
     assert pc.tokens == 0 and pc.lookup("m", list(range(2 * BLOCK + 1))) is None
-    _, ckpt, _ = setup
-    model = FusedLlama.from_pretrained(str(ckpt)).eval()
-    tok = load_tokenizer(ckpt)
-    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN keys and values
-        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
-    eng = Engine(model, tok, {"base": None}).start()
+    ckpt = setup[1]
+    eng, tok = _poisoned(setup, {"base": None})
+    eng.start()
     system = " ".join("abcdefghijklmnopqrstuvwxyz")  # 27 tokens: one block to keep
     _end(_submit(eng, {"prompt": system + " apple", "max_tokens": 2, "temperature": 0}))
     clean = _submit(eng, {"prompt": system + " copy : a b", "max_tokens": 8, "temperature": 0})
@@ -1321,12 +1322,9 @@ def test_a_row_never_reads_an_earlier_requests_keys_in_its_decode_window(setup, 
 
     if attention == "sdpa":
         monkeypatch.setattr(ops, "decode_attention", ops.grouped_sdpa)
-    _, ckpt, _ = setup
-    model = FusedLlama.from_pretrained(str(ckpt)).eval()
-    tok = load_tokenizer(ckpt)
-    with torch.no_grad():  # a NaN embedding row: any prompt with this word gives NaN keys and values
-        model.embed[tok.convert_tokens_to_ids("apple")] = float("nan")
-    eng = Engine(model, tok, {"base": None}, max_batch=2, wait_s=0.2).start()
+    ckpt = setup[1]
+    eng, tok = _poisoned(setup, {"base": None}, max_batch=2, wait_s=0.2)
+    eng.start()
 
     def ask(*prompts, n=8):  # one request, a choice a prompt: admitted together, in rows 0, 1
         return eng.submit(eng.parse({"prompt": list(prompts), "max_tokens": n, "temperature": 0}, False))
