@@ -103,7 +103,11 @@ class AdapterRegistry:
         del self._adapters[name]
 
     def set_adapter(self, name: str) -> None:
-        """Make adapter ``name`` current: copies only its tensors into the modules."""
+        """Make adapter ``name`` current: copies only its tensors into the modules.
+
+        Adapters take turns in the same Parameters (the ones ``model.parameters()``
+        gives): to train this one, make a new optimizer after switching (one made
+        before keeps the previous adapter's moments, e.g. Adam's, for them)."""
         if name not in self._adapters:
             raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self._adapters)}")
         self._check_single("set_adapter")

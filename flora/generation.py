@@ -535,7 +535,11 @@ def structure_key(model) -> tuple:
     written in place (set_adapter, fold of the same structure) keep the key."""
     mods = tuple((m.live, m.folded, m.merged) for _, m in model.adapter_modules())
     ptrs = tuple(t.data_ptr() for t in model.buffers()) + tuple(t.data_ptr() for t in model.parameters())
-    return (model.dtype, str(model.device), repr(model.adapter_config), mods, ptrs)
+    cfg = model.adapter_config
+    # decoding runs in eval mode (inference_mode): dropout never reaches the step, so adapters
+    # differing only in it share the captured graphs / compiled step
+    cfg = None if cfg is None else cfg.replace(dropout=0.0)
+    return (model.dtype, str(model.device), repr(cfg), mods, ptrs)
 
 
 MAX_CACHED_DECODERS = 4

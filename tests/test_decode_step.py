@@ -196,6 +196,22 @@ def test_set_adapter_keeps_decoder_and_tokens(tmp_path, monkeypatch):
     assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 1
 
 
+def test_kept_decoder_keyed_on_scale_not_dropout(monkeypatch):
+    """Decoding runs in eval mode, so an adapter differing only in dropout reuses the
+    kept step; a different alpha (the scale a step bakes in) does not."""
+    monkeypatch.setattr(gen, "compiled_decode", lambda *a: gen._decode)
+    m = _model("lora")
+    cfg = m.adapter_config
+    m.add_adapter("drop", cfg.replace(dropout=0.3))
+    m.add_adapter("alpha", cfg.replace(alpha=cfg.scale * cfg.rank * 2))
+    m.set_adapter("default")
+    d = _kept(m)
+    m.set_adapter("drop")
+    assert _kept(m) is d
+    m.set_adapter("alpha")
+    assert _kept(m) is not d
+
+
 def test_kept_decoder_does_not_keep_model_alive(monkeypatch):
     import gc
     import weakref
