@@ -169,6 +169,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             if self._unstacked is not None:
                 for q in self._unstacked[1].values():
                     q.data = fn(q)
+                    if q.grad is not None:  # a gradient left from training, as Module._apply converts one
+                        q.grad = fn(q.grad)
         return self
 
     # ------------------------------------------------------------------ load

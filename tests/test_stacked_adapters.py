@@ -301,11 +301,14 @@ def test_a_model_converted_while_stacked_unstacks_to_its_own_parameters(hf, tmp_
     paths = _adapters(hf, "ffba", tmp_path, n=2)
     m = _loaded(hf, paths)
     params = list(m.parameters())
+    for p in params:  # gradients left from training: converted with their Parameters
+        p.grad = torch.ones_like(p)
     m.stack_adapters(["default", "a1"])
     m.to(torch.float64)
     m.unstack_adapters()
     assert all(p is q for p, q in zip(m.parameters(), params)) and len(list(m.parameters())) == len(params)
     assert {p.dtype for p in m.parameters()} == {torch.float64}
+    assert all(p.grad.dtype == torch.float64 and torch.all(p.grad == 1) for p in m.parameters())
     assert {t.dtype for t in m._adapters["a1"][1].values()} == {torch.float64}
     with torch.no_grad():
         m.set_adapter("a1")
