@@ -331,10 +331,58 @@ class Engine:
         return out
 
     def submit(self, reqs: list) -> list:
-        """Queue a request's choices (what :meth:`parse` gave)."""
+        """Queue a request's choices (what :meth:`parse` gave, or Requests built by
+        hand: each checked as parse checks a body, ValueError naming what is wrong,
+        none queued then; one the worker could never run would block it)."""
+        for r in reqs:
+            self.check(r)
         for r in reqs:
             self.queue.put(r)
         return reqs
+
+    def check(self, r) -> None:
+        """ValueError unless ``r`` is a Request this engine can run: a served model,
+        token ids of its vocabulary, sampling, seed, stop strings and logprobs as
+        :meth:`parse` allows them, and a prompt that fits with its max_tokens (a row of
+        the cache; with echo and max_tokens 0, the context)."""
+        from .generation import check_sampling, check_seed
+
+        if not isinstance(r, Request):
+            raise ValueError(f"submit takes Requests, got {type(r).__name__}")
+        if not isinstance(r.model, str) or r.model not in self.names:
+            raise ValueError(f"Request.model {_brief(r.model)} is not served; the models are: "
+                             f"{', '.join(self.names)}")
+        vocab = self.model.arch.vocab_size
+        if not (isinstance(r.prompt, list) and r.prompt):
+            raise ValueError(f"Request.prompt must be a non-empty list of token ids, got {_brief(r.prompt)}")
+        bad = next((t for t in r.prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+                    or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"Request.prompt: {bad!r} is not a token id of this model (an integer in "
+                             f"0 .. {vocab - 1})")
+        if r.echo is not None and not isinstance(r.echo, str):
+            raise ValueError(f"Request.echo must be the prompt's text or None, got {_brief(r.echo)}")
+        M, P = r.max_tokens, len(r.prompt)
+        if isinstance(M, bool) or not isinstance(M, numbers.Integral) or M < (0 if r.echo is not None else 1):
+            raise ValueError(f"Request.max_tokens must be an integer >= {0 if r.echo is not None else 1}"
+                             f"{' (0: with echo)' if r.echo is None else ''}, got {M!r}")
+        if M == 0 and P > self.context:
+            raise ValueError(f"Request.prompt is {P} tokens; the model's context is {self.context}")
+        if M and P + M > self.cache_len:
+            raise ValueError(f"Request.prompt ({P} tokens) and max_tokens ({M}) exceed the cache "
+                             f"(--cache-len {self.cache_len}): at most {self.cache_len} tokens together")
+        if not (isinstance(r.sampling, tuple) and len(r.sampling) == 3):
+            raise ValueError(f"Request.sampling must be (temperature, top_p, top_k), got {_brief(r.sampling)}")
+        check_sampling(M, *r.sampling)
+        check_seed(r.seed)
+        if not (isinstance(r.stop, tuple) and len(r.stop) <= MAX_STOP
+                and all(isinstance(x, str) and x for x in r.stop)):
+            raise ValueError(f"Request.stop must be a tuple of at most {MAX_STOP} non-empty strings, got "
+                             f"{_brief(r.stop)}")
+        k = r.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral)
+                              or not 0 <= k <= MAX_LOGPROBS):
+            raise ValueError(f"Request.logprobs must be None or an integer in 0 .. {MAX_LOGPROBS}, got {k!r}")
 
     # ---------------------------------------------------------------- worker
     # Continuous batching: one decoder of max_batch rows runs step after step; a request

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -496,6 +497,49 @@ def test_echo_with_max_tokens_0_takes_the_context_not_a_row(setup):
         small.parse({"prompt": "a " * 40, "echo": True, "max_tokens": 1}, False)
     r, = small.parse({"prompt": [5, 6], "echo": True}, False)  # token ids: the echo is their text
     assert r.echo == small.text([5, 6]) and r.max_tokens == 16
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("prompt", list(range(3, 33)), r"Request.prompt \(30 tokens\) and max_tokens \(5\) exceed the cache "
+                                   r"\(--cache-len 32\): at most 32 tokens together"),
+    ("max_tokens", 28, r"Request.prompt \(5 tokens\) and max_tokens \(28\) exceed the cache"),
+    ("model", "nope", r"Request.model 'nope' is not served; the models are: base"),
+    ("prompt", [], r"Request.prompt must be a non-empty list of token ids, got \[\]"),
+    ("prompt", (3, 4), r"Request.prompt must be a non-empty list of token ids, got \(3, 4\)"),
+    ("prompt", [3, 10 ** 6], r"Request.prompt: 1000000 is not a token id of this model \(an integer in 0 \.\. "),
+    ("prompt", [3, True], r"Request.prompt: True is not a token id"),
+    ("max_tokens", 0, r"Request.max_tokens must be an integer >= 1 \(0: with echo\), got 0"),
+    ("max_tokens", 2.0, r"Request.max_tokens must be an integer >= 1"),
+    ("sampling", (0.0, 1.0), r"Request.sampling must be \(temperature, top_p, top_k\)"),
+    ("sampling", (-1.0, 1.0, 0), r"temperature must be a finite number >= 0"),
+    ("sampling", (1.0, 0.0, 0), r"top_p must be in \(0, 1\]"),
+    ("seed", 2 ** 64, r"seed must be an integer in"),
+    ("stop", ["x"], r"Request.stop must be a tuple of at most 16 non-empty strings"),
+    ("stop", ("",), r"Request.stop must be a tuple"),
+    ("logprobs", 21, r"Request.logprobs must be None or an integer in 0 \.\. 20, got 21"),
+    ("echo", 5, r"Request.echo must be the prompt's text or None, got 5"),
+])
+def test_submit_refuses_a_hand_built_request_it_cannot_run(setup, field, value, msg):
+    """A Request built by hand (not by parse) is checked as parse checks a body: one
+    whose prompt and max_tokens exceed the cache never joined a batch and blocked the
+    worker (every later request waited behind it). submit raises ValueError naming the
+    problem and queues none of the request's choices; the worker goes on serving."""
+    ckpt = setup[1]
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None},
+                 cache_len=32).start()
+    good = Request("base", [3, 4, 5, 6, 7], 5, (0.0, 1.0, 0))
+    bad = Request(**{**vars(good), "events": queue.Queue(), field: value})
+    with pytest.raises(ValueError, match=msg):
+        eng.submit([good, bad])
+    assert eng.queue.empty() and good.events.empty()
+    eng.submit([good])  # the same, alone: served
+    ids = _greedy_ids(ckpt, None, good.prompt, 5)
+    assert _end(good) == (load_tokenizer(ckpt).decode(ids, skip_special_tokens=True),
+                          "stop" if len(ids) < 5 else "length", len(ids))
+    long = Request("base", list(range(3, 60)), 0, (0.0, 1.0, 0), echo="")  # echo, max_tokens 0: the context (64)
+    assert eng.submit([long]) == [long] and _end(long) == ("", "length", 0)
+    with pytest.raises(ValueError, match=r"Request.prompt is 65 tokens; the model's context is 64"):
+        eng.submit([Request("base", list(range(3, 68)), 0, (0.0, 1.0, 0), echo="")])
 
 
 @pytest.mark.parametrize("stream", [False, True])
