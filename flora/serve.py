@@ -98,7 +98,7 @@ class Request:
     logprobs: Optional[int] = None  # each token's logprob and this many alternatives' (None: none)
     echo: Optional[str] = None  # the prompt's text, which the answer starts with (None: not echoed)
     scored: bool = False  # echo: its prompt went out (with logprobs: scored)
-    cached: int = 0  # prompt tokens whose keys and values were reused, not computed
+    cached: int = 0  # prompt tokens whose keys and values were copied (prefix cache), not computed
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -462,6 +462,8 @@ class Engine:
     def _admit(self, waiting: list) -> list:
         """Requests joining the batch (in arrival order, while each fits), prefilled
         together; the rest, still waiting."""
+        from .generation import admit_span
+
         if not waiting:
             return waiting
         if self._dec is None:
@@ -502,9 +504,11 @@ class Engine:
             for r in join:
                 r.events.put(("error", f"{type(e).__name__}: {e}"))
             return waiting[len(join):]
+        S = admit_span([r.prompt for r in join], reused)
         for i, r, lg, reuse in zip(rows, join, logits, reused):
             row = self._slots[i] = _Row(r, t - len(r.prompt), dec.device)
-            r.cached = reuse[1] if reuse else 0
+            # every joining row computes its last S tokens: a longer reused prefix is partly recomputed
+            r.cached = max(0, len(r.prompt) - S) if reuse else 0
             self._keep(i, row, r.prompt)
             self._take(i, row, lg[None])
         return waiting[len(join):]

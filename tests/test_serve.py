@@ -1184,6 +1184,47 @@ def test_usage_reports_the_reused_prompt_tokens(server):
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
 
 
+def test_cached_tokens_count_only_the_prompt_tokens_not_computed(setup):
+    """usage.prompt_tokens_details.cached_tokens: the rows joining a batch together all
+    prefill their last S tokens (S: the most any of them must compute), so a row whose
+    reused prefix is longer than its length less S recomputes part of it: only the tokens
+    not computed count (S read from the prefill itself), 0 where the prefill computes the
+    whole prompt though a prefix was found; the answers are generate()'s."""
+    ckpt = setup[1]
+    tok = load_tokenizer(ckpt)
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    eng = Engine(model, tok, {"base": None}, max_batch=2)
+    widths = []  # each prefill's tokens a row (a decode step feeds one)
+    run = model.run_layers
+    model.run_layers = lambda ids, *a, cache=None, **kw: (cache is None or ids.shape[1] == 1
+                                                          or widths.append(ids.shape[1]), run(ids, *a, cache=cache,
+                                                                                              **kw))[1]
+    srv = serve(eng, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1/completions"
+    system = " ".join("abcdefghijklmnopqrstuvwxyz"[i % 26] for i in range(40))
+    kept = len(prompt_ids(tok, system)) // 16 * 16
+    assert kept == 32
+
+    def ask(*prompts):
+        out = json.loads(_post(url, {"prompt": list(prompts), "max_tokens": 4, "temperature": 0})[1])
+        want = [_reference(ckpt, None, p, 4)[0] for p in prompts]
+        assert [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])] == want
+        return out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    try:
+        assert ask(system + " copy : a b") == 0  # its blocks kept
+        for other, hits in ((" ".join("zyxwvutsrqponmlkjihg"), 2), (" ".join("mnbvcxzlkjhgfdsapoiuytrewq" * 2), 3)):
+            mine = system + (" the big cat" if hits == 2 else " copy : a b c")
+            P, Q = len(prompt_ids(tok, mine)), len(prompt_ids(tok, other))
+            got = ask(mine, other)  # one request, its two choices admitted together
+            assert eng.prefix.hits == hits - 1 and widths[-1] == max(P - kept, Q)
+            assert got == max(0, P - widths[-1])  # `other`'s prompt shares nothing
+            assert (0 < got < kept) if hits == 2 else (got == 0 and Q >= P)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
 def test_a_prefill_reusing_a_prefix_never_reads_an_earlier_rows_keys(setup):
     """A row joining beside a longer prompt that reuses a kept prefix is left-padded over
     slots that prefill neither computes nor copies: they held an earlier request's keys
@@ -1329,7 +1370,7 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
             for r in reqs:
                 mine = [e for e in events if e[1] == r.index]
                 (_, _, text, reason, n, entries), = [e for e in mine if e[0] == "done"]
-                assert r.cached % BLOCK == 0 and (r.cached == 0 or r.cached < len(r.prompt))
+                assert 0 <= r.cached < len(r.prompt)  # copied, never the last token (its logits)
                 if r.stream:
                     assert "".join(e[2] for e in mine if e[0] == "delta") == text
                 if r.max_tokens == 0:
