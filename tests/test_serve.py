@@ -480,12 +480,11 @@ def test_echo_in_mixed_batches_scores_each_prompt_with_its_adapter(setup, tmp_pa
                                                           abs=1e-4)
         assert _end(r)[1:] == ("length", k)
     assert eng.batches == 1  # the two that generate, together
-    calls = []
-    real = eng._prompt_logprobs
-    eng._prompt_logprobs = lambda r: calls.append(r) or real(r)
+    assert (eng.score_forwards, eng.score_rows) == (1, 3)  # one forward, a row each prompt and adapter
     reqs = eng.submit(eng.parse({"model": "b", "prompt": PROMPTS[0], "echo": True, "logprobs": 1, "max_tokens": 0,
                                  "n": 3}, False))
-    assert [_end(r) for r in reqs] == [("", "length", 0)] * 3 and len(calls) == 1  # a prompt scored once, not n times
+    assert [_end(r) for r in reqs] == [("", "length", 0)] * 3
+    assert (eng.score_forwards, eng.score_rows) == (2, 4)  # a prompt scored once, not n times
 
 
 def test_echo_with_max_tokens_0_takes_the_context_not_a_row(setup):
@@ -497,6 +496,154 @@ def test_echo_with_max_tokens_0_takes_the_context_not_a_row(setup):
         small.parse({"prompt": "a " * 40, "echo": True, "max_tokens": 1}, False)
     r, = small.parse({"prompt": [5, 6], "echo": True}, False)  # token ids: the echo is their text
     assert r.echo == small.text([5, 6]) and r.max_tokens == 16
+
+
+def _scored(ev, tok, ids, ref, k):
+    """An echoed prompt's entries (its "prompt" event) against the reference log_softmax
+    rows of a plain forward over ``ids``: each token's text, logprob and k alternatives'."""
+    assert ev[0] == "prompt"
+    entries = ev[2]
+    assert len(entries) == len(ids) and entries[0][1:] == (None, None)
+    assert "".join(e[0] for e in entries) == tok.decode(ids, skip_special_tokens=True)
+    for i in range(1, len(ids)):
+        text, lp, alts = entries[i]
+        assert text == _added(tok, ids[:i], ids[i])
+        assert lp == pytest.approx(float(ref[i - 1, ids[i]]), rel=1e-5, abs=1e-4)  # fp32's rounding
+        vals, idx = ref[i - 1].topk(k)
+        assert [a for a, _ in alts] == [_added(tok, ids[:i], int(a)) for a in idx]
+        assert [v for _, v in alts] == pytest.approx(vals.tolist(), rel=1e-5, abs=1e-4)
+
+
+def _choices(tok):
+    """lm-eval's multiple-choice prompts as token ids: one context (over SHARE_MIN
+    tokens) and its continuations, one a prefix of another, one a branch between them."""
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    ctx = enc(" ".join("abcdefghijklmnopqrstuvwxyz") + " copy :")
+    return [ctx + enc(" a b"), ctx + enc(" a b c d"), ctx + enc(" the big cat"), ctx + enc(" f"), ctx + enc(" a b c")]
+
+
+def _prefixes(prompts):
+    """The distinct prefixes of ``prompts``: the tokens a prefix tree of them holds."""
+    return len({tuple(p[:k]) for p in prompts for k in range(1, len(p) + 1)})
+
+
+@pytest.mark.parametrize("budget", ["default", "small"])
+def test_echo_scores_the_waiting_prompts_together(setup, monkeypatch, budget):
+    """lm-eval's loglikelihood requests (lists of prompts, strings or token ids, of
+    different lengths, several sharing a context; echo, logprobs, max_tokens 1 or 0; n
+    choices of a prompt), waiting together, are scored by one forward, a shared context
+    computed once (``small``: SCORE_TOKENS, PACK_TOKENS and SCORE_LOGITS split them into
+    several forwards and packs, and run the head a few positions at a time); every
+    prompt's logprobs and alternatives equal the log_softmax of a plain forward over it
+    alone, max_tokens 1's token is its argmax, and scoring a prompt alone gives the same."""
+    from flora import serve as serve_mod
+
+    _, ckpt, adapter = setup
+    tok = load_tokenizer(ckpt)
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="ffba", activate=False)
+    eng = Engine(model, tok, {"base": None, "ffba": "ffba"}, max_batch=2)
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    choices = _choices(tok)
+    long = enc("copy : a b c d e f g h =") + enc(" a b c d e f g h")
+    bodies = [
+        {"prompt": choices[:4], "logprobs": 3, "max_tokens": 1},
+        {"prompt": [PROMPTS[0], enc("the big cat"), long, [7]], "logprobs": 1, "max_tokens": 0},  # a 1-token one
+        {"prompt": choices[4], "logprobs": 2, "max_tokens": 1, "n": 2},  # n choices: one row
+        {"prompt": [choices[2]], "logprobs": 1, "max_tokens": 0},  # another request's prompt: one row
+    ]
+    if budget == "small":
+        monkeypatch.setattr(serve_mod, "SCORE_TOKENS", 2 * len(long))
+        monkeypatch.setattr(serve_mod, "PACK_TOKENS", len(choices[1]) + 2)
+        monkeypatch.setattr(serve_mod, "SCORE_LOGITS", 3 * model.arch.vocab_size)
+    sent = [eng.submit(eng.parse({"model": "ffba", "echo": True, "temperature": 0, "seed": 1234, **b}, False))
+            for b in bodies]
+    eng.start()
+    eos = set(_eos_set(model.generation_eos_token_id))
+    refs = {}
+    for body, reqs in zip(bodies, sent):
+        for r in reqs:
+            key = tuple(r.prompt)
+            if key not in refs:  # row len(prompt) - 1: the token after it
+                refs[key] = _reference_logprobs(ckpt, adapter, r.prompt + [0])
+            _scored(r.events.get(timeout=60), tok, r.prompt, refs[key], body["logprobs"])
+            nxt = int(refs[key][len(r.prompt) - 1].argmax())
+            assert _end(r) == ((tok.decode([nxt], skip_special_tokens=True), "stop" if nxt in eos else "length", 1)
+                               if r.max_tokens else ("", "length", 0))
+    assert eng.score_rows == len(refs) == 9 and eng.batches == 0  # no row prefilled a prompt again
+    single = _prefixes(choices) + sum(len(p) for p in bodies[1]["prompt"][1:]) + len(prompt_ids(tok, PROMPTS[0]))
+    if budget == "default":  # one forward; the context and each branch's tokens once
+        assert (eng.score_forwards, eng.score_tokens) == (1, single)
+    else:
+        assert eng.score_forwards > 1 and eng.score_tokens > single
+    forwards = eng.score_forwards
+    alone = _submit(eng, {"model": "ffba", "prompt": choices[1], "echo": True, "logprobs": 3, "max_tokens": 0})
+    _scored(alone.events.get(timeout=60), tok, choices[1], refs[tuple(choices[1])], 3)
+    assert eng.score_forwards == forwards + 1
+
+
+def test_echo_in_mixed_batches_routes_the_head_too(setup, tmp_path):
+    """--mixed zflora adapters, whose head adds each row's own adapter state (the
+    scoring forward runs the head itself, a chunk of positions at a time, each routed
+    to its row's adapter): prompts for both adapters and the base, scored in one
+    forward, each as its own model scores it alone, max_tokens 1's token too."""
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    paths = {"base": None}
+    model = FusedLlama.from_pretrained(str(ckpt))
+    for i, name in enumerate(("a", "b")):
+        m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("zflora", 4, 8))
+        randomize_adapter(m, seed=10 + i)
+        m.save_adapter(tmp_path / name)
+        paths[name] = tmp_path / name
+        model.load_adapter(str(tmp_path / name), name=name, activate=False)
+    eng = Engine(model, tok, {"base": None, "a": "a", "b": "b"}, mixed=True)
+    eos = set(_eos_set(model.generation_eos_token_id))
+    choices = _choices(tok)
+    plan = [("a", choices[:3]), ("base", [prompt_ids(tok, PROMPTS[1])]), ("b", choices[1:]), ("a", [choices[4]])]
+    sent = [eng.submit(eng.parse({"model": n, "prompt": p, "echo": True, "logprobs": 2, "max_tokens": 1,
+                                  "temperature": 0}, False)) for n, p in plan]
+    eng.start()
+    for reqs, (name, _) in zip(sent, plan):
+        for r in reqs:
+            ref = _reference_logprobs(ckpt, paths[name], r.prompt + [0])  # row len(prompt) - 1: the token after it
+            _scored(r.events.get(timeout=60), tok, r.prompt, ref, 2)
+            nxt = int(ref[len(r.prompt) - 1].argmax())
+            assert _end(r) == (tok.decode([nxt], skip_special_tokens=True), "stop" if nxt in eos else "length", 1)
+    # one forward; each adapter's choices share their context, never another adapter's
+    assert (eng.score_forwards, eng.score_rows, eng.batches) == (1, 9, 0)
+    assert eng.score_tokens == _prefixes(choices[:3] + choices[4:]) + _prefixes(choices[1:]) + len(sent[1][0].prompt)
+
+def test_a_prompt_whose_scoring_fails_fails_alone(setup):
+    """A scoring forward that raises is run again a pack, then a prompt, at a time:
+    only the requests of the prompt that fails get the error (here one of a context's
+    choices), the others their logprobs."""
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), tok, {"base": None})
+    real = eng._score_forward
+    choices = _choices(tok)
+    prompts = choices[:3] + [prompt_ids(tok, PROMPTS[0])]
+    tried = []
+
+    def forward(group, asks):
+        tried.append(sum(len(p.keys) for p in group))
+        if any(list(q[0]) == choices[1] for p in group for q in p.keys):
+            raise RuntimeError("out of memory")
+        return real(group, asks)
+
+    eng._score_forward = forward
+    reqs = eng.submit(eng.parse({"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0}, False))
+    eng.start()
+    events = []
+    while sum(e[0] in ("done", "error") for e in events) < len(reqs):
+        events.append(reqs[0].events.get(timeout=60))
+    assert [e for e in events if e[0] == "error"] == [("error", "RuntimeError: out of memory")]
+    assert sorted(e[1] for e in events if e[0] == "done") == [0, 2, 3]
+    assert tried == [4, 3, 1, 1, 1, 1]  # all, the choices' pack, each choice, the other prompt
+    scored = {e[1]: e for e in events if e[0] == "prompt"}
+    for i in (0, 2, 3):
+        _scored(scored[i], tok, prompts[i], _reference_logprobs(ckpt, None, prompts[i]), 1)
 
 
 @pytest.mark.parametrize("field, value, msg", [
@@ -1019,10 +1166,15 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
     assert [r["turn"] for r in rows] == [1, 2] and rows[0]["cached_tokens"] == 0 < rows[1]["cached_tokens"]
     assert all(r["same_answer"] for r in rows)
     bench = load_bench_script("serve")
-    bench.SCORING_WORDS = 6  # the tiny model's context is 64 tokens
-    bench.main(["--model", str(ckpt), "--scoring", "1", "--clients", "2", "--json", str(tmp_path / "l.json")])
-    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
-    assert rows[0]["prompts"] == 8 and rows[0]["prompts_per_s"] > 0
+    bench.SCORING_WORDS = 20  # the tiny model's context is 64 tokens (a word of the text a token here)
+    for distinct in (False, True):
+        bench.main(["--model", str(ckpt), "--scoring", "1", "--clients", "2", "--scoring-prompts", "3",
+                    "--json", str(tmp_path / "l.json")] + ["--scoring-distinct"] * distinct)
+        row, = json.loads((tmp_path / "l.json").read_text())["rows"]
+        assert row["prompts"] == 6 and row["prompts_per_s"] > 0
+        assert 3 <= row["prompts_per_forward"] <= 6  # a request's prompts in one forward at least
+        # the 20-token context a request's prompts share: computed once; distinct ones, all
+        assert row["computed_share"] == 1.0 if distinct else row["computed_share"] < 0.6
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
