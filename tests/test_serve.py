@@ -1685,3 +1685,32 @@ def test_echo_and_logprobs_on_smollm2(gguf_path, smollm2_tok):
     assert done[2:5] == (tok.decode(gen, skip_special_tokens=True), "length", 4)
     got = [e[1] for e in scored[2][1:] + done[5]]
     assert got == pytest.approx([float(ref[i - 1, t]) for i, t in enumerate(ids + gen) if i], abs=1e-4)
+
+
+def test_choices_scored_together_on_smollm2(gguf_path, smollm2_tok):
+    """SmolLM2: a multiple-choice question's choices (a shared context, continuations of
+    different lengths) and a prompt of its own, in one request, scored by one forward (the
+    context once): every logprob and alternative equals log_softmax of the model's forward
+    over that prompt alone, and the token after it is its argmax."""
+    tok = smollm2_tok
+    model = FusedLlama.from_pretrained(gguf_path)
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    ctx = enc("Question: Which of these animals can fly? Think about the body of each one before you answer.\n"
+              "Answer:")
+    prompts = [ctx + enc(c) for c in (" the eagle", " a fish", " the eagle and the bat", " a dog")]
+    prompts.append(enc("The capital of France is Paris, and the capital of Italy is"))
+    eng = Engine(model, tok, {"base": None}, max_batch=2, cache_len=128).start()
+    reqs = eng.submit(eng.parse({"prompt": prompts, "echo": True, "logprobs": 2, "max_tokens": 1, "temperature": 0},
+                                False))
+    events = []
+    while sum(e[0] == "done" for e in events) < len(reqs):
+        events.append(reqs[0].events.get(timeout=120))
+    assert (eng.score_forwards, eng.score_rows) == (1, 5)
+    assert eng.score_tokens == _prefixes(prompts[:4]) + len(prompts[4]) < sum(map(len, prompts))
+    scored = {e[1]: e for e in events if e[0] == "prompt"}
+    done = {e[1]: e for e in events if e[0] == "done"}
+    for i, ids in enumerate(prompts):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        _scored(scored[i], tok, ids, ref, 2)
+        assert done[i][2:5] == (tok.decode([int(ref[-1].argmax())], skip_special_tokens=True), "length", 1)
