@@ -28,10 +28,13 @@ the median latency on each, their ratio, and the prompt tokens the cache
 reused (usage.prompt_tokens_details.cached_tokens).
 
 ``--scoring R`` sends R requests shaped as lm-evaluation-harness's
-local-completions loglikelihood requests (4 token-id prompts each, a shared
-context and a different continuation, ``echo``, ``logprobs: 1``,
-``max_tokens: 1``, greedy) from each of ``--clients`` threads, and reports
-prompts scored a second.
+local-completions loglikelihood requests (``--scoring-prompts`` token-id prompts
+each, lm-eval's ``batch_size``, default 4: a shared context and a different
+continuation, as a multiple-choice question's choices; ``--scoring-distinct``:
+each its own context; ``echo``, ``logprobs: 1``, ``max_tokens: 1``, greedy) from
+each of ``--clients`` threads (lm-eval's ``num_concurrent``), and reports prompts
+scored a second, the prompts a scoring forward took on average and the share of
+their tokens it computed (a shared context once).
 """
 from __future__ import annotations
 
@@ -142,22 +145,29 @@ def conversation(url: str, system: str, turns: int, max_tokens: int) -> list:
 SCORING_WORDS = 120  # words of a scoring request's shared context
 
 
-def scoring(url: str, tok, clients: int, requests: int) -> dict:
-    """lm-eval's loglikelihood requests: prompts scored a second."""
-    words = SYSTEM.split()[:SCORING_WORDS + 40]
-    done = [0]
+def scoring(url: str, tok, clients: int, requests: int, per_request: int = 4, distinct: bool = False) -> dict:
+    """lm-eval's loglikelihood requests, ``per_request`` prompts each: prompts scored a
+    second. ``distinct``: each prompt its own context (a word later), none shared."""
+    words = SYSTEM.split()[:SCORING_WORDS + 40 + per_request]
+    done, lock = [0, 0], threading.Lock()  # prompts, their tokens
 
     def client(c: int) -> None:
         for i in range(requests):
-            ctx = tok(" ".join(words[(c * requests + i) % 40:][:SCORING_WORDS]), add_special_tokens=False).input_ids
-            prompts = [ctx + tok(" " + q, add_special_tokens=False).input_ids for q in QUESTIONS[i % 8:][:4]]
+            at = (c * requests + i) * (per_request if distinct else 1) % 40  # (distinct: none alike)
+            ctx = [tok(" ".join(words[at + (j if distinct else 0):][:SCORING_WORDS]),
+                       add_special_tokens=False).input_ids for j in range(per_request)]
+            prompts = [x + tok(" " + q, add_special_tokens=False).input_ids
+                       for x, q in zip(ctx, (QUESTIONS * per_request)[i % 8:][:per_request])]
             r = post(url + "/v1/completions", {"model": "base", "prompt": prompts, "echo": True, "logprobs": 1,
                                                "max_tokens": 1, "temperature": 0, "seed": 1234})
             assert all(ch["logprobs"]["token_logprobs"][0] is None for ch in r["choices"])
-            done[0] += len(prompts)
+            with lock:
+                done[0] += len(prompts)
+                done[1] += sum(map(len, prompts))
 
     wall = run_clients(client, clients)
-    return {"clients": clients, "prompts": done[0], "seconds": wall, "prompts_per_s": done[0] / wall}
+    return {"clients": clients, "prompts": done[0], "prompt_tokens": done[1], "seconds": wall,
+            "prompts_per_s": done[0] / wall}
 
 
 def prefix_bench(model, tok, args) -> dict:
@@ -211,6 +221,10 @@ def main(argv=None):
     p.add_argument("--system", default=SYSTEM, help="--conversation: the system prompt (default: ~600 tokens)")
     p.add_argument("--scoring", type=int, default=0, metavar="R",
                    help="lm-eval-harness loglikelihood requests a client (see above)")
+    p.add_argument("--scoring-prompts", type=int, default=4, metavar="N",
+                   help="--scoring: prompts a request (lm-eval's batch_size)")
+    p.add_argument("--scoring-distinct", action="store_true",
+                   help="--scoring: each prompt its own context (default: a request's prompts share one)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     path = args.model or smollm2_path()
@@ -228,12 +242,26 @@ def main(argv=None):
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{srv.server_address[1]}"
         scoring(url, engine.tok, 1, 1)  # warm-up
-        rows = [scoring(url, engine.tok, c, args.scoring) for c in args.clients]
+        def count() -> list:
+            return [getattr(engine, k, 0) for k in ("score_forwards", "score_rows", "score_tokens")]
+
+        rows = []
+        for c in args.clients:
+            before = count()
+            r = scoring(url, engine.tok, c, args.scoring, args.scoring_prompts, args.scoring_distinct)
+            forwards, rows_, tokens = (a - b for a, b in zip(count(), before))
+            # (an engine that scores a prompt a forward, every token of it, counts none)
+            r["prompts_per_forward"] = rows_ / forwards if forwards else 1.0
+            r["computed_share"] = tokens / r["prompt_tokens"] if forwards else 1.0
+            rows.append(r)
         srv.shutdown()
-        print("| clients | prompts | prompts scored / s |\n|---:|---:|---:|")
+        print("| clients | prompts | prompts scored / s | prompts a forward | tokens computed |\n"
+              "|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['clients']} | {r['prompts']} | {r['prompts_per_s']:.1f} |")
-        save(args, dev, path, {"scoring": args.scoring, "rows": rows})
+            print(f"| {r['clients']} | {r['prompts']} | {r['prompts_per_s']:.1f} | {r['prompts_per_forward']:.1f} | "
+                  f"{r['computed_share']:.0%} |")
+        save(args, dev, path, {"scoring": args.scoring, "scoring_prompts": args.scoring_prompts,
+                               "scoring_distinct": args.scoring_distinct, "rows": rows})
         return
     srv = serve(engine, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

@@ -205,6 +205,14 @@ def compiled_decode(device_type: str = "cpu"):
     return fn
 
 
+def admit_span(prompts: list, reused: Optional[list] = None) -> int:
+    """The tokens each row joining in one :meth:`Decoder.admit` computes (its last S):
+    the longest part any of them must, so a row whose reused prefix is longer than
+    its length less S recomputes some of it (and its copy is that length less S)."""
+    reused = reused or [None] * len(prompts)
+    return max(len(p) - (r[1] if r else 0) for p, r in zip(prompts, reused))
+
+
 class Decoder:
     """Prefill + fixed-shape decode steps over one static cache (optionally
     compiled, optionally graphed: one CUDA graph per window bucket)."""
@@ -317,7 +325,7 @@ class Decoder:
                 if j != i:
                     self._copy_row(rows[j], rows[i])
             return logits[[u.index(j) for j in src]]
-        S = max(len(p) - (r[1] if r else 0) for p, r in zip(prompts, reused))
+        S = admit_span(prompts, reused)
         if S < 1:
             raise ValueError("a reused prefix must leave at least one prompt token to compute")
         dev = self.device

@@ -387,6 +387,16 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         finally:
             self._route(None)
 
+    def run_head(self, n: Tensor, carry: Optional[Tensor] = None, rows: Optional[Tensor] = None) -> Tensor:
+        """The head on final-norm outputs (``run_layers(head=False)``'s, any subset of
+        their rows): n [M, d], carry [M, t] or None -> logits [M, V]. ``rows`` [M]:
+        each row's adapter slot in a stacked model (as run_layers', per token)."""
+        self.head.route_off = None if rows is None else self._route_off(rows, rows.shape[0], 1)
+        try:
+            return self.head(n, carry)
+        finally:
+            self.head.route_off = None
+
     def _route_off(self, rows: Tensor, B: int, T: int) -> Tensor:
         """[B*T, R]: True where an adapter-state column is not the token's row's
         adapter (slot i owns columns i*r ... (i+1)*r - 1)."""

@@ -45,7 +45,7 @@ class PrefixCache:
         # (model, block chain hash) -> {entry id: None}: the entries holding that prefix, newest last
         self._index: dict = {}
         self.hits = 0  # prompts that reused a prefix
-        self.reused = 0  # prompt tokens not computed
+        self.reused = 0  # prompt tokens found kept (a joining batch may recompute some: Request.cached)
 
     @staticmethod
     def _chain(model, tokens, n_blocks: int):

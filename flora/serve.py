@@ -20,7 +20,8 @@ from one loaded base model:
   generated token's log-probability and its k most likely alternatives', of
   the model's own distribution, before temperature, top-k and top-p),
   ``echo`` (completions: the prompt before the answer, with logprobs its
-  tokens' too, from a full forward; with ``max_tokens`` 0 the prompt is only
+  tokens' too, from one forward over the prompts waiting together (a shared
+  start computed once); with ``max_tokens`` 0 the prompt is only
   scored, as lm-eval-harness's loglikelihood requests ask),
   ``stream`` (server-sent events, as OpenAI's clients read them; ``stream_options``
   ``include_usage``: a last chunk with the token counts).
@@ -98,7 +99,7 @@ class Request:
     logprobs: Optional[int] = None  # each token's logprob and this many alternatives' (None: none)
     echo: Optional[str] = None  # the prompt's text, which the answer starts with (None: not echoed)
     scored: bool = False  # echo: its prompt went out (with logprobs: scored)
-    cached: int = 0  # prompt tokens whose keys and values were reused, not computed
+    cached: int = 0  # prompt tokens whose keys and values were copied (prefix cache), not computed
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -134,6 +135,14 @@ MAX_LOGPROBS = 20  # alternatives a token at most (vLLM's bound; OpenAI's: 5 for
 # stop strings at most: OpenAI's bound is 4, but lm-eval-harness sends a task's `until` and the EOS
 # string, often more; each costs a look at the text's tail a token
 MAX_STOP = 16
+# echo's scoring: prompt tokens (padding included) in one forward at most, and logits alive at
+# once (64 MiB in fp32) while their log_softmax and top-k are taken
+SCORE_TOKENS = 8192
+SCORE_LOGITS = 1 << 24
+# prompts sharing at least SHARE_MIN first tokens are scored as one sequence (the shared part once),
+# PACK_TOKENS tokens at most: its attention mask is [PACK_TOKENS, PACK_TOKENS]
+SHARE_MIN = 16
+PACK_TOKENS = 2048
 
 
 def _brief(v) -> str:
@@ -182,6 +191,9 @@ class Engine:
         self.prefix = PrefixCache(prefix_cache) if prefix_cache else None
         self.queue: queue.Queue = queue.Queue()
         self.batches = 0  # prefills run: groups of requests joining the batch (a test reads it)
+        # echo's scoring: forwards run, the prompts they scored, the tokens they computed (a shared
+        # context once)
+        self.score_forwards = self.score_rows = self.score_tokens = 0
         self.steps = 0  # decode steps run
         self.row_steps = 0  # rows generating, summed over the steps (/ steps: the batch's mean size)
         self._slots: list = [None] * max_batch  # the batch's rows: a _Row, or None when free
@@ -331,10 +343,58 @@ class Engine:
         return out
 
     def submit(self, reqs: list) -> list:
-        """Queue a request's choices (what :meth:`parse` gave)."""
+        """Queue a request's choices (what :meth:`parse` gave, or Requests built by
+        hand: each checked as parse checks a body, ValueError naming what is wrong,
+        none queued then; one the worker could never run would block it)."""
+        for r in reqs:
+            self.check(r)
         for r in reqs:
             self.queue.put(r)
         return reqs
+
+    def check(self, r) -> None:
+        """ValueError unless ``r`` is a Request this engine can run: a served model,
+        token ids of its vocabulary, sampling, seed, stop strings and logprobs as
+        :meth:`parse` allows them, and a prompt that fits with its max_tokens (a row of
+        the cache; with echo and max_tokens 0, the context)."""
+        from .generation import check_sampling, check_seed
+
+        if not isinstance(r, Request):
+            raise ValueError(f"submit takes Requests, got {type(r).__name__}")
+        if not isinstance(r.model, str) or r.model not in self.names:
+            raise ValueError(f"Request.model {_brief(r.model)} is not served; the models are: "
+                             f"{', '.join(self.names)}")
+        vocab = self.model.arch.vocab_size
+        if not (isinstance(r.prompt, list) and r.prompt):
+            raise ValueError(f"Request.prompt must be a non-empty list of token ids, got {_brief(r.prompt)}")
+        bad = next((t for t in r.prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+                    or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"Request.prompt: {bad!r} is not a token id of this model (an integer in "
+                             f"0 .. {vocab - 1})")
+        if r.echo is not None and not isinstance(r.echo, str):
+            raise ValueError(f"Request.echo must be the prompt's text or None, got {_brief(r.echo)}")
+        M, P = r.max_tokens, len(r.prompt)
+        if isinstance(M, bool) or not isinstance(M, numbers.Integral) or M < (0 if r.echo is not None else 1):
+            raise ValueError(f"Request.max_tokens must be an integer >= {0 if r.echo is not None else 1}"
+                             f"{' (0: with echo)' if r.echo is None else ''}, got {M!r}")
+        if M == 0 and P > self.context:
+            raise ValueError(f"Request.prompt is {P} tokens; the model's context is {self.context}")
+        if M and P + M > self.cache_len:
+            raise ValueError(f"Request.prompt ({P} tokens) and max_tokens ({M}) exceed the cache "
+                             f"(--cache-len {self.cache_len}): at most {self.cache_len} tokens together")
+        if not (isinstance(r.sampling, tuple) and len(r.sampling) == 3):
+            raise ValueError(f"Request.sampling must be (temperature, top_p, top_k), got {_brief(r.sampling)}")
+        check_sampling(M, *r.sampling)
+        check_seed(r.seed)
+        if not (isinstance(r.stop, tuple) and len(r.stop) <= MAX_STOP
+                and all(isinstance(x, str) and x for x in r.stop)):
+            raise ValueError(f"Request.stop must be a tuple of at most {MAX_STOP} non-empty strings, got "
+                             f"{_brief(r.stop)}")
+        k = r.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral)
+                              or not 0 <= k <= MAX_LOGPROBS):
+            raise ValueError(f"Request.logprobs must be None or an integer in 0 .. {MAX_LOGPROBS}, got {k!r}")
 
     # ---------------------------------------------------------------- worker
     # Continuous batching: one decoder of max_batch rows runs step after step; a request
@@ -414,6 +474,8 @@ class Engine:
     def _admit(self, waiting: list) -> list:
         """Requests joining the batch (in arrival order, while each fits), prefilled
         together; the rest, still waiting."""
+        from .generation import admit_span
+
         if not waiting:
             return waiting
         if self._dec is None:
@@ -454,9 +516,11 @@ class Engine:
             for r in join:
                 r.events.put(("error", f"{type(e).__name__}: {e}"))
             return waiting[len(join):]
+        S = admit_span([r.prompt for r in join], reused)
         for i, r, lg, reuse in zip(rows, join, logits, reused):
             row = self._slots[i] = _Row(r, t - len(r.prompt), dec.device)
-            r.cached = reuse[1] if reuse else 0
+            # every joining row computes its last S tokens: a longer reused prefix is partly recomputed
+            r.cached = max(0, len(r.prompt) - S) if reuse else 0
             self._keep(i, row, r.prompt)
             self._take(i, row, lg[None])
         return waiting[len(join):]
@@ -476,60 +540,178 @@ class Engine:
     def _score(self, waiting: list) -> list:
         """The echo requests at the head of the queue that this batch's model serves
         send their prompt before their answer: with logprobs, each prompt token's,
-        from a full forward in the batch's mode (between two decode steps); those
-        with max_tokens 0 end here, taking no row. The rest, still waiting (those
-        whose client left, dropped). One that asks for logprobs and one token (what
-        lm-eval-harness's loglikelihood requests send) takes that token from the same
-        forward's last position, not from a row whose prefill would compute it again."""
-        keep, last = [], (None, None, None)  # the n choices of a prompt (one ids list) are scored once
-        for j, r in enumerate(waiting):
-            if r.key(self.mixed) != self._key:
-                return keep + waiting[j:]
+        from forwards in the batch's mode (between two decode steps), the prompts of
+        all of them together (:meth:`_score_prompts`); those with max_tokens 0 end
+        here, taking no row. The rest, still waiting (those whose client left,
+        dropped). One that asks for logprobs and one token (what lm-eval-harness's
+        loglikelihood requests send) takes that token from the scoring forward's last
+        position, not from a row whose prefill would compute it again."""
+        head = next((j for j, r in enumerate(waiting) if r.key(self.mixed) != self._key), len(waiting))
+        waiting, rest = waiting[:head], waiting[head:]
+        # (prompt, adapter) -> [alternatives wanted, the next token's logits wanted]: a prompt scored
+        # once (n choices, equal prompts)
+        asks: dict = {}
+        for r in waiting:
+            if not r.cancelled and r.echo is not None and not r.scored and r.logprobs is not None:
+                a = asks.setdefault(self._score_key(r), [0, False])
+                a[0], a[1] = max(a[0], r.logprobs), a[1] or r.max_tokens == 1
+        scored = self._score_prompts(asks) if asks else {}
+        keep = []
+        for r in waiting:
             if r.cancelled:
                 continue
             if r.echo is not None and not r.scored:
                 r.scored = True
-                try:
-                    if r.logprobs is not None and last[0] is not r.prompt:
-                        last = (r.prompt, *self._prompt_logprobs(r))
-                    r.events.put(("prompt", r.index, None if r.logprobs is None else last[1]))
-                except Exception as e:  # noqa: BLE001 - this request's failure only
-                    r.events.put(("error", f"{type(e).__name__}: {e}"))
+                got = None if r.logprobs is None else scored[self._score_key(r)]
+                if isinstance(got, Exception):  # this prompt's failure only
+                    r.events.put(("error", f"{type(got).__name__}: {got}"))
                     continue
-                if r.max_tokens == 1 and r.logprobs is not None:
-                    self._take(None, _Row(r, 0, self.model.device), last[2])
+                entries = None if got is None else got[0]
+                if entries is not None and r.logprobs < asks[self._score_key(r)][0]:  # another asked for more
+                    entries = [(t, v, None if a is None else a[:r.logprobs]) for t, v, a in entries]
+                r.events.put(("prompt", r.index, entries))
+                if r.max_tokens == 1 and got is not None:
+                    self._take(None, _Row(r, 0, self.model.device), got[1])
                     continue
             if r.max_tokens:
                 keep.append(r)
             else:
                 r.events.put(("done", r.index, "", "length", 0, None if r.logprobs is None else []))
-        return keep
+        return keep + rest
 
-    def _prompt_logprobs(self, r: Request) -> tuple:
-        """The logprob entries of a prompt's tokens (the first's logprob None, as
-        OpenAI's: nothing comes before it), from a full forward of the prompt
-        (``--mixed``: with the request's adapter), log_softmax in fp32 a slice of
-        positions at a time; and the last position's logits [1, V] (the next token's)."""
-        m = self.model
-        ids = torch.tensor(r.prompt, device=m.device)
-        logits = m(ids[None], adapters=[self.names[r.model]] if self.mixed else None).logits[0]
-        logits, after = logits[:-1], logits[-1:]
-        picked, top = [], []
-        for s in range(0, len(logits), 256):
-            lp = torch.log_softmax(logits[s:s + 256].float(), -1)
-            best = lp.topk(r.logprobs)
-            picked.append(torch.cat([lp.gather(1, ids[s + 1:s + 1 + len(lp), None]), best.values], 1))
-            top.append(best.indices)
-        values = torch.cat(picked).tolist() if picked else []  # [token's, alternatives'] a position
-        indices = torch.cat(top).tolist() if top else []
+    def _score_key(self, r: Request) -> tuple:
+        return tuple(r.prompt), self.names[r.model] if self.mixed else None
+
+    def _score_prompts(self, asks: dict) -> dict:
+        """Prompts scored together: ``asks`` (prompt ids, adapter) -> [k alternatives,
+        the next token's logits wanted] -> each one's (logprob entries, those logits
+        [1, V] or None), or the exception that failed it. Prompts of one adapter
+        that start alike (at least SHARE_MIN tokens: lm-eval's choices after one
+        context) are packed into one sequence, their shared prefix computed once
+        (:class:`_Packed`); the packs, longest first, as many a forward as fit in
+        SCORE_TOKENS (padding counted). A forward that fails is run again a pack,
+        then a prompt, at a time, so that only a failing prompt fails."""
+        out: dict = {}
+
+        def run(group: list) -> None:
+            try:
+                out.update(self._score_forward(group, asks))
+            except Exception as e:  # noqa: BLE001 - answered per prompt
+                if len(group) > 1:
+                    for p in group:
+                        run([p])
+                elif len(group[0].keys) > 1:
+                    for q in group[0].keys:
+                        run([_Packed(q)])
+                else:
+                    out[group[0].keys[0]] = e
+
+        packs: list = []
+        for q in sorted(asks, key=lambda q: (str(q[1]), q[0])):  # per adapter, sorted: alike ones adjacent
+            p = packs[-1] if packs else None
+            if p is None or not p.takes(q):
+                packs.append(_Packed(q))
+            else:
+                p.add(q)
+        group: list = []
+        for p in sorted(packs, key=lambda p: -len(p.tokens)):
+            # a long prompt's forward runs causal, unmasked: never beside a pack's [L, L] mask
+            if group and ((len(group) + 1) * len(group[0].tokens) > SCORE_TOKENS
+                          or len(group[0].tokens) > PACK_TOKENS >= len(p.tokens)):
+                run(group)
+                group = []
+            group.append(p)
+        run(group)
+        return out
+
+    def _score_forward(self, group: list, asks: dict) -> dict:
+        """One forward over ``group``'s packs, a row each (``--mixed``: its adapter), padded
+        at their end; the head and a log_softmax in fp32 run on the real positions only,
+        SCORE_LOGITS logits at a time (no [B, T, V] logits held): each prompt's entries
+        (the first token's logprob None, as OpenAI's: nothing comes before it) and its
+        last position's logits (the next token's). Rows of one prompt each run causal
+        attention unmasked (nothing reads the padding's own results); a pack of several,
+        the prefix tree's mask: a token attends to its ancestors, its RoPE position its
+        depth, so each prompt's tokens see exactly what they see alone."""
+        m, dev = self.model, self.model.device
+        B, T = len(group), max(len(p.tokens) for p in group)
+        K = max(asks[q][0] for p in group for q in p.keys)
+        ids = torch.full((B, T), self.pad, dtype=torch.long)
+        pos = torch.arange(T).repeat(B, 1)
+        mask = None
+        if any(len(p.keys) > 1 for p in group):
+            # slot j is an ancestor of slot i (or i itself) when i lies in j's subtree [j, end_j)
+            ends = torch.arange(1, T + 1).repeat(B, 1)  # padding: its own slot only
+            for b, p in enumerate(group):
+                ends[b, :len(p.tokens)] = torch.tensor(p.ends())
+            slot = torch.arange(T)
+            mask = ((slot[None, None, :] <= slot[None, :, None])
+                    & (slot[None, :, None] < ends[:, None, :]))[:, None].to(dev)
+        for b, p in enumerate(group):
+            ids[b, :len(p.tokens)] = torch.tensor(p.tokens)
+            pos[b, :len(p.tokens)] = torch.tensor(p.depth)
+        rows = m.adapter_rows([p.adapter for p in group], B) if self.mixed else None
+        n, carry = m.run_layers(ids.to(dev), pos.to(dev), mask, rows=rows, head=False)
+        self.score_forwards += 1
+        self.score_rows += sum(len(p.keys) for p in group)
+        self.score_tokens += sum(len(p.tokens) for p in group)
+        # the head runs on every real slot (each predicts a prompt's next token, or ends one), row
+        # after row: slot j of row b is the head's row first[b] + j
+        at = torch.tensor([b * T + j for b, p in enumerate(group) for j in range(len(p.tokens))], dtype=torch.long)
+        first = [sum(len(p.tokens) for p in group[:b]) for b in range(B)]
+        # each prompt's slots as the head's rows; each token after the first: (the row before it, the token)
+        prompts = [(q, [first[b] + j for j in path]) for b, p in enumerate(group) for q, path in zip(p.keys, p.paths)]
+        pairs = [(r[k - 1], q[0][k]) for q, r in prompts for k in range(1, len(r))]
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i][0])  # by slot, as the chunks run
+        src = torch.tensor([pairs[i][0] for i in order], dtype=torch.long)
+        target = torch.tensor([pairs[i][1] for i in order], dtype=torch.long).to(dev)
+        at = at.to(dev)
+        # run_layers routed each row's adapter state while it ran; the head runs here: each slot
+        # with its row's adapter
+        slot_rows = None if rows is None else rows.repeat_interleave(T)
+
+        def head(idx: torch.Tensor) -> torch.Tensor:
+            return m.run_head(n[idx], None if carry is None else carry[idx],
+                              None if slot_rows is None else slot_rows[idx])
+
+        picked, top_v, top_i = [], [], []
+        chunk, lo = max(1, SCORE_LOGITS // m.arch.vocab_size), 0
+        for s in range(0, len(at), chunk):
+            lp = torch.log_softmax(head(at[s:s + chunk]).float(), -1)
+            best = lp.topk(K)
+            hi = int(torch.searchsorted(src, s + chunk))  # the pairs whose slot is in this chunk
+            picked.append(lp[(src[lo:hi] - s).to(dev), target[lo:hi]])
+            top_v.append(best.values)
+            top_i.append(best.indices)
+            lo = hi
+        # the next token's logits, in the model's dtype as a step's, of the prompts that take it from here
+        nxt = [j for j, (q, _) in enumerate(prompts) if asks[q][1]]
+        after = head(at[torch.tensor([prompts[j][1][-1] for j in nxt], dtype=torch.long, device=dev)]) if nxt else None
+        after = {j: after[i:i + 1] for i, j in enumerate(nxt)}
+        got, tv, ti = (torch.cat(x).tolist() for x in (picked, top_v, top_i))  # a read each
+        value = [0.0] * len(pairs)
+        for i, v in zip(order, got):
+            value[i] = v
+        out, o = {}, 0
+        for j, (q, r) in enumerate(prompts):
+            vals = [[value[o + k]] + tv[x] for k, x in enumerate(r[:-1])]
+            out[q] = (self._entries(q[0], vals, [ti[x] for x in r[:-1]], asks[q][0]), after.get(j))
+            o += len(r) - 1
+        return out
+
+    def _entries(self, prompt: list, values: list, indices: list, k: int) -> list:
+        """A prompt's logprob entries: (its text, its logprob, [(text, logprob) of the k
+        most likely]) a token, the first's (None, None); ``values``: per position after
+        the first, [the token's logprob, the alternatives' (k or more)], ``indices`` the
+        alternatives'."""
         d = Detokenizer(self.text)
-        entries = [(d.add(r.prompt[0]), None, None)]
-        for t, v, alts in zip(r.prompt[1:], values, indices):
-            others = [(d.peek(a), x) for a, x in zip(alts, v[1:])]  # before t is added
+        entries = [(d.add(prompt[0]), None, None)]
+        for t, v, alts in zip(prompt[1:], values, indices):
+            others = [(d.peek(a), x) for a, x in zip(alts[:k], v[1:])]  # before t is added
             entries.append((d.add(t), v[0], others))
         held = d.rest()  # a prompt that ends inside a character: its last token carries it
         entries[-1] = (entries[-1][0] + held, *entries[-1][1:])
-        return entries, after
+        return entries
 
     def _take(self, i: Optional[int], row: "_Row", logits, greedy: Optional[int] = None) -> None:
         """Row i's next token from its logits [1, V] (``greedy``: its argmax, read
@@ -633,6 +815,50 @@ class Detokenizer:
     def rest(self) -> str:
         """The text held back: a character cut short at the end, as decode gives it."""
         return self.decode(self.ids[self.prefix:])[len(self.before):]
+
+
+class _Packed:
+    """Prompts (score keys: (token ids, adapter)) of one adapter that start alike, as
+    one sequence for a scoring forward: each distinct prefix one slot (a node of their
+    prefix tree), in the tree's preorder. Added in sorted order, each prompt appends
+    the tokens past what it shares with the one before (a prefix sorts first), so a
+    node's subtree is the slots from it to its end (:meth:`ends`)."""
+
+    def __init__(self, key: tuple):
+        self.adapter, self.keys = key[1], []
+        self.tokens, self.depth, self.paths = [], [], []  # paths: each prompt's slot a token
+        self.add(key)
+
+    def _shared(self, ids: tuple) -> int:
+        last = self.keys[-1][0]
+        n = min(len(last), len(ids))
+        return next((i for i in range(n) if last[i] != ids[i]), n)
+
+    def takes(self, key: tuple) -> bool:
+        """``key`` (after the last one in sorted order) shares enough to join, and fits."""
+        if key[1] != self.adapter:
+            return False
+        c = self._shared(key[0])
+        return c >= SHARE_MIN and len(self.tokens) + len(key[0]) - c <= PACK_TOKENS
+
+    def add(self, key: tuple) -> None:
+        c = self._shared(key[0]) if self.keys else 0
+        path = self.paths[-1][:c] if self.keys else []
+        for k in range(c, len(key[0])):
+            path.append(len(self.tokens))
+            self.tokens.append(key[0][k])
+            self.depth.append(k)
+        self.keys.append(key)
+        self.paths.append(path)
+
+    def ends(self) -> list:
+        """Each slot's subtree end: the first later slot no deeper than it (or the end)."""
+        out, open_ = [len(self.tokens)] * len(self.tokens), []
+        for i, d in enumerate(self.depth):
+            while open_ and self.depth[open_[-1]] >= d:
+                out[open_.pop()] = i
+            open_.append(i)
+        return out
 
 
 class _Row:

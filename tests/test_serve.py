@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -479,12 +480,11 @@ def test_echo_in_mixed_batches_scores_each_prompt_with_its_adapter(setup, tmp_pa
                                                           abs=1e-4)
         assert _end(r)[1:] == ("length", k)
     assert eng.batches == 1  # the two that generate, together
-    calls = []
-    real = eng._prompt_logprobs
-    eng._prompt_logprobs = lambda r: calls.append(r) or real(r)
+    assert (eng.score_forwards, eng.score_rows) == (1, 3)  # one forward, a row each prompt and adapter
     reqs = eng.submit(eng.parse({"model": "b", "prompt": PROMPTS[0], "echo": True, "logprobs": 1, "max_tokens": 0,
                                  "n": 3}, False))
-    assert [_end(r) for r in reqs] == [("", "length", 0)] * 3 and len(calls) == 1  # a prompt scored once, not n times
+    assert [_end(r) for r in reqs] == [("", "length", 0)] * 3
+    assert (eng.score_forwards, eng.score_rows) == (2, 4)  # a prompt scored once, not n times
 
 
 def test_echo_with_max_tokens_0_takes_the_context_not_a_row(setup):
@@ -496,6 +496,197 @@ def test_echo_with_max_tokens_0_takes_the_context_not_a_row(setup):
         small.parse({"prompt": "a " * 40, "echo": True, "max_tokens": 1}, False)
     r, = small.parse({"prompt": [5, 6], "echo": True}, False)  # token ids: the echo is their text
     assert r.echo == small.text([5, 6]) and r.max_tokens == 16
+
+
+def _scored(ev, tok, ids, ref, k):
+    """An echoed prompt's entries (its "prompt" event) against the reference log_softmax
+    rows of a plain forward over ``ids``: each token's text, logprob and k alternatives'."""
+    assert ev[0] == "prompt"
+    entries = ev[2]
+    assert len(entries) == len(ids) and entries[0][1:] == (None, None)
+    assert "".join(e[0] for e in entries) == tok.decode(ids, skip_special_tokens=True)
+    for i in range(1, len(ids)):
+        text, lp, alts = entries[i]
+        assert text == _added(tok, ids[:i], ids[i])
+        assert lp == pytest.approx(float(ref[i - 1, ids[i]]), rel=1e-5, abs=1e-4)  # fp32's rounding
+        vals, idx = ref[i - 1].topk(k)
+        assert [a for a, _ in alts] == [_added(tok, ids[:i], int(a)) for a in idx]
+        assert [v for _, v in alts] == pytest.approx(vals.tolist(), rel=1e-5, abs=1e-4)
+
+
+def _choices(tok):
+    """lm-eval's multiple-choice prompts as token ids: one context (over SHARE_MIN
+    tokens) and its continuations, one a prefix of another, one a branch between them."""
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    ctx = enc(" ".join("abcdefghijklmnopqrstuvwxyz") + " copy :")
+    return [ctx + enc(" a b"), ctx + enc(" a b c d"), ctx + enc(" the big cat"), ctx + enc(" f"), ctx + enc(" a b c")]
+
+
+def _prefixes(prompts):
+    """The distinct prefixes of ``prompts``: the tokens a prefix tree of them holds."""
+    return len({tuple(p[:k]) for p in prompts for k in range(1, len(p) + 1)})
+
+
+@pytest.mark.parametrize("budget", ["default", "small"])
+def test_echo_scores_the_waiting_prompts_together(setup, monkeypatch, budget):
+    """lm-eval's loglikelihood requests (lists of prompts, strings or token ids, of
+    different lengths, several sharing a context; echo, logprobs, max_tokens 1 or 0; n
+    choices of a prompt), waiting together, are scored by one forward, a shared context
+    computed once (``small``: SCORE_TOKENS, PACK_TOKENS and SCORE_LOGITS split them into
+    several forwards and packs, and run the head a few positions at a time); every
+    prompt's logprobs and alternatives equal the log_softmax of a plain forward over it
+    alone, max_tokens 1's token is its argmax, and scoring a prompt alone gives the same."""
+    from flora import serve as serve_mod
+
+    _, ckpt, adapter = setup
+    tok = load_tokenizer(ckpt)
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="ffba", activate=False)
+    eng = Engine(model, tok, {"base": None, "ffba": "ffba"}, max_batch=2)
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    choices = _choices(tok)
+    long = enc("copy : a b c d e f g h =") + enc(" a b c d e f g h")
+    bodies = [
+        {"prompt": choices[:4], "logprobs": 3, "max_tokens": 1},
+        {"prompt": [PROMPTS[0], enc("the big cat"), long, [7]], "logprobs": 1, "max_tokens": 0},  # a 1-token one
+        {"prompt": choices[4], "logprobs": 2, "max_tokens": 1, "n": 2},  # n choices: one row
+        {"prompt": [choices[2]], "logprobs": 1, "max_tokens": 0},  # another request's prompt: one row
+    ]
+    if budget == "small":
+        monkeypatch.setattr(serve_mod, "SCORE_TOKENS", 2 * len(long))
+        monkeypatch.setattr(serve_mod, "PACK_TOKENS", len(choices[1]) + 2)
+        monkeypatch.setattr(serve_mod, "SCORE_LOGITS", 3 * model.arch.vocab_size)
+    sent = [eng.submit(eng.parse({"model": "ffba", "echo": True, "temperature": 0, "seed": 1234, **b}, False))
+            for b in bodies]
+    eng.start()
+    eos = set(_eos_set(model.generation_eos_token_id))
+    refs = {}
+    for body, reqs in zip(bodies, sent):
+        for r in reqs:
+            key = tuple(r.prompt)
+            if key not in refs:  # row len(prompt) - 1: the token after it
+                refs[key] = _reference_logprobs(ckpt, adapter, r.prompt + [0])
+            _scored(r.events.get(timeout=60), tok, r.prompt, refs[key], body["logprobs"])
+            nxt = int(refs[key][len(r.prompt) - 1].argmax())
+            assert _end(r) == ((tok.decode([nxt], skip_special_tokens=True), "stop" if nxt in eos else "length", 1)
+                               if r.max_tokens else ("", "length", 0))
+    assert eng.score_rows == len(refs) == 9 and eng.batches == 0  # no row prefilled a prompt again
+    single = _prefixes(choices) + sum(len(p) for p in bodies[1]["prompt"][1:]) + len(prompt_ids(tok, PROMPTS[0]))
+    if budget == "default":  # one forward; the context and each branch's tokens once
+        assert (eng.score_forwards, eng.score_tokens) == (1, single)
+    else:
+        assert eng.score_forwards > 1 and eng.score_tokens > single
+    forwards = eng.score_forwards
+    alone = _submit(eng, {"model": "ffba", "prompt": choices[1], "echo": True, "logprobs": 3, "max_tokens": 0})
+    _scored(alone.events.get(timeout=60), tok, choices[1], refs[tuple(choices[1])], 3)
+    assert eng.score_forwards == forwards + 1
+
+
+def test_echo_in_mixed_batches_routes_the_head_too(setup, tmp_path):
+    """--mixed zflora adapters, whose head adds each row's own adapter state (the
+    scoring forward runs the head itself, a chunk of positions at a time, each routed
+    to its row's adapter): prompts for both adapters and the base, scored in one
+    forward, each as its own model scores it alone, max_tokens 1's token too."""
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    paths = {"base": None}
+    model = FusedLlama.from_pretrained(str(ckpt))
+    for i, name in enumerate(("a", "b")):
+        m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("zflora", 4, 8))
+        randomize_adapter(m, seed=10 + i)
+        m.save_adapter(tmp_path / name)
+        paths[name] = tmp_path / name
+        model.load_adapter(str(tmp_path / name), name=name, activate=False)
+    eng = Engine(model, tok, {"base": None, "a": "a", "b": "b"}, mixed=True)
+    eos = set(_eos_set(model.generation_eos_token_id))
+    choices = _choices(tok)
+    plan = [("a", choices[:3]), ("base", [prompt_ids(tok, PROMPTS[1])]), ("b", choices[1:]), ("a", [choices[4]])]
+    sent = [eng.submit(eng.parse({"model": n, "prompt": p, "echo": True, "logprobs": 2, "max_tokens": 1,
+                                  "temperature": 0}, False)) for n, p in plan]
+    eng.start()
+    for reqs, (name, _) in zip(sent, plan):
+        for r in reqs:
+            ref = _reference_logprobs(ckpt, paths[name], r.prompt + [0])  # row len(prompt) - 1: the token after it
+            _scored(r.events.get(timeout=60), tok, r.prompt, ref, 2)
+            nxt = int(ref[len(r.prompt) - 1].argmax())
+            assert _end(r) == (tok.decode([nxt], skip_special_tokens=True), "stop" if nxt in eos else "length", 1)
+    # one forward; each adapter's choices share their context, never another adapter's
+    assert (eng.score_forwards, eng.score_rows, eng.batches) == (1, 9, 0)
+    assert eng.score_tokens == _prefixes(choices[:3] + choices[4:]) + _prefixes(choices[1:]) + len(sent[1][0].prompt)
+
+def test_a_prompt_whose_scoring_fails_fails_alone(setup):
+    """A scoring forward that raises is run again a pack, then a prompt, at a time:
+    only the requests of the prompt that fails get the error (here one of a context's
+    choices), the others their logprobs."""
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), tok, {"base": None})
+    real = eng._score_forward
+    choices = _choices(tok)
+    prompts = choices[:3] + [prompt_ids(tok, PROMPTS[0])]
+    tried = []
+
+    def forward(group, asks):
+        tried.append(sum(len(p.keys) for p in group))
+        if any(list(q[0]) == choices[1] for p in group for q in p.keys):
+            raise RuntimeError("out of memory")
+        return real(group, asks)
+
+    eng._score_forward = forward
+    reqs = eng.submit(eng.parse({"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0}, False))
+    eng.start()
+    events = []
+    while sum(e[0] in ("done", "error") for e in events) < len(reqs):
+        events.append(reqs[0].events.get(timeout=60))
+    assert [e for e in events if e[0] == "error"] == [("error", "RuntimeError: out of memory")]
+    assert sorted(e[1] for e in events if e[0] == "done") == [0, 2, 3]
+    assert tried == [4, 3, 1, 1, 1, 1]  # all, the choices' pack, each choice, the other prompt
+    scored = {e[1]: e for e in events if e[0] == "prompt"}
+    for i in (0, 2, 3):
+        _scored(scored[i], tok, prompts[i], _reference_logprobs(ckpt, None, prompts[i]), 1)
+
+
+@pytest.mark.parametrize("field, value, msg", [
+    ("prompt", list(range(3, 33)), r"Request.prompt \(30 tokens\) and max_tokens \(5\) exceed the cache "
+                                   r"\(--cache-len 32\): at most 32 tokens together"),
+    ("max_tokens", 28, r"Request.prompt \(5 tokens\) and max_tokens \(28\) exceed the cache"),
+    ("model", "nope", r"Request.model 'nope' is not served; the models are: base"),
+    ("prompt", [], r"Request.prompt must be a non-empty list of token ids, got \[\]"),
+    ("prompt", (3, 4), r"Request.prompt must be a non-empty list of token ids, got \(3, 4\)"),
+    ("prompt", [3, 10 ** 6], r"Request.prompt: 1000000 is not a token id of this model \(an integer in 0 \.\. "),
+    ("prompt", [3, True], r"Request.prompt: True is not a token id"),
+    ("max_tokens", 0, r"Request.max_tokens must be an integer >= 1 \(0: with echo\), got 0"),
+    ("max_tokens", 2.0, r"Request.max_tokens must be an integer >= 1"),
+    ("sampling", (0.0, 1.0), r"Request.sampling must be \(temperature, top_p, top_k\)"),
+    ("sampling", (-1.0, 1.0, 0), r"temperature must be a finite number >= 0"),
+    ("sampling", (1.0, 0.0, 0), r"top_p must be in \(0, 1\]"),
+    ("seed", 2 ** 64, r"seed must be an integer in"),
+    ("stop", ["x"], r"Request.stop must be a tuple of at most 16 non-empty strings"),
+    ("stop", ("",), r"Request.stop must be a tuple"),
+    ("logprobs", 21, r"Request.logprobs must be None or an integer in 0 \.\. 20, got 21"),
+    ("echo", 5, r"Request.echo must be the prompt's text or None, got 5"),
+])
+def test_submit_refuses_a_hand_built_request_it_cannot_run(setup, field, value, msg):
+    """A Request built by hand (not by parse) is checked as parse checks a body: one
+    whose prompt and max_tokens exceed the cache never joined a batch and blocked the
+    worker (every later request waited behind it). submit raises ValueError naming the
+    problem and queues none of the request's choices; the worker goes on serving."""
+    ckpt = setup[1]
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None},
+                 cache_len=32).start()
+    good = Request("base", [3, 4, 5, 6, 7], 5, (0.0, 1.0, 0))
+    bad = Request(**{**vars(good), "events": queue.Queue(), field: value})
+    with pytest.raises(ValueError, match=msg):
+        eng.submit([good, bad])
+    assert eng.queue.empty() and good.events.empty()
+    eng.submit([good])  # the same, alone: served
+    ids = _greedy_ids(ckpt, None, good.prompt, 5)
+    assert _end(good) == (load_tokenizer(ckpt).decode(ids, skip_special_tokens=True),
+                          "stop" if len(ids) < 5 else "length", len(ids))
+    long = Request("base", list(range(3, 60)), 0, (0.0, 1.0, 0), echo="")  # echo, max_tokens 0: the context (64)
+    assert eng.submit([long]) == [long] and _end(long) == ("", "length", 0)
+    with pytest.raises(ValueError, match=r"Request.prompt is 65 tokens; the model's context is 64"):
+        eng.submit([Request("base", list(range(3, 68)), 0, (0.0, 1.0, 0), echo="")])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -975,10 +1166,15 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
     assert [r["turn"] for r in rows] == [1, 2] and rows[0]["cached_tokens"] == 0 < rows[1]["cached_tokens"]
     assert all(r["same_answer"] for r in rows)
     bench = load_bench_script("serve")
-    bench.SCORING_WORDS = 6  # the tiny model's context is 64 tokens
-    bench.main(["--model", str(ckpt), "--scoring", "1", "--clients", "2", "--json", str(tmp_path / "l.json")])
-    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
-    assert rows[0]["prompts"] == 8 and rows[0]["prompts_per_s"] > 0
+    bench.SCORING_WORDS = 20  # the tiny model's context is 64 tokens (a word of the text a token here)
+    for distinct in (False, True):
+        bench.main(["--model", str(ckpt), "--scoring", "1", "--clients", "2", "--scoring-prompts", "3",
+                    "--json", str(tmp_path / "l.json")] + ["--scoring-distinct"] * distinct)
+        row, = json.loads((tmp_path / "l.json").read_text())["rows"]
+        assert row["prompts"] == 6 and row["prompts_per_s"] > 0
+        assert 3 <= row["prompts_per_forward"] <= 6  # a request's prompts in one forward at least
+        # the 20-token context a request's prompts share: computed once; distinct ones, all
+        assert row["computed_share"] == 1.0 if distinct else row["computed_share"] < 0.6
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
@@ -1140,6 +1336,47 @@ def test_usage_reports_the_reused_prompt_tokens(server):
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
 
 
+def test_cached_tokens_count_only_the_prompt_tokens_not_computed(setup):
+    """usage.prompt_tokens_details.cached_tokens: the rows joining a batch together all
+    prefill their last S tokens (S: the most any of them must compute), so a row whose
+    reused prefix is longer than its length less S recomputes part of it: only the tokens
+    not computed count (S read from the prefill itself), 0 where the prefill computes the
+    whole prompt though a prefix was found; the answers are generate()'s."""
+    ckpt = setup[1]
+    tok = load_tokenizer(ckpt)
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    eng = Engine(model, tok, {"base": None}, max_batch=2)
+    widths = []  # each prefill's tokens a row (a decode step feeds one)
+    run = model.run_layers
+    model.run_layers = lambda ids, *a, cache=None, **kw: (cache is None or ids.shape[1] == 1
+                                                          or widths.append(ids.shape[1]), run(ids, *a, cache=cache,
+                                                                                              **kw))[1]
+    srv = serve(eng, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1/completions"
+    system = " ".join("abcdefghijklmnopqrstuvwxyz"[i % 26] for i in range(40))
+    kept = len(prompt_ids(tok, system)) // 16 * 16
+    assert kept == 32
+
+    def ask(*prompts):
+        out = json.loads(_post(url, {"prompt": list(prompts), "max_tokens": 4, "temperature": 0})[1])
+        want = [_reference(ckpt, None, p, 4)[0] for p in prompts]
+        assert [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])] == want
+        return out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    try:
+        assert ask(system + " copy : a b") == 0  # its blocks kept
+        for other, hits in ((" ".join("zyxwvutsrqponmlkjihg"), 2), (" ".join("mnbvcxzlkjhgfdsapoiuytrewq" * 2), 3)):
+            mine = system + (" the big cat" if hits == 2 else " copy : a b c")
+            P, Q = len(prompt_ids(tok, mine)), len(prompt_ids(tok, other))
+            got = ask(mine, other)  # one request, its two choices admitted together
+            assert eng.prefix.hits == hits - 1 and widths[-1] == max(P - kept, Q)
+            assert got == max(0, P - widths[-1])  # `other`'s prompt shares nothing
+            assert (0 < got < kept) if hits == 2 else (got == 0 and Q >= P)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
 def test_a_prefill_reusing_a_prefix_never_reads_an_earlier_rows_keys(setup):
     """A row joining beside a longer prompt that reuses a kept prefix is left-padded over
     slots that prefill neither computes nor copies: they held an earlier request's keys
@@ -1285,7 +1522,7 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
             for r in reqs:
                 mine = [e for e in events if e[1] == r.index]
                 (_, _, text, reason, n, entries), = [e for e in mine if e[0] == "done"]
-                assert r.cached % BLOCK == 0 and (r.cached == 0 or r.cached < len(r.prompt))
+                assert 0 <= r.cached < len(r.prompt)  # copied, never the last token (its logits)
                 if r.stream:
                     assert "".join(e[2] for e in mine if e[0] == "delta") == text
                 if r.max_tokens == 0:
@@ -1448,3 +1685,32 @@ def test_echo_and_logprobs_on_smollm2(gguf_path, smollm2_tok):
     assert done[2:5] == (tok.decode(gen, skip_special_tokens=True), "length", 4)
     got = [e[1] for e in scored[2][1:] + done[5]]
     assert got == pytest.approx([float(ref[i - 1, t]) for i, t in enumerate(ids + gen) if i], abs=1e-4)
+
+
+def test_choices_scored_together_on_smollm2(gguf_path, smollm2_tok):
+    """SmolLM2: a multiple-choice question's choices (a shared context, continuations of
+    different lengths) and a prompt of its own, in one request, scored by one forward (the
+    context once): every logprob and alternative equals log_softmax of the model's forward
+    over that prompt alone, and the token after it is its argmax."""
+    tok = smollm2_tok
+    model = FusedLlama.from_pretrained(gguf_path)
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    ctx = enc("Question: Which of these animals can fly? Think about the body of each one before you answer.\n"
+              "Answer:")
+    prompts = [ctx + enc(c) for c in (" the eagle", " a fish", " the eagle and the bat", " a dog")]
+    prompts.append(enc("The capital of France is Paris, and the capital of Italy is"))
+    eng = Engine(model, tok, {"base": None}, max_batch=2, cache_len=128).start()
+    reqs = eng.submit(eng.parse({"prompt": prompts, "echo": True, "logprobs": 2, "max_tokens": 1, "temperature": 0},
+                                False))
+    events = []
+    while sum(e[0] == "done" for e in events) < len(reqs):
+        events.append(reqs[0].events.get(timeout=120))
+    assert (eng.score_forwards, eng.score_rows) == (1, 5)
+    assert eng.score_tokens == _prefixes(prompts[:4]) + len(prompts[4]) < sum(map(len, prompts))
+    scored = {e[1]: e for e in events if e[0] == "prompt"}
+    done = {e[1]: e for e in events if e[0] == "done"}
+    for i, ids in enumerate(prompts):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        _scored(scored[i], tok, ids, ref, 2)
+        assert done[i][2:5] == (tok.decode([int(ref[-1].argmax())], skip_special_tokens=True), "length", 1)
