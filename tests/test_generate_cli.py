@@ -441,3 +441,26 @@ def test_cli_chat_bad_input_is_one_line(setup, capsys, extra, msg):
     assert main(["chat", "--model", str(ckpt), "--device", "cpu"] + extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flora chat: error:") and msg in err and "\n" not in err
+
+
+def test_bench_generate_data_runs_trees_side_by_side(setup, tmp_path, capsys):
+    """bench/generate_data.py: each tree's `flora generate` in a process of its own, on
+    records mixing short and long answers; here this tree twice (same completions)."""
+    from pathlib import Path
+
+    from _bench_scripts import load_bench_script
+
+    _, ckpt, *_ = setup
+    chat = with_chat_template(ckpt, tmp_path / "chat")
+    root = Path(__file__).resolve().parents[1]
+    bench = load_bench_script("generate_data")
+    recs = bench.records(30)
+    assert len(recs) == 30 and len({r["prompt"] for r in recs}) == 30
+    assert sum(r.get("completion") is not None for r in recs) == 6  # the arithmetic problems
+    res = bench.main(["--tree", f"a={root}", "--tree", f"b={root}", "--model", str(chat), "--system", "x",
+                      "--records", "5", "--max-new-tokens", "4", "--batch-size", "2", "--json",
+                      str(tmp_path / "r.json")])
+    assert [r["tree"] for r in res["rows"]] == ["a", "b"]
+    assert all(r["same_completions"] == 5 and r["new_tokens"] > 0 for r in res["rows"])
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["speedup"] > 0
+    assert "| a |" in capsys.readouterr().out
