@@ -13,8 +13,26 @@ with the adapter off (the base model, same weights). Several ``--adapter``
 (of one variant, rank and targets) share the model and are switched between
 runs, as a server would switch them (only adapter tensors are copied). One prompt streams its
 tokens as they come; timing goes to stderr, the completions to stdout and,
-with ``--out``, to a JSONL file written atomically. ``--mixed`` runs them all
+with ``--out``, to a JSONL file written atomically, in the order of the prompts. ``--mixed`` runs them all
 in the same batches instead (each row its own adapter: a multi-adapter server's batches).
+
+The prompts run on ``flora serve``'s engine (flora.serve.Engine): up to
+``--batch-size`` rows decode together, a row that ends (its EOS or
+``--max-new-tokens``) gives its place to the next prompt between two decode
+steps (continuous batching: no steps for rows already done), and a prompt
+that starts as an earlier one did (a shared system prompt, few-shot examples)
+copies that prefix's keys and values from the prefix cache and computes only
+the rest. ``--compile`` keeps static batches (:func:`flora.pretrained.complete`):
+the engine's decode steps are eager (their row count changes as rows come and
+go, a compiled shape each).
+
+``--seed S``: prompt i (counted from 0, in the file's order) samples with a
+generator of its own, seeded S + i, so its text depends on its prompt, S and
+i only, not on ``--batch-size`` or the prompts beside it (up to the float
+rounding that a batch's shapes change, as for greedy tokens): ``--prompt TEXT
+--seed S+i`` gives it alone; ``--compare``'s runs use the same seeds. Under
+``--compile`` a static batch samples from one generator seeded S, its rows'
+draws depending on each other.
 """
 from __future__ import annotations
 
@@ -22,8 +40,10 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import sys
 import time
+import warnings
 
 import torch
 
@@ -87,8 +107,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--system", default=None,
                    help="with --chat: a system message (also before a conversation that has none)")
     add_sampling_arguments(p, max_new_tokens=128)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
-    p.add_argument("--compile", action="store_true", help="decode step under torch.compile (slow first call)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows generated together at most (a row that ends takes the next prompt)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode step under torch.compile (slow first call), in static left-padded batches")
     p.add_argument("--out", default=None, help="also write the results as JSONL here")
     return p
 
@@ -143,38 +165,110 @@ def _timed(model, tok, device, prompts, gen, warm_rows, adapters=None, streamer=
     return out, st
 
 
-def run_args(args) -> dict:
-    if args.compare and not args.adapter:
-        raise ValueError("--compare needs --adapter (it compares the adapter on and off)")
-    if args.mixed and not args.adapter:
-        raise ValueError("--mixed needs --adapter (it runs several adapters in one batch)")
-    if args.adapter and len({os.path.realpath(a) for a in args.adapter}) < len(args.adapter):
-        raise ValueError("--adapter: the same adapter is given twice")
-    if args.out is not None:  # checked before the model loads, not after generating
-        out = os.path.realpath(args.out)
-        if args.data is not None and out == os.path.realpath(args.data):
-            raise ValueError("--out is the --data file; write the results elsewhere")
-        if os.path.isdir(out) or not os.access(os.path.dirname(out) or ".", os.W_OK):
-            raise ValueError(f"--out {args.out}: not a writable file path")
-    from .generation import check_sampling
+CACHE_LEN = 2048  # the engine's KV-cache slots a row (flora serve's default) unless a prompt needs more
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)  # before the model loads
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    recs = _prompts(args)
-    device = resolve_device(args.device)
+
+def _seed(seed, i: int):
+    """Prompt i's sampling seed: S + i, wrapped into manual_seed's range (None: unseeded)."""
+    from .generation import SEEDS
+
+    if seed is None:
+        return None
+    s = seed + i
+    return s - (1 << 64) if s > SEEDS[1] else s
+
+
+def _prompt_ids(model, tok, texts: list, args) -> list:
+    """Each prompt's token ids, checked against the model's context; a warning where
+    --max-new-tokens passes it (those prompts generate up to the context)."""
+    from .data import prompt_ids
+
+    context, M = model.arch.max_position_embeddings, args.max_new_tokens
+    ids, capped = [prompt_ids(tok, t) for t in texts], 0
+    for i, x in enumerate(ids, 1):
+        where = f"record {i} of {args.data}" if args.data is not None else f"--prompt {i}"
+        if not x:
+            raise ValueError(f"{where}: the prompt is empty (no tokens)")
+        if len(x) + min(M, 1) > context:
+            raise ValueError(f"{where}: a prompt of {len(x)} tokens leaves no room in the model's context "
+                             f"({context} positions)")
+        capped += len(x) + M > context
+    if capped:
+        warnings.warn(f"max_new_tokens={M}: {capped} prompt(s) would pass the model's context ({context} "
+                      f"positions); each generates up to it", stacklevel=2)
+    return ids
+
+
+class _Printing(queue.Queue):
+    """A request's events queue that prints its streamed text as the engine puts it."""
+
+    def put(self, item, block=True, timeout=None):
+        if item[0] == "delta":
+            print(item[2], end="", flush=True)
+        super().put(item, block, timeout)
+
+
+def _serve(engine, reqs: list) -> list:
+    """``reqs`` answered by ``engine``, whose loop runs here (Engine.run; not in a
+    thread: on a 2-core CPU the main thread's parallel ops ran ~20% faster): each one's
+    ("done", ...) event, in order. They are all queued before it starts, so its
+    batches do not depend on timing: the first ``max_batch`` start together, the
+    next join as rows free."""
+    engine.submit(reqs)
+    engine.close()  # the loop returns once they are all answered (the model's state restored)
+    engine.run()
+    events, done = reqs[0].events, [None] * len(reqs)
+    while not events.empty():
+        ev = events.get()
+        if ev[0] == "error":
+            raise RuntimeError(f"flora generate: {ev[1]}")
+        if ev[0] == "done":
+            done[ev[1]] = ev
+    return done
+
+
+def _continuous(model, tok, device, ids: list, jobs: list, names: dict, args, stream: bool, warm: int):
+    """The completions of ``jobs`` ([(label, prompt index)]) on one engine serving
+    ``names`` (label -> adapter name, None: the base; side by side with ``--mixed``),
+    timed after an untimed 2-token pass of the first ``warm`` jobs (one-time costs
+    out of tokens/s): (completions, stats)."""
+    from .pretrained import Completion
+    from .serve import Engine, Request
+
+    context, M, mixed = model.arch.max_position_embeddings, args.max_new_tokens, args.mixed
+
+    def requests(jobs, max_tokens, cache_len, stream=False):
+        events = _Printing() if stream else queue.Queue()
+        return [Request(model=label, prompt=ids[i], max_tokens=min(max_tokens, cache_len - len(ids[i])),
+                        sampling=(args.temperature, args.top_p, args.top_k), seed=_seed(args.seed, i),
+                        stream=stream, events=events, index=j) for j, (label, i) in enumerate(jobs)]
+
+    n = min(context, max(len(ids[i]) for _, i in jobs[:warm]) + 2)
+    _serve(Engine(model, tok, names, max_batch=warm, mixed=mixed, cache_len=n, prefix_cache=0),
+           requests(jobs[:warm], min(2, M), n))
+    # a row holds any prompt and its whole answer; a batch's slots only advance, so room for
+    # about four of them lets prompts join it longer before it drains (rows idle at its end)
+    need = max(len(x) for x in ids) + M
+    n = min(context, max(need, min(CACHE_LEN, 4 * need)))
+    engine = Engine(model, tok, names, max_batch=args.batch_size, mixed=mixed, cache_len=n)
+    reqs = requests(jobs, M, n, stream)
     t0 = time.perf_counter()
-    names = [f"adapter{i}" for i in range(1, len(args.adapter or []) + 1)]
-    model, tok = load(args, list(zip(names, args.adapter or [])), device)
-    load_s = time.perf_counter() - t0
-    texts = [_text(tok, r, args) for r in recs]
-    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
-               top_p=args.top_p, top_k=args.top_k, seed=args.seed, compile=args.compile)
-    # (label, adapter name or None for the base)
-    runs = ([("adapter", names[0])] if len(names) == 1 else [(f"adapter{i}", n) for i, n in enumerate(names, 1)])
-    runs += [("base", None)] if args.compare or not names else []
-    stream = len(texts) == 1 and not args.mixed  # one prompt: its tokens print as they come
-    refs = {i: r["completion"].strip() for i, r in enumerate(recs) if r["completion"] is not None}
+    done = _serve(engine, reqs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    secs = time.perf_counter() - t0
+    out = [Completion(ev[2].strip(), ev[4]) for ev in done]
+    new = sum(c.tokens for c in out)
+    return out, {"seconds": round(secs, 3), "new_tokens": new, "tokens_per_s": round(new / secs, 1),
+                 "prompts_per_s": round(len(out) / secs, 2),
+                 "prompt_tokens": sum(len(r.prompt) for r in reqs),
+                 "cached_prompt_tokens": sum(r.cached for r in reqs),  # the prefix cache's, not computed
+                 "rows_per_step": round(engine.row_steps / max(engine.steps, 1), 2)}
+
+
+def _static(model, tok, device, texts, gen, runs, names, args, stream):
+    """--compile: each run in static left-padded batches (flora.pretrained.complete),
+    each batch until its longest answer ends: (results, stats) by label."""
     results, stats = {}, {}
     if args.mixed:  # one pass: each prompt once per run, next to each other in the batches
         model.stack_adapters(names)
@@ -194,6 +288,59 @@ def run_args(args) -> dict:
             streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         with model.disable_adapter() if name is None and names else contextlib.nullcontext():
             results[label], stats[label] = _timed(model, tok, device, texts, gen, 1, streamer=streamer)
+    return results, stats
+
+
+def run_args(args) -> dict:
+    if args.compare and not args.adapter:
+        raise ValueError("--compare needs --adapter (it compares the adapter on and off)")
+    if args.mixed and not args.adapter:
+        raise ValueError("--mixed needs --adapter (it runs several adapters in one batch)")
+    if args.adapter and len({os.path.realpath(a) for a in args.adapter}) < len(args.adapter):
+        raise ValueError("--adapter: the same adapter is given twice")
+    if args.out is not None:  # checked before the model loads, not after generating
+        out = os.path.realpath(args.out)
+        if args.data is not None and out == os.path.realpath(args.data):
+            raise ValueError("--out is the --data file; write the results elsewhere")
+        if os.path.isdir(out) or not os.access(os.path.dirname(out) or ".", os.W_OK):
+            raise ValueError(f"--out {args.out}: not a writable file path")
+    from .generation import check_sampling, check_seed
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)  # before the model loads
+    check_seed(args.seed)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    recs = _prompts(args)
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    names = [f"adapter{i}" for i in range(1, len(args.adapter or []) + 1)]
+    model, tok = load(args, list(zip(names, args.adapter or [])), device)
+    load_s = time.perf_counter() - t0
+    texts = [_text(tok, r, args) for r in recs]
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
+               top_p=args.top_p, top_k=args.top_k, seed=args.seed, compile=args.compile)
+    # (label, adapter name or None for the base)
+    runs = ([("adapter", names[0])] if len(names) == 1 else [(f"adapter{i}", n) for i, n in enumerate(names, 1)])
+    runs += [("base", None)] if args.compare or not names else []
+    stream = len(texts) == 1 and not args.mixed  # one prompt: its tokens print as they come
+    refs = {i: r["completion"].strip() for i, r in enumerate(recs) if r["completion"] is not None}
+    if args.compile:  # static batches (the engine's steps are not compiled)
+        results, stats = _static(model, tok, device, texts, gen, runs, names, args, stream)
+    else:
+        ids = _prompt_ids(model, tok, texts, args)
+        results, stats = {}, {}
+        if args.mixed:  # one pass: each prompt once per run, next to each other in the batches
+            jobs = [(label, i) for i in range(len(ids)) for label, _ in runs]
+            out, stats["mixed"] = _continuous(model, tok, device, ids, jobs, dict(runs), args, False, len(runs))
+            for (label, _), c in zip(jobs, out):
+                results.setdefault(label, []).append(c)
+        for label, name in [] if args.mixed else runs:  # one pass per run, the adapter switched between
+            if stream:
+                print(f"[{label}] ", end="", flush=True)
+            jobs = [(label, i) for i in range(len(ids))]
+            results[label], stats[label] = _continuous(model, tok, device, ids, jobs, {label: name}, args, stream, 1)
+            if stream:
+                print(flush=True)
     for label, _ in runs:
         if refs:
             stats.setdefault(label, {})["exact_match"] = \

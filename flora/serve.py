@@ -212,6 +212,12 @@ class Engine:
         self._worker.start()
         return self
 
+    def run(self) -> None:
+        """The worker's loop in the calling thread instead of :meth:`start`'s, until
+        :meth:`close` and every request answered (``flora generate`` queues its requests
+        first; on the CPU the main thread's parallel ops run faster than a thread's)."""
+        self._loop()
+
     # -------------------------------------------------------------- requests
     def parse(self, body, chat: bool) -> list:
         """A request body -> its choices, one Request each (``n`` for each prompt,

@@ -1,9 +1,12 @@
 """`flora generate` and the library pieces under it (flora.pretrained.complete,
 flora.data.prompt_ids / load_prompts), against per-prompt generate() calls and
-separately loaded models."""
+separately loaded models; its continuous batches (flora serve's engine)
+against the static batches of flora.pretrained.complete, on random models and
+on SmolLM2."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -156,6 +159,153 @@ def test_cli_generate_one_prompt_streams(setup, capsys):
     assert capsys.readouterr().out.strip() == f"[adapter] {text}"
 
 
+def _eos_prone(src, dest, adapter, prompts: list, n: int):
+    """A copy of checkpoint ``src`` whose EOS (id 2) takes the place of a token that
+    the greedy answers of ``prompts`` (with the adapter and without) first hold at many
+    different positions: its output row that token's, a little larger. Answers that
+    end at many lengths."""
+    from collections import defaultdict
+
+    from transformers import LlamaForCausalLM
+
+    tok, where = load_tokenizer(src), defaultdict(set)  # token -> (run, position of its first occurrence)
+    for a in (None, adapter):
+        m = FusedLlama.from_pretrained(str(src), adapter=a and str(a))
+        for p in prompts:
+            ids = torch.tensor([prompt_ids(tok, p)])
+            new = m.generate(ids, max_new_tokens=n, eos_token_id=[])[0, ids.shape[1]:].tolist()
+            for t in set(new):
+                where[t].add((a, new.index(t)))
+    common = max(where, key=lambda t: (min(sum(r == a for r, _ in where[t]) for a in (None, adapter)),
+                                       len(where[t])))  # most lengths in the poorer run, then in both
+    hf = LlamaForCausalLM.from_pretrained(str(src))
+    with torch.no_grad():
+        hf.lm_head.weight[2] = hf.lm_head.weight[common] * 1.05
+    shutil.copytree(src, dest)
+    hf.save_pretrained(str(dest))
+    return dest
+
+
+def _summary(capsys) -> dict:
+    return json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+
+
+PREFIX = "copy : a b c d e f g h i j k l m n o p q r s t u ;"  # > 16 tokens: a whole block reused
+
+
+def test_cli_generate_continuous_batches_match_static_batches(setup, tmp_path, capsys):
+    """--data on the engine: rows that end early give their place to the next prompt,
+    prompts sharing a prefix reuse its keys and values; the greedy completions (and
+    their token counts) are those of today's static batches (complete()) and of each
+    prompt alone, in the records' order, under --limit, for the adapter and the base
+    (switched between runs)."""
+    _, ckpt, adapter, _, _ = setup
+    # a random model's answers follow the prompt's last tokens: a letter each
+    recs = [{"prompt": f"{PREFIX} between {w}"} for w in "vwxyzkmqj"]
+    eos = _eos_prone(ckpt, tmp_path / "eos", adapter, [r["prompt"] for r in recs], 12)
+    data = write_jsonl(recs, tmp_path / "shared.jsonl")
+    out = tmp_path / "res.jsonl"
+    assert main(["generate", "--model", str(eos), "--adapter", str(adapter), "--compare", "--data", str(data),
+                 "--limit", "8", "--max-new-tokens", "12", "--batch-size", "3", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    summary = _summary(capsys)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in recs[:8]]
+    tok = load_tokenizer(eos)
+    prompts = [r["prompt"] for r in recs[:8]]
+    for label, model in {"adapter": FusedLlama.from_pretrained(str(eos), adapter=str(adapter)),
+                         "base": FusedLlama.from_pretrained(str(eos))}.items():
+        static = complete(model, tok, prompts, max_new_tokens=12, batch_size=3)
+        assert [r[label] for r in rows] == [c.text for c in static], label
+        assert [(c.text, c.tokens) for c in static] == [_alone(model, tok, p, 12) for p in prompts]
+        run = summary["runs"][label]
+        assert run["new_tokens"] == sum(c.tokens for c in static)
+        assert len({c.tokens for c in static}) > 2  # answers of several lengths: rows leave early
+        # every prompt admitted after the first three reused the shared prefix's block at least
+        assert run["cached_prompt_tokens"] >= 16 * 5
+        assert run["prompt_tokens"] == sum(len(prompt_ids(tok, p)) for p in prompts)
+
+
+def test_cli_generate_seeds_are_per_prompt(setup, tmp_path, capsys):
+    """--seed S: prompt i samples with its own generator seeded S + i, as generate()
+    gives it alone with that seed; so its text does not depend on --batch-size or on the
+    prompts beside it, and --compare's runs sample with the same seeds."""
+    _, ckpt, adapter, data, recs = setup
+    eos = _eos_prone(ckpt, tmp_path / "eos", adapter, [r["prompt"] for r in recs], 10)
+    texts = {}
+    for bs in (1, 4):
+        out = tmp_path / f"bs{bs}.jsonl"
+        assert main(["generate", "--model", str(eos), "--adapter", str(adapter), "--compare", "--data", str(data),
+                     "--max-new-tokens", "10", "--temperature", "1.5", "--top-k", "20", "--seed", "7",
+                     "--batch-size", str(bs), "--device", "cpu", "--out", str(out)]) == 0
+        texts[bs] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert texts[1] == texts[4]
+    tok = load_tokenizer(eos)
+    models = {"adapter": FusedLlama.from_pretrained(str(eos), adapter=str(adapter)),
+              "base": FusedLlama.from_pretrained(str(eos))}
+    eos_id = 2
+    for i, (row, rec) in enumerate(zip(texts[4], recs)):
+        ids = torch.tensor([prompt_ids(tok, rec["prompt"])])
+        for label, m in models.items():
+            new = m.generate(ids, max_new_tokens=10, temperature=1.5, top_k=20, seed=7 + i)[0, ids.shape[1]:].tolist()
+            k = next((j + 1 for j, t in enumerate(new) if t == eos_id), len(new))
+            assert row[label] == tok.decode(new[:k], skip_special_tokens=True).strip(), (label, i)
+    greedy = [_alone(models["base"], tok, r["prompt"], 10)[0] for r in recs]
+    assert [r["base"] for r in texts[4]] != greedy  # it sampled
+    capsys.readouterr()
+
+
+def test_cli_generate_compile_keeps_static_batches(setup, monkeypatch, capsys):
+    """--compile runs complete()'s static batches (the engine's steps are eager): its decode
+    steps go through compiled_decode (here: eager, not compiled, to keep the test quick)."""
+    import flora.generation as gen
+
+    _, ckpt, adapter, data, recs = setup
+    calls = []
+
+    def compiled_decode(device_type="cpu"):
+        calls.append(device_type)
+        return gen._decode
+
+    monkeypatch.setattr(gen, "compiled_decode", compiled_decode)
+    assert main(["generate", "--model", str(ckpt), "--adapter", str(adapter), "--data", str(data), "--limit", "3",
+                 "--max-new-tokens", "6", "--compile", "--device", "cpu"]) == 0
+    summary = _summary(capsys)
+    assert calls and "note" in summary["runs"]["adapter"] and "cached_prompt_tokens" not in summary["runs"]["adapter"]
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=str(adapter))
+    assert summary["runs"]["adapter"]["new_tokens"] == sum(_alone(m, load_tokenizer(ckpt), r["prompt"], 6)[1]
+                                                           for r in recs[:3])
+
+
+def test_cli_generate_real_model_matches_static_batches(gguf_path, tmp_path, capsys):
+    """SmolLM2 (real weights and tokenizer): chat prompts under one system prompt, on the
+    engine (continuous batches, the system prompt's keys and values reused), give the
+    greedy completions and token counts of today's static batches; answers end at the
+    model's EOS at several lengths."""
+    from flora.pretrained import chat_prompt, load_tokenizer
+
+    system = ("You are a careful assistant for a small science museum. Answer briefly and exactly. "
+              "Tickets cost eight euros for adults and four for children; under fives are free. The "
+              "exhibits are the planets hall, the insect room, the water lab and the dinosaur gallery.")
+    questions = ["What is the capital of France?", "Write a long story about a dinosaur.", "Name a planet.",
+                 "How much is a ticket for a child?", "What do bees make?", "Which exhibits are there?"]
+    data = write_jsonl([{"prompt": q} for q in questions], tmp_path / "q.jsonl")
+    out = tmp_path / "res.jsonl"
+    assert main(["generate", "--model", gguf_path, "--data", str(data), "--chat", "--system", system,
+                 "--max-new-tokens", "24", "--batch-size", "2", "--device", "cpu", "--out", str(out)]) == 0
+    run = _summary(capsys)["runs"]["base"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    m = FusedLlama.from_pretrained(gguf_path, dtype=torch.float32)
+    tok = load_tokenizer(gguf_path)
+    static = complete(m, tok, [chat_prompt(tok, q, system) for q in questions], max_new_tokens=24, batch_size=2)
+    assert [r["base"] for r in rows] == [c.text for c in static]
+    assert run["new_tokens"] == sum(c.tokens for c in static)
+    assert min(c.tokens for c in static) < 24 and max(c.tokens for c in static) == 24
+    # the later four reused the system prompt's 48-token blocks, less what rows joining together
+    # computed again (each prefills the longest new part among them: cached_tokens counts copies)
+    assert 3 * 48 < run["cached_prompt_tokens"] <= 4 * 48
+
+
 @pytest.mark.parametrize("extra, msg", [
     (["--compare"], "--compare needs --adapter"),
     (["--system", "be brief"], "--system needs --chat"),
@@ -179,7 +329,8 @@ def test_cli_generate_bad_files(setup, tmp_path, capsys):
     _, ckpt, _, data, _ = setup
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    cases = [["--data", str(tmp_path / "none.jsonl")], ["--data", str(bad)],
+    long = write_jsonl([{"prompt": "a"}, {"prompt": " ".join(["a"] * 70)}], tmp_path / "long.jsonl")  # context: 64
+    cases = [["--data", str(tmp_path / "none.jsonl")], ["--data", str(bad)], ["--data", str(long)],
              ["--data", str(data), "--out", str(data)], ["--data", str(data), "--out", str(tmp_path)],
              ["--data", str(data), "--out", str(tmp_path / "no" / "x.jsonl")],
              ["--data", str(data), "--adapter", str(tmp_path / "no")]]
@@ -188,6 +339,8 @@ def test_cli_generate_bad_files(setup, tmp_path, capsys):
         assert main(["generate", "--model", str(ckpt), "--device", "cpu"] + extra) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("flora generate: error:") and "\n" not in err, err
+        if extra[1] == str(long):
+            assert "record 2 of" in err and "71 tokens leaves no room in the model's context (64" in err, err
     assert data.read_bytes() == before  # never overwritten
     assert "bad.jsonl:2" in str(pytest.raises(ValueError, load_prompts, bad).value)
 
@@ -290,3 +443,26 @@ def test_cli_chat_bad_input_is_one_line(setup, capsys, extra, msg):
     assert main(["chat", "--model", str(ckpt), "--device", "cpu"] + extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flora chat: error:") and msg in err and "\n" not in err
+
+
+def test_bench_generate_data_runs_trees_side_by_side(setup, tmp_path, capsys):
+    """bench/generate_data.py: each tree's `flora generate` in a process of its own, on
+    records mixing short and long answers; here this tree twice (same completions)."""
+    from pathlib import Path
+
+    from _bench_scripts import load_bench_script
+
+    _, ckpt, *_ = setup
+    chat = with_chat_template(ckpt, tmp_path / "chat")
+    root = Path(__file__).resolve().parents[1]
+    bench = load_bench_script("generate_data")
+    recs = bench.records(30)
+    assert len(recs) == 30 and len({r["prompt"] for r in recs}) == 30
+    assert sum(r.get("completion") is not None for r in recs) == 6  # the arithmetic problems
+    res = bench.main(["--tree", f"a={root}", "--tree", f"b={root}", "--model", str(chat), "--system", "x",
+                      "--records", "5", "--max-new-tokens", "4", "--batch-size", "2", "--json",
+                      str(tmp_path / "r.json")])
+    assert [r["tree"] for r in res["rows"]] == ["a", "b"]
+    assert all(r["same_completions"] == 5 and r["new_tokens"] > 0 for r in res["rows"])
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["speedup"] > 0
+    assert "| a |" in capsys.readouterr().out
