@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import threading
 
 from .devices import resolve_device
 
@@ -68,41 +69,55 @@ def run_args(args, stdin=None, out=None) -> None:
     # the server's engine, one row: each turn reuses the keys and values of the conversation
     # before it (its prefix cache), so a turn costs its new tokens, not the whole history
     name = "adapter" if args.adapter else "base"
-    engine = Engine(model, tok, {name: args.adapter and "adapter"}, max_batch=1, cache_len=context).start()
-    messages: list = []
-    interactive = stdin.isatty()
-    if interactive:
-        print("flora chat: /reset starts over, /exit quits", file=sys.stderr)
-    try:
-        for turn in itertools.count():
-            if interactive:
-                out.write("> ")
+    engine = Engine(model, tok, {name: args.adapter and "adapter"}, max_batch=1, cache_len=context)
+    failed: list = []
+
+    def converse() -> None:
+        messages: list = []
+        interactive = stdin.isatty()
+        if interactive:
+            print("flora chat: /reset starts over, /exit quits", file=sys.stderr)
+        try:
+            for turn in itertools.count():
+                if interactive:
+                    out.write("> ")
+                    out.flush()
+                line = stdin.readline()
+                if not line or line.strip() == "/exit":
+                    return
+                line = line.rstrip("\n")
+                if line.strip() == "/reset":
+                    messages = []
+                    print("flora chat: a new conversation", file=sys.stderr)
+                    continue
+                if not line.strip():
+                    continue
+                messages.append({"role": "user", "content": line})
+                ids, messages, dropped = _fit(tok, messages, args.system, context, args.max_new_tokens)
+                if dropped:
+                    print(f"flora chat: the {dropped} oldest turns left the conversation (the context is {context} "
+                          f"tokens)", file=sys.stderr)
+                seed = None if args.seed is None else (args.seed + turn) % 2 ** 63  # reproducible, each turn its own
+                req, = engine.submit([Request(name, ids[0].tolist(), args.max_new_tokens,
+                                              (args.temperature, args.top_p, args.top_k), seed, stream=True)])
+                while (ev := req.events.get())[0] == "delta":  # the reply's text as it comes
+                    out.write(ev[2])
+                    out.flush()
+                if ev[0] == "error":
+                    raise RuntimeError(ev[1])
+                out.write("\n")
                 out.flush()
-            line = stdin.readline()
-            if not line or line.strip() == "/exit":
-                return
-            line = line.rstrip("\n")
-            if line.strip() == "/reset":
-                messages = []
-                print("flora chat: a new conversation", file=sys.stderr)
-                continue
-            if not line.strip():
-                continue
-            messages.append({"role": "user", "content": line})
-            ids, messages, dropped = _fit(tok, messages, args.system, context, args.max_new_tokens)
-            if dropped:
-                print(f"flora chat: the {dropped} oldest turns left the conversation (the context is {context} "
-                      f"tokens)", file=sys.stderr)
-            seed = None if args.seed is None else (args.seed + turn) % 2 ** 63  # reproducible, each turn its own
-            req, = engine.submit([Request(name, ids[0].tolist(), args.max_new_tokens,
-                                          (args.temperature, args.top_p, args.top_k), seed, stream=True)])
-            while (ev := req.events.get())[0] == "delta":  # the reply's text as it comes
-                out.write(ev[2])
-                out.flush()
-            if ev[0] == "error":
-                raise RuntimeError(ev[1])
-            out.write("\n")
-            out.flush()
-            messages.append({"role": "assistant", "content": ev[2].strip()})
-    finally:
-        engine.close()
+                messages.append({"role": "assistant", "content": ev[2].strip()})
+        except BaseException as e:  # noqa: BLE001 - raised again in the main thread
+            failed.append(e)
+        finally:
+            engine.close()
+
+    # the engine in the main thread, the conversation in another: a thread's parallel ops run
+    # slower than the main thread's on the CPU (GNU OpenMP, flora/serve.py run_args)
+    talk = threading.Thread(target=converse, name="flora-chat", daemon=True)
+    talk.start()
+    engine.run()  # until the conversation ends (engine.close())
+    talk.join()
+    if failed:
+        raise failed[0]

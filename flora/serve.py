@@ -1224,10 +1224,13 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True,
-          api_key: Optional[str] = None) -> ThreadingHTTPServer:
+          api_key: Optional[str] = None, start: bool = True) -> ThreadingHTTPServer:
     """The HTTP server (not yet serving: call ``serve_forever``; port 0 picks a free one).
-    ``api_key``: requests to /v1/ need ``Authorization: Bearer <api_key>``."""
-    engine.start()
+    ``api_key``: requests to /v1/ need ``Authorization: Bearer <api_key>``.
+    ``start``: the engine's worker thread starts here (False: the caller runs
+    ``engine.run()`` itself, as `flora serve` does in its main thread)."""
+    if start:
+        engine.start()
     srv = _Server((host, port), make_handler(engine, quiet, api_key))
     srv.daemon_threads = True
     return srv
@@ -1307,13 +1310,20 @@ def run_args(args) -> None:
                     mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000,
                     cache_len=args.cache_len, prefix_cache=args.prefix_cache)
     try:
-        srv = serve(engine, args.host, args.port, quiet=not args.log, api_key=args.api_key or None)
+        srv = serve(engine, args.host, args.port, quiet=not args.log, api_key=args.api_key or None, start=False)
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = srv.server_address[:2]
+    # The engine in the main thread, HTTP in threads: GNU OpenMP gives each thread that starts
+    # parallel regions a pool of its own, and with more pool threads than cores its workers
+    # barely spin, so a worker thread's GEMMs ran ~25-40% slower on a 2-core CPU than the main
+    # thread's (the model was loaded here, in parallel regions of this thread).
+    http = threading.Thread(target=srv.serve_forever, name="flora-serve-http", daemon=True)
+    http.start()
     print(f"flora serve: http://{host}:{port}/v1 ({', '.join(engine.names)}); Ctrl-C stops", file=sys.stderr,
           flush=True)
     try:
-        srv.serve_forever()
+        engine.run()  # until Ctrl-C
     finally:
+        srv.shutdown()
         srv.server_close()

@@ -397,9 +397,9 @@ def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys, monkeypatch):
     engines = []
 
     class Engine(flora.serve.Engine):
-        def start(self):
+        def run(self):  # flora chat runs the engine in its main thread
             engines.append(self)
-            return super().start()
+            return super().run()
 
     monkeypatch.setattr(flora.serve, "Engine", Engine)
 
@@ -425,8 +425,7 @@ def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys, monkeypatch):
     assert replies == want
     assert "a new conversation" in capsys.readouterr().err
     assert engines[0].prefix.hits >= 1 and engines[0].prefix.reused >= 16  # the second turn's history
-    engines[0]._worker.join(timeout=30)
-    assert not engines[0]._worker.is_alive()
+    assert not engines[0]._worker.is_alive() and not engines[0].busy  # run_args returned: the engine ended
     # a long conversation in the tiny context (64): the oldest turns go, with a notice
     args.max_new_tokens = 40
     out = io.StringIO()
