@@ -105,12 +105,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
         # Compiled CPU decode: written out, Inductor fuses the mask, softmax
         # and scaling around two small bmms (fp32, like SDPA's CPU kernel);
         # SDPA's CPU kernel costs ~1.5x as much at one query row.
-        qg = q.view(B, nkv, nh // nkv, hd).float()
-        att = (qg @ k.float().transpose(-1, -2)) * hd ** -0.5
-        if mask is not None:
-            att = att + mask if mask.dtype != torch.bool else att.masked_fill(~mask, float("-inf"))
-        out = att.softmax(-1) @ v.float()
-        return out.to(q.dtype).reshape(B, nh * hd)
+        return written_out_decode_attention(q.view(B, nh, hd), k, v, mask)
     if T == 1 and mask is not None and mask.dtype == q.dtype:
         # the decoder's step: additive mask [B, 1, 1, L] over the cache window
         return ops.decode_attention(q.view(B, nh, hd), k, v, mask[:, 0, 0])
@@ -125,6 +120,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
     else:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(B * T, nh * hd)
+
+
+def written_out_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """A decode step's attention written out for Inductor: q [B, nh, hd], k / v
+    [B, nkv, L, hd], mask [B, 1, 1, L] (additive or boolean) or None ->
+    [B, nh * hd]; two bmms around the mask, scaling and softmax, in fp32."""
+    B, nh, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.view(B, nkv, nh // nkv, hd).float()
+    att = (qg @ k.float().transpose(-1, -2)) * hd ** -0.5
+    if mask is not None:
+        att = att + mask if mask.dtype != torch.bool else att.masked_fill(~mask, float("-inf"))
+    out = att.softmax(-1) @ v.float()
+    return out.to(q.dtype).reshape(B, nh * hd)
 
 
 def expands_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
