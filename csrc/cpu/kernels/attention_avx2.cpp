@@ -23,6 +23,7 @@ namespace base {
 struct V : base::V {
   // 16 ymm registers: 8 accumulators, the loaded vectors beside them
   static constexpr int kScoreAcc = 8, kPvAcc = 8;
+  static constexpr bool kBf16Dot = false;  // bf16 scores widened to fp32 (attention_vec.inc)
   static F set1(float x) { return _mm256_set1_ps(x); }
   static void st(float* p, F a) { _mm256_storeu_ps(p, a); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
