@@ -247,6 +247,9 @@ def decode_compiled_case(shape, B, L, dtype, reps, calls, cold=False):
         return f
 
     op = lambda q, k, v, m: torch.ops.flora.decode_attention(q, k, v, m[:, 0, 0])  # noqa: E731
+    # both forms' functions share one code object: without a reset, dynamo's recompile
+    # limit (8 entries) is reached after four cases and the rest would run eagerly
+    torch._dynamo.reset()
     opts = {"cpp_wrapper": True}
     forms = {"op compiled": torch.compile(stacked(op), fullgraph=True, options=opts),
              "written-out compiled": torch.compile(stacked(written_out_decode_attention), fullgraph=True,

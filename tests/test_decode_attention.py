@@ -255,3 +255,28 @@ def test_attention_at_one_query_row_takes_the_op(monkeypatch, dtype):
     assert seen
     _check(got, q, k, v, mask, "layers.attention")
     assert got.shape == want.shape
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd", [64, 12])
+def test_compiled_attention_at_one_query_row(dtype, hd):
+    """Under torch.compile (fullgraph) on the CPU, attention at T = 1 with the
+    decoder's additive mask calls the op where the kernel takes the shape
+    (Inductor calls the kernel: faster than the written-out form) and writes
+    it out where it does not (head_dim 12: the op would run SDPA); either
+    matches the reference."""
+    q, k, v, mask = attention_case(dtype, B=2, nq=8, nkv=2, hd=hd, L=90)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        got = torch.compile(attention, fullgraph=True, backend=backend)(q.view(2, 1, 8, hd), k, v,
+                                                                        mask[:, None, None, :])
+    op = (torch.ops.flora.decode_attention, torch.ops.flora.decode_attention.default)
+    called = any(n.target in op for g in graphs for n in g.graph.nodes)
+    assert called == (hd == 64)
+    _check(got, q, k, v, mask, f"compiled layers.attention hd={hd}")
