@@ -28,6 +28,21 @@ the same run.
 
     python bench/attention.py --device cuda --decode --shapes 1b 3b --batch 1 8 --context 640 4096 32768
 
+``--decode --compiled`` (CPU): the two forms a compiled decode step can run,
+each inside one ``torch.compile(fullgraph=True, cpp_wrapper)`` function as
+``flora.generation.compiled_decode`` compiles the step, ``--calls`` calls of
+it per compiled function (distinct queries, as the layers of a step; the
+function's own call cost spread over them): ``op compiled``, the custom op
+``torch.ops.flora.decode_attention`` (Inductor calls the kernel through the
+dispatcher) and ``written-out compiled`` (``flora.layers.
+written_out_decode_attention``: two bmms around a fused mask + softmax), with
+the op called eagerly beside them; windows are views of a cache 16 slots
+wider, the mask the decoder's ``[B, 1, 1, L]`` view. With ``--cold`` each call
+reads its own cache copy and a 64 MB buffer is written between the timed
+calls, so every window comes from memory.
+
+    python bench/attention.py --device cpu --decode --compiled --shapes smollm2 1b 3b --batch 1 --context 64 4096 --dtype bf16
+
 Times are CUDA events (CPU: perf_counter) around a few calls after warm-up,
 medians; TFLOP/s counts the causal half of QK^T and PV (4 B H T^2 hd / 2 for
 the forward; forward + backward 3.5x that). On CUDA, ``kernel`` is the first
@@ -39,6 +54,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +64,7 @@ from flora import _ext, ops
 from flora.bench.latency import copy_bandwidth
 from flora.bench.report import publish, title
 from flora.bench.timing import Timer, cuda_kernels
-from flora.layers import additive_mask, attention, prompt_mask, slot_mask
+from flora.layers import additive_mask, attention, prompt_mask, slot_mask, written_out_decode_attention
 
 SHAPES = {  # query heads, kv heads, head dim
     "smollm2": (9, 3, 64), "1b": (32, 8, 64), "3b": (24, 8, 128), "8b": (32, 8, 128),
@@ -216,6 +232,72 @@ def decode_case(shape, B, L, padded, dtype, device, reps, copy_bps, graphs, spli
     return rows
 
 
+def decode_compiled_case(shape, B, L, dtype, reps, calls, cold=False):
+    """Decode attention inside a compiled function, per call (see the module doc)."""
+    nh, nkv, hd = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    qs = [mk(B, nh, hd) for _ in range(calls)]
+    caches = [(mk(B, nkv, L + 16, hd)[:, :, :L], mk(B, nkv, L + 16, hd)[:, :, :L]) for _ in range(calls if cold else 1)]
+    mask = torch.zeros(B, 1, 1, L + 16, dtype=dtype)[..., :L]
+
+    def stacked(form):
+        def f(qs, caches, mask):
+            return [form(q, *caches[i % len(caches)], mask) for i, q in enumerate(qs)]
+        return f
+
+    op = lambda q, k, v, m: torch.ops.flora.decode_attention(q, k, v, m[:, 0, 0])  # noqa: E731
+    # both forms' functions share one code object: without a reset, dynamo's recompile
+    # limit (8 entries) is reached after four cases and the rest would run eagerly
+    torch._dynamo.reset()
+    opts = {"cpp_wrapper": True}
+    forms = {"op compiled": torch.compile(stacked(op), fullgraph=True, options=opts),
+             "written-out compiled": torch.compile(stacked(written_out_decode_attention), fullgraph=True,
+                                                   options=opts),
+             "op eager": stacked(op)}
+    flush = torch.empty(16 << 20) if cold else None  # 64 MB, twice the L3
+
+    def timed_calls(fn):
+        for _ in range(2):
+            fn(qs, caches, mask)
+        ts = []
+        for _ in range(reps):
+            if cold:
+                flush.fill_(1.0)
+                t0 = time.perf_counter()
+                fn(qs, caches, mask)
+                ts.append(time.perf_counter() - t0)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    fn(qs, caches, mask)
+                ts.append((time.perf_counter() - t0) / 3)
+        return statistics.median(ts) / calls
+
+    with torch.no_grad():
+        ref = ops.decode_attention_reference(qs[0], *caches[0], mask[:, 0, 0])
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        for name, fn in forms.items():
+            torch.testing.assert_close(fn(qs, caches, mask)[0], ref, rtol=tol, atol=tol, msg=name)
+        times = {n: [] for n in forms}
+        for _ in range(3):  # interleaved rounds
+            for n, fn in forms.items():
+                times[n].append(timed_calls(fn))
+    rows = [dict(shape=shape, batch=B, context=L, dtype=str(dtype).replace("torch.", ""), cold=cold, form=n,
+                 us=statistics.median(t) * 1e6) for n, t in times.items()]
+    for r in rows:
+        r["x"] = r["us"] / rows[1]["us"]  # against the written-out form
+    return rows
+
+
+def decode_compiled_markdown(rows) -> str:
+    out = ["| shape | batch | keys | dtype | form | us per call | x written-out |", "|---|---:|---:|---|---|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['dtype']} | {r['form']} | {r['us']:.1f} | "
+                   f"{r['x']:.2f} |")
+    return "\n".join(out)
+
+
 def decode_markdown(rows, copy_bps) -> str:
     out = [f"copy bandwidth (read + write) {copy_bps / 1e9:.0f} GB/s, measured in this run", "",
            "| shape | batch | keys | padded | form | us eager | us graph | GB/s | x floor | x sdpa | dispatch |",
@@ -244,6 +326,9 @@ def main(argv=None):
     p.add_argument("--no-graphs", action="store_true", help="--decode on CUDA: eager only")
     p.add_argument("--cold", action="store_true",
                    help="--decode on the CPU: rotate cache copies (>= 256 MB) so each call reads its window from memory")
+    p.add_argument("--compiled", action="store_true",
+                   help="--decode on the CPU: the op and the written-out form inside compiled functions (module doc)")
+    p.add_argument("--calls", type=int, default=16, help="--compiled: calls per compiled function")
     p.add_argument("--splits", nargs="*", type=int, default=[],
                    help="--decode on CUDA: also the kernel at these split counts (the automatic plan's alternatives)")
     p.add_argument("--json", default=None, help="write the rows here")
@@ -254,6 +339,14 @@ def main(argv=None):
         sys.exit("bench/attention.py: --device cuda, but no CUDA device is visible")
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     cmd = "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.decode and a.compiled:
+        if device.type != "cpu":
+            sys.exit("bench/attention.py: --compiled is for the CPU's decode step")
+        rows = [r for shape in a.shapes for B in a.batch for L in a.context
+                for r in decode_compiled_case(shape, B, L, dtype, a.reps, a.calls, a.cold)]
+        publish(title(device, cmd.strip()) + "\n\n" + decode_compiled_markdown(rows),
+                {"command": cmd.strip(), "rows": rows}, a.md, a.json)
+        return
     if a.decode:
         bw = copy_bandwidth(device)
         rows = [r for shape in a.shapes for B in a.batch for L in a.context

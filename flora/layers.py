@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import _ext, ops
 from .config import LlamaArch
 
 
@@ -96,24 +96,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
     left-padded one with its mask and the kv heads expanded (memory-efficient).
 
     One query token per row (decode): :func:`flora.ops.decode_attention`,
-    flora's split-key kernel where it runs, else SDPA with the query heads
-    sharing a kv head as that head's query rows ([B, kv, group, hd]): plain
-    masked attention, never expanding the keys."""
+    flora's split-key kernel where it runs (under torch.compile too), else SDPA
+    with the query heads sharing a kv head as that head's query rows ([B, kv,
+    group, hd]): plain masked attention, never expanding the keys. Compiled on
+    the CPU where the kernel does not take the shape: written out for Inductor."""
     B, T, nh, hd = q.shape
     nkv = k.shape[1]
-    if T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
-        # Compiled CPU decode: written out, Inductor fuses the mask, softmax
+    cpu_compiled = q.device.type == "cpu" and torch.compiler.is_compiling()
+    if T == 1 and mask is not None and mask.dtype == q.dtype and (not cpu_compiled or _cpu_kernel_takes(q, k)):
+        # the decoder's step: additive mask [B, 1, 1, L] over the cache window. Compiled
+        # on the CPU too (Inductor calls the kernel): 0.34-0.59x the written-out form's
+        # time in fp32, 0.05-0.39x in bf16, SmolLM2 / 1B / 3B heads at 64-4096 keys
+        # (bench/RESULTS.md, "Decode attention", 2026-11-28 23:42)
+        return ops.decode_attention(q.view(B, nh, hd), k, v, mask[:, 0, 0])
+    if T == 1 and cpu_compiled:
+        # Other compiled CPU decode: written out, Inductor fuses the mask, softmax
         # and scaling around two small bmms (fp32, like SDPA's CPU kernel);
         # SDPA's CPU kernel costs ~1.5x as much at one query row.
-        qg = q.view(B, nkv, nh // nkv, hd).float()
-        att = (qg @ k.float().transpose(-1, -2)) * hd ** -0.5
-        if mask is not None:
-            att = att + mask if mask.dtype != torch.bool else att.masked_fill(~mask, float("-inf"))
-        out = att.softmax(-1) @ v.float()
-        return out.to(q.dtype).reshape(B, nh * hd)
-    if T == 1 and mask is not None and mask.dtype == q.dtype:
-        # the decoder's step: additive mask [B, 1, 1, L] over the cache window
-        return ops.decode_attention(q.view(B, nh, hd), k, v, mask[:, 0, 0])
+        return written_out_decode_attention(q.view(B, nh, hd), k, v, mask)
     if T == 1 and nh != nkv:
         return ops.grouped_sdpa(q.view(B, nh, hd), k, v, mask)
     gqa = nh != nkv
@@ -125,6 +125,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
     else:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2).reshape(B * T, nh * hd)
+
+
+def _cpu_kernel_takes(q: Tensor, k: Tensor) -> bool:
+    """Does flora's CPU decode-attention kernel run for q [B, T, nh, hd] and k
+    [B, nkv, L, hd] (else the op runs SDPA): the extension built, fp32 / bf16
+    / fp16, head_dim a multiple of 8 up to 256, up to 8 query heads per kv
+    head (csrc/cpu/register.cpp; shapes only, so it traces under compile:
+    FLORA_CPU_ISA=aten, whose op takes SDPA, is not seen)."""
+    hd = q.shape[-1]
+    return (_ext.C is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and hd % 8 == 0 and hd <= 256 and q.shape[-2] // k.shape[1] <= 8)
+
+
+def written_out_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """A decode step's attention written out for Inductor: q [B, nh, hd], k / v
+    [B, nkv, L, hd], mask [B, 1, 1, L] (additive or boolean) or None ->
+    [B, nh * hd]; two bmms around the mask, scaling and softmax, in fp32."""
+    B, nh, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.view(B, nkv, nh // nkv, hd).float()
+    att = (qg @ k.float().transpose(-1, -2)) * hd ** -0.5
+    if mask is not None:
+        att = att + mask if mask.dtype != torch.bool else att.masked_fill(~mask, float("-inf"))
+    out = att.softmax(-1) @ v.float()
+    return out.to(q.dtype).reshape(B, nh * hd)
 
 
 def expands_kv(device_type: str, dtype: torch.dtype, masked: bool) -> bool:

@@ -16,6 +16,8 @@ compiled = pytest.mark.skipif(_ext.C is None, reason=f"extension not built: {_ex
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEG = float("-inf")
 # the CPU kernel's bodies: scalar (aten), AVX2 and AVX-512 vector bodies, as this CPU has them
+# ("avx512" runs bf16 scores by VDPBF16PS where the CPU has avx512_bf16; the plain AVX-512 body's
+# bf16 there: tests/cpp/test_cpu_kernels.cpp)
 ORDER = ["aten", "avx2", "avx512"]
 ISAS = ORDER[: ORDER.index(_ext.C.detected_cpu_isa()) + 1] if _ext.C is not None else []
 
@@ -84,14 +86,16 @@ def test_op_matches_reference(dtype, shape, splits):
 @pytest.mark.parametrize("shape", [
     # (B, nq, nkv, hd, L): query heads per kv head 1-8 (head blocks of 4: 5 = 4 + 1,
     # 6 = 4 + 2, 7 = 4 + 3), head_dim 8 / 16 / 64 / 72 (a multiple of 8, not 16:
-    # AVX-512 takes AVX2's body) / 128 / 256, windows not a multiple of the tile nor
-    # of the 2-16-key score blocks
+    # AVX-512 takes AVX2's body) / 96 (bf16 pairs: 3 steps of 32) / 128 / 256, windows
+    # not a multiple of the tile nor of the 2-16-key score blocks
     (1, 1, 1, 8, 3), (2, 2, 1, 16, 131), (1, 3, 1, 64, 257), (2, 5, 1, 64, 77),
-    (1, 6, 1, 72, 300), (1, 7, 1, 128, 255), (2, 16, 2, 256, 140), (1, 12, 3, 64, 1000)])
+    (1, 6, 1, 72, 300), (2, 8, 2, 96, 150), (1, 7, 1, 128, 255), (2, 16, 2, 256, 140),
+    (1, 12, 3, 64, 1000)])
 @pytest.mark.parametrize("splits", [0, 1, 3])
 def test_kernel_bodies_at_their_edges(isa, dtype, shape, splits):
-    """Each body of the CPU kernel (scalar, AVX2, AVX-512) against the fp64
-    reference where its register blocks do not divide the work: the kv
+    """Each body of the CPU kernel (scalar, AVX2, AVX-512; bf16 scores by
+    VDPBF16PS on a CPU with avx512_bf16) against the fp64 reference where
+    its register blocks do not divide the work: the kv
     head's query heads in blocks of up to 4, the listed keys in score blocks
     (the last padded), head_dim in P x V blocks, masked keys scattered so
     blocks list from 0 to all of their keys, finite mask values, a row with
@@ -251,3 +255,28 @@ def test_attention_at_one_query_row_takes_the_op(monkeypatch, dtype):
     assert seen
     _check(got, q, k, v, mask, "layers.attention")
     assert got.shape == want.shape
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd", [64, 12])
+def test_compiled_attention_at_one_query_row(dtype, hd):
+    """Under torch.compile (fullgraph) on the CPU, attention at T = 1 with the
+    decoder's additive mask calls the op where the kernel takes the shape
+    (Inductor calls the kernel: faster than the written-out form) and writes
+    it out where it does not (head_dim 12: the op would run SDPA); either
+    matches the reference."""
+    q, k, v, mask = attention_case(dtype, B=2, nq=8, nkv=2, hd=hd, L=90)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        got = torch.compile(attention, fullgraph=True, backend=backend)(q.view(2, 1, 8, hd), k, v,
+                                                                        mask[:, None, None, :])
+    op = (torch.ops.flora.decode_attention, torch.ops.flora.decode_attention.default)
+    called = any(n.target in op for g in graphs for n in g.graph.nodes)
+    assert called == (hd == 64)
+    _check(got, q, k, v, mask, f"compiled layers.attention hd={hd}")

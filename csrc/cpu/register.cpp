@@ -251,9 +251,19 @@ int64_t cpu_attention_max_keys(bool vector_body) {
 
 k::AttentionIsa attention_isa() {
   switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512: return k::AttentionIsa::kAvx512;
+    case cpu::Isa::kAvx512:  // bf16 scores by VDPBF16PS where the CPU has them
+      return cpu::has_avx512_bf16() ? k::AttentionIsa::kAvx512Bf16 : k::AttentionIsa::kAvx512;
     case cpu::Isa::kAvx2: return k::AttentionIsa::kAvx2;
     default: return k::AttentionIsa::kGeneric;
+  }
+}
+
+const char* attention_isa_name(k::AttentionIsa isa) {
+  switch (isa) {
+    case k::AttentionIsa::kAvx512Bf16: return "avx512, bf16 scores by avx512_bf16";
+    case k::AttentionIsa::kAvx512: return "avx512";
+    case k::AttentionIsa::kAvx2: return "avx2";
+    default: return "scalar";
   }
 }
 
@@ -352,7 +362,7 @@ std::vector<KernelInfo> cpu_kernel_info() {
   const int64_t cap = cpu_attention_max_keys(vec);
   rows.push_back({"decode_attention", "cpu",
                   std::string("split-key decode attention kernel (grouped kv heads, ") +
-                      (attention_isa() == k::AttentionIsa::kAvx512 ? "avx512" : vec ? "avx2" : "scalar") + ")",
+                      attention_isa_name(attention_isa()) + ")",
                   "fp32 / bf16 / fp16, " +
                       (cap == std::numeric_limits<int64_t>::max() ? std::string("any window")
                        : cap > 0 ? "windows up to " + std::to_string(cap) + " keys (any with explicit splits)"

@@ -304,7 +304,8 @@ TEST(PointwiseKernels, RmsNormAgainstDouble) {
   }
 }
 
-// Decode attention: each body (scalar, AVX2, AVX-512 as the CPU has them)
+// Decode attention: each body (scalar, AVX2, AVX-512, AVX-512 with bf16
+// scores by VDPBF16PS as the CPU has them)
 // against softmax(q k^T / sqrt(hd) + mask) v in double, at shapes where the
 // vector body's register blocks do not divide the work (query heads per kv
 // head 1-8, head_dim 8-256, windows off every block size), split 1, 3 and one
@@ -314,8 +315,9 @@ TEST(AttentionKernels, BodiesAgainstDouble) {
   std::vector<std::pair<k::AttentionIsa, const char*>> isas = {{k::AttentionIsa::kGeneric, "scalar"}};
   if (k::path_supported(k::Path::kAvx2)) isas.push_back({k::AttentionIsa::kAvx2, "avx2"});
   if (k::path_supported(k::Path::kAvx512)) isas.push_back({k::AttentionIsa::kAvx512, "avx512"});
+  if (k::path_supported(k::Path::kAvx512Dot)) isas.push_back({k::AttentionIsa::kAvx512Bf16, "avx512_bf16"});
   struct S { int64_t B, nq, nkv, hd, L; };
-  const S shapes[] = {{1, 1, 1, 8, 3},    {2, 3, 1, 64, 257}, {1, 5, 1, 72, 130},
+  const S shapes[] = {{1, 1, 1, 8, 3},    {2, 3, 1, 64, 257}, {1, 5, 1, 72, 130}, {2, 4, 2, 96, 150},
                       {2, 7, 1, 128, 77}, {1, 8, 2, 256, 40}, {1, 12, 3, 64, 700}};
   for (auto [isa, isa_name] : isas)
     for (k::Dtype dt : kDtypes)

@@ -17,6 +17,7 @@ static void by_dtype(const DecodeAttentionArgs& a, Part f) {
 }
 
 void decode_attention_part(const DecodeAttentionArgs& a, int64_t i0, int64_t i1, AttentionIsa isa) {
+  if (isa == AttentionIsa::kAvx512Bf16) return decode_attention_part_avx512_bf16(a, i0, i1);
   if (isa == AttentionIsa::kAvx512) return decode_attention_part_avx512(a, i0, i1);
   if (isa == AttentionIsa::kAvx2) return decode_attention_part_avx2(a, i0, i1);
   by_dtype(a, [&](auto dt) { generic::part_t<decltype(dt)::value>(a, i0, i1); });

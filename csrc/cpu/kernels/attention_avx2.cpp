@@ -23,6 +23,7 @@ namespace base {
 struct V : base::V {
   // 16 ymm registers: 8 accumulators, the loaded vectors beside them
   static constexpr int kScoreAcc = 8, kPvAcc = 8;
+  static constexpr bool kBf16Dot = false;  // bf16 scores widened to fp32 (attention_vec.inc)
   static F set1(float x) { return _mm256_set1_ps(x); }
   static void st(float* p, F a) { _mm256_storeu_ps(p, a); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -46,24 +47,12 @@ struct V : base::V {
     const F g0 = _mm256_hadd_ps(h0, h1), g1 = _mm256_hadd_ps(h2, h3);  // [acc 0-3 | 0-3], [4-7 | 4-7]
     st(out, _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31)));
   }
-  // 2^x for x <= 0, as exp2_nonpos in attention_body.inc: x = n + f, f in
-  // [-1/2, 1/2], Cephes' polynomial, 2^n into the exponent; x < -126 (and
-  // -inf) give 0, NaN stays NaN.
-  static F exp2_nonpos(F x) {
-    const F lo = set1(-126.f);
-    const F c = _mm256_max_ps(lo, x);  // NaN: x
-    const F nf = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const F f = sub(c, nf);
-    F p = set1(1.535336188319500e-4f);
-    p = fma(p, f, set1(1.339887440266574e-3f));
-    p = fma(p, f, set1(9.618437357674640e-3f));
-    p = fma(p, f, set1(5.550332471162809e-2f));
-    p = fma(p, f, set1(2.402264791363012e-1f));
-    p = fma(p, f, set1(6.931472028550421e-1f));
-    p = fma(p, f, set1(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(mul(p, _mm256_castsi256_ps(e)), _mm256_cmp_ps(x, lo, _CMP_NLT_UQ));
+  // exp2_nonpos's steps (attention_vec.inc)
+  static F round(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F pow2i(F n) {  // 2^n for an integral n in [-126, 0]
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
   }
+  static F zero_below(F lo, F x, F v) { return _mm256_and_ps(v, _mm256_cmp_ps(x, lo, _CMP_NLT_UQ)); }  // NaN x: v
 };
 
 #include "attention_vec.inc"

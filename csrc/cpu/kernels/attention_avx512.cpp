@@ -20,55 +20,8 @@ namespace base {
 #include "vec_avx512.inc"
 }  // namespace base
 
-// the shared traits, and what the attention body needs besides
-struct V : base::V {
-  // 32 zmm registers: 16 accumulators, the loaded vectors beside them
-  static constexpr int kScoreAcc = 16, kPvAcc = 16;
-  static F set1(float x) { return _mm512_set1_ps(x); }
-  static void st(float* p, F a) { _mm512_storeu_ps(p, a); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-  static F max(F a, F b) { return _mm512_max_ps(a, b); }
-  static float hmax(F a) { return _mm512_reduce_max_ps(a); }
-  // out[i] = the lane sum of acc[i], i < N <= 16: four levels of a
-  // shuffle-and-add transposition (halves, quarters, pairs, lanes) for all
-  // sixteen, then one permutation into order.
-  template <int N>
-  static void reduce(const F* acc, float* out) {
-    F a[16];
-    for (int i = 0; i < 16; ++i) a[i] = i < N ? acc[i] : zero();
-    F b[8], c[4], d[2];
-    for (int i = 0; i < 8; ++i)  // [acc 2i folded to 8 lanes | acc 2i+1]
-      b[i] = add(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
-                 _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; ++i)  // quarter q: acc 4i + q, 4 partials
-      c[i] = add(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                 _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; ++i)  // quarter q: acc 8i + q (2 partials), acc 8i + 4 + q (2)
-      d[i] = add(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44), _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0xEE));
-    // lane 4q + k: acc 4k + q
-    const F e = add(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
-    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    st(out, _mm512_permutexvar_ps(idx, e));
-  }
-  // 2^x for x <= 0 (see the AVX2 traits).
-  static F exp2_nonpos(F x) {
-    const F lo = set1(-126.f);
-    const F c = _mm512_max_ps(lo, x);  // NaN: x
-    const F nf = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const F f = sub(c, nf);
-    F p = set1(1.535336188319500e-4f);
-    p = fma(p, f, set1(1.339887440266574e-3f));
-    p = fma(p, f, set1(9.618437357674640e-3f));
-    p = fma(p, f, set1(5.550332471162809e-2f));
-    p = fma(p, f, set1(2.402264791363012e-1f));
-    p = fma(p, f, set1(6.931472028550421e-1f));
-    p = fma(p, f, set1(1.f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(nf), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), mul(p, _mm512_castsi512_ps(e)));
-  }
-};
+#include "attention_v_avx512.inc"
+using V = VA;
 
 #include "attention_vec.inc"
 
