@@ -69,7 +69,8 @@
 #   cli          `flora demo --device cuda --quick`, a 20-step `flora train --bf16 on` (ffba,
 #                r 32, batch 8) on the real SmolLM2 blocks from .device, then `flora generate
 #                --compare` with that adapter on 16 of its prompts, and bench/serve.py (flora
-#                serve, 1 and 8 clients; a 4-turn chat with its prefix cache on and off).
+#                serve, 1 and 8 clients; a 4-turn chat with its prefix cache on and off;
+#                echo's prompts scored together).
 #                69 s before the serve check.
 # Longer stages, for calls of their own (a 10-minute call each; mind the 15 minutes):
 #   test         pytest -m cuda, then the rest of the suite (-m "not cuda"). 1-3 min.
@@ -660,12 +661,16 @@ write_jsonl(finetune_data("topic", 160, seed=0), sys.argv[1])' "$d/train.jsonl" 
   # its prefix cache on CUDA: a 4-turn chat, the cache on and off
   run "$PY" bench/serve.py --model "$DEVICE_GGUF" --device cuda --conversation 4 --rounds 1 --max-tokens 16 \
     --json "$OUT/cli-prefix.json" 2>&1 | tee "$d/prefix.txt" || rc=$?
+  # echo's prompts scored together on CUDA (one forward, a question's choices as a prefix tree)
+  run "$PY" bench/serve.py --model "$DEVICE_GGUF" --device cuda --scoring 2 --clients 2 --scoring-prompts 4 \
+    --json "$OUT/cli-scoring.json" 2>&1 | tee "$d/scoring.txt" || rc=$?
   [ "$DRY" = 1 ] && { key "dry"; return 0; }
   key "demo $([ -s "$d/demo/latency.png" ] && echo completed || echo FAILED); train: $(tail -n 1 "$d/train.txt" \
     | "$PY" -c 'import json, sys; d = json.loads(sys.stdin.read()); print("%d steps, loss %.3g, %.0f tok/s" % (d["steps"], d["final_train_loss"], d["tokens_per_s"]))' 2>/dev/null || echo FAILED); generate: $(tail -n 1 "$d/generate.txt" \
     | "$PY" -c 'import json, sys; r = json.loads(sys.stdin.read())["runs"]; print(", ".join("%s %s exact, %.0f tok/s" % (k, v["exact_match"], v["tokens_per_s"]) for k, v in r.items()))' 2>/dev/null || echo FAILED); serve: $("$PY" -c 'import json, sys
 print(", ".join("%d clients %.0f tok/s" % (r["clients"], r["tokens_per_s"]) for r in json.load(open(sys.argv[1]))["rows"]))' "$OUT/cli-serve.json" 2>/dev/null || echo FAILED); prefix cache: $("$PY" -c 'import json, sys
-print(", ".join("turn %d %.2fx" % (r["turn"], r["ratio"]) for r in json.load(open(sys.argv[1]))["rows"]))' "$OUT/cli-prefix.json" 2>/dev/null || echo FAILED)"
+print(", ".join("turn %d %.2fx" % (r["turn"], r["ratio"]) for r in json.load(open(sys.argv[1]))["rows"]))' "$OUT/cli-prefix.json" 2>/dev/null || echo FAILED); scoring: $("$PY" -c 'import json, sys
+print(", ".join("%.1f prompts/s, %.1f a forward" % (r["prompts_per_s"], r["prompts_per_forward"]) for r in json.load(open(sys.argv[1]))["rows"]))' "$OUT/cli-scoring.json" 2>/dev/null || echo FAILED)"
   return "$rc"
 }
 
