@@ -619,6 +619,15 @@ def check_sampling(max_new_tokens, temperature, top_p, top_k=0) -> None:
 SEEDS = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 
 
+def seed_plus(seed: Optional[int], k: int) -> Optional[int]:
+    """The k-th seed after ``seed`` (seed + k: a request's choice k, a file's prompt k),
+    wrapped into manual_seed's range; None stays None (unseeded)."""
+    if seed is None:
+        return None
+    s = seed + k
+    return s - (1 << 64) if s > SEEDS[1] else s
+
+
 def check_seed(seed) -> None:
     """A sampling seed: an integer manual_seed takes (beyond its range it raised an
     overflow RuntimeError only once generation started)."""

@@ -168,16 +168,6 @@ def _timed(model, tok, device, prompts, gen, warm_rows, adapters=None, streamer=
 CACHE_LEN = 2048  # the engine's KV-cache slots a row (flora serve's default) unless a prompt needs more
 
 
-def _seed(seed, i: int):
-    """Prompt i's sampling seed: S + i, wrapped into manual_seed's range (None: unseeded)."""
-    from .generation import SEEDS
-
-    if seed is None:
-        return None
-    s = seed + i
-    return s - (1 << 64) if s > SEEDS[1] else s
-
-
 def _prompt_ids(model, tok, texts: list, args) -> list:
     """Each prompt's token ids, checked against the model's context; a warning where
     --max-new-tokens passes it (those prompts generate up to the context)."""
@@ -232,6 +222,7 @@ def _continuous(model, tok, device, ids: list, jobs: list, names: dict, args, st
     ``names`` (label -> adapter name, None: the base; side by side with ``--mixed``),
     timed after an untimed 2-token pass of the first ``warm`` jobs (one-time costs
     out of tokens/s): (completions, stats)."""
+    from .generation import seed_plus
     from .pretrained import Completion
     from .serve import Engine, Request
 
@@ -240,7 +231,7 @@ def _continuous(model, tok, device, ids: list, jobs: list, names: dict, args, st
     def requests(jobs, max_tokens, cache_len, stream=False):
         events = _Printing() if stream else queue.Queue()
         return [Request(model=label, prompt=ids[i], max_tokens=min(max_tokens, cache_len - len(ids[i])),
-                        sampling=(args.temperature, args.top_p, args.top_k), seed=_seed(args.seed, i),
+                        sampling=(args.temperature, args.top_p, args.top_k), seed=seed_plus(args.seed, i),
                         stream=stream, events=events, index=j) for j, (label, i) in enumerate(jobs)]
 
     n = min(context, max(len(ids[i]) for _, i in jobs[:warm]) + 2)

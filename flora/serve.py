@@ -155,17 +155,6 @@ def _asks_for_nothing(v, defaults) -> bool:
     return v is None or any(v == d and isinstance(v, bool) == isinstance(d, bool) for d in defaults)
 
 
-def _choice_seed(seed: Optional[int], j: int) -> Optional[int]:
-    """Choice j of a prompt samples with its own generator seeded ``seed + j`` (vLLM's
-    rule: choice 0 is the request with n=1), wrapped into manual_seed's range."""
-    from .generation import SEEDS
-
-    if seed is None:
-        return None
-    s = seed + j
-    return s - (1 << 64) if s > SEEDS[1] else s
-
-
 class Engine:
     """The model, its tokenizer, and the worker thread that batches requests."""
 
@@ -224,7 +213,7 @@ class Engine:
         prompt by prompt: the order of their ``index``; one events queue), or
         BadRequest naming what is wrong."""
         from .data import check_messages, prompt_ids
-        from .generation import check_seed
+        from .generation import check_seed, seed_plus
         from .pretrained import chat_prompt
 
         if not isinstance(body, dict):
@@ -295,7 +284,7 @@ class Engine:
                 text = self.text(ids)
             for j in range(n):
                 out.append(Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k),
-                                   _choice_seed(seed, j), stream, tuple(stop), events,
+                                   seed_plus(seed, j), stream, tuple(stop), events,
                                    usage=bool(opts and opts.get("include_usage")), index=len(out), first=j == 0,
                                    logprobs=logprobs, echo=text if echo else None))
         return out
