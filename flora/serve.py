@@ -35,7 +35,9 @@ string or ``max_tokens``, its row free for the next (see ``Engine._loop``).
 The batch's KV cache holds ``--cache-len`` slots a row. A prompt that starts as
 an earlier one did (a conversation's next turn, a shared system prompt) copies
 that prefix's keys and values from the prefix cache (``--prefix-cache`` tokens,
-flora.prefix_cache) and computes only the rest. Without ``--mixed`` a
+flora.prefix_cache; echo's scoring forwards read and fill it too) and computes only
+the rest; prompts joining together that share a start not kept compute it once.
+Without ``--mixed`` a
 batch serves one model; ``--mixed`` holds the adapters side by side
 (``FusedLlama.stack_adapters``), so requests for any of them and the base
 share it, each row its own adapter (every projection n*r wider; not for ffa,
