@@ -34,7 +34,10 @@ continuation, as a multiple-choice question's choices; ``--scoring-distinct``:
 each its own context; ``echo``, ``logprobs: 1``, ``max_tokens: 1``, greedy) from
 each of ``--clients`` threads (lm-eval's ``num_concurrent``), and reports prompts
 scored a second, the prompts a scoring forward took on average and the share of
-their tokens it computed (a shared context once).
+their tokens it computed (a shared context once). ``--scoring-split``: each prompt
+its own request, one after another (lm-eval's ``batch_size`` 1: a question's
+choices reach the server in different steps); ``--scoring-max-tokens M`` (default
+1, as lm-eval's): 2 or more, an echo that generates after the prompt.
 """
 from __future__ import annotations
 
@@ -145,9 +148,12 @@ def conversation(url: str, system: str, turns: int, max_tokens: int) -> list:
 SCORING_WORDS = 120  # words of a scoring request's shared context
 
 
-def scoring(url: str, tok, clients: int, requests: int, per_request: int = 4, distinct: bool = False) -> dict:
+def scoring(url: str, tok, clients: int, requests: int, per_request: int = 4, distinct: bool = False,
+            split: bool = False, max_tokens: int = 1) -> dict:
     """lm-eval's loglikelihood requests, ``per_request`` prompts each: prompts scored a
-    second. ``distinct``: each prompt its own context (a word later), none shared."""
+    second. ``distinct``: each prompt its own context (a word later), none shared;
+    ``split``: each prompt sent alone, one after another; ``max_tokens``: 1 as lm-eval's,
+    more: an echo that generates."""
     words = SYSTEM.split()[:SCORING_WORDS + 40 + per_request]
     done, lock = [0, 0], threading.Lock()  # prompts, their tokens
 
@@ -158,9 +164,10 @@ def scoring(url: str, tok, clients: int, requests: int, per_request: int = 4, di
                        add_special_tokens=False).input_ids for j in range(per_request)]
             prompts = [x + tok(" " + q, add_special_tokens=False).input_ids
                        for x, q in zip(ctx, (QUESTIONS * per_request)[i % 8:][:per_request])]
-            r = post(url + "/v1/completions", {"model": "base", "prompt": prompts, "echo": True, "logprobs": 1,
-                                               "max_tokens": 1, "temperature": 0, "seed": 1234})
-            assert all(ch["logprobs"]["token_logprobs"][0] is None for ch in r["choices"])
+            for part in ([[p] for p in prompts] if split else [prompts]):
+                r = post(url + "/v1/completions", {"model": "base", "prompt": part, "echo": True, "logprobs": 1,
+                                                   "max_tokens": max_tokens, "temperature": 0, "seed": 1234})
+                assert all(ch["logprobs"]["token_logprobs"][0] is None for ch in r["choices"])
             with lock:
                 done[0] += len(prompts)
                 done[1] += sum(map(len, prompts))
@@ -225,6 +232,10 @@ def main(argv=None):
                    help="--scoring: prompts a request (lm-eval's batch_size)")
     p.add_argument("--scoring-distinct", action="store_true",
                    help="--scoring: each prompt its own context (default: a request's prompts share one)")
+    p.add_argument("--scoring-split", action="store_true",
+                   help="--scoring: each prompt its own request, one after another (lm-eval's batch_size 1)")
+    p.add_argument("--scoring-max-tokens", type=int, default=1, metavar="M",
+                   help="--scoring: max_tokens (1 as lm-eval's; 2 or more: an echo that generates)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     path = args.model or smollm2_path()
@@ -247,8 +258,13 @@ def main(argv=None):
 
         rows = []
         for c in args.clients:
+            while engine.busy:  # (a row's answer and prompt are kept after its client has them)
+                time.sleep(0.01)
+            if getattr(engine, "prefix", None) is not None:  # each run from an empty prefix cache: the
+                engine.prefix.clear()  # warm-up's and earlier runs' contexts are the same
             before = count()
-            r = scoring(url, engine.tok, c, args.scoring, args.scoring_prompts, args.scoring_distinct)
+            r = scoring(url, engine.tok, c, args.scoring, args.scoring_prompts, args.scoring_distinct,
+                        args.scoring_split, args.scoring_max_tokens)
             forwards, rows_, tokens = (a - b for a, b in zip(count(), before))
             # (an engine that scores a prompt a forward, every token of it, counts none)
             r["prompts_per_forward"] = rows_ / forwards if forwards else 1.0
@@ -261,7 +277,8 @@ def main(argv=None):
             print(f"| {r['clients']} | {r['prompts']} | {r['prompts_per_s']:.1f} | {r['prompts_per_forward']:.1f} | "
                   f"{r['computed_share']:.0%} |")
         save(args, dev, path, {"scoring": args.scoring, "scoring_prompts": args.scoring_prompts,
-                               "scoring_distinct": args.scoring_distinct, "rows": rows})
+                               "scoring_distinct": args.scoring_distinct, "scoring_split": args.scoring_split,
+                               "scoring_max_tokens": args.scoring_max_tokens, "rows": rows})
         return
     srv = serve(engine, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

@@ -22,9 +22,10 @@ The prompts run on ``flora serve``'s engine (flora.serve.Engine): up to
 steps (continuous batching: no steps for rows already done), and a prompt
 that starts as an earlier one did (a shared system prompt, few-shot examples)
 copies that prefix's keys and values from the prefix cache and computes only
-the rest. ``--compile`` keeps static batches (:func:`flora.pretrained.complete`):
-the engine's decode steps are eager (their row count changes as rows come and
-go, a compiled shape each).
+the rest (the first rows, starting together, compute their shared start once:
+one of them, the others copying it from its row). ``--compile`` keeps static
+batches (:func:`flora.pretrained.complete`): the engine's decode steps are eager
+(their row count changes as rows come and go, a compiled shape each).
 
 ``--seed S``: prompt i (counted from 0, in the file's order) samples with a
 generator of its own, seeded S + i, so its text depends on its prompt, S and

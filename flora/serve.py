@@ -35,7 +35,9 @@ string or ``max_tokens``, its row free for the next (see ``Engine._loop``).
 The batch's KV cache holds ``--cache-len`` slots a row. A prompt that starts as
 an earlier one did (a conversation's next turn, a shared system prompt) copies
 that prefix's keys and values from the prefix cache (``--prefix-cache`` tokens,
-flora.prefix_cache) and computes only the rest. Without ``--mixed`` a
+flora.prefix_cache; echo's scoring forwards read and fill it too) and computes only
+the rest; prompts joining together that share a start not kept compute it once.
+Without ``--mixed`` a
 batch serves one model; ``--mixed`` holds the adapters side by side
 (``FusedLlama.stack_adapters``), so requests for any of them and the base
 share it, each row its own adapter (every projection n*r wider; not for ffa,
@@ -99,7 +101,9 @@ class Request:
     logprobs: Optional[int] = None  # each token's logprob and this many alternatives' (None: none)
     echo: Optional[str] = None  # the prompt's text, which the answer starts with (None: not echoed)
     scored: bool = False  # echo: its prompt went out (with logprobs: scored)
-    cached: int = 0  # prompt tokens whose keys and values were copied (prefix cache), not computed
+    # prompt tokens whose keys and values were copied (the prefix cache; a row joining beside it that
+    # computed them), not computed for it (echo with logprobs: neither by its scoring forward nor its row)
+    cached: int = 0
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -504,29 +508,88 @@ class Engine:
         rows = free[:len(join)]
         self.batches += 1
         reused = [self.prefix and self.prefix.lookup(r.model, r.prompt) for r in join]
+        lead = self._leads(join, reused)
+        logits, span = [None] * len(join), [0] * len(join)
         try:
-            logits = dec.admit(rows, [r.prompt for r in join], self.pad,
-                               [self.names[r.model] for r in join] if self.mixed else None, reused)
+            # the rows that compute their prompts, then those that copy a shared start from one of them
+            for part in ([j for j, x in enumerate(lead) if x is None], [j for j, x in enumerate(lead) if x]):
+                longest = {}  # a leading row's shared start, read once for all that copy it
+                for i, c in (lead[j] for j in part if lead[j]):
+                    longest[i] = max(longest.get(i, 0), c)
+                copies = {}
+                for i, c in longest.items():
+                    s = t - len(join[i].prompt)
+                    kv = dec.kv(rows[i], s, s + c)
+                    # a NaN later in its prompt reaches these through attention's masked weights (0 x NaN),
+                    # as the prefix cache's keys: then each computes its own
+                    copies[i] = kv if bool(kv.isfinite().all()) else None
+                for j in part:
+                    if lead[j] and copies[lead[j][0]] is not None:
+                        reused[j] = (copies[lead[j][0]], lead[j][1])
+                if part:
+                    got = dec.admit([rows[j] for j in part], [join[j].prompt for j in part], self.pad,
+                                    [self.names[join[j].model] for j in part] if self.mixed else None,
+                                    [reused[j] for j in part])
+                    S = admit_span([join[j].prompt for j in part], [reused[j] for j in part])
+                    for j, lg in zip(part, got):
+                        logits[j], span[j] = lg, S
         except Exception as e:  # noqa: BLE001 - these requests get the error (not retried forever)
             for r in join:
                 r.events.put(("error", f"{type(e).__name__}: {e}"))
             return waiting[len(join):]
-        S = admit_span([r.prompt for r in join], reused)
-        for i, r, lg, reuse in zip(rows, join, logits, reused):
+        for i, r, lg, reuse, S in zip(rows, join, logits, reused, span):
             row = self._slots[i] = _Row(r, t - len(r.prompt), dec.device)
-            # every joining row computes its last S tokens: a longer reused prefix is partly recomputed
-            r.cached = max(0, len(r.prompt) - S) if reuse else 0
+            # every row joining in one prefill computes its last S tokens: a longer reused prefix is partly
+            # recomputed; an echoed prompt scored first (its forward reusing what the prefix cache held)
+            # counts the tokens neither computed
+            c = max(0, len(r.prompt) - S) if reuse else 0
+            r.cached = min(r.cached, c) if r.echo is not None and r.logprobs is not None else c
             self._keep(i, row, r.prompt)
             self._take(i, row, lg[None])
         return waiting[len(join):]
 
+    @staticmethod
+    def _leads(join: list, reused: list) -> list:
+        """Requests joining together whose prompts start alike, past what the prefix cache
+        gives (a system prompt, before anything is kept: a batch's first rows): that start
+        is computed once. Per request: None, its prompt computed in a first prefill, or
+        (i, c): its first c tokens copied from request i's row after that prefill (SHARE_MIN
+        more than it found kept, at least), a second prefill computing the rest. Equal
+        prompts stay in one prefill (Decoder.admit computes them once)."""
+        from .prefix_cache import common_length
+
+        out, first = [None] * len(join), []
+        for j, r in enumerate(join):
+            need = (reused[j][1] if reused[j] else 0) + SHARE_MIN  # tokens to share, at least
+            best, at = 0, None
+            for i in first:
+                q = join[i]
+                if q.model != r.model:  # (--mixed) an adapter's keys are its own
+                    continue
+                if q.prompt == r.prompt:
+                    best = None
+                    break
+                if q.prompt[:need] == r.prompt[:need]:  # (in C: the common case, a kept system prompt, is quick)
+                    c = min(common_length(q.prompt, r.prompt), len(r.prompt) - 1)
+                    if c > best:
+                        best, at = c, i
+            if best is not None and best >= need:
+                out[j] = (at, best)
+            else:
+                first.append(j)
+        return out
+
     def _keep(self, i: int, row: "_Row", tokens: list) -> None:
         """Row i's first tokens (from its first slot on, written) into the prefix cache."""
+        dec, s = self._dec, row.start
+        self._cache_put(row.req.model, tokens, lambda n: dec.kv(i, s, s + n))
+
+    def _cache_put(self, model: str, tokens: list, read, scores=None) -> None:
+        """PrefixCache.insert, where the cache is on."""
         if self.prefix is None:
             return
-        dec, s = self._dec, row.start
         try:
-            self.prefix.insert(row.req.model, tokens, lambda n: dec.kv(i, s, s + n))
+            self.prefix.insert(model, tokens, read, scores)
         except Exception as e:  # noqa: BLE001 - out of memory for a copy: the cache is only a saving,
             # never a request's failure; it stops here (its memory back) and serving goes on without it
             self.prefix = None
@@ -540,16 +603,18 @@ class Engine:
         here, taking no row. The rest, still waiting (those whose client left,
         dropped). One that asks for logprobs and one token (what lm-eval-harness's
         loglikelihood requests send) takes that token from the scoring forward's last
-        position, not from a row whose prefill would compute it again."""
+        position, not from a row whose prefill would compute it again; one that asks
+        for more finds its prompt's keys and values in the prefix cache (the forward
+        kept them) and its row computes only the last few tokens."""
         head = next((j for j, r in enumerate(waiting) if r.key(self.mixed) != self._key), len(waiting))
         waiting, rest = waiting[:head], waiting[head:]
-        # (prompt, adapter) -> [alternatives wanted, the next token's logits wanted]: a prompt scored
-        # once (n choices, equal prompts)
+        # (prompt, model) -> [alternatives wanted, the next token's logits wanted, a row generates after it]:
+        # a prompt scored once (n choices, equal prompts)
         asks: dict = {}
         for r in waiting:
             if not r.cancelled and r.echo is not None and not r.scored and r.logprobs is not None:
-                a = asks.setdefault(self._score_key(r), [0, False])
-                a[0], a[1] = max(a[0], r.logprobs), a[1] or r.max_tokens == 1
+                a = asks.setdefault(self._score_key(r), [0, False, False])
+                a[0], a[1], a[2] = max(a[0], r.logprobs), a[1] or r.max_tokens == 1, a[2] or r.max_tokens > 1
         scored = self._score_prompts(asks) if asks else {}
         keep = []
         for r in waiting:
@@ -562,6 +627,8 @@ class Engine:
                     r.events.put(("error", f"{type(got).__name__}: {got}"))
                     continue
                 entries = None if got is None else got[0]
+                if got is not None:
+                    r.cached = got[2]
                 if entries is not None and r.logprobs < asks[self._score_key(r)][0]:  # another asked for more
                     entries = [(t, v, None if a is None else a[:r.logprobs]) for t, v, a in entries]
                 r.events.put(("prompt", r.index, entries))
@@ -575,17 +642,18 @@ class Engine:
         return keep + rest
 
     def _score_key(self, r: Request) -> tuple:
-        return tuple(r.prompt), self.names[r.model] if self.mixed else None
+        return tuple(r.prompt), r.model if self.mixed else None
 
     def _score_prompts(self, asks: dict) -> dict:
-        """Prompts scored together: ``asks`` (prompt ids, adapter) -> [k alternatives,
-        the next token's logits wanted] -> each one's (logprob entries, those logits
-        [1, V] or None), or the exception that failed it. Prompts of one adapter
-        that start alike (at least SHARE_MIN tokens: lm-eval's choices after one
-        context) are packed into one sequence, their shared prefix computed once
-        (:class:`_Packed`); the packs, longest first, as many a forward as fit in
-        SCORE_TOKENS (padding counted). A forward that fails is run again a pack,
-        then a prompt, at a time, so that only a failing prompt fails."""
+        """Prompts scored together: ``asks`` (prompt ids, model) -> [k alternatives,
+        the next token's logits wanted, a row generates after it] -> each one's (logprob
+        entries, those logits [1, V] or None, its tokens the prefix cache gave), or the
+        exception that failed it. Prompts of one model that start alike (at least
+        SHARE_MIN tokens: lm-eval's choices after one context) are packed into one
+        sequence, their shared prefix computed once (:class:`_Packed`); the packs,
+        longest first, as many a forward as fit in SCORE_TOKENS (padding counted). A
+        forward that fails is run again a pack, then a prompt, at a time, so that only a
+        failing prompt fails."""
         out: dict = {}
 
         def run(group: list) -> None:
@@ -602,7 +670,7 @@ class Engine:
                     out[group[0].keys[0]] = e
 
         packs: list = []
-        for q in sorted(asks, key=lambda q: (str(q[1]), q[0])):  # per adapter, sorted: alike ones adjacent
+        for q in sorted(asks, key=lambda q: (str(q[1]), q[0])):  # per model, sorted: alike ones adjacent
             p = packs[-1] if packs else None
             if p is None or not p.takes(q):
                 packs.append(_Packed(q))
@@ -623,47 +691,87 @@ class Engine:
         """One forward over ``group``'s packs, a row each (``--mixed``: its adapter), padded
         at their end; the head and a log_softmax in fp32 run on the real positions only,
         SCORE_LOGITS logits at a time (no [B, T, V] logits held): each prompt's entries
-        (the first token's logprob None, as OpenAI's: nothing comes before it) and its
-        last position's logits (the next token's). Rows of one prompt each run causal
-        attention unmasked (nothing reads the padding's own results); a pack of several,
-        the prefix tree's mask: a token attends to its ancestors, its RoPE position its
-        depth, so each prompt's tokens see exactly what they see alone."""
-        m, dev = self.model, self.model.device
+        (the first token's logprob None, as OpenAI's: nothing comes before it), its
+        last position's logits (the next token's) and its tokens the prefix cache gave.
+        Rows of one prompt each run causal attention unmasked (nothing reads the
+        padding's own results); a pack of several, the prefix tree's mask: a token
+        attends to its ancestors, its RoPE position its depth, so each prompt's tokens
+        see exactly what they see alone.
+
+        With the prefix cache: a pack's first c slots (its first prompt's first c tokens,
+        each slot's depth its index) come from an entry an earlier scoring forward kept,
+        their keys and values and the scores of tokens 1 .. c, c below the tokens all its
+        prompts share (so that the c-th token, whose logprob is kept, is each one's too);
+        the row computes the rest, its queries attending to the copied keys. Then each
+        pack's shared start (a prompt alone: the whole of it), and the whole prompt of
+        each that a row generates after (echo, max_tokens >= 2), are kept with their
+        scores: only such a chain of slots holds what its tokens compute alone."""
+        from .prefix_cache import BLOCK
+
+        m, dev, pc = self.model, self.model.device, self.prefix
         B, T = len(group), max(len(p.tokens) for p in group)
         K = max(asks[q][0] for p in group for q in p.keys)
-        ids = torch.full((B, T), self.pad, dtype=torch.long)
-        pos = torch.arange(T).repeat(B, 1)
+        owner = [p.model if self.mixed else self._key for p in group]  # the prefix cache's model of each pack
+        hits = [None] * B
+        if pc is not None and T <= PACK_TOKENS:  # a longer prompt runs unmasked; reused, it would need [T, T]
+            hits = [pc.lookup_scored(owner[b], p.keys[0][0], K, p.trunk - 1) for b, p in enumerate(group)]
+        S = max(len(p.tokens) - (h[2] if h else 0) for p, h in zip(group, hits))  # the query slots a row
+        # the key slots: the copied ones, then the computed (a row copying more than T - S recomputes some)
+        start = [min(h[2], T - S) if h else 0 for h in hits]
+        ids = torch.full((B, S), self.pad, dtype=torch.long)
+        slots = torch.tensor(start)[:, None] + torch.arange(S)  # each query's slot (padding: its own)
+        pos = slots.clone()
+        for b, p in enumerate(group):
+            L = len(p.tokens) - start[b]
+            ids[b, :L] = torch.tensor(p.tokens[start[b]:])
+            pos[b, :L] = torch.tensor(p.depth[start[b]:])
         mask = None
-        if any(len(p.keys) > 1 for p in group):
-            # slot j is an ancestor of slot i (or i itself) when i lies in j's subtree [j, end_j)
+        if any(start) or any(len(p.keys) > 1 for p in group):
+            # key slot j is an ancestor of query slot i (or i itself) when i lies in j's subtree [j, end_j)
             ends = torch.arange(1, T + 1).repeat(B, 1)  # padding: its own slot only
             for b, p in enumerate(group):
                 ends[b, :len(p.tokens)] = torch.tensor(p.ends())
-            slot = torch.arange(T)
-            mask = ((slot[None, None, :] <= slot[None, :, None])
-                    & (slot[None, :, None] < ends[:, None, :]))[:, None].to(dev)
-        for b, p in enumerate(group):
-            ids[b, :len(p.tokens)] = torch.tensor(p.tokens)
-            pos[b, :len(p.tokens)] = torch.tensor(p.depth)
-        rows = m.adapter_rows([p.adapter for p in group], B) if self.mixed else None
-        n, carry = m.run_layers(ids.to(dev), pos.to(dev), mask, rows=rows, head=False)
+            key = torch.arange(T)
+            mask = ((key[None, None, :] <= slots[:, :, None]) & (slots[:, :, None] < ends[:, None, :]))[:, None]
+            mask = mask.to(dev)
+        # what the prefix cache will keep: (row, tokens, the prompt whose scores they are, their slots), the
+        # keys and values copied aside in the forward where it has them not
+        keeps = []
+        if pc is not None:
+            for b, p in enumerate(group):
+                todo = {tuple(p.keys[0][0][:p.trunk]): (p.keys[0], list(range(p.trunk)))}
+                for q, path in zip(p.keys, p.paths):
+                    if asks[q][2]:
+                        todo.setdefault(q[0], (q, path))
+                for tokens, (q, path) in todo.items():
+                    whole = len(tokens) // BLOCK * BLOCK
+                    keeps.append((b, tokens, q, path[:whole] if pc.wants(owner[b], list(tokens)) else None))
+        saved = [(b, torch.tensor(path, device=dev)) for b, _, _, path in keeps if path is not None]
+        kv = _ScoreKV([(b, h[0], c) for b, (h, c) in enumerate(zip(hits, start)) if c],
+                      torch.tensor(start, device=dev) if any(start) else None, T, saved)
+        rows = m.adapter_rows([self.names[p.model] for p in group], B) if self.mixed else None
+        n, carry = m.run_layers(ids.to(dev), pos.to(dev), mask, cache=kv, rows=rows, head=False)
         self.score_forwards += 1
         self.score_rows += sum(len(p.keys) for p in group)
-        self.score_tokens += sum(len(p.tokens) for p in group)
-        # the head runs on every real slot (each predicts a prompt's next token, or ends one), row
-        # after row: slot j of row b is the head's row first[b] + j
-        at = torch.tensor([b * T + j for b, p in enumerate(group) for j in range(len(p.tokens))], dtype=torch.long)
-        first = [sum(len(p.tokens) for p in group[:b]) for b in range(B)]
-        # each prompt's slots as the head's rows; each token after the first: (the row before it, the token)
-        prompts = [(q, [first[b] + j for j in path]) for b, p in enumerate(group) for q, path in zip(p.keys, p.paths)]
-        pairs = [(r[k - 1], q[0][k]) for q, r in prompts for k in range(1, len(r))]
+        self.score_tokens += sum(len(p.tokens) - c for p, c in zip(group, start))
+        # the head runs on every computed real slot (each predicts a prompt's next token, or ends one), row
+        # after row: slot j >= start[b] of row b is the head's row first[b] + j - start[b]
+        at = torch.tensor([b * S + j for b, p in enumerate(group) for j in range(len(p.tokens) - start[b])],
+                          dtype=torch.long)
+        first = [0]
+        for b, p in enumerate(group):
+            first.append(first[-1] + len(p.tokens) - start[b])
+        # each prompt: (its key, its row, its slots); each of its tokens after the first whose slot before it
+        # was computed: (that slot as the head's row, the token), prompt after prompt
+        prompts = [(q, b, path) for b, p in enumerate(group) for q, path in zip(p.keys, p.paths)]
+        pairs = [(first[b] + r[k - 1] - start[b], q[0][k]) for q, b, r in prompts for k in range(start[b] + 1, len(r))]
         order = sorted(range(len(pairs)), key=lambda i: pairs[i][0])  # by slot, as the chunks run
         src = torch.tensor([pairs[i][0] for i in order], dtype=torch.long)
         target = torch.tensor([pairs[i][1] for i in order], dtype=torch.long).to(dev)
         at = at.to(dev)
         # run_layers routed each row's adapter state while it ran; the head runs here: each slot
         # with its row's adapter
-        slot_rows = None if rows is None else rows.repeat_interleave(T)
+        slot_rows = None if rows is None else rows.repeat_interleave(S)
 
         def head(idx: torch.Tensor) -> torch.Tensor:
             return m.run_head(n[idx], None if carry is None else carry[idx],
@@ -680,18 +788,29 @@ class Engine:
             top_i.append(best.indices)
             lo = hi
         # the next token's logits, in the model's dtype as a step's, of the prompts that take it from here
-        nxt = [j for j, (q, _) in enumerate(prompts) if asks[q][1]]
-        after = head(at[torch.tensor([prompts[j][1][-1] for j in nxt], dtype=torch.long, device=dev)]) if nxt else None
+        nxt = [j for j, (q, _, _) in enumerate(prompts) if asks[q][1]]
+        after = head(at[torch.tensor([first[b] + r[-1] - start[b] for q, b, r in (prompts[j] for j in nxt)],
+                                     dtype=torch.long, device=dev)]) if nxt else None
         after = {j: after[i:i + 1] for i, j in enumerate(nxt)}
-        got, tv, ti = (torch.cat(x).tolist() for x in (picked, top_v, top_i))  # a read each
-        value = [0.0] * len(pairs)
-        for i, v in zip(order, got):
-            value[i] = v
-        out, o = {}, 0
-        for j, (q, r) in enumerate(prompts):
-            vals = [[value[o + k]] + tv[x] for k, x in enumerate(r[:-1])]
-            out[q] = (self._entries(q[0], vals, [ti[x] for x in r[:-1]], asks[q][0]), after.get(j))
-            o += len(r) - 1
+        # each computed pair's row of scores: [its logprob, the k best's], the k best's ids; on the host
+        back = torch.empty(len(pairs), dtype=torch.long)
+        back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(pairs))
+        back = back.to(dev)
+        top_v, top_i, at_pair = torch.cat(top_v), torch.cat(top_i), src.to(dev)[back]
+        values = torch.cat([torch.cat(picked)[back, None], top_v[at_pair]], 1).cpu()
+        indices = top_i[at_pair].cpu()
+        out, o, scores = {}, 0, {}
+        for j, (q, b, r) in enumerate(prompts):
+            k = len(r) - 1 - start[b]  # its computed rows
+            v, i = values[o:o + k], indices[o:o + k]
+            if start[b]:  # tokens 1 .. c: the kept scores
+                v = torch.cat([hits[b][1][0][:start[b], :K + 1], v])
+                i = torch.cat([hits[b][1][1][:start[b], :K], i])
+            scores[q] = (v, i)
+            out[q] = (self._entries(q[0], v.tolist(), i.tolist(), asks[q][0]), after.get(j), start[b])
+            o += k
+        for (b, tokens, q, path), got in zip(keeps, kv.got(keeps)):
+            self._cache_put(owner[b], list(tokens), got, scores[q])
         return out
 
     def _entries(self, prompt: list, values: list, indices: list, k: int) -> list:
@@ -813,25 +932,27 @@ class Detokenizer:
 
 
 class _Packed:
-    """Prompts (score keys: (token ids, adapter)) of one adapter that start alike, as
+    """Prompts (score keys: (token ids, model)) of one model that start alike, as
     one sequence for a scoring forward: each distinct prefix one slot (a node of their
     prefix tree), in the tree's preorder. Added in sorted order, each prompt appends
     the tokens past what it shares with the one before (a prefix sorts first), so a
-    node's subtree is the slots from it to its end (:meth:`ends`)."""
+    node's subtree is the slots from it to its end (:meth:`ends`). ``trunk``: the
+    tokens they all share, slots 0 .. trunk - 1 (a prompt alone: all of it)."""
 
     def __init__(self, key: tuple):
-        self.adapter, self.keys = key[1], []
+        self.model, self.keys = key[1], []
         self.tokens, self.depth, self.paths = [], [], []  # paths: each prompt's slot a token
+        self.trunk = len(key[0])
         self.add(key)
 
     def _shared(self, ids: tuple) -> int:
-        last = self.keys[-1][0]
-        n = min(len(last), len(ids))
-        return next((i for i in range(n) if last[i] != ids[i]), n)
+        from .prefix_cache import common_length
+
+        return common_length(self.keys[-1][0], ids)
 
     def takes(self, key: tuple) -> bool:
         """``key`` (after the last one in sorted order) shares enough to join, and fits."""
-        if key[1] != self.adapter:
+        if key[1] != self.model:
             return False
         c = self._shared(key[0])
         return c >= SHARE_MIN and len(self.tokens) + len(key[0]) - c <= PACK_TOKENS
@@ -843,6 +964,8 @@ class _Packed:
             path.append(len(self.tokens))
             self.tokens.append(key[0][k])
             self.depth.append(k)
+        if self.keys:  # sorted: what all share is the least any two neighbours share
+            self.trunk = min(self.trunk, c)
         self.keys.append(key)
         self.paths.append(path)
 
@@ -854,6 +977,42 @@ class _Packed:
                 out[open_.pop()] = i
             open_.append(i)
         return out
+
+
+class _ScoreKV:
+    """``run_layers``' cache in a scoring forward (as generation.StaticKVCache is a
+    prefill's): ``update`` gives attention each row's keys and values by slot, those a
+    reused prefix copies (``reused``: (row, kv [layers, 2, kv_heads, >= c, hd], c))
+    before those the row computes (its queries' first slot: ``start`` [B], None when
+    every row computes from slot 0), ``T`` slots; and copies aside, layer by layer, the
+    slots of ``saved`` ((row, slot ids)) that the prefix cache will keep."""
+
+    def __init__(self, reused: list, start: Optional[torch.Tensor], T: int, saved: list):
+        self.reused, self.start, self.T, self.saved = reused, start, T, saved
+        self.kept = [[] for _ in saved]  # per saved: (keys, values) a layer
+
+    def update_rotated(self, *args):  # the decode step's fused RoPE and cache write: not here
+        return None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        if self.start is not None:
+            B, h, S, d = k.shape
+            kk, vv = k.new_zeros(B, h, self.T, d), v.new_zeros(B, h, self.T, d)  # padding: finite, masked
+            for b, kv, c in self.reused:
+                kk[b, :, :c] = kv[layer, 0, :, :c]
+                vv[b, :, :c] = kv[layer, 1, :, :c]
+            at = (self.start[:, None] + torch.arange(S, device=k.device))[:, None, :, None].expand(B, h, S, d)
+            k, v = kk.scatter_(2, at, k), vv.scatter_(2, at, v)
+        for got, (b, slots) in zip(self.kept, self.saved):
+            got.append(torch.stack([k[b].index_select(1, slots), v[b].index_select(1, slots)]))
+        return k, v
+
+    def got(self, keeps: list) -> list:
+        """Per (row, tokens, prompt, slots or None) of ``keeps`` (those with slots: ``saved``,
+        in order): a ``read(n)`` of PrefixCache.insert, or None."""
+        kept = iter(self.kept)
+        return [None if x[3] is None else (lambda n, got=next(kept): torch.stack(got)[:, :, :, :n])
+                for x in keeps]
 
 
 class _Row:

@@ -1377,6 +1377,190 @@ def test_cached_tokens_count_only_the_prompt_tokens_not_computed(setup):
         srv.shutdown()
         srv.server_close()
 
+def test_prefix_cache_keeps_a_scoring_forwards_scores():
+    """PrefixCache.lookup_scored: a prompt to score reuses only an entry with scores (a
+    scoring forward's: each token's logprob and k alternatives'), as many of its tokens
+    as the entry scored and the prompt shares with it, the c-th token included (its
+    kept logprob must be the prompt's token's), at most ``most``, never another model's
+    nor one with fewer alternatives; scores join an entry kept already, pass to an entry
+    that extends theirs, and are never kept when not all finite."""
+    from flora.prefix_cache import BLOCK, PrefixCache
+
+    def kv(tokens):  # stands for keys/values: [layers, 2, kv_heads, n, hd], the token ids as values
+        return lambda n: torch.tensor(tokens[:n], dtype=torch.float32).view(1, 1, 1, n, 1).expand(2, 2, 1, n, 1)
+
+    def scores(tokens, k):  # row j (token j + 1): its "logprob" its id, its alternatives id + 1 .. id + k
+        rows = [[t + a for a in range(k + 1)] for t in tokens[1:]]
+        return torch.tensor(rows, dtype=torch.float32), torch.tensor([r[1:] for r in rows]).view(len(rows), k)
+
+    a = list(range(100, 100 + 3 * BLOCK + 5))
+    pc = PrefixCache(capacity=16 * BLOCK)
+    pc.insert("m", a, kv(a))  # a generating row's: keys and values, no scores
+    assert pc.lookup_scored("m", a, 1, len(a)) is None and pc.lookup("m", a)[1] == 3 * BLOCK
+    pc.insert("m", a, None, scores(a, 2))  # kept already: the scores join it
+    got, (v, i), c = pc.lookup_scored("m", a + [1], 2, 10 ** 6)
+    assert c == 3 * BLOCK - 1  # tokens 1 .. 47: the 48th's next token is not the entry's
+    assert got[0, 0, 0, :c, 0].tolist() == a[:c]
+    assert v[:c, 0].tolist() == a[1:c + 1] and i[:c].tolist() == [[t + 1, t + 2] for t in a[1:c + 1]]
+    assert pc.lookup_scored("m", a, 3, 99) is None  # 3 alternatives wanted, 2 kept
+    assert pc.lookup_scored("m", a, 1, 20)[2] == 20  # at most `most`
+    b = a[:BLOCK + 3] + [7] * (2 * BLOCK)
+    assert pc.lookup_scored("m", b, 1, 99)[2] == BLOCK + 2  # its token BLOCK + 3 is not the entry's
+    assert pc.lookup_scored("other", a, 1, 99) is None and pc.lookup_scored("m", a[:BLOCK], 1, 99) is None
+    longer = a + [9] * BLOCK
+    pc.insert("m", longer, kv(longer))  # extends a's entry: dropped, its scores taken over
+    assert pc.tokens == 4 * BLOCK and pc.lookup_scored("m", longer, 2, 99)[2] == 3 * BLOCK - 1
+    bad = scores(b, 1)
+    bad[0][5, 0] = float("nan")
+    pc.insert("m", b, kv(b), bad)  # not all finite: neither kept
+    assert pc.tokens == 4 * BLOCK and pc.lookup("m", b)[1] == BLOCK
+    pc.insert("m", b, kv(b), scores(b, 1))
+    assert pc.tokens == 7 * BLOCK and pc.lookup_scored("m", b + [0], 1, 99)[2] == 3 * BLOCK - 1
+
+
+def _widths(model, admits):
+    """``model.run_layers`` noting each prefill of rows joining a batch: its tokens a row."""
+    run = model.run_layers
+
+    def noted(ids, *a, cache=None, **kw):
+        if getattr(cache, "prefill_rows", None) is not None:
+            admits.append(ids.shape[1])
+        return run(ids, *a, cache=cache, **kw)
+
+    model.run_layers = noted
+
+
+def test_scoring_reuses_and_keeps_prefixes(setup):
+    """lm-eval's loglikelihood requests that share a context but arrive one after the
+    other: the first forward keeps its prompts' shared start (keys, values and each
+    token's scores) in the prefix cache, a later prompt computes only its rest
+    (attending to the copied keys), and a generating request reuses those keys too;
+    every logprob is a plain forward's over the prompt alone, every answer generate()'s,
+    and cached_tokens counts the tokens copied. Keys a generating row kept come without
+    scores (scoring computes that prompt whole); an adapter never scores from the base's."""
+    from flora.prefix_cache import BLOCK, common_length
+
+    _, ckpt, adapter = setup
+    tok = load_tokenizer(ckpt)
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="ffba", activate=False)
+    eng = Engine(model, tok, {"base": None, "ffba": "ffba"}, max_batch=2).start()
+    choices = _choices(tok)
+
+    def score(prompts, name="base"):  # one request: (the tokens its forward computed, each choice's cached)
+        before = eng.score_tokens
+        reqs = eng.submit(eng.parse({"model": name, "prompt": prompts, "echo": True, "logprobs": 2,
+                                     "max_tokens": 1, "temperature": 0}, False))
+        for r in reqs:  # each choice's events in turn: its prompt, then its token
+            ref = _reference_logprobs(ckpt, None if name == "base" else adapter, r.prompt + [0])
+            _scored(r.events.get(timeout=60), tok, r.prompt, ref, 2)
+            assert _end(r)[1:] in (("length", 1), ("stop", 1))
+        return eng.score_tokens - before, [r.cached for r in reqs]
+
+    def generate(ids):  # (the answer is generate()'s) its cached tokens
+        r, = eng.submit([Request("base", ids, 4, (0.0, 1.0, 0))])
+        gen = _greedy_ids(ckpt, None, ids, 4)
+        assert _end(r)[::2] == (tok.decode(gen, skip_special_tokens=True), len(gen))
+        return r.cached
+
+    shared = common_length(choices[2], choices[3])  # the context (" the big cat", " f" after it)
+    kept = shared // BLOCK * BLOCK
+    assert kept >= BLOCK
+    assert score(choices[2:4]) == (_prefixes(choices[2:4]), [0, 0])
+    # the context's whole blocks kept, with the scores of tokens 1 .. kept - 1: the rest computed
+    assert score([choices[4]]) == (len(choices[4]) - (kept - 1), [kept - 1])
+    assert score([choices[4]], "ffba") == (len(choices[4]), [0])  # the adapter's keys are its own
+    # a generating row finds the last prompt whole (kept by its forward): the blocks before its last token
+    whole = len(choices[4]) // BLOCK * BLOCK
+    assert generate(choices[1]) == min(whole, (len(choices[1]) - 1) // BLOCK * BLOCK) > 0
+    fresh = prompt_ids(tok, " ".join("zyxwvutsrqponmlkjihgfedcba")) + [7]
+    assert generate(fresh) == 0  # its blocks kept without scores: scoring computes the prompt whole
+    assert score([fresh + [8, 9]]) == (len(fresh) + 2, [0])
+
+
+@pytest.mark.parametrize("prefix_cache", [8192, 0])
+def test_an_echoed_prompt_that_generates_is_computed_once(setup, prefix_cache):
+    """echo with logprobs and max_tokens >= 2: the scoring forward keeps each prompt's
+    keys and values, so its row computes only the tokens after their whole blocks (the
+    prefix cache off: the whole prompt again); a prompt scored from a kept prefix counts
+    as cached the tokens neither its forward nor its row computed. Prompt logprobs,
+    answers and their logprobs are those of the prompt served alone."""
+    from flora.prefix_cache import BLOCK, common_length
+
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    admits = []
+    _widths(model, admits)
+    eng = Engine(model, tok, {"base": None}, max_batch=2, prefix_cache=prefix_cache).start()
+    choices = _choices(tok)
+
+    def echo(prompts):  # one request, a choice a prompt: each one's cached
+        before = eng.score_tokens
+        reqs = eng.submit(eng.parse({"prompt": prompts, "echo": True, "logprobs": 2, "max_tokens": 4,
+                                     "temperature": 0}, False))
+        events = []
+        while sum(e[0] == "done" for e in events) < len(reqs):
+            events.append(reqs[0].events.get(timeout=60))
+        for r in reqs:
+            gen = _greedy_ids(ckpt, None, r.prompt, 4)
+            ref = _reference_logprobs(ckpt, None, r.prompt + gen)
+            _scored(next(e for e in events if e[:2] == ("prompt", r.index)), tok, r.prompt, ref, 2)
+            done = next(e for e in events if e[:2] == ("done", r.index))
+            assert done[2:5] == (tok.decode(gen, skip_special_tokens=True), "length", len(gen))
+            assert [e[1] for e in done[5]] == pytest.approx(
+                [float(ref[len(r.prompt) + i - 1, t]) for i, t in enumerate(gen)], abs=1e-4)
+        return eng.score_tokens - before, [r.cached for r in reqs]
+
+    def copied(ids):  # what the row finds kept: the whole blocks before its last token
+        return (len(ids) - 1) // BLOCK * BLOCK if prefix_cache else 0
+
+    pair = [choices[0], choices[2]]
+    shared = common_length(*pair)
+    # their forward computed both (the context once): nothing counts as cached, though the prefix cache off,
+    # the second row copies the shared context from the first's, as rows joining together do
+    assert echo(pair) == (_prefixes(pair), [0, 0])
+    assert admits == ([max(len(p) - copied(p) for p in pair)] if prefix_cache
+                      else [len(pair[0]), len(pair[1]) - shared])
+    computed, cached = echo([choices[4]])  # ctx + " a b c": scored from choices[0]'s kept blocks
+    c = len(choices[4]) - computed  # the tokens its forward did not compute
+    assert (c > 0) == bool(prefix_cache) and cached == [min(c, copied(choices[4]))]
+    assert admits[-1] == len(choices[4]) - copied(choices[4])
+
+
+@pytest.mark.parametrize("prefix_cache", [8192, 0])
+def test_prompts_joining_together_compute_their_shared_start_once(setup, prefix_cache):
+    """Prompts that join a batch together and start alike, nothing of that start kept
+    (a batch's first rows under one system prompt): the first computes its prompt, the
+    others copy the shared start from its row, a second prefill computing their rest;
+    an equal prompt is one row copied, a prompt that shares nothing and another model's
+    (--mixed: its keys are its own) are computed in the first. Each answer is
+    generate()'s; cached_tokens counts the copied tokens."""
+    from flora.prefix_cache import common_length
+
+    _, ckpt, adapter = setup
+    tok = load_tokenizer(ckpt)
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model.load_adapter(str(adapter), name="ffba", activate=False)
+    admits = []
+    _widths(model, admits)
+    eng = Engine(model, tok, {"base": None, "ffba": "ffba"}, max_batch=6, mixed=True, prefix_cache=prefix_cache)
+    system = prompt_ids(tok, " ".join("abcdefghijklmnopqrstuvwxyz"[i % 26] for i in range(40)))
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    lead, *rest = [system + enc(t) for t in (" copy : a b", " the big cat", " between a and f ->")]
+    plan = [("base", lead), ("base", rest[0]), ("base", lead), ("ffba", rest[1]), ("base", prompt_ids(tok, "a b")),
+            ("base", rest[1])]
+    reqs = [eng.submit([Request(name, ids, 4, (0.0, 1.0, 0))])[0] for name, ids in plan]
+    eng.start()
+    for r, (name, ids) in zip(reqs, plan):
+        gen = _greedy_ids(ckpt, None if name == "base" else adapter, ids, 4)
+        assert _end(r)[::2] == (tok.decode(gen, skip_special_tokens=True), len(gen))
+    S = max(len(p) - common_length(lead, p) for p in rest)
+    assert eng.batches == 1 and admits == [max(len(ids) for i, (_, ids) in enumerate(plan) if i not in (1, 5)), S]
+    assert [r.cached for r in reqs] == [0, len(rest[0]) - S, 0, 0, 0, len(rest[1]) - S]
+    assert min(common_length(lead, p) for p in rest) >= len(system)
+
+
 def test_a_prefill_reusing_a_prefix_never_reads_an_earlier_rows_keys(setup):
     """A row joining beside a longer prompt that reuses a kept prefix is left-padded over
     slots that prefill neither computes nor copies: they held an earlier request's keys
@@ -1548,6 +1732,82 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
     assert checked > 100
 
 
+def test_randomized_shared_prefixes_against_alone(setup, tmp_path):
+    """A seeded run built for the paths that reuse a prompt's start: prompts from two
+    shared contexts (a system prompt, lm-eval's choices after a question) and short
+    continuations, echoed and scored (max_tokens 0, 1 or 3), or generated, for the base
+    or an adapter, in bursts (a burst's requests join together: rows copy a shared start
+    from one row; a later burst finds what the earlier ones kept, scores included), on
+    engines with the prefix cache off, small or large, --mixed or not: every logprob is
+    a plain forward's over the prompt alone, every answer generate()'s, cached_tokens
+    within the prompt; and kept scores and copied starts were used."""
+    import random
+
+    _, ckpt, adapter = setup
+    tok = load_tokenizer(ckpt)
+    second = tmp_path / "second"
+    _two_adapters(ckpt, adapter, tmp_path)
+    paths = {"base": None, "a": adapter, "b": second}
+    refs = {n: FusedLlama.from_pretrained(str(ckpt), adapter=None if p is None else str(p)).eval()
+            for n, p in paths.items()}
+    eos = set(_eos_set(refs["base"].generation_eos_token_id))
+    rng, V = random.Random(11), len(tok)
+    used = {"scored": 0, "copied": 0}
+    checked = 0
+    for scenario in range(14):
+        mixed = scenario % 2 == 1
+        eng = Engine(_two_adapters(ckpt, adapter, tmp_path), tok, {"base": None, "a": "a", "b": "b"},
+                     max_batch=rng.choice([2, 4]), mixed=mixed, cache_len=64,
+                     prefix_cache=rng.choice([0, 0, 48, 8192]), wait_s=0.005)
+        if eng.prefix is not None:
+            lookup = eng.prefix.lookup_scored
+            eng.prefix.lookup_scored = lambda *a, f=lookup: (lambda got: (used.__setitem__(
+                "scored", used["scored"] + (got is not None)), got)[1])(f(*a))
+        leads = eng._leads
+        eng._leads = lambda join, reused, f=leads: (lambda got: (used.__setitem__(
+            "copied", used["copied"] + sum(x is not None for x in got)), got)[1])(f(join, reused))
+        eng.start()
+        contexts = [[rng.randrange(3, V) for _ in range(rng.randint(17, 40))] for _ in range(2)]
+        for _ in range(rng.randint(3, 4)):
+            sent = []
+            for _ in range(rng.randint(2, 5)):
+                p = rng.choice(contexts) + [rng.randrange(3, V) for _ in range(rng.randint(1, 8))]
+                body = {"model": rng.choice(["base"] * 4 + ["a", "b"]), "prompt": p, "temperature": 0.0,
+                        "max_tokens": rng.choice([2, 5])}
+                if rng.random() < 0.6:
+                    body.update(echo=True, logprobs=rng.randint(0, 2), max_tokens=rng.choice([0, 1, 3]))
+                if rng.random() < 0.2:
+                    body["n"] = 2
+                sent.append(eng.submit(eng.parse(body, False)))
+            for reqs in sent:  # all answered before the next burst
+                events = []
+                while sum(e[0] in ("done", "error") for e in events) < len(reqs):
+                    events.append(reqs[0].events.get(timeout=60))
+                assert not [e for e in events if e[0] == "error"], (scenario, events)
+                for r in reqs:
+                    mine = [e for e in events if e[1] == r.index]
+                    (_, _, text, reason, n, entries), = [e for e in mine if e[0] == "done"]
+                    assert 0 <= r.cached < len(r.prompt)
+                    ref = refs[r.model]
+                    row = ref.generate(torch.tensor([r.prompt]), max_new_tokens=r.max_tokens)[0, len(r.prompt):]
+                    row = row.tolist() if r.max_tokens else []
+                    k = next((i for i, t in enumerate(row) if t in eos), None)
+                    row = row if k is None else row[:k + 1]
+                    assert (text, reason, n) == (tok.decode([t for t in row if t not in eos], skip_special_tokens=True),
+                                                 "length" if k is None else "stop", len(row)), (scenario, r)
+                    if r.logprobs is not None:
+                        with torch.no_grad():
+                            lp = torch.log_softmax(ref(torch.tensor([r.prompt + row])).logits[0].float(), -1)
+                        got = [e[1] for e in mine[0][2][1:]] + [e[1] for e in entries]
+                        want = [float(lp[i - 1, t]) for i, t in enumerate(r.prompt + row) if i]
+                        assert got == pytest.approx(want, abs=1e-4), (scenario, r)
+                    checked += 1
+        eng.close()
+        eng._worker.join(30)
+        assert not eng._worker.is_alive()
+    assert checked > 100 and used["scored"] > 0 and used["copied"] > 0, (checked, used)
+
+
 @pytest.mark.parametrize("attention", ["kernel", "sdpa"])
 def test_a_row_never_reads_an_earlier_requests_keys_in_its_decode_window(setup, monkeypatch, attention):
     """A decode step reads a row's whole window, its masked slots too: those before the
@@ -1714,3 +1974,38 @@ def test_choices_scored_together_on_smollm2(gguf_path, smollm2_tok):
             ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
         _scored(scored[i], tok, ids, ref, 2)
         assert done[i][2:5] == (tok.decode([int(ref[-1].argmax())], skip_special_tokens=True), "length", 1)
+
+
+
+def test_choices_over_several_steps_on_smollm2(gguf_path, smollm2_tok):
+    """SmolLM2: a question's choices sent a request at a time (lm-eval's batch_size 1),
+    then an echoed one that generates: the first forward keeps the context, the later
+    ones compute their continuation (attending to the kept keys), the generating row
+    its last tokens. Every logprob and alternative equals log_softmax of the model's
+    forward over that prompt alone, every answer the same request's on an engine
+    without a prefix cache."""
+    tok = smollm2_tok
+    model = FusedLlama.from_pretrained(gguf_path)
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    ctx = enc("Question: Which of these animals can fly? Think about the body of each one before you answer. "
+              "Wings alone are not enough.\nAnswer:")
+    plan = [(ctx + enc(c), k) for c, k in ((" the eagle", 1), (" a fish", 1), (" the eagle and the bat", 0),
+                                            (" a dog", 4))]
+    eng = Engine(model, tok, {"base": None}, max_batch=2, cache_len=128).start()
+    plain = Engine(model, tok, {"base": None}, max_batch=2, cache_len=128, prefix_cache=0).start()
+    try:
+        for i, (ids, k) in enumerate(plan):
+            body = {"prompt": ids, "echo": True, "logprobs": 2, "max_tokens": k, "temperature": 0}
+            (r,), (q,) = eng.submit(eng.parse(body, False)), plain.submit(plain.parse(body, False))
+            with torch.no_grad():
+                ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            _scored(r.events.get(timeout=120), tok, ids, ref, 2)
+            assert q.events.get(timeout=120)[0] == "prompt"
+            got, want = r.events.get(timeout=120), q.events.get(timeout=120)
+            assert got[:5] == want[:5] and got[0] == "done"
+            assert [e[1] for e in got[5]] == pytest.approx([e[1] for e in want[5]], abs=1e-4)
+            assert (r.cached > 0) == (i > 0) and q.cached == 0
+        assert eng.score_tokens < plain.score_tokens - 2 * len(ctx)
+    finally:
+        eng.close()
+        plain.close()
