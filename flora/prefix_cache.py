@@ -98,11 +98,12 @@ class PrefixCache:
             h = hash((h, t))
             yield (model, h), t
 
-    def _walk(self, model, tokens, n_blocks: int) -> list:
-        """The kept blocks that ``tokens``' first blocks are (at most ``n_blocks``), from the first
-        on: each one's tokens and the block before it checked (a hash is not a proof)."""
+    def _walk(self, keys) -> list:
+        """The kept blocks that a prompt's first blocks are (``keys``: theirs, as :meth:`_keys`
+        gives them), from the first on: each one's tokens and the block before it checked (a
+        hash is not a proof)."""
         chain = []
-        for key, t in self._keys(model, tokens, n_blocks):
+        for key, t in keys:
             b = self._blocks.get(key)
             if b is None or b.tokens != t or b.parent is not (chain[-1] if chain else None):
                 break
@@ -118,7 +119,7 @@ class PrefixCache:
         for ``model``, c tokens in whole blocks with at least one token left to
         compute, as a list of its blocks' [layers, 2, kv_heads, BLOCK, hd]; None
         when none is kept."""
-        chain = self._walk(model, tokens, (len(tokens) - 1) // BLOCK)
+        chain = self._walk(self._keys(model, tokens, (len(tokens) - 1) // BLOCK))
         return self._hit(chain, len(chain) * BLOCK) if chain else None
 
     def lookup_scored(self, model, tokens: list, k: int, most: int) -> Optional[tuple]:
@@ -130,7 +131,7 @@ class PrefixCache:
         block it shares or in a scored block that extends it); None when none is kept."""
         if len(tokens) <= BLOCK or most < 1:
             return None
-        chain = self._walk(model, tokens, len(tokens) // BLOCK)
+        chain = self._walk(self._keys(model, tokens, len(tokens) // BLOCK))
         chain = chain[:next((j for j, b in enumerate(chain) if not _scored(b, k)), len(chain))]
         if not chain:
             return None
@@ -143,8 +144,9 @@ class PrefixCache:
         c = min(n + share - 1, most)
         chain = (chain + [best] if best is not None else chain)[:c // BLOCK + 1]  # those scoring tokens 1 .. c
         kv, _ = self._hit(chain, c)
-        return (kv[:-(-c // BLOCK)], tuple(torch.cat([b.scores[x][:, :k + 1 - x] for b in chain])[:c] for x in (0, 1)),
-                c)
+        values = torch.cat([b.scores[0][:, :k + 1] for b in chain])[:c]
+        ids = torch.cat([b.scores[1][:, :k] for b in chain])[:c]
+        return kv[:-(-c // BLOCK)], (values, ids), c
 
     def _hit(self, chain: list, n: int) -> tuple:
         self._use(chain)
@@ -156,7 +158,7 @@ class PrefixCache:
         """How many of ``tokens``' first tokens in whole blocks :meth:`insert` would
         not read (those kept already; all where it keeps none: more than the capacity)."""
         n = len(tokens) // BLOCK * BLOCK
-        return n if n > self.capacity else len(self._walk(model, tokens, n // BLOCK)) * BLOCK
+        return n if n > self.capacity else len(self._walk(self._keys(model, tokens, n // BLOCK))) * BLOCK
 
     def insert(self, model, tokens: list, read: Optional[Callable[[int, int], Optional[Tensor]]],
                scores: Optional[tuple] = None) -> None:
@@ -172,7 +174,7 @@ class PrefixCache:
         if scores is not None and not bool(scores[0][:n - 1].isfinite().all()):
             return  # as below: not what the prefix alone scores
         keys = list(self._keys(model, tokens, n // BLOCK))
-        chain = self._walk(model, tokens, len(keys))
+        chain = self._walk(keys)
         if len(chain) < len(keys) and read is not None:
             a = len(chain) * BLOCK
             kv = read(a, n)
@@ -180,11 +182,10 @@ class PrefixCache:
             # weighs the masked future keys 0, and 0 x NaN is NaN): not what the prefix alone computes
             if kv is not None and bool(kv.isfinite().all()):
                 for j, (key, t) in enumerate(keys[len(chain):]):
-                    parent = chain[-1] if chain else None
-                    b = _Block(key, t, kv[:, :, :, j * BLOCK:(j + 1) * BLOCK].clone(), parent)
                     if key in self._blocks:  # another chain's block under this hash: that one stays
                         break
-                    self._blocks[key] = b
+                    parent = chain[-1] if chain else None
+                    b = self._blocks[key] = _Block(key, t, kv[:, :, :, j * BLOCK:(j + 1) * BLOCK].clone(), parent)
                     if parent is not None:
                         parent.children[key] = b
                     chain.append(b)

@@ -707,13 +707,14 @@ class Engine:
         see exactly what they see alone.
 
         With the prefix cache: a pack's first c slots (its first prompt's first c tokens,
-        each slot's depth its index) come from an entry an earlier scoring forward kept,
+        each slot's depth its index) come from blocks an earlier scoring forward kept,
         their keys and values and the scores of tokens 1 .. c, c below the tokens all its
         prompts share (so that the c-th token, whose logprob is kept, is each one's too);
         the row computes the rest, its queries attending to the copied keys. Then each
         pack's shared start (a prompt alone: the whole of it), and the whole prompt of
         each that a row generates after (echo, max_tokens >= 2), are kept with their
-        scores: only such a chain of slots holds what its tokens compute alone."""
+        scores (the blocks not kept yet read from the forward): only such a chain of slots
+        holds what its tokens compute alone."""
         from .prefix_cache import BLOCK
 
         m, dev, pc = self.model, self.model.device, self.prefix
@@ -1424,8 +1425,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cache-len", type=int, default=2048,
                    help="KV-cache slots a row (at most the context): a prompt and its answer fit in it")
     p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS",
-                   help="prompt tokens whose keys and values are kept for later prompts starting alike "
-                        "(a conversation's history, a shared system prompt); 0: off")
+                   help="prompt tokens whose keys and values are kept (16-token blocks, each once) for later "
+                        "prompts starting alike (a conversation's history, a shared system prompt); 0: off")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="a chat completion's max_tokens when the request gives none (capped at the context)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,

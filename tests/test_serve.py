@@ -1165,6 +1165,12 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [r["turn"] for r in rows] == [1, 2] and rows[0]["cached_tokens"] == 0 < rows[1]["cached_tokens"]
     assert all(r["same_answer"] for r in rows)
+    load_bench_script("serve").main(["--model", str(ckpt), "--conversations", "3", "--conversation", "2", "--system",
+                                     " ".join("abcdefghijklmnopqrst"), "--max-tokens", "2",
+                                     "--json", str(tmp_path / "c.json")])
+    r = json.loads((tmp_path / "c.json").read_text())
+    assert r["requests"] == 6 and 0 < r["cached_tokens"] < r["prompt_tokens"] and r["requests_reused"] >= 3
+    assert 0 < r["held_end"] <= r["held_peak"] <= r["capacity"] == 8192
     bench = load_bench_script("serve")
     bench.SCORING_WORDS = 20  # the tiny model's context is 64 tokens (a word of the text a token here)
     for distinct in (False, True):
