@@ -5,6 +5,7 @@
     python bench/serve.py --model DIR --device cuda --clients 1 8 32 --max-batch 32
     python bench/serve.py --long-tokens 128               # half the clients ask for long answers
     python bench/serve.py --conversation 6                # the prefix cache: a chat's turns, on / off
+    python bench/serve.py --conversations 16 --conversation 4   # many chats under one system prompt
     python bench/serve.py --scoring 64                    # lm-eval-harness's loglikelihood requests
 
 The server (flora.serve, in this process, on a free port) serves the base
@@ -26,6 +27,15 @@ and off (``--prefix-cache 0``), the conversations alternating between them
 for ``--rounds`` rounds (the cache emptied before each). Reported per turn:
 the median latency on each, their ratio, and the prompt tokens the cache
 reused (usage.prompt_tokens_details.cached_tokens).
+
+``--conversations N`` (with ``--conversation K``) measures what the prefix
+cache holds when many chats share the system prompt: N clients at once, each a
+K-turn chat of its own (a visitor's number in its first message) under it, on
+one server with the prefix cache on (``--prefix-cache``, default 8192 tokens).
+Reported: the prompt tokens sent and the share the cache gave
+(cached_tokens / prompt_tokens, the hit rate), the requests that reused some,
+the tokens the cache held (its peak, read after each answer, and at the end),
+completion tokens/s and the wall time.
 
 ``--scoring R`` sends R requests shaped as lm-evaluation-harness's
 local-completions loglikelihood requests (``--scoring-prompts`` token-id prompts
@@ -145,6 +155,36 @@ def conversation(url: str, system: str, turns: int, max_tokens: int) -> list:
     return out
 
 
+def conversations(url: str, engine, system: str, clients: int, turns: int, max_tokens: int) -> dict:
+    """``clients`` chats of ``turns`` turns at once under ``system`` (each client's questions its
+    own: its number in the first, the questions after it in turn), greedy: what the prefix cache
+    gave and held."""
+    totals, held, lock = [0, 0, 0, 0], [], threading.Lock()  # prompt, cached, completion tokens; requests reused
+
+    def client(c: int) -> None:
+        msgs = [{"role": "system", "content": system}]
+        for t in range(turns):
+            q = QUESTIONS[(c + t) % len(QUESTIONS)]
+            msgs.append({"role": "user", "content": f"I am visitor number {c + 1}. {q}" if t == 0 else q})
+            r = post(url + "/v1/chat/completions", {"messages": msgs, "max_tokens": max_tokens, "temperature": 0})
+            u = r["usage"]
+            cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+            with lock:
+                for j, x in enumerate((u["prompt_tokens"], cached, u["completion_tokens"], cached > 0)):
+                    totals[j] += x
+                held.append(engine.prefix.tokens)
+
+    wall = run_clients(client, clients)
+    while engine.busy:  # the last answers are kept after their clients have them
+        time.sleep(0.01)
+    return {"clients": clients, "turns": turns, "requests": clients * turns, "prompt_tokens": totals[0],
+            "cached_tokens": totals[1], "hit_rate": totals[1] / totals[0], "requests_reused": totals[3],
+            "held_peak": max(held + [engine.prefix.tokens]), "held_end": engine.prefix.tokens,
+            "capacity": engine.prefix.capacity, "completion_tokens": totals[2], "seconds": wall,
+            "tokens_per_s": totals[2] / wall}
+
+
 SCORING_WORDS = 120  # words of a scoring request's shared context
 
 
@@ -224,6 +264,10 @@ def main(argv=None):
     p.add_argument("--long-tokens", type=int, default=0, help="the even-numbered clients' max_tokens (0: all short)")
     p.add_argument("--conversation", type=int, default=0, metavar="TURNS",
                    help="measure the prefix cache: a chat of TURNS turns, cache on and off (see above)")
+    p.add_argument("--conversations", type=int, default=0, metavar="N",
+                   help="N chats of --conversation turns at once under the system prompt: what the prefix cache "
+                        "holds (see above)")
+    p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS", help="--conversations: its capacity")
     p.add_argument("--rounds", type=int, default=3, help="--conversation: conversations on each server")
     p.add_argument("--system", default=SYSTEM, help="--conversation: the system prompt (default: ~600 tokens)")
     p.add_argument("--scoring", type=int, default=0, metavar="R",
@@ -242,6 +286,24 @@ def main(argv=None):
     dev = torch.device(args.device)
     model = FusedLlama.from_pretrained(path, device=dev,
                                        dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
+    if args.conversations:
+        engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=args.prefix_cache)
+        srv = serve(engine, port=0)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        load(url, 1, 1, 4)  # warm-up
+        while engine.busy:
+            time.sleep(0.01)
+        engine.prefix.clear()
+        r = conversations(url, engine, args.system, args.conversations, args.conversation or 4, args.max_tokens)
+        srv.shutdown()
+        print("| chats | requests | prompt tokens | cached | hit rate | requests reused | held peak / end | "
+              "capacity | completion tokens/s | seconds |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+        print(f"| {r['clients']} | {r['requests']} | {r['prompt_tokens']} | {r['cached_tokens']} | {r['hit_rate']:.1%} | "
+              f"{r['requests_reused']} | {r['held_peak']} / {r['held_end']} | {r['capacity']} | "
+              f"{r['tokens_per_s']:.1f} | {r['seconds']:.1f} |")
+        save(args, dev, path, r)
+        return
     if args.conversation:
         if not 1 <= args.conversation <= len(QUESTIONS):
             p.error(f"--conversation must be in 1 .. {len(QUESTIONS)}")

@@ -213,6 +213,21 @@ def admit_span(prompts: list, reused: Optional[list] = None) -> int:
     return max(len(p) - (r[1] if r else 0) for p, r in zip(prompts, reused))
 
 
+def kv_slots(kv, n: int) -> Tensor:
+    """Keys and values [layers, 2, kv_heads, >= n, head_dim] of at least the first n
+    slots of ``kv``: that tensor, or a list of such holding consecutive slots (the
+    prefix cache's blocks), only those that hold the n joined (one copy)."""
+    if isinstance(kv, Tensor):
+        return kv
+    parts, m = [], 0
+    for part in kv:
+        if m >= n:
+            break
+        parts.append(part)
+        m += part.shape[3]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 3)
+
+
 class Decoder:
     """Prefill + fixed-shape decode steps over one static cache (optionally
     compiled, optionally graphed: one CUDA graph per window bucket)."""
@@ -304,8 +319,8 @@ class Decoder:
         (None: the base) in a stacked model, as generate() takes them.
         ``reused``: per row, None or ``(kv, c)``: the keys and values of its
         prompt's first ``c`` tokens (``kv`` [layers, 2, kv_heads, >= c, head_dim],
-        as :meth:`kv` reads them; c < the prompt's length), copied in instead of
-        computed. All rows prefill their last S tokens, S the longest part any
+        as :meth:`kv` reads them, or a list of such in slot order: :func:`kv_slots`;
+        c < the prompt's length), copied in instead of computed. All rows prefill their last S tokens, S the longest part any
         row must compute, attending to the copied slots before them. Returns
         the new rows' next-token logits [n, V]."""
         T = max(len(p) for p in prompts)
@@ -351,10 +366,10 @@ class Decoder:
         for row, p, r in zip(rows, prompts, reused):
             n = len(p) - S  # the reused tokens this prefill does not recompute
             if r is not None and n > 0:
-                first = self.t - len(p)
+                first, kv = self.t - len(p), kv_slots(r[0], n)
                 for layer in range(len(c.k)):
-                    c.k[layer][row, :, first:first + n].copy_(r[0][layer, 0, :, :n])
-                    c.v[layer][row, :, first:first + n].copy_(r[0][layer, 1, :, :n])
+                    c.k[layer][row, :, first:first + n].copy_(kv[layer, 0, :, :n])
+                    c.v[layer][row, :, first:first + n].copy_(kv[layer, 1, :, :n])
         sub = None
         if self.rows is not None:
             self.rows.index_copy_(0, idx, self.model.adapter_rows(adapters, len(rows)))

@@ -5,33 +5,41 @@ the same tokens copies them in and computes only the rest
 
 A conversation sends its whole history at every turn, and requests of one
 application share a system prompt or few-shot examples: their prefill is then
-mostly work done before. Prefixes are matched in whole blocks of ``BLOCK``
-tokens (as vLLM's automatic prefix caching does), each block keyed by a hash
-of itself and every block before it; a hit is checked token by token. Keys are
-per served model (an adapter's keys and values are its own), never across.
+mostly work done before. Prompts are kept and matched in whole blocks of
+``BLOCK`` tokens, each block once, shared by every prompt that starts with it
+(vLLM's automatic prefix caching, SGLang's radix cache): a block is keyed by its
+model and a hash of its tokens and every block's before it, and holds its keys
+and values [layers, 2, kv_heads, BLOCK, hd]; a lookup walks a prompt's chain of
+blocks, each checked exactly (its tokens, and the block before it), and gives
+the kept blocks' keys and values as a list (:func:`flora.generation.kv_slots`
+joins only those a copy needs). Keys are per served model (an adapter's keys and
+values are its own), never across.
 
 What is kept: each admitted prompt, each finished request's prompt and
 answer (the next turn of a conversation starts with both), and what a scoring
 forward computed (``echo`` with logprobs: flora.serve.Engine._score_forward),
-as one entry of its whole blocks; an entry whose tokens a newer one extends is
-dropped, and the least recently used go beyond ``capacity`` tokens in all.
-Keys and values that are not all finite are never kept (a NaN at one position
-reaches the keys before it through attention's masked weights, 0 x NaN).
+the blocks not kept yet. ``capacity`` bounds the tokens of all blocks together;
+beyond it the least recently used block that no kept block extends goes (a
+block is used whenever a prompt that holds it is looked up or kept, and its
+ancestors with it: leaves first). Keys and values that are not all finite are
+never kept (a NaN at one position reaches the keys before it through
+attention's masked weights, 0 x NaN).
 
 A scoring forward reports every prompt token's logprob, and the keys and
-values of a prefix do not give those of its tokens: an entry a scoring forward
-made also keeps its *scores* (:meth:`lookup_scored`), per token after the
-first its logprob and the k most likely alternatives' (ids and logprobs), so
-that a later prompt scored from it computes only its rest. An entry a
-generating row made has none (a prefill computes no logprobs), and scoring
-reuses no prefix from it; one that extends an entry with scores takes them over.
+values of a prefix do not give those of its tokens: a block a scoring forward
+kept (or that one scored later) also holds its tokens' *scores*
+(:meth:`lookup_scored`), per token its logprob and the k most likely
+alternatives' (ids and logprobs; the first block's first token has none), so
+that a later prompt scored from it computes only its rest. A block a
+generating row kept has none (a prefill computes no logprobs), and scoring
+reuses no prefix through it. Scores that are not all finite are never kept.
 """
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 BLOCK = 16  # tokens per matched block
@@ -52,153 +60,149 @@ def common_length(a, b) -> int:
     return lo
 
 
-def _rows(scores: Optional[tuple]) -> tuple:
-    """(tokens scored, alternatives a token) of an entry's scores, for picking the better."""
-    return (0, -1) if scores is None else (scores[1].shape[0], scores[1].shape[1])
+def _scored(b: "_Block", k: int) -> bool:
+    return b.scores is not None and b.scores[1].shape[1] >= k
 
 
-class _Entry:
-    __slots__ = ("id", "tokens", "kv", "keys", "scores")
-    _ids = itertools.count()
+class _Block:
+    __slots__ = ("key", "tokens", "kv", "parent", "children", "scores")
 
-    def __init__(self, tokens: tuple, kv: Tensor, keys: list, scores: Optional[tuple] = None):
-        self.id = next(self._ids)
-        self.tokens, self.kv, self.keys = tokens, kv, keys  # kv [layers, 2, kv_heads, len(tokens), hd]
-        # None, or (values [m, 1 + k] fp32, ids [m, k]): row j is token j + 1's logprob and its k most
-        # likely alternatives' (values), m <= len(tokens) - 1 (the next token is not the entry's)
-        self.scores = scores
+    def __init__(self, key, tokens: tuple, kv: Tensor, parent: Optional["_Block"]):
+        self.key, self.tokens, self.kv, self.parent = key, tokens, kv, parent  # kv [layers, 2, kv_heads, BLOCK, hd]
+        self.children: dict = {}  # key -> the kept blocks that extend this one
+        # None, or (values [m, 1 + k] fp32, ids [m, k]): row j is the score of this block's token j (block 0:
+        # token j + 1; its first has none), its logprob and its k most likely alternatives' (values)
+        self.scores = None
 
 
 class PrefixCache:
     def __init__(self, capacity: int):
-        self.capacity = capacity  # tokens kept at most, all entries together
-        self.tokens = 0
-        self._entries: "OrderedDict[int, _Entry]" = OrderedDict()  # id -> entry, least recently used first
-        # (model, block chain hash) -> {entry id: None}: the entries holding that prefix, newest last
-        self._index: dict = {}
+        self.capacity = capacity  # tokens kept at most, all blocks together
+        # (model, chain hash) -> block, least recently used first: a block's ancestors always after it
+        self._blocks: "OrderedDict[tuple, _Block]" = OrderedDict()
         self.hits = 0  # prompts that reused a prefix
         self.reused = 0  # prompt tokens found kept (a joining batch may recompute some: Request.cached)
 
+    @property
+    def tokens(self) -> int:
+        """Tokens kept: distinct blocks', each once however many prompts share it."""
+        return len(self._blocks) * BLOCK
+
     @staticmethod
-    def _chain(model, tokens, n_blocks: int):
+    def _keys(model, tokens, n_blocks: int):
+        """(key, tokens) of ``tokens``' first ``n_blocks`` blocks: key (model, hash of the block and
+        every block before it)."""
         h = hash(model)
         for j in range(n_blocks):
-            h = hash((h, tuple(tokens[j * BLOCK:(j + 1) * BLOCK])))
-            yield h
+            t = tuple(tokens[j * BLOCK:(j + 1) * BLOCK])
+            h = hash((h, t))
+            yield (model, h), t
+
+    def _walk(self, keys) -> list:
+        """The kept blocks that a prompt's first blocks are (``keys``: theirs, as :meth:`_keys`
+        gives them), from the first on: each one's tokens and the block before it checked (a
+        hash is not a proof)."""
+        chain = []
+        for key, t in keys:
+            b = self._blocks.get(key)
+            if b is None or b.tokens != t or b.parent is not (chain[-1] if chain else None):
+                break
+            chain.append(b)
+        return chain
+
+    def _use(self, chain: list) -> None:
+        for b in reversed(chain):  # its ancestors after it: the least recently used block is a leaf
+            self._blocks.move_to_end(b.key)
 
     def lookup(self, model, tokens: list) -> Optional[tuple]:
         """(kv, c): the keys and values of the longest kept prefix of ``tokens``
-        for ``model`` in whole blocks, c tokens, at least one token left to
-        compute; None when none is kept."""
-        best = None
-        for j, h in enumerate(self._chain(model, tokens, (len(tokens) - 1) // BLOCK)):
-            n = (j + 1) * BLOCK
-            e = self._holding((model, h), tokens[:n])
-            if e is None:
-                break
-            best = (e, n)
-        if best is None:
-            return None
-        e, n = best
-        return self._hit(e, n)[0], n
+        for ``model``, c tokens in whole blocks with at least one token left to
+        compute, as a list of its blocks' [layers, 2, kv_heads, BLOCK, hd]; None
+        when none is kept."""
+        chain = self._walk(self._keys(model, tokens, (len(tokens) - 1) // BLOCK))
+        return self._hit(chain, len(chain) * BLOCK) if chain else None
 
     def lookup_scored(self, model, tokens: list, k: int, most: int) -> Optional[tuple]:
         """(kv, scores, c) for a prompt to score: the keys and values of its first c
-        tokens and the scores of its tokens 1 .. c (``scores[0][:c]``, ``scores[1][:c]``,
-        at least k alternatives a token), from the kept entry that gives the most,
-        1 <= c <= ``most`` (any length, not whole blocks: the entry's c-th token,
-        whose logprob is kept, is the prompt's too); None when none is kept."""
+        tokens (a list of blocks, as :meth:`lookup`'s) and the scores of its tokens
+        1 .. c (values [c, 1 + k], ids [c, k]), from kept blocks with at least k
+        alternatives a token, 1 <= c <= ``most`` (any length, not whole blocks: the
+        c-th token, whose logprob is kept, is the prompt's too, in the last whole
+        block it shares or in a scored block that extends it); None when none is kept."""
         if len(tokens) <= BLOCK or most < 1:
             return None
-        best, c = None, 0
-        for i in self._index.get((model, next(self._chain(model, tokens, 1))), ()):
-            e = self._entries[i]
-            if e.scores is not None and e.scores[1].shape[1] >= k:
-                n = min(common_length(e.tokens, tokens) - 1, e.scores[1].shape[0], most)
-                if n > c:
-                    best, c = e, n
-        if best is None:
+        chain = self._walk(self._keys(model, tokens, len(tokens) // BLOCK))
+        chain = chain[:next((j for j, b in enumerate(chain) if not _scored(b, k)), len(chain))]
+        if not chain:
             return None
-        return (*self._hit(best, c), c)
+        n, best, share = len(chain) * BLOCK, None, 0
+        rest = tuple(tokens[n:n + BLOCK])
+        for b in chain[-1].children.values():  # a block the prompt shares some first tokens of
+            j = common_length(b.tokens, rest) if _scored(b, k) else 0
+            if j > share:
+                best, share = b, j
+        c = min(n + share - 1, most)
+        chain = (chain + [best] if best is not None else chain)[:c // BLOCK + 1]  # those scoring tokens 1 .. c
+        kv, _ = self._hit(chain, c)
+        values = torch.cat([b.scores[0][:, :k + 1] for b in chain])[:c]
+        ids = torch.cat([b.scores[1][:, :k] for b in chain])[:c]
+        return kv[:-(-c // BLOCK)], (values, ids), c
 
-    def _hit(self, e: _Entry, n: int) -> tuple:
-        self._entries.move_to_end(e.id)
+    def _hit(self, chain: list, n: int) -> tuple:
+        self._use(chain)
         self.hits += 1
         self.reused += n
-        return e.kv, e.scores
+        return [b.kv for b in chain], n
 
-    def wants(self, model, tokens: list) -> bool:
-        """Whether :meth:`insert` of ``tokens`` would read their keys and values."""
+    def held(self, model, tokens: list) -> int:
+        """How many of ``tokens``' first tokens in whole blocks :meth:`insert` would
+        not read (those kept already; all where it keeps none: more than the capacity)."""
         n = len(tokens) // BLOCK * BLOCK
-        return 0 < n <= self.capacity and self._holding(
-            (model, list(self._chain(model, tokens, n // BLOCK))[-1]), tokens[:n]) is None
+        return n if n > self.capacity else len(self._walk(self._keys(model, tokens, n // BLOCK))) * BLOCK
 
-    def insert(self, model, tokens: list, read: Optional[Callable[[int], Tensor]],
+    def insert(self, model, tokens: list, read: Optional[Callable[[int, int], Optional[Tensor]]],
                scores: Optional[tuple] = None) -> None:
-        """Keep ``tokens``' whole blocks for ``model``; ``read(n)``: their keys
-        and values [layers, 2, kv_heads, n, hd], called only when not kept yet
-        (None: only the scores, where kept already). ``scores``: a scoring
-        forward's (values [m, 1 + k] fp32, ids [m, k]) of tokens 1 .. m, kept with
-        them (as many rows as the whole blocks hold), or given to the entry that
-        holds them, where they score more of it."""
+        """Keep ``tokens``' whole blocks for ``model``; ``read(a, n)``: the keys and
+        values of tokens a .. n - 1 [layers, 2, kv_heads, n - a, hd], called only for
+        the blocks not kept yet (None, or a read giving None: only the scores, for
+        the blocks kept). ``scores``: a scoring forward's (values [m, 1 + k] fp32,
+        ids [m, k]) of tokens 1 .. m, each whole block's given to it where it has
+        none or fewer alternatives."""
         n = len(tokens) // BLOCK * BLOCK
         if n == 0 or n > self.capacity:
             return
+        if scores is not None and not bool(scores[0][:n - 1].isfinite().all()):
+            return  # as below: not what the prefix alone scores
+        keys = list(self._keys(model, tokens, n // BLOCK))
+        chain = self._walk(keys)
+        if len(chain) < len(keys) and read is not None:
+            a = len(chain) * BLOCK
+            kv = read(a, n)
+            # a NaN or inf at one position reaches the keys of positions before it (blocked causal attention
+            # weighs the masked future keys 0, and 0 x NaN is NaN): not what the prefix alone computes
+            if kv is not None and bool(kv.isfinite().all()):
+                for j, (key, t) in enumerate(keys[len(chain):]):
+                    if key in self._blocks:  # another chain's block under this hash: that one stays
+                        break
+                    parent = chain[-1] if chain else None
+                    b = self._blocks[key] = _Block(key, t, kv[:, :, :, j * BLOCK:(j + 1) * BLOCK].clone(), parent)
+                    if parent is not None:
+                        parent.children[key] = b
+                    chain.append(b)
         if scores is not None:
-            scores = (scores[0][:n - 1], scores[1][:n - 1])
-            if not bool(scores[0].isfinite().all()):  # as below: not what the prefix alone scores
-                return
-        keys = [(model, h) for h in self._chain(model, tokens, n // BLOCK)]
-        kept = self._holding(keys[-1], tokens[:n])
-        if kept is not None:
-            self._entries.move_to_end(kept.id)
-            if _rows(scores) > _rows(kept.scores):
-                kept.scores = scores
-            return
-        if read is None:
-            return
-        kv = read(n)
-        # a NaN or inf at one position reaches the keys of positions before it (blocked causal attention
-        # weighs the masked future keys 0, and 0 x NaN is NaN): not what the prefix alone computes
-        if not bool(kv.isfinite().all()):
-            return
-        e = _Entry(tuple(tokens[:n]), kv, keys, scores)
-        for k in keys:
-            ids = self._index.setdefault(k, {})
-            for old in [self._entries[i] for i in ids]:
-                # an entry the new one extends (its tokens all a prefix of these) is dropped, its
-                # scores (a prefix's: valid for these) taken over where they score more
-                if len(old.tokens) <= n and e.tokens[:len(old.tokens)] == old.tokens:
-                    if _rows(old.scores) > _rows(e.scores):
-                        e.scores = old.scores
-                    self._drop(old)
-            self._index.setdefault(k, {})[e.id] = None
-        self._entries[e.id] = e
-        self.tokens += n
+            for j, b in enumerate(chain):
+                lo = max(j * BLOCK - 1, 0)  # rows of this block's tokens (row r: token r + 1)
+                hi = (j + 1) * BLOCK - 1
+                if hi <= scores[0].shape[0] and (b.scores is None or b.scores[1].shape[1] < scores[1].shape[1]):
+                    b.scores = (scores[0][lo:hi].clone(), scores[1][lo:hi].clone())
+        self._use(chain)
         while self.tokens > self.capacity:
-            self._drop(next(iter(self._entries.values())))
+            self._drop(next(iter(self._blocks.values())))
 
-    def _holding(self, key, tokens: list) -> Optional[_Entry]:
-        """The newest entry under ``key`` whose tokens start with ``tokens`` (a hash
-        is not a proof)."""
-        t = tuple(tokens)
-        for i in reversed(self._index.get(key, ())):
-            e = self._entries[i]
-            if e.tokens[:len(t)] == t:
-                return e
-        return None
-
-    def _drop(self, e: _Entry) -> None:
-        if self._entries.pop(e.id, None) is None:
-            return
-        self.tokens -= len(e.tokens)
-        for k in e.keys:
-            ids = self._index[k]
-            del ids[e.id]
-            if not ids:
-                del self._index[k]
+    def _drop(self, b: _Block) -> None:
+        del self._blocks[b.key]
+        if b.parent is not None:
+            del b.parent.children[b.key]
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._index.clear()
-        self.tokens = 0
+        self._blocks.clear()

@@ -101,8 +101,9 @@ class Request:
     logprobs: Optional[int] = None  # each token's logprob and this many alternatives' (None: none)
     echo: Optional[str] = None  # the prompt's text, which the answer starts with (None: not echoed)
     scored: bool = False  # echo: its prompt went out (with logprobs: scored)
-    # prompt tokens whose keys and values were copied (the prefix cache; a row joining beside it that
-    # computed them), not computed for it (echo with logprobs: neither by its scoring forward nor its row)
+    # prompt tokens not computed for it, their keys and values copied: from the prefix cache, from the row
+    # of a request joining beside it (a shared start; an equal prompt: all of them), or scored for an equal
+    # prompt before it (echo with logprobs: neither its scoring forward nor its row computed them)
     cached: int = 0
 
     def key(self, mixed: bool = False):
@@ -509,7 +510,7 @@ class Engine:
         self.batches += 1
         reused = [self.prefix and self.prefix.lookup(r.model, r.prompt) for r in join]
         lead = self._leads(join, reused)
-        logits, span = [None] * len(join), [0] * len(join)
+        logits, span, copy = [None] * len(join), [0] * len(join), [False] * len(join)
         try:
             # the rows that compute their prompts, then those that copy a shared start from one of them
             for part in ([j for j, x in enumerate(lead) if x is None], [j for j, x in enumerate(lead) if x]):
@@ -531,18 +532,24 @@ class Engine:
                                     [self.names[join[j].model] for j in part] if self.mixed else None,
                                     [reused[j] for j in part])
                     S = admit_span([join[j].prompt for j in part], [reused[j] for j in part])
+                    seen = set()
                     for j, lg in zip(part, got):
                         logits[j], span[j] = lg, S
+                        # equal prompts (Decoder.admit's key): one computed, the others' rows copies of its
+                        key = (tuple(join[j].prompt), self.names[join[j].model] if self.mixed else None)
+                        copy[j] = key in seen
+                        seen.add(key)
         except Exception as e:  # noqa: BLE001 - these requests get the error (not retried forever)
             for r in join:
                 r.events.put(("error", f"{type(e).__name__}: {e}"))
             return waiting[len(join):]
-        for i, r, lg, reuse, S in zip(rows, join, logits, reused, span):
+        for i, r, lg, reuse, S, whole in zip(rows, join, logits, reused, span, copy):
             row = self._slots[i] = _Row(r, t - len(r.prompt), dec.device)
-            # every row joining in one prefill computes its last S tokens: a longer reused prefix is partly
-            # recomputed; an echoed prompt scored first (its forward reusing what the prefix cache held)
-            # counts the tokens neither computed
-            c = max(0, len(r.prompt) - S) if reuse else 0
+            # cached: the prompt tokens not computed for this request. Every row joining in one prefill
+            # computes its last S tokens (a longer reused prefix is partly recomputed), a copy of an equal
+            # prompt's row none; an echoed prompt scored first counts the tokens neither its forward nor
+            # its row computed
+            c = len(r.prompt) if whole else max(0, len(r.prompt) - S) if reuse else 0
             r.cached = min(r.cached, c) if r.echo is not None and r.logprobs is not None else c
             self._keep(i, row, r.prompt)
             self._take(i, row, lg[None])
@@ -582,7 +589,7 @@ class Engine:
     def _keep(self, i: int, row: "_Row", tokens: list) -> None:
         """Row i's first tokens (from its first slot on, written) into the prefix cache."""
         dec, s = self._dec, row.start
-        self._cache_put(row.req.model, tokens, lambda n: dec.kv(i, s, s + n))
+        self._cache_put(row.req.model, tokens, lambda a, n: dec.kv(i, s + a, s + n))
 
     def _cache_put(self, model: str, tokens: list, read, scores=None) -> None:
         """PrefixCache.insert, where the cache is on."""
@@ -616,7 +623,7 @@ class Engine:
                 a = asks.setdefault(self._score_key(r), [0, False, False])
                 a[0], a[1], a[2] = max(a[0], r.logprobs), a[1] or r.max_tokens == 1, a[2] or r.max_tokens > 1
         scored = self._score_prompts(asks) if asks else {}
-        keep = []
+        keep, counted = [], set()
         for r in waiting:
             if r.cancelled:
                 continue
@@ -627,8 +634,9 @@ class Engine:
                     r.events.put(("error", f"{type(got).__name__}: {got}"))
                     continue
                 entries = None if got is None else got[0]
-                if got is not None:
-                    r.cached = got[2]
+                if got is not None:  # an equal prompt's after the first: scored for that one
+                    r.cached = len(r.prompt) if self._score_key(r) in counted else got[2]
+                    counted.add(self._score_key(r))
                 if entries is not None and r.logprobs < asks[self._score_key(r)][0]:  # another asked for more
                     entries = [(t, v, None if a is None else a[:r.logprobs]) for t, v, a in entries]
                 r.events.put(("prompt", r.index, entries))
@@ -699,13 +707,14 @@ class Engine:
         see exactly what they see alone.
 
         With the prefix cache: a pack's first c slots (its first prompt's first c tokens,
-        each slot's depth its index) come from an entry an earlier scoring forward kept,
+        each slot's depth its index) come from blocks an earlier scoring forward kept,
         their keys and values and the scores of tokens 1 .. c, c below the tokens all its
         prompts share (so that the c-th token, whose logprob is kept, is each one's too);
         the row computes the rest, its queries attending to the copied keys. Then each
         pack's shared start (a prompt alone: the whole of it), and the whole prompt of
         each that a row generates after (echo, max_tokens >= 2), are kept with their
-        scores: only such a chain of slots holds what its tokens compute alone."""
+        scores (the blocks not kept yet read from the forward): only such a chain of slots
+        holds what its tokens compute alone."""
         from .prefix_cache import BLOCK
 
         m, dev, pc = self.model, self.model.device, self.prefix
@@ -744,9 +753,10 @@ class Engine:
                     if asks[q][2]:
                         todo.setdefault(q[0], (q, path))
                 for tokens, (q, path) in todo.items():
-                    whole = len(tokens) // BLOCK * BLOCK
-                    keeps.append((b, tokens, q, path[:whole] if pc.wants(owner[b], list(tokens)) else None))
-        saved = [(b, torch.tensor(path, device=dev)) for b, _, _, path in keeps if path is not None]
+                    # the slots of its whole blocks not kept yet (from lo on)
+                    whole, lo = len(tokens) // BLOCK * BLOCK, pc.held(owner[b], list(tokens))
+                    keeps.append((b, tokens, q, path[lo:whole] if lo < whole else None, lo))
+        saved = [(b, torch.tensor(path, device=dev)) for b, _, _, path, _ in keeps if path is not None]
         kv = _ScoreKV([(b, h[0], c) for b, (h, c) in enumerate(zip(hits, start)) if c],
                       torch.tensor(start, device=dev) if any(start) else None, T, saved)
         rows = m.adapter_rows([self.names[p.model] for p in group], B) if self.mixed else None
@@ -809,7 +819,7 @@ class Engine:
             scores[q] = (v, i)
             out[q] = (self._entries(q[0], v.tolist(), i.tolist(), asks[q][0]), after.get(j), start[b])
             o += k
-        for (b, tokens, q, path), got in zip(keeps, kv.got(keeps)):
+        for (b, tokens, q, _, _), got in zip(keeps, kv.got(keeps)):
             self._cache_put(owner[b], list(tokens), got, scores[q])
         return out
 
@@ -985,10 +995,14 @@ class _ScoreKV:
     reused prefix copies (``reused``: (row, kv [layers, 2, kv_heads, >= c, hd], c))
     before those the row computes (its queries' first slot: ``start`` [B], None when
     every row computes from slot 0), ``T`` slots; and copies aside, layer by layer, the
-    slots of ``saved`` ((row, slot ids)) that the prefix cache will keep."""
+    slots of ``saved`` ((row, slot ids)) that the prefix cache will keep. ``kv`` may be
+    the prefix cache's list of blocks: the first c slots are joined once, here."""
 
     def __init__(self, reused: list, start: Optional[torch.Tensor], T: int, saved: list):
-        self.reused, self.start, self.T, self.saved = reused, start, T, saved
+        from .generation import kv_slots
+
+        self.reused = [(b, kv_slots(kv, c), c) for b, kv, c in reused]
+        self.start, self.T, self.saved = start, T, saved
         self.kept = [[] for _ in saved]  # per saved: (keys, values) a layer
 
     def update_rotated(self, *args):  # the decode step's fused RoPE and cache write: not here
@@ -1008,10 +1022,12 @@ class _ScoreKV:
         return k, v
 
     def got(self, keeps: list) -> list:
-        """Per (row, tokens, prompt, slots or None) of ``keeps`` (those with slots: ``saved``,
-        in order): a ``read(n)`` of PrefixCache.insert, or None."""
+        """Per (row, tokens, prompt, slots from its token lo on or None, lo) of ``keeps``
+        (those with slots: ``saved``, in order): a ``read(a, n)`` of PrefixCache.insert
+        (None for tokens before lo: blocks an earlier insert let go since), or None."""
         kept = iter(self.kept)
-        return [None if x[3] is None else (lambda n, got=next(kept): torch.stack(got)[:, :, :, :n])
+        return [None if x[3] is None else
+                (lambda a, n, got=next(kept), lo=x[4]: None if a < lo else torch.stack(got)[:, :, :, a - lo:n - lo])
                 for x in keeps]
 
 
@@ -1409,8 +1425,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cache-len", type=int, default=2048,
                    help="KV-cache slots a row (at most the context): a prompt and its answer fit in it")
     p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS",
-                   help="prompt tokens whose keys and values are kept for later prompts starting alike "
-                        "(a conversation's history, a shared system prompt); 0: off")
+                   help="prompt tokens whose keys and values are kept (16-token blocks, each once) for later "
+                        "prompts starting alike (a conversation's history, a shared system prompt); 0: off")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="a chat completion's max_tokens when the request gives none (capped at the context)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
