@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from . import nvtx, ops
-from .layers import (attention_mask_4d, causal_prompt, check_id_dtype, check_token_ids, positions_from_mask,
-                     slot_mask)
+from .layers import (attention_mask_4d, causal_prompt, check_id_dtype, check_token_ids, cpu_decode_kernel_takes,
+                     positions_from_mask, slot_mask)
 
 
 def bucket_size(device: torch.device) -> int:
@@ -81,6 +81,9 @@ class StaticKVCache:
         self.n: Optional[int] = None  # decode: the first n rows step (None: all)
         self._windows: dict = {}  # (length, n) -> per-layer views of the window, made once
         self._rows: dict = {}  # n -> per-layer views of the first n rows, made once
+        # compiled CPU decode: whether the attention op runs flora's kernel for this step's
+        # window (Decoder._step asks before the trace; flora.layers.attention)
+        self.decode_kernel: Optional[bool] = None
 
     def window(self, layer: int):
         if torch.compiler.is_compiling():
@@ -448,6 +451,10 @@ class Decoder:
 
     def _step(self, L: int, n: Optional[int] = None) -> Tensor:
         self.cache.length, self.cache.n = L, n
+        if self.compile and self.device.type == "cpu":  # a constant to the trace (dynamo guards on it)
+            a = self.model.arch
+            self.cache.decode_kernel = cpu_decode_kernel_takes(
+                self.model.dtype, a.head_dim, a.num_attention_heads // a.num_key_value_heads, L)
         ids, pos, rows = self._inputs(n)
         return self._fn(self.model, ids, pos, self._mask(L, n), self.cache, rows)
 

@@ -441,7 +441,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
                 if cache is not None:
                     k, v = cache.update(i, k, v)
-            att = attention(q, k, v, mask)
+            att = attention(q, k, v, mask, None if cache is None else cache.decode_kernel)
             h, carry = layer.o(att, state, residual=h, carry=carry, in_place=own)
         # MLP sub-block: SwiGLU with the residual add inside the module
         with nvtx.range("mlp", i):

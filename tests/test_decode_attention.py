@@ -9,16 +9,15 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from flora import _ext, ops
+from flora import _ext, layers, ops
 from flora.layers import attention
 
 compiled = pytest.mark.skipif(_ext.C is None, reason=f"extension not built: {_ext.ERROR}")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEG = float("-inf")
 # the CPU kernel's bodies: scalar (aten), AVX2 and AVX-512 vector bodies, as this CPU has them
-# ("avx512" runs bf16 scores by VDPBF16PS where the CPU has avx512_bf16; the plain AVX-512 body's
-# bf16 there: tests/cpp/test_cpu_kernels.cpp)
-ORDER = ["aten", "avx2", "avx512"]
+# ("avx512_bf16" scores bf16 by VDPBF16PS; "avx512" runs the plain AVX-512 body, bf16 included)
+ORDER = ["aten", "avx2", "avx512", "avx512_bf16"]
 ISAS = ORDER[: ORDER.index(_ext.C.detected_cpu_isa()) + 1] if _ext.C is not None else []
 
 
@@ -93,8 +92,8 @@ def test_op_matches_reference(dtype, shape, splits):
     (1, 12, 3, 64, 1000)])
 @pytest.mark.parametrize("splits", [0, 1, 3])
 def test_kernel_bodies_at_their_edges(isa, dtype, shape, splits):
-    """Each body of the CPU kernel (scalar, AVX2, AVX-512; bf16 scores by
-    VDPBF16PS on a CPU with avx512_bf16) against the fp64 reference where
+    """Each body of the CPU kernel (scalar, AVX2, AVX-512, and AVX-512 with bf16
+    scores by VDPBF16PS on a CPU with avx512_bf16) against the fp64 reference where
     its register blocks do not divide the work: the kv
     head's query heads in blocks of up to 4, the listed keys in score blocks
     (the last padded), head_dim in P x V blocks, masked keys scattered so
@@ -257,15 +256,75 @@ def test_attention_at_one_query_row_takes_the_op(monkeypatch, dtype):
     assert got.shape == want.shape
 
 
+def _sdpa_ran(fn) -> bool:
+    """Did ``fn()`` reach SDPA (the op's fallback; the kernel never calls it)?"""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any("scaled_dot_product" in e.name for e in prof.events())
+
+
+@compiled
+@pytest.mark.parametrize("case", [(torch.float32, 64, 4, 90), (torch.bfloat16, 64, 3, 300),
+                                  (torch.float16, 128, 8, 33), (torch.float32, 12, 4, 90),
+                                  (torch.float32, 264, 1, 20), (torch.float32, 16, 16, 40),
+                                  (torch.float64, 64, 4, 90)])
+def test_kernel_rule_is_what_the_op_runs(isa, case):
+    """flora._C.cpu_decode_attention_takes (what the compiled decode step asks)
+    says True exactly where the op runs flora's kernel, at each ISA level: the
+    op's own rule, one definition in csrc/cpu/register.cpp."""
+    dtype, hd, G, L = case
+    q, k, v, mask = attention_case(dtype, B=2, nq=2 * G, nkv=2, hd=hd, L=L)
+    takes = layers.cpu_decode_kernel_takes(dtype, hd, G, L)
+    with torch.no_grad():
+        assert _sdpa_ran(lambda: torch.ops.flora.decode_attention(q, k, v, mask)) == (not takes)
+    assert takes == (isa != "aten" and dtype != torch.float64 and hd % 8 == 0 and hd <= 256 and G <= 8)
+
+
+_ENV_RULE = """
+import torch
+from flora import _ext, layers
+from test_decode_attention import _sdpa_ran, attention_case
+q, k, v, mask = attention_case(torch.float32, B=1, nq=9, nkv=3, hd=64, L=70)
+with torch.no_grad():
+    ran = _sdpa_ran(lambda: torch.ops.flora.decode_attention(q, k, v, mask))
+print(_ext.C.cpu_isa(), layers.cpu_decode_kernel_takes(torch.float32, 64, 3, 70), ran)
+"""
+
+
+@compiled
+@pytest.mark.parametrize("env", [{"FLORA_CPU_ISA": "aten"}, {"FLORA_CPU_ISA": "avx2"},
+                                 {"FLORA_CPU_ATTENTION_MAX_KEYS": "64"}])
+def test_kernel_rule_sees_the_environment(env):
+    """FLORA_CPU_ISA (read once, at the extension's first use) and the window
+    cap FLORA_CPU_ATTENTION_MAX_KEYS reach the rule as they reach the op: a
+    fresh process each (SmolLM2's heads, 70 keys)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "-c", _ENV_RULE], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **env, "PYTHONPATH": path})
+    assert p.returncode == 0, p.stderr
+    isa, takes, sdpa = p.stdout.split()
+    assert isa == env.get("FLORA_CPU_ISA", _ext.C.cpu_isa())
+    assert takes == str(isa != "aten" and "FLORA_CPU_ATTENTION_MAX_KEYS" not in env)
+    assert sdpa == str(takes == "False")
+
+
 @compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hd", [64, 12])
-def test_compiled_attention_at_one_query_row(dtype, hd):
+@pytest.mark.parametrize("cpu_isa", ["default", "aten"])
+def test_compiled_attention_at_one_query_row(dtype, hd, cpu_isa):
     """Under torch.compile (fullgraph) on the CPU, attention at T = 1 with the
-    decoder's additive mask calls the op where the kernel takes the shape
-    (Inductor calls the kernel: faster than the written-out form) and writes
-    it out where it does not (head_dim 12: the op would run SDPA); either
-    matches the reference."""
+    decoder's additive mask calls the op where the kernel rule, asked outside
+    the trace, says the kernel runs (Inductor calls the kernel: faster than
+    the written-out form) and writes it out where it does not (head_dim 12,
+    or the aten ISA: the op would run SDPA); either matches the reference."""
+    if cpu_isa == "aten" and hd == 12:
+        pytest.skip("the same as the default ISA's")
     q, k, v, mask = attention_case(dtype, B=2, nq=8, nkv=2, hd=hd, L=90)
     graphs = []
 
@@ -273,10 +332,18 @@ def test_compiled_attention_at_one_query_row(dtype, hd):
         graphs.append(gm)
         return gm.forward
 
-    with torch.no_grad():
-        got = torch.compile(attention, fullgraph=True, backend=backend)(q.view(2, 1, 8, hd), k, v,
-                                                                        mask[:, None, None, :])
+    old = _ext.C.cpu_isa()
+    if cpu_isa == "aten":
+        _ext.C.set_cpu_isa("aten")
+    try:
+        takes = layers.cpu_decode_kernel_takes(dtype, hd, 4, 90)
+        with torch.no_grad():
+            got = torch.compile(attention, fullgraph=True, backend=backend)(
+                q.view(2, 1, 8, hd), k, v, mask[:, None, None, :], takes)
+    finally:
+        _ext.C.set_cpu_isa(old)
     op = (torch.ops.flora.decode_attention, torch.ops.flora.decode_attention.default)
     called = any(n.target in op for g in graphs for n in g.graph.nodes)
-    assert called == (hd == 64)
-    _check(got, q, k, v, mask, f"compiled layers.attention hd={hd}")
+    assert takes == (hd == 64 and cpu_isa == "default")
+    assert called == takes
+    _check(got, q, k, v, mask, f"compiled layers.attention hd={hd} isa={cpu_isa}")

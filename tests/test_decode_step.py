@@ -108,6 +108,43 @@ def test_compiled_decode_gives_eager_tokens(tmp_path):
     assert torch.equal(m.generate(ids, adapters=[None, "second"], compile=True, **kw), other)
 
 
+@pytest.mark.parametrize("cpu_isa", ["default", "aten"])
+def test_compiled_step_asks_the_kernel_rule(monkeypatch, cpu_isa):
+    """The compiled CPU decode step (fullgraph) calls flora::decode_attention
+    where flora's kernel runs for the model's heads and window (the decoder
+    asks flora._C's rule before the trace and hands the answer in as a
+    constant), and the written-out form where the op would run SDPA
+    (FLORA_CPU_ISA=aten); either gives eager's tokens. Dynamo's graphs, run
+    without Inductor: the choice is made in the trace."""
+    from flora import _ext
+
+    if _ext.C is None:
+        pytest.skip("no extension: the op is the reference, the step written out")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(*a):
+        return gen._decode(*a)
+
+    monkeypatch.setattr(gen, "compiled_decode", lambda *a: torch.compile(step, fullgraph=True, backend=backend))
+    m = _model()
+    ids = random_ids(2, 7)
+    old = _ext.C.cpu_isa()
+    if cpu_isa == "aten":
+        _ext.C.set_cpu_isa("aten")
+    try:
+        eager = m.generate(ids, max_new_tokens=8)
+        assert torch.equal(m.generate(ids, max_new_tokens=8, compile=True), eager)
+    finally:
+        _ext.C.set_cpu_isa(old)
+    op = (torch.ops.flora.decode_attention, torch.ops.flora.decode_attention.default)
+    called = [any(n.target in op for n in g.graph.nodes) for g in graphs]
+    assert called and all(c == (cpu_isa == "default") for c in called)
+
+
 def test_window_reads_filled_part_only():
     """A decode step reads the filled slots rounded up to the bucket; the
     tokens equal a decoder whose window is the whole cache."""
