@@ -112,7 +112,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         # on the CPU too (Inductor calls the kernel): 0.34-0.59x the written-out form's
         # time in fp32, 0.05-0.39x in bf16, SmolLM2 / 1B / 3B heads at 64-4096 keys
         # (bench/RESULTS.md, "Decode attention", 2026-11-28 23:42)
-        return ops.decode_attention(q.view(B, nh, hd), k, v, mask[:, 0, 0])
+        return ops.decode_attention(q.view(B, nh, hd), k, v, mask.view(B, mask.shape[-1]))
     if T == 1 and cpu_compiled:
         # Other compiled CPU decode: written out, Inductor fuses the mask, softmax
         # and scaling around two small bmms (fp32, like SDPA's CPU kernel);

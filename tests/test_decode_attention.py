@@ -349,3 +349,102 @@ def test_compiled_attention_at_one_query_row(dtype, hd, cpu_isa):
     assert takes == (hd == 64 and cpu_isa == "default")
     assert called == takes
     _check(got, q, k, v, mask, f"compiled layers.attention hd={hd} isa={cpu_isa}")
+
+
+def rope_attention_case(dtype, B=2, nq=9, nkv=3, hd=64, L_max=96, L=70, adjacent=True, seed=0):
+    """The eager decode step's operands of flora::rope_cache_attention_: q, k, v
+    as column blocks of one fused output row (k right after q where
+    ``adjacent``, else apart), the RoPE tables, full-length caches, the slot
+    (the window's last) and the key mask of the window: row b left-padded by
+    5 b slots."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    gap = 0 if adjacent else 8
+    out = r(B, (nq + 2 * nkv) * hd + gap)
+    q, k, v = out[:, :nq * hd], out[:, nq * hd + gap:(nq + nkv) * hd + gap], out[:, (nq + nkv) * hd + gap:]
+    kc, vc = r(B, nkv, L_max, hd), r(B, nkv, L_max, hd)
+    mask = torch.zeros(B, L, dtype=dtype)
+    for b in range(B):
+        mask[b, :5 * b] = NEG
+    return q, k, v, r(B, 1, 1, hd), r(B, 1, 1, hd), kc, vc, torch.tensor([L - 1]), mask
+
+
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adjacent", [True, False])
+@pytest.mark.parametrize("shape", [(2, 9, 3, 64, 96, 70), (1, 8, 2, 128, 64, 64), (3, 4, 4, 16, 300, 129)])
+def test_rope_cache_attention_is_its_two_ops(dtype, adjacent, shape):
+    """flora::rope_cache_attention_ (the eager decode step's RoPE, cache write
+    and attention in one call) gives what rope_cache_ then decode_attention
+    give, bitwise (the same kernels), and writes the caches as they do: k and
+    v at the slot only; q|k as one view where k follows q, else copied."""
+    B, nq, nkv, hd, L_max, L = shape
+    q, k, v, cos, sin, kc, vc, slot, mask = rope_attention_case(dtype, B, nq, nkv, hd, L_max, L, adjacent)
+    kc2, vc2, before, ref_kc, ref_vc = kc.clone(), vc.clone(), kc.clone(), kc.clone(), vc.clone()
+    with torch.no_grad():
+        got = torch.ops.flora.rope_cache_attention_(q, k, v, cos, sin, kc, vc, slot, mask)
+        qk = torch.cat([q, k], 1).view(B, 1, nq + nkv, hd)
+        qr = torch.ops.flora.rope_cache_(qk, v.reshape(B, 1, nkv, hd), cos, sin, kc2, vc2, slot)
+        want = torch.ops.flora.decode_attention(qr[:, 0], kc2[:, :, :L], vc2[:, :, :L], mask)
+    assert torch.equal(got, want) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    keep = torch.ones(L_max, dtype=torch.bool)
+    keep[slot] = False
+    assert torch.equal(kc[:, :, keep], before[:, :, keep])
+    # the pure-PyTorch reference: the same cache writes, and both within the error bound of
+    # the fp64 attention over the rotated q
+    ref = ops.rope_cache_attention_reference(q, k, v, cos, sin, ref_kc, ref_vc, slot, mask)
+    assert torch.equal(ref_kc, kc) and torch.equal(ref_vc, vc)
+    for out in (got, ref):
+        _check(out, qr[:, 0], kc[:, :, :L], vc[:, :, :L], mask, f"{dtype} {shape} adjacent={adjacent}")
+
+
+@compiled
+def test_rope_cache_attention_checks_opcheck_and_wrapper():
+    """Schema (two mutated caches), fake and dispatch agree (opcheck); shapes that
+    do not fit name the op; where autograd records the wrapper runs the two
+    ops' wrappers (SDPA and the RoPE composite), to the same result."""
+    args = rope_attention_case(torch.float32)
+    with torch.no_grad():
+        opcheck(torch.ops.flora.rope_cache_attention_.default, tuple(a.clone() for a in args),
+                test_utils=("test_schema", "test_faketensor"))
+    q, k, v, cos, sin, kc, vc, slot, mask = args
+    for fn in (torch.ops.flora.rope_cache_attention_, ops.REFERENCES["rope_cache_attention_"]):
+        with pytest.raises(ValueError, match="rope_cache_attention_: expected q"):
+            fn(q, k, v, cos, sin, kc, vc, slot, torch.zeros(2, 200))  # a window past the caches
+        with pytest.raises(ValueError, match="rope_cache_attention_: expected q"):
+            fn(q, k[:, :8], v, cos, sin, kc, vc, slot, mask)
+    with torch.no_grad():
+        want = ops.rope_cache_attention(q, k, v, cos, sin, kc.clone(), vc.clone(), slot, mask)
+    qg = q.clone().requires_grad_(True)
+    got = ops.rope_cache_attention(qg, k, v, cos, sin, kc.clone(), vc.clone(), slot, mask)
+    got.sum().backward()
+    assert qg.grad is not None
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+
+
+@compiled
+def test_eager_decode_step_runs_one_attention_op_per_layer():
+    """The eager decode step calls flora::rope_cache_attention_ once a layer
+    (RoPE, the cache write and the attention in one crossing into C++), and
+    its logits are those of the same step with the ops called one by one."""
+    from flora import generation
+    from llama_fixtures import llama_model, random_ids
+    from flora.model import FusedLlama
+
+    m = FusedLlama.from_pretrained(llama_model(heads=8, kv_heads=2, layers=3))
+    ids = random_ids(2, 6)
+    with generation.inference_mode(m):
+        dec = generation.Decoder(m, 2, 16, use_cuda_graph=False)
+        tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = dec.step(tok)
+        names = [e.name for e in prof.events()]
+        assert names.count("flora::rope_cache_attention_") == 3
+        dec2 = generation.Decoder(m, 2, 16, use_cuda_graph=False)
+        dec2.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        dec2.cache.attend = lambda *a: None  # the pieces: update_rotated, then layers.attention
+        want = dec2.step(tok)
+    assert torch.equal(got, want)

@@ -17,6 +17,8 @@ struct KernelInfo {
 };
 
 std::vector<KernelInfo> cpu_kernel_info();
+// The ops made of other flora ops (composite.cpp), on any device.
+std::vector<KernelInfo> composite_kernel_info(const std::string& device);
 
 // Whether flora::decode_attention on the CPU runs flora's kernel (else SDPA)
 // for unit-stride operands of this dtype, head_dim, query heads per kv head

@@ -111,8 +111,10 @@ PYBIND11_MODULE(_C, m) {
       for (const auto& k : infos) rows.emplace_back(k.op, k.device, k.impl, k.when);
     };
     add(flora::cpu_kernel_info());
+    add(flora::composite_kernel_info("cpu"));
 #ifdef FLORA_WITH_CUDA
     add(flora::cuda_kernel_info());
+    add(flora::composite_kernel_info("cuda"));
 #endif
     return rows;
   });
