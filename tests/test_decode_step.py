@@ -2,6 +2,8 @@
 eager, the attention window, and kept decoders (CUDA graphs) reused and
 invalidated on the right changes."""
 
+from pathlib import Path
+
 import pytest
 from _bench_scripts import load_bench_script
 import torch
@@ -391,3 +393,29 @@ def test_step_profile_sorts_kernels_into_kinds():
 def test_op_count_times_the_eager_step_and_prefill():
     step, prefill = _op_count().step_ms("base", 2, steps=10)
     assert 0 < step < prefill * 10 and prefill > 0
+
+
+def test_decode_host_bench_runs_a_baseline_in_the_same_process(tmp_path):
+    """bench/decode_host.py: host time per eager step of the tiny-width SmolLM2
+    structure, the per-op profile, and --baseline-src (a checkout's flora
+    imported as flora_baseline on this process's extension; here this
+    checkout itself, so the two are the same code)."""
+    from flora import _ext
+
+    if _ext.C is None:
+        pytest.skip("--baseline-src shares the compiled extension")
+    dh = load_bench_script("decode_host")
+    root = str(Path(__file__).resolve().parents[1])
+    out = tmp_path / "host.md"
+    assert dh.main(["--variants", "base", "zflora", "--dtype", "fp32", "--batch", "1", "--rounds", "2",
+                    "--steps", "4", "--warmup", "1", "--profile", "--baseline-src", root, "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "| baseline host us / step | this host us / step | x baseline |" in md
+    assert "| zflora | fp32 | 1 |" in md and "flora::rope_cache_attention_ | 1.00 |" in md
+    import sys
+
+    import flora
+
+    base = sys.modules["flora_baseline"]
+    assert base is not flora and base.model.FusedLlama is not flora.model.FusedLlama
+    assert base.__file__.startswith(root) and base._ext.C is _ext.C
