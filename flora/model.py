@@ -439,11 +439,11 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             att = None if cache is None else cache.attend(i, q, k, v, cos, sin)
             if att is None:
                 att = self._attention(i, q, k, v, B, T, cos, sin, mask, cache)
-            h, carry = o(att, state, residual=h, carry=carry, in_place=own)
+            h, carry = o(att, state, h, carry, own)  # (positional: a keyword costs the call more)
         # MLP sub-block: SwiGLU with the residual add inside the module
         with nvtx.range("mlp", i):
             h, carry, x2, xc = _norm(h, carry, post_norm, a.rms_norm_eps, stream)
-            h, carry = mlp(x2, residual=h, carry=carry, x_carry=xc, in_place=own)
+            h, carry = mlp(x2, h, carry, xc, own)
         return h, carry
 
     def _attention(self, i, q, k, v, B, T, cos, sin, mask, cache):
