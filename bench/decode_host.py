@@ -73,12 +73,24 @@ def baseline_package(src: str):
         raise SystemExit(f"--baseline-src: no flora package in {src}")
     sys.modules["flora_baseline._C"] = _ext.C  # `from . import _C` finds the loaded one
 
-    def skip(*args, **kw):  # register_fake's decorator form and the plain registrations
-        return lambda fn: fn
+    # the baseline's own registrations of flora:: ops are skipped (those of this checkout
+    # serve both); anything else registered meanwhile (a torch module imported for the
+    # first time) goes through
+    def flora_skipped(real):
+        def call(op, *args, **kw):
+            if str(op).startswith("flora::"):
+                return lambda fn: fn  # register_fake's decorator form
+            return real(op, *args, **kw)
+        return call
 
-    with mock.patch.object(torch.library, "register_fake", skip), \
-            mock.patch.object(torch.library, "register_autograd", skip), \
-            mock.patch.object(torch.library.Library, "impl", skip):
+    real_impl = torch.library.Library.impl
+
+    def impl(lib, *args, **kw):
+        return None if lib.ns == "flora" else real_impl(lib, *args, **kw)
+
+    with mock.patch.object(torch.library, "register_fake", flora_skipped(torch.library.register_fake)), \
+            mock.patch.object(torch.library, "register_autograd", flora_skipped(torch.library.register_autograd)), \
+            mock.patch.object(torch.library.Library, "impl", impl):
         spec = importlib.util.spec_from_file_location("flora_baseline", os.path.join(root, "__init__.py"),
                                                       submodule_search_locations=[root])
         pkg = importlib.util.module_from_spec(spec)
@@ -168,8 +180,8 @@ def run_case(pkgs: dict, variant: str, dt: str, batch: int, args) -> dict:
         if args.profile:
             row["profile"] = {n: p.profile() for n, p in probes.items()}
         return row
-    finally:
-        for p in probes.values():
+    finally:  # last in, first out: each probe's inference mode restores what it found
+        for p in reversed(list(probes.values())):
             p.close()
 
 
@@ -205,25 +217,30 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1; --real: 2)")
     p.add_argument("--real", action="store_true", help="SmolLM2-135M itself (wall time, tokens/s)")
-    p.add_argument("--profile", action="store_true", help="+ a per-op table of one step per case")
+    p.add_argument("--profile", action="store_true", help="+ a per-op table of five steps per case")
     p.add_argument("--baseline-src", default=None, help="a checkout whose flora/ runs as the baseline")
     p.add_argument("--out", default=None, help="also write the markdown here")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or (2 if args.real else 1))
-    pkgs = {"this": flora} if args.baseline_src is None else {"baseline": baseline_package(args.baseline_src),
-                                                             "this": flora}
-    rows = []
-    for v in args.variants:
-        for dt in args.dtype:
-            for b in args.batch:
-                rows.append(run_case(pkgs, v, dt, b, args))
-                print({k: x for k, x in rows[-1].items() if k != "profile"}, file=sys.stderr, flush=True)
-    cmd = "python bench/decode_host.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = markdown(rows, list(pkgs), args.real, cmd.strip())
+    try:  # (the caller's thread count back after: a test calls main())
+        pkgs = {"this": flora} if args.baseline_src is None else {
+            "baseline": baseline_package(args.baseline_src), "this": flora}
+        rows = []
+        for v in args.variants:
+            for dt in args.dtype:
+                for b in args.batch:
+                    rows.append(run_case(pkgs, v, dt, b, args))
+                    print({k: x for k, x in rows[-1].items() if k != "profile"}, file=sys.stderr, flush=True)
+        cmd = ("python bench/decode_host.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+        md = markdown(rows, list(pkgs), args.real, cmd)
+        doc = {"command": cmd, "threads": torch.get_num_threads(), "rows": rows}
+    finally:
+        torch.set_num_threads(threads)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    publish(md, {"command": cmd.strip(), "threads": torch.get_num_threads(), "rows": rows}, args.out, args.json)
+    publish(md, doc, args.out, args.json)
     return 0
 
 
