@@ -25,7 +25,7 @@ memory bandwidth; decode rows show their GB/s as % of it.
 
 --gemv-max-m N sets FLORA_CPU_GEMV_MAX_M before flora loads, so the decode
 kernel also runs at larger M (to choose the dispatch threshold).
---isa avx512|avx2|aten picks the CPU path (flora._C.set_cpu_isa).
+--isa avx512_bf16|avx512|avx2|aten picks the CPU path (flora._C.set_cpu_isa).
 --device cuda times with CUDA events (optionally CUDA graphs, --graphs):
 each event pair brackets --calls calls (one captured graph of them with
 --graphs), and the weights rotate through a pool of copies whose total size
@@ -316,7 +316,7 @@ def main(argv=None):
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--shapes", default=None, help="comma list of qkv,o,gate/up,down")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds of repeats per timing")
-    p.add_argument("--isa", default=None, help="CPU path: avx512, avx2 or aten")
+    p.add_argument("--isa", default=None, help="CPU path: avx512_bf16, avx512, avx2 or aten")
     p.add_argument("--gemv-max-m", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--pointwise", action="store_true",

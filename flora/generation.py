@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from . import nvtx, ops
-from .layers import (attention_mask_4d, causal_prompt, check_id_dtype, check_token_ids, positions_from_mask,
-                     slot_mask)
+from .layers import (attention_mask_4d, causal_prompt, check_id_dtype, check_token_ids, cpu_decode_kernel_takes,
+                     positions_from_mask, slot_mask)
 
 
 def bucket_size(device: torch.device) -> int:
@@ -81,6 +81,10 @@ class StaticKVCache:
         self.n: Optional[int] = None  # decode: the first n rows step (None: all)
         self._windows: dict = {}  # (length, n) -> per-layer views of the window, made once
         self._rows: dict = {}  # n -> per-layer views of the first n rows, made once
+        # compiled CPU decode: whether the attention op runs flora's kernel for this step's
+        # window (Decoder._step asks before the trace; flora.layers.attention)
+        self.decode_kernel: Optional[bool] = None
+        self.key_mask: Optional[Tensor] = None  # decode: the additive key mask [n, length] (attend)
 
     def window(self, layer: int):
         if torch.compiler.is_compiling():
@@ -115,6 +119,17 @@ class StaticKVCache:
             return None
         q = ops.rope_cache(qk, v, cos, sin, *self.stepped(layer), self.slot)
         return (q, *self.window(layer))
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Optional[Tensor]:
+        """A decode step's attention output [B, nq * hd] from the projections q
+        [B, nq * hd], k and v [B, nkv * hd]: RoPE, the write at slot and the
+        attention over the window in one op (flora.ops.rope_cache_attention).
+        None where the pieces run instead: a prefill (update), no key mask set,
+        and under torch.compile (update_rotated, then layers.attention: Inductor
+        fuses RoPE with the write, and the step picks the attention's form)."""
+        if self.prefill_len is not None or self.key_mask is None or torch.compiler.is_compiling():
+            return None
+        return ops.rope_cache_attention(q, k, v, cos, sin, *self.stepped(layer), self.slot, self.key_mask)
 
     def update(self, layer: int, k: Tensor, v: Tensor):
         if self.prefill_rows is not None:  # rows joining a running batch: slots start .. start+T-1
@@ -248,7 +263,7 @@ class Decoder:
         # each row's adapter slot in a stacked model (-1: the base), written before each prefill
         self.rows = (None if getattr(model, "stacked", None) is None
                      else torch.full((batch,), -1, dtype=torch.long, device=dev))
-        self._masks: dict = {}  # (window length, rows) -> view of the mask
+        self._masks: dict = {}  # (window length, rows) -> views of the mask (_mask)
         self._views: dict = {}  # rows -> views of the step's inputs
         self.use_cuda_graph = use_cuda_graph and dev.type == "cuda"
         self.compile = compile
@@ -448,10 +463,12 @@ class Decoder:
         g.last.fill_(T - 1)
         return g.run()
 
-    def _mask(self, L: int, n: Optional[int] = None) -> Tensor:
+    def _mask(self, L: int, n: Optional[int] = None) -> tuple:
+        """The step's key mask [n, 1, 1, L] (run_layers') and as [n, L] (the cache's)."""
         m = self._masks.get((L, n))
         if m is None:
-            m = self._masks[(L, n)] = self.mask[:n, ..., :L]
+            m4 = self.mask[:n, ..., :L]
+            m = self._masks[(L, n)] = m4, m4.view(m4.shape[0], L)
         return m
 
     def _inputs(self, n: Optional[int]) -> tuple:
@@ -463,8 +480,13 @@ class Decoder:
 
     def _step(self, L: int, n: Optional[int] = None) -> Tensor:
         self.cache.length, self.cache.n = L, n
+        if self.compile and self.device.type == "cpu":  # a constant to the trace (dynamo guards on it)
+            a = self.model.arch
+            self.cache.decode_kernel = cpu_decode_kernel_takes(
+                self.model.dtype, a.head_dim, a.num_attention_heads // a.num_key_value_heads, L)
         ids, pos, rows = self._inputs(n)
-        return self._fn(self.model, ids, pos, self._mask(L, n), self.cache, rows)
+        mask, self.cache.key_mask = self._mask(L, n)
+        return self._fn(self.model, ids, pos, mask, self.cache, rows)
 
     def step(self, tokens: Tensor, n_rows: Optional[int] = None) -> Tensor:
         """Feed tokens [B] at the next slot; return logits [B, V] for the following

@@ -64,9 +64,8 @@ def format_info(d: dict | None = None) -> str:
         f"flora {d['flora']}  torch {d['torch']}",
         f"extension: {d['extension']}",
     ]
-    if d["cpu_isa"]:
-        bf16 = " (avx512_bf16)" if d["avx512_bf16"] else ""
-        lines.append(f"cpu isa: {d['cpu_isa']} (detected {d['cpu_isa_detected']}{bf16})")
+    if d["cpu_isa"]:  # levels: avx512_bf16 > avx512 > avx2 > aten (FLORA_CPU_ISA caps it)
+        lines.append(f"cpu isa: {d['cpu_isa']} (detected {d['cpu_isa_detected']})")
     lines.append(
         f"cuda: kernels built for {d['cuda_archs']}" if d["cuda_archs"] else "cuda: not built"
     )

@@ -83,7 +83,8 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+              decode_kernel: Optional[bool] = None) -> Tensor:
     """Grouped-query attention: q [B, T, heads, hd], k/v [B, kv_heads, L, hd],
     mask [B, 1, T, L] (additive or boolean) or None: causal over slots
     0 .. T-1 with T == L (no padding, or padding at the end that nothing
@@ -99,16 +100,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
     flora's split-key kernel where it runs (under torch.compile too), else SDPA
     with the query heads sharing a kv head as that head's query rows ([B, kv,
     group, hd]): plain masked attention, never expanding the keys. Compiled on
-    the CPU where the kernel does not take the shape: written out for Inductor."""
+    the CPU the op is called only where ``decode_kernel`` says flora's kernel
+    runs (:func:`cpu_decode_kernel_takes`, asked by the caller outside the
+    trace: a Python constant to dynamo); else, or when None, written out for
+    Inductor."""
     B, T, nh, hd = q.shape
     nkv = k.shape[1]
     cpu_compiled = q.device.type == "cpu" and torch.compiler.is_compiling()
-    if T == 1 and mask is not None and mask.dtype == q.dtype and (not cpu_compiled or _cpu_kernel_takes(q, k)):
+    if T == 1 and mask is not None and mask.dtype == q.dtype and (not cpu_compiled or decode_kernel):
         # the decoder's step: additive mask [B, 1, 1, L] over the cache window. Compiled
         # on the CPU too (Inductor calls the kernel): 0.34-0.59x the written-out form's
         # time in fp32, 0.05-0.39x in bf16, SmolLM2 / 1B / 3B heads at 64-4096 keys
         # (bench/RESULTS.md, "Decode attention", 2026-11-28 23:42)
-        return ops.decode_attention(q.view(B, nh, hd), k, v, mask[:, 0, 0])
+        return ops.decode_attention(q.view(B, nh, hd), k, v, mask.view(B, mask.shape[-1]))
     if T == 1 and cpu_compiled:
         # Other compiled CPU decode: written out, Inductor fuses the mask, softmax
         # and scaling around two small bmms (fp32, like SDPA's CPU kernel);
@@ -127,15 +131,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
     return out.transpose(1, 2).reshape(B * T, nh * hd)
 
 
-def _cpu_kernel_takes(q: Tensor, k: Tensor) -> bool:
-    """Does flora's CPU decode-attention kernel run for q [B, T, nh, hd] and k
-    [B, nkv, L, hd] (else the op runs SDPA): the extension built, fp32 / bf16
-    / fp16, head_dim a multiple of 8 up to 256, up to 8 query heads per kv
-    head (csrc/cpu/register.cpp; shapes only, so it traces under compile:
-    FLORA_CPU_ISA=aten, whose op takes SDPA, is not seen)."""
-    hd = q.shape[-1]
-    return (_ext.C is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and hd % 8 == 0 and hd <= 256 and q.shape[-2] // k.shape[1] <= 8)
+def cpu_decode_kernel_takes(dtype: torch.dtype, head_dim: int, group: int, keys: int) -> bool:
+    """Does ``flora::decode_attention`` on the CPU run flora's kernel (else
+    SDPA) for operands of ``dtype``, ``head_dim``, ``group`` query heads per kv
+    head and a window of ``keys`` keys, with the CPU ISA set now (FLORA_CPU_ISA,
+    flora._C.set_cpu_isa)? The op's own rule, from the extension
+    (csrc/cpu/register.cpp); False without it. Plain ints, asked outside a
+    trace: under torch.compile dynamo may hand symbolic sizes, which the
+    extension cannot take."""
+    return _ext.C is not None and _ext.C.cpu_decode_attention_takes(dtype, head_dim, group, keys)
 
 
 def written_out_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:

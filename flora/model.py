@@ -23,7 +23,7 @@ from . import adapter_io, nvtx, ops
 from .adapters import AdapterRegistry, describe
 from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, causal_lm_loss, check_id_dtype,
                      check_token_ids, chunked_lm_loss, chunked_target_stats, positions_from_mask, prompt_mask,
-                     rms_norm, rope_cos_sin, rope_inv_freq)
+                     rope_cos_sin, rope_inv_freq)
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
 from .config import ZFLORA_FAMILY, LlamaArch
 from .generation import generate
@@ -33,7 +33,7 @@ from .modules import (FusedAttentionProjections, FusedLMHead, FusedMLP, FusedOut
 
 
 def _halves(t: Tensor, d: int) -> tuple:
-    return t[:, :d], t[:, d:]
+    return t.split_with_sizes([d, t.shape[1] - d], 1)  # one call, not two slices
 
 
 def _norm(h: Tensor, carry: Optional[Tensor], weight: Tensor, eps: float, stream: bool) -> tuple:
@@ -49,11 +49,14 @@ def _norm(h: Tensor, carry: Optional[Tensor], weight: Tensor, eps: float, stream
     apart: a copy would cost the decode kernels, which take them apart, one
     launch more."""
     if stream and carry is not None:
-        hz = torch.cat([h, carry], 1) if torch.compiler.is_compiling() else ops.adjacent(h, carry)
-        if hz is not None:
-            d = h.shape[1]
-            return (*_halves(hz, d), *_halves(rms_norm(hz, weight, eps), d))
-    return h, carry, rms_norm(h, weight, eps), carry
+        d = h.shape[1]
+        if torch.compiler.is_compiling():
+            hz = torch.cat([h, carry], 1)
+            return (*_halves(hz, d), *_halves(ops.rms_norm(hz, weight, eps), d))
+        hz = ops.adjacent(h, carry)
+        if hz is not None:  # h and carry are its halves already
+            return (h, carry, *_halves(ops.rms_norm(hz, weight, eps), d))
+    return h, carry, ops.rms_norm(h, weight, eps), carry  # h is [M, d]: no reshape (layers.rms_norm)
 
 
 def _sharded(module) -> bool:
@@ -89,6 +92,13 @@ class FusedLlamaLayer(nn.Module):
         self.o = FusedOutputProjection(sd[p + "self_attn.o_proj.weight"], **kw)
         self.mlp = FusedMLP(sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"],
                                 sd[p + "mlp.down_proj.weight"], **kw)
+
+    def parts(self) -> tuple:
+        """(input_norm, attn, o, post_norm, mlp): read from nn.Module's dicts in one
+        call, where each attribute read goes through nn.Module.__getattr__ (~1 us
+        each, five a layer in a decode step)."""
+        b, m = self._buffers, self._modules
+        return b["input_norm"], m["attn"], m["o"], b["post_norm"], m["mlp"]
 
 
 class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
@@ -416,38 +426,49 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
 
     def _layer(self, layer, i, h, carry, B, T, cos, sin, mask, cache):
         a = self.arch
-        hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
         stream = self._streams()
         # h is ours to write over, but not where autograd records: a checkpointed
         # layer recomputes from its saved input h, which must stay as it was
         own = not torch.is_grad_enabled()
+        input_norm, attn, o, post_norm, mlp = layer.parts()
         # attention sub-block: x = RMSNorm(h); q, k, v (+ adapter state for o)
         with nvtx.range("attn", i):  # NVTX ranges: no-ops unless flora.nvtx.enable()
-            h, carry, x, xc = _norm(h, carry, layer.input_norm, a.rms_norm_eps, stream)
-            q, k, v, state = layer.attn(x, xc)
-            qk, v = ops.adjacent(q, k), v.view(B, T, nkv, hd)
-            # a decode step: q and k side by side in the fused output, rotated in one
-            # pass that also writes k and v into the cache
-            qkv = None if qk is None or cache is None else cache.update_rotated(
-                i, qk.view(B, T, nh + nkv, hd), v, cos, sin)
-            if qkv is not None:
-                q, k, v = qkv
-            else:
-                if qk is not None:  # q and k side by side: rotate both at once
-                    qk = apply_rope(qk.view(B, T, nh + nkv, hd), cos, sin)
-                    q, k = qk[:, :, :nh], qk[:, :, nh:]
-                else:
-                    q, k = apply_rope(q.view(B, T, nh, hd), cos, sin), apply_rope(k.view(B, T, nkv, hd), cos, sin)
-                k, v = k.transpose(1, 2), v.transpose(1, 2)
-                if cache is not None:
-                    k, v = cache.update(i, k, v)
-            att = attention(q, k, v, mask)
-            h, carry = layer.o(att, state, residual=h, carry=carry, in_place=own)
+            h, carry, x, xc = _norm(h, carry, input_norm, a.rms_norm_eps, stream)
+            q, k, v, state = attn(x, xc)
+            # an eager decode step: RoPE, the cache write and the attention in one op
+            att = None if cache is None else cache.attend(i, q, k, v, cos, sin)
+            if att is None:
+                att = self._attention(i, q, k, v, B, T, cos, sin, mask, cache)
+            h, carry = o(att, state, h, carry, own)  # (positional: a keyword costs the call more)
         # MLP sub-block: SwiGLU with the residual add inside the module
         with nvtx.range("mlp", i):
-            h, carry, x2, xc = _norm(h, carry, layer.post_norm, a.rms_norm_eps, stream)
-            h, carry = layer.mlp(x2, residual=h, carry=carry, x_carry=xc, in_place=own)
+            h, carry, x2, xc = _norm(h, carry, post_norm, a.rms_norm_eps, stream)
+            h, carry = mlp(x2, h, carry, xc, own)
         return h, carry
+
+    def _attention(self, i, q, k, v, B, T, cos, sin, mask, cache):
+        """Attention from the projections q, k, v [M, width] where
+        StaticKVCache.attend does not take the step: RoPE, the cache's update,
+        layers.attention."""
+        a = self.arch
+        hd, nh, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
+        # q and k side by side in the fused output: rotated at once (a decode step: in
+        # one pass that also writes k and v into the cache)
+        qk, v = ops.adjacent(q, k), v.view(B, T, nkv, hd)
+        qk = None if qk is None else qk.view(B, T, nh + nkv, hd)
+        qkv = None if qk is None or cache is None else cache.update_rotated(i, qk, v, cos, sin)
+        if qkv is not None:
+            q, k, v = qkv
+        else:
+            if qk is not None:
+                qk = apply_rope(qk, cos, sin)
+                q, k = qk[:, :, :nh], qk[:, :, nh:]
+            else:
+                q, k = apply_rope(q.view(B, T, nh, hd), cos, sin), apply_rope(k.view(B, T, nkv, hd), cos, sin)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            if cache is not None:
+                k, v = cache.update(i, k, v)
+        return attention(q, k, v, mask, None if cache is None else cache.decode_kernel)
 
     # ------------------------------------------------------------ generation
     def generate(self, input_ids: Tensor, max_new_tokens: int = 32, temperature: float = 0.0,

@@ -52,6 +52,9 @@ SCHEMAS = {
     "silu_mul_": "silu_mul_(Tensor g, Tensor(a!) u) -> ()",
     # a decode step's attention over its KV-cache window, split over the keys
     "decode_attention": "decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, int splits=0) -> Tensor",
+    # the eager decode step's rope_cache_ then decode_attention in one call (one dispatch)
+    "rope_cache_attention_": ("rope_cache_attention_(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, "
+                              "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot, Tensor mask) -> Tensor"),
 }
 OPS = ("ffl", "fbl", "ffbl")  # the three blocks
 POINTWISE = ("rms_norm", "rope", "silu_mul")
@@ -396,6 +399,40 @@ def decode_attention_reference(q, k, v, mask, splits=0):
     return (p @ v.float()).to(q.dtype).reshape(B, nq * hd)
 
 
+def check_rope_cache_attention(q, k, v, k_cache, mask):
+    """rope_cache_attention_'s own shapes (its two ops check the rest)."""
+    caches = k_cache.dim() == 4 and k_cache.shape[3] > 0
+    kv = k_cache.shape[1] * k_cache.shape[3] if caches else -1
+    if not (caches and q.dim() == 2 and k.dim() == 2 and v.dim() == 2 and k.shape[0] == q.shape[0]
+            and v.shape[0] == q.shape[0] and q.shape[1] % k_cache.shape[3] == 0 and k.shape[1] == kv
+            and v.shape[1] == kv and mask.dim() == 2 and mask.shape[0] == q.shape[0]
+            and mask.shape[1] <= k_cache.shape[2]):
+        raise ValueError(f"flora.rope_cache_attention_: expected q [B, nq * hd], k and v [B, nkv * hd] (one query "
+                         f"row per sequence), caches [B, nkv, L_max, hd] and mask [B, L] with L <= L_max, got "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}, caches {list(k_cache.shape)} and "
+                         f"mask {list(mask.shape)}")
+
+
+def _rope_cache_attention(rope_cache_fn, attention_fn, q, k, v, cos, sin, k_cache, v_cache, slot, mask):
+    """rope_cache_attention_ from its two ops (given as functions: references,
+    fakes or wrappers)."""
+    check_rope_cache_attention(q, k, v, k_cache, mask)
+    B, nkv, _, hd = k_cache.shape
+    qk = torch.cat([q, k], 1).view(B, 1, -1, hd)
+    qr = rope_cache_fn(qk, v.reshape(B, 1, nkv, hd), cos, sin, k_cache, v_cache, slot)
+    L = mask.shape[1]
+    return attention_fn(qr[:, 0], k_cache[:, :, :L], v_cache[:, :, :L], mask)
+
+
+def rope_cache_attention_reference(q, k, v, cos, sin, k_cache, v_cache, slot, mask):
+    """rope_cache_ over q|k [B, 1, nq + nkv, hd] and v [B, 1, nkv, hd] (the
+    heads of q [B, nq * hd], k and v [B, nkv * hd]), then decode_attention of
+    the rotated q over the caches' first L slots (L = the mask's width)
+    -> [B, nq * hd]."""
+    return _rope_cache_attention(rope_cache_reference, decode_attention_reference, q, k, v, cos, sin, k_cache,
+                                 v_cache, slot, mask)
+
+
 def silu_mul_reference(g, u):
     check_silu_mul(g, u)
     return _silu_mul(g, u)
@@ -416,7 +453,8 @@ def silu_mul_inplace_reference(g, u):
 REFERENCES = {"ffl": ffl_reference, "fbl": fbl_reference, "fbl_": fbl_inplace_reference, "ffbl": ffbl_reference,
               "rms_norm": rms_norm_reference, "rope": rope_reference, "rope_cache_": rope_cache_reference,
               "silu_mul": silu_mul_reference,
-              "silu_mul_": silu_mul_inplace_reference, "decode_attention": decode_attention_reference}
+              "silu_mul_": silu_mul_inplace_reference, "decode_attention": decode_attention_reference,
+              "rope_cache_attention_": rope_cache_attention_reference}
 
 
 # --------------------------------------------------------------------------
@@ -446,6 +484,18 @@ def _register():
 
 
 _register()
+# Each op's one overload, looked up once: the wrappers run once per op call of a decode
+# step, where torch.ops.flora.<op>(...) (the packet's overload resolution) costs ~0.2 us
+# more. Eager calls take the overload's C++ callable itself (OpOverload.__call__ is a
+# Python frame around it: ~0.7 us a call); dynamo traces the overload, so under
+# torch.compile the wrappers call that (_ops()).
+_OP = type("_Overloads", (), {name: getattr(torch.ops.flora, name).default for name in SCHEMAS})
+_EAGER = type("_Callables", (), {name: staticmethod(getattr(getattr(_OP, name), "_op", getattr(_OP, name)))
+                                  for name in SCHEMAS})
+
+
+def _ops():
+    return _OP if torch.compiler.is_compiling() else _EAGER
 
 
 @torch.library.register_fake("flora::rms_norm")
@@ -486,6 +536,12 @@ def _silu_mul_inplace_fake(g, u):
 def _decode_attention_fake(q, k, v, mask, splits=0):
     check_decode_attention(q, k, v, mask)
     return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
+
+
+@torch.library.register_fake("flora::rope_cache_attention_")
+def _rope_cache_attention_fake(q, k, v, cos, sin, k_cache, v_cache, slot, mask):
+    return _rope_cache_attention(_rope_cache_fake, _decode_attention_fake, q, k, v, cos, sin, k_cache, v_cache,
+                                 slot, mask)
 
 
 @torch.library.register_fake("flora::ffl")
@@ -663,10 +719,13 @@ def ffl(
     repeat_rank: Optional[int] = None,
     z_in: Optional[Tensor] = None,
     res: Optional[Tensor] = None,
+    split: Optional[Sequence[int]] = None,
 ):
     """Fused forward layer: ``[y | z] = x [W; A]^T`` in one product.
 
     x [M, K], W [N, K], A [R, K] -> y [M, N], z [M, R] (views of one buffer).
+    ``split`` (widths summing to N): y's column blocks of those widths instead
+    of y, then z (the fused q/k/v output as q, k, v, z), cut by one call.
 
     Epilogues: ``z_in`` [M, R] is added to z (summed adapter states, a
     zflora stream's carry), ``res`` [M, N] to y (the residual); the
@@ -680,11 +739,9 @@ def ffl(
         if repeat is not None:
             raise ValueError("flora.ffl: give either repeat_add=True or repeat=[...], not both")
         repeat, repeat_rank = [W.shape[0]], A.shape[0] if A.dim() == 2 else 0
-    repeat = list(repeat or [])
-    rc = int(repeat_rank or 0)
-    out = torch.ops.flora.ffl(x, W, A, float(s), repeat, rc, z_in, res)
+    out = _ops().ffl(x, W, A, float(s), list(repeat) if repeat else [], int(repeat_rank or 0), z_in, res)
     N = W.shape[0]
-    return out[:, :N], out[:, N:]
+    return out.split_with_sizes([*split, out.shape[1] - N] if split is not None else [N, out.shape[1] - N], 1)
 
 
 def fbl(
@@ -711,9 +768,9 @@ def fbl(
     records or under autocast, a new tensor as without it.
     """
     if into_res and res is not None and _inference(res, u, z, W, B):
-        torch.ops.flora.fbl_(res, u, z, W, B, float(s), relu)
+        _ops().fbl_(res, u, z, W, B, float(s), relu)
         return res
-    return torch.ops.flora.fbl(u, z, W, B, float(s), res, relu)
+    return _ops().fbl(u, z, W, B, float(s), res, relu)
 
 
 def adjacent(a: Tensor, b: Tensor) -> Optional[Tensor]:
@@ -767,7 +824,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     first d columns are normalised and the last t handed through unchanged,
     so a reader's GEMM takes [n(h) | z] as one operand (ADAPTERS.md)."""
     if _fused(x, weight):
-        return torch.ops.flora.rms_norm(x, weight, float(eps))
+        return _EAGER.rms_norm(x, weight, float(eps))
     return _rms_norm(x, weight, eps)
 
 
@@ -776,7 +833,7 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x cos + rotate_half(x) sin with the sign of rotate_half folded into sin
     (cos, sin [B, T, 1, head_dim] from flora.layers.rope_cos_sin). One pass."""
     if _fused(x, cos, sin):
-        return torch.ops.flora.rope(x, cos, sin)
+        return _EAGER.rope(x, cos, sin)
     return _rope(x, cos, sin)
 
 
@@ -789,7 +846,7 @@ def rope_cache(qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
     index_copy_ ran three; the composite under torch.compile (Inductor
     fuses it) or where autograd records."""
     if _fused(qk, v, cos, sin, k_cache, v_cache):
-        return torch.ops.flora.rope_cache_(qk, v, cos, sin, k_cache, v_cache, slot)
+        return _EAGER.rope_cache_(qk, v, cos, sin, k_cache, v_cache, slot)
     return _rope_cache(qk, v, cos, sin, k_cache, v_cache, slot)
 
 
@@ -805,8 +862,23 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     and never a masked slot; SDPA over the grouped heads where it does not
     run (training, autocast, or a shape it does not take)."""
     if _inference(q, k, v, mask):
-        return torch.ops.flora.decode_attention(q, k, v, mask)
+        return _ops().decode_attention(q, k, v, mask)
     return grouped_sdpa(q, k, v, mask)
+
+
+def rope_cache_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                         v_cache: Tensor, slot: Tensor, mask: Tensor) -> Tensor:
+    """A decode step's attention from the fused q/k/v output's blocks q [B, nq *
+    hd], k and v [B, nkv * hd] (one query row per sequence): :func:`rope_cache`
+    (q|k rotated, k and v written into k_cache / v_cache [B, nkv, L_max, hd] at
+    slot [1]), then :func:`decode_attention` of the rotated q over the caches'
+    first L slots, L the additive key mask's width ([B, L]) -> [B, nq * hd].
+    In inference one op call (the eager step: one crossing into C++, which
+    views the heads, q|k as one view where k follows q); else the two
+    wrappers in turn."""
+    if _fused(q, k, v, cos, sin, k_cache, v_cache, mask):
+        return _EAGER.rope_cache_attention_(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
+    return _rope_cache_attention(rope_cache, decode_attention, q, k, v, cos, sin, k_cache, v_cache, slot, mask)
 
 
 def silu_mul(g: Tensor, u: Tensor, *, over_u: bool = False) -> Tensor:
@@ -819,8 +891,8 @@ def silu_mul(g: Tensor, u: Tensor, *, over_u: bool = False) -> Tensor:
     projection's GEMM reads [mid | z] as one operand. Elsewhere a new tensor."""
     if _fused(g, u):
         if not over_u:
-            return torch.ops.flora.silu_mul(g, u)
-        torch.ops.flora.silu_mul_(g, u)
+            return _EAGER.silu_mul(g, u)
+        _EAGER.silu_mul_(g, u)
         return u
     return _silu_mul(g, u)
 
@@ -843,6 +915,6 @@ def ffbl(
     u [M, K], z [M, R], W [N, K], B [N, R], A [R', K], C [R', R]
     -> y [M, N], z' [M, R'] (views of one buffer).
     """
-    out = torch.ops.flora.ffbl(u, z, W, B, A, C, float(s), res, relu)
+    out = _ops().ffbl(u, z, W, B, A, C, float(s), res, relu)
     N = W.shape[0]
-    return out[:, :N], out[:, N:]
+    return out.split_with_sizes([N, out.shape[1] - N], 1)

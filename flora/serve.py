@@ -1005,6 +1005,11 @@ class _ScoreKV:
         self.start, self.T, self.saved = start, T, saved
         self.kept = [[] for _ in saved]  # per saved: (keys, values) a layer
 
+    decode_kernel = None  # a prefill's attention: no decode step to choose a kernel for
+
+    def attend(self, *args):  # the decode step's RoPE, cache write and attention in one op: not here
+        return None
+
     def update_rotated(self, *args):  # the decode step's fused RoPE and cache write: not here
         return None
 

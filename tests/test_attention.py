@@ -190,8 +190,8 @@ def test_end_padded_training_batch_runs_causal(monkeypatch):
 
     causal = []
     real_attention = flora.model.attention
-    monkeypatch.setattr(flora.model, "attention", lambda q, k, v, mk: causal.append(mk is None)
-                        or real_attention(q, k, v, mk))
+    monkeypatch.setattr(flora.model, "attention", lambda q, k, v, mk, *rest: causal.append(mk is None)
+                        or real_attention(q, k, v, mk, *rest))
     with torch.no_grad():
         logits = m(ids, attention_mask=mask).logits  # logits returned: masked
     assert not any(causal)

@@ -1,7 +1,7 @@
 """CPU decode kernels (csrc/cpu/kernels) against a float64 reference.
 
-Every ISA path this CPU supports runs (avx512 / avx2 / aten, switched with
-flora._C.set_cpu_isa), for fp32 / bf16 / fp16, odd shapes, strided views and
+Every ISA path this CPU supports runs (avx512_bf16 / avx512 / avx2 / aten,
+switched with flora._C.set_cpu_isa), for fp32 / bf16 / fp16, odd shapes, strided views and
 every epilogue. The tolerance is tied to the error torch itself makes doing
 the same computation in the same dtype: tol = 2 * max|torch - ref64| + tiny,
 tiny = 2 ulps at the output's largest magnitude.
@@ -15,7 +15,7 @@ from flora import _ext, ops
 C = _ext.C
 pytestmark = pytest.mark.skipif(C is None, reason="flora extension not built")
 
-ORDER = ["aten", "avx2", "avx512"]
+ORDER = ["aten", "avx2", "avx512", "avx512_bf16"]
 ISAS = ORDER[: ORDER.index(C.detected_cpu_isa()) + 1] if C else []
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -268,6 +268,8 @@ def test_info_lists_cpu_dispatch(isa):
     impls = " | ".join(f"{k['impl']} [{k['when']}]" for k in rows)
     assert "aten matmul on fused storage" in impls and "backward" in impls
     if isa != "aten":
-        assert f"{isa}" in impls and "gemv decode kernel" in impls
+        assert isa.split("_")[0] in impls and "gemv decode kernel" in impls
+        # the bf16 dot products (gemv and attention scores) at avx512_bf16 only
+        assert ("bf16 dot" in impls and "bf16 scores" in impls) == (isa == "avx512_bf16")
     else:
         assert "gemv" not in impls

@@ -9,16 +9,15 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from flora import _ext, ops
+from flora import _ext, layers, ops
 from flora.layers import attention
 
 compiled = pytest.mark.skipif(_ext.C is None, reason=f"extension not built: {_ext.ERROR}")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEG = float("-inf")
 # the CPU kernel's bodies: scalar (aten), AVX2 and AVX-512 vector bodies, as this CPU has them
-# ("avx512" runs bf16 scores by VDPBF16PS where the CPU has avx512_bf16; the plain AVX-512 body's
-# bf16 there: tests/cpp/test_cpu_kernels.cpp)
-ORDER = ["aten", "avx2", "avx512"]
+# ("avx512_bf16" scores bf16 by VDPBF16PS; "avx512" runs the plain AVX-512 body, bf16 included)
+ORDER = ["aten", "avx2", "avx512", "avx512_bf16"]
 ISAS = ORDER[: ORDER.index(_ext.C.detected_cpu_isa()) + 1] if _ext.C is not None else []
 
 
@@ -93,8 +92,8 @@ def test_op_matches_reference(dtype, shape, splits):
     (1, 12, 3, 64, 1000)])
 @pytest.mark.parametrize("splits", [0, 1, 3])
 def test_kernel_bodies_at_their_edges(isa, dtype, shape, splits):
-    """Each body of the CPU kernel (scalar, AVX2, AVX-512; bf16 scores by
-    VDPBF16PS on a CPU with avx512_bf16) against the fp64 reference where
+    """Each body of the CPU kernel (scalar, AVX2, AVX-512, and AVX-512 with bf16
+    scores by VDPBF16PS on a CPU with avx512_bf16) against the fp64 reference where
     its register blocks do not divide the work: the kv
     head's query heads in blocks of up to 4, the listed keys in score blocks
     (the last padded), head_dim in P x V blocks, masked keys scattered so
@@ -257,15 +256,77 @@ def test_attention_at_one_query_row_takes_the_op(monkeypatch, dtype):
     assert got.shape == want.shape
 
 
+def _sdpa_ran(fn) -> bool:
+    """Did ``fn()`` reach SDPA (the op's fallback; the kernel never calls it)?"""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any("scaled_dot_product" in e.name for e in prof.events())
+
+
+@compiled
+@pytest.mark.parametrize("case", [(torch.float32, 64, 4, 90), (torch.bfloat16, 64, 3, 300),
+                                  (torch.float16, 128, 8, 33), (torch.float32, 12, 4, 90),
+                                  (torch.float32, 264, 1, 20), (torch.float32, 16, 16, 40),
+                                  (torch.float64, 64, 4, 90)])
+def test_kernel_rule_is_what_the_op_runs(isa, case):
+    """flora._C.cpu_decode_attention_takes (what the compiled decode step asks)
+    says True exactly where the op runs flora's kernel, at each ISA level: the
+    op's own rule, one definition in csrc/cpu/register.cpp."""
+    dtype, hd, G, L = case
+    q, k, v, mask = attention_case(dtype, B=2, nq=2 * G, nkv=2, hd=hd, L=L)
+    takes = layers.cpu_decode_kernel_takes(dtype, hd, G, L)
+    with torch.no_grad():
+        assert _sdpa_ran(lambda: torch.ops.flora.decode_attention(q, k, v, mask)) == (not takes)
+    assert takes == (isa != "aten" and dtype != torch.float64 and hd % 8 == 0 and hd <= 256 and G <= 8)
+
+
+_ENV_RULE = """
+import torch
+from flora import _ext, layers
+from test_decode_attention import _sdpa_ran, attention_case
+q, k, v, mask = attention_case(torch.float32, B=1, nq=9, nkv=3, hd=64, L=70)
+with torch.no_grad():
+    ran = _sdpa_ran(lambda: torch.ops.flora.decode_attention(q, k, v, mask))
+print(_ext.C.cpu_isa(), layers.cpu_decode_kernel_takes(torch.float32, 64, 3, 70), ran)
+"""
+
+
+@compiled
+@pytest.mark.parametrize("env", [{"FLORA_CPU_ISA": "aten"}, {"FLORA_CPU_ISA": "avx2"},
+                                 {"FLORA_CPU_ATTENTION_MAX_KEYS": "64"}])
+def test_kernel_rule_sees_the_environment(env):
+    """FLORA_CPU_ISA (read once, at the extension's first use) and the window
+    cap FLORA_CPU_ATTENTION_MAX_KEYS reach the rule as they reach the op: a
+    fresh process each (SmolLM2's heads, 70 keys)."""
+    import os
+    import subprocess
+    import sys
+
+    if env.get("FLORA_CPU_ISA", "aten") not in ISAS:
+        pytest.skip(f"this CPU has no {env['FLORA_CPU_ISA']}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, "-c", _ENV_RULE], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **env, "PYTHONPATH": path})
+    assert p.returncode == 0, p.stderr
+    isa, takes, sdpa = p.stdout.split()
+    assert isa == env.get("FLORA_CPU_ISA", _ext.C.cpu_isa())
+    assert takes == str(isa != "aten" and "FLORA_CPU_ATTENTION_MAX_KEYS" not in env)
+    assert sdpa == str(takes == "False")
+
+
 @compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hd", [64, 12])
-def test_compiled_attention_at_one_query_row(dtype, hd):
+@pytest.mark.parametrize("cpu_isa", ["default", "aten"])
+def test_compiled_attention_at_one_query_row(dtype, hd, cpu_isa):
     """Under torch.compile (fullgraph) on the CPU, attention at T = 1 with the
-    decoder's additive mask calls the op where the kernel takes the shape
-    (Inductor calls the kernel: faster than the written-out form) and writes
-    it out where it does not (head_dim 12: the op would run SDPA); either
-    matches the reference."""
+    decoder's additive mask calls the op where the kernel rule, asked outside
+    the trace, says the kernel runs (Inductor calls the kernel: faster than
+    the written-out form) and writes it out where it does not (head_dim 12,
+    or the aten ISA: the op would run SDPA); either matches the reference."""
+    if cpu_isa == "aten" and hd == 12:
+        pytest.skip("the same as the default ISA's")
     q, k, v, mask = attention_case(dtype, B=2, nq=8, nkv=2, hd=hd, L=90)
     graphs = []
 
@@ -273,10 +334,117 @@ def test_compiled_attention_at_one_query_row(dtype, hd):
         graphs.append(gm)
         return gm.forward
 
-    with torch.no_grad():
-        got = torch.compile(attention, fullgraph=True, backend=backend)(q.view(2, 1, 8, hd), k, v,
-                                                                        mask[:, None, None, :])
+    old = _ext.C.cpu_isa()
+    if cpu_isa == "aten":
+        _ext.C.set_cpu_isa("aten")
+    try:
+        takes = layers.cpu_decode_kernel_takes(dtype, hd, 4, 90)
+        with torch.no_grad():
+            got = torch.compile(attention, fullgraph=True, backend=backend)(
+                q.view(2, 1, 8, hd), k, v, mask[:, None, None, :], takes)
+    finally:
+        _ext.C.set_cpu_isa(old)
     op = (torch.ops.flora.decode_attention, torch.ops.flora.decode_attention.default)
     called = any(n.target in op for g in graphs for n in g.graph.nodes)
-    assert called == (hd == 64)
-    _check(got, q, k, v, mask, f"compiled layers.attention hd={hd}")
+    assert takes == (hd == 64 and cpu_isa == "default")
+    assert called == takes
+    _check(got, q, k, v, mask, f"compiled layers.attention hd={hd} isa={cpu_isa}")
+
+
+def rope_attention_case(dtype, B=2, nq=9, nkv=3, hd=64, L_max=96, L=70, adjacent=True, seed=0):
+    """The eager decode step's operands of flora::rope_cache_attention_: q, k, v
+    as column blocks of one fused output row (k right after q where
+    ``adjacent``, else apart), the RoPE tables, full-length caches, the slot
+    (the window's last) and the key mask of the window: row b left-padded by
+    5 b slots."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    gap = 0 if adjacent else 8
+    out = r(B, (nq + 2 * nkv) * hd + gap)
+    q, k, v = out[:, :nq * hd], out[:, nq * hd + gap:(nq + nkv) * hd + gap], out[:, (nq + nkv) * hd + gap:]
+    kc, vc = r(B, nkv, L_max, hd), r(B, nkv, L_max, hd)
+    mask = torch.zeros(B, L, dtype=dtype)
+    for b in range(B):
+        mask[b, :5 * b] = NEG
+    return q, k, v, r(B, 1, 1, hd), r(B, 1, 1, hd), kc, vc, torch.tensor([L - 1]), mask
+
+
+@compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adjacent", [True, False])
+@pytest.mark.parametrize("shape", [(2, 9, 3, 64, 96, 70), (1, 8, 2, 128, 64, 64), (3, 4, 4, 16, 300, 129)])
+def test_rope_cache_attention_is_its_two_ops(dtype, adjacent, shape):
+    """flora::rope_cache_attention_ (the eager decode step's RoPE, cache write
+    and attention in one call) gives what rope_cache_ then decode_attention
+    give, bitwise (the same kernels), and writes the caches as they do: k and
+    v at the slot only; q|k as one view where k follows q, else copied."""
+    B, nq, nkv, hd, L_max, L = shape
+    q, k, v, cos, sin, kc, vc, slot, mask = rope_attention_case(dtype, B, nq, nkv, hd, L_max, L, adjacent)
+    kc2, vc2, before, ref_kc, ref_vc = kc.clone(), vc.clone(), kc.clone(), kc.clone(), vc.clone()
+    with torch.no_grad():
+        got = torch.ops.flora.rope_cache_attention_(q, k, v, cos, sin, kc, vc, slot, mask)
+        qk = torch.cat([q, k], 1).view(B, 1, nq + nkv, hd)
+        qr = torch.ops.flora.rope_cache_(qk, v.reshape(B, 1, nkv, hd), cos, sin, kc2, vc2, slot)
+        want = torch.ops.flora.decode_attention(qr[:, 0], kc2[:, :, :L], vc2[:, :, :L], mask)
+    assert torch.equal(got, want) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    keep = torch.ones(L_max, dtype=torch.bool)
+    keep[slot] = False
+    assert torch.equal(kc[:, :, keep], before[:, :, keep])
+    # the pure-PyTorch reference: the same cache writes, and both within the error bound of
+    # the fp64 attention over the rotated q
+    ref = ops.rope_cache_attention_reference(q, k, v, cos, sin, ref_kc, ref_vc, slot, mask)
+    assert torch.equal(ref_kc, kc) and torch.equal(ref_vc, vc)
+    for out in (got, ref):
+        _check(out, qr[:, 0], kc[:, :, :L], vc[:, :, :L], mask, f"{dtype} {shape} adjacent={adjacent}")
+
+
+@compiled
+def test_rope_cache_attention_checks_opcheck_and_wrapper():
+    """Schema (two mutated caches), fake and dispatch agree (opcheck); shapes that
+    do not fit name the op; where autograd records the wrapper runs the two
+    ops' wrappers (SDPA and the RoPE composite), to the same result."""
+    args = rope_attention_case(torch.float32)
+    with torch.no_grad():
+        opcheck(torch.ops.flora.rope_cache_attention_.default, tuple(a.clone() for a in args),
+                test_utils=("test_schema", "test_faketensor"))
+    q, k, v, cos, sin, kc, vc, slot, mask = args
+    for fn in (torch.ops.flora.rope_cache_attention_, ops.REFERENCES["rope_cache_attention_"]):
+        with pytest.raises(ValueError, match="rope_cache_attention_: expected q"):
+            fn(q, k, v, cos, sin, kc, vc, slot, torch.zeros(2, 200))  # a window past the caches
+        with pytest.raises(ValueError, match="rope_cache_attention_: expected q"):
+            fn(q, k[:, :8], v, cos, sin, kc, vc, slot, mask)
+    with torch.no_grad():
+        want = ops.rope_cache_attention(q, k, v, cos, sin, kc.clone(), vc.clone(), slot, mask)
+    qg = q.clone().requires_grad_(True)
+    got = ops.rope_cache_attention(qg, k, v, cos, sin, kc.clone(), vc.clone(), slot, mask)
+    got.sum().backward()
+    assert qg.grad is not None
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+
+
+@compiled
+def test_eager_decode_step_runs_one_attention_op_per_layer():
+    """The eager decode step calls flora::rope_cache_attention_ once a layer
+    (RoPE, the cache write and the attention in one crossing into C++), and
+    its logits are those of the same step with the ops called one by one."""
+    from flora import generation
+    from llama_fixtures import llama_model, random_ids
+    from flora.model import FusedLlama
+
+    m = FusedLlama.from_pretrained(llama_model(heads=8, kv_heads=2, layers=3))
+    ids = random_ids(2, 6)
+    with generation.inference_mode(m):
+        dec = generation.Decoder(m, 2, 16, use_cuda_graph=False)
+        tok = dec.prefill(ids, torch.ones_like(ids, dtype=torch.bool)).argmax(-1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = dec.step(tok)
+        names = [e.name for e in prof.events()]
+        assert names.count("flora::rope_cache_attention_") == 3
+        dec2 = generation.Decoder(m, 2, 16, use_cuda_graph=False)
+        dec2.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        dec2.cache.attend = lambda *a: None  # the pieces: update_rotated, then layers.attention
+        want = dec2.step(tok)
+    assert torch.equal(got, want)

@@ -2,6 +2,8 @@
 eager, the attention window, and kept decoders (CUDA graphs) reused and
 invalidated on the right changes."""
 
+from pathlib import Path
+
 import pytest
 from _bench_scripts import load_bench_script
 import torch
@@ -106,6 +108,43 @@ def test_compiled_decode_gives_eager_tokens(tmp_path):
     other = m.generate(ids, adapters=[None, "second"], **kw)  # the kept compiled step, rows re-read
     assert not torch.equal(other, eager)
     assert torch.equal(m.generate(ids, adapters=[None, "second"], compile=True, **kw), other)
+
+
+@pytest.mark.parametrize("cpu_isa", ["default", "aten"])
+def test_compiled_step_asks_the_kernel_rule(monkeypatch, cpu_isa):
+    """The compiled CPU decode step (fullgraph) calls flora::decode_attention
+    where flora's kernel runs for the model's heads and window (the decoder
+    asks flora._C's rule before the trace and hands the answer in as a
+    constant), and the written-out form where the op would run SDPA
+    (FLORA_CPU_ISA=aten); either gives eager's tokens. Dynamo's graphs, run
+    without Inductor: the choice is made in the trace."""
+    from flora import _ext
+
+    if _ext.C is None:
+        pytest.skip("no extension: the op is the reference, the step written out")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(*a):
+        return gen._decode(*a)
+
+    monkeypatch.setattr(gen, "compiled_decode", lambda *a: torch.compile(step, fullgraph=True, backend=backend))
+    m = _model()
+    ids = random_ids(2, 7)
+    old = _ext.C.cpu_isa()
+    if cpu_isa == "aten":
+        _ext.C.set_cpu_isa("aten")
+    try:
+        eager = m.generate(ids, max_new_tokens=8)
+        assert torch.equal(m.generate(ids, max_new_tokens=8, compile=True), eager)
+    finally:
+        _ext.C.set_cpu_isa(old)
+    op = (torch.ops.flora.decode_attention, torch.ops.flora.decode_attention.default)
+    called = [any(n.target in op for n in g.graph.nodes) for g in graphs]
+    assert called and all(c == (cpu_isa == "default") for c in called)
 
 
 def test_window_reads_filled_part_only():
@@ -354,3 +393,29 @@ def test_step_profile_sorts_kernels_into_kinds():
 def test_op_count_times_the_eager_step_and_prefill():
     step, prefill = _op_count().step_ms("base", 2, steps=10)
     assert 0 < step < prefill * 10 and prefill > 0
+
+
+def test_decode_host_bench_runs_a_baseline_in_the_same_process(tmp_path):
+    """bench/decode_host.py: host time per eager step of the tiny-width SmolLM2
+    structure, the per-op profile, and --baseline-src (a checkout's flora
+    imported as flora_baseline on this process's extension; here this
+    checkout itself, so the two are the same code)."""
+    from flora import _ext
+
+    if _ext.C is None:
+        pytest.skip("--baseline-src shares the compiled extension")
+    dh = load_bench_script("decode_host")
+    root = str(Path(__file__).resolve().parents[1])
+    out = tmp_path / "host.md"
+    assert dh.main(["--variants", "base", "zflora", "--dtype", "fp32", "--batch", "1", "--rounds", "2",
+                    "--steps", "4", "--warmup", "1", "--profile", "--baseline-src", root, "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "| baseline host us / step | this host us / step | x baseline |" in md
+    assert "| zflora | fp32 | 1 |" in md and "flora::rope_cache_attention_ | 1.00 |" in md
+    import sys
+
+    import flora
+
+    base = sys.modules["flora_baseline"]
+    assert base is not flora and base.model.FusedLlama is not flora.model.FusedLlama
+    assert base.__file__.startswith(root) and base._ext.C is _ext.C

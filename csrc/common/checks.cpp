@@ -211,6 +211,19 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                     "torch.nn.functional.scaled_dot_product_attention");
 }
 
+void check_rope_cache_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& k_cache, const at::Tensor& mask) {
+  const bool caches = k_cache.dim() == 4 && k_cache.size(3) > 0;
+  const int64_t kv = caches ? k_cache.size(1) * k_cache.size(3) : -1;
+  TORCH_CHECK_VALUE(caches && q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && k.size(0) == q.size(0) &&
+                        v.size(0) == q.size(0) && q.size(1) % k_cache.size(3) == 0 && k.size(1) == kv &&
+                        v.size(1) == kv && mask.dim() == 2 && mask.size(0) == q.size(0) &&
+                        mask.size(1) <= k_cache.size(2),
+                    "flora.rope_cache_attention_: expected q [B, nq * hd], k and v [B, nkv * hd] (one query row "
+                    "per sequence), caches [B, nkv, L_max, hd] and mask [B, L] with L <= L_max, got ", q.sizes(),
+                    ", ", k.sizes(), ", ", v.sizes(), ", caches ", k_cache.sizes(), " and mask ", mask.sizes());
+}
+
 void check_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK_VALUE(x.dim() == 4 && x.size(3) % 2 == 0 && cos.sizes() == sin.sizes() &&
                         cos.dim() == 4 && cos.size(2) == 1 && cos.size(0) == x.size(0) &&

@@ -39,6 +39,11 @@ void check_silu_mul(const at::Tensor& g, const at::Tensor& u);
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& mask);
 void check_silu_mul_inplace(const at::Tensor& g, const at::Tensor& u);
+// rope_cache_attention_'s own: q [B, nq hd], k and v [B, nkv hd] (one query row
+// per sequence; hd and nkv the caches'), mask [B, L] with L <= the caches'
+// length (the rest: its two ops)
+void check_rope_cache_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& k_cache, const at::Tensor& mask);
 
 FblShape check_fbl(const at::Tensor& u, const at::Tensor& z,
                    const at::Tensor& W, const at::Tensor& B,

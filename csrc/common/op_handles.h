@@ -48,6 +48,24 @@ inline const c10::TypedOperatorHandle<RopeSig>& rope_op() {
       c10::Dispatcher::singleton().findSchemaOrThrow("flora::rope", "").typed<RopeSig>();
   return op;
 }
+// The decode step's attention pieces (rope_cache_attention_ calls them in turn).
+using RopeCacheSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using DecodeAttentionSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      int64_t);
+
+inline const c10::TypedOperatorHandle<RopeCacheSig>& rope_cache_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flora::rope_cache_", "").typed<RopeCacheSig>();
+  return op;
+}
+inline const c10::TypedOperatorHandle<DecodeAttentionSig>& decode_attention_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("flora::decode_attention", "")
+                             .typed<DecodeAttentionSig>();
+  return op;
+}
+
 inline const c10::TypedOperatorHandle<SiluMulSig>& silu_mul_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("flora::silu_mul", "").typed<SiluMulSig>();

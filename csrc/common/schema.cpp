@@ -39,4 +39,10 @@ TORCH_LIBRARY(flora, m) {
   // window, grouped kv heads, an additive key mask; split over the keys
   // (splits: 0 = automatic; > 0 = flora's kernel with that many, where it runs)
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, int splits=0) -> Tensor");
+  // inference, one query row per sequence (q [B, nq hd], k and v [B, nkv hd]):
+  // rope_cache_, then decode_attention of the rotated q over the caches' first
+  // L slots (L: the mask's width)
+  m.def(
+      "rope_cache_attention_(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slot, Tensor mask) -> Tensor");
 }

@@ -9,11 +9,12 @@ namespace flora::cpu {
 namespace {
 
 Isa parse(const std::string& name) {
+  if (name == "avx512_bf16") return Isa::kAvx512Bf16;
   if (name == "avx512") return Isa::kAvx512;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "aten" || name == "reference") return Isa::kAten;
   TORCH_CHECK_VALUE(false, "flora: unknown CPU ISA '", name,
-                    "'; expected avx512, avx2 or aten");
+                    "'; expected avx512_bf16, avx512, avx2 or aten");
 }
 
 Isa initial_isa() {
@@ -39,7 +40,7 @@ Isa detected_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     return Isa::kAvx2;
 #endif
@@ -66,6 +67,7 @@ void set_isa(const std::string& name) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "aten";

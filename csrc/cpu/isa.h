@@ -5,14 +5,19 @@
 
 namespace flora::cpu {
 
-enum class Isa { kAten = 0, kAvx2 = 1, kAvx512 = 2 };
+// Levels, each a cap on the one below it: avx512_bf16 is AVX-512 with VDPBF16PS
+// dot products for bf16; avx512 the same kernels without them (the plain
+// AVX-512 bf16 bodies, which a CPU without avx512_bf16 runs).
+enum class Isa { kAten = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
-// Best ISA this CPU supports (AVX2 needs FMA; AVX-512 needs F, BW, VL, DQ).
+// Best ISA this CPU supports (AVX2 needs FMA; AVX-512 needs F, BW, VL, DQ;
+// avx512_bf16 that and the avx512bf16 flag).
 Isa detected_isa();
 // Whether the CPU has avx512_bf16 (VDPBF16PS dot products).
 bool has_avx512_bf16();
-// ISA the kernels use now: detected, capped by FLORA_CPU_ISA (read once at
-// load: avx512 | avx2 | aten) or by set_isa().
+// ISA the kernels use now: detected, capped by FLORA_CPU_ISA (read once, at
+// the first call of this or set_isa: avx512_bf16 | avx512 | avx2 | aten) or
+// by set_isa().
 Isa active_isa();
 // Sets the active ISA; throws (ValueError) for an unknown name or an ISA this
 // CPU lacks.

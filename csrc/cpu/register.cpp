@@ -48,8 +48,8 @@ int64_t gemv_max_m(k::Dtype dt) {
 
 std::optional<k::Path> active_path() {
   switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512:
-      return cpu::has_avx512_bf16() ? k::Path::kAvx512Dot : k::Path::kAvx512;
+    case cpu::Isa::kAvx512Bf16: return k::Path::kAvx512Dot;
+    case cpu::Isa::kAvx512: return k::Path::kAvx512;
     case cpu::Isa::kAvx2: return k::Path::kAvx2;
     default: return std::nullopt;
   }
@@ -154,8 +154,8 @@ at::Tensor ffbl_cpu(const at::Tensor& u, const at::Tensor& z, const at::Tensor& 
 
 // The pointwise kernels' dtype, or nothing (fp64, or a layout they do not
 // take: ATen's composite).
-std::optional<k::Dtype> pointwise_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
+std::optional<k::Dtype> pointwise_dtype(at::ScalarType t) {
+  switch (t) {
     case at::kFloat: return k::Dtype::kF32;
     case at::kBFloat16: return k::Dtype::kBF16;
     case at::kHalf: return k::Dtype::kF16;
@@ -172,7 +172,7 @@ constexpr int64_t kPointwiseMaxElems = 4096;
 
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rms_norm(x, weight);
-  const auto dt = pointwise_dtype(x);
+  const auto dt = pointwise_dtype(x.scalar_type());
   // (the elements normalised: columns handed through are a copy)
   if (!dt || x.stride(1) != 1 || !weight.is_contiguous() || x.size(0) * weight.numel() > kPointwiseMaxElems)
     return rms_norm_aten(x, weight, eps);
@@ -188,7 +188,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
 
 at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   check_rope(x, cos, sin);
-  const auto dt = pointwise_dtype(x);
+  const auto dt = pointwise_dtype(x.scalar_type());
   if (!dt || x.stride(3) != 1 || !cos.is_contiguous() || !sin.is_contiguous() || x.numel() > kPointwiseMaxElems)
     return rope_aten(x, cos, sin);
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -204,7 +204,7 @@ at::Tensor rope_cache_cpu(const at::Tensor& qk, const at::Tensor& v, const at::T
                           const at::Tensor& sin, const at::Tensor& kc, const at::Tensor& vc,
                           const at::Tensor& slot) {
   check_rope_cache(qk, v, cos, sin, kc, vc, slot);
-  const auto dt = pointwise_dtype(qk);
+  const auto dt = pointwise_dtype(qk.scalar_type());
   const bool unit = qk.stride(3) == 1 && v.stride(3) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1;
   if (!dt || !unit || !cos.is_contiguous() || !sin.is_contiguous() || !slot.is_contiguous() ||
       qk.numel() > kPointwiseMaxElems)
@@ -251,8 +251,8 @@ int64_t cpu_attention_max_keys(bool vector_body) {
 
 k::AttentionIsa attention_isa() {
   switch (cpu::active_isa()) {
-    case cpu::Isa::kAvx512:  // bf16 scores by VDPBF16PS where the CPU has them
-      return cpu::has_avx512_bf16() ? k::AttentionIsa::kAvx512Bf16 : k::AttentionIsa::kAvx512;
+    case cpu::Isa::kAvx512Bf16: return k::AttentionIsa::kAvx512Bf16;  // bf16 scores by VDPBF16PS
+    case cpu::Isa::kAvx512: return k::AttentionIsa::kAvx512;
     case cpu::Isa::kAvx2: return k::AttentionIsa::kAvx2;
     default: return k::AttentionIsa::kGeneric;
   }
@@ -307,19 +307,29 @@ int64_t cpu_attention_splits(int64_t B, int64_t nkv, int64_t G, int64_t hd, int6
   return best;
 }
 
+}  // namespace
+
+// The kernel's dtypes, head_dims and groups; the window cap (each body's
+// default, FLORA_CPU_ATTENTION_MAX_KEYS) only at the automatic split count.
+bool cpu_decode_attention_takes(at::ScalarType dtype, int64_t head_dim, int64_t group, int64_t keys,
+                                bool auto_splits) {
+  return pointwise_dtype(dtype) && head_dim % 8 == 0 && head_dim <= k::kMaxHeadDim && group <= attn::kMaxGroup &&
+         (!auto_splits || keys <= cpu_attention_max_keys(attention_isa() != k::AttentionIsa::kGeneric));
+}
+
+namespace {
+
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& mask, int64_t splits) {
   check_decode_attention(q, k, v, mask);
-  const auto dt = pointwise_dtype(q);
   const int64_t hd = q.size(2), G = q.size(1) / k.size(1);
-  const k::AttentionIsa isa = attention_isa();
-  if (!dt || !decode_attention_unit(q, k, v, mask) || hd % 8 || hd > k::kMaxHeadDim ||
-      G > attn::kMaxGroup ||
-      (splits <= 0 && k.size(2) > cpu_attention_max_keys(isa != k::AttentionIsa::kGeneric)))
+  if (!decode_attention_unit(q, k, v, mask) ||
+      !cpu_decode_attention_takes(q.scalar_type(), hd, G, k.size(2), splits <= 0))
     return decode_attention_aten(q, k, v, mask);
+  const k::AttentionIsa isa = attention_isa();
   at::Tensor out = at::empty({q.size(0), q.size(1) * hd}, q.options()), part_o, part_ml;
   k::DecodeAttentionArgs a;
-  a.dt = *dt;
+  a.dt = *pointwise_dtype(q.scalar_type());
   fill_decode_attention(a, q, k, v, mask);
   a.out = out.data_ptr();
   if (a.B == 0 || a.nq == 0) return out;

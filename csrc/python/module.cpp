@@ -2,6 +2,7 @@
 // the build and steer the CPU ISA (the ops themselves go through torch.ops).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // torch.dtype <-> at::ScalarType
 
 #include <set>
 #include <sstream>
@@ -41,6 +42,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_avx512_bf16", &flora::cpu::has_avx512_bf16);
   m.def("set_cpu_isa", &flora::cpu::set_isa, py::arg("name"),
         "Use avx512, avx2 or aten for the CPU ops (for tests and benchmarks)");
+  m.def(
+      "cpu_decode_attention_takes",
+      [](at::ScalarType dtype, int64_t head_dim, int64_t group, int64_t keys) {
+        return flora::cpu_decode_attention_takes(dtype, head_dim, group, keys);
+      },
+      py::arg("dtype"), py::arg("head_dim"), py::arg("group"), py::arg("keys"),
+      "whether flora::decode_attention on the CPU runs flora's kernel (else SDPA) for this dtype, "
+      "head_dim, query heads per kv head and window, with the ISA set now");
   m.def("cuda_archs", &cuda_archs,
         "the archs of the CUDA kernels compiled in (\"\" without CUDA)");
   // The CUDA dispatch table as plain code: testable without a device.
@@ -102,8 +111,10 @@ PYBIND11_MODULE(_C, m) {
       for (const auto& k : infos) rows.emplace_back(k.op, k.device, k.impl, k.when);
     };
     add(flora::cpu_kernel_info());
+    add(flora::composite_kernel_info("cpu"));
 #ifdef FLORA_WITH_CUDA
     add(flora::cuda_kernel_info());
+    add(flora::composite_kernel_info("cuda"));
 #endif
     return rows;
   });

@@ -53,8 +53,7 @@ class Mode:
         pass
 
     def forward_in(self, g, m, x: Tensor, carry: Optional[Tensor]):
-        y, _ = ops.ffl(x, g.W(m), empty_rows(g.K, x))
-        return g.split(y), None
+        return ops.ffl(x, g.W(m), empty_rows(g.K, x), split=g.widths)[:-1], None
 
     def forward_out(self, g, m, u: Tensor, state, residual, carry, in_place: bool = False):
         """h' = residual + u W^T (+ the mode's blocks), and the carry after.
@@ -184,8 +183,8 @@ class Sum(_ARows):
 
     def forward_in(self, g, m, x, carry):
         z_in = carry if (m.config.base_variant == "ffba-ab" and carry is not None) else None
-        y, state = ops.ffl(x, g.W(m), self.A_now(g, m, x), z_in=z_in)
-        return g.split(y), state
+        *ys, state = ops.ffl(x, g.W(m), self.A_now(g, m, x), z_in=z_in, split=g.widths)
+        return ys, state
 
 
 class QgAdd(Sum):
@@ -217,7 +216,7 @@ class Write(_ARows):
         if stream is not None:
             WA, M = g.storage(m), u.shape[0]
             hz = ops.fbl(u, empty_cols(M, u), WA, empty_cols(WA.shape[0], u), res=stream, into_res=True)
-            return hz[:, :g.N], hz[:, g.N:]
+            return hz.split_with_sizes([g.N, hz.shape[1] - g.N], 1)
         A = g.slot_A(m) if m.folded else m.param(f"A_{g.role.targets[0]}", u)
         return ops.ffl(u, g.W(m), A, z_in=carry, res=residual)
 
