@@ -427,7 +427,7 @@ def section(path, title):
 
     def over_aten(call, k, m):
         o, a = idx.get(k + (call,)), idx.get(k + (call + "@aten",))
-        return f"{o['t_us'] / a['t_us']:.2f}" if o and a else "-"
+        return f"{o['t_us'] / a['t_us']:.3g}" if o and a else "-"
 
     table(cases, "op", ratios)
     # --aten-too: each flora call against the same call on cuBLAS (FLORA_CUDA_KERNELS=0),

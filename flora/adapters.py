@@ -178,6 +178,13 @@ class AdapterRegistry:
                 m.fold()
             self._folded = True
 
+    def refresh_fold(self) -> None:
+        """Folded: fold again each module whose adapter tensors were written in place
+        since (an optimizer step or copy_ while folded would leave stale copies)."""
+        if self._folded:
+            for _, m in self.adapter_modules():
+                m.refold_if_stale()
+
     def unfold(self) -> None:
         if self._folded:
             for _, m in self.adapter_modules():

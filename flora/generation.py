@@ -623,6 +623,8 @@ def inference_mode(model):
     try:
         if fold:
             model.fold()
+        elif model.folded:  # folded by the caller: copies current with the tensors
+            model.refresh_fold()
         with torch.no_grad():
             yield
     finally:

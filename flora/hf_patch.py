@@ -45,6 +45,8 @@ class FloraLlamaAttention(nn.Module):
                                                               eager_attention_forward)
 
         B, T, d = hidden_states.shape
+        self.qkv.refold_if_stale()  # folded by the user, then written in place
+        self.o.refold_if_stale()
         q, k, v, state = self.qkv(hidden_states.reshape(B * T, d))
         q = q.reshape(B, T, -1, self.head_dim).transpose(1, 2)
         k = k.reshape(B, T, -1, self.head_dim).transpose(1, 2)
@@ -83,6 +85,7 @@ class FloraLlamaMLP(nn.Module):
 
     def forward(self, x):
         B, T, d = x.shape
+        self.mlp.refold_if_stale()
         h, _ = self.mlp(x.reshape(B * T, d))
         return h.view(B, T, d)
 

@@ -304,6 +304,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             # the folded copies in the storage carry no gradient to the adapter Parameters
             raise ValueError("the adapters are folded (inference form), which cannot train: "
                              "unfold() before training, or eval() / torch.no_grad() for inference")
+        if self._folded:
+            self.refresh_fold()
         context = self.arch.max_position_embeddings
         if T > context:  # RoPE would run past the positions the model was trained on
             raise ValueError(f"a sequence of {T} tokens exceeds the model's context ({context} positions); "

@@ -26,13 +26,18 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip cleanly on machines without a CUDA device."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Tests marked `cuda` skip cleanly on machines without a CUDA device; tests marked
+    `extension` (they check how the compiled ops run, not what they compute) without
+    the extension (FLORA_NO_EXTENSION=1: the pure-PyTorch references)."""
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["cuda"] = pytest.mark.skip(reason="needs a CUDA device")
+    if _ext.C is None:
+        skips["extension"] = pytest.mark.skip(reason=f"checks the compiled extension: {_ext.ERROR}")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        for mark, skip in skips.items():
+            if mark in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

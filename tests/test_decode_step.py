@@ -59,6 +59,7 @@ def test_decode_ops_over_base_follow_the_spec(variant, extra):
     assert oc.per_layer(variant, compiled=False)["ops_per_layer"] - base == extra
 
 
+@pytest.mark.extension
 @pytest.mark.parametrize("variant,extra", [("zflora", 0), ("zflora-minimal", 0), ("zflora-mha", 0),
                                            ("ffba", 1), ("pf-lora", 6)])
 def test_fused_gemms_on_aten(variant, extra):

@@ -160,6 +160,7 @@ def test_a_crashing_test_does_not_hide_the_rest(tmp_path):
     assert "test_x.py::test_c PASSED" in (tmp_path / "log").read_text()
 
 
+@pytest.mark.extension  # --aten-too rows switch the extension's kernels off
 def test_kernels_md_sets_each_call_against_its_cublas_twin(tmp_path):
     """kernels_md (kernels, kernels-short): with --aten-too rows, a table of each
     flora call over the same call on the ATen / cuBLAS path, per M: the

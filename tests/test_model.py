@@ -420,6 +420,29 @@ def test_load_state_dict_into_a_folded_model(variant):
         assert rel_err(dst(ids).logits, src(ids).logits) <= 1e-5
 
 
+@pytest.mark.parametrize("variant", ["ffba", "pf-lora", "zflora", "lora"])
+def test_in_place_writes_to_a_folded_adapter_are_folded_again(variant):
+    """Writes into the adapter Parameters of a folded model (an optimizer step, a copy_
+    under no_grad) reach forward and generate: the folded copies were stale, so the model
+    silently ran the old adapter. Reference: the same adapter in a model never folded."""
+    hf, ids, cfg = llama_model(), random_ids(2, 12), AdapterConfig(variant, rank=4, alpha=8)
+    ref = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    m = FusedLlama.from_pretrained(hf, adapter=cfg).eval()
+    randomize_adapter(m, seed=5)
+    m.fold()
+    randomize_adapter(m, seed=6)  # in place, while folded
+    randomize_adapter(ref, seed=6)
+    with torch.no_grad():
+        assert m.folded
+        assert rel_err(m(ids).logits, ref(ids).logits) <= 1e-5
+        p = next(p for p in m.parameters() if p.requires_grad)
+        p.mul_(3.0)  # one tensor of one module, then generate on the folded model
+        next(p for p in ref.parameters() if p.requires_grad).mul_(3.0)
+        out = m.generate(ids, max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(out, ref.generate(ids, max_new_tokens=6, eos_token_id=[]))
+        assert rel_err(m(ids).logits, ref(ids).logits) <= 1e-5
+
+
 def test_state_dict_holds_only_the_adapter():
     """state_dict() is the adapter alone (the class says so): the fused storage's base
     weights were in it, so a merged model's state dict loaded into a fresh model

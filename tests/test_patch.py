@@ -93,3 +93,19 @@ def test_patched_generate_follows_the_cache_interface(tmp_path, cache):
     gen = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
                       cache_implementation=cache)
     assert torch.equal(gen, fused.generate(ids, max_new_tokens=8))
+
+
+def test_patched_folded_modules_follow_in_place_writes():
+    """A patched model whose flora modules the user folded, then wrote in place (an
+    optimizer step): each layer folds again (stale folded copies gave the old adapter)."""
+    cfg = AdapterConfig("ffba", rank=4, alpha=8)
+    ids = random_ids(2, 12)
+    hf = flora.patch(llama_model(), cfg)
+    ref = flora.patch(llama_model(), cfg)
+    for m in flora_modules(hf):
+        m.fold()
+    randomize_adapter(hf, seed=2)
+    randomize_adapter(ref, seed=2)
+    with torch.no_grad():
+        assert all(m.folded for m in flora_modules(hf))
+        assert rel_err(hf(ids).logits, ref(ids).logits) <= 1e-5

@@ -125,6 +125,7 @@ class AdapterModule(nn.Module):
         self.config = config
         self.adapter_enabled = True
         self.folded = False
+        self._folded_at: tuple = ()  # _versions() when fold() last wrote the folded copies
         self.merged = False
         self._adapter_names: List[str] = []
         self._adapter_init: Dict[str, str] = {}  # name -> "A" (kaiming) or "zero": a fresh adapter's values
@@ -218,14 +219,30 @@ class AdapterModule(nn.Module):
 
     def fold(self) -> "AdapterModule":
         """Write the inference form (pre-summed A's, pre-scaled B) into the
-        fused storage; forward then runs one op per projection. Call unfold()
-        (or fold() again) after changing the adapter tensors."""
+        fused storage; forward then runs one op per projection. Writes into the
+        adapter tensors afterwards are folded again by refold_if_stale (which
+        FusedLlama's forward / generate and a patched model's layers call);
+        writes through ``.data`` bypass the version counter: fold() again."""
         if self.merged:
             raise ValueError(f"{type(self).__name__}.fold: adapter is merged into the base weight")
         with torch.no_grad():
             self._fold_slots()
         self.folded = True
+        self._folded_at = self._versions()
         return self
+
+    def _versions(self) -> tuple:
+        """The adapter Parameters' version counters (bumped by every in-place write
+        through the Parameter, not through ``.data``)."""
+        p = self._parameters
+        return tuple(p[n]._version for n in self._adapter_names)
+
+    def refold_if_stale(self) -> None:
+        """Fold again if an adapter tensor was written in place since the last fold
+        (an optimizer step, a copy_): the folded copies would be stale otherwise."""
+        # under torch.compile: the caller's eager entry has checked (a trace bakes no check in)
+        if self.folded and not torch.compiler.is_compiling() and self._folded_at != self._versions():
+            self.fold()
 
     def unfold(self) -> "AdapterModule":
         """Back to training form: the adapter Parameters feed the ops directly."""
