@@ -94,21 +94,25 @@ class AdapterRegistry:
             self.set_adapter(name)
 
     def delete_adapter(self, name: str) -> None:
-        """Forget adapter ``name`` (not the active one: switch away first)."""
+        """Forget adapter ``name`` (not the active one: switch away first, to another or None)."""
         self._check_single("delete_adapter")
         if name not in self._adapters:
             raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self._adapters)}")
         if name == self.active_adapter:
-            raise ValueError(f"delete_adapter: {name!r} is the active adapter; set_adapter() another first")
+            raise ValueError(f"delete_adapter: {name!r} is the active adapter; set_adapter() another (or None) "
+                             f"first")
         del self._adapters[name]
 
-    def set_adapter(self, name: str) -> None:
+    def set_adapter(self, name: Optional[str]) -> None:
         """Make adapter ``name`` current: copies only its tensors into the modules.
+        None: no adapter current, the model computes the base model (the structure
+        stays, as after ``load_adapter(..., activate=False)``), and any adapter can
+        then be deleted.
 
         Adapters take turns in the same Parameters (the ones ``model.parameters()``
         gives): to train this one, make a new optimizer after switching (one made
         before keeps the previous adapter's moments, e.g. Adam's, for them)."""
-        if name not in self._adapters:
+        if name is not None and name not in self._adapters:
             raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self._adapters)}")
         self._check_single("set_adapter")
         self._check_unmerged("set_adapter")
@@ -116,6 +120,10 @@ class AdapterRegistry:
         if self.active_adapter is not None:
             cur_cfg, _ = self._adapters[self.active_adapter]
             self._store_adapter(self.active_adapter, cur_cfg, self.adapter_state_dict())
+        if name is None:  # the modules keep their tensors (and fold), switched off
+            self.active_adapter = None
+            self._sync_enabled()
+            return
         cfg, sd = self._adapters[name]
         was_folded = self._folded
         if was_folded:
@@ -272,7 +280,7 @@ class AdapterRegistry:
 
     def _check_current(self, what: str) -> None:
         """One adapter current: not several stacked, nor the structure with none set (its
-        modules then hold fresh tensors, none of the loaded adapters')."""
+        modules then hold fresh tensors, or those of one switched off by set_adapter(None))."""
         self._check_single(what)
         if self.adapter_config is not None and self.active_adapter is None:
             raise ValueError(f"{what}: no adapter is current (loaded: {sorted(self._adapters)}); "

@@ -206,3 +206,10 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._blocks.clear()
+
+    def drop(self, model) -> None:
+        """Forget ``model``'s blocks (its adapter unloaded: one loaded later under its name has
+        other weights, and its prompts' keys and values are not these). A block's chain is
+        its model's alone, so whole chains go."""
+        for key in [k for k in self._blocks if k[0] == model]:
+            del self._blocks[key]

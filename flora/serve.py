@@ -24,7 +24,10 @@ from one loaded base model:
   start computed once); with ``max_tokens`` 0 the prompt is only
   scored, as lm-eval-harness's loglikelihood requests ask),
   ``stream`` (server-sent events, as OpenAI's clients read them; ``stream_options``
-  ``include_usage``: a last chunk with the token counts).
+  ``include_usage``: a last chunk with the token counts);
+* with ``--allow-adapter-updates``, ``POST /v1/load_lora_adapter`` (``lora_name``,
+  ``lora_path``) and ``/v1/unload_lora_adapter`` (``lora_name``), vLLM's: adapters
+  served from the worker's next step on, or no longer (``Engine.load_adapter``).
 
 One worker thread owns the model and runs a batch of up to ``--max-batch``
 rows with continuous batching: a request joins the running batch between two
@@ -75,6 +78,25 @@ class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.kind = status, kind
+
+
+class NotServed(ValueError):
+    """Engine.submit: a request for a model not served (an adapter unloaded since its body was parsed)."""
+
+
+def _not_served(name, served) -> str:
+    return f"model {_brief(name)} is not served; the models are: {', '.join(served)}"
+
+
+@dataclass
+class _Change:
+    """A runtime adapter change for the worker (Engine.load_adapter / unload_adapter):
+    ``done`` gets None once it is made, or the exception that refused it."""
+    kind: str  # "load" or "unload"
+    name: str
+    path: Optional[str] = None
+    done: queue.Queue = field(default_factory=queue.Queue)
+    closed: bool = False  # unload: its name takes no new requests
 
 
 @dataclass
@@ -196,11 +218,25 @@ class Engine:
         self._session = contextlib.ExitStack()  # the model's inference mode while a batch runs
         self._key = None
         self._worker = threading.Thread(target=self._loop, name="flora-serve", daemon=True)
+        # runtime adapter changes (load_adapter / unload_adapter), made by the worker between two steps
+        self._stacks = mixed  # --mixed: adapters loaded later are stacked with the others
+        self._changes: list = []  # _Change's, first come first made
+        self._closing: frozenset = frozenset()  # adapters unloaded whose accepted requests still run
+        # self.names and _closing are replaced (never changed in place) under it; submit checks a request's
+        # model and queues it under it, so that an unload sees every request accepted before it
+        self._lock = threading.RLock()
+        self._stopped = threading.Event()  # the worker's loop has ended (after close())
 
     @property
     def busy(self) -> bool:
         """A batch is running (its last rows' work may follow their answers)."""
         return self._dec is not None
+
+    @property
+    def models(self) -> list:
+        """The served names that take requests (an adapter being unloaded takes none)."""
+        with self._lock:
+            return [n for n in self.names if n not in self._closing]
 
     def start(self) -> "Engine":
         self._worker.start()
@@ -223,12 +259,11 @@ class Engine:
 
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        name = body.get("model")
-        if name is None and len(self.names) == 1:
-            name = next(iter(self.names))
-        if not isinstance(name, str) or name not in self.names:  # a list or an object: unhashable, was a 500
-            raise BadRequest(f"model {_brief(name)} is not served; the models are: {', '.join(self.names)}",
-                             404, "model_not_found")
+        name, served = body.get("model"), self.models
+        if name is None and len(served) == 1:
+            name = served[0]
+        if not isinstance(name, str) or name not in served:  # a list or an object: unhashable, was a 500
+            raise BadRequest(_not_served(name, served), 404, "model_not_found")
         bad = [k for k, d in {**UNSUPPORTED, **ELSEWHERE[chat]}.items() if not _asks_for_nothing(body.get(k), d)]
         if bad:
             raise BadRequest(f"not supported: {', '.join(bad)}")
@@ -345,11 +380,13 @@ class Engine:
     def submit(self, reqs: list) -> list:
         """Queue a request's choices (what :meth:`parse` gave, or Requests built by
         hand: each checked as parse checks a body, ValueError naming what is wrong,
-        none queued then; one the worker could never run would block it)."""
-        for r in reqs:
-            self.check(r)
-        for r in reqs:
-            self.queue.put(r)
+        none queued then; one the worker could never run would block it; NotServed for a
+        model not served)."""
+        with self._lock:  # queued before an unload of its model closes it: it runs with that adapter
+            for r in reqs:
+                self.check(r)
+            for r in reqs:
+                self.queue.put(r)
         return reqs
 
     def check(self, r) -> None:
@@ -361,9 +398,9 @@ class Engine:
 
         if not isinstance(r, Request):
             raise ValueError(f"submit takes Requests, got {type(r).__name__}")
-        if not isinstance(r.model, str) or r.model not in self.names:
-            raise ValueError(f"Request.model {_brief(r.model)} is not served; the models are: "
-                             f"{', '.join(self.names)}")
+        served = self.models
+        if not isinstance(r.model, str) or r.model not in served:
+            raise NotServed(f"Request.{_not_served(r.model, served)}")
         vocab = self.model.arch.vocab_size
         if not (isinstance(r.prompt, list) and r.prompt):
             raise ValueError(f"Request.prompt must be a non-empty list of token ids, got {_brief(r.prompt)}")
@@ -396,6 +433,156 @@ class Engine:
                               or not 0 <= k <= MAX_LOGPROBS):
             raise ValueError(f"Request.logprobs must be None or an integer in 0 .. {MAX_LOGPROBS}, got {k!r}")
 
+    # ------------------------------------------------------- adapters at runtime
+    # The worker makes the changes between two steps, in the order they come. A load of
+    # another adapter of the loaded structure only adds its tensors to the model's registry
+    # (a running batch never reads them); an unload first closes its name (requests already
+    # queued for it run, new ones get 404), waits for those requests to end, then forgets the
+    # adapter and its prefix-cache blocks (a later adapter of that name has other weights).
+    # What a running batch's decoder would see -- a restack (--mixed), the model's first
+    # adapter structure, the unloaded adapter's tensors held by the modules (a batch of the
+    # base runs with them switched off) -- waits for the batch to drain, no request joining it.
+    def load_adapter(self, name: str, path) -> None:
+        """Serve the adapter directory ``path`` (flora's or a PEFT LoRA's) as model
+        ``name``, from the worker's next step on (see above). Blocks until the worker
+        (:meth:`start` or :meth:`run`, in another thread) has made the change;
+        ValueError naming what is wrong (a name taken, a path that is not an adapter of
+        this model, another structure than the loaded adapters'), the server left as it
+        was."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"the adapter's name must be a non-empty string, got {_brief(name)}")
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise ValueError(f"the adapter's path must be a non-empty string, got {_brief(path)}")
+        self._change(_Change("load", name, str(path)))
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name``: requests queued for it before run to their end
+        (with it), new ones are refused as for any name not served, and it is then
+        forgotten with its prefix-cache blocks. Blocks until then; KeyError when no
+        adapter of that name is served, ValueError for the base."""
+        self._change(_Change("unload", name))
+
+    def _change(self, op: _Change) -> None:
+        self.queue.put(op)
+        while True:  # a change put after the worker ended is never made: an error, not a hang
+            try:
+                err = op.done.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stopped.is_set() and op.done.empty():
+                    raise RuntimeError("the engine has stopped (close()): no adapter change is made") from None
+        if err is not None:
+            raise err
+
+    def _adapter_changes(self, waiting: list) -> bool:
+        """The worker's side: each change made as soon as it can be (see above). True
+        while the first waits for the running batch to drain (no request may join it)."""
+        while self._changes:
+            op, whole = self._changes[0], False
+            try:
+                if op.kind == "unload" and not op.closed:
+                    self._close(op.name)
+                    op.closed = True
+                    return False  # made once the queue is read again: every request accepted for it seen
+                running = [row.req for row in self._slots if row is not None]
+                if op.kind == "unload" and any(r.model == op.name for r in waiting + running):
+                    return False  # they run to their end first (admitted as any others)
+                whole = self._restructures(op)
+                if whole and self._dec is not None:
+                    return True
+                (self._load if op.kind == "load" else self._unload)(op.name, op.path)
+                err = None
+            except Exception as e:  # noqa: BLE001 - refused (or failed): its caller gets why, serving goes on
+                err = e
+            if whole:  # the kept decoders were made for the old structure (a decoder's rows: stacked or not)
+                self._decoders.clear()
+            self._changes.pop(0)
+            op.done.put(err)
+        return False
+
+    def _restructures(self, op: _Change) -> bool:
+        """The change is one a running batch's decoder would see (above)."""
+        m = self.model
+        if self._stacks or (op.kind == "load" and m.adapter_config is None):
+            return True
+        return op.kind == "unload" and m.active_adapter == self.names[op.name]
+
+    def _close(self, name) -> None:
+        """An unload's first step: no new request for ``name``."""
+        adapters = [n for n in self.models if self.names[n] is not None]
+        if not isinstance(name, str) or name not in adapters:
+            if isinstance(name, str) and name in self.models:
+                raise ValueError(f"{name!r} is the base model; only adapters can be unloaded")
+            raise KeyError(f"no adapter named {_brief(name)} is served; the adapters are: "
+                           f"{', '.join(adapters) or 'none'}")
+        with self._lock:
+            self._closing = self._closing | {name}
+
+    def _load(self, name: str, path: str) -> None:
+        m = self.model
+        if name in self.names or name in m.adapter_names:
+            by = "the base model" if name in self.names and self.names[name] is None else \
+                "an adapter loaded already (unload it first)"
+            raise ValueError(f"the name {name!r} is taken by {by}")
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} is not a directory")
+        adapters = [a for a in self.names.values() if a is not None]
+        if self._stacks and m.adapter_config is None:
+            # the model's first adapter sets its structure: one --mixed cannot stack is refused
+            # before it does (loading, then failing to stack, left the model of that structure)
+            from .adapter_io import read_adapter_dir
+            from .adapters import UNSTACKABLE
+
+            try:
+                cfg, _ = read_adapter_dir(path, m.arch)
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise ValueError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
+            if cfg.base_variant in UNSTACKABLE:
+                raise ValueError(f"{path}: variant {cfg.variant!r} cannot be served side by side (--mixed "
+                                 f"stacks adapters; {', '.join(UNSTACKABLE)} cannot be stacked)")
+        try:
+            self._restack(None)
+            try:
+                m.load_adapter(path, name=name, activate=False)
+            except (ValueError, KeyError, TypeError, OSError) as e:  # not an adapter of this model, or another
+                raise ValueError(e.args[0] if isinstance(e, KeyError) else str(e)) from None  # structure
+            try:
+                self._restack(adapters + [name])
+            except BaseException:
+                m.delete_adapter(name)
+                raise
+        except BaseException:
+            self._restack(adapters)
+            raise
+        with self._lock:
+            self.names = {**self.names, name: name}
+
+    def _unload(self, name: str, _path=None) -> None:
+        m, adapter = self.model, self.names[name]
+        with self._lock:
+            self.names = {n: a for n, a in self.names.items() if n != name}
+            self._closing = self._closing - {name}
+        if self.prefix is not None:  # kept with its weights: never a later adapter's of this name
+            self.prefix.drop(name)
+        self._restack(None)
+        if m.active_adapter == adapter:
+            m.set_adapter(None)
+        m.delete_adapter(adapter)
+        self._restack([a for a in self.names.values() if a is not None])
+
+    def _restack(self, adapters: Optional[list]) -> None:
+        """--mixed: the model holds ``adapters`` side by side (None or none: one at a time)."""
+        if not self._stacks:
+            return
+        m = self.model
+        try:
+            if adapters:
+                m.stack_adapters(adapters)
+            else:
+                m.unstack_adapters()
+        finally:
+            self.mixed = m.stacked is not None  # (a failed restack: served one adapter at a time)
+
     # ---------------------------------------------------------------- worker
     # Continuous batching: one decoder of max_batch rows runs step after step; a request
     # joins it between two steps, prefilled into a free row so that its prompt ends where
@@ -404,6 +591,12 @@ class Engine:
     # and its answer after it, in arrival order; when none can, the batch drains and the
     # next one starts at slot 0. Without --mixed a batch serves one model (adapter).
     def _loop(self) -> None:
+        try:
+            self._serve_loop()
+        finally:
+            self._stopped.set()
+
+    def _serve_loop(self) -> None:
         waiting: list = []
         closing = False  # close() was called: the worker ends when nothing is left to do
 
@@ -412,11 +605,13 @@ class Engine:
             req = self.queue.get(timeout=timeout) if timeout != 0 else self.queue.get_nowait()
             if req is None:
                 closing = True
+            elif isinstance(req, _Change):
+                self._changes.append(req)
             else:
                 waiting.append(req)
 
         while True:
-            if not waiting and self._dec is None:
+            if not waiting and self._dec is None and not self._changes:
                 if closing:
                     return
                 take()
@@ -432,8 +627,10 @@ class Engine:
                     take(0)
                 except queue.Empty:
                     break
+            held = self._adapter_changes(waiting)  # between two steps
             try:
-                waiting = self._admit(waiting)
+                if not held:
+                    waiting = self._admit(waiting)
                 for i, row in enumerate(self._slots):
                     if row is not None and row.req.cancelled:  # its client left: freed now (it was
                         self._slots[i] = None  # stepped once more, a step for no one when it was the last)
@@ -1196,7 +1393,23 @@ def _cancel(reqs: list) -> None:
         r.cancelled = True
 
 
-def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = None):
+def _adapter_body(body, load: bool) -> str:
+    """A load / unload_lora_adapter body (vLLM's): its ``lora_name``, or BadRequest."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    need = ("lora_name", "lora_path") if load else ("lora_name",)
+    if not all(isinstance(body.get(k), str) and body[k] for k in need):
+        raise BadRequest(f"{' and '.join(repr(k) for k in need)} must be given, as non-empty strings")
+    # vLLM's other fields: a replacement in place (here: unload, then load) and integer ids (flora names only)
+    bad = [k for k in ("load_inplace",) if body.get(k) not in (None, False)] if load else \
+        [k for k in ("lora_int_id",) if body.get(k) is not None]
+    if bad:
+        raise BadRequest(f"not supported: {', '.join(bad)}" + (" (unload the adapter, then load it)" if load else ""))
+    return body["lora_name"]
+
+
+def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = None,
+                 allow_adapter_updates: bool = False):
     import hmac
 
     class Handler(BaseHTTPRequestHandler):
@@ -1207,10 +1420,12 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             if not quiet:
                 sys.stderr.write(f"flora serve: {self.address_string()} {fmt % args}\n")
 
-        def _send(self, status: int, obj: dict) -> None:
-            data = json.dumps(obj).encode()
+        def _send(self, status: int, obj) -> None:
+            """A JSON object, or a string as text (vLLM's answer to an adapter update)."""
+            text = isinstance(obj, str)
+            data = obj.encode() if text else json.dumps(obj).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             if self.close_connection:  # so that the client does not send its next request on it
                 self.send_header("Connection", "close")
@@ -1237,15 +1452,15 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 return
             path, now = self.path.rstrip("/"), int(time.time())
             card = lambda n: {"id": n, "object": "model", "created": now, "owned_by": "flora"}  # noqa: E731
+            served = engine.models
             if path == "/v1/models":
-                self._send(200, {"object": "list", "data": [card(n) for n in engine.names]})
+                self._send(200, {"object": "list", "data": [card(n) for n in served]})
             elif path.startswith("/v1/models/"):
                 name = urllib.parse.unquote(path[len("/v1/models/"):])
-                if name in engine.names:
+                if name in served:
                     self._send(200, card(name))
                 else:
-                    self._error(BadRequest(f"model {name!r} is not served; the models are: "
-                                           f"{', '.join(engine.names)}", 404, "model_not_found"))
+                    self._error(BadRequest(_not_served(name, served), 404, "model_not_found"))
             elif self.path == "/health":
                 self._send(200, {"status": "ok"})
             else:
@@ -1255,17 +1470,18 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             if not self._allowed():
                 return
             path = self.path.rstrip("/")
-            if path not in ("/v1/completions", "/v1/chat/completions"):
+            updates = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+            if path not in ("/v1/completions", "/v1/chat/completions") + (updates if allow_adapter_updates else ()):
                 self.close_connection = True  # its body is unread: it would be parsed as the next request
-                self._error(BadRequest(f"no such endpoint: POST {self.path}", 404, "not_found"))
+                off = " (flora serve --allow-adapter-updates turns it on)" if path in updates else ""
+                self._error(BadRequest(f"no such endpoint: POST {self.path}{off}", 404, "not_found"))
+                return
+            if path in updates:
+                self._update(path == updates[0])
                 return
             chat = path.endswith("chat/completions")
             try:
-                try:
-                    body = json.loads(self._body() or b"null")
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise BadRequest(f"the request body is not valid JSON ({e})") from None
-                reqs = engine.parse(body, chat)
+                reqs = engine.parse(self._json(), chat)
             except BadRequest as e:
                 self._error(e)
                 return
@@ -1275,7 +1491,11 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 return
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             created = int(time.time())
-            engine.submit(reqs)
+            try:
+                engine.submit(reqs)
+            except NotServed:  # its adapter unloaded since parse: as any name not served
+                self._error(BadRequest(_not_served(reqs[0].model, engine.models), 404, "model_not_found"))
+                return
             if reqs[0].stream:
                 self._stream(reqs, chat, rid, created)
                 return
@@ -1286,6 +1506,36 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 self._send(500, {"error": {"message": got, "type": "server_error", "code": 500}})
                 return
             self._send(200, _response(chat, rid, created, reqs, *got))
+
+        def _json(self):
+            try:
+                return json.loads(self._body() or b"null")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise BadRequest(f"the request body is not valid JSON ({e})") from None
+
+        def _update(self, load: bool) -> None:
+            """POST /v1/load_lora_adapter {"lora_name", "lora_path"} or /v1/unload_lora_adapter
+            {"lora_name"} (vLLM's): answered once the worker has made the change."""
+            try:
+                body = self._json()
+                name = _adapter_body(body, load)
+                try:
+                    if load:
+                        engine.load_adapter(name, body["lora_path"])
+                    else:
+                        engine.unload_adapter(name)
+                except KeyError as e:
+                    raise BadRequest(e.args[0], 404, "model_not_found") from None
+                except ValueError as e:
+                    raise BadRequest(str(e)) from None
+            except BadRequest as e:
+                self._error(e)
+                return
+            except Exception as e:  # noqa: BLE001 - an answer, never a dropped connection
+                self._send(500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
+                                           "code": 500}})
+                return
+            self._send(200, f"Success: LoRA adapter '{name}' {'added' if load else 'removed'} successfully.")
 
         def _wait(self, reqs: list):
             """Each choice's "done" event and echoed prompt's entries, by index; or
@@ -1393,14 +1643,17 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True,
-          api_key: Optional[str] = None, start: bool = True) -> ThreadingHTTPServer:
+          api_key: Optional[str] = None, start: bool = True,
+          allow_adapter_updates: bool = False) -> ThreadingHTTPServer:
     """The HTTP server (not yet serving: call ``serve_forever``; port 0 picks a free one).
     ``api_key``: requests to /v1/ need ``Authorization: Bearer <api_key>``.
+    ``allow_adapter_updates``: POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    (vLLM's) load and unload adapters while serving (off: 404).
     ``start``: the engine's worker thread starts here (False: the caller runs
     ``engine.run()`` itself, as `flora serve` does in its main thread)."""
     if start:
         engine.start()
-    srv = _Server((host, port), make_handler(engine, quiet, api_key))
+    srv = _Server((host, port), make_handler(engine, quiet, api_key, allow_adapter_updates))
     srv.daemon_threads = True
     return srv
 
@@ -1438,6 +1691,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="how long a request that finds the server idle waits for others to batch with")
     p.add_argument("--mixed", action="store_true",
                    help="the adapters side by side: requests for any of them and the base share batches")
+    p.add_argument("--allow-adapter-updates", action="store_true",
+                   help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
+                        "(vLLM's) load and unload adapters while serving: a client then makes the server read "
+                        "directories of its choosing (with --api-key: only one that has the key)")
     p.add_argument("--log", action="store_true", help="one line per request on stderr")
     p.add_argument("--api-key", default=os.environ.get("FLORA_API_KEY"),
                    help="requests to /v1/ need 'Authorization: Bearer KEY' (default: $FLORA_API_KEY; none: open)")
@@ -1479,7 +1736,8 @@ def run_args(args) -> None:
                     mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000,
                     cache_len=args.cache_len, prefix_cache=args.prefix_cache)
     try:
-        srv = serve(engine, args.host, args.port, quiet=not args.log, api_key=args.api_key or None, start=False)
+        srv = serve(engine, args.host, args.port, quiet=not args.log, api_key=args.api_key or None, start=False,
+                    allow_adapter_updates=args.allow_adapter_updates)
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = srv.server_address[:2]

@@ -616,6 +616,31 @@ def test_add_adapter_to_a_base_model_and_delete_adapter():
         m.set_adapter("task")
 
 
+def test_set_adapter_none_switches_the_adapter_off_so_it_can_be_deleted():
+    """set_adapter(None): the structure stays, the model computes the base (what flora
+    serve does before unloading the adapter the modules hold)."""
+    hf = llama_model()
+    ids = random_ids(1, 8)
+    m = FusedLlama.from_pretrained(hf).eval()
+    m.add_adapter("task", AdapterConfig("ffba", rank=4), activate=False)
+    m.add_adapter("other", AdapterConfig("ffba", rank=4))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)  # B is zero at init: the adapter would change nothing
+        adapted = m(ids).logits
+        with m.disable_adapter():
+            base = m(ids).logits
+        assert not torch.equal(adapted, base)
+        m.set_adapter(None)
+        assert m.active_adapter is None and m.adapter_config is not None
+        assert torch.equal(m(ids).logits, base)
+        m.delete_adapter("other")
+        assert m.adapter_names == ["task"]
+        m.set_adapter("task")  # and back to one
+        assert m.active_adapter == "task"
+
+
 def test_setting_the_current_adapter_again_keeps_what_training_did(tmp_path):
     """set_adapter(<the current name>) copied the registry's copy (as added or loaded) over
     the modules' trained tensors: a training run's progress silently undone. Loading over the
