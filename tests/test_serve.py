@@ -1309,9 +1309,20 @@ def test_prefix_cache_keeps_whole_blocks_per_model():
     pc.insert("o", a, _kv(a))
     assert pc.tokens == 7 * BLOCK and pc.lookup("o", a)[1] == 3 * BLOCK
     _check_prefix_cache(pc)
+    # longer than the whole cache: its first blocks, as many as it holds (a start later prompts may share),
+    # the least recently used leaves going for them
+    small = PrefixCache(capacity=2 * BLOCK + 5)
+    y = list(range(500, 500 + BLOCK)) + [1]
+    small.insert("m", y, _kv(y))
     calls.clear()
-    PrefixCache(capacity=BLOCK).insert("m", a, lambda *x: calls.append(x))  # larger than the whole cache
-    assert calls == []
+    small.insert("m", a, lambda *x: calls.append(x) or _kv(a)(*x))
+    assert calls == [(0, 2 * BLOCK)] and small.tokens == 2 * BLOCK and small.lookup("m", y) is None
+    assert _ids(*small.lookup("m", a)) == a[:2 * BLOCK]
+    calls.clear()
+    small.insert("m", a[:BLOCK] + y, lambda *x: calls.append(x) or _kv(a[:BLOCK] + y)(*x))  # its first block kept
+    assert calls == [(BLOCK, 2 * BLOCK)] and small.lookup("m", a)[1] == BLOCK  # a's second block (a leaf) went
+    assert small.lookup("m", a[:BLOCK] + y)[1] == 2 * BLOCK
+    _check_prefix_cache(small)
 
 
 def test_prefix_cache_shares_blocks_and_evicts_leaves_first():
@@ -1584,6 +1595,77 @@ def test_scoring_reuses_and_keeps_prefixes(setup):
     # an equal prompt is scored once: the second computed nothing of its own, every token counts
     other = prompt_ids(tok, " ".join("qwertyuiopasdfghjklzxcvbnm")) + [5]
     assert score([other, other]) == (len(other), [0, len(other)])
+
+
+def _contexts(tok, n, length):
+    """n token-id contexts of ``length`` tokens, no two starting alike."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = [tok(" ".join((letters[5 * i:] + letters[:5 * i]) * 4), add_special_tokens=False).input_ids[:length]
+           for i in range(n)]
+    assert all(len(c) == length for c in out) and len({c[0] for c in out}) == n
+    return out
+
+
+def _run(eng, body):
+    """One prompt's request on ``eng``: (its prompt's logprob entries or None, its done event's text, reason,
+    tokens and entries), and its cached tokens."""
+    r, = eng.submit(eng.parse({"temperature": 0, "logprobs": 2, **body}, False))
+    prompt = None
+    while True:
+        ev = r.events.get(timeout=60)
+        assert ev[0] != "error", ev
+        if ev[0] == "prompt":
+            prompt = ev[2]
+        if ev[0] == "done":
+            return (prompt, ev[2:6]), r.cached
+
+
+def _same_entries(got, want):
+    """Logprob entries alike: texts equal, logprobs within fp32's rounding (another batch shape)."""
+    assert (got is None) == (want is None)
+    for (t, v, alts), (t2, v2, alts2) in zip(got or [], want or []):
+        assert t == t2 and (v is None) == (v2 is None) and (v is None or v == pytest.approx(v2, abs=1e-4))
+        assert [a for a, _ in alts or []] == [a for a, _ in alts2 or []]
+        assert [x for _, x in alts or []] == pytest.approx([x for _, x in alts2 or []], abs=1e-4)
+    assert len(got or []) == len(want or [])
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_prompt_longer_than_the_prefix_cache_keeps_its_first_blocks(setup, echo):
+    """A prompt longer than the whole prefix cache keeps its first blocks, as many as it
+    holds (the least recently used ones going): a later request that shares its start
+    (a long system prompt, a document) copies them, reports them as cached_tokens, and
+    answers what it answers without the cache (greedy tokens and logprobs; ``echo``:
+    scored, the prompt's logprobs, the kept blocks' scores reused)."""
+    from flora.prefix_cache import BLOCK
+
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    engines = [Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), tok, {"base": None}, max_batch=2,
+                      prefix_cache=c).start() for c in (2 * BLOCK + 8, 0)]
+    other, doc = _contexts(tok, 2, 3 * BLOCK + 2)
+    later = doc[:2 * BLOCK + 8] + tok(" the big cat", add_special_tokens=False).input_ids
+    extra = {"echo": True, "max_tokens": 0} if echo else {"max_tokens": 4}
+    on, off = engines
+    _run(on, {"prompt": other[:BLOCK + 3], **extra})  # a block, which the long prompt's evict
+    for eng in engines:
+        _, cached = _run(eng, {"prompt": doc, **extra})
+        assert cached == 0
+    assert on.prefix.tokens == 2 * BLOCK and on.prefix.lookup("base", other) is None
+    got, cached = _run(on, {"prompt": later, **extra})
+    want, _ = _run(off, {"prompt": later, **extra})
+    # its first two blocks kept (scoring: the scores of tokens 1 .. 2 x BLOCK - 1: the next one's is not kept)
+    assert cached == (2 * BLOCK - 1 if echo else 2 * BLOCK)
+    assert got[1][:3] == want[1][:3]
+    _same_entries(got[0], want[0])
+    _same_entries(got[1][3], want[1][3])
+    if echo:
+        _scored(("prompt", 0, got[0]), tok, later, _reference_logprobs(ckpt, None, later), 2)
+    else:
+        gen = _greedy_ids(ckpt, None, later, 4)
+        assert got[1][:3] == (tok.decode(gen, skip_special_tokens=True), "length", len(gen))
+    for eng in engines:
+        eng.close()
 
 
 @pytest.mark.parametrize("prefix_cache", [8192, 0])
