@@ -7,6 +7,7 @@
     python bench/serve.py --conversation 6                # the prefix cache: a chat's turns, on / off
     python bench/serve.py --conversations 16 --conversation 4   # many chats under one system prompt
     python bench/serve.py --scoring 64                    # lm-eval-harness's loglikelihood requests
+    python bench/serve.py --scoring 2 --scoring-words 1000 --scoring-warm --clients 8   # long contexts kept
 
 The server (flora.serve, in this process, on a free port) serves the base
 model; each client thread sends ``--requests`` chat completions (greedy,
@@ -47,7 +48,11 @@ scored a second, the prompts a scoring forward took on average and the share of
 their tokens it computed (a shared context once). ``--scoring-split``: each prompt
 its own request, one after another (lm-eval's ``batch_size`` 1: a question's
 choices reach the server in different steps); ``--scoring-max-tokens M`` (default
-1, as lm-eval's): 2 or more, an echo that generates after the prompt.
+1, as lm-eval's): 2 or more, an echo that generates after the prompt;
+``--scoring-words W``: the contexts' words (default 120, ~150 tokens);
+``--scoring-warm``: before each run, each question's first choice is scored alone
+(untimed), so that the run's prompts find their contexts kept (a question's later
+choices, or another task over the same documents): mostly-cached prompts.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ import statistics
 import threading
 import time
 import urllib.request
+from typing import Optional
 
 import torch
 
@@ -189,18 +195,20 @@ SCORING_WORDS = 120  # words of a scoring request's shared context
 
 
 def scoring(url: str, tok, clients: int, requests: int, per_request: int = 4, distinct: bool = False,
-            split: bool = False, max_tokens: int = 1) -> dict:
+            split: bool = False, max_tokens: int = 1, n_words: Optional[int] = None) -> dict:
     """lm-eval's loglikelihood requests, ``per_request`` prompts each: prompts scored a
     second. ``distinct``: each prompt its own context (a word later), none shared;
     ``split``: each prompt sent alone, one after another; ``max_tokens``: 1 as lm-eval's,
-    more: an echo that generates."""
-    words = SYSTEM.split()[:SCORING_WORDS + 40 + per_request]
+    more: an echo that generates; ``n_words``: a context's words (the system prompt's, over
+    again as needed). With ``per_request`` 1, each question's first choice alone."""
+    words, n_words = SYSTEM.split(), n_words or SCORING_WORDS
+    words = (words * (1 + (n_words + 40 + per_request) // len(words)))[:n_words + 40 + per_request]
     done, lock = [0, 0], threading.Lock()  # prompts, their tokens
 
     def client(c: int) -> None:
         for i in range(requests):
             at = (c * requests + i) * (per_request if distinct else 1) % 40  # (distinct: none alike)
-            ctx = [tok(" ".join(words[at + (j if distinct else 0):][:SCORING_WORDS]),
+            ctx = [tok(" ".join(words[at + (j if distinct else 0):][:n_words]),
                        add_special_tokens=False).input_ids for j in range(per_request)]
             prompts = [x + tok(" " + q, add_special_tokens=False).input_ids
                        for x, q in zip(ctx, (QUESTIONS * per_request)[i % 8:][:per_request])]
@@ -267,7 +275,8 @@ def main(argv=None):
     p.add_argument("--conversations", type=int, default=0, metavar="N",
                    help="N chats of --conversation turns at once under the system prompt: what the prefix cache "
                         "holds (see above)")
-    p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS", help="--conversations: its capacity")
+    p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS",
+                   help="--conversations, --scoring: its capacity")
     p.add_argument("--rounds", type=int, default=3, help="--conversation: conversations on each server")
     p.add_argument("--system", default=SYSTEM, help="--conversation: the system prompt (default: ~600 tokens)")
     p.add_argument("--scoring", type=int, default=0, metavar="R",
@@ -280,6 +289,11 @@ def main(argv=None):
                    help="--scoring: each prompt its own request, one after another (lm-eval's batch_size 1)")
     p.add_argument("--scoring-max-tokens", type=int, default=1, metavar="M",
                    help="--scoring: max_tokens (1 as lm-eval's; 2 or more: an echo that generates)")
+    p.add_argument("--scoring-words", type=int, default=SCORING_WORDS, metavar="W",
+                   help="--scoring: words of a context (default %(default)s, ~150 tokens)")
+    p.add_argument("--scoring-warm", action="store_true",
+                   help="--scoring: each question's first choice scored before each run, untimed (its context "
+                        "kept: mostly-cached prompts)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     path = args.model or smollm2_path()
@@ -309,12 +323,12 @@ def main(argv=None):
             p.error(f"--conversation must be in 1 .. {len(QUESTIONS)}")
         save(args, dev, path, prefix_bench(model, load_tokenizer(path), args))
         return
-    engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch)
+    engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=args.prefix_cache)
     if args.scoring:
         srv = serve(engine, port=0)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{srv.server_address[1]}"
-        scoring(url, engine.tok, 1, 1)  # warm-up
+        scoring(url, engine.tok, 1, 1, n_words=args.scoring_words)  # warm-up
         def count() -> list:
             return [getattr(engine, k, 0) for k in ("score_forwards", "score_rows", "score_tokens")]
 
@@ -324,9 +338,11 @@ def main(argv=None):
                 time.sleep(0.01)
             if getattr(engine, "prefix", None) is not None:  # each run from an empty prefix cache: the
                 engine.prefix.clear()  # warm-up's and earlier runs' contexts are the same
+            if args.scoring_warm:  # each question's first choice (its context kept), untimed
+                scoring(url, engine.tok, c, args.scoring, 1, n_words=args.scoring_words)
             before = count()
             r = scoring(url, engine.tok, c, args.scoring, args.scoring_prompts, args.scoring_distinct,
-                        args.scoring_split, args.scoring_max_tokens)
+                        args.scoring_split, args.scoring_max_tokens, args.scoring_words)
             forwards, rows_, tokens = (a - b for a, b in zip(count(), before))
             # (an engine that scores a prompt a forward, every token of it, counts none)
             r["prompts_per_forward"] = rows_ / forwards if forwards else 1.0

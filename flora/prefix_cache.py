@@ -21,7 +21,10 @@ forward computed (``echo`` with logprobs: flora.serve.Engine._score_forward),
 the blocks not kept yet. ``capacity`` bounds the tokens of all blocks together;
 beyond it the least recently used block that no kept block extends goes (a
 block is used whenever a prompt that holds it is looked up or kept, and its
-ancestors with it: leaves first). Keys and values that are not all finite are
+ancestors with it: leaves first). A prompt longer than the capacity keeps its
+first blocks, as many as it holds (the others all go). Eviction never takes
+from a running request: a row copies a prefix's keys and values in when it
+joins, and a scoring forward holds the tensors of the blocks it reuses. Keys and values that are not all finite are
 never kept (a NaN at one position reaches the keys before it through
 attention's masked weights, 0 x NaN).
 
@@ -154,22 +157,28 @@ class PrefixCache:
         self.reused += n
         return [b.kv for b in chain], n
 
+    def keeps(self, n: int) -> int:
+        """How many first tokens of a prompt of n :meth:`insert` keeps: its whole blocks,
+        as many of the first as the whole capacity holds (a prompt longer than it keeps
+        its start, what later prompts may share: a long system prompt or document)."""
+        return min(n, self.capacity) // BLOCK * BLOCK
+
     def held(self, model, tokens: list) -> int:
-        """How many of ``tokens``' first tokens in whole blocks :meth:`insert` would
-        not read (those kept already; all where it keeps none: more than the capacity)."""
-        n = len(tokens) // BLOCK * BLOCK
-        return n if n > self.capacity else len(self._walk(self._keys(model, tokens, n // BLOCK))) * BLOCK
+        """How many of the first tokens :meth:`insert` keeps of ``tokens`` are kept
+        already (it reads the rest, up to :meth:`keeps`)."""
+        return len(self._walk(self._keys(model, tokens, self.keeps(len(tokens)) // BLOCK))) * BLOCK
 
     def insert(self, model, tokens: list, read: Optional[Callable[[int, int], Optional[Tensor]]],
                scores: Optional[tuple] = None) -> None:
-        """Keep ``tokens``' whole blocks for ``model``; ``read(a, n)``: the keys and
+        """Keep ``tokens``' whole blocks for ``model`` (:meth:`keeps`: the first ones
+        that fit); ``read(a, n)``: the keys and
         values of tokens a .. n - 1 [layers, 2, kv_heads, n - a, hd], called only for
         the blocks not kept yet (None, or a read giving None: only the scores, for
         the blocks kept). ``scores``: a scoring forward's (values [m, 1 + k] fp32,
         ids [m, k]) of tokens 1 .. m, each whole block's given to it where it has
         none or fewer alternatives."""
-        n = len(tokens) // BLOCK * BLOCK
-        if n == 0 or n > self.capacity:
+        n = self.keeps(len(tokens))
+        if n == 0:
             return
         if scores is not None and not bool(scores[0][:n - 1].isfinite().all()):
             return  # as below: not what the prefix alone scores
@@ -195,7 +204,7 @@ class PrefixCache:
                 hi = (j + 1) * BLOCK - 1
                 if hi <= scores[0].shape[0] and (b.scores is None or b.scores[1].shape[1] < scores[1].shape[1]):
                     b.scores = (scores[0][lo:hi].clone(), scores[1][lo:hi].clone())
-        self._use(chain)
+        self._use(chain)  # the most recently used: at most the capacity, it outlives every other block
         while self.tokens > self.capacity:
             self._drop(next(iter(self._blocks.values())))
 

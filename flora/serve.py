@@ -162,9 +162,15 @@ MAX_LOGPROBS = 20  # alternatives a token at most (vLLM's bound; OpenAI's: 5 for
 # stop strings at most: OpenAI's bound is 4, but lm-eval-harness sends a task's `until` and the EOS
 # string, often more; each costs a look at the text's tail a token
 MAX_STOP = 16
-# echo's scoring: prompt tokens (padding included) in one forward at most, and logits alive at
-# once (64 MiB in fp32) while their log_softmax and top-k are taken
+# echo's scoring, one forward at most: SCORE_TOKENS positions computed (rows x the most any row
+# computes: padding counted, the tokens copied from the prefix cache not), SCORE_SLOTS key slots
+# (rows x the longest row, copied ones included: the keys and values held); logits alive at once
+# (64 MiB in fp32) while their log_softmax and top-k are taken
 SCORE_TOKENS = 8192
+# the keys held as before the token count (rows x the longest <= SCORE_TOKENS): 4x as many took one
+# forward for three but ran 0.95x on the CPU (bench/RESULTS.md, "Scoring forwards sized by the tokens
+# they compute"); a bound of its own to raise where a forward's fixed cost dominates (a GPU), measured
+SCORE_SLOTS = SCORE_TOKENS
 SCORE_LOGITS = 1 << 24
 # prompts sharing at least SHARE_MIN first tokens are scored as one sequence (the shared part once),
 # PACK_TOKENS tokens at most: its attention mask is [PACK_TOKENS, PACK_TOKENS]
@@ -820,7 +826,10 @@ class Engine:
                 a = asks.setdefault(self._score_key(r), [0, False, False])
                 a[0], a[1], a[2] = max(a[0], r.logprobs), a[1] or r.max_tokens == 1, a[2] or r.max_tokens > 1
         scored = self._score_prompts(asks) if asks else {}
-        keep, counted = [], set()
+        # cached: the prompt tokens not computed for the request. A forward's row computes each slot
+        # once; the first request (in arrival order) whose prompt holds a slot counts it computed, the
+        # others (a shared context's other choices, an equal prompt: all of it) as cached
+        keep, claimed = [], {}
         for r in waiting:
             if r.cancelled:
                 continue
@@ -831,9 +840,11 @@ class Engine:
                     r.events.put(("error", f"{type(got).__name__}: {got}"))
                     continue
                 entries = None if got is None else got[0]
-                if got is not None:  # an equal prompt's after the first: scored for that one
-                    r.cached = len(r.prompt) if self._score_key(r) in counted else got[2]
-                    counted.add(self._score_key(r))
+                if got is not None:
+                    taken = claimed.setdefault(got[2][0], set())
+                    mine = [s for s in got[2][1] if s not in taken]
+                    taken.update(mine)
+                    r.cached = len(r.prompt) - len(mine)
                 if entries is not None and r.logprobs < asks[self._score_key(r)][0]:  # another asked for more
                     entries = [(t, v, None if a is None else a[:r.logprobs]) for t, v, a in entries]
                 r.events.put(("prompt", r.index, entries))
@@ -852,13 +863,17 @@ class Engine:
     def _score_prompts(self, asks: dict) -> dict:
         """Prompts scored together: ``asks`` (prompt ids, model) -> [k alternatives,
         the next token's logits wanted, a row generates after it] -> each one's (logprob
-        entries, those logits [1, V] or None, its tokens the prefix cache gave), or the
-        exception that failed it. Prompts of one model that start alike (at least
+        entries, those logits [1, V] or None, the slots computed for it: _score_forward's),
+        or the exception that failed it. Prompts of one model that start alike (at least
         SHARE_MIN tokens: lm-eval's choices after one context) are packed into one
-        sequence, their shared prefix computed once (:class:`_Packed`); the packs,
-        longest first, as many a forward as fit in SCORE_TOKENS (padding counted). A
-        forward that fails is run again a pack, then a prompt, at a time, so that only a
-        failing prompt fails."""
+        sequence, their shared prefix computed once (:class:`_Packed`). Each pack first
+        looks up the start the prefix cache gives it (:meth:`_lookup`); then the packs,
+        those that compute the most tokens first, as many a forward as fit in
+        SCORE_TOKENS positions computed (a row computes as many as the one that computes
+        the most: padding counted, copied tokens not) and SCORE_SLOTS key slots (copied
+        ones included), so that mostly-cached prompts share a forward. A forward that
+        fails is run again a pack, then a prompt, at a time, so that only a failing
+        prompt fails."""
         out: dict = {}
 
         def run(group: list) -> None:
@@ -881,23 +896,38 @@ class Engine:
                 packs.append(_Packed(q))
             else:
                 p.add(q)
-        group: list = []
-        for p in sorted(packs, key=lambda p: -len(p.tokens)):
+        group, S, T = [], 0, 0
+        for p in sorted(packs, key=lambda p: -self._lookup(p, asks)):
+            s, t = max(S, self._lookup(p, asks)), max(T, len(p.tokens))
             # a long prompt's forward runs causal, unmasked: never beside a pack's [L, L] mask
-            if group and ((len(group) + 1) * len(group[0].tokens) > SCORE_TOKENS
+            if group and ((len(group) + 1) * s > SCORE_TOKENS or (len(group) + 1) * t > SCORE_SLOTS
                           or len(group[0].tokens) > PACK_TOKENS >= len(p.tokens)):
                 run(group)
-                group = []
+                group, s, t = [], self._lookup(p, asks), len(p.tokens)
             group.append(p)
+            S, T = s, t
         run(group)
         return out
+
+    def _lookup(self, p: "_Packed", asks: dict) -> int:
+        """The tokens pack ``p`` computes: its tokens less those the prefix cache gives it
+        (``p.hit``, looked up once: PrefixCache.lookup_scored's (kv, scores, c) of its
+        start, with the alternatives its prompts ask for, below what they all share; or None)."""
+        if not p.looked:
+            p.looked, pc = True, self.prefix
+            if pc is not None and len(p.tokens) <= PACK_TOKENS:  # a longer prompt runs unmasked; reused,
+                # it would need a [T, T] mask
+                p.hit = pc.lookup_scored(p.model if self.mixed else self._key, p.keys[0][0],
+                                         max(asks[q][0] for q in p.keys), p.trunk - 1)
+        return len(p.tokens) - (p.hit[2] if p.hit else 0)
 
     def _score_forward(self, group: list, asks: dict) -> dict:
         """One forward over ``group``'s packs, a row each (``--mixed``: its adapter), padded
         at their end; the head and a log_softmax in fp32 run on the real positions only,
         SCORE_LOGITS logits at a time (no [B, T, V] logits held): each prompt's entries
         (the first token's logprob None, as OpenAI's: nothing comes before it), its
-        last position's logits (the next token's) and its tokens the prefix cache gave.
+        last position's logits (the next token's) and the slots computed for it ((forward,
+        row), slot ids: those of its tokens after the ones the prefix cache gave).
         Rows of one prompt each run causal attention unmasked (nothing reads the
         padding's own results); a pack of several, the prefix tree's mask: a token
         attends to its ancestors, its RoPE position its depth, so each prompt's tokens
@@ -912,16 +942,12 @@ class Engine:
         each that a row generates after (echo, max_tokens >= 2), are kept with their
         scores (the blocks not kept yet read from the forward): only such a chain of slots
         holds what its tokens compute alone."""
-        from .prefix_cache import BLOCK
-
         m, dev, pc = self.model, self.model.device, self.prefix
         B, T = len(group), max(len(p.tokens) for p in group)
         K = max(asks[q][0] for p in group for q in p.keys)
         owner = [p.model if self.mixed else self._key for p in group]  # the prefix cache's model of each pack
-        hits = [None] * B
-        if pc is not None and T <= PACK_TOKENS:  # a longer prompt runs unmasked; reused, it would need [T, T]
-            hits = [pc.lookup_scored(owner[b], p.keys[0][0], K, p.trunk - 1) for b, p in enumerate(group)]
-        S = max(len(p.tokens) - (h[2] if h else 0) for p, h in zip(group, hits))  # the query slots a row
+        S = max(self._lookup(p, asks) for p in group)  # the query slots a row
+        hits = [p.hit for p in group]
         # the key slots: the copied ones, then the computed (a row copying more than T - S recomputes some)
         start = [min(h[2], T - S) if h else 0 for h in hits]
         ids = torch.full((B, S), self.pad, dtype=torch.long)
@@ -951,7 +977,7 @@ class Engine:
                         todo.setdefault(q[0], (q, path))
                 for tokens, (q, path) in todo.items():
                     # the slots of its whole blocks not kept yet (from lo on)
-                    whole, lo = len(tokens) // BLOCK * BLOCK, pc.held(owner[b], list(tokens))
+                    whole, lo = pc.keeps(len(tokens)), pc.held(owner[b], list(tokens))
                     keeps.append((b, tokens, q, path[lo:whole] if lo < whole else None, lo))
         saved = [(b, torch.tensor(path, device=dev)) for b, _, _, path, _ in keeps if path is not None]
         kv = _ScoreKV([(b, h[0], c) for b, (h, c) in enumerate(zip(hits, start)) if c],
@@ -1010,11 +1036,14 @@ class Engine:
         for j, (q, b, r) in enumerate(prompts):
             k = len(r) - 1 - start[b]  # its computed rows
             v, i = values[o:o + k], indices[o:o + k]
-            if start[b]:  # tokens 1 .. c: the kept scores
-                v = torch.cat([hits[b][1][0][:start[b], :K + 1], v])
-                i = torch.cat([hits[b][1][1][:start[b], :K], i])
+            if start[b]:  # tokens 1 .. c: the kept scores, with the alternatives its pack asks for
+                kh = hits[b][1][1].shape[1]
+                v = torch.cat([hits[b][1][0][:start[b]], v[:, :kh + 1]])
+                i = torch.cat([hits[b][1][1][:start[b]], i[:, :kh]])
             scores[q] = (v, i)
-            out[q] = (self._entries(q[0], v.tolist(), i.tolist(), asks[q][0]), after.get(j), start[b])
+            # the slots computed for it (its first start[b] tokens copied), named by forward and row
+            out[q] = (self._entries(q[0], v.tolist(), i.tolist(), asks[q][0]), after.get(j),
+                      ((self.score_forwards, b), r[start[b]:]))
             o += k
         for (b, tokens, q, _, _), got in zip(keeps, kv.got(keeps)):
             self._cache_put(owner[b], list(tokens), got, scores[q])
@@ -1150,6 +1179,7 @@ class _Packed:
         self.model, self.keys = key[1], []
         self.tokens, self.depth, self.paths = [], [], []  # paths: each prompt's slot a token
         self.trunk = len(key[0])
+        self.hit, self.looked = None, False  # Engine._lookup's
         self.add(key)
 
     def _shared(self, ids: tuple) -> int:

@@ -571,6 +571,15 @@ def test_echo_scores_the_waiting_prompts_together(setup, monkeypatch, budget):
             assert _end(r) == ((tok.decode([nxt], skip_special_tokens=True), "stop" if nxt in eos else "length", 1)
                                if r.max_tokens else ("", "length", 0))
     assert eng.score_rows == len(refs) == 9 and eng.batches == 0  # no row prefilled a prompt again
+    # cached_tokens: a token computed once counts for the first prompt (in arrival order) that holds it, cached for
+    # the others (a shared context's other choices, an equal prompt's every token)
+    assert sum(len(r.prompt) - r.cached for reqs in sent for r in reqs) == eng.score_tokens
+    if budget == "default":  # one pack: each choice's tokens shared with a choice before it cached
+        from flora.prefix_cache import common_length
+
+        assert [r.cached for r in sent[0]] == [max([0] + [common_length(choices[i], choices[j]) for j in range(i)])
+                                               for i in range(4)]
+        assert sent[0][1].cached == len(choices[0]) and sent[3][0].cached == len(choices[2])  # an equal prompt
     single = _prefixes(choices) + sum(len(p) for p in bodies[1]["prompt"][1:]) + len(prompt_ids(tok, PROMPTS[0]))
     if budget == "default":  # one forward; the context and each branch's tokens once
         assert (eng.score_forwards, eng.score_tokens) == (1, single)
@@ -1181,6 +1190,16 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
         assert 3 <= row["prompts_per_forward"] <= 6  # a request's prompts in one forward at least
         # the 20-token context a request's prompts share: computed once; distinct ones, all
         assert row["computed_share"] == 1.0 if distinct else row["computed_share"] < 0.6
+    # each question's first choice scored before the run: its choices, one a request, find the context kept
+    share = []
+    for warm in (False, True):
+        bench.main(["--model", str(ckpt), "--scoring", "1", "--clients", "2", "--scoring-prompts", "3",
+                    "--scoring-split", "--scoring-words", "24", "--json", str(tmp_path / "w.json")]
+                   + ["--scoring-warm"] * warm)
+        row, = json.loads((tmp_path / "w.json").read_text())["rows"]
+        assert row["prompts"] == 6
+        share.append(row["computed_share"])
+    assert share[1] < share[0] < 1
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
@@ -1309,9 +1328,20 @@ def test_prefix_cache_keeps_whole_blocks_per_model():
     pc.insert("o", a, _kv(a))
     assert pc.tokens == 7 * BLOCK and pc.lookup("o", a)[1] == 3 * BLOCK
     _check_prefix_cache(pc)
+    # longer than the whole cache: its first blocks, as many as it holds (a start later prompts may share),
+    # the least recently used leaves going for them
+    small = PrefixCache(capacity=2 * BLOCK + 5)
+    y = list(range(500, 500 + BLOCK)) + [1]
+    small.insert("m", y, _kv(y))
     calls.clear()
-    PrefixCache(capacity=BLOCK).insert("m", a, lambda *x: calls.append(x))  # larger than the whole cache
-    assert calls == []
+    small.insert("m", a, lambda *x: calls.append(x) or _kv(a)(*x))
+    assert calls == [(0, 2 * BLOCK)] and small.tokens == 2 * BLOCK and small.lookup("m", y) is None
+    assert _ids(*small.lookup("m", a)) == a[:2 * BLOCK]
+    calls.clear()
+    small.insert("m", a[:BLOCK] + y, lambda *x: calls.append(x) or _kv(a[:BLOCK] + y)(*x))  # its first block kept
+    assert calls == [(BLOCK, 2 * BLOCK)] and small.lookup("m", a)[1] == BLOCK  # a's second block (a leaf) went
+    assert small.lookup("m", a[:BLOCK] + y)[1] == 2 * BLOCK
+    _check_prefix_cache(small)
 
 
 def test_prefix_cache_shares_blocks_and_evicts_leaves_first():
@@ -1571,7 +1601,8 @@ def test_scoring_reuses_and_keeps_prefixes(setup):
     shared = common_length(choices[2], choices[3])  # the context (" the big cat", " f" after it)
     kept = shared // BLOCK * BLOCK
     assert kept >= BLOCK
-    assert score(choices[2:4]) == (_prefixes(choices[2:4]), [0, 0])
+    # the context computed once, for the first choice: the second's cached
+    assert score(choices[2:4]) == (_prefixes(choices[2:4]), [0, shared])
     # the context's whole blocks kept, with the scores of tokens 1 .. kept - 1: the rest computed
     assert score([choices[4]]) == (len(choices[4]) - (kept - 1), [kept - 1])
     assert score([choices[4]], "ffba") == (len(choices[4]), [0])  # the adapter's keys are its own
@@ -1584,6 +1615,116 @@ def test_scoring_reuses_and_keeps_prefixes(setup):
     # an equal prompt is scored once: the second computed nothing of its own, every token counts
     other = prompt_ids(tok, " ".join("qwertyuiopasdfghjklzxcvbnm")) + [5]
     assert score([other, other]) == (len(other), [0, len(other)])
+
+
+def _contexts(tok, n, length):
+    """n token-id contexts of ``length`` tokens, no two starting alike."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = [tok(" ".join((letters[5 * i:] + letters[:5 * i]) * 4), add_special_tokens=False).input_ids[:length]
+           for i in range(n)]
+    assert all(len(c) == length for c in out) and len({c[0] for c in out}) == n
+    return out
+
+
+def _run(eng, body):
+    """One prompt's request on ``eng``: (its prompt's logprob entries or None, its done event's text, reason,
+    tokens and entries), and its cached tokens."""
+    r, = eng.submit(eng.parse({"temperature": 0, "logprobs": 2, **body}, False))
+    prompt = None
+    while True:
+        ev = r.events.get(timeout=60)
+        assert ev[0] != "error", ev
+        if ev[0] == "prompt":
+            prompt = ev[2]
+        if ev[0] == "done":
+            return (prompt, ev[2:6]), r.cached
+
+
+def _same_entries(got, want):
+    """Logprob entries alike: texts equal, logprobs within fp32's rounding (another batch shape)."""
+    assert (got is None) == (want is None)
+    for (t, v, alts), (t2, v2, alts2) in zip(got or [], want or []):
+        assert t == t2 and (v is None) == (v2 is None) and (v is None or v == pytest.approx(v2, abs=1e-4))
+        assert [a for a, _ in alts or []] == [a for a, _ in alts2 or []]
+        assert [x for _, x in alts or []] == pytest.approx([x for _, x in alts2 or []], abs=1e-4)
+    assert len(got or []) == len(want or [])
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_prompt_longer_than_the_prefix_cache_keeps_its_first_blocks(setup, echo):
+    """A prompt longer than the whole prefix cache keeps its first blocks, as many as it
+    holds (the least recently used ones going): a later request that shares its start
+    (a long system prompt, a document) copies them, reports them as cached_tokens, and
+    answers what it answers without the cache (greedy tokens and logprobs; ``echo``:
+    scored, the prompt's logprobs, the kept blocks' scores reused)."""
+    from flora.prefix_cache import BLOCK
+
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    engines = [Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), tok, {"base": None}, max_batch=2,
+                      prefix_cache=c).start() for c in (2 * BLOCK + 8, 0)]
+    other, doc = _contexts(tok, 2, 3 * BLOCK + 2)
+    later = doc[:2 * BLOCK + 8] + tok(" the big cat", add_special_tokens=False).input_ids
+    extra = {"echo": True, "max_tokens": 0} if echo else {"max_tokens": 4}
+    on, off = engines
+    _run(on, {"prompt": other[:BLOCK + 3], **extra})  # a block, which the long prompt's evict
+    for eng in engines:
+        _, cached = _run(eng, {"prompt": doc, **extra})
+        assert cached == 0
+    assert on.prefix.tokens == 2 * BLOCK and on.prefix.lookup("base", other) is None
+    got, cached = _run(on, {"prompt": later, **extra})
+    want, _ = _run(off, {"prompt": later, **extra})
+    # its first two blocks kept (scoring: the scores of tokens 1 .. 2 x BLOCK - 1: the next one's is not kept)
+    assert cached == (2 * BLOCK - 1 if echo else 2 * BLOCK)
+    assert got[1][:3] == want[1][:3]
+    _same_entries(got[0], want[0])
+    _same_entries(got[1][3], want[1][3])
+    if echo:
+        _scored(("prompt", 0, got[0]), tok, later, _reference_logprobs(ckpt, None, later), 2)
+    else:
+        gen = _greedy_ids(ckpt, None, later, 4)
+        assert got[1][:3] == (tok.decode(gen, skip_special_tokens=True), "length", len(gen))
+    for eng in engines:
+        eng.close()
+
+
+@pytest.mark.parametrize("slots", ["default", "small"])
+def test_mostly_cached_prompts_share_a_scoring_forward(setup, monkeypatch, slots):
+    """A scoring forward's budget counts the positions it computes (rows x the most one
+    computes), not the prompts' lengths: prompts whose contexts an earlier forward kept
+    (each context's other choices, as lm-eval sends them one request after another)
+    compute only their continuation and share one forward, where their whole lengths
+    would take two; SCORE_SLOTS (the key slots, copied ones included) still bounds it
+    (``small``: two). Every prompt's logprobs are a plain forward's over it alone;
+    cached_tokens counts the tokens not computed for it (their sum with those computed:
+    the prompts' tokens)."""
+    from flora import serve as serve_mod
+    from flora.prefix_cache import BLOCK
+
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), tok, {"base": None}).start()
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    contexts = _contexts(tok, 4, 3 * BLOCK + 2)
+    first = [c + enc(" a b") for c in contexts]
+    then = [c + enc(" the big cat") for c in contexts]
+    T = max(map(len, then))
+    monkeypatch.setattr(serve_mod, "SCORE_TOKENS", 2 * T + 1)  # two whole prompts a forward
+    if slots == "small":
+        monkeypatch.setattr(serve_mod, "SCORE_SLOTS", 2 * T + 1)
+
+    def score(prompts):  # one request: its forwards, the tokens they computed, each prompt's cached
+        f, n = eng.score_forwards, eng.score_tokens
+        reqs = eng.submit(eng.parse({"prompt": prompts, "echo": True, "logprobs": 2, "max_tokens": 0}, False))
+        for r in reqs:
+            _scored(r.events.get(timeout=60), tok, r.prompt, _reference_logprobs(ckpt, None, r.prompt), 2)
+            assert _end(r) == ("", "length", 0)
+        assert sum(len(r.prompt) - r.cached for r in reqs) == eng.score_tokens - n
+        return eng.score_forwards - f, eng.score_tokens - n, [r.cached for r in reqs]
+
+    assert score(first) == (2, sum(map(len, first)), [0] * 4)  # nothing kept: whole prompts, two a forward
+    kept = 3 * BLOCK - 1  # each context's 3 whole blocks, the scores of tokens 1 .. 47
+    assert score(then) == (1 if slots == "default" else 2, sum(len(p) - kept for p in then), [kept] * 4)
 
 
 @pytest.mark.parametrize("prefix_cache", [8192, 0])
@@ -1625,11 +1766,12 @@ def test_an_echoed_prompt_that_generates_is_computed_once(setup, prefix_cache):
 
     pair = [choices[0], choices[2]]
     shared = common_length(*pair)
-    # their forward computed both (the context once): nothing counts as cached, though the prefix cache off,
-    # the second row copies the shared context from the first's, as rows joining together do
-    assert echo(pair) == (_prefixes(pair), [0, 0])
-    assert admits == ([max(len(p) - copied(p) for p in pair)] if prefix_cache
-                      else [len(pair[0]), len(pair[1]) - shared])
+    # their forward computed the context once, for the first; their rows join together (the prefix cache off,
+    # the second copies the shared context from the first's row): the second's context counts as cached as far
+    # as its row did not compute it either
+    S = max(len(p) - copied(p) for p in pair)
+    assert echo(pair) == (_prefixes(pair), [0, min(shared, len(pair[1]) - S) if prefix_cache else shared])
+    assert admits == ([S] if prefix_cache else [len(pair[0]), len(pair[1]) - shared])
     computed, cached = echo([choices[4]])  # ctx + " a b c": scored from choices[0]'s kept blocks
     c = len(choices[4]) - computed  # the tokens its forward did not compute
     assert (c > 0) == bool(prefix_cache) and cached == [min(c, copied(choices[4]))]
