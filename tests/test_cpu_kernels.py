@@ -282,7 +282,7 @@ def test_info_lists_cpu_dispatch(isa):
 # Largest M on the decode kernels (register.cpp, measured with bench/kernels.py --aten-too,
 # bench/RESULTS.md): with AMX bf16 (oneDNN's AMX GEMM takes over early) and without it.
 RULE = {True: {torch.float32: 16, torch.bfloat16: 4, torch.float16: 8},
-        False: {torch.float32: 128, torch.bfloat16: 12, torch.float16: 512}}
+        False: {torch.float32: 128, torch.bfloat16: 16, torch.float16: 512}}
 RULE_MAX = max(m for r in RULE.values() for m in r.values())
 
 

@@ -26,16 +26,18 @@ namespace {
 namespace k = cpu::kernels;
 
 // Largest M the decode kernels take, per dtype, on this machine; above it
-// ATen's GEMM on the fused storage wins. Measured with bench/kernels.py
-// --aten-too (kernel and ATen path on the same data, one process):
+// ATen's GEMM on the fused storage wins. Measured against ATen on the same
+// data in one process (bench/kernels.py --aten-too; bench/decode_gemms.py,
+// the weights streaming from memory as in a model):
 // - with AMX (an Intel Xeon, bench/RESULTS.md "CPU kernels", 2026-11-23):
 //   oneDNN's AMX bf16 GEMM wins from M = 8: fp32 16, bf16 4, fp16 8;
 // - without it (an AMD Zen 5, AVX-512 + avx512_bf16, bench/RESULTS.md "CPU
-//   decode kernels' M cutoff without AMX", 2026-11-29): bf16 12 (oneDNN's
-//   avx512_bf16 GEMM gains with M, the kernel's 4 x 4 register block does
-//   not: at M = 16 Llama-3.2-1B's gate/up loses, 1.11x); fp32 128 and fp16
-//   512, the largest M measured (MKL's sgemm and ATen's fp16 GEMM stay
-//   behind there: 0.6-0.85x and 0.2-0.4x of their time).
+//   decode kernels' M cutoff without AMX", 2026-11-29): bf16 16 (a layer's
+//   GEMMs in 0.6-0.75x ATen's time with the weights streaming; at M = 24 a
+//   tie, then oneDNN's avx512_bf16 GEMM gains with M where the kernel's
+//   4 x 4 register block does not); fp32 128 and fp16 512, the largest M
+//   measured (MKL's sgemm and ATen's fp16 GEMM stay behind there: 0.6-0.85x
+//   and 0.2-0.4x of their time).
 // FLORA_CPU_GEMV_MAX_M, or set_cpu_gemv_max_m(), overrides all three (for
 // tests and benchmarks).
 struct MaxM {
@@ -43,7 +45,7 @@ struct MaxM {
 };
 
 MaxM machine_max_m() {
-  static const MaxM v = cpu::has_amx_bf16() ? MaxM{16, 4, 8} : MaxM{128, 12, 512};
+  static const MaxM v = cpu::has_amx_bf16() ? MaxM{16, 4, 8} : MaxM{128, 16, 512};
   return v;
 }
 
