@@ -24,7 +24,10 @@ ratio to base. A large tensor copy (read + write bytes) gives the machine's
 memory bandwidth; decode rows show their GB/s as % of it.
 
 --gemv-max-m N sets FLORA_CPU_GEMV_MAX_M before flora loads, so the decode
-kernel also runs at larger M (to choose the dispatch threshold).
+kernel also runs at larger M (to choose the dispatch threshold; with
+--aten-too --no-dx, the kernel against ATen on the same operands, e.g. at
+--models smollm2-135m,llama-3.2-1b). The weights stay cache-resident from call
+to call on the CPU; bench/decode_gemms.py streams them as a model step does.
 --isa avx512_bf16|avx512|avx2|aten picks the CPU path (flora._C.set_cpu_isa).
 --device cuda times with CUDA events (optionally CUDA graphs, --graphs):
 each event pair brackets --calls calls (one captured graph of them with
