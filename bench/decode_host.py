@@ -5,6 +5,7 @@
     python bench/decode_host.py --profile                     # + each op's calls per layer and host us per call
     python bench/decode_host.py --baseline-src ../before      # that checkout's Python against this one, one process
     python bench/decode_host.py --real --threads 2            # SmolLM2-135M itself: ms per step, tokens/s
+    python bench/decode_host.py --real --baseline-gemv-max-m 4  # the CPU decode kernels' M cutoff 4 against the rule
 
 The eager step (flora serve's and flora generate's engine, generate() without
 compile=True) is host-bound on the CPU: Python and the dispatcher, per op
@@ -35,6 +36,11 @@ one process on the same operator library; each round times the baseline and
 this checkout in turn (the order reversed every round) and the table gives
 each one's median and the median of the per-round ratios. Valid where the
 baseline's Python runs on this extension (its ops unchanged).
+
+--baseline-gemv-max-m N: the baseline is this checkout with the CPU decode
+kernels' M cutoff forced to N (flora._C.set_cpu_gemv_max_m, set before each
+of its rounds), against this checkout on the machine's rule: a change of the
+cutoff, before / after in one process.
 """
 from __future__ import annotations
 
@@ -164,6 +170,12 @@ class Probe:
         self.ctx.__exit__(None, None, None)
 
 
+def use_cutoff(args, name: str):
+    """--baseline-gemv-max-m: N for the baseline's rounds, the machine's rule (-1) for this checkout's."""
+    if args.baseline_gemv_max_m is not None:
+        flora._ext.C.set_cpu_gemv_max_m(args.baseline_gemv_max_m if name == "baseline" else -1)
+
+
 def run_case(pkgs: dict, variant: str, dt: str, batch: int, args) -> dict:
     probes = {name: Probe(pkg, build(pkg, variant, DTYPES[dt], args.real), batch, args.steps, args.warmup,
                           not args.real) for name, pkg in pkgs.items()}
@@ -172,13 +184,17 @@ def run_case(pkgs: dict, variant: str, dt: str, batch: int, args) -> dict:
         names = list(probes)
         for r in range(args.rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
+                use_cutoff(args, name)
                 times[name].append(probes[name].round())
         row = dict(variant=variant, dtype=dt, batch=batch,
                    us={n: statistics.median(t) * 1e6 for n, t in times.items()})
         if len(names) == 2:
             row["ratio"] = statistics.median(a / b for a, b in zip(times[names[1]], times[names[0]]))
         if args.profile:
-            row["profile"] = {n: p.profile() for n, p in probes.items()}
+            row["profile"] = {}
+            for n, p in probes.items():
+                use_cutoff(args, n)
+                row["profile"][n] = p.profile()
         return row
     finally:  # last in, first out: each probe's inference mode restores what it found
         for p in reversed(list(probes.values())):
@@ -219,14 +235,21 @@ def main(argv=None) -> int:
     p.add_argument("--real", action="store_true", help="SmolLM2-135M itself (wall time, tokens/s)")
     p.add_argument("--profile", action="store_true", help="+ a per-op table of five steps per case")
     p.add_argument("--baseline-src", default=None, help="a checkout whose flora/ runs as the baseline")
+    p.add_argument("--baseline-gemv-max-m", type=int, default=None,
+                   help="baseline: this checkout with the CPU decode kernels' M cutoff forced to this")
     p.add_argument("--out", default=None, help="also write the markdown here")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
+    if args.baseline_gemv_max_m is not None and (args.baseline_src or flora._ext.C is None):
+        p.error("--baseline-gemv-max-m: needs the compiled extension, and not with --baseline-src")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or (2 if args.real else 1))
     try:  # (the caller's thread count back after: a test calls main())
-        pkgs = {"this": flora} if args.baseline_src is None else {
-            "baseline": baseline_package(args.baseline_src), "this": flora}
+        pkgs = {"this": flora}
+        if args.baseline_src is not None:
+            pkgs = {"baseline": baseline_package(args.baseline_src), "this": flora}
+        elif args.baseline_gemv_max_m is not None:
+            pkgs = {"baseline": flora, "this": flora}
         rows = []
         for v in args.variants:
             for dt in args.dtype:
@@ -238,6 +261,8 @@ def main(argv=None) -> int:
         doc = {"command": cmd, "threads": torch.get_num_threads(), "rows": rows}
     finally:
         torch.set_num_threads(threads)
+        if args.baseline_gemv_max_m is not None:
+            flora._ext.C.set_cpu_gemv_max_m(-1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     publish(md, doc, args.out, args.json)

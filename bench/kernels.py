@@ -24,7 +24,10 @@ ratio to base. A large tensor copy (read + write bytes) gives the machine's
 memory bandwidth; decode rows show their GB/s as % of it.
 
 --gemv-max-m N sets FLORA_CPU_GEMV_MAX_M before flora loads, so the decode
-kernel also runs at larger M (to choose the dispatch threshold).
+kernel also runs at larger M (to choose the dispatch threshold; with
+--aten-too --no-dx, the kernel against ATen on the same operands, e.g. at
+--models smollm2-135m,llama-3.2-1b). The weights stay cache-resident from call
+to call on the CPU; bench/decode_gemms.py streams them as a model step does.
 --isa avx512_bf16|avx512|avx2|aten picks the CPU path (flora._C.set_cpu_isa).
 --device cuda times with CUDA events (optionally CUDA graphs, --graphs):
 each event pair brackets --calls calls (one captured graph of them with
@@ -54,6 +57,7 @@ MODELS = {  # name: (d, d_q, d_kv, d_ff)
     "llama-3.2-3b": (3072, 3072, 1024, 8192),
     "llama-2-7b": (4096, 4096, 4096, 11008),
     "1024-wide": (1024, 1024, 256, 4096),
+    "smollm2-135m": (576, 576, 192, 1536),
 }
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 DECODE_M = 16  # rows up to here count as decode
@@ -152,7 +156,7 @@ def _operands(torch, mk, op, N, K, r, s):
     return o
 
 
-def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, aten_too=False):
+def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, aten_too=False, dx=True):
     """Times base / fused / lora / flora op for one shape; returns rows (a
     row whose timing failed carries ``error`` instead of figures)."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -192,6 +196,8 @@ def bench_case(torch, flora, timer, device, dtype, name, op, N, K, M, r, s=1.0, 
         add("fused", lambda o: torch.matmul(x, o["WA"].T), (N + r) * K, 2 * M * (N + r) * K)
         add("lora", lora, lora_w, lora_f)
         add("ffl", lambda o: flora.ops.ffl(x, o["W"], o["Af"], s), (N + r) * K, 2 * M * (N + r) * K)
+        if not dx:
+            return rows
         # Backward dx = dy W + dz A, dy | dz one buffer (FFL's output gradient):
         # cuBLAS on W alone, on the fused storage, unfused, and the flora op
         # (fbl over the transposed views, as the autograd formula calls it).
@@ -323,6 +329,7 @@ def main(argv=None):
                    help="time the pointwise ops (rms_norm, rope, silu_mul) against their composites instead")
     p.add_argument("--aten-too", action="store_true",
                    help="also time each flora call on the ATen path (cuda: cuBLAS, FLORA_CUDA_KERNELS=0)")
+    p.add_argument("--no-dx", action="store_true", help="skip the input-gradient (dx) rows")
     p.add_argument("--graphs", action="store_true", help="CUDA graphs (cuda only)")
     p.add_argument("--calls", type=int, default=32,
                    help="cuda: calls per event pair (or per captured graph)")
@@ -382,7 +389,7 @@ def main(argv=None):
                         key = dict(model=model, shape=name, dtype=dname, M=M, r=r, N=N, K=K)
                         try:
                             rows = bench_case(torch, flora, timer, a.device, dtype, name, op, N, K, M, r,
-                                              aten_too=a.aten_too)
+                                              aten_too=a.aten_too, dx=not a.no_dx)
                         except Exception as e:  # noqa: BLE001 - e.g. out of memory building operands
                             rows = [dict(key, op="(case)", error=f"{type(e).__name__}: {e}".splitlines()[0])]
                             if a.device == "cuda":

@@ -20,6 +20,7 @@ def info() -> dict:
         "cpu_isa": C.cpu_isa() if C else None,
         "cpu_isa_detected": C.detected_cpu_isa() if C else None,
         "avx512_bf16": C.has_avx512_bf16() if C else None,
+        "amx_bf16": C.has_amx_bf16() if C else None,  # the CPU decode kernels' M cutoffs follow it
         "cuda_archs": (C.cuda_archs() or None) if C else None,
         "cuda_available": torch.cuda.is_available(),
         "kernels": [],
@@ -65,7 +66,8 @@ def format_info(d: dict | None = None) -> str:
         f"extension: {d['extension']}",
     ]
     if d["cpu_isa"]:  # levels: avx512_bf16 > avx512 > avx2 > aten (FLORA_CPU_ISA caps it)
-        lines.append(f"cpu isa: {d['cpu_isa']} (detected {d['cpu_isa_detected']})")
+        lines.append(f"cpu isa: {d['cpu_isa']} (detected {d['cpu_isa_detected']}; "
+                     f"amx bf16: {'yes' if d['amx_bf16'] else 'no'})")
     lines.append(
         f"cuda: kernels built for {d['cuda_archs']}" if d["cuda_archs"] else "cuda: not built"
     )

@@ -45,6 +45,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def gemv_max_m():
+    """flora._C.set_cpu_gemv_max_m: the CPU decode kernels' largest M for every
+    dtype, whatever this machine's rule; the rule back after the test."""
+    from flora import _ext
+
+    if _ext.C is None:  # the reference ops: no decode kernels to steer
+        yield lambda m: None
+        return
+    yield _ext.C.set_cpu_gemv_max_m
+    _ext.C.set_cpu_gemv_max_m(-1)
+
+
 @pytest.fixture(scope="session")
 def gguf_path():
     """SmolLM2-135M-Instruct's GGUF file (fetched once into ~/.cache/flora): skipped

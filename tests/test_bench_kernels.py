@@ -134,3 +134,21 @@ def test_aten_path_switches_and_restores(kb, monkeypatch):
     with kb.aten_path(flora, "cuda"):
         assert os.environ["FLORA_CUDA_KERNELS"] == "0"
     assert "FLORA_CUDA_KERNELS" not in os.environ
+
+
+def test_decode_gemms_times_kernel_and_aten(capsys):
+    """bench/decode_gemms.py: a row per M, kernel and ATen on streamed and resident weights;
+    the ISA and the machine's M cutoff back after."""
+    import torch
+
+    from flora import _ext
+
+    C = _ext.C
+    if C is None or C.cpu_isa() == "aten":
+        pytest.skip("needs the CPU decode kernels")
+    isa, cut = C.cpu_isa(), C.cpu_gemv_max_m(torch.float32)
+    assert load_bench_script("decode_gemms").main(["--dtype", "float32", "--ms", "2,3", "--rounds", "3",
+                                                   "--layers", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 2 |", "| 3 |"))]
+    assert len(rows) == 2 and all(len(r.split("|")) == 9 for r in rows)
+    assert C.cpu_isa() == isa and C.cpu_gemv_max_m(torch.float32) == cut

@@ -269,7 +269,71 @@ def test_info_lists_cpu_dispatch(isa):
     assert "aten matmul on fused storage" in impls and "backward" in impls
     if isa != "aten":
         assert isa.split("_")[0] in impls and "gemv decode kernel" in impls
+        cut = {n: C.cpu_gemv_max_m(dt) for n, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                                     ("fp16", torch.float16))}
+        assert ", ".join(f"{n} M <= {m}" for n, m in cut.items()) in impls  # the cutoffs that run
         # the bf16 dot products (gemv and attention scores) at avx512_bf16 only
         assert ("bf16 dot" in impls and "bf16 scores" in impls) == (isa == "avx512_bf16")
     else:
         assert "gemv" not in impls
+
+
+# ---- the M cutoff: the machine's rule, and the kernels over every M a rule may give ----
+# Largest M on the decode kernels (register.cpp, measured with bench/kernels.py --aten-too,
+# bench/RESULTS.md): with AMX bf16 (oneDNN's AMX GEMM takes over early) and without it.
+# Keyed (AMX, Intel): MKL's sgemm is fast on Intel CPUs only.
+RULE = {(True, True): {torch.float32: 16, torch.bfloat16: 4, torch.float16: 8},
+        (False, True): {torch.float32: 16, torch.bfloat16: 16, torch.float16: 512},
+        (False, False): {torch.float32: 128, torch.bfloat16: 16, torch.float16: 512}}
+RULE[(True, False)] = RULE[(True, True)]
+MACHINE = (C.has_amx_bf16(), C.cpu_is_intel()) if C is not None else None
+RULE_MAX = max(m for r in RULE.values() for m in r.values())
+
+
+@pytest.mark.skipif(bool(__import__("os").environ.get("FLORA_CPU_GEMV_MAX_M")),
+                    reason="FLORA_CPU_GEMV_MAX_M overrides the rule")
+def test_gemv_max_m_rule(gemv_max_m):
+    want = RULE[MACHINE]
+    assert {dt: C.cpu_gemv_max_m(dt) for dt in want} == want
+    assert C.cpu_gemv_max_m(torch.float64) == 0  # fp64: always ATen
+    amx = "with AMX" if MACHINE[0] else "an Intel CPU without AMX" if MACHINE[1] else "a CPU without AMX"
+    when = lambda: " | ".join(k["when"] for k in flora.info()["kernels"] if "gemv" in k["impl"])
+    if C.cpu_isa() != "aten":
+        assert f"cutoffs for {'a CPU ' if MACHINE[0] else ''}{amx}" in when()
+    gemv_max_m(7)
+    assert [C.cpu_gemv_max_m(dt) for dt in DTYPES] == [7, 7, 7]
+    if C.cpu_isa() != "aten":
+        assert "fp32 M <= 7, bf16 M <= 7, fp16 M <= 7" in when() and "overridden" in when()
+    gemv_max_m(-1)
+    assert {dt: C.cpu_gemv_max_m(dt) for dt in want} == want
+
+
+# M on both sides of each rule's cutoffs; K, N, R off the vector widths (tails)
+CUTOFF_MS = [5, 6, 8, 9, 12, 13, 16, 17, 24, 32, 128, 129, 512, 513]
+
+
+@pytest.mark.parametrize("route", ["rule", "kernel"])
+@pytest.mark.parametrize("M", CUTOFF_MS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ops_across_cutoffs(isa, dtype, M, route, gemv_max_m):
+    """ffl (segments, z_in, res), fbl, fbl_ and ffbl at M around every cutoff a rule may
+    give: as this machine dispatches them ("rule") and on the decode kernels at every M
+    ("kernel": the override at the largest cutoff any rule gives), against float64."""
+    if route == "kernel":
+        gemv_max_m(RULE_MAX + 1)
+    gen = torch.Generator().manual_seed(M * 7 + DTYPES.index(dtype))
+    K, N, R = 83, 45, 9
+    x, W, A, kw = ffl_operands(M, K, N, R, "strided", "segments_zin", dtype, gen)
+    kw["res"] = view(M, N, dtype, gen, pad=5, col0=3)
+    args = (x, W, A, kw["s"], kw["repeat"], kw["rc"], kw["z_in"], kw["res"])
+    out = torch.ops.flora.ffl(*args)
+    assert_close(out, torch_ffl(*args), ops.ffl_reference(*d64(args)), dtype)
+    u, z, W, B, A, C_, r = fbl_operands(M, K, N, R, 7, "fused", True, True, 0.5, dtype, gen)
+    args = (u, z, W, B, 0.5, r, True)
+    ref = ops.fbl_reference(*d64(args))
+    assert_close(torch.ops.flora.fbl(*args), torch_fbl(*args), ref, dtype)
+    acc = r.clone()
+    torch.ops.flora.fbl_(acc, u, z, W, B, 0.5, True)  # y over the residual
+    assert_close(acc, torch_fbl(*args), ref, dtype)
+    args = (u, z, W, B, A, C_, 0.5, r, True)
+    assert_close(torch.ops.flora.ffbl(*args), torch_ffbl(*args), ops.ffbl_reference(*d64(args)), dtype)

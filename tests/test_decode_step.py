@@ -62,8 +62,9 @@ def test_decode_ops_over_base_follow_the_spec(variant, extra):
 @pytest.mark.extension
 @pytest.mark.parametrize("variant,extra", [("zflora", 0), ("zflora-minimal", 0), ("zflora-mha", 0),
                                            ("ffba", 1), ("pf-lora", 6)])
-def test_fused_gemms_on_aten(variant, extra):
-    """Batch 32 (above the CPU decode kernels' M): the projections run on ATen,
+def test_fused_gemms_on_aten(variant, extra, gemv_max_m):
+    """Batch 32 (above the CPU decode kernels' M, pinned at 16: without AMX fp32's
+    is 128): the projections run on ATen,
     the calls flora's default CUDA path makes on cuBLAS, counted against base.
     Every writer adds onto the residual stream in place (flora::fbl_: one
     beta = 1 GEMM, no copy of the residual first). zflora keeps h and its
@@ -75,6 +76,7 @@ def test_fused_gemms_on_aten(variant, extra):
     the attention output and the state from two buffers: one GEMM more.
     pf-lora: its spec's 4 B / A products, and o / down's [u | z] from two
     buffers (one GEMM more each)."""
+    gemv_max_m(16)
     oc = _op_count()
     base = oc.per_layer("base", compiled=False, batch=32)["kernels_per_layer"]
     assert oc.per_layer(variant, compiled=False, batch=32)["kernels_per_layer"] - base == extra
@@ -420,3 +422,28 @@ def test_decode_host_bench_runs_a_baseline_in_the_same_process(tmp_path):
     base = sys.modules["flora_baseline"]
     assert base is not flora and base.model.FusedLlama is not flora.model.FusedLlama
     assert base.__file__.startswith(root) and base._ext.C is _ext.C
+
+
+def test_decode_host_bench_baseline_gemv_cutoff(tmp_path):
+    """--baseline-gemv-max-m: the baseline's rounds run with the CPU decode kernels'
+    M cutoff forced (0: every projection on ATen's GEMMs), this checkout's on the
+    machine's rule, in one process; the rule is back after."""
+    from flora import _ext
+
+    if _ext.C is None or _ext.C.cpu_isa() == "aten":
+        pytest.skip("needs the CPU decode kernels")
+    import torch
+
+    rule = [_ext.C.cpu_gemv_max_m(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    dh = load_bench_script("decode_host")
+    js = tmp_path / "host.json"
+    assert dh.main(["--variants", "base", "--dtype", "fp32", "--batch", "1", "--rounds", "2", "--steps", "4",
+                    "--warmup", "1", "--profile", "--baseline-gemv-max-m", "0", "--json", str(js)]) == 0
+    assert [_ext.C.cpu_gemv_max_m(dt) for dt in (torch.float32, torch.bfloat16, torch.float16)] == rule
+    import json
+
+    (row,) = json.loads(js.read_text())["rows"]
+    assert set(row["us"]) == {"baseline", "this"}
+    gemms = {n: sum(c for op, c, _ in prof if op in ("aten::mm", "aten::addmm", "aten::addmm_"))
+             for n, prof in row["profile"].items()}
+    assert gemms["baseline"] >= 4 + gemms["this"]  # qkv, o, gate/up, down on ATen only in the baseline

@@ -28,6 +28,13 @@ std::vector<KernelInfo> composite_kernel_info(const std::string& device);
 // traced call would hand it symbolic sizes). csrc/cpu/register.cpp.
 bool cpu_decode_attention_takes(c10::ScalarType dtype, int64_t head_dim, int64_t group, int64_t keys,
                                 bool auto_splits = true);
+// Largest M for which ffl / fbl / fbl_ / ffbl on the CPU run flora's decode
+// kernels (else ATen), for this dtype (0: never, fp64) on this machine: the
+// machine's rule (AMX or not), or the override. set_cpu_gemv_max_m(m >= 0)
+// overrides every dtype (tests, benchmarks; FLORA_CPU_GEMV_MAX_M sets it at
+// load); m < 0 restores the rule. csrc/cpu/register.cpp.
+int64_t cpu_gemv_max_m(c10::ScalarType dtype);
+void set_cpu_gemv_max_m(int64_t m);
 #ifdef FLORA_WITH_CUDA
 std::vector<KernelInfo> cuda_kernel_info();
 #endif

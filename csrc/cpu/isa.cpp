@@ -5,6 +5,10 @@
 #include <atomic>
 #include <cstdlib>
 
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
 namespace flora::cpu {
 namespace {
 
@@ -51,6 +55,30 @@ bool has_avx512_bf16() {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool has_amx_bf16() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;  // EDX: AMX-BF16, AMX-TILE
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1u)) return false;  // OSXSAVE: xgetbv
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((lo >> 17) & 3u) == 3u;  // XCR0: XTILECFG and XTILEDATA state
+#else
+  return false;
+#endif
+}
+
+bool is_intel() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  return b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;  // "Genu" "ineI" "ntel"
 #else
   return false;
 #endif

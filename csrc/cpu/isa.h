@@ -15,6 +15,12 @@ enum class Isa { kAten = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 Isa detected_isa();
 // Whether the CPU has avx512_bf16 (VDPBF16PS dot products).
 bool has_avx512_bf16();
+// Whether the CPU has AMX tiles with bf16 (cpuid AMX-TILE and AMX-BF16) and the
+// OS enables their state (XCR0): oneDNN's (ATen's) bf16 GEMMs then run on them.
+bool has_amx_bf16();
+// Whether the CPU is an Intel one (cpuid vendor GenuineIntel): MKL's sgemm,
+// ATen's fp32 GEMM, runs its fast paths only there.
+bool is_intel();
 // ISA the kernels use now: detected, capped by FLORA_CPU_ISA (read once, at
 // the first call of this or set_isa: avx512_bf16 | avx512 | avx2 | aten) or
 // by set_isa().

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <optional>
@@ -24,25 +25,50 @@ namespace flora {
 namespace {
 namespace k = cpu::kernels;
 
-// Largest M the decode kernels take, per dtype; above it ATen's blocked
-// GEMM (oneDNN/MKL, AMX for bf16) on the fused storage wins. Measured with
-// bench/kernels.py (bench/RESULTS.md, "CPU kernels"): fp32 wins to M = 16,
-// bf16 to M = 4 (AMX takes over), fp16 to M = 8. FLORA_CPU_GEMV_MAX_M
-// overrides all three (read once; for benchmarks).
-int64_t env_max_m() {
-  static const int64_t v = [] {
+// Largest M the decode kernels take, per dtype, on this machine; above it
+// ATen's GEMM on the fused storage wins. Measured against ATen on the same
+// data in one process (bench/kernels.py --aten-too; bench/decode_gemms.py,
+// the weights streaming from memory as in a model):
+// - with AMX (an Intel Xeon, bench/RESULTS.md "CPU kernels", 2026-11-23):
+//   oneDNN's AMX bf16 GEMM wins from M = 8: fp32 16, bf16 4, fp16 8;
+// - without it (an AMD Zen 5, AVX-512 + avx512_bf16, bench/RESULTS.md "CPU
+//   decode kernels' M cutoff without AMX", 2026-11-29): bf16 16 (a layer's
+//   GEMMs in 0.6-0.75x ATen's time with the weights streaming; at M = 24 a
+//   tie, then oneDNN's avx512_bf16 GEMM gains with M where the kernel's
+//   4 x 4 register block does not); fp32 128 and fp16 512, the largest M
+//   measured (MKL's sgemm and ATen's fp16 GEMM stay behind there: 0.6-0.85x
+//   and 0.2-0.4x of their time). MKL's sgemm takes its fast paths on Intel
+//   CPUs only, so an Intel CPU without AMX keeps the fp32 16 measured against
+//   it on the Xeon (that was MKL's AVX-512 sgemm, not AMX); its bf16 and fp16
+//   GEMMs are oneDNN's / ATen's as on the Zen 5: bf16 16, fp16 512.
+// FLORA_CPU_GEMV_MAX_M, or set_cpu_gemv_max_m(), overrides all three (for
+// tests and benchmarks).
+struct MaxM {
+  int64_t f32, bf16, f16;
+};
+
+MaxM machine_max_m() {
+  static const MaxM v = cpu::has_amx_bf16() ? MaxM{16, 4, 8}
+                        : cpu::is_intel()     ? MaxM{16, 16, 512}
+                                              : MaxM{128, 16, 512};
+  return v;
+}
+
+std::atomic<int64_t>& max_m_override() {  // < 0: the machine's rule
+  static std::atomic<int64_t> v{[] {
     const char* env = std::getenv("FLORA_CPU_GEMV_MAX_M");
     return env && *env ? static_cast<int64_t>(std::atoll(env)) : int64_t{-1};
-  }();
+  }()};
   return v;
 }
 
 int64_t gemv_max_m(k::Dtype dt) {
-  if (env_max_m() >= 0) return env_max_m();
+  if (const int64_t o = max_m_override().load(std::memory_order_relaxed); o >= 0) return o;
+  const MaxM m = machine_max_m();
   switch (dt) {
-    case k::Dtype::kF32: return 16;
-    case k::Dtype::kBF16: return 4;
-    default: return 8;
+    case k::Dtype::kF32: return m.f32;
+    case k::Dtype::kBF16: return m.bf16;
+    default: return m.f16;
   }
 }
 
@@ -309,6 +335,17 @@ int64_t cpu_attention_splits(int64_t B, int64_t nkv, int64_t G, int64_t hd, int6
 
 }  // namespace
 
+int64_t cpu_gemv_max_m(c10::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return gemv_max_m(k::Dtype::kF32);
+    case at::kBFloat16: return gemv_max_m(k::Dtype::kBF16);
+    case at::kHalf: return gemv_max_m(k::Dtype::kF16);
+    default: return 0;  // fp64: always ATen
+  }
+}
+
+void set_cpu_gemv_max_m(int64_t m) { max_m_override().store(m < 0 ? -1 : m); }
+
 // The kernel's dtypes, head_dims and groups; the window cap (each body's
 // default, FLORA_CPU_ATTENTION_MAX_KEYS) only at the automatic split count.
 bool cpu_decode_attention_takes(at::ScalarType dtype, int64_t head_dim, int64_t group, int64_t keys,
@@ -350,13 +387,17 @@ std::vector<KernelInfo> cpu_kernel_info() {
   const auto path = active_path();
   const auto m = [](k::Dtype dt) { return std::to_string(gemv_max_m(dt)); };
   const std::string f32 = m(k::Dtype::kF32), bf16 = m(k::Dtype::kBF16), f16 = m(k::Dtype::kF16);
+  const std::string basis = max_m_override().load() >= 0 ? "M cutoff overridden"
+                            : cpu::has_amx_bf16()        ? "cutoffs for a CPU with AMX"
+                            : cpu::is_intel()            ? "cutoffs for an Intel CPU without AMX"
+                                                         : "cutoffs for a CPU without AMX";
   std::vector<KernelInfo> rows;
   for (const char* op : {"ffl", "fbl", "fbl_", "ffbl"}) {
     const bool inplace = std::string(op) == "fbl_";
     if (path) {
       rows.push_back({op, "cpu", std::string(k::path_name(*path)) + " gemv decode kernel",
                       "fp32 M <= " + f32 + ", bf16 M <= " + bf16 + ", fp16 M <= " + f16 +
-                          " (fp32 accumulate)"});
+                          " (fp32 accumulate; " + basis + ")"});
       rows.push_back({op, "cpu", base, "larger M, fp64"});
     } else {
       rows.push_back({op, "cpu", base, "all shapes (cpu isa: aten)"});

@@ -42,6 +42,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_avx512_bf16", &flora::cpu::has_avx512_bf16);
   m.def("set_cpu_isa", &flora::cpu::set_isa, py::arg("name"),
         "Use avx512, avx2 or aten for the CPU ops (for tests and benchmarks)");
+  m.def("has_amx_bf16", &flora::cpu::has_amx_bf16,
+        "whether the CPU has AMX bf16 tiles the OS enables (ATen's bf16 GEMMs use them)");
+  m.def("cpu_is_intel", &flora::cpu::is_intel,
+        "whether the CPU is an Intel one (MKL's fp32 GEMM runs its fast paths there)");
+  m.def("cpu_gemv_max_m", &flora::cpu_gemv_max_m, py::arg("dtype"),
+        "largest M that ffl / fbl / fbl_ / ffbl on the CPU run on flora's decode kernels (else ATen)");
+  m.def("set_cpu_gemv_max_m", &flora::set_cpu_gemv_max_m, py::arg("m"),
+        "override that M for every dtype (tests, benchmarks); m < 0 restores this machine's rule");
   m.def(
       "cpu_decode_attention_takes",
       [](at::ScalarType dtype, int64_t head_dim, int64_t group, int64_t keys) {
