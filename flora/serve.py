@@ -1510,14 +1510,8 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                 self._update(path == updates[0])
                 return
             chat = path.endswith("chat/completions")
-            try:
-                reqs = engine.parse(self._json(), chat)
-            except BadRequest as e:
-                self._error(e)
-                return
-            except Exception as e:  # noqa: BLE001 - an answer, never a dropped connection
-                self._send(500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
-                                           "code": 500}})
+            ok, reqs = self._answering(lambda: engine.parse(self._json(), chat))
+            if not ok:
                 return
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             created = int(time.time())
@@ -1533,9 +1527,13 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             if got is None:  # the client left: its rows were cancelled, no one to answer
                 return
             if isinstance(got, str):
-                self._send(500, {"error": {"message": got, "type": "server_error", "code": 500}})
+                self._server_error(got)
                 return
             self._send(200, _response(chat, rid, created, reqs, *got))
+
+        def _server_error(self, message: str) -> None:
+            """500: what failed in the server (not in the request), named."""
+            self._send(500, {"error": {"message": message, "type": "server_error", "code": 500}})
 
         def _json(self):
             try:
@@ -1543,10 +1541,21 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             except (ValueError, UnicodeDecodeError) as e:
                 raise BadRequest(f"the request body is not valid JSON ({e})") from None
 
+        def _answering(self, fn) -> tuple:
+            """(True, fn()), or (False, None) once its error is answered: a BadRequest as
+            it says, anything else a 500 (an answer, never a dropped connection)."""
+            try:
+                return True, fn()
+            except BadRequest as e:
+                self._error(e)
+            except Exception as e:  # noqa: BLE001
+                self._server_error(f"{type(e).__name__}: {e}")
+            return False, None
+
         def _update(self, load: bool) -> None:
             """POST /v1/load_lora_adapter {"lora_name", "lora_path"} or /v1/unload_lora_adapter
             {"lora_name"} (vLLM's): answered once the worker has made the change."""
-            try:
+            def change() -> str:
                 body = self._json()
                 name = _adapter_body(body, load)
                 try:
@@ -1558,12 +1567,10 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                     raise BadRequest(e.args[0], 404, "model_not_found") from None
                 except ValueError as e:
                     raise BadRequest(str(e)) from None
-            except BadRequest as e:
-                self._error(e)
-                return
-            except Exception as e:  # noqa: BLE001 - an answer, never a dropped connection
-                self._send(500, {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
-                                           "code": 500}})
+                return name
+
+            ok, name = self._answering(change)
+            if not ok:
                 return
             self._send(200, f"Success: LoRA adapter '{name}' {'added' if load else 'removed'} successfully.")
 
