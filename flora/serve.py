@@ -28,6 +28,8 @@ from one loaded base model:
 * with ``--allow-adapter-updates``, ``POST /v1/load_lora_adapter`` (``lora_name``,
   ``lora_path``) and ``/v1/unload_lora_adapter`` (``lora_name``), vLLM's: adapters
   served from the worker's next step on, or no longer (``Engine.load_adapter``).
+* ``GET /metrics``: Prometheus's text format, vLLM's metric names under ``flora:``,
+  each labelled ``model_name`` (flora.metrics.ServeMetrics), open with ``--api-key`` too.
 
 One worker thread owns the model and runs a batch of up to ``--max-batch``
 rows with continuous batching: a request joins the running batch between two
@@ -72,6 +74,7 @@ from typing import Optional
 import torch
 
 from .devices import resolve_device
+from .metrics import CONTENT_TYPE as METRICS_TYPE, ServeMetrics
 
 
 class BadRequest(Exception):
@@ -127,6 +130,8 @@ class Request:
     # of a request joining beside it (a shared start; an equal prompt: all of them), or scored for an equal
     # prompt before it (echo with logprobs: neither its scoring forward nor its row computed them)
     cached: int = 0
+    arrived: float = 0.0  # time.monotonic() when submitted (the metrics' latencies start here)
+    ended: bool = False  # its end is counted in Engine.metrics (once, whichever way it ended)
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -218,6 +223,8 @@ class Engine:
         self.score_forwards = self.score_rows = self.score_tokens = 0
         self.steps = 0  # decode steps run
         self.row_steps = 0  # rows generating, summed over the steps (/ steps: the batch's mean size)
+        self.metrics = ServeMetrics()  # GET /metrics: counted once per choice, at its first token and its end
+        self._waiting: list = []  # the worker's requests not yet in a row (read by metrics_text)
         self._slots: list = [None] * max_batch  # the batch's rows: a _Row, or None when free
         self._dec = None  # the running batch's decoder (generation.Decoder); None when idle
         self._decoders: dict = {}
@@ -391,7 +398,9 @@ class Engine:
         with self._lock:  # queued before an unload of its model closes it: it runs with that adapter
             for r in reqs:
                 self.check(r)
+            now = time.monotonic()
             for r in reqs:
+                r.arrived, r.ended = now, False
                 self.queue.put(r)
         return reqs
 
@@ -603,7 +612,7 @@ class Engine:
             self._stopped.set()
 
     def _serve_loop(self) -> None:
-        waiting: list = []
+        waiting: list = self._waiting
         closing = False  # close() was called: the worker ends when nothing is left to do
 
         def take(timeout=None) -> None:  # one more request (or close()'s None) from the queue
@@ -636,16 +645,17 @@ class Engine:
             held = self._adapter_changes(waiting)  # between two steps
             try:
                 if not held:
-                    waiting = self._admit(waiting)
+                    waiting = self._waiting = self._admit(waiting)
                 for i, row in enumerate(self._slots):
                     if row is not None and row.req.cancelled:  # its client left: freed now (it was
                         self._slots[i] = None  # stepped once more, a step for no one when it was the last)
+                        self._ended(row.req, "abort", row)
                 if any(self._slots):
                     self._step()
             except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the server goes on
                 for row in self._slots:
                     if row is not None:
-                        row.req.events.put(("error", f"{type(e).__name__}: {e}"))
+                        self._fail(row.req, e, row)
                 self._slots = [None] * self.max_batch
             if not any(self._slots):
                 self._end()
@@ -688,7 +698,7 @@ class Engine:
                 # an adapter switch failing) was retried forever, the worker spinning and its requests
                 # never answered: the first waiting request gets the error (the next one retries)
                 self._end()
-                waiting[0].events.put(("error", f"{type(e).__name__}: {e}"))
+                self._fail(waiting[0], e)
                 return waiting[1:]
         waiting = self._score(waiting)  # echo: the prompt (scored in this batch's mode) before the answer
         dec, free = self._dec, [i for i, r in enumerate(self._slots) if r is None]
@@ -744,7 +754,7 @@ class Engine:
                         seen.add(key)
         except Exception as e:  # noqa: BLE001 - these requests get the error (not retried forever)
             for r in join:
-                r.events.put(("error", f"{type(e).__name__}: {e}"))
+                self._fail(r, e)
             return waiting[len(join):]
         for i, r, lg, reuse, S, whole in zip(rows, join, logits, reused, span, copy):
             row = self._slots[i] = _Row(r, t - len(r.prompt), dec.device)
@@ -832,12 +842,13 @@ class Engine:
         keep, claimed = [], {}
         for r in waiting:
             if r.cancelled:
+                self._ended(r, "abort")
                 continue
             if r.echo is not None and not r.scored:
                 r.scored = True
                 got = None if r.logprobs is None else scored[self._score_key(r)]
                 if isinstance(got, Exception):  # this prompt's failure only
-                    r.events.put(("error", f"{type(got).__name__}: {got}"))
+                    self._fail(r, got)
                     continue
                 entries = None if got is None else got[0]
                 if got is not None:
@@ -855,6 +866,7 @@ class Engine:
                 keep.append(r)
             else:
                 r.events.put(("done", r.index, "", "length", 0, None if r.logprobs is None else []))
+                self._ended(r, "length")
         return keep + rest
 
     def _score_key(self, r: Request) -> tuple:
@@ -1075,7 +1087,10 @@ class Engine:
                 token = greedy
             else:
                 token = int(sample_next(logits, temperature, top_p, row.generator, top_k))
+            first = row.first_at is None
             row.add(token, self, None if row.req.logprobs is None else _logprobs(logits, token, row.req.logprobs))
+            if first and row.first_at is not None:
+                self.metrics.first_token(row.req.model, row.req.arrived, row.first_at)
             if row.done and not row.req.cancelled and i is not None:  # a conversation's next turn starts so
                 self._keep(i, row, (row.req.prompt + row.ids)[:self._dec.t - row.start])
         except Exception as e:  # noqa: BLE001 - this row's own failure (NaN logits: sampling raises)
@@ -1083,8 +1098,9 @@ class Engine:
             # the joining requests waiting, admitted again and again (errors without end, the worker
             # never free for the next request)
             row.done = True
-            row.req.events.put(("error", f"{type(e).__name__}: {e}"))
+            self._fail(row.req, e, row)
         if row.done:
+            self._ended(row.req, row.reason or "abort", row)
             if i is not None:
                 self._slots[i] = None
         else:
@@ -1108,6 +1124,34 @@ class Engine:
         for i, row in enumerate(self._slots):
             if row is not None:
                 self._take(i, row, logits[i:i + 1], greedy[i])
+
+    def _fail(self, r: Request, e: Exception, row: Optional["_Row"] = None) -> None:
+        """A choice's failure: its error event, and its end counted."""
+        r.events.put(("error", f"{type(e).__name__}: {e}"))
+        self._ended(r, "error", row)
+
+    def _ended(self, r: Request, reason: str, row: Optional["_Row"] = None) -> None:
+        """A choice's end into the metrics, once: ``row`` its tokens as usage counts them (an
+        EOS too), None when it had none."""
+        if r.ended:
+            return
+        r.ended = True
+        self.metrics.ended(r.model, reason, r.arrived, time.monotonic(), len(row.ids) + row.counted if row else 0,
+                           row and row.first_at, len(r.prompt) if r.first else 0, r.cached if r.first else 0)
+
+    def metrics_text(self) -> str:
+        """GET /metrics: the exposition text; the gauges read now, from the worker's batch and
+        queue (a snapshot a scrape may see between two of its updates)."""
+        running = dict.fromkeys(self.models, 0)
+        waiting = dict(running)
+        for row in list(self._slots):
+            if row is not None:
+                running[row.req.model] = running.get(row.req.model, 0) + 1
+        with self.queue.mutex:
+            queued = [r for r in self.queue.queue if isinstance(r, Request)]
+        for r in queued + list(self._waiting):
+            waiting[r.model] = waiting.get(r.model, 0) + 1
+        return self.metrics.render(running, waiting)
 
     def text(self, ids: list) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -1277,6 +1321,8 @@ class _Row:
         self.detok, self.pieces, self.n_out, self.tail, self.unsent, self.n_sent = None, [], 0, "", "", 0
         self.longest = max((len(x) for x in req.stop), default=0)
         self.entries, self.n_streamed = [], 0  # logprobs: one entry a token; how many went out in deltas
+        self.first_at = None  # time.monotonic() at its first token (the metrics' time to first token)
+        self.reason, self.counted = None, 0  # finish's reason (None: cancelled) and an EOS it counted
 
     def add(self, token: int, eng: Engine, lp: Optional[tuple] = None) -> None:
         """The next token; ``lp``: its logprob and its alternatives' (``_logprobs``)."""
@@ -1285,6 +1331,8 @@ class _Row:
         if self.req.cancelled:  # no one reads it: done, without an answer
             self.done = True
             return
+        if self.first_at is None:
+            self.first_at = time.monotonic()
         if self.detok is None and (self.req.stream or self.req.stop or lp is not None):
             self.detok = Detokenizer(eng.text)
         # each alternative as the text it would add here (the EOS: none)
@@ -1343,6 +1391,7 @@ class _Row:
             self._delta(text[self.n_sent:])
         self.req.events.put(("done", self.req.index, text, reason, len(self.ids) + counted,
                              None if self.req.logprobs is None else self.entries))
+        self.reason, self.counted = reason, counted
 
 
 # ------------------------------------------------------------------ HTTP
@@ -1450,12 +1499,12 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             if not quiet:
                 sys.stderr.write(f"flora serve: {self.address_string()} {fmt % args}\n")
 
-        def _send(self, status: int, obj) -> None:
-            """A JSON object, or a string as text (vLLM's answer to an adapter update)."""
+        def _send(self, status: int, obj, text_type: str = "text/plain; charset=utf-8") -> None:
+            """A JSON object, or a string as text (vLLM's answer to an adapter update, the metrics)."""
             text = isinstance(obj, str)
             data = obj.encode() if text else json.dumps(obj).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
+            self.send_header("Content-Type", text_type if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             if self.close_connection:  # so that the client does not send its next request on it
                 self.send_header("Connection", "close")
@@ -1493,6 +1542,8 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                     self._error(BadRequest(_not_served(name, served), 404, "model_not_found"))
             elif self.path == "/health":
                 self._send(200, {"status": "ok"})
+            elif path == "/metrics":  # not under /v1/: open with --api-key too, as scrapers come without one
+                self._send(200, engine.metrics_text(), METRICS_TYPE)
             else:
                 self._error(BadRequest(f"no such endpoint: GET {self.path}", 404, "not_found"))
 
