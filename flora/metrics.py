@@ -59,6 +59,16 @@ class _Metric:
             raise ValueError(f"{self.name} takes {len(self.labels)} label values {self.labels}, got {labels!r}")
         return labels
 
+    def _zero(self):
+        return 0
+
+    def touch(self, labels: tuple) -> None:
+        """The series of ``labels`` rendered at zero until it counts (a series that appears only
+        with its first event hides that first increase from rate() / increase())."""
+        with self._lock:
+            if labels not in self._values:
+                self._values[self._check(labels)] = self._zero()
+
     def _head(self) -> list:
         return [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
 
@@ -115,10 +125,13 @@ class Histogram(_Metric):
         with self._lock:
             s = self._values.get(labels)
             if s is None:
-                s = self._values[self._check(labels)] = [[0] * (len(self.bounds) + 1), 0.0, 0]
+                s = self._values[self._check(labels)] = self._zero()
             s[0][i] += 1
             s[1] += v
             s[2] += 1
+
+    def _zero(self) -> list:  # [bucket counts (the last: +Inf), sum, count]
+        return [[0] * (len(self.bounds) + 1), 0.0, 0]
 
     def render(self) -> list:
         with self._lock:
@@ -218,8 +231,18 @@ class ServeMetrics:
         if n_tokens > 1 and first_at is not None:
             self.tpot.observe(k, (now - first_at) / (n_tokens - 1))
 
+    REASONS = ("stop", "length", "abort", "error")
+
     def render(self, running: dict, waiting: dict) -> str:
-        """The exposition text, the gauges set to ``running`` and ``waiting`` (model -> choices)."""
+        """The exposition text, the gauges set to ``running`` and ``waiting`` (model -> choices,
+        each model served now): every series of a served model from zero on, as vLLM's."""
+        for model in running:
+            k = (model,)
+            for c in (self.prompt_tokens, self.generation_tokens, self.cache_queries, self.cache_hits,
+                      self.ttft, self.tpot, self.e2e):
+                c.touch(k)
+            for reason in self.REASONS:
+                self.success.touch((model, reason))
         self.running.replace({(m,): n for m, n in running.items()})
         self.waiting.replace({(m,): n for m, n in waiting.items()})
         return self.registry.render()

@@ -140,6 +140,12 @@ def test_metrics_agree_with_the_responses_usage(served):
     # before any request: the gauges name every served model, at 0
     assert {ls["model_name"]: v for n, ls, v in samples if n == "flora:num_requests_waiting"} == \
         {"base": 0, "ffba": 0}
+    # and every series of each, at zero (rate() sees a series' first increase only if it existed before)
+    for name in ("flora:prompt_tokens_total", "flora:prefix_cache_hits_total", "flora:e2e_request_latency_seconds_count"):
+        assert {ls["model_name"]: v for n, ls, v in samples if n == name} == {"base": 0, "ffba": 0}
+    assert {(ls["model_name"], ls["finished_reason"]) for n, ls, v in samples
+            if n == "flora:request_success_total" and v == 0} == \
+        {(m, r) for m in ("base", "ffba") for r in ("stop", "length", "abort", "error")}
     want = {}  # model -> prompt, completion, cached tokens and choices by finish reason, from the responses
     long = " ".join("abcdefghijklmnopqrstuvwxyz") + " copy : a b"  # sent twice: the second from the cache
     bodies = [
@@ -183,7 +189,7 @@ def test_metrics_agree_with_the_responses_usage(served):
         assert got("flora:prefix_cache_queries_total") == w["prompt"]
         assert got("flora:prefix_cache_hits_total") == w["cached"]
         assert {ls["finished_reason"]: v for n, ls, v in samples
-                if n == "flora:request_success_total" and ls["model_name"] == model} == w["reasons"]
+                if n == "flora:request_success_total" and ls["model_name"] == model and v} == w["reasons"]
         choices = sum(w["reasons"].values())
         for hist, bounds in (("flora:time_to_first_token_seconds", TTFT_BUCKETS),
                              ("flora:e2e_request_latency_seconds", LATENCY_BUCKETS)):
@@ -222,7 +228,7 @@ def test_aborted_and_failed_choices_are_counted_once(setup):
         ends[id(r)] = ev
     assert ends[id(bad)][0] == "error" and ends[id(good)][0] == "done"
     _, samples = parse(eng.metrics_text())
-    by_reason = {ls["finished_reason"]: v for n, ls, v in samples if n == "flora:request_success_total"}
+    by_reason = {ls["finished_reason"]: v for n, ls, v in samples if n == "flora:request_success_total" and v}
     assert by_reason == {"abort": 1, "error": 1, ends[id(good)][3]: 1}
     assert _value(samples, "flora:generation_tokens_total") == ends[id(good)][4]
     # the prompts that reached an end; a choice that never got a token has no time to first token
