@@ -87,6 +87,16 @@ class NotServed(ValueError):
     """Engine.submit: a request for a model not served (an adapter unloaded since its body was parsed)."""
 
 
+@contextlib.contextmanager
+def _refused():
+    """An adapter directory's read refused (not an adapter of this model, another structure,
+    unreadable) as one ValueError with its message: a 400 to the client that sent it."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ValueError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
+
+
 def _not_served(name, served) -> str:
     return f"model {_brief(name)} is not served; the models are: {', '.join(served)}"
 
@@ -524,9 +534,10 @@ class Engine:
 
     def _close(self, name) -> None:
         """An unload's first step: no new request for ``name``."""
-        adapters = [n for n in self.models if self.names[n] is not None]
+        served = self.models
+        adapters = [n for n in served if self.names[n] is not None]
         if not isinstance(name, str) or name not in adapters:
-            if isinstance(name, str) and name in self.models:
+            if isinstance(name, str) and name in served:
                 raise ValueError(f"{name!r} is the base model; only adapters can be unloaded")
             raise KeyError(f"no adapter named {_brief(name)} is served; the adapters are: "
                            f"{', '.join(adapters) or 'none'}")
@@ -548,19 +559,15 @@ class Engine:
             from .adapter_io import read_adapter_dir
             from .adapters import UNSTACKABLE
 
-            try:
+            with _refused():
                 cfg, _ = read_adapter_dir(path, m.arch)
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                raise ValueError(e.args[0] if isinstance(e, KeyError) else str(e)) from None
             if cfg.base_variant in UNSTACKABLE:
                 raise ValueError(f"{path}: variant {cfg.variant!r} cannot be served side by side (--mixed "
                                  f"stacks adapters; {', '.join(UNSTACKABLE)} cannot be stacked)")
         try:
             self._restack(None)
-            try:
+            with _refused():  # not an adapter of this model, or another structure
                 m.load_adapter(path, name=name, activate=False)
-            except (ValueError, KeyError, TypeError, OSError) as e:  # not an adapter of this model, or another
-                raise ValueError(e.args[0] if isinstance(e, KeyError) else str(e)) from None  # structure
             try:
                 self._restack(adapters + [name])
             except BaseException:

@@ -45,12 +45,13 @@ namespace k = cpu::kernels;
 // tests and benchmarks).
 struct MaxM {
   int64_t f32, bf16, f16;
+  const char* basis;  // which machine the rule took them for (flora info)
 };
 
 MaxM machine_max_m() {
-  static const MaxM v = cpu::has_amx_bf16() ? MaxM{16, 4, 8}
-                        : cpu::is_intel()     ? MaxM{16, 16, 512}
-                                              : MaxM{128, 16, 512};
+  static const MaxM v = cpu::has_amx_bf16() ? MaxM{16, 4, 8, "cutoffs for a CPU with AMX"}
+                        : cpu::is_intel()   ? MaxM{16, 16, 512, "cutoffs for an Intel CPU without AMX"}
+                                            : MaxM{128, 16, 512, "cutoffs for a CPU without AMX"};
   return v;
 }
 
@@ -387,10 +388,7 @@ std::vector<KernelInfo> cpu_kernel_info() {
   const auto path = active_path();
   const auto m = [](k::Dtype dt) { return std::to_string(gemv_max_m(dt)); };
   const std::string f32 = m(k::Dtype::kF32), bf16 = m(k::Dtype::kBF16), f16 = m(k::Dtype::kF16);
-  const std::string basis = max_m_override().load() >= 0 ? "M cutoff overridden"
-                            : cpu::has_amx_bf16()        ? "cutoffs for a CPU with AMX"
-                            : cpu::is_intel()            ? "cutoffs for an Intel CPU without AMX"
-                                                         : "cutoffs for a CPU without AMX";
+  const std::string basis = max_m_override().load() >= 0 ? "M cutoff overridden" : machine_max_m().basis;
   std::vector<KernelInfo> rows;
   for (const char* op : {"ffl", "fbl", "fbl_", "ffbl"}) {
     const bool inplace = std::string(op) == "fbl_";
