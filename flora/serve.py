@@ -462,13 +462,13 @@ class Engine:
             raise ValueError(f"Request.logprobs must be None or an integer in 0 .. {MAX_LOGPROBS}, got {k!r}")
 
     # ------------------------------------------------------- adapters at runtime
-    # A load's directory is read and checked in the caller's thread (the worker's running batch
-    # never waits for the disk), then the worker makes the changes between two steps, in the
-    # order they come. A load of
-    # another adapter of the loaded structure only adds its tensors to the model's registry
-    # (a running batch never reads them); an unload first closes its name (requests already
-    # queued for it run, new ones get 404), waits for those requests to end, then forgets the
-    # adapter and its prefix-cache blocks (a later adapter of that name has other weights).
+    # A load's directory is read and checked in the caller's thread (the running batch never
+    # waits for the disk); the worker makes the changes between two steps, in the order they
+    # come. A load of another adapter of the loaded structure only adds its tensors to the
+    # model's registry (a running batch never reads them); an unload first closes its name
+    # (requests already queued for it run, new ones get 404), waits for those requests to end,
+    # then forgets the adapter and its prefix-cache blocks (a later adapter of that name has
+    # other weights).
     # What a running batch's decoder would see -- a restack (--mixed), the model's first
     # adapter structure, the unloaded adapter's tensors held by the modules (a batch of the
     # base runs with them switched off) -- waits for the batch to drain, no request joining it.
