@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -214,13 +215,41 @@ def _read_flora_adapter(path: str, arch: LlamaArch, meta: dict):
     return cfg, sd
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter directory read and checked for base ``arch`` (:func:`read_adapter`): its
+    config and tensors, on the CPU as read. ``FusedLlama.load_adapter`` takes one as it
+    takes the directory and then only copies the tensors to the model, so that the disk
+    read and the checks can be done elsewhere first (a server's HTTP thread, not the
+    thread that runs its batches); one read serves any number of loads."""
+    path: str
+    arch: LlamaArch
+    config: AdapterConfig
+    state: dict
+
+
+def read_adapter(path, arch: LlamaArch) -> AdapterFiles:
+    """A flora or PEFT LoRA adapter dir, read and checked for ``arch`` (tensor keys, shapes,
+    dtypes, finite values): AdapterError / FileNotFoundError naming what does not fit."""
+    cfg, sd = read_adapter_dir(path, arch)
+    check_adapter_state_dict(arch, cfg, sd, where=str(path))
+    return AdapterFiles(os.fspath(path), arch, cfg, sd)
+
+
 def resolve_adapter(adapter, arch: LlamaArch):
-    """AdapterConfig | dir -> (validated AdapterConfig, tensors or None for a fresh adapter)."""
+    """AdapterConfig | dir | AdapterFiles -> (validated AdapterConfig, checked tensors, or
+    None for a fresh adapter)."""
     if isinstance(adapter, AdapterConfig):
         return adapter.validate_for(arch), None  # shared safely: a config never changes
     if isinstance(adapter, (str, os.PathLike)):
-        return read_adapter_dir(adapter, arch)
-    raise TypeError(f"adapter must be an AdapterConfig or an adapter directory, got {type(adapter).__name__}")
+        adapter = read_adapter(adapter, arch)
+    if isinstance(adapter, AdapterFiles):
+        if adapter.arch != arch:  # its checks were another base model's
+            raise AdapterError(f"{adapter.path}: read for another base model ({adapter.arch.shape_dict()}), "
+                               f"not this one ({arch.shape_dict()}); read it for this model")
+        return adapter.config, adapter.state
+    raise TypeError(f"adapter must be an AdapterConfig, an adapter directory or an AdapterFiles, "
+                    f"got {type(adapter).__name__}")
 
 
 def load_adapter(model, path, name: str = "default") -> None:

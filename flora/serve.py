@@ -69,12 +69,15 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from .devices import resolve_device
 from .metrics import CONTENT_TYPE as METRICS_TYPE, ServeMetrics
+
+if TYPE_CHECKING:
+    from .adapter_io import AdapterFiles
 
 
 class BadRequest(Exception):
@@ -107,7 +110,7 @@ class _Change:
     ``done`` gets None once it is made, or the exception that refused it."""
     kind: str  # "load" or "unload"
     name: str
-    path: Optional[str] = None
+    adapter: Optional[AdapterFiles] = None  # load: its directory, read by Engine.load_adapter
     done: queue.Queue = field(default_factory=queue.Queue)
     closed: bool = False  # unload: its name takes no new requests
 
@@ -459,26 +462,40 @@ class Engine:
             raise ValueError(f"Request.logprobs must be None or an integer in 0 .. {MAX_LOGPROBS}, got {k!r}")
 
     # ------------------------------------------------------- adapters at runtime
-    # The worker makes the changes between two steps, in the order they come. A load of
-    # another adapter of the loaded structure only adds its tensors to the model's registry
-    # (a running batch never reads them); an unload first closes its name (requests already
-    # queued for it run, new ones get 404), waits for those requests to end, then forgets the
-    # adapter and its prefix-cache blocks (a later adapter of that name has other weights).
+    # A load's directory is read and checked in the caller's thread (the running batch never
+    # waits for the disk); the worker makes the changes between two steps, in the order they
+    # come. A load of another adapter of the loaded structure only adds its tensors to the
+    # model's registry (a running batch never reads them); an unload first closes its name
+    # (requests already queued for it run, new ones get 404), waits for those requests to end,
+    # then forgets the adapter and its prefix-cache blocks (a later adapter of that name has
+    # other weights).
     # What a running batch's decoder would see -- a restack (--mixed), the model's first
     # adapter structure, the unloaded adapter's tensors held by the modules (a batch of the
     # base runs with them switched off) -- waits for the batch to drain, no request joining it.
     def load_adapter(self, name: str, path) -> None:
         """Serve the adapter directory ``path`` (flora's or a PEFT LoRA's) as model
-        ``name``, from the worker's next step on (see above). Blocks until the worker
-        (:meth:`start` or :meth:`run`, in another thread) has made the change;
-        ValueError naming what is wrong (a name taken, a path that is not an adapter of
-        this model, another structure than the loaded adapters'), the server left as it
-        was."""
+        ``name``, from the worker's next step on (see above). Reads the directory here,
+        then blocks until the worker (:meth:`start` or :meth:`run`, in another thread)
+        has made the change; ValueError naming what is wrong (a path that is not an
+        adapter of this model or, --mixed, one that cannot be stacked: before the worker
+        sees it; a name taken, another structure than the loaded adapters'), the server
+        left as it was."""
+        from .adapters import UNSTACKABLE
+
         if not isinstance(name, str) or not name:
             raise ValueError(f"the adapter's name must be a non-empty string, got {_brief(name)}")
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise ValueError(f"the adapter's path must be a non-empty string, got {_brief(path)}")
-        self._change(_Change("load", name, str(path)))
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} is not a directory")
+        with _refused():  # not an adapter of this model (the model's arch never changes: read here)
+            adapter = self.model.read_adapter(path)
+        if self._stacks and adapter.config.base_variant in UNSTACKABLE:
+            # refused before it reaches the model: as its first adapter it would set the model's
+            # structure (loading, then failing to stack, left it so); after others, never stacked
+            raise ValueError(f"{path}: variant {adapter.config.variant!r} cannot be served side by side "
+                             f"(--mixed stacks adapters; {', '.join(UNSTACKABLE)} cannot be stacked)")
+        self._change(_Change("load", name, adapter))
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving adapter ``name``: requests queued for it before run to their end
@@ -515,7 +532,7 @@ class Engine:
                 whole = self._restructures(op)
                 if whole and self._dec is not None:
                     return True
-                (self._load if op.kind == "load" else self._unload)(op.name, op.path)
+                (self._load if op.kind == "load" else self._unload)(op.name, op.adapter)
                 err = None
             except Exception as e:  # noqa: BLE001 - refused (or failed): its caller gets why, serving goes on
                 err = e
@@ -544,30 +561,18 @@ class Engine:
         with self._lock:
             self._closing = self._closing | {name}
 
-    def _load(self, name: str, path: str) -> None:
+    def _load(self, name: str, adapter) -> None:
+        """The worker's side of a load: ``adapter`` (read by load_adapter) into the model."""
         m = self.model
         if name in self.names or name in m.adapter_names:
             by = "the base model" if name in self.names and self.names[name] is None else \
                 "an adapter loaded already (unload it first)"
             raise ValueError(f"the name {name!r} is taken by {by}")
-        if not os.path.isdir(path):
-            raise ValueError(f"{path} is not a directory")
         adapters = [a for a in self.names.values() if a is not None]
-        if self._stacks and m.adapter_config is None:
-            # the model's first adapter sets its structure: one --mixed cannot stack is refused
-            # before it does (loading, then failing to stack, left the model of that structure)
-            from .adapter_io import read_adapter_dir
-            from .adapters import UNSTACKABLE
-
-            with _refused():
-                cfg, _ = read_adapter_dir(path, m.arch)
-            if cfg.base_variant in UNSTACKABLE:
-                raise ValueError(f"{path}: variant {cfg.variant!r} cannot be served side by side (--mixed "
-                                 f"stacks adapters; {', '.join(UNSTACKABLE)} cannot be stacked)")
         try:
             self._restack(None)
-            with _refused():  # not an adapter of this model, or another structure
-                m.load_adapter(path, name=name, activate=False)
+            with _refused():  # another structure: only its tensors' copy to the model's device is left
+                m.load_adapter(adapter, name=name, activate=False)
             try:
                 self._restack(adapters + [name])
             except BaseException:
@@ -579,7 +584,7 @@ class Engine:
         with self._lock:
             self.names = {**self.names, name: name}
 
-    def _unload(self, name: str, _path=None) -> None:
+    def _unload(self, name: str, _adapter=None) -> None:
         m, adapter = self.model, self.names[name]
         with self._lock:
             self.names = {n: a for n, a in self.names.items() if n != name}

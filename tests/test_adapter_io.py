@@ -381,3 +381,51 @@ def test_the_model_adapter_config_cannot_change(tmp_path, hf):
     again = FusedLlama.from_pretrained(hf, adapter=str(tmp_path / "a"))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, want)
+
+
+def test_an_adapter_read_first_loads_as_its_directory(tmp_path, hf, monkeypatch):
+    """read_adapter reads and checks a directory without loading it; load_adapter of
+    what it read then reads nothing (a server reads outside its worker thread) and
+    serves as the directory loaded. Each load copies the tensors: one read, several
+    adapters, none changed by training another; not for another base model."""
+    d = tmp_path / "ad"
+    _trained(hf, seed=3).save_adapter(str(d))
+    want = FusedLlama.from_pretrained(hf, adapter=str(d))
+    m = FusedLlama.from_pretrained(hf)
+    files = m.read_adapter(str(d))
+    assert m.adapter_config is None and m.adapter_names == []  # read, not loaded
+    reads = []
+    monkeypatch.setattr(adapter_io, "read_adapter_dir", lambda *a: reads.append(a))
+    m.load_adapter(files, "x")
+    m.load_adapter(files, "y", activate=False)
+    assert reads == [] and m.adapter_names == ["x", "y"] and m.adapter_config == want.adapter_config
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        ref = want(ids).logits
+        assert torch.equal(m(ids).logits, ref)
+        next(iter(m.parameters())).add_(1.0)  # "x" trained: not "y", nor what was read
+        assert not torch.equal(m(ids).logits, ref)
+        m.set_adapter("y")
+        assert torch.equal(m(ids).logits, ref)
+    other = FusedLlama.from_pretrained(llama_model(hidden=32, heads=2, kv_heads=1))
+    with pytest.raises(AdapterError, match="read for another base model"):
+        other.load_adapter(files, "x")
+    assert other.adapter_config is None and other.adapter_names == []
+
+
+def test_read_adapter_refuses_what_load_adapter_refuses(tmp_path, hf):
+    """The tensor checks run at the read: a directory's every refusal comes from read_adapter."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "ad"
+    _trained(hf).save_adapter(str(d))
+    sd = load_file(str(d / "adapter.safetensors"))
+    sd["layers.0.o.C_o"][0, 0] = float("nan")
+    save_file(sd, str(d / "adapter.safetensors"))
+    _edit(d, tensors_sha256=None)
+    m = FusedLlama.from_pretrained(hf)
+    with pytest.raises(AdapterError, match="layers.0.o.C_o holds NaN or infinite values"):
+        m.read_adapter(str(d))
+    with pytest.raises(AdapterError, match="layers.0.o.C_o holds NaN or infinite values"):
+        m.load_adapter(str(d))
+    assert m.adapter_config is None

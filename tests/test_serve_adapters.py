@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import urllib.request
 import pytest
 from _train_helpers import served_checkpoint
 
-from flora import FusedLlama
+from flora import FusedLlama, adapter_io
 from flora.bench.latency import randomize_adapter
 from flora.config import AdapterConfig
 from flora.data import load_tokenizer
@@ -106,6 +107,25 @@ def _error(body) -> str:
     return json.loads(body)["error"]["message"]
 
 
+def _reads(monkeypatch) -> list:
+    """The thread of each adapter-directory read from now on (adapter_io.read_adapter_dir's calls)."""
+    threads, read = [], adapter_io.read_adapter_dir
+
+    def counted(*args, **kw):
+        threads.append(threading.current_thread())
+        return read(*args, **kw)
+    monkeypatch.setattr(adapter_io, "read_adapter_dir", counted)
+    return threads
+
+
+def _truncated(src, dst):
+    """A copy of adapter dir ``src`` whose tensor file lost its end."""
+    shutil.copytree(src, dst)
+    f = dst / adapter_io.WEIGHTS_NAME
+    f.write_bytes(f.read_bytes()[:-100])
+    return dst
+
+
 @pytest.mark.parametrize("mixed", [False, True])
 def test_a_loaded_adapter_serves_as_one_loaded_at_start(setup, mixed):
     ckpt, dirs = setup
@@ -177,6 +197,7 @@ def test_bad_loads_are_refused_and_the_server_goes_on(setup, tmp_path):
         for body, status, msg in [
             ({"lora_name": "x", "lora_path": str(tmp_path / "nope")}, 400, f"{tmp_path / 'nope'} is not a directory"),
             ({"lora_name": "x", "lora_path": str(tmp_path / "empty")}, 400, "not a flora or PEFT adapter directory"),
+            ({"lora_name": "x", "lora_path": str(_truncated(dirs["b"], tmp_path / "cut"))}, 400, "truncated"),
             ({"lora_name": "x", "lora_path": str(dirs["wide"])}, 400,
              "(ffba, rank 8) does not have the structure of this model's adapters (ffba, rank 4)"),
             ({"lora_name": "a", "lora_path": str(dirs["b"])}, 400,
@@ -235,10 +256,11 @@ def _stream(url, model, prompt, n):
 
 
 @pytest.mark.parametrize("mixed", [False, True])
-def test_a_load_or_unload_while_a_stream_runs(setup, mixed):
+def test_a_load_or_unload_while_a_stream_runs(setup, mixed, monkeypatch):
     """The stream goes on as if nothing happened. A load is made between two of its
-    steps (--mixed: once its batch has drained, the adapters stacked again); an
-    unload refuses new requests for its adapter at once, and answers once the
+    steps (--mixed: once its batch has drained, the adapters stacked again), its
+    directory read before, in the HTTP thread (the stream never waits for the disk);
+    an unload refuses new requests for its adapter at once, and answers once the
     adapter's stream has run to its end with it."""
     ckpt, dirs = setup
     want = {}
@@ -253,7 +275,9 @@ def test_a_load_or_unload_while_a_stream_runs(setup, mixed):
             step()
         eng._step = slow
         rest = _stream(url, "a", PROMPTS[0], 40)
+        reads = _reads(monkeypatch)
         assert _load(url, "b", dirs["b"])[0] == 200
+        assert len(reads) == 1 and reads[0] is not eng._worker
         assert eng.busy == (not mixed)  # --mixed: made once the stream's batch had drained
         assert rest() == want["a"]
         rest = _stream(url, "b", PROMPTS[0], 40)
@@ -348,3 +372,41 @@ def test_mixed_refuses_an_unstackable_first_adapter_and_stays_as_it_was(setup, t
         assert eng.model.adapter_config is None and _models(url) == ["base"]
         assert _load(url, "peft", dirs["peft"])[0] == 200
         assert _answers(url, ["peft", "base"]) == want
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_load_reads_its_directory_once_outside_the_worker(setup, mixed, monkeypatch):
+    """The model's first adapter (--mixed: checked for stacking first; that read the
+    directory once more, in the worker), then another: one read each, in the
+    caller's thread."""
+    ckpt, dirs = setup
+    with _server(ckpt, {}, mixed=mixed) as (url, eng):
+        reads = _reads(monkeypatch)
+        eng.load_adapter("peft", str(dirs["peft"]))
+        assert _load(url, "lora", dirs["lora"])[0] == 200
+        assert len(reads) == 2 and eng._worker not in reads
+        assert eng.models == ["base", "peft", "lora"]
+
+
+def test_a_directory_is_refused_before_the_worker_sees_it(setup, tmp_path):
+    """What is wrong with the directory alone is raised by load_adapter in its caller's
+    thread, nothing queued: an engine whose worker has ended (a queued change: "the
+    engine has stopped") refuses each as a server's worker would."""
+    ckpt, dirs = setup
+    m = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffa", 4, 8))
+    m.save_adapter(tmp_path / "ffa")
+    (tmp_path / "empty").mkdir()
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    eng = Engine(model, load_tokenizer(ckpt), {"base": None}, max_batch=2, mixed=True).start()
+    eng.close()
+    eng._worker.join(timeout=30)
+    assert not eng._worker.is_alive()
+    for path, msg in [(tmp_path / "nope", "is not a directory"),
+                      (tmp_path / "empty", "not a flora or PEFT adapter directory"),
+                      (_truncated(dirs["b"], tmp_path / "cut"), "truncated"),
+                      (tmp_path / "ffa", "variant 'ffa' cannot be served side by side")]:
+        with pytest.raises(ValueError, match=msg):
+            eng.load_adapter("x", str(path))
+    with pytest.raises(RuntimeError, match="the engine has stopped"):  # a good one: queued
+        eng.load_adapter("x", str(dirs["b"]))
+    assert model.adapter_config is None and eng.models == ["base"]
