@@ -1,7 +1,8 @@
 """A conversation with a model and its adapter in the terminal: ``flora chat``.
 
     flora chat --model DIR|FILE.gguf|smollm2 [--adapter DIR] [--system TEXT] \\
-        [--max-new-tokens 256] [--temperature 0.7 --top-p 0.9 --top-k 0 --seed S]
+        [--max-new-tokens 256] [--temperature 0.7 --top-p 0.9 --top-k 0 --min-p 0 --seed S] \\
+        [--repetition-penalty 1.1 --presence-penalty 0 --frequency-penalty 0]
 
 Each line read is the user's turn; the reply streams as it is generated and
 joins the conversation, which goes through the tokenizer's chat template as
@@ -49,13 +50,11 @@ CACHE_LEN = 4096  # the conversation's KV-cache slots at most (the model's conte
 
 
 def run_args(args, stdin=None, out=None) -> None:
-    from .generation import check_sampling, check_seed
-    from .inference import load
+    from .inference import load, sampling_of
     from .serve import Engine, Request
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    check_seed(args.seed)
+    sampling = sampling_of(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = resolve_device(args.device)
@@ -99,7 +98,7 @@ def run_args(args, stdin=None, out=None) -> None:
                           f"tokens)", file=sys.stderr)
                 seed = None if args.seed is None else (args.seed + turn) % 2 ** 63  # reproducible, each turn its own
                 req, = engine.submit([Request(name, ids[0].tolist(), args.max_new_tokens,
-                                              (args.temperature, args.top_p, args.top_k), seed, stream=True)])
+                                              sampling, seed, stream=True)])
                 while (ev := req.events.get())[0] == "delta":  # the reply's text as it comes
                     out.write(ev[2])
                     out.flush()

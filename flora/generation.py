@@ -30,6 +30,7 @@ import os
 import warnings
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -154,25 +155,107 @@ class StaticKVCache:
         return self.window(layer)
 
 
-def sample_next(logits: Tensor, temperature: float, top_p: float,
-                generator: Optional[torch.Generator], top_k: int = 0) -> Tensor:
-    """Next tokens [B] from last-position logits [B, V]: greedy, or sampling
-    from the ``top_k`` most likely tokens (0: all), then the nucleus ``top_p``
-    of those (transformers' order)."""
+@dataclass
+class Sampling:
+    """How a row picks its next token; the defaults ask for nothing (greedy, no
+    penalty, no bias). ``temperature`` 0: greedy (the argmax of the penalised,
+    biased logits, as vLLM's); ``top_k`` 0: no limit; ``min_p``: drop tokens less
+    likely than min_p x the most likely (after temperature). ``repetition_penalty``
+    (> 0, 1: none; transformers' and vLLM's): over the tokens of the prompt and the
+    output so far, a logit > 0 divided by it, any other multiplied.
+    ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, in [-2, 2]): over the
+    output's tokens only, each logit less frequency x its count, less presence if
+    it occurs. ``logit_bias``: {token id: bias in [-100, 100]} added to the logits
+    (at most 300, OpenAI's bound). Checked by :func:`check_sampling`."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict] = None
+
+    @property
+    def adjusts(self) -> bool:
+        """It changes the logits before sampling (a penalty or a bias): greedy is then not
+        the model's argmax, and a row needs its :class:`Penalties`."""
+        return bool(self.repetition_penalty != 1 or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias)
+
+
+class Penalties:
+    """What a :class:`Sampling`'s penalties and ``logit_bias`` read for B rows sampling
+    alike, on the logits' device: the bias [V], which tokens each row's prompt and
+    output hold [B, V] (repetition), each output token's count [B, V] (presence,
+    frequency); each made only when its setting asks for it. :meth:`add` after
+    each step's tokens, :meth:`__call__` on that step's logits."""
+
+    def __init__(self, s: Sampling, prompts: Tensor, vocab: int, valid: Optional[Tensor] = None):
+        """``prompts`` [B, T] token ids (``valid`` [B, T] bool: the real ones, else all)."""
+        self.s, dev, B = s, prompts.device, prompts.shape[0]
+        self.bias = self.seen = self.counts = None
+        if s.logit_bias:
+            self.bias = torch.zeros(vocab, device=dev)
+            self.bias[torch.tensor(list(s.logit_bias), dtype=torch.long, device=dev)] = torch.tensor(
+                list(s.logit_bias.values()), dtype=torch.float32, device=dev)
+        if s.repetition_penalty != 1:  # padding scattered into a spare column V, dropped
+            ids = prompts if valid is None else prompts.masked_fill(~valid, vocab)
+            self.seen = torch.zeros(B, vocab + 1, dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :vocab]
+        if s.presence_penalty or s.frequency_penalty:
+            self.counts = torch.zeros(B, vocab, device=dev)
+
+    def add(self, tokens: Tensor) -> None:
+        """Each row's next token [B] (on the device: no sync)."""
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(self.counts[:, :1]))
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """The logits [B, V] (fp32) biased, then penalised (vLLM's order: the bias is a
+        logits processor run before its penalties)."""
+        s = self.s
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.seen is not None:
+            r = s.repetition_penalty
+            logits = torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        if self.counts is not None:
+            logits = logits - s.frequency_penalty * self.counts - s.presence_penalty * (self.counts > 0)
+        return logits
+
+
+def sample_next(logits: Tensor, s: Sampling, generator: Optional[torch.Generator] = None,
+                penalties: Optional[Penalties] = None) -> Tensor:
+    """Next tokens [B] from last-position logits [B, V] sampled as ``s`` asks
+    (``penalties``: the rows' state when ``s.adjusts``, applied first).
+
+    The order: the bias and penalties on the raw logits (vLLM's), then greedy's
+    argmax, or temperature, top-k, top-p, min-p (transformers' warpers' order). Each
+    filter keeps tokens by their rank or their ratio to the top token, which none of
+    them removes, so min-p after top-p keeps what both keep on the temperature's
+    distribution (vLLM applies min-p first: its top-p then reads renormalised
+    probabilities, and may keep fewer)."""
     logits = logits.float()
-    if temperature <= 0:
+    if penalties is not None:
+        logits = penalties(logits)
+    if s.temperature <= 0:
         return logits.argmax(-1)
+    top_k = s.top_k
     if 0 < top_k < logits.shape[-1]:  # ties at the k-th logit stay in, as in transformers
         logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], -math.inf)
     # from the row's max: a tiny temperature (1e-40) then sends the rest to -inf, not the max to inf
     # (inf - inf: NaN probabilities, and multinomial raised)
-    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
-    if top_p < 1.0:
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / s.temperature, dim=-1)
+    if s.top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         cum = sorted_p.cumsum(-1)
-        drop = (cum - sorted_p) >= top_p  # keep the smallest prefix reaching top_p (top-1 always kept)
+        drop = (cum - sorted_p) >= s.top_p  # keep the smallest prefix reaching top_p (top-1 always kept)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    if s.min_p > 0:  # a ratio to the top token: the same on probabilities not renormalised
+        probs = probs.masked_fill(probs < s.min_p * probs.amax(-1, keepdim=True), 0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -641,18 +724,46 @@ def _eos_set(eos_token_id) -> list:
     return [int(e) for e in eos_token_id]
 
 
-def check_sampling(max_new_tokens, temperature, top_p, top_k=0) -> None:
-    """generate()'s length and sampling arguments (also checked by the CLI
-    before a model loads)."""
+MAX_LOGIT_BIAS = 300  # logit_bias entries at most (OpenAI's bound)
+
+
+def check_sampling(max_new_tokens, s: Sampling, vocab: Optional[int] = None) -> None:
+    """generate()'s length and a :class:`Sampling` (also checked by the CLI before a
+    model loads, and by the server): ValueError naming the setting. ``vocab``: the
+    model's, that logit_bias's token ids must lie in (None: not checked yet)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    # written so that NaN fails too
-    if not (isinstance(temperature, numbers.Real) and 0 <= temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
+    if not isinstance(s, Sampling):
+        raise ValueError(f"sampling must be a flora.generation.Sampling, got {type(s).__name__}")
+
+    def real(name, lo, hi=None, lo_open=False):
+        v = getattr(s, name)
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                and (lo < v if lo_open else lo <= v) and (hi is None or v <= hi)):
+            rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ValueError(f"{name} must be a finite number {rng}, got {v!r}")
+
+    real("temperature", 0)
+    if not (isinstance(s.top_p, numbers.Real) and 0 < s.top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {s.top_p!r}")
+    if isinstance(s.top_k, bool) or not isinstance(s.top_k, numbers.Integral) or s.top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {s.top_k!r}")
+    real("min_p", 0, 1)
+    real("repetition_penalty", 0, lo_open=True)
+    real("presence_penalty", -2, 2)
+    real("frequency_penalty", -2, 2)
+    bias = s.logit_bias
+    if bias is None:
+        return
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        got = f"{len(bias)} entries" if isinstance(bias, dict) else type(bias).__name__
+        raise ValueError(f"logit_bias must be a dict of at most {MAX_LOGIT_BIAS} {{token id: bias}}, got {got}")
+    for t, v in bias.items():
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 or (vocab is not None and t >= vocab):
+            rng = ">= 0" if vocab is None else f"in 0 .. {vocab - 1}"
+            raise ValueError(f"logit_bias: {t!r} is not a token id of this model (an integer {rng})")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not -100 <= v <= 100:
+            raise ValueError(f"logit_bias[{t}] must be a number in [-100, 100], got {v!r}")
 
 
 SEEDS = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
@@ -692,7 +803,9 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
              pad_token_id: Optional[int] = None, seed: Optional[int] = None,
              generator: Optional[torch.Generator] = None, streamer=None,
              use_cuda_graph: Optional[bool] = None, compile: bool = False, adapters=None,
-             top_k: int = 0) -> Tensor:
+             top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             logit_bias: Optional[dict] = None) -> Tensor:
     """Generate up to ``max_new_tokens`` for a left-padded batch.
 
     Returns ``[B, T + n]`` (prompt then new tokens; rows that hit an EOS are
@@ -712,6 +825,11 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
 
     ``adapters``: one adapter name (None: the base model) per row, for a
     model holding several side by side (``FusedLlama.stack_adapters``).
+
+    ``temperature`` (0: greedy), ``top_p``, ``top_k``, ``min_p``,
+    ``repetition_penalty`` (over each row's prompt and output), ``presence_penalty``
+    and ``frequency_penalty`` (over its output), ``logit_bias`` ({token id: bias}):
+    see :class:`Sampling`; every row samples alike.
     """
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or not input_ids.numel():
         raise ValueError(f"input_ids must be a [batch, seq] tensor with batch, seq >= 1, got "
@@ -719,7 +837,10 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     check_id_dtype(input_ids, "input_ids")
     if seed is not None and generator is not None:
         raise ValueError("generate: give seed or generator, not both (the generator would silently win)")
-    check_sampling(max_new_tokens, temperature, top_p, top_k)
+    sampling = Sampling(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
+                        frequency_penalty, logit_bias)
+    check_sampling(max_new_tokens, sampling, model.arch.vocab_size)
+    sampling.top_k = int(top_k)  # a numpy integer too
     check_seed(seed)
     if attention_mask is not None and (not torch.is_tensor(attention_mask)
                                        or tuple(attention_mask.shape) != tuple(input_ids.shape)):
@@ -760,7 +881,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
     out = [input_ids]
     try:
         if max_new_tokens > 0:
-            _generate_loop(model, input_ids, key_valid, int(max_new_tokens), (temperature, top_p, int(top_k)),
+            _generate_loop(model, input_ids, key_valid, int(max_new_tokens), sampling,
                            eos, pad, generator, put, use_cuda_graph, compile, out, rows)
     finally:  # a consumer waiting on the streamer (TextIteratorStreamer) must always be released
         if streamer is not None and hasattr(streamer, "end"):
@@ -771,8 +892,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 32, temperature: fl
 def _generate_loop(model, input_ids, key_valid, max_new_tokens, sampling, eos, pad, generator,
                    put, use_cuda_graph, compile, out, rows=None):
     """The prefill + decode loop of :func:`generate`; appends each step's tokens [B, 1] to ``out``.
-    ``sampling``: (temperature, top_p, top_k)."""
-    temperature, top_p, top_k = sampling
+    ``sampling``: a :class:`Sampling`."""
     B, T = input_ids.shape
     dev = input_ids.device
     with inference_mode(model):
@@ -780,8 +900,12 @@ def _generate_loop(model, input_ids, key_valid, max_new_tokens, sampling, eos, p
         logits = dec.prefill(input_ids, key_valid, rows)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         eos_t = torch.tensor(eos, dtype=torch.long, device=dev) if eos else None
+        # the rows' token counts: only when a penalty or a bias asks (none: nothing kept, nothing added)
+        pen = Penalties(sampling, input_ids, model.arch.vocab_size, key_valid) if sampling.adjusts else None
         for i in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, generator, top_k)
+            tok = sample_next(logits, sampling, generator, pen)
+            if pen is not None:
+                pen.add(tok)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             out.append(tok[:, None])
             if put is not None:

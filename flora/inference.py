@@ -3,7 +3,8 @@
 
     flora generate --model DIR|FILE.gguf|smollm2 [--adapter OUT/adapter ...] [--compare] \\
         (--prompt TEXT ... | --data prompts.jsonl [--limit N]) [--chat] \\
-        [--max-new-tokens 128] [--temperature T --top-p P --top-k K --seed S] [--batch-size 8] [--out FILE.jsonl]
+        [--max-new-tokens 128] [--temperature T --top-p P --top-k K --min-p P --seed S] \\
+        [--repetition-penalty R --presence-penalty P --frequency-penalty F] [--batch-size 8] [--out FILE.jsonl]
 
 Prompts are tokenized as ``flora train`` tokenizes them, so a training or
 evaluation JSONL works as it is; when its records carry a ``completion``
@@ -67,7 +68,27 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> N
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than min-p x the most likely (0: none)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="over the prompt's and answer's tokens: a logit > 0 divided by it, else multiplied "
+                        "(1: none; vLLM's, transformers')")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the logit of each token the answer holds (-2 .. 2; OpenAI's)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="x its count in the answer, subtracted from each token's logit (-2 .. 2; OpenAI's)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def sampling_of(args):
+    """The sampling settings of add_sampling_arguments' flags, checked (before a model loads)."""
+    from .generation import Sampling, check_sampling, check_seed
+
+    s = Sampling(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty,
+                 args.presence_penalty, args.frequency_penalty)
+    check_sampling(args.max_new_tokens, s)
+    check_seed(args.seed)
+    return s
 
 
 def load(args, adapters: list, device):
@@ -228,11 +249,12 @@ def _continuous(model, tok, device, ids: list, jobs: list, names: dict, args, st
     from .serve import Engine, Request
 
     context, M, mixed = model.arch.max_position_embeddings, args.max_new_tokens, args.mixed
+    sampling = sampling_of(args)
 
     def requests(jobs, max_tokens, cache_len, stream=False):
         events = _Printing() if stream else queue.Queue()
         return [Request(model=label, prompt=ids[i], max_tokens=min(max_tokens, cache_len - len(ids[i])),
-                        sampling=(args.temperature, args.top_p, args.top_k), seed=seed_plus(args.seed, i),
+                        sampling=sampling, seed=seed_plus(args.seed, i),
                         stream=stream, events=events, index=j) for j, (label, i) in enumerate(jobs)]
 
     n = min(context, max(len(ids[i]) for _, i in jobs[:warm]) + 2)
@@ -296,10 +318,7 @@ def run_args(args) -> dict:
             raise ValueError("--out is the --data file; write the results elsewhere")
         if os.path.isdir(out) or not os.access(os.path.dirname(out) or ".", os.W_OK):
             raise ValueError(f"--out {args.out}: not a writable file path")
-    from .generation import check_sampling, check_seed
-
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)  # before the model loads
-    check_seed(args.seed)
+    sampling = sampling_of(args)  # checked before the model loads
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     recs = _prompts(args)
@@ -309,8 +328,8 @@ def run_args(args) -> dict:
     model, tok = load(args, list(zip(names, args.adapter or [])), device)
     load_s = time.perf_counter() - t0
     texts = [_text(tok, r, args) for r in recs]
-    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
-               top_p=args.top_p, top_k=args.top_k, seed=args.seed, compile=args.compile)
+    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, compile=args.compile,
+               **vars(sampling))
     # (label, adapter name or None for the base)
     runs = ([("adapter", names[0])] if len(names) == 1 else [(f"adapter{i}", n) for i, n in enumerate(names, 1)])
     runs += [("base", None)] if args.compare or not names else []

@@ -472,18 +472,11 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         return attention(q, k, v, mask, None if cache is None else cache.decode_kernel)
 
     # ------------------------------------------------------------ generation
-    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, eos_token_id=None, attention_mask: Optional[Tensor] = None,
-                 pad_token_id: Optional[int] = None, seed: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, streamer=None,
-                 use_cuda_graph: Optional[bool] = None, compile: bool = False, adapters=None,
-                 top_k: int = 0) -> Tensor:
-        """Prompt + generated tokens [B, T + n]; see flora.generation.generate."""
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
-                        pad_token_id=pad_token_id, seed=seed, generator=generator,
-                        streamer=streamer, use_cuda_graph=use_cuda_graph, compile=compile,
-                        adapters=adapters, top_k=top_k)
+    def generate(self, input_ids: Tensor, *args, **kwargs) -> Tensor:
+        """Prompt + generated tokens [B, T + n]; the arguments and sampling settings
+        (temperature, top_p, top_k, min_p, penalties, logit_bias, ...) are
+        flora.generation.generate's."""
+        return generate(self, input_ids, *args, **kwargs)
 
     def _rebuild(self, cfg) -> None:
         """Give the model another adapter structure (none -> one adapter, one ->

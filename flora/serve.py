@@ -14,11 +14,13 @@ from one loaded base model:
   modules); ``n`` (choices a prompt, each its own row; ``best_of`` only equal
   to it); ``max_tokens`` (chat: also ``max_completion_tokens``; default 16
   for completions, as OpenAI's, and ``--max-tokens`` for chat),
-  ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``seed``,
+  ``temperature`` (default 1, as OpenAI's), ``top_p``, ``top_k``, ``min_p``,
+  ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``
+  (vLLM's and OpenAI's meanings: flora.generation.Sampling), ``seed``,
   ``stop`` (up to 16 strings: the text ends before the first one), ``logprobs``
   (completions: an integer k, chat: true with ``top_logprobs`` k: each
   generated token's log-probability and its k most likely alternatives', of
-  the model's own distribution, before temperature, top-k and top-p),
+  the model's own distribution, before the bias, penalties, temperature, top-k, top-p, min-p),
   ``echo`` (completions: the prompt before the answer, with logprobs its
   tokens' too, from one forward over the prompts waiting together (a shared
   start computed once); with ``max_tokens`` 0 the prompt is only
@@ -78,6 +80,7 @@ from .metrics import CONTENT_TYPE as METRICS_TYPE, ServeMetrics
 
 if TYPE_CHECKING:
     from .adapter_io import AdapterFiles
+    from .generation import Sampling
 
 
 class BadRequest(Exception):
@@ -127,7 +130,7 @@ class Request:
     model: str
     prompt: list
     max_tokens: int
-    sampling: tuple  # (temperature, top_p, top_k)
+    sampling: Sampling  # temperature, top_p, top_k, min_p, the penalties, logit_bias
     seed: Optional[int] = None
     stream: bool = False
     stop: tuple = ()  # strings that end the text (not included)
@@ -168,8 +171,7 @@ def _number(body, name, default, lo, hi, integer=False, lo_open=False):
 
 # OpenAI parameters this server does not implement, each with the values that ask for nothing
 # (what clients send by default): any other value is refused, not ignored
-UNSUPPORTED = {"suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
-               "frequency_penalty": (0,), "tools": ([],), "tool_choice": ("none",),
+UNSUPPORTED = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                "response_format": ({"type": "text"},)}
 
 
@@ -315,9 +317,7 @@ class Engine:
         # echo with max_tokens 0: the prompt alone, scored (lm-eval-harness's loglikelihood requests)
         max_tokens = _number(body, "max_completion_tokens" if limit is not None else "max_tokens", default,
                              0 if echo else 1, None, integer=True)
-        temperature = _number(body, "temperature", 1.0, 0, None)
-        top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
-        top_k = _number(body, "top_k", 0, 0, None, integer=True)
+        sampling = self._sampling(body)
         seed = body.get("seed")
         try:
             check_seed(seed)
@@ -349,7 +349,7 @@ class Engine:
             if echo and text is None:
                 text = self.text(ids)
             for j in range(n):
-                out.append(Request(name, ids, min(max_tokens, room), (temperature, top_p, top_k),
+                out.append(Request(name, ids, min(max_tokens, room), sampling,
                                    seed_plus(seed, j), stream, tuple(stop), events,
                                    usage=bool(opts and opts.get("include_usage")), index=len(out), first=j == 0,
                                    logprobs=logprobs, echo=text if echo else None))
@@ -358,6 +358,36 @@ class Engine:
     def close(self) -> None:
         """The worker ends once no batch runs (its model free for other uses)."""
         self.queue.put(None)
+
+    def _sampling(self, body: dict) -> "Sampling":
+        """The body's sampling settings (OpenAI's, and vLLM's ``top_k``, ``min_p`` and
+        ``repetition_penalty``) -> a flora.generation.Sampling, or BadRequest naming
+        the field. ``logit_bias``: {token id as a string (JSON's keys): bias}."""
+        from .generation import Sampling, check_sampling
+
+        bias = body.get("logit_bias")
+        if bias is not None:
+            if not isinstance(bias, dict):
+                raise BadRequest(f"'logit_bias' must be an object of token id: bias, got {_brief(bias)}")
+            ids = {}
+            for k, v in bias.items():
+                t = k.strip() if isinstance(k, str) else ""
+                if not t.lstrip("-").isdecimal():
+                    raise BadRequest(f"'logit_bias': {_brief(k)} is not a token id")
+                ids[int(t)] = v
+            bias = ids or None
+        s = Sampling(temperature=_number(body, "temperature", 1.0, 0, None),
+                     top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True),
+                     top_k=_number(body, "top_k", 0, 0, None, integer=True),
+                     min_p=_number(body, "min_p", 0.0, 0, 1),
+                     repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, None, lo_open=True),
+                     presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
+                     frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2), logit_bias=bias)
+        try:  # logit_bias's bounds and token ids (the other fields are checked above)
+            check_sampling(0, s, self.model.arch.vocab_size)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return s
 
     @staticmethod
     def _alternatives(body: dict, chat: bool) -> Optional[int]:
@@ -422,7 +452,7 @@ class Engine:
         token ids of its vocabulary, sampling, seed, stop strings and logprobs as
         :meth:`parse` allows them, and a prompt that fits with its max_tokens (a row of
         the cache; with echo and max_tokens 0, the context)."""
-        from .generation import check_sampling, check_seed
+        from .generation import Sampling, check_sampling, check_seed
 
         if not isinstance(r, Request):
             raise ValueError(f"submit takes Requests, got {type(r).__name__}")
@@ -448,9 +478,9 @@ class Engine:
         if M and P + M > self.cache_len:
             raise ValueError(f"Request.prompt ({P} tokens) and max_tokens ({M}) exceed the cache "
                              f"(--cache-len {self.cache_len}): at most {self.cache_len} tokens together")
-        if not (isinstance(r.sampling, tuple) and len(r.sampling) == 3):
-            raise ValueError(f"Request.sampling must be (temperature, top_p, top_k), got {_brief(r.sampling)}")
-        check_sampling(M, *r.sampling)
+        if not isinstance(r.sampling, Sampling):
+            raise ValueError(f"Request.sampling must be a flora.generation.Sampling, got {_brief(r.sampling)}")
+        check_sampling(M, r.sampling, vocab)
         check_seed(r.seed)
         if not (isinstance(r.stop, tuple) and len(r.stop) <= MAX_STOP
                 and all(isinstance(x, str) and x for x in r.stop)):
@@ -1091,14 +1121,19 @@ class Engine:
         """Row i's next token from its logits [1, V] (``greedy``: its argmax, read
         already): emitted, and fed at the next step. i None: a request answered
         without a row (one token, from its echo's forward)."""
-        from .generation import sample_next
+        from .generation import Penalties, sample_next
 
-        temperature, top_p, top_k = row.req.sampling
+        s = row.req.sampling
         try:
-            if temperature == 0 and greedy is not None:
+            if s.temperature == 0 and greedy is not None and not s.adjusts:  # the model's argmax: read already
                 token = greedy
             else:
-                token = int(sample_next(logits, temperature, top_p, row.generator, top_k))
+                dev = logits.device
+                if s.adjusts and row.penalties is None:  # its prompt's tokens, at its first token
+                    row.penalties = Penalties(s, torch.tensor([row.req.prompt], device=dev), logits.shape[-1])
+                token = int(sample_next(logits, s, row.generator, row.penalties))
+                if row.penalties is not None:
+                    row.penalties.add(torch.tensor([token], device=dev))
             first = row.first_at is None
             row.add(token, self, None if row.req.logprobs is None else _logprobs(logits, token, row.req.logprobs))
             if first and row.first_at is not None:
@@ -1132,7 +1167,8 @@ class Engine:
         logits = dec.step(tokens.to(dec.device), n_rows=n)
         self.steps += 1
         self.row_steps += sum(r is not None for r in self._slots)
-        greedy = logits.argmax(-1).tolist()  # every greedy row's token in one read (one sync on a GPU)
+        # every greedy row's token in one read (one sync on a GPU); not a row with penalties or a bias
+        greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(self._slots):
             if row is not None:
                 self._take(i, row, logits[i:i + 1], greedy[i])
@@ -1328,6 +1364,7 @@ class _Row:
         self.next = None  # the token fed at the next step
         # a seeded request's own RNG
         self.generator = None if req.seed is None else torch.Generator(device=device).manual_seed(req.seed)
+        self.penalties = None  # with penalties or a logit_bias: its token counts (generation.Penalties)
         # streaming, stop strings or logprobs: the text as it comes (else decoded once, at the end), in
         # pieces; the last characters out (a stop string may begin there) and those not yet streamed
         self.detok, self.pieces, self.n_out, self.tail, self.unsent, self.n_sent = None, [], 0, "", "", 0

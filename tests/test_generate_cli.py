@@ -393,11 +393,11 @@ def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys, monkeypatch):
     conversation so far (chat template as training renders it), /reset starts over,
     the oldest turns leave when the context is full. A turn reuses the conversation's
     keys and values (the engine's prefix cache), and the engine's worker ends with it."""
+    import argparse
     import io
-    from types import SimpleNamespace
 
     import flora.serve
-    from flora.chat_cli import run_args
+    from flora.chat_cli import add_arguments, run_args
     from flora.pretrained import chat_prompt
 
     engines = []
@@ -413,8 +413,8 @@ def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys, monkeypatch):
     chat = with_chat_template(ckpt, tmp_path / "chat")
     tok = load_tokenizer(chat)
     lines = ["copy : a b", "between a and d ->", "/reset", "copy : c"]
-    args = SimpleNamespace(model=str(chat), adapter=str(adapter), system=None, max_new_tokens=8, temperature=0.0,
-                           top_p=1.0, top_k=0, seed=None, device="cpu", dtype=None)
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", str(chat), "--adapter", str(adapter), "--max-new-tokens", "8", "--device", "cpu"])
     out = io.StringIO()
     run_args(args, stdin=io.StringIO("".join(l + "\n" for l in lines)), out=out)
     replies = out.getvalue().splitlines()

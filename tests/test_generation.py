@@ -6,7 +6,7 @@ import torch
 
 from flora import AdapterConfig
 from flora.bench.timing import measure_latency
-from flora.generation import sample_next
+from flora.generation import Sampling, sample_next
 from flora.model import FusedLlama
 from llama_fixtures import llama_model, random_ids
 from test_model import randomize_adapter
@@ -87,9 +87,9 @@ def test_sampling_seeded_and_top_p(pair):
 def test_top_p_keeps_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    seen = {int(sample_next(logits, 1.0, 0.75, g)) for _ in range(300)}
+    seen = {int(sample_next(logits, Sampling(1.0, 0.75), g)) for _ in range(300)}
     assert seen == {0, 1}  # 0.5 + 0.3 >= 0.75: tokens 2 and 3 never drawn
-    seen = {int(sample_next(logits, 1.0, 1.0, g)) for _ in range(400)}
+    seen = {int(sample_next(logits, Sampling(1.0, 1.0), g)) for _ in range(400)}
     assert seen == {0, 1, 2, 3}
 
 
@@ -98,7 +98,7 @@ def test_a_tiny_temperature_samples_the_top_token():
     g = torch.Generator().manual_seed(0)
     for t in (1e-40, 1e-45, 1e-30):  # logits / t overflowed to inf: NaN probabilities
         for top_k, top_p in ((0, 1.0), (2, 0.5)):
-            assert sample_next(logits, t, top_p, g, top_k).tolist() == [1, 0]
+            assert sample_next(logits, Sampling(t, top_p, top_k), g).tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("probs, top_k, top_p", [
@@ -119,7 +119,7 @@ def test_top_k_then_top_p_sample_what_transformers_keeps(probs, top_k, top_p):
         ref = TopPLogitsWarper(top_p)(None, ref)
     keep = set(torch.isfinite(ref[0]).nonzero().flatten().tolist())
     g = torch.Generator().manual_seed(0)
-    seen = {int(sample_next(logits, 1.0, top_p, g, top_k)) for _ in range(500)}
+    seen = {int(sample_next(logits, Sampling(1.0, top_p, top_k), g)) for _ in range(500)}
     assert seen == keep and 0 < len(keep) < len(probs)
 
 

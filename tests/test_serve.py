@@ -22,7 +22,7 @@ from flora.bench.latency import randomize_adapter
 from flora.cli import main
 from flora.config import AdapterConfig
 from flora.data import load_tokenizer, prompt_ids
-from flora.generation import _eos_set
+from flora.generation import Sampling, _eos_set
 from flora.pretrained import chat_prompt
 from flora.serve import Engine, Request, serve
 
@@ -666,9 +666,13 @@ def test_a_prompt_whose_scoring_fails_fails_alone(setup):
     ("prompt", [3, True], r"Request.prompt: True is not a token id"),
     ("max_tokens", 0, r"Request.max_tokens must be an integer >= 1 \(0: with echo\), got 0"),
     ("max_tokens", 2.0, r"Request.max_tokens must be an integer >= 1"),
-    ("sampling", (0.0, 1.0), r"Request.sampling must be \(temperature, top_p, top_k\)"),
-    ("sampling", (-1.0, 1.0, 0), r"temperature must be a finite number >= 0"),
-    ("sampling", (1.0, 0.0, 0), r"top_p must be in \(0, 1\]"),
+    ("sampling", (0.0, 1.0, 0), r"Request.sampling must be a flora.generation.Sampling, got \(0.0, 1.0, 0\)"),
+    ("sampling", Sampling(-1.0), r"temperature must be a finite number >= 0"),
+    ("sampling", Sampling(1.0, 0.0), r"top_p must be in \(0, 1\]"),
+    ("sampling", Sampling(1.0, min_p=1.5), r"min_p must be a finite number in \[0, 1\], got 1.5"),
+    ("sampling", Sampling(repetition_penalty=0.0), r"repetition_penalty must be a finite number > 0, got 0.0"),
+    ("sampling", Sampling(logit_bias={97: 1.0}), r"logit_bias: 97 is not a token id of this model \(an integer "
+                                                 r"in 0 \.\. 96\)"),
     ("seed", 2 ** 64, r"seed must be an integer in"),
     ("stop", ["x"], r"Request.stop must be a tuple of at most 16 non-empty strings"),
     ("stop", ("",), r"Request.stop must be a tuple"),
@@ -683,7 +687,7 @@ def test_submit_refuses_a_hand_built_request_it_cannot_run(setup, field, value, 
     ckpt = setup[1]
     eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None},
                  cache_len=32).start()
-    good = Request("base", [3, 4, 5, 6, 7], 5, (0.0, 1.0, 0))
+    good = Request("base", [3, 4, 5, 6, 7], 5, Sampling())
     bad = Request(**{**vars(good), "events": queue.Queue(), field: value})
     with pytest.raises(ValueError, match=msg):
         eng.submit([good, bad])
@@ -692,10 +696,10 @@ def test_submit_refuses_a_hand_built_request_it_cannot_run(setup, field, value, 
     ids = _greedy_ids(ckpt, None, good.prompt, 5)
     assert _end(good) == (load_tokenizer(ckpt).decode(ids, skip_special_tokens=True),
                           "stop" if len(ids) < 5 else "length", len(ids))
-    long = Request("base", list(range(3, 60)), 0, (0.0, 1.0, 0), echo="")  # echo, max_tokens 0: the context (64)
+    long = Request("base", list(range(3, 60)), 0, Sampling(), echo="")  # echo, max_tokens 0: the context (64)
     assert eng.submit([long]) == [long] and _end(long) == ("", "length", 0)
     with pytest.raises(ValueError, match=r"Request.prompt is 65 tokens; the model's context is 64"):
-        eng.submit([Request("base", list(range(3, 68)), 0, (0.0, 1.0, 0), echo="")])
+        eng.submit([Request("base", list(range(3, 68)), 0, Sampling(), echo="")])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -776,10 +780,10 @@ def test_a_finished_row_is_freed_and_no_step_runs_for_it(setup):
     assert _end(short)[1] == "length"
     ev = _end(stopped)
     assert ev[:2] == (ref[:ref.find(stop)], "stop")
-    left = Request("base", stopped.prompt, 50, (0.0, 1.0, 0), stream=True)
+    left = Request("base", stopped.prompt, 50, Sampling(), stream=True)
     left.cancelled = True  # what the handler sets when the client's connection is gone
     eng.submit([left])
-    _end(eng.submit([Request("base", [1], 1, (0.0, 1.0, 0))])[0])  # queued behind it: it is over
+    _end(eng.submit([Request("base", [1], 1, Sampling())])[0])  # queued behind it: it is over
     # the first token of a row comes from its prefill, each next one from a step
     assert eng.steps == ev[2] - 1
 
@@ -1214,7 +1218,7 @@ def test_streaming_holds_back_what_may_start_a_stop_string():
                                          ("xyabcz", 9, ("abc", "q"), "xy", "stop"),
                                          ("xy", 9, ("yz",), "xy", "stop"),
                                          ("xyab", 4, ("abc",), "xyab", "length")]:  # held back, then out
-        req = Request("m", [1], max_tokens=n, sampling=(0.0, 1.0, 0), stream=True, stop=stop)
+        req = Request("m", [1], max_tokens=n, sampling=Sampling(), stream=True, stop=stop)
         row = _Row(req, 0)
         for c in chars:
             row.add(ord(c), eng)
@@ -1429,7 +1433,7 @@ def test_prefix_cache_reuses_prompts_and_answers(setup, mixed):
     assert len(system) >= 37
 
     def ask(name, ids, n=6):
-        req, = eng.submit([Request(name, ids, n, (0.0, 1.0, 0))])
+        req, = eng.submit([Request(name, ids, n, Sampling())])
         ev = req.events.get(timeout=60)
         assert ev[0] == "done", ev
         m = FusedLlama.from_pretrained(str(ckpt), adapter=None if name == "base" else str(adapter))
@@ -1593,7 +1597,7 @@ def test_scoring_reuses_and_keeps_prefixes(setup):
         return eng.score_tokens - before, [r.cached for r in reqs]
 
     def generate(ids):  # (the answer is generate()'s) its cached tokens
-        r, = eng.submit([Request("base", ids, 4, (0.0, 1.0, 0))])
+        r, = eng.submit([Request("base", ids, 4, Sampling())])
         gen = _greedy_ids(ckpt, None, ids, 4)
         assert _end(r)[::2] == (tok.decode(gen, skip_special_tokens=True), len(gen))
         return r.cached
@@ -1801,7 +1805,7 @@ def test_prompts_joining_together_compute_their_shared_start_once(setup, prefix_
     lead, *rest = [system + enc(t) for t in (" copy : a b", " the big cat", " between a and f ->")]
     plan = [("base", lead), ("base", rest[0]), ("base", lead), ("ffba", rest[1]), ("base", prompt_ids(tok, "a b")),
             ("base", rest[1])]
-    reqs = [eng.submit([Request(name, ids, 4, (0.0, 1.0, 0))])[0] for name, ids in plan]
+    reqs = [eng.submit([Request(name, ids, 4, Sampling())])[0] for name, ids in plan]
     eng.start()
     for r, (name, ids) in zip(reqs, plan):
         gen = _greedy_ids(ckpt, None if name == "base" else adapter, ids, 4)
@@ -1881,9 +1885,8 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
     V = len(tok)
 
     def want(r):  # generate(): (text, finish_reason, tokens) with r's stop strings
-        t, p, k = r.sampling
-        row = refs[r.model].generate(torch.tensor([r.prompt]), max_new_tokens=r.max_tokens, temperature=t, top_p=p,
-                                     top_k=k, seed=r.seed)[0, len(r.prompt):].tolist()
+        row = refs[r.model].generate(torch.tensor([r.prompt]), max_new_tokens=r.max_tokens, seed=r.seed,
+                                     **vars(r.sampling))[0, len(r.prompt):].tolist()
         ids = []
         for j, x in enumerate(row):
             if x in eos:
@@ -2126,7 +2129,7 @@ def test_streaming_on_a_real_tokenizer_sends_the_decoded_text(smollm2_tok):
     ids = tok("Grüße 🎉 aus 東京! Ein Test 🙂 mit Emoji und 漢字 zum Schluss.").input_ids
     whole = eng.text(ids)
     for stop in ((), ("漢字",), ("🙂",), ("Schluss.",)):
-        req = Request("m", [1], max_tokens=len(ids), sampling=(0.0, 1.0, 0), stream=True, stop=stop)
+        req = Request("m", [1], max_tokens=len(ids), sampling=Sampling(), stream=True, stop=stop)
         row = _Row(req, 0)
         for t in ids:
             row.add(t, eng)
@@ -2154,7 +2157,7 @@ def test_logprob_entries_on_a_real_tokenizer(smollm2_tok):
     ids = tok("Grüße 🎉 aus 東京!").input_ids
     alts = tok(" a 🎉").input_ids  # whole words, and parts of a character
     for stream in (False, True):
-        req = Request("m", [1], max_tokens=50, sampling=(0.0, 1.0, 0), stream=stream, logprobs=len(alts))
+        req = Request("m", [1], max_tokens=50, sampling=Sampling(), stream=stream, logprobs=len(alts))
         row = _Row(req, 0)
         for k, t in enumerate(ids + [tok.eos_token_id]):
             row.add(t, eng, (-0.5 - k, [(a, -1.0 - j) for j, a in enumerate(alts)]))

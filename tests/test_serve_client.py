@@ -33,10 +33,11 @@ def setup(tmp_path_factory):
     srv.server_close()
 
 
-def _greedy(ckpt, adapter, ids, n):
-    """generate() on a separately loaded model: the text of its greedy tokens up to the EOS."""
+def _greedy(ckpt, adapter, ids, n, **sampling):
+    """generate() on a separately loaded model: the text of its greedy tokens up to the EOS
+    (``sampling``: generate()'s penalties, logit_bias, ...)."""
     m = FusedLlama.from_pretrained(str(ckpt), adapter=None if adapter is None else str(adapter))
-    row = m.generate(torch.tensor([ids]), max_new_tokens=n)[0, len(ids):].tolist()
+    row = m.generate(torch.tensor([ids]), max_new_tokens=n, **sampling)[0, len(ids):].tolist()
     eos = set(_eos_set(m.generation_eos_token_id))
     row = row[:next((i for i, t in enumerate(row) if t in eos), len(row))]
     return load_tokenizer(ckpt).decode(row, skip_special_tokens=True)
@@ -83,14 +84,30 @@ def test_completions_batch_n_echo_logprobs(setup):
     assert a == b
 
 
+def test_penalties_and_logit_bias_as_the_client_sends_them(setup):
+    """OpenAI's presence_penalty, frequency_penalty, logit_bias and vLLM's repetition_penalty,
+    min_p (the client's extra_body) reach the sampler: greedy, as generate() with them."""
+    ckpt, _, client = setup
+    tok = load_tokenizer(ckpt)
+    ids = prompt_ids(tok, "copy : a b a b =")
+    plain = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0).choices[0].text
+    kw = dict(presence_penalty=0.5, frequency_penalty=1.0, logit_bias={"2": -100, "9": 3})
+    vllm = dict(repetition_penalty=1.5, min_p=0.1)
+    r = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0, **kw, extra_body=vllm)
+    assert r.choices[0].text == _greedy(ckpt, None, ids, 12, **{**kw, "logit_bias": {2: -100, 9: 3}}, **vllm)
+    assert r.choices[0].text != plain
+
+
 def test_errors_are_the_clients_exceptions(setup):
     ckpt, _, client = setup
     with pytest.raises(openai.NotFoundError, match="the models are: base, ffba"):
         client.completions.create(model="nope", prompt="a", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="base", prompt="a", max_tokens=2, temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="not supported: logit_bias"):
-        client.completions.create(model="base", prompt="a", max_tokens=2, logit_bias={"5": 1})
+    with pytest.raises(openai.BadRequestError, match="not supported: suffix"):
+        client.completions.create(model="base", prompt="a", max_tokens=2, suffix="b")
+    with pytest.raises(openai.BadRequestError, match=r"logit_bias: 500 is not a token id of this model"):
+        client.completions.create(model="base", prompt="a", max_tokens=2, logit_bias={"500": 1})
     other = openai.OpenAI(base_url=str(client.base_url), api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         other.models.list()
