@@ -37,7 +37,10 @@ decode steps (its prompt prefilled into a free row), samples with its own
 settings (a ``seed``: its own generator, ``seed + j`` for choice j of a
 prompt), and leaves it at its EOS, stop
 string or ``max_tokens``, its row free for the next (see ``Engine._loop``).
-The batch's KV cache holds ``--cache-len`` slots a row. A prompt that starts as
+The batch's KV cache holds ``--cache-len`` slots a row; every row's next token goes
+to one slot, and a prompt longer than it moves it on (the running rows skip the
+slots between) where every row's answer still fits, joining at once rather than
+waiting for the batch to drain (see ``Engine._admit``). A prompt that starts as
 an earlier one did (a conversation's next turn, a shared system prompt) copies
 that prefix's keys and values from the prefix cache (``--prefix-cache`` tokens,
 flora.prefix_cache; echo's scoring forwards read and fill it too) and computes only

@@ -1375,6 +1375,10 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
         assert row["prompts"] == 6
         share.append(row["computed_share"])
     assert share[1] < share[0] < 1
+    bench.main(["--model", str(ckpt), "--long-prompt", "30", "--clients", "2", "--requests", "2", "--max-tokens", "3",
+                "--long-after", "0.05", "--long-max-tokens", "2", "--json", str(tmp_path / "long.json")])
+    r = json.loads((tmp_path / "long.json").read_text())
+    assert r["long_prompt_tokens"] == 30 and 0 < r["long_ttft_s"] <= r["long_latency_s"] < r["seconds"]
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
