@@ -8,6 +8,7 @@
     python bench/serve.py --conversations 16 --conversation 4   # many chats under one system prompt
     python bench/serve.py --scoring 64                    # lm-eval-harness's loglikelihood requests
     python bench/serve.py --scoring 2 --scoring-words 1000 --scoring-warm --clients 8   # long contexts kept
+    python bench/serve.py --long-prompt 600 --clients 6 --max-tokens 64   # a long prompt joins short chats
 
 The server (flora.serve, in this process, on a free port) serves the base
 model; each client thread sends ``--requests`` chat completions (greedy,
@@ -53,6 +54,16 @@ choices reach the server in different steps); ``--scoring-max-tokens M`` (defaul
 ``--scoring-warm``: before each run, each question's first choice is scored alone
 (untimed), so that the run's prompts find their contexts kept (a question's later
 choices, or another task over the same documents): mostly-cached prompts.
+
+``--long-prompt T`` measures a long prompt arriving while short chats generate:
+``--clients`` threads (the first count) each send ``--requests`` short chats
+(``--max-tokens``) one after another, and ``--long-after`` seconds in one more
+streams a completion of a T-token prompt (the system prompt's words, as token
+ids; ``--long-max-tokens`` new tokens). Reported: the long request's time to
+its first token and its latency, the short requests' median latency, and the
+wall time of the whole load. A prompt longer than the running batch's slot
+joins it (the slot moves on) where every row's answer still fits; before that
+change it waited for the batch to drain, and the requests behind it too.
 """
 from __future__ import annotations
 
@@ -225,6 +236,41 @@ def scoring(url: str, tok, clients: int, requests: int, per_request: int = 4, di
             "prompts_per_s": done[0] / wall}
 
 
+def long_prompt(url: str, tok, clients: int, requests: int, max_tokens: int, tokens: int, after: float,
+                long_max_tokens: int) -> dict:
+    """Short chats from ``clients`` threads and, ``after`` seconds in, one streamed completion
+    of a ``tokens``-token prompt: its time to first token and latency, the short requests'
+    median latency, the load's wall time."""
+    words = SYSTEM.split()
+    ids = tok(" ".join(words * (1 + 2 * tokens // len(words))), add_special_tokens=False).input_ids[:tokens]
+    lat, got, lock = [], {}, threading.Lock()
+
+    def client(c: int) -> None:
+        if c == clients:  # the long one
+            time.sleep(after)
+            body = {"model": "base", "prompt": ids, "max_tokens": long_max_tokens, "temperature": 0, "stream": True}
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=600) as r:
+                for line in r:
+                    if line.startswith(b"data: ") and "ttft_s" not in got:
+                        got["ttft_s"] = time.perf_counter() - t0
+            got["latency_s"] = time.perf_counter() - t0
+            return
+        for i in range(requests):
+            q = QUESTIONS[(c * requests + i) % len(QUESTIONS)]
+            t0 = time.perf_counter()
+            post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": q}],
+                                                "max_tokens": max_tokens, "temperature": 0})
+            with lock:
+                lat.append(time.perf_counter() - t0)
+
+    wall = run_clients(client, clients + 1)
+    return {"clients": clients, "long_prompt_tokens": len(ids), "long_ttft_s": got["ttft_s"],
+            "long_latency_s": got["latency_s"], "short_latency_p50_s": statistics.median(lat), "seconds": wall}
+
+
 def prefix_bench(model, tok, args) -> dict:
     engines = {"on": Engine(model, tok, {"base": None}, args.max_batch),
                "off": Engine(model, tok, {"base": None}, args.max_batch, prefix_cache=0)}
@@ -294,6 +340,10 @@ def main(argv=None):
     p.add_argument("--scoring-warm", action="store_true",
                    help="--scoring: each question's first choice scored before each run, untimed (its context "
                         "kept: mostly-cached prompts)")
+    p.add_argument("--long-prompt", type=int, default=0, metavar="T",
+                   help="a T-token prompt arriving while short chats generate (see above)")
+    p.add_argument("--long-after", type=float, default=2.0, metavar="S", help="--long-prompt: when it is sent")
+    p.add_argument("--long-max-tokens", type=int, default=16, metavar="N", help="--long-prompt: its max_tokens")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     path = args.model or smollm2_path()
@@ -324,6 +374,20 @@ def main(argv=None):
         save(args, dev, path, prefix_bench(model, load_tokenizer(path), args))
         return
     engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=args.prefix_cache)
+    if args.long_prompt:
+        srv = serve(engine, port=0)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        load(url, 1, 1, 4)  # warm-up
+        r = long_prompt(url, engine.tok, args.clients[0], args.requests, args.max_tokens, args.long_prompt,
+                        args.long_after, args.long_max_tokens)
+        srv.shutdown()
+        print("| clients | long prompt tokens | long: first token s | long: latency s | short latency p50 s | "
+              "seconds |\n|---:|---:|---:|---:|---:|---:|")
+        print(f"| {r['clients']} | {r['long_prompt_tokens']} | {r['long_ttft_s']:.2f} | {r['long_latency_s']:.2f} | "
+              f"{r['short_latency_p50_s']:.2f} | {r['seconds']:.1f} |")
+        save(args, dev, path, r)
+        return
     if args.scoring:
         srv = serve(engine, port=0)
         threading.Thread(target=srv.serve_forever, daemon=True).start()

@@ -407,6 +407,19 @@ class Decoder:
         self.mask.fill_(float("-inf"))
         self.t = t
 
+    def advance(self, t: int) -> None:
+        """Continuous batching: the next step at slot ``t`` (at least the current one), so
+        that a prompt longer than the current slot can join (:meth:`admit` ends it at t - 1).
+        The running rows skip slots [self.t, t): their positions go on (RoPE counts tokens,
+        not slots), and those slots need nothing done: a row's mask opens only the slots
+        the row writes (:meth:`step`: the slot it writes, :meth:`admit`: its prompt's), so
+        they stay masked, and they hold zeros, finite for SDPA's masked keys: when the row
+        joined, :meth:`admit` zeroed every slot of it a step may have written, and since
+        then only the row's own writes reach it, each at a slot before the current one."""
+        if t < self.t:
+            raise ValueError(f"the batch's next slot only advances: {self.t} -> {t}")
+        self.t = t
+
     def admit(self, rows: list, prompts: list, pad: int, adapters: Optional[list] = None,
               reused: Optional[list] = None) -> Tensor:
         """Continuous batching: prefill ``prompts`` (token id lists) into batch

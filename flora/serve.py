@@ -39,7 +39,10 @@ decode steps (its prompt prefilled into a free row), samples with its own
 settings (a ``seed``: its own generator, ``seed + j`` for choice j of a
 prompt), and leaves it at its EOS, stop
 string or ``max_tokens``, its row free for the next (see ``Engine._loop``).
-The batch's KV cache holds ``--cache-len`` slots a row. A prompt that starts as
+The batch's KV cache holds ``--cache-len`` slots a row; every row's next token goes
+to one slot, and a prompt longer than it moves it on (the running rows skip the
+slots between) where every row's answer still fits, joining at once rather than
+waiting for the batch to drain (see ``Engine._admit``). A prompt that starts as
 an earlier one did (a conversation's next turn, a shared system prompt) copies
 that prefix's keys and values from the prefix cache (``--prefix-cache`` tokens,
 flora.prefix_cache; echo's scoring forwards read and fill it too) and computes only
@@ -645,7 +648,8 @@ class Engine:
     # joins it between two steps, prefilled into a free row so that its prompt ends where
     # every row's next token goes (slot t), and leaves it when it ends, its row free for the
     # next. The batch's slots only advance: a request joins where its prompt fits before t
-    # and its answer after it, in arrival order; when none can, the batch drains and the
+    # (a longer prompt moves t on, the running rows skipping the slots between) and every
+    # row's answer after it, in arrival order; when none can, the batch drains and the
     # next one starts at slot 0. Without --mixed a batch serves one model (adapter).
     def _loop(self) -> None:
         try:
@@ -744,23 +748,32 @@ class Engine:
                 return waiting[1:]
         waiting = self._score(waiting)  # echo: the prompt (scored in this batch's mode) before the answer
         dec, free = self._dec, [i for i, r in enumerate(self._slots) if r is None]
-        fresh = not any(self._slots)  # a batch just begun (at slot 0): a drained one has ended
+        running = [r for r in self._slots if r is not None]
+        # Every row's next token goes to slot t, so a joining prompt ends at t - 1. A longer one moves
+        # t on to its length (a new batch starts so, at the longest prompt's end): the running rows
+        # skip the slots between (Decoder.advance; _Row.skip), which costs each of them those slots
+        # and a longer attention window (the one the long row needs anyway), where every answer still
+        # fits in the cache: each running row's rest (max_tokens less its tokens so far) and each
+        # joining row's whole. Else the request waits (until the running rows' rests fit after it, or
+        # the batch drains), and every request behind it too: in arrival order, never overtaking. Its
+        # wait is then bounded by the running rows' rests; requests that overtook it would join with
+        # rests of their own, and under a steady stream of them it would wait for the cache's end.
+        need = max((r.req.max_tokens - len(r.ids) for r in running), default=0)
         join, t = [], dec.t
         for r in waiting:
             if len(join) == len(free) or r.key(self.mixed) != self._key:
                 break
-            P, M = len(r.prompt), r.max_tokens
-            if fresh:  # a new batch starts where its longest prompt ends
-                t_new = max(t, P)
-                if t_new + max([M] + [q.max_tokens for q in join]) > self.cache_len:
-                    break
-                t = t_new
-            elif P > t or t + M > self.cache_len:
+            t_new, need_new = max(t, len(r.prompt)), max(need, r.max_tokens)
+            if t_new + need_new > self.cache_len:
                 break
+            t, need = t_new, need_new
             join.append(r)
         if not join:
             return waiting
-        dec.t = t
+        if t > dec.t:
+            for row in running:
+                row.skip(dec.t, t)
+            dec.advance(t)
         rows = free[:len(join)]
         self.batches += 1
         reused = [self.prefix and self.prefix.lookup(r.model, r.prompt) for r in join]
@@ -806,7 +819,7 @@ class Engine:
             # its row computed
             c = len(r.prompt) if whole else max(0, len(r.prompt) - S) if reuse else 0
             r.cached = min(r.cached, c) if r.echo is not None and r.logprobs is not None else c
-            self._keep(i, row, r.prompt)
+            self._keep(i, row)
             self._take(i, row, lg[None])
         return waiting[len(join):]
 
@@ -841,10 +854,16 @@ class Engine:
                 first.append(j)
         return out
 
-    def _keep(self, i: int, row: "_Row", tokens: list) -> None:
-        """Row i's first tokens (from its first slot on, written) into the prefix cache."""
-        dec, s = self._dec, row.start
-        self._cache_put(row.req.model, tokens, lambda a, n: dec.kv(i, s + a, s + n))
+    def _keep(self, i: int, row: "_Row") -> None:
+        """Row i's tokens in its slots (its prompt, then the answer fed so far) into the prefix
+        cache, read around the slots a move of the batch's slot skipped (_Row.slots)."""
+        dec = self._dec
+
+        def read(a: int, n: int) -> torch.Tensor:
+            parts = [dec.kv(i, lo, hi) for lo, hi in row.slots(a, n)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, 3)
+
+        self._cache_put(row.req.model, (row.req.prompt + row.ids)[:row.fed(dec.t)], read)
 
     def _cache_put(self, model: str, tokens: list, read, scores=None) -> None:
         """PrefixCache.insert, where the cache is on."""
@@ -1139,7 +1158,7 @@ class Engine:
             if first and row.first_at is not None:
                 self.metrics.first_token(row.req.model, row.req.arrived, row.first_at)
             if row.done and not row.req.cancelled and i is not None:  # a conversation's next turn starts so
-                self._keep(i, row, (row.req.prompt + row.ids)[:self._dec.t - row.start])
+                self._keep(i, row)
         except Exception as e:  # noqa: BLE001 - this row's own failure (NaN logits: sampling raises)
             # ends this row only: raised, it failed every row of the batch, and at a prefill it left
             # the joining requests waiting, admitted again and again (errors without end, the worker
@@ -1360,7 +1379,9 @@ class _Row:
 
     def __init__(self, req: Request, start: int, device="cpu"):
         self.req, self.ids, self.done = req, [], False
-        self.start = start  # its first slot: its prompt's, then its answer's tokens from there on
+        # (token index, slot): its tokens from that index on, one a slot from that slot on; a run from
+        # its first slot (its prompt's, then its answer's tokens), another after each skip
+        self.runs = [(0, start)]
         self.next = None  # the token fed at the next step
         # a seeded request's own RNG
         self.generator = None if req.seed is None else torch.Generator(device=device).manual_seed(req.seed)
@@ -1372,6 +1393,24 @@ class _Row:
         self.entries, self.n_streamed = [], 0  # logprobs: one entry a token; how many went out in deltas
         self.first_at = None  # time.monotonic() at its first token (the metrics' time to first token)
         self.reason, self.counted = None, 0  # finish's reason (None: cancelled) and an EOS it counted
+
+    def skip(self, t: int, t_new: int) -> None:
+        """The batch's next slot moves from t to t_new (Engine._admit): its next token goes there."""
+        self.runs.append((self.fed(t), t_new))
+
+    def fed(self, t: int) -> int:
+        """How many of its tokens its slots hold when the batch's next slot is t."""
+        k, s = self.runs[-1]
+        return k + t - s
+
+    def slots(self, a: int, n: int) -> list:
+        """The slot ranges [lo, hi) that hold its tokens a .. n - 1, in order."""
+        out = []
+        for j, (k, s) in enumerate(self.runs):
+            lo, hi = max(a, k), min(n, self.runs[j + 1][0] if j + 1 < len(self.runs) else n)
+            if lo < hi:
+                out.append((s + lo - k, s + hi - k))
+        return out
 
     def add(self, token: int, eng: Engine, lp: Optional[tuple] = None) -> None:
         """The next token; ``lp``: its logprob and its alternatives' (``_logprobs``)."""

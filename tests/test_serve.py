@@ -905,6 +905,181 @@ def test_a_request_joins_the_running_batch(setup):
     assert eng.batches == 2
 
 
+# A prompt longer than the running batch's slot joins it: the batch's next slot moves on to the
+# prompt's end, the running rows skipping the slots between (Engine._admit, Decoder.advance)
+def _mid_batch(eng, first, later, at):
+    """``first`` (Requests, greedy, logprobs 0) queued before the worker starts (one batch),
+    ``later`` queued by the worker itself before its step at+1 (deterministic: it joins after
+    that step): {id(request): (its done event, the decode steps run when it ended)}."""
+    ended, step = {}, eng._step
+    for r in first + later:
+        r.events.put = lambda ev, r=r, put=r.events.put: (ev[0] == "done" and ended.setdefault(id(r), eng.steps),
+                                                          put(ev))
+    eng._step = lambda: (eng.steps == at and eng.submit(later), step())[1]
+    eng.submit(first)
+    eng.start()
+    got = {}
+    for r in first + later:
+        ev = r.events.get(timeout=60)
+        assert ev[0] == "done", ev
+        got[id(r)] = ev, ended[id(r)]
+    return got
+
+
+def _alone(model, tok, r, ev):
+    """A greedy request's done event (with logprobs) against its model alone: generate()'s
+    tokens (text, finish reason, count), and each token's logprob that of a plain forward over
+    the prompt and the answer. The tokens it generated (its EOS too)."""
+    row = model.generate(torch.tensor([r.prompt]), max_new_tokens=r.max_tokens)[0, len(r.prompt):].tolist()
+    eos = set(_eos_set(model.generation_eos_token_id))
+    k = next((i for i, t in enumerate(row) if t in eos), None)
+    row = row if k is None else row[:k + 1]
+    assert ev[2:5] == (tok.decode([t for t in row if t not in eos], skip_special_tokens=True),
+                       "length" if k is None else "stop", len(row))
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([r.prompt + row])).logits[0].float(), -1)
+    assert [e[1] for e in ev[5]] == pytest.approx([float(lp[len(r.prompt) - 1 + i, t]) for i, t in enumerate(row)],
+                                                  abs=1e-4)
+    return row
+
+
+def _runs_on(model, rng, n, m):
+    """A random prompt of n tokens whose answer alone holds no EOS in m tokens (its row runs to
+    its max_tokens: a test's step counts)."""
+    eos = set(_eos_set(model.generation_eos_token_id))
+    for _ in range(100):
+        p = [rng.randrange(3, model.arch.vocab_size) for _ in range(n)]
+        if not eos & set(model.generate(torch.tensor([p]), max_new_tokens=m)[0, n:].tolist()):
+            return p
+    raise AssertionError("no prompt runs on")
+
+
+def _fresh_kv(model, ids):
+    """The keys and values of ``ids`` prefilled alone [layers, 2, kv_heads, len, hd]."""
+    from flora.generation import Decoder, inference_mode
+
+    with inference_mode(model):
+        dec = Decoder(model, 1, len(ids), False)
+        dec.restart(len(ids))
+        dec.admit([0], [ids], 0)
+        return dec.kv(0, 0, len(ids))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_prompt_longer_than_the_batchs_slot_joins_it(setup, tmp_path, mixed):
+    """Two short prompts generate (the batch's slot past their prompts); a prompt longer than
+    that slot arrives, and a short one behind it: both join at once (the slot moves on to the
+    long prompt's end, the running rows skipping the slots between), the long one ends long
+    before the first two (no wait for the batch to drain: the batch runs no step beyond
+    theirs), and every row's tokens and logprobs equal its prompt's alone, the running rows'
+    after their gap too (--mixed: each row its own adapter). A running row's kept prompt and
+    answer hold the keys of its tokens, read around the gap: a fresh prefill's; the next turn
+    that reuses them answers as alone."""
+    import random
+
+    from flora.prefix_cache import BLOCK
+
+    _, ckpt, adapter = setup
+    tok = load_tokenizer(ckpt)
+    names = {"base": None, "a": "a", "b": "b"} if mixed else {"base": None}
+    model = _two_adapters(ckpt, adapter, tmp_path) if mixed else FusedLlama.from_pretrained(str(ckpt))
+    paths = {"base": None, "a": adapter, "b": tmp_path / "second"}
+    refs = {n: FusedLlama.from_pretrained(str(ckpt), adapter=None if paths[n] is None else str(paths[n])).eval()
+            for n in names}
+    eng = Engine(model, tok, names, max_batch=4, mixed=mixed)
+    rng = random.Random(3)
+    ask = lambda name, n, m: Request(name, _runs_on(refs[name], rng, n, m), m, Sampling(), logprobs=0)  # noqa: E731
+    first = [ask("base", 5, 28), ask("a" if mixed else "base", 3, 28)]
+    later = [ask("b" if mixed else "base", 30, 10), ask("base", 4, 6)]
+    # after the 5th step the slot is 5 + 5 and each short row has 22 tokens to go: 30 + 22 fit in 64
+    got = _mid_batch(eng, first, later, at=4)
+    rows = [_alone(refs[r.model], tok, r, got[id(r)][0]) for r in first + later]
+    steps = [got[id(r)][1] for r in first + later]
+    assert eng.batches == 2  # the first two, then the other two together
+    assert steps == [27, 27, 5 + 9, 5 + 5]  # the later ones joined after the 5th step
+    assert eng.steps == 27  # none beyond the first rows' own
+    # the first row's prompt and answer (its last token not fed), kept: a fresh prefill's keys
+    turn = first[0].prompt + rows[0][:-1]
+    assert len(turn) >= 2 * BLOCK and len(first[0].prompt) + 5 < BLOCK  # its first block spans the gap
+    kv, c = eng.prefix.lookup("base", turn + [3])
+    assert c == len(turn) // BLOCK * BLOCK
+    assert torch.allclose(torch.cat(kv, 3), _fresh_kv(refs["base"], turn)[:, :, :, :c], atol=1e-5)
+    nxt = Request("base", turn + [rng.randrange(3, len(tok)) for _ in range(3)], 8, Sampling(), logprobs=0)
+    eng.submit([nxt])
+    ev = nxt.events.get(timeout=60)
+    _alone(refs["base"], tok, nxt, ev)
+    assert nxt.cached == c
+    eng.close()
+
+
+def test_a_jump_that_would_cut_a_running_row_short_waits(setup):
+    """A prompt longer than the batch's slot whose jump would leave a running row too few
+    slots for the rest of its max_tokens waits (until the running rows' rests fit after it),
+    and so does a short request behind it that would fit now (arrival order: never
+    overtaken); every answer as alone."""
+    import random
+
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    ref = FusedLlama.from_pretrained(str(ckpt)).eval()
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), tok, {"base": None}, max_batch=4)
+    rng = random.Random(4)
+    ask = lambda n, m: Request("base", _runs_on(ref, rng, n, m), m, Sampling(), logprobs=0)  # noqa: E731
+    first = [ask(5, 40), ask(3, 40)]
+    # after the 5th step the slot is 10 and each short row has 34 tokens to go: 35 + 34 > 64; after
+    # the 10th, 29 to go: 35 + 29 fit in 64
+    later = [ask(35, 4), ask(4, 4)]
+    got = _mid_batch(eng, first, later, at=4)
+    for r in first + later:
+        _alone(ref, tok, r, got[id(r)][0])
+    assert eng.batches == 2
+    assert [got[id(r)][1] for r in first + later] == [39, 39, 10 + 3, 10 + 3]
+
+
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])
+def test_a_running_rows_skipped_slots_are_masked_zeros(setup, monkeypatch, attention):
+    """The slots a running row skips when a long prompt joins held an earlier request's NaN
+    keys (its prompt poisoned): they are masked for the row and zeros (with SDPA a masked NaN
+    reached the row, 0 x NaN), and the row answers as alone."""
+    import random
+
+    from flora import ops
+
+    if attention == "sdpa":
+        monkeypatch.setattr(ops, "decode_attention", ops.grouped_sdpa)
+    ckpt = setup[1]
+    eng, tok = _poisoned(setup, {"base": None}, max_batch=2)
+    ref = FusedLlama.from_pretrained(str(ckpt)).eval()
+    poison = prompt_ids(tok, "apple " * 40)
+    assert len(poison) > 30
+    rng = random.Random(5)
+    ask = lambda n, m: Request("base", _runs_on(ref, rng, n, m), m, Sampling(), logprobs=0)  # noqa: E731
+    eng.start()
+    bad, = eng.submit([Request("base", poison, 2, Sampling())])  # row 0: NaN keys in its slots
+    assert bad.events.get(timeout=60)[0] in ("done", "error")
+    assert not bool(eng._decoders[None].cache.k[0][0, :, :30].isfinite().all())
+    eng.close()
+    eng._worker.join(30)
+    eng2 = Engine(eng.model, tok, {"base": None}, max_batch=2)
+    eng2._decoders = eng._decoders  # the same cache, its NaN still there
+    seen = []
+    step = eng2._step
+
+    def check():  # the step after the jump: row 0's slots [10, 30) (its last at 9) masked, zeros
+        dec = eng2._dec
+        if dec.t == 30:
+            seen.append(bool(dec.mask[0, 0, 0, 10:30].eq(float("-inf")).all())
+                        and all(bool(k[0, :, 10:30].eq(0).all()) for k in dec.cache.k + dec.cache.v))
+        step()
+
+    eng2._step = check
+    first, later = [ask(5, 20)], [ask(30, 4)]
+    got = _mid_batch(eng2, first, later, at=4)
+    for r in first + later:
+        _alone(ref, tok, r, got[id(r)][0])
+    assert seen == [True]
+
+
 def test_requests_arriving_a_moment_apart_share_a_batch(setup):
     import time
 
@@ -1204,6 +1379,10 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
         assert row["prompts"] == 6
         share.append(row["computed_share"])
     assert share[1] < share[0] < 1
+    bench.main(["--model", str(ckpt), "--long-prompt", "30", "--clients", "2", "--requests", "2", "--max-tokens", "3",
+                "--long-after", "0.05", "--long-max-tokens", "2", "--json", str(tmp_path / "long.json")])
+    r = json.loads((tmp_path / "long.json").read_text())
+    assert r["long_prompt_tokens"] == 30 and 0 < r["long_ttft_s"] <= r["long_latency_s"] < r["seconds"]
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
@@ -2264,3 +2443,23 @@ def test_choices_over_several_steps_on_smollm2(gguf_path, smollm2_tok):
     finally:
         eng.close()
         plain.close()
+
+
+def test_a_long_prompt_joins_a_running_batch_on_smollm2(gguf_path, smollm2_tok):
+    """SmolLM2: two short prompts generate; a ~200-token prompt arrives, longer than the
+    batch's slot, and joins at once (ending before them: no wait for the batch to drain);
+    every answer's tokens and logprobs equal its prompt's alone."""
+    tok = smollm2_tok
+    model = FusedLlama.from_pretrained(gguf_path)
+    text = ("The river rises in the hills, runs through the old town, turns the mill and passes under "
+            "seven bridges before it reaches the sea. ") * 6
+    ask = lambda t, n: Request("base", prompt_ids(tok, t), n, Sampling(), logprobs=0)  # noqa: E731
+    first = [ask("Write the numbers from 1 to 100, separated by commas:", 24), ask("Count to thirty: one, two,", 24)]
+    later = [ask(text + "After the seventh bridge the river", 8)]
+    assert len(later[0].prompt) > 150
+    eng = Engine(model, tok, {"base": None}, max_batch=4, cache_len=256)
+    got = _mid_batch(eng, first, later, at=4)
+    rows = [_alone(model, tok, r, got[id(r)][0]) for r in first + later]
+    assert [len(x) for x in rows] == [24, 24, 8]
+    assert [got[id(r)][1] for r in first + later] == [23, 23, 5 + 7]
+    eng.close()
