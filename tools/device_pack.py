@@ -542,7 +542,8 @@ def build_gguf(src: str, out: str, layers: str, budget: int, verify=None) -> dic
     n = len(gguf_sizes(reader)[1])
     est = {}
     if layers == "auto":
-        fixed_xz, block_xz = estimate_xz(src, reader, tempfile.gettempdir())
+        with tempfile.TemporaryDirectory() as tmp:  # its own: two packs at once wrote one k0.gguf
+            fixed_xz, block_xz = estimate_xz(src, reader, tmp)
         k = estimate_k(budget, fixed_xz, block_xz, n)
         est = {"fixed_xz": fixed_xz, "block_xz": block_xz, "margin": MARGIN, "k": k,
                "predicted_xz": fixed_xz + k * block_xz, "seconds": round(time.time() - t0, 1)}
