@@ -26,7 +26,14 @@ from one loaded base model:
   start computed once); with ``max_tokens`` 0 the prompt is only
   scored, as lm-eval-harness's loglikelihood requests ask),
   ``stream`` (server-sent events, as OpenAI's clients read them; ``stream_options``
-  ``include_usage``: a last chunk with the token counts);
+  ``include_usage``: a last chunk with the token counts); vLLM's ``ignore_eos``,
+  ``min_tokens`` (the EOS and stop ids masked out of the logits until then, stop
+  strings looked for after), ``stop_token_ids``, ``include_stop_str_in_output``,
+  ``skip_special_tokens``, and its ``stop_reason`` on each choice (the stop string or id
+  that ended it). Fields not implemented (OpenAI's ``tools``, vLLM's ``use_beam_search``,
+  ``guided_json``, ...: ``UNSUPPORTED``) are refused with a 400 naming them unless they
+  carry the value that asks for nothing, and so are fields not known at all (``KNOWN``;
+  OpenAI's ``user``, ``metadata``, ... are taken): ignored, they answer less than asked;
 * with ``--allow-adapter-updates``, ``POST /v1/load_lora_adapter`` (``lora_name``,
   ``lora_path``) and ``/v1/unload_lora_adapter`` (``lora_name``), vLLM's: adapters
   served from the worker's next step on, or no longer (``Engine.load_adapter``).
