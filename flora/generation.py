@@ -189,12 +189,17 @@ class Penalties:
     alike, on the logits' device: the bias [V], which tokens each row's prompt and
     output hold [B, V] (repetition), each output token's count [B, V] (presence,
     frequency); each made only when its setting asks for it. :meth:`add` after
-    each step's tokens, :meth:`__call__` on that step's logits."""
+    each step's tokens, :meth:`__call__` on that step's logits. ``banned``: token ids
+    no row may draw while it is set (vLLM's ``min_tokens``: the tokens that would end
+    an answer, -inf until it has that many; its owner sets it to None then)."""
 
-    def __init__(self, s: Sampling, prompts: Tensor, vocab: int, valid: Optional[Tensor] = None):
-        """``prompts`` [B, T] token ids (``valid`` [B, T] bool: the real ones, else all)."""
+    def __init__(self, s: Sampling, prompts: Tensor, vocab: int, valid: Optional[Tensor] = None,
+                 banned=None):
+        """``prompts`` [B, T] token ids (``valid`` [B, T] bool: the real ones, else all);
+        ``banned``: token ids (None or none: no mask)."""
         self.s, dev, B = s, prompts.device, prompts.shape[0]
         self.bias = self.seen = self.counts = None
+        self.banned = torch.tensor(sorted(banned), dtype=torch.long, device=dev) if banned else None
         if s.logit_bias:
             self.bias = torch.zeros(vocab, device=dev)
             self.bias[torch.tensor(list(s.logit_bias), dtype=torch.long, device=dev)] = torch.tensor(
@@ -214,7 +219,7 @@ class Penalties:
 
     def __call__(self, logits: Tensor) -> Tensor:
         """The logits [B, V] (fp32) biased, then penalised (vLLM's order: the bias is a
-        logits processor run before its penalties)."""
+        logits processor run before its penalties), then the banned tokens masked out."""
         s = self.s
         if self.bias is not None:
             logits = logits + self.bias
@@ -223,6 +228,8 @@ class Penalties:
             logits = torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
         if self.counts is not None:
             logits = logits - s.frequency_penalty * self.counts - s.presence_penalty * (self.counts > 0)
+        if self.banned is not None:  # after the rest: no bias or penalty brings them back
+            logits = logits.index_fill(-1, self.banned, -math.inf)
         return logits
 
 

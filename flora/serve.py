@@ -26,7 +26,14 @@ from one loaded base model:
   start computed once); with ``max_tokens`` 0 the prompt is only
   scored, as lm-eval-harness's loglikelihood requests ask),
   ``stream`` (server-sent events, as OpenAI's clients read them; ``stream_options``
-  ``include_usage``: a last chunk with the token counts);
+  ``include_usage``: a last chunk with the token counts); vLLM's ``ignore_eos``,
+  ``min_tokens`` (the EOS and stop ids masked out of the logits until then, stop
+  strings looked for after), ``stop_token_ids``, ``include_stop_str_in_output``,
+  ``skip_special_tokens``, and its ``stop_reason`` on each choice (the stop string or id
+  that ended it). Fields not implemented (OpenAI's ``tools``, vLLM's ``use_beam_search``,
+  ``guided_json``, ...: ``UNSUPPORTED``) are refused with a 400 naming them unless they
+  carry the value that asks for nothing, and so are fields not known at all (``KNOWN``;
+  OpenAI's ``user``, ``metadata``, ... are taken): ignored, they answer less than asked;
 * with ``--allow-adapter-updates``, ``POST /v1/load_lora_adapter`` (``lora_name``,
   ``lora_path``) and ``/v1/unload_lora_adapter`` (``lora_name``), vLLM's: adapters
   served from the worker's next step on, or no longer (``Engine.load_adapter``).
@@ -60,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import numbers
@@ -151,6 +159,15 @@ class Request:
     cached: int = 0
     arrived: float = 0.0  # time.monotonic() when submitted (the metrics' latencies start here)
     ended: bool = False  # its end is counted in Engine.metrics (once, whichever way it ended)
+    # vLLM's: the checkpoint's EOS does not end it; the first min_tokens tokens end it by no EOS, stop id
+    # or stop string (the sampler never draws the ids); token ids that end it as an EOS does (stop_reason:
+    # the id); the stop string or id's text kept at the end of the text; special tokens left out of the text
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_ids: tuple = ()
+    include_stop: bool = False
+    skip_special: bool = True
+    stop_reason: Optional[object] = None  # set at its end: the stop string or stop id that ended it (vLLM's)
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -172,19 +189,43 @@ def _number(body, name, default, lo, hi, integer=False, lo_open=False):
     return int(v) if integer else float(v)
 
 
-# OpenAI parameters this server does not implement, each with the values that ask for nothing
-# (what clients send by default): any other value is refused, not ignored
-UNSUPPORTED = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-               "response_format": ({"type": "text"},)}
-
-
-# fields of the other endpoint, likewise
-ELSEWHERE = {True: {"echo": (False,)}, False: {"top_logprobs": (0,)}}
+# OpenAI's and vLLM's request fields this server does not implement, each with the values that ask
+# for nothing (what clients send by default; null always): any other value is refused, not ignored
+UNSUPPORTED = {
+    # OpenAI's
+    "suffix": ("",), "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "store": (False,), "modalities": (["text"],), "audio": (),
+    "prediction": (), "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+    # vLLM's (its SamplingParams and OpenAI-server extras)
+    "use_beam_search": (False,), "length_penalty": (1.0,), "early_stopping": (False,), "prompt_logprobs": (),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "guided_decoding_backend": (), "guided_whitespace_pattern": (), "structured_outputs": (),
+    "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],),
+    "spaces_between_special_tokens": (True,), "priority": (0,), "logits_processors": (),
+    "return_tokens_as_token_ids": (False,), "return_token_ids": (False,), "prompt_embeds": (),
+    "cache_salt": (), "kv_transfer_params": (), "vllm_xargs": (), "request_id": (),
+    "mm_processor_kwargs": (), "chat_template": (), "chat_template_kwargs": (), "documents": (),
+    "add_generation_prompt": (True,), "continue_final_message": (False,)}
+# fields of the other endpoint, likewise (completions' prompt gets the tokenizer's special tokens)
+ELSEWHERE = {True: {"echo": (False,), "add_special_tokens": ()},
+             False: {"top_logprobs": (0,), "add_special_tokens": (True,), "max_completion_tokens": ()}}
+# the fields parse reads (each endpoint's), and OpenAI's that ask nothing of the answer (who sent it,
+# labels, billing): taken whatever they hold. Any other field not null is refused (docs/serving.md: a
+# field ignored is a request silently answered with less than it asked for, as vLLM's ignore_eos was)
+READ = {"model", "n", "best_of", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+        "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stream", "stream_options", "stop",
+        "logprobs", "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
+        "skip_special_tokens", "user", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+        "safety_identifier"}
+KNOWN = {chat: READ | set(UNSUPPORTED) | set(ELSEWHERE[chat])
+         | ({"messages", "max_completion_tokens", "top_logprobs"} if chat else {"prompt", "echo"})
+         for chat in (True, False)}
 MAX_N = 128  # choices a prompt at most (OpenAI's bound on n)
 MAX_LOGPROBS = 20  # alternatives a token at most (vLLM's bound; OpenAI's: 5 for completions, 20 for chat)
 # stop strings at most: OpenAI's bound is 4, but lm-eval-harness sends a task's `until` and the EOS
 # string, often more; each costs a look at the text's tail a token
 MAX_STOP = 16
+MAX_STOP_IDS = 64  # stop_token_ids at most (each one a set lookup a token)
 # echo's scoring, one forward at most: SCORE_TOKENS positions computed (rows x the most any row
 # computes: padding counted, the tokens copied from the prefix cache not), SCORE_SLOTS key slots
 # (rows x the longest row, copied ones included: the keys and values held); logits alive at once
@@ -199,6 +240,19 @@ SCORE_LOGITS = 1 << 24
 # PACK_TOKENS tokens at most: its attention mask is [PACK_TOKENS, PACK_TOKENS]
 SHARE_MIN = 16
 PACK_TOKENS = 2048
+
+
+def _is_token(t, vocab: int) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab
+
+
+def _flag(body, name, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise BadRequest(f"'{name}' must be true or false, got {_brief(v)}")
+    return v
 
 
 def _brief(v) -> str:
@@ -296,8 +350,10 @@ class Engine:
         if not isinstance(name, str) or name not in served:  # a list or an object: unhashable, was a 500
             raise BadRequest(_not_served(name, served), 404, "model_not_found")
         bad = [k for k, d in {**UNSUPPORTED, **ELSEWHERE[chat]}.items() if not _asks_for_nothing(body.get(k), d)]
-        if bad:
-            raise BadRequest(f"not supported: {', '.join(bad)}")
+        unknown = [k for k, v in body.items() if k not in KNOWN[chat] and v is not None]
+        if bad or unknown:
+            raise BadRequest("; ".join(([f"not supported: {', '.join(bad)}"] if bad else [])
+                                       + ([f"unknown fields: {', '.join(map(_brief, unknown))}"] if unknown else [])))
         if chat:
             if not getattr(self.tok, "chat_template", None):
                 raise BadRequest("this model's tokenizer has no chat template; use /v1/completions")
@@ -308,9 +364,7 @@ class Engine:
             prompts = [("messages", prompt_ids(self.tok, text), text)]
         else:
             prompts = self._prompts(body.get("prompt"))
-        echo = False if chat else body.get("echo", False)
-        if echo is not None and not isinstance(echo, bool):
-            raise BadRequest(f"'echo' must be true or false, got {_brief(echo)}")
+        echo = False if chat else _flag(body, "echo", False)
         n = _number(body, "n", 1, 1, MAX_N, integer=True)
         if not _asks_for_nothing(body.get("best_of"), (n,)):  # every choice generated is returned
             raise BadRequest(f"'best_of' must equal 'n' ({n}), got {body.get('best_of')!r}")
@@ -326,9 +380,7 @@ class Engine:
             check_seed(seed)
         except ValueError as e:  # at generation it failed the whole (seeded: one-row) batch, a 500
             raise BadRequest(f"'seed'{str(e).removeprefix('seed')}") from None
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest(f"'stream' must be true or false, got {stream!r}")
+        stream = _flag(body, "stream", False)
         opts = body.get("stream_options")  # OpenAI's clients send it to get usage when streaming
         if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"include_usage"}
                                      and isinstance(opts.get("include_usage", False), bool) and stream):
@@ -340,6 +392,7 @@ class Engine:
                 and all(isinstance(x, str) and x for x in stop)):
             raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP}, "
                              f"got {body.get('stop')!r}")
+        ends = self._ends(body, max_tokens)
         events, out = queue.Queue(), []
         for where, ids, text in prompts:
             # a prompt alone is one forward over the context; with an answer it takes a row of the cache
@@ -349,14 +402,32 @@ class Engine:
                 what = "context" if size > self.cache_len or self.cache_len == self.context else "cache (--cache-len)"
                 label = f"'{where}'" if where.endswith("]") else "the prompt"
                 raise BadRequest(f"{label} is {len(ids)} tokens; the model's {what} is {min(size, self.context)}")
+            if ends["min_tokens"] > room:
+                raise BadRequest(f"'min_tokens' ({ends['min_tokens']}) does not fit: the prompt leaves room for "
+                                 f"{room} tokens in the cache (--cache-len {self.cache_len})")
             if echo and text is None:
-                text = self.text(ids)
+                text = self.text(ids, ends["skip_special"])
             for j in range(n):
                 out.append(Request(name, ids, min(max_tokens, room), sampling,
                                    seed_plus(seed, j), stream, tuple(stop), events,
                                    usage=bool(opts and opts.get("include_usage")), index=len(out), first=j == 0,
-                                   logprobs=logprobs, echo=text if echo else None))
+                                   logprobs=logprobs, echo=text if echo else None, **ends))
         return out
+
+    def _ends(self, body: dict, max_tokens: int) -> dict:
+        """vLLM's fields on where an answer ends and what its text holds -> Request's
+        fields (``ignore_eos``, ``min_tokens``, ``stop_ids``, ``include_stop``,
+        ``skip_special``), or BadRequest naming the field."""
+        ids = body.get("stop_token_ids") or []
+        vocab = self.model.arch.vocab_size
+        if not (isinstance(ids, list) and len(ids) <= MAX_STOP_IDS and all(_is_token(t, vocab) for t in ids)):
+            raise BadRequest(f"'stop_token_ids' must be a list of at most {MAX_STOP_IDS} token ids of this model "
+                             f"(integers in 0 .. {vocab - 1}), got {_brief(body.get('stop_token_ids'))}")
+        return {"ignore_eos": _flag(body, "ignore_eos", False),
+                "min_tokens": _number(body, "min_tokens", 0, 0, max_tokens, integer=True),
+                "stop_ids": tuple(dict.fromkeys(int(t) for t in ids)),
+                "include_stop": _flag(body, "include_stop_str_in_output", False),
+                "skip_special": _flag(body, "skip_special_tokens", True)}
 
     def close(self) -> None:
         """The worker ends once no batch runs (its model free for other uses)."""
@@ -381,7 +452,8 @@ class Engine:
             bias = ids or None
         s = Sampling(temperature=_number(body, "temperature", 1.0, 0, None),
                      top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True),
-                     top_k=_number(body, "top_k", 0, 0, None, integer=True),
+                     # -1: vLLM's "no limit" (its clients' default until 0 took that meaning)
+                     top_k=0 if body.get("top_k") == -1 else _number(body, "top_k", 0, 0, None, integer=True),
                      min_p=_number(body, "min_p", 0.0, 0, 1),
                      repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, None, lo_open=True),
                      presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
@@ -493,6 +565,16 @@ class Engine:
         if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral)
                               or not 0 <= k <= MAX_LOGPROBS):
             raise ValueError(f"Request.logprobs must be None or an integer in 0 .. {MAX_LOGPROBS}, got {k!r}")
+        for name in ("ignore_eos", "include_stop", "skip_special"):
+            if not isinstance(getattr(r, name), bool):
+                raise ValueError(f"Request.{name} must be True or False, got {_brief(getattr(r, name))}")
+        k = r.min_tokens
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= M:
+            raise ValueError(f"Request.min_tokens must be an integer in 0 .. max_tokens ({M}), got {k!r}")
+        if not (isinstance(r.stop_ids, tuple) and len(r.stop_ids) <= MAX_STOP_IDS
+                and all(_is_token(t, vocab) for t in r.stop_ids)):
+            raise ValueError(f"Request.stop_ids must be a tuple of at most {MAX_STOP_IDS} token ids of this model "
+                             f"(integers in 0 .. {vocab - 1}), got {_brief(r.stop_ids)}")
 
     # ------------------------------------------------------- adapters at runtime
     # A load's directory is read and checked in the caller's thread (the running batch never
@@ -1142,14 +1224,21 @@ class Engine:
         without a row (one token, from its echo's forward)."""
         from .generation import Penalties, sample_next
 
-        s = row.req.sampling
+        r = row.req
+        s = r.sampling
         try:
-            if s.temperature == 0 and greedy is not None and not s.adjusts:  # the model's argmax: read already
-                token = greedy
+            # vLLM's min_tokens: until the answer has that many, the tokens that would end it (the EOS, even
+            # with ignore_eos as vLLM's, and the stop ids) are masked out of its logits (Penalties.banned)
+            ban = len(row.ids) < r.min_tokens
+            if s.temperature == 0 and greedy is not None and not s.adjusts and not ban:  # the model's argmax:
+                token = greedy  # read already
             else:
                 dev = logits.device
-                if s.adjusts and row.penalties is None:  # its prompt's tokens, at its first token
-                    row.penalties = Penalties(s, torch.tensor([row.req.prompt], device=dev), logits.shape[-1])
+                if (s.adjusts or ban) and row.penalties is None:  # its prompt's tokens, at its first token
+                    row.penalties = Penalties(s, torch.tensor([r.prompt], device=dev), logits.shape[-1],
+                                              banned=(self.eos | set(r.stop_ids)) if ban else None)
+                elif not ban and row.penalties is not None:
+                    row.penalties.banned = None
                 token = int(sample_next(logits, s, row.generator, row.penalties))
                 if row.penalties is not None:
                     row.penalties.add(torch.tensor([token], device=dev))
@@ -1220,8 +1309,8 @@ class Engine:
             waiting[r.model] = waiting.get(r.model, 0) + 1
         return self.metrics.render(running, waiting)
 
-    def text(self, ids: list) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def text(self, ids: list, skip_special: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
 
 
 def _logprobs(logits, token: int, k: int) -> tuple:
@@ -1421,14 +1510,19 @@ class _Row:
             return
         if self.first_at is None:
             self.first_at = time.monotonic()
-        if self.detok is None and (self.req.stream or self.req.stop or lp is not None):
-            self.detok = Detokenizer(eng.text)
+        r = self.req
+        if self.detok is None and (r.stream or r.stop or lp is not None):
+            self.detok = Detokenizer(self._decode(eng))
         # each alternative as the text it would add here (the EOS: none)
         alts = None if lp is None else [(self.detok.peek(t), v) for t, v in lp[1]]
-        if token in eng.eos:
+        # the checkpoint's EOS (unless ignore_eos) or a stop id ends it, never among its first min_tokens
+        # tokens (the sampler drew neither there: _take); its text left out unless include_stop (vLLM's)
+        eos = token in eng.eos and not r.ignore_eos
+        ends = eos or token in r.stop_ids
+        if ends and not r.include_stop:
             if lp is not None:
                 self.entries.append(("", lp[0], alts))
-            self.finish("stop", eng, counted=1)
+            self.finish("stop", eng, counted=1, stop=None if eos else token)
             return
         self.ids.append(token)
         if self.detok is not None:
@@ -1437,18 +1531,29 @@ class _Row:
                 self.entries.append((piece, lp[0], alts))
             if piece and self._text(piece, eng):
                 return
-        if len(self.ids) >= self.req.max_tokens:
+        if ends:
+            self.finish("stop", eng, stop=None if eos else token)
+        elif len(self.ids) >= r.max_tokens:
             self.finish("length", eng)
+
+    def _decode(self, eng: Engine):
+        """The text of token ids as the request asks: its special tokens left out, or kept."""
+        return eng.text if self.req.skip_special else functools.partial(eng.text, skip_special=False)
 
     def _text(self, piece: str, eng: Engine) -> bool:
         """The next piece of the text: True when it completes a stop string (the row ends)."""
-        stop = self.req.stop
+        r = self.req
+        stop = r.stop
         # a stop string not in the text before ends in this piece: found in it and the
-        # characters before it that may begin one
+        # characters before it that may begin one; looked for once the answer has more than
+        # min_tokens tokens (vLLM's: one that ended before is not found later)
         window = self.tail + piece
-        cut = min((i for i in (window.find(x) for x in stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.finish("stop", eng, text=("".join(self.pieces) + piece)[:self.n_out - len(self.tail) + cut])
+        found = [] if len(self.ids) <= r.min_tokens else [
+            (i, x) for x in stop if (i := window.find(x, max(0, len(self.tail) + 1 - len(x)))) >= 0]
+        if found:
+            cut, x = min(found, key=lambda f: f[0])  # the first in the text (vLLM's: the first in the list)
+            end = self.n_out - len(self.tail) + cut + (len(x) if r.include_stop else 0)
+            self.finish("stop", eng, text=("".join(self.pieces) + piece)[:end], stop=x)
             return True
         self.pieces.append(piece)
         self.n_out += len(piece)
@@ -1469,12 +1574,16 @@ class _Row:
             entries, self.n_streamed = self.entries[self.n_streamed:], len(self.entries)
         self.req.events.put(("delta", self.req.index, text, entries))
 
-    def finish(self, reason: str, eng: Engine, counted: int = 0, text: Optional[str] = None) -> None:
+    def finish(self, reason: str, eng: Engine, counted: int = 0, text: Optional[str] = None,
+               stop=None) -> None:
+        """It ends (``reason``: its finish_reason; ``stop``: the stop string or stop id that
+        ended it, its stop_reason; ``counted``: an ending token not in its ids)."""
         if self.done:
             return
         self.done = True
         if text is None:
-            text = eng.text(self.ids) if self.detok is None else "".join(self.pieces) + self.detok.rest()
+            text = self._decode(eng)(self.ids) if self.detok is None else "".join(self.pieces) + self.detok.rest()
+        self.req.stop_reason = stop
         if self.req.stream and (len(text) > self.n_sent or len(self.entries) > self.n_streamed):
             self._delta(text[self.n_sent:])
         self.req.events.put(("done", self.req.index, text, reason, len(self.ids) + counted,
@@ -1534,22 +1643,26 @@ def _response(chat: bool, rid: str, created: int, reqs: list, done: dict, prompt
             text = r.echo + text
             if lp is not None:
                 lp = {k: v + lp[k] for k, v in _logprobs_json(chat, prompts[i]).items()}
+        # stop_reason: vLLM's, the stop string or stop id that ended it (null: the EOS, the length)
         choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                        "finish_reason": reason} if chat
-                       else {"index": i, "text": text, "finish_reason": reason, "logprobs": lp})
+                        "finish_reason": reason, "stop_reason": r.stop_reason} if chat
+                       else {"index": i, "text": text, "finish_reason": reason, "stop_reason": r.stop_reason,
+                             "logprobs": lp})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": reqs[0].model, "choices": choices, "usage": _usage(reqs, sum(d[4] for d in done.values()))}
 
 
 def _chunk(chat: bool, rid: str, created: int, model: str, index: int, text: Optional[str],
-           reason: Optional[str], first: bool = False, logprobs: Optional[dict] = None) -> dict:
+           reason: Optional[str], first: bool = False, logprobs: Optional[dict] = None, stop=None) -> dict:
     if chat:
         delta = {} if text is None else {"content": text}
         if first:
             delta = {"role": "assistant", **delta}
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
+                  "stop_reason": stop}
     else:
-        choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
+        choice = {"index": index, "text": text or "", "finish_reason": reason, "stop_reason": stop,
+                  "logprobs": logprobs}
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice]}
 
@@ -1806,7 +1919,7 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
                         offset[i] = offset.get(i, 0) + sum(len(e[0]) for e in ev[3] or ())
                         send(_chunk(chat, rid, created, model, i, ev[2], None, first, lp))
                     elif ev[0] == "done":
-                        send(_chunk(chat, rid, created, model, i, None, ev[3], first))
+                        send(_chunk(chat, rid, created, model, i, None, ev[3], first, stop=reqs[i].stop_reason))
                         left, n_new = left - 1, n_new + ev[4]
                 if not left and reqs[0].usage:  # as OpenAI's: no choices, the whole request's counts
                     send({**_chunk(chat, rid, created, model, 0, None, None), "choices": [],

@@ -80,6 +80,28 @@ def test_bias_and_penalties_equal_a_plain_loop():
                 assert math.isclose(got[b, v].item(), x, rel_tol=1e-6, abs_tol=1e-5), (s, b, v)
 
 
+def test_banned_tokens_are_never_drawn_whatever_the_bias():
+    """Penalties.banned (the server's min_tokens: the tokens that would end an answer): -inf
+    after the bias and penalties, so neither greedy nor sampling draws them, even a token
+    biased +100; the other logits as without it; None lifts it."""
+    logits, prompts, valid, outs = _history(seed=3)
+    B, V = logits.shape
+    s = Sampling(temperature=1.0, repetition_penalty=1.3, logit_bias={5: 100.0, 9: 100.0})
+    plain = _penalties(s, prompts, valid, outs, V)
+    pen = Penalties(s, prompts, V, valid, banned={5, 2})
+    for t in outs.T:
+        pen.add(t)
+    got, want = pen(logits), plain(logits)
+    assert torch.isneginf(got[:, [2, 5]]).all()
+    keep = [v for v in range(V) if v not in (2, 5)]
+    assert torch.equal(got[:, keep], want[:, keep])
+    assert (sample_next(logits, Sampling(temperature=0), None, pen) == 9).all()  # greedy: 5 out, 9 next
+    g = torch.Generator().manual_seed(0)
+    assert all(not {2, 5} & set(sample_next(logits, s, g, pen).tolist()) for _ in range(50))
+    pen.banned = None
+    assert torch.equal(pen(logits), want)
+
+
 @pytest.mark.parametrize("temperature, min_p, top_k, top_p", [
     (1.0, 0.2, 0, 1.0), (0.7, 0.1, 0, 1.0), (1.5, 0.3, 0, 1.0),
     (1.0, 0.1, 4, 1.0), (1.0, 0.08, 0, 0.7),  # min-p after top-k, top-p

@@ -98,6 +98,37 @@ def test_penalties_and_logit_bias_as_the_client_sends_them(setup):
     assert r.choices[0].text != plain
 
 
+def test_vllm_fields_and_openai_bookkeeping_as_the_client_sends_them(setup):
+    """vLLM's fields in extra_body (benchmark_serving's ignore_eos: exactly max_tokens tokens;
+    stop_token_ids, with vLLM's stop_reason on the choice), and OpenAI's fields that ask nothing
+    of the answer (user, metadata, store false, service_tier, parallel_tool_calls) taken as sent."""
+    ckpt, _, client = setup
+    tok = load_tokenizer(ckpt)
+    ids = prompt_ids(tok, "between a and f ->")
+    m = FusedLlama.from_pretrained(str(ckpt))
+    row = m.generate(torch.tensor([ids]), max_new_tokens=12, eos_token_id=[])[0, len(ids):].tolist()
+    eos = set(_eos_set(m.generation_eos_token_id))
+    assert eos & set(row[:-1])  # without ignore_eos the answer stops early
+    r = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == (
+        tok.decode(row, skip_special_tokens=True), "length", 12)
+    r = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0, user="u-1",
+                                  extra_body={"stop_token_ids": [row[2]], "ignore_eos": True})
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.choices[0].stop_reason) == (
+        tok.decode(row[:2], skip_special_tokens=True), "stop", row[2])
+    messages = [{"role": "user", "content": "copy : a b"}]
+    plain = client.chat.completions.create(model="base", messages=messages, max_tokens=6, temperature=0)
+    again = client.chat.completions.create(model="base", messages=messages, max_tokens=6, temperature=0, user="u-1",
+                                           metadata={"run": "x"}, store=False, service_tier="auto",
+                                           parallel_tool_calls=False)
+    assert again.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="not supported: use_beam_search"):
+        client.completions.create(model="base", prompt="a", max_tokens=2, extra_body={"use_beam_search": True})
+    with pytest.raises(openai.BadRequestError, match="unknown fields: 'typical_p'"):
+        client.completions.create(model="base", prompt="a", max_tokens=2, extra_body={"typical_p": 0.9})
+
+
 def test_errors_are_the_clients_exceptions(setup):
     ckpt, _, client = setup
     with pytest.raises(openai.NotFoundError, match="the models are: base, ffba"):

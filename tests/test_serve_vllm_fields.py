@@ -1,0 +1,291 @@
+"""`flora serve`: vLLM's request fields on where an answer ends (ignore_eos, min_tokens,
+stop_token_ids, include_stop_str_in_output, skip_special_tokens, stop_reason), through HTTP
+against the tiny checkpoint's own greedy tokens (generate() and a plain loop over its
+forward); vLLM's fields flora does not implement, and unknown ones, refused by name."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from _train_helpers import served_checkpoint
+
+from flora import FusedLlama
+from flora.data import load_tokenizer, prompt_ids
+from flora.generation import Sampling, _eos_set
+from flora.serve import Engine, Request, serve
+
+# greedy on the tiny checkpoint: this prompt's answer hits the checkpoint's EOS at its 6th token;
+# THE_BIG_CAT's holds none in 16 and says "follows" twice (tests below check both)
+HITS_EOS, THE_BIG_CAT = "between a and f ->", "the big cat"
+M = 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ckpt, _ = served_checkpoint(tmp_path_factory.mktemp("vllm-fields"))
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    tok = load_tokenizer(ckpt)
+    srv = serve(Engine(model, tok, {"base": None}, max_batch=4), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", model, tok, srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _post(url, path, body):
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _complete(url, prompt, **fields):
+    """A greedy completion's (text, finish_reason, stop_reason, completion_tokens)."""
+    status, out = _post(url, "/v1/completions", {"prompt": prompt, "max_tokens": M, "temperature": 0, **fields})
+    assert status == 200, out
+    c = out["choices"][0]
+    return c["text"], c["finish_reason"], c["stop_reason"], out["usage"]["completion_tokens"]
+
+
+def _row(model, tok, prompt, n=M):
+    """generate()'s greedy tokens with no EOS stopping it."""
+    ids = prompt_ids(tok, prompt)
+    return model.generate(torch.tensor([ids]), max_new_tokens=n, eos_token_id=[])[0, len(ids):].tolist()
+
+
+def _masked_loop(model, tok, prompt, banned, k, n=M):
+    """The reference of min_tokens: a plain greedy loop over the model's forward (the whole
+    sequence each step), ``banned`` at -inf for its first k tokens, ended by any of them."""
+    ids, out = prompt_ids(tok, prompt), []
+    eos = set(banned)
+    with torch.no_grad():
+        for step in range(n):
+            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
+            if step < k:
+                logits[list(banned)] = -float("inf")
+            out.append(int(logits.argmax()))
+            if out[-1] in eos:
+                break
+    return out
+
+
+def _text(tok, ids, skip=True):
+    return tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_ignore_eos_generates_exactly_max_tokens(setup):
+    url, model, tok, _ = setup
+    eos = set(_eos_set(model.generation_eos_token_id))
+    row = _row(model, tok, HITS_EOS)
+    k = next(i for i, t in enumerate(row) if t in eos)
+    assert 0 < k < M - 1  # the prompt's answer stops early without ignore_eos
+    assert _complete(url, HITS_EOS) == (_text(tok, row[:k]), "stop", None, k + 1)
+    for chat in (False, True):
+        if chat:  # the checkpoint's chat answer: its own greedy row, with ignore_eos every one of M tokens
+            msgs = [{"role": "user", "content": "copy : a b"}]
+            from flora.pretrained import chat_prompt
+            want = _row(model, tok, chat_prompt(tok, msgs))
+            status, out = _post(url, "/v1/chat/completions", {"messages": msgs, "max_tokens": M, "temperature": 0,
+                                                              "ignore_eos": True})
+            assert status == 200, out
+            c = out["choices"][0]
+            got = (c["message"]["content"], c["finish_reason"], c["stop_reason"], out["usage"]["completion_tokens"])
+        else:
+            want = row
+            got = _complete(url, HITS_EOS, ignore_eos=True)
+        assert got == (_text(tok, want), "length", None, M)
+    # the EOS's own text stays out (a special token); kept with skip_special_tokens false
+    assert _complete(url, HITS_EOS, ignore_eos=True, skip_special_tokens=False)[0] == _text(tok, row, skip=False)
+    assert "</s>" in _text(tok, row, skip=False)
+    # a stop id still ends it, the EOS too when asked for by id (its stop_reason: the id)
+    assert _complete(url, HITS_EOS, ignore_eos=True, stop_token_ids=[row[k]]) == (_text(tok, row[:k]), "stop",
+                                                                                   row[k], k + 1)
+
+
+def test_min_tokens_masks_the_eos_until_then(setup):
+    url, model, tok, _ = setup
+    eos = set(_eos_set(model.generation_eos_token_id))
+    row = _row(model, tok, HITS_EOS)
+    k = next(i for i, t in enumerate(row) if t in eos)
+    for n_min in (k, k + 1, k + 3, M):  # k: the EOS is the (k+1)-th token, allowed
+        want = _masked_loop(model, tok, HITS_EOS, eos, n_min)
+        ended = want[-1] in eos
+        assert n_min > k or want == row[:k + 1]
+        assert not eos & set(want[:n_min])
+        got = _complete(url, HITS_EOS, min_tokens=n_min)
+        assert got == (_text(tok, want[:-1] if ended else want), "stop" if ended else "length", None, len(want))
+    # streamed alike (the greedy row takes the sampler's masked path, not the batch's argmax)
+    want = _masked_loop(model, tok, HITS_EOS, eos, k + 1)
+    status, out = _post(url, "/v1/completions", {"prompt": HITS_EOS, "max_tokens": M, "temperature": 0,
+                                                 "min_tokens": k + 1, "stop_token_ids": [], "n": 2})
+    assert status == 200 and [c["text"] for c in out["choices"]] == [_text(tok, want[:-1] if want[-1] in eos
+                                                                           else want)] * 2
+
+
+def test_min_tokens_when_sampling(setup):
+    """Sampled with a bias that makes the EOS (or a stop id) certain: the answer ends at the
+    first token after min_tokens, whatever the seed (and with ignore_eos the EOS is masked
+    until then too, as vLLM's: it never ends the answer, the stop id does)."""
+    url, model, tok, _ = setup
+    eos = min(_eos_set(model.generation_eos_token_id))
+    for seed in range(3):
+        for n_min in (0, 3):
+            body = {"prompt": THE_BIG_CAT, "max_tokens": 10, "temperature": 1.0, "seed": seed, "min_tokens": n_min}
+            status, out = _post(url, "/v1/completions", {**body, "logit_bias": {str(eos): 100}})
+            assert status == 200, out
+            assert (out["choices"][0]["finish_reason"], out["usage"]["completion_tokens"]) == ("stop", n_min + 1)
+            status, out = _post(url, "/v1/completions", {**body, "logit_bias": {"7": 100}, "stop_token_ids": [7]})
+            c = out["choices"][0]
+            assert status == 200 and out["usage"]["completion_tokens"] == n_min + 1, out
+            assert (c["finish_reason"], c["stop_reason"]) == ("stop", 7)
+            status, out = _post(url, "/v1/completions", {**body, "logit_bias": {str(eos): 100}, "ignore_eos": True,
+                                                         "skip_special_tokens": False})
+            text = out["choices"][0]["text"]
+            assert status == 200 and out["choices"][0]["finish_reason"] == "length", out
+            tail = tok.decode([eos] * (10 - n_min), skip_special_tokens=False)  # the EOS only after min_tokens
+            assert text.endswith(tail) and "</s>" not in text[:-len(tail)], text
+
+
+def test_stop_token_ids_end_at_the_first(setup):
+    url, model, tok, _ = setup
+    row = _row(model, tok, THE_BIG_CAT)
+    assert not set(_eos_set(model.generation_eos_token_id)) & set(row)
+    a, b = row[4], row[7]
+    assert a not in row[:4] and b not in row[:4] + row[5:7]
+    assert _complete(url, THE_BIG_CAT, stop_token_ids=[b, a]) == (_text(tok, row[:4]), "stop", a, 5)
+    assert _complete(url, THE_BIG_CAT, stop_token_ids=[b, a], include_stop_str_in_output=True) == (
+        _text(tok, row[:5]), "stop", a, 5)
+    # min_tokens past the first: neither is drawn before (the answer goes another way, here to the EOS)
+    eos = set(_eos_set(model.generation_eos_token_id))
+    want = _masked_loop(model, tok, THE_BIG_CAT, eos | {a, b}, 5)
+    assert len(want) > 5 and want[:5] != row[:5] and want[-1] in eos | {a, b}, want
+    assert _complete(url, THE_BIG_CAT, stop_token_ids=[b, a], min_tokens=5) == (
+        _text(tok, want[:-1]), "stop", None if want[-1] in eos else want[-1], len(want))
+    # streamed: the deltas join to the text, the last chunk carries the stop_reason
+    req = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompt": THE_BIG_CAT, "max_tokens": M, "temperature": 0,
+                                                  "stop_token_ids": [a], "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        chunks = [json.loads(x[6:]) for x in r.read().decode().split("\n\n") if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == _text(tok, row[:4])
+    assert [(c["choices"][0]["finish_reason"], c["choices"][0]["stop_reason"]) for c in chunks][-1] == ("stop", a)
+    assert all(c["choices"][0]["stop_reason"] is None for c in chunks[:-1])
+
+
+def test_stop_strings_include_and_min_tokens(setup):
+    url, model, tok, _ = setup
+    row = _row(model, tok, THE_BIG_CAT)
+    full = _text(tok, row)
+    first = full.find("follows")
+    second = full.find("follows", first + 1)
+    assert 0 < first < second
+    ends_at = next(i for i in range(M) if "follows" in _text(tok, row[:i + 1]))  # the token that completes it
+    assert _complete(url, THE_BIG_CAT, stop=["zzz", "follows"]) == (full[:first], "stop", "follows", ends_at + 1)
+    assert _complete(url, THE_BIG_CAT, stop=["zzz", "follows"], include_stop_str_in_output=True) == (
+        full[:first + len("follows")], "stop", "follows", ends_at + 1)
+    # vLLM's: a stop string is looked for once the answer has more than min_tokens tokens; one that
+    # ended within them is passed over (the next one ends the answer)
+    for n_min in (ends_at, ends_at + 1):
+        cut = full.find("follows", max(0, len(_text(tok, row[:n_min])) - len("follows") + 1))
+        assert cut == (first if n_min == ends_at else second)
+        assert _complete(url, THE_BIG_CAT, stop=["follows"], min_tokens=n_min)[:3] == (full[:cut], "stop", "follows")
+
+
+def test_defaults_change_nothing(setup):
+    url, model, tok, _ = setup
+    for p in (HITS_EOS, THE_BIG_CAT):
+        plain = _complete(url, p, stop=["old"])
+        assert plain == _complete(url, p, stop=["old"], ignore_eos=False, min_tokens=0, stop_token_ids=[],
+                                  include_stop_str_in_output=False, skip_special_tokens=True,
+                                  use_beam_search=False, length_penalty=1.0, bad_words=[], prompt_logprobs=None,
+                                  spaces_between_special_tokens=True, add_special_tokens=True, priority=0,
+                                  guided_json=None, truncate_prompt_tokens=None, typical_p=None,  # null: nothing
+                                  user="u-1", metadata={"k": "v"}, service_tier="auto", store=False)
+
+
+@pytest.mark.parametrize("chat, field, value", [
+    (False, "use_beam_search", True), (False, "length_penalty", 0.5), (False, "prompt_logprobs", 1),
+    (False, "guided_json", {"type": "object"}), (False, "guided_regex", "a+"), (False, "guided_choice", ["a"]),
+    (False, "structured_outputs", {"regex": "a"}), (False, "truncate_prompt_tokens", 4),
+    (False, "allowed_token_ids", [5]), (False, "bad_words", ["a"]), (False, "spaces_between_special_tokens", False),
+    (True, "add_special_tokens", True), (False, "add_special_tokens", False), (False, "priority", 1),
+    (False, "max_completion_tokens", 4), (True, "chat_template_kwargs", {"enable_thinking": False}),
+    (False, "store", True), (True, "reasoning_effort", "low"),
+])
+def test_unimplemented_fields_are_refused_by_name(setup, chat, field, value):
+    url = setup[0]
+    body = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    status, out = _post(url, "/v1/chat/completions" if chat else "/v1/completions", {**body, field: value})
+    assert status == 400 and out["error"]["message"] == f"not supported: {field}", out
+
+
+def test_unknown_fields_are_refused_by_name(setup):
+    url = setup[0]
+    status, out = _post(url, "/v1/completions", {"prompt": "hi", "typical_p": 0.5, "do_sample": True,
+                                                 "use_beam_search": True})
+    assert status == 400
+    assert out["error"]["message"] == "not supported: use_beam_search; unknown fields: 'typical_p', 'do_sample'"
+    status, out = _post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True,
+                                                      "prompt": "hi"})
+    assert status == 400 and out["error"]["message"] == "not supported: echo; unknown fields: 'prompt'"
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("ignore_eos", "yes", "'ignore_eos' must be true or false"),
+    ("include_stop_str_in_output", 1, "'include_stop_str_in_output' must be true or false"),
+    ("skip_special_tokens", "no", "'skip_special_tokens' must be true or false"),
+    ("min_tokens", 17, "'min_tokens' must be an integer >= 0 and <= 16"),
+    ("min_tokens", -1, "'min_tokens' must be an integer >= 0"),
+    ("min_tokens", 1.5, "'min_tokens' must be an integer"),
+    ("stop_token_ids", [5, 97], "'stop_token_ids' must be a list of at most 64 token ids of this model "
+                                "(integers in 0 .. 96)"),
+    ("stop_token_ids", 5, "'stop_token_ids' must be a list"),
+    ("stop_token_ids", [True], "'stop_token_ids' must be a list"),
+    ("stop_token_ids", list(range(65)), "'stop_token_ids' must be a list of at most 64"),
+])
+def test_bad_values_name_the_field(setup, field, value, says):
+    status, out = _post(setup[0], "/v1/completions", {"prompt": "hi", "max_tokens": 16, field: value})
+    assert status == 400 and out["error"]["message"].startswith(says), out
+
+
+def test_min_tokens_must_fit_the_cache(setup):
+    _, model, tok, _ = setup
+    eng = Engine(model, tok, {"base": None}, cache_len=32)
+    ids = prompt_ids(tok, "the big cat")
+    with pytest.raises(Exception, match=rf"'min_tokens' \(30\) does not fit: the prompt leaves room for "
+                                        rf"{32 - len(ids)} tokens"):
+        eng.parse({"prompt": ids, "max_tokens": 30, "min_tokens": 30}, False)
+    assert eng.parse({"prompt": ids, "max_tokens": 30, "min_tokens": 28}, False)[0].max_tokens == 32 - len(ids)
+
+
+def test_check_refuses_bad_requests_built_by_hand(setup):
+    _, model, tok, _ = setup
+    eng = Engine(model, tok, {"base": None})
+    ok = dict(model="base", prompt=[1, 5], max_tokens=4, sampling=Sampling())
+    for bad, says in [(dict(min_tokens=5), r"Request.min_tokens must be an integer in 0 \.\. max_tokens \(4\)"),
+                      (dict(stop_ids=[5]), "Request.stop_ids must be a tuple"),
+                      (dict(stop_ids=(97,)), "Request.stop_ids must be a tuple"),
+                      (dict(ignore_eos=1), "Request.ignore_eos must be True or False"),
+                      (dict(skip_special=None), "Request.skip_special must be True or False")]:
+        with pytest.raises(ValueError, match=says):
+            eng.check(Request(**ok, **bad))
+    eng.check(Request(**ok, min_tokens=4, stop_ids=(5, 96), ignore_eos=True, include_stop=True, skip_special=False))
+
+
+def test_top_k_minus_one_is_no_limit(setup):
+    """vLLM's clients sent top_k -1 for "no limit" (vLLM's old default): taken as 0, the same
+    seeded answer; -2 is still a 400 naming the field."""
+    server = setup[0]
+    body = {"prompt": [1, 2, 3], "max_tokens": 6, "temperature": 1.0, "seed": 5}
+    a = _post(server, "/v1/completions", {**body, "top_k": -1})
+    b = _post(server, "/v1/completions", body)
+    assert a[0] == 200 and a[1]["choices"][0]["text"] == b[1]["choices"][0]["text"]
+    status, err = _post(server, "/v1/completions", {**body, "top_k": -2})
+    assert status == 400 and "'top_k'" in err["error"]["message"]
