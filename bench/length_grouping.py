@@ -1,21 +1,24 @@
 #!/usr/bin/env python
-"""Training on data of mixed lengths with and without length-grouped batches.
+"""Training on data of mixed lengths: plain batches, length-grouped batches, packed rows.
 
     python bench/length_grouping.py                    # SmolLM2-135M, CPU, 64 examples, one epoch (8 steps) each
     python bench/length_grouping.py --model DIR --device cuda --steps 20 --batch 16
 
 Records are ``{"text"}`` of lengths drawn (seeded) from a log-normal with a
 median of ``--median`` words, clipped to the sequence length: the spread of
-instruction data. The same records train the same adapter (ffba, r 16) twice
-through flora.train.train, once in the plain seeded order and once with
-``group_by_length``, alternating ``--rounds`` times. Reported per setting: the
-padded share of the tokens the steps computed (counted from the batch order,
-flora.train.epoch_order, over the steps that ran), and the real (non-padding)
-tokens per second (TrainResult.tokens_per_s, the median over rounds).
+instruction data. The same records train the same adapter (ffba, r 16)
+through flora.train.train in the plain seeded order, with ``group_by_length``
+and with ``pack`` (rows of up to ``--seq-len`` tokens, ``--pack-batch`` rows a
+step, one epoch of rows: every example once), the settings alternated
+``--rounds`` times. Reported per setting: the padded share of the tokens the
+steps computed (counted from the batch order, flora.train.epoch_order, over
+the steps that ran), and the real (non-padding) tokens per second
+(TrainResult.tokens_per_s, the median over rounds).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -24,7 +27,7 @@ import statistics
 import torch
 
 from flora import AdapterConfig, FusedLlama
-from flora.data import TokenizedDataset
+from flora.data import TokenizedDataset, pack_rows
 from flora.pretrained import load_tokenizer, smollm2_path
 from flora.train import TrainConfig, epoch_order, train
 
@@ -39,9 +42,12 @@ def make_records(n: int, median: int, seed: int) -> list:
 
 
 def padded_share(ds, cfg, steps: int) -> float:
-    """Padding / computed tokens over the first ``steps`` steps (one process, one micro-batch)."""
+    """Padding / computed tokens over the first ``steps`` steps (one process, one
+    micro-batch); with ``cfg.pack`` a batch's units are packed rows."""
     lengths = [len(it["input_ids"]) for it in ds]
-    order = epoch_order(len(ds), cfg.seed, 0, lengths if cfg.group_by_length else None, cfg.batch_size)
+    if cfg.pack:
+        lengths = [sum(lengths[i] for i in r) for r in pack_rows(lengths, cfg.seq_len)]
+    order = epoch_order(len(lengths), cfg.seed, 0, lengths if cfg.group_by_length else None, cfg.batch_size)
     real = pad = 0
     for s in range(steps):
         b = [lengths[i] for i in order[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
@@ -58,6 +64,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="default: one epoch")
+    p.add_argument("--pack-batch", type=int, default=2, help="packed rows a step")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -69,25 +76,32 @@ def main(argv=None):
     ds = TokenizedDataset(make_records(args.n, args.median, 0), tok, args.seq_len)
     lengths = sorted(len(it["input_ids"]) for it in ds)
     print(f"{len(ds)} examples, tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
-    rows = {False: [], True: []}
+    n_rows = len(pack_rows([len(it["input_ids"]) for it in ds], args.seq_len))
+    settings = {  # name: (label, TrainConfig)
+        "plain": ("plain shuffle", TrainConfig(max_steps=args.steps, batch_size=args.batch)),
+        "grouped": ("grouped by length", TrainConfig(max_steps=args.steps, batch_size=args.batch,
+                                                     group_by_length=True)),
+        "packed": (f"packed, {args.pack_batch} rows a step", TrainConfig(
+            max_steps=max(1, n_rows // args.pack_batch), batch_size=args.pack_batch, pack=True))}
+    tps = {k: [] for k in settings}
     for _ in range(args.rounds):
-        for group in (False, True):
+        for name, (_, c) in settings.items():
             torch.manual_seed(0)
             model = FusedLlama.from_pretrained(path, adapter=AdapterConfig("ffba", 16), device=dev)
-            cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, progress=False,
-                              group_by_length=group, bf16=dev.type == "cuda")
-            rows[group].append(train(model, tok, ds, config=cfg).tokens_per_s)
+            cfg = dataclasses.replace(c, seq_len=args.seq_len, progress=False, bf16=dev.type == "cuda")
+            tps[name].append(train(model, tok, ds, config=cfg).tokens_per_s)
     out = {"device": str(dev), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "model": str(path), "n": len(ds), "batch": args.batch,
-           "steps": args.steps, "rounds": args.rounds, "rows": {}}
-    print("| batches | padded share | real tokens/s (median) | x plain |")
-    print("|---|---:|---:|---:|")
-    plain = statistics.median(rows[False])
-    for group in (False, True):
-        cfg = TrainConfig(batch_size=args.batch, group_by_length=group)
-        share, tps = padded_share(ds, cfg, args.steps), statistics.median(rows[group])
-        out["rows"]["grouped" if group else "plain"] = {"padded_share": share, "tokens_per_s": rows[group]}
-        print(f"| {'grouped by length' if group else 'plain shuffle'} | {share:.1%} | {tps:,.0f} | {tps / plain:.2f} |")
+           "steps": args.steps, "pack_batch": args.pack_batch, "packed_rows": n_rows, "rounds": args.rounds,
+           "rows": {}}
+    print("| batches | steps | padded share | real tokens/s (median) | x plain |")
+    print("|---|---:|---:|---:|---:|")
+    plain = statistics.median(tps["plain"])
+    for name, (label, c) in settings.items():
+        share = padded_share(ds, dataclasses.replace(c, seq_len=args.seq_len), c.max_steps)
+        med = statistics.median(tps[name])
+        out["rows"][name] = {"padded_share": share, "tokens_per_s": tps[name], "steps": c.max_steps}
+        print(f"| {label} | {c.max_steps} | {share:.1%} | {med:,.0f} | {med / plain:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -1,4 +1,5 @@
-"""Fine-tuning data: JSONL records -> token ids with completion-only labels -> padded batches.
+"""Fine-tuning data: JSONL records -> token ids with completion-only labels -> padded
+(or packed) batches.
 
 Records are ``{"prompt": str, "completion": str}`` (loss on the completion and
 the EOS token only), ``{"text": str}`` (loss on every token) or
@@ -9,6 +10,7 @@ the transformers convention: aligned with ``input_ids`` (the model shifts),
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import warnings
@@ -283,6 +285,62 @@ def collate(items, pad_id: int, pad_to_multiple_of: int = 1) -> dict:
         labels[i, :k] = torch.tensor(it["labels"])
         mask[i, :k] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_rows(lengths: list, seq_len: int) -> list[list[int]]:
+    """Example indices per packed row of at most ``seq_len`` tokens: best-fit
+    decreasing (the longest example first, each into the fullest row it fits,
+    else a new row), a pure function of ``lengths``. Each row's examples in
+    index order, the rows in the order of their first example."""
+    free, rows = [], []  # free: sorted (space left, row index) of rows that can take more
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if not 1 <= n <= seq_len:
+            raise ValueError(f"example {i} has {n} tokens; packing takes 1 to seq_len={seq_len}")
+        k = bisect.bisect_left(free, (n, -1))  # the smallest space that holds it
+        if k == len(free):
+            rows.append([i])
+            space, r = seq_len - n, len(rows) - 1
+        else:
+            space, r = free.pop(k)
+            rows[r].append(i)
+            space -= n
+        if space:
+            bisect.insort(free, (space, r))
+    return sorted(sorted(r) for r in rows)
+
+
+def collate_packed(rows: list, pad_id: int) -> dict:
+    """Packed rows (each a list of tokenized items, laid one after another) as a
+    batch the model runs as the items apart: ``input_ids``, ``labels`` and
+    ``position_ids`` [B, T] (T the longest row), positions restarting at 0 at
+    each item (transformers' packed form: no attention mask; the model masks
+    the other items' keys, flora.layers.packed_mask). Labels as the items'
+    own, and -100 at each item's first token, so no target crosses from one
+    item into the next. A shorter row's padding is a sequence of its own
+    (positions 0, 1, ...; labels -100) that no item reads. ``row_tokens`` [B]:
+    each row's real (non-padding) tokens."""
+    n = max(sum(len(it["input_ids"]) for it in row) for row in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), n), dtype=torch.long)
+    real = torch.zeros(len(rows), dtype=torch.long)
+    for r, row in enumerate(rows):
+        t = 0
+        for it in row:
+            k = len(it["input_ids"])
+            ids[r, t:t + k] = torch.tensor(it["input_ids"])
+            labels[r, t + 1:t + k] = torch.tensor(it["labels"][1:])
+            pos[r, t:t + k] = torch.arange(k)
+            t += k
+        pos[r, t:] = torch.arange(n - t)
+        real[r] = t
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "row_tokens": real}
+
+
+def count_input_tokens(batch: dict) -> int:
+    """A batch's real (non-padding) tokens, from :func:`collate` or :func:`collate_packed`."""
+    return int(batch["row_tokens"].sum() if "row_tokens" in batch else batch["attention_mask"].sum())
 
 
 def count_target_tokens(labels: torch.Tensor) -> int:

@@ -107,6 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="stop after N evaluations without a lower eval loss (needs --eval, --eval-every)")
     p.add_argument("--group-by-length", action="store_true",
                    help="batches of examples of similar length (less padding; the order stays seeded)")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several examples into each row of up to --seq-len tokens (no padding), each "
+                        "attending only within itself; --batch-size then counts rows")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast (auto: on CUDA only)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -160,6 +163,9 @@ def _make_dirs(path: Path) -> list[Path]:
 def run_args(args) -> dict:
     from .config import AdapterConfig
 
+    if args.pack and args.group_by_length:
+        raise ValueError("--pack fills each row to --seq-len already: --group-by-length has nothing to group; "
+                         "pass one of them")
     device = resolve_device(args.device, auto=False)
     out = Path(args.out)
     for p in (out, out / "adapter", out / "checkpoint"):  # fail now, not after training
@@ -173,7 +179,7 @@ def run_args(args) -> dict:
                       weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                       lr_schedule=args.lr_schedule, bf16={"auto": "auto", "on": True, "off": False}[args.bf16],
                       progress=not args.no_progress, allow_schedule_change=args.allow_schedule_change,
-                      group_by_length=args.group_by_length, save_best=args.save_best,
+                      group_by_length=args.group_by_length, pack=args.pack, save_best=args.save_best,
                       early_stop=args.early_stop).validate()
     if (cfg.save_best or cfg.early_stop) and args.eval is None:  # before anything loads
         raise ValueError(f"{'--save-best' if cfg.save_best else '--early-stop'} needs --eval (it compares eval losses)")

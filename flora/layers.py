@@ -200,6 +200,28 @@ def prompt_mask(key_valid: Tensor, end_padding_unread: bool = False) -> Optional
     return None if causal_prompt(key_valid, end_padding_unread) else slot_mask(key_valid)
 
 
+def packed_documents(position_ids: Tensor) -> Tensor:
+    """[B, T] index of the sequence each slot belongs to in rows of several
+    sequences packed together (transformers' rule, ``find_packed_sequence_indices``):
+    a position that does not follow the one before by 1 starts the next sequence."""
+    first = position_ids[:, :1] - 1  # the first slot starts sequence 0 whatever its position
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def packed_mask(position_ids: Tensor) -> Optional[Tensor]:
+    """Boolean SDPA mask [B, 1, T, T] for packed rows (:func:`packed_documents`):
+    causal, each slot seeing only its own sequence's keys (block-diagonal), or
+    None when no row holds more than one sequence (plain causal attention,
+    :func:`attention`'s fast form). Under torch.compile always the mask (no
+    data-dependent branch)."""
+    docs = packed_documents(position_ids)
+    if not torch.compiler.is_compiling() and not bool(docs[:, -1].any()):
+        return None
+    slots = torch.arange(position_ids.shape[1], device=position_ids.device)
+    causal = slots[None, :] <= slots[:, None]  # [Tq, Tk]
+    return (causal[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+
+
 def attention_mask_4d(key_valid: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     """Boolean SDPA mask [B, 1, Tq, Tk]: causal over slots, padding keys hidden.
 

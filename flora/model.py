@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from . import adapter_io, nvtx, ops
 from .adapters import AdapterRegistry, describe
 from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, causal_lm_loss, check_id_dtype,
-                     check_token_ids, chunked_lm_loss, chunked_target_stats, positions_from_mask, prompt_mask,
-                     rope_cos_sin, rope_inv_freq)
+                     check_token_ids, chunked_lm_loss, chunked_target_stats, packed_mask, positions_from_mask,
+                     prompt_mask, rope_cos_sin, rope_inv_freq)
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
 from .config import ZFLORA_FAMILY, LlamaArch
 from .generation import generate
@@ -116,6 +116,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
     """
 
     chunked_loss = True
+    takes_packed_rows = True  # forward: position_ids restarting at 0 mark packed sequences (train pack=True)
 
     def __init__(self, arch: LlamaArch, sd: dict, adapter_config=None, adapter_dtype=None):
         super().__init__()
@@ -286,7 +287,11 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         the targets labels[:, 1:] instead of logits (evaluation without the
         [tokens, vocab] logits: flora.layers.chunked_target_stats).
         ``adapters``: one adapter name (None: the base model) per row, for a
-        model holding several (:meth:`stack_adapters`); inference only."""
+        model holding several (:meth:`stack_adapters`); inference only.
+        Packed rows (several sequences one after another in a row, ``flora
+        train --pack``): ``position_ids`` restarting at 0 at each sequence and
+        no ``attention_mask``, as transformers takes them; each sequence then
+        runs as if alone (its RoPE positions, attention within itself)."""
         if input_ids.dim() != 2 or not input_ids.numel():
             raise ValueError(f"input_ids must be [batch, seq] with batch, seq >= 1, got shape {list(input_ids.shape)}")
         check_id_dtype(input_ids, "input_ids")
@@ -319,8 +324,19 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         # training: the loss alone, the head run in chunks (no [tokens, vocab] logits held)
         loss_only = target_stats or (labels is not None and self.chunked_loss and self.training
                                      and torch.is_grad_enabled() and not _sharded(self.head))
+        if position_ids is not None:  # transformers' own are [1, T]: one row for the whole batch
+            if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != T or (
+                    position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
+                raise ValueError(f"position_ids shape {list(position_ids.shape)} does not fit input_ids "
+                                 f"shape {list(input_ids.shape)}; expected [{B}, {T}], [1, {T}] or [{T}]")
+            position_ids = position_ids.expand(B, T)
         if attention_mask is None:
-            key_valid, mask = torch.ones(B, T, dtype=torch.bool, device=dev), None
+            key_valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+            # packed rows (transformers' convention without an attention mask, as
+            # DataCollatorWithFlattening gives them): position_ids that restart begin the
+            # next sequence, which attends only within itself
+            mask = None if position_ids is None else packed_mask(position_ids)
+            mask = None if mask is None else mask.to(dev)
         else:
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids "
@@ -334,12 +350,6 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             mask = None if mask is None else mask.to(dev)
         if position_ids is None:
             position_ids = positions_from_mask(key_valid)
-        else:  # transformers' own are [1, T]: one row for the whole batch
-            if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != T or (
-                    position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
-                raise ValueError(f"position_ids shape {list(position_ids.shape)} does not fit input_ids "
-                                 f"shape {list(input_ids.shape)}; expected [{B}, {T}], [1, {T}] or [{T}]")
-            position_ids = position_ids.expand(B, T)
         if loss_only:
             n, carry = self.run_layers(input_ids, position_ids.to(dev), mask, head=False)
             if target_stats:

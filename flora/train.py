@@ -29,7 +29,8 @@ from typing import Callable, Optional
 import torch
 
 from . import train_state as ckpt
-from .data import TokenizedDataset, collate, count_target_tokens, pad_id_of
+from .data import (TokenizedDataset, collate, collate_packed, count_input_tokens, count_target_tokens, pack_rows,
+                   pad_id_of)
 from .evaluate import eval_stats, model_device
 
 
@@ -59,6 +60,9 @@ class TrainConfig:
     group_by_length: bool = False
     save_best: bool = False  # keep the adapter of the lowest eval loss in out_dir/best-adapter
     early_stop: int = 0  # stop after this many evaluations without a lower eval loss (0: never)
+    # rows of several examples up to seq_len tokens, each example attending only within itself
+    # (data.pack_rows, packed once: the rows, not the examples, are shuffled each epoch)
+    pack: bool = False
 
     def validate(self):
         for name in ("batch_size", "grad_accum", "seq_len", "epochs", "eval_batch_size"):
@@ -77,6 +81,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
         if not isinstance(self.group_by_length, bool):
             raise ValueError(f"TrainConfig.group_by_length must be True or False, got {self.group_by_length!r}")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"TrainConfig.pack must be True or False, got {self.pack!r}")
+        if self.pack and self.group_by_length:
+            raise ValueError("TrainConfig.pack fills rows to seq_len already: group_by_length has nothing "
+                             "to group; set one of them")
         if not isinstance(self.save_best, bool):
             raise ValueError(f"TrainConfig.save_best must be True or False, got {self.save_best!r}")
         if isinstance(self.early_stop, bool) or not isinstance(self.early_stop, int) or self.early_stop < 0:
@@ -254,6 +263,7 @@ def autocast_factory(cfg: TrainConfig, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")  # what a batch gives the model
 GROUP_BATCHES = 50  # global batches per length-sorted pool (transformers' LengthGroupedSampler: 50)
 
 
@@ -311,9 +321,16 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
         raise ValueError("save_best needs eval data, out_dir and a model with an adapter (save_adapter)")
     if cfg.early_stop and (eval_data is None or not cfg.eval_every):
         raise ValueError("early_stop needs eval data and eval_every > 0 (it counts evaluations)")
+    if cfg.pack and not getattr(model, "takes_packed_rows", False):
+        # transformers' Llama masks packed rows only without a KV cache (use_cache=False)
+        raise ValueError(f"pack=True needs a model that runs packed rows (flora.FusedLlama), "
+                         f"not {type(model).__name__}")
     train_ds = _as_dataset(train_data, tokenizer, cfg.seq_len)
     eval_ds = _as_dataset(eval_data, tokenizer, cfg.seq_len)
     pad_id = pad_id_of(tokenizer)
+    # what the epoch order shuffles: the examples, or the packed rows (example indices each)
+    packed = pack_rows([len(it["input_ids"]) for it in train_ds], cfg.seq_len) if cfg.pack else None
+    n_units = len(packed) if cfg.pack else len(train_ds)
 
     device = model_device(model)
     if world > 1 and torch.distributed.get_backend() == "nccl":  # one GPU per rank
@@ -344,11 +361,13 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
 
     micro_per_step = cfg.grad_accum * world
     global_batch = cfg.batch_size * micro_per_step
-    steps_per_epoch = len(train_ds) // global_batch
+    steps_per_epoch = n_units // global_batch
     if steps_per_epoch == 0:
         n = len(train_ds)
-        raise ValueError(f"{n} training example{'' if n == 1 else 's'} {'is' if n == 1 else 'are'} fewer than "
-                         f"one global batch "
+        what = f"{n} training example{'' if n == 1 else 's'} {'is' if n == 1 else 'are'}" if not cfg.pack else \
+            f"{n} training example{'' if n == 1 else 's'} pack into {n_units} row{'' if n_units == 1 else 's'} of " \
+            f"up to {cfg.seq_len} tokens,"
+        raise ValueError(f"{what} fewer than one global batch "
                          f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes "
                          f"= {global_batch})")
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -367,7 +386,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
         "bf16_autocast": autocast is not contextlib.nullcontext,
         "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps, "total_steps": total,
         # only when on: checkpoints written before the option resume unchanged
-        **({"group_by_length": True} if cfg.group_by_length else {})})
+        **({"group_by_length": True} if cfg.group_by_length else {}), **({"pack": True} if cfg.pack else {})})
     if resume:
         state = ckpt.load_checkpoint(out_dir, model, named, opt, fingerprint, rank=rank, world=world,
                                      allow_schedule_change=cfg.allow_schedule_change)
@@ -408,14 +427,16 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
             t0 = time.perf_counter()
             epoch, pos = divmod(step, steps_per_epoch)
             if order_epoch != epoch:
-                order, order_epoch = epoch_order(len(train_ds), cfg.seed, epoch, lengths, global_batch), epoch
+                order, order_epoch = epoch_order(n_units, cfg.seed, epoch, lengths, global_batch), epoch
             first_micro = pos * micro_per_step + rank * cfg.grad_accum
             micros = []
             for j in range(first_micro, first_micro + cfg.grad_accum):
                 ids = order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
-                micros.append({k: v.to(device) for k, v in collate([train_ds[i] for i in ids], pad_id).items()})
+                b = collate_packed([[train_ds[i] for i in packed[r]] for r in ids], pad_id) if cfg.pack \
+                    else collate([train_ds[i] for i in ids], pad_id)
+                micros.append({k: v.to(device) for k, v in b.items()})
             local_tgt = [count_target_tokens(b["labels"]) for b in micros]
-            local_inp = sum(int(b["attention_mask"].sum()) for b in micros)
+            local_inp = sum(count_input_tokens(b) for b in micros)
             global_tgt, global_inp = _all_reduce_sum([sum(local_tgt), local_inp], device)
             lr = cfg.lr_at(step, total)
             for g in opt.param_groups:
@@ -430,7 +451,7 @@ def train(model, tokenizer, train_data, eval_data=None, config: TrainConfig = No
                     ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
                     with autocast():
-                        out = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+                        out = net(**{k: b[k] for k in MODEL_INPUTS if k in b})
                     # mean loss of this micro-batch -> its share of the global token-weighted mean;
                     # x world because DDP averages gradients over ranks
                     w = local_tgt[j] / global_tgt * world

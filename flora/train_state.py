@@ -187,6 +187,9 @@ def load_checkpoint(out_dir, model, named, opt, fingerprint, *, rank=0, world=1,
                 "--allow-schedule-change)" if k in SCHEDULE else "")
         raise ValueError(f"cannot resume from {path}: {what} differs (checkpoint: {saved[k]!r}, "
                          f"this run: {v!r}); resume with the same data and settings{hint}")
+    for k in saved.keys() - fingerprint.keys():  # an option recorded only when on (pack, group_by_length)
+        raise ValueError(f"cannot resume from {path}: the checkpoint's run had {k}={saved[k]!r}, this run does "
+                         f"not; resume with the same data and settings")
     if changed and rank == 0:
         warnings.warn(f"resuming {path} with a changed lr schedule: {', '.join(changed)}", stacklevel=3)
     params = load_safetensors(str(path / "trainable.safetensors"))

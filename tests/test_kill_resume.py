@@ -75,6 +75,20 @@ def test_killed_training_resumes_bit_identical(setup, pause):
     assert sorted(os.listdir(out)) == ["adapter", "checkpoint", "train_log.json"]  # nothing left behind
 
 
+def test_killed_packed_training_resumes_bit_identical(setup):
+    """`flora train --pack`: the resumed run takes the same packed rows from the same
+    position (the checkpoint counts steps over the rows)."""
+    tmp, ckpt, argv = setup
+    argv = argv + ["--pack", "--batch-size", "2"]  # the last --batch-size counts
+    child(tmp, ["train", *argv, "--out", tmp / "pack-ref"])
+    child(tmp, ["train", *argv, "--out", tmp / "pack"], pause="step:3")
+    child(tmp, ["train", *argv, "--out", tmp / "pack", "--resume"])
+    ref_loss, ref_sd = result(ckpt, tmp / "pack-ref")
+    loss, sd = result(ckpt, tmp / "pack")
+    assert loss == ref_loss and len(loss) == 6
+    assert all(torch.equal(sd[k], ref_sd[k]) for k in ref_sd)
+
+
 @pytest.mark.parametrize("pause", ["adapter-write", "adapter-rename"])
 def test_killed_adapter_save_loses_nothing(setup, pause):
     tmp, ckpt, _ = setup

@@ -433,6 +433,7 @@ def test_bench_length_grouping_counts_the_padding(ckpt, tmp_path):
              "--steps", "3", "--rounds", "1", "--json", str(tmp_path / "g.json")])
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert rows["grouped"]["padded_share"] < rows["plain"]["padded_share"]
+    assert rows["packed"]["padded_share"] < rows["grouped"]["padded_share"]
     # the count, by hand: the plain order's first 3 batches of 4
     from flora.data import load_tokenizer
     from flora.train import TrainConfig, epoch_order
