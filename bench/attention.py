@@ -16,6 +16,12 @@ memory. Rows per shape, batch, length and padding:
 * ``mask+gqa``: the former call (additive mask, ``enable_gqa``);
 * ``x`` = flora / mask+gqa, medians of the same process, the two interleaved.
 
+``--packed K``: also rows of K sequences packed one after another (``flora
+train --pack``): ``flora`` is then the model's call with ``packed_mask`` (causal
+within each sequence: a mask, so the memory-efficient kernel on CUDA), against
+``causal`` over the whole row (flash, the boundaries ignored: what the same
+tokens cost without the mask).
+
 ``--decode``: a decode step's attention instead (one query row per sequence
 over a KV-cache window of ``--context`` keys, the decoder's additive mask),
 ``flora.ops.decode_attention`` as the model calls it (default dispatch),
@@ -64,7 +70,8 @@ from flora import _ext, ops
 from flora.bench.latency import copy_bandwidth
 from flora.bench.report import publish, title
 from flora.bench.timing import Timer, cuda_kernels
-from flora.layers import additive_mask, attention, prompt_mask, slot_mask, written_out_decode_attention
+from flora.layers import (additive_mask, attention, packed_mask, prompt_mask, slot_mask,
+                          written_out_decode_attention)
 
 SHAPES = {  # query heads, kv heads, head dim
     "smollm2": (9, 3, 64), "1b": (32, 8, 64), "3b": (24, 8, 128), "8b": (32, 8, 128),
@@ -122,7 +129,16 @@ def peak_mib(fn, device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def case(shape, B, T, padded, dtype, device, backward, reps):
+def packed_positions(B: int, T: int, k: int, device) -> torch.Tensor:
+    """[B, T] positions of k sequences of near-equal length packed into each row."""
+    lengths = [T // k + (i < T % k) for i in range(k)]
+    row = torch.cat([torch.arange(n) for n in lengths])
+    return row.expand(B, T).to(device)
+
+
+def case(shape, B, T, padded, dtype, device, backward, reps, packed=0):
+    """``padded``: one row left-padded by a quarter; ``packed`` k > 0: rows of k sequences
+    (then ``padded`` is False), flora's packed call against causal over the row."""
     nh, nkv, hd = SHAPES[shape]
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_(backward)
@@ -134,7 +150,13 @@ def case(shape, B, T, padded, dtype, device, backward, reps):
     flops = 4 * B * nh * T * T * hd / 2 * (3.5 if backward else 1.0)
     rows = []
     fns = {}
-    for name, form in (("flora", flora_form), ("mask+gqa", former)):
+    forms = (("flora", flora_form), ("mask+gqa", former))
+    if packed:
+        pmask = additive_mask(packed_mask(packed_positions(B, T, packed, device)), dtype)
+        forms = (("flora", lambda q, k, v, _: attention(q, k, v, pmask)),
+                 ("causal", lambda q, k, v, _: attention(q, k, v, None)))
+        flops /= packed  # each sequence's causal half only
+    for name, form in forms:
         if backward:
             def fn(form=form):
                 form(q, k, v, key_valid).backward(grad)
@@ -153,7 +175,7 @@ def case(shape, B, T, padded, dtype, device, backward, reps):
                 torch.cuda.empty_cache()
     for n, fn in fns.items():
         t = statistics.median(times[n])
-        row = dict(shape=shape, batch=B, seq=T, padded=padded, dtype=str(dtype).replace("torch.", ""),
+        row = dict(shape=shape, batch=B, seq=T, padded=padded, packed=packed, dtype=str(dtype).replace("torch.", ""),
                    backward=backward, form=n, ms=t * 1e3, tflops=flops / t / 1e12)
         if device.type == "cuda":
             row["kernel"] = kernel_of(fn)
@@ -165,11 +187,12 @@ def case(shape, B, T, padded, dtype, device, backward, reps):
 
 def markdown(rows, device) -> str:
     cuda = device.type == "cuda"
-    head = "| shape | batch | T | padded | pass | form | ms | TFLOP/s | x former |" + (" kernel | peak MiB |" if cuda else "")
+    head = "| shape | batch | T | padded | pass | form | ms | TFLOP/s | x the second |" + (" kernel | peak MiB |" if cuda else "")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         x = f"{r['x']:.3f}" if "x" in r else ""
-        line = (f"| {r['shape']} | {r['batch']} | {r['seq']} | {'yes' if r['padded'] else 'no'} | "
+        pad = f"packed {r['packed']}" if r.get("packed") else "yes" if r["padded"] else "no"
+        line = (f"| {r['shape']} | {r['batch']} | {r['seq']} | {pad} | "
                 f"{'fwd+bwd' if r['backward'] else 'fwd'} | {r['form']} | {r['ms']:.3f} | {r['tflops']:.3g} | {x} |")
         if cuda:
             line += f" {r['kernel']} | {r['peak_mib']:.0f} |"
@@ -320,6 +343,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-backward", action="store_true", help="forward only (default: forward, then forward + backward)")
     p.add_argument("--no-padded", action="store_true", help="only prompts without padding")
+    p.add_argument("--packed", type=int, default=0, metavar="K",
+                   help="also rows of K sequences packed (flora train --pack) against causal over the row")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode", action="store_true", help="a decode step's attention (see the module doc)")
     p.add_argument("--context", nargs="+", type=int, default=[640, 4096, 32768], help="--decode: window lengths")
@@ -363,6 +388,9 @@ def main(argv=None):
                 for padded in (False,) if a.no_padded else (False, True):
                     for bwd in (False,) if a.no_backward else (False, True):
                         rows += case(shape, B, T, padded, dtype, device, bwd, a.reps)
+                if a.packed:
+                    for bwd in (False,) if a.no_backward else (False, True):
+                        rows += case(shape, B, T, False, dtype, device, bwd, a.reps, a.packed)
     publish(title(device, cmd.strip()) + "\n\n" + markdown(rows, device), {"command": cmd.strip(), "rows": rows},
             a.md, a.json)
 

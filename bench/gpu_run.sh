@@ -43,6 +43,7 @@
 #                in fp32) on a random-weight Llama; base, ffba, zflora; then the same in bf16
 #                on the real SmolLM2 (its first blocks) when .device carries it. 57 s.
 #   attention    bench/attention.py --device cuda: prompt / training attention (1B heads, bf16,
+#                packed rows of 4 sequences too,
 #                batch 1 and 8, T 512 and 2048, with and without padding, fwd and fwd+bwd) as
 #                flora calls SDPA against its former call, which ran SDPA's math kernel; the
 #                SDPA kernel each takes and its peak memory. ~20-30 s (estimate).
@@ -724,7 +725,8 @@ stage_attention() {
   need_ext
   local rc=0 prompt decode
   # shellcheck disable=SC2086  # ATTENTION_ARGS is meant to split into words
-  run "$PY" bench/attention.py --device cuda --shapes 1b --batch 1 8 --seq 512 2048 \
+  # (--packed 4: flora train --pack's masked rows against causal over the row: which kernel, what cost)
+  run "$PY" bench/attention.py --device cuda --shapes 1b --batch 1 8 --seq 512 2048 --packed 4 \
     --json "$OUT/attention.json" --md "$OUT/attention.md" ${ATTENTION_ARGS:-} || rc=$?
   # decode: flora's split-key kernel (forced) against the grouped SDPA call, 1B / 3B heads
   # shellcheck disable=SC2086  # DECODE_ATTENTION_ARGS is meant to split into words

@@ -166,6 +166,31 @@ def test_attention_bench_compares_the_two_forms(tmp_path, capsys):
     assert "| smollm2 | 1 | 32 | yes | fwd+bwd | flora |" in capsys.readouterr().out
 
 
+def test_attention_bench_packed_rows(tmp_path, capsys):
+    """bench/attention.py --packed: the packed call's output is each sequence's causal
+    attention alone (the reference: one call per sequence); rows for both forms."""
+    import json
+
+    from _bench_scripts import load_bench_script
+
+    from flora.layers import additive_mask, attention, packed_mask
+
+    ab = load_bench_script("attention")
+    pos = ab.packed_positions(2, 19, 3, "cpu")
+    assert pos[0].tolist() == list(range(7)) + list(range(6)) + list(range(6))
+    q, k, v = operands(2, 19, 6, 2, torch.float32, "cpu")
+    got = attention(q, k, v, additive_mask(packed_mask(pos), q.dtype)).view(2, 19, -1)
+    for a, b in ((0, 7), (7, 13), (13, 19)):
+        alone = attention(q[:, a:b], k[:, :, a:b], v[:, :, a:b], None).view(2, b - a, -1)
+        assert torch.allclose(got[:, a:b], alone, atol=1e-6)
+    out = tmp_path / "a.json"
+    ab.main(["--device", "cpu", "--shapes", "smollm2", "--batch", "1", "--seq", "32", "--reps", "1",
+             "--no-padded", "--packed", "4", "--json", str(out)])
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["packed"]]
+    assert len(rows) == 4 and {r["form"] for r in rows} == {"flora", "causal"}
+    assert "| smollm2 | 1 | 32 | packed 4 | fwd | flora |" in capsys.readouterr().out
+
+
 def test_end_padded_training_batch_runs_causal(monkeypatch):
     """flora's training batches are padded at their end, labels -100 there: the loss
     runs causal attention (no mask), exact at every real position, the masked form's
