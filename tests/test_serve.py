@@ -1536,6 +1536,12 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
                 "--long-after", "0.05", "--long-max-tokens", "2", "--json", str(tmp_path / "long.json")])
     r = json.loads((tmp_path / "long.json").read_text())
     assert r["long_prompt_tokens"] == 30 and 0 < r["long_ttft_s"] <= r["long_latency_s"] < r["seconds"]
+    for plain in (False, True):  # short requests and a long one at once: one join
+        bench.main(["--model", str(ckpt), "--burst", "30", "--clients", "2", "--rounds", "1", "--max-tokens", "3",
+                    "--long-max-tokens", "2", "--json", str(tmp_path / "burst.json")] + ["--burst-plain"] * plain)
+        r = json.loads((tmp_path / "burst.json").read_text())
+        assert r["admits"] == [1] and r["long_prompt_tokens"] == 30
+        assert 0 < r["short_ttft_p50_s"] <= r["short_ttft_max_s"] < r["seconds"] and 0 < r["long_ttft_s"] < r["seconds"]
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
