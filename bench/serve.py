@@ -9,6 +9,7 @@
     python bench/serve.py --scoring 64                    # lm-eval-harness's loglikelihood requests
     python bench/serve.py --scoring 2 --scoring-words 1000 --scoring-warm --clients 8   # long contexts kept
     python bench/serve.py --long-prompt 600 --clients 6 --max-tokens 64   # a long prompt joins short chats
+    python bench/serve.py --burst 600 --clients 7 --rounds 3     # short chats arriving with a long prompt
 
 The server (flora.serve, in this process, on a free port) serves the base
 model; each client thread sends ``--requests`` chat completions (greedy,
@@ -64,6 +65,19 @@ its first token and its latency, the short requests' median latency, and the
 wall time of the whole load. A prompt longer than the running batch's slot
 joins it (the slot moves on) where every row's answer still fits; before that
 change it waited for the batch to drain, and the requests behind it too.
+
+``--burst T`` measures short prompts arriving together with a long one: on an
+idle server, ``--clients`` threads (the first count) each stream one short chat
+(``--max-tokens``) and one more a completion of the T-token prompt
+(``--long-max-tokens``), all sent at once and joining in one admit (the server
+waits 50 ms for them, ``--batch-wait-ms``'s 5 being too short for threads
+started on a busy machine; ``admits`` counts the joins, 1 when they were one),
+``--rounds`` times (the chats share the chat template's start, computed once;
+``--burst-plain``: the short ones completions of the questions, sharing nothing).
+Reported, medians over the rounds: the short requests' median
+and slowest time to first token, the long one's, and the wall time of the load.
+A join prefilled as one forward padded every short prompt to the long one's
+length; prefilled in groups of like length, it does not.
 """
 from __future__ import annotations
 
@@ -236,27 +250,38 @@ def scoring(url: str, tok, clients: int, requests: int, per_request: int = 4, di
             "prompts_per_s": done[0] / wall}
 
 
+def long_ids(tok, tokens: int) -> list:
+    """A ``tokens``-token prompt: the system prompt's words over again, as token ids."""
+    words = SYSTEM.split()
+    return tok(" ".join(words * (1 + 2 * tokens // len(words))), add_special_tokens=False).input_ids[:tokens]
+
+
+def stream(url: str, path: str, body: dict, t0: Optional[float] = None) -> tuple:
+    """A streamed request: (seconds to its first chunk, seconds to its end) from ``t0``
+    (a perf_counter time; default: when it is sent)."""
+    req = urllib.request.Request(url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0, first = time.perf_counter() if t0 is None else t0, None
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b"data: ") and first is None:
+                first = time.perf_counter() - t0
+    return first, time.perf_counter() - t0
+
+
 def long_prompt(url: str, tok, clients: int, requests: int, max_tokens: int, tokens: int, after: float,
                 long_max_tokens: int) -> dict:
     """Short chats from ``clients`` threads and, ``after`` seconds in, one streamed completion
     of a ``tokens``-token prompt: its time to first token and latency, the short requests'
     median latency, the load's wall time."""
-    words = SYSTEM.split()
-    ids = tok(" ".join(words * (1 + 2 * tokens // len(words))), add_special_tokens=False).input_ids[:tokens]
+    ids = long_ids(tok, tokens)
     lat, got, lock = [], {}, threading.Lock()
 
     def client(c: int) -> None:
         if c == clients:  # the long one
             time.sleep(after)
-            body = {"model": "base", "prompt": ids, "max_tokens": long_max_tokens, "temperature": 0, "stream": True}
-            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-            t0 = time.perf_counter()
-            with urllib.request.urlopen(req, timeout=600) as r:
-                for line in r:
-                    if line.startswith(b"data: ") and "ttft_s" not in got:
-                        got["ttft_s"] = time.perf_counter() - t0
-            got["latency_s"] = time.perf_counter() - t0
+            got["ttft_s"], got["latency_s"] = stream(url, "/v1/completions", {
+                "model": "base", "prompt": ids, "max_tokens": long_max_tokens, "temperature": 0})
             return
         for i in range(requests):
             q = QUESTIONS[(c * requests + i) % len(QUESTIONS)]
@@ -269,6 +294,34 @@ def long_prompt(url: str, tok, clients: int, requests: int, max_tokens: int, tok
     wall = run_clients(client, clients + 1)
     return {"clients": clients, "long_prompt_tokens": len(ids), "long_ttft_s": got["ttft_s"],
             "long_latency_s": got["latency_s"], "short_latency_p50_s": statistics.median(lat), "seconds": wall}
+
+
+def burst(url: str, engine, tok, clients: int, max_tokens: int, tokens: int, long_max_tokens: int,
+          plain: bool = False) -> dict:
+    """``clients`` short chats (``plain``: completions of the questions, no chat template) and
+    one ``tokens``-token prompt, streamed, sent at once to an idle server: each one's time to
+    first token (from the burst's start: a thread started late counts its wait), the load's
+    wall time, the joins they took."""
+    ids, short, got = long_ids(tok, tokens), [], {}
+
+    def client(c: int) -> None:
+        if c == clients:
+            got["ttft_s"] = stream(url, "/v1/completions", {"model": "base", "prompt": ids,
+                                                            "max_tokens": long_max_tokens, "temperature": 0}, t0)[0]
+        elif plain:
+            short.append(stream(url, "/v1/completions", {"model": "base", "prompt": QUESTIONS[c % len(QUESTIONS)],
+                                                         "max_tokens": max_tokens, "temperature": 0}, t0)[0])
+        else:
+            short.append(stream(url, "/v1/chat/completions", {
+                "messages": [{"role": "user", "content": QUESTIONS[c % len(QUESTIONS)]}],
+                "max_tokens": max_tokens, "temperature": 0}, t0)[0])
+
+    while engine.busy:
+        time.sleep(0.01)
+    b0, t0 = engine.batches, time.perf_counter()
+    wall = run_clients(client, clients + 1)
+    return {"short_ttft_p50_s": statistics.median(short), "short_ttft_max_s": max(short),
+            "long_ttft_s": got["ttft_s"], "seconds": wall, "admits": engine.batches - b0}
 
 
 def prefix_bench(model, tok, args) -> dict:
@@ -323,7 +376,8 @@ def main(argv=None):
                         "holds (see above)")
     p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS",
                    help="--conversations, --scoring: its capacity")
-    p.add_argument("--rounds", type=int, default=3, help="--conversation: conversations on each server")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--conversation: conversations on each server; --burst: bursts")
     p.add_argument("--system", default=SYSTEM, help="--conversation: the system prompt (default: ~600 tokens)")
     p.add_argument("--scoring", type=int, default=0, metavar="R",
                    help="lm-eval-harness loglikelihood requests a client (see above)")
@@ -343,7 +397,12 @@ def main(argv=None):
     p.add_argument("--long-prompt", type=int, default=0, metavar="T",
                    help="a T-token prompt arriving while short chats generate (see above)")
     p.add_argument("--long-after", type=float, default=2.0, metavar="S", help="--long-prompt: when it is sent")
-    p.add_argument("--long-max-tokens", type=int, default=16, metavar="N", help="--long-prompt: its max_tokens")
+    p.add_argument("--long-max-tokens", type=int, default=16, metavar="N",
+                   help="--long-prompt, --burst: the long prompt's max_tokens")
+    p.add_argument("--burst", type=int, default=0, metavar="T",
+                   help="short chats and a T-token prompt sent at once (see above)")
+    p.add_argument("--burst-plain", action="store_true",
+                   help="--burst: the short requests as completions of the questions (no chat template)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     path = args.model or smollm2_path()
@@ -372,6 +431,25 @@ def main(argv=None):
         if not 1 <= args.conversation <= len(QUESTIONS):
             p.error(f"--conversation must be in 1 .. {len(QUESTIONS)}")
         save(args, dev, path, prefix_bench(model, load_tokenizer(path), args))
+        return
+    if args.burst:
+        # 50 ms for the burst's threads to reach the server (one admit: `admits`)
+        engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=0, wait_s=0.05)
+        srv = serve(engine, port=0)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        burst(url, engine, engine.tok, args.clients[0], 4, min(64, args.burst), 4)  # warm-up
+        runs = [burst(url, engine, engine.tok, args.clients[0], args.max_tokens, args.burst, args.long_max_tokens,
+                      args.burst_plain) for _ in range(args.rounds)]
+        srv.shutdown()
+        r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+        r.update(clients=args.clients[0], long_prompt_tokens=args.burst, rounds=args.rounds, plain=args.burst_plain,
+                 admits=[x["admits"] for x in runs])
+        print("| clients | long prompt tokens | short: first token p50 s | short: first token max s | "
+              "long: first token s | seconds | admits |\n|---:|---:|---:|---:|---:|---:|---|")
+        print(f"| {r['clients']} | {r['long_prompt_tokens']} | {r['short_ttft_p50_s']:.2f} | "
+              f"{r['short_ttft_max_s']:.2f} | {r['long_ttft_s']:.2f} | {r['seconds']:.2f} | {r['admits']} |")
+        save(args, dev, path, r)
         return
     engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=args.prefix_cache)
     if args.long_prompt:

@@ -318,6 +318,40 @@ def admit_span(prompts: list, reused: Optional[list] = None) -> int:
     return max(len(p) - (r[1] if r else 0) for p, r in zip(prompts, reused))
 
 
+# A prefill forward's fixed cost (the weights streamed once; on a GPU, its launches) in the tokens a row
+# computes: SmolLM2-135M on the 2-core CPU, batch 1 (bench/RESULTS.md): a 1-token forward 17.2 ms, a
+# 256-token one 348 ms (1.30 ms a token past the first): 17.2 / 1.30 = 13 tokens' work for the forward itself
+ADMIT_FORWARD_TOKENS = 13
+
+
+def admit_groups(prompts: list, reused: Optional[list] = None, keys: Optional[list] = None) -> list:
+    """Rows joining together split into groups of like length, one :meth:`Decoder.admit`
+    each, so that a short prompt beside a long one does not compute the long one's length
+    in padding. A group costs ADMIT_FORWARD_TOKENS plus its distinct prompts times its
+    :func:`admit_span`; the split is the cheapest (then the fewest groups): groups of
+    consecutive rows in order of their span, by dynamic programming. ``keys``: each row's
+    prompt as Decoder.admit tells equal ones apart (prefilled once: one row, one group;
+    default the prompt). Returns the groups' row indices, each in order, shortest first."""
+    reused = reused or [None] * len(prompts)
+    keys = keys or [tuple(p) for p in prompts]
+    units: dict = {}  # a distinct prompt's rows
+    for i, k in enumerate(keys):
+        units.setdefault(k, []).append(i)
+    order = sorted(units.values(), key=lambda u: admit_span([prompts[u[0]]], [reused[u[0]]]))
+    need = [admit_span([prompts[u[0]]], [reused[u[0]]]) for u in order]
+    best, cut = [(0, 0)] + [None] * len(order), [0] * (len(order) + 1)  # best[i]: (cost, forwards) of order[:i]
+    for i in range(1, len(order) + 1):
+        for j in range(i):  # the last group: order[j:i], its span need[i - 1]
+            c = (best[j][0] + ADMIT_FORWARD_TOKENS + (i - j) * need[i - 1], best[j][1] + 1)
+            if best[i] is None or c < best[i]:
+                best[i], cut[i] = c, j
+    groups, i = [], len(order)
+    while i:
+        groups.append(sorted(x for u in order[cut[i]:i] for x in u))
+        i = cut[i]
+    return groups[::-1]
+
+
 def kv_slots(kv, n: int) -> Tensor:
     """Keys and values [layers, 2, kv_heads, >= n, head_dim] of at least the first n
     slots of ``kv``: that tensor, or a list of such holding consecutive slots (the

@@ -814,8 +814,8 @@ class Engine:
 
     def _admit(self, waiting: list) -> list:
         """Requests joining the batch (in arrival order, while each fits), prefilled
-        together; the rest, still waiting."""
-        from .generation import admit_span
+        in groups of like length (generation.admit_groups); the rest, still waiting."""
+        from .generation import admit_groups, admit_span
 
         if not waiting:
             return waiting
@@ -860,50 +860,62 @@ class Engine:
         self.batches += 1
         reused = [self.prefix and self.prefix.lookup(r.model, r.prompt) for r in join]
         lead = self._leads(join, reused)
-        logits, span, copy = [None] * len(join), [0] * len(join), [False] * len(join)
+        # equal prompts (Decoder.admit's key): one computed, the others' rows copies of its
+        keys = [(tuple(r.prompt), self.names[r.model] if self.mixed else None) for r in join]
+        # the prefills, a group of like length each (a short prompt computes no long one's padding): of the
+        # rows that compute their prompts, and of those that copy a shared start from one of them (its c
+        # first tokens, read from its row once it has run)
+        given = [(None, x[1]) if x else reused[j] for j, x in enumerate(lead)]
+        groups = []
+        for part in ([j for j, x in enumerate(lead) if x is None], [j for j, x in enumerate(lead) if x]):
+            groups += [[part[k] for k in g] for g in admit_groups([join[j].prompt for j in part],
+                                                                  [given[j] for j in part], [keys[j] for j in part])]
+        longest = {}  # a leading row's shared start, read once for all that copy it
+        for i, c in filter(None, lead):
+            longest[i] = max(longest.get(i, 0), c)
+        copies, admitted = {}, set()  # admitted: the requests whose rows run
         try:
-            # the rows that compute their prompts, then those that copy a shared start from one of them
-            for part in ([j for j, x in enumerate(lead) if x is None], [j for j, x in enumerate(lead) if x]):
-                longest = {}  # a leading row's shared start, read once for all that copy it
-                for i, c in (lead[j] for j in part if lead[j]):
-                    longest[i] = max(longest.get(i, 0), c)
-                copies = {}
-                for i, c in longest.items():
+            while groups:
+                # the shortest whose leaders have run next: its first tokens out before longer prefills run
+                g = min((g for g in groups if all(not lead[j] or lead[j][0] in admitted for j in g)),
+                        key=lambda g: admit_span([join[j].prompt for j in g], [given[j] for j in g]))
+                groups.remove(g)
+                for i in {lead[j][0] for j in g if lead[j]} - copies.keys():
                     s = t - len(join[i].prompt)
-                    kv = dec.kv(rows[i], s, s + c)
+                    kv = dec.kv(rows[i], s, s + longest[i])
                     # a NaN later in its prompt reaches these through attention's masked weights (0 x NaN),
                     # as the prefix cache's keys: then each computes its own
                     copies[i] = kv if bool(kv.isfinite().all()) else None
-                for j in part:
+                for j in g:
                     if lead[j] and copies[lead[j][0]] is not None:
                         reused[j] = (copies[lead[j][0]], lead[j][1])
-                if part:
-                    got = dec.admit([rows[j] for j in part], [join[j].prompt for j in part], self.pad,
-                                    [self.names[join[j].model] for j in part] if self.mixed else None,
-                                    [reused[j] for j in part])
-                    S = admit_span([join[j].prompt for j in part], [reused[j] for j in part])
-                    seen = set()
-                    for j, lg in zip(part, got):
-                        logits[j], span[j] = lg, S
-                        # equal prompts (Decoder.admit's key): one computed, the others' rows copies of its
-                        key = (tuple(join[j].prompt), self.names[join[j].model] if self.mixed else None)
-                        copy[j] = key in seen
-                        seen.add(key)
-        except Exception as e:  # noqa: BLE001 - these requests get the error (not retried forever)
-            for r in join:
-                self._fail(r, e)
-            return waiting[len(join):]
-        for i, r, lg, reuse, S, whole in zip(rows, join, logits, reused, span, copy):
-            row = self._slots[i] = _Row(r, t - len(r.prompt), dec.device)
-            # cached: the prompt tokens not computed for this request. Every row joining in one prefill
-            # computes its last S tokens (a longer reused prefix is partly recomputed), a copy of an equal
-            # prompt's row none; an echoed prompt scored first counts the tokens neither its forward nor
-            # its row computed
-            c = len(r.prompt) if whole else max(0, len(r.prompt) - S) if reuse else 0
-            r.cached = min(r.cached, c) if r.echo is not None and r.logprobs is not None else c
-            self._keep(i, row)
-            self._take(i, row, lg[None])
+                got = dec.admit([rows[j] for j in g], [join[j].prompt for j in g], self.pad,
+                                [self.names[join[j].model] for j in g] if self.mixed else None, [reused[j] for j in g])
+                S = admit_span([join[j].prompt for j in g], [reused[j] for j in g])
+                seen = set()
+                for j, lg in zip(g, got):
+                    self._joined(rows[j], join[j], lg, reused[j], S, keys[j] in seen)
+                    seen.add(keys[j])
+                    admitted.add(j)
+        except Exception as e:  # noqa: BLE001 - the requests not admitted yet get the error (not retried
+            # forever); those admitted run on
+            for j, r in enumerate(join):
+                if j not in admitted:
+                    self._fail(r, e)
         return waiting[len(join):]
+
+    def _joined(self, i: int, r: Request, logits, reuse, S: int, whole: bool) -> None:
+        """Request r's row i, prefilled (its last S prompt tokens computed, none where ``whole``: a copy
+        of an equal prompt's row) with its next-token ``logits`` [V]: kept, its first token taken."""
+        row = self._slots[i] = _Row(r, self._dec.t - len(r.prompt), self._dec.device)
+        # cached: the prompt tokens not computed for this request. Every row joining in one prefill
+        # computes its last S tokens (a longer reused prefix is partly recomputed), a copy of an equal
+        # prompt's row none; an echoed prompt scored first counts the tokens neither its forward nor
+        # its row computed
+        c = len(r.prompt) if whole else max(0, len(r.prompt) - S) if reuse else 0
+        r.cached = min(r.cached, c) if r.echo is not None and r.logprobs is not None else c
+        self._keep(i, row)
+        self._take(i, row, logits[None])
 
     @staticmethod
     def _leads(join: list, reused: list) -> list:

@@ -827,6 +827,36 @@ def test_a_failing_prefill_answers_its_requests_and_the_server_goes_on(setup, mo
     assert _end(ok) == _reference(ckpt, None, PROMPTS[0], 4)
 
 
+def test_a_failing_prefill_of_a_long_group_fails_its_requests_only(setup, monkeypatch):
+    """Requests joining together prefill in groups of like length, the shortest first: when the
+    long group's prefill fails, its request gets the error, the short ones (admitted already)
+    answer as alone, and the server goes on."""
+    from flora.generation import Decoder
+
+    _, ckpt, _ = setup
+    eng = Engine(FusedLlama.from_pretrained(str(ckpt)).eval(), load_tokenizer(ckpt), {"base": None}, max_batch=4)
+    real = Decoder.admit
+
+    def admit(self, rows, prompts, *a, **k):
+        if max(map(len, prompts)) > 40:
+            raise RuntimeError("out of memory")
+        return real(self, rows, prompts, *a, **k)
+
+    monkeypatch.setattr(Decoder, "admit", admit)
+    long = "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 2
+    reqs = [_submit(eng, {"prompt": p, "max_tokens": 4, "temperature": 0}) for p in (PROMPTS[0], long, PROMPTS[2])]
+    assert len(reqs[1].prompt) > 40 >= max(len(reqs[0].prompt), len(reqs[2].prompt))
+    eng.start()
+    assert _end(reqs[1]) == ("error", "RuntimeError: out of memory")
+    for r, p in ((reqs[0], PROMPTS[0]), (reqs[2], PROMPTS[2])):
+        assert _end(r) == _reference(ckpt, None, p, 4)
+    assert eng.batches == 1
+    monkeypatch.setattr(Decoder, "admit", real)
+    ok = _submit(eng, {"prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0})
+    assert _end(ok) == _reference(ckpt, None, PROMPTS[1], 4)
+    assert reqs[1].events.empty()  # answered once
+
+
 def test_a_batch_that_cannot_start_answers_its_request_and_the_server_goes_on(setup, monkeypatch):
     """The batch's decoder cannot be made (its KV cache out of memory): the request gets
     the error (it was retried forever, the worker spinning), and the next one is served."""
@@ -1078,6 +1108,129 @@ def test_a_running_rows_skipped_slots_are_masked_zeros(setup, monkeypatch, atten
     for r in first + later:
         _alone(ref, tok, r, got[id(r)][0])
     assert seen == [True]
+
+
+def _partitions(xs):
+    """Every split of the list ``xs`` into groups."""
+    if not xs:
+        yield []
+        return
+    for p in _partitions(xs[1:]):
+        yield [[xs[0]]] + p
+        for i in range(len(p)):
+            yield p[:i] + [[xs[0]] + p[i]] + p[i + 1:]
+
+
+def _split_cost(groups, need, fixed):
+    """(padded tokens computed plus ``fixed`` a forward, forwards) of prefilling ``groups`` (of
+    distinct prompts, by their spans ``need``), a forward each."""
+    return sum(fixed + len(g) * max(need[u] for u in g) for g in groups), len(groups)
+
+
+def test_admit_groups_is_the_cheapest_split():
+    """generation.admit_groups against every split of the distinct prompts (by brute force): the
+    least tokens computed, a forward counted as ADMIT_FORWARD_TOKENS (then the fewest forwards);
+    equal prompts (equal keys) in one group, every row once, the groups shortest first; the rows'
+    spans are their lengths less their reused prefixes."""
+    import random
+
+    from flora.generation import ADMIT_FORWARD_TOKENS, admit_groups, admit_span
+
+    rng = random.Random(0)
+    assert admit_groups([[5] * 20, [6] * 600]) == [[0], [1]]  # a chat beside a document: apart
+    assert admit_groups([[5] * 20, [6] * 24]) == [[0, 1]]  # 4 padded tokens: less than a forward
+    for _ in range(300):
+        n = rng.randint(1, 8)
+        prompts = [[rng.randrange(3)] * rng.randint(1, 80) for _ in range(n)]  # equal ones now and then
+        reused = [None if rng.random() < 0.6 else (None, rng.randrange(len(p))) for p in prompts]
+        for i in range(n):  # an equal prompt finds what the other found kept
+            reused[i] = reused[prompts.index(prompts[i])]
+        keys = [(tuple(p), rng.randrange(2) if rng.random() < 0.3 else 0) for p in prompts]
+        groups = admit_groups(prompts, reused, keys)
+        assert sorted(i for g in groups for i in g) == list(range(n)) and all(g == sorted(g) for g in groups)
+        assert all(len({gi for gi, g in enumerate(groups) for i in g if keys[i] == k}) == 1 for k in keys)
+        units = sorted(set(keys), key=keys.index)
+        need = {k: len(k[0]) - (reused[keys.index(k)][1] if reused[keys.index(k)] else 0) for k in units}
+        spans = [admit_span([prompts[i] for i in g], [reused[i] for i in g]) for g in groups]
+        assert spans == sorted(spans)
+        got = _split_cost([sorted({keys[i] for i in g}) for g in groups], need, ADMIT_FORWARD_TOKENS)
+        assert got == min(_split_cost(p, need, ADMIT_FORWARD_TOKENS) for p in _partitions(units))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_prompts_of_very_different_lengths_join_in_groups_of_like_length(setup, tmp_path, mixed):
+    """Requests joining a batch together (one admit), their prompts 3 to 50 tokens: they prefill
+    in groups of like length, a forward each (counted: the model's own run_layers calls, each
+    one's rows and tokens a row), the split that computes least (checked against every split),
+    shortest first; each answer's tokens and logprobs are its prompt's alone (--mixed: each row
+    its own adapter), an equal prompt is computed once (its row a copy), and cached_tokens counts
+    what the request's own group did not compute: a prompt whose prefix is kept computes only
+    what its group's longest needs (beside the 50-token prompts in one forward: all of it)."""
+    import random
+
+    from flora.generation import ADMIT_FORWARD_TOKENS
+    from flora.prefix_cache import BLOCK
+
+    _, ckpt, adapter = setup
+    tok = load_tokenizer(ckpt)
+    names = {"base": None, "a": "a", "b": "b"} if mixed else {"base": None}
+    model = _two_adapters(ckpt, adapter, tmp_path) if mixed else FusedLlama.from_pretrained(str(ckpt))
+    paths = {"base": None, "a": adapter, "b": tmp_path / "second"}
+    refs = {n: FusedLlama.from_pretrained(str(ckpt), adapter=None if paths[n] is None else str(paths[n])).eval()
+            for n in names}
+    calls = []  # each prefill of rows joining the batch: (its rows, tokens a row)
+    run = model.run_layers
+
+    def counted(ids, *a, cache=None, **kw):
+        if getattr(cache, "prefill_rows", None) is not None:
+            calls.append((cache.prefill_rows.tolist(), ids.shape[1]))
+        return run(ids, *a, cache=cache, **kw)
+
+    model.run_layers = counted
+    # wait_s: the burst, queued at once, is one admit however the worker is scheduled
+    eng = Engine(model, tok, names, max_batch=8, mixed=mixed, wait_s=0.5).start()
+    rng = random.Random(6)
+    rand = lambda n: [rng.randrange(3, model.arch.vocab_size) for _ in range(n)]  # noqa: E731
+    kept = Request("base", rand(40), 6, Sampling(), logprobs=0)
+    eng.submit([kept])
+    _alone(refs["base"], tok, kept, _end_event(kept))
+    while eng.busy:  # its prompt and answer kept, the batch drained
+        time.sleep(0.01)
+    short, long = rand(3), rand(50)
+    plan = [("base", kept.prompt + rand(5)), ("base", short), ("a" if mixed else "base", rand(4)),
+            ("base", long), ("base", rand(20)), ("b" if mixed else "base", rand(48)), ("base", long),
+            ("a" if mixed else "base", short)]
+    reqs = [Request(m, p, 6, Sampling(), logprobs=0) for m, p in plan]
+    c = eng.prefix.lookup("base", plan[0][1])[1]
+    assert c == 2 * BLOCK  # its first 32 tokens kept
+    calls.clear()
+    eng.submit(reqs)
+    for r in reqs:
+        _alone(refs[r.model], tok, r, _end_event(r))
+    assert eng.batches == 2  # the burst joined in one admit
+    # a fresh batch: request j in row j; equal prompts of one model are one distinct prompt
+    keys = [(tuple(r.prompt), r.model if mixed else None) for r in reqs]
+    units = sorted(set(keys), key=keys.index)
+    need = {k: len(k[0]) - (c if k == keys[0] else 0) for k in units}
+    groups = [[keys[j] for j in rows] for rows, _ in calls]
+    assert sorted(k for g in groups for k in g) == sorted(units)  # each computed once, by one forward
+    assert [w for _, w in calls] == [max(need[k] for k in g) for g in groups] == sorted(w for _, w in calls)
+    best = min(_split_cost(p, need, ADMIT_FORWARD_TOKENS) for p in _partitions(units))
+    assert _split_cost(groups, need, ADMIT_FORWARD_TOKENS) == best and best[1] > 1
+    width = {j: w for rows, w in calls for j in rows}
+    assert sum(len(g) * w for g, (_, w) in zip(groups, calls)) < len(units) * 50  # one forward: each 50
+    cached = [len(r.prompt) if j not in width else max(0, len(r.prompt) - width[j]) if j == 0 else 0
+              for j, r in enumerate(reqs)]
+    assert [r.cached for r in reqs] == cached
+    assert cached[6] == 50 and (cached[7] == 3) != mixed and 0 < cached[0] <= c  # (one forward: 0)
+    eng.close()
+
+
+def _end_event(r, timeout=60):
+    """A request's done event (its logprobs with it)."""
+    ev = r.events.get(timeout=timeout)
+    assert ev[0] == "done", ev
+    return ev
 
 
 def test_requests_arriving_a_moment_apart_share_a_batch(setup):
@@ -1383,6 +1536,12 @@ def test_bench_serve_runs(setup, tmp_path, capsys):
                 "--long-after", "0.05", "--long-max-tokens", "2", "--json", str(tmp_path / "long.json")])
     r = json.loads((tmp_path / "long.json").read_text())
     assert r["long_prompt_tokens"] == 30 and 0 < r["long_ttft_s"] <= r["long_latency_s"] < r["seconds"]
+    for plain in (False, True):  # short requests and a long one at once: one join
+        bench.main(["--model", str(ckpt), "--burst", "30", "--clients", "2", "--rounds", "1", "--max-tokens", "3",
+                    "--long-max-tokens", "2", "--json", str(tmp_path / "burst.json")] + ["--burst-plain"] * plain)
+        r = json.loads((tmp_path / "burst.json").read_text())
+        assert r["admits"] == [1] and r["long_prompt_tokens"] == 30
+        assert 0 < r["short_ttft_p50_s"] <= r["short_ttft_max_s"] < r["seconds"] and 0 < r["long_ttft_s"] < r["seconds"]
 
 
 def test_streaming_holds_back_what_may_start_a_stop_string():
@@ -1649,20 +1808,27 @@ def test_usage_reports_the_reused_prompt_tokens(server):
 
 
 def test_cached_tokens_count_only_the_prompt_tokens_not_computed(setup):
-    """usage.prompt_tokens_details.cached_tokens: the rows joining a batch together all
-    prefill their last S tokens (S: the most any of them must compute), so a row whose
-    reused prefix is longer than its length less S recomputes part of it: only the tokens
-    not computed count (S read from the prefill itself), 0 where the prefill computes the
-    whole prompt though a prefix was found; the answers are generate()'s."""
+    """usage.prompt_tokens_details.cached_tokens: the rows joining a batch in one prefill (a
+    group of like length) all prefill their last S tokens (S: the most any of them must
+    compute), so a row whose reused prefix is longer than its length less S recomputes part of
+    it: only the tokens not computed count (S read from the prefill itself); a prompt much
+    longer than the rest of one that found a prefix prefills apart, and the prefix is all
+    reused; the answers are generate()'s."""
+    from flora.generation import ADMIT_FORWARD_TOKENS
+
     ckpt = setup[1]
     tok = load_tokenizer(ckpt)
     model = FusedLlama.from_pretrained(str(ckpt)).eval()
     eng = Engine(model, tok, {"base": None}, max_batch=2)
-    widths = []  # each prefill's tokens a row (a decode step feeds one)
+    calls = []  # each prefill of rows joining the batch: (its rows, tokens a row)
     run = model.run_layers
-    model.run_layers = lambda ids, *a, cache=None, **kw: (cache is None or ids.shape[1] == 1
-                                                          or widths.append(ids.shape[1]), run(ids, *a, cache=cache,
-                                                                                              **kw))[1]
+
+    def counted(ids, *a, cache=None, **kw):
+        if getattr(cache, "prefill_rows", None) is not None:
+            calls.append((cache.prefill_rows.tolist(), ids.shape[1]))
+        return run(ids, *a, cache=cache, **kw)
+
+    model.run_layers = counted
     srv = serve(eng, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/v1/completions"
@@ -1681,13 +1847,19 @@ def test_cached_tokens_count_only_the_prompt_tokens_not_computed(setup):
         for other, hits in ((" ".join("zyxwvutsrqponmlkjihg"), 2), (" ".join("mnbvcxzlkjhgfdsapoiuytrewq" * 2), 3)):
             mine = system + (" the big cat" if hits == 2 else " copy : a b c")
             P, Q = len(prompt_ids(tok, mine)), len(prompt_ids(tok, other))
-            got = ask(mine, other)  # one request, its two choices admitted together
-            assert eng.prefix.hits == hits - 1 and widths[-1] == max(P - kept, Q)
-            assert got == max(0, P - widths[-1])  # `other`'s prompt shares nothing
-            assert (0 < got < kept) if hits == 2 else (got == 0 and Q >= P)
+            calls.clear()
+            got = ask(mine, other)  # one request, its two choices (rows 0 and 1) joining together
+            # one prefill where its padding costs less than a second forward
+            together = 2 * max(P - kept, Q) <= P - kept + Q + ADMIT_FORWARD_TOKENS
+            assert eng.prefix.hits == hits - 1
+            assert sorted(calls) == ([([0, 1], max(P - kept, Q))] if together else [([0], P - kept), ([1], Q)])
+            S = next(w for rows, w in calls if 0 in rows)
+            assert got == max(0, P - S)  # `other`'s prompt shares nothing
+            assert (together and 0 < got < kept) if hits == 2 else (not together and got == kept and Q >= P)
     finally:
         srv.shutdown()
         srv.server_close()
+
 
 def test_prefix_cache_keeps_a_scoring_forwards_scores():
     """PrefixCache.lookup_scored: a prompt to score reuses only blocks with scores (a
@@ -1967,7 +2139,8 @@ def test_prompts_joining_together_compute_their_shared_start_once(setup, prefix_
     (a batch's first rows under one system prompt): the first computes its prompt, the
     others copy the shared start from its row, a second prefill computing their rest;
     an equal prompt is one row copied, a prompt that shares nothing and another model's
-    (--mixed: its keys are its own) are computed in the first. Each answer is
+    (--mixed: its keys are its own) are computed in the first (in groups of like length).
+    Each answer is
     generate()'s; cached_tokens counts the tokens not computed for the request: the copied
     start, or the whole prompt of the equal prompt's copied row."""
     from flora.prefix_cache import common_length
@@ -1990,9 +2163,46 @@ def test_prompts_joining_together_compute_their_shared_start_once(setup, prefix_
         gen = _greedy_ids(ckpt, None if name == "base" else adapter, ids, 4)
         assert _end(r)[::2] == (tok.decode(gen, skip_special_tokens=True), len(gen))
     S = max(len(p) - common_length(lead, p) for p in rest)
-    assert eng.batches == 1 and admits == [max(len(ids) for i, (_, ids) in enumerate(plan) if i not in (1, 5)), S]
+    # the first prefills in groups of like length: "a b" apart from the long prompts (Engine._admit)
+    assert eng.batches == 1 and admits == [len(plan[4][1]), max(len(plan[i][1]) for i in (0, 2, 3)), S]
     assert [r.cached for r in reqs] == [0, len(rest[0]) - S, len(lead), 0, 0, len(rest[1]) - S]
     assert min(common_length(lead, p) for p in rest) >= len(system)
+
+
+def test_rows_copying_a_shared_start_prefill_before_a_longer_group(setup):
+    """Chats under one system prompt joining with a long prompt: the first chat prefills
+    apart from the long one (a group each), the chat that copies its start right after it
+    and before the long one (the shortest prefill whose leader has run goes first: their
+    first tokens come before the long prefill's); each answer is generate()'s, and the copy
+    counts its copied start as cached."""
+    import random
+
+    from flora.prefix_cache import common_length
+
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    model = FusedLlama.from_pretrained(str(ckpt)).eval()
+    admits, firsts = [], []
+    _widths(model, admits)
+    eng = Engine(model, tok, {"base": None}, max_batch=4)
+    system = prompt_ids(tok, " ".join("abcdefghijklmnopqrstuvwxyz"[i % 26] for i in range(20)))
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731
+    lead, copy = system + enc(" copy : a b"), system + enc(" the big cat")
+    rng = random.Random(7)
+    long = [rng.randrange(3, model.arch.vocab_size) for _ in range(62)]
+    plan = [long, lead, copy]
+    reqs = [eng.submit([Request("base", ids, 1, Sampling())])[0] for ids in plan]
+    for r in reqs:  # the order first tokens come in (each its only one)
+        r.events.put = lambda ev, r=r, put=r.events.put: (ev[0] == "done" and firsts.append(r), put(ev))
+    eng.start()
+    for r, ids in zip(reqs, plan):
+        gen = _greedy_ids(ckpt, None, ids, 1)
+        assert _end(r)[::2] == (tok.decode(gen, skip_special_tokens=True), len(gen))
+    c = common_length(lead, copy)
+    assert c >= len(system) >= 16
+    assert eng.batches == 1 and admits == [len(lead), len(copy) - c, len(long)]
+    assert firsts == reqs[1:] + reqs[:1]
+    assert [r.cached for r in reqs] == [0, 0, c]
 
 
 def test_a_prefill_reusing_a_prefix_never_reads_an_earlier_rows_keys(setup):
