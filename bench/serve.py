@@ -82,6 +82,7 @@ length; prefilled in groups of like length, it does not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -95,6 +96,22 @@ import torch
 from flora import FusedLlama
 from flora.pretrained import load_tokenizer, smollm2_path
 from flora.serve import Engine, serve
+
+
+@contextlib.contextmanager
+def served(engine: Engine):
+    """The engine behind an HTTP server on a free port: its URL. On exit the server
+    and the engine's worker end (a worker left inside a torch op at interpreter exit
+    ended the process with "terminate called without an active exception")."""
+    srv = serve(engine, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        engine.close()
+        engine._worker.join(timeout=60)
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 7 times 8?",
              "Say hello in Spanish.", "What do bees make?", "How many legs does a spider have?",
@@ -327,24 +344,18 @@ def burst(url: str, engine, tok, clients: int, max_tokens: int, tokens: int, lon
 def prefix_bench(model, tok, args) -> dict:
     engines = {"on": Engine(model, tok, {"base": None}, args.max_batch),
                "off": Engine(model, tok, {"base": None}, args.max_batch, prefix_cache=0)}
-    urls, servers = {}, []
-    for k, eng in engines.items():
-        srv = serve(eng, port=0)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        urls[k] = f"http://127.0.0.1:{srv.server_address[1]}"
     runs = {"on": [], "off": []}
-    for i in range(args.rounds + 1):  # round 0: warm-up
-        for k in (("on", "off") if i % 2 else ("off", "on")):
-            while engines[k].busy:  # the last turn's answer is kept after its client has it
-                time.sleep(0.01)
-            if engines[k].prefix is not None:
-                engines[k].prefix.clear()
-            r = conversation(urls[k], args.system, args.conversation, args.max_tokens)
-            if i:
-                runs[k].append(r)
-    for srv in servers:
-        srv.shutdown()
+    with contextlib.ExitStack() as stack:
+        urls = {k: stack.enter_context(served(eng)) for k, eng in engines.items()}
+        for i in range(args.rounds + 1):  # round 0: warm-up
+            for k in (("on", "off") if i % 2 else ("off", "on")):
+                while engines[k].busy:  # the last turn's answer is kept after its client has it
+                    time.sleep(0.01)
+                if engines[k].prefix is not None:
+                    engines[k].prefix.clear()
+                r = conversation(urls[k], args.system, args.conversation, args.max_tokens)
+                if i:
+                    runs[k].append(r)
     print("| turn | prompt tokens | reused | latency s, cache off | latency s, cache on | off / on | same answer |")
     print("|---:|---:|---:|---:|---:|---:|---|")
     rows = []
@@ -411,15 +422,12 @@ def main(argv=None):
                                        dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
     if args.conversations:
         engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=args.prefix_cache)
-        srv = serve(engine, port=0)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{srv.server_address[1]}"
-        load(url, 1, 1, 4)  # warm-up
-        while engine.busy:
-            time.sleep(0.01)
-        engine.prefix.clear()
-        r = conversations(url, engine, args.system, args.conversations, args.conversation or 4, args.max_tokens)
-        srv.shutdown()
+        with served(engine) as url:
+            load(url, 1, 1, 4)  # warm-up
+            while engine.busy:
+                time.sleep(0.01)
+            engine.prefix.clear()
+            r = conversations(url, engine, args.system, args.conversations, args.conversation or 4, args.max_tokens)
         print("| chats | requests | prompt tokens | cached | hit rate | requests reused | held peak / end | "
               "capacity | completion tokens/s | seconds |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
         print(f"| {r['clients']} | {r['requests']} | {r['prompt_tokens']} | {r['cached_tokens']} | {r['hit_rate']:.1%} | "
@@ -435,13 +443,10 @@ def main(argv=None):
     if args.burst:
         # 50 ms for the burst's threads to reach the server (one admit: `admits`)
         engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=0, wait_s=0.05)
-        srv = serve(engine, port=0)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{srv.server_address[1]}"
-        burst(url, engine, engine.tok, args.clients[0], 4, min(64, args.burst), 4)  # warm-up
-        runs = [burst(url, engine, engine.tok, args.clients[0], args.max_tokens, args.burst, args.long_max_tokens,
-                      args.burst_plain) for _ in range(args.rounds)]
-        srv.shutdown()
+        with served(engine) as url:
+            burst(url, engine, engine.tok, args.clients[0], 4, min(64, args.burst), 4)  # warm-up
+            runs = [burst(url, engine, engine.tok, args.clients[0], args.max_tokens, args.burst,
+                          args.long_max_tokens, args.burst_plain) for _ in range(args.rounds)]
         r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
         r.update(clients=args.clients[0], long_prompt_tokens=args.burst, rounds=args.rounds, plain=args.burst_plain,
                  admits=[x["admits"] for x in runs])
@@ -453,13 +458,10 @@ def main(argv=None):
         return
     engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=args.prefix_cache)
     if args.long_prompt:
-        srv = serve(engine, port=0)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{srv.server_address[1]}"
-        load(url, 1, 1, 4)  # warm-up
-        r = long_prompt(url, engine.tok, args.clients[0], args.requests, args.max_tokens, args.long_prompt,
-                        args.long_after, args.long_max_tokens)
-        srv.shutdown()
+        with served(engine) as url:
+            load(url, 1, 1, 4)  # warm-up
+            r = long_prompt(url, engine.tok, args.clients[0], args.requests, args.max_tokens, args.long_prompt,
+                            args.long_after, args.long_max_tokens)
         print("| clients | long prompt tokens | long: first token s | long: latency s | short latency p50 s | "
               "seconds |\n|---:|---:|---:|---:|---:|---:|")
         print(f"| {r['clients']} | {r['long_prompt_tokens']} | {r['long_ttft_s']:.2f} | {r['long_latency_s']:.2f} | "
@@ -467,30 +469,27 @@ def main(argv=None):
         save(args, dev, path, r)
         return
     if args.scoring:
-        srv = serve(engine, port=0)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{srv.server_address[1]}"
-        scoring(url, engine.tok, 1, 1, n_words=args.scoring_words)  # warm-up
-        def count() -> list:
-            return [getattr(engine, k, 0) for k in ("score_forwards", "score_rows", "score_tokens")]
+        with served(engine) as url:
+            scoring(url, engine.tok, 1, 1, n_words=args.scoring_words)  # warm-up
+            def count() -> list:
+                return [getattr(engine, k, 0) for k in ("score_forwards", "score_rows", "score_tokens")]
 
-        rows = []
-        for c in args.clients:
-            while engine.busy:  # (a row's answer and prompt are kept after its client has them)
-                time.sleep(0.01)
-            if getattr(engine, "prefix", None) is not None:  # each run from an empty prefix cache: the
-                engine.prefix.clear()  # warm-up's and earlier runs' contexts are the same
-            if args.scoring_warm:  # each question's first choice (its context kept), untimed
-                scoring(url, engine.tok, c, args.scoring, 1, n_words=args.scoring_words)
-            before = count()
-            r = scoring(url, engine.tok, c, args.scoring, args.scoring_prompts, args.scoring_distinct,
-                        args.scoring_split, args.scoring_max_tokens, args.scoring_words)
-            forwards, rows_, tokens = (a - b for a, b in zip(count(), before))
-            # (an engine that scores a prompt a forward, every token of it, counts none)
-            r["prompts_per_forward"] = rows_ / forwards if forwards else 1.0
-            r["computed_share"] = tokens / r["prompt_tokens"] if forwards else 1.0
-            rows.append(r)
-        srv.shutdown()
+            rows = []
+            for c in args.clients:
+                while engine.busy:  # (a row's answer and prompt are kept after its client has them)
+                    time.sleep(0.01)
+                if getattr(engine, "prefix", None) is not None:  # each run from an empty prefix cache: the
+                    engine.prefix.clear()  # warm-up's and earlier runs' contexts are the same
+                if args.scoring_warm:  # each question's first choice (its context kept), untimed
+                    scoring(url, engine.tok, c, args.scoring, 1, n_words=args.scoring_words)
+                before = count()
+                r = scoring(url, engine.tok, c, args.scoring, args.scoring_prompts, args.scoring_distinct,
+                            args.scoring_split, args.scoring_max_tokens, args.scoring_words)
+                forwards, rows_, tokens = (a - b for a, b in zip(count(), before))
+                # (an engine that scores a prompt a forward, every token of it, counts none)
+                r["prompts_per_forward"] = rows_ / forwards if forwards else 1.0
+                r["computed_share"] = tokens / r["prompt_tokens"] if forwards else 1.0
+                rows.append(r)
         print("| clients | prompts | prompts scored / s | prompts a forward | tokens computed |\n"
               "|---:|---:|---:|---:|---:|")
         for r in rows:
@@ -500,24 +499,21 @@ def main(argv=None):
                                "scoring_distinct": args.scoring_distinct, "scoring_split": args.scoring_split,
                                "scoring_max_tokens": args.scoring_max_tokens, "rows": rows})
         return
-    srv = serve(engine, port=0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
-    load(url, 1, 1, 4)  # warm-up: first-call costs out of the figures
-    rows = []
-    short = "short " if args.long_tokens else ""
-    print(f"| clients | requests | completion tokens/s | {short}latency p50 s | {short}latency p90 s | "
-          f"{'long latency p50 s | ' if args.long_tokens else ''}rows a step |")
-    print("|---:|---:|---:|---:|---:|" + ("---:|" if args.long_tokens else "") + "---:|")
-    for c in args.clients:
-        s0, r0 = getattr(engine, "steps", 0), getattr(engine, "row_steps", 0)
-        r = load(url, c, args.requests, args.max_tokens, args.long_tokens)
-        r["rows_per_step"] = (getattr(engine, "row_steps", 0) - r0) / max(getattr(engine, "steps", 0) - s0, 1)
-        rows.append(r)
-        print(f"| {c} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['latency_p50_s']:.2f} | "
-              f"{r['latency_p90_s']:.2f} | " + (f"{r['long_latency_p50_s']:.2f} | " if args.long_tokens else "")
-              + f"{r['rows_per_step']:.1f} |", flush=True)
-    srv.shutdown()
+    with served(engine) as url:
+        load(url, 1, 1, 4)  # warm-up: first-call costs out of the figures
+        rows = []
+        short = "short " if args.long_tokens else ""
+        print(f"| clients | requests | completion tokens/s | {short}latency p50 s | {short}latency p90 s | "
+              f"{'long latency p50 s | ' if args.long_tokens else ''}rows a step |")
+        print("|---:|---:|---:|---:|---:|" + ("---:|" if args.long_tokens else "") + "---:|")
+        for c in args.clients:
+            s0, r0 = getattr(engine, "steps", 0), getattr(engine, "row_steps", 0)
+            r = load(url, c, args.requests, args.max_tokens, args.long_tokens)
+            r["rows_per_step"] = (getattr(engine, "row_steps", 0) - r0) / max(getattr(engine, "steps", 0) - s0, 1)
+            rows.append(r)
+            print(f"| {c} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['latency_p50_s']:.2f} | "
+                  f"{r['latency_p90_s']:.2f} | " + (f"{r['long_latency_p50_s']:.2f} | " if args.long_tokens else "")
+                  + f"{r['rows_per_step']:.1f} |", flush=True)
     save(args, dev, path, {"long_tokens": args.long_tokens, "rows": rows})
 
 
