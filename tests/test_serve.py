@@ -1157,6 +1157,20 @@ def test_admit_groups_is_the_cheapest_split():
         assert got == min(_split_cost(p, need, ADMIT_FORWARD_TOKENS) for p in _partitions(units))
 
 
+def counted_prefills(model) -> list:
+    """The model's prefills of rows joining a batch from now on, each (its rows, tokens a
+    row), as the engine calls run_layers (a real call log, the calls themselves unchanged)."""
+    calls, run = [], model.run_layers
+
+    def counted(ids, *a, cache=None, **kw):
+        if getattr(cache, "prefill_rows", None) is not None:
+            calls.append((cache.prefill_rows.tolist(), ids.shape[1]))
+        return run(ids, *a, cache=cache, **kw)
+
+    model.run_layers = counted
+    return calls
+
+
 @pytest.mark.parametrize("mixed", [False, True])
 def test_prompts_of_very_different_lengths_join_in_groups_of_like_length(setup, tmp_path, mixed):
     """Requests joining a batch together (one admit), their prompts 3 to 50 tokens: they prefill
@@ -1178,15 +1192,7 @@ def test_prompts_of_very_different_lengths_join_in_groups_of_like_length(setup, 
     paths = {"base": None, "a": adapter, "b": tmp_path / "second"}
     refs = {n: FusedLlama.from_pretrained(str(ckpt), adapter=None if paths[n] is None else str(paths[n])).eval()
             for n in names}
-    calls = []  # each prefill of rows joining the batch: (its rows, tokens a row)
-    run = model.run_layers
-
-    def counted(ids, *a, cache=None, **kw):
-        if getattr(cache, "prefill_rows", None) is not None:
-            calls.append((cache.prefill_rows.tolist(), ids.shape[1]))
-        return run(ids, *a, cache=cache, **kw)
-
-    model.run_layers = counted
+    calls = counted_prefills(model)
     # wait_s: the burst, queued at once, is one admit however the worker is scheduled
     eng = Engine(model, tok, names, max_batch=8, mixed=mixed, wait_s=0.5).start()
     rng = random.Random(6)
@@ -1820,15 +1826,7 @@ def test_cached_tokens_count_only_the_prompt_tokens_not_computed(setup):
     tok = load_tokenizer(ckpt)
     model = FusedLlama.from_pretrained(str(ckpt)).eval()
     eng = Engine(model, tok, {"base": None}, max_batch=2)
-    calls = []  # each prefill of rows joining the batch: (its rows, tokens a row)
-    run = model.run_layers
-
-    def counted(ids, *a, cache=None, **kw):
-        if getattr(cache, "prefill_rows", None) is not None:
-            calls.append((cache.prefill_rows.tolist(), ids.shape[1]))
-        return run(ids, *a, cache=cache, **kw)
-
-    model.run_layers = counted
+    calls = counted_prefills(model)
     srv = serve(eng, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/v1/completions"
