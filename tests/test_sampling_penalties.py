@@ -102,6 +102,24 @@ def test_banned_tokens_are_never_drawn_whatever_the_bias():
     assert torch.equal(pen(logits), want)
 
 
+@pytest.mark.cuda
+def test_penalties_on_cuda_equal_the_cpu():
+    """The rows' state and the adjusted logits on a GPU (scatter, the bias index, the
+    banned mask) are the CPU's, and so is greedy's pick (run by the device script)."""
+    logits, prompts, valid, outs = _history(seed=5)
+    V = logits.shape[1]
+    s = Sampling(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=-0.4,
+                 logit_bias={1: 3.0, V - 1: -2.0})
+    got = {}
+    for dev in ("cpu", "cuda"):
+        pen = Penalties(s, prompts.to(dev), V, valid.to(dev), banned={4})
+        for t in outs.T:
+            pen.add(t.to(dev))
+        got[dev] = (pen(logits.to(dev)).cpu(), sample_next(logits.to(dev), s, None, pen).cpu())
+    torch.testing.assert_close(got["cuda"][0], got["cpu"][0], rtol=1e-6, atol=1e-5)
+    assert torch.equal(got["cuda"][1], got["cpu"][1])
+
+
 @pytest.mark.parametrize("temperature, min_p, top_k, top_p", [
     (1.0, 0.2, 0, 1.0), (0.7, 0.1, 0, 1.0), (1.5, 0.3, 0, 1.0),
     (1.0, 0.1, 4, 1.0), (1.0, 0.08, 0, 0.7),  # min-p after top-k, top-p
