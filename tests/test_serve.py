@@ -449,6 +449,18 @@ def test_lm_eval_harness_requests(setup, server):
         tok.decode(_greedy_ids(ckpt, None, c, 8), skip_special_tokens=True) for c in ctx]
 
 
+def _served_and_alone(setup, tmp_path, mixed: bool) -> tuple:
+    """(tokenizer, model names, the model to serve: --mixed its two adapters side by side,
+    {name: a model of that adapter alone}: the references)."""
+    _, ckpt, adapter = setup
+    names = {"base": None, "a": "a", "b": "b"} if mixed else {"base": None}
+    model = _two_adapters(ckpt, adapter, tmp_path) if mixed else FusedLlama.from_pretrained(str(ckpt))
+    paths = {"base": None, "a": adapter, "b": tmp_path / "second"}
+    refs = {n: FusedLlama.from_pretrained(str(ckpt), adapter=None if paths[n] is None else str(paths[n])).eval()
+            for n in names}
+    return load_tokenizer(ckpt), names, model, refs
+
+
 def _two_adapters(ckpt, adapter, tmp_path):
     """The base with two ffba adapters loaded, "a" (the fixture's) and "b" (its own tensors), none current."""
     m2 = FusedLlama.from_pretrained(str(ckpt), adapter=AdapterConfig("ffba", 4, 8))
@@ -1009,13 +1021,7 @@ def test_a_prompt_longer_than_the_batchs_slot_joins_it(setup, tmp_path, mixed):
 
     from flora.prefix_cache import BLOCK
 
-    _, ckpt, adapter = setup
-    tok = load_tokenizer(ckpt)
-    names = {"base": None, "a": "a", "b": "b"} if mixed else {"base": None}
-    model = _two_adapters(ckpt, adapter, tmp_path) if mixed else FusedLlama.from_pretrained(str(ckpt))
-    paths = {"base": None, "a": adapter, "b": tmp_path / "second"}
-    refs = {n: FusedLlama.from_pretrained(str(ckpt), adapter=None if paths[n] is None else str(paths[n])).eval()
-            for n in names}
+    tok, names, model, refs = _served_and_alone(setup, tmp_path, mixed)
     eng = Engine(model, tok, names, max_batch=4, mixed=mixed)
     rng = random.Random(3)
     ask = lambda name, n, m: Request(name, _runs_on(refs[name], rng, n, m), m, Sampling(), logprobs=0)  # noqa: E731
@@ -1185,13 +1191,7 @@ def test_prompts_of_very_different_lengths_join_in_groups_of_like_length(setup, 
     from flora.generation import ADMIT_FORWARD_TOKENS
     from flora.prefix_cache import BLOCK
 
-    _, ckpt, adapter = setup
-    tok = load_tokenizer(ckpt)
-    names = {"base": None, "a": "a", "b": "b"} if mixed else {"base": None}
-    model = _two_adapters(ckpt, adapter, tmp_path) if mixed else FusedLlama.from_pretrained(str(ckpt))
-    paths = {"base": None, "a": adapter, "b": tmp_path / "second"}
-    refs = {n: FusedLlama.from_pretrained(str(ckpt), adapter=None if paths[n] is None else str(paths[n])).eval()
-            for n in names}
+    tok, names, model, refs = _served_and_alone(setup, tmp_path, mixed)
     calls = counted_prefills(model)
     # wait_s: the burst, queued at once, is one admit however the worker is scheduled
     eng = Engine(model, tok, names, max_batch=8, mixed=mixed, wait_s=0.5).start()
