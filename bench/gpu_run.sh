@@ -71,8 +71,9 @@
 #                r 32, batch 8) on the real SmolLM2 blocks from .device, then `flora generate
 #                --compare` with that adapter on 16 of its prompts, and bench/serve.py (flora
 #                serve, 1 and 8 clients; a 4-turn chat with its prefix cache on and off;
-#                echo's prompts scored together).
-#                69 s before the serve check.
+#                echo's prompts scored together), bench/admit_cost.py (a prefill forward's own
+#                cost in tokens, 1B and SmolLM2: serve's grouping constant for CUDA) and a
+#                20-step `flora train --pack` in bf16. 69 s before the serve check.
 # Longer stages, for calls of their own (a 10-minute call each; mind the 15 minutes):
 #   test         pytest -m cuda, then the rest of the suite (-m "not cuda"). 1-3 min.
 #   sanitize     compute-sanitizer memcheck over the CUDA subset, racecheck over the
@@ -665,9 +666,20 @@ write_jsonl(finetune_data("topic", 160, seed=0), sys.argv[1])' "$d/train.jsonl" 
   # echo's prompts scored together on CUDA (one forward, a question's choices as a prefix tree)
   run "$PY" bench/serve.py --model "$DEVICE_GGUF" --device cuda --scoring 2 --clients 2 --scoring-prompts 4 \
     --json "$OUT/cli-scoring.json" 2>&1 | tee "$d/scoring.txt" || rc=$?
+  # what a prefill forward costs by itself in tokens on this GPU (serve's grouping of joining prompts:
+  # generation.ADMIT_FORWARD_TOKENS_BY_DEVICE["cuda"], an estimate until this measures it), 1B and SmolLM2
+  run "$PY" bench/admit_cost.py --device cuda --model 1b --json "$OUT/cli-admit-1b.json" || rc=$?
+  run env FLORA_SMOLLM2_GGUF="$DEVICE_GGUF" "$PY" bench/admit_cost.py --device cuda \
+    --json "$OUT/cli-admit-smollm2.json" || rc=$?
+  # packed rows in bf16 on CUDA (flora train --pack: block-diagonal attention), 20 steps
+  run "$PY" -m flora train --model "$DEVICE_GGUF" --data "$d/train.jsonl" --variant ffba --rank 32 --pack \
+    --max-steps 20 --batch-size 8 --seq-len 256 --bf16 on --device cuda --no-progress --out "$d/train-pack" \
+    2>&1 | tee "$d/train-pack.txt" || rc=$?
   [ "$DRY" = 1 ] && { key "dry"; return 0; }
   key "demo $([ -s "$d/demo/latency.png" ] && echo completed || echo FAILED); train: $(tail -n 1 "$d/train.txt" \
-    | "$PY" -c 'import json, sys; d = json.loads(sys.stdin.read()); print("%d steps, loss %.3g, %.0f tok/s" % (d["steps"], d["final_train_loss"], d["tokens_per_s"]))' 2>/dev/null || echo FAILED); generate: $(tail -n 1 "$d/generate.txt" \
+    | "$PY" -c 'import json, sys; d = json.loads(sys.stdin.read()); print("%d steps, loss %.3g, %.0f tok/s" % (d["steps"], d["final_train_loss"], d["tokens_per_s"]))' 2>/dev/null || echo FAILED); packed: $(tail -n 1 "$d/train-pack.txt" \
+    | "$PY" -c 'import json, sys; d = json.loads(sys.stdin.read()); print("%d steps, %.0f tok/s" % (d["steps"], d["tokens_per_s"]))' 2>/dev/null || echo FAILED); admit forward: $("$PY" -c 'import json, sys
+print(", ".join("%s %.0f tokens" % (d["model"], d["forward_tokens"]) for d in map(json.load, map(open, sys.argv[1:]))))' "$OUT/cli-admit-1b.json" "$OUT/cli-admit-smollm2.json" 2>/dev/null || echo FAILED); generate: $(tail -n 1 "$d/generate.txt" \
     | "$PY" -c 'import json, sys; r = json.loads(sys.stdin.read())["runs"]; print(", ".join("%s %s exact, %.0f tok/s" % (k, v["exact_match"], v["tokens_per_s"]) for k, v in r.items()))' 2>/dev/null || echo FAILED); serve: $("$PY" -c 'import json, sys
 print(", ".join("%d clients %.0f tok/s" % (r["clients"], r["tokens_per_s"]) for r in json.load(open(sys.argv[1]))["rows"]))' "$OUT/cli-serve.json" 2>/dev/null || echo FAILED); prefix cache: $("$PY" -c 'import json, sys
 print(", ".join("turn %d %.2fx" % (r["turn"], r["ratio"]) for r in json.load(open(sys.argv[1]))["rows"]))' "$OUT/cli-prefix.json" 2>/dev/null || echo FAILED); scoring: $("$PY" -c 'import json, sys
@@ -836,7 +848,7 @@ QUICK=(build cuda-kernels test-cuda attention latency-1b kernels-short step-prof
 # MIN: seconds a stage needs to be worth starting; CAP: its own timeout (CAP_<stage> overrides)
 declare -A MIN=([build]=0 [test-cuda]=40 [cuda-kernels]=40 [generate]=30 [latency-1b]=200 [kernels-short]=40 [attention]=20 [step-profile]=30 [op-count]=25 [cli]=60 [train]=90 [mixed]=60
                 [test]=90 [sanitize]=150 [kernels]=150 [latency-3b]=200 [latency]=450 [smoke]=45)
-declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [attention]=120 [step-profile]=120 [op-count]=90 [cli]=180 [train]=300 [mixed]=200
+declare -A CAP=([build]=400 [test-cuda]=150 [cuda-kernels]=150 [generate]=150 [latency-1b]=260 [kernels-short]=120 [attention]=120 [step-profile]=120 [op-count]=90 [cli]=240 [train]=300 [mixed]=200
                 [test]=400 [sanitize]=560 [kernels]=560 [latency-3b]=560 [latency]=560 [smoke]=120)
 for st in $STAGES; do
   v="CAP_${st//-/_}"

@@ -319,19 +319,30 @@ def admit_span(prompts: list, reused: Optional[list] = None) -> int:
 
 
 # A prefill forward's fixed cost (the weights streamed once; on a GPU, its launches) in the tokens a row
-# computes: SmolLM2-135M on the 2-core CPU, batch 1 (bench/RESULTS.md): a 1-token forward 17.2 ms, a
-# 256-token one 348 ms (1.30 ms a token past the first): 17.2 / 1.30 = 13 tokens' work for the forward itself
+# computes (bench/admit_cost.py measures it). CPU: SmolLM2-135M on the 2-core CPU, batch 1
+# (bench/RESULTS.md): a 1-token forward 17.2 ms, a 256-token one 348 ms (1.30 ms a token past the first):
+# 17.2 / 1.30 = 13 tokens' work for the forward itself
 ADMIT_FORWARD_TOKENS = 13
+# CUDA: an estimate until a device run measures it (issue 13): an eager 1B bf16 forward launches ~200
+# kernels (~3 ms of host time) against ~5 us a token of matrix work (2.5 GFLOP at ~500 TFLOP/s)
+ADMIT_FORWARD_TOKENS_BY_DEVICE = {"cpu": ADMIT_FORWARD_TOKENS, "cuda": 512}
 
 
-def admit_groups(prompts: list, reused: Optional[list] = None, keys: Optional[list] = None) -> list:
+def admit_forward_tokens(device) -> int:
+    """A prefill forward's own cost in tokens on ``device`` (its type's entry; the CPU's else)."""
+    return ADMIT_FORWARD_TOKENS_BY_DEVICE.get(torch.device(device).type, ADMIT_FORWARD_TOKENS)
+
+
+def admit_groups(prompts: list, reused: Optional[list] = None, keys: Optional[list] = None,
+                 forward_tokens: int = ADMIT_FORWARD_TOKENS) -> list:
     """Rows joining together split into groups of like length, one :meth:`Decoder.admit`
     each, so that a short prompt beside a long one does not compute the long one's length
-    in padding. A group costs ADMIT_FORWARD_TOKENS plus its distinct prompts times its
-    :func:`admit_span`; the split is the cheapest (then the fewest groups): groups of
-    consecutive rows in order of their span, by dynamic programming. ``keys``: each row's
-    prompt as Decoder.admit tells equal ones apart (prefilled once: one row, one group;
-    default the prompt). Returns the groups' row indices, each in order, shortest first."""
+    in padding. A group costs ``forward_tokens`` (:func:`admit_forward_tokens`) plus its
+    distinct prompts times its :func:`admit_span`; the split is the cheapest (then the
+    fewest groups): groups of consecutive rows in order of their span, by dynamic
+    programming. ``keys``: each row's prompt as Decoder.admit tells equal ones apart
+    (prefilled once: one row, one group; default the prompt). Returns the groups' row
+    indices, each in order, shortest first."""
     reused = reused or [None] * len(prompts)
     keys = keys or [tuple(p) for p in prompts]
     units: dict = {}  # a distinct prompt's rows
@@ -342,7 +353,7 @@ def admit_groups(prompts: list, reused: Optional[list] = None, keys: Optional[li
     best, cut = [(0, 0)] + [None] * len(order), [0] * (len(order) + 1)  # best[i]: (cost, forwards) of order[:i]
     for i in range(1, len(order) + 1):
         for j in range(i):  # the last group: order[j:i], its span need[i - 1]
-            c = (best[j][0] + ADMIT_FORWARD_TOKENS + (i - j) * need[i - 1], best[j][1] + 1)
+            c = (best[j][0] + forward_tokens + (i - j) * need[i - 1], best[j][1] + 1)
             if best[i] is None or c < best[i]:
                 best[i], cut[i] = c, j
     groups, i = [], len(order)

@@ -1140,7 +1140,7 @@ def test_admit_groups_is_the_cheapest_split():
     spans are their lengths less their reused prefixes."""
     import random
 
-    from flora.generation import ADMIT_FORWARD_TOKENS, admit_groups, admit_span
+    from flora.generation import ADMIT_FORWARD_TOKENS, admit_forward_tokens, admit_groups, admit_span
 
     rng = random.Random(0)
     assert admit_groups([[5] * 20, [6] * 600]) == [[0], [1]]  # a chat beside a document: apart
@@ -1159,8 +1159,27 @@ def test_admit_groups_is_the_cheapest_split():
         need = {k: len(k[0]) - (reused[keys.index(k)][1] if reused[keys.index(k)] else 0) for k in units}
         spans = [admit_span([prompts[i] for i in g], [reused[i] for i in g]) for g in groups]
         assert spans == sorted(spans)
-        got = _split_cost([sorted({keys[i] for i in g}) for g in groups], need, ADMIT_FORWARD_TOKENS)
-        assert got == min(_split_cost(p, need, ADMIT_FORWARD_TOKENS) for p in _partitions(units))
+        f = rng.choice([ADMIT_FORWARD_TOKENS, 1, 40, 512])  # a device's forward cost (admit_forward_tokens)
+        groups = admit_groups(prompts, reused, keys, forward_tokens=f) if f != ADMIT_FORWARD_TOKENS else groups
+        got = _split_cost([sorted({keys[i] for i in g}) for g in groups], need, f)
+        assert got == min(_split_cost(p, need, f) for p in _partitions(units))
+    # a GPU's forward costs more tokens' work: a chat beside a 200-token prompt prefills with it there
+    assert admit_groups([[5] * 20, [6] * 200]) == [[0], [1]]
+    assert admit_groups([[5] * 20, [6] * 200], forward_tokens=admit_forward_tokens("cuda")) == [[0, 1]]
+    assert admit_forward_tokens("cpu") == ADMIT_FORWARD_TOKENS == admit_forward_tokens("meta")
+
+
+def test_admit_cost_fits_a_forward_and_its_tokens():
+    """bench/admit_cost.py: the least-squares fit recovers a line exactly; on the CPU a tiny model's
+    Decoder.admit is timed at each length and the fit written out."""
+    from _bench_scripts import load_bench_script
+
+    ac = load_bench_script("admit_cost")
+    a, b = ac.fit({1: 0.0102, 8: 0.0116, 64: 0.0228})  # 10 ms + 0.2 ms a token
+    assert abs(a - 0.010) < 1e-9 and abs(b - 0.0002) < 1e-12
+    m, _ = ac.load("tiny", torch.float32, torch.device("cpu"))
+    times = ac.admit_times(m, [1, 4, 16], repeats=1)
+    assert sorted(times) == [1, 4, 16] and all(t > 0 for t in times.values())
 
 
 def counted_prefills(model) -> list:

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""What a prefill forward costs by itself, in tokens: the constant behind `flora serve`'s grouping.
+
+    python bench/admit_cost.py                                   # SmolLM2-135M, this machine's device
+    python bench/admit_cost.py --device cuda --model 1b --dtype bf16
+
+`flora serve` prefills requests joining in one step in groups of like length
+(flora.generation.admit_groups): a group costs a forward's fixed work plus its
+rows' tokens, so a short prompt beside a long one runs apart when the padding
+it would compute costs more than a forward. That fixed work, in tokens, is
+``admit_forward_tokens(device)``. This measures it as the engine runs it:
+``Decoder.admit`` of one row (batch 8 cache, CUDA graphs for the decode steps
+on CUDA, as the engine builds it) at prompt lengths 1 .. 512, medians of
+``--repeats`` (CUDA: synchronized around each), then fits time = a + b * tokens
+(least squares) and prints a / b: the tokens a forward costs by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from flora.bench.latency import SHAPES, base_llama, build_flora, model_config
+from flora.bench.report import publish, title
+from flora.generation import Decoder, admit_forward_tokens, inference_mode
+
+
+def load(model: str, dtype, device):
+    if model in SHAPES:
+        cfg, label = model_config(model)
+        m, _ = build_flora(base_llama(model, cfg, dtype, device, seed=0), "base", 32, None, dtype, device, seed=0)
+        return m, label
+    from flora import FusedLlama
+    from flora.pretrained import smollm2_path
+
+    path = model or smollm2_path()
+    return FusedLlama.from_pretrained(path, dtype=dtype).to(device), str(path).rsplit("/", 1)[-1]
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def admit_times(m, lengths: list, repeats: int, batch: int = 8) -> dict:
+    """{prompt length: median seconds of one row's Decoder.admit}."""
+    dev = m.device
+    out = {}
+    with inference_mode(m):
+        dec = Decoder(m, batch, max(lengths) + 8, use_cuda_graph=dev.type == "cuda")
+        g = torch.Generator().manual_seed(0)
+        for n in lengths:
+            prompt = torch.randint(3, m.arch.vocab_size, (n,), generator=g).tolist()
+            times = []
+            for k in range(repeats + 2):  # two untimed warm-ups
+                dec.restart(n)
+                sync(dev)
+                t0 = time.perf_counter()
+                dec.admit([0], [prompt], 0)
+                sync(dev)
+                if k >= 2:
+                    times.append(time.perf_counter() - t0)
+            out[n] = statistics.median(times)
+    return out
+
+
+def fit(times: dict) -> tuple:
+    """(a, b): least-squares time = a + b * tokens."""
+    xs, ys = list(times), list(times.values())
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default=None,
+                   help=f"a shape ({', '.join(SHAPES)}: random weights), a checkpoint (default: SmolLM2-135M)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1, 8, 64, 256, 512])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--json", default=None)
+    p.add_argument("--md", default=None, help="write the markdown table here too")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/admit_cost.py: --device cuda, but no CUDA device is visible")
+    if len(set(a.lengths)) < 2 or min(a.lengths) < 1:
+        sys.exit("bench/admit_cost.py: --lengths needs two or more distinct lengths >= 1")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    m, label = load(a.model, dtype, device)
+    times = admit_times(m, sorted(set(a.lengths)), a.repeats)
+    fa, fb = fit(times)
+    measured = fa / fb
+    cmd = ("python bench/admit_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    lines = [title(device, cmd), f"({label}, {str(dtype).replace('torch.', '')}, one row of a batch-8 cache)", "",
+             "| prompt tokens | admit ms | fit ms |", "|---|---|---|"]
+    lines += [f"| {n} | {s * 1e3:.2f} | {(fa + fb * n) * 1e3:.2f} |" for n, s in times.items()]
+    lines += ["", f"fixed {fa * 1e3:.2f} ms + {fb * 1e6:.1f} us a token: a forward costs {measured:.0f} tokens "
+                  f"(flora uses admit_forward_tokens({device.type!r}) = {admit_forward_tokens(device)})"]
+    publish("\n".join(lines), {"command": cmd, "model": label, "dtype": str(dtype), "times_s": times,
+                               "fixed_s": fa, "per_token_s": fb, "forward_tokens": measured}, a.md, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
