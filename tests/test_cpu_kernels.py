@@ -282,11 +282,14 @@ def test_info_lists_cpu_dispatch(isa):
 # Largest M on the decode kernels (register.cpp, measured with bench/kernels.py --aten-too,
 # bench/RESULTS.md): with AMX bf16 (oneDNN's AMX GEMM takes over early) and without it.
 # Keyed (AMX, Intel): MKL's sgemm is fast on Intel CPUs only.
-RULE = {(True, True): {torch.float32: 16, torch.bfloat16: 4, torch.float16: 8},
-        (False, True): {torch.float32: 16, torch.bfloat16: 16, torch.float16: 512},
-        (False, False): {torch.float32: 128, torch.bfloat16: 16, torch.float16: 512}}
-RULE[(True, False)] = RULE[(True, True)]
-MACHINE = (C.has_amx_bf16(), C.cpu_is_intel()) if C is not None else None
+# (AMX bf16, Intel, avx512_bf16): the rule's cutoffs (csrc/cpu/register.cpp)
+RULE = {(False, True, True): {torch.float32: 16, torch.bfloat16: 16, torch.float16: 512},
+        (False, False, True): {torch.float32: 128, torch.bfloat16: 16, torch.float16: 512},
+        (False, True, False): {torch.float32: 16, torch.bfloat16: 512, torch.float16: 512},
+        (False, False, False): {torch.float32: 128, torch.bfloat16: 512, torch.float16: 512}}
+for _k in [(False, i, b) for i in (True, False) for b in (True, False)]:
+    RULE[(True,) + _k[1:]] = {torch.float32: 16, torch.bfloat16: 4, torch.float16: 8}
+MACHINE = (C.has_amx_bf16(), C.cpu_is_intel(), C.has_avx512_bf16()) if C is not None else None
 RULE_MAX = max(m for r in RULE.values() for m in r.values())
 
 
@@ -296,10 +299,11 @@ def test_gemv_max_m_rule(gemv_max_m):
     want = RULE[MACHINE]
     assert {dt: C.cpu_gemv_max_m(dt) for dt in want} == want
     assert C.cpu_gemv_max_m(torch.float64) == 0  # fp64: always ATen
-    amx = "with AMX" if MACHINE[0] else "an Intel CPU without AMX" if MACHINE[1] else "a CPU without AMX"
+    basis = "a CPU with AMX" if MACHINE[0] else (("an Intel CPU" if MACHINE[1] else "a CPU")
+                                                 + " without AMX" + ("" if MACHINE[2] else " or avx512_bf16"))
     when = lambda: " | ".join(k["when"] for k in flora.info()["kernels"] if "gemv" in k["impl"])
     if C.cpu_isa() != "aten":
-        assert f"cutoffs for {'a CPU ' if MACHINE[0] else ''}{amx}" in when()
+        assert f"cutoffs for {basis})" in when()
     gemv_max_m(7)
     assert [C.cpu_gemv_max_m(dt) for dt in DTYPES] == [7, 7, 7]
     if C.cpu_isa() != "aten":

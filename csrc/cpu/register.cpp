@@ -41,6 +41,12 @@ namespace k = cpu::kernels;
 //   CPUs only, so an Intel CPU without AMX keeps the fp32 16 measured against
 //   it on the Xeon (that was MKL's AVX-512 sgemm, not AMX); its bf16 and fp16
 //   GEMMs are oneDNN's / ATen's as on the Zen 5: bf16 16, fp16 512.
+// - without AMX and without avx512_bf16 (an Intel Xeon, AVX-512 only,
+//   bench/RESULTS.md "... without AMX or avx512_bf16", 2026-11-29): oneDNN's
+//   bf16 GEMM has no bf16 dot product to run there, as ATen's fp16 has none:
+//   the kernel streamed in 0.35-0.57x its time at every M measured, 1 .. 512,
+//   so bf16 512 as fp16; fp32 16 confirmed against MKL (0.85x at 16, a tie at
+//   24, 1.07x at 32).
 // FLORA_CPU_GEMV_MAX_M, or set_cpu_gemv_max_m(), overrides all three (for
 // tests and benchmarks).
 struct MaxM {
@@ -49,9 +55,15 @@ struct MaxM {
 };
 
 MaxM machine_max_m() {
-  static const MaxM v = cpu::has_amx_bf16() ? MaxM{16, 4, 8, "cutoffs for a CPU with AMX"}
-                        : cpu::is_intel()   ? MaxM{16, 16, 512, "cutoffs for an Intel CPU without AMX"}
-                                            : MaxM{128, 16, 512, "cutoffs for a CPU without AMX"};
+  static const MaxM v = [] {
+    if (cpu::has_amx_bf16()) return MaxM{16, 4, 8, "cutoffs for a CPU with AMX"};
+    const bool intel = cpu::is_intel();  // MKL's sgemm: fast paths on Intel CPUs only
+    if (!cpu::has_avx512_bf16())         // no bf16 dot product for oneDNN either
+      return intel ? MaxM{16, 512, 512, "cutoffs for an Intel CPU without AMX or avx512_bf16"}
+                   : MaxM{128, 512, 512, "cutoffs for a CPU without AMX or avx512_bf16"};
+    return intel ? MaxM{16, 16, 512, "cutoffs for an Intel CPU without AMX"}
+                 : MaxM{128, 16, 512, "cutoffs for a CPU without AMX"};
+  }();
   return v;
 }
 
