@@ -2252,7 +2252,8 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
     small enough to drain and restart, a prefix cache small enough to evict, --mixed or
     not) take random requests (arriving while others run; prompts sharing blocks, repeated,
     cut at a block boundary +-1, a conversation's next turn; n, stop strings, echo,
-    logprobs, streaming, greedy or seeded; some with a NaN embedding's token, whose rows
+    logprobs, streaming, greedy or seeded, sometimes with penalties, a logit_bias or min_p;
+    some with a NaN embedding's token, whose rows
     fail alone, with the decode step's attention SDPA as where the kernel does not run),
     and every other choice ends once with what generate() gives it on a separately
     loaded model, its logprobs the full forward's."""
@@ -2286,7 +2287,7 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
         return tok.decode(ids, skip_special_tokens=True), "length", len(row), row
 
     rng = random.Random(1234)
-    checked = 0
+    checked = adjusted = 0
     for scenario in range(40):
         mixed, cache_len = rng.random() < 0.5, rng.choice([20, 33, 64])
         model = _two_adapters(ckpt, adapter, tmp_path) if scenario else None
@@ -2326,6 +2327,12 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
             if rng.random() < 0.4:
                 body.update(temperature=rng.choice([0.7, 1.2]), seed=rng.randrange(100),
                             top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]))
+            if rng.random() < 0.25:  # the rows that sample through Penalties (greedy ones too)
+                body.update(repetition_penalty=rng.choice([1.0, 1.4]), presence_penalty=rng.choice([0.0, 0.8, -0.5]),
+                            frequency_penalty=rng.choice([0.0, 0.6]), min_p=rng.choice([0.0, 0.1]))
+            if rng.random() < 0.2:
+                body["logit_bias"] = {str(rng.randrange(V)): rng.choice([-100, -6.5, 4.0, 100])
+                                      for _ in range(rng.randint(1, 3))}
             if rng.random() < 0.25:
                 body["n"] = rng.randint(2, 3)
             if rng.random() < 0.2:
@@ -2357,6 +2364,7 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
                 *expect, row = want(r)
                 assert (text, reason, n) == tuple(expect), (scenario, r)
                 checked += 1
+                adjusted += r.sampling.adjusts or r.sampling.min_p > 0
                 if r.logprobs is not None:
                     with torch.no_grad():
                         lp = torch.log_softmax(refs[r.model](torch.tensor([r.prompt + row])).logits[0].float(), -1)
@@ -2371,7 +2379,7 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
         pc = eng.prefix
         _check_prefix_cache(pc)
         monkeypatch.undo()
-    assert checked > 100
+    assert checked > 100 and adjusted > 20, (checked, adjusted)
 
 
 def test_randomized_shared_prefixes_against_alone(setup, tmp_path):
