@@ -30,7 +30,11 @@ from one loaded base model:
   ``min_tokens`` (the EOS and stop ids masked out of the logits until then, stop
   strings looked for after), ``stop_token_ids``, ``include_stop_str_in_output``,
   ``skip_special_tokens``, and its ``stop_reason`` on each choice (the stop string or id
-  that ended it). Fields not implemented (OpenAI's ``tools``, vLLM's ``use_beam_search``,
+  that ended it: a generation config's EOS ids other than the tokenizer's are stop ids; stop
+  strings found by one token taken in the list's order); ``request_id`` (the response's
+  id, after an ``X-Request-Id`` header's; ``--enable-request-id-headers``: every answer
+  carries that header) and ``cache_salt`` (prompts of other salts share no computed start:
+  the prefix cache, prompts joining or scored together). Fields not implemented (OpenAI's ``tools``, vLLM's ``use_beam_search``,
   ``guided_json``, ...: ``UNSUPPORTED``) are refused with a 400 naming them unless they
   carry the value that asks for nothing, and so are fields not known at all (``KNOWN``;
   OpenAI's ``user``, ``metadata``, ... are taken): ignored, they answer less than asked;
