@@ -185,7 +185,8 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 class ServeMetrics:
     """``flora serve``'s metrics, vLLM's names under ``flora:``, each sample labelled
     ``model_name`` (the served name: the base's or an adapter's). The engine's worker
-    calls :meth:`first_token` and :meth:`ended` once per choice; the gauges are set
+    calls :meth:`first_token` and :meth:`ended` once per choice, :meth:`inter_token` once
+    per token after a choice's first; the gauges are set
     when scraped (:meth:`render`), so the decode loop pays nothing for them."""
 
     def __init__(self):
