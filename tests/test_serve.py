@@ -23,6 +23,7 @@ from flora.cli import main
 from flora.config import AdapterConfig
 from flora.data import load_tokenizer, prompt_ids
 from flora.generation import Sampling, _eos_set
+from flora.metrics import ServeMetrics
 from flora.pretrained import chat_prompt
 from flora.serve import Engine, Request, serve
 
@@ -1557,7 +1558,7 @@ def test_streaming_holds_back_what_may_start_a_stop_string():
 
     from flora.serve import Request, _Row
 
-    eng = SimpleNamespace(eos={0}, text=lambda ids: "".join(chr(i) for i in ids))
+    eng = SimpleNamespace(eos={0}, tok_eos=0, metrics=ServeMetrics(), text=lambda ids: "".join(chr(i) for i in ids))
     for chars, n, stop, want, reason in [("xyabz", 9, ("abc",), "xyabz", "stop"),  # ended by the EOS
                                          ("xyabcz", 9, ("abc", "q"), "xy", "stop"),
                                          ("xy", 9, ("yz",), "xy", "stop"),
@@ -2520,7 +2521,8 @@ def test_streaming_on_a_real_tokenizer_sends_the_decoded_text(smollm2_tok):
     from flora.serve import _Row
 
     tok = smollm2_tok
-    eng = SimpleNamespace(eos={tok.eos_token_id}, text=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    eng = SimpleNamespace(eos={tok.eos_token_id}, tok_eos=tok.eos_token_id, metrics=ServeMetrics(),
+                          text=lambda ids: tok.decode(ids, skip_special_tokens=True))
     ids = tok("Grüße 🎉 aus 東京! Ein Test 🙂 mit Emoji und 漢字 zum Schluss.").input_ids
     whole = eng.text(ids)
     for stop in ((), ("漢字",), ("🙂",), ("Schluss.",)):
@@ -2548,7 +2550,8 @@ def test_logprob_entries_on_a_real_tokenizer(smollm2_tok):
     from flora.serve import _Row
 
     tok = smollm2_tok
-    eng = SimpleNamespace(eos={tok.eos_token_id}, text=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    eng = SimpleNamespace(eos={tok.eos_token_id}, tok_eos=tok.eos_token_id, metrics=ServeMetrics(),
+                          text=lambda ids: tok.decode(ids, skip_special_tokens=True))
     ids = tok("Grüße 🎉 aus 東京!").input_ids
     alts = tok(" a 🎉").input_ids  # whole words, and parts of a character
     for stream in (False, True):
