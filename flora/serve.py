@@ -34,8 +34,8 @@ from one loaded base model:
   strings found by one token taken in the list's order); ``request_id`` (the response's
   id, after an ``X-Request-Id`` header's; ``--enable-request-id-headers``: every answer
   carries that header) and ``cache_salt`` (prompts of other salts share no computed start:
-  the prefix cache, prompts joining or scored together). Fields not implemented (OpenAI's ``tools``, vLLM's ``use_beam_search``,
-  ``guided_json``, ...: ``UNSUPPORTED``) are refused with a 400 naming them unless they
+  the prefix cache, prompts joining or scored together). Fields not implemented (OpenAI's
+  ``tools``, vLLM's ``use_beam_search``, ``guided_json``, ...: ``UNSUPPORTED``) are refused with a 400 naming them unless they
   carry the value that asks for nothing, and so are fields not known at all (``KNOWN``;
   OpenAI's ``user``, ``metadata``, ... are taken): ignored, they answer less than asked;
 * with ``--allow-adapter-updates``, ``POST /v1/load_lora_adapter`` (``lora_name``,
@@ -1853,7 +1853,8 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             # vLLM's id: the X-Request-Id header's, else the body's request_id, else a new one
             # (entrypoints/openai/serving_engine.py, _base_request_id)
             base = self.headers.get("X-Request-Id")
-            rid = ("chatcmpl-" if chat else "cmpl-") + (reqs[0].request_id or uuid.uuid4().hex if base is None else base)
+            base = (reqs[0].request_id or uuid.uuid4().hex) if base is None else base
+            rid = ("chatcmpl-" if chat else "cmpl-") + base
             created = int(time.time())
             try:
                 engine.submit(reqs)

@@ -1745,8 +1745,8 @@ def test_prefix_cache_checks_tokens_not_only_hashes(monkeypatch):
     B = m.BLOCK
     # colliding keys: a block's index and tokens, not the blocks before it
     monkeypatch.setattr(m.PrefixCache, "_keys", staticmethod(
-        lambda model, tokens, n: (((model, j, tuple(tokens[j * B:(j + 1) * B])), tuple(tokens[j * B:(j + 1) * B]))
-                                  for j in range(n))))
+        lambda model, tokens, n, salt=None: (((model, j, tuple(tokens[j * B:(j + 1) * B])),
+                                              tuple(tokens[j * B:(j + 1) * B])) for j in range(n))))
     pc = m.PrefixCache(capacity=8 * B)
     p = [1] * B + [2] * B + [0]
     pc.insert("m", p, _kv(p))
@@ -1755,7 +1755,7 @@ def test_prefix_cache_checks_tokens_not_only_hashes(monkeypatch):
     pc.insert("m", q, _kv(q))  # its first block kept; the second's key is taken: that one stays p's
     assert pc.tokens == 3 * B and pc.lookup("m", q)[1] == B and _ids(*pc.lookup("m", p)) == p[:2 * B]
     monkeypatch.setattr(m.PrefixCache, "_keys", staticmethod(  # every block j under one key
-        lambda model, tokens, n: (((model, j), tuple(tokens[j * B:(j + 1) * B])) for j in range(n))))
+        lambda model, tokens, n, salt=None: (((model, j), tuple(tokens[j * B:(j + 1) * B])) for j in range(n))))
     pc = m.PrefixCache(capacity=8 * B)
     pc.insert("m", p, _kv(p))
     r = [1] * B + [7] * B + [0]
