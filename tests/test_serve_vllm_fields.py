@@ -501,12 +501,17 @@ def _together(eng, bodies):
     return out
 
 
-def test_cache_salt_shares_no_start_between_requests_joining_or_scored_together(setup):
+def test_cache_salt_shares_no_start_between_requests_joining_or_scored_together(setup, monkeypatch):
     """Requests that join (or are scored) together share a start they have in common, or all of an
-    equal prompt, only within one salt: of other salts each computes its whole prompt (cached 0),
-    answering as alone; scoring packs no prompts of other salts (every token computed)."""
+    equal prompt, only within one salt: of other salts each computes its whole prompt (cached 0; an
+    equal prompt's row is no copy of the other's), answering as alone; scoring packs no prompts of
+    other salts (every token computed)."""
+    from flora.generation import Decoder
     from flora.serve import SHARE_MIN
 
+    copied = []
+    copy_row = Decoder._copy_row
+    monkeypatch.setattr(Decoder, "_copy_row", lambda self, *a: (copied.append(a), copy_row(self, *a))[1])
     _, model, tok, _ = setup
     start = _prompt(2, SHARE_MIN + 9)
     p, q = start + _prompt(3, 5), start + _prompt(4, 7)
@@ -516,8 +521,9 @@ def test_cache_salt_shares_no_start_between_requests_joining_or_scored_together(
     for salts, shared in [(("a", "b"), False), ((None, "b"), False), (("a", "a"), True), ((None, None), True)]:
         for second in (q, p):  # a shared start; an equal prompt
             eng = Engine(model, tok, {"base": None}, max_batch=4, prefix_cache=0)
+            copied.clear()
             got = _together(eng, [body(p, cache_salt=salts[0]), body(second, cache_salt=salts[1])])
-            assert eng.batches == 1
+            assert eng.batches == 1 and len(copied) == (shared and second is p)
             for r, ev in got:
                 assert ev[2] == _text(tok, alone[tuple(r.prompt)])
             assert got[0][0].cached == 0
