@@ -2,7 +2,7 @@
 
     flora chat --model DIR|FILE.gguf|smollm2 [--adapter DIR] [--system TEXT] \\
         [--max-new-tokens 256] [--temperature 0.7 --top-p 0.9 --top-k 0 --min-p 0 --seed S] \\
-        [--repetition-penalty 1.1 --presence-penalty 0 --frequency-penalty 0]
+        [--repetition-penalty 1.1 --presence-penalty 0 --frequency-penalty 0] [--logit-bias TOKEN=BIAS ...]
 
 Each line read is the user's turn; the reply streams as it is generated and
 joins the conversation, which goes through the tokenizer's chat template as
@@ -50,7 +50,7 @@ CACHE_LEN = 4096  # the conversation's KV-cache slots at most (the model's conte
 
 
 def run_args(args, stdin=None, out=None) -> None:
-    from .inference import load, sampling_of
+    from .inference import check_vocab, load, sampling_of
     from .serve import Engine, Request
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
@@ -59,6 +59,7 @@ def run_args(args, stdin=None, out=None) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device = resolve_device(args.device)
     model, tok = load(args, [("adapter", args.adapter)] if args.adapter else [], device)
+    check_vocab(sampling, model)
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"{args.model}: its tokenizer has no chat template; flora chat needs an instruct model")
     context = min(model.arch.max_position_embeddings, CACHE_LEN)

@@ -4,7 +4,8 @@
     flora generate --model DIR|FILE.gguf|smollm2 [--adapter OUT/adapter ...] [--compare] \\
         (--prompt TEXT ... | --data prompts.jsonl [--limit N]) [--chat] \\
         [--max-new-tokens 128] [--temperature T --top-p P --top-k K --min-p P --seed S] \\
-        [--repetition-penalty R --presence-penalty P --frequency-penalty F] [--batch-size 8] [--out FILE.jsonl]
+        [--repetition-penalty R --presence-penalty P --frequency-penalty F] [--logit-bias TOKEN=BIAS ...] \
+        [--batch-size 8] [--out FILE.jsonl]
 
 Prompts are tokenized as ``flora train`` tokenizes them, so a training or
 evaluation JSONL works as it is; when its records carry a ``completion``
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import queue
 import sys
@@ -77,18 +79,52 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> N
                    help="subtracted from the logit of each token the answer holds (-2 .. 2; OpenAI's)")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="x its count in the answer, subtracted from each token's logit (-2 .. 2; OpenAI's)")
+    p.add_argument("--logit-bias", nargs="+", action="extend", default=None, metavar="TOKEN=BIAS",
+                   help="added to a token id's logit before sampling (-100 .. 100; -100 bans it, 100 all but "
+                        "forces it; OpenAI's logit_bias); repeatable")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
 
 
+def _logit_bias(items) -> "dict | None":
+    """--logit-bias TOKEN=BIAS ... -> {token id: bias}, or ValueError naming the item."""
+    if not items:
+        return None
+    out: dict = {}
+    for item in items:
+        tok, sep, bias = item.partition("=")
+        try:
+            t, v = int(tok), float(bias)
+        except ValueError:
+            t = v = None
+        if not sep or t is None or t < 0 or not math.isfinite(v) or not -100 <= v <= 100:
+            raise ValueError(f"--logit-bias {item!r}: expected TOKEN=BIAS, a token id >= 0 and a number in "
+                             f"[-100, 100]")
+        if t in out:
+            raise ValueError(f"--logit-bias: token {t} is given twice")
+        out[t] = v
+    return out
+
+
 def sampling_of(args):
-    """The sampling settings of add_sampling_arguments' flags, checked (before a model loads)."""
+    """The sampling settings of add_sampling_arguments' flags, checked (before a model loads;
+    :func:`check_vocab` checks --logit-bias's token ids once it has)."""
     from .generation import Sampling, check_sampling, check_seed
 
     s = Sampling(args.temperature, args.top_p, args.top_k, args.min_p, args.repetition_penalty,
-                 args.presence_penalty, args.frequency_penalty)
+                 args.presence_penalty, args.frequency_penalty, _logit_bias(getattr(args, "logit_bias", None)))
     check_sampling(args.max_new_tokens, s)
     check_seed(args.seed)
     return s
+
+
+def check_vocab(sampling, model) -> None:
+    """--logit-bias's token ids lie in the loaded model's vocabulary (ValueError naming the flag)."""
+    from .generation import check_sampling
+
+    try:
+        check_sampling(0, sampling, model.arch.vocab_size)
+    except ValueError as e:
+        raise ValueError(f"--{e}".replace("--logit_bias", "--logit-bias", 1)) from None
 
 
 def load(args, adapters: list, device):
@@ -326,6 +362,7 @@ def run_args(args) -> dict:
     t0 = time.perf_counter()
     names = [f"adapter{i}" for i in range(1, len(args.adapter or []) + 1)]
     model, tok = load(args, list(zip(names, args.adapter or [])), device)
+    check_vocab(sampling, model)
     load_s = time.perf_counter() - t0
     texts = [_text(tok, r, args) for r in recs]
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, compile=args.compile,

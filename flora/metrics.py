@@ -185,7 +185,8 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 class ServeMetrics:
     """``flora serve``'s metrics, vLLM's names under ``flora:``, each sample labelled
     ``model_name`` (the served name: the base's or an adapter's). The engine's worker
-    calls :meth:`first_token` and :meth:`ended` once per choice; the gauges are set
+    calls :meth:`first_token` and :meth:`ended` once per choice, :meth:`inter_token` once
+    per token after a choice's first; the gauges are set
     when scraped (:meth:`render`), so the decode loop pays nothing for them."""
 
     def __init__(self):
@@ -212,15 +213,36 @@ class ServeMetrics:
                                 "two tokens or more).", TPOT_BUCKETS, m)
         self.e2e = r.histogram("flora:e2e_request_latency_seconds",
                                "Time from a choice's arrival to its end.", LATENCY_BUCKETS, m)
+        # vLLM's phases of a request (vllm/v1/metrics/loggers.py, stats.py): queued from its arrival until
+        # it is scheduled (its prefill, or echo's scoring, starts), prefill until its first token, decode
+        # from there to its last token, inference from scheduled to its last token; and the time between
+        # two tokens of a choice, each gap one observation
+        self.queue_time = r.histogram("flora:request_queue_time_seconds",
+                                      "Time from a choice's arrival until it is scheduled (its prefill or "
+                                      "scoring starts).", LATENCY_BUCKETS, m)
+        self.prefill_time = r.histogram("flora:request_prefill_time_seconds",
+                                        "Time from a choice's scheduling to its first generated token.",
+                                        LATENCY_BUCKETS, m)
+        self.decode_time = r.histogram("flora:request_decode_time_seconds",
+                                       "Time from a choice's first generated token to its last.", LATENCY_BUCKETS, m)
+        self.inference_time = r.histogram("flora:request_inference_time_seconds",
+                                          "Time from a choice's scheduling to its last generated token (its "
+                                          "end, without one).", LATENCY_BUCKETS, m)
+        self.itl = r.histogram("flora:inter_token_latency_seconds",
+                               "Time between two consecutive generated tokens of a choice.", TPOT_BUCKETS, m)
 
     def first_token(self, model: str, arrived: float, now: float) -> None:
         self.ttft.observe((model,), now - arrived)
 
+    def inter_token(self, model: str, gap: float) -> None:
+        self.itl.observe((model,), gap)
+
     def ended(self, model: str, reason: str, arrived: float, now: float, n_tokens: int,
-              first_at, prompt: int, cached: int) -> None:
-        """A choice's end: ``n_tokens`` generated (the first at ``first_at``, None without
-        one); ``prompt`` and ``cached`` its prompt's tokens (0 for a prompt's later choices:
-        usage counts a prompt once)."""
+              first_at, prompt: int, cached: int, scheduled=None, last_at=None) -> None:
+        """A choice's end: ``n_tokens`` generated (the first at ``first_at``, the last at
+        ``last_at``, None without one); ``prompt`` and ``cached`` its prompt's tokens (0 for a
+        prompt's later choices: usage counts a prompt once); ``scheduled``: when its prefill or
+        scoring began (None: never, it ended waiting)."""
         k = (model,)
         self.success.inc((model, reason))
         self.generation_tokens.inc(k, n_tokens)
@@ -230,6 +252,13 @@ class ServeMetrics:
         self.e2e.observe(k, now - arrived)
         if n_tokens > 1 and first_at is not None:
             self.tpot.observe(k, (now - first_at) / (n_tokens - 1))
+        if scheduled is not None:
+            self.queue_time.observe(k, scheduled - arrived)
+            self.inference_time.observe(k, (now if last_at is None else last_at) - scheduled)
+            if first_at is not None:
+                self.prefill_time.observe(k, first_at - scheduled)
+        if first_at is not None and last_at is not None:
+            self.decode_time.observe(k, last_at - first_at)
 
     REASONS = ("stop", "length", "abort", "error")
 
@@ -239,7 +268,8 @@ class ServeMetrics:
         for model in running:
             k = (model,)
             for c in (self.prompt_tokens, self.generation_tokens, self.cache_queries, self.cache_hits,
-                      self.ttft, self.tpot, self.e2e):
+                      self.ttft, self.tpot, self.e2e, self.queue_time, self.prefill_time, self.decode_time,
+                      self.inference_time, self.itl):
                 c.touch(k)
             for reason in self.REASONS:
                 self.success.touch((model, reason))

@@ -13,7 +13,9 @@ and values [layers, 2, kv_heads, BLOCK, hd]; a lookup walks a prompt's chain of
 blocks, each checked exactly (its tokens, and the block before it), and gives
 the kept blocks' keys and values as a list (:func:`flora.generation.kv_slots`
 joins only those a copy needs). Keys are per served model (an adapter's keys and
-values are its own), never across.
+values are its own), never across, and per cache salt (vLLM's ``cache_salt``: its first
+block's hash holds the salt, vllm/v1/core/kv_cache_utils.py, so that prompts of another
+salt share no block and cannot time what is kept).
 
 What is kept: each admitted prompt, each finished request's prompt and
 answer (the next turn of a conversation starts with both), and what a scoring
@@ -92,14 +94,15 @@ class PrefixCache:
         return len(self._blocks) * BLOCK
 
     @staticmethod
-    def _keys(model, tokens, n_blocks: int):
-        """(key, tokens) of ``tokens``' first ``n_blocks`` blocks: key (model, hash of the block and
-        every block before it)."""
-        h = hash(model)
+    def _keys(model, tokens, n_blocks: int, salt: Optional[str] = None):
+        """(key, tokens) of ``tokens``' first ``n_blocks`` blocks: key (model, salt, hash of the block
+        and every block before it; the first's with the salt). The salt is in every key, so it is
+        compared exactly, not only hashed."""
+        h = hash(model) if salt is None else hash((model, salt))
         for j in range(n_blocks):
             t = tuple(tokens[j * BLOCK:(j + 1) * BLOCK])
             h = hash((h, t))
-            yield (model, h), t
+            yield (model, salt, h), t
 
     def _walk(self, keys) -> list:
         """The kept blocks that a prompt's first blocks are (``keys``: theirs, as :meth:`_keys`
@@ -117,15 +120,15 @@ class PrefixCache:
         for b in reversed(chain):  # its ancestors after it: the least recently used block is a leaf
             self._blocks.move_to_end(b.key)
 
-    def lookup(self, model, tokens: list) -> Optional[tuple]:
+    def lookup(self, model, tokens: list, salt: Optional[str] = None) -> Optional[tuple]:
         """(kv, c): the keys and values of the longest kept prefix of ``tokens``
-        for ``model``, c tokens in whole blocks with at least one token left to
+        for ``model`` (and cache ``salt``), c tokens in whole blocks with at least one token left to
         compute, as a list of its blocks' [layers, 2, kv_heads, BLOCK, hd]; None
         when none is kept."""
-        chain = self._walk(self._keys(model, tokens, (len(tokens) - 1) // BLOCK))
+        chain = self._walk(self._keys(model, tokens, (len(tokens) - 1) // BLOCK, salt))
         return self._hit(chain, len(chain) * BLOCK) if chain else None
 
-    def lookup_scored(self, model, tokens: list, k: int, most: int) -> Optional[tuple]:
+    def lookup_scored(self, model, tokens: list, k: int, most: int, salt: Optional[str] = None) -> Optional[tuple]:
         """(kv, scores, c) for a prompt to score: the keys and values of its first c
         tokens (a list of blocks, as :meth:`lookup`'s) and the scores of its tokens
         1 .. c (values [c, 1 + k], ids [c, k]), from kept blocks with at least k
@@ -134,7 +137,7 @@ class PrefixCache:
         block it shares or in a scored block that extends it); None when none is kept."""
         if len(tokens) <= BLOCK or most < 1:
             return None
-        chain = self._walk(self._keys(model, tokens, len(tokens) // BLOCK))
+        chain = self._walk(self._keys(model, tokens, len(tokens) // BLOCK, salt))
         chain = chain[:next((j for j, b in enumerate(chain) if not _scored(b, k)), len(chain))]
         if not chain:
             return None
@@ -163,14 +166,14 @@ class PrefixCache:
         its start, what later prompts may share: a long system prompt or document)."""
         return min(n, self.capacity) // BLOCK * BLOCK
 
-    def held(self, model, tokens: list) -> int:
+    def held(self, model, tokens: list, salt: Optional[str] = None) -> int:
         """How many of the first tokens :meth:`insert` keeps of ``tokens`` are kept
         already (it reads the rest, up to :meth:`keeps`)."""
-        return len(self._walk(self._keys(model, tokens, self.keeps(len(tokens)) // BLOCK))) * BLOCK
+        return len(self._walk(self._keys(model, tokens, self.keeps(len(tokens)) // BLOCK, salt))) * BLOCK
 
     def insert(self, model, tokens: list, read: Optional[Callable[[int, int], Optional[Tensor]]],
-               scores: Optional[tuple] = None) -> None:
-        """Keep ``tokens``' whole blocks for ``model`` (:meth:`keeps`: the first ones
+               scores: Optional[tuple] = None, salt: Optional[str] = None) -> None:
+        """Keep ``tokens``' whole blocks for ``model`` and ``salt`` (:meth:`keeps`: the first ones
         that fit); ``read(a, n)``: the keys and
         values of tokens a .. n - 1 [layers, 2, kv_heads, n - a, hd], called only for
         the blocks not kept yet (None, or a read giving None: only the scores, for
@@ -182,7 +185,7 @@ class PrefixCache:
             return
         if scores is not None and not bool(scores[0][:n - 1].isfinite().all()):
             return  # as below: not what the prefix alone scores
-        keys = list(self._keys(model, tokens, n // BLOCK))
+        keys = list(self._keys(model, tokens, n // BLOCK, salt))
         chain = self._walk(keys)
         if len(chain) < len(keys) and read is not None:
             a = len(chain) * BLOCK
@@ -218,7 +221,7 @@ class PrefixCache:
 
     def drop(self, model) -> None:
         """Forget ``model``'s blocks (its adapter unloaded: one loaded later under its name has
-        other weights, and its prompts' keys and values are not these). A block's chain is
-        its model's alone, so whole chains go."""
+        other weights, and its prompts' keys and values are not these), whatever their salts.
+        A block's chain is its model's alone, so whole chains go."""
         for key in [k for k in self._blocks if k[0] == model]:
             del self._blocks[key]

@@ -30,8 +30,12 @@ from one loaded base model:
   ``min_tokens`` (the EOS and stop ids masked out of the logits until then, stop
   strings looked for after), ``stop_token_ids``, ``include_stop_str_in_output``,
   ``skip_special_tokens``, and its ``stop_reason`` on each choice (the stop string or id
-  that ended it). Fields not implemented (OpenAI's ``tools``, vLLM's ``use_beam_search``,
-  ``guided_json``, ...: ``UNSUPPORTED``) are refused with a 400 naming them unless they
+  that ended it: a generation config's EOS ids other than the tokenizer's are stop ids; stop
+  strings found by one token taken in the list's order); ``request_id`` (the response's
+  id, after an ``X-Request-Id`` header's; ``--enable-request-id-headers``: every answer
+  carries that header) and ``cache_salt`` (prompts of other salts share no computed start:
+  the prefix cache, prompts joining or scored together). Fields not implemented (OpenAI's
+  ``tools``, vLLM's ``use_beam_search``, ``guided_json``, ...: ``UNSUPPORTED``) are refused with a 400 naming them unless they
   carry the value that asks for nothing, and so are fields not known at all (``KNOWN``;
   OpenAI's ``user``, ``metadata``, ... are taken): ignored, they answer less than asked;
 * with ``--allow-adapter-updates``, ``POST /v1/load_lora_adapter`` (``lora_name``,
@@ -158,6 +162,7 @@ class Request:
     # prompt before it (echo with logprobs: neither its scoring forward nor its row computed them)
     cached: int = 0
     arrived: float = 0.0  # time.monotonic() when submitted (the metrics' latencies start here)
+    scheduled: Optional[float] = None  # time.monotonic() when its prefill (or echo's scoring) began (queue time)
     ended: bool = False  # its end is counted in Engine.metrics (once, whichever way it ended)
     # vLLM's: the checkpoint's EOS does not end it; the first min_tokens tokens end it by no EOS, stop id
     # or stop string (the sampler never draws the ids); token ids that end it as an EOS does (stop_reason:
@@ -168,6 +173,10 @@ class Request:
     include_stop: bool = False
     skip_special: bool = True
     stop_reason: Optional[object] = None  # set at its end: the stop string or stop id that ended it (vLLM's)
+    # vLLM's cache_salt: its prompt shares computed keys and values (the prefix cache, a prompt joining or
+    # scored beside it) only with requests of the same salt (None: with unsalted ones)
+    cache_salt: Optional[str] = None
+    request_id: Optional[str] = None  # vLLM's request_id: the response's id (after an X-Request-Id header's)
 
     def key(self, mixed: bool = False):
         """Requests with equal keys may share the running batch: one model's
@@ -203,7 +212,7 @@ UNSUPPORTED = {
     "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],),
     "spaces_between_special_tokens": (True,), "priority": (0,), "logits_processors": (),
     "return_tokens_as_token_ids": (False,), "return_token_ids": (False,), "prompt_embeds": (),
-    "cache_salt": (), "kv_transfer_params": (), "vllm_xargs": (), "request_id": (),
+    "kv_transfer_params": (), "vllm_xargs": (),
     "mm_processor_kwargs": (), "chat_template": (), "chat_template_kwargs": (), "documents": (),
     "add_generation_prompt": (True,), "continue_final_message": (False,)}
 # fields of the other endpoint, likewise (completions' prompt gets the tokenizer's special tokens)
@@ -216,7 +225,7 @@ READ = {"model", "n", "best_of", "max_tokens", "temperature", "top_p", "top_k", 
         "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stream", "stream_options", "stop",
         "logprobs", "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
         "skip_special_tokens", "user", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
-        "safety_identifier"}
+        "safety_identifier", "cache_salt", "request_id"}
 KNOWN = {chat: READ | set(UNSUPPORTED) | set(ELSEWHERE[chat])
          | ({"messages", "max_completion_tokens", "top_logprobs"} if chat else {"prompt", "echo"})
          for chat in (True, False)}
@@ -283,6 +292,7 @@ class Engine:
             model.stack_adapters([a for a in names.values() if a is not None])
         self.pad = pad_id_of(tokenizer)
         self.eos = set(_eos(model))
+        self.tok_eos = getattr(tokenizer, "eos_token_id", None)  # the tokenizer's own EOS: stop_reason null
         self.context = model.arch.max_position_embeddings
         # the running batch's KV cache: max_batch rows of this many slots (its prompts and answers)
         self.cache_len = min(cache_len, self.context)
@@ -393,6 +403,12 @@ class Engine:
             raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOP}, "
                              f"got {body.get('stop')!r}")
         ends = self._ends(body, max_tokens)
+        salt = body.get("cache_salt")
+        if salt is not None and not (isinstance(salt, str) and salt):  # vLLM's rule (entrypoints/openai/protocol.py)
+            raise BadRequest(f"'cache_salt' must be a non-empty string if provided, got {_brief(salt)}")
+        rid = body.get("request_id")
+        if rid is not None and not isinstance(rid, str):
+            raise BadRequest(f"'request_id' must be a string, got {_brief(rid)}")
         events, out = queue.Queue(), []
         for where, ids, text in prompts:
             # a prompt alone is one forward over the context; with an answer it takes a row of the cache
@@ -411,7 +427,8 @@ class Engine:
                 out.append(Request(name, ids, min(max_tokens, room), sampling,
                                    seed_plus(seed, j), stream, tuple(stop), events,
                                    usage=bool(opts and opts.get("include_usage")), index=len(out), first=j == 0,
-                                   logprobs=logprobs, echo=text if echo else None, **ends))
+                                   logprobs=logprobs, echo=text if echo else None, cache_salt=salt,
+                                   request_id=rid, **ends))
         return out
 
     def _ends(self, body: dict, max_tokens: int) -> dict:
@@ -518,7 +535,7 @@ class Engine:
                 self.check(r)
             now = time.monotonic()
             for r in reqs:
-                r.arrived, r.ended = now, False
+                r.arrived, r.ended, r.scheduled = now, False, None
                 self.queue.put(r)
         return reqs
 
@@ -575,6 +592,8 @@ class Engine:
                 and all(_is_token(t, vocab) for t in r.stop_ids)):
             raise ValueError(f"Request.stop_ids must be a tuple of at most {MAX_STOP_IDS} token ids of this model "
                              f"(integers in 0 .. {vocab - 1}), got {_brief(r.stop_ids)}")
+        if r.cache_salt is not None and not (isinstance(r.cache_salt, str) and r.cache_salt):
+            raise ValueError(f"Request.cache_salt must be None or a non-empty string, got {_brief(r.cache_salt)}")
 
     # ------------------------------------------------------- adapters at runtime
     # A load's directory is read and checked in the caller's thread (the running batch never
@@ -852,16 +871,17 @@ class Engine:
             join.append(r)
         if not join:
             return waiting
+        _scheduled(join)
         if t > dec.t:
             for row in running:
                 row.skip(dec.t, t)
             dec.advance(t)
         rows = free[:len(join)]
         self.batches += 1
-        reused = [self.prefix and self.prefix.lookup(r.model, r.prompt) for r in join]
+        reused = [self.prefix and self.prefix.lookup(r.model, r.prompt, r.cache_salt) for r in join]
         lead = self._leads(join, reused)
         # equal prompts (Decoder.admit's key): one computed, the others' rows copies of its
-        keys = [(tuple(r.prompt), self.names[r.model] if self.mixed else None) for r in join]
+        keys = [(tuple(r.prompt), self.names[r.model] if self.mixed else None, r.cache_salt) for r in join]
         # the prefills, a group of like length each (a short prompt computes no long one's padding): of the
         # rows that compute their prompts, and of those that copy a shared start from one of them (its c
         # first tokens, read from its row once it has run)
@@ -870,6 +890,7 @@ class Engine:
         for part in ([j for j, x in enumerate(lead) if x is None], [j for j, x in enumerate(lead) if x]):
             groups += [[part[k] for k in g] for g in admit_groups([join[j].prompt for j in part],
                                                                   [given[j] for j in part], [keys[j] for j in part])]
+        groups = _salts_apart(groups, keys)
         longest = {}  # a leading row's shared start, read once for all that copy it
         for i, c in filter(None, lead):
             longest[i] = max(longest.get(i, 0), c)
@@ -933,7 +954,7 @@ class Engine:
             best, at = 0, None
             for i in first:
                 q = join[i]
-                if q.model != r.model:  # (--mixed) an adapter's keys are its own
+                if (q.model, q.cache_salt) != (r.model, r.cache_salt):  # (--mixed) an adapter's keys, a salt's
                     continue
                 if q.prompt == r.prompt:
                     best = None
@@ -957,14 +978,14 @@ class Engine:
             parts = [dec.kv(i, lo, hi) for lo, hi in row.slots(a, n)]
             return parts[0] if len(parts) == 1 else torch.cat(parts, 3)
 
-        self._cache_put(row.req.model, (row.req.prompt + row.ids)[:row.fed(dec.t)], read)
+        self._cache_put(row.req.model, (row.req.prompt + row.ids)[:row.fed(dec.t)], read, salt=row.req.cache_salt)
 
-    def _cache_put(self, model: str, tokens: list, read, scores=None) -> None:
+    def _cache_put(self, model: str, tokens: list, read, scores=None, salt: Optional[str] = None) -> None:
         """PrefixCache.insert, where the cache is on."""
         if self.prefix is None:
             return
         try:
-            self.prefix.insert(model, tokens, read, scores)
+            self.prefix.insert(model, tokens, read, scores, salt)
         except Exception as e:  # noqa: BLE001 - out of memory for a copy: the cache is only a saving,
             # never a request's failure; it stops here (its memory back) and serving goes on without it
             self.prefix = None
@@ -990,11 +1011,14 @@ class Engine:
             if not r.cancelled and r.echo is not None and not r.scored and r.logprobs is not None:
                 a = asks.setdefault(self._score_key(r), [0, False, False])
                 a[0], a[1], a[2] = max(a[0], r.logprobs), a[1] or r.max_tokens == 1, a[2] or r.max_tokens > 1
+        # their queue time ends as their scoring (or, max_tokens 0 without it, their answer) begins
+        _scheduled([r for r in waiting if not r.cancelled and r.echo is not None and not r.scored
+                    and (r.logprobs is not None or not r.max_tokens)])
         scored = self._score_prompts(asks) if asks else {}
         # cached: the prompt tokens not computed for the request. A forward's row computes each slot
         # once; the first request (in arrival order) whose prompt holds a slot counts it computed, the
         # others (a shared context's other choices, an equal prompt: all of it) as cached
-        keep, claimed = [], {}
+        keep, claimed, texts = [], {}, {}
         for r in waiting:
             if r.cancelled:
                 self._ended(r, "abort")
@@ -1005,7 +1029,11 @@ class Engine:
                 if isinstance(got, Exception):  # this prompt's failure only
                     self._fail(r, got)
                     continue
-                entries = None if got is None else got[0]
+                # its tokens' texts as its skip_special_tokens asks (special tokens kept with false), once a
+                # prompt and flag
+                entries, at = None, (self._score_key(r), r.skip_special)
+                if got is not None:
+                    entries = texts[at] = texts[at] if at in texts else got[0](r.skip_special)
                 if got is not None:
                     taken = claimed.setdefault(got[2][0], set())
                     mine = [s for s in got[2][1] if s not in taken]
@@ -1025,12 +1053,12 @@ class Engine:
         return keep + rest
 
     def _score_key(self, r: Request) -> tuple:
-        return tuple(r.prompt), r.model if self.mixed else None
+        return tuple(r.prompt), r.model if self.mixed else None, r.cache_salt  # a salt's prompts scored apart
 
     def _score_prompts(self, asks: dict) -> dict:
         """Prompts scored together: ``asks`` (prompt ids, model) -> [k alternatives,
-        the next token's logits wanted, a row generates after it] -> each one's (logprob
-        entries, those logits [1, V] or None, the slots computed for it: _score_forward's),
+        the next token's logits wanted, a row generates after it] -> each one's (its logprob
+        entries given skip_special_tokens, those logits [1, V] or None, the slots computed for it: _score_forward's),
         or the exception that failed it. Prompts of one model that start alike (at least
         SHARE_MIN tokens: lm-eval's choices after one context) are packed into one
         sequence, their shared prefix computed once (:class:`_Packed`). Each pack first
@@ -1057,7 +1085,8 @@ class Engine:
                     out[group[0].keys[0]] = e
 
         packs: list = []
-        for q in sorted(asks, key=lambda q: (str(q[1]), q[0])):  # per model, sorted: alike ones adjacent
+        for q in sorted(asks, key=lambda q: (str(q[1]), str(q[2]), q[0])):  # per model and salt, sorted: alike
+            # ones adjacent
             p = packs[-1] if packs else None
             if p is None or not p.takes(q):
                 packs.append(_Packed(q))
@@ -1085,7 +1114,7 @@ class Engine:
             if pc is not None and len(p.tokens) <= PACK_TOKENS:  # a longer prompt runs unmasked; reused,
                 # it would need a [T, T] mask
                 p.hit = pc.lookup_scored(p.model if self.mixed else self._key, p.keys[0][0],
-                                         max(asks[q][0] for q in p.keys), p.trunk - 1)
+                                         max(asks[q][0] for q in p.keys), p.trunk - 1, p.salt)
         return len(p.tokens) - (p.hit[2] if p.hit else 0)
 
     def _score_forward(self, group: list, asks: dict) -> dict:
@@ -1144,7 +1173,7 @@ class Engine:
                         todo.setdefault(q[0], (q, path))
                 for tokens, (q, path) in todo.items():
                     # the slots of its whole blocks not kept yet (from lo on)
-                    whole, lo = pc.keeps(len(tokens)), pc.held(owner[b], list(tokens))
+                    whole, lo = pc.keeps(len(tokens)), pc.held(owner[b], list(tokens), group[b].salt)
                     keeps.append((b, tokens, q, path[lo:whole] if lo < whole else None, lo))
         saved = [(b, torch.tensor(path, device=dev)) for b, _, _, path, _ in keeps if path is not None]
         kv = _ScoreKV([(b, h[0], c) for b, (h, c) in enumerate(zip(hits, start)) if c],
@@ -1209,19 +1238,19 @@ class Engine:
                 i = torch.cat([hits[b][1][1][:start[b]], i[:, :kh]])
             scores[q] = (v, i)
             # the slots computed for it (its first start[b] tokens copied), named by forward and row
-            out[q] = (self._entries(q[0], v.tolist(), i.tolist(), asks[q][0]), after.get(j),
+            out[q] = (functools.partial(self._entries, q[0], v.tolist(), i.tolist(), asks[q][0]), after.get(j),
                       ((self.score_forwards, b), r[start[b]:]))
             o += k
         for (b, tokens, q, _, _), got in zip(keeps, kv.got(keeps)):
-            self._cache_put(owner[b], list(tokens), got, scores[q])
+            self._cache_put(owner[b], list(tokens), got, scores[q], group[b].salt)
         return out
 
-    def _entries(self, prompt: list, values: list, indices: list, k: int) -> list:
+    def _entries(self, prompt: list, values: list, indices: list, k: int, skip_special: bool = True) -> list:
         """A prompt's logprob entries: (its text, its logprob, [(text, logprob) of the k
         most likely]) a token, the first's (None, None); ``values``: per position after
         the first, [the token's logprob, the alternatives' (k or more)], ``indices`` the
-        alternatives'."""
-        d = Detokenizer(self.text)
+        alternatives'; texts without special tokens unless ``skip_special`` is false."""
+        d = Detokenizer(functools.partial(self.text, skip_special=skip_special))
         entries = [(d.add(prompt[0]), None, None)]
         for t, v, alts in zip(prompt[1:], values, indices):
             others = [(d.peek(a), x) for a, x in zip(alts[:k], v[1:])]  # before t is added
@@ -1305,7 +1334,8 @@ class Engine:
             return
         r.ended = True
         self.metrics.ended(r.model, reason, r.arrived, time.monotonic(), len(row.ids) + row.counted if row else 0,
-                           row and row.first_at, len(r.prompt) if r.first else 0, r.cached if r.first else 0)
+                           row and row.first_at, len(r.prompt) if r.first else 0, r.cached if r.first else 0,
+                           r.scheduled, row and row.last_at)
 
     def metrics_text(self) -> str:
         """GET /metrics: the exposition text; the gauges read now, from the worker's batch and
@@ -1339,6 +1369,31 @@ def _eos(model) -> list:
     from .generation import _eos_set
 
     return _eos_set(model.generation_eos_token_id)
+
+
+def _scheduled(reqs: list) -> None:
+    """The requests' prefill (or scoring) begins now: the end of their queue time (the first time only)."""
+    now = time.monotonic()
+    for r in reqs:
+        if r.scheduled is None:
+            r.scheduled = now
+
+
+def _salts_apart(groups: list, keys: list) -> list:
+    """Prefill groups (row indices) with no two rows of one prompt and adapter but other cache salts:
+    Decoder.admit computes a prompt once for all its equal rows (their keys: (prompt, adapter, salt));
+    such a row moves to a group of its own (rare: clients sending alike with other salts)."""
+    out = []
+    for g in groups:
+        parts: list = []
+        for j in g:
+            part = next((p for p in parts if all(keys[i][:2] != keys[j][:2] or keys[i] == keys[j] for i in p)), None)
+            if part is None:
+                parts.append([j])
+            else:
+                part.append(j)
+        out += parts
+    return out
 
 
 class Detokenizer:
@@ -1388,7 +1443,7 @@ class _Packed:
     tokens they all share, slots 0 .. trunk - 1 (a prompt alone: all of it)."""
 
     def __init__(self, key: tuple):
-        self.model, self.keys = key[1], []
+        self.model, self.salt, self.keys = key[1], key[2], []
         self.tokens, self.depth, self.paths = [], [], []  # paths: each prompt's slot a token
         self.trunk = len(key[0])
         self.hit, self.looked = None, False  # Engine._lookup's
@@ -1401,7 +1456,7 @@ class _Packed:
 
     def takes(self, key: tuple) -> bool:
         """``key`` (after the last one in sorted order) shares enough to join, and fits."""
-        if key[1] != self.model:
+        if key[1:] != (self.model, self.salt):  # another model's or salt's: shares nothing
             return False
         c = self._shared(key[0])
         return c >= SHARE_MIN and len(self.tokens) + len(key[0]) - c <= PACK_TOKENS
@@ -1493,6 +1548,7 @@ class _Row:
         self.longest = max((len(x) for x in req.stop), default=0)
         self.entries, self.n_streamed = [], 0  # logprobs: one entry a token; how many went out in deltas
         self.first_at = None  # time.monotonic() at its first token (the metrics' time to first token)
+        self.last_at = None  # and at its latest (inter-token latency, decode time)
         self.reason, self.counted = None, 0  # finish's reason (None: cancelled) and an EOS it counted
 
     def skip(self, t: int, t_new: int) -> None:
@@ -1520,8 +1576,12 @@ class _Row:
         if self.req.cancelled:  # no one reads it: done, without an answer
             self.done = True
             return
+        now = time.monotonic()
         if self.first_at is None:
-            self.first_at = time.monotonic()
+            self.first_at = now
+        else:
+            eng.metrics.inter_token(self.req.model, now - self.last_at)
+        self.last_at = now
         r = self.req
         if self.detok is None and (r.stream or r.stop or lp is not None):
             self.detok = Detokenizer(self._decode(eng))
@@ -1531,10 +1591,14 @@ class _Row:
         # tokens (the sampler drew neither there: _take); its text left out unless include_stop (vLLM's)
         eos = token in eng.eos and not r.ignore_eos
         ends = eos or token in r.stop_ids
+        # stop_reason: null for the tokenizer's own EOS only; a generation config's other EOS ids (Llama 3's
+        # list) are stop token ids to vLLM, their id (SamplingParams.update_from_generation_config,
+        # vllm/v1/core/sched/utils.py check_stop)
+        stop = None if token == eng.tok_eos and eos else token
         if ends and not r.include_stop:
             if lp is not None:
                 self.entries.append(("", lp[0], alts))
-            self.finish("stop", eng, counted=1, stop=None if eos else token)
+            self.finish("stop", eng, counted=1, stop=stop)
             return
         self.ids.append(token)
         if self.detok is not None:
@@ -1544,7 +1608,7 @@ class _Row:
             if piece and self._text(piece, eng):
                 return
         if ends:
-            self.finish("stop", eng, stop=None if eos else token)
+            self.finish("stop", eng, stop=stop)
         elif len(self.ids) >= r.max_tokens:
             self.finish("length", eng)
 
@@ -1563,7 +1627,9 @@ class _Row:
         found = [] if len(self.ids) <= r.min_tokens else [
             (i, x) for x in stop if (i := window.find(x, max(0, len(self.tail) + 1 - len(x)))) >= 0]
         if found:
-            cut, x = min(found, key=lambda f: f[0])  # the first in the text (vLLM's: the first in the list)
+            # vLLM's order: the first of the list found in the new text's window, not the first in the text
+            # (vllm/v1/engine/detokenizer.py, check_stop_strings)
+            cut, x = found[0]
             end = self.n_out - len(self.tail) + cut + (len(x) if r.include_stop else 0)
             self.finish("stop", eng, text=("".join(self.pieces) + piece)[:end], stop=x)
             return True
@@ -1701,7 +1767,7 @@ def _adapter_body(body, load: bool) -> str:
 
 
 def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = None,
-                 allow_adapter_updates: bool = False):
+                 allow_adapter_updates: bool = False, request_id_headers: bool = False):
     import hmac
 
     class Handler(BaseHTTPRequestHandler):
@@ -1719,10 +1785,17 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             self.send_response(status)
             self.send_header("Content-Type", text_type if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
+            self._request_id_header()
             if self.close_connection:  # so that the client does not send its next request on it
                 self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
+
+        def _request_id_header(self) -> None:
+            """vLLM's --enable-request-id-headers: every answer carries X-Request-Id, the request's
+            header or a new id (its XRequestIdMiddleware)."""
+            if request_id_headers:
+                self.send_header("X-Request-Id", self.headers.get("X-Request-Id") or uuid.uuid4().hex)
 
         def _error(self, e: BadRequest) -> None:
             self._send(e.status, {"error": {"message": str(e), "type": e.kind, "code": e.status}})
@@ -1777,7 +1850,11 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             ok, reqs = self._answering(lambda: engine.parse(self._json(), chat))
             if not ok:
                 return
-            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+            # vLLM's id: the X-Request-Id header's, else the body's request_id, else a new one
+            # (entrypoints/openai/serving_engine.py, _base_request_id)
+            base = self.headers.get("X-Request-Id")
+            base = (reqs[0].request_id or uuid.uuid4().hex) if base is None else base
+            rid = ("chatcmpl-" if chat else "cmpl-") + base
             created = int(time.time())
             try:
                 engine.submit(reqs)
@@ -1903,6 +1980,7 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
+            self._request_id_header()
             self.end_headers()
             self.close_connection = True
 
@@ -1945,16 +2023,17 @@ def make_handler(engine: Engine, quiet: bool = True, api_key: Optional[str] = No
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, quiet: bool = True,
           api_key: Optional[str] = None, start: bool = True,
-          allow_adapter_updates: bool = False) -> ThreadingHTTPServer:
+          allow_adapter_updates: bool = False, request_id_headers: bool = False) -> ThreadingHTTPServer:
     """The HTTP server (not yet serving: call ``serve_forever``; port 0 picks a free one).
     ``api_key``: requests to /v1/ need ``Authorization: Bearer <api_key>``.
     ``allow_adapter_updates``: POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     (vLLM's) load and unload adapters while serving (off: 404).
+    ``request_id_headers``: every answer carries an X-Request-Id header (vLLM's --enable-request-id-headers).
     ``start``: the engine's worker thread starts here (False: the caller runs
     ``engine.run()`` itself, as `flora serve` does in its main thread)."""
     if start:
         engine.start()
-    srv = _Server((host, port), make_handler(engine, quiet, api_key, allow_adapter_updates))
+    srv = _Server((host, port), make_handler(engine, quiet, api_key, allow_adapter_updates, request_id_headers))
     srv.daemon_threads = True
     return srv
 
@@ -1996,6 +2075,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
                         "(vLLM's) load and unload adapters while serving: a client then makes the server read "
                         "directories of its choosing (with --api-key: only one that has the key)")
+    p.add_argument("--enable-request-id-headers", action="store_true",
+                   help="every answer carries an X-Request-Id header: the request's, or a new id (vLLM's flag)")
     p.add_argument("--log", action="store_true", help="one line per request on stderr")
     p.add_argument("--api-key", default=os.environ.get("FLORA_API_KEY"),
                    help="requests to /v1/ need 'Authorization: Bearer KEY' (default: $FLORA_API_KEY; none: open)")
@@ -2038,7 +2119,8 @@ def run_args(args) -> None:
                     cache_len=args.cache_len, prefix_cache=args.prefix_cache)
     try:
         srv = serve(engine, args.host, args.port, quiet=not args.log, api_key=args.api_key or None, start=False,
-                    allow_adapter_updates=args.allow_adapter_updates)
+                    allow_adapter_updates=args.allow_adapter_updates,
+                    request_id_headers=args.enable_request_id_headers)
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = srv.server_address[:2]

@@ -442,6 +442,9 @@ def test_cli_chat_keeps_the_conversation(setup, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("extra, msg", [(["--max-new-tokens", "0"], "max-new-tokens"),
                                         (["--top-k", "-2"], "top_k"),
+                                        (["--logit-bias", "5=x"], "--logit-bias '5=x': expected TOKEN=BIAS"),
+                                        (["--logit-bias", "500=1"], "--logit-bias: 500 is not a token id of this "
+                                                                    "model (an integer in 0 .. 96)"),
                                         ([], "no chat template")])
 def test_cli_chat_bad_input_is_one_line(setup, capsys, extra, msg):
     _, ckpt, *_ = setup
@@ -471,3 +474,38 @@ def test_bench_generate_data_runs_trees_side_by_side(setup, tmp_path, capsys):
     assert all(r["same_completions"] == 5 and r["new_tokens"] > 0 for r in res["rows"])
     assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["speedup"] > 0
     assert "| a |" in capsys.readouterr().out
+
+
+def test_cli_generate_logit_bias(setup, capsys):
+    """--logit-bias TOKEN=BIAS ... (repeatable) becomes the Sampling's logit_bias; the answer is
+    generate()'s with that bias; a bad item, a token twice or a token outside the model's
+    vocabulary is a one-line error naming the flag."""
+    import argparse
+
+    from flora.generation import Sampling
+    from flora.inference import add_arguments, sampling_of
+
+    p = add_arguments(argparse.ArgumentParser())
+    args = p.parse_args(["--model", "x", "--prompt", "hi", "--logit-bias", "5=2.5", "9=-100", "--logit-bias", "12=1"])
+    assert sampling_of(args) == Sampling(logit_bias={5: 2.5, 9: -100.0, 12: 1.0})
+    assert sampling_of(p.parse_args(["--model", "x", "--prompt", "hi"])).logit_bias is None
+    _, ckpt, _, _, recs = setup
+    prompt = recs[0]["prompt"]
+    tok, m = load_tokenizer(ckpt), FusedLlama.from_pretrained(str(ckpt))
+    plain = _alone(m, tok, prompt, 8)[0]
+    ids = torch.tensor([prompt_ids(tok, prompt)])
+    for bias in ({40: 100.0}, {40: 7.5, 41: -3.0}):
+        row = m.generate(ids, max_new_tokens=8, logit_bias=bias)[0, ids.shape[1]:].tolist()
+        assert 2 not in row
+        want = tok.decode(row, skip_special_tokens=True).strip()
+        assert main(["generate", "--model", str(ckpt), "--prompt", prompt, "--max-new-tokens", "8", "--device", "cpu",
+                     "--logit-bias"] + [f"{t}={v}" for t, v in bias.items()]) == 0
+        assert capsys.readouterr().out.strip() == f"[base] {want}"
+        assert want != plain
+    for extra, msg in [(["5=1", "5=2"], "--logit-bias: token 5 is given twice"),
+                       (["5=101"], "--logit-bias '5=101': expected TOKEN=BIAS, a token id >= 0 and a number in "
+                                   "[-100, 100]"),
+                       (["97=1"], "--logit-bias: 97 is not a token id of this model (an integer in 0 .. 96)")]:
+        assert main(["generate", "--model", str(ckpt), "--prompt", "x", "--device", "cpu", "--logit-bias"] + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"flora generate: error: {msg}", err

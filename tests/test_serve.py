@@ -23,6 +23,7 @@ from flora.cli import main
 from flora.config import AdapterConfig
 from flora.data import load_tokenizer, prompt_ids
 from flora.generation import Sampling, _eos_set
+from flora.metrics import ServeMetrics
 from flora.pretrained import chat_prompt
 from flora.serve import Engine, Request, serve
 
@@ -1576,7 +1577,7 @@ def test_streaming_holds_back_what_may_start_a_stop_string():
 
     from flora.serve import Request, _Row
 
-    eng = SimpleNamespace(eos={0}, text=lambda ids: "".join(chr(i) for i in ids))
+    eng = SimpleNamespace(eos={0}, tok_eos=0, metrics=ServeMetrics(), text=lambda ids: "".join(chr(i) for i in ids))
     for chars, n, stop, want, reason in [("xyabz", 9, ("abc",), "xyabz", "stop"),  # ended by the EOS
                                          ("xyabcz", 9, ("abc", "q"), "xy", "stop"),
                                          ("xy", 9, ("yz",), "xy", "stop"),
@@ -1763,8 +1764,8 @@ def test_prefix_cache_checks_tokens_not_only_hashes(monkeypatch):
     B = m.BLOCK
     # colliding keys: a block's index and tokens, not the blocks before it
     monkeypatch.setattr(m.PrefixCache, "_keys", staticmethod(
-        lambda model, tokens, n: (((model, j, tuple(tokens[j * B:(j + 1) * B])), tuple(tokens[j * B:(j + 1) * B]))
-                                  for j in range(n))))
+        lambda model, tokens, n, salt=None: (((model, j, tuple(tokens[j * B:(j + 1) * B])),
+                                              tuple(tokens[j * B:(j + 1) * B])) for j in range(n))))
     pc = m.PrefixCache(capacity=8 * B)
     p = [1] * B + [2] * B + [0]
     pc.insert("m", p, _kv(p))
@@ -1773,7 +1774,7 @@ def test_prefix_cache_checks_tokens_not_only_hashes(monkeypatch):
     pc.insert("m", q, _kv(q))  # its first block kept; the second's key is taken: that one stays p's
     assert pc.tokens == 3 * B and pc.lookup("m", q)[1] == B and _ids(*pc.lookup("m", p)) == p[:2 * B]
     monkeypatch.setattr(m.PrefixCache, "_keys", staticmethod(  # every block j under one key
-        lambda model, tokens, n: (((model, j), tuple(tokens[j * B:(j + 1) * B])) for j in range(n))))
+        lambda model, tokens, n, salt=None: (((model, j), tuple(tokens[j * B:(j + 1) * B])) for j in range(n))))
     pc = m.PrefixCache(capacity=8 * B)
     pc.insert("m", p, _kv(p))
     r = [1] * B + [7] * B + [0]
@@ -2271,7 +2272,8 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
     small enough to drain and restart, a prefix cache small enough to evict, --mixed or
     not) take random requests (arriving while others run; prompts sharing blocks, repeated,
     cut at a block boundary +-1, a conversation's next turn; n, stop strings, echo,
-    logprobs, streaming, greedy or seeded; some with a NaN embedding's token, whose rows
+    logprobs, streaming, greedy or seeded, sometimes with penalties, a logit_bias or min_p;
+    some with a NaN embedding's token, whose rows
     fail alone, with the decode step's attention SDPA as where the kernel does not run),
     and every other choice ends once with what generate() gives it on a separately
     loaded model, its logprobs the full forward's."""
@@ -2305,7 +2307,7 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
         return tok.decode(ids, skip_special_tokens=True), "length", len(row), row
 
     rng = random.Random(1234)
-    checked = 0
+    checked = adjusted = 0
     for scenario in range(40):
         mixed, cache_len = rng.random() < 0.5, rng.choice([20, 33, 64])
         model = _two_adapters(ckpt, adapter, tmp_path) if scenario else None
@@ -2345,6 +2347,12 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
             if rng.random() < 0.4:
                 body.update(temperature=rng.choice([0.7, 1.2]), seed=rng.randrange(100),
                             top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.9]))
+            if rng.random() < 0.25:  # the rows that sample through Penalties (greedy ones too)
+                body.update(repetition_penalty=rng.choice([1.0, 1.4]), presence_penalty=rng.choice([0.0, 0.8, -0.5]),
+                            frequency_penalty=rng.choice([0.0, 0.6]), min_p=rng.choice([0.0, 0.1]))
+            if rng.random() < 0.2:
+                body["logit_bias"] = {str(rng.randrange(V)): rng.choice([-100, -6.5, 4.0, 100])
+                                      for _ in range(rng.randint(1, 3))}
             if rng.random() < 0.25:
                 body["n"] = rng.randint(2, 3)
             if rng.random() < 0.2:
@@ -2376,6 +2384,7 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
                 *expect, row = want(r)
                 assert (text, reason, n) == tuple(expect), (scenario, r)
                 checked += 1
+                adjusted += r.sampling.adjusts or r.sampling.min_p > 0
                 if r.logprobs is not None:
                     with torch.no_grad():
                         lp = torch.log_softmax(refs[r.model](torch.tensor([r.prompt + row])).logits[0].float(), -1)
@@ -2390,7 +2399,7 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
         pc = eng.prefix
         _check_prefix_cache(pc)
         monkeypatch.undo()
-    assert checked > 100
+    assert checked > 100 and adjusted > 20, (checked, adjusted)
 
 
 def test_randomized_shared_prefixes_against_alone(setup, tmp_path):
@@ -2531,7 +2540,8 @@ def test_streaming_on_a_real_tokenizer_sends_the_decoded_text(smollm2_tok):
     from flora.serve import _Row
 
     tok = smollm2_tok
-    eng = SimpleNamespace(eos={tok.eos_token_id}, text=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    eng = SimpleNamespace(eos={tok.eos_token_id}, tok_eos=tok.eos_token_id, metrics=ServeMetrics(),
+                          text=lambda ids: tok.decode(ids, skip_special_tokens=True))
     ids = tok("Grüße 🎉 aus 東京! Ein Test 🙂 mit Emoji und 漢字 zum Schluss.").input_ids
     whole = eng.text(ids)
     for stop in ((), ("漢字",), ("🙂",), ("Schluss.",)):
@@ -2559,7 +2569,8 @@ def test_logprob_entries_on_a_real_tokenizer(smollm2_tok):
     from flora.serve import _Row
 
     tok = smollm2_tok
-    eng = SimpleNamespace(eos={tok.eos_token_id}, text=lambda ids: tok.decode(ids, skip_special_tokens=True))
+    eng = SimpleNamespace(eos={tok.eos_token_id}, tok_eos=tok.eos_token_id, metrics=ServeMetrics(),
+                          text=lambda ids: tok.decode(ids, skip_special_tokens=True))
     ids = tok("Grüße 🎉 aus 東京!").input_ids
     alts = tok(" a 🎉").input_ids  # whole words, and parts of a character
     for stream in (False, True):

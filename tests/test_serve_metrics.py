@@ -236,3 +236,44 @@ def test_aborted_and_failed_choices_are_counted_once(setup):
     assert _value(samples, "flora:time_to_first_token_seconds_count") == 1
     assert _value(samples, "flora:e2e_request_latency_seconds_count") == 3
     eng.close()
+
+
+def test_queue_prefill_decode_inference_and_inter_token_times(setup):
+    """vLLM's request phases (vllm/v1/metrics/loggers.py): queue (arrival to scheduled), prefill
+    (to the first token), decode (first to last token), inference (scheduled to the last token),
+    and each gap between two tokens (inter-token latency). Per choice they add up: queue + prefill
+    = time to first token, prefill + decode = inference, the gaps = decode; a choice that waited
+    for the one row (--max-batch 1) while another ran queued at least that long; an echoed prompt
+    only scored queues and infers, with no token."""
+    import time
+
+    ckpt, _ = setup
+    model, tok = FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt)
+    eng = Engine(model, tok, {"base": None}, max_batch=1)
+    types, samples = parse(eng.metrics_text())
+    names = ("queue_time", "prefill_time", "decode_time", "inference_time")
+    for n in [f"flora:request_{x}_seconds" for x in names] + ["flora:inter_token_latency_seconds"]:
+        assert types[n] == "histogram" and _value(samples, n + "_count", model_name="base") == 0
+    step = eng._step
+    eng._step = lambda: (time.sleep(0.01), step())[1]  # every step 10 ms at least
+    body = {"prompt": "the big cat", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    first, = eng.submit(eng.parse(body, False))
+    second, = eng.submit(eng.parse(body, False))  # waits for the row
+    scored, = eng.submit(eng.parse({"prompt": "copy : a b", "echo": True, "logprobs": 0, "max_tokens": 0}, False))
+    eng.close()
+    eng.run()
+    assert second.scheduled - second.arrived >= 7 * 0.01  # the first's 7 steps after its first token
+    _, samples = parse(eng.metrics_text())
+    v = lambda n: _value(samples, f"flora:{n}", model_name="base")  # noqa: E731
+    assert v("request_queue_time_seconds_count") == v("request_inference_time_seconds_count") == 3
+    assert v("request_prefill_time_seconds_count") == v("request_decode_time_seconds_count") == 2
+    assert v("inter_token_latency_seconds_count") == 2 * 7
+    assert v("request_queue_time_seconds_sum") >= second.scheduled - second.arrived
+    # the scored prompt: no token (its prefill and decode none), its queue and inference counted
+    assert v("request_queue_time_seconds_sum") + v("request_prefill_time_seconds_sum") == pytest.approx(
+        v("time_to_first_token_seconds_sum") + scored.scheduled - scored.arrived, abs=1e-6)
+    inferred = v("request_inference_time_seconds_sum")
+    assert v("request_prefill_time_seconds_sum") + v("request_decode_time_seconds_sum") <= inferred
+    assert v("inter_token_latency_seconds_sum") == pytest.approx(v("request_decode_time_seconds_sum"), abs=1e-6)
+    assert v("request_decode_time_seconds_sum") >= 2 * 7 * 0.01
+    assert inferred <= v("e2e_request_latency_seconds_sum")

@@ -289,3 +289,248 @@ def test_top_k_minus_one_is_no_limit(setup):
     assert a[0] == 200 and a[1]["choices"][0]["text"] == b[1]["choices"][0]["text"]
     status, err = _post(server, "/v1/completions", {**body, "top_k": -2})
     assert status == 400 and "'top_k'" in err["error"]["message"]
+
+
+# ------------------------------------------------------------ vLLM's remaining behaviours
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def _serving(engine, **kw):
+    """An HTTP server of ``engine`` on a free port (its worker started): its URL."""
+    srv = serve(engine, port=0, **kw)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        engine.close()
+
+
+def test_stop_reason_of_a_generation_configs_extra_eos_ids(setup):
+    """vLLM: the tokenizer's own EOS ends an answer with stop_reason null; a generation config's
+    other EOS ids (Llama 3's list) are stop token ids, their id the stop_reason (and with
+    ignore_eos they end nothing)."""
+    _, model, tok, _ = setup
+    row = _row(model, tok, THE_BIG_CAT)
+    x = row[4]
+    assert x not in row[:4] and x != tok.eos_token_id
+    assert _eos_set(model.generation_eos_token_id) == [tok.eos_token_id]
+    before = model.generation_eos_token_id
+    model.generation_eos_token_id = [tok.eos_token_id, x]  # as Llama 3's generation_config.json lists them
+    try:
+        eng = Engine(model, tok, {"base": None}, max_batch=2)
+    finally:
+        model.generation_eos_token_id = before
+    with _serving(eng) as url:
+        assert _complete(url, THE_BIG_CAT) == (_text(tok, row[:4]), "stop", x, 5)
+        assert _complete(url, THE_BIG_CAT, include_stop_str_in_output=True) == (_text(tok, row[:5]), "stop", x, 5)
+        assert _complete(url, THE_BIG_CAT, ignore_eos=True) == (_text(tok, row), "length", None, M)
+        eos_row = _row(model, tok, HITS_EOS)
+        k = eos_row.index(tok.eos_token_id)
+        if x not in eos_row[:k]:
+            assert _complete(url, HITS_EOS) == (_text(tok, eos_row[:k]), "stop", None, k + 1)
+
+
+def _vllm_stop(tok, row, stop, include=False):
+    """vLLM's stop strings, as its detokenizer checks them (vllm/v1/engine/detokenizer.py): after
+    each token, each string of the list in order, looked for from len(new text) + len(string) - 1
+    characters before the end; the first found cuts the text. (text, stop_reason, tokens)."""
+    text = ""
+    for i in range(len(row)):
+        now = _text(tok, row[:i + 1])
+        new = len(now) - len(text)
+        text = now
+        if not new:
+            continue
+        for s in stop:
+            at = text.find(s, 1 - new - len(s))
+            if at >= 0:
+                return text[:at + len(s) if include else at], s, i + 1
+    return text, None, len(row)
+
+
+def test_several_stop_strings_in_vllms_list_order(setup):
+    """Stop strings completed by one token are taken in the list's order (vLLM's), not the first
+    in the text: the stop_reason and the cut text are vLLM's (a plain per-token loop)."""
+    url, model, tok, _ = setup
+    row = _row(model, tok, THE_BIG_CAT)
+    full = _text(tok, row)
+    i = next(i for i in range(M) if "follows" in _text(tok, row[:i + 1]))
+    piece = _text(tok, row[:i + 1])[len(_text(tok, row[:i])):]
+    a, b = piece.strip()[:3], piece.strip()[-3:]  # both in one token's text, a before b
+    assert a != b and a not in _text(tok, row[:i]) and b not in _text(tok, row[:i])
+    cases = [[b, a], [a, b], ["zzz", b, a], [full[-4:], b]]
+    for stop in cases:
+        for include in (False, True):
+            want = _vllm_stop(tok, row, stop, include)
+            got = _complete(url, THE_BIG_CAT, stop=stop, include_stop_str_in_output=include)
+            assert got == (want[0], "stop" if want[1] else "length", want[1], want[2]), (stop, include)
+    assert _vllm_stop(tok, row, [b, a])[:2] == (full[:full.find(b)], b)  # the later one in the text: listed first
+    # streamed alike
+    req = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompt": THE_BIG_CAT, "max_tokens": M, "temperature": 0,
+                                                  "stop": [b, a], "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        chunks = [json.loads(x[6:]) for x in r.read().decode().split("\n\n") if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full[:full.find(b)]
+    assert chunks[-1]["choices"][0]["stop_reason"] == b
+
+
+def test_echoed_prompt_logprobs_keep_special_tokens_when_asked(setup):
+    """echo with logprobs: the prompt's entries are its tokens' texts as skip_special_tokens asks,
+    the special tokens' own text kept with false (the echoed text likewise), "" with true."""
+    url, model, tok, _ = setup
+    ids = [tok.bos_token_id] + prompt_ids(tok, "the big cat")[1:] + [tok.eos_token_id] + prompt_ids(tok, "a b")[1:]
+    for skip in (True, False):
+        for max_tokens in (0, 2):
+            status, out = _post(url, "/v1/completions", {"prompt": ids, "echo": True, "logprobs": 1, "max_tokens":
+                                                         max_tokens, "temperature": 0, "skip_special_tokens": skip})
+            assert status == 200, out
+            c = out["choices"][0]
+            toks = c["logprobs"]["tokens"][:len(ids)]
+            assert "".join(toks) == _text(tok, ids, skip) == c["text"][:len("".join(toks))]
+            special = [t for t, x in zip(toks, ids) if x in (tok.bos_token_id, tok.eos_token_id)]
+            assert [t.strip() for t in special] == (["", ""] if skip else ["<s>", "</s>"])
+    # both in one batch: each its own texts (one scoring forward)
+    eng = Engine(model, tok, {"base": None}, max_batch=2)
+    reqs = [eng.parse({"prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0, "skip_special_tokens": s},
+                      False)[0] for s in (True, False)]
+    eng.submit(reqs)
+    eng.close()
+    eng.run()
+    got = [r.events.get(timeout=5) for r in reqs]
+    assert [["".join(e[0] for e in ev[2])] for ev in got] == [[_text(tok, ids)], [_text(tok, ids, False)]]
+    assert eng.score_forwards == 1
+
+
+def test_request_id_and_the_x_request_id_header(setup):
+    """vLLM's request_id: the response's id (cmpl- / chatcmpl- before it), an X-Request-Id
+    header's before the body's; with --enable-request-id-headers every answer carries the
+    header (the request's, or a new one), without it none."""
+    url, model, tok, _ = setup
+
+    def post(base, path, body, headers=()):
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **dict(headers)})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read().decode(), r.headers.get("X-Request-Id")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), e.headers.get("X-Request-Id")
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    done = {"prompt": "hi", "max_tokens": 2}
+    assert json.loads(post(url, "/v1/completions", {**done, "request_id": "r-1"})[1])["id"] == "cmpl-r-1"
+    assert json.loads(post(url, "/v1/chat/completions", {**chat, "request_id": "r-2"})[1])["id"] == "chatcmpl-r-2"
+    status, text, echoed = post(url, "/v1/completions", {**done, "request_id": "r-1"}, {"X-Request-Id": "h-9"})
+    assert json.loads(text)["id"] == "cmpl-h-9" and echoed is None
+    status, text, _ = post(url, "/v1/completions", {**done, "stream": True, "request_id": "r-3"})
+    ids = {json.loads(x[6:])["id"] for x in text.split("\n\n") if x.startswith("data: {")}
+    assert ids == {"cmpl-r-3"}
+    plain = json.loads(post(url, "/v1/completions", done)[1])["id"]
+    assert plain.startswith("cmpl-") and len(plain) == 5 + 32
+    status, text, _ = post(url, "/v1/completions", {**done, "request_id": 5})
+    assert status == 400 and "'request_id' must be a string" in text
+    with _serving(Engine(model, tok, {"base": None}), request_id_headers=True) as url2:
+        assert post(url2, "/v1/completions", done, {"X-Request-Id": "h-7"})[2] == "h-7"
+        status, text, got = post(url2, "/v1/completions", {**done, "stream": True}, {"X-Request-Id": "h-8"})
+        assert status == 200 and got == "h-8" and "cmpl-h-8" in text
+        assert len(post(url2, "/v1/completions", done)[2]) == 32  # none given: a new one
+        assert post(url2, "/v1/completions", {"prompt": ""}, {"X-Request-Id": "h-6"})[:3:2] == (400, "h-6")
+
+
+def _prompt(seed, n):
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, 97) for _ in range(n)]
+
+
+def test_cache_salt_keys_the_prefix_cache(setup):
+    """vLLM's cache_salt: a prompt finds kept blocks only of its own salt (none of another salt's
+    or of unsalted prompts, and those none of its), answering alike; the PrefixCache keys it so,
+    and an adapter's drop takes its salted blocks too. Bad salts are refused as vLLM refuses them."""
+    from flora.prefix_cache import BLOCK, PrefixCache
+
+    url, model, tok, _ = setup
+    p = _prompt(1, 3 * BLOCK + 3)
+    want = model.generate(torch.tensor([p]), max_new_tokens=4, eos_token_id=[])[0, len(p):].tolist()
+
+    def cached(**salt):
+        status, out = _post(url, "/v1/completions", {"prompt": p, "max_tokens": 4, "temperature": 0,
+                                                     "ignore_eos": True, **salt})
+        assert status == 200, out
+        assert out["choices"][0]["text"] == _text(tok, want)
+        return out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached(cache_salt="a") == 0
+    assert cached(cache_salt="a") == 3 * BLOCK
+    assert cached(cache_salt="b") == 0
+    assert cached() == 0
+    assert cached() == 3 * BLOCK and cached(cache_salt="b") == 3 * BLOCK
+    for bad in ("", 5, ["a"]):
+        status, out = _post(url, "/v1/completions", {"prompt": "hi", "cache_salt": bad})
+        assert status == 400 and "'cache_salt' must be a non-empty string" in out["error"]["message"], out
+    with pytest.raises(ValueError, match="Request.cache_salt"):
+        Engine(model, tok, {"base": None}).check(Request("base", [1, 5], 4, Sampling(), cache_salt=""))
+    pc = PrefixCache(8 * BLOCK)
+    kv = lambda a, n: torch.zeros(1, 2, 1, n - a, 2)  # noqa: E731
+    pc.insert("m", p, kv, salt="x")
+    assert pc.lookup("m", p) is None and pc.lookup("m", p, "y") is None and pc.held("m", p) == 0
+    assert pc.lookup("m", p, "x")[1] == 3 * BLOCK and pc.held("m", p, "x") == 3 * BLOCK
+    pc.insert("m", p, kv)
+    assert pc.tokens == 6 * BLOCK  # each salt's blocks its own
+    pc.drop("m")
+    assert pc.tokens == 0
+
+
+def _together(eng, bodies):
+    """The bodies' requests queued, then served by the worker in this thread (they join together):
+    each request's "done" event."""
+    reqs = [r for b in bodies for r in eng.submit(eng.parse(b, False))]
+    eng.close()
+    eng.run()
+    out = []
+    for r in reqs:
+        ev = r.events.get(timeout=5)
+        while ev[0] != "done":
+            ev = r.events.get(timeout=5)
+        out.append((r, ev))
+    return out
+
+
+def test_cache_salt_shares_no_start_between_requests_joining_or_scored_together(setup, monkeypatch):
+    """Requests that join (or are scored) together share a start they have in common, or all of an
+    equal prompt, only within one salt: of other salts each computes its whole prompt (cached 0; an
+    equal prompt's row is no copy of the other's), answering as alone; scoring packs no prompts of
+    other salts (every token computed)."""
+    from flora.generation import Decoder
+    from flora.serve import SHARE_MIN
+
+    copied = []
+    copy_row = Decoder._copy_row
+    monkeypatch.setattr(Decoder, "_copy_row", lambda self, *a: (copied.append(a), copy_row(self, *a))[1])
+    _, model, tok, _ = setup
+    start = _prompt(2, SHARE_MIN + 9)
+    p, q = start + _prompt(3, 5), start + _prompt(4, 7)
+    alone = {tuple(x): model.generate(torch.tensor([x]), max_new_tokens=3, eos_token_id=[])[0, len(x):].tolist()
+             for x in (p, q)}
+    body = lambda x, **kw: {"prompt": x, "max_tokens": 3, "temperature": 0, "ignore_eos": True, **kw}  # noqa: E731
+    for salts, shared in [(("a", "b"), False), ((None, "b"), False), (("a", "a"), True), ((None, None), True)]:
+        for second in (q, p):  # a shared start; an equal prompt
+            eng = Engine(model, tok, {"base": None}, max_batch=4, prefix_cache=0)
+            copied.clear()
+            got = _together(eng, [body(p, cache_salt=salts[0]), body(second, cache_salt=salts[1])])
+            assert eng.batches == 1 and len(copied) == (shared and second is p)
+            for r, ev in got:
+                assert ev[2] == _text(tok, alone[tuple(r.prompt)])
+            assert got[0][0].cached == 0
+            assert (got[1][0].cached > 0) == shared, (salts, second is p)
+    for salts, shared in [(("a", "b"), False), (("a", "a"), True)]:
+        eng = Engine(model, tok, {"base": None}, max_batch=4, prefix_cache=0)
+        got = _together(eng, [{"prompt": x, "echo": True, "logprobs": 1, "max_tokens": 0, "cache_salt": s}
+                              for x, s in zip((p, q), salts)])
+        assert eng.score_forwards == 1
+        assert (eng.score_tokens < len(p) + len(q)) == shared
