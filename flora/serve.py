@@ -242,8 +242,8 @@ SHARE_MIN = 16
 PACK_TOKENS = 2048
 # chunked prefill (vLLM's max_num_batched_tokens spirit): a prompt computing more tokens than this
 # prefills a chunk a step, the running rows decoding between (Engine._chunk); 0: whole, between two
-# steps. SmolLM2-135M on the 2-core CPU: a chunk of 256 tokens stalls each step ~0.35 s instead of
-# ~2.6 s for a 2000-token prompt (bench/RESULTS.md, "flora serve")
+# steps. SmolLM2-135M on the 2-core CPU, 6 clients streaming while a 2000-token prompt joins: their
+# worst gap 0.94 s instead of 4.4 s, the long prompt's first token +30% (bench/RESULTS.md, "Chunked prefill")
 PREFILL_CHUNK = 256
 
 
@@ -964,7 +964,7 @@ class Engine:
         what it computes past the prefix cache's ``hit`` fits in one) and that hit (PrefixCache.lookup:
         None or (kv, c))."""
         C = self.prefill_chunk
-        if not C or len(r.prompt) <= C:
+        if not C or len(r.prompt) <= C or self.max_batch == 1:  # (one row: no other decodes between chunks)
             return 0, None
         hit = self.prefix and self.prefix.lookup(r.model, r.prompt)
         span = len(r.prompt) - (hit[1] if hit else 0)
@@ -986,11 +986,10 @@ class Engine:
         is C tokens, those before too, the first what is left), so no step writes it after
         (Decoder.fill); the first chunk runs now."""
         dec = self._dec
-        if self.prefix is not None and hit is not None:  # the rows admitted before it may have kept more
+        if self.prefix is not None:  # the rows admitted before it (their prompts kept) may give more
             again = self.prefix.lookup(r.model, r.prompt)
-            hit = again if again and again[1] > hit[1] else hit
-        elif self.prefix is not None:
-            hit = self.prefix.lookup(r.model, r.prompt)
+            if again and (not hit or again[1] > hit[1]):
+                hit = again
         first = dec.t + k - 1 - len(r.prompt)
         row = self._slots[i] = _Row(r, first, dec.device)
         c = hit[1] if hit else 0

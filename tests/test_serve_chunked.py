@@ -254,3 +254,53 @@ def test_bench_long_prompt_compares_chunk_budgets(setup, tmp_path):
     for r in rows:
         assert 0 < r["itl_p50_s"] <= r["itl_p99_s"] <= r["itl_max_s"] < r["seconds"]
         assert 0 < r["long_ttft_s"] <= r["long_latency_s"] < r["seconds"]
+
+
+def test_a_chunked_prompt_copies_the_start_a_row_before_it_kept(setup):
+    """A 23-token prompt (within the budget of 24) and a 40-token one sharing its first 20 tokens
+    arrive together: the first prefills whole; the second, placed after it, finds its first block
+    kept and computes only the rest (its first chunk, all copied, skipped): every answer as alone."""
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    ref = FusedLlama.from_pretrained(str(ckpt)).eval()
+    model = FusedLlama.from_pretrained(str(ckpt))
+    eng = Engine(model, tok, {"base": None}, max_batch=2, prefill_chunk=24)
+    rng = random.Random(10)
+    start = _runs_on(ref, rng, 20, 1)
+    a = Request("base", start + _runs_on(ref, rng, 3, 1), 4, Sampling(), logprobs=0)
+    b = Request("base", start + _runs_on(ref, rng, 20, 1), 4, Sampling(), logprobs=0)
+    calls = _noted(eng, model)
+    eng.submit([a, b])
+    eng.start()
+    for r in (a, b):
+        ev = r.events.get(timeout=60)
+        assert ev[0] == "done", ev
+        _alone(ref, tok, r, ev)
+    assert [c[:2] for c in calls] == [([0], 23), ([1], 40 - BLOCK)] and (a.cached, b.cached) == (0, BLOCK)
+    eng.close()
+
+
+def test_an_echoed_prompt_that_generates_in_chunks(setup):
+    """echo with logprobs and max_tokens 3, the prefix cache off: the prompt is scored (one forward,
+    as unchunked), then its row prefills in chunks of 4; the answer's tokens and logprobs are
+    generate()'s and a plain forward's, the prompt's entries an unchunked engine's."""
+    _, ckpt, _ = setup
+    tok = load_tokenizer(ckpt)
+    ref = FusedLlama.from_pretrained(str(ckpt)).eval()
+    prompt = _runs_on(ref, random.Random(11), 30, 3)
+    got = {}
+    for C in (0, 4):
+        model = FusedLlama.from_pretrained(str(ckpt))
+        eng = Engine(model, tok, {"base": None}, max_batch=2, prefix_cache=0, prefill_chunk=C)
+        calls = _noted(eng, model)
+        r = Request("base", prompt, 3, Sampling(), logprobs=1, echo="")
+        eng.submit([r])
+        eng.start()
+        evs = [r.events.get(timeout=60) for _ in range(2)]
+        assert [e[0] for e in evs] == ["prompt", "done"], evs
+        row = _alone(ref, tok, r, evs[1])
+        assert len(row) == 3 and [c[1] for c in calls] == ([30] if C == 0 else _chunk_sizes(30, 4))
+        got[C] = evs[0][2]
+        eng.close()
+    assert len(got[4]) == 30 and [e[0] for e in got[4]] == [e[0] for e in got[0]]
+    assert [e[1] for e in got[4][1:]] == pytest.approx([e[1] for e in got[0][1:]], abs=1e-5)
