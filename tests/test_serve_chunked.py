@@ -199,7 +199,8 @@ def test_a_chunked_prompt_shares_its_system_prompt_through_the_prefix_cache(setu
         assert ev[0] == "done", ev
         rows[id(r)] = _alone(ref, tok, r, ev)
     assert a.cached == 0 and b.cached == 2 * BLOCK  # the system prompt's whole blocks
-    assert [c[:2] for c in calls] == [([0], n) for n in _chunk_sizes(40, 6)] + [([1], n) for n in _chunk_sizes(40 - 2 * BLOCK, 6)]
+    assert [c[:2] for c in calls] == ([([0], n) for n in _chunk_sizes(40, 6)]
+                                      + [([1], n) for n in _chunk_sizes(40 - 2 * BLOCK, 6)])
     nxt = Request("base", a.prompt + rows[id(a)][:-1] + [5, 6], 4, Sampling(), logprobs=0)
     eng.submit([nxt])
     ev = nxt.events.get(timeout=60)
