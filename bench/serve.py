@@ -9,6 +9,7 @@
     python bench/serve.py --scoring 64                    # lm-eval-harness's loglikelihood requests
     python bench/serve.py --scoring 2 --scoring-words 1000 --scoring-warm --clients 8   # long contexts kept
     python bench/serve.py --long-prompt 600 --clients 6 --max-tokens 64   # a long prompt joins short chats
+    python bench/serve.py --long-prompt 2000 --clients 6 --prefill-chunk 0 128 256 512   # its prefill in chunks
     python bench/serve.py --burst 600 --clients 7 --rounds 3     # short chats arriving with a long prompt
 
 The server (flora.serve, in this process, on a free port) serves the base
@@ -61,10 +62,14 @@ choices, or another task over the same documents): mostly-cached prompts.
 (``--max-tokens``) one after another, and ``--long-after`` seconds in one more
 streams a completion of a T-token prompt (the system prompt's words, as token
 ids; ``--long-max-tokens`` new tokens). Reported: the long request's time to
-its first token and its latency, the short requests' median latency, and the
-wall time of the whole load. A prompt longer than the running batch's slot
-joins it (the slot moves on) where every row's answer still fits; before that
-change it waited for the batch to drain, and the requests behind it too.
+its first token and its latency, the short requests' median latency and their
+inter-token latency (p50 / p99 / max of the gaps between their streamed chunks:
+a prefill run whole between two decode steps stalls each of them), and the
+wall time of the whole load; medians over ``--rounds`` runs of each
+``--prefill-chunk`` budget given (interleaved; 0: chunked prefill off). A prompt
+longer than the running batch's slot joins it (the slot moves on) where every
+row's answer still fits; before that change it waited for the batch to drain,
+and the requests behind it too.
 
 ``--burst T`` measures short prompts arriving together with a long one: on an
 idle server, ``--clients`` threads (the first count) each stream one short chat
@@ -286,13 +291,26 @@ def stream(url: str, path: str, body: dict, t0: Optional[float] = None) -> tuple
     return first, time.perf_counter() - t0
 
 
+def stream_gaps(url: str, path: str, body: dict) -> list:
+    """A streamed request's chunk arrival times (perf_counter), its first at [0]."""
+    req = urllib.request.Request(url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    times = []
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+                times.append(time.perf_counter())
+    return times
+
+
 def long_prompt(url: str, tok, clients: int, requests: int, max_tokens: int, tokens: int, after: float,
                 long_max_tokens: int) -> dict:
-    """Short chats from ``clients`` threads and, ``after`` seconds in, one streamed completion
-    of a ``tokens``-token prompt: its time to first token and latency, the short requests'
-    median latency, the load's wall time."""
+    """Short streamed chats from ``clients`` threads and, ``after`` seconds in, one streamed
+    completion of a ``tokens``-token prompt: its time to first token and latency, the short
+    requests' median latency and their inter-token latency (the gaps between their streamed
+    chunks: a long prompt's prefill between two steps stalls every one), the load's wall time."""
     ids = long_ids(tok, tokens)
-    lat, got, lock = [], {}, threading.Lock()
+    lat, gaps, got, lock = [], [], {}, threading.Lock()
 
     def client(c: int) -> None:
         if c == clients:  # the long one
@@ -303,14 +321,18 @@ def long_prompt(url: str, tok, clients: int, requests: int, max_tokens: int, tok
         for i in range(requests):
             q = QUESTIONS[(c * requests + i) % len(QUESTIONS)]
             t0 = time.perf_counter()
-            post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": q}],
-                                                "max_tokens": max_tokens, "temperature": 0})
+            times = stream_gaps(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": q}],
+                                                              "max_tokens": max_tokens, "temperature": 0})
             with lock:
                 lat.append(time.perf_counter() - t0)
+                gaps.extend(b - a for a, b in zip(times, times[1:]))
 
     wall = run_clients(client, clients + 1)
+    gaps.sort()
     return {"clients": clients, "long_prompt_tokens": len(ids), "long_ttft_s": got["ttft_s"],
-            "long_latency_s": got["latency_s"], "short_latency_p50_s": statistics.median(lat), "seconds": wall}
+            "long_latency_s": got["latency_s"], "short_latency_p50_s": statistics.median(lat),
+            "itl_p50_s": gaps[len(gaps) // 2], "itl_p99_s": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))],
+            "itl_max_s": gaps[-1], "seconds": wall}
 
 
 def burst(url: str, engine, tok, clients: int, max_tokens: int, tokens: int, long_max_tokens: int,
@@ -388,7 +410,8 @@ def main(argv=None):
     p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS",
                    help="--conversations, --scoring: its capacity")
     p.add_argument("--rounds", type=int, default=3,
-                   help="--conversation: conversations on each server; --burst: bursts")
+                   help="--conversation: conversations on each server; --burst: bursts; --long-prompt: runs of "
+                        "each --prefill-chunk")
     p.add_argument("--system", default=SYSTEM, help="--conversation: the system prompt (default: ~600 tokens)")
     p.add_argument("--scoring", type=int, default=0, metavar="R",
                    help="lm-eval-harness loglikelihood requests a client (see above)")
@@ -410,6 +433,9 @@ def main(argv=None):
     p.add_argument("--long-after", type=float, default=2.0, metavar="S", help="--long-prompt: when it is sent")
     p.add_argument("--long-max-tokens", type=int, default=16, metavar="N",
                    help="--long-prompt, --burst: the long prompt's max_tokens")
+    p.add_argument("--prefill-chunk", type=int, nargs="+", default=None, metavar="TOKENS",
+                   help="--long-prompt: the chunk budgets compared (0: off), --rounds each, interleaved "
+                        "(default: the engine's)")
     p.add_argument("--burst", type=int, default=0, metavar="T",
                    help="short chats and a T-token prompt sent at once (see above)")
     p.add_argument("--burst-plain", action="store_true",
@@ -458,15 +484,29 @@ def main(argv=None):
         return
     engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=args.prefix_cache)
     if args.long_prompt:
+        chunks = args.prefill_chunk or [engine.prefill_chunk]
+        runs = {c: [] for c in chunks}
         with served(engine) as url:
             load(url, 1, 1, 4)  # warm-up
-            r = long_prompt(url, engine.tok, args.clients[0], args.requests, args.max_tokens, args.long_prompt,
-                            args.long_after, args.long_max_tokens)
-        print("| clients | long prompt tokens | long: first token s | long: latency s | short latency p50 s | "
-              "seconds |\n|---:|---:|---:|---:|---:|---:|")
-        print(f"| {r['clients']} | {r['long_prompt_tokens']} | {r['long_ttft_s']:.2f} | {r['long_latency_s']:.2f} | "
-              f"{r['short_latency_p50_s']:.2f} | {r['seconds']:.1f} |")
-        save(args, dev, path, r)
+            for _ in range(args.rounds):  # the chunk budgets interleaved, round by round
+                for c in chunks:
+                    while engine.busy:
+                        time.sleep(0.01)
+                    if engine.prefix is not None:  # the long prompt computed each time
+                        engine.prefix.clear()
+                    engine.prefill_chunk = c  # read at each admission
+                    runs[c].append(long_prompt(url, engine.tok, args.clients[0], args.requests, args.max_tokens,
+                                               args.long_prompt, args.long_after, args.long_max_tokens))
+        rows = [{**{k: statistics.median(x[k] for x in runs[c]) for k in runs[c][0]}, "prefill_chunk": c,
+                 "rounds": args.rounds} for c in chunks]
+        print("| prefill chunk | clients | long prompt tokens | long: first token s | long: latency s | "
+              "short latency p50 s | short inter-token p50 / p99 / max s | seconds |\n"
+              "|---:|---:|---:|---:|---:|---:|---|---:|")
+        for r in rows:
+            print(f"| {r['prefill_chunk'] or 'off'} | {r['clients']} | {r['long_prompt_tokens']} | "
+                  f"{r['long_ttft_s']:.2f} | {r['long_latency_s']:.2f} | {r['short_latency_p50_s']:.2f} | "
+                  f"{r['itl_p50_s']:.3f} / {r['itl_p99_s']:.3f} / {r['itl_max_s']:.3f} | {r['seconds']:.1f} |")
+        save(args, dev, path, {**rows[0], "rows": rows})
         return
     if args.scoring:
         with served(engine) as url:

@@ -549,6 +549,60 @@ class Decoder:
         finally:
             c.prefill_len, c.prefill_rows = None, None
 
+    def place(self, row: int, first: int, n: int, adapter=None, reused: Optional[tuple] = None) -> None:
+        """Continuous batching, a prompt prefilled in chunks over the next steps (:meth:`fill`):
+        row ``row`` takes a prompt of ``n`` tokens at slots ``first`` .. first + n - 1 (its end may
+        lie past the current slot t). Its mask opens those slots only, its slots a step may have
+        written hold zeros (an earlier request's keys: as :meth:`admit`), but ``reused`` (None or
+        ``(kv, c)``, as admit's) copied into its first c; ``adapter``: its adapter (stacked model).
+        Nothing is computed here."""
+        c = self.cache
+        self.mask[row].fill_(float("-inf"))
+        self.mask[row, 0, 0, first:first + n] = 0.0
+        end = max(self.written, self.t)
+        for kv in c.k + c.v:
+            kv[row, :, :end].zero_()
+        self.written = end
+        if reused is not None:
+            m = reused[1]
+            kv = kv_slots(reused[0], m)
+            for layer in range(len(c.k)):
+                c.k[layer][row, :, first:first + m].copy_(kv[layer, 0, :, :m])
+                c.v[layer][row, :, first:first + m].copy_(kv[layer, 1, :, :m])
+        if self.rows is not None:
+            self.rows[row] = self.model.adapter_rows([adapter], 1)[0]
+
+    def fill(self, row: int, ids: list, first: int, a: int) -> Tensor:
+        """One chunk of a :meth:`place`\\ d prompt: its tokens a .. a + len(ids) - 1 (``ids``)
+        computed into slots first + a .., at positions a .., attending causally to the row's
+        slots from ``first`` on (its earlier chunks, a reused prefix). The row's position
+        becomes the chunk's last (after the last chunk: the prompt's, as :meth:`admit` leaves
+        it). Returns the last token's next-token logits [1, V].
+
+        Run before the step that writes slot t, a chunk must end at a slot before t: that step
+        writes slot t of every row, this one's too (its token there is nobody's), and later
+        steps write later slots, so what a chunk wrote stays; a slot a step wrote in this row is
+        rewritten by the chunk that holds it, which runs after that step (Engine._chunk)."""
+        dev, c = self.device, self.cache
+        n = len(ids)
+        b = a + n
+        idx = torch.tensor([row], dtype=torch.long, device=dev)
+        x = torch.tensor([ids], dtype=torch.long, device=dev)
+        pos = torch.arange(a, b, dtype=torch.long, device=dev)[None]
+        sub = None if self.rows is None else self.rows.index_select(0, idx)
+        mask = None  # the first chunk: causal over its own slots
+        if a:  # queries: its slots; keys: the row's from first on, the earlier chunks' included
+            slots = torch.arange(b, device=dev)
+            mask = attention_mask_4d(torch.ones(1, b, dtype=torch.bool, device=dev), slots[a:], slots)
+        c.prefill_len, c.prefill_rows, c.prefill_start, c.prefill_from = n, idx, first + a, first
+        try:
+            logits = self.model.run_layers(x, pos, mask, cache=c, last_only=True, rows=sub)[:, -1]
+        finally:
+            c.prefill_len, c.prefill_rows = None, None
+        self.pos[row] = b - 1
+        self.written = max(self.written, first + b)
+        return logits
+
     def _copy_row(self, src: int, dst: int) -> None:
         """Row ``dst`` becomes row ``src`` as :meth:`admit` left it: keys and values
         (every slot a step may read: dst's own held an earlier request's), its mask,

@@ -249,6 +249,17 @@ SCORE_LOGITS = 1 << 24
 # PACK_TOKENS tokens at most: its attention mask is [PACK_TOKENS, PACK_TOKENS]
 SHARE_MIN = 16
 PACK_TOKENS = 2048
+# chunked prefill (vLLM's max_num_batched_tokens spirit): a prompt computing more tokens than this
+# prefills a chunk a step, the running rows decoding between (Engine._chunk); 0: whole, between two
+# steps. SmolLM2-135M on the 2-core CPU, 6 clients streaming while a 2000-token prompt joins: their
+# worst gap 0.94 s instead of 4.4 s, the long prompt's first token +30% (bench/RESULTS.md, "Chunked prefill")
+PREFILL_CHUNK = 256
+
+
+def check_prefill_chunk(v) -> None:
+    """The chunk budget: an integer >= 0 (0: off)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"prefill_chunk must be an integer >= 0 tokens (0: off), got {v!r}")
 
 
 def _is_token(t, vocab: int) -> bool:
@@ -279,9 +290,15 @@ class Engine:
 
     def __init__(self, model, tokenizer, names: dict, max_batch: int = 8, mixed: bool = False,
                  max_tokens: int = 1024, wait_s: float = 0.005, cache_len: int = 2048,
-                 prefix_cache: int = 8192):
+                 prefix_cache: int = 8192, prefill_chunk: int = PREFILL_CHUNK):
         from .data import pad_id_of
         from .prefix_cache import PrefixCache
+
+        check_prefill_chunk(prefill_chunk)
+        # a prompt computing more tokens than this prefills a chunk of at most this many per step,
+        # the running rows decoding between (Engine._chunk); 0: whole, between two steps
+        self.prefill_chunk = int(prefill_chunk)
+        self._chunked = False  # a chunk ran before this iteration's step (none other starts then)
 
         self.model, self.tok, self.names = model, tokenizer, names  # served name -> adapter (None: base)
         self.max_batch, self.max_tokens = max_batch, max_tokens
@@ -791,6 +808,7 @@ class Engine:
                     break
             held = self._adapter_changes(waiting)  # between two steps
             try:
+                self._fill_step()  # a chunked prompt's next chunk, before its step: first in line
                 if not held:
                     waiting = self._waiting = self._admit(waiting)
                 for i, row in enumerate(self._slots):
@@ -833,9 +851,8 @@ class Engine:
 
     def _admit(self, waiting: list) -> list:
         """Requests joining the batch (in arrival order, while each fits), prefilled
-        in groups of like length (generation.admit_groups); the rest, still waiting."""
-        from .generation import admit_groups, admit_span
-
+        in groups of like length (generation.admit_groups), or one long prompt in chunks
+        (:meth:`_place`); the rest, still waiting."""
         if not waiting:
             return waiting
         if self._dec is None:
@@ -859,24 +876,56 @@ class Engine:
         # the batch drains), and every request behind it too: in arrival order, never overtaking. Its
         # wait is then bounded by the running rows' rests; requests that overtook it would join with
         # rests of their own, and under a steady stream of them it would wait for the cache's end.
-        need = max((r.req.max_tokens - len(r.ids) for r in running), default=0)
-        join, t = [], dec.t
+        #
+        # Chunked prefill (prefill_chunk > 0): a prompt computing more tokens than the chunk (past what the
+        # prefix cache gives) takes a row now and prefills a chunk before each of the next steps
+        # (Engine._chunk), the running rows decoding between; one such prompt at a time. It stops the walk
+        # (the requests behind it join at the next step), and while it prefills, a request waits (and
+        # those behind it) if it would move t on (the chunked prompt's slots are set), chunk itself, or
+        # share its start (with the prefix cache on: kept once its last chunk ran, then copied)
+        need = max((self._rest(r, dec.t) for r in running), default=0)
+        filling = next((r for r in running if r.fill is not None), None)
+        join, t, long = [], dec.t, None
         for r in waiting:
             if len(join) == len(free) or r.key(self.mixed) != self._key:
+                break
+            k, hit = self._chunks(r)
+            if filling is not None and (k or len(r.prompt) > t or self._shares(r, filling.req, hit)):
+                break
+            if k:
+                # its prompt ends at t0 + k - 2 (t0: the slot of the next step), its first token fed at
+                # t0 + k - 1; the running rows decode k - 1 of their rests meanwhile
+                t0 = max(t, len(r.prompt) - k + 1)
+                if self._chunked or t0 + k - 1 + max(need - (k - 1), r.max_tokens) > self.cache_len:
+                    break
+                t, long = t0, (r, hit, k)
                 break
             t_new, need_new = max(t, len(r.prompt)), max(need, r.max_tokens)
             if t_new + need_new > self.cache_len:
                 break
             t, need = t_new, need_new
             join.append(r)
-        if not join:
+        if not join and long is None:
             return waiting
-        _scheduled(join)
+        _scheduled(join + [long[0]] if long else join)
         if t > dec.t:
             for row in running:
                 row.skip(dec.t, t)
             dec.advance(t)
-        rows = free[:len(join)]
+        if long is not None:
+            if join:
+                self._admit_rows(join, free[:len(join)])
+            # after the rows before it in line (their prompts kept: a start it may copy)
+            self._place(free[len(join)], *long)
+            return waiting[len(join) + 1:]
+        self._admit_rows(join, free[:len(join)])
+        return waiting[len(join):]
+
+    def _admit_rows(self, join: list, rows: list) -> None:
+        """Requests ``join`` prefilled whole into batch rows ``rows`` (ending at slot t - 1), in groups."""
+        from .generation import admit_forward_tokens, admit_groups, admit_span
+
+        dec, t = self._dec, self._dec.t
         self.batches += 1
         reused = [self.prefix and self.prefix.lookup(r.model, r.prompt, r.cache_salt) for r in join]
         lead = self._leads(join, reused)
@@ -886,10 +935,10 @@ class Engine:
         # rows that compute their prompts, and of those that copy a shared start from one of them (its c
         # first tokens, read from its row once it has run)
         given = [(None, x[1]) if x else reused[j] for j, x in enumerate(lead)]
-        groups = []
+        groups, f = [], admit_forward_tokens(dec.device)  # a forward's own cost, in tokens, on this device
         for part in ([j for j, x in enumerate(lead) if x is None], [j for j, x in enumerate(lead) if x]):
-            groups += [[part[k] for k in g] for g in admit_groups([join[j].prompt for j in part],
-                                                                  [given[j] for j in part], [keys[j] for j in part])]
+            groups += [[part[k] for k in g] for g in admit_groups([join[j].prompt for j in part], [given[j] for j in part],
+                                                                  [keys[j] for j in part], forward_tokens=f)]
         groups = _salts_apart(groups, keys)
         longest = {}  # a leading row's shared start, read once for all that copy it
         for i, c in filter(None, lead):
@@ -923,7 +972,96 @@ class Engine:
             for j, r in enumerate(join):
                 if j not in admitted:
                     self._fail(r, e)
-        return waiting[len(join):]
+
+    def _rest(self, row: "_Row", t: int) -> int:
+        """The slots from t on that row needs: its answer's rest; a chunked prompt's, its prompt's
+        slots past t and its whole answer."""
+        if row.fill is None:
+            return row.req.max_tokens - len(row.ids)
+        return row.runs[0][1] + len(row.req.prompt) - t + row.req.max_tokens
+
+    def _chunks(self, r: Request) -> tuple:
+        """(k, hit): the chunks request r's prompt prefills in (0: whole, at once: chunking off, or
+        what it computes past the prefix cache's ``hit`` fits in one) and that hit (PrefixCache.lookup:
+        None or (kv, c))."""
+        C = self.prefill_chunk
+        if not C or len(r.prompt) <= C or self.max_batch == 1:  # (one row: no other decodes between chunks)
+            return 0, None
+        hit = self.prefix and self.prefix.lookup(r.model, r.prompt, r.cache_salt)
+        span = len(r.prompt) - (hit[1] if hit else 0)
+        return (-(-span // C) if span > C else 0), hit
+
+    def _shares(self, r: Request, q: Request, hit) -> bool:
+        """Request r's prompt starts as the chunked prompt q's does, SHARE_MIN tokens past what the
+        prefix cache gives r (of q's cache salt), and the cache is on: r waits for q's last chunk, then
+        copies that start."""
+        from .prefix_cache import common_length
+
+        need = (hit[1] if hit else 0) + SHARE_MIN
+        return (self.prefix is not None and (q.model, q.cache_salt) == (r.model, r.cache_salt)
+                and q.prompt[:need] == r.prompt[:need]
+                and common_length(q.prompt, r.prompt) >= need)
+
+    def _place(self, i: int, r: Request, hit, k: int) -> None:
+        """Request r's prompt into row i in k chunks (Engine._chunk), one before each of the next k
+        steps; its first token is fed at the k-th. The batch's next slot is t0: its prompt ends at
+        t0 + k - 2. A chunk run before the step at slot t ends at a slot before t (the last chunk
+        is C tokens, those before too, the first what is left), so no step writes it after
+        (Decoder.fill); the first chunk runs now."""
+        dec = self._dec
+        if self.prefix is not None:  # the rows admitted before it (their prompts kept) may give more
+            again = self.prefix.lookup(r.model, r.prompt, r.cache_salt)
+            if again and (not hit or again[1] > hit[1]):
+                hit = again
+        first = dec.t + k - 1 - len(r.prompt)
+        row = self._slots[i] = _Row(r, first, dec.device)
+        c = hit[1] if hit else 0
+        row.fill = [c, c]
+        self.batches += 1
+        try:
+            dec.place(i, first, len(r.prompt), self.names[r.model] if self.mixed else None, hit or None)
+        except Exception as e:  # noqa: BLE001 - this request's failure only
+            self._slots[i] = None
+            self._fail(r, e, row)
+            return
+        self._chunk(i, row)
+
+    def _fill_step(self) -> None:
+        """The next chunk of the prompt prefilling in chunks, if any (before this iteration's step)."""
+        self._chunked = False
+        for i, row in enumerate(self._slots):
+            if row is not None and row.fill is not None:
+                self._chunk(i, row)
+
+    def _chunk(self, i: int, row: "_Row") -> None:
+        """Row i's next chunk (Decoder.fill), before the step at the batch's slot t: the chunks left
+        are one before each step up to the one that feeds its first token (its prompt's end + 1), all
+        prefill_chunk tokens but the first; after the last, the row is kept and its first token taken."""
+        dec, r = self._dec, row.req
+        if r.cancelled:  # freed before the step (Engine._serve_loop), nothing more computed
+            return
+        first, L, a = row.runs[0][1], len(r.prompt), row.fill[0]
+        left = first + L + 1 - dec.t
+        b = min(L, L - (left - 1) * self.prefill_chunk)
+        if b <= a:  # a longer prefix found kept at placement than its chunk count was set for: later
+            return
+        self._chunked = True
+        try:
+            if left < 1:  # never: each chunk runs before its step
+                raise RuntimeError(f"chunked prefill behind its steps (slot {dec.t}, prompt end {first + L - 1})")
+            logits = dec.fill(i, r.prompt[a:b], first, a)
+        except Exception as e:  # noqa: BLE001 - this request's failure only, its row freed
+            self._slots[i] = None
+            self._fail(r, e, row)
+            return
+        row.fill[0] = b
+        if b < L:
+            return
+        c = row.fill[1]
+        row.fill = None
+        r.cached = min(r.cached, c) if r.echo is not None and r.logprobs is not None else c
+        self._keep(i, row)
+        self._take(i, row, logits)
 
     def _joined(self, i: int, r: Request, logits, reuse, S: int, whole: bool) -> None:
         """Request r's row i, prefilled (its last S prompt tokens computed, none where ``whole``: a copy
@@ -1309,18 +1447,23 @@ class Engine:
         n = max(i for i, r in enumerate(self._slots) if r is not None) + 1
         if dec.use_cuda_graph:
             n = min(1 << (n - 1).bit_length(), self.max_batch)
+        # a row prefilling in chunks takes no token: its step writes the pad's keys at slot t, which
+        # its chunk holding t rewrites later (Engine._place); a step of such rows only moves t on
+        decoding = [i for i, r in enumerate(self._slots) if r is not None and r.fill is None]
+        if not decoding:
+            dec.advance(dec.t + 1)
+            return
         tokens = torch.full((n,), self.pad, dtype=torch.long)
-        for i, row in enumerate(self._slots[:n]):
-            if row is not None:
-                tokens[i] = row.next
+        for i in decoding:
+            if i < n:
+                tokens[i] = self._slots[i].next
         logits = dec.step(tokens.to(dec.device), n_rows=n)
         self.steps += 1
-        self.row_steps += sum(r is not None for r in self._slots)
+        self.row_steps += len(decoding)
         # every greedy row's token in one read (one sync on a GPU); not a row with penalties or a bias
         greedy = logits.argmax(-1).tolist()
-        for i, row in enumerate(self._slots):
-            if row is not None:
-                self._take(i, row, logits[i:i + 1], greedy[i])
+        for i in decoding:
+            self._take(i, self._slots[i], logits[i:i + 1], greedy[i])
 
     def _fail(self, r: Request, e: Exception, row: Optional["_Row"] = None) -> None:
         """A choice's failure: its error event, and its end counted."""
@@ -1550,6 +1693,9 @@ class _Row:
         self.first_at = None  # time.monotonic() at its first token (the metrics' time to first token)
         self.last_at = None  # and at its latest (inter-token latency, decode time)
         self.reason, self.counted = None, 0  # finish's reason (None: cancelled) and an EOS it counted
+        # prefilling in chunks (Engine._chunk): [its prompt tokens in its slots so far, those reused]; None
+        # once its last chunk ran (or never chunked)
+        self.fill: Optional[list] = None
 
     def skip(self, t: int, t_new: int) -> None:
         """The batch's next slot moves from t to t_new (Engine._admit): its next token goes there."""
@@ -2065,6 +2211,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS",
                    help="prompt tokens whose keys and values are kept (16-token blocks, each once) for later "
                         "prompts starting alike (a conversation's history, a shared system prompt); 0: off")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="TOKENS",
+                   help="a prompt computing more tokens than this prefills in chunks of at most this many, one "
+                        "per decode step, the running requests generating between (vLLM's chunked prefill); "
+                        "0: a prompt's prefill whole, every running request waiting for it")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="a chat completion's max_tokens when the request gives none (capped at the context)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -2108,6 +2258,8 @@ def run_args(args) -> None:
         raise ValueError(f"--prefix-cache must be >= 0, got {args.prefix_cache}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 0 tokens (0: off), got {args.prefill_chunk}")
     if not 0 <= args.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms must be in 0 .. 1000, got {args.batch_wait_ms}")
     if not 0 <= args.port < 65536:
@@ -2116,7 +2268,7 @@ def run_args(args) -> None:
     model, tok = load(args, list(adapters.items()), resolve_device(args.device))
     engine = Engine(model, tok, {args.name: None, **{n: n for n in adapters}}, args.max_batch,
                     mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000,
-                    cache_len=args.cache_len, prefix_cache=args.prefix_cache)
+                    cache_len=args.cache_len, prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk)
     try:
         srv = serve(engine, args.host, args.port, quiet=not args.log, api_key=args.api_key or None, start=False,
                     allow_adapter_updates=args.allow_adapter_updates,

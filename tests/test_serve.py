@@ -2307,6 +2307,7 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
         return tok.decode(ids, skip_special_tokens=True), "length", len(row), row
 
     rng = random.Random(1234)
+    chunks = random.Random(99)  # chunked prefill's budget (its own draws: the scenarios stay as they were)
     checked = adjusted = 0
     for scenario in range(40):
         mixed, cache_len = rng.random() < 0.5, rng.choice([20, 33, 64])
@@ -2320,7 +2321,8 @@ def test_randomized_engine_against_generate(setup, tmp_path, monkeypatch):
             monkeypatch.setattr(ops, "decode_attention", ops.grouped_sdpa)
         names = {"base": None, "a": "a", "b": "b"} if scenario else {"base": None}
         eng = Engine(model, tok, names, max_batch=rng.choice([1, 2, 3, 4]), mixed=mixed, cache_len=cache_len,
-                     prefix_cache=rng.choice([16, 48, 8192]), wait_s=rng.choice([0.0, 0.005]))
+                     prefix_cache=rng.choice([16, 48, 8192]), wait_s=rng.choice([0.0, 0.005]),
+                     prefill_chunk=chunks.choice([0, 1, 3, 8, 256]))
         step = eng._step
         eng._step = lambda step=step: (time.sleep(0.001), step())[1]  # so that requests arrive mid-batch
         eng.start()
