@@ -16,11 +16,13 @@ memory. Rows per shape, batch, length and padding:
 * ``mask+gqa``: the former call (additive mask, ``enable_gqa``);
 * ``x`` = flora / mask+gqa, medians of the same process, the two interleaved.
 
-``--packed K``: also rows of K sequences packed one after another (``flora
-train --pack``): ``flora`` is then the model's call with ``packed_mask`` (causal
-within each sequence: a mask, so the memory-efficient kernel on CUDA), against
-``causal`` over the whole row (flash, the boundaries ignored: what the same
-tokens cost without the mask).
+``--packed K [K ...]``: also rows of K sequences packed one after another
+(``flora train --pack``): ``per-sequence`` (one causal SDPA call per sequence,
+``flora.layers.PackedSequences``), ``mask`` (the block-diagonal ``packed_mask``:
+a mask, so the memory-efficient kernel on CUDA) and ``causal`` over the whole
+row (the boundaries ignored: what the same tokens cost without the mask);
+``x`` = per-sequence / mask, and ``picks``: the form flora's model takes for
+such rows on this device (``packed_attention_mask``).
 
 ``--decode``: a decode step's attention instead (one query row per sequence
 over a KV-cache window of ``--context`` keys, the decoder's additive mask),
@@ -70,7 +72,8 @@ from flora import _ext, ops
 from flora.bench.latency import copy_bandwidth
 from flora.bench.report import publish, title
 from flora.bench.timing import Timer, cuda_kernels
-from flora.layers import (additive_mask, attention, packed_mask, prompt_mask, slot_mask,
+from flora.layers import (PackedSequences, additive_mask, attention, packed_attention_mask, packed_lengths,
+                          packed_mask, prompt_mask, slot_mask,
                           written_out_decode_attention)
 
 SHAPES = {  # query heads, kv heads, head dim
@@ -151,9 +154,14 @@ def case(shape, B, T, padded, dtype, device, backward, reps, packed=0):
     rows = []
     fns = {}
     forms = (("flora", flora_form), ("mask+gqa", former))
+    picks = None
     if packed:
-        pmask = additive_mask(packed_mask(packed_positions(B, T, packed, device)), dtype)
-        forms = (("flora", lambda q, k, v, _: attention(q, k, v, pmask)),
+        pos = packed_positions(B, T, packed, device)
+        pmask = additive_mask(packed_mask(pos), dtype)
+        seqs = PackedSequences(packed_lengths(pos))
+        picks = "per-sequence" if isinstance(packed_attention_mask(pos, device), PackedSequences) else "mask"
+        forms = (("per-sequence", lambda q, k, v, _: attention(q, k, v, seqs)),
+                 ("mask", lambda q, k, v, _: attention(q, k, v, pmask)),
                  ("causal", lambda q, k, v, _: attention(q, k, v, None)))
         flops /= packed  # each sequence's causal half only
     for name, form in forms:
@@ -176,7 +184,8 @@ def case(shape, B, T, padded, dtype, device, backward, reps, packed=0):
     for n, fn in fns.items():
         t = statistics.median(times[n])
         row = dict(shape=shape, batch=B, seq=T, padded=padded, packed=packed, dtype=str(dtype).replace("torch.", ""),
-                   backward=backward, form=n, ms=t * 1e3, tflops=flops / t / 1e12)
+                   backward=backward, form=n, ms=t * 1e3, tflops=flops / t / 1e12,
+                   **({"picks": picks} if picks else {}))
         if device.type == "cuda":
             row["kernel"] = kernel_of(fn)
             row["peak_mib"] = peak_mib(fn, device)
@@ -187,7 +196,9 @@ def case(shape, B, T, padded, dtype, device, backward, reps, packed=0):
 
 def markdown(rows, device) -> str:
     cuda = device.type == "cuda"
-    head = "| shape | batch | T | padded | pass | form | ms | TFLOP/s | x the second |" + (" kernel | peak MiB |" if cuda else "")
+    packed = any(r.get("packed") for r in rows)
+    head = "| shape | batch | T | padded | pass | form | ms | TFLOP/s | x the second |" + (" kernel | peak MiB |" if cuda else "") \
+        + (" picks |" if packed else "")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         x = f"{r['x']:.3f}" if "x" in r else ""
@@ -196,6 +207,8 @@ def markdown(rows, device) -> str:
                 f"{'fwd+bwd' if r['backward'] else 'fwd'} | {r['form']} | {r['ms']:.3f} | {r['tflops']:.3g} | {x} |")
         if cuda:
             line += f" {r['kernel']} | {r['peak_mib']:.0f} |"
+        if packed:
+            line += f" {r.get('picks', '') if 'x' in r else ''} |"
         out.append(line)
     return "\n".join(out)
 
@@ -343,8 +356,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-backward", action="store_true", help="forward only (default: forward, then forward + backward)")
     p.add_argument("--no-padded", action="store_true", help="only prompts without padding")
-    p.add_argument("--packed", type=int, default=0, metavar="K",
-                   help="also rows of K sequences packed (flora train --pack) against causal over the row")
+    p.add_argument("--packed", type=int, nargs="+", default=[], metavar="K",
+                   help="also rows of K sequences packed (flora train --pack): per-sequence, mask, causal")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode", action="store_true", help="a decode step's attention (see the module doc)")
     p.add_argument("--context", nargs="+", type=int, default=[640, 4096, 32768], help="--decode: window lengths")
@@ -388,9 +401,9 @@ def main(argv=None):
                 for padded in (False,) if a.no_padded else (False, True):
                     for bwd in (False,) if a.no_backward else (False, True):
                         rows += case(shape, B, T, padded, dtype, device, bwd, a.reps)
-                if a.packed:
+                for K in a.packed:
                     for bwd in (False,) if a.no_backward else (False, True):
-                        rows += case(shape, B, T, False, dtype, device, bwd, a.reps, a.packed)
+                        rows += case(shape, B, T, False, dtype, device, bwd, a.reps, K)
     publish(title(device, cmd.strip()) + "\n\n" + markdown(rows, device), {"command": cmd.strip(), "rows": rows},
             a.md, a.json)
 

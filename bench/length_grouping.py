@@ -14,6 +14,13 @@ step, one epoch of rows: every example once), the settings alternated
 steps computed (counted from the batch order, flora.train.epoch_order, over
 the steps that ran), and the real (non-padding) tokens per second
 (TrainResult.tokens_per_s, the median over rounds).
+
+``--settings`` picks among them; ``packed-mask`` is ``packed`` with the
+attention held to the block-diagonal mask (``flora.layers.PACKED_CALL_COST``
+infinite: the form before per-sequence attention), to measure the two in one
+process, alternated:
+
+    python bench/length_grouping.py --settings packed-mask packed --rounds 3
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import statistics
 
 import torch
 
-from flora import AdapterConfig, FusedLlama
+from flora import AdapterConfig, FusedLlama, layers
 from flora.data import TokenizedDataset, pack_rows
 from flora.pretrained import load_tokenizer, smollm2_path
 from flora.train import TrainConfig, epoch_order, train
@@ -66,6 +73,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=8, help="default: one epoch")
     p.add_argument("--pack-batch", type=int, default=2, help="packed rows a step")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--settings", nargs="+", default=["plain", "grouped", "packed"],
+                   choices=["plain", "grouped", "packed", "packed-mask"], help="the first is the x column's base")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.steps * args.batch > args.n:
@@ -83,25 +92,34 @@ def main(argv=None):
                                                      group_by_length=True)),
         "packed": (f"packed, {args.pack_batch} rows a step", TrainConfig(
             max_steps=max(1, n_rows // args.pack_batch), batch_size=args.pack_batch, pack=True))}
+    settings["packed-mask"] = (settings["packed"][0] + ", mask attention", settings["packed"][1])
+    settings = {k: settings[k] for k in args.settings}
     tps = {k: [] for k in settings}
     for _ in range(args.rounds):
         for name, (_, c) in settings.items():
             torch.manual_seed(0)
             model = FusedLlama.from_pretrained(path, adapter=AdapterConfig("ffba", 16), device=dev)
             cfg = dataclasses.replace(c, seq_len=args.seq_len, progress=False, bf16=dev.type == "cuda")
-            tps[name].append(train(model, tok, ds, config=cfg).tokens_per_s)
+            cost = layers.PACKED_CALL_COST
+            layers.PACKED_CALL_COST = float("inf") if name == "packed-mask" else cost
+            try:
+                tps[name].append(train(model, tok, ds, config=cfg).tokens_per_s)
+            finally:
+                layers.PACKED_CALL_COST = cost
     out = {"device": str(dev), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "model": str(path), "n": len(ds), "batch": args.batch,
            "steps": args.steps, "pack_batch": args.pack_batch, "packed_rows": n_rows, "rounds": args.rounds,
            "rows": {}}
-    print("| batches | steps | padded share | real tokens/s (median) | x plain |")
-    print("|---|---:|---:|---:|---:|")
-    plain = statistics.median(tps["plain"])
+    first = next(iter(settings))
+    print(f"| batches | steps | padded share | real tokens/s (rounds) | median | x {first} |")
+    print("|---|---:|---:|---|---:|---:|")
+    plain = statistics.median(tps[first])
     for name, (label, c) in settings.items():
         share = padded_share(ds, dataclasses.replace(c, seq_len=args.seq_len), c.max_steps)
         med = statistics.median(tps[name])
         out["rows"][name] = {"padded_share": share, "tokens_per_s": tps[name], "steps": c.max_steps}
-        print(f"| {label} | {c.max_steps} | {share:.1%} | {med:,.0f} | {med / plain:.2f} |")
+        each = ", ".join(f"{t:,.0f}" for t in tps[name])
+        print(f"| {label} | {c.max_steps} | {share:.1%} | {each} | {med:,.0f} | {med / plain:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -315,7 +315,7 @@ def collate_packed(rows: list, pad_id: int) -> dict:
     batch the model runs as the items apart: ``input_ids``, ``labels`` and
     ``position_ids`` [B, T] (T the longest row), positions restarting at 0 at
     each item (transformers' packed form: no attention mask; the model masks
-    the other items' keys, flora.layers.packed_mask). Labels as the items'
+    the other items' keys, flora.layers.packed_attention_mask). Labels as the items'
     own, and -100 at each item's first token, so no target crosses from one
     item into the next. A shorter row's padding is a sequence of its own
     (positions 0, 1, ...; labels -100) that no item reads. ``row_tokens`` [B]:

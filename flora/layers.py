@@ -83,12 +83,14 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+def attention(q: Tensor, k: Tensor, v: Tensor, mask,
               decode_kernel: Optional[bool] = None) -> Tensor:
     """Grouped-query attention: q [B, T, heads, hd], k/v [B, kv_heads, L, hd],
     mask [B, 1, T, L] (additive or boolean) or None: causal over slots
     0 .. T-1 with T == L (no padding, or padding at the end that nothing
-    reads: :func:`prompt_mask`) -> [B * T, heads * hd].
+    reads: :func:`prompt_mask`) -> [B * T, heads * hd]. Packed rows: their
+    :func:`packed_mask`, or :class:`PackedSequences` (one causal call per
+    sequence, :func:`packed_attention_mask` picks).
 
     Which SDPA kernel runs on CUDA decides the cost: flash takes no explicit
     mask, memory-efficient takes no grouped kv heads, and what neither takes
@@ -104,6 +106,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     runs (:func:`cpu_decode_kernel_takes`, asked by the caller outside the
     trace: a Python constant to dynamo); else, or when None, written out for
     Inductor."""
+    if isinstance(mask, PackedSequences):
+        return packed_sequence_attention(q, k, v, mask)
     B, T, nh, hd = q.shape
     nkv = k.shape[1]
     cpu_compiled = q.device.type == "cpu" and torch.compiler.is_compiling()
@@ -220,6 +224,93 @@ def packed_mask(position_ids: Tensor) -> Optional[Tensor]:
     slots = torch.arange(position_ids.shape[1], device=position_ids.device)
     causal = slots[None, :] <= slots[:, None]  # [Tq, Tk]
     return (causal[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+
+
+class PackedSequences:
+    """Packed rows for :func:`attention` as the lengths of their sequences (each
+    row's, in order, summing to the row's T; a row's end padding is a sequence
+    of its own): each sequence's queries attend causally within it, one SDPA
+    call per sequence (:func:`packed_sequence_attention`) instead of the
+    block-diagonal mask (:func:`packed_mask`). Built on the host by
+    :func:`packed_attention_mask` where that form is the cheaper."""
+
+    __slots__ = ("lengths",)
+
+    def __init__(self, lengths):
+        self.lengths = tuple(tuple(int(n) for n in row) for row in lengths)
+
+    def __repr__(self):
+        return f"PackedSequences({self.lengths})"
+
+
+# The per-sequence form against the mask, CPU SDPA forward + backward (torch 2.13,
+# 2-core Intel Xeon, SmolLM2's 9 / 3 heads of 64, fp32; bench/RESULTS.md "Sample packing"):
+# the mask form costs about a T^2 of work a row (it scores every key of the row), a
+# causal call of L tokens about L^2 of the same work (the CPU's causal kernel saves
+# little over the full square: 512 tokens causal 20 ms, masked 14 ms) plus a fixed
+# ~0.16 ms (the call, its backward, the split and concatenation), which is the work of
+# PACKED_CALL_COST = 48^2 pairs. Measured ratios per-sequence / mask: T = 128: 2 x 64
+# tokens 0.98, 8 x 16 1.33; T = 256: 16 x 16 0.82, 32 x 8 1.33; T = 512: 64 x 8 0.77,
+# 128 x 4 1.28; T = 1024: 8 x 128 0.24, 128 x 8 0.43; the rule below picks the faster in
+# each. bf16 (3x slower per score here) moves the crossover towards shorter sequences:
+# the fp32 rule errs towards the mask there.
+PACKED_CALL_COST = 48 * 48
+
+
+def packed_lengths(position_ids: Tensor) -> list:
+    """Each row's sequence lengths (:func:`packed_documents`), read on the host."""
+    docs = packed_documents(position_ids).cpu()
+    return [torch.unique_consecutive(d, return_counts=True)[1].tolist() for d in docs]
+
+
+def per_sequence_pays(lengths, T: int) -> bool:
+    """Is the per-sequence form (:class:`PackedSequences`) cheaper than the mask
+    for rows of T slots holding sequences of these ``lengths`` (a list per row)?
+    The CPU's cost model: sum(L^2 + PACKED_CALL_COST) against T^2 a row."""
+    work = sum(n * n + PACKED_CALL_COST for row in lengths for n in row)
+    return work < len(lengths) * T * T
+
+
+def packed_attention_mask(position_ids: Tensor, device: torch.device):
+    """What :func:`attention` takes for packed rows (positions restarting at 0
+    at each sequence) run on ``device``: None when no row holds more than one
+    sequence (plain causal), :class:`PackedSequences` where the per-sequence
+    calls cost less than the mask (:func:`per_sequence_pays`: on the CPU,
+    eager), else :func:`packed_mask`. On CUDA the mask stays (its
+    memory-efficient kernel against a flash call per sequence, one launch
+    each, is not measured: no GPU at hand); under torch.compile the mask too
+    (no data-dependent branch, no host read)."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return packed_mask(position_ids)
+    lengths = packed_lengths(position_ids)
+    if all(len(row) == 1 for row in lengths):
+        return None
+    if per_sequence_pays(lengths, position_ids.shape[1]):
+        return PackedSequences(lengths)
+    return packed_mask(position_ids)
+
+
+def packed_sequence_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedSequences) -> Tensor:
+    """:func:`attention` of packed rows, one causal SDPA call per sequence (its
+    own queries and keys only: none of the masked-out blocks scored) -> [B * T,
+    heads * hd], the pieces laid out in the rows' order. The operands are cut
+    with one split each (slots of all rows in a row, [B * T, heads, hd]), whose
+    backward is one concatenation: a slice per sequence would add each
+    sequence's gradient into a zeroed tensor of the whole operand."""
+    B, T, nh, hd = q.shape
+    nkv = k.shape[1]
+    sizes = [n for row in packed.lengths for n in row]
+    if len(packed.lengths) != B or sum(sizes) != B * T or any(sum(row) != T for row in packed.lengths):
+        raise ValueError(f"packed sequence lengths {list(map(list, packed.lengths))} do not fill {B} rows "
+                         f"of {T} slots")
+    qs = q.reshape(B * T, nh, hd).split(sizes)
+    ks = k.transpose(1, 2).reshape(B * T, nkv, hd).split(sizes)
+    vs = v.transpose(1, 2).reshape(B * T, nkv, hd).split(sizes)
+    out = [F.scaled_dot_product_attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None],
+                                          vi.transpose(0, 1)[None], is_causal=qi.shape[0] > 1,
+                                          enable_gqa=nh != nkv)[0].transpose(0, 1)
+           for qi, ki, vi in zip(qs, ks, vs)]
+    return torch.cat(out).view(B * T, nh * hd)
 
 
 def attention_mask_4d(key_valid: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:

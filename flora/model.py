@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from . import adapter_io, nvtx, ops
 from .adapters import AdapterRegistry, describe
 from .layers import (CausalLMOutput, additive_mask, apply_rope, attention, causal_lm_loss, check_id_dtype,
-                     check_token_ids, chunked_lm_loss, chunked_target_stats, packed_mask, positions_from_mask,
+                     check_token_ids, chunked_lm_loss, chunked_target_stats, packed_attention_mask, positions_from_mask,
                      prompt_mask, rope_cos_sin, rope_inv_freq)
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_from_hf_model
 from .config import ZFLORA_FAMILY, LlamaArch
@@ -335,8 +335,8 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
             # packed rows (transformers' convention without an attention mask, as
             # DataCollatorWithFlattening gives them): position_ids that restart begin the
             # next sequence, which attends only within itself
-            mask = None if position_ids is None else packed_mask(position_ids)
-            mask = None if mask is None else mask.to(dev)
+            mask = None if position_ids is None else packed_attention_mask(position_ids, dev)
+            mask = mask.to(dev) if isinstance(mask, Tensor) else mask
         else:
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids "
@@ -383,7 +383,7 @@ class FusedLlama(AdapterRegistry, HFCompat, nn.Module):
         if carry is not None:  # zflora's stream [h | z]: one buffer from here on
             h, carry = _halves(torch.cat([h, carry], 1), a.hidden_size)
         cos, sin = rope_cos_sin(self.inv_freq, positions, dt)
-        if mask is not None and mask.dtype == torch.bool:
+        if isinstance(mask, Tensor) and mask.dtype == torch.bool:  # (not layers.PackedSequences)
             mask = additive_mask(mask, dt)
         off = None if rows is None else self._route_off(rows, B, T)
         try:

@@ -187,8 +187,9 @@ def test_attention_bench_packed_rows(tmp_path, capsys):
     ab.main(["--device", "cpu", "--shapes", "smollm2", "--batch", "1", "--seq", "32", "--reps", "1",
              "--no-padded", "--packed", "4", "--json", str(out)])
     rows = [r for r in json.loads(out.read_text())["rows"] if r["packed"]]
-    assert len(rows) == 4 and {r["form"] for r in rows} == {"flora", "causal"}
-    assert "| smollm2 | 1 | 32 | packed 4 | fwd | flora |" in capsys.readouterr().out
+    assert len(rows) == 6 and {r["form"] for r in rows} == {"per-sequence", "mask", "causal"}
+    assert sum("x" in r for r in rows) == 2 and all(r["picks"] == "mask" for r in rows)  # 4 x 8 tokens: the mask
+    assert "| smollm2 | 1 | 32 | packed 4 | fwd | per-sequence |" in capsys.readouterr().out
 
 
 def test_end_padded_training_batch_runs_causal(monkeypatch):

@@ -2,6 +2,7 @@
 as if alone. The reference throughout is the examples run one by one (or as
 today's padded batch): a packed row's logits, loss and adapter gradients must
 equal theirs."""
+import copy
 import json
 import random
 
@@ -13,7 +14,9 @@ from flora import AdapterConfig, FusedLlama
 from flora.bench.latency import randomize_adapter
 from flora.config import BASE_VARIANTS, VARIANTS
 from flora.data import IGNORE_INDEX, TokenizedDataset, collate, collate_packed, count_target_tokens, pack_rows
-from flora.layers import packed_documents, packed_mask
+from flora import layers
+from flora.layers import (PackedSequences, additive_mask, attention, packed_attention_mask, packed_documents,
+                          packed_lengths, packed_mask, per_sequence_pays)
 from flora.train import Interrupted, TrainConfig, epoch_order, train
 from llama_fixtures import llama_model
 
@@ -155,6 +158,132 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(hf, variant, chunked):
     assert gp.keys() == gu.keys() and gp
     for k in gp:
         assert rel_err(gp[k], gu[k]) <= 1e-4, k
+
+
+# ------------------------------------------- per-sequence attention (PackedSequences)
+def written_out(q, k, v, mask):
+    """Masked softmax attention in fp64 (kv heads repeated) -> [B * T, heads * hd]."""
+    B, T, nh, hd = q.shape
+    g = nh // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = (q.double().transpose(1, 2) @ kk.transpose(-1, -2) * hd ** -0.5).masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ vv).transpose(1, 2).reshape(B * T, nh * hd)
+
+
+# a row of sequences with length-1 ones and a padding tail (the last, 4), a row of
+# one sequence, a row of length-1 sequences only
+EDGE_ROWS = [[7, 1, 6, 1, 4], [19], [1] * 19]
+
+
+def test_packed_lengths_read_the_rows():
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in EDGE_ROWS])
+    assert packed_lengths(pos) == EDGE_ROWS
+    assert packed_attention_mask(torch.arange(9).expand(2, 9), torch.device("cpu")) is None  # no row packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv", [(4, 4), (6, 2)])
+def test_per_sequence_attention_equals_the_mask_form_and_fp64(dtype, nh, nkv):
+    """Output and q / k / v gradients of the per-sequence form against fp64 written-out
+    attention under the block-diagonal mask, within twice the mask form's own error."""
+    B, T, hd = len(EDGE_ROWS), 19, 16
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in EDGE_ROWS])
+    mask = packed_mask(pos)
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=g) for s in ((B, T, nh, hd), (B, nkv, T, hd), (B, nkv, T, hd))]
+    grad = torch.randn(B * T, nh * hd, generator=g)
+    ref_in = [t.double().requires_grad_() for t in base]
+    ref = written_out(*ref_in, mask)
+    ref.backward(grad.double())
+    results = {}
+    for name, m in (("seq", PackedSequences(EDGE_ROWS)), ("mask", additive_mask(mask, dtype))):
+        ins = [t.to(dtype).requires_grad_() for t in base]
+        out = attention(*ins, m)
+        out.backward(grad.to(dtype))
+        results[name] = [out] + [t.grad for t in ins]
+    eps = torch.finfo(dtype).eps
+    for i, r in enumerate([ref] + [t.grad for t in ref_in]):
+        err = {n: rel_err(got[i].double(), r) for n, got in results.items()}
+        assert err["seq"] <= 2 * err["mask"] + eps, (i, err)
+    with pytest.raises(ValueError, match="do not fill 3 rows of 19 slots"):
+        attention(*base, PackedSequences([[7, 1, 6, 1, 4], [19], [18]]))
+
+
+def test_per_sequence_attention_compiles_as_the_mask_form(monkeypatch):
+    """Under torch.compile packed_attention_mask gives the mask (no host read): one graph."""
+    forced(monkeypatch, True)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in EDGE_ROWS])
+    q, k, v = torch.randn(3, 19, 4, 8), torch.randn(3, 2, 19, 8), torch.randn(3, 2, 19, 8)
+    fn = torch.compile(lambda q, k, v, p: attention(q, k, v, packed_attention_mask(p, q.device)),
+                       backend="aot_eager", fullgraph=True)
+    eager = attention(q, k, v, packed_attention_mask(pos, q.device))
+    assert isinstance(packed_attention_mask(pos, q.device), PackedSequences)
+    torch.testing.assert_close(fn(q, k, v, pos), eager, rtol=1e-5, atol=1e-6)
+
+
+def test_per_sequence_pays_where_measured():
+    """The cost rule picks the measured faster form (layers.PACKED_CALL_COST's table)."""
+    for T, n, per_seq in ((128, 8, False), (256, 16, True), (256, 32, False), (512, 64, True),
+                          (512, 128, False), (1024, 2, True), (1024, 128, True)):
+        assert per_sequence_pays([[T // n] * n] * 2, T) == per_seq, (T, n)
+    assert isinstance(packed_attention_mask(torch.arange(64).repeat(8)[None], torch.device("cpu")),
+                      PackedSequences)
+    assert packed_attention_mask(torch.arange(64).repeat(8)[None], torch.device("meta")).dtype == torch.bool
+
+
+EDGE_LENGTHS = [7, 12, 1, 5, 9, 24, 1, 3, 10, 1, 14]  # a 24 fills a row alone; three of one token
+
+
+def forced(monkeypatch, per_sequence: bool):
+    monkeypatch.setattr(layers, "per_sequence_pays", lambda lengths, T: per_sequence)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["base", "lora", "ffba", "zflora", "ffba-ab-mha"])
+def test_per_sequence_packed_rows_equal_mask_and_each_alone(hf, variant, dtype, monkeypatch):
+    """Logits of packed rows, per-sequence form against the mask form, and each
+    sequence alone in fp64 (the same weights): the per-sequence form's error within
+    twice the mask form's. Adapter gradients of the packed loss likewise against
+    the fp64 padded batch's."""
+    its = items(EDGE_LENGTHS)
+    rows, b = packed_batch(its)
+    lengths = packed_lengths(b["position_ids"])
+    assert [SEQ] in lengths and any(sum(map(len, (its[i]["input_ids"] for i in r))) < b["input_ids"].shape[1]
+                                    for r in rows) and min(map(min, lengths)) == 1
+    m = model_of(hf, variant)
+    m = m.to(dtype) if variant == "base" else FusedLlama.from_pretrained(hf, dtype=dtype, adapter=AdapterConfig(
+        variant, 4, 8.0))
+    if variant != "base":
+        randomize_adapter(m, 0)
+    ref = copy.deepcopy(m).to(torch.float64).eval()
+    got, grads = {}, {}
+    for form in (True, False):
+        forced(monkeypatch, form)
+        with torch.no_grad():
+            got[form] = m.eval()(b["input_ids"], position_ids=b["position_ids"]).logits
+        if variant != "base":
+            m.train().zero_grad()
+            m(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"]).loss.backward()
+            grads[form] = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    eps = torch.finfo(dtype).eps
+    with torch.no_grad():
+        for r, row in enumerate(rows):
+            t = 0
+            for i in row:
+                n = len(its[i]["input_ids"])
+                alone = ref(torch.tensor([its[i]["input_ids"]])).logits[0]
+                err = {f: rel_err(got[f][r, t:t + n].double(), alone) for f in got}
+                assert err[True] <= 2 * err[False] + eps, (r, i, err)
+                t += n
+    if variant == "base":
+        return
+    plain = collate(its, 0)
+    ref.train()
+    ref(**{k: plain[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            err = {f: rel_err(grads[f][name].double(), p.grad) for f in grads}
+            assert err[True] <= 2 * err[False] + eps, (name, err)
 
 
 # ------------------------------------------------------------------ training
