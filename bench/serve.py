@@ -100,23 +100,9 @@ import torch
 
 from flora import FusedLlama
 from flora.pretrained import load_tokenizer, smollm2_path
-from flora.serve import Engine, serve
+from flora.serve import Engine, serving
 
 
-@contextlib.contextmanager
-def served(engine: Engine):
-    """The engine behind an HTTP server on a free port: its URL. On exit the server
-    and the engine's worker end (a worker left inside a torch op at interpreter exit
-    ended the process with "terminate called without an active exception")."""
-    srv = serve(engine, port=0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        engine.close()
-        engine._worker.join(timeout=60)
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 7 times 8?",
              "Say hello in Spanish.", "What do bees make?", "How many legs does a spider have?",
@@ -368,7 +354,7 @@ def prefix_bench(model, tok, args) -> dict:
                "off": Engine(model, tok, {"base": None}, args.max_batch, prefix_cache=0)}
     runs = {"on": [], "off": []}
     with contextlib.ExitStack() as stack:
-        urls = {k: stack.enter_context(served(eng)) for k, eng in engines.items()}
+        urls = {k: stack.enter_context(serving(eng)) for k, eng in engines.items()}
         for i in range(args.rounds + 1):  # round 0: warm-up
             for k in (("on", "off") if i % 2 else ("off", "on")):
                 while engines[k].busy:  # the last turn's answer is kept after its client has it
@@ -448,7 +434,7 @@ def main(argv=None):
                                        dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
     if args.conversations:
         engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=args.prefix_cache)
-        with served(engine) as url:
+        with serving(engine) as url:
             load(url, 1, 1, 4)  # warm-up
             while engine.busy:
                 time.sleep(0.01)
@@ -469,7 +455,7 @@ def main(argv=None):
     if args.burst:
         # 50 ms for the burst's threads to reach the server (one admit: `admits`)
         engine = Engine(model, load_tokenizer(path), {"base": None}, args.max_batch, prefix_cache=0, wait_s=0.05)
-        with served(engine) as url:
+        with serving(engine) as url:
             burst(url, engine, engine.tok, args.clients[0], 4, min(64, args.burst), 4)  # warm-up
             runs = [burst(url, engine, engine.tok, args.clients[0], args.max_tokens, args.burst,
                           args.long_max_tokens, args.burst_plain) for _ in range(args.rounds)]
@@ -486,7 +472,7 @@ def main(argv=None):
     if args.long_prompt:
         chunks = args.prefill_chunk or [engine.prefill_chunk]
         runs = {c: [] for c in chunks}
-        with served(engine) as url:
+        with serving(engine) as url:
             load(url, 1, 1, 4)  # warm-up
             for _ in range(args.rounds):  # the chunk budgets interleaved, round by round
                 for c in chunks:
@@ -509,7 +495,7 @@ def main(argv=None):
         save(args, dev, path, {**rows[0], "rows": rows})
         return
     if args.scoring:
-        with served(engine) as url:
+        with serving(engine) as url:
             scoring(url, engine.tok, 1, 1, n_words=args.scoring_words)  # warm-up
             def count() -> list:
                 return [getattr(engine, k, 0) for k in ("score_forwards", "score_rows", "score_tokens")]
@@ -539,7 +525,7 @@ def main(argv=None):
                                "scoring_distinct": args.scoring_distinct, "scoring_split": args.scoring_split,
                                "scoring_max_tokens": args.scoring_max_tokens, "rows": rows})
         return
-    with served(engine) as url:
+    with serving(engine) as url:
         load(url, 1, 1, 4)  # warm-up: first-call costs out of the figures
         rows = []
         short = "short " if args.long_tokens else ""

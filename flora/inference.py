@@ -300,7 +300,9 @@ def _continuous(model, tok, device, ids: list, jobs: list, names: dict, args, st
     # about four of them lets prompts join it longer before it drains (rows idle at its end)
     need = max(len(x) for x in ids) + M
     n = min(context, max(need, min(CACHE_LEN, 4 * need)))
-    engine = Engine(model, tok, names, max_batch=args.batch_size, mixed=mixed, cache_len=n)
+    # prefill_chunk 0: offline, no client waits on a running row's next token, and a prompt in chunks
+    # costs more in all (each chunk a forward, reading the keys before it: bench/RESULTS.md "Chunked prefill")
+    engine = Engine(model, tok, names, max_batch=args.batch_size, mixed=mixed, cache_len=n, prefill_chunk=0)
     reqs = requests(jobs, M, n, stream)
     t0 = time.perf_counter()
     done = _serve(engine, reqs)

@@ -2184,6 +2184,24 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, quiet: bool
     return srv
 
 
+@contextlib.contextmanager
+def serving(engine: Engine, host: str = "127.0.0.1", port: int = 0, **kw):
+    """The engine behind an HTTP server in a background thread (port 0: a free one), for a
+    Python program or a test: yields its URL. On exit the server and the engine's worker
+    end (a worker left inside a torch op at interpreter exit ends the process with
+    "terminate called without an active exception"). ``kw``: :func:`serve`'s."""
+    srv = serve(engine, host, port, **kw)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{host}:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        engine.close()
+        if engine._worker.is_alive():
+            engine._worker.join(timeout=60)
+
+
 class _Server(ThreadingHTTPServer):
     # connections waiting to be accepted: socketserver's 5 reset a burst of concurrent clients
     request_queue_size = 1024

@@ -6,8 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from test_serve import _alone, _mid_batch, _runs_on, _served_and_alone, counted_prefills, setup  # noqa: F401
+from test_serve import _alone, _mid_batch, _runs_on, _served_and_alone, setup  # noqa: F401
 
 from flora import FusedLlama
 from flora.cli import main
@@ -31,6 +30,14 @@ def _noted(eng, model) -> list:
     return calls
 
 
+def _base_engine(setup, **kw) -> tuple:
+    """(tokenizer, a reference model, the served model, an Engine serving it as "base" with ``kw``)."""
+    _, ckpt, _ = setup
+    model = FusedLlama.from_pretrained(str(ckpt))
+    tok = load_tokenizer(ckpt)
+    return tok, FusedLlama.from_pretrained(str(ckpt)).eval(), model, Engine(model, tok, {"base": None}, **kw)
+
+
 def _chunk_sizes(n: int, C: int) -> list:
     """A prompt computing n tokens in chunks of C: the first what is left, then C each."""
     k = -(-n // C)
@@ -42,11 +49,7 @@ def test_a_chunked_prompt_alone_answers_as_generate(setup, C):
     """A 30-token prompt alone in chunks of C (1, dividing it, not, one less than it): its tokens
     and logprobs are generate()'s and a plain forward's; its forwards compute the chunks, none more
     than C tokens; no decode step runs while it prefills (its steps only move the slot on)."""
-    _, ckpt, _ = setup
-    tok = load_tokenizer(ckpt)
-    ref = FusedLlama.from_pretrained(str(ckpt)).eval()
-    model = FusedLlama.from_pretrained(str(ckpt))
-    eng = Engine(model, tok, {"base": None}, max_batch=2, prefix_cache=0, prefill_chunk=C)
+    tok, ref, model, eng = _base_engine(setup, max_batch=2, prefix_cache=0, prefill_chunk=C)
     r = Request("base", _runs_on(ref, random.Random(C), 30, 8), 8, Sampling(), logprobs=0)
     calls = _noted(eng, model)
     eng.submit([r])
@@ -112,11 +115,7 @@ def test_chunk_budget_validation(setup, capsys):
 def test_a_chunked_prompt_cancelled_mid_prefill(setup):
     """A long prompt's client leaves after its 3rd chunk: no more chunk runs, its row is freed
     (no event for it), and the running row answers as alone."""
-    _, ckpt, _ = setup
-    tok = load_tokenizer(ckpt)
-    ref = FusedLlama.from_pretrained(str(ckpt)).eval()
-    model = FusedLlama.from_pretrained(str(ckpt))
-    eng = Engine(model, tok, {"base": None}, max_batch=2, prefix_cache=0, prefill_chunk=3)
+    tok, ref, model, eng = _base_engine(setup, max_batch=2, prefix_cache=0, prefill_chunk=3)
     rng = random.Random(7)
     first = [Request("base", _runs_on(ref, rng, 4, 30), 30, Sampling(), logprobs=0)]
     long = Request("base", _runs_on(ref, rng, 30, 4), 4, Sampling())
@@ -182,11 +181,7 @@ def test_a_chunked_prompt_shares_its_system_prompt_through_the_prefix_cache(setu
     chunks; the second waits for its last chunk, then copies the kept system prompt's blocks and
     computes only its rest (its cached tokens counted); a later turn with the first's prompt and
     answer reuses them (kept after its chunks); every answer as alone."""
-    _, ckpt, _ = setup
-    tok = load_tokenizer(ckpt)
-    ref = FusedLlama.from_pretrained(str(ckpt)).eval()
-    model = FusedLlama.from_pretrained(str(ckpt))
-    eng = Engine(model, tok, {"base": None}, max_batch=4, prefill_chunk=6)
+    tok, ref, model, eng = _base_engine(setup, max_batch=4, prefill_chunk=6)
     rng = random.Random(9)
     system = _runs_on(ref, rng, 34, 1)
     a, b = (Request("base", system + _runs_on(ref, rng, 6, 1), 6, Sampling(), logprobs=0) for _ in range(2))
@@ -212,11 +207,7 @@ def test_a_chunked_prompt_shares_its_system_prompt_through_the_prefix_cache(setu
 def test_a_chunked_prompt_shares_nothing_with_another_cache_salt(setup):
     """As above, the second prompt with a cache_salt: it copies nothing from the first (unsalted)
     but computes its whole prompt in chunks; a third with its salt and prompt reuses its blocks."""
-    _, ckpt, _ = setup
-    tok = load_tokenizer(ckpt)
-    ref = FusedLlama.from_pretrained(str(ckpt)).eval()
-    model = FusedLlama.from_pretrained(str(ckpt))
-    eng = Engine(model, tok, {"base": None}, max_batch=4, prefill_chunk=6)
+    tok, ref, model, eng = _base_engine(setup, max_batch=4, prefill_chunk=6)
     rng = random.Random(9)
     system = _runs_on(ref, rng, 34, 1)
     a = Request("base", system + _runs_on(ref, rng, 6, 1), 6, Sampling(), logprobs=0)
@@ -290,11 +281,7 @@ def test_a_chunked_prompt_copies_the_start_a_row_before_it_kept(setup):
     """A 23-token prompt (within the budget of 24) and a 40-token one sharing its first 20 tokens
     arrive together: the first prefills whole; the second, placed after it, finds its first block
     kept and computes only the rest (its first chunk, all copied, skipped): every answer as alone."""
-    _, ckpt, _ = setup
-    tok = load_tokenizer(ckpt)
-    ref = FusedLlama.from_pretrained(str(ckpt)).eval()
-    model = FusedLlama.from_pretrained(str(ckpt))
-    eng = Engine(model, tok, {"base": None}, max_batch=2, prefill_chunk=24)
+    tok, ref, model, eng = _base_engine(setup, max_batch=2, prefill_chunk=24)
     rng = random.Random(10)
     start = _runs_on(ref, rng, 20, 1)
     a = Request("base", start + _runs_on(ref, rng, 3, 1), 4, Sampling(), logprobs=0)

@@ -16,7 +16,7 @@ from _train_helpers import served_checkpoint
 from flora import FusedLlama
 from flora.data import load_tokenizer, prompt_ids
 from flora.generation import Sampling, _eos_set
-from flora.serve import Engine, Request, serve
+from flora.serve import Engine, Request, serve, serving
 
 # greedy on the tiny checkpoint: this prompt's answer hits the checkpoint's EOS at its 6th token;
 # THE_BIG_CAT's holds none in 16 and says "follows" twice (tests below check both)
@@ -292,20 +292,6 @@ def test_top_k_minus_one_is_no_limit(setup):
 
 
 # ------------------------------------------------------------ vLLM's remaining behaviours
-import contextlib  # noqa: E402
-
-
-@contextlib.contextmanager
-def _serving(engine, **kw):
-    """An HTTP server of ``engine`` on a free port (its worker started): its URL."""
-    srv = serve(engine, port=0, **kw)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        engine.close()
 
 
 def test_stop_reason_of_a_generation_configs_extra_eos_ids(setup):
@@ -323,7 +309,7 @@ def test_stop_reason_of_a_generation_configs_extra_eos_ids(setup):
         eng = Engine(model, tok, {"base": None}, max_batch=2)
     finally:
         model.generation_eos_token_id = before
-    with _serving(eng) as url:
+    with serving(eng) as url:
         assert _complete(url, THE_BIG_CAT) == (_text(tok, row[:4]), "stop", x, 5)
         assert _complete(url, THE_BIG_CAT, include_stop_str_in_output=True) == (_text(tok, row[:5]), "stop", x, 5)
         assert _complete(url, THE_BIG_CAT, ignore_eos=True) == (_text(tok, row), "length", None, M)
@@ -433,7 +419,7 @@ def test_request_id_and_the_x_request_id_header(setup):
     assert plain.startswith("cmpl-") and len(plain) == 5 + 32
     status, text, _ = post(url, "/v1/completions", {**done, "request_id": 5})
     assert status == 400 and "'request_id' must be a string" in text
-    with _serving(Engine(model, tok, {"base": None}), request_id_headers=True) as url2:
+    with serving(Engine(model, tok, {"base": None}), request_id_headers=True) as url2:
         assert post(url2, "/v1/completions", done, {"X-Request-Id": "h-7"})[2] == "h-7"
         status, text, got = post(url2, "/v1/completions", {**done, "stream": True}, {"X-Request-Id": "h-8"})
         assert status == 200 and got == "h-8" and "cmpl-h-8" in text
