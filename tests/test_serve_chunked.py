@@ -38,6 +38,20 @@ def _base_engine(setup, **kw) -> tuple:
     return tok, FusedLlama.from_pretrained(str(ckpt)).eval(), model, Engine(model, tok, {"base": None}, **kw)
 
 
+def _together(eng, model, ref, tok, reqs: list) -> tuple:
+    """``reqs`` submitted together to ``eng`` (its worker started): (its joining rows' prefills as
+    _noted logs them, each request's tokens as _alone checks them against its prompt alone)."""
+    calls = _noted(eng, model)
+    eng.submit(reqs)
+    eng.start()
+    rows = []
+    for r in reqs:
+        ev = r.events.get(timeout=60)
+        assert ev[0] == "done", ev
+        rows.append(_alone(ref, tok, r, ev))
+    return calls, rows
+
+
 def _chunk_sizes(n: int, C: int) -> list:
     """A prompt computing n tokens in chunks of C: the first what is left, then C each."""
     k = -(-n // C)
@@ -185,18 +199,11 @@ def test_a_chunked_prompt_shares_its_system_prompt_through_the_prefix_cache(setu
     rng = random.Random(9)
     system = _runs_on(ref, rng, 34, 1)
     a, b = (Request("base", system + _runs_on(ref, rng, 6, 1), 6, Sampling(), logprobs=0) for _ in range(2))
-    calls = _noted(eng, model)
-    eng.submit([a, b])
-    eng.start()
-    rows = {}
-    for r in (a, b):
-        ev = r.events.get(timeout=60)
-        assert ev[0] == "done", ev
-        rows[id(r)] = _alone(ref, tok, r, ev)
+    calls, rows = _together(eng, model, ref, tok, [a, b])
     assert a.cached == 0 and b.cached == 2 * BLOCK  # the system prompt's whole blocks
     assert [c[:2] for c in calls] == ([([0], n) for n in _chunk_sizes(40, 6)]
                                       + [([1], n) for n in _chunk_sizes(40 - 2 * BLOCK, 6)])
-    nxt = Request("base", a.prompt + rows[id(a)][:-1] + [5, 6], 4, Sampling(), logprobs=0)
+    nxt = Request("base", a.prompt + rows[0][:-1] + [5, 6], 4, Sampling(), logprobs=0)
     eng.submit([nxt])
     ev = nxt.events.get(timeout=60)
     _alone(ref, tok, nxt, ev)
@@ -212,13 +219,7 @@ def test_a_chunked_prompt_shares_nothing_with_another_cache_salt(setup):
     system = _runs_on(ref, rng, 34, 1)
     a = Request("base", system + _runs_on(ref, rng, 6, 1), 6, Sampling(), logprobs=0)
     b = Request("base", list(a.prompt), 6, Sampling(), logprobs=0, cache_salt="x")
-    calls = _noted(eng, model)
-    eng.submit([a, b])
-    eng.start()
-    for r in (a, b):
-        ev = r.events.get(timeout=60)
-        assert ev[0] == "done", ev
-        _alone(ref, tok, r, ev)
+    calls, _ = _together(eng, model, ref, tok, [a, b])
     assert a.cached == 0 and b.cached == 0
     assert [c[:2] for c in calls] == [([0], n) for n in _chunk_sizes(40, 6)] + [([1], n) for n in _chunk_sizes(40, 6)]
     c = Request("base", list(a.prompt), 6, Sampling(), logprobs=0, cache_salt="x")
@@ -286,13 +287,7 @@ def test_a_chunked_prompt_copies_the_start_a_row_before_it_kept(setup):
     start = _runs_on(ref, rng, 20, 1)
     a = Request("base", start + _runs_on(ref, rng, 3, 1), 4, Sampling(), logprobs=0)
     b = Request("base", start + _runs_on(ref, rng, 20, 1), 4, Sampling(), logprobs=0)
-    calls = _noted(eng, model)
-    eng.submit([a, b])
-    eng.start()
-    for r in (a, b):
-        ev = r.events.get(timeout=60)
-        assert ev[0] == "done", ev
-        _alone(ref, tok, r, ev)
+    calls, _ = _together(eng, model, ref, tok, [a, b])
     assert [c[:2] for c in calls] == [([0], 23), ([1], 40 - BLOCK)] and (a.cached, b.cached) == (0, BLOCK)
     eng.close()
 
