@@ -24,7 +24,7 @@ import time
 import torch
 
 from flora.bench.latency import SHAPES, base_llama, build_flora, model_config
-from flora.bench.report import publish, title
+from flora.bench.report import add_device_dtype, device_dtype, publish, title
 from flora.generation import Decoder, admit_forward_tokens, inference_mode
 
 
@@ -77,22 +77,17 @@ def fit(times: dict) -> tuple:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_dtype(p)
     p.add_argument("--model", default=None,
                    help=f"a shape ({', '.join(SHAPES)}: random weights), a checkpoint (default: SmolLM2-135M)")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 8, 64, 256, 512])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None, help="write the markdown table here too")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/admit_cost.py: --device cuda, but no CUDA device is visible")
+    device, dtype = device_dtype(a, "bench/admit_cost.py")
     if len(set(a.lengths)) < 2 or min(a.lengths) < 1:
         sys.exit("bench/admit_cost.py: --lengths needs two or more distinct lengths >= 1")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     m, label = load(a.model, dtype, device)
     times = admit_times(m, sorted(set(a.lengths)), a.repeats)
     fa, fb = fit(times)

@@ -70,7 +70,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flora import _ext, ops
 from flora.bench.latency import copy_bandwidth
-from flora.bench.report import publish, title
+from flora.bench.report import add_device_dtype, device_dtype, publish, title
 from flora.bench.timing import Timer, cuda_kernels
 from flora.layers import (PackedSequences, additive_mask, attention, packed_attention_mask, packed_lengths,
                           packed_mask, prompt_mask, slot_mask,
@@ -79,7 +79,6 @@ from flora.layers import (PackedSequences, additive_mask, attention, packed_atte
 SHAPES = {  # query heads, kv heads, head dim
     "smollm2": (9, 3, 64), "1b": (32, 8, 64), "3b": (24, 8, 128), "8b": (32, 8, 128),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def former(q, k, v, key_valid):
@@ -349,11 +348,10 @@ def decode_markdown(rows, copy_bps) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_dtype(p)
     p.add_argument("--shapes", nargs="+", default=["1b", "3b"], choices=sorted(SHAPES))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--seq", nargs="+", type=int, default=[512, 2048])
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--no-backward", action="store_true", help="forward only (default: forward, then forward + backward)")
     p.add_argument("--no-padded", action="store_true", help="only prompts without padding")
     p.add_argument("--packed", type=int, nargs="+", default=[], metavar="K",
@@ -372,10 +370,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--md", default=None, help="write the markdown table here too")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/attention.py: --device cuda, but no CUDA device is visible")
-    dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device, dtype = device_dtype(a, "bench/attention.py")
     cmd = "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.decode and a.compiled:
         if device.type != "cpu":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from flora.bench.latency import (SHAPES, base_llama, build_flora, copy_bandwidth, model_config,
                                  weight_bytes)
-from flora.bench.report import publish, title
+from flora.bench.report import add_device_dtype, device_dtype, publish, title
 from flora.bench.timing import measure_latency
 from flora.generation import Decoder, inference_mode
 
@@ -135,22 +134,17 @@ def markdown(rows: list, command: str, device: torch.device) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_dtype(p)
     p.add_argument("--model", default="1b", help=f"a shape ({', '.join(SHAPES)}) or a checkpoint directory")
     p.add_argument("--variants", nargs="+", default=["base", "ffba", "zflora"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None, help="write the markdown table here too")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/step_profile.py: --device cuda, but no CUDA device is visible")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device, dtype = device_dtype(a, "bench/step_profile.py")
     rows = run(a.model, a.variants, a.batch, dtype, device, a.prompt, a.steps, a.rank,
                log=lambda s: print(s, file=sys.stderr, flush=True))
     cmd = "python bench/step_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -50,6 +50,26 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_device_dtype(p) -> None:
+    """A benchmark's --device (default CUDA where visible) and --dtype (default bf16 on CUDA, fp32 on CPU)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+
+
+def device_dtype(a, script: str) -> tuple:
+    """(torch.device, torch.dtype) of :func:`add_device_dtype`'s arguments; exits naming ``script``
+    when --device cuda sees no CUDA device."""
+    import sys
+
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"{script}: --device cuda, but no CUDA device is visible")
+    return device, DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+
+
 def title(device: torch.device, command: str) -> str:
     """A benchmark table's first line: date, device, torch and the command."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {machine()}"
