@@ -308,8 +308,9 @@ class Engine:
         if self.mixed:
             model.stack_adapters([a for a in names.values() if a is not None])
         self.pad = pad_id_of(tokenizer)
-        self.eos = set(_eos(model))
         self.tok_eos = getattr(tokenizer, "eos_token_id", None)  # the tokenizer's own EOS: stop_reason null
+        # vLLM stops at the tokenizer's EOS and at the generation config's (its stop ids), either alone
+        self.eos = set(_eos(model)) | ({int(self.tok_eos)} if self.tok_eos is not None else set())
         self.context = model.arch.max_position_embeddings
         # the running batch's KV cache: max_batch rows of this many slots (its prompts and answers)
         self.cache_len = min(cache_len, self.context)

@@ -319,6 +319,26 @@ def test_stop_reason_of_a_generation_configs_extra_eos_ids(setup):
             assert _complete(url, HITS_EOS) == (_text(tok, eos_row[:k]), "stop", None, k + 1)
 
 
+def test_the_tokenizers_eos_stops_when_the_generation_config_leaves_it_out(setup):
+    """vLLM stops at the tokenizer's EOS whatever the generation config lists (its eos_token_id is
+    the tokenizer's; the config's ids are stop ids beside it): a checkpoint whose config names
+    only another id still ends at the tokenizer's EOS, stop_reason null; ignore_eos runs on."""
+    _, model, tok, _ = setup
+    eos_row = _row(model, tok, HITS_EOS)
+    k = eos_row.index(tok.eos_token_id)
+    x = next(t for t in range(tok.vocab_size) if t not in eos_row and t != tok.eos_token_id)
+    before = model.generation_eos_token_id
+    model.generation_eos_token_id = [x]  # the config names another id only
+    try:
+        eng = Engine(model, tok, {"base": None}, max_batch=2)
+    finally:
+        model.generation_eos_token_id = before
+    assert eng.eos == {x, tok.eos_token_id}
+    with serving(eng) as url:
+        assert _complete(url, HITS_EOS) == (_text(tok, eos_row[:k]), "stop", None, k + 1)
+        assert _complete(url, HITS_EOS, ignore_eos=True) == (_text(tok, eos_row), "length", None, M)
+
+
 def _vllm_stop(tok, row, stop, include=False):
     """vLLM's stop strings, as its detokenizer checks them (vllm/v1/engine/detokenizer.py): after
     each token, each string of the list in order, looked for from len(new text) + len(string) - 1
