@@ -236,7 +236,8 @@ class Penalties:
 def sample_next(logits: Tensor, s: Sampling, generator: Optional[torch.Generator] = None,
                 penalties: Optional[Penalties] = None) -> Tensor:
     """Next tokens [B] from last-position logits [B, V] sampled as ``s`` asks
-    (``penalties``: the rows' state when ``s.adjusts``, applied first).
+    (``penalties``: the rows' state when ``s.adjusts``, applied first; ``generator``:
+    the batch's, its rows' draws in row order).
 
     The order: the bias and penalties on the raw logits (vLLM's), then greedy's
     argmax, or temperature, top-k, top-p, min-p (transformers' warpers' order). Each
@@ -249,21 +250,71 @@ def sample_next(logits: Tensor, s: Sampling, generator: Optional[torch.Generator
         logits = penalties(logits)
     if s.temperature <= 0:
         return logits.argmax(-1)
-    top_k = s.top_k
-    if 0 < top_k < logits.shape[-1]:  # ties at the k-th logit stay in, as in transformers
-        logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], -math.inf)
+    tokens = sample_rows(logits, [s] * logits.shape[0], generator)
+    if bool((tokens < 0).any()):
+        raise ValueError(f"sampling: rows {(tokens < 0).nonzero().flatten().tolist()} have no finite "
+                         f"probability to draw from (NaN or inf logits)")
+    return tokens
+
+
+def _per_row(values: list, dev):
+    """One setting of rows sampling together: a number when all share it, else a column [B, 1]."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, dtype=torch.float32, device=dev)[:, None]
+
+
+def sample_rows(logits: Tensor, samplings: list, generators=None) -> Tensor:
+    """Next tokens [B] of rows each sampling as its own :class:`Sampling` (temperature > 0;
+    penalties applied already), in one pass over the batch: a server's rows sample with a
+    few operations a step, not a few a row (on a GPU each is a launch, and each row's token
+    read back a sync). ``generators``: None (torch's default), one for the batch (its rows'
+    draws in row order), or one a row (None: the default). :func:`sample_next` is this
+    for rows sampling alike, so a row samples the same tokens alone or in any batch.
+
+    One uniform number a row, from its generator, picks its token by the inverse of its
+    distribution's cumulative sum (what torch.multinomial does for one sample): a row's
+    draws depend on its generator only. A row with nothing to draw from (NaN logits) gets -1."""
+    logits = logits.float()
+    B, V = logits.shape
+    dev = logits.device
+    ks = [s.top_k if 0 < s.top_k < V else V for s in samplings]
+    if min(ks) < V:  # ties at the k-th logit stay in, as in transformers
+        top = logits.topk(max(k for k in ks if k < V), dim=-1).values
+        kth = top.gather(1, torch.tensor([min(k, top.shape[1]) - 1 for k in ks], device=dev)[:, None])
+        kth = kth.masked_fill(torch.tensor([k >= V for k in ks], device=dev)[:, None], -math.inf)
+        logits = logits.masked_fill(logits < kth, -math.inf)
     # from the row's max: a tiny temperature (1e-40) then sends the rest to -inf, not the max to inf
-    # (inf - inf: NaN probabilities, and multinomial raised)
-    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / s.temperature, dim=-1)
-    if s.top_p < 1.0:
+    # (inf - inf: NaN probabilities)
+    t = _per_row([s.temperature for s in samplings], dev)
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / t, dim=-1)
+    ps = [s.top_p if s.top_p < 1.0 else math.inf for s in samplings]  # 1: no cut (not a rounding's)
+    if min(ps) < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         cum = sorted_p.cumsum(-1)
-        drop = (cum - sorted_p) >= s.top_p  # keep the smallest prefix reaching top_p (top-1 always kept)
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    if s.min_p > 0:  # a ratio to the top token: the same on probabilities not renormalised
-        probs = probs.masked_fill(probs < s.min_p * probs.amax(-1, keepdim=True), 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        drop = (cum - sorted_p) >= _per_row(ps, dev)  # keep the smallest prefix reaching top_p (top-1 kept)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    mp = [s.min_p for s in samplings]
+    if max(mp) > 0:  # a ratio to the top token: the same on probabilities not renormalised
+        probs = probs.masked_fill(probs < _per_row(mp, dev) * probs.amax(-1, keepdim=True), 0.0)
+    cdf = probs.cumsum(-1)  # non-decreasing: adding a non-negative number never lowers a float
+    total = cdf[:, -1:]
+    if isinstance(generators, (list, tuple)):
+        u = torch.empty(B, 1, device=dev)
+        own = [i for i, g in enumerate(generators) if g is not None]
+        for i in own:
+            u[i] = torch.rand(1, generator=generators[i], device=dev)
+        if len(own) < B:
+            rest = [i for i, g in enumerate(generators) if g is None]
+            u[rest] = torch.rand(len(rest), 1, device=dev)
+    else:
+        u = torch.rand(B, 1, generator=generators, device=dev)
+    # the first token whose cumulative sum passes u x total: one of positive probability (strictly below
+    # the total, which u x total may round up to)
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    tokens = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    # -1: a row with nothing to draw from (NaN logits): its caller's to refuse (no read here: no sync)
+    return tokens.masked_fill(~(torch.isfinite(total) & (total > 0)).squeeze(-1), -1)
 
 
 def _decode(model, ids: Tensor, pos: Tensor, mask: Tensor, cache: StaticKVCache,

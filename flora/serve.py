@@ -308,6 +308,7 @@ class Engine:
         if self.mixed:
             model.stack_adapters([a for a in names.values() if a is not None])
         self.pad = pad_id_of(tokenizer)
+        self._decode = _backend_decode(tokenizer)
         self.tok_eos = getattr(tokenizer, "eos_token_id", None)  # the tokenizer's own EOS: stop_reason null
         # vLLM stops at the tokenizer's EOS and at the generation config's (its stop ids), either alone
         self.eos = set(_eos(model)) | ({int(self.tok_eos)} if self.tok_eos is not None else set())
@@ -1398,32 +1399,92 @@ class Engine:
         entries[-1] = (entries[-1][0] + held, *entries[-1][1:])
         return entries
 
-    def _take(self, i: Optional[int], row: "_Row", logits, greedy: Optional[int] = None) -> None:
-        """Row i's next token from its logits [1, V] (``greedy``: its argmax, read
-        already): emitted, and fed at the next step. i None: a request answered
-        without a row (one token, from its echo's forward)."""
-        from .generation import Penalties, sample_next
+    def _take(self, i: Optional[int], row: "_Row", logits) -> None:
+        """Row i's next token from its logits [1, V]: emitted, and fed at the next step. i None:
+        a request answered without a row (one token, from its echo's forward)."""
+        self._took(i, row, *self._tokens(logits, [row])[0])
 
-        r = row.req
-        s = r.sampling
+    def _tokens(self, logits, rows: list) -> list:
+        """Each row's next token from its logits (rows[j]'s: logits[j], [m, V]) and, where it asks,
+        its logprobs, for all the rows at once: a few operations a step, not a few a row (each a
+        launch on a GPU, each row's read a sync), and one read. [(token, or the exception its
+        sampling raised; (logprob, alternatives) or None)]. A failure of the batch's sampling is
+        each row's own: then every row alone."""
         try:
+            return self._drawn(logits, rows)
+        except Exception:  # noqa: BLE001 - whichever row it was fails alone (below), the rest go on
+            if len(rows) == 1:
+                raise
+        out = []
+        for j, row in enumerate(rows):
+            try:
+                out.append(self._drawn(logits[j:j + 1], [row])[0])
+            except Exception as e:  # noqa: BLE001
+                out.append((e, None))
+        return out
+
+    def _drawn(self, logits, rows: list) -> list:
+        from .generation import Penalties, sample_rows
+
+        dev, x = logits.device, logits
+        adjusted, hot = [], []
+        for j, row in enumerate(rows):
+            r, s = row.req, row.req.sampling
             # vLLM's min_tokens: until the answer has that many, the tokens that would end it (the EOS, even
             # with ignore_eos as vLLM's, and the stop ids) are masked out of its logits (Penalties.banned)
             ban = len(row.ids) < r.min_tokens
-            if s.temperature == 0 and greedy is not None and not s.adjusts and not ban:  # the model's argmax:
-                token = greedy  # read already
-            else:
-                dev = logits.device
-                if (s.adjusts or ban) and row.penalties is None:  # its prompt's tokens, at its first token
-                    row.penalties = Penalties(s, torch.tensor([r.prompt], device=dev), logits.shape[-1],
-                                              banned=(self.eos | set(r.stop_ids)) if ban else None)
-                elif not ban and row.penalties is not None:
-                    row.penalties.banned = None
-                token = int(sample_next(logits, s, row.generator, row.penalties))
-                if row.penalties is not None:
-                    row.penalties.add(torch.tensor([token], device=dev))
+            if (s.adjusts or ban) and row.penalties is None:  # its prompt's tokens, at its first token
+                row.penalties = Penalties(s, torch.tensor([r.prompt], device=dev), logits.shape[-1],
+                                          banned=(self.eos | set(r.stop_ids)) if ban else None)
+            elif not ban and row.penalties is not None:
+                row.penalties.banned = None
+            if row.penalties is not None:
+                adjusted.append(j)
+            if s.temperature > 0:
+                hot.append(j)
+        if adjusted:
+            x = logits.to(torch.float32, copy=True)  # the logprobs read the model's own
+            for j in adjusted:
+                x[j] = rows[j].penalties(x[j:j + 1])[0]
+        tokens = x.argmax(-1)  # greedy: the argmax of the penalised, biased logits (vLLM's)
+        if hot:
+            at = torch.tensor(hot, device=dev)
+            drawn = sample_rows(x if len(hot) == len(rows) else x.index_select(0, at),
+                                [rows[j].req.sampling for j in hot], [rows[j].generator for j in hot])
+            tokens = drawn if len(hot) == len(rows) else tokens.index_copy(0, at, drawn)
+        asks = [j for j, row in enumerate(rows) if row.req.logprobs is not None]
+        lps = None
+        if asks:  # the model's own log-probabilities (fp32, before temperature, top-k and top-p)
+            at = torch.tensor(asks, device=dev)
+            lp = torch.log_softmax(logits.index_select(0, at).float(), -1)
+            k = max(rows[j].req.logprobs for j in asks)
+            top = lp.topk(k) if k else None
+            own = lp.gather(1, tokens.index_select(0, at).clamp_min(0)[:, None])
+            lps = (own.squeeze(1).tolist(), None if top is None else top.values.tolist(),
+                   None if top is None else top.indices.tolist())
+        out = []
+        for j, t in enumerate(tokens.tolist()):  # the one read
+            if t < 0:
+                out.append((ValueError("sampling: no finite probability to draw from (NaN or inf logits)"), None))
+                continue
+            if j in adjusted:
+                rows[j].penalties.add(tokens[j:j + 1])
+            out.append((t, None))
+        for a, j in enumerate(asks):
+            if not isinstance(out[j][0], Exception):
+                k = rows[j].req.logprobs
+                alts = [] if not k else list(zip(lps[2][a][:k], lps[1][a][:k]))
+                out[j] = (out[j][0], (lps[0][a], alts))
+        return out
+
+    def _took(self, i: Optional[int], row: "_Row", token, lp) -> None:
+        """Row i's next token (or the exception its sampling raised) and its logprobs: emitted, and
+        fed at the next step."""
+        try:
+            if isinstance(token, Exception):
+                raise token
             first = row.first_at is None
-            row.add(token, self, None if row.req.logprobs is None else _logprobs(logits, token, row.req.logprobs))
+            row.add(token, self, lp)
             if first and row.first_at is not None:
                 self.metrics.first_token(row.req.model, row.req.arrived, row.first_at)
             if row.done and not row.req.cancelled and i is not None:  # a conversation's next turn starts so
@@ -1454,17 +1515,17 @@ class Engine:
         if not decoding:
             dec.advance(dec.t + 1)
             return
-        tokens = torch.full((n,), self.pad, dtype=torch.long)
+        fed = [self.pad] * n
         for i in decoding:
-            if i < n:
-                tokens[i] = self._slots[i].next
-        logits = dec.step(tokens.to(dec.device), n_rows=n)
+            fed[i] = self._slots[i].next
+        logits = dec.step(torch.tensor(fed, device=dec.device), n_rows=n)
         self.steps += 1
         self.row_steps += len(decoding)
-        # every greedy row's token in one read (one sync on a GPU); not a row with penalties or a bias
-        greedy = logits.argmax(-1).tolist()
-        for i in decoding:
-            self._take(i, self._slots[i], logits[i:i + 1], greedy[i])
+        if decoding != list(range(len(logits))):
+            logits = logits.index_select(0, torch.tensor(decoding, device=logits.device))
+        rows = [self._slots[i] for i in decoding]
+        for i, row, got in zip(decoding, rows, self._tokens(logits, rows)):
+            self._took(i, row, *got)
 
     def _fail(self, r: Request, e: Exception, row: Optional["_Row"] = None) -> None:
         """A choice's failure: its error event, and its end counted."""
@@ -1496,17 +1557,9 @@ class Engine:
         return self.metrics.render(running, waiting)
 
     def text(self, ids: list, skip_special: bool = True) -> str:
+        if self._decode is not None:
+            return self._decode(ids, skip_special_tokens=skip_special)
         return self.tok.decode(ids, skip_special_tokens=skip_special)
-
-
-def _logprobs(logits, token: int, k: int) -> tuple:
-    """The model's own log-probabilities at one row's step (its logits [1, V], log_softmax
-    in fp32: before temperature, top-k and top-p): (the token's, [(id, logprob) of the
-    k most likely])."""
-    lp = torch.log_softmax(logits[0].float(), -1)
-    top = lp.topk(k)
-    values = torch.cat([lp[token:token + 1], top.values]).tolist()  # one read
-    return values[0], list(zip(top.indices.tolist(), values[1:]))
 
 
 def _eos(model) -> list:
@@ -1538,6 +1591,22 @@ def _salts_apart(groups: list, keys: list) -> list:
                 part.append(j)
         out += parts
     return out
+
+
+def _backend_decode(tokenizer):
+    """The tokenizers library's own decode of a fast tokenizer whose transformers decode adds
+    nothing to it (its methods transformers' own, no space clean-up): the same text without
+    transformers' wrapper, which cost ~3x the decode itself, a decode or two every token of a
+    streamed or stopped row (Detokenizer). None for any other tokenizer (its decode used)."""
+    try:
+        from transformers import PreTrainedTokenizerFast as Fast
+    except ImportError:
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (isinstance(tokenizer, Fast) and backend is not None and type(tokenizer).decode is Fast.decode
+            and type(tokenizer)._decode is Fast._decode and not tokenizer.clean_up_tokenization_spaces):
+        return backend.decode
+    return None
 
 
 class Detokenizer:
@@ -1717,7 +1786,7 @@ class _Row:
         return out
 
     def add(self, token: int, eng: Engine, lp: Optional[tuple] = None) -> None:
-        """The next token; ``lp``: its logprob and its alternatives' (``_logprobs``)."""
+        """The next token; ``lp``: its logprob and its alternatives' (``Engine._tokens``)."""
         if self.done:
             return
         if self.req.cancelled:  # no one reads it: done, without an answer

@@ -2534,6 +2534,36 @@ def test_incremental_detokenization_is_the_whole_decode(smollm2_tok):
         assert len(d.ids) - d.prefix <= 64  # the window stays a tail
 
 
+def test_the_engines_decode_is_the_tokenizers(smollm2_tok, setup):
+    """Engine.text decodes with the tokenizers library directly where transformers' decode adds
+    nothing (SmolLM2's and the tiny checkpoint's fast tokenizers): the same text as
+    tokenizer.decode, special tokens skipped or kept, on texts and random ids; a tokenizer
+    that cleans up spaces, or a decode of its own, keeps transformers' decode."""
+    import random
+
+    from flora.serve import _backend_decode
+
+    rng = random.Random(1)
+    for tok in (smollm2_tok, load_tokenizer(setup[1])):
+        fast = _backend_decode(tok)
+        assert fast is not None
+        seqs = [tok("Hello world 🎉 日本語, naïve").input_ids + [tok.eos_token_id] + tok(" two  spaces").input_ids]
+        seqs += [[rng.randrange(len(tok)) for _ in range(n)] for n in (1, 2, 7, 64)]
+        for ids in seqs:
+            for skip in (True, False):
+                assert fast(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip)
+    cleaning = load_tokenizer(setup[1])
+    cleaning.clean_up_tokenization_spaces = True
+    assert _backend_decode(cleaning) is None
+
+    class Own(type(cleaning)):
+        def decode(self, *a, **kw):
+            return "own"
+    own = load_tokenizer(setup[1])
+    own.__class__ = Own
+    assert own._tokenizer is not None and _backend_decode(own) is None
+
+
 def test_streaming_on_a_real_tokenizer_sends_the_decoded_text(smollm2_tok):
     """A row fed SmolLM2 tokens (emoji and CJK split over them) streams deltas that
     join to the whole decode; a stop string cuts it where it first occurs."""
