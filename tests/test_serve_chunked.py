@@ -53,9 +53,9 @@ def _together(eng, model, ref, tok, reqs: list) -> tuple:
 
 
 def _chunk_sizes(n: int, C: int) -> list:
-    """A prompt computing n tokens in chunks of C: the first what is left, then C each."""
+    """A prompt computing n tokens in chunks of C, the budget whole for it: C each, the last what is left."""
     k = -(-n // C)
-    return [n - (k - 1) * C] + [C] * (k - 1)
+    return [C] * (k - 1) + [n - (k - 1) * C]
 
 
 @pytest.mark.parametrize("C", [1, 5, 7, 29])
@@ -103,15 +103,20 @@ def test_running_rows_decode_while_a_long_prompt_prefills(setup, tmp_path, mixed
     chunks = [c for c in calls if c[0] == [2]]
     assert [c[1] for c in chunks] == sizes and [c[2] for c in chunks] == list(range(5, 5 + k))
     assert all(c[1] <= C for c in calls if c[2] >= 5)  # no forward beyond the budget while it prefilled
-    # the short one behind it: within the budget, it joined at the next step (row 3: one forward of its
-    # 4 tokens, after the 6th step); beyond it (C 1), in chunks once the long one's were done (one at a time)
-    at = 6 if C >= 4 else 5 + k
+    # the short one behind it waits for the budget the long one's chunks leave (the budget is the
+    # iteration's: vLLM's max_num_batched_tokens): C 7, beside its last chunk (2 tokens: 5 left), whole
+    # (row 3: one forward of its 4 tokens); C 1, in chunks once the long one's were done
+    at = 5 + k - 1 if C - sizes[-1] >= 4 else 5 + k
     short = _chunk_sizes(4, C)
     assert [c[1:] for c in calls if c[0] == [3]] == [(n, at + j) for j, n in enumerate(short)]
     ended = [got[id(r)][1] for r in first + later]
     # each one's first token from its last chunk, before the next step: then one step a token
     assert ended[2] == 5 + k - 1 + 5 and ended[3] == at + len(short) - 1 + 3
-    assert ended[0] == ended[1] == eng.steps == m - 1
+    # the first two: C 1 prefills one of their tokens an iteration, the second's a step later
+    late = int(C < 2)
+    assert calls[:2 if late else 1] == ([([0], 1, 0), ([1], 1, 1)] if late else [([0, 1], 1, 0)])
+    assert ended[0] + late == ended[1] == eng.steps == m - 1 + late
+    assert max(eng.iteration_tokens) == C
     eng.close()
 
 
