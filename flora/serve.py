@@ -926,7 +926,7 @@ class Engine:
                 continue
             if long is not None:
                 break
-            hit = self.prefix and self.prefix.lookup(r.model, r.prompt, r.cache_salt) if B else None
+            hit = self.prefix and self.prefix.lookup(r.model, r.prompt, r.cache_salt, count=False) if B else None
             if leaders and (len(r.prompt) > t or any(self._shares(r, self._slots[i].req, hit) for i in leaders)):
                 break
             t_new, need_new = max(t, len(r.prompt)), max(need, r.max_tokens)
@@ -937,11 +937,11 @@ class Engine:
                 join.append(r)
                 reused.append(hit)
                 continue
-            # beyond the budget: in chunks, the first of what the budget leaves (not one smaller than a
-            # forward's own cost: it waits for the next iteration's budget)
+            # beyond the budget: in chunks, the first of what the budget leaves; not one smaller than a
+            # forward's own cost (or half the budget): it waits for the next iteration's budget
             span = len(r.prompt) - (hit[1] if hit else 0)
             plan = self._plan(span, left - self._join_cost(join, reused), leaders)
-            if plan is None or plan[0] < min(B, admit_forward_tokens(dec.device)):
+            if plan is None or plan[0] < min(admit_forward_tokens(dec.device), max(1, B // 2)):
                 break
             # its prompt ends at t0 + k - 2 (t0: the slot of the next step), its first token fed at
             # t0 + k - 1; the running rows decode k - 1 of their rests meanwhile
@@ -958,19 +958,16 @@ class Engine:
             for row in running:
                 row.skip(dec.t, t)
             dec.advance(t)
-        rows = iter(free)
+        # the free rows in arrival order (those joining whole and following run in any order: rows apart)
+        at = dict(zip((id(r) for r in waiting[:taken]), free))
         if join:
-            self._admit_rows(join, [next(rows) for _ in join])
-        at = {}  # a follower's row and the row it copies
-        for r, q in follow:
-            at[id(r)] = next(rows), q
+            self._admit_rows(join, [at[id(r)] for r in join])
         if long is not None:
             # after the rows before it in line (their prompts kept: a start it may copy)
-            i = next(rows)
-            self._place(i, *long[:3], [(r, at[id(r)][0]) for r, q in follow if q is None])
+            self._place(at[id(long[0])], *long[:3], [(r, at[id(r)]) for r, q in follow if q is None])
         for r, q in follow:
             if q is not None:
-                self._follow(at[id(r)][0], r, q)
+                self._follow(at[id(r)], r, q)
         return waiting[taken:]
 
     def _equal(self, r: Request, q: Request) -> bool:
@@ -1105,7 +1102,7 @@ class Engine:
         dec, L, k = self._dec, len(r.prompt), len(plan)
         c0 = hit[1] if hit else 0
         if self.prefix is not None:  # the rows admitted before it (their prompts kept) may give more
-            again = self.prefix.lookup(r.model, r.prompt, r.cache_salt)
+            again = self.prefix.lookup(r.model, r.prompt, r.cache_salt)  # (the look that counts: a hit)
             if again and again[1] > c0:
                 # a copied slot must lie before this step's slot t0 (no step writes it after): at most
                 # L - k + 1 of them; the plan's first chunks compute as many fewer
