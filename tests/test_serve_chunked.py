@@ -275,12 +275,13 @@ def test_bench_long_prompt_compares_chunk_budgets(setup, tmp_path):
     load_bench_script("serve").main([
         "--model", str(ckpt), "--long-prompt", "30", "--clients", "2", "--requests", "2", "--max-tokens", "3",
         "--long-after", "0.05", "--long-max-tokens", "2", "--prefill-chunk", "0", "8", "--rounds", "1",
-        "--json", str(tmp_path / "long.json")])
+        "--joiners", "2", "--json", str(tmp_path / "long.json")])
     rows = json.loads((tmp_path / "long.json").read_text())["rows"]
     assert [r["prefill_chunk"] for r in rows] == [0, 8] and all(r["long_prompt_tokens"] == 30 for r in rows)
     for r in rows:
-        assert 0 < r["itl_p50_s"] <= r["itl_p99_s"] <= r["itl_max_s"] < r["seconds"]
-        assert 0 < r["long_ttft_s"] <= r["long_latency_s"] < r["seconds"]
+        assert r["joiners"] == 2 and 0 < r["itl_p50_s"] <= r["itl_p99_s"] <= r["itl_max_s"] < r["seconds"]
+        assert 0 < r["long_ttft_s"] <= r["long_ttft_max_s"] < r["seconds"]
+        assert r["long_ttft_s"] <= r["long_latency_s"] < r["seconds"]
 
 
 def test_a_chunked_prompt_copies_the_start_a_row_before_it_kept(setup):
