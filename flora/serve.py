@@ -912,6 +912,7 @@ class Engine:
         leaders = [i for i, row in enumerate(self._slots) if row is not None and row.fill is not None and row.lead is None]
         need = max((self._rest(r, dec.t) for r in running), default=0)
         join, reused, follow, t, long, taken = [], [], [], dec.t, None, 0
+        keys, bound, f = set(), 0, admit_forward_tokens(dec.device)  # the join's prompts; its cost's bound
         for r in waiting:
             if taken == len(free) or r.key(self.mixed) != self._key:
                 break
@@ -930,18 +931,24 @@ class Engine:
             if leaders and (len(r.prompt) > t or any(self._shares(r, self._slots[i].req, hit) for i in leaders)):
                 break
             t_new, need_new = max(t, len(r.prompt)), max(need, r.max_tokens)
-            if left is None or self._join_cost(join + [r], reused + [hit]) <= left:
+            key = (tuple(r.prompt), self.names[r.model] if self.mixed else None, r.cache_salt)
+            # admit_groups' split costs no more than each distinct prompt alone (its span and a forward's
+            # cost each), so its tokens are at most those less one forward's: within the budget, no need
+            # to split (its cost grows with the rows)
+            bound = bound if key in keys else bound + len(r.prompt) - (hit[1] if hit else 0) + f
+            if left is None or bound - f <= left or self._join_cost(join + [r], reused + [hit]) <= left:
                 if t_new + need_new > self.cache_len:
                     break
                 t, need, taken = t_new, need_new, taken + 1
                 join.append(r)
                 reused.append(hit)
+                keys.add(key)
                 continue
             # beyond the budget: in chunks, the first of what the budget leaves; not one smaller than a
             # forward's own cost (or half the budget): it waits for the next iteration's budget
             span = len(r.prompt) - (hit[1] if hit else 0)
             plan = self._plan(span, left - self._join_cost(join, reused), leaders)
-            if plan is None or plan[0] < min(admit_forward_tokens(dec.device), max(1, B // 2)):
+            if plan is None or plan[0] < min(f, max(1, B // 2)):
                 break
             # its prompt ends at t0 + k - 2 (t0: the slot of the next step), its first token fed at
             # t0 + k - 1; the running rows decode k - 1 of their rests meanwhile
