@@ -10,6 +10,7 @@
     python bench/serve.py --scoring 2 --scoring-words 1000 --scoring-warm --clients 8   # long contexts kept
     python bench/serve.py --long-prompt 600 --clients 6 --max-tokens 64   # a long prompt joins short chats
     python bench/serve.py --long-prompt 2000 --clients 6 --prefill-chunk 0 128 256 512   # its prefill in chunks
+    python bench/serve.py --long-prompt 250 --joiners 8 --clients 4 --max-batch 12   # 8 prompts join at once
     python bench/serve.py --burst 600 --clients 7 --rounds 3     # short chats arriving with a long prompt
 
 The server (flora.serve, in this process, on a free port) serves the base
@@ -60,9 +61,10 @@ choices, or another task over the same documents): mostly-cached prompts.
 ``--long-prompt T`` measures a long prompt arriving while short chats generate:
 ``--clients`` threads (the first count) each send ``--requests`` short chats
 (``--max-tokens``) one after another, and ``--long-after`` seconds in one more
-streams a completion of a T-token prompt (the system prompt's words, as token
-ids; ``--long-max-tokens`` new tokens). Reported: the long request's time to
-its first token and its latency, the short requests' median latency and their
+(``--joiners N``: N more, at once) streams a completion of a T-token prompt (the
+system prompt's words, as token ids, each joiner's from another word on;
+``--long-max-tokens`` new tokens). Reported: the long requests' time to their
+first token (median and slowest) and their median latency, the short requests' median latency and their
 inter-token latency (p50 / p99 / max of the gaps between their streamed chunks:
 a prefill run whole between two decode steps stalls each of them), and the
 wall time of the whole load; medians over ``--rounds`` runs of each
@@ -258,9 +260,11 @@ def scoring(url: str, tok, clients: int, requests: int, per_request: int = 4, di
             "prompts_per_s": done[0] / wall}
 
 
-def long_ids(tok, tokens: int) -> list:
-    """A ``tokens``-token prompt: the system prompt's words over again, as token ids."""
+def long_ids(tok, tokens: int, shift: int = 0) -> list:
+    """A ``tokens``-token prompt: the system prompt's words over again (from word ``shift`` on:
+    prompts sharing no start), as token ids."""
     words = SYSTEM.split()
+    words = words[shift % len(words):] + words[:shift % len(words)]
     return tok(" ".join(words * (1 + 2 * tokens // len(words))), add_special_tokens=False).input_ids[:tokens]
 
 
@@ -290,19 +294,23 @@ def stream_gaps(url: str, path: str, body: dict) -> list:
 
 
 def long_prompt(url: str, tok, clients: int, requests: int, max_tokens: int, tokens: int, after: float,
-                long_max_tokens: int) -> dict:
-    """Short streamed chats from ``clients`` threads and, ``after`` seconds in, one streamed
-    completion of a ``tokens``-token prompt: its time to first token and latency, the short
-    requests' median latency and their inter-token latency (the gaps between their streamed
-    chunks: a long prompt's prefill between two steps stalls every one), the load's wall time."""
-    ids = long_ids(tok, tokens)
-    lat, gaps, got, lock = [], [], {}, threading.Lock()
+                long_max_tokens: int, joiners: int = 1) -> dict:
+    """Short streamed chats from ``clients`` threads and, ``after`` seconds in, ``joiners``
+    streamed completions of ``tokens``-token prompts (each its own, sent at once): their time to
+    first token (median, slowest) and latency, the short requests' median latency and their
+    inter-token latency (the gaps between their streamed chunks: a prefill between two steps
+    stalls every one), the load's wall time."""
+    ids = [long_ids(tok, tokens, 7 * j) for j in range(joiners)]
+    lat, gaps, ttft, lats, lock = [], [], [], [], threading.Lock()
 
     def client(c: int) -> None:
-        if c == clients:  # the long one
+        if c >= clients:  # a long one
             time.sleep(after)
-            got["ttft_s"], got["latency_s"] = stream(url, "/v1/completions", {
-                "model": "base", "prompt": ids, "max_tokens": long_max_tokens, "temperature": 0})
+            first, end = stream(url, "/v1/completions", {
+                "model": "base", "prompt": ids[c - clients], "max_tokens": long_max_tokens, "temperature": 0})
+            with lock:
+                ttft.append(first)
+                lats.append(end)
             return
         for i in range(requests):
             q = QUESTIONS[(c * requests + i) % len(QUESTIONS)]
@@ -313,10 +321,11 @@ def long_prompt(url: str, tok, clients: int, requests: int, max_tokens: int, tok
                 lat.append(time.perf_counter() - t0)
                 gaps.extend(b - a for a, b in zip(times, times[1:]))
 
-    wall = run_clients(client, clients + 1)
+    wall = run_clients(client, clients + joiners)
     gaps.sort()
-    return {"clients": clients, "long_prompt_tokens": len(ids), "long_ttft_s": got["ttft_s"],
-            "long_latency_s": got["latency_s"], "short_latency_p50_s": statistics.median(lat),
+    return {"clients": clients, "joiners": joiners, "long_prompt_tokens": len(ids[0]),
+            "long_ttft_s": statistics.median(ttft), "long_ttft_max_s": max(ttft),
+            "long_latency_s": statistics.median(lats), "short_latency_p50_s": statistics.median(lat),
             "itl_p50_s": gaps[len(gaps) // 2], "itl_p99_s": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))],
             "itl_max_s": gaps[-1], "seconds": wall}
 
@@ -419,6 +428,8 @@ def main(argv=None):
     p.add_argument("--long-after", type=float, default=2.0, metavar="S", help="--long-prompt: when it is sent")
     p.add_argument("--long-max-tokens", type=int, default=16, metavar="N",
                    help="--long-prompt, --burst: the long prompt's max_tokens")
+    p.add_argument("--joiners", type=int, default=1, metavar="N",
+                   help="--long-prompt: N long prompts (each its own) sent at once")
     p.add_argument("--prefill-chunk", type=int, nargs="+", default=None, metavar="TOKENS",
                    help="--long-prompt: the chunk budgets compared (0: off), --rounds each, interleaved "
                         "(default: the engine's)")
@@ -482,15 +493,17 @@ def main(argv=None):
                         engine.prefix.clear()
                     engine.prefill_chunk = c  # read at each admission
                     runs[c].append(long_prompt(url, engine.tok, args.clients[0], args.requests, args.max_tokens,
-                                               args.long_prompt, args.long_after, args.long_max_tokens))
+                                               args.long_prompt, args.long_after, args.long_max_tokens,
+                                               args.joiners))
         rows = [{**{k: statistics.median(x[k] for x in runs[c]) for k in runs[c][0]}, "prefill_chunk": c,
                  "rounds": args.rounds} for c in chunks]
-        print("| prefill chunk | clients | long prompt tokens | long: first token s | long: latency s | "
+        print("| prefill chunk | clients | long prompts x tokens | long: first token p50 / max s | long: latency s | "
               "short latency p50 s | short inter-token p50 / p99 / max s | seconds |\n"
-              "|---:|---:|---:|---:|---:|---:|---|---:|")
+              "|---:|---:|---:|---|---:|---:|---|---:|")
         for r in rows:
-            print(f"| {r['prefill_chunk'] or 'off'} | {r['clients']} | {r['long_prompt_tokens']} | "
-                  f"{r['long_ttft_s']:.2f} | {r['long_latency_s']:.2f} | {r['short_latency_p50_s']:.2f} | "
+            print(f"| {r['prefill_chunk'] or 'off'} | {r['clients']} | {args.joiners} x {r['long_prompt_tokens']} | "
+                  f"{r['long_ttft_s']:.2f} / {r['long_ttft_max_s']:.2f} | {r['long_latency_s']:.2f} | "
+                  f"{r['short_latency_p50_s']:.2f} | "
                   f"{r['itl_p50_s']:.3f} / {r['itl_p99_s']:.3f} / {r['itl_max_s']:.3f} | {r['seconds']:.1f} |")
         save(args, dev, path, {**rows[0], "rows": rows})
         return

@@ -654,6 +654,11 @@ class Decoder:
         self.written = max(self.written, first + b)
         return logits
 
+    def copy_row(self, src: int, dst: int) -> None:
+        """Continuous batching: row ``dst`` becomes row ``src`` (a prompt prefilled once for rows
+        that share it, :meth:`fill`'s last chunk run)."""
+        self._copy_row(src, dst)
+
     def _copy_row(self, src: int, dst: int) -> None:
         """Row ``dst`` becomes row ``src`` as :meth:`admit` left it: keys and values
         (every slot a step may read: dst's own held an earlier request's), its mask,

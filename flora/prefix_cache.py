@@ -120,13 +120,14 @@ class PrefixCache:
         for b in reversed(chain):  # its ancestors after it: the least recently used block is a leaf
             self._blocks.move_to_end(b.key)
 
-    def lookup(self, model, tokens: list, salt: Optional[str] = None) -> Optional[tuple]:
+    def lookup(self, model, tokens: list, salt: Optional[str] = None, count: bool = True) -> Optional[tuple]:
         """(kv, c): the keys and values of the longest kept prefix of ``tokens``
         for ``model`` (and cache ``salt``), c tokens in whole blocks with at least one token left to
         compute, as a list of its blocks' [layers, 2, kv_heads, BLOCK, hd]; None
-        when none is kept."""
+        when none is kept. ``count`` False: a look that reuses nothing yet (flora serve's
+        scheduler weighing a prompt), out of :attr:`hits` and :attr:`reused`."""
         chain = self._walk(self._keys(model, tokens, (len(tokens) - 1) // BLOCK, salt))
-        return self._hit(chain, len(chain) * BLOCK) if chain else None
+        return self._hit(chain, len(chain) * BLOCK, count) if chain else None
 
     def lookup_scored(self, model, tokens: list, k: int, most: int, salt: Optional[str] = None) -> Optional[tuple]:
         """(kv, scores, c) for a prompt to score: the keys and values of its first c
@@ -154,10 +155,11 @@ class PrefixCache:
         ids = torch.cat([b.scores[1][:, :k] for b in chain])[:c]
         return kv[:-(-c // BLOCK)], (values, ids), c
 
-    def _hit(self, chain: list, n: int) -> tuple:
+    def _hit(self, chain: list, n: int, count: bool = True) -> tuple:
         self._use(chain)
-        self.hits += 1
-        self.reused += n
+        if count:
+            self.hits += 1
+            self.reused += n
         return [b.kv for b in chain], n
 
     def keeps(self, n: int) -> int:

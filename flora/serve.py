@@ -70,6 +70,7 @@ Bad requests get an OpenAI-style error object and a 4xx status.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import json
@@ -249,15 +250,27 @@ SCORE_LOGITS = 1 << 24
 # PACK_TOKENS tokens at most: its attention mask is [PACK_TOKENS, PACK_TOKENS]
 SHARE_MIN = 16
 PACK_TOKENS = 2048
-# chunked prefill (vLLM's max_num_batched_tokens spirit): a prompt computing more tokens than this
-# prefills a chunk a step, the running rows decoding between (Engine._chunk); 0: whole, between two
-# steps. SmolLM2-135M on the 2-core CPU, 6 clients streaming while a 2000-token prompt joins: their
-# worst gap 0.94 s instead of 4.4 s, the long prompt's first token +30% (bench/RESULTS.md, "Chunked prefill")
+# Chunked prefill, vLLM's max_num_batched_tokens: each iteration (one decode step and the prefills
+# before it) computes at most this many prompt tokens (past what the prefix cache gives) over every
+# joining prompt: the chunks of prompts already prefilling first, then the waiting ones in arrival
+# order, whole while they fit, the last one in chunks (Engine._admit, _place, _chunk); 0: off (every
+# joining prompt whole, between two steps). SmolLM2-135M on the 2-core CPU, 6 clients streaming while
+# a 2000-token prompt joins: their worst gap 0.94 s instead of 4.4 s, the long prompt's first token
+# +30% (bench/RESULTS.md, "Chunked prefill"); 8 prompts of ~250 tokens joining 4 streams at once:
+# "Chunked prefill as a per-iteration budget"
 PREFILL_CHUNK = 256
+# CUDA: an estimate until a device run measures it (vLLM's GPU defaults are 2048-8192): a GPU's forward
+# of a few hundred tokens costs about its launches, so a small budget only adds forwards
+PREFILL_CHUNK_BY_DEVICE = {"cpu": PREFILL_CHUNK, "cuda": 2048}
+
+
+def prefill_chunk_for(device) -> int:
+    """The per-iteration prompt-token budget on ``device`` (its type's entry; the CPU's else)."""
+    return PREFILL_CHUNK_BY_DEVICE.get(torch.device(device).type, PREFILL_CHUNK)
 
 
 def check_prefill_chunk(v) -> None:
-    """The chunk budget: an integer >= 0 (0: off)."""
+    """The budget: an integer >= 0 (0: off)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
         raise ValueError(f"prefill_chunk must be an integer >= 0 tokens (0: off), got {v!r}")
 
@@ -290,15 +303,18 @@ class Engine:
 
     def __init__(self, model, tokenizer, names: dict, max_batch: int = 8, mixed: bool = False,
                  max_tokens: int = 1024, wait_s: float = 0.005, cache_len: int = 2048,
-                 prefix_cache: int = 8192, prefill_chunk: int = PREFILL_CHUNK):
+                 prefix_cache: int = 8192, prefill_chunk: Optional[int] = None):
         from .data import pad_id_of
         from .prefix_cache import PrefixCache
 
+        if prefill_chunk is None:
+            prefill_chunk = prefill_chunk_for(model.device)
         check_prefill_chunk(prefill_chunk)
-        # a prompt computing more tokens than this prefills a chunk of at most this many per step,
-        # the running rows decoding between (Engine._chunk); 0: whole, between two steps
+        # the prompt tokens an iteration computes at most (PREFILL_CHUNK; 0: off)
         self.prefill_chunk = int(prefill_chunk)
-        self._chunked = False  # a chunk ran before this iteration's step (none other starts then)
+        self._spent = 0  # prompt tokens computed in this iteration so far
+        # per iteration that computed prompt tokens: how many (the budget's bound, read by tests and benches)
+        self.iteration_tokens: collections.deque = collections.deque(maxlen=4096)
 
         self.model, self.tok, self.names = model, tokenizer, names  # served name -> adapter (None: base)
         self.max_batch, self.max_tokens = max_batch, max_tokens
@@ -809,14 +825,13 @@ class Engine:
                 except queue.Empty:
                     break
             held = self._adapter_changes(waiting)  # between two steps
+            self._spent = 0
             try:
-                self._fill_step()  # a chunked prompt's next chunk, before its step: first in line
+                self._free_cancelled()
+                self._fill_step()  # the chunks of prompts prefilling, before their step: first in line
                 if not held:
                     waiting = self._waiting = self._admit(waiting)
-                for i, row in enumerate(self._slots):
-                    if row is not None and row.req.cancelled:  # its client left: freed now (it was
-                        self._slots[i] = None  # stepped once more, a step for no one when it was the last)
-                        self._ended(row.req, "abort", row)
+                self._free_cancelled()
                 if any(self._slots):
                     self._step()
             except Exception as e:  # noqa: BLE001 - the batch's requests get the error, the server goes on
@@ -824,6 +839,8 @@ class Engine:
                     if row is not None:
                         self._fail(row.req, e, row)
                 self._slots = [None] * self.max_batch
+            if self._spent:
+                self.iteration_tokens.append(self._spent)
             if not any(self._slots):
                 self._end()
 
@@ -852,9 +869,11 @@ class Engine:
         self._dec = None
 
     def _admit(self, waiting: list) -> list:
-        """Requests joining the batch (in arrival order, while each fits), prefilled
-        in groups of like length (generation.admit_groups), or one long prompt in chunks
-        (:meth:`_place`); the rest, still waiting."""
+        """Requests joining the batch (in arrival order, while each fits), prefilled whole in
+        groups of like length (generation.admit_groups), the last one in chunks (:meth:`_place`)
+        where the iteration's budget ends; the rest, still waiting."""
+        from .generation import admit_forward_tokens
+
         if not waiting:
             return waiting
         if self._dec is None:
@@ -879,57 +898,108 @@ class Engine:
         # wait is then bounded by the running rows' rests; requests that overtook it would join with
         # rests of their own, and under a steady stream of them it would wait for the cache's end.
         #
-        # Chunked prefill (prefill_chunk > 0): a prompt computing more tokens than the chunk (past what the
-        # prefix cache gives) takes a row now and prefills a chunk before each of the next steps
-        # (Engine._chunk), the running rows decoding between; one such prompt at a time. It stops the walk
-        # (the requests behind it join at the next step), and while it prefills, a request waits (and
-        # those behind it) if it would move t on (the chunked prompt's slots are set), chunk itself, or
-        # share its start (with the prefix cache on: kept once its last chunk ran, then copied)
+        # The budget (prefill_chunk > 0, vLLM's max_num_batched_tokens): this iteration's prompt tokens,
+        # the chunks of prompts prefilling (run already: _fill_step) and the joining prompts' (each
+        # prefill group's span times its distinct rows: what its forward computes), at most
+        # prefill_chunk. The first waiting prompt that does not fit whole takes a row and prefills in
+        # chunks (_place), the first what is left now, then what the budget leaves after the prompts
+        # placed before it at each of the next iterations (_plan: a prompt placed keeps its chunks, so
+        # its first token comes at the step it was placed for); the walk ends there, but for requests
+        # with its prompt (n choices, clients sending alike), which take rows that copy its row once its
+        # last chunk ran (_follow). While prompts prefill in chunks (their slots set) a request waits, and
+        # those behind it, if it would move t on, or share a prompt's start with the prefix cache on
+        # (kept once its last chunk ran, then copied).
+        B = self.prefill_chunk if self.max_batch > 1 else 0  # (one row: nothing decodes between chunks)
+        left = B - self._spent if B else None
+        leaders = [i for i, row in enumerate(self._slots) if row is not None and row.fill is not None and row.lead is None]
         need = max((self._rest(r, dec.t) for r in running), default=0)
-        filling = next((r for r in running if r.fill is not None), None)
-        join, t, long = [], dec.t, None
+        join, reused, follow, t, long, taken = [], [], [], dec.t, None, 0
+        keys, bound, f = set(), 0, admit_forward_tokens(dec.device)  # the join's prompts; its cost's bound
         for r in waiting:
-            if len(join) == len(free) or r.key(self.mixed) != self._key:
+            if taken == len(free) or r.key(self.mixed) != self._key:
                 break
-            k, hit = self._chunks(r)
-            if filling is not None and (k or len(r.prompt) > t or self._shares(r, filling.req, hit)):
-                break
-            if k:
-                # its prompt ends at t0 + k - 2 (t0: the slot of the next step), its first token fed at
-                # t0 + k - 1; the running rows decode k - 1 of their rests meanwhile
-                t0 = max(t, len(r.prompt) - k + 1)
-                if self._chunked or t0 + k - 1 + max(need - (k - 1), r.max_tokens) > self.cache_len:
+            q = next((i for i in leaders if self._equal(r, self._slots[i].req)), None)
+            if q is not None or (long is not None and self._equal(r, long[0])):
+                # its prompt prefilling: its row a copy of that one's after its last chunk
+                end = (self._slots[q].runs[0][1] + len(r.prompt)) if q is not None else long[3]
+                if end + r.max_tokens > self.cache_len:
                     break
-                t, long = t0, (r, hit, k)
+                follow.append((r, q))
+                need, taken = max(need, end - t + r.max_tokens), taken + 1
+                continue
+            if long is not None:
+                break
+            hit = self.prefix and self.prefix.lookup(r.model, r.prompt, r.cache_salt, count=False) if B else None
+            if leaders and (len(r.prompt) > t or any(self._shares(r, self._slots[i].req, hit) for i in leaders)):
                 break
             t_new, need_new = max(t, len(r.prompt)), max(need, r.max_tokens)
-            if t_new + need_new > self.cache_len:
+            key = (tuple(r.prompt), self.names[r.model] if self.mixed else None, r.cache_salt)
+            # admit_groups' split costs no more than each distinct prompt alone (its span and a forward's
+            # cost each), so its tokens are at most those less one forward's: within the budget, no need
+            # to split (its cost grows with the rows)
+            bound = bound if key in keys else bound + len(r.prompt) - (hit[1] if hit else 0) + f
+            if left is None or bound - f <= left or self._join_cost(join + [r], reused + [hit]) <= left:
+                if t_new + need_new > self.cache_len:
+                    break
+                t, need, taken = t_new, need_new, taken + 1
+                join.append(r)
+                reused.append(hit)
+                keys.add(key)
+                continue
+            # beyond the budget: in chunks, the first of what the budget leaves; not one smaller than a
+            # forward's own cost (or half the budget): it waits for the next iteration's budget
+            span = len(r.prompt) - (hit[1] if hit else 0)
+            plan = self._plan(span, left - self._join_cost(join, reused), leaders)
+            if plan is None or plan[0] < min(f, max(1, B // 2)):
                 break
-            t, need = t_new, need_new
-            join.append(r)
-        if not join and long is None:
+            # its prompt ends at t0 + k - 2 (t0: the slot of the next step), its first token fed at
+            # t0 + k - 1; the running rows decode k - 1 of their rests meanwhile
+            k = len(plan)
+            t0 = max(t, len(r.prompt) - k + 1)
+            if (leaders and t0 > t) or t0 + k - 1 + max(need - (k - 1), r.max_tokens) > self.cache_len:
+                break
+            t, long, taken = t0, (r, hit, plan, t0 + k - 1), taken + 1
+            need = max(need, k - 1 + r.max_tokens)
+        if not taken:
             return waiting
-        _scheduled(join + [long[0]] if long else join)
+        _scheduled(join + [f[0] for f in follow] + ([long[0]] if long else []))
         if t > dec.t:
             for row in running:
                 row.skip(dec.t, t)
             dec.advance(t)
+        # the free rows in arrival order (those joining whole and following run in any order: rows apart)
+        at = dict(zip((id(r) for r in waiting[:taken]), free))
+        if join:
+            self._admit_rows(join, [at[id(r)] for r in join])
         if long is not None:
-            if join:
-                self._admit_rows(join, free[:len(join)])
             # after the rows before it in line (their prompts kept: a start it may copy)
-            self._place(free[len(join)], *long)
-            return waiting[len(join) + 1:]
-        self._admit_rows(join, free[:len(join)])
-        return waiting[len(join):]
+            self._place(at[id(long[0])], *long[:3], [(r, at[id(r)]) for r, q in follow if q is None])
+        for r, q in follow:
+            if q is not None:
+                self._follow(at[id(r)], r, q)
+        return waiting[taken:]
 
-    def _admit_rows(self, join: list, rows: list) -> None:
-        """Requests ``join`` prefilled whole into batch rows ``rows`` (ending at slot t - 1), in groups."""
-        from .generation import admit_forward_tokens, admit_groups, admit_span
+    def _equal(self, r: Request, q: Request) -> bool:
+        """r's prompt prefills as q's: its tokens, adapter and cache salt (a row copied from q's)."""
+        return (r.prompt == q.prompt and r.cache_salt == q.cache_salt
+                and (not self.mixed or self.names[r.model] == self.names[q.model]))
 
-        dec, t = self._dec, self._dec.t
-        self.batches += 1
-        reused = [self.prefix and self.prefix.lookup(r.model, r.prompt, r.cache_salt) for r in join]
+    def _join_cost(self, join: list, reused: list) -> int:
+        """The prompt tokens :meth:`_admit_rows` computes for ``join`` (``reused``: their prefix cache
+        hits): each prefill group's span times its distinct prompts."""
+        from .generation import admit_span
+
+        if not join:
+            return 0
+        groups, given, keys = self._join_groups(join, reused)[:3]
+        return sum(admit_span([join[j].prompt for j in g], [given[j] for j in g]) * len({keys[j] for j in g})
+                   for g in groups)
+
+    def _join_groups(self, join: list, reused: list) -> tuple:
+        """Requests ``join`` prefilled whole together: (their prefill groups (row indices), each
+        row's reused start as admit_span reads it, their Decoder.admit keys, their _leads)."""
+        from .generation import admit_forward_tokens, admit_groups
+
         lead = self._leads(join, reused)
         # equal prompts (Decoder.admit's key): one computed, the others' rows copies of its
         keys = [(tuple(r.prompt), self.names[r.model] if self.mixed else None, r.cache_salt) for r in join]
@@ -937,11 +1007,20 @@ class Engine:
         # rows that compute their prompts, and of those that copy a shared start from one of them (its c
         # first tokens, read from its row once it has run)
         given = [(None, x[1]) if x else reused[j] for j, x in enumerate(lead)]
-        groups, f = [], admit_forward_tokens(dec.device)  # a forward's own cost, in tokens, on this device
+        groups, f = [], admit_forward_tokens(self._dec.device)  # a forward's own cost, in tokens, on this device
         for part in ([j for j, x in enumerate(lead) if x is None], [j for j, x in enumerate(lead) if x]):
             groups += [[part[k] for k in g] for g in admit_groups([join[j].prompt for j in part], [given[j] for j in part],
                                                                   [keys[j] for j in part], forward_tokens=f)]
-        groups = _salts_apart(groups, keys)
+        return _salts_apart(groups, keys), given, keys, lead
+
+    def _admit_rows(self, join: list, rows: list) -> None:
+        """Requests ``join`` prefilled whole into batch rows ``rows`` (ending at slot t - 1), in groups."""
+        from .generation import admit_span
+
+        dec, t = self._dec, self._dec.t
+        self.batches += 1
+        reused = [self.prefix and self.prefix.lookup(r.model, r.prompt, r.cache_salt) for r in join]
+        groups, given, keys, lead = self._join_groups(join, reused)
         longest = {}  # a leading row's shared start, read once for all that copy it
         for i, c in filter(None, lead):
             longest[i] = max(longest.get(i, 0), c)
@@ -964,6 +1043,7 @@ class Engine:
                 got = dec.admit([rows[j] for j in g], [join[j].prompt for j in g], self.pad,
                                 [self.names[join[j].model] for j in g] if self.mixed else None, [reused[j] for j in g])
                 S = admit_span([join[j].prompt for j in g], [reused[j] for j in g])
+                self._spent += S * len({keys[j] for j in g})
                 seen = set()
                 for j, lg in zip(g, got):
                     self._joined(rows[j], join[j], lg, reused[j], S, keys[j] in seen)
@@ -976,22 +1056,41 @@ class Engine:
                     self._fail(r, e)
 
     def _rest(self, row: "_Row", t: int) -> int:
-        """The slots from t on that row needs: its answer's rest; a chunked prompt's, its prompt's
-        slots past t and its whole answer."""
+        """The slots from t on that row needs: its answer's rest; a chunked prompt's (or its
+        follower's), its prompt's slots past t and its whole answer."""
         if row.fill is None:
             return row.req.max_tokens - len(row.ids)
         return row.runs[0][1] + len(row.req.prompt) - t + row.req.max_tokens
 
-    def _chunks(self, r: Request) -> tuple:
-        """(k, hit): the chunks request r's prompt prefills in (0: whole, at once: chunking off, or
-        what it computes past the prefix cache's ``hit`` fits in one) and that hit (PrefixCache.lookup:
-        None or (kv, c))."""
-        C = self.prefill_chunk
-        if not C or len(r.prompt) <= C or self.max_batch == 1:  # (one row: no other decodes between chunks)
-            return 0, None
-        hit = self.prefix and self.prefix.lookup(r.model, r.prompt, r.cache_salt)
-        span = len(r.prompt) - (hit[1] if hit else 0)
-        return (-(-span // C) if span > C else 0), hit
+    def _plan(self, span: int, now: int, leaders: list) -> Optional[list]:
+        """The chunks a prompt computing ``span`` tokens prefills in, one an iteration from this one
+        on: at most ``now`` tokens in this one, then at most what the budget leaves after the chunks
+        of the prompts prefilling before it (rows ``leaders``: theirs are kept), as many as fit
+        (vLLM's: the budget's rest); None when nothing is left now. A prompt placed for k iterations
+        ends at the slot before the k-th step's and writes a slot only once every step that writes it
+        has run (Decoder.fill): after its j-th chunk, at least k - 1 - j of its tokens are left."""
+        B = self.prefill_chunk
+        if now <= 0:
+            return None
+
+        def cap(j: int) -> int:
+            if j == 0:
+                return now
+            return max(0, B - sum(self._slots[i].plan[j - 1] for i in leaders if len(self._slots[i].plan) >= j))
+
+        k, R = 0, span
+        while R > 0:
+            R -= min(cap(k), R)
+            k += 1
+        while True:  # (the greedy count fits unless the tokens left to its last ones bind: one more)
+            out, R = [], span
+            for j in range(k):
+                c = max(0, min(cap(j), R - (k - 1 - j)))
+                out.append(c)
+                R -= c
+            if R == 0:
+                return out
+            k += 1
 
     def _shares(self, r: Request, q: Request, hit) -> bool:
         """Request r's prompt starts as the chunked prompt q's does, SHARE_MIN tokens past what the
@@ -1004,66 +1103,111 @@ class Engine:
                 and q.prompt[:need] == r.prompt[:need]
                 and common_length(q.prompt, r.prompt) >= need)
 
-    def _place(self, i: int, r: Request, hit, k: int) -> None:
-        """Request r's prompt into row i in k chunks (Engine._chunk), one before each of the next k
-        steps; its first token is fed at the k-th. The batch's next slot is t0: its prompt ends at
-        t0 + k - 2. A chunk run before the step at slot t ends at a slot before t (the last chunk
-        is C tokens, those before too, the first what is left), so no step writes it after
-        (Decoder.fill); the first chunk runs now."""
-        dec = self._dec
+    def _place(self, i: int, r: Request, hit, plan: list, follow: list) -> None:
+        """Request r's prompt into row i in the chunks of ``plan`` (Engine._chunk), one before each of
+        the next len(plan) steps; its first token is fed at the last of them, so its prompt ends at
+        t0 + k - 2 (t0: the batch's next slot, k: its chunks). ``follow``: (request, row) of those
+        with its prompt, their rows copies of its after its last chunk. The first chunk runs now."""
+        dec, L, k = self._dec, len(r.prompt), len(plan)
+        c0 = hit[1] if hit else 0
         if self.prefix is not None:  # the rows admitted before it (their prompts kept) may give more
-            again = self.prefix.lookup(r.model, r.prompt, r.cache_salt)
-            if again and (not hit or again[1] > hit[1]):
-                hit = again
-        first = dec.t + k - 1 - len(r.prompt)
-        row = self._slots[i] = _Row(r, first, dec.device)
+            again = self.prefix.lookup(r.model, r.prompt, r.cache_salt)  # (the look that counts: a hit)
+            if again and again[1] > c0:
+                # a copied slot must lie before this step's slot t0 (no step writes it after): at most
+                # L - k + 1 of them; the plan's first chunks compute as many fewer
+                c = min(again[1], L - k + 1)
+                hit, gain = (again[0], c), c - c0
+                for j in range(k):
+                    cut = min(gain, plan[j])
+                    plan[j] -= cut
+                    gain -= cut
         c = hit[1] if hit else 0
-        row.fill = [c, c]
+        first = dec.t + k - 1 - L
+        row = self._slots[i] = _Row(r, first, dec.device)
+        row.fill, row.plan = [c, c], plan
         self.batches += 1
         try:
-            dec.place(i, first, len(r.prompt), self.names[r.model] if self.mixed else None, hit or None)
-        except Exception as e:  # noqa: BLE001 - this request's failure only
+            dec.place(i, first, L, self.names[r.model] if self.mixed else None, hit or None)
+        except Exception as e:  # noqa: BLE001 - this request's failure only (and its followers')
             self._slots[i] = None
             self._fail(r, e, row)
+            for f, _ in follow:
+                self._fail(f, e)
             return
+        for f, j in follow:
+            self._follow(j, f, i)
         self._chunk(i, row)
 
-    def _fill_step(self) -> None:
-        """The next chunk of the prompt prefilling in chunks, if any (before this iteration's step)."""
-        self._chunked = False
+    def _follow(self, j: int, r: Request, i: int) -> None:
+        """Request r (row j) has row i's prompt, prefilling in chunks: its row waits, a copy of row i's
+        once its last chunk ran (_chunk)."""
+        lead = self._slots[i]
+        row = self._slots[j] = _Row(r, lead.runs[0][1], self._dec.device)
+        row.fill, row.lead = lead.fill, lead
+
+    def _free_cancelled(self) -> None:
+        """The rows whose clients left: freed (a prompt prefilling in chunks: its first follower still
+        waiting takes its row and its chunks on)."""
         for i, row in enumerate(self._slots):
-            if row is not None and row.fill is not None:
+            if row is None or not row.req.cancelled:
+                continue
+            self._slots[i] = None  # (stepped once more, a step for no one when it was the last)
+            self._ended(row.req, "abort", row)
+            if row.fill is not None and row.lead is None:
+                rest = [j for j, f in enumerate(self._slots) if f is not None and f.lead is row and not f.req.cancelled]
+                if rest:
+                    f = self._slots[rest[0]]
+                    f.lead, f.plan = None, row.plan
+                    self._slots[i], self._slots[rest[0]] = f, None
+                    for j in rest[1:]:
+                        self._slots[j].lead = f
+
+    def _fill_step(self) -> None:
+        """The next chunks of the prompts prefilling in chunks (before this iteration's step; each
+        holds its share of the budget since it was placed)."""
+        for i, row in enumerate(self._slots):
+            if row is not None and row.fill is not None and row.lead is None:
                 self._chunk(i, row)
 
     def _chunk(self, i: int, row: "_Row") -> None:
-        """Row i's next chunk (Decoder.fill), before the step at the batch's slot t: the chunks left
-        are one before each step up to the one that feeds its first token (its prompt's end + 1), all
-        prefill_chunk tokens but the first; after the last, the row is kept and its first token taken."""
+        """Row i's next chunk (Decoder.fill), before the step at the batch's slot t: its plan holds one
+        chunk for each step up to the one that feeds its first token (its prompt's end + 1); after the
+        last, the row is kept, its followers' rows copies of it, and each one's first token taken."""
         dec, r = self._dec, row.req
-        if r.cancelled:  # freed before the step (Engine._serve_loop), nothing more computed
+        follow = [j for j, f in enumerate(self._slots) if f is not None and f.lead is row]
+        if r.cancelled and all(self._slots[j].req.cancelled for j in follow):  # freed before the step
             return
         first, L, a = row.runs[0][1], len(r.prompt), row.fill[0]
-        left = first + L + 1 - dec.t
-        b = min(L, L - (left - 1) * self.prefill_chunk)
-        if b <= a:  # a longer prefix found kept at placement than its chunk count was set for: later
-            return
-        self._chunked = True
         try:
-            if left < 1:  # never: each chunk runs before its step
-                raise RuntimeError(f"chunked prefill behind its steps (slot {dec.t}, prompt end {first + L - 1})")
-            logits = dec.fill(i, r.prompt[a:b], first, a)
-        except Exception as e:  # noqa: BLE001 - this request's failure only, its row freed
-            self._slots[i] = None
-            self._fail(r, e, row)
+            if len(row.plan) != first + L + 1 - dec.t:  # never: each chunk runs before its step
+                raise RuntimeError(f"chunked prefill off its steps (slot {dec.t}, prompt end {first + L - 1}, "
+                                   f"{len(row.plan)} chunks left)")
+            n = row.plan.pop(0)
+            b = a + n
+            if L - b < len(row.plan) or (not row.plan and (b != L or not n)):
+                raise RuntimeError(f"chunk {a}..{b} of a {L}-token prompt, {len(row.plan)} chunks left")
+            if n:
+                logits = dec.fill(i, r.prompt[a:b], first, a)
+                self._spent += n
+        except Exception as e:  # noqa: BLE001 - this request's failure only (and its followers'), rows freed
+            for j in [i] + follow:
+                f, self._slots[j] = self._slots[j], None
+                self._fail(f.req, e, f)
             return
         row.fill[0] = b
-        if b < L:
+        if row.plan:
             return
         c = row.fill[1]
         row.fill = None
         r.cached = min(r.cached, c) if r.echo is not None and r.logprobs is not None else c
         self._keep(i, row)
-        self._take(i, row, logits)
+        for j in follow:
+            f = self._slots[j]
+            dec.copy_row(i, j)
+            f.fill = f.lead = None
+            f.req.cached = min(f.req.cached, L) if f.req.echo is not None and f.req.logprobs is not None else L
+        for j in [i] + follow:
+            self._take(j, self._slots[j], logits)
 
     def _joined(self, i: int, r: Request, logits, reuse, S: int, whole: bool) -> None:
         """Request r's row i, prefilled (its last S prompt tokens computed, none where ``whole``: a copy
@@ -1766,6 +1910,9 @@ class _Row:
         # prefilling in chunks (Engine._chunk): [its prompt tokens in its slots so far, those reused]; None
         # once its last chunk ran (or never chunked)
         self.fill: Optional[list] = None
+        self.plan: Optional[list] = None  # and its chunks' sizes, one an iteration from the next on
+        # a request with a prompt prefilling in chunks: that row (its row a copy of it after its last chunk)
+        self.lead: Optional["_Row"] = None
 
     def skip(self, t: int, t_new: int) -> None:
         """The batch's next slot moves from t to t_new (Engine._admit): its next token goes there."""
@@ -2299,10 +2446,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache", type=int, default=8192, metavar="TOKENS",
                    help="prompt tokens whose keys and values are kept (16-token blocks, each once) for later "
                         "prompts starting alike (a conversation's history, a shared system prompt); 0: off")
-    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="TOKENS",
-                   help="a prompt computing more tokens than this prefills in chunks of at most this many, one "
-                        "per decode step, the running requests generating between (vLLM's chunked prefill); "
-                        "0: a prompt's prefill whole, every running request waiting for it")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                   help="the prompt tokens computed between two decode steps at most, over every joining prompt "
+                        "(vLLM's max_num_batched_tokens): prompts join whole while they fit, the last in chunks, "
+                        "the running requests generating between (default: 256 on the CPU, 2048 on CUDA); 0: "
+                        "every joining prompt's prefill whole, every running request waiting for it")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="a chat completion's max_tokens when the request gives none (capped at the context)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -2346,7 +2494,7 @@ def run_args(args) -> None:
         raise ValueError(f"--prefix-cache must be >= 0, got {args.prefix_cache}")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.prefill_chunk < 0:
+    if args.prefill_chunk is not None and args.prefill_chunk < 0:
         raise ValueError(f"--prefill-chunk must be >= 0 tokens (0: off), got {args.prefill_chunk}")
     if not 0 <= args.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms must be in 0 .. 1000, got {args.batch_wait_ms}")

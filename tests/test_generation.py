@@ -1,4 +1,5 @@
 """Generation: greedy equals transformers token for token; sampling; streaming; timing."""
+import math
 import warnings
 
 import pytest
@@ -91,6 +92,90 @@ def test_top_p_keeps_smallest_nucleus():
     assert seen == {0, 1}  # 0.5 + 0.3 >= 0.75: tokens 2 and 3 never drawn
     seen = {int(sample_next(logits, Sampling(1.0, 1.0), g)) for _ in range(400)}
     assert seen == {0, 1, 2, 3}
+
+
+def _row_settings():
+    """Rows of different settings (temperature, top-p, top-k, min-p), as a server's batch holds."""
+    return [Sampling(0.7), Sampling(1.0, 0.8), Sampling(1.3, 1.0, 5), Sampling(0.9, 0.95, 20, 0.05),
+            Sampling(1e-30), Sampling(2.0, 0.5, 3, 0.2)]
+
+
+def test_a_row_samples_the_same_alone_or_in_any_batch():
+    """sample_rows: each row's tokens, step after step, are those of the row alone (sample_next
+    with a generator seeded alike), whatever its neighbours' settings, and whether they have
+    generators of their own or draw from torch's default one."""
+    from flora.generation import sample_rows
+
+    torch.manual_seed(0)
+    rows = _row_settings()
+    logits = [torch.randn(8, 300) * 3 for _ in rows]  # 8 steps a row
+    alone = []
+    for j, s in enumerate(rows):
+        g = torch.Generator().manual_seed(100 + j)
+        alone.append([int(sample_next(logits[j][k:k + 1], s, g)) for k in range(8)])
+    for own in ([True] * 6, [True, False, True, False, False, True]):
+        gens = [torch.Generator().manual_seed(100 + j) if own[j] else None for j in range(len(rows))]
+        for k in range(8):
+            got = sample_rows(torch.stack([x[k] for x in logits]), rows, gens).tolist()
+            assert [got[j] for j in range(len(rows)) if own[j]] == [alone[j][k] for j in range(len(rows)) if own[j]]
+            assert all(0 <= t < 300 for t in got)
+
+
+def _kept_distribution(logits: list, s: Sampling) -> list:
+    """The probabilities a Sampling draws from, in plain Python (transformers' warper order:
+    temperature, top-k keeping ties, top-p's smallest prefix reaching p, min-p on the top's ratio)."""
+    m = max(logits)
+    e = [math.exp((x - m) / s.temperature) for x in logits]
+    p = [x / sum(e) for x in e]
+    if s.top_k:
+        kth = sorted(logits, reverse=True)[min(s.top_k, len(logits)) - 1]  # k past V: no limit
+        p = [x if logits[i] >= kth else 0.0 for i, x in enumerate(p)]
+        p = [x / sum(p) for x in p]
+    if s.top_p < 1:
+        order, before, keep = sorted(range(len(p)), key=lambda i: -p[i]), 0.0, set()
+        for i in order:
+            if before >= s.top_p:
+                break
+            keep.add(i)
+            before += p[i]
+        p = [x if i in keep else 0.0 for i, x in enumerate(p)]
+    if s.min_p:
+        p = [x if x >= s.min_p * max(p) else 0.0 for x in p]
+    return [x / sum(p) for x in p]
+
+
+def test_sample_rows_draws_each_rows_own_distribution():
+    """Many rows of the same logits and each setting drawn in one batch: the frequencies are the
+    plain-Python distribution's (within 5 standard errors), and a token it leaves out never comes."""
+    from flora.generation import sample_rows
+
+    logits = [2.0, 1.5, 1.4, 0.3, -0.5, 0.0, -2.0, 1.0]
+    n = 4000
+    torch.manual_seed(1)
+    for s in _row_settings()[:4] + [Sampling(1.0, 0.9, 0, 0.3)]:
+        want = _kept_distribution(logits, s)
+        got = sample_rows(torch.tensor([logits] * n), [s] * n).tolist()
+        for t, q in enumerate(want):
+            f = got.count(t) / n
+            if q == 0:
+                assert f == 0, (s, t)
+            else:
+                assert abs(f - q) <= 5 * math.sqrt(q * (1 - q) / n) + 1e-9, (s, t, f, q)
+
+
+def test_a_row_without_finite_probabilities_gets_minus_one():
+    """A NaN row (a poisoned prompt's logits) draws -1 in sample_rows, its neighbours their own
+    tokens; sample_next (generate()) refuses it by name."""
+    from flora.generation import sample_rows
+
+    x = torch.randn(3, 50)
+    x[1, 7] = float("nan")
+    s = [Sampling(1.0)] * 3
+    got = sample_rows(x, s, [torch.Generator().manual_seed(j) for j in range(3)]).tolist()
+    assert got[1] == -1 and got[0] == int(sample_next(x[:1], s[0], torch.Generator().manual_seed(0)))
+    assert got[2] == int(sample_next(x[2:], s[2], torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="no finite probability"):
+        sample_next(x, Sampling(1.0))
 
 
 def test_a_tiny_temperature_samples_the_top_token():

@@ -53,9 +53,9 @@ def _together(eng, model, ref, tok, reqs: list) -> tuple:
 
 
 def _chunk_sizes(n: int, C: int) -> list:
-    """A prompt computing n tokens in chunks of C: the first what is left, then C each."""
+    """A prompt computing n tokens in chunks of C, the budget whole for it: C each, the last what is left."""
     k = -(-n // C)
-    return [n - (k - 1) * C] + [C] * (k - 1)
+    return [C] * (k - 1) + [n - (k - 1) * C]
 
 
 @pytest.mark.parametrize("C", [1, 5, 7, 29])
@@ -103,15 +103,20 @@ def test_running_rows_decode_while_a_long_prompt_prefills(setup, tmp_path, mixed
     chunks = [c for c in calls if c[0] == [2]]
     assert [c[1] for c in chunks] == sizes and [c[2] for c in chunks] == list(range(5, 5 + k))
     assert all(c[1] <= C for c in calls if c[2] >= 5)  # no forward beyond the budget while it prefilled
-    # the short one behind it: within the budget, it joined at the next step (row 3: one forward of its
-    # 4 tokens, after the 6th step); beyond it (C 1), in chunks once the long one's were done (one at a time)
-    at = 6 if C >= 4 else 5 + k
+    # the short one behind it waits for the budget the long one's chunks leave (the budget is the
+    # iteration's: vLLM's max_num_batched_tokens): C 7, beside its last chunk (2 tokens: 5 left), whole
+    # (row 3: one forward of its 4 tokens); C 1, in chunks once the long one's were done
+    at = 5 + k - 1 if C - sizes[-1] >= 4 else 5 + k
     short = _chunk_sizes(4, C)
     assert [c[1:] for c in calls if c[0] == [3]] == [(n, at + j) for j, n in enumerate(short)]
     ended = [got[id(r)][1] for r in first + later]
     # each one's first token from its last chunk, before the next step: then one step a token
     assert ended[2] == 5 + k - 1 + 5 and ended[3] == at + len(short) - 1 + 3
-    assert ended[0] == ended[1] == eng.steps == m - 1
+    # the first two: C 1 prefills one of their tokens an iteration, the second's a step later
+    late = int(C < 2)
+    assert calls[:2 if late else 1] == ([([0], 1, 0), ([1], 1, 1)] if late else [([0, 1], 1, 0)])
+    assert ended[0] + late == ended[1] == eng.steps == m - 1 + late
+    assert max(eng.iteration_tokens) == C
     eng.close()
 
 
@@ -270,12 +275,13 @@ def test_bench_long_prompt_compares_chunk_budgets(setup, tmp_path):
     load_bench_script("serve").main([
         "--model", str(ckpt), "--long-prompt", "30", "--clients", "2", "--requests", "2", "--max-tokens", "3",
         "--long-after", "0.05", "--long-max-tokens", "2", "--prefill-chunk", "0", "8", "--rounds", "1",
-        "--json", str(tmp_path / "long.json")])
+        "--joiners", "2", "--json", str(tmp_path / "long.json")])
     rows = json.loads((tmp_path / "long.json").read_text())["rows"]
     assert [r["prefill_chunk"] for r in rows] == [0, 8] and all(r["long_prompt_tokens"] == 30 for r in rows)
     for r in rows:
-        assert 0 < r["itl_p50_s"] <= r["itl_p99_s"] <= r["itl_max_s"] < r["seconds"]
-        assert 0 < r["long_ttft_s"] <= r["long_latency_s"] < r["seconds"]
+        assert r["joiners"] == 2 and 0 < r["itl_p50_s"] <= r["itl_p99_s"] <= r["itl_max_s"] < r["seconds"]
+        assert 0 < r["long_ttft_s"] <= r["long_ttft_max_s"] < r["seconds"]
+        assert r["long_ttft_s"] <= r["long_latency_s"] < r["seconds"]
 
 
 def test_a_chunked_prompt_copies_the_start_a_row_before_it_kept(setup):
@@ -316,3 +322,125 @@ def test_an_echoed_prompt_that_generates_in_chunks(setup):
         eng.close()
     assert len(got[4]) == 30 and [e[0] for e in got[4]] == [e[0] for e in got[0]]
     assert [e[1] for e in got[4][1:]] == pytest.approx([e[1] for e in got[0][1:]], abs=1e-5)
+
+
+def _iterations(calls) -> list:
+    """The prompt tokens each iteration computed, from _noted's log of the model's real prefill
+    forwards (rows x tokens each; an iteration: the forwards between two decode steps)."""
+    out: dict = {}
+    for rows, n, steps in calls:
+        out[steps] = out.get(steps, 0) + len(rows) * n
+    return [out[k] for k in sorted(out)]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_burst_of_prompts_joins_running_rows_within_the_budget(setup, tmp_path, mixed):
+    """Two rows generate; seven prompts (7-30 tokens, one twice: --mixed for another adapter) arrive
+    at once. Without the budget they prefill in one iteration (102+ tokens between two steps); with
+    a budget of 16 every iteration's prefill forwards (the model's real calls) compute at most 16
+    tokens, the engine's count (iteration_tokens) the same, prompts joining in arrival order, whole
+    while they fit, the last of an iteration in chunks (two prompts' chunks in one iteration); every
+    answer's tokens and logprobs equal its prompt's alone (--mixed: its adapter's), so equal with
+    the budget and without."""
+    tok, names, model, refs = _served_and_alone(setup, tmp_path, mixed)
+    rng = random.Random(12)
+    models = ["base", "a", "b"] if mixed else ["base"]
+    # (the model's context is 64: the running rows' rests fit after the longest prompt)
+    spec = [(models[j % len(models)], _runs_on(refs[models[j % len(models)]], rng, 2, 20), 20) for j in range(2)]
+    for j, n in enumerate([20, 9, 30, 12, 7, None, 25]):
+        name = models[(j + 1) % len(models)]
+        p = spec[-1][1] if n is None else _runs_on(refs[name], rng, n, 4)  # None: the one before's prompt again
+        if n is None and mixed:
+            assert name != spec[-1][0]
+        spec.append((name, p, 4))
+    late = sum(len(p) for _, p, _ in spec[2:])
+    for C in (0, 16):
+        eng = Engine(model, tok, names, max_batch=10, mixed=mixed, prefix_cache=0, prefill_chunk=C)
+        reqs = [Request(name, p, m, Sampling(), logprobs=0) for name, p, m in spec]
+        calls = _noted(eng, model)
+        got = _mid_batch(eng, reqs[:2], reqs[2:], at=3)
+        for r in reqs:
+            _alone(refs[r.model], tok, r, got[id(r)][0])
+        per = _iterations(calls)
+        assert per == list(eng.iteration_tokens)
+        if C == 0:  # the burst whole, between two steps
+            assert per[1] >= late - (0 if mixed else 7) and len(per) == 2
+        else:
+            assert max(per) <= C and sum(per[1:]) >= late - (0 if mixed else 7)
+            # in arrival order: each one's answer (4 tokens) ends no sooner than the one's before it
+            ended = [got[id(r)][1] for r in reqs[2:]]
+            assert ended == sorted(ended)
+            # some iteration ran two prompts' chunks (the last of one, the first of the next)
+            assert any(len({tuple(c[0]) for c in calls if c[2] == s}) > 1 and any(c[1] < C for c in calls if c[2] == s)
+                       for s in {c[2] for c in calls})
+        eng.close()
+        del model.run_layers
+
+
+@pytest.mark.parametrize("prefix_cache", [0, 8192])
+def test_equal_long_prompts_prefill_once_in_chunks(setup, prefix_cache):
+    """A row generates; three clients send one 30-token prompt at once (n choices, clients sending
+    alike), the budget 8: one row computes its chunks (30 tokens, none more), the others wait in
+    their rows and copy it after its last chunk (their prompts counted cached), with the prefix
+    cache on or off; all first tokens at one step, every answer as alone."""
+    tok, ref, model, eng = _base_engine(setup, max_batch=4, prefix_cache=prefix_cache, prefill_chunk=8)
+    rng = random.Random(13)
+    first = [Request("base", _runs_on(ref, rng, 3, 20), 20, Sampling(), logprobs=0)]
+    p = _runs_on(ref, rng, 30, 5)
+    later = [Request("base", list(p), 5, Sampling(), logprobs=0) for _ in range(3)]
+    calls = _noted(eng, model)
+    got = _mid_batch(eng, first, later, at=2)
+    for r in first + later:
+        _alone(ref, tok, r, got[id(r)][0])
+    assert [c[:2] for c in calls[1:]] == [([1], n) for n in _chunk_sizes(30, 8)]
+    assert [r.cached for r in later] == [0, 30, 30]
+    assert len({got[id(r)][1] for r in later}) == 1  # their answers end at one step
+    eng.close()
+
+
+def test_a_prompt_cancelled_mid_chunk_hands_its_row_to_a_follower(setup):
+    """Two clients send one 30-token prompt (budget 6); the first leaves after its row's 2nd chunk:
+    the second's row takes its chunks on (none computed again: 30 tokens in all), and answers as
+    alone; the first gets no event."""
+    tok, ref, model, eng = _base_engine(setup, max_batch=3, prefix_cache=0, prefill_chunk=6)
+    rng = random.Random(14)
+    first = [Request("base", _runs_on(ref, rng, 4, 20), 20, Sampling(), logprobs=0)]
+    p = _runs_on(ref, rng, 30, 4)
+    a, b = (Request("base", list(p), 4, Sampling(), logprobs=0) for _ in range(2))
+    calls, run = [], model.run_layers
+
+    def noted(ids, *x, cache=None, **kw):
+        if getattr(cache, "prefill_rows", None) is not None and eng.steps >= 2:
+            calls.append((cache.prefill_rows.tolist(), ids.shape[1]))
+            if len(calls) == 2:
+                a.cancelled = True
+        return run(ids, *x, cache=cache, **kw)
+
+    model.run_layers = noted
+    step = eng._step
+    eng._step = lambda: (eng.steps == 2 and eng.submit([a, b]), step())[1]
+    eng.submit(first)
+    eng.start()
+    for r in first + [b]:
+        ev = r.events.get(timeout=60)
+        assert ev[0] == "done", ev
+        _alone(ref, tok, r, ev)
+    assert [n for _, n in calls] == _chunk_sizes(30, 6) and {tuple(r) for r, _ in calls} == {(1,)}
+    assert a.events.empty() and a.ended and b.cached == 0  # (its row computed them)
+    assert eng._slots == [None] * 3
+    eng.close()
+
+
+def test_the_budget_default_is_the_devices(setup):
+    """256 tokens on the CPU (2048 on CUDA: an estimate); --prefill-chunk given wins, 0 too."""
+    from flora.serve import PREFILL_CHUNK, add_arguments, prefill_chunk_for
+
+    import argparse
+
+    _, ckpt, _ = setup
+    model, tok = FusedLlama.from_pretrained(str(ckpt)), load_tokenizer(ckpt)
+    assert Engine(model, tok, {"base": None}).prefill_chunk == PREFILL_CHUNK == prefill_chunk_for("cpu") == 256
+    assert prefill_chunk_for("cuda") == 2048
+    assert Engine(model, tok, {"base": None}, prefill_chunk=0).prefill_chunk == 0
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--model", "m"])
+    assert args.prefill_chunk is None  # the device's
