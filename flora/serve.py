@@ -915,6 +915,7 @@ class Engine:
         need = max((self._rest(r, dec.t) for r in running), default=0)
         join, reused, follow, t, long, taken = [], [], [], dec.t, None, 0
         keys, bound, f = set(), 0, admit_forward_tokens(dec.device)  # the join's prompts; its cost's bound
+        top = 0  # the longest part a joining row computes
         for r in waiting:
             if taken == len(free) or r.key(self.mixed) != self._key:
                 break
@@ -938,7 +939,11 @@ class Engine:
             # cost each), so its tokens are at most those less one forward's: within the budget, no need
             # to split (its cost grows with the rows)
             bound = bound if key in keys else bound + len(r.prompt) - (hit[1] if hit else 0) + f
-            if left is None or bound - f <= left or self._join_cost(join + [r], reused + [hit]) <= left:
+            # and at most the longest part times the rows (any split's groups: spans no longer, distinct
+            # prompts no more than rows): a burst of like prompts fits without the split computed each time
+            top = max(top, len(r.prompt) - (hit[1] if hit else 0))
+            if (left is None or bound - f <= left or top * (len(join) + 1) <= left
+                    or self._join_cost(join + [r], reused + [hit]) <= left):
                 if t_new + need_new > self.cache_len:
                     break
                 t, need, taken = t_new, need_new, taken + 1
