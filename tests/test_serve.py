@@ -969,20 +969,21 @@ def _mid_batch(eng, first, later, at):
     return got
 
 
-def _alone(model, tok, r, ev):
-    """A greedy request's done event (with logprobs) against its model alone: generate()'s
-    tokens (text, finish reason, count), and each token's logprob that of a plain forward over
-    the prompt and the answer. The tokens it generated (its EOS too)."""
-    row = model.generate(torch.tensor([r.prompt]), max_new_tokens=r.max_tokens)[0, len(r.prompt):].tolist()
+def _alone(model, tok, r, ev, device="cpu", tol=1e-4):
+    """A greedy request's done event (with logprobs) against its model alone on ``device``:
+    generate()'s tokens (text, finish reason, count), and each token's logprob that of a plain
+    forward over the prompt and the answer (within ``tol``). The tokens it generated (its EOS too)."""
+    row = model.generate(torch.tensor([r.prompt], device=device), max_new_tokens=r.max_tokens)[0, len(r.prompt):]
+    row = row.tolist()
     eos = set(_eos_set(model.generation_eos_token_id))
     k = next((i for i, t in enumerate(row) if t in eos), None)
     row = row if k is None else row[:k + 1]
     assert ev[2:5] == (tok.decode([t for t in row if t not in eos], skip_special_tokens=True),
                        "length" if k is None else "stop", len(row))
     with torch.no_grad():
-        lp = torch.log_softmax(model(torch.tensor([r.prompt + row])).logits[0].float(), -1)
+        lp = torch.log_softmax(model(torch.tensor([r.prompt + row], device=device)).logits[0].float(), -1).cpu()
     assert [e[1] for e in ev[5]] == pytest.approx([float(lp[len(r.prompt) - 1 + i, t]) for i, t in enumerate(row)],
-                                                  abs=1e-4)
+                                                  abs=tol)
     return row
 
 

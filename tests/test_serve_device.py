@@ -7,12 +7,12 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from _train_helpers import served_checkpoint
+from test_serve import _alone
 
 from flora import FusedLlama
 from flora.data import load_tokenizer
-from flora.generation import Sampling, _eos_set
+from flora.generation import Sampling
 from flora.serve import Engine, Request
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -23,22 +23,6 @@ LOGPROB_TOL = {"cpu": 1e-4, "cuda": 1e-3}
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return served_checkpoint(tmp_path_factory.mktemp("serve-device"))
-
-
-def _alone(model, tok, r, ev, device):
-    """Request r's done event against its prompt alone on ``device``: generate()'s tokens (text,
-    finish reason, count; up to and with an EOS), each token's logprob a plain forward's."""
-    row = model.generate(torch.tensor([r.prompt], device=device), max_new_tokens=r.max_tokens)[0, len(r.prompt):]
-    row = row.tolist()
-    eos = set(_eos_set(model.generation_eos_token_id))
-    k = next((i for i, t in enumerate(row) if t in eos), None)
-    row = row if k is None else row[:k + 1]
-    assert ev[2:5] == (tok.decode([t for t in row if t not in eos], skip_special_tokens=True),
-                       "length" if k is None else "stop", len(row))
-    with torch.no_grad():
-        lp = torch.log_softmax(model(torch.tensor([r.prompt + row], device=device)).logits[0].float(), -1).cpu()
-    want = [float(lp[len(r.prompt) - 1 + i, t]) for i, t in enumerate(row)]
-    assert [e[1] for e in ev[5]] == pytest.approx(want, abs=LOGPROB_TOL[device])
 
 
 def _ask(rng, model, name, n, m):
@@ -66,14 +50,14 @@ def test_engine_on_the_device_equals_each_prompt_alone(ckpt, device, monkeypatch
     try:
         ev = long.events.get(timeout=120)
         assert ev[0] == "done", ev
-        _alone(ref, tok, long, ev, device)
+        _alone(ref, tok, long, ev, device, LOGPROB_TOL[device])
         assert len(fills) >= 2  # it ran in chunks
         again = Request("base", long.prompt[:20] + [5, 6, 7], 6, Sampling(), logprobs=0)
         eng.submit([again])  # while the first rows still run: their batch, long's start from the cache
         for r in first + [again]:
             ev = r.events.get(timeout=120)
             assert ev[0] == "done", ev
-            _alone(ref, tok, r, ev, device)
+            _alone(ref, tok, r, ev, device, LOGPROB_TOL[device])
         assert eng.prefix.hits >= 1
     finally:
         eng.close()
@@ -97,6 +81,6 @@ def test_mixed_adapters_on_the_device(ckpt, device):
         for r in reqs:
             ev = r.events.get(timeout=120)
             assert ev[0] == "done", ev
-            _alone(refs[r.model], tok, r, ev, device)
+            _alone(refs[r.model], tok, r, ev, device, LOGPROB_TOL[device])
     finally:
         eng.close()
