@@ -10,9 +10,11 @@ rows' tokens, so a short prompt beside a long one runs apart when the padding
 it would compute costs more than a forward. That fixed work, in tokens, is
 ``admit_forward_tokens(device)``. This measures it as the engine runs it:
 ``Decoder.admit`` of one row (batch 8 cache, CUDA graphs for the decode steps
-on CUDA, as the engine builds it) at prompt lengths 1 .. 512, medians of
-``--repeats`` (CUDA: synchronized around each), then fits time = a + b * tokens
-(least squares) and prints a / b: the tokens a forward costs by itself.
+on CUDA, as the engine builds it) at prompt lengths 1 .. 512, ``--repeats`` each
+(CUDA: synchronized around each), then fits time = a + b * tokens to every timing
+with the engine's own fit (flora.forward_cost.robust_line: least squares past
+trimmed outliers) and prints a / b: the tokens a forward costs by itself. `flora
+serve` learns the same from its own prefills as they run (ForwardCostFit).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from flora.bench.latency import SHAPES, base_llama, build_flora, model_config
 from flora.bench.report import add_device_dtype, device_dtype, publish, title
+from flora.forward_cost import robust_line
 from flora.generation import Decoder, admit_forward_tokens, inference_mode
 
 
@@ -46,7 +49,7 @@ def sync(device) -> None:
 
 
 def admit_times(m, lengths: list, repeats: int, batch: int = 8) -> dict:
-    """{prompt length: median seconds of one row's Decoder.admit}."""
+    """{prompt length: [seconds of one row's Decoder.admit, each repeat]}."""
     dev = m.device
     out = {}
     with inference_mode(m):
@@ -63,16 +66,16 @@ def admit_times(m, lengths: list, repeats: int, batch: int = 8) -> dict:
                 sync(dev)
                 if k >= 2:
                     times.append(time.perf_counter() - t0)
-            out[n] = statistics.median(times)
+            out[n] = times
     return out
 
 
 def fit(times: dict) -> tuple:
-    """(a, b): least-squares time = a + b * tokens."""
-    xs, ys = list(times), list(times.values())
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
+    """(a, b, timings kept): time = a + b * tokens over every timing (flora.forward_cost.robust_line,
+    the fit `flora serve` learns its constant with)."""
+    xs = [n for n, ts in times.items() for _ in ts]
+    a, b, kept = robust_line(xs, [t for ts in times.values() for t in ts])
+    return a, b, sum(kept)
 
 
 def main(argv=None) -> int:
@@ -90,16 +93,18 @@ def main(argv=None) -> int:
         sys.exit("bench/admit_cost.py: --lengths needs two or more distinct lengths >= 1")
     m, label = load(a.model, dtype, device)
     times = admit_times(m, sorted(set(a.lengths)), a.repeats)
-    fa, fb = fit(times)
+    fa, fb, kept = fit(times)
     measured = fa / fb
     cmd = ("python bench/admit_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     lines = [title(device, cmd), f"({label}, {str(dtype).replace('torch.', '')}, one row of a batch-8 cache)", "",
-             "| prompt tokens | admit ms | fit ms |", "|---|---|---|"]
-    lines += [f"| {n} | {s * 1e3:.2f} | {(fa + fb * n) * 1e3:.2f} |" for n, s in times.items()]
-    lines += ["", f"fixed {fa * 1e3:.2f} ms + {fb * 1e6:.1f} us a token: a forward costs {measured:.0f} tokens "
-                  f"(flora uses admit_forward_tokens({device.type!r}) = {admit_forward_tokens(device)})"]
+             "| prompt tokens | admit ms (median) | fit ms |", "|---|---|---|"]
+    lines += [f"| {n} | {statistics.median(ts) * 1e3:.2f} | {(fa + fb * n) * 1e3:.2f} |" for n, ts in times.items()]
+    lines += ["", f"fixed {fa * 1e3:.2f} ms + {fb * 1e6:.1f} us a token ({kept} of {sum(map(len, times.values()))} "
+                  f"timings kept): a forward costs {measured:.0f} tokens (flora serve learns it from its prefills; "
+                  f"admit_forward_tokens({device.type!r}) = {admit_forward_tokens(device)} until then)"]
     publish("\n".join(lines), {"command": cmd, "model": label, "dtype": str(dtype), "times_s": times,
-                               "fixed_s": fa, "per_token_s": fb, "forward_tokens": measured}, a.md, a.json)
+                               "fixed_s": fa, "per_token_s": fb, "kept": kept, "forward_tokens": measured},
+            a.md, a.json)
     return 0
 
 
