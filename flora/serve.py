@@ -2354,7 +2354,8 @@ def run_args(args) -> None:
     # thread's (the model was loaded here, in parallel regions of this thread).
     engine.on_admit_cost = lambda v, fit: print(
         f"flora serve: a prefill forward costs {v} tokens here (fixed {fit.fixed_s * 1e3:.1f} ms + "
-        f"{fit.per_token_s * 1e6:.0f} us a token, from {len(fit.points())} prefill timings)", file=sys.stderr, flush=True)
+        f"{fit.per_token_s * 1e6:.0f} us a token, from {len(fit.points())} prefill timings)", file=sys.stderr,
+        flush=True)
     http = threading.Thread(target=srv.serve_forever, name="flora-serve-http", daemon=True)
     http.start()
     print(f"flora serve: http://{host}:{port}/v1 ({', '.join(engine.names)}); {admit_cost_line(engine)}; "
