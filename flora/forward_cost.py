@@ -27,6 +27,7 @@ import collections
 import time
 
 import numpy as np
+import torch
 
 SKIP = 2  # a process's first forwards, never fitted
 PER_BIN = 16  # the latest timings kept per power-of-two bucket of tokens
@@ -75,9 +76,9 @@ class ForwardCostFit:
     """A running fit of forwards' seconds against the tokens they computed: :meth:`add` a
     timing (or :meth:`clock` around a forward and :meth:`timed`), read :meth:`forward_tokens`.
     ``default``: the constant until the fit is trusted: :data:`MIN_POINTS` timings kept, their
-    tokens spanning :data:`MIN_SPREAD` times (a narrower span extrapolates the fixed cost from
-    afar: with timings noisy by e, the fixed part's error grows as ~e * spread / (spread - 1)
-    times the tokens over it; 4x keeps it near the noise), a positive per-token cost. The latest
+    tokens spanning :data:`MIN_SPREAD` times (the fixed cost is the line at 0 tokens, extrapolated:
+    from timings at tokens r times apart, their noise reaches it amplified by sqrt(r^2 + 1) / (r - 1),
+    1.4x at 4x, 2.2x at 2x, without bound as r nears 1), a positive per-token cost. The latest
     :data:`PER_BIN` timings of each power-of-two bucket of tokens are kept: a long run of one
     length does not push the others out (the spread stays), and the fit follows a machine whose
     speed drifts."""
@@ -110,8 +111,6 @@ class ForwardCostFit:
         """A mark in time on ``device``'s timeline: perf_counter on the CPU (a forward there runs
         before it returns), a recorded CUDA event on CUDA (read once the stream has passed it, with
         no synchronize of its own), None elsewhere (no timing without a sync)."""
-        import torch
-
         kind = torch.device(device).type
         if kind == "cpu":
             return time.perf_counter()
