@@ -16,9 +16,9 @@ with the engine's own fit (flora.forward_cost.robust_line: least squares past
 trimmed outliers) and prints a / b: the tokens a forward costs by itself. `flora
 serve` learns the same from its own prefills as they run (ForwardCostFit):
 ``--engine N`` (a checkpoint) also serves N requests one at a time (prompts of
-``--lengths`` in turn, one token each) on an Engine and reports the constant it
-learned after each admit, in rounds taking turns with the measurement's (both
-see the machine's load alike).
+``--lengths`` in turn, one token each) on an Engine first and reports the
+constant it learned after each admit (``--check R``: within R times the
+measurement, or exit 1).
 """
 from __future__ import annotations
 
@@ -131,14 +131,14 @@ def main(argv=None) -> int:
         # prefill_chunk 0: a prompt longer than the chunk would prefill in chunks, never one admit
         eng = Engine(m, load_tokenizer(a.model or smollm2_path()), {"base": None}, max_batch=8, prefix_cache=0,
                      prefill_chunk=0, cache_len=max(lengths) + 8).start()
-        g, times, learned = torch.Generator().manual_seed(0), {}, []
-        for k in range(max(a.repeats, -(-a.engine // len(lengths)))):  # rounds: the engine's, the bench's
-            if len(learned) < a.engine:
-                learned += engine_round(eng, m.arch.vocab_size, lengths[:a.engine - len(learned)], g)
-            if k < a.repeats:
-                for n, ts in admit_times(m, lengths, 1).items():
-                    times.setdefault(n, []).extend(ts)
+        g, learned = torch.Generator().manual_seed(0), []
+        while len(learned) < a.engine:
+            learned += engine_round(eng, m.arch.vocab_size, lengths[:a.engine - len(learned)], g)
         eng.close()
+        eng._worker.join(timeout=60)
+        # then the measurement, not in turns: the worker's OpenMP pool, spinning after each of its
+        # forwards, took a core from this thread's (its 1-token admits 2x slower, interleaved)
+        times = admit_times(m, lengths, a.repeats)
     fa, fb, kept = fit(times)
     measured = fa / fb
     cmd = ("python bench/admit_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()

@@ -13,10 +13,10 @@ fits its timings with :func:`robust_line` too.
 Robustness: a timing on a busy machine is the forward's plus whatever else ran
 (a GC pause, another process, a first call's lazy set-up): always slower, never
 faster, and a whole forward at once. So the line starts from medians (Siegel's
-repeated median: up to half the timings may be off), timings further above or
-below it than 3 robust sigmas of the relative residuals (at least 5%) are
-dropped, and least squares runs on the rest (re-trimmed against its own line
-until the kept set stays). The first :data:`SKIP` timings never
+repeated median: up to half the timings may be off), a timing whose relative
+residual (log ratio) is further from its peers' (the same token count's, where
+counts repeat; else from the line's) than 3 robust sigmas (at least 5%) is dropped, and least squares runs
+on the rest (re-trimmed against its own line until the kept set stays). The first :data:`SKIP` timings never
 enter (a process's first forwards set up allocators, oneDNN / cuBLAS handles).
 The ratio fixed / per_token does not move when the whole machine slows down
 evenly (both scale alike).
@@ -57,9 +57,16 @@ def robust_line(xs, ys) -> tuple:
         slopes = np.where(dx != 0, dy / dx, np.nan)
     b = float(np.median(np.nanmedian(slopes, axis=1)))
     a = float(np.median(y - b * x))
+    # where token counts repeat (a bench's lengths, few distinct), an outlier is off its own count's
+    # timings, not off the line: a line never fits a real forward's curve exactly, and that misfit (a whole
+    # length's timings alike) must not trim a length away; else off the line
+    peers = [x == v for v in np.unique(x)] if len(np.unique(x)) <= 24 else []
     kept = None
     for _ in range(5):  # trim against the line, refit the kept ones, until the kept set stays
-        r = np.abs(y - a - b * x) / y
+        r = np.log(y / np.maximum(a + b * x, 1e-3 * y.min()))  # (log: a ratio, whatever the length)
+        for m in peers:  # each relative residual against its peers' median
+            r[m] -= np.median(r[m])
+        r = np.abs(r)
         now = r <= max(TRIM * 1.4826 * float(np.median(r)), TRIM_FLOOR)
         if kept is not None and (now == kept).all() or len(np.unique(x[now])) < 2:
             break
