@@ -16,7 +16,8 @@ with the engine's own fit (flora.forward_cost.robust_line: least squares past
 trimmed outliers) and prints a / b: the tokens a forward costs by itself. `flora
 serve` learns the same from its own prefills as they run (ForwardCostFit):
 ``--engine N`` (a checkpoint) also serves N requests one at a time (prompts of
-``--lengths`` in turn, one token each) on an Engine first and reports the
+``--lengths`` in turn, one token each) on an Engine first (its loop in the main
+thread, as `flora serve` runs it) and reports the
 constant it learned after each admit (``--check R``: within R times the
 measurement, or exit 1).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -130,14 +132,21 @@ def main(argv=None) -> int:
 
         # prefill_chunk 0: a prompt longer than the chunk would prefill in chunks, never one admit
         eng = Engine(m, load_tokenizer(a.model or smollm2_path()), {"base": None}, max_batch=8, prefix_cache=0,
-                     prefill_chunk=0, cache_len=max(lengths) + 8).start()
+                     prefill_chunk=0, cache_len=max(lengths) + 8)
         g, learned = torch.Generator().manual_seed(0), []
-        while len(learned) < a.engine:
-            learned += engine_round(eng, m.arch.vocab_size, lengths[:a.engine - len(learned)], g)
-        eng.close()
-        eng._worker.join(timeout=60)
-        # then the measurement, not in turns: the worker's OpenMP pool, spinning after each of its
-        # forwards, took a core from this thread's (its 1-token admits 2x slower, interleaved)
+
+        def feed() -> None:
+            try:
+                while len(learned) < a.engine:
+                    learned.extend(engine_round(eng, m.arch.vocab_size, lengths[:a.engine - len(learned)], g))
+            finally:
+                eng.close()
+
+        # the engine's loop in this thread, as `flora serve` runs it (a thread's OpenMP pool runs its GEMMs
+        # slower on a 2-core CPU); the requests from another. Then the measurement, not in turns: a
+        # pool spinning after its forwards takes a core from the other's
+        threading.Thread(target=feed, daemon=True).start()
+        eng.run()
         times = admit_times(m, lengths, a.repeats)
     fa, fb, kept = fit(times)
     measured = fa / fb
