@@ -108,6 +108,22 @@ def test_fit_waits_for_spread_then_learns():
         assert g.forward_tokens() == want and g.learned
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events")
+def test_cuda_timings_are_read_without_a_sync():
+    """On CUDA a forward is timed by two events; the fit reads them once the stream has passed them
+    (Event.query), never waiting: after a synchronize every timing is in, each the events' own."""
+    f = ForwardCostFit(512, skip=0)
+    a = torch.randn(2048, 2048, device="cuda")
+    for n in (1, 8, 64, 256, 512, 1, 8, 64, 256, 512):
+        t0 = f.clock("cuda")
+        for _ in range(n // 8 + 1):
+            a @ a
+        f.timed(t0, f.clock("cuda"), n)
+    torch.cuda.synchronize()
+    f.forward_tokens()
+    assert len(f.points()) == 10 and all(s > 0 for _, s in f.points()) and not f._pending
+
+
 def test_pinned_admit_cost_and_its_validation(setup, capsys):  # noqa: F811
     """Engine(admit_cost=N): the grouping's constant is N however many admits run, GET /metrics
     shows it as pinned; bad values are a ValueError, --admit-cost's a one-line error."""
