@@ -141,6 +141,7 @@ def test_pinned_admit_cost_and_its_validation(setup, capsys):  # noqa: F811
     _, samples = parse(eng.metrics_text())
     assert [(ls, v) for n, ls, v in samples if n == "flora:admit_forward_tokens"] == [({"source": "pinned"}, 40)]
     eng.close()
+    eng._worker.join(timeout=60)
     learning = Engine(model, tok, {"base": None})
     _, samples = parse(learning.metrics_text())
     assert [(ls, v) for n, ls, v in samples if n == "flora:admit_forward_tokens"] == \
@@ -175,6 +176,7 @@ def test_engine_times_each_admit_forward(setup):  # noqa: F811
     assert fit.timed_forwards == len(calls) > 5  # (bursts split into groups)
     assert sorted(n for n, _ in fit.points()) == sorted(len(rows) * w for rows, w in calls[SKIP:])
     eng.close()
+    eng._worker.join(timeout=60)
 
 
 def test_engine_learns_smollm2s_forward_cost(gguf_path):
@@ -202,3 +204,4 @@ def test_engine_learns_smollm2s_forward_cost(gguf_path):
     _, samples = parse(eng.metrics_text())
     assert [(ls, v) for n, ls, v in samples if n == "flora:admit_forward_tokens"] == [({"source": "learned"}, learned)]
     eng.close()
+    eng._worker.join(timeout=60)
