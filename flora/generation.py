@@ -370,7 +370,8 @@ def admit_span(prompts: list, reused: Optional[list] = None) -> int:
 
 
 # A prefill forward's fixed cost (the weights streamed once; on a GPU, its launches) in the tokens a row
-# computes (bench/admit_cost.py measures it). CPU: SmolLM2-135M on the 2-core CPU, batch 1
+# computes (bench/admit_cost.py measures it): the default of `flora serve`, which learns its machine's from
+# its own prefill timings (flora.forward_cost.ForwardCostFit; Engine(admit_cost=N) pins it). CPU: SmolLM2-135M on the 2-core CPU, batch 1
 # (bench/RESULTS.md): a 1-token forward 17.2 ms, a 256-token one 348 ms (1.30 ms a token past the first):
 # 17.2 / 1.30 = 13 tokens' work for the forward itself
 ADMIT_FORWARD_TOKENS = 13
@@ -380,7 +381,8 @@ ADMIT_FORWARD_TOKENS_BY_DEVICE = {"cpu": ADMIT_FORWARD_TOKENS, "cuda": 512}
 
 
 def admit_forward_tokens(device) -> int:
-    """A prefill forward's own cost in tokens on ``device`` (its type's entry; the CPU's else)."""
+    """A prefill forward's own cost in tokens on ``device`` (its type's entry; the CPU's else): the
+    engine's until its timings tell it its machine's."""
     return ADMIT_FORWARD_TOKENS_BY_DEVICE.get(torch.device(device).type, ADMIT_FORWARD_TOKENS)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from typing import Optional
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -230,6 +231,13 @@ class ServeMetrics:
                                           "end, without one).", LATENCY_BUCKETS, m)
         self.itl = r.histogram("flora:inter_token_latency_seconds",
                                "Time between two consecutive generated tokens of a choice.", TPOT_BUCKETS, m)
+        # flora's own: the constant behind the grouping of prompts joining together (Engine._admit_rows)
+        self.admit_tokens = r.gauge("flora:admit_forward_tokens",
+                                    "A prefill forward's own cost in tokens, as the split of prompts joining "
+                                    "together into groups of like length weighs it; source: pinned "
+                                    "(--admit-cost), learned (fitted to this server's prefill timings) or "
+                                    "default (the device type's, until the timings span enough lengths).",
+                                    ("source",))
 
     def first_token(self, model: str, arrived: float, now: float) -> None:
         self.ttft.observe((model,), now - arrived)
@@ -262,9 +270,10 @@ class ServeMetrics:
 
     REASONS = ("stop", "length", "abort", "error")
 
-    def render(self, running: dict, waiting: dict) -> str:
+    def render(self, running: dict, waiting: dict, admit: Optional[tuple] = None) -> str:
         """The exposition text, the gauges set to ``running`` and ``waiting`` (model -> choices,
-        each model served now): every series of a served model from zero on, as vLLM's."""
+        each model served now): every series of a served model from zero on, as vLLM's; ``admit``:
+        (a prefill forward's cost in tokens, its source), the engine's grouping constant now."""
         for model in running:
             k = (model,)
             for c in (self.prompt_tokens, self.generation_tokens, self.cache_queries, self.cache_hits,
@@ -275,4 +284,6 @@ class ServeMetrics:
                 self.success.touch((model, reason))
         self.running.replace({(m,): n for m, n in running.items()})
         self.waiting.replace({(m,): n for m, n in waiting.items()})
+        if admit is not None:
+            self.admit_tokens.replace({(admit[1],): admit[0]})
         return self.registry.render()

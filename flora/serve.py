@@ -269,6 +269,12 @@ def prefill_chunk_for(device) -> int:
     return PREFILL_CHUNK_BY_DEVICE.get(torch.device(device).type, PREFILL_CHUNK)
 
 
+def check_admit_cost(v) -> None:
+    """Engine's admit_cost: None (learned) or the tokens a prefill forward costs by itself, >= 0."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
+        raise ValueError(f"admit_cost must be None (learned) or an integer >= 0 tokens, got {v!r}")
+
+
 def check_prefill_chunk(v) -> None:
     """The budget: an integer >= 0 (0: off)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
@@ -303,13 +309,22 @@ class Engine:
 
     def __init__(self, model, tokenizer, names: dict, max_batch: int = 8, mixed: bool = False,
                  max_tokens: int = 1024, wait_s: float = 0.005, cache_len: int = 2048,
-                 prefix_cache: int = 8192, prefill_chunk: Optional[int] = None):
+                 prefix_cache: int = 8192, prefill_chunk: Optional[int] = None, admit_cost: Optional[int] = None):
         from .data import pad_id_of
+        from .forward_cost import ForwardCostFit
+        from .generation import admit_forward_tokens
         from .prefix_cache import PrefixCache
 
         if prefill_chunk is None:
             prefill_chunk = prefill_chunk_for(model.device)
         check_prefill_chunk(prefill_chunk)
+        check_admit_cost(admit_cost)
+        # a prefill forward's own cost in tokens, what splitting joining prompts into groups weighs
+        # (generation.admit_groups): pinned, or fitted to this engine's own Decoder.admit timings
+        # (forward_cost.ForwardCostFit; the device type's default until they span enough lengths)
+        self.admit_cost = None if admit_cost is None else int(admit_cost)
+        self._admit_fit = None if admit_cost is not None else ForwardCostFit(admit_forward_tokens(model.device))
+        self.on_admit_cost = None  # called with the learned constant once it first takes over (flora serve logs it)
         # the prompt tokens an iteration computes at most (PREFILL_CHUNK; 0: off)
         self.prefill_chunk = int(prefill_chunk)
         self._spent = 0  # prompt tokens computed in this iteration so far
@@ -872,8 +887,6 @@ class Engine:
         """Requests joining the batch (in arrival order, while each fits), prefilled whole in
         groups of like length (generation.admit_groups), the last one in chunks (:meth:`_place`)
         where the iteration's budget ends; the rest, still waiting."""
-        from .generation import admit_forward_tokens
-
         if not waiting:
             return waiting
         if self._dec is None:
@@ -914,7 +927,7 @@ class Engine:
         leaders = [i for i, row in enumerate(self._slots) if row is not None and row.fill is not None and row.lead is None]
         need = max((self._rest(r, dec.t) for r in running), default=0)
         join, reused, follow, t, long, taken = [], [], [], dec.t, None, 0
-        keys, bound, f = set(), 0, admit_forward_tokens(dec.device)  # the join's prompts; its cost's bound
+        keys, bound, f = set(), 0, self.admit_forward_tokens()  # the join's prompts; its cost's bound
         top = 0  # the longest part a joining row computes
         for r in waiting:
             if taken == len(free) or r.key(self.mixed) != self._key:
@@ -1003,7 +1016,7 @@ class Engine:
     def _join_groups(self, join: list, reused: list) -> tuple:
         """Requests ``join`` prefilled whole together: (their prefill groups (row indices), each
         row's reused start as admit_span reads it, their Decoder.admit keys, their _leads)."""
-        from .generation import admit_forward_tokens, admit_groups
+        from .generation import admit_groups
 
         lead = self._leads(join, reused)
         # equal prompts (Decoder.admit's key): one computed, the others' rows copies of its
@@ -1012,7 +1025,7 @@ class Engine:
         # rows that compute their prompts, and of those that copy a shared start from one of them (its c
         # first tokens, read from its row once it has run)
         given = [(None, x[1]) if x else reused[j] for j, x in enumerate(lead)]
-        groups, f = [], admit_forward_tokens(self._dec.device)  # a forward's own cost, in tokens, on this device
+        groups, f = [], self.admit_forward_tokens()  # a forward's own cost, in tokens, on this machine
         for part in ([j for j, x in enumerate(lead) if x is None], [j for j, x in enumerate(lead) if x]):
             groups += [[part[k] for k in g] for g in admit_groups([join[j].prompt for j in part], [given[j] for j in part],
                                                                   [keys[j] for j in part], forward_tokens=f)]
@@ -1045,10 +1058,15 @@ class Engine:
                 for j in g:
                     if lead[j] and copies[lead[j][0]] is not None:
                         reused[j] = (copies[lead[j][0]], lead[j][1])
+                fit = self._admit_fit
+                t0 = fit.clock(dec.device) if fit else None
                 got = dec.admit([rows[j] for j in g], [join[j].prompt for j in g], self.pad,
                                 [self.names[join[j].model] for j in g] if self.mixed else None, [reused[j] for j in g])
+                t1 = fit.clock(dec.device) if fit else None
                 S = admit_span([join[j].prompt for j in g], [reused[j] for j in g])
                 self._spent += S * len({keys[j] for j in g})
+                if fit:  # the forward computed S tokens of each distinct prompt (equal ones once)
+                    fit.timed(t0, t1, len({keys[j] for j in g}) * S)
                 seen = set()
                 for j, lg in zip(g, got):
                     self._joined(rows[j], join[j], lg, reused[j], S, keys[j] in seen)
@@ -1059,6 +1077,22 @@ class Engine:
             for j, r in enumerate(join):
                 if j not in admitted:
                     self._fail(r, e)
+
+    def admit_forward_tokens(self) -> int:
+        """A prefill forward's own cost in tokens, as the grouping of joining prompts weighs it now:
+        ``admit_cost`` when pinned, else learned from the admits timed so far (the worker's call)."""
+        fit = self._admit_fit
+        if fit is None:
+            return self.admit_cost
+        learned, v = fit.learned, fit.forward_tokens()
+        if fit.learned and not learned and self.on_admit_cost is not None:
+            self.on_admit_cost(v, fit)
+        return v
+
+    def admit_cost_source(self) -> str:
+        """Where admit_forward_tokens() comes from: pinned, learned, or default (the device type's)."""
+        fit = self._admit_fit
+        return "pinned" if fit is None else "learned" if fit.learned else "default"
 
     def _rest(self, row: "_Row", t: int) -> int:
         """The slots from t on that row needs: its answer's rest; a chunked prompt's (or its
@@ -1703,7 +1737,9 @@ class Engine:
             queued = [r for r in self.queue.queue if isinstance(r, Request)]
         for r in queued + list(self._waiting):
             waiting[r.model] = waiting.get(r.model, 0) + 1
-        return self.metrics.render(running, waiting)
+        fit = self._admit_fit
+        return self.metrics.render(running, waiting, (self.admit_cost if fit is None else fit.value,
+                                                      self.admit_cost_source()))
 
     def text(self, ids: list, skip_special: bool = True) -> str:
         if self._decode is not None:
@@ -2456,6 +2492,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(vLLM's max_num_batched_tokens): prompts join whole while they fit, the last in chunks, "
                         "the running requests generating between (default: 256 on the CPU, 2048 on CUDA); 0: "
                         "every joining prompt's prefill whole, every running request waiting for it")
+    p.add_argument("--admit-cost", type=int, default=None, metavar="TOKENS",
+                   help="what a prefill forward costs by itself, in the tokens a row computes: prompts joining "
+                        "together split into groups of like length where that saves more padding than the "
+                        "forwards cost (default: learned from this server's own prefill timings, the device "
+                        "type's estimate until then)")
     p.add_argument("--max-tokens", type=int, default=1024,
                    help="a chat completion's max_tokens when the request gives none (capped at the context)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
@@ -2472,6 +2513,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("FLORA_API_KEY"),
                    help="requests to /v1/ need 'Authorization: Bearer KEY' (default: $FLORA_API_KEY; none: open)")
     return p
+
+
+def admit_cost_line(engine: Engine) -> str:
+    """The grouping constant, as the startup line tells it."""
+    if engine.admit_cost is not None:
+        return f"a prefill forward costs {engine.admit_cost} tokens (--admit-cost)"
+    return (f"a prefill forward's cost learned from its timings ({engine._admit_fit.default} tokens until "
+            "then; GET /metrics flora:admit_forward_tokens)")
 
 
 def _adapters(specs: list, base_name: str) -> dict:
@@ -2501,6 +2550,8 @@ def run_args(args) -> None:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.prefill_chunk is not None and args.prefill_chunk < 0:
         raise ValueError(f"--prefill-chunk must be >= 0 tokens (0: off), got {args.prefill_chunk}")
+    if args.admit_cost is not None and args.admit_cost < 0:
+        raise ValueError(f"--admit-cost must be >= 0 tokens, got {args.admit_cost}")
     if not 0 <= args.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms must be in 0 .. 1000, got {args.batch_wait_ms}")
     if not 0 <= args.port < 65536:
@@ -2509,7 +2560,8 @@ def run_args(args) -> None:
     model, tok = load(args, list(adapters.items()), resolve_device(args.device))
     engine = Engine(model, tok, {args.name: None, **{n: n for n in adapters}}, args.max_batch,
                     mixed=args.mixed, max_tokens=args.max_tokens, wait_s=args.batch_wait_ms / 1000,
-                    cache_len=args.cache_len, prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk)
+                    cache_len=args.cache_len, prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk,
+                    admit_cost=args.admit_cost)
     try:
         srv = serve(engine, args.host, args.port, quiet=not args.log, api_key=args.api_key or None, start=False,
                     allow_adapter_updates=args.allow_adapter_updates,
@@ -2521,10 +2573,14 @@ def run_args(args) -> None:
     # parallel regions a pool of its own, and with more pool threads than cores its workers
     # barely spin, so a worker thread's GEMMs ran ~25-40% slower on a 2-core CPU than the main
     # thread's (the model was loaded here, in parallel regions of this thread).
+    engine.on_admit_cost = lambda v, fit: print(
+        f"flora serve: a prefill forward costs {v} tokens here (fixed {fit.fixed_s * 1e3:.1f} ms + "
+        f"{fit.per_token_s * 1e6:.0f} us a token, from {len(fit.points())} prefill timings)", file=sys.stderr,
+        flush=True)
     http = threading.Thread(target=srv.serve_forever, name="flora-serve-http", daemon=True)
     http.start()
-    print(f"flora serve: http://{host}:{port}/v1 ({', '.join(engine.names)}); Ctrl-C stops", file=sys.stderr,
-          flush=True)
+    print(f"flora serve: http://{host}:{port}/v1 ({', '.join(engine.names)}); {admit_cost_line(engine)}; "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
     try:
         engine.run()  # until Ctrl-C
     finally:

@@ -1,4 +1,5 @@
-"""`flora serve`'s chunked prefill (Engine(prefill_chunk=C), --prefill-chunk): a prompt computing
+"""`flora serve`'s chunked prefill (Engine(prefill_chunk=C,
+                     admit_cost=ADMIT_FORWARD_TOKENS), --prefill-chunk): a prompt computing
 more than C tokens prefills a chunk of at most C a step while the running rows decode; every
 answer against its prompt's alone (generate() and a plain forward's logprobs)."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ from test_serve import _alone, _mid_batch, _runs_on, _served_and_alone, setup  #
 from flora import FusedLlama
 from flora.cli import main
 from flora.data import load_tokenizer, prompt_ids
-from flora.generation import Sampling
+from flora.generation import ADMIT_FORWARD_TOKENS, Sampling
 from flora.prefix_cache import BLOCK
 from flora.serve import Engine, Request
 
@@ -35,7 +36,8 @@ def _base_engine(setup, **kw) -> tuple:
     _, ckpt, _ = setup
     model = FusedLlama.from_pretrained(str(ckpt))
     tok = load_tokenizer(ckpt)
-    return tok, FusedLlama.from_pretrained(str(ckpt)).eval(), model, Engine(model, tok, {"base": None}, **kw)
+    return tok, FusedLlama.from_pretrained(str(ckpt)).eval(), model, Engine(model, tok, {"base": None},
+                                                                       **{"admit_cost": ADMIT_FORWARD_TOKENS, **kw})
 
 
 def _together(eng, model, ref, tok, reqs: list) -> tuple:
@@ -63,7 +65,8 @@ def test_a_chunked_prompt_alone_answers_as_generate(setup, C):
     """A 30-token prompt alone in chunks of C (1, dividing it, not, one less than it): its tokens
     and logprobs are generate()'s and a plain forward's; its forwards compute the chunks, none more
     than C tokens; no decode step runs while it prefills (its steps only move the slot on)."""
-    tok, ref, model, eng = _base_engine(setup, max_batch=2, prefix_cache=0, prefill_chunk=C)
+    tok, ref, model, eng = _base_engine(setup, max_batch=2, prefix_cache=0, prefill_chunk=C,
+                     admit_cost=ADMIT_FORWARD_TOKENS)
     r = Request("base", _runs_on(ref, random.Random(C), 30, 8), 8, Sampling(), logprobs=0)
     calls = _noted(eng, model)
     eng.submit([r])
@@ -85,7 +88,8 @@ def test_running_rows_decode_while_a_long_prompt_prefills(setup, tmp_path, mixed
     at the next step; every row's tokens and logprobs equal its prompt's alone (--mixed: each
     row its own adapter)."""
     tok, names, model, refs = _served_and_alone(setup, tmp_path, mixed)
-    eng = Engine(model, tok, names, max_batch=4, mixed=mixed, prefix_cache=0, prefill_chunk=C)
+    eng = Engine(model, tok, names, max_batch=4, mixed=mixed, prefix_cache=0, prefill_chunk=C,
+                     admit_cost=ADMIT_FORWARD_TOKENS)
     rng = random.Random(5)
     ask = lambda name, n, m: Request(name, _runs_on(refs[name], rng, n, m), m, Sampling(), logprobs=0)  # noqa: E731
     # within every budget, running through the long prompt's chunks (C 1: 30 steps, no skip) or fitting
@@ -250,7 +254,8 @@ def test_a_long_prompt_in_chunks_joins_a_running_batch_on_smollm2(gguf_path, smo
         later = [ask(text + "After the seventh bridge the river", 8)]
         L = len(later[0].prompt)
         assert L > 150 and L % C
-        eng = Engine(model, tok, {"base": None}, max_batch=4, cache_len=320, prefill_chunk=C)
+        eng = Engine(model, tok, {"base": None}, max_batch=4, cache_len=320, prefill_chunk=C,
+                     admit_cost=ADMIT_FORWARD_TOKENS)
         got = _mid_batch(eng, first, later, at=4)
         rows = [_alone(model, tok, r, got[id(r)][0]) for r in first + later]
         assert [len(x) for x in rows] == [24, 24, 8]
@@ -309,7 +314,8 @@ def test_an_echoed_prompt_that_generates_in_chunks(setup):
     got = {}
     for C in (0, 4):
         model = FusedLlama.from_pretrained(str(ckpt))
-        eng = Engine(model, tok, {"base": None}, max_batch=2, prefix_cache=0, prefill_chunk=C)
+        eng = Engine(model, tok, {"base": None}, max_batch=2, prefix_cache=0, prefill_chunk=C,
+                     admit_cost=ADMIT_FORWARD_TOKENS)
         calls = _noted(eng, model)
         r = Request("base", prompt, 3, Sampling(), logprobs=1, echo="")
         eng.submit([r])
@@ -355,7 +361,8 @@ def test_a_burst_of_prompts_joins_running_rows_within_the_budget(setup, tmp_path
         spec.append((name, p, 4))
     late = sum(len(p) for _, p, _ in spec[2:])
     for C in (0, 16):
-        eng = Engine(model, tok, names, max_batch=10, mixed=mixed, prefix_cache=0, prefill_chunk=C)
+        eng = Engine(model, tok, names, max_batch=10, mixed=mixed, prefix_cache=0, prefill_chunk=C,
+                     admit_cost=ADMIT_FORWARD_TOKENS)
         reqs = [Request(name, p, m, Sampling(), logprobs=0) for name, p, m in spec]
         calls = _noted(eng, model)
         got = _mid_batch(eng, reqs[:2], reqs[2:], at=3)
