@@ -281,7 +281,7 @@ def sample_rows(logits: Tensor, samplings: list, generators=None) -> Tensor:
     ks = [s.top_k if 0 < s.top_k < V else V for s in samplings]
     if min(ks) < V:  # ties at the k-th logit stay in, as in transformers
         top = logits.topk(max(k for k in ks if k < V), dim=-1).values
-        kth = top.gather(1, torch.tensor([min(k, top.shape[1]) - 1 for k in ks], device=dev)[:, None])
+        kth = top.gather(1, torch.tensor([k - 1 if k < V else 0 for k in ks], device=dev)[:, None])
         kth = kth.masked_fill(torch.tensor([k >= V for k in ks], device=dev)[:, None], -math.inf)
         logits = logits.masked_fill(logits < kth, -math.inf)
     # from the row's max: a tiny temperature (1e-40) then sends the rest to -inf, not the max to inf
@@ -299,14 +299,8 @@ def sample_rows(logits: Tensor, samplings: list, generators=None) -> Tensor:
         probs = probs.masked_fill(probs < _per_row(mp, dev) * probs.amax(-1, keepdim=True), 0.0)
     cdf = probs.cumsum(-1)  # non-decreasing: adding a non-negative number never lowers a float
     total = cdf[:, -1:]
-    if isinstance(generators, (list, tuple)):
-        u = torch.empty(B, 1, device=dev)
-        own = [i for i, g in enumerate(generators) if g is not None]
-        for i in own:
-            u[i] = torch.rand(1, generator=generators[i], device=dev)
-        if len(own) < B:
-            rest = [i for i, g in enumerate(generators) if g is None]
-            u[rest] = torch.rand(len(rest), 1, device=dev)
+    if isinstance(generators, (list, tuple)):  # a draw a row from its own (None: torch's default)
+        u = torch.cat([torch.rand(1, generator=g, device=dev) for g in generators])[:, None]
     else:
         u = torch.rand(B, 1, generator=generators, device=dev)
     # the first token whose cumulative sum passes u x total: one of positive probability (strictly below

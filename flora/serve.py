@@ -1650,7 +1650,7 @@ class Engine:
             if t < 0:
                 out.append((ValueError("sampling: no finite probability to draw from (NaN or inf logits)"), None))
                 continue
-            if j in adjusted:
+            if rows[j].penalties is not None:  # (the adjusted rows)
                 rows[j].penalties.add(tokens[j:j + 1])
             out.append((t, None))
         for a, j in enumerate(asks):
